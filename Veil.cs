@@ -1,0 +1,3404 @@
+// Veil — a mesh VPN daemon for Linux routers and small boards, in one file.
+//
+// Veil joins nodes into an encrypted layer-3 overlay over UDP. Nodes authenticate each other with
+// the Noise IKpsk2 handshake over X25519 (hand-rolled below, .NET has none), carry IP packets in
+// records that look like TLS application data, reject replays with a sliding window, rotate keys
+// every 120 s, and pick the peer for a packet by longest-prefix match on its destination.
+//
+// The file reads top to bottom in three parts (see ../shared/STYLE.md):
+//   A. Foundations (§1–6): entry point, constants, diagnostics, config, libc, crypto.
+//   B. The packet path (§7–13), in the order an outbound packet travels:
+//      TUN -> route -> peer -> handshake/keys -> record -> UDP. Read it bottom-up for inbound.
+//   C. Drivers (§14–): the event loop that moves packets between stages, the control socket, CLI.
+//
+// TOC
+//   1. Entry point & flags
+//   2. Constants & basic types
+//   3. Diagnostics
+//   4. Config
+//   5. libc interop
+//   6. Crypto primitives
+//   7. Dataplane: TUN & netlink
+//   8. Routing trie
+//   9. Peers & timers
+//  10. Handshake & cookies
+//  11. Sessions & replay window
+//  12. Record layer
+//  13. UDP socket
+//  14. Event loop & node
+//  15. Control socket
+//  16. CLI
+// END TOC
+//
+// Glossary
+//   ClientHello / ServerHello  the two Noise handshake messages (initiator -> responder -> initiator)
+//   Bind                       the first transport record from the initiator; it confirms the keys
+//   Session                    one pair of transport keys; a peer holds Previous, Current and Next
+//   local / remote index       32-bit ids each side picks for a session; records carry the receiver's
+//   Endpoint                   the UDP address a peer was last authenticated from
+//   Route                      a prefix -> peer entry of the trie (cryptokey routing)
+//
+// Units: names end in Ms (monotonic milliseconds, long), Len (bytes), Bits or Offset. Seconds exist
+// only in flags and become Ms when parsed.
+
+using System;
+using System.Buffers.Binary;
+using System.Collections.Generic;
+using System.Diagnostics;
+using System.IO;
+using System.Net;
+using System.Net.Sockets;
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+using System.Runtime.InteropServices.Marshalling;
+using System.Security.Cryptography;
+using System.Text;
+using System.Threading;
+
+[assembly: InternalsVisibleTo("Veil.Tests")]
+[assembly: DisableRuntimeMarshalling]
+[assembly: System.Runtime.Versioning.SupportedOSPlatform("linux")]
+[module: SkipLocalsInit]
+
+namespace Veil;
+
+// ==== 1. Entry point & flags ========================================================================
+// Main only dispatches: each verb parses its own flags (§4 for `up`, §16 for the rest). Exit codes:
+// 0 success, 1 a runtime failure (daemon unreachable, interface or socket could not be set up),
+// 2 bad input. Errors are one line on stderr starting with "veil: ".
+
+internal static class Program
+{
+    internal static int Main(string[] args)
+    {
+        TextWriter stdout = Console.Out, stderr = Console.Error;
+        string verb = args.Length > 0 ? args[0] : "help";
+        switch (verb)
+        {
+            case "genkey": return Cli.GenKey(stdout);
+            case "pubkey": return Cli.PubKey(Console.In, stdout, stderr);
+            case "genpsk": return Cli.GenPsk(stdout);
+            case "up": return Up(args, stderr);
+            case "status" or "down": return Cli.Ask(verb, args, stdout, stderr);
+            case "version" or "--version": stdout.WriteLine("veil " + Cli.Version); return 0;
+            case "help" or "--help" or "-h":
+                if (Cli.Help(args.Length > 1 ? args[1] : null, stdout) == 0) return 0;
+                stderr.WriteLine($"veil: no help for '{args[1]}'");
+                return 2;
+            default:
+                stderr.WriteLine($"veil: unknown command '{verb}' (see 'veil help')");
+                return 2;
+        }
+    }
+
+    private static int Up(string[] args, TextWriter stderr)
+    {
+        UpConfig cfg;
+        try { cfg = UpConfig.FromFlags(args, 1); }
+        catch (ConfigException e) { stderr.WriteLine("veil: " + e.Message); return 2; }
+        var log = new Log(stderr, cfg.LogLevel);
+        try { return new Daemon(cfg, log).Run(); }
+        catch (ConfigException e) { stderr.WriteLine("veil: " + e.Message); return 2; }
+        catch (IOException e) { log.Error("fatal", $"error=\"{e.Message}\""); stderr.WriteLine("veil: " + e.Message); return 1; }
+    }
+}
+
+// ==== 2. Constants & basic types ====================================================================
+// Spec holds protocol values both ends must agree on; Tune holds this implementation's limits.
+// Key32 is a 32-byte secret or public key stored inline (no heap object, zeroable); IpPrefix is a
+// masked CIDR; Endpoint is a UDP address kept as 16 bytes (IPv4 as ::ffff:a.b.c.d) plus a port so
+// it can be compared and stored without allocation.
+
+internal static class Spec
+{
+    internal const string NoiseProtocolName = "Noise_IKpsk2_25519_ChaChaPoly_SHA256";
+    internal const string Prologue = "veil/1";              // mixed into h: both sides speak veil v1
+    internal const long RekeyAfterTimeMs = 120_000;
+    internal const long RejectAfterTimeMs = 180_000;
+    internal const long RekeyAttemptTimeMs = 90_000;
+    internal const long RekeyTimeoutMs = 5_000;             // handshake retransmit ceiling
+    internal const long FirstRetransmitMs = 1_000;          // retransmits back off from here to RekeyTimeoutMs
+    internal const long RekeyTimeoutJitterMaxMs = 333;
+    internal const long KeepaliveTimeoutMs = 10_000;
+    internal const long CookieRefreshTimeMs = 120_000;
+    internal const ulong RekeyAfterMessages = 1UL << 60;
+    internal const ulong RejectAfterMessages = ulong.MaxValue - (1UL << 13);
+    internal const int MaxHandshakeAttempts = 20;            // ~90 s of retransmits, then give up
+    internal const int KeyLen = 32;
+    internal const int TagLen = 16;
+    internal const int MacLen = 16;
+    internal const int TimestampLen = 12;                    // TAI64N
+    internal const int PadBlockLen = 16;                     // records are padded to a multiple of this
+
+    // Preamble of every datagram: a TLS record header (content type, version 3.3, length).
+    internal const byte TlsHandshake = 0x16;
+    internal const byte TlsApplicationData = 0x17;
+    internal const int PreambleLen = 5;
+}
+
+internal static class Tune
+{
+    internal const int MaxPeers = 1024;
+    internal const int MaxStagedPackets = 128;               // per peer, while no session is ready
+    internal const int BatchSize = 64;                       // packets moved per wake-up and stage
+    internal const int SlotLen = 9216 + 128;                 // largest record (jumbo MTU) plus headroom
+    internal const int DefaultMtu = 1420;
+    internal const int MinMtu = 1280;
+    internal const int MaxMtu = 9000;
+    internal const int DefaultListenPort = 51820;
+    internal const int UnderLoadHandshakesPerSecond = 64;    // above this, ClientHellos need a cookie
+    internal const long StaleHelloIntervalMs = 1_000;        // see ConsumeClientHello: clocks that went back
+    internal const int DecryptFailuresBeforeRehandshake = 32;
+    internal const int LogBurst = 10;                        // log lines per event kind per LogWindowMs
+    internal const long LogWindowMs = 10_000;
+    internal const long ShutdownGraceMs = 2_000;
+    internal const string DefaultControlPath = "/var/run/veil.sock";
+    internal const int MaxControlRequestLen = 4096;
+}
+
+/// <summary>32 bytes held inline: keys, hashes, chaining keys.</summary>
+[InlineArray(32)]
+internal struct Key32
+{
+    private byte _e0;
+
+    internal static bool TryParseBase64(string s, out Key32 key)
+    {
+        key = default;
+        Span<byte> buf = stackalloc byte[33];
+        if (!Convert.TryFromBase64String(s.Trim(), buf, out int n) || n != 32) return false;
+        buf[..32].CopyTo(key);
+        CryptographicOperations.ZeroMemory(buf);
+        return true;
+    }
+
+    internal readonly string ToBase64() => Convert.ToBase64String(this);
+    internal readonly string Short() => ToBase64()[..8] + "…";   // never log a key, log its start
+    internal void Clear() => CryptographicOperations.ZeroMemory(this);
+    internal readonly bool IsZero()
+    {
+        int acc = 0;
+        foreach (byte b in this) acc |= b;
+        return acc == 0;
+    }
+    internal readonly bool EqualsCt(in Key32 other) => CryptographicOperations.FixedTimeEquals(this, other);
+}
+
+/// <summary>A CIDR prefix with the host bits cleared. Address is 16 bytes (IPv4 in the first 4).</summary>
+internal readonly struct IpPrefix : IEquatable<IpPrefix>
+{
+    private readonly UInt128 _bits;      // the address, big-endian, left-aligned (IPv4 in the top 32 bits)
+    internal int Bits { get; }
+    internal bool IsV6 { get; }
+    internal int MaxBits => IsV6 ? 128 : 32;
+
+    internal IpPrefix(ReadOnlySpan<byte> address, int bits)
+    {
+        IsV6 = address.Length == 16;
+        Span<byte> a = stackalloc byte[16];
+        a.Clear();
+        address.CopyTo(a);
+        UInt128 v = BinaryPrimitives.ReadUInt128BigEndian(a);
+        Bits = bits;
+        _bits = bits == 0 ? UInt128.Zero : v & (UInt128.MaxValue << (128 - bits));
+    }
+
+    /// <summary>Bit i (0 = most significant) of the prefix address.</summary>
+    internal int Bit(int i) => (int)(_bits >> (127 - i)) & 1;
+    internal UInt128 Value => _bits;
+
+    internal bool Contains(ReadOnlySpan<byte> address)
+    {
+        if ((address.Length == 16) != IsV6) return false;
+        return new IpPrefix(address, Bits)._bits == _bits;
+    }
+
+    internal static bool TryParse(string s, out IpPrefix p)
+    {
+        p = default;
+        int slash = s.IndexOf('/');
+        string addr = slash < 0 ? s : s[..slash];
+        if (addr.Contains('%') || !IPAddress.TryParse(addr, out IPAddress? ip)) return false;
+        if (ip.AddressFamily != AddressFamily.InterNetwork && ip.AddressFamily != AddressFamily.InterNetworkV6) return false;
+        int max = ip.AddressFamily == AddressFamily.InterNetwork ? 32 : 128;
+        int bits = max;
+        if (slash >= 0)
+        {
+            string b = s[(slash + 1)..];
+            if (b.Length == 0 || b.Length > 3 || !int.TryParse(b, System.Globalization.NumberStyles.None, null, out bits) || bits > max) return false;
+        }
+        p = new IpPrefix(ip.GetAddressBytes(), bits);
+        return true;
+    }
+
+    internal static IpPrefix Parse(string s) =>
+        TryParse(s, out IpPrefix p) ? p : throw new FormatException($"not a CIDR prefix: '{s}'");
+
+    internal void WriteAddress(Span<byte> dst)
+    {
+        Span<byte> a = stackalloc byte[16];
+        BinaryPrimitives.WriteUInt128BigEndian(a, _bits);
+        a[..(IsV6 ? 16 : 4)].CopyTo(dst);
+    }
+
+    public override string ToString()
+    {
+        Span<byte> a = stackalloc byte[16];
+        WriteAddress(a);
+        return new IPAddress(a[..(IsV6 ? 16 : 4)]).ToString() + "/" + Bits;
+    }
+
+    public bool Equals(IpPrefix o) => _bits == o._bits && Bits == o.Bits && IsV6 == o.IsV6;
+    public override bool Equals(object? o) => o is IpPrefix p && Equals(p);
+    public override int GetHashCode() => HashCode.Combine(_bits, Bits, IsV6);
+}
+
+/// <summary>An interface address with its prefix length, e.g. 100.64.0.1/24 (host bits kept).</summary>
+internal readonly record struct IfAddress(IPAddress Address, int Bits)
+{
+    internal bool IsV6 => Address.AddressFamily == AddressFamily.InterNetworkV6;
+    internal static bool TryParse(string s, out IfAddress a)
+    {
+        a = default;
+        int slash = s.IndexOf('/');
+        if (slash < 0 || !IpPrefix.TryParse(s, out IpPrefix p)) return false;
+        a = new IfAddress(IPAddress.Parse(s[..slash]), p.Bits);
+        return true;
+    }
+    public override string ToString() => Address + "/" + Bits;
+}
+
+/// <summary>A UDP endpoint as 16 address bytes (IPv4 mapped into ::ffff:0:0/96) and a port.</summary>
+internal struct Endpoint : IEquatable<Endpoint>
+{
+    internal UInt128 Address;     // big-endian value of the 16 bytes
+    internal ushort Port;
+
+    private static readonly UInt128 V4MappedPrefix = (UInt128)0xFFFF << 32;
+    private static readonly UInt128 V4Mask = UInt128.MaxValue << 32;
+
+    internal readonly bool IsV4 => (Address & V4Mask) == V4MappedPrefix;
+    internal readonly bool IsSet => Port != 0;
+
+    internal static Endpoint FromIp(IPAddress ip, int port)
+    {
+        if (ip.AddressFamily == AddressFamily.InterNetwork) ip = ip.MapToIPv6();
+        Span<byte> a = stackalloc byte[16];
+        ip.TryWriteBytes(a, out _);
+        return new Endpoint { Address = BinaryPrimitives.ReadUInt128BigEndian(a), Port = (ushort)port };
+    }
+
+    internal static Endpoint FromV4(uint addressBigEndianValue, ushort port) =>
+        new() { Address = V4MappedPrefix | addressBigEndianValue, Port = port };
+
+    internal readonly void WriteAddress16(Span<byte> dst) => BinaryPrimitives.WriteUInt128BigEndian(dst, Address);
+
+    internal readonly IPAddress ToIp()
+    {
+        Span<byte> a = stackalloc byte[16];
+        WriteAddress16(a);
+        return IsV4 ? new IPAddress(a[12..]) : new IPAddress(a);
+    }
+
+    /// <summary>Parses HOST:PORT or [V6]:PORT where HOST is a literal address; names are resolved by the caller.</summary>
+    internal static bool TrySplitHostPort(string s, out string host, out int port)
+    {
+        host = ""; port = 0;
+        int colon;
+        if (s.StartsWith('['))
+        {
+            int close = s.IndexOf(']');
+            if (close < 0 || close + 1 >= s.Length || s[close + 1] != ':') return false;
+            host = s[1..close];
+            colon = close + 1;
+            if (!IPAddress.TryParse(host, out IPAddress? ip) || ip.AddressFamily != AddressFamily.InterNetworkV6) return false;
+        }
+        else
+        {
+            colon = s.LastIndexOf(':');
+            if (colon <= 0 || s.IndexOf(':') != colon) return false;   // bare IPv6 needs brackets
+            host = s[..colon];
+        }
+        string p = s[(colon + 1)..];
+        return p.Length is > 0 and <= 5 && int.TryParse(p, System.Globalization.NumberStyles.None, null, out port) && port is > 0 and <= 65535;
+    }
+
+    public override readonly string ToString() =>
+        IsV4 ? ToIp() + ":" + Port : "[" + ToIp() + "]:" + Port;
+    public readonly bool Equals(Endpoint o) => Address == o.Address && Port == o.Port;
+    public override readonly bool Equals(object? o) => o is Endpoint e && Equals(e);
+    public override readonly int GetHashCode() => HashCode.Combine(Address, Port);
+}
+
+// ==== 3. Diagnostics ================================================================================
+// Log writes one line per event to stderr as key=value pairs, with a level filter and a per-event
+// rate limit so a flood of bad packets cannot flood the log (suppressed lines are counted and
+// reported when the window reopens). Counters are plain longs owned by the loop thread; drops are
+// counted by DropReason and never logged per packet. Mono is the only clock; Part C reads it and
+// passes nowMs down.
+
+internal enum LogLevel { Error = 0, Warn = 1, Info = 2, Debug = 3 }
+
+internal sealed class Log
+{
+    private sealed class Budget { internal long WindowStartMs; internal int Used; internal int Suppressed; }
+
+    private readonly TextWriter _out;
+    private readonly Dictionary<string, Budget> _budgets = new();
+    internal LogLevel Level;
+    internal bool Json;
+
+    internal Log(TextWriter output, LogLevel level) { _out = output; Level = level; }
+
+    internal bool On(LogLevel level) => level <= Level;
+
+    /// <summary>Writes "ts=… level=… event=NAME fields" unless the level is off or NAME is over budget.</summary>
+    internal void Write(LogLevel level, string name, string fields)
+    {
+        if (!On(level)) return;
+        long nowMs = Mono.NowMs();
+        if (!_budgets.TryGetValue(name, out Budget? b)) _budgets[name] = b = new Budget { WindowStartMs = nowMs };
+        if (nowMs - b.WindowStartMs >= Tune.LogWindowMs)
+        {
+            if (b.Suppressed > 0) Emit(LogLevel.Warn, "log_suppressed", $"of={name} lines={b.Suppressed}");
+            b.WindowStartMs = nowMs; b.Used = 0; b.Suppressed = 0;
+        }
+        if (b.Used >= Tune.LogBurst) { b.Suppressed++; return; }
+        b.Used++;
+        Emit(level, name, fields);
+    }
+
+    internal void Error(string name, string fields) => Write(LogLevel.Error, name, fields);
+    internal void Warn(string name, string fields) => Write(LogLevel.Warn, name, fields);
+    internal void Info(string name, string fields) => Write(LogLevel.Info, name, fields);
+    internal void Debug(string name, string fields) => Write(LogLevel.Debug, name, fields);
+
+    private void Emit(LogLevel level, string name, string fields)
+    {
+        string ts = DateTime.UtcNow.ToString("yyyy-MM-ddTHH:mm:ss.fffZ", System.Globalization.CultureInfo.InvariantCulture);
+        _out.WriteLine($"ts={ts} level={LevelName(level)} event={name}{(fields.Length > 0 ? " " : "")}{fields}");
+        _out.Flush();
+    }
+
+    internal static string LevelName(LogLevel l) => l switch
+    {
+        LogLevel.Error => "error", LogLevel.Warn => "warn", LogLevel.Info => "info", _ => "debug",
+    };
+
+    internal static bool TryParseLevel(string s, out LogLevel l)
+    {
+        l = LogLevel.Info;
+        switch (s)
+        {
+            case "error": l = LogLevel.Error; return true;
+            case "warn": l = LogLevel.Warn; return true;
+            case "info": l = LogLevel.Info; return true;
+            case "debug": l = LogLevel.Debug; return true;
+            default: return false;
+        }
+    }
+}
+
+/// <summary>Why a packet was dropped. Names are the keys of the status "drops" object.</summary>
+internal enum DropReason
+{
+    Truncated,          // shorter than its header or its own length field
+    Malformed,          // unknown type, bad flags, bad padding, bad inner IP header
+    UnknownIndex,       // record for a session we do not have
+    BadAuth,            // AEAD tag did not verify
+    Replayed,           // counter already seen
+    TooOld,             // counter behind the replay window
+    Expired,            // session older than RejectAfterTime or past RejectAfterMessages
+    NoRoute,            // outbound destination matches no peer
+    SourceNotAllowed,   // inbound inner source not routed to the sending peer
+    BadMac1,            // handshake not keyed to our public key
+    BadMac2,            // handshake under load without a valid cookie
+    UnknownPeer,        // ClientHello from a static key we do not know
+    StaleHello,         // ClientHello timestamp not newer than the last one (replay)
+    HandshakeFailed,    // handshake message did not decrypt
+    QueueFull,          // staged packet pushed out by a newer one
+    TunWrite,           // the kernel refused a packet on the TUN
+    UdpSend,            // the kernel refused a datagram
+    Count,
+}
+
+internal sealed class Counters
+{
+    internal readonly long[] Drops = new long[(int)DropReason.Count];
+    internal long RxRecords, TxRecords, RxBytes, TxBytes;
+    internal long TunRxPackets, TunTxPackets;
+    internal long HandshakesInitiated, HandshakesCompleted, CookiesSent;
+
+    internal void Drop(DropReason r) => Drops[(int)r]++;
+
+    internal static string DropName(DropReason r) => r switch
+    {
+        DropReason.Truncated => "truncated", DropReason.Malformed => "malformed",
+        DropReason.UnknownIndex => "unknown_index", DropReason.BadAuth => "bad_auth",
+        DropReason.Replayed => "replayed", DropReason.TooOld => "too_old", DropReason.Expired => "expired",
+        DropReason.NoRoute => "no_route", DropReason.SourceNotAllowed => "source_not_allowed",
+        DropReason.BadMac1 => "bad_mac1", DropReason.BadMac2 => "bad_mac2",
+        DropReason.UnknownPeer => "unknown_peer", DropReason.StaleHello => "stale_hello",
+        DropReason.HandshakeFailed => "handshake_failed", DropReason.QueueFull => "queue_full",
+        DropReason.TunWrite => "tun_write", DropReason.UdpSend => "udp_send", _ => "other",
+    };
+}
+
+/// <summary>The monotonic clock. Only drivers (Part C) call it; everything below takes nowMs.</summary>
+internal static class Mono
+{
+    internal static long NowMs() => Environment.TickCount64;
+}
+
+// ==== 4. Config =====================================================================================
+// Turns the `veil up` flags into an immutable UpConfig, or fails with one line naming the flag and
+// what is wrong. Everything is validated here, before anything is created: key files are read and
+// refused when group or others may read them, names are resolved, numbers are range-checked. A
+// ConfigException carries exactly the line the user sees.
+
+internal sealed class ConfigException(string message) : Exception(message);
+
+internal sealed class PeerConfig
+{
+    internal Key32 PublicKey;
+    internal Endpoint Endpoint;            // unset (port 0) when the peer is only ever a responder
+    internal string EndpointText = "";
+    internal readonly List<IpPrefix> Allowed = new();
+}
+
+internal sealed class UpConfig
+{
+    internal Key32 PrivateKey;
+    internal Key32 Psk;                    // all zero when no network secret is given (Noise: 32 zero bytes)
+    internal IPAddress ListenAddress = IPAddress.Any;
+    internal int ListenPort = Tune.DefaultListenPort;
+    internal readonly List<IfAddress> Addresses = new();
+    internal string TunName = "veil0";
+    internal readonly List<PeerConfig> Peers = new();
+    internal int Mtu;                      // 0: derive from the underlay
+    internal long PersistentKeepaliveMs;   // 0: off
+    internal long RekeyAfterTimeMs = Spec.RekeyAfterTimeMs;
+    internal string ControlPath = Tune.DefaultControlPath;
+    internal LogLevel LogLevel = LogLevel.Info;
+
+    internal static UpConfig FromFlags(string[] args, int start)
+    {
+        var c = new UpConfig();
+        string? keyFile = null, pskFile = null;
+        PeerConfig? lastPeer = null;
+        for (int i = start; i < args.Length; i++)
+        {
+            string flag = args[i], value;
+            int eq = flag.IndexOf('=');
+            if (flag.StartsWith("--") && eq > 0) { value = flag[(eq + 1)..]; flag = flag[..eq]; }
+            else
+            {
+                if (!IsUpFlag(flag)) throw new ConfigException($"unknown flag '{flag}' (see 'veil help up')");
+                if (i + 1 >= args.Length) throw new ConfigException($"{flag} needs a value");
+                value = args[++i];
+            }
+            switch (flag)
+            {
+                case "--key": keyFile = value; break;
+                case "--psk": pskFile = value; break;
+                case "--listen": ParseListen(c, value); break;
+                case "--address":
+                    if (!IfAddress.TryParse(value, out IfAddress a)) throw new ConfigException($"--address '{value}' is not an address with a prefix length (e.g. 100.64.0.1/24)");
+                    c.Addresses.Add(a);
+                    break;
+                case "--tun": c.TunName = ParseTunName(value); break;
+                case "--peer": lastPeer = ParsePeer(value); c.Peers.Add(lastPeer); break;
+                case "--allow":
+                    if (lastPeer == null) throw new ConfigException("--allow must follow the --peer it belongs to");
+                    if (!IpPrefix.TryParse(value, out IpPrefix p)) throw new ConfigException($"--allow '{value}' is not a CIDR prefix");
+                    lastPeer.Allowed.Add(p);
+                    break;
+                case "--mtu": c.Mtu = ParseInt(flag, value, Tune.MinMtu, Tune.MaxMtu); break;
+                case "--keepalive": c.PersistentKeepaliveMs = ParseInt(flag, value, 0, 3600) * 1000L; break;
+                case "--rekey-after": c.RekeyAfterTimeMs = ParseInt(flag, value, 1, (int)(Spec.RekeyAfterTimeMs / 1000)) * 1000L; break;
+                case "--control": c.ControlPath = value.Length > 0 && value.Length < 100 ? value : throw new ConfigException($"--control '{value}' must be a path of 1 to 99 characters"); break;
+                case "--log-level":
+                    if (!Log.TryParseLevel(value, out c.LogLevel)) throw new ConfigException($"--log-level '{value}' must be one of error, warn, info, debug");
+                    break;
+                default: throw new ConfigException($"unknown flag '{flag}' (see 'veil help up')");
+            }
+        }
+        if (keyFile == null) throw new ConfigException("--key FILE is required (create one with 'veil genkey > FILE; chmod 600 FILE')");
+        c.PrivateKey = ReadKeyFile("--key", keyFile);
+        if (pskFile != null) c.Psk = ReadKeyFile("--psk", pskFile);
+        if (c.Addresses.Count == 0) throw new ConfigException("--address CIDR is required (the overlay address of this node)");
+        Span<byte> pub = stackalloc byte[32];
+        X25519.PublicKey(pub, c.PrivateKey);
+        for (int i = 0; i < c.Peers.Count; i++)
+        {
+            if (CryptographicOperations.FixedTimeEquals(c.Peers[i].PublicKey, pub)) throw new ConfigException("--peer lists this node's own public key");
+            for (int j = 0; j < i; j++)
+                if (c.Peers[i].PublicKey.EqualsCt(c.Peers[j].PublicKey)) throw new ConfigException($"--peer {c.Peers[i].PublicKey.Short()} is given twice");
+        }
+        if (c.Peers.Count > Tune.MaxPeers) throw new ConfigException($"at most {Tune.MaxPeers} peers");
+        if (c.Mtu == 0)
+        {
+            bool v6 = c.ListenAddress.AddressFamily == AddressFamily.InterNetworkV6;
+            foreach (PeerConfig p in c.Peers) v6 |= p.Endpoint.IsSet && !p.Endpoint.IsV4;
+            c.Mtu = DefaultMtu(1500, v6);
+        }
+        return c;
+    }
+
+    /// <summary>Largest inner packet whose record still fits the underlay MTU, with room for padding.</summary>
+    internal static int DefaultMtu(int underlayMtu, bool v6Underlay) =>
+        underlayMtu - (v6Underlay ? 40 : 20) - 8 - Record.OverheadLen - (Spec.PadBlockLen + 1);
+
+    private static bool IsUpFlag(string f) => f is "--key" or "--psk" or "--listen" or "--address" or "--tun" or "--peer"
+        or "--allow" or "--mtu" or "--keepalive" or "--rekey-after" or "--control" or "--log-level";
+
+    private static int ParseInt(string flag, string v, int min, int max)
+    {
+        if (v.Length > 9 || !int.TryParse(v, System.Globalization.NumberStyles.None, null, out int n) || n < min || n > max)
+            throw new ConfigException($"{flag} '{v}' must be a whole number from {min} to {max}");
+        return n;
+    }
+
+    private static void ParseListen(UpConfig c, string v)
+    {
+        if (!Endpoint.TrySplitHostPort(v, out string host, out int port) || !IPAddress.TryParse(host, out IPAddress? ip))
+            throw new ConfigException($"--listen '{v}' must be ADDRESS:PORT (IPv6 in brackets), port 1-65535");
+        c.ListenAddress = ip;
+        c.ListenPort = port;
+    }
+
+    private static string ParseTunName(string v)
+    {
+        if (v.Length is 0 or > 15) throw new ConfigException($"--tun '{v}' must be 1 to 15 characters");
+        foreach (char ch in v)
+            if (!(char.IsAsciiLetterOrDigit(ch) || ch is '-' or '_' or '.')) throw new ConfigException($"--tun '{v}' may hold only letters, digits, '-', '_' and '.'");
+        return v;
+    }
+
+    private static PeerConfig ParsePeer(string v)
+    {
+        var p = new PeerConfig();
+        int at = v.IndexOf('@');
+        string key = at < 0 ? v : v[..at];
+        if (!Key32.TryParseBase64(key, out p.PublicKey)) throw new ConfigException($"--peer '{v}': '{key}' is not a base64 public key of 32 bytes");
+        if (at < 0) return p;   // no endpoint: the peer must reach us first
+        string ep = v[(at + 1)..];
+        if (!Endpoint.TrySplitHostPort(ep, out string host, out int port))
+            throw new ConfigException($"--peer '{v}': endpoint '{ep}' must be HOST:PORT (IPv6 in brackets), port 1-65535");
+        IPAddress? ip;
+        if (!IPAddress.TryParse(host, out ip))
+        {
+            try
+            {
+                IPAddress[] found = Dns.GetHostAddresses(host);
+                ip = found.Length > 0 ? found[0] : null;
+            }
+            catch (Exception e) when (e is SocketException or ArgumentException) { ip = null; }
+            if (ip == null) throw new ConfigException($"--peer '{v}': cannot resolve host '{host}'");
+        }
+        p.Endpoint = Endpoint.FromIp(ip, port);
+        p.EndpointText = ep;
+        return p;
+    }
+
+    /// <summary>Reads a base64 32-byte key from a file that only its owner may read.</summary>
+    internal static Key32 ReadKeyFile(string flag, string path)
+    {
+        UnixFileMode mode;
+        string text;
+        try
+        {
+            mode = File.GetUnixFileMode(path);
+            text = File.ReadAllText(path);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException or NotSupportedException)
+        {
+            throw new ConfigException($"{flag} '{path}': cannot read: {e.Message}");
+        }
+        const UnixFileMode others = UnixFileMode.GroupRead | UnixFileMode.GroupWrite | UnixFileMode.GroupExecute |
+                                    UnixFileMode.OtherRead | UnixFileMode.OtherWrite | UnixFileMode.OtherExecute;
+        if ((mode & others) != 0)
+            throw new ConfigException($"{flag} '{path}' is accessible by group or others (mode {Convert.ToString((int)mode, 8)}); run 'chmod 600 {path}'");
+        if (!Key32.TryParseBase64(text, out Key32 key))
+            throw new ConfigException($"{flag} '{path}' does not hold a base64 key of 32 bytes");
+        return key;
+    }
+}
+
+// ==== 5. libc interop ===============================================================================
+// Direct libc calls for everything the loop touches: files, ioctl, sockets, epoll, eventfd. Only
+// blittable signatures (runtime marshalling is disabled); constants carry their C names. Struct
+// layouts differ by architecture where the C headers say so: epoll_event is packed on x86 (12 bytes,
+// data at 4) and naturally aligned elsewhere (16 bytes, data at 8); sockaddr_in/_in6 and ifreq are
+// the same everywhere we run (16/28/40 bytes, ifreq.ifr_flags at 16). Errors are negative returns
+// with errno read through Marshal.GetLastPInvokeError; nothing here throws.
+
+internal static unsafe partial class Libc
+{
+    internal const int O_RDWR = 0x2, O_NONBLOCK = 0x800, O_CLOEXEC = 0x80000;
+    internal const int AF_UNIX = 1, AF_INET = 2, AF_INET6 = 10, AF_NETLINK = 16;
+    internal const int SOCK_STREAM = 1, SOCK_DGRAM = 2, SOCK_RAW = 3, SOCK_NONBLOCK = 0x800, SOCK_CLOEXEC = 0x80000;
+    internal const int SOL_SOCKET = 1, SO_REUSEADDR = 2, SO_SNDBUF = 7, SO_RCVBUF = 8, SO_SNDBUFFORCE = 32, SO_RCVBUFFORCE = 33;
+    internal const int IPPROTO_IPV6 = 41, IPV6_V6ONLY = 26;
+    internal const int NETLINK_ROUTE = 0;
+    internal const int EPOLLIN = 0x1, EPOLL_CTL_ADD = 1, EPOLL_CTL_DEL = 2, EPOLL_CLOEXEC = 0x80000;
+    internal const int EFD_NONBLOCK = 0x800, EFD_CLOEXEC = 0x80000;
+    internal const int EINTR = 4, EAGAIN = 11, ENOENT = 2, EEXIST = 17, EADDRINUSE = 98, EPERM = 1, EACCES = 13;
+    internal const int MSG_DONTWAIT = 0x40;
+    internal const uint TUNSETIFF = 0x400454CA;
+    internal const short IFF_TUN = 0x1, IFF_NO_PI = 0x1000;
+    internal const int IfReqLen = 40, IfNameSize = 16, IfReqFlagsOffset = 16;
+    internal const int SockaddrIn4Len = 16, SockaddrIn6Len = 28, SockaddrUnLen = 110;
+
+    internal static readonly bool EpollPacked =
+        RuntimeInformation.ProcessArchitecture is Architecture.X64 or Architecture.X86;
+    internal static int EpollEventLen => EpollPacked ? 12 : 16;
+    internal static int EpollDataOffset => EpollPacked ? 4 : 8;
+
+    [LibraryImport("libc", EntryPoint = "open", SetLastError = true)] internal static partial int Open(byte* path, int flags, int mode);
+    [LibraryImport("libc", EntryPoint = "close")] internal static partial int Close(int fd);
+    [LibraryImport("libc", EntryPoint = "read", SetLastError = true)] internal static partial nint Read(int fd, byte* buf, nuint count);
+    [LibraryImport("libc", EntryPoint = "write", SetLastError = true)] internal static partial nint Write(int fd, byte* buf, nuint count);
+    [LibraryImport("libc", EntryPoint = "ioctl", SetLastError = true)] internal static partial int Ioctl(int fd, nuint request, void* arg);
+    [LibraryImport("libc", EntryPoint = "socket", SetLastError = true)] internal static partial int Socket(int domain, int type, int protocol);
+    [LibraryImport("libc", EntryPoint = "bind", SetLastError = true)] internal static partial int Bind(int fd, byte* addr, int len);
+    [LibraryImport("libc", EntryPoint = "listen", SetLastError = true)] internal static partial int Listen(int fd, int backlog);
+    [LibraryImport("libc", EntryPoint = "accept4", SetLastError = true)] internal static partial int Accept4(int fd, byte* addr, int* len, int flags);
+    [LibraryImport("libc", EntryPoint = "connect", SetLastError = true)] internal static partial int Connect(int fd, byte* addr, int len);
+    [LibraryImport("libc", EntryPoint = "setsockopt", SetLastError = true)] internal static partial int SetSockOpt(int fd, int level, int name, void* value, int len);
+    [LibraryImport("libc", EntryPoint = "getsockname", SetLastError = true)] internal static partial int GetSockName(int fd, byte* addr, int* len);
+    [LibraryImport("libc", EntryPoint = "sendto", SetLastError = true)] internal static partial nint SendTo(int fd, byte* buf, nuint len, int flags, byte* addr, int addrLen);
+    [LibraryImport("libc", EntryPoint = "recvfrom", SetLastError = true)] internal static partial nint RecvFrom(int fd, byte* buf, nuint len, int flags, byte* addr, int* addrLen);
+    [LibraryImport("libc", EntryPoint = "epoll_create1", SetLastError = true)] internal static partial int EpollCreate1(int flags);
+    [LibraryImport("libc", EntryPoint = "epoll_ctl", SetLastError = true)] internal static partial int EpollCtl(int epfd, int op, int fd, byte* ev);
+    [LibraryImport("libc", EntryPoint = "epoll_wait", SetLastError = true)] internal static partial int EpollWait(int epfd, byte* events, int max, int timeoutMs);
+    [LibraryImport("libc", EntryPoint = "eventfd", SetLastError = true)] internal static partial int EventFd(uint initval, int flags);
+
+    internal static int Errno => Marshal.GetLastPInvokeError();
+    internal static string ErrorText(int errno) => Marshal.GetPInvokeErrorMessage(errno);
+
+    /// <summary>Registers fd for EPOLLIN with the fd itself as the event data.</summary>
+    internal static int EpollAdd(int epfd, int fd)
+    {
+        byte* ev = stackalloc byte[16];
+        new Span<byte>(ev, 16).Clear();
+        *(uint*)ev = EPOLLIN;
+        *(ulong*)(ev + EpollDataOffset) = (ulong)fd;
+        return EpollCtl(epfd, EPOLL_CTL_ADD, fd, ev);
+    }
+
+    internal static int EpollEventFd(byte* events, int i) => (int)*(ulong*)(events + i * EpollEventLen + EpollDataOffset);
+
+    internal static int SetIntOpt(int fd, int level, int name, int value) => SetSockOpt(fd, level, name, &value, sizeof(int));
+
+    /// <summary>Writes a sockaddr_in (v4-mapped endpoints on an AF_INET socket) or sockaddr_in6.</summary>
+    internal static int WriteSockaddr(in Endpoint ep, bool v6Socket, Span<byte> sa)
+    {
+        if (!v6Socket)
+        {
+            sa[..SockaddrIn4Len].Clear();
+            BinaryPrimitives.WriteUInt16LittleEndian(sa, AF_INET);           // sa_family is host order
+            BinaryPrimitives.WriteUInt16BigEndian(sa[2..], ep.Port);
+            Span<byte> a = stackalloc byte[16];
+            ep.WriteAddress16(a);
+            a[12..].CopyTo(sa[4..]);
+            return SockaddrIn4Len;
+        }
+        sa[..SockaddrIn6Len].Clear();
+        BinaryPrimitives.WriteUInt16LittleEndian(sa, AF_INET6);
+        BinaryPrimitives.WriteUInt16BigEndian(sa[2..], ep.Port);
+        ep.WriteAddress16(sa[8..]);
+        return SockaddrIn6Len;
+    }
+
+    internal static bool TryReadSockaddr(ReadOnlySpan<byte> sa, int len, out Endpoint ep)
+    {
+        ep = default;
+        if (len < 2) return false;
+        int family = BinaryPrimitives.ReadUInt16LittleEndian(sa);
+        if (family == AF_INET && len >= SockaddrIn4Len)
+        {
+            ep = Endpoint.FromV4(BinaryPrimitives.ReadUInt32BigEndian(sa[4..]), BinaryPrimitives.ReadUInt16BigEndian(sa[2..]));
+            return true;
+        }
+        if (family == AF_INET6 && len >= SockaddrIn6Len)
+        {
+            ep = new Endpoint { Address = BinaryPrimitives.ReadUInt128BigEndian(sa[8..]), Port = BinaryPrimitives.ReadUInt16BigEndian(sa[2..]) };
+            return true;
+        }
+        return false;
+    }
+
+    internal static int WriteSockaddrUn(string path, Span<byte> sa)
+    {
+        sa[..SockaddrUnLen].Clear();
+        BinaryPrimitives.WriteUInt16LittleEndian(sa, AF_UNIX);
+        int n = Encoding.UTF8.GetBytes(path, sa[2..(SockaddrUnLen - 1)]);
+        return 2 + n + 1;
+    }
+}
+
+// ==== 6. Crypto primitives ==========================================================================
+// X25519 (RFC 7748) is written here because .NET has none: field elements mod p = 2^255 - 19 in five
+// 51-bit limbs, products through Math.BigMul, a Montgomery ladder with masked swaps. There is no
+// branch and no memory index that depends on a secret. Aead wraps the base library's
+// ChaCha20-Poly1305 and AES-GCM (OpenSSL underneath) behind Seal/Open that never throw on a bad tag.
+// Hkdf is RFC 5869 and the Noise two/three-output form over HMAC-SHA256.
+
+internal static class X25519
+{
+    private const ulong Mask51 = (1UL << 51) - 1;
+
+    private struct Fe { internal ulong L0, L1, L2, L3, L4; }
+
+    /// <summary>Raw X25519 per RFC 7748 §5: clamps the scalar, ignores bit 255 of u, accepts u ≥ p.</summary>
+    internal static void ScalarMult(Span<byte> shared32, ReadOnlySpan<byte> scalar32, ReadOnlySpan<byte> u32)
+    {
+        Span<byte> k = stackalloc byte[32];
+        scalar32[..32].CopyTo(k);
+        k[0] &= 248; k[31] &= 127; k[31] |= 64;
+        Fe x1 = Load(u32), x2 = One(), z2 = default, x3 = x1, z3 = One();
+        ulong swap = 0;
+        for (int t = 254; t >= 0; t--)
+        {
+            ulong bit = (ulong)(k[t >> 3] >> (t & 7)) & 1;   // t is public; the bit is only used as a mask
+            swap ^= bit;
+            CSwap(ref x2, ref x3, swap);
+            CSwap(ref z2, ref z3, swap);
+            swap = bit;
+            Fe a = Add(x2, z2), aa = Sqr(a), b = Sub(x2, z2), bb = Sqr(b), e = Sub(aa, bb);
+            Fe c = Add(x3, z3), d = Sub(x3, z3), da = Mul(d, a), cb = Mul(c, b);
+            x3 = Sqr(Add(da, cb));
+            z3 = Mul(x1, Sqr(Sub(da, cb)));
+            x2 = Mul(aa, bb);
+            z2 = Mul(e, Add(aa, Mul121665(e)));
+        }
+        CSwap(ref x2, ref x3, swap);
+        CSwap(ref z2, ref z3, swap);
+        Store(Mul(x2, Invert(z2)), shared32);
+        CryptographicOperations.ZeroMemory(k);
+    }
+
+    internal static void PublicKey(Span<byte> pub32, ReadOnlySpan<byte> priv32)
+    {
+        Span<byte> basePoint = stackalloc byte[32];
+        basePoint.Clear();
+        basePoint[0] = 9;
+        ScalarMult(pub32, priv32, basePoint);
+    }
+
+    /// <summary>Diffie-Hellman that refuses an all-zero result (a low-order public key).</summary>
+    internal static bool Dh(Span<byte> shared32, ReadOnlySpan<byte> priv32, ReadOnlySpan<byte> pub32)
+    {
+        ScalarMult(shared32, priv32, pub32);
+        int acc = 0;
+        for (int i = 0; i < 32; i++) acc |= shared32[i];
+        return acc != 0;
+    }
+
+    internal static void GeneratePrivateKey(Span<byte> priv32)
+    {
+        RandomNumberGenerator.Fill(priv32[..32]);
+        priv32[0] &= 248; priv32[31] &= 127; priv32[31] |= 64;
+    }
+
+    private static Fe One() => new() { L0 = 1 };
+
+    private static Fe Load(ReadOnlySpan<byte> s) => new()
+    {
+        L0 = BinaryPrimitives.ReadUInt64LittleEndian(s) & Mask51,
+        L1 = (BinaryPrimitives.ReadUInt64LittleEndian(s[6..]) >> 3) & Mask51,
+        L2 = (BinaryPrimitives.ReadUInt64LittleEndian(s[12..]) >> 6) & Mask51,
+        L3 = (BinaryPrimitives.ReadUInt64LittleEndian(s[19..]) >> 1) & Mask51,
+        L4 = (BinaryPrimitives.ReadUInt64LittleEndian(s[24..]) >> 12) & Mask51,   // drops bit 255
+    };
+
+    private static void Store(Fe f, Span<byte> s)
+    {
+        f = Carry(Carry(f));
+        // Subtract p once if f >= p: q is 1 exactly when f + 19 overflows 2^255.
+        ulong q = (f.L0 + 19) >> 51;
+        q = (f.L1 + q) >> 51; q = (f.L2 + q) >> 51; q = (f.L3 + q) >> 51; q = (f.L4 + q) >> 51;
+        f.L0 += 19 * q;
+        f.L1 += f.L0 >> 51; f.L0 &= Mask51;
+        f.L2 += f.L1 >> 51; f.L1 &= Mask51;
+        f.L3 += f.L2 >> 51; f.L2 &= Mask51;
+        f.L4 += f.L3 >> 51; f.L3 &= Mask51;
+        f.L4 &= Mask51;
+        BinaryPrimitives.WriteUInt64LittleEndian(s, f.L0 | (f.L1 << 51));
+        BinaryPrimitives.WriteUInt64LittleEndian(s[8..], (f.L1 >> 13) | (f.L2 << 38));
+        BinaryPrimitives.WriteUInt64LittleEndian(s[16..], (f.L2 >> 26) | (f.L3 << 25));
+        BinaryPrimitives.WriteUInt64LittleEndian(s[24..], (f.L3 >> 39) | (f.L4 << 12));
+    }
+
+    private static Fe Carry(Fe f)
+    {
+        f.L1 += f.L0 >> 51; f.L0 &= Mask51;
+        f.L2 += f.L1 >> 51; f.L1 &= Mask51;
+        f.L3 += f.L2 >> 51; f.L2 &= Mask51;
+        f.L4 += f.L3 >> 51; f.L3 &= Mask51;
+        f.L0 += 19 * (f.L4 >> 51); f.L4 &= Mask51;
+        return f;
+    }
+
+    private static void CSwap(ref Fe a, ref Fe b, ulong swap)
+    {
+        ulong m = 0 - swap, t;
+        t = m & (a.L0 ^ b.L0); a.L0 ^= t; b.L0 ^= t;
+        t = m & (a.L1 ^ b.L1); a.L1 ^= t; b.L1 ^= t;
+        t = m & (a.L2 ^ b.L2); a.L2 ^= t; b.L2 ^= t;
+        t = m & (a.L3 ^ b.L3); a.L3 ^= t; b.L3 ^= t;
+        t = m & (a.L4 ^ b.L4); a.L4 ^= t; b.L4 ^= t;
+    }
+
+    private static Fe Add(Fe a, Fe b) =>
+        Carry(new Fe { L0 = a.L0 + b.L0, L1 = a.L1 + b.L1, L2 = a.L2 + b.L2, L3 = a.L3 + b.L3, L4 = a.L4 + b.L4 });
+
+    // a - b computed as a + 4p - b so no limb goes negative (inputs are carried, limbs < 2^52).
+    private static Fe Sub(Fe a, Fe b) => Carry(new Fe
+    {
+        L0 = a.L0 + 0x1FFFFFFFFFFFB4 - b.L0, L1 = a.L1 + 0x1FFFFFFFFFFFFC - b.L1, L2 = a.L2 + 0x1FFFFFFFFFFFFC - b.L2,
+        L3 = a.L3 + 0x1FFFFFFFFFFFFC - b.L3, L4 = a.L4 + 0x1FFFFFFFFFFFFC - b.L4,
+    });
+
+    // 128-bit accumulator; the carry out of the low word is computed without a branch.
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Mac(ref ulong hi, ref ulong lo, ulong a, ulong b)
+    {
+        ulong h = Math.BigMul(a, b, out ulong l);
+        ulong s = lo + l;
+        hi += h + (((lo & l) | ((lo | l) & ~s)) >> 63);
+        lo = s;
+    }
+
+    private static Fe Mul(Fe a, Fe b)
+    {
+        ulong b1 = 19 * b.L1, b2 = 19 * b.L2, b3 = 19 * b.L3, b4 = 19 * b.L4;
+        ulong h0 = 0, l0 = 0, h1 = 0, l1 = 0, h2 = 0, l2 = 0, h3 = 0, l3 = 0, h4 = 0, l4 = 0;
+        Mac(ref h0, ref l0, a.L0, b.L0); Mac(ref h0, ref l0, a.L1, b4); Mac(ref h0, ref l0, a.L2, b3); Mac(ref h0, ref l0, a.L3, b2); Mac(ref h0, ref l0, a.L4, b1);
+        Mac(ref h1, ref l1, a.L0, b.L1); Mac(ref h1, ref l1, a.L1, b.L0); Mac(ref h1, ref l1, a.L2, b4); Mac(ref h1, ref l1, a.L3, b3); Mac(ref h1, ref l1, a.L4, b2);
+        Mac(ref h2, ref l2, a.L0, b.L2); Mac(ref h2, ref l2, a.L1, b.L1); Mac(ref h2, ref l2, a.L2, b.L0); Mac(ref h2, ref l2, a.L3, b4); Mac(ref h2, ref l2, a.L4, b3);
+        Mac(ref h3, ref l3, a.L0, b.L3); Mac(ref h3, ref l3, a.L1, b.L2); Mac(ref h3, ref l3, a.L2, b.L1); Mac(ref h3, ref l3, a.L3, b.L0); Mac(ref h3, ref l3, a.L4, b4);
+        Mac(ref h4, ref l4, a.L0, b.L4); Mac(ref h4, ref l4, a.L1, b.L3); Mac(ref h4, ref l4, a.L2, b.L2); Mac(ref h4, ref l4, a.L3, b.L1); Mac(ref h4, ref l4, a.L4, b.L0);
+        return Reduce(h0, l0, h1, l1, h2, l2, h3, l3, h4, l4);
+    }
+
+    // Folds five 128-bit column sums into 51-bit limbs; 2^255 ≡ 19 wraps the top carry to limb 0.
+    private static Fe Reduce(ulong h0, ulong l0, ulong h1, ulong l1, ulong h2, ulong l2, ulong h3, ulong l3, ulong h4, ulong l4)
+    {
+        Fe r;
+        ulong c = (l0 >> 51) | (h0 << 13); r.L0 = l0 & Mask51;
+        Mac(ref h1, ref l1, c, 1); c = (l1 >> 51) | (h1 << 13); r.L1 = l1 & Mask51;
+        Mac(ref h2, ref l2, c, 1); c = (l2 >> 51) | (h2 << 13); r.L2 = l2 & Mask51;
+        Mac(ref h3, ref l3, c, 1); c = (l3 >> 51) | (h3 << 13); r.L3 = l3 & Mask51;
+        Mac(ref h4, ref l4, c, 1); c = (l4 >> 51) | (h4 << 13); r.L4 = l4 & Mask51;
+        ulong ch = 0, cl = r.L0;
+        Mac(ref ch, ref cl, c, 19);
+        r.L0 = cl & Mask51;
+        r.L1 += (cl >> 51) | (ch << 13);
+        return Carry(r);
+    }
+
+    private static Fe Sqr(Fe a) => Mul(a, a);
+
+    private static Fe Mul121665(Fe a)
+    {
+        ulong h0 = 0, l0 = 0, h1 = 0, l1 = 0, h2 = 0, l2 = 0, h3 = 0, l3 = 0, h4 = 0, l4 = 0;
+        Mac(ref h0, ref l0, a.L0, 121665); Mac(ref h1, ref l1, a.L1, 121665); Mac(ref h2, ref l2, a.L2, 121665);
+        Mac(ref h3, ref l3, a.L3, 121665); Mac(ref h4, ref l4, a.L4, 121665);
+        return Reduce(h0, l0, h1, l1, h2, l2, h3, l3, h4, l4);
+    }
+
+    private static Fe SqrN(Fe a, int n)
+    {
+        for (int i = 0; i < n; i++) a = Sqr(a);
+        return a;
+    }
+
+    // z^(p-2) by the usual addition chain (254 squarings, 11 multiplications).
+    private static Fe Invert(Fe z)
+    {
+        Fe z2 = Sqr(z);                                  // 2
+        Fe z9 = Mul(SqrN(z2, 2), z);                     // 9
+        Fe z11 = Mul(z9, z2);                            // 11
+        Fe z2_5_0 = Mul(Sqr(z11), z9);                   // 2^5 - 2^0
+        Fe z2_10_0 = Mul(SqrN(z2_5_0, 5), z2_5_0);
+        Fe z2_20_0 = Mul(SqrN(z2_10_0, 10), z2_10_0);
+        Fe z2_40_0 = Mul(SqrN(z2_20_0, 20), z2_20_0);
+        Fe z2_50_0 = Mul(SqrN(z2_40_0, 10), z2_10_0);
+        Fe z2_100_0 = Mul(SqrN(z2_50_0, 50), z2_50_0);
+        Fe z2_200_0 = Mul(SqrN(z2_100_0, 100), z2_100_0);
+        Fe z2_250_0 = Mul(SqrN(z2_200_0, 50), z2_50_0);
+        return Mul(SqrN(z2_250_0, 5), z11);              // 2^255 - 21
+    }
+}
+
+internal enum AeadKind : byte { ChaCha20Poly1305 = 1, Aes256Gcm = 2 }
+
+/// <summary>One AEAD key. Seal/Open take a 12-byte nonce; ciphertext is followed by a 16-byte tag.</summary>
+internal sealed class Aead : IDisposable
+{
+    internal const int TagLen = Spec.TagLen;
+    private readonly ChaCha20Poly1305? _chacha;
+    private readonly AesGcm? _gcm;
+    internal AeadKind Kind { get; }
+
+    internal Aead(AeadKind kind, ReadOnlySpan<byte> key)
+    {
+        Kind = kind;
+        if (kind == AeadKind.ChaCha20Poly1305) _chacha = new ChaCha20Poly1305(key);
+        else _gcm = new AesGcm(key, TagLen);
+    }
+
+    internal static bool IsSupported(AeadKind kind) =>
+        kind == AeadKind.ChaCha20Poly1305 ? ChaCha20Poly1305.IsSupported : AesGcm.IsSupported;
+
+    internal void Seal(ReadOnlySpan<byte> nonce12, ReadOnlySpan<byte> plaintext, ReadOnlySpan<byte> aad, Span<byte> ciphertextAndTag)
+    {
+        Span<byte> ct = ciphertextAndTag[..plaintext.Length];
+        Span<byte> tag = ciphertextAndTag.Slice(plaintext.Length, TagLen);
+        if (_chacha != null) _chacha.Encrypt(nonce12, plaintext, ct, tag, aad);
+        else _gcm!.Encrypt(nonce12, plaintext, ct, tag, aad);
+    }
+
+    /// <summary>Returns false (and writes nothing usable) when the input is short or the tag does not verify.</summary>
+    internal bool Open(ReadOnlySpan<byte> nonce12, ReadOnlySpan<byte> ciphertextAndTag, ReadOnlySpan<byte> aad, Span<byte> plaintext)
+    {
+        int n = ciphertextAndTag.Length - TagLen;
+        if (n < 0 || plaintext.Length < n || nonce12.Length != 12) return false;
+        try
+        {
+            if (_chacha != null) _chacha.Decrypt(nonce12, ciphertextAndTag[..n], ciphertextAndTag[n..], plaintext[..n], aad);
+            else _gcm!.Decrypt(nonce12, ciphertextAndTag[..n], ciphertextAndTag[n..], plaintext[..n], aad);
+            return true;
+        }
+        catch (CryptographicException)
+        {
+            return false;   // the base library reports a bad tag only this way
+        }
+    }
+
+    public void Dispose()
+    {
+        _chacha?.Dispose();
+        _gcm?.Dispose();
+    }
+}
+
+internal static class Hkdf
+{
+    /// <summary>RFC 5869 HKDF-SHA256; false for an output length of 0 or over 255 × 32.</summary>
+    internal static bool Derive(Span<byte> output, ReadOnlySpan<byte> ikm, ReadOnlySpan<byte> salt, ReadOnlySpan<byte> info)
+    {
+        if (output.Length == 0 || output.Length > 255 * 32) return false;
+        HKDF.DeriveKey(HashAlgorithmName.SHA256, ikm, output, salt, info);
+        return true;
+    }
+
+    /// <summary>Noise HKDF(ck, ikm) with two outputs, or three when out3 is not empty.</summary>
+    internal static void Noise(ReadOnlySpan<byte> chainingKey, ReadOnlySpan<byte> ikm, Span<byte> out1, Span<byte> out2, Span<byte> out3)
+    {
+        Span<byte> temp = stackalloc byte[32];
+        Span<byte> buf = stackalloc byte[33];
+        HMACSHA256.HashData(chainingKey, ikm, temp);
+        buf[0] = 1;
+        HMACSHA256.HashData(temp, buf[..1], out1);
+        out1[..32].CopyTo(buf);
+        buf[32] = 2;
+        HMACSHA256.HashData(temp, buf, out2);
+        if (out3.Length > 0)
+        {
+            out2[..32].CopyTo(buf);
+            buf[32] = 3;
+            HMACSHA256.HashData(temp, buf, out3);
+        }
+        CryptographicOperations.ZeroMemory(temp);
+        CryptographicOperations.ZeroMemory(buf);
+    }
+}
+
+// ==== 7. Dataplane: TUN & netlink ===================================================================
+// IDataplane is where IP packets enter and leave the node: TunDevice (/dev/net/tun, IFF_TUN |
+// IFF_NO_PI, non-blocking; closing the fd removes the interface) or LoopbackDataplane (in memory, for
+// tests that run several nodes in one process). Netlink configures the interface the way `ip` would,
+// but directly over rtnetlink: link up and MTU, addresses (IPv6 without DAD so the first packet
+// flows), and routes for allowed prefixes, tagged with our own route protocol number so they can be
+// told apart from routes Veil did not create.
+
+internal interface IDataplane : IDisposable
+{
+    int Fd { get; }                                  // -1 when not pollable
+    /// <summary>Reads one packet; 0 when none is waiting, negative errno on failure.</summary>
+    int Read(Span<byte> buffer);
+    bool Write(ReadOnlySpan<byte> packet);
+}
+
+internal sealed unsafe class TunDevice : IDataplane
+{
+    private int _fd;
+    internal string Name { get; }
+    internal int IfIndex { get; }
+    public int Fd => _fd;
+
+    private TunDevice(int fd, string name, int ifIndex) { _fd = fd; Name = name; IfIndex = ifIndex; }
+
+    /// <summary>Creates the interface or throws with one line saying why.</summary>
+    internal static TunDevice Create(string name)
+    {
+        byte* path = stackalloc byte[16];
+        Encoding.ASCII.GetBytes("/dev/net/tun\0", new Span<byte>(path, 16));
+        int fd = Libc.Open(path, Libc.O_RDWR | Libc.O_NONBLOCK | Libc.O_CLOEXEC, 0);
+        if (fd < 0) throw new IOException($"cannot open /dev/net/tun: {Libc.ErrorText(Libc.Errno)} (is the tun module loaded, and are we root or CAP_NET_ADMIN?)");
+        byte* ifr = stackalloc byte[Libc.IfReqLen];
+        var req = new Span<byte>(ifr, Libc.IfReqLen);
+        req.Clear();
+        Encoding.ASCII.GetBytes(name, req[..(Libc.IfNameSize - 1)]);
+        *(short*)(ifr + Libc.IfReqFlagsOffset) = Libc.IFF_TUN | Libc.IFF_NO_PI;
+        if (Libc.Ioctl(fd, Libc.TUNSETIFF, ifr) < 0)
+        {
+            int e = Libc.Errno;
+            Libc.Close(fd);
+            throw new IOException($"cannot create TUN '{name}': {Libc.ErrorText(e)}" + (e == 16 ? " (the name is in use)" : ""));
+        }
+        int index = Netlink.IfIndex(name);
+        if (index <= 0)
+        {
+            Libc.Close(fd);
+            throw new IOException($"TUN '{name}' was created but has no interface index");
+        }
+        return new TunDevice(fd, name, index);
+    }
+
+    public int Read(Span<byte> buffer)
+    {
+        fixed (byte* p = buffer)
+        {
+            nint n = Libc.Read(_fd, p, (nuint)buffer.Length);
+            if (n >= 0) return (int)n;
+            int e = Libc.Errno;
+            return e == Libc.EAGAIN || e == Libc.EINTR ? 0 : -e;
+        }
+    }
+
+    public bool Write(ReadOnlySpan<byte> packet)
+    {
+        fixed (byte* p = packet) return Libc.Write(_fd, p, (nuint)packet.Length) == packet.Length;
+    }
+
+    public void Dispose()
+    {
+        if (_fd >= 0) Libc.Close(_fd);
+        _fd = -1;
+    }
+}
+
+/// <summary>An in-memory TUN: tests inject packets with Inject and collect what the node wrote.</summary>
+internal sealed class LoopbackDataplane : IDataplane
+{
+    private readonly Queue<byte[]> _toNode = new();
+    internal readonly List<byte[]> Written = new();
+    public int Fd => -1;
+    internal void Inject(ReadOnlySpan<byte> packet) => _toNode.Enqueue(packet.ToArray());
+    internal int Pending => _toNode.Count;
+
+    public int Read(Span<byte> buffer)
+    {
+        if (!_toNode.TryDequeue(out byte[]? p)) return 0;
+        p.CopyTo(buffer);
+        return p.Length;
+    }
+
+    public bool Write(ReadOnlySpan<byte> packet)
+    {
+        Written.Add(packet.ToArray());
+        return true;
+    }
+
+    public void Dispose() { }
+}
+
+internal static unsafe class Netlink
+{
+    private const ushort RTM_NEWLINK = 16, RTM_NEWADDR = 20, RTM_NEWROUTE = 24, RTM_DELROUTE = 25, NLMSG_ERROR = 2;
+    private const ushort NLM_F_REQUEST = 1, NLM_F_ACK = 4, NLM_F_EXCL = 0x200, NLM_F_CREATE = 0x400;
+    private const ushort IFLA_MTU = 4, IFA_ADDRESS = 1, IFA_LOCAL = 2, IFA_FLAGS = 8, RTA_DST = 1, RTA_OIF = 4;
+    private const uint IFF_UP = 1, IFA_F_NODAD = 0x02;
+    private const byte RT_TABLE_MAIN = 254, RT_SCOPE_UNIVERSE = 0, RT_SCOPE_LINK = 253, RTN_UNICAST = 1;
+    internal const byte RouteProtocol = 86;          // our tag on routes we install (rt_protos has no 86)
+    private const uint SIOCGIFINDEX = 0x8933;
+
+    internal static int IfIndex(string name)
+    {
+        int s = Libc.Socket(Libc.AF_INET, Libc.SOCK_DGRAM | Libc.SOCK_CLOEXEC, 0);
+        if (s < 0) return -1;
+        byte* ifr = stackalloc byte[Libc.IfReqLen];
+        var req = new Span<byte>(ifr, Libc.IfReqLen);
+        req.Clear();
+        Encoding.ASCII.GetBytes(name, req[..(Libc.IfNameSize - 1)]);
+        int r = Libc.Ioctl(s, SIOCGIFINDEX, ifr);
+        Libc.Close(s);
+        return r < 0 ? -1 : *(int*)(ifr + Libc.IfNameSize);
+    }
+
+    internal static void SetLinkUp(int ifIndex, int mtu)
+    {
+        var m = new Msg(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK);
+        m.Byte(0); m.Byte(0); m.U16(0); m.I32(ifIndex); m.U32(IFF_UP); m.U32(IFF_UP);   // ifinfomsg
+        m.AttrU32(IFLA_MTU, (uint)mtu);
+        Check(m.Send(), $"set link {ifIndex} up with mtu {mtu}");
+    }
+
+    internal static void AddAddress(int ifIndex, IfAddress a)
+    {
+        byte[] addr = a.Address.GetAddressBytes();
+        var m = new Msg(RTM_NEWADDR, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL);
+        m.Byte(a.IsV6 ? (byte)Libc.AF_INET6 : (byte)Libc.AF_INET); m.Byte((byte)a.Bits);
+        m.Byte(a.IsV6 ? (byte)IFA_F_NODAD : (byte)0); m.Byte(RT_SCOPE_UNIVERSE); m.I32(ifIndex);   // ifaddrmsg
+        m.Attr(IFA_LOCAL, addr);
+        m.Attr(IFA_ADDRESS, addr);
+        if (a.IsV6) m.AttrU32(IFA_FLAGS, IFA_F_NODAD);
+        int err = m.Send();
+        if (err != -Libc.EEXIST) Check(err, $"add address {a}");
+    }
+
+    /// <summary>Adds a route to prefix via the interface; an identical existing route is fine.</summary>
+    internal static int AddRoute(int ifIndex, IpPrefix p) => RouteOp(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, ifIndex, p);
+    internal static int RemoveRoute(int ifIndex, IpPrefix p) => RouteOp(RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, ifIndex, p);
+
+    private static int RouteOp(ushort type, ushort flags, int ifIndex, IpPrefix p)
+    {
+        Span<byte> addr = stackalloc byte[16];
+        p.WriteAddress(addr);
+        var m = new Msg(type, flags);
+        m.Byte(p.IsV6 ? (byte)Libc.AF_INET6 : (byte)Libc.AF_INET); m.Byte((byte)p.Bits); m.Byte(0); m.Byte(0);   // rtmsg
+        m.Byte(RT_TABLE_MAIN); m.Byte(RouteProtocol); m.Byte(RT_SCOPE_LINK); m.Byte(RTN_UNICAST); m.U32(0);
+        if (p.Bits > 0) m.Attr(RTA_DST, addr[..(p.IsV6 ? 16 : 4)]);
+        m.AttrU32(RTA_OIF, (uint)ifIndex);
+        int err = m.Send();
+        return err == -Libc.EEXIST ? 0 : err;
+    }
+
+    private static void Check(int err, string what)
+    {
+        if (err < 0) throw new IOException($"netlink: cannot {what}: {Libc.ErrorText(-err)}");
+    }
+
+    /// <summary>One rtnetlink request built in a small buffer; Send waits for the kernel's ack.</summary>
+    private sealed class Msg
+    {
+        private readonly byte[] _b = new byte[256];
+        private int _len = 16;
+
+        internal Msg(ushort type, ushort flags)
+        {
+            BinaryPrimitives.WriteUInt16LittleEndian(_b.AsSpan(4), type);
+            BinaryPrimitives.WriteUInt16LittleEndian(_b.AsSpan(6), flags);
+            BinaryPrimitives.WriteUInt32LittleEndian(_b.AsSpan(8), 1);    // seq
+        }
+
+        internal void Byte(byte v) => _b[_len++] = v;
+        internal void U16(ushort v) { BinaryPrimitives.WriteUInt16LittleEndian(_b.AsSpan(_len), v); _len += 2; }
+        internal void U32(uint v) { BinaryPrimitives.WriteUInt32LittleEndian(_b.AsSpan(_len), v); _len += 4; }
+        internal void I32(int v) => U32((uint)v);
+
+        internal void Attr(ushort type, ReadOnlySpan<byte> data)
+        {
+            int len = 4 + data.Length;
+            BinaryPrimitives.WriteUInt16LittleEndian(_b.AsSpan(_len), (ushort)len);
+            BinaryPrimitives.WriteUInt16LittleEndian(_b.AsSpan(_len + 2), type);
+            data.CopyTo(_b.AsSpan(_len + 4));
+            _len += (len + 3) & ~3;
+        }
+
+        internal void AttrU32(ushort type, uint v)
+        {
+            Span<byte> d = stackalloc byte[4];
+            BinaryPrimitives.WriteUInt32LittleEndian(d, v);
+            Attr(type, d);
+        }
+
+        /// <summary>Returns 0 or a negative errno from the kernel's NLMSG_ERROR reply.</summary>
+        internal int Send()
+        {
+            BinaryPrimitives.WriteUInt32LittleEndian(_b, (uint)_len);
+            int fd = Libc.Socket(Libc.AF_NETLINK, Libc.SOCK_RAW | Libc.SOCK_CLOEXEC, Libc.NETLINK_ROUTE);
+            if (fd < 0) return -Libc.Errno;
+            try
+            {
+                byte* sa = stackalloc byte[12];
+                new Span<byte>(sa, 12).Clear();
+                *(ushort*)sa = (ushort)Libc.AF_NETLINK;
+                fixed (byte* p = _b)
+                    if (Libc.SendTo(fd, p, (nuint)_len, 0, sa, 12) < 0) return -Libc.Errno;
+                byte[] reply = new byte[4096];
+                for (int tries = 0; tries < 8; tries++)
+                {
+                    nint n;
+                    fixed (byte* p = reply) n = Libc.RecvFrom(fd, p, (nuint)reply.Length, 0, null, null);
+                    if (n < 0) return Libc.Errno == Libc.EINTR ? 0 : -Libc.Errno;
+                    if (n >= 20 && BinaryPrimitives.ReadUInt16LittleEndian(reply.AsSpan(4)) == NLMSG_ERROR)
+                        return BinaryPrimitives.ReadInt32LittleEndian(reply.AsSpan(16));
+                }
+                return -Libc.EAGAIN;
+            }
+            finally { Libc.Close(fd); }
+        }
+    }
+}
+
+// ==== 8. Routing trie ===============================================================================
+// Longest-prefix match from an address to a peer id, one binary trie per family. Outbound packets
+// look up their destination; inbound packets look up their source, which must map back to the peer
+// whose keys opened the record (cryptokey routing). Nodes are allocated on Insert only; Lookup walks
+// at most 32 or 128 nodes and allocates nothing. Empty branches are pruned on Remove.
+
+internal sealed class RouteTrie
+{
+    private sealed class Node
+    {
+        internal Node? Zero, One;
+        internal int Value = -1;     // peer id, -1 when no prefix ends here
+    }
+
+    private readonly Node _v4 = new(), _v6 = new();
+    internal int Count { get; private set; }
+
+    internal void Insert(IpPrefix prefix, int peerId)
+    {
+        Node n = prefix.IsV6 ? _v6 : _v4;
+        for (int i = 0; i < prefix.Bits; i++)
+            n = prefix.Bit(i) == 0 ? n.Zero ??= new Node() : n.One ??= new Node();
+        if (n.Value < 0) Count++;
+        n.Value = peerId;
+    }
+
+    internal bool Remove(IpPrefix prefix)
+    {
+        bool removed = false;
+        RemoveAt(prefix.IsV6 ? _v6 : _v4, prefix, 0, ref removed);
+        if (removed) Count--;
+        return removed;
+    }
+
+    internal int RemoveByPeer(int peerId)
+    {
+        int removed = RemoveAll(_v4, peerId) + RemoveAll(_v6, peerId);
+        Count -= removed;
+        return removed;
+    }
+
+    /// <summary>The peer id of the longest prefix containing address (4 or 16 bytes), or -1.</summary>
+    internal int Lookup(ReadOnlySpan<byte> address)
+    {
+        Node? n = address.Length == 16 ? _v6 : address.Length == 4 ? _v4 : null;
+        int best = -1, bits = address.Length * 8;
+        for (int i = 0; n != null; i++)
+        {
+            if (n.Value >= 0) best = n.Value;
+            if (i == bits) break;
+            n = ((address[i >> 3] >> (7 - (i & 7))) & 1) == 0 ? n.Zero : n.One;
+        }
+        return best;
+    }
+
+    /// <summary>All (prefix, peer) entries, for status output; allocates.</summary>
+    internal List<(IpPrefix Prefix, int PeerId)> Entries()
+    {
+        var list = new List<(IpPrefix, int)>();
+        Span<byte> addr = stackalloc byte[16];
+        addr.Clear();
+        Collect(_v4, addr, 0, false, list);
+        addr.Clear();
+        Collect(_v6, addr, 0, true, list);
+        return list;
+    }
+
+    private static void Collect(Node n, Span<byte> addr, int depth, bool v6, List<(IpPrefix, int)> list)
+    {
+        if (n.Value >= 0) list.Add((new IpPrefix(addr[..(v6 ? 16 : 4)], depth), n.Value));
+        if (n.Zero != null) Collect(n.Zero, addr, depth + 1, v6, list);
+        if (n.One != null)
+        {
+            addr[depth >> 3] |= (byte)(0x80 >> (depth & 7));
+            Collect(n.One, addr, depth + 1, v6, list);
+            addr[depth >> 3] &= (byte)~(0x80 >> (depth & 7));
+        }
+    }
+
+    // Returns true when n became empty and can be unlinked by its parent.
+    private static bool RemoveAt(Node n, IpPrefix p, int depth, ref bool removed)
+    {
+        if (depth == p.Bits)
+        {
+            removed = n.Value >= 0;
+            n.Value = -1;
+        }
+        else if (p.Bit(depth) == 0) { if (n.Zero != null && RemoveAt(n.Zero, p, depth + 1, ref removed)) n.Zero = null; }
+        else { if (n.One != null && RemoveAt(n.One, p, depth + 1, ref removed)) n.One = null; }
+        return n.Value < 0 && n.Zero == null && n.One == null;
+    }
+
+    private static int RemoveAll(Node n, int peerId)
+    {
+        int removed = 0;
+        if (n.Value == peerId) { n.Value = -1; removed++; }
+        if (n.Zero != null) { removed += RemoveAll(n.Zero, peerId); if (IsEmpty(n.Zero)) n.Zero = null; }
+        if (n.One != null) { removed += RemoveAll(n.One, peerId); if (IsEmpty(n.One)) n.One = null; }
+        return removed;
+    }
+
+    private static bool IsEmpty(Node n) => n.Value < 0 && n.Zero == null && n.One == null;
+}
+
+// ==== 9. Peers & timers =============================================================================
+// A Peer is a remote node we hold keys for: its static key, endpoint, allowed prefixes, its three
+// session slots, the initiator side of a pending handshake, the responder's memory of its last
+// ClientHello, a bounded queue of packets waiting for a session, and its timers. Timers are deadline
+// fields in monotonic ms (0 = disarmed), named as in WireGuard's timers.c:
+//   RetransmitHandshakeAtMs  no ServerHello yet: send a fresh ClientHello (backoff + jitter), give up
+//                            after MaxHandshakeAttempts
+//   SendKeepaliveAtMs        we received data but sent nothing for KeepaliveTimeout: send a keepalive
+//   NewHandshakeAtMs         we sent data but heard nothing for Keepalive + RekeyTimeout: peer may
+//                            have restarted, start a handshake
+//   ZeroKeysAtMs             no new session for 3 × RejectAfterTime: erase all keys
+//   PersistentKeepaliveAtMs  --keepalive: send something at least this often (NAT bindings)
+// The hooks On* are called by the node after the event their name says; Expired* live in Node.
+
+internal sealed class Peer
+{
+    internal readonly int Id;
+    internal Key32 PublicKey;
+    internal Key32 Psk;
+    internal Key32 StaticShared;                 // DH(our static, its static), the ss of every handshake
+    internal Endpoint Endpoint;
+    internal readonly List<IpPrefix> Allowed;
+    internal readonly string Name;               // first characters of the key, for logs
+
+    internal Session? Previous, Current, Next;
+
+    // Initiator side of a handshake in flight.
+    internal Handshake? Pending;
+    internal int HandshakeAttempts;
+    internal long HandshakeStartedMs;
+    internal byte[] LastMac1 = new byte[Spec.MacLen];   // cookie replies are bound to it
+    internal byte[] Cookie = new byte[Spec.MacLen];
+    internal long CookieReceivedMs = -1;
+
+    // Responder side: replay defence for ClientHello (see Handshake.ConsumeClientHello).
+    internal byte[] LastHelloTimestamp = new byte[Spec.TimestampLen];
+    internal long LastStaleHelloMs = long.MinValue / 2;
+    internal readonly ulong[] RecentHelloIds = new ulong[8];
+    internal int RecentHelloNext;
+
+    internal long RetransmitHandshakeAtMs, SendKeepaliveAtMs, NewHandshakeAtMs, ZeroKeysAtMs, PersistentKeepaliveAtMs;
+    internal readonly long PersistentKeepaliveMs;
+    internal long LastHandshakeMs = -1, LastRxMs = -1;
+    internal long RxBytes, TxBytes, Handshakes;
+    internal int FailuresSinceGood;              // bad tags / replays since the last good record
+
+    // Packets waiting for a session: a ring of MaxStagedPackets slots, allocated on first use.
+    private byte[]? _staged;
+    private readonly int[] _stagedLen = new int[Tune.MaxStagedPackets];
+    private int _stagedHead, _stagedCount;
+    private readonly int _stagedSlotLen;
+
+    internal Peer(int id, PeerConfig cfg, in Key32 psk, long persistentKeepaliveMs, int mtu)
+    {
+        Id = id;
+        PublicKey = cfg.PublicKey;
+        Psk = psk;
+        Endpoint = cfg.Endpoint;
+        Allowed = new List<IpPrefix>(cfg.Allowed);
+        Name = cfg.PublicKey.Short();
+        PersistentKeepaliveMs = persistentKeepaliveMs;
+        _stagedSlotLen = mtu;
+    }
+
+    internal bool HasReadySession(long nowMs, long rejectAfterMs) =>
+        Current != null && nowMs - Current.CreatedMs < rejectAfterMs && Current.SendCounter < Spec.RejectAfterMessages;
+
+    /// <summary>Keeps a copy of packet until a session exists; the oldest packet makes room.</summary>
+    internal bool Stage(ReadOnlySpan<byte> packet)
+    {
+        if (packet.Length > _stagedSlotLen) return false;
+        _staged ??= new byte[Tune.MaxStagedPackets * _stagedSlotLen];
+        bool displaced = false;
+        if (_stagedCount == Tune.MaxStagedPackets)
+        {
+            _stagedHead = (_stagedHead + 1) % Tune.MaxStagedPackets;
+            _stagedCount--;
+            displaced = true;
+        }
+        int slot = (_stagedHead + _stagedCount) % Tune.MaxStagedPackets;
+        packet.CopyTo(_staged.AsSpan(slot * _stagedSlotLen));
+        _stagedLen[slot] = packet.Length;
+        _stagedCount++;
+        return !displaced;
+    }
+
+    internal int StagedCount => _stagedCount;
+
+    internal ReadOnlySpan<byte> PeekStaged() =>
+        _staged.AsSpan(_stagedHead * _stagedSlotLen, _stagedLen[_stagedHead]);
+
+    internal void PopStaged()
+    {
+        _stagedHead = (_stagedHead + 1) % Tune.MaxStagedPackets;
+        _stagedCount--;
+    }
+
+    internal void ClearStaged()
+    {
+        _stagedCount = 0;
+        _stagedHead = 0;
+    }
+
+    internal string State(long nowMs, long rejectAfterMs) =>
+        HasReadySession(nowMs, rejectAfterMs) ? "up" : Pending != null ? "handshaking" : "down";
+
+    /// <summary>Call after any record was sealed for this peer.</summary>
+    internal void OnDataSent(long nowMs, bool carriesData)
+    {
+        SendKeepaliveAtMs = 0;
+        if (carriesData && NewHandshakeAtMs == 0) NewHandshakeAtMs = nowMs + Spec.KeepaliveTimeoutMs + Spec.RekeyTimeoutMs;
+        if (PersistentKeepaliveMs > 0) PersistentKeepaliveAtMs = nowMs + PersistentKeepaliveMs;
+    }
+
+    /// <summary>Call after a record from this peer authenticated.</summary>
+    internal void OnDataReceived(long nowMs, bool carriesData)
+    {
+        NewHandshakeAtMs = 0;
+        LastRxMs = nowMs;
+        FailuresSinceGood = 0;
+        if (carriesData && SendKeepaliveAtMs == 0) SendKeepaliveAtMs = nowMs + Spec.KeepaliveTimeoutMs;
+        if (PersistentKeepaliveMs > 0) PersistentKeepaliveAtMs = nowMs + PersistentKeepaliveMs;
+    }
+
+    /// <summary>Call after a session was derived (either role).</summary>
+    internal void OnSessionDerived(long nowMs)
+    {
+        ZeroKeysAtMs = nowMs + 3 * Spec.RejectAfterTimeMs;
+        LastHandshakeMs = nowMs;
+        Handshakes++;
+    }
+
+    /// <summary>Call after our ClientHello was answered.</summary>
+    internal void OnHandshakeComplete()
+    {
+        Pending?.Clear();
+        Pending = null;
+        RetransmitHandshakeAtMs = 0;
+        HandshakeAttempts = 0;
+    }
+
+    /// <summary>Retransmit delay: doubling from FirstRetransmitMs up to RekeyTimeoutMs, plus jitter.</summary>
+    internal static long RetransmitDelayMs(int attempt)
+    {
+        long d = Spec.FirstRetransmitMs << Math.Min(attempt, 8);
+        return Math.Min(d, Spec.RekeyTimeoutMs) + Random.Shared.NextInt64(Spec.RekeyTimeoutJitterMaxMs + 1);
+    }
+
+    internal IEnumerable<Session> Sessions()
+    {
+        if (Previous != null) yield return Previous;
+        if (Current != null) yield return Current;
+        if (Next != null) yield return Next;
+    }
+}
+
+// ==== 10. Handshake & cookies =======================================================================
+// Noise_IKpsk2_25519_ChaChaPoly_SHA256 (Noise rev 34, §7.5 IK with psk2), prologue "veil/1":
+//   <- s
+//   ...
+//   -> e, es, s, ss          ClientHello, payload {t}: TAI64N timestamp + AEAD capabilities
+//   <- e, ee, se, psk        ServerHello, payload: chosen AEAD, padding block, keepalive
+// Split() gives the initiator->responder and responder->initiator keys; a third HKDF output gives the
+// two header-mask keys of the record layer. The network secret is the psk (32 zero bytes if none).
+//
+// Around each message: the TLS handshake preamble, a type byte and session indexes, then MAC1 =
+// HMAC-SHA256(SHA-256("mac1----" ‖ responder static), message)[0..16), which lets the receiver drop
+// anything not addressed to its key before any Diffie-Hellman; MAC2 is the same over the message and
+// MAC1 keyed by a cookie. Under load a ClientHello without a valid MAC2 gets a CookieReply instead of
+// an answer: cookie = HMAC(secret rotated every 2 min, source address ‖ port)[0..16), sent encrypted
+// under SHA-256("cookie--" ‖ responder static) with the hello's MAC1 as associated data.
+//
+// Replayed ClientHellos: a hello is fresh when its timestamp is newer than the last one from that
+// peer. A router without a clock may reboot into the past, so an older timestamp is not refused
+// outright: it is answered at most once per StaleHelloIntervalMs, and never when its ephemeral key
+// was seen among the last hellos. Answering a replay costs the attacker nothing it can use: the
+// answer creates only a Next session, which needs a Bind that only the real initiator can produce.
+
+internal static class Wire
+{
+    internal const byte TypeClientHello = 1, TypeServerHello = 2, TypeCookieReply = 3;
+
+    internal const int TypeOffset = 5;
+    internal const int ClientHelloSenderOffset = 6;
+    internal const int ClientHelloEphemeralOffset = 10;
+    internal const int ClientHelloNoiseLen = 32 + (32 + Spec.TagLen) + (ClientHelloPayloadLen + Spec.TagLen);
+    internal const int ClientHelloPayloadLen = Spec.TimestampLen + 4;                // {t} + aead mask, preferred, 2 reserved
+    internal const int ClientHelloMac1Offset = ClientHelloEphemeralOffset + ClientHelloNoiseLen;
+    internal const int ClientHelloMac2Offset = ClientHelloMac1Offset + Spec.MacLen;
+    internal const int ClientHelloLen = ClientHelloMac2Offset + Spec.MacLen;          // 154
+
+    internal const int ServerHelloSenderOffset = 6;
+    internal const int ServerHelloReceiverOffset = 10;
+    internal const int ServerHelloEphemeralOffset = 14;
+    internal const int ServerHelloPayloadLen = 8;                                     // aead, pad block, keepalive s (u16), 4 reserved
+    internal const int ServerHelloNoiseLen = 32 + ServerHelloPayloadLen + Spec.TagLen;
+    internal const int ServerHelloMac1Offset = ServerHelloEphemeralOffset + ServerHelloNoiseLen;
+    internal const int ServerHelloMac2Offset = ServerHelloMac1Offset + Spec.MacLen;
+    internal const int ServerHelloLen = ServerHelloMac2Offset + Spec.MacLen;          // 102
+
+    internal const int CookieReplyReceiverOffset = 6;
+    internal const int CookieReplyNonceOffset = 10;
+    internal const int CookieReplyCookieOffset = 22;
+    internal const int CookieReplyLen = CookieReplyCookieOffset + Spec.MacLen + Spec.TagLen;   // 54
+
+    internal static void WritePreamble(Span<byte> msg, byte contentType, int totalLen)
+    {
+        msg[0] = contentType; msg[1] = 0x03; msg[2] = 0x03;
+        BinaryPrimitives.WriteUInt16BigEndian(msg[3..], (ushort)(totalLen - Spec.PreambleLen));
+    }
+
+    /// <summary>TAI64N label: 2^62 + seconds, then nanoseconds, both big-endian.</summary>
+    internal static void WriteTai64n(Span<byte> dst, long unixNs)
+    {
+        BinaryPrimitives.WriteUInt64BigEndian(dst, 0x4000000000000000UL + (ulong)(unixNs / 1_000_000_000));
+        BinaryPrimitives.WriteUInt32BigEndian(dst[8..], (uint)(unixNs % 1_000_000_000));
+    }
+}
+
+/// <summary>Noise symmetric state: chaining key, hash, cipher key and nonce (Noise §5.1–5.2).</summary>
+internal sealed class NoiseState
+{
+    internal Key32 Ck, H, K;
+    internal ulong N;
+
+    internal void Initialize(ReadOnlySpan<byte> protocolName, ReadOnlySpan<byte> prologue, ReadOnlySpan<byte> responderStatic)
+    {
+        if (protocolName.Length <= 32) { H.Clear(); protocolName.CopyTo(H); }
+        else SHA256.HashData(protocolName, H);
+        Ck = H;
+        K.Clear();
+        N = 0;
+        MixHash(prologue);
+        MixHash(responderStatic);     // <- s
+    }
+
+    internal void MixHash(ReadOnlySpan<byte> data)
+    {
+        using var sha = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        sha.AppendData(H);
+        sha.AppendData(data);
+        sha.GetHashAndReset(H);
+    }
+
+    internal void MixKey(ReadOnlySpan<byte> ikm)
+    {
+        Hkdf.Noise(Ck, ikm, Ck, K, default);
+        N = 0;
+    }
+
+    internal void MixKeyAndHash(ReadOnlySpan<byte> ikm)
+    {
+        Span<byte> tempH = stackalloc byte[32];
+        Hkdf.Noise(Ck, ikm, Ck, tempH, K);
+        MixHash(tempH);
+        N = 0;
+    }
+
+    internal void EncryptAndHash(ReadOnlySpan<byte> plaintext, Span<byte> dst)
+    {
+        Span<byte> nonce = stackalloc byte[12];
+        Nonce(nonce, N++);
+        using (var c = new ChaCha20Poly1305(K))
+            c.Encrypt(nonce, plaintext, dst[..plaintext.Length], dst.Slice(plaintext.Length, Spec.TagLen), H);
+        MixHash(dst[..(plaintext.Length + Spec.TagLen)]);
+    }
+
+    internal bool DecryptAndHash(ReadOnlySpan<byte> ciphertext, Span<byte> plaintext)
+    {
+        Span<byte> nonce = stackalloc byte[12];
+        Nonce(nonce, N++);
+        int n = ciphertext.Length - Spec.TagLen;
+        using (var c = new Aead(AeadKind.ChaCha20Poly1305, K))
+            if (!c.Open(nonce, ciphertext, H, plaintext)) return false;
+        MixHash(ciphertext);
+        return n >= 0;
+    }
+
+    /// <summary>Split(): initiator->responder key, responder->initiator key, and 32 bytes for header masks.</summary>
+    internal void Split(Span<byte> k1, Span<byte> k2, Span<byte> extra) => Hkdf.Noise(Ck, default, k1, k2, extra);
+
+    /// <summary>ChaChaPoly nonce (Noise §12.3): 32 zero bits then the 64-bit counter little-endian.</summary>
+    internal static void Nonce(Span<byte> nonce12, ulong n)
+    {
+        BinaryPrimitives.WriteUInt32LittleEndian(nonce12, 0);
+        BinaryPrimitives.WriteUInt64LittleEndian(nonce12[4..], n);
+    }
+
+    internal void Clear()
+    {
+        Ck.Clear(); H.Clear(); K.Clear();
+    }
+
+    // -> e, es, s, ss, payload. ss is precomputed DH(s, rs). Returns false on a low-order key.
+    internal bool WriteMessage1(ReadOnlySpan<byte> ePriv, ReadOnlySpan<byte> sPub, ReadOnlySpan<byte> rs, ReadOnlySpan<byte> ss, ReadOnlySpan<byte> payload, Span<byte> dst)
+    {
+        Span<byte> dh = stackalloc byte[32];
+        try
+        {
+            X25519.PublicKey(dst[..32], ePriv);                     // e
+            MixHash(dst[..32]);
+            MixKey(dst[..32]);                                      // psk handshakes mix e into the key too
+            if (!X25519.Dh(dh, ePriv, rs)) return false;            // es
+            MixKey(dh);
+            EncryptAndHash(sPub, dst.Slice(32, 48));                // s
+            MixKey(ss);                                             // ss
+            EncryptAndHash(payload, dst[80..]);                     // payload
+            return true;
+        }
+        finally { CryptographicOperations.ZeroMemory(dh); }
+    }
+
+    // <- e, es, s: reads up to the initiator's static key so the caller can look up the peer.
+    internal bool ReadMessage1Static(ReadOnlySpan<byte> sPriv, ReadOnlySpan<byte> src, Span<byte> remoteEphemeral, Span<byte> remoteStatic)
+    {
+        Span<byte> dh = stackalloc byte[32];
+        try
+        {
+            src[..32].CopyTo(remoteEphemeral);                      // e
+            MixHash(remoteEphemeral);
+            MixKey(remoteEphemeral);
+            if (!X25519.Dh(dh, sPriv, remoteEphemeral)) return false;   // es
+            MixKey(dh);
+            return DecryptAndHash(src.Slice(32, 48), remoteStatic); // s
+        }
+        finally { CryptographicOperations.ZeroMemory(dh); }
+    }
+
+    // ss, payload: the rest of message 1.
+    internal bool ReadMessage1Payload(ReadOnlySpan<byte> ss, ReadOnlySpan<byte> src, Span<byte> payload)
+    {
+        MixKey(ss);
+        return DecryptAndHash(src[80..], payload);
+    }
+
+    // <- e, ee, se, psk, payload (responder). re/rs: the initiator's ephemeral and static keys.
+    internal bool WriteMessage2(ReadOnlySpan<byte> ePriv, ReadOnlySpan<byte> re, ReadOnlySpan<byte> rs, ReadOnlySpan<byte> psk, ReadOnlySpan<byte> payload, Span<byte> dst)
+    {
+        Span<byte> dh = stackalloc byte[32];
+        try
+        {
+            X25519.PublicKey(dst[..32], ePriv);                     // e
+            MixHash(dst[..32]);
+            MixKey(dst[..32]);
+            if (!X25519.Dh(dh, ePriv, re)) return false;            // ee
+            MixKey(dh);
+            if (!X25519.Dh(dh, ePriv, rs)) return false;            // se
+            MixKey(dh);
+            MixKeyAndHash(psk);                                     // psk
+            EncryptAndHash(payload, dst[32..]);
+            return true;
+        }
+        finally { CryptographicOperations.ZeroMemory(dh); }
+    }
+
+    // -> reads message 2 (initiator): e, ee, se, psk, payload.
+    internal bool ReadMessage2(ReadOnlySpan<byte> ePriv, ReadOnlySpan<byte> sPriv, ReadOnlySpan<byte> psk, ReadOnlySpan<byte> src, Span<byte> payload)
+    {
+        Span<byte> dh = stackalloc byte[32];
+        try
+        {
+            ReadOnlySpan<byte> re = src[..32];                      // e
+            MixHash(re);
+            MixKey(re);
+            if (!X25519.Dh(dh, ePriv, re)) return false;            // ee
+            MixKey(dh);
+            if (!X25519.Dh(dh, sPriv, re)) return false;            // se
+            MixKey(dh);
+            MixKeyAndHash(psk);                                     // psk
+            return DecryptAndHash(src[32..], payload);
+        }
+        finally { CryptographicOperations.ZeroMemory(dh); }
+    }
+}
+
+/// <summary>The initiator's state between sending a ClientHello and consuming the ServerHello.</summary>
+internal sealed class Handshake
+{
+    internal readonly NoiseState Noise = new();
+    internal Key32 EphemeralPrivate;
+    internal uint LocalIndex;
+
+    internal void Clear()
+    {
+        Noise.Clear();
+        EphemeralPrivate.Clear();
+    }
+}
+
+/// <summary>Keys from a completed handshake, ready to become a Session.</summary>
+internal sealed class SessionKeys
+{
+    internal Key32 Send, Receive;
+    internal ulong SendMaskKey, ReceiveMaskKey;
+    internal uint LocalIndex, RemoteIndex;
+    internal bool IsInitiator;
+    internal AeadKind Aead;
+
+    internal void Clear() { Send.Clear(); Receive.Clear(); SendMaskKey = ReceiveMaskKey = 0; }
+
+    internal static SessionKeys FromSplit(NoiseState st, bool initiator, uint localIndex, uint remoteIndex, AeadKind aead)
+    {
+        Span<byte> k1 = stackalloc byte[32], k2 = stackalloc byte[32], extra = stackalloc byte[32];
+        st.Split(k1, k2, extra);
+        var keys = new SessionKeys { LocalIndex = localIndex, RemoteIndex = remoteIndex, IsInitiator = initiator, Aead = aead };
+        ulong m1 = BinaryPrimitives.ReadUInt64LittleEndian(extra), m2 = BinaryPrimitives.ReadUInt64LittleEndian(extra[8..]);
+        (initiator ? k1 : k2).CopyTo(keys.Send);
+        (initiator ? k2 : k1).CopyTo(keys.Receive);
+        keys.SendMaskKey = initiator ? m1 : m2;
+        keys.ReceiveMaskKey = initiator ? m2 : m1;
+        CryptographicOperations.ZeroMemory(k1);
+        CryptographicOperations.ZeroMemory(k2);
+        CryptographicOperations.ZeroMemory(extra);
+        st.Clear();
+        return keys;
+    }
+}
+
+internal enum HandshakeVerdict { Ok, Malformed, BadMac1, NeedCookie, BadMac2, Failed, UnknownPeer, StaleHello, UnknownIndex }
+
+/// <summary>The result of consuming a ClientHello: everything needed to answer it.</summary>
+internal sealed class HelloState
+{
+    internal readonly NoiseState Noise = new();
+    internal Key32 RemoteEphemeral;
+    internal uint RemoteIndex;
+    internal byte AeadMask, PreferredAead;
+    internal Peer? Peer;
+    internal byte[] Timestamp = new byte[Spec.TimestampLen];
+}
+
+/// <summary>This node's identity and the stateless parts of the handshake: MACs, cookies, load.</summary>
+internal sealed class Handshaker
+{
+    private static readonly byte[] ProtocolName = Encoding.ASCII.GetBytes(Spec.NoiseProtocolName);
+    private static readonly byte[] PrologueBytes = Encoding.ASCII.GetBytes(Spec.Prologue);
+
+    internal Key32 PrivateKey, PublicKey;
+    private Key32 _mac1Key, _cookieKey;           // keyed by our public key: others use these to reach us
+    private Key32 _cookieSecret;
+    private long _cookieSecretAtMs = long.MinValue / 2;
+    private long _loadWindowStartMs;
+    private int _hellosInWindow;
+    internal bool ForceUnderLoad;                 // tests
+    internal byte AeadMask;                       // bit (1 << AeadKind) per AEAD we can run
+    internal AeadKind PreferredAead;
+    private readonly Func<Key32, Peer?> _findPeer;
+
+    internal Handshaker(in Key32 privateKey, Func<Key32, Peer?> findPeer)
+    {
+        PrivateKey = privateKey;
+        X25519.PublicKey(PublicKey, PrivateKey);
+        MacKey("mac1----", PublicKey, ref _mac1Key);
+        MacKey("cookie--", PublicKey, ref _cookieKey);
+        _findPeer = findPeer;
+        foreach (AeadKind k in new[] { AeadKind.ChaCha20Poly1305, AeadKind.Aes256Gcm })
+            if (Aead.IsSupported(k)) AeadMask |= (byte)(1 << (int)k);
+        // AES-GCM wins where the CPU has AES instructions; ChaCha20 elsewhere (issue 5 measures instead).
+        bool aesHw = System.Runtime.Intrinsics.X86.Aes.IsSupported || System.Runtime.Intrinsics.Arm.Aes.IsSupported;
+        PreferredAead = aesHw && Aead.IsSupported(AeadKind.Aes256Gcm) ? AeadKind.Aes256Gcm : AeadKind.ChaCha20Poly1305;
+    }
+
+    internal static void MacKey(string label, ReadOnlySpan<byte> publicKey, ref Key32 key)
+    {
+        Span<byte> buf = stackalloc byte[8 + 32];
+        Encoding.ASCII.GetBytes(label, buf);
+        publicKey.CopyTo(buf[8..]);
+        SHA256.HashData(buf, key);
+    }
+
+    private static void Mac(ReadOnlySpan<byte> key, ReadOnlySpan<byte> data, Span<byte> mac16)
+    {
+        Span<byte> full = stackalloc byte[32];
+        HMACSHA256.HashData(key, data, full);
+        full[..Spec.MacLen].CopyTo(mac16);
+    }
+
+    private static bool MacMatches(ReadOnlySpan<byte> key, ReadOnlySpan<byte> data, ReadOnlySpan<byte> mac16)
+    {
+        Span<byte> expect = stackalloc byte[Spec.MacLen];
+        Mac(key, data, expect);
+        return CryptographicOperations.FixedTimeEquals(expect, mac16);
+    }
+
+    // MAC1 keyed by the receiver's public key; MAC2 by a cookie from the receiver, if we hold a fresh one.
+    private static void WriteMacs(Span<byte> msg, int mac1Offset, ReadOnlySpan<byte> receiverPublic, Peer p, long nowMs)
+    {
+        Key32 key = default;
+        MacKey("mac1----", receiverPublic, ref key);
+        Mac(key, msg[..mac1Offset], msg.Slice(mac1Offset, Spec.MacLen));
+        msg.Slice(mac1Offset, Spec.MacLen).CopyTo(p.LastMac1);
+        Span<byte> mac2 = msg.Slice(mac1Offset + Spec.MacLen, Spec.MacLen);
+        if (p.CookieReceivedMs >= 0 && nowMs - p.CookieReceivedMs < Spec.CookieRefreshTimeMs)
+            Mac(p.Cookie, msg[..(mac1Offset + Spec.MacLen)], mac2);
+        else mac2.Clear();
+    }
+
+    /// <summary>-> e, es, s, ss, {t}: writes a ClientHello for p and leaves p.Pending set.</summary>
+    internal int CreateClientHello(Peer p, uint localIndex, long unixNs, long nowMs, Span<byte> msg, ReadOnlySpan<byte> injectedEphemeral = default)
+    {
+        var hs = new Handshake { LocalIndex = localIndex };
+        if (injectedEphemeral.Length == 32) injectedEphemeral.CopyTo(hs.EphemeralPrivate);
+        else X25519.GeneratePrivateKey(hs.EphemeralPrivate);
+        hs.Noise.Initialize(ProtocolName, PrologueBytes, p.PublicKey);
+        Span<byte> payload = stackalloc byte[Wire.ClientHelloPayloadLen];
+        payload.Clear();
+        Wire.WriteTai64n(payload, unixNs);
+        payload[Spec.TimestampLen] = AeadMask;
+        payload[Spec.TimestampLen + 1] = (byte)PreferredAead;
+        Wire.WritePreamble(msg, Spec.TlsHandshake, Wire.ClientHelloLen);
+        msg[Wire.TypeOffset] = Wire.TypeClientHello;
+        BinaryPrimitives.WriteUInt32BigEndian(msg[Wire.ClientHelloSenderOffset..], localIndex);
+        if (!hs.Noise.WriteMessage1(hs.EphemeralPrivate, PublicKey, p.PublicKey, p.StaticShared, payload,
+                msg.Slice(Wire.ClientHelloEphemeralOffset, Wire.ClientHelloNoiseLen)))
+        {
+            hs.Clear();
+            return 0;
+        }
+        WriteMacs(msg, Wire.ClientHelloMac1Offset, p.PublicKey, p, nowMs);
+        p.Pending?.Clear();
+        p.Pending = hs;
+        return Wire.ClientHelloLen;
+    }
+
+    /// <summary>Checks MAC1 (and MAC2 under load), then reads the hello. On Ok, st holds the answerable state.</summary>
+    internal HandshakeVerdict ConsumeClientHello(ReadOnlySpan<byte> msg, in Endpoint from, long nowMs, HelloState st)
+    {
+        if (msg.Length != Wire.ClientHelloLen) return HandshakeVerdict.Malformed;
+        if (!MacMatches(_mac1Key, msg[..Wire.ClientHelloMac1Offset], msg.Slice(Wire.ClientHelloMac1Offset, Spec.MacLen)))
+            return HandshakeVerdict.BadMac1;
+        if (UnderLoad(nowMs))
+        {
+            Span<byte> cookie = stackalloc byte[Spec.MacLen];
+            MakeCookie(from, nowMs, cookie);
+            if (!MacMatches(cookie, msg[..Wire.ClientHelloMac2Offset], msg.Slice(Wire.ClientHelloMac2Offset, Spec.MacLen)))
+                return HandshakeVerdict.NeedCookie;
+        }
+        st.Noise.Initialize(ProtocolName, PrologueBytes, PublicKey);
+        ReadOnlySpan<byte> noise = msg.Slice(Wire.ClientHelloEphemeralOffset, Wire.ClientHelloNoiseLen);
+        Key32 remoteStatic = default;
+        if (!st.Noise.ReadMessage1Static(PrivateKey, noise, st.RemoteEphemeral, remoteStatic)) return HandshakeVerdict.Failed;
+        Peer? p = _findPeer(remoteStatic);
+        if (p == null) return HandshakeVerdict.UnknownPeer;
+        Span<byte> payload = stackalloc byte[Wire.ClientHelloPayloadLen];
+        if (!st.Noise.ReadMessage1Payload(p.StaticShared, noise, payload)) return HandshakeVerdict.Failed;
+        payload[..Spec.TimestampLen].CopyTo(st.Timestamp);
+        st.AeadMask = payload[Spec.TimestampLen];
+        st.PreferredAead = payload[Spec.TimestampLen + 1];
+        st.RemoteIndex = BinaryPrimitives.ReadUInt32BigEndian(msg[Wire.ClientHelloSenderOffset..]);
+        st.Peer = p;
+        return CheckFreshness(p, st, nowMs) ? HandshakeVerdict.Ok : HandshakeVerdict.StaleHello;
+    }
+
+    private static bool CheckFreshness(Peer p, HelloState st, long nowMs)
+    {
+        ulong helloId = BinaryPrimitives.ReadUInt64LittleEndian(st.RemoteEphemeral);
+        foreach (ulong seen in p.RecentHelloIds)
+            if (seen == helloId) return false;                        // this exact hello again
+        bool newer = st.Timestamp.AsSpan().SequenceCompareTo(p.LastHelloTimestamp) > 0;
+        if (!newer)
+        {
+            if (nowMs - p.LastStaleHelloMs < Tune.StaleHelloIntervalMs) return false;
+            p.LastStaleHelloMs = nowMs;                               // a clock that went back: answer, slowly
+        }
+        else st.Timestamp.CopyTo(p.LastHelloTimestamp, 0);
+        p.RecentHelloIds[p.RecentHelloNext] = helloId;
+        p.RecentHelloNext = (p.RecentHelloNext + 1) % p.RecentHelloIds.Length;
+        return true;
+    }
+
+    /// <summary><- e, ee, se, psk: answers st and returns the responder's keys (not yet confirmed).</summary>
+    internal int CreateServerHello(HelloState st, uint localIndex, long nowMs, Span<byte> msg, out SessionKeys? keys, ReadOnlySpan<byte> injectedEphemeral = default)
+    {
+        keys = null;
+        Peer p = st.Peer!;
+        AeadKind aead = ChooseAead(st.AeadMask, st.PreferredAead);
+        if (aead == 0) return 0;
+        Span<byte> ePriv = stackalloc byte[32];
+        if (injectedEphemeral.Length == 32) injectedEphemeral.CopyTo(ePriv);
+        else X25519.GeneratePrivateKey(ePriv);
+        Span<byte> payload = stackalloc byte[Wire.ServerHelloPayloadLen];
+        payload.Clear();
+        payload[0] = (byte)aead;
+        payload[1] = Spec.PadBlockLen;
+        BinaryPrimitives.WriteUInt16BigEndian(payload[2..], (ushort)(Spec.KeepaliveTimeoutMs / 1000));
+        Wire.WritePreamble(msg, Spec.TlsHandshake, Wire.ServerHelloLen);
+        msg[Wire.TypeOffset] = Wire.TypeServerHello;
+        BinaryPrimitives.WriteUInt32BigEndian(msg[Wire.ServerHelloSenderOffset..], localIndex);
+        BinaryPrimitives.WriteUInt32BigEndian(msg[Wire.ServerHelloReceiverOffset..], st.RemoteIndex);
+        bool ok = st.Noise.WriteMessage2(ePriv, st.RemoteEphemeral, p.PublicKey, p.Psk, payload,
+            msg.Slice(Wire.ServerHelloEphemeralOffset, Wire.ServerHelloNoiseLen));
+        CryptographicOperations.ZeroMemory(ePriv);
+        if (!ok) return 0;
+        WriteMacs(msg, Wire.ServerHelloMac1Offset, p.PublicKey, p, nowMs);
+        keys = SessionKeys.FromSplit(st.Noise, false, localIndex, st.RemoteIndex, aead);
+        return Wire.ServerHelloLen;
+    }
+
+    private AeadKind ChooseAead(byte theirMask, byte theirPreferred)
+    {
+        byte common = (byte)(theirMask & AeadMask);
+        if (theirPreferred is 1 or 2 && (common & (1 << theirPreferred)) != 0) return (AeadKind)theirPreferred;
+        if ((common & (1 << (int)PreferredAead)) != 0) return PreferredAead;
+        if ((common & (1 << (int)AeadKind.ChaCha20Poly1305)) != 0) return AeadKind.ChaCha20Poly1305;
+        if ((common & (1 << (int)AeadKind.Aes256Gcm)) != 0) return AeadKind.Aes256Gcm;
+        return 0;
+    }
+
+    /// <summary>MAC1 check of a ServerHello; the caller then finds the pending handshake by receiver index.</summary>
+    internal HandshakeVerdict CheckServerHelloMac(ReadOnlySpan<byte> msg)
+    {
+        if (msg.Length != Wire.ServerHelloLen) return HandshakeVerdict.Malformed;
+        return MacMatches(_mac1Key, msg[..Wire.ServerHelloMac1Offset], msg.Slice(Wire.ServerHelloMac1Offset, Spec.MacLen))
+            ? HandshakeVerdict.Ok : HandshakeVerdict.BadMac1;
+    }
+
+    /// <summary>-> reads the ServerHello for p's pending handshake; on Ok returns the initiator's keys.</summary>
+    internal HandshakeVerdict ConsumeServerHello(ReadOnlySpan<byte> msg, Peer p, out SessionKeys? keys)
+    {
+        keys = null;
+        Handshake? hs = p.Pending;
+        if (hs == null || BinaryPrimitives.ReadUInt32BigEndian(msg[Wire.ServerHelloReceiverOffset..]) != hs.LocalIndex)
+            return HandshakeVerdict.UnknownIndex;
+        Span<byte> payload = stackalloc byte[Wire.ServerHelloPayloadLen];
+        // Work on a copy so a forged ServerHello cannot spoil the real one still to come.
+        var trial = new NoiseState { Ck = hs.Noise.Ck, H = hs.Noise.H, K = hs.Noise.K, N = hs.Noise.N };
+        if (!trial.ReadMessage2(hs.EphemeralPrivate, PrivateKey, p.Psk, msg.Slice(Wire.ServerHelloEphemeralOffset, Wire.ServerHelloNoiseLen), payload))
+        {
+            trial.Clear();
+            return HandshakeVerdict.Failed;
+        }
+        var aead = (AeadKind)payload[0];
+        if (aead is not (AeadKind.ChaCha20Poly1305 or AeadKind.Aes256Gcm) || (AeadMask & (1 << (int)aead)) == 0)
+        {
+            trial.Clear();
+            return HandshakeVerdict.Malformed;
+        }
+        uint remoteIndex = BinaryPrimitives.ReadUInt32BigEndian(msg[Wire.ServerHelloSenderOffset..]);
+        keys = SessionKeys.FromSplit(trial, true, hs.LocalIndex, remoteIndex, aead);
+        return HandshakeVerdict.Ok;
+    }
+
+    internal bool UnderLoad(long nowMs)
+    {
+        if (nowMs - _loadWindowStartMs >= 1000) { _loadWindowStartMs = nowMs; _hellosInWindow = 0; }
+        return ++_hellosInWindow > Tune.UnderLoadHandshakesPerSecond || ForceUnderLoad;
+    }
+
+    private void MakeCookie(in Endpoint from, long nowMs, Span<byte> cookie16)
+    {
+        if (nowMs - _cookieSecretAtMs >= Spec.CookieRefreshTimeMs)
+        {
+            RandomNumberGenerator.Fill(_cookieSecret);
+            _cookieSecretAtMs = nowMs;
+        }
+        Span<byte> addr = stackalloc byte[18];
+        from.WriteAddress16(addr);
+        BinaryPrimitives.WriteUInt16BigEndian(addr[16..], from.Port);
+        Mac(_cookieSecret, addr, cookie16);
+    }
+
+    /// <summary>Answers a ClientHello that came without a valid cookie while we are under load.</summary>
+    internal int CreateCookieReply(ReadOnlySpan<byte> hello, in Endpoint from, long nowMs, Span<byte> msg)
+    {
+        Span<byte> cookie = stackalloc byte[Spec.MacLen];
+        MakeCookie(from, nowMs, cookie);
+        Wire.WritePreamble(msg, Spec.TlsHandshake, Wire.CookieReplyLen);
+        msg[Wire.TypeOffset] = Wire.TypeCookieReply;
+        hello.Slice(Wire.ClientHelloSenderOffset, 4).CopyTo(msg[Wire.CookieReplyReceiverOffset..]);
+        Span<byte> nonce = msg.Slice(Wire.CookieReplyNonceOffset, 12);
+        RandomNumberGenerator.Fill(nonce);
+        using var aead = new Aead(AeadKind.ChaCha20Poly1305, _cookieKey);
+        aead.Seal(nonce, cookie, hello.Slice(Wire.ClientHelloMac1Offset, Spec.MacLen), msg.Slice(Wire.CookieReplyCookieOffset, Spec.MacLen + Spec.TagLen));
+        return Wire.CookieReplyLen;
+    }
+
+    /// <summary>Stores the cookie of a CookieReply that answers p's last hello.</summary>
+    internal bool ConsumeCookieReply(ReadOnlySpan<byte> msg, Peer p, long nowMs)
+    {
+        if (msg.Length != Wire.CookieReplyLen) return false;
+        Key32 key = default;
+        MacKey("cookie--", p.PublicKey, ref key);
+        using var aead = new Aead(AeadKind.ChaCha20Poly1305, key);
+        Span<byte> cookie = stackalloc byte[Spec.MacLen];
+        if (!aead.Open(msg.Slice(Wire.CookieReplyNonceOffset, 12), msg.Slice(Wire.CookieReplyCookieOffset, Spec.MacLen + Spec.TagLen), p.LastMac1, cookie))
+            return false;
+        cookie.CopyTo(p.Cookie);
+        p.CookieReceivedMs = nowMs;
+        return true;
+    }
+}
+
+// ==== 11. Sessions & replay window ==================================================================
+// A Session is one pair of transport keys from one handshake: an AEAD and a header-mask key per
+// direction, the send counter, and the receive ReplayWindow. A peer holds up to three (SessionSlots):
+// Next (responder side, keys derived but not yet confirmed by a Bind), Current, and Previous (kept so
+// records in flight during a rotation still open). IndexTable maps our local index to its session so
+// a record finds its keys without knowing where it came from (roaming).
+//
+// ReplayWindow follows RFC 6479: a ring of 64-bit words; a counter is accepted once, and only if it
+// is within WindowSize of the highest accepted counter. Check with CanAccept before decrypting,
+// mark with Accept only after the tag verified, so forged records cannot move the window.
+
+internal sealed class ReplayWindow
+{
+    private const int WordBits = 64;
+    private const int RingWords = 64;
+    internal const int WindowSize = (RingWords - 1) * WordBits;   // 4032 counters
+    private readonly ulong[] _ring = new ulong[RingWords];
+    private ulong _highest;
+
+    internal bool CanAccept(ulong counter)
+    {
+        if (counter >= Spec.RejectAfterMessages) return false;
+        if (counter > _highest) return true;
+        if (_highest - counter >= WindowSize) return false;
+        return (_ring[(int)((counter / WordBits) % RingWords)] & (1UL << (int)(counter % WordBits))) == 0;
+    }
+
+    internal bool IsTooOld(ulong counter) =>
+        counter >= Spec.RejectAfterMessages || (counter <= _highest && _highest - counter >= WindowSize);
+
+    internal bool Accept(ulong counter)
+    {
+        if (counter >= Spec.RejectAfterMessages) return false;
+        ulong index = counter / WordBits;
+        if (counter > _highest)
+        {
+            ulong current = _highest / WordBits;
+            ulong diff = Math.Min(index - current, RingWords);
+            for (ulong i = 1; i <= diff; i++) _ring[(int)((current + i) % RingWords)] = 0;
+            _highest = counter;
+        }
+        else if (_highest - counter >= WindowSize) return false;
+        ref ulong word = ref _ring[(int)(index % RingWords)];
+        ulong bit = 1UL << (int)(counter % WordBits);
+        if ((word & bit) != 0) return false;
+        word |= bit;
+        return true;
+    }
+
+    internal void Reset()
+    {
+        Array.Clear(_ring);
+        _highest = 0;
+    }
+}
+
+internal sealed class Session : IDisposable
+{
+    internal readonly Peer Peer;
+    internal readonly uint LocalIndex, RemoteIndex;
+    internal readonly bool IsInitiator;
+    internal readonly long CreatedMs;
+    internal readonly AeadKind AeadKind;
+    private readonly Aead _send, _receive;
+    internal readonly ulong SendMaskKey, ReceiveMaskKey;
+    internal ulong SendCounter;
+    internal readonly ReplayWindow Window = new();
+    internal bool Confirmed;                    // initiator: always; responder: after the first record (the Bind)
+    internal bool Disposed;
+
+    internal Session(Peer peer, SessionKeys keys, long nowMs)
+    {
+        Peer = peer;
+        LocalIndex = keys.LocalIndex;
+        RemoteIndex = keys.RemoteIndex;
+        IsInitiator = keys.IsInitiator;
+        CreatedMs = nowMs;
+        AeadKind = keys.Aead;
+        _send = new Aead(keys.Aead, keys.Send);
+        _receive = new Aead(keys.Aead, keys.Receive);
+        SendMaskKey = keys.SendMaskKey;
+        ReceiveMaskKey = keys.ReceiveMaskKey;
+        Confirmed = keys.IsInitiator;
+        keys.Clear();
+    }
+
+    internal Aead SendAead => _send;
+    internal Aead ReceiveAead => _receive;
+
+    public void Dispose()
+    {
+        if (Disposed) return;
+        Disposed = true;
+        _send.Dispose();              // the base library frees (and clears) the native key schedule
+        _receive.Dispose();
+    }
+}
+
+/// <summary>Local index -> session, and local index -> peer for handshakes in flight.</summary>
+internal sealed class IndexTable
+{
+    private readonly Dictionary<uint, Session> _sessions = new();
+    private readonly Dictionary<uint, Peer> _handshakes = new();
+
+    internal int Count => _sessions.Count + _handshakes.Count;
+
+    /// <summary>A random index not in use (0 is never handed out, so it can mean "none").</summary>
+    internal uint NewIndex()
+    {
+        Span<byte> b = stackalloc byte[4];
+        while (true)
+        {
+            RandomNumberGenerator.Fill(b);
+            uint i = BinaryPrimitives.ReadUInt32LittleEndian(b);
+            if (i != 0 && !_sessions.ContainsKey(i) && !_handshakes.ContainsKey(i)) return i;
+        }
+    }
+
+    internal void AddSession(Session s) => _sessions[s.LocalIndex] = s;
+    internal void AddHandshake(uint index, Peer p) => _handshakes[index] = p;
+    internal Session? FindSession(uint index) => _sessions.TryGetValue(index, out Session? s) ? s : null;
+    internal Peer? FindHandshake(uint index) => _handshakes.TryGetValue(index, out Peer? p) ? p : null;
+    internal void RemoveHandshake(uint index) => _handshakes.Remove(index);
+
+    internal void RemoveSession(Session? s)
+    {
+        if (s == null) return;
+        _sessions.Remove(s.LocalIndex);
+        s.Dispose();
+    }
+}
+
+// ==== 12. Record layer ==============================================================================
+// Every transport record (all integers big-endian):
+//   0  17 03 03 LL LL     TLS application-data preamble; LL = length of what follows
+//   5  flags   (masked)   Data 1, Keepalive 2, Rekey 4, Bind 8, Close 16, Control 32
+//   6  padLen  (masked)   zero bytes appended to the payload before sealing
+//   7  receiver index     the session index the receiver chose
+//  11  counter            64-bit, never repeats under one key; also the AEAD nonce
+//  19  AEAD(payload ‖ padding) ‖ 16-byte tag, with bytes 0..19 as associated data
+// Flags and padLen are XORed with two bytes of Mix(maskKey + counter) so they differ on every record;
+// the mask key comes from the handshake, so only the two ends can read them. Padding rounds the
+// payload up to a multiple of PadBlockLen, never past the MTU, so equal packets give equal records.
+// Nonce: 32 zero bits then the counter little-endian (as Noise's ChaChaPoly). Seal works in place:
+// the payload already sits at PayloadOffset in the caller's slot. Open never throws.
+
+[Flags]
+internal enum RecordFlags : byte { Data = 1, Keepalive = 2, Rekey = 4, Bind = 8, Close = 16, Control = 32 }
+
+internal enum RecordKind { Invalid, ClientHello, ServerHello, CookieReply, Transport }
+
+internal enum OpenVerdict { Ok, Truncated, Malformed, BadAuth, Replayed, TooOld }
+
+internal static class Record
+{
+    internal const int FlagsOffset = 5, PadOffset = 6, IndexOffset = 7, CounterOffset = 11;
+    internal const int HeaderLen = 19;
+    internal const int PayloadOffset = HeaderLen;
+    internal const int OverheadLen = HeaderLen + Spec.TagLen;           // 35
+    internal const RecordFlags KnownFlags = (RecordFlags)63;
+
+    /// <summary>What a datagram claims to be, from its preamble, type and length alone.</summary>
+    internal static RecordKind Classify(ReadOnlySpan<byte> d)
+    {
+        if (d.Length < Spec.PreambleLen + 1 || d[1] != 0x03 || d[2] != 0x03) return RecordKind.Invalid;
+        if (BinaryPrimitives.ReadUInt16BigEndian(d[3..]) != d.Length - Spec.PreambleLen) return RecordKind.Invalid;
+        if (d[0] == Spec.TlsApplicationData) return d.Length >= OverheadLen ? RecordKind.Transport : RecordKind.Invalid;
+        if (d[0] != Spec.TlsHandshake) return RecordKind.Invalid;
+        return d[Wire.TypeOffset] switch
+        {
+            Wire.TypeClientHello when d.Length == Wire.ClientHelloLen => RecordKind.ClientHello,
+            Wire.TypeServerHello when d.Length == Wire.ServerHelloLen => RecordKind.ServerHello,
+            Wire.TypeCookieReply when d.Length == Wire.CookieReplyLen => RecordKind.CookieReply,
+            _ => RecordKind.Invalid,
+        };
+    }
+
+    internal static uint ReceiverIndex(ReadOnlySpan<byte> d) => BinaryPrimitives.ReadUInt32BigEndian(d[IndexOffset..]);
+
+    internal static int PaddedLen(int payloadLen, int mtu)
+    {
+        int padded = (payloadLen + Spec.PadBlockLen - 1) / Spec.PadBlockLen * Spec.PadBlockLen;
+        return Math.Max(payloadLen, Math.Min(padded, mtu));
+    }
+
+    /// <summary>Seals the payload at slot[PayloadOffset..+payloadLen] in place; returns the record length.</summary>
+    internal static int Seal(Session s, Span<byte> slot, int payloadLen, RecordFlags flags, int mtu)
+    {
+        int plainLen = PaddedLen(payloadLen, mtu);
+        int padLen = plainLen - payloadLen;
+        int total = HeaderLen + plainLen + Spec.TagLen;
+        slot.Slice(PayloadOffset + payloadLen, padLen).Clear();
+        ulong counter = s.SendCounter++;
+        slot[0] = Spec.TlsApplicationData; slot[1] = 0x03; slot[2] = 0x03;
+        BinaryPrimitives.WriteUInt16BigEndian(slot[3..], (ushort)(total - Spec.PreambleLen));
+        ulong mask = Mix(s.SendMaskKey + counter);
+        slot[FlagsOffset] = (byte)((byte)flags ^ (byte)mask);
+        slot[PadOffset] = (byte)(padLen ^ (byte)(mask >> 8));
+        BinaryPrimitives.WriteUInt32BigEndian(slot[IndexOffset..], s.RemoteIndex);
+        BinaryPrimitives.WriteUInt64BigEndian(slot[CounterOffset..], counter);
+        Span<byte> nonce = stackalloc byte[12];
+        NoiseState.Nonce(nonce, counter);
+        Span<byte> body = slot.Slice(PayloadOffset, plainLen + Spec.TagLen);
+        s.SendAead.Seal(nonce, body[..plainLen], slot[..HeaderLen], body);
+        return total;
+    }
+
+    /// <summary>Opens a transport record in place. On Ok the payload is record[PayloadOffset..+payloadLen].</summary>
+    internal static OpenVerdict Open(Session s, Span<byte> record, out int payloadLen, out RecordFlags flags)
+    {
+        payloadLen = 0;
+        flags = 0;
+        if (record.Length < OverheadLen) return OpenVerdict.Truncated;
+        ulong counter = BinaryPrimitives.ReadUInt64BigEndian(record[CounterOffset..]);
+        if (!s.Window.CanAccept(counter)) return s.Window.IsTooOld(counter) ? OpenVerdict.TooOld : OpenVerdict.Replayed;
+        Span<byte> nonce = stackalloc byte[12];
+        NoiseState.Nonce(nonce, counter);
+        int plainLen = record.Length - OverheadLen;
+        Span<byte> body = record[PayloadOffset..];
+        if (!s.ReceiveAead.Open(nonce, body, record[..HeaderLen], body)) return OpenVerdict.BadAuth;
+        if (!s.Window.Accept(counter)) return OpenVerdict.Replayed;
+        ulong mask = Mix(s.ReceiveMaskKey + counter);
+        flags = (RecordFlags)(record[FlagsOffset] ^ (byte)mask);
+        int padLen = (byte)(record[PadOffset] ^ (byte)(mask >> 8));
+        if ((flags & ~KnownFlags) != 0 || padLen > plainLen) return OpenVerdict.Malformed;
+        payloadLen = plainLen - padLen;
+        return OpenVerdict.Ok;
+    }
+
+    // SplitMix64's finaliser: cheap, and every counter gives an unrelated mask.
+    internal static ulong Mix(ulong x)
+    {
+        x ^= x >> 30; x *= 0xBF58476D1CE4E5B9UL;
+        x ^= x >> 27; x *= 0x94D049BB133111EBUL;
+        return x ^ (x >> 31);
+    }
+}
+
+// ==== 13. UDP socket ================================================================================
+// IUdp is where datagrams enter and leave: UdpSocket (non-blocking; one AF_INET6 socket with
+// IPV6_V6ONLY off when listening on a wildcard, so IPv4 and IPv6 peers share a port; a plain
+// AF_INET or v6-only socket when bound to a specific address) or LoopbackUdp (in memory). Socket
+// buffers are raised so bursts are not dropped by the kernel while the loop is busy.
+
+internal interface IUdp : IDisposable
+{
+    int Fd { get; }
+    int LocalPort { get; }
+    /// <summary>Receives one datagram; 0 when none is waiting.</summary>
+    int Receive(Span<byte> buffer, out Endpoint from);
+    bool Send(ReadOnlySpan<byte> datagram, in Endpoint to);
+}
+
+internal sealed unsafe class UdpSocket : IUdp
+{
+    private const int SocketBufferLen = 4 << 20;
+    private int _fd;
+    private readonly bool _v6;
+    public int Fd => _fd;
+    public int LocalPort { get; }
+
+    private UdpSocket(int fd, bool v6, int port) { _fd = fd; _v6 = v6; LocalPort = port; }
+
+    internal static UdpSocket Bind(IPAddress address, int port)
+    {
+        bool wildcard4 = address.Equals(IPAddress.Any), v6 = address.AddressFamily == AddressFamily.InterNetworkV6;
+        if (wildcard4)
+        {
+            // Dual-stack where the host has IPv6; plain IPv4 where it does not.
+            try { return Open(IPAddress.IPv6Any, port, true, dualStack: true); }
+            catch (IOException) { return Open(IPAddress.Any, port, false, dualStack: false); }
+        }
+        return Open(address, port, v6, dualStack: false);
+    }
+
+    private static UdpSocket Open(IPAddress address, int port, bool v6, bool dualStack)
+    {
+        int fd = Libc.Socket(v6 ? Libc.AF_INET6 : Libc.AF_INET, Libc.SOCK_DGRAM | Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC, 0);
+        if (fd < 0) throw new IOException($"cannot create UDP socket: {Libc.ErrorText(Libc.Errno)}");
+        if (v6) Libc.SetIntOpt(fd, Libc.IPPROTO_IPV6, Libc.IPV6_V6ONLY, dualStack ? 0 : 1);
+        foreach (int opt in new[] { Libc.SO_RCVBUFFORCE, Libc.SO_SNDBUFFORCE })
+            if (Libc.SetIntOpt(fd, Libc.SOL_SOCKET, opt, SocketBufferLen) < 0)
+                Libc.SetIntOpt(fd, Libc.SOL_SOCKET, opt == Libc.SO_RCVBUFFORCE ? Libc.SO_RCVBUF : Libc.SO_SNDBUF, SocketBufferLen);
+        Span<byte> sa = stackalloc byte[Libc.SockaddrIn6Len];
+        int len = Libc.WriteSockaddr(Endpoint.FromIp(address, port), v6, sa);
+        fixed (byte* p = sa)
+        {
+            if (Libc.Bind(fd, p, len) < 0)
+            {
+                int e = Libc.Errno;
+                Libc.Close(fd);
+                throw new IOException($"cannot listen on {address}:{port}: {Libc.ErrorText(e)}" + (e == Libc.EADDRINUSE ? " (another process uses the port)" : ""));
+            }
+            int alen = sa.Length;
+            Libc.GetSockName(fd, p, &alen);
+            Libc.TryReadSockaddr(sa, alen, out Endpoint bound);
+            return new UdpSocket(fd, v6, bound.Port);
+        }
+    }
+
+    public int Receive(Span<byte> buffer, out Endpoint from)
+    {
+        from = default;
+        Span<byte> sa = stackalloc byte[Libc.SockaddrIn6Len];
+        int alen = sa.Length;
+        nint n;
+        fixed (byte* b = buffer)
+        fixed (byte* p = sa)
+            n = Libc.RecvFrom(_fd, b, (nuint)buffer.Length, 0, p, &alen);
+        if (n < 0) return 0;
+        return Libc.TryReadSockaddr(sa, alen, out from) ? (int)n : 0;
+    }
+
+    public bool Send(ReadOnlySpan<byte> datagram, in Endpoint to)
+    {
+        if (!_v6 && !to.IsV4) return false;            // an IPv4-only socket cannot reach an IPv6 peer
+        Span<byte> sa = stackalloc byte[Libc.SockaddrIn6Len];
+        int len = Libc.WriteSockaddr(to, _v6, sa);
+        fixed (byte* b = datagram)
+        fixed (byte* p = sa)
+            return Libc.SendTo(_fd, b, (nuint)datagram.Length, 0, p, len) == datagram.Length;
+    }
+
+    public void Dispose()
+    {
+        if (_fd >= 0) Libc.Close(_fd);
+        _fd = -1;
+    }
+}
+
+/// <summary>An in-memory network: each LoopbackUdp has an endpoint; Send delivers to the owner of `to`.</summary>
+internal sealed class LoopbackNet
+{
+    internal readonly Dictionary<Endpoint, LoopbackUdp> Hosts = new();
+    internal Func<Endpoint, Endpoint, byte[], bool>? Filter;   // (from, to, datagram) -> deliver?
+}
+
+internal sealed class LoopbackUdp : IUdp
+{
+    private readonly LoopbackNet _net;
+    internal Endpoint Self;
+    private readonly Queue<(byte[] Data, Endpoint From)> _inbox = new();
+    internal readonly List<byte[]> Sent = new();
+    public int Fd => -1;
+    public int LocalPort => Self.Port;
+
+    internal LoopbackUdp(LoopbackNet net, Endpoint self) { _net = net; Self = self; net.Hosts[self] = this; }
+
+    internal void Deliver(byte[] data, in Endpoint from) => _inbox.Enqueue((data, from));
+    internal int Pending => _inbox.Count;
+
+    public int Receive(Span<byte> buffer, out Endpoint from)
+    {
+        from = default;
+        if (!_inbox.TryDequeue(out var d)) return 0;
+        d.Data.CopyTo(buffer);
+        from = d.From;
+        return d.Data.Length;
+    }
+
+    public bool Send(ReadOnlySpan<byte> datagram, in Endpoint to)
+    {
+        byte[] copy = datagram.ToArray();
+        Sent.Add(copy);
+        if (_net.Filter != null && !_net.Filter(Self, to, copy)) return true;
+        if (_net.Hosts.TryGetValue(to, out LoopbackUdp? dst)) dst.Deliver(copy, Self);
+        return true;
+    }
+
+    public void Dispose() => _net.Hosts.Remove(Self);
+}
+
+// ==== 14. Event loop & node =========================================================================
+// Node is the protocol core: it takes batches of packets and the time, and returns batches of
+// packets; it does no I/O of its own. Its two pipelines are the data-flow line of DESIGN.md:
+//   ProcessTunBatch: TUN packet -> route lookup (destination) -> peer -> session -> Record.Seal -> UDP
+//   ProcessUdpBatch: datagram -> Classify -> Record.Open -> replay check -> source check -> TUN
+// Both work in place: a TUN packet is read into its slot at Record.PayloadOffset and sealed there, so
+// the slot then holds the datagram; a datagram is opened where it lies and the slot then holds the
+// IP packet. Messages the node makes itself (handshakes, keepalives, staged packets) go to UdpOut.
+// Worker moves bytes between the batches and an IDataplane / IUdp pair; Daemon runs the epoll loop,
+// the timers, signals and the control socket around one Worker. Everything runs on one thread.
+
+internal sealed class PacketBatch
+{
+    internal readonly int Capacity, SlotLen;
+    private readonly byte[] _mem;                    // pinned: slots can be handed to the kernel as is
+    internal readonly int[] Offset, Length;
+    internal readonly Endpoint[] Endpoints;
+    internal int Count;
+
+    internal PacketBatch(int capacity, int slotLen)
+    {
+        Capacity = capacity;
+        SlotLen = slotLen;
+        _mem = GC.AllocateUninitializedArray<byte>(capacity * slotLen, pinned: true);
+        Offset = new int[capacity];
+        Length = new int[capacity];
+        Endpoints = new Endpoint[capacity];
+    }
+
+    internal Span<byte> Slot(int i) => _mem.AsSpan(i * SlotLen, SlotLen);
+    internal Span<byte> Packet(int i) => _mem.AsSpan(i * SlotLen + Offset[i], Length[i]);
+    internal bool IsFull => Count == Capacity;
+}
+
+internal interface IPacketSink
+{
+    /// <summary>Sends and empties a batch of datagrams (called when UdpOut fills mid-batch).</summary>
+    void FlushUdp(PacketBatch batch);
+}
+
+/// <summary>A public key as a dictionary key.</summary>
+internal readonly record struct KeyId(UInt128 A, UInt128 B)
+{
+    internal static KeyId Of(ReadOnlySpan<byte> k) =>
+        new(BinaryPrimitives.ReadUInt128LittleEndian(k), BinaryPrimitives.ReadUInt128LittleEndian(k[16..]));
+}
+
+internal sealed class Node
+{
+    internal readonly Log Log;
+    internal readonly Counters Counters;
+    internal readonly Handshaker Handshaker;
+    internal readonly List<Peer> Peers = new();
+    private readonly Dictionary<KeyId, Peer> _byKey = new();
+    internal readonly RouteTrie Routes = new();
+    internal readonly IndexTable Indexes = new();
+    internal readonly PacketBatch UdpOut = new(Tune.BatchSize, Tune.SlotLen);
+    internal IPacketSink? Sink;
+    internal readonly int Mtu;
+    internal readonly long RekeyAfterMs;
+    internal Func<long> UnixNs = () => (DateTime.UtcNow - DateTime.UnixEpoch).Ticks * 100;
+    private long _lastUnixNs;
+    private readonly HelloState _hello = new();
+
+    internal Node(UpConfig cfg, Log log, Counters counters)
+    {
+        Log = log;
+        Counters = counters;
+        Mtu = cfg.Mtu;
+        RekeyAfterMs = cfg.RekeyAfterTimeMs;
+        Handshaker = new Handshaker(cfg.PrivateKey, FindPeer);
+        foreach (PeerConfig pc in cfg.Peers) AddPeer(pc, cfg.Psk, cfg.PersistentKeepaliveMs);
+    }
+
+    private Peer? FindPeer(Key32 key) => _byKey.TryGetValue(KeyId.Of(key), out Peer? p) ? p : null;
+
+    internal Peer AddPeer(PeerConfig pc, in Key32 psk, long persistentKeepaliveMs)
+    {
+        var p = new Peer(Peers.Count, pc, psk, persistentKeepaliveMs, Mtu);
+        if (!X25519.Dh(p.StaticShared, Handshaker.PrivateKey, p.PublicKey))
+            throw new ConfigException($"--peer {p.Name} is not a usable public key (low-order point)");
+        Peers.Add(p);
+        _byKey[KeyId.Of(p.PublicKey)] = p;
+        foreach (IpPrefix a in p.Allowed) Routes.Insert(a, p.Id);
+        return p;
+    }
+
+    /// <summary>Starts handshakes with every peer we know an endpoint for.</summary>
+    internal void Start(long nowMs)
+    {
+        foreach (Peer p in Peers)
+            if (p.Endpoint.IsSet) StartHandshake(p, nowMs, retransmit: false);
+    }
+
+    // ---- 14.1 Outbound: TUN -> route -> session -> seal ----
+
+    internal void ProcessTunBatch(PacketBatch b, long nowMs)
+    {
+        for (int i = 0; i < b.Count; i++)
+        {
+            Span<byte> packet = b.Packet(i);
+            Counters.TunRxPackets++;
+            int peerId = RouteOf(packet, destination: true);
+            b.Length[i] = 0;
+            if (peerId < 0) { Counters.Drop(peerId == -2 ? DropReason.Malformed : DropReason.NoRoute); continue; }
+            Peer p = Peers[peerId];
+            if (!p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) || !p.Endpoint.IsSet)
+            {
+                if (!p.Stage(packet)) Counters.Drop(DropReason.QueueFull);
+                if (p.Next == null || nowMs - p.Next.CreatedMs >= Spec.RekeyTimeoutMs) StartHandshake(p, nowMs, retransmit: false);
+                continue;
+            }
+            Session s = p.Current!;
+            int len = Record.Seal(s, b.Slot(i), packet.Length, DataFlags(s, nowMs), Mtu);
+            b.Offset[i] = 0;
+            b.Length[i] = len;
+            b.Endpoints[i] = p.Endpoint;
+            AfterSend(p, s, len, nowMs, carriesData: true);
+        }
+    }
+
+    // Flags for a data record: Bind on an initiator's first record, Rekey when a responder's session is due.
+    private RecordFlags DataFlags(Session s, long nowMs)
+    {
+        RecordFlags f = RecordFlags.Data;
+        if (s.IsInitiator && s.SendCounter == 0) f |= RecordFlags.Bind;
+        if (!s.IsInitiator && nowMs - s.CreatedMs >= RekeyAfterMs) f |= RecordFlags.Rekey;
+        return f;
+    }
+
+    private void AfterSend(Peer p, Session s, int recordLen, long nowMs, bool carriesData)
+    {
+        Counters.TxRecords++;
+        Counters.TxBytes += recordLen;
+        p.TxBytes += recordLen;
+        p.OnDataSent(nowMs, carriesData);
+        long age = nowMs - s.CreatedMs;
+        if (s.IsInitiator ? age >= RekeyAfterMs || s.SendCounter >= Spec.RekeyAfterMessages
+                          : age >= Spec.RejectAfterTimeMs - Spec.KeepaliveTimeoutMs - Spec.RekeyTimeoutMs)
+            StartHandshake(p, nowMs, retransmit: false);
+    }
+
+    /// <summary>The peer routed for the packet's destination (or source); -1 no route, -2 not an IP packet.</summary>
+    internal int RouteOf(ReadOnlySpan<byte> packet, bool destination)
+    {
+        if (packet.Length >= 20 && packet[0] >> 4 == 4)
+            return Routes.Lookup(packet.Slice(destination ? 16 : 12, 4));
+        if (packet.Length >= 40 && packet[0] >> 4 == 6)
+            return Routes.Lookup(packet.Slice(destination ? 24 : 8, 16));
+        return -2;
+    }
+
+    // ---- 14.2 Inbound: UDP -> open -> replay -> source check -> TUN ----
+
+    internal void ProcessUdpBatch(PacketBatch b, long nowMs)
+    {
+        for (int i = 0; i < b.Count; i++)
+        {
+            Span<byte> d = b.Packet(i);
+            Endpoint from = b.Endpoints[i];
+            b.Length[i] = 0;
+            switch (Record.Classify(d))
+            {
+                case RecordKind.Transport:
+                    int n = ReceiveTransport(d, from, nowMs);
+                    if (n > 0) { b.Offset[i] += Record.PayloadOffset; b.Length[i] = n; }
+                    break;
+                case RecordKind.ClientHello: ReceiveClientHello(d, from, nowMs); break;
+                case RecordKind.ServerHello: ReceiveServerHello(d, from, nowMs); break;
+                case RecordKind.CookieReply: ReceiveCookieReply(d, nowMs); break;
+                default: Counters.Drop(d.Length < Spec.PreambleLen + 1 ? DropReason.Truncated : DropReason.Malformed); break;
+            }
+        }
+    }
+
+    // Returns the length of the IP packet now at d[PayloadOffset..], or 0 when nothing goes to the TUN.
+    private int ReceiveTransport(Span<byte> d, in Endpoint from, long nowMs)
+    {
+        Session? s = Indexes.FindSession(Record.ReceiverIndex(d));
+        if (s == null) { Counters.Drop(DropReason.UnknownIndex); return 0; }
+        Peer p = s.Peer;
+        if (nowMs - s.CreatedMs >= Spec.RejectAfterTimeMs) { Counters.Drop(DropReason.Expired); return 0; }
+        OpenVerdict v = Record.Open(s, d, out int len, out RecordFlags flags);
+        if (v != OpenVerdict.Ok)
+        {
+            Counters.Drop(v switch
+            {
+                OpenVerdict.Replayed => DropReason.Replayed, OpenVerdict.TooOld => DropReason.TooOld,
+                OpenVerdict.BadAuth => DropReason.BadAuth, OpenVerdict.Truncated => DropReason.Truncated, _ => DropReason.Malformed,
+            });
+            // Sustained failures on a live index: our keys may be stale (the peer lost its state), so
+            // start a fresh handshake; the old session stays until the new one replaces it.
+            if (++p.FailuresSinceGood == Tune.DecryptFailuresBeforeRehandshake)
+            {
+                Log.Warn("session_recovery", $"peer={p.Name} failures={p.FailuresSinceGood} rule=decrypt_failures");
+                StartHandshake(p, nowMs, retransmit: false);
+            }
+            return 0;
+        }
+        Counters.RxRecords++;
+        Counters.RxBytes += d.Length;
+        p.RxBytes += d.Length;
+        p.Endpoint = from;                       // roaming: replies go where the peer is now
+        if (!s.Confirmed) ConfirmSession(p, s, nowMs);
+        p.OnDataReceived(nowMs, len > 0);
+        if ((flags & RecordFlags.Close) != 0)
+        {
+            Log.Info("session_closed", $"peer={p.Name} reason=peer_close");
+            DropSessions(p);
+            return 0;
+        }
+        if (s.IsInitiator && s == p.Current &&
+            ((flags & RecordFlags.Rekey) != 0 || nowMs - s.CreatedMs >= Spec.RejectAfterTimeMs - Spec.KeepaliveTimeoutMs - Spec.RekeyTimeoutMs))
+            StartHandshake(p, nowMs, retransmit: false);
+        if (len == 0 || (flags & RecordFlags.Data) == 0) return 0;   // keepalive, bind, or control (not yet used)
+        ReadOnlySpan<byte> packet = d.Slice(Record.PayloadOffset, len);
+        int ipLen = IpPacketLen(packet);
+        if (ipLen <= 0 || ipLen > len) { Counters.Drop(DropReason.Malformed); return 0; }
+        if (RouteOf(packet, destination: false) != p.Id) { Counters.Drop(DropReason.SourceNotAllowed); return 0; }
+        Counters.TunTxPackets++;
+        return ipLen;
+    }
+
+    /// <summary>Total length from the IP header (padding removed), or 0 when it is not a sane IP header.</summary>
+    internal static int IpPacketLen(ReadOnlySpan<byte> p)
+    {
+        if (p.Length >= 20 && p[0] >> 4 == 4) return BinaryPrimitives.ReadUInt16BigEndian(p[2..]) is var l and >= 20 ? l : 0;
+        if (p.Length >= 40 && p[0] >> 4 == 6) return 40 + BinaryPrimitives.ReadUInt16BigEndian(p[4..]);
+        return 0;
+    }
+
+    // Responder: the first record under Next proves the initiator has the keys (the Bind).
+    private void ConfirmSession(Peer p, Session s, long nowMs)
+    {
+        if (p.Next != s) return;
+        s.Confirmed = true;
+        Indexes.RemoveSession(p.Previous);
+        p.Previous = p.Current;
+        p.Current = s;
+        p.Next = null;
+        Counters.HandshakesCompleted++;
+        Log.Info("handshake_complete", $"peer={p.Name} role=responder endpoint={p.Endpoint} aead={s.AeadKind}");
+        FlushStaged(p, nowMs);
+    }
+
+    private void ReceiveClientHello(ReadOnlySpan<byte> d, in Endpoint from, long nowMs)
+    {
+        HandshakeVerdict v = Handshaker.ConsumeClientHello(d, from, nowMs, _hello);
+        switch (v)
+        {
+            case HandshakeVerdict.Ok: break;
+            case HandshakeVerdict.NeedCookie:
+                int len = Handshaker.CreateCookieReply(d, from, nowMs, NextOut(from));
+                CommitOut(len);
+                Counters.CookiesSent++;
+                return;
+            case HandshakeVerdict.BadMac1:
+                Counters.Drop(DropReason.BadMac1);
+                Log.Warn("handshake_dropped", $"reason=bad_mac1 from={from} hint=\"the sender does not have our public key\"");
+                return;
+            case HandshakeVerdict.UnknownPeer:
+                Counters.Drop(DropReason.UnknownPeer);
+                Log.Warn("handshake_dropped", $"reason=unknown_peer from={from} hint=\"ClientHello from a key that is not a configured peer\"");
+                return;
+            case HandshakeVerdict.StaleHello:
+                Counters.Drop(DropReason.StaleHello);
+                Log.Debug("handshake_dropped", $"reason=stale_hello from={from}");
+                return;
+            default:
+                Counters.Drop(DropReason.HandshakeFailed);
+                Log.Debug("handshake_dropped", $"reason=client_hello_auth from={from}");
+                return;
+        }
+        Peer p = _hello.Peer!;
+        uint localIndex = Indexes.NewIndex();
+        int n = Handshaker.CreateServerHello(_hello, localIndex, nowMs, NextOut(from), out SessionKeys? keys);
+        if (n == 0 || keys == null) { Counters.Drop(DropReason.HandshakeFailed); return; }
+        CommitOut(n);
+        p.Endpoint = from;
+        var s = new Session(p, keys, nowMs);
+        Indexes.RemoveSession(p.Next);
+        p.Next = s;
+        Indexes.AddSession(s);
+        p.OnSessionDerived(nowMs);
+        Log.Debug("server_hello_sent", $"peer={p.Name} endpoint={from}");
+    }
+
+    private void ReceiveServerHello(ReadOnlySpan<byte> d, in Endpoint from, long nowMs)
+    {
+        if (Handshaker.CheckServerHelloMac(d) != HandshakeVerdict.Ok)
+        {
+            Counters.Drop(DropReason.BadMac1);
+            Log.Warn("handshake_dropped", $"reason=bad_mac1 from={from} message=server_hello");
+            return;
+        }
+        Peer? p = Indexes.FindHandshake(BinaryPrimitives.ReadUInt32BigEndian(d[Wire.ServerHelloReceiverOffset..]));
+        if (p == null) { Counters.Drop(DropReason.UnknownIndex); return; }
+        HandshakeVerdict v = Handshaker.ConsumeServerHello(d, p, out SessionKeys? keys);
+        if (v != HandshakeVerdict.Ok || keys == null)
+        {
+            Counters.Drop(DropReason.HandshakeFailed);
+            Log.Warn("handshake_failed", $"peer={p.Name} reason=server_hello_auth from={from} hint=\"the peer answered but its ServerHello did not authenticate: different network secret (--psk) or wrong peer key\"");
+            return;
+        }
+        Indexes.RemoveHandshake(p.Pending!.LocalIndex);
+        p.OnHandshakeComplete();
+        var s = new Session(p, keys, nowMs);
+        Indexes.AddSession(s);
+        Indexes.RemoveSession(p.Previous);
+        p.Previous = p.Current;
+        p.Current = s;
+        p.Endpoint = from;
+        p.OnSessionDerived(nowMs);
+        Counters.HandshakesCompleted++;
+        Log.Info("handshake_complete", $"peer={p.Name} role=initiator endpoint={from} aead={s.AeadKind}");
+        if (p.StagedCount > 0) FlushStaged(p, nowMs);
+        else SendEmpty(p, nowMs, RecordFlags.Keepalive | RecordFlags.Bind);
+    }
+
+    private void ReceiveCookieReply(ReadOnlySpan<byte> d, long nowMs)
+    {
+        Peer? p = Indexes.FindHandshake(BinaryPrimitives.ReadUInt32BigEndian(d[Wire.CookieReplyReceiverOffset..]));
+        if (p == null) { Counters.Drop(DropReason.UnknownIndex); return; }
+        if (!Handshaker.ConsumeCookieReply(d, p, nowMs)) { Counters.Drop(DropReason.BadAuth); return; }
+        Log.Debug("cookie_received", $"peer={p.Name}");
+    }
+
+    // ---- 14.3 Messages the node makes itself ----
+
+    private Span<byte> NextOut(in Endpoint to)
+    {
+        if (UdpOut.IsFull) Sink?.FlushUdp(UdpOut);
+        if (UdpOut.IsFull) UdpOut.Count = 0;         // no sink (tests): the oldest output is lost
+        UdpOut.Endpoints[UdpOut.Count] = to;
+        UdpOut.Offset[UdpOut.Count] = 0;
+        return UdpOut.Slot(UdpOut.Count);
+    }
+
+    private void CommitOut(int len)
+    {
+        if (len <= 0) return;
+        UdpOut.Length[UdpOut.Count] = len;
+        UdpOut.Count++;
+    }
+
+    internal void StartHandshake(Peer p, long nowMs, bool retransmit)
+    {
+        if (!p.Endpoint.IsSet) return;
+        if (!retransmit && p.Pending != null) return;            // one in flight; its timer retransmits
+        if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
+        else { p.HandshakeAttempts = 0; p.HandshakeStartedMs = nowMs; }
+        uint index = Indexes.NewIndex();
+        long unixNs = Math.Max(UnixNs(), _lastUnixNs + 1);      // strictly increasing within this process
+        _lastUnixNs = unixNs;
+        int len = Handshaker.CreateClientHello(p, index, unixNs, nowMs, NextOut(p.Endpoint));
+        if (len == 0) return;
+        CommitOut(len);
+        Indexes.AddHandshake(index, p);
+        p.RetransmitHandshakeAtMs = nowMs + Peer.RetransmitDelayMs(p.HandshakeAttempts);
+        p.HandshakeAttempts++;
+        Counters.HandshakesInitiated++;
+        Log.Debug("client_hello_sent", $"peer={p.Name} attempt={p.HandshakeAttempts} endpoint={p.Endpoint}");
+    }
+
+    private void SendEmpty(Peer p, long nowMs, RecordFlags flags)
+    {
+        Session s = p.Current!;
+        Span<byte> slot = NextOut(p.Endpoint);
+        int len = Record.Seal(s, slot, 0, flags, Mtu);
+        CommitOut(len);
+        AfterSend(p, s, len, nowMs, carriesData: false);
+    }
+
+    private void FlushStaged(Peer p, long nowMs)
+    {
+        while (p.StagedCount > 0 && p.HasReadySession(nowMs, Spec.RejectAfterTimeMs))
+        {
+            Session s = p.Current!;
+            ReadOnlySpan<byte> packet = p.PeekStaged();
+            Span<byte> slot = NextOut(p.Endpoint);
+            packet.CopyTo(slot[Record.PayloadOffset..]);
+            int len = Record.Seal(s, slot, packet.Length, DataFlags(s, nowMs), Mtu);
+            CommitOut(len);
+            p.PopStaged();
+            AfterSend(p, s, len, nowMs, carriesData: true);
+        }
+    }
+
+    private void DropSessions(Peer p)
+    {
+        Indexes.RemoveSession(p.Previous);
+        Indexes.RemoveSession(p.Current);
+        Indexes.RemoveSession(p.Next);
+        p.Previous = p.Current = p.Next = null;
+        if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
+        p.OnHandshakeComplete();
+        p.SendKeepaliveAtMs = p.NewHandshakeAtMs = p.ZeroKeysAtMs = 0;
+    }
+
+    /// <summary>Graceful leave: a Close record to every peer with a session.</summary>
+    internal void Shutdown(long nowMs)
+    {
+        foreach (Peer p in Peers)
+            if (p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) && p.Endpoint.IsSet)
+                SendEmpty(p, nowMs, RecordFlags.Close);
+    }
+
+    // ---- 14.4 Timers ----
+
+    /// <summary>Runs every expired timer; returns the next deadline (ms), or long.MaxValue.</summary>
+    internal long ProcessTimers(long nowMs)
+    {
+        long next = long.MaxValue;
+        foreach (Peer p in Peers)
+        {
+            if (p.RetransmitHandshakeAtMs != 0 && nowMs >= p.RetransmitHandshakeAtMs) ExpiredRetransmitHandshake(p, nowMs);
+            if (p.SendKeepaliveAtMs != 0 && nowMs >= p.SendKeepaliveAtMs) ExpiredSendKeepalive(p, nowMs);
+            if (p.NewHandshakeAtMs != 0 && nowMs >= p.NewHandshakeAtMs) ExpiredNewHandshake(p, nowMs);
+            if (p.ZeroKeysAtMs != 0 && nowMs >= p.ZeroKeysAtMs) ExpiredZeroKeys(p);
+            if (p.PersistentKeepaliveAtMs != 0 && nowMs >= p.PersistentKeepaliveAtMs) ExpiredPersistentKeepalive(p, nowMs);
+            next = Earliest(next, p.RetransmitHandshakeAtMs, p.SendKeepaliveAtMs, p.NewHandshakeAtMs, p.ZeroKeysAtMs, p.PersistentKeepaliveAtMs);
+        }
+        return next;
+    }
+
+    private static long Earliest(long next, long a, long b, long c, long d, long e)
+    {
+        foreach (long t in (ReadOnlySpan<long>)[a, b, c, d, e])
+            if (t != 0 && t < next) next = t;
+        return next;
+    }
+
+    private void ExpiredRetransmitHandshake(Peer p, long nowMs)
+    {
+        if (p.HandshakeAttempts >= Spec.MaxHandshakeAttempts || nowMs - p.HandshakeStartedMs >= Spec.RekeyAttemptTimeMs)
+        {
+            Log.Warn("handshake_gave_up", $"peer={p.Name} attempts={p.HandshakeAttempts} endpoint={p.Endpoint} rule=max_attempts staged_dropped={p.StagedCount}");
+            if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
+            p.OnHandshakeComplete();
+            p.ClearStaged();
+            return;
+        }
+        Log.Debug("handshake_retransmit", $"peer={p.Name} attempt={p.HandshakeAttempts + 1} rule=retransmit_handshake");
+        StartHandshake(p, nowMs, retransmit: true);
+    }
+
+    private void ExpiredSendKeepalive(Peer p, long nowMs)
+    {
+        p.SendKeepaliveAtMs = 0;
+        if (p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) && p.Endpoint.IsSet) SendEmpty(p, nowMs, RecordFlags.Keepalive);
+    }
+
+    private void ExpiredNewHandshake(Peer p, long nowMs)
+    {
+        p.NewHandshakeAtMs = 0;
+        Log.Info("handshake_start", $"peer={p.Name} rule=new_handshake hint=\"sent data but heard nothing for {(Spec.KeepaliveTimeoutMs + Spec.RekeyTimeoutMs) / 1000} s\"");
+        StartHandshake(p, nowMs, retransmit: false);
+    }
+
+    private void ExpiredZeroKeys(Peer p)
+    {
+        p.ZeroKeysAtMs = 0;
+        Log.Debug("keys_zeroed", $"peer={p.Name} rule=zero_keys");
+        DropSessions(p);
+    }
+
+    private void ExpiredPersistentKeepalive(Peer p, long nowMs)
+    {
+        p.PersistentKeepaliveAtMs = nowMs + p.PersistentKeepaliveMs;
+        if (p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) && p.Endpoint.IsSet) SendEmpty(p, nowMs, RecordFlags.Keepalive);
+        else StartHandshake(p, nowMs, retransmit: false);
+    }
+}
+
+/// <summary>Moves batches between a dataplane, a UDP port and a Node. No state of its own beyond buffers.</summary>
+internal sealed class Worker : IPacketSink
+{
+    internal readonly Node Node;
+    internal readonly IDataplane Tun;
+    internal readonly IUdp Udp;
+    private readonly PacketBatch _tunIn = new(Tune.BatchSize, Tune.SlotLen);
+    private readonly PacketBatch _udpIn = new(Tune.BatchSize, Tune.SlotLen);
+
+    internal Worker(Node node, IDataplane tun, IUdp udp)
+    {
+        Node = node;
+        Tun = tun;
+        Udp = udp;
+        node.Sink = this;
+    }
+
+    /// <summary>Reads up to one batch from the TUN and sends what it becomes; true if the batch was full.</summary>
+    internal bool PumpTun(long nowMs)
+    {
+        PacketBatch b = _tunIn;
+        b.Count = 0;
+        int room = Math.Min(Node.Mtu, Tune.SlotLen - Record.OverheadLen - Spec.PadBlockLen);
+        while (b.Count < b.Capacity)
+        {
+            int n = Tun.Read(b.Slot(b.Count).Slice(Record.PayloadOffset, room));
+            if (n <= 0) break;
+            b.Offset[b.Count] = Record.PayloadOffset;
+            b.Length[b.Count] = n;
+            b.Count++;
+        }
+        if (b.Count == 0) return false;
+        Node.ProcessTunBatch(b, nowMs);
+        SendBatch(b);
+        FlushUdp(Node.UdpOut);
+        return b.IsFull;
+    }
+
+    /// <summary>Receives up to one batch of datagrams and writes what they become to the TUN.</summary>
+    internal bool PumpUdp(long nowMs)
+    {
+        PacketBatch b = _udpIn;
+        b.Count = 0;
+        while (b.Count < b.Capacity)
+        {
+            int n = Udp.Receive(b.Slot(b.Count), out b.Endpoints[b.Count]);
+            if (n <= 0) break;
+            b.Offset[b.Count] = 0;
+            b.Length[b.Count] = n;
+            b.Count++;
+        }
+        if (b.Count == 0) return false;
+        Node.ProcessUdpBatch(b, nowMs);
+        for (int i = 0; i < b.Count; i++)
+            if (b.Length[i] > 0 && !Tun.Write(b.Packet(i))) Node.Counters.Drop(DropReason.TunWrite);
+        FlushUdp(Node.UdpOut);
+        return b.IsFull;
+    }
+
+    internal long PumpTimers(long nowMs)
+    {
+        long next = Node.ProcessTimers(nowMs);
+        FlushUdp(Node.UdpOut);
+        return next;
+    }
+
+    public void FlushUdp(PacketBatch batch)
+    {
+        SendBatch(batch);
+        batch.Count = 0;
+    }
+
+    private void SendBatch(PacketBatch b)
+    {
+        for (int i = 0; i < b.Count; i++)
+            if (b.Length[i] > 0 && !Udp.Send(b.Packet(i), b.Endpoints[i])) Node.Counters.Drop(DropReason.UdpSend);
+    }
+}
+
+/// <summary>The daemon: sets up the interface and sockets, then runs the epoll loop until told to stop.</summary>
+internal sealed unsafe class Daemon
+{
+    private const int MaxPumpRounds = 16;           // batches per fd per wake-up, so one fd cannot starve the rest
+    private readonly UpConfig _cfg;
+    private readonly Log _log;
+    private volatile bool _stop;
+    private int _wakeFd = -1;
+    internal readonly long StartedMs = Mono.NowMs();
+
+    internal Daemon(UpConfig cfg, Log log) { _cfg = cfg; _log = log; }
+
+    internal void RequestStop()
+    {
+        _stop = true;
+        ulong one = 1;
+        if (_wakeFd >= 0) Libc.Write(_wakeFd, (byte*)&one, 8);
+    }
+
+    internal int Run()
+    {
+        var counters = new Counters();
+        Node node = new(_cfg, _log, counters);
+        TunDevice? tun = null;
+        UdpSocket? udp = null;
+        ControlServer? control = null;
+        int epfd = -1;
+        var signals = new List<PosixSignalRegistration>();
+        try
+        {
+            udp = UdpSocket.Bind(_cfg.ListenAddress, _cfg.ListenPort);
+            tun = TunDevice.Create(_cfg.TunName);
+            Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
+            foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
+            foreach (Peer p in node.Peers)
+                foreach (IpPrefix pr in p.Allowed)
+                {
+                    int err = Netlink.AddRoute(tun.IfIndex, pr);
+                    if (err < 0) _log.Warn("route_failed", $"prefix={pr} error=\"{Libc.ErrorText(-err)}\"");
+                }
+            control = ControlServer.Listen(_cfg.ControlPath);
+            var worker = new Worker(node, tun, udp);
+            _wakeFd = Libc.EventFd(0, Libc.EFD_NONBLOCK | Libc.EFD_CLOEXEC);
+            epfd = Libc.EpollCreate1(Libc.EPOLL_CLOEXEC);
+            if (_wakeFd < 0 || epfd < 0) throw new IOException($"cannot create the event loop: {Libc.ErrorText(Libc.Errno)}");
+            Libc.EpollAdd(epfd, tun.Fd);
+            Libc.EpollAdd(epfd, udp.Fd);
+            Libc.EpollAdd(epfd, _wakeFd);
+            Libc.EpollAdd(epfd, control.Fd);
+            foreach (PosixSignal sig in new[] { PosixSignal.SIGTERM, PosixSignal.SIGINT })
+                signals.Add(PosixSignalRegistration.Create(sig, ctx => { ctx.Cancel = true; RequestStop(); }));
+            _log.Info("started", $"public_key={node.Handshaker.PublicKey.ToBase64()} listen={_cfg.ListenAddress}:{udp.LocalPort} tun={tun.Name} mtu={_cfg.Mtu} peers={node.Peers.Count} aead={node.Handshaker.PreferredAead}");
+            var status = new StatusView(node, _cfg, udp.LocalPort, StartedMs);
+            long nowMs = Mono.NowMs();
+            node.Start(nowMs);
+            long nextTimerMs = worker.PumpTimers(nowMs);
+            byte* events = stackalloc byte[16 * 8];
+            while (!_stop)
+            {
+                nowMs = Mono.NowMs();
+                long waitMs = nextTimerMs == long.MaxValue ? 60_000 : Math.Clamp(nextTimerMs - nowMs, 0, 60_000);
+                int n = Libc.EpollWait(epfd, events, 8, (int)waitMs);
+                nowMs = Mono.NowMs();
+                for (int i = 0; i < n; i++)
+                {
+                    int fd = Libc.EpollEventFd(events, i);
+                    if (fd == udp.Fd) { for (int r = 0; r < MaxPumpRounds && worker.PumpUdp(nowMs); r++) { } }
+                    else if (fd == tun.Fd) { for (int r = 0; r < MaxPumpRounds && worker.PumpTun(nowMs); r++) { } }
+                    else if (fd == control.Fd) { if (control.Serve(status) == ControlServer.Request.Down) RequestStop(); }
+                    else if (fd == _wakeFd) { ulong v; Libc.Read(_wakeFd, (byte*)&v, 8); }
+                }
+                nextTimerMs = worker.PumpTimers(nowMs);
+            }
+            node.Shutdown(Mono.NowMs());
+            worker.FlushUdp(node.UdpOut);
+            _log.Info("shutdown", $"reason=signal_or_down uptime_s={(Mono.NowMs() - StartedMs) / 1000}");
+            return 0;
+        }
+        finally
+        {
+            foreach (PosixSignalRegistration r in signals) r.Dispose();
+            control?.Dispose();
+            tun?.Dispose();                               // closing the fd removes the interface and its routes
+            udp?.Dispose();
+            if (epfd >= 0) Libc.Close(epfd);
+            if (_wakeFd >= 0) Libc.Close(_wakeFd);
+            foreach (Peer p in node.Peers) { p.Psk.Clear(); p.StaticShared.Clear(); }
+            node.Handshaker.PrivateKey.Clear();
+        }
+    }
+}
+
+// ==== 15. Control socket ============================================================================
+// A Unix stream socket (mode 0600) served on the loop thread. A client sends one request line —
+// "status", "status json" or "down" — and reads the reply until the server closes. Requests are
+// bounded in size and in time (a client that sends nothing within ControlTimeoutMs is dropped), and
+// anything else gets an "error:" reply and changes nothing. StatusView renders the node's state as
+// text (like `wg show`) or as JSON (written by hand: no reflection under NativeAOT).
+
+internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long startedMs)
+{
+    internal string Text()
+    {
+        long nowMs = Mono.NowMs();
+        var sb = new StringBuilder();
+        sb.Append("node: ").Append(node.Handshaker.PublicKey.ToBase64()).Append('\n');
+        sb.Append("  listening port: ").Append(listenPort).Append('\n');
+        sb.Append("  interface: ").Append(cfg.TunName).Append(" mtu ").Append(node.Mtu).Append('\n');
+        sb.Append("  uptime: ").Append((nowMs - startedMs) / 1000).Append(" s\n");
+        Counters c = node.Counters;
+        sb.Append("  records: rx ").Append(c.RxRecords).Append(" tx ").Append(c.TxRecords)
+          .Append("  handshakes: ").Append(c.HandshakesCompleted).Append('\n');
+        sb.Append("  drops:");
+        for (int i = 0; i < (int)DropReason.Count; i++)
+            if (c.Drops[i] > 0) sb.Append(' ').Append(Counters.DropName((DropReason)i)).Append('=').Append(c.Drops[i]);
+        sb.Append('\n');
+        foreach (Peer p in node.Peers)
+        {
+            sb.Append("\npeer: ").Append(p.PublicKey.ToBase64()).Append('\n');
+            sb.Append("  state: ").Append(p.State(nowMs, Spec.RejectAfterTimeMs)).Append('\n');
+            if (p.Endpoint.IsSet) sb.Append("  endpoint: ").Append(p.Endpoint).Append('\n');
+            sb.Append("  allowed ips: ").Append(p.Allowed.Count == 0 ? "(none)" : string.Join(", ", p.Allowed)).Append('\n');
+            sb.Append("  latest handshake: ").Append(p.LastHandshakeMs < 0 ? "never" : (nowMs - p.LastHandshakeMs) / 1000 + " s ago").Append('\n');
+            sb.Append("  transfer: ").Append(p.RxBytes).Append(" B received, ").Append(p.TxBytes).Append(" B sent\n");
+        }
+        return sb.ToString();
+    }
+
+    internal string Json()
+    {
+        long nowMs = Mono.NowMs();
+        Counters c = node.Counters;
+        var sb = new StringBuilder();
+        sb.Append("{\"node\":{\"public_key\":\"").Append(node.Handshaker.PublicKey.ToBase64())
+          .Append("\",\"listen_port\":").Append(listenPort)
+          .Append(",\"tun\":\"").Append(cfg.TunName).Append("\",\"mtu\":").Append(node.Mtu)
+          .Append(",\"uptime_s\":").Append((nowMs - startedMs) / 1000).Append("},");
+        sb.Append("\"counters\":{\"rx_records\":").Append(c.RxRecords).Append(",\"tx_records\":").Append(c.TxRecords)
+          .Append(",\"rx_bytes\":").Append(c.RxBytes).Append(",\"tx_bytes\":").Append(c.TxBytes)
+          .Append(",\"handshakes_initiated\":").Append(c.HandshakesInitiated)
+          .Append(",\"handshakes_completed\":").Append(c.HandshakesCompleted)
+          .Append(",\"cookies_sent\":").Append(c.CookiesSent)
+          .Append(",\"tun_rx_packets\":").Append(c.TunRxPackets).Append(",\"tun_tx_packets\":").Append(c.TunTxPackets)
+          .Append(",\"gc_collections\":[").Append(GC.CollectionCount(0)).Append(',').Append(GC.CollectionCount(1)).Append(',').Append(GC.CollectionCount(2))
+          .Append("],\"allocated_bytes\":").Append(GC.GetTotalAllocatedBytes()).Append("},\"drops\":{");
+        for (int i = 0; i < (int)DropReason.Count; i++)
+            sb.Append(i > 0 ? "," : "").Append('"').Append(Counters.DropName((DropReason)i)).Append("\":").Append(c.Drops[i]);
+        sb.Append("},\"peers\":[");
+        for (int i = 0; i < node.Peers.Count; i++)
+        {
+            Peer p = node.Peers[i];
+            sb.Append(i > 0 ? "," : "").Append("{\"public_key\":\"").Append(p.PublicKey.ToBase64())
+              .Append("\",\"endpoint\":").Append(p.Endpoint.IsSet ? "\"" + p.Endpoint + "\"" : "null")
+              .Append(",\"state\":\"").Append(p.State(nowMs, Spec.RejectAfterTimeMs))
+              .Append("\",\"latest_handshake_s\":").Append(p.LastHandshakeMs < 0 ? -1 : (nowMs - p.LastHandshakeMs) / 1000)
+              .Append(",\"rx_bytes\":").Append(p.RxBytes).Append(",\"tx_bytes\":").Append(p.TxBytes)
+              .Append(",\"handshakes\":").Append(p.Handshakes)
+              .Append(",\"aead\":").Append(p.Current != null ? "\"" + p.Current.AeadKind + "\"" : "null")
+              .Append(",\"allowed\":[");
+            for (int j = 0; j < p.Allowed.Count; j++) sb.Append(j > 0 ? "," : "").Append('"').Append(p.Allowed[j]).Append('"');
+            sb.Append("]}");
+        }
+        sb.Append("]}\n");
+        return sb.ToString();
+    }
+}
+
+internal sealed unsafe class ControlServer : IDisposable
+{
+    internal enum Request { None, Status, StatusJson, Down, Bad }
+    private const int ControlTimeoutMs = 500;
+    private int _fd;
+    private readonly string _path;
+    internal int Fd => _fd;
+
+    private ControlServer(int fd, string path) { _fd = fd; _path = path; }
+
+    internal static ControlServer Listen(string path)
+    {
+        int fd = Libc.Socket(Libc.AF_UNIX, Libc.SOCK_STREAM | Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC, 0);
+        if (fd < 0) throw new IOException($"cannot create control socket: {Libc.ErrorText(Libc.Errno)}");
+        // A socket file left by a crashed daemon is removed; a live daemon on it is not disturbed.
+        if (File.Exists(path) && ControlClient.TryConnect(path) is int live)
+        {
+            Libc.Close(live);
+            Libc.Close(fd);
+            throw new IOException($"control socket {path} is in use by a running daemon (use --control PATH)");
+        }
+        try { File.Delete(path); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+        Span<byte> sa = stackalloc byte[Libc.SockaddrUnLen];
+        int len = Libc.WriteSockaddrUn(path, sa);
+        fixed (byte* p = sa)
+        {
+            if (Libc.Bind(fd, p, len) < 0 || Libc.Listen(fd, 8) < 0)
+            {
+                int e = Libc.Errno;
+                Libc.Close(fd);
+                throw new IOException($"cannot listen on control socket {path}: {Libc.ErrorText(e)}");
+            }
+        }
+        File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+        return new ControlServer(fd, path);
+    }
+
+    /// <summary>Accepts one client, answers it, closes it. Returns what was asked.</summary>
+    internal Request Serve(StatusView status)
+    {
+        int c = Libc.Accept4(_fd, null, null, Libc.SOCK_CLOEXEC);
+        if (c < 0) return Request.None;
+        try
+        {
+            ControlClient.SetTimeouts(c, ControlTimeoutMs);
+            string? line = ControlClient.ReadLine(c, Tune.MaxControlRequestLen);
+            Request r = line switch
+            {
+                "status" => Request.Status, "status json" => Request.StatusJson, "down" => Request.Down, _ => Request.Bad,
+            };
+            string reply = r switch
+            {
+                Request.Status => status.Text(),
+                Request.StatusJson => status.Json(),
+                Request.Down => "ok: leaving\n",
+                _ => line == null ? "error: request too long or not a line\n" : "error: unknown request (expected status, status json or down)\n",
+            };
+            ControlClient.WriteAll(c, reply);
+            return r;
+        }
+        finally { Libc.Close(c); }
+    }
+
+    public void Dispose()
+    {
+        if (_fd < 0) return;
+        Libc.Close(_fd);
+        _fd = -1;
+        try { File.Delete(_path); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+    }
+}
+
+/// <summary>The CLI side of the control socket, plus small blocking-socket helpers both sides use.</summary>
+internal static unsafe class ControlClient
+{
+    private const int SO_RCVTIMEO = 20, SO_SNDTIMEO = 21;
+
+    internal static int? TryConnect(string path)
+    {
+        int fd = Libc.Socket(Libc.AF_UNIX, Libc.SOCK_STREAM | Libc.SOCK_CLOEXEC, 0);
+        if (fd < 0) return null;
+        Span<byte> sa = stackalloc byte[Libc.SockaddrUnLen];
+        int len = Libc.WriteSockaddrUn(path, sa);
+        fixed (byte* p = sa)
+            if (Libc.Connect(fd, p, len) < 0) { Libc.Close(fd); return null; }
+        return fd;
+    }
+
+    internal static void SetTimeouts(int fd, int ms)
+    {
+        nint* tv = stackalloc nint[2];               // struct timeval: tv_sec, tv_usec (both long)
+        tv[0] = ms / 1000;
+        tv[1] = ms % 1000 * 1000;
+        Libc.SetSockOpt(fd, Libc.SOL_SOCKET, SO_RCVTIMEO, tv, 2 * sizeof(nint));
+        Libc.SetSockOpt(fd, Libc.SOL_SOCKET, SO_SNDTIMEO, tv, 2 * sizeof(nint));
+    }
+
+    /// <summary>Reads up to a newline; null when the line is longer than maxLen or never ends.</summary>
+    internal static string? ReadLine(int fd, int maxLen)
+    {
+        byte[] buf = new byte[maxLen];
+        int have = 0;
+        while (have < maxLen)
+        {
+            nint n;
+            fixed (byte* p = &buf[have]) n = Libc.Read(fd, p, (nuint)(maxLen - have));
+            if (n <= 0) break;
+            int nl = Array.IndexOf(buf, (byte)'\n', have, (int)n);
+            have += (int)n;
+            if (nl >= 0) return Encoding.UTF8.GetString(buf, 0, nl).Trim();
+        }
+        return null;
+    }
+
+    internal static void WriteAll(int fd, string text)
+    {
+        byte[] b = Encoding.UTF8.GetBytes(text);
+        int off = 0;
+        while (off < b.Length)
+        {
+            nint n;
+            fixed (byte* p = &b[off]) n = Libc.Write(fd, p, (nuint)(b.Length - off));
+            if (n <= 0) return;
+            off += (int)n;
+        }
+    }
+
+    internal static string ReadAll(int fd)
+    {
+        var ms = new MemoryStream();
+        byte[] buf = new byte[4096];
+        while (true)
+        {
+            nint n;
+            fixed (byte* p = buf) n = Libc.Read(fd, p, (nuint)buf.Length);
+            if (n <= 0) break;
+            ms.Write(buf, 0, (int)n);
+        }
+        return Encoding.UTF8.GetString(ms.ToArray());
+    }
+
+    /// <summary>Sends one request and returns the reply, or null when no daemon answers.</summary>
+    internal static string? Ask(string path, string request)
+    {
+        if (TryConnect(path) is not int fd) return null;
+        try
+        {
+            SetTimeouts(fd, 5000);
+            WriteAll(fd, request + "\n");
+            return ReadAll(fd);
+        }
+        finally { Libc.Close(fd); }
+    }
+}
+
+// ==== 16. CLI =======================================================================================
+// The verbs other than `up`: key generation, asking the running daemon, version and help. Each bad
+// input is one line on stderr and exit status 2; an unreachable daemon is exit status 1.
+
+internal static class Cli
+{
+    internal const string Version = "0.1.0";
+
+    internal static int GenKey(TextWriter stdout)
+    {
+        Key32 k = default;
+        X25519.GeneratePrivateKey(k);
+        stdout.WriteLine(k.ToBase64());
+        k.Clear();
+        return 0;
+    }
+
+    internal static int PubKey(TextReader stdin, TextWriter stdout, TextWriter stderr)
+    {
+        string? line = stdin.ReadLine();
+        if (line == null || !Key32.TryParseBase64(line, out Key32 priv))
+        {
+            stderr.WriteLine("veil: pubkey reads a base64 private key of 32 bytes on stdin");
+            return 2;
+        }
+        Key32 pub = default;
+        X25519.PublicKey(pub, priv);
+        priv.Clear();
+        stdout.WriteLine(pub.ToBase64());
+        return 0;
+    }
+
+    internal static int GenPsk(TextWriter stdout)
+    {
+        Key32 k = default;
+        RandomNumberGenerator.Fill(k);
+        stdout.WriteLine(k.ToBase64());
+        k.Clear();
+        return 0;
+    }
+
+    /// <summary>status | down: one request to the daemon's control socket.</summary>
+    internal static int Ask(string verb, string[] args, TextWriter stdout, TextWriter stderr)
+    {
+        string path = Tune.DefaultControlPath;
+        bool json = false;
+        for (int i = 1; i < args.Length; i++)
+        {
+            if (args[i] == "--json" && verb == "status") json = true;
+            else if (args[i] == "--control" && i + 1 < args.Length) path = args[++i];
+            else if (args[i].StartsWith("--control=")) path = args[i]["--control=".Length..];
+            else { stderr.WriteLine($"veil: {verb}: unknown argument '{args[i]}' (see 'veil help {verb}')"); return 2; }
+        }
+        string? reply = ControlClient.Ask(path, verb == "status" && json ? "status json" : verb);
+        if (reply == null)
+        {
+            stderr.WriteLine($"veil: no daemon answers on {path} (is 'veil up' running? use --control PATH)");
+            return 1;
+        }
+        stdout.Write(reply);
+        return reply.StartsWith("error:") ? 2 : 0;
+    }
+
+    internal static int Help(string? topic, TextWriter o)
+    {
+        switch (topic)
+        {
+            case "up":
+                o.Write("""
+                usage: veil up --key FILE --address CIDR [flags]
+                  --key FILE              private key file (base64, mode 0600)
+                  --listen ADDR:PORT      UDP listen address (default 0.0.0.0:51820, dual-stack)
+                  --address CIDR          overlay address of this node (repeatable: IPv4 and IPv6)
+                  --tun NAME              interface name (default veil0)
+                  --peer PUBKEY@HOST:PORT a peer (repeatable); IPv6 hosts in [brackets]; @HOST:PORT may be
+                                          left out for a peer that always connects first
+                  --allow CIDR            allowed IPs of the peer given just before (repeatable)
+                  --psk FILE              network secret (base64, mode 0600; 'veil genpsk')
+                  --mtu N                 interface MTU (default 1420, 1400 with IPv6 endpoints)
+                  --keepalive SECONDS     send a keepalive at least this often (0 = off, default)
+                  --rekey-after SECONDS   rotate keys after this long (default 120; tests use less)
+                  --control PATH          control socket (default /var/run/veil.sock)
+                  --log-level LEVEL       error|warn|info|debug (default info)
+
+                """);
+                return 0;
+            case "status":
+                o.WriteLine("usage: veil status [--json] [--control PATH]   show the node, its peers and counters");
+                return 0;
+            case "down":
+                o.WriteLine("usage: veil down [--control PATH]   leave gracefully: close sessions, remove the interface");
+                return 0;
+            case null:
+                o.Write("""
+                veil — mesh VPN daemon
+                usage: veil COMMAND [flags]
+                  genkey            print a new base64 private key
+                  pubkey            read a private key on stdin, print its public key
+                  genpsk            print a new base64 network secret
+                  up [flags]        run the daemon in the foreground ('veil help up')
+                  status [--json]   ask the running daemon
+                  down              leave the mesh gracefully
+                  version           print the version
+                  help [COMMAND]    this text, or a command's flags
+
+                """);
+                return 0;
+            default:
+                return -1;
+        }
+    }
+}
+

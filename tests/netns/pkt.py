@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Packet tools for the namespace tests (standard library only; run inside a namespace).
+
+  pkt.py garbage SRC DST PORT COUNT SEED
+      send COUNT random UDP datagrams from SRC to DST:PORT: random bytes of length
+      0..1500, and some that open like TLS records (16 03 03 / 17 03 03 + a plausible
+      length). Prints "sent N replies M" where M counts datagrams that came back.
+  pkt.py capture IFACE SRC PORT SECONDS MAX OUTFILE READYFILE
+      sniff (AF_PACKET) frames arriving on IFACE from SRC to UDP port PORT whose payload
+      is a record (17 03 03); write them as hex lines to OUTFILE. Touches READYFILE once
+      the socket is bound. Stops after SECONDS or MAX frames.
+  pkt.py replay IFACE FILE TIMES
+      send every frame in FILE (hex lines) out of IFACE, TIMES times over.
+"""
+import random
+import select
+import socket
+import struct
+import sys
+import time
+
+ETH_P_ALL = 0x0003
+ETH_P_IP = 0x0800
+PACKET_OUTGOING = 4
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_DONT = 0
+
+
+def garbage(src, dst, port, count, seed):
+    rng = random.Random(seed)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)  # big ones fragment
+    s.bind((src, 0))
+    s.setblocking(False)
+    sent = replies = 0
+    for _ in range(count):
+        kind = rng.random()
+        n = rng.randint(0, 1500)
+        body = rng.randbytes(n)
+        if kind < 0.15 and n >= 5:  # handshake-looking
+            body = b"\x16\x03\x03" + struct.pack(">H", n - 5) + body[5:]
+        elif kind < 0.30 and n >= 5:  # record-looking, length right or a little off
+            length = n - 5 if rng.random() < 0.8 else rng.randint(0, 0xFFFF)
+            body = b"\x17\x03\x03" + struct.pack(">H", length) + body[5:]
+        for _attempt in range(100):  # the socket buffer may be full for a moment
+            try:
+                s.sendto(body, (dst, port))
+                sent += 1
+                break
+            except BlockingIOError:
+                select.select([], [s], [], 0.01)
+        replies += drain(s)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # anything sent back arrives within a second
+        select.select([s], [], [], 0.1)
+        replies += drain(s)
+    print(f"sent {sent} replies {replies}")
+
+
+def drain(s):
+    n = 0
+    while True:
+        try:
+            s.recv(65535)
+            n += 1
+        except (BlockingIOError, ConnectionRefusedError):
+            return n
+
+
+def capture(iface, src, port, seconds, limit, outfile, readyfile):
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    s.bind((iface, 0))
+    open(readyfile, "w").close()
+    src_b = socket.inet_aton(src)
+    frames = []
+    deadline = time.monotonic() + seconds
+    while len(frames) < limit:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([s], [], [], left)[0]:
+            break
+        frame, addr = s.recvfrom(65535)
+        if addr[2] == PACKET_OUTGOING or len(frame) < 14 + 20 + 8:
+            continue
+        if struct.unpack(">H", frame[12:14])[0] != ETH_P_IP:
+            continue
+        ip = frame[14:]
+        ihl = (ip[0] & 0x0F) * 4
+        if ip[9] != socket.IPPROTO_UDP or ip[12:16] != src_b or len(ip) < ihl + 8 + 3:
+            continue
+        if struct.unpack(">H", ip[ihl + 2:ihl + 4])[0] != port:
+            continue
+        if ip[ihl + 8:ihl + 11] == b"\x17\x03\x03":
+            frames.append(frame)
+    with open(outfile, "w") as f:
+        for fr in frames:
+            f.write(fr.hex() + "\n")
+    print(f"captured {len(frames)}")
+
+
+def replay(iface, path, times):
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    s.bind((iface, 0))
+    with open(path) as f:
+        frames = [bytes.fromhex(line.strip()) for line in f if line.strip()]
+    n = 0
+    for _ in range(times):
+        for fr in frames:
+            s.send(fr)
+            n += 1
+    print(f"replayed {n}")
+
+
+def main(argv):
+    cmd = argv[1] if len(argv) > 1 else ""
+    if cmd == "garbage" and len(argv) == 7:
+        garbage(argv[2], argv[3], int(argv[4]), int(argv[5]), int(argv[6]))
+    elif cmd == "capture" and len(argv) == 9:
+        capture(argv[2], argv[3], int(argv[4]), float(argv[5]), int(argv[6]), argv[7], argv[8])
+    elif cmd == "replay" and len(argv) == 5:
+        replay(argv[2], argv[3], int(argv[4]))
+    else:
+        sys.stderr.write(__doc__)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# run-all.sh [SCENARIO...] -- run the namespace scenarios (all, or those named), one
+# after the other, each under a time limit; print "netns: N passed, M failed" and exit
+# nonzero if any failed. A scenario that leaves a namespace behind has failed; the
+# leftover is removed here.
+# Env: VEIL_BIN (default <repo>/out/veil), VEIL_LOG_LEVEL (default info).
+set -uo pipefail
+
+DIR=$(cd "$(dirname "$0")" && pwd)
+ALL=(badflags ping iperf rekey restart shutdown wrongkey garbage replay)
+declare -A LIMIT_S=([rekey]=90 [ping]=60 [wrongkey]=60)
+DEFAULT_LIMIT_S=45
+
+scenarios=("$@")
+((${#scenarios[@]})) || scenarios=("${ALL[@]}")
+
+our_namespaces() { ip netns list 2>/dev/null | awk '$1 ~ /^veil-t-/ { print $1 }' | sort; }
+
+# sweep BEFORE -- remove veil-t-* namespaces that did not exist before the scenario
+sweep() {
+	local ns pid left=0
+	for ns in $(comm -13 <(printf '%s\n' "$1") <(our_namespaces)); do
+		left=1
+		echo "# leftover namespace $ns: removing it"
+		for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
+		ip netns del "$ns" 2>/dev/null
+	done
+	return "$left"
+}
+
+passed=0 failed=0 failed_names=()
+start=$SECONDS
+for s in "${scenarios[@]}"; do
+	if [[ ! -f "$DIR/$s.sh" ]]; then
+		echo "not ok - $s: no such scenario ($DIR/$s.sh)"
+		failed=$((failed + 1)) failed_names+=("$s")
+		continue
+	fi
+	limit=${LIMIT_S[$s]:-$DEFAULT_LIMIT_S}
+	before=$(our_namespaces)
+	t0=$SECONDS
+	echo "# ---- $s (limit ${limit}s)"
+	timeout -k 10 "$limit" bash "$DIR/$s.sh" </dev/null
+	rc=$?
+	((rc == 124 || rc == 137)) && echo "not ok - $s: timed out after ${limit}s"
+	sweep "$before" || { echo "not ok - $s: left a namespace behind"; rc=1; }
+	if ((rc == 0)); then
+		passed=$((passed + 1))
+		echo "# PASS $s ($((SECONDS - t0))s)"
+	else
+		failed=$((failed + 1)) failed_names+=("$s")
+		echo "# FAIL $s (exit $rc, $((SECONDS - t0))s)"
+	fi
+done
+((failed)) && echo "# failed: ${failed_names[*]}"
+echo "# total $((SECONDS - start))s"
+echo "netns: $passed passed, $failed failed"
+((failed == 0))
