@@ -2625,9 +2625,10 @@ internal sealed class Node
             DropSessions(p);
             return 0;
         }
-        if (s.IsInitiator && s == p.Current &&
-            ((flags & RecordFlags.Rekey) != 0 || nowMs - s.CreatedMs >= Spec.RejectAfterTimeMs - Spec.KeepaliveTimeoutMs - Spec.RekeyTimeoutMs))
-            StartHandshake(p, nowMs, retransmit: false);
+        // The peer asks for new keys (its session is due but it is not the initiator), or ours is nearly expired.
+        bool asked = (flags & RecordFlags.Rekey) != 0 && (p.Current == null || nowMs - p.Current.CreatedMs >= RekeyAfterMs);
+        bool expiring = s.IsInitiator && s == p.Current && nowMs - s.CreatedMs >= Spec.RejectAfterTimeMs - Spec.KeepaliveTimeoutMs - Spec.RekeyTimeoutMs;
+        if (asked || expiring) StartHandshake(p, nowMs, retransmit: false);
         if (len == 0 || (flags & RecordFlags.Data) == 0) return 0;   // keepalive, bind, or control (not yet used)
         ReadOnlySpan<byte> packet = d.Slice(Record.PayloadOffset, len);
         int ipLen = IpPacketLen(packet);

@@ -1,0 +1,433 @@
+using System.Buffers.Binary;
+using System.Net;
+
+namespace Veil.Tests;
+
+/// <summary>Two or three nodes in one process (loopback dataplane, in-memory UDP, test clock).</summary>
+public class NodeTests
+{
+    private static int Drops(TestNode n, DropReason r) => (int)n.Node.Counters.Drops[(int)r];
+
+    [Fact]
+    public void Tunnel_FirstPacketBeforeAnyHandshake_IsDelivered()
+    {
+        var t = TestNet.FullMesh(2);
+        byte[] p = Packets.Udp4("100.64.0.1", "100.64.0.2", 100, 7);
+        t.Nodes[0].Tun.Inject(p);
+        t.Pump();
+        Assert.Single(t.Nodes[1].Tun.Written);
+        Assert.Equal(p, t.Nodes[1].Tun.Written[0]);
+        Assert.Equal(1, t.Nodes[0].Node.Counters.HandshakesCompleted);
+        Assert.Equal(1, t.Nodes[1].Node.Counters.HandshakesCompleted);
+    }
+
+    [Fact]
+    public void Tunnel_IPv4AndIPv6BothWays_Delivered()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        Assert.Equal(1, t.Send(0, 1));
+        Assert.Equal(1, t.Send(1, 0));
+        t.Nodes[0].Tun.Inject(Packets.Udp6("fd00:64::1", "fd00:64::2", 40));
+        t.Nodes[1].Tun.Inject(Packets.Udp6("fd00:64::2", "fd00:64::1", 40));
+        t.Pump();
+        Assert.Equal(2, t.Nodes[1].Tun.Written.Count);
+        Assert.Equal(2, t.Nodes[0].Tun.Written.Count);
+    }
+
+    [Fact]
+    public void Tunnel_ManyPacketsStagedBeforeHandshake_AllDeliveredInOrder()
+    {
+        var t = TestNet.FullMesh(2);
+        for (int i = 0; i < Tune.MaxStagedPackets; i++) t.Nodes[0].Tun.Inject(Packets.Udp4("100.64.0.1", "100.64.0.2", 32, (byte)i));
+        t.Pump();
+        var got = t.Nodes[1].Tun.Written;
+        Assert.Equal(Tune.MaxStagedPackets, got.Count);
+        for (int i = 0; i < got.Count; i++) Assert.Equal((byte)i, got[i][28]);
+    }
+
+    [Fact]
+    public void Outbound_NoRoute_DroppedAndCounted()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Nodes[0].Tun.Inject(Packets.Udp4("100.64.0.1", "100.64.0.77", 10));
+        t.Pump();
+        Assert.Equal(1, Drops(t.Nodes[0], DropReason.NoRoute));
+        Assert.Empty(t.Nodes[1].Tun.Written);
+    }
+
+    [Fact]
+    public void Inbound_SourceNotRoutedToSender_Dropped()
+    {
+        var t = TestNet.FullMesh(3);
+        t.Start();
+        // node 0 sends to node 1 a packet claiming node 2's overlay address as its source
+        t.Nodes[0].Tun.Inject(Packets.Udp4("100.64.0.3", "100.64.0.2", 10));
+        t.Pump();
+        Assert.Empty(t.Nodes[1].Tun.Written);
+        Assert.Equal(1, Drops(t.Nodes[1], DropReason.SourceNotAllowed));
+    }
+
+    [Fact]
+    public void Rekey_Every3sFor20s_NoPacketLost()
+    {
+        var t = TestNet.FullMesh(2, c => c.RekeyAfterTimeMs = 3000);
+        t.Start();
+        int sent = 0, received = 0;
+        for (int step = 0; step < 200; step++)
+        {
+            received += t.Send(0, 1, 100, (byte)step);
+            received += t.Send(1, 0, 100, (byte)step);
+            sent += 2;
+            t.Advance(100);
+        }
+        Assert.Equal(sent, received);
+        Assert.True(t.Nodes[0].Node.Counters.HandshakesCompleted + t.Nodes[1].Node.Counters.HandshakesCompleted >= 12,
+            $"handshakes: {t.Nodes[0].Node.Counters.HandshakesCompleted} + {t.Nodes[1].Node.Counters.HandshakesCompleted}");
+    }
+
+    [Fact]
+    public void Rekey_After120s_NewSessionAndNoLoss()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        Session first = t.Nodes[0].Node.Peers[0].Current!;
+        int received = 0;
+        for (int s = 0; s < 130; s++) { received += t.Send(0, 1); received += t.Send(1, 0); t.Advance(1000, 1000); }
+        Assert.Equal(260, received);
+        Assert.NotSame(first, t.Nodes[0].Node.Peers[0].Current);
+        Assert.True(t.Nodes[0].Node.Peers[0].Current!.CreatedMs > first.CreatedMs + 119_000);
+    }
+
+    [Fact]
+    public void Session_OlderThanRejectAfterTime_NeverUsed()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        t.Net.Filter = (_, _, _) => false;          // the network goes dark
+        t.NowMs += Spec.RejectAfterTimeMs;
+        Peer p = t.Nodes[0].Node.Peers[0];
+        Assert.False(p.HasReadySession(t.NowMs, Spec.RejectAfterTimeMs));
+        int sentBefore = t.Nodes[0].Udp.Sent.Count;
+        t.Nodes[0].Tun.Inject(Packets.Udp4("100.64.0.1", "100.64.0.2", 10));
+        t.Pump();
+        // the only thing sent is a ClientHello, never a record under the old keys
+        Assert.Single(t.Nodes[0].Udp.Sent.Skip(sentBefore));
+        Assert.Equal(Spec.TlsHandshake, t.Nodes[0].Udp.Sent[^1][0]);
+    }
+
+    [Fact]
+    public void Shutdown_SendsClose_PeerDropsSessionAtOnce()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        Assert.Equal("up", t.Nodes[1].Node.Peers[0].State(t.NowMs, Spec.RejectAfterTimeMs));
+        t.Nodes[0].Node.Shutdown(t.NowMs);
+        t.Nodes[0].Worker.FlushUdp(t.Nodes[0].Node.UdpOut);
+        t.Nodes.RemoveAt(0);
+        t.Pump();
+        Assert.NotEqual("up", t.Nodes[0].Node.Peers[0].State(t.NowMs, Spec.RejectAfterTimeMs));
+        Assert.Contains("event=session_closed", t.Nodes[0].LogText.ToString());
+    }
+
+    [Fact]
+    public void PeerRestart_WithNewProcess_TalkingAgainQuickly()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        Assert.Equal(1, t.Send(0, 1));
+        // node 1 is killed (-9: no close record) and a new process starts with the same key
+        var fresh = TestNet.FullMesh(2);
+        t.Nodes[1].Udp.Dispose();
+        t.Nodes[1] = new TestNode(t.Net, t.Nodes[1].Private, NodeConfigOf(fresh, 1), TestNet.Ep(1), "100.64.0.2", 1_800_000_000_000_000_000L);
+        t.Nodes[1].Node.Start(t.NowMs);
+        t.Nodes[1].Worker.FlushUdp(t.Nodes[1].Node.UdpOut);
+        t.Pump();
+        Assert.Equal(1, t.Send(0, 1));
+        Assert.Equal(1, t.Send(1, 0));
+    }
+
+    [Fact]
+    public void PeerRestart_ThatDoesNotInitiate_RecoveredWithin15s()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        var cfg = NodeConfigOf(TestNet.FullMesh(2), 1);
+        cfg.Peers[0].Endpoint = default;            // the new process does not know where node 0 is
+        t.Nodes[1].Udp.Dispose();
+        t.Nodes[1] = new TestNode(t.Net, t.Nodes[1].Private, cfg, TestNet.Ep(1), "100.64.0.2", 1_800_000_000_000_000_000L);
+        int received = 0;
+        long start = t.NowMs;
+        while (received == 0 && t.NowMs - start <= 15_000)
+        {
+            received += t.Send(0, 1);
+            t.Advance(500);
+        }
+        Assert.True(received > 0, "no packet got through within 15 s");
+    }
+
+    private static UpConfig NodeConfigOf(TestNet fresh, int i)
+    {
+        // Rebuild the config the harness would give node i (peers, allowed prefixes, endpoints).
+        var n = fresh.Nodes[i];
+        var cfg = new UpConfig { PrivateKey = n.Private, Mtu = 1420 };
+        foreach (Peer p in n.Node.Peers)
+        {
+            var pc = new PeerConfig { PublicKey = p.PublicKey, Endpoint = p.Endpoint };
+            pc.Allowed.AddRange(p.Allowed);
+            cfg.Peers.Add(pc);
+        }
+        return cfg;
+    }
+
+    [Fact]
+    public void Roaming_PeerMovesToNewEndpoint_RepliesFollowIt()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        var moved = Endpoint.FromIp(IPAddress.Parse("203.0.113.9"), 40000);
+        t.Nodes[1].Udp.Dispose();
+        t.Nodes[1].Udp.Self = moved;
+        t.Net.Hosts[moved] = t.Nodes[1].Udp;
+        Assert.Equal(1, t.Send(1, 0));
+        Assert.Equal(moved, t.Nodes[0].Node.Peers[0].Endpoint);
+        Assert.Equal(1, t.Send(0, 1));
+    }
+
+    [Fact]
+    public void ReplayedRecord_NotDelivered_CountedAsReplayed()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        byte[]? captured = null;
+        t.Net.Filter = (_, _, d) => { if (d[0] == Spec.TlsApplicationData) captured = d; return true; };
+        Assert.Equal(1, t.Send(0, 1));
+        t.Net.Filter = null;
+        t.Nodes[1].Udp.Deliver(captured!, t.Nodes[0].Endpoint);
+        t.Pump();
+        Assert.Single(t.Nodes[1].Tun.Written);
+        Assert.Equal(1, Drops(t.Nodes[1], DropReason.Replayed));
+    }
+
+    [Fact]
+    public void RandomDatagrams_NeverThrow_TunnelStillWorks()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        var rng = new Random(1234);
+        var from = Endpoint.FromIp(IPAddress.Parse("198.51.100.99"), 999);
+        uint liveIndex = t.Nodes[1].Node.Peers[0].Current!.LocalIndex;
+        for (int i = 0; i < 5000; i++)
+        {
+            byte[] d = new byte[rng.Next(0, 1500)];
+            rng.NextBytes(d);
+            if (d.Length > 20 && i % 3 == 0)
+            {
+                // make it look like a record or a handshake so it gets past Classify
+                d[0] = i % 2 == 0 ? Spec.TlsApplicationData : Spec.TlsHandshake;
+                d[1] = 3; d[2] = 3;
+                BinaryPrimitives.WriteUInt16BigEndian(d.AsSpan(3), (ushort)(d.Length - 5));
+                if (i % 6 == 0) BinaryPrimitives.WriteUInt32BigEndian(d.AsSpan(7), liveIndex);
+            }
+            t.Nodes[1].Udp.Deliver(d, from);
+        }
+        t.Pump();
+        Assert.Empty(t.Nodes[1].Tun.Written);
+        long drops = t.Nodes[1].Node.Counters.Drops.Sum();
+        Assert.True(drops >= 4900, $"drops {drops}");
+        Assert.Equal(1, t.Send(0, 1));
+        Assert.Equal(1, t.Send(1, 0));
+    }
+
+    [Fact]
+    public void WrongPsk_NoTunnel_InitiatorLogsServerHelloAuth()
+    {
+        var t = TestNet.FullMesh(2, c => RandomNumberGeneratorFill(c));
+        t.Start();
+        Assert.Equal(0, t.Send(0, 1));
+        Assert.Contains("reason=server_hello_auth", t.Nodes[0].LogText.ToString());
+    }
+
+    private static void RandomNumberGeneratorFill(UpConfig c) => System.Security.Cryptography.RandomNumberGenerator.Fill(c.Psk);
+
+    [Fact]
+    public void SamePsk_Tunnel()
+    {
+        var psk = TestNode.KeyFromSeed(99);
+        var t = TestNet.FullMesh(2, c => c.Psk = psk);
+        t.Start();
+        Assert.Equal(1, t.Send(0, 1));
+    }
+
+    [Fact]
+    public void WrongPeerKey_NoTunnel_ResponderLogsBadMac1()
+    {
+        var t = TestNet.FullMesh(2, c => { if (c.PrivateKey[1] == TestNode.KeyFromSeed(1)[1]) c.Peers[0].PublicKey = TestNode.KeyFromSeed(50); });
+        t.Start();
+        Assert.Equal(0, t.Send(0, 1));
+        Assert.Contains("reason=bad_mac1", t.Nodes[1].LogText.ToString());
+        Assert.True(Drops(t.Nodes[1], DropReason.BadMac1) > 0);
+    }
+
+    [Fact]
+    public void UnknownStaticKey_ResponderLogsUnknownPeer()
+    {
+        var t = TestNet.FullMesh(2, c => { if (c.PrivateKey[1] == TestNode.KeyFromSeed(2)[1]) c.Peers[0].PublicKey = TestNode.KeyFromSeed(50); });
+        t.Start();
+        Assert.Equal(0, t.Send(0, 1));
+        Assert.Contains("reason=unknown_peer", t.Nodes[1].LogText.ToString());
+    }
+
+    [Fact]
+    public void Handshake_NoAnswer_RetransmitsWithBackoffThenGivesUp()
+    {
+        var t = TestNet.FullMesh(2);
+        var hellos = new List<long>();
+        t.Net.Filter = (from, _, d) => { if (from.Equals(t.Nodes[0].Endpoint)) hellos.Add(t.NowMs); return false; };
+        t.Nodes[0].Tun.Inject(Packets.Udp4("100.64.0.1", "100.64.0.2", 10));
+        t.Pump();
+        t.Advance(200_000, 50);
+        Assert.InRange(hellos.Count, 5, Spec.MaxHandshakeAttempts);
+        long firstGap = hellos[1] - hellos[0], laterGap = hellos[^1] - hellos[^2];
+        Assert.InRange(firstGap, Spec.FirstRetransmitMs, Spec.FirstRetransmitMs + Spec.RekeyTimeoutJitterMaxMs + 50);
+        Assert.InRange(laterGap, Spec.RekeyTimeoutMs, Spec.RekeyTimeoutMs + Spec.RekeyTimeoutJitterMaxMs + 50);
+        Assert.True(hellos[^1] - hellos[0] <= Spec.RekeyAttemptTimeMs);
+        Assert.Contains("event=handshake_gave_up", t.Nodes[0].LogText.ToString());
+        Assert.Equal(0, t.Nodes[0].Node.Peers[0].StagedCount);
+    }
+
+    [Fact]
+    public void UnderLoad_HelloWithoutCookie_GetsCookieReply_ThenCompletes()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Nodes[1].Node.Handshaker.ForceUnderLoad = true;
+        t.Nodes[0].Tun.Inject(Packets.Udp4("100.64.0.1", "100.64.0.2", 10));
+        t.Pump();
+        Assert.Empty(t.Nodes[1].Tun.Written);
+        Assert.Equal(1, t.Nodes[1].Node.Counters.CookiesSent);
+        Assert.Equal(0, t.Nodes[1].Node.Counters.HandshakesCompleted);
+        t.Advance(1500);                              // the retransmit carries MAC2
+        Assert.Single(t.Nodes[1].Tun.Written);
+    }
+
+    [Fact]
+    public void ReplayedClientHello_Ignored()
+    {
+        var t = TestNet.FullMesh(2);
+        byte[]? hello = null;
+        t.Net.Filter = (from, _, d) => { if (d[0] == Spec.TlsHandshake && d[5] == 1 && from.Equals(t.Nodes[0].Endpoint)) hello ??= d; return true; };
+        t.Nodes[0].Node.Start(t.NowMs);
+        t.Nodes[0].Worker.FlushUdp(t.Nodes[0].Node.UdpOut);
+        t.Pump();
+        Assert.NotNull(hello);
+        int sentBefore = t.Nodes[1].Udp.Sent.Count;
+        for (int i = 0; i < 3; i++)
+        {
+            t.Advance(2000);
+            t.Nodes[1].Udp.Deliver(hello!, t.Nodes[0].Endpoint);
+            t.Pump();
+        }
+        Assert.Equal(3, Drops(t.Nodes[1], DropReason.StaleHello));
+        Assert.Equal(sentBefore, t.Nodes[1].Udp.Sent.Count);    // no ServerHello for a replay
+        Assert.Equal(1, t.Send(0, 1));
+    }
+
+    [Fact]
+    public void ClockWentBackwards_AfterReboot_StillConnects()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        // node 0 reboots with a wall clock an hour in the past
+        var cfg = NodeConfigOf(TestNet.FullMesh(2), 0);
+        t.Nodes[0].Udp.Dispose();
+        t.Nodes[0] = new TestNode(t.Net, t.Nodes[0].Private, cfg, TestNet.Ep(0), "100.64.0.1", 1_700_000_000_000_000_000L - 3_600_000_000_000L);
+        t.Advance(Tune.StaleHelloIntervalMs);
+        Assert.Equal(1, t.Send(0, 1));
+        Assert.Equal(1, t.Send(1, 0));
+    }
+
+    [Fact]
+    public void SustainedDecryptFailures_StartFreshHandshake()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        Session s = t.Nodes[1].Node.Peers[0].Current!;
+        long before = t.Nodes[1].Node.Counters.HandshakesInitiated;
+        byte[] forged = new byte[100];
+        forged[0] = Spec.TlsApplicationData; forged[1] = 3; forged[2] = 3;
+        BinaryPrimitives.WriteUInt16BigEndian(forged.AsSpan(3), 95);
+        BinaryPrimitives.WriteUInt32BigEndian(forged.AsSpan(Record.IndexOffset), s.LocalIndex);
+        for (int i = 0; i < Tune.DecryptFailuresBeforeRehandshake; i++)
+        {
+            BinaryPrimitives.WriteUInt64BigEndian(forged.AsSpan(Record.CounterOffset), (ulong)(1000 + i));
+            t.Nodes[1].Udp.Deliver((byte[])forged.Clone(), t.Nodes[0].Endpoint);
+        }
+        t.Pump();
+        Assert.Equal(Tune.DecryptFailuresBeforeRehandshake, Drops(t.Nodes[1], DropReason.BadAuth));
+        Assert.Equal(before + 1, t.Nodes[1].Node.Counters.HandshakesInitiated);
+        Assert.Equal(1, t.Send(0, 1));
+    }
+
+    [Fact]
+    public void PassiveKeepalive_AfterKeepaliveTimeout_WhenOnlyReceiving()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        Assert.Equal(1, t.Send(0, 1));
+        int sent = t.Nodes[1].Udp.Sent.Count;
+        t.Advance(Spec.KeepaliveTimeoutMs - 200);
+        Assert.Equal(sent, t.Nodes[1].Udp.Sent.Count);
+        t.Advance(400);
+        Assert.Equal(sent + 1, t.Nodes[1].Udp.Sent.Count);
+    }
+
+    [Fact]
+    public void PersistentKeepalive_SentAtInterval()
+    {
+        var t = TestNet.FullMesh(2, c => c.PersistentKeepaliveMs = 5000);
+        t.Start();
+        int sent = t.Nodes[0].Udp.Sent.Count;
+        t.Advance(25_000);
+        Assert.InRange(t.Nodes[0].Udp.Sent.Count - sent, 4, 6);
+    }
+
+    [Fact]
+    public void SteadyState_SealRouteOpen_AllocatesNothing()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        Node a = t.Nodes[0].Node, b = t.Nodes[1].Node;
+        var outBatch = new PacketBatch(Tune.BatchSize, Tune.SlotLen);
+        var inBatch = new PacketBatch(Tune.BatchSize, Tune.SlotLen);
+        byte[] packet = Packets.Udp4("100.64.0.1", "100.64.0.2", 1392);
+        var from = t.Nodes[0].Endpoint;
+        void RoundTrip()
+        {
+            outBatch.Count = Tune.BatchSize;
+            for (int i = 0; i < Tune.BatchSize; i++)
+            {
+                packet.CopyTo(outBatch.Slot(i)[Record.PayloadOffset..]);
+                outBatch.Offset[i] = Record.PayloadOffset;
+                outBatch.Length[i] = packet.Length;
+            }
+            a.ProcessTunBatch(outBatch, t.NowMs);
+            inBatch.Count = Tune.BatchSize;
+            for (int i = 0; i < Tune.BatchSize; i++)
+            {
+                outBatch.Packet(i).CopyTo(inBatch.Slot(i));
+                inBatch.Offset[i] = 0;
+                inBatch.Length[i] = outBatch.Length[i];
+                inBatch.Endpoints[i] = from;
+            }
+            b.ProcessUdpBatch(inBatch, t.NowMs);
+        }
+        for (int i = 0; i < 20; i++) RoundTrip();   // warm-up: JIT, tiering, first-use paths
+        long gen0 = GC.CollectionCount(0);
+        long before = GC.GetAllocatedBytesForCurrentThread();
+        for (int i = 0; i < 200; i++) RoundTrip();  // 12,800 records each way
+        long allocated = GC.GetAllocatedBytesForCurrentThread() - before;
+        Assert.Equal(0, allocated);
+        Assert.Equal(gen0, GC.CollectionCount(0));
+        Assert.Equal(12_800 + 20 * 64, b.Counters.TunTxPackets);
+    }
+}

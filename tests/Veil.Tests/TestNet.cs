@@ -1,0 +1,150 @@
+using System.Buffers.Binary;
+using System.Net;
+
+namespace Veil.Tests;
+
+/// <summary>In-process nodes on the loopback dataplane and an in-memory UDP network, with a test clock.</summary>
+internal sealed class TestNode
+{
+    internal readonly Key32 Private;
+    internal readonly Key32 Public;
+    internal readonly Endpoint Endpoint;
+    internal readonly Node Node;
+    internal readonly LoopbackDataplane Tun = new();
+    internal readonly LoopbackUdp Udp;
+    internal readonly Worker Worker;
+    internal readonly Log Log;
+    internal readonly StringWriter LogText = new();
+    internal readonly string Overlay;     // e.g. 100.64.0.1
+
+    internal TestNode(LoopbackNet net, Key32 priv, UpConfig cfg, Endpoint self, string overlay, long unixNs)
+    {
+        Private = priv;
+        X25519.PublicKey(Public, priv);
+        Endpoint = self;
+        Overlay = overlay;
+        Log = new Log(LogText, LogLevel.Debug);
+        Node = new Node(cfg, Log, new Counters());
+        long t = unixNs;
+        Node.UnixNs = () => t += 1_000_000;
+        Udp = new LoopbackUdp(net, self);
+        Worker = new Worker(Node, Tun, Udp);
+    }
+
+    internal static Key32 KeyFromSeed(byte seed)
+    {
+        Key32 k = default;
+        for (int i = 0; i < 32; i++) k[i] = (byte)(seed * 31 + i);
+        k[0] &= 248; k[31] &= 127; k[31] |= 64;
+        return k;
+    }
+}
+
+internal sealed class TestNet
+{
+    internal readonly LoopbackNet Net = new();
+    internal long NowMs = 1_000_000;
+    internal readonly List<TestNode> Nodes = new();
+
+    /// <summary>n nodes, each with overlay 100.64.0.(i+1) and every other node as a peer allowed its /32.</summary>
+    internal static TestNet FullMesh(int n, Action<UpConfig>? tweak = null, byte seedBase = 1)
+    {
+        var t = new TestNet();
+        var keys = new Key32[n];
+        var pubs = new Key32[n];
+        for (int i = 0; i < n; i++) { keys[i] = TestNode.KeyFromSeed((byte)(seedBase + i)); X25519.PublicKey(pubs[i], keys[i]); }
+        for (int i = 0; i < n; i++)
+        {
+            var cfg = new UpConfig { PrivateKey = keys[i], Mtu = 1420 };
+            for (int j = 0; j < n; j++)
+            {
+                if (j == i) continue;
+                var pc = new PeerConfig { PublicKey = pubs[j], Endpoint = Ep(j) };
+                pc.Allowed.Add(IpPrefix.Parse($"100.64.0.{j + 1}/32"));
+                pc.Allowed.Add(IpPrefix.Parse($"fd00:64::{j + 1}/128"));
+                cfg.Peers.Add(pc);
+            }
+            tweak?.Invoke(cfg);
+            t.Nodes.Add(new TestNode(t.Net, keys[i], cfg, Ep(i), $"100.64.0.{i + 1}", 1_700_000_000_000_000_000L));
+        }
+        return t;
+    }
+
+    internal static Endpoint Ep(int i) => Endpoint.FromIp(IPAddress.Parse($"192.0.2.{i + 1}"), 51820);
+
+    /// <summary>Moves packets until nothing is left in flight (bounded), then runs the timers.</summary>
+    internal void Pump()
+    {
+        for (int round = 0; round < 1000; round++)
+        {
+            bool any = false;
+            foreach (TestNode n in Nodes)
+            {
+                while (n.Tun.Pending > 0) { n.Worker.PumpTun(NowMs); any = true; }
+                while (n.Udp.Pending > 0) { n.Worker.PumpUdp(NowMs); any = true; }
+            }
+            foreach (TestNode n in Nodes) n.Worker.PumpTimers(NowMs);
+            if (!any && Nodes.TrueForAll(n => n.Tun.Pending == 0 && n.Udp.Pending == 0)) return;
+        }
+        throw new InvalidOperationException("network did not settle in 1000 rounds");
+    }
+
+    /// <summary>Advances the clock in steps, pumping at each.</summary>
+    internal void Advance(long ms, long stepMs = 100)
+    {
+        for (long done = 0; done < ms; done += stepMs)
+        {
+            NowMs += Math.Min(stepMs, ms - done);
+            Pump();
+        }
+    }
+
+    internal void Start()
+    {
+        foreach (TestNode n in Nodes) { n.Node.Start(NowMs); n.Worker.FlushUdp(n.Node.UdpOut); }
+        Pump();
+    }
+
+    /// <summary>Injects a packet from node a to node b's overlay address; returns how many copies b received.</summary>
+    internal int Send(int a, int b, int payloadLen = 64, byte tag = 0)
+    {
+        TestNode src = Nodes[a], dst = Nodes[b];
+        int before = dst.Tun.Written.Count;
+        src.Tun.Inject(Packets.Udp4(src.Overlay, dst.Overlay, payloadLen, tag));
+        Pump();
+        return dst.Tun.Written.Count - before;
+    }
+}
+
+internal static class Packets
+{
+    /// <summary>A minimal IPv4/UDP packet (checksums are not checked on this path).</summary>
+    internal static byte[] Udp4(string src, string dst, int payloadLen, byte tag = 0)
+    {
+        byte[] p = new byte[28 + payloadLen];
+        p[0] = 0x45;
+        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(2), (ushort)p.Length);
+        p[8] = 64;
+        p[9] = 17;
+        IPAddress.Parse(src).GetAddressBytes().CopyTo(p, 12);
+        IPAddress.Parse(dst).GetAddressBytes().CopyTo(p, 16);
+        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(20), 1234);
+        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(22), 5678);
+        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(24), (ushort)(8 + payloadLen));
+        for (int i = 0; i < payloadLen; i++) p[28 + i] = (byte)(tag + i);
+        return p;
+    }
+
+    internal static byte[] Udp6(string src, string dst, int payloadLen)
+    {
+        byte[] p = new byte[48 + payloadLen];
+        p[0] = 0x60;
+        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(4), (ushort)(8 + payloadLen));
+        p[6] = 17;
+        p[7] = 64;
+        IPAddress.Parse(src).GetAddressBytes().CopyTo(p, 8);
+        IPAddress.Parse(dst).GetAddressBytes().CopyTo(p, 24);
+        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(44), (ushort)(8 + payloadLen));
+        return p;
+    }
+}
