@@ -1,0 +1,73 @@
+namespace Veil.Tests;
+
+public class CliTests
+{
+    [Fact]
+    public void GenKey_PubKey_RoundTrip()
+    {
+        var o = new StringWriter();
+        Assert.Equal(0, Cli.GenKey(o));
+        string priv = o.ToString().Trim();
+        Assert.True(Key32.TryParseBase64(priv, out Key32 k));
+        Assert.Equal(248 & k[0], k[0]);                 // clamped
+        var pub = new StringWriter();
+        Assert.Equal(0, Cli.PubKey(new StringReader(priv + "\n"), pub, new StringWriter()));
+        Key32 expect = default;
+        X25519.PublicKey(expect, k);
+        Assert.Equal(expect.ToBase64(), pub.ToString().Trim());
+    }
+
+    [Fact]
+    public void PubKey_Garbage_Exit2OneLine()
+    {
+        var err = new StringWriter();
+        Assert.Equal(2, Cli.PubKey(new StringReader("hello\n"), new StringWriter(), err));
+        Assert.Single(err.ToString().Trim().Split('\n'));
+        Assert.Equal(2, Cli.PubKey(new StringReader(""), new StringWriter(), new StringWriter()));
+    }
+
+    [Fact]
+    public void GenPsk_32RandomBytes()
+    {
+        var a = new StringWriter();
+        var b = new StringWriter();
+        Cli.GenPsk(a);
+        Cli.GenPsk(b);
+        Assert.Equal(32, Convert.FromBase64String(a.ToString().Trim()).Length);
+        Assert.NotEqual(a.ToString(), b.ToString());
+    }
+
+    [Fact]
+    public void Status_NoDaemon_Exit1()
+    {
+        var err = new StringWriter();
+        Assert.Equal(1, Cli.Ask("status", new[] { "status", "--control", "/tmp/veil-no-such-" + Guid.NewGuid() + ".sock" }, new StringWriter(), err));
+        Assert.Contains("no daemon", err.ToString());
+    }
+
+    [Fact]
+    public void Status_BadArgument_Exit2()
+    {
+        Assert.Equal(2, Cli.Ask("status", new[] { "status", "--frobnicate" }, new StringWriter(), new StringWriter()));
+        Assert.Equal(2, Cli.Ask("down", new[] { "down", "--json" }, new StringWriter(), new StringWriter()));
+    }
+
+    [Fact]
+    public void Main_UnknownVerbAndHelp()
+    {
+        Assert.Equal(2, Program.Main(new[] { "frobnicate" }));
+        Assert.Equal(0, Program.Main(new[] { "help" }));
+        Assert.Equal(0, Program.Main(new[] { "help", "up" }));
+        Assert.Equal(2, Program.Main(new[] { "help", "nothing" }));
+        Assert.Equal(0, Program.Main(new[] { "version" }));
+    }
+
+    [Fact]
+    public void Help_Up_ListsEveryFlag()
+    {
+        var o = new StringWriter();
+        Cli.Help("up", o);
+        foreach (string f in new[] { "--key", "--listen", "--address", "--tun", "--peer", "--allow", "--psk", "--mtu", "--keepalive", "--rekey-after", "--control", "--log-level" })
+            Assert.Contains(f, o.ToString());
+    }
+}
