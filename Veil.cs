@@ -355,7 +355,14 @@ internal sealed class Log
     /// <summary>Writes "ts=… level=… event=NAME fields" unless the level is off or NAME is over budget.</summary>
     internal void Write(LogLevel level, string name, string fields)
     {
-        if (!On(level)) return;
+        if (Wants(level, name)) Emit(level, name, fields);
+    }
+
+    /// <summary>True (and one line of NAME's budget spent) when a line may be written now. Callers on
+    /// paths an attacker can drive ask first, so a flood costs no string formatting.</summary>
+    internal bool Wants(LogLevel level, string name)
+    {
+        if (!On(level)) return false;
         long nowMs = Mono.NowMs();
         if (!_budgets.TryGetValue(name, out Budget? b)) _budgets[name] = b = new Budget { WindowStartMs = nowMs };
         if (nowMs - b.WindowStartMs >= Tune.LogWindowMs)
@@ -363,9 +370,9 @@ internal sealed class Log
             if (b.Suppressed > 0) Emit(LogLevel.Warn, "log_suppressed", $"of={name} lines={b.Suppressed}");
             b.WindowStartMs = nowMs; b.Used = 0; b.Suppressed = 0;
         }
-        if (b.Used >= Tune.LogBurst) { b.Suppressed++; return; }
+        if (b.Used >= Tune.LogBurst) { b.Suppressed++; return false; }
         b.Used++;
-        Emit(level, name, fields);
+        return true;
     }
 
     internal void Error(string name, string fields) => Write(LogLevel.Error, name, fields);
@@ -373,7 +380,7 @@ internal sealed class Log
     internal void Info(string name, string fields) => Write(LogLevel.Info, name, fields);
     internal void Debug(string name, string fields) => Write(LogLevel.Debug, name, fields);
 
-    private void Emit(LogLevel level, string name, string fields)
+    internal void Emit(LogLevel level, string name, string fields)
     {
         string ts = DateTime.UtcNow.ToString("yyyy-MM-ddTHH:mm:ss.fffZ", System.Globalization.CultureInfo.InvariantCulture);
         _out.WriteLine($"ts={ts} level={LevelName(level)} event={name}{(fields.Length > 0 ? " " : "")}{fields}");
@@ -2673,19 +2680,21 @@ internal sealed class Node
                 return;
             case HandshakeVerdict.BadMac1:
                 Counters.Drop(DropReason.BadMac1);
-                Log.Warn("handshake_dropped", $"reason=bad_mac1 from={from} hint=\"the sender does not have our public key\"");
+                if (Log.Wants(LogLevel.Warn, "handshake_dropped"))
+                    Log.Emit(LogLevel.Warn, "handshake_dropped", $"reason=bad_mac1 from={from} hint=\"the sender does not have our public key\"");
                 return;
             case HandshakeVerdict.UnknownPeer:
                 Counters.Drop(DropReason.UnknownPeer);
-                Log.Warn("handshake_dropped", $"reason=unknown_peer from={from} hint=\"ClientHello from a key that is not a configured peer\"");
+                if (Log.Wants(LogLevel.Warn, "handshake_dropped"))
+                    Log.Emit(LogLevel.Warn, "handshake_dropped", $"reason=unknown_peer from={from} hint=\"ClientHello from a key that is not a configured peer\"");
                 return;
             case HandshakeVerdict.StaleHello:
                 Counters.Drop(DropReason.StaleHello);
-                Log.Debug("handshake_dropped", $"reason=stale_hello from={from}");
+                if (Log.Wants(LogLevel.Debug, "handshake_dropped")) Log.Emit(LogLevel.Debug, "handshake_dropped", $"reason=stale_hello from={from}");
                 return;
             default:
                 Counters.Drop(DropReason.HandshakeFailed);
-                Log.Debug("handshake_dropped", $"reason=client_hello_auth from={from}");
+                if (Log.Wants(LogLevel.Debug, "handshake_dropped")) Log.Emit(LogLevel.Debug, "handshake_dropped", $"reason=client_hello_auth from={from}");
                 return;
         }
         Peer p = _hello.Peer!;
@@ -2707,7 +2716,7 @@ internal sealed class Node
         if (Handshaker.CheckServerHelloMac(d) != HandshakeVerdict.Ok)
         {
             Counters.Drop(DropReason.BadMac1);
-            Log.Warn("handshake_dropped", $"reason=bad_mac1 from={from} message=server_hello");
+            if (Log.Wants(LogLevel.Warn, "handshake_dropped")) Log.Emit(LogLevel.Warn, "handshake_dropped", $"reason=bad_mac1 from={from} message=server_hello");
             return;
         }
         Peer? p = Indexes.FindHandshake(BinaryPrimitives.ReadUInt32BigEndian(d[Wire.ServerHelloReceiverOffset..]));
@@ -2716,7 +2725,7 @@ internal sealed class Node
         if (v != HandshakeVerdict.Ok || keys == null)
         {
             Counters.Drop(DropReason.HandshakeFailed);
-            Log.Warn("handshake_failed", $"peer={p.Name} reason=server_hello_auth from={from} hint=\"the peer answered but its ServerHello did not authenticate: different network secret (--psk) or wrong peer key\"");
+            if (Log.Wants(LogLevel.Warn, "handshake_failed")) Log.Emit(LogLevel.Warn, "handshake_failed", $"peer={p.Name} reason=server_hello_auth from={from} hint=\"the peer answered but its ServerHello did not authenticate: different network secret (--psk) or wrong peer key\"");
             return;
         }
         Indexes.RemoveHandshake(p.Pending!.LocalIndex);
@@ -3019,7 +3028,7 @@ internal sealed unsafe class Daemon
             Libc.EpollAdd(epfd, control.Fd);
             foreach (PosixSignal sig in new[] { PosixSignal.SIGTERM, PosixSignal.SIGINT })
                 signals.Add(PosixSignalRegistration.Create(sig, ctx => { ctx.Cancel = true; RequestStop(); }));
-            _log.Info("started", $"public_key={node.Handshaker.PublicKey.ToBase64()} listen={_cfg.ListenAddress}:{udp.LocalPort} tun={tun.Name} mtu={_cfg.Mtu} peers={node.Peers.Count} aead={node.Handshaker.PreferredAead}");
+            _log.Info("started", $"public_key={node.Handshaker.PublicKey.Short()} listen={_cfg.ListenAddress}:{udp.LocalPort} tun={tun.Name} mtu={_cfg.Mtu} peers={node.Peers.Count} aead={node.Handshaker.PreferredAead}");
             var status = new StatusView(node, _cfg, udp.LocalPort, StartedMs);
             long nowMs = Mono.NowMs();
             node.Start(nowMs);
