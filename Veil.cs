@@ -62,7 +62,7 @@ using System.Threading;
 
 namespace Veil;
 
-// ==== 1. Entry point & flags ========================================================================
+// ==== 1. Entry point & flags =====================================================================
 // Main only dispatches: each verb parses its own flags (§4 for `up`, §16 for the rest). Exit codes:
 // 0 success, 1 a runtime failure (daemon unreachable, interface or socket could not be set up),
 // 2 bad input. Errors are one line on stderr starting with "veil: ".
@@ -103,7 +103,7 @@ internal static class Program
     }
 }
 
-// ==== 2. Constants & basic types ====================================================================
+// ==== 2. Constants & basic types =================================================================
 // Spec holds protocol values both ends must agree on; Tune holds this implementation's limits.
 // Key32 is a 32-byte secret or public key stored inline (no heap object, zeroable); IpPrefix is a
 // masked CIDR; Endpoint is a UDP address kept as 16 bytes (IPv4 as ::ffff:a.b.c.d) plus a port so
@@ -330,7 +330,7 @@ internal struct Endpoint : IEquatable<Endpoint>
     public override readonly int GetHashCode() => HashCode.Combine(Address, Port);
 }
 
-// ==== 3. Diagnostics ================================================================================
+// ==== 3. Diagnostics =============================================================================
 // Log writes one line per event to stderr as key=value pairs, with a level filter and a per-event
 // rate limit so a flood of bad packets cannot flood the log (suppressed lines are counted and
 // reported when the window reopens). Counters are plain longs owned by the loop thread; drops are
@@ -457,7 +457,7 @@ internal static class Mono
     internal static long NowMs() => Environment.TickCount64;
 }
 
-// ==== 4. Config =====================================================================================
+// ==== 4. Config ==================================================================================
 // Turns the `veil up` flags into an immutable UpConfig, or fails with one line naming the flag and
 // what is wrong. Everything is validated here, before anything is created: key files are read and
 // refused when group or others may read them, names are resolved, numbers are range-checked. A
@@ -632,7 +632,7 @@ internal sealed class UpConfig
     }
 }
 
-// ==== 5. libc interop ===============================================================================
+// ==== 5. libc interop ============================================================================
 // Direct libc calls for everything the loop touches: files, ioctl, sockets, epoll, eventfd. Only
 // blittable signatures (runtime marshalling is disabled); constants carry their C names. Struct
 // layouts differ by architecture where the C headers say so: epoll_event is packed on x86 (12 bytes,
@@ -745,7 +745,7 @@ internal static unsafe partial class Libc
     }
 }
 
-// ==== 6. Crypto primitives ==========================================================================
+// ==== 6. Crypto primitives =======================================================================
 // X25519 (RFC 7748) is written here because .NET has none: field elements mod p = 2^255 - 19 in five
 // 51-bit limbs, products through Math.BigMul, a Montgomery ladder with masked swaps. There is no
 // branch and no memory index that depends on a secret. Aead wraps the base library's
@@ -1024,7 +1024,7 @@ internal static class Hkdf
     }
 }
 
-// ==== 7. Dataplane: TUN & netlink ===================================================================
+// ==== 7. Dataplane: TUN & netlink ================================================================
 // IDataplane is where IP packets enter and leave the node: TunDevice (/dev/net/tun, IFF_TUN |
 // IFF_NO_PI, non-blocking; closing the fd removes the interface) or LoopbackDataplane (in memory, for
 // tests that run several nodes in one process). Netlink configures the interface the way `ip` would,
@@ -1253,7 +1253,7 @@ internal static unsafe class Netlink
     }
 }
 
-// ==== 8. Routing trie ===============================================================================
+// ==== 8. Routing trie ============================================================================
 // Longest-prefix match from an address to a peer id, one binary trie per family. Outbound packets
 // look up their destination; inbound packets look up their source, which must map back to the peer
 // whose keys opened the record (cryptokey routing). Nodes are allocated on Insert only; Lookup walks
@@ -1357,7 +1357,7 @@ internal sealed class RouteTrie
     private static bool IsEmpty(Node n) => n.Value < 0 && n.Zero == null && n.One == null;
 }
 
-// ==== 9. Peers & timers =============================================================================
+// ==== 9. Peers & timers ==========================================================================
 // A Peer is a remote node we hold keys for: its static key, endpoint, allowed prefixes, its three
 // session slots, the initiator side of a pending handshake, the responder's memory of its last
 // ClientHello, a bounded queue of packets waiting for a session, and its timers. Timers are deadline
@@ -1504,16 +1504,9 @@ internal sealed class Peer
         long d = Spec.FirstRetransmitMs << Math.Min(attempt, 8);
         return Math.Min(d, Spec.RekeyTimeoutMs) + Random.Shared.NextInt64(Spec.RekeyTimeoutJitterMaxMs + 1);
     }
-
-    internal IEnumerable<Session> Sessions()
-    {
-        if (Previous != null) yield return Previous;
-        if (Current != null) yield return Current;
-        if (Next != null) yield return Next;
-    }
 }
 
-// ==== 10. Handshake & cookies =======================================================================
+// ==== 10. Handshake & cookies ====================================================================
 // Noise_IKpsk2_25519_ChaChaPoly_SHA256 (Noise rev 34, §7.5 IK with psk2), prologue "veil/1":
 //   <- s
 //   ...
@@ -2049,7 +2042,7 @@ internal sealed class Handshaker
     }
 }
 
-// ==== 11. Sessions & replay window ==================================================================
+// ==== 11. Sessions & replay window ===============================================================
 // A Session is one pair of transport keys from one handshake: an AEAD and a header-mask key per
 // direction, the send counter, and the receive ReplayWindow. A peer holds up to three (SessionSlots):
 // Next (responder side, keys derived but not yet confirmed by a Bind), Current, and Previous (kept so
@@ -2181,7 +2174,7 @@ internal sealed class IndexTable
     }
 }
 
-// ==== 12. Record layer ==============================================================================
+// ==== 12. Record layer ===========================================================================
 // Every transport record (all integers big-endian):
 //   0  17 03 03 LL LL     TLS application-data preamble; LL = length of what follows
 //   5  flags   (masked)   Data 1, Keepalive 2, Rekey 4, Bind 8, Close 16, Control 32
@@ -2287,7 +2280,7 @@ internal static class Record
     }
 }
 
-// ==== 13. UDP socket ================================================================================
+// ==== 13. UDP socket =============================================================================
 // IUdp is where datagrams enter and leave: UdpSocket (non-blocking; one AF_INET6 socket with
 // IPV6_V6ONLY off when listening on a wildcard, so IPv4 and IPv6 peers share a port; a plain
 // AF_INET or v6-only socket when bound to a specific address) or LoopbackUdp (in memory). Socket
@@ -2421,7 +2414,7 @@ internal sealed class LoopbackUdp : IUdp
     public void Dispose() => _net.Hosts.Remove(Self);
 }
 
-// ==== 14. Event loop & node =========================================================================
+// ==== 14. Event loop & node ======================================================================
 // Node is the protocol core: it takes batches of packets and the time, and returns batches of
 // packets; it does no I/O of its own. Its two pipelines are the data-flow line of DESIGN.md:
 //   ProcessTunBatch: TUN packet -> route lookup (destination) -> peer -> session -> Record.Seal -> UDP
@@ -3000,6 +2993,8 @@ internal sealed unsafe class Daemon
     {
         var counters = new Counters();
         Node node = new(_cfg, _log, counters);
+        _cfg.PrivateKey.Clear();                          // the node holds its own copies from here on
+        _cfg.Psk.Clear();
         TunDevice? tun = null;
         UdpSocket? udp = null;
         ControlServer? control = null;
@@ -3069,7 +3064,7 @@ internal sealed unsafe class Daemon
     }
 }
 
-// ==== 15. Control socket ============================================================================
+// ==== 15. Control socket =========================================================================
 // A Unix stream socket (mode 0600) served on the loop thread. A client sends one request line —
 // "status", "status json" or "down" — and reads the reply until the server closes. Requests are
 // bounded in size and in time (a client that sends nothing within ControlTimeoutMs is dropped), and
@@ -3299,7 +3294,7 @@ internal static unsafe class ControlClient
     }
 }
 
-// ==== 16. CLI =======================================================================================
+// ==== 16. CLI ====================================================================================
 // The verbs other than `up`: key generation, asking the running daemon, version and help. Each bad
 // input is one line on stderr and exit status 2; an unreachable daemon is exit status 1.
 
