@@ -27,7 +27,7 @@ deps:
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing </dev/null; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-upgrade $$missing </dev/null; \
 	fi
 
 # Unit tests (no Slow, no NetNs) + namespace scenarios; the last line sums both.

@@ -25,7 +25,7 @@ BASE_LINKS=$(links)
 
 # up_with ARGS... -- veil up with ARGS, in namespace a, bounded to 5 s; sets RC
 up_with() {
-	nsx a timeout 5 "$VEIL" up "$@" >/dev/null 2>"$ERR"
+	nsx a timeout --foreground 5 "$VEIL" up "$@" >/dev/null 2>"$ERR"
 	RC=$?
 }
 
@@ -82,13 +82,13 @@ bad "--listen port 99999" --key "$KEY" --listen 192.0.2.1:99999 --address 100.64
 bad "--rekey-after abc" --key "$KEY" --address 100.64.0.1/24 --tun "$BAD_TUN" --peer "$PEER" --rekey-after abc --control "$SOCK"
 
 # other verbs
-nsx a timeout 5 "$VEIL" frobnicate >/dev/null 2>"$ERR"
+nsx a timeout --foreground 5 "$VEIL" frobnicate >/dev/null 2>"$ERR"
 rc=$? lines=$(grep -c '' "$ERR")
 check "unknown command: exit 2, one stderr line" "exit $rc, $lines lines" test "$rc/$lines" = 2/1
-nsx a timeout 5 "$VEIL" status --frobnicate --control "$SOCK" >/dev/null 2>"$ERR"
+nsx a timeout --foreground 5 "$VEIL" status --frobnicate --control "$SOCK" >/dev/null 2>"$ERR"
 rc=$? lines=$(grep -c '' "$ERR")
 check "status with an unknown flag: exit 2, one stderr line" "exit $rc, $lines lines" test "$rc/$lines" = 2/1
-nsx a timeout 5 "$VEIL" status --control "$TMPD/nobody.sock" >/dev/null 2>"$ERR"
+nsx a timeout --foreground 5 "$VEIL" status --control "$TMPD/nobody.sock" >/dev/null 2>"$ERR"
 rc=$?
 check "status without a daemon: exit 1" "exit $rc" test "$rc" -eq 1
 finish

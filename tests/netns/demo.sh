@@ -28,18 +28,18 @@ ip -n "$NS_a" -br addr show dev "$TUN_a"
 ip -n "$NS_b" -br addr show dev "$TUN_b"
 
 step "ping through the tunnel (a -> b)"
-show nsx a timeout 10 ping -c 3 -i 0.2 -W 5 "$OL4_b" || not_ok demo "IPv4 ping failed"
-show nsx a timeout 10 ping -c 3 -i 0.2 -W 5 "$OL6_b" || not_ok demo "IPv6 ping failed"
+show nsx a timeout --foreground 10 ping -c 3 -i 0.2 -W 5 "$OL4_b" || not_ok demo "IPv4 ping failed"
+show nsx a timeout --foreground 10 ping -c 3 -i 0.2 -W 5 "$OL6_b" || not_ok demo "IPv6 ping failed"
 
 if command -v iperf3 >/dev/null; then
 	step "iperf3, 3 s, a -> b"
 	iperf_server b
-	show nsx a timeout 20 iperf3 -c "$OL4_b" -B "$OL4_a" -t 3 -f m || not_ok demo "iperf3 failed"
+	show nsx a timeout --foreground 20 iperf3 -c "$OL4_b" -B "$OL4_a" -t 3 -f m || not_ok demo "iperf3 failed"
 fi
 
 for n in a b; do
 	step "veil status on node $n"
-	nsx "$n" timeout 5 "$VEIL" status --control "$(sock "$n")" || not_ok demo "veil status on $n failed"
+	nsx "$n" timeout --foreground 5 "$VEIL" status --control "$(sock "$n")" || not_ok demo "veil status on $n failed"
 done
 step "stopping (SIGTERM) and removing the namespaces"
 ((FAILS == 0)) && echo "demo ok"

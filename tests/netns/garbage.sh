@@ -27,7 +27,7 @@ ping_ok a "$OL4_b" || die "no ping a -> b before the garbage"
 drops0=$(drops_total b)
 lines0=$(wc -l <"${NODE_LOG[b]}")
 note "sending $COUNT datagrams from $JUNK_SRC, seed $SEED"
-out=$(nsx a timeout 60 python3 "$NETNS_DIR/pkt.py" garbage "$JUNK_SRC" "$UL4_b" "$PORT" "$COUNT" "$SEED")
+out=$(nsx a timeout --foreground 60 python3 "$NETNS_DIR/pkt.py" garbage "$JUNK_SRC" "$UL4_b" "$PORT" "$COUNT" "$SEED")
 note "pkt.py: ${out:-no output}"
 sent=$(awk '{ print $2 }' <<<"$out")
 replies=$(awk '{ print $4 }' <<<"$out")

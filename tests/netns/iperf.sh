@@ -21,7 +21,7 @@ iperf_server b
 measure() {
 	local label=$1; shift
 	local json bps
-	json=$(nsx a timeout 20 iperf3 -c "$OL4_b" -B "$OL4_a" -t 3 -J "$@" 2>/dev/null)
+	json=$(nsx a timeout --foreground 20 iperf3 -c "$OL4_b" -B "$OL4_a" -t 3 -J "$@" 2>/dev/null)
 	bps=$(jq -r '.end.sum_received.bits_per_second // 0' <<<"$json" 2>/dev/null)
 	note "$label: $(awk -v b="${bps:-0}" 'BEGIN { printf "%.1f Mbit/s", b / 1e6 }')"
 	check "$label: nonzero throughput" "iperf3 measured ${bps:-nothing} bit/s" \

@@ -19,6 +19,9 @@
 # A node is named a or b; its namespace, TUN, key, control socket and log
 # follow from the name. Scripts print "ok - NAME" / "not ok - NAME: REASON"
 # and exit 0 only if nothing failed. Every wait is bounded in count and time.
+# Commands are bounded with `timeout --foreground` so they stay in the script's process
+# group: when run-all.sh's own timeout fires, its SIGTERM reaches them too, they end at
+# once, and the EXIT trap gets to clean up.
 # shellcheck disable=SC2034  # constants are used by the scripts that source this
 
 set -uo pipefail
@@ -82,6 +85,9 @@ net_setup() {
 	umask 077
 	TMPD=$(mktemp -d "/tmp/veil-t-$$.XXXXXX") || die "mktemp failed"
 	chmod 700 "$TMPD"
+	# keep the script's stdout/stderr: a signal may arrive inside a function call whose
+	# output is redirected (nsx ... >/dev/null), and cleanup must still be heard
+	exec 8>&1 9>&2
 	trap cleanup EXIT
 	trap 'exit 143' TERM INT
 	ip netns add "$NS_a" || die "ip netns add $NS_a"
@@ -96,8 +102,8 @@ net_setup() {
 	done
 	local i
 	for ((i = 0; i < 50; i++)); do
-		if nsx a timeout 2 ping -c 1 -W 1 -q "$UL4_b" >/dev/null 2>&1 &&
-			nsx a timeout 2 ping -c 1 -W 1 -q "$UL6_b" >/dev/null 2>&1; then
+		if nsx a timeout --foreground 2 ping -c 1 -W 1 -q "$UL4_b" >/dev/null 2>&1 &&
+			nsx a timeout --foreground 2 ping -c 1 -W 1 -q "$UL6_b" >/dev/null 2>&1; then
 			return 0
 		fi
 		sleep 0.1
@@ -108,6 +114,7 @@ net_setup() {
 cleanup() {
 	local rc=$? n pid i
 	trap - EXIT TERM INT
+	exec 1>&8 2>&9
 	for n in "${!NODE_PID[@]}"; do node_stop "$n" >/dev/null 2>&1; done
 	# anything else still inside our own namespaces (iperf3, sniffers) was started by this script
 	for n in "$NS_a" "$NS_b"; do
@@ -235,7 +242,7 @@ node_stop() {
 
 # st NODE JQ-FILTER -- one value from `veil status --json` of NODE (empty if unreachable)
 st() {
-	nsx "$1" timeout 5 "$VEIL" status --json --control "$(sock "$1")" 2>/dev/null | jq -r "$2" 2>/dev/null
+	nsx "$1" timeout --foreground 5 "$VEIL" status --json --control "$(sock "$1")" 2>/dev/null | jq -r "$2" 2>/dev/null
 }
 drops_total() { st "$1" '[.drops[]] | add // 0'; }
 
@@ -251,7 +258,7 @@ wait_log() {
 
 # ping_ok FROM DST [WAIT-S] -- one echo request from FROM's namespace, one reply within WAIT-S
 ping_ok() {
-	nsx "$1" timeout $((${3:-5} + 3)) ping -c 1 -W "${3:-5}" -q "$2" >/dev/null 2>&1
+	nsx "$1" timeout --foreground $((${3:-5} + 3)) ping -c 1 -W "${3:-5}" -q "$2" >/dev/null 2>&1
 }
 
 # tun_packets NODE rx|tx -- the kernel's packet counter for NODE's TUN
@@ -261,7 +268,7 @@ tun_packets() {
 
 # iperf_server NODE -- iperf3 server on NODE's overlay IPv4 address; waits (bounded) until it listens
 iperf_server() {
-	nsx "$1" timeout 120 iperf3 -s -B "$(ol4 "$1")" >"$TMPD/iperf-server.out" 2>&1 </dev/null &
+	nsx "$1" timeout --foreground 120 iperf3 -s -B "$(ol4 "$1")" >"$TMPD/iperf-server.out" 2>&1 </dev/null &
 	local i
 	for ((i = 0; i < 50; i++)); do
 		nsx "$1" ss -Hltn "sport = :5201" 2>/dev/null | grep -q 5201 && return 0

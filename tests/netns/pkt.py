@@ -7,7 +7,7 @@
       length). Prints "sent N replies M" where M counts datagrams that came back.
   pkt.py capture IFACE SRC PORT SECONDS MAX OUTFILE READYFILE
       sniff (AF_PACKET) frames arriving on IFACE from SRC to UDP port PORT whose payload
-      is a record (17 03 03); write them as hex lines to OUTFILE. Touches READYFILE once
+      is a record (17 03 03); write them as hex lines to OUTFILE (UDP checksum filled in). Touches READYFILE once
       the socket is bound. Stops after SECONDS or MAX frames.
   pkt.py replay IFACE FILE TIMES
       send every frame in FILE (hex lines) out of IFACE, TIMES times over.
@@ -90,11 +90,29 @@ def capture(iface, src, port, seconds, limit, outfile, readyfile):
         if struct.unpack(">H", ip[ihl + 2:ihl + 4])[0] != port:
             continue
         if ip[ihl + 8:ihl + 11] == b"\x17\x03\x03":
-            frames.append(frame)
+            frames.append(with_udp_checksum(frame, ihl))
     with open(outfile, "w") as f:
         for fr in frames:
             f.write(fr.hex() + "\n")
     print(f"captured {len(frames)}")
+
+
+def with_udp_checksum(frame, ihl):
+    """The frame with its UDP checksum filled in: a sender on a veth leaves it to
+    offload, so the captured copy may carry only the pseudo-header sum, which the
+    receiver rejects when the frame is sent again from user space."""
+    ip = frame[14:]
+    total = struct.unpack(">H", ip[2:4])[0]
+    udp = bytearray(ip[ihl:total])
+    udp[6:8] = b"\0\0"
+    pseudo = ip[12:20] + struct.pack(">BBH", 0, socket.IPPROTO_UDP, len(udp))
+    data = pseudo + bytes(udp) + (b"\0" if len(udp) % 2 else b"")
+    acc = sum(struct.unpack(f">{len(data) // 2}H", data))
+    while acc >> 16:
+        acc = (acc & 0xFFFF) + (acc >> 16)
+    csum = (~acc & 0xFFFF) or 0xFFFF
+    udp[6:8] = struct.pack(">H", csum)
+    return frame[:14] + ip[:ihl] + bytes(udp) + frame[14 + total:]
 
 
 def replay(iface, path, times):

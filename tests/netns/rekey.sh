@@ -20,7 +20,7 @@ iperf_server b
 
 ha0=$(st a '.counters.handshakes_completed')
 hb0=$(st b '.counters.handshakes_completed')
-json=$(nsx a timeout 40 iperf3 -c "$OL4_b" -B "$OL4_a" -t 20 -i 1 -J 2>/dev/null)
+json=$(nsx a timeout --foreground 40 iperf3 -c "$OL4_b" -B "$OL4_a" -t 20 -i 1 -J 2>/dev/null)
 ha1=$(st a '.counters.handshakes_completed')
 hb1=$(st b '.counters.handshakes_completed')
 

@@ -25,12 +25,12 @@ done
 ping_ok a "$OL4_b" || die "no ping a -> b before the capture"
 
 cap="$TMPD/records.hex" ready="$TMPD/capture.ready"
-nsx b timeout 15 python3 "$NETNS_DIR/pkt.py" capture "$VETH" "$UL4_a" "$PORT" 6 200 "$cap" "$ready" \
+nsx b timeout --foreground 15 python3 "$NETNS_DIR/pkt.py" capture "$VETH" "$UL4_a" "$PORT" 4 200 "$cap" "$ready" \
 	>"$TMPD/capture.out" 2>&1 &
 cap_pid=$!
 for ((i = 0; i < 50; i++)); do [[ -e $ready ]] && break; sleep 0.1; done
 [[ -e $ready ]] || die "capture did not start"
-nsx a timeout 10 ping -c 10 -i 0.2 -W 2 -q "$OL4_b" >/dev/null 2>&1 || die "pings during the capture failed"
+nsx a timeout --foreground 10 ping -c 10 -i 0.2 -W 2 -q "$OL4_b" >/dev/null 2>&1 || die "pings during the capture failed"
 wait "$cap_pid"
 frames=$(grep -c . "$cap" 2>/dev/null)
 note "$(cat "$TMPD/capture.out")"
@@ -40,7 +40,7 @@ sleep 1 # let stragglers settle before taking the baseline
 rx0=$(tun_packets b rx) tx0=$(tun_packets b tx)
 srx0=$(st b '.counters.tun_rx_packets') stx0=$(st b '.counters.tun_tx_packets')
 rep0=$(st b '.drops.replayed')
-out=$(nsx a timeout 30 python3 "$NETNS_DIR/pkt.py" replay "$VETH" "$cap" 3)
+out=$(nsx a timeout --foreground 30 python3 "$NETNS_DIR/pkt.py" replay "$VETH" "$cap" 3)
 note "pkt.py: $out"
 for ((i = 0; i < 30; i++)); do # bounded wait for b to process them
 	rep1=$(st b '.drops.replayed')

@@ -18,7 +18,7 @@ keys_make a b c
 # no_ping FROM DST -- two echo requests, no reply (bounded to ~6 s)
 # shellcheck disable=SC2317  # called through check
 no_ping() {
-	! nsx "$1" timeout 8 ping -c 2 -W 3 -q "$2" >/dev/null 2>&1
+	! nsx "$1" timeout --foreground 8 ping -c 2 -W 3 -q "$2" >/dev/null 2>&1
 }
 
 # (i) different PSKs
