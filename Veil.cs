@@ -620,7 +620,15 @@ internal sealed class UpConfig
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException or NotSupportedException)
         {
-            throw new ConfigException($"{flag} '{path}': cannot read: {e.Message}");
+            // Exception texts are resource keys in this trimmed build; say it in our own words.
+            string why = e switch
+            {
+                FileNotFoundException or DirectoryNotFoundException => "no such file",
+                UnauthorizedAccessException => "permission denied",
+                ArgumentException or NotSupportedException => "not a valid path",
+                _ => "read error",
+            };
+            throw new ConfigException($"{flag} '{path}': cannot read: {why}");
         }
         const UnixFileMode others = UnixFileMode.GroupRead | UnixFileMode.GroupWrite | UnixFileMode.GroupExecute |
                                     UnixFileMode.OtherRead | UnixFileMode.OtherWrite | UnixFileMode.OtherExecute;

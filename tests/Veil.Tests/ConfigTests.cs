@@ -112,7 +112,7 @@ public sealed class ConfigTests : IDisposable
     [Fact]
     public void KeyFile_MissingOrMalformed_Refused()
     {
-        Assert.Contains("cannot read", Assert.Throws<ConfigException>(() =>
+        Assert.Contains("cannot read: no such file", Assert.Throws<ConfigException>(() =>
             UpConfig.FromFlags(new[] { "up", "--key", Path.Combine(_dir, "nope"), "--address", "100.64.0.1/24" }, 1)).Message);
         string bad = WriteKey("bad.key", UnixFileMode.UserRead, "not base64!");
         Assert.Contains("base64 key of 32 bytes", Assert.Throws<ConfigException>(() =>
