@@ -545,9 +545,17 @@ internal sealed class UpConfig
         if (c.Peers.Count > Tune.MaxPeers) throw new ConfigException($"at most {Tune.MaxPeers} peers");
         if (c.Mtu == 0)
         {
+            // The kernel's MTU for the route to each peer (no packet is sent); 1500 where it has none.
             bool v6 = c.ListenAddress.AddressFamily == AddressFamily.InterNetworkV6;
-            foreach (PeerConfig p in c.Peers) v6 |= p.Endpoint.IsSet && !p.Endpoint.IsV4;
-            c.Mtu = DefaultMtu(1500, v6);
+            int underlay = int.MaxValue;
+            foreach (PeerConfig p in c.Peers)
+            {
+                if (!p.Endpoint.IsSet) continue;
+                v6 |= !p.Endpoint.IsV4;
+                int m = Libc.PathMtu(p.Endpoint);
+                if (m > 0) underlay = Math.Min(underlay, m);
+            }
+            c.Mtu = Math.Clamp(DefaultMtu(underlay == int.MaxValue ? 1500 : underlay, v6), Tune.MinMtu, Tune.MaxMtu);
         }
         return c;
     }
@@ -681,6 +689,7 @@ internal static unsafe partial class Libc
     [LibraryImport("libc", EntryPoint = "accept4", SetLastError = true)] internal static partial int Accept4(int fd, byte* addr, int* len, int flags);
     [LibraryImport("libc", EntryPoint = "connect", SetLastError = true)] internal static partial int Connect(int fd, byte* addr, int len);
     [LibraryImport("libc", EntryPoint = "setsockopt", SetLastError = true)] internal static partial int SetSockOpt(int fd, int level, int name, void* value, int len);
+    [LibraryImport("libc", EntryPoint = "getsockopt", SetLastError = true)] internal static partial int GetSockOpt(int fd, int level, int name, void* value, int* len);
     [LibraryImport("libc", EntryPoint = "getsockname", SetLastError = true)] internal static partial int GetSockName(int fd, byte* addr, int* len);
     [LibraryImport("libc", EntryPoint = "sendto", SetLastError = true)] internal static partial nint SendTo(int fd, byte* buf, nuint len, int flags, byte* addr, int addrLen);
     [LibraryImport("libc", EntryPoint = "recvfrom", SetLastError = true)] internal static partial nint RecvFrom(int fd, byte* buf, nuint len, int flags, byte* addr, int* addrLen);
@@ -705,6 +714,22 @@ internal static unsafe partial class Libc
     internal static int EpollEventFd(byte* events, int i) => (int)*(ulong*)(events + i * EpollEventLen + EpollDataOffset);
 
     internal static int SetIntOpt(int fd, int level, int name, int value) => SetSockOpt(fd, level, name, &value, sizeof(int));
+
+    /// <summary>The MTU of the route towards ep, from a connected UDP socket; 0 when there is no route.</summary>
+    internal static int PathMtu(in Endpoint ep)
+    {
+        const int IPPROTO_IP = 0, IP_MTU = 14, IPV6_MTU = 24;
+        bool v6 = !ep.IsV4;
+        int fd = Socket(v6 ? AF_INET6 : AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        if (fd < 0) return 0;
+        Span<byte> sa = stackalloc byte[SockaddrIn6Len];
+        int len = WriteSockaddr(ep, v6, sa);
+        int mtu = 0, optLen = sizeof(int);
+        fixed (byte* p = sa)
+            if (Connect(fd, p, len) < 0 || GetSockOpt(fd, v6 ? IPPROTO_IPV6 : IPPROTO_IP, v6 ? IPV6_MTU : IP_MTU, &mtu, &optLen) < 0) mtu = 0;
+        Close(fd);
+        return mtu;
+    }
 
     /// <summary>Writes a sockaddr_in (v4-mapped endpoints on an AF_INET socket) or sockaddr_in6.</summary>
     internal static int WriteSockaddr(in Endpoint ep, bool v6Socket, Span<byte> sa)
@@ -3380,7 +3405,8 @@ internal static class Cli
                                           left out for a peer that always connects first
                   --allow CIDR            allowed IPs of the peer given just before (repeatable)
                   --psk FILE              network secret (base64, mode 0600; 'veil genpsk')
-                  --mtu N                 interface MTU (default 1420, 1400 with IPv6 endpoints)
+                  --mtu N                 interface MTU (default: from the route to the peers, 1420
+                                          for a 1500-byte IPv4 underlay, 1400 over IPv6)
                   --keepalive SECONDS     send a keepalive at least this often (0 = off, default)
                   --rekey-after SECONDS   rotate keys after this long (default 120; tests use less)
                   --control PATH          control socket (default /var/run/veil.sock)

@@ -52,12 +52,14 @@ public sealed class ConfigTests : IDisposable
     [Fact]
     public void Defaults_ListenMtuTunControl()
     {
-        UpConfig c = Parse("--peer", _peerPub + "@198.51.100.2:51820");
+        UpConfig c = Parse("--peer", _peerPub);            // no endpoint: assume a 1500-byte IPv4 underlay
         Assert.Equal(51820, c.ListenPort);
         Assert.Equal("veil0", c.TunName);
         Assert.Equal(1420, c.Mtu);
         Assert.Equal("/var/run/veil.sock", c.ControlPath);
-        Assert.Equal(1400, Parse("--peer", _peerPub + "@[2001:db8::2]:51820").Mtu);
+        Assert.Equal(1400, Parse("--listen", "[::]:51820", "--peer", _peerPub).Mtu);
+        // derived from the route to the peer: loopback's 64 KiB is clamped to the largest MTU we take
+        Assert.Equal(Tune.MaxMtu, Parse("--peer", _peerPub + "@127.0.0.1:51820").Mtu);
     }
 
     [Theory]

@@ -49,3 +49,23 @@ public class LibcLayoutTests
         Assert.Equal((1u << 30) | (4u << 16) | ((uint)'T' << 8) | 202u, Libc.TUNSETIFF);
     }
 }
+
+public class PathMtuTests
+{
+    [Fact]
+    public void PathMtu_Loopback_IsTheLoopbackMtu()
+    {
+        int expect = Math.Min(65535, int.Parse(File.ReadAllText("/sys/class/net/lo/mtu").Trim()));   // IP_MTU caps at the IP maximum
+        Assert.Equal(expect, Libc.PathMtu(Endpoint.FromIp(System.Net.IPAddress.Loopback, 9)));
+    }
+
+    [Fact]
+    public void DefaultMtu_1500Underlay_1420OverIPv4_1400OverIPv6()
+    {
+        Assert.Equal(1420, UpConfig.DefaultMtu(1500, false));
+        Assert.Equal(1400, UpConfig.DefaultMtu(1500, true));
+        // the largest record still fits: inner + padding to 16 (capped at the MTU) + header + tag + IP/UDP
+        int inner = UpConfig.DefaultMtu(1500, true);
+        Assert.True(Record.PaddedLen(inner, inner) + Record.OverheadLen + 48 <= 1500);
+    }
+}
