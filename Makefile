@@ -56,7 +56,7 @@ test-unit:
 	$(DOTNET) test tests/Veil.Tests --filter "$(UNIT_FILTER)"
 
 test-slow:
-	$(DOTNET) test tests/Veil.Tests --filter "Category=Slow"
+	$(DOTNET) test tests/Veil.Tests -c Release --filter "Category=Slow"
 
 test-netns: deps build
 	tests/netns/run-all.sh

@@ -785,38 +785,57 @@ internal static unsafe partial class Libc
 // ChaCha20-Poly1305 and AES-GCM (OpenSSL underneath) behind Seal/Open that never throw on a bad tag.
 // Hkdf is RFC 5869 and the Noise two/three-output form over HMAC-SHA256.
 
-internal static class X25519
+internal static unsafe class X25519
 {
     private const ulong Mask51 = (1UL << 51) - 1;
-
-    private struct Fe { internal ulong L0, L1, L2, L3, L4; }
+    private const int L = 5;                         // limbs per field element
 
     /// <summary>Raw X25519 per RFC 7748 §5: clamps the scalar, ignores bit 255 of u, accepts u ≥ p.</summary>
     internal static void ScalarMult(Span<byte> shared32, ReadOnlySpan<byte> scalar32, ReadOnlySpan<byte> u32)
     {
-        Span<byte> k = stackalloc byte[32];
-        scalar32[..32].CopyTo(k);
-        k[0] &= 248; k[31] &= 127; k[31] |= 64;
-        Fe x1 = Load(u32), x2 = One(), z2 = default, x3 = x1, z3 = One();
-        ulong swap = 0;
-        for (int t = 254; t >= 0; t--)
+        byte* k = stackalloc byte[32];
+        ulong* w = stackalloc ulong[16 * L];           // field elements as 5 limbs each, no heap, no copies
+        ulong* x1 = w, x2 = w + L, z2 = w + 2 * L, x3 = w + 3 * L, z3 = w + 4 * L, a = w + 5 * L, aa = w + 6 * L,
+               b = w + 7 * L, bb = w + 8 * L, e = w + 9 * L, c = w + 10 * L, d = w + 11 * L, da = w + 12 * L,
+               cb = w + 13 * L, t = w + 14 * L;
+        try
         {
-            ulong bit = (ulong)(k[t >> 3] >> (t & 7)) & 1;   // t is public; the bit is only used as a mask
-            swap ^= bit;
-            CSwap(ref x2, ref x3, swap);
-            CSwap(ref z2, ref z3, swap);
-            swap = bit;
-            Fe a = Add(x2, z2), aa = Sqr(a), b = Sub(x2, z2), bb = Sqr(b), e = Sub(aa, bb);
-            Fe c = Add(x3, z3), d = Sub(x3, z3), da = Mul(d, a), cb = Mul(c, b);
-            x3 = Sqr(Add(da, cb));
-            z3 = Mul(x1, Sqr(Sub(da, cb)));
-            x2 = Mul(aa, bb);
-            z2 = Mul(e, Add(aa, Mul121665(e)));
+            scalar32[..32].CopyTo(new Span<byte>(k, 32));
+            k[0] &= 248; k[31] &= 127; k[31] |= 64;
+            new Span<ulong>(w, 16 * L).Clear();
+            Load(x1, u32);
+            x2[0] = 1;
+            Copy(x3, x1);
+            z3[0] = 1;
+            ulong swap = 0;
+            for (int i = 254; i >= 0; i--)
+            {
+                ulong bit = (ulong)(k[i >> 3] >> (i & 7)) & 1;   // i is public; the bit is only used as a mask
+                swap ^= bit;
+                CSwap(x2, x3, swap);
+                CSwap(z2, z3, swap);
+                swap = bit;
+                Add(a, x2, z2); Mul(aa, a, a);
+                Sub(b, x2, z2); Mul(bb, b, b);
+                Sub(e, aa, bb);
+                Add(c, x3, z3); Sub(d, x3, z3);
+                Mul(da, d, a); Mul(cb, c, b);
+                Add(t, da, cb); Mul(x3, t, t);
+                Sub(t, da, cb); Mul(t, t, t); Mul(z3, x1, t);
+                Mul(x2, aa, bb);
+                Mul121665(t, e); Add(t, aa, t); Mul(z2, e, t);
+            }
+            CSwap(x2, x3, swap);
+            CSwap(z2, z3, swap);
+            Invert(t, z2);
+            Mul(x2, x2, t);
+            Store(shared32, x2);
         }
-        CSwap(ref x2, ref x3, swap);
-        CSwap(ref z2, ref z3, swap);
-        Store(Mul(x2, Invert(z2)), shared32);
-        CryptographicOperations.ZeroMemory(k);
+        finally
+        {
+            new Span<byte>(k, 32).Clear();
+            new Span<ulong>(w, 16 * L).Clear();
+        }
     }
 
     internal static void PublicKey(Span<byte> pub32, ReadOnlySpan<byte> priv32)
@@ -842,134 +861,131 @@ internal static class X25519
         priv32[0] &= 248; priv32[31] &= 127; priv32[31] |= 64;
     }
 
-    private static Fe One() => new() { L0 = 1 };
-
-    private static Fe Load(ReadOnlySpan<byte> s) => new()
+    private static void Load(ulong* f, ReadOnlySpan<byte> s)
     {
-        L0 = BinaryPrimitives.ReadUInt64LittleEndian(s) & Mask51,
-        L1 = (BinaryPrimitives.ReadUInt64LittleEndian(s[6..]) >> 3) & Mask51,
-        L2 = (BinaryPrimitives.ReadUInt64LittleEndian(s[12..]) >> 6) & Mask51,
-        L3 = (BinaryPrimitives.ReadUInt64LittleEndian(s[19..]) >> 1) & Mask51,
-        L4 = (BinaryPrimitives.ReadUInt64LittleEndian(s[24..]) >> 12) & Mask51,   // drops bit 255
-    };
+        f[0] = BinaryPrimitives.ReadUInt64LittleEndian(s) & Mask51;
+        f[1] = (BinaryPrimitives.ReadUInt64LittleEndian(s[6..]) >> 3) & Mask51;
+        f[2] = (BinaryPrimitives.ReadUInt64LittleEndian(s[12..]) >> 6) & Mask51;
+        f[3] = (BinaryPrimitives.ReadUInt64LittleEndian(s[19..]) >> 1) & Mask51;
+        f[4] = (BinaryPrimitives.ReadUInt64LittleEndian(s[24..]) >> 12) & Mask51;   // drops bit 255
+    }
 
-    private static void Store(Fe f, Span<byte> s)
+    private static void Store(Span<byte> s, ulong* f)
     {
-        f = Carry(Carry(f));
+        Carry(f);
+        Carry(f);
         // Subtract p once if f >= p: q is 1 exactly when f + 19 overflows 2^255.
-        ulong q = (f.L0 + 19) >> 51;
-        q = (f.L1 + q) >> 51; q = (f.L2 + q) >> 51; q = (f.L3 + q) >> 51; q = (f.L4 + q) >> 51;
-        f.L0 += 19 * q;
-        f.L1 += f.L0 >> 51; f.L0 &= Mask51;
-        f.L2 += f.L1 >> 51; f.L1 &= Mask51;
-        f.L3 += f.L2 >> 51; f.L2 &= Mask51;
-        f.L4 += f.L3 >> 51; f.L3 &= Mask51;
-        f.L4 &= Mask51;
-        BinaryPrimitives.WriteUInt64LittleEndian(s, f.L0 | (f.L1 << 51));
-        BinaryPrimitives.WriteUInt64LittleEndian(s[8..], (f.L1 >> 13) | (f.L2 << 38));
-        BinaryPrimitives.WriteUInt64LittleEndian(s[16..], (f.L2 >> 26) | (f.L3 << 25));
-        BinaryPrimitives.WriteUInt64LittleEndian(s[24..], (f.L3 >> 39) | (f.L4 << 12));
+        ulong q = (f[0] + 19) >> 51;
+        q = (f[1] + q) >> 51; q = (f[2] + q) >> 51; q = (f[3] + q) >> 51; q = (f[4] + q) >> 51;
+        f[0] += 19 * q;
+        f[1] += f[0] >> 51; f[0] &= Mask51;
+        f[2] += f[1] >> 51; f[1] &= Mask51;
+        f[3] += f[2] >> 51; f[2] &= Mask51;
+        f[4] += f[3] >> 51; f[3] &= Mask51;
+        f[4] &= Mask51;
+        BinaryPrimitives.WriteUInt64LittleEndian(s, f[0] | (f[1] << 51));
+        BinaryPrimitives.WriteUInt64LittleEndian(s[8..], (f[1] >> 13) | (f[2] << 38));
+        BinaryPrimitives.WriteUInt64LittleEndian(s[16..], (f[2] >> 26) | (f[3] << 25));
+        BinaryPrimitives.WriteUInt64LittleEndian(s[24..], (f[3] >> 39) | (f[4] << 12));
     }
 
-    private static Fe Carry(Fe f)
+    private static void Copy(ulong* h, ulong* f)
     {
-        f.L1 += f.L0 >> 51; f.L0 &= Mask51;
-        f.L2 += f.L1 >> 51; f.L1 &= Mask51;
-        f.L3 += f.L2 >> 51; f.L2 &= Mask51;
-        f.L4 += f.L3 >> 51; f.L3 &= Mask51;
-        f.L0 += 19 * (f.L4 >> 51); f.L4 &= Mask51;
-        return f;
+        for (int i = 0; i < L; i++) h[i] = f[i];
     }
 
-    private static void CSwap(ref Fe a, ref Fe b, ulong swap)
+    private static void Carry(ulong* f)
     {
-        ulong m = 0 - swap, t;
-        t = m & (a.L0 ^ b.L0); a.L0 ^= t; b.L0 ^= t;
-        t = m & (a.L1 ^ b.L1); a.L1 ^= t; b.L1 ^= t;
-        t = m & (a.L2 ^ b.L2); a.L2 ^= t; b.L2 ^= t;
-        t = m & (a.L3 ^ b.L3); a.L3 ^= t; b.L3 ^= t;
-        t = m & (a.L4 ^ b.L4); a.L4 ^= t; b.L4 ^= t;
+        f[1] += f[0] >> 51; f[0] &= Mask51;
+        f[2] += f[1] >> 51; f[1] &= Mask51;
+        f[3] += f[2] >> 51; f[2] &= Mask51;
+        f[4] += f[3] >> 51; f[3] &= Mask51;
+        f[0] += 19 * (f[4] >> 51); f[4] &= Mask51;
     }
 
-    private static Fe Add(Fe a, Fe b) =>
-        Carry(new Fe { L0 = a.L0 + b.L0, L1 = a.L1 + b.L1, L2 = a.L2 + b.L2, L3 = a.L3 + b.L3, L4 = a.L4 + b.L4 });
-
-    // a - b computed as a + 4p - b so no limb goes negative (inputs are carried, limbs < 2^52).
-    private static Fe Sub(Fe a, Fe b) => Carry(new Fe
+    private static void CSwap(ulong* a, ulong* b, ulong swap)
     {
-        L0 = a.L0 + 0x1FFFFFFFFFFFB4 - b.L0, L1 = a.L1 + 0x1FFFFFFFFFFFFC - b.L1, L2 = a.L2 + 0x1FFFFFFFFFFFFC - b.L2,
-        L3 = a.L3 + 0x1FFFFFFFFFFFFC - b.L3, L4 = a.L4 + 0x1FFFFFFFFFFFFC - b.L4,
-    });
+        ulong m = 0 - swap;
+        for (int i = 0; i < L; i++)
+        {
+            ulong t = m & (a[i] ^ b[i]);
+            a[i] ^= t;
+            b[i] ^= t;
+        }
+    }
 
-    // 128-bit accumulator; the carry out of the low word is computed without a branch.
+    private static void Add(ulong* h, ulong* f, ulong* g)
+    {
+        for (int i = 0; i < L; i++) h[i] = f[i] + g[i];
+        Carry(h);
+    }
+
+    // f - g computed as f + 4p - g so no limb goes negative (inputs are carried, limbs < 2^52).
+    private static void Sub(ulong* h, ulong* f, ulong* g)
+    {
+        h[0] = f[0] + 0x1FFFFFFFFFFFB4 - g[0];
+        for (int i = 1; i < L; i++) h[i] = f[i] + 0x1FFFFFFFFFFFFC - g[i];
+        Carry(h);
+    }
+
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Mac(ref ulong hi, ref ulong lo, ulong a, ulong b)
-    {
-        ulong h = Math.BigMul(a, b, out ulong l);
-        ulong s = lo + l;
-        hi += h + (((lo & l) | ((lo | l) & ~s)) >> 63);
-        lo = s;
-    }
+    private static UInt128 M(ulong a, ulong b) => Math.BigMul(a, b);
 
-    private static Fe Mul(Fe a, Fe b)
+    // Column sums of 51-bit limb products fit in 128 bits; h may alias f or g.
+    private static void Mul(ulong* h, ulong* f, ulong* g)
     {
-        ulong b1 = 19 * b.L1, b2 = 19 * b.L2, b3 = 19 * b.L3, b4 = 19 * b.L4;
-        ulong h0 = 0, l0 = 0, h1 = 0, l1 = 0, h2 = 0, l2 = 0, h3 = 0, l3 = 0, h4 = 0, l4 = 0;
-        Mac(ref h0, ref l0, a.L0, b.L0); Mac(ref h0, ref l0, a.L1, b4); Mac(ref h0, ref l0, a.L2, b3); Mac(ref h0, ref l0, a.L3, b2); Mac(ref h0, ref l0, a.L4, b1);
-        Mac(ref h1, ref l1, a.L0, b.L1); Mac(ref h1, ref l1, a.L1, b.L0); Mac(ref h1, ref l1, a.L2, b4); Mac(ref h1, ref l1, a.L3, b3); Mac(ref h1, ref l1, a.L4, b2);
-        Mac(ref h2, ref l2, a.L0, b.L2); Mac(ref h2, ref l2, a.L1, b.L1); Mac(ref h2, ref l2, a.L2, b.L0); Mac(ref h2, ref l2, a.L3, b4); Mac(ref h2, ref l2, a.L4, b3);
-        Mac(ref h3, ref l3, a.L0, b.L3); Mac(ref h3, ref l3, a.L1, b.L2); Mac(ref h3, ref l3, a.L2, b.L1); Mac(ref h3, ref l3, a.L3, b.L0); Mac(ref h3, ref l3, a.L4, b4);
-        Mac(ref h4, ref l4, a.L0, b.L4); Mac(ref h4, ref l4, a.L1, b.L3); Mac(ref h4, ref l4, a.L2, b.L2); Mac(ref h4, ref l4, a.L3, b.L1); Mac(ref h4, ref l4, a.L4, b.L0);
-        return Reduce(h0, l0, h1, l1, h2, l2, h3, l3, h4, l4);
+        ulong f0 = f[0], f1 = f[1], f2 = f[2], f3 = f[3], f4 = f[4];
+        ulong g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3], g4 = g[4];
+        ulong g1x = 19 * g1, g2x = 19 * g2, g3x = 19 * g3, g4x = 19 * g4;
+        UInt128 r0 = M(f0, g0) + M(f1, g4x) + M(f2, g3x) + M(f3, g2x) + M(f4, g1x);
+        UInt128 r1 = M(f0, g1) + M(f1, g0) + M(f2, g4x) + M(f3, g3x) + M(f4, g2x);
+        UInt128 r2 = M(f0, g2) + M(f1, g1) + M(f2, g0) + M(f3, g4x) + M(f4, g3x);
+        UInt128 r3 = M(f0, g3) + M(f1, g2) + M(f2, g1) + M(f3, g0) + M(f4, g4x);
+        UInt128 r4 = M(f0, g4) + M(f1, g3) + M(f2, g2) + M(f3, g1) + M(f4, g0);
+        Reduce(h, r0, r1, r2, r3, r4);
     }
 
     // Folds five 128-bit column sums into 51-bit limbs; 2^255 ≡ 19 wraps the top carry to limb 0.
-    private static Fe Reduce(ulong h0, ulong l0, ulong h1, ulong l1, ulong h2, ulong l2, ulong h3, ulong l3, ulong h4, ulong l4)
+    private static void Reduce(ulong* h, UInt128 r0, UInt128 r1, UInt128 r2, UInt128 r3, UInt128 r4)
     {
-        Fe r;
-        ulong c = (l0 >> 51) | (h0 << 13); r.L0 = l0 & Mask51;
-        Mac(ref h1, ref l1, c, 1); c = (l1 >> 51) | (h1 << 13); r.L1 = l1 & Mask51;
-        Mac(ref h2, ref l2, c, 1); c = (l2 >> 51) | (h2 << 13); r.L2 = l2 & Mask51;
-        Mac(ref h3, ref l3, c, 1); c = (l3 >> 51) | (h3 << 13); r.L3 = l3 & Mask51;
-        Mac(ref h4, ref l4, c, 1); c = (l4 >> 51) | (h4 << 13); r.L4 = l4 & Mask51;
-        ulong ch = 0, cl = r.L0;
-        Mac(ref ch, ref cl, c, 19);
-        r.L0 = cl & Mask51;
-        r.L1 += (cl >> 51) | (ch << 13);
-        return Carry(r);
+        r1 += (ulong)(r0 >> 51); ulong h0 = (ulong)r0 & Mask51;
+        r2 += (ulong)(r1 >> 51); h[1] = (ulong)r1 & Mask51;
+        r3 += (ulong)(r2 >> 51); h[2] = (ulong)r2 & Mask51;
+        r4 += (ulong)(r3 >> 51); h[3] = (ulong)r3 & Mask51;
+        UInt128 c = M((ulong)(r4 >> 51), 19) + h0;
+        h[4] = (ulong)r4 & Mask51;
+        h[0] = (ulong)c & Mask51;
+        h[1] += (ulong)(c >> 51);
+        Carry(h);
     }
 
-    private static Fe Sqr(Fe a) => Mul(a, a);
+    private static void Mul121665(ulong* h, ulong* f) =>
+        Reduce(h, M(f[0], 121665), M(f[1], 121665), M(f[2], 121665), M(f[3], 121665), M(f[4], 121665));
 
-    private static Fe Mul121665(Fe a)
+    private static void SqrN(ulong* h, ulong* f, int n)
     {
-        ulong h0 = 0, l0 = 0, h1 = 0, l1 = 0, h2 = 0, l2 = 0, h3 = 0, l3 = 0, h4 = 0, l4 = 0;
-        Mac(ref h0, ref l0, a.L0, 121665); Mac(ref h1, ref l1, a.L1, 121665); Mac(ref h2, ref l2, a.L2, 121665);
-        Mac(ref h3, ref l3, a.L3, 121665); Mac(ref h4, ref l4, a.L4, 121665);
-        return Reduce(h0, l0, h1, l1, h2, l2, h3, l3, h4, l4);
+        Mul(h, f, f);
+        for (int i = 1; i < n; i++) Mul(h, h, h);
     }
 
-    private static Fe SqrN(Fe a, int n)
+    // h = z^(p-2) by the usual addition chain (254 squarings, 11 multiplications).
+    private static void Invert(ulong* h, ulong* z)
     {
-        for (int i = 0; i < n; i++) a = Sqr(a);
-        return a;
-    }
-
-    // z^(p-2) by the usual addition chain (254 squarings, 11 multiplications).
-    private static Fe Invert(Fe z)
-    {
-        Fe z2 = Sqr(z);                                  // 2
-        Fe z9 = Mul(SqrN(z2, 2), z);                     // 9
-        Fe z11 = Mul(z9, z2);                            // 11
-        Fe z2_5_0 = Mul(Sqr(z11), z9);                   // 2^5 - 2^0
-        Fe z2_10_0 = Mul(SqrN(z2_5_0, 5), z2_5_0);
-        Fe z2_20_0 = Mul(SqrN(z2_10_0, 10), z2_10_0);
-        Fe z2_40_0 = Mul(SqrN(z2_20_0, 20), z2_20_0);
-        Fe z2_50_0 = Mul(SqrN(z2_40_0, 10), z2_10_0);
-        Fe z2_100_0 = Mul(SqrN(z2_50_0, 50), z2_50_0);
-        Fe z2_200_0 = Mul(SqrN(z2_100_0, 100), z2_100_0);
-        Fe z2_250_0 = Mul(SqrN(z2_200_0, 50), z2_50_0);
-        return Mul(SqrN(z2_250_0, 5), z11);              // 2^255 - 21
+        ulong* w = stackalloc ulong[6 * L];
+        ulong* z2 = w, z9 = w + L, z11 = w + 2 * L, t0 = w + 3 * L, t1 = w + 4 * L, z2_50 = w + 5 * L;
+        Mul(z2, z, z);                                   // 2
+        SqrN(t0, z2, 2); Mul(z9, t0, z);                 // 9
+        Mul(z11, z9, z2);                                // 11
+        Mul(t0, z11, z11); Mul(t0, t0, z9);              // 2^5 - 2^0
+        SqrN(t1, t0, 5); Mul(t1, t1, t0);                // 2^10 - 2^0
+        SqrN(t0, t1, 10); Mul(t0, t0, t1);               // 2^20 - 2^0
+        SqrN(h, t0, 20); Mul(h, h, t0);                  // 2^40 - 2^0
+        SqrN(h, h, 10); Mul(z2_50, h, t1);               // 2^50 - 2^0
+        SqrN(t0, z2_50, 50); Mul(t0, t0, z2_50);         // 2^100 - 2^0
+        SqrN(t1, t0, 100); Mul(t1, t1, t0);              // 2^200 - 2^0
+        SqrN(t1, t1, 50); Mul(t1, t1, z2_50);            // 2^250 - 2^0
+        SqrN(t1, t1, 5); Mul(h, t1, z11);                // 2^255 - 21
+        new Span<ulong>(w, 6 * L).Clear();
     }
 }
 
