@@ -94,9 +94,14 @@ internal static class Program
     private static int Up(string[] args, TextWriter stderr)
     {
         UpConfig cfg;
-        try { cfg = UpConfig.FromFlags(args, 1); }
+        try { cfg = UpConfig.Load(args, 1); }
         catch (ConfigException e) { stderr.WriteLine("veil: " + e.Message); return 2; }
-        var log = new Log(stderr, cfg.LogLevel);
+        if (cfg.CheckOnly)
+        {
+            Console.Out.WriteLine($"veil: configuration ok ({cfg.Peers.Count} peers, tun {cfg.TunName}, mtu {cfg.Mtu})");
+            return 0;
+        }
+        var log = new Log(stderr, cfg.LogLevel) { Json = cfg.LogJson };
         try { return new Daemon(cfg, log).Run(); }
         catch (ConfigException e) { stderr.WriteLine("veil: " + e.Message); return 2; }
         catch (IOException e) { log.Error("fatal", $"error=\"{e.Message}\""); stderr.WriteLine("veil: " + e.Message); return 1; }
@@ -154,6 +159,9 @@ internal static class Tune
     internal const long ShutdownGraceMs = 2_000;
     internal const string DefaultControlPath = "/var/run/veil.sock";
     internal const int MaxControlRequestLen = 4096;
+    internal const int DefaultMaxSessions = 1024;
+    internal const int DefaultHandshakeRate = 100;           // ClientHellos per second answered without a cookie
+    internal const int DefaultHandshakeRatePerSource = 10;   // per source address; more are dropped
 }
 
 /// <summary>32 bytes held inline: keys, hashes, chaining keys.</summary>
@@ -458,25 +466,247 @@ internal static class Mono
 }
 
 // ==== 4. Config ==================================================================================
-// Turns the `veil up` flags into an immutable UpConfig, or fails with one line naming the flag and
-// what is wrong. Everything is validated here, before anything is created: key files are read and
-// refused when group or others may read them, names are resolved, numbers are range-checked. A
-// ConfigException carries exactly the line the user sees.
+// Turns `veil up` flags and an optional TOML file into an UpConfig, or fails with one line naming
+// the flag (or file:line and key) and what is wrong. Every flag has a key of the same name in the
+// file ("--rekey-after" is "rekey_after"); a flag wins over the file, --address replaces the file's
+// list, and --peer adds to the file's peers (a flag peer with the same key replaces the file's).
+// Everything is validated before anything is created: key files are read and refused when group or
+// others may read them, names are resolved, numbers are range-checked. Reload parses afresh and
+// diffs (RestartKeys says which keys a running daemon cannot change). The TOML subset: tables,
+// arrays of tables, strings, integers, booleans, arrays; unknown and duplicate keys are errors.
 
 internal sealed class ConfigException(string message) : Exception(message);
 
 internal sealed class PeerConfig
 {
     internal Key32 PublicKey;
+    internal string Name = "";
     internal Endpoint Endpoint;            // unset (port 0) when the peer is only ever a responder
     internal string EndpointText = "";
     internal readonly List<IpPrefix> Allowed = new();
+    internal long KeepaliveMs = -1;        // -1: the node's keepalive
+}
+
+/// <summary>A parsed TOML value with the line it came from.</summary>
+internal sealed class TomlValue
+{
+    internal enum Kind { String, Integer, Boolean, Array }
+    internal Kind Type;
+    internal string Str = "";
+    internal long Int;
+    internal bool Bool;
+    internal List<TomlValue> Items = new();
+    internal int Line;
+}
+
+/// <summary>The TOML subset Veil reads. Throws ConfigException("FILE:LINE: …").</summary>
+internal sealed class TomlDoc
+{
+    internal readonly string File;
+    internal readonly Dictionary<string, TomlValue> Root = new();
+    internal readonly Dictionary<string, List<Dictionary<string, TomlValue>>> TableArrays = new();
+    internal readonly Dictionary<string, int> TableLines = new();   // first line of each [[table]] entry, keyed "name#i"
+    private const int MaxFileLen = 1 << 20;
+
+    private TomlDoc(string file) { File = file; }
+
+    internal static TomlDoc Load(string path)
+    {
+        string text;
+        try
+        {
+            var info = new FileInfo(path);
+            if (!info.Exists) throw new ConfigException($"--config '{path}': no such file");
+            if (info.Length > MaxFileLen) throw new ConfigException($"--config '{path}': larger than {MaxFileLen >> 10} KiB");
+            text = System.IO.File.ReadAllText(path);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new ConfigException($"--config '{path}': cannot read it");
+        }
+        return Parse(text, Path.GetFileName(path));
+    }
+
+    internal static TomlDoc Parse(string text, string name)
+    {
+        var doc = new TomlDoc(name);
+        Dictionary<string, TomlValue> table = doc.Root;
+        var p = new Parser(text, name);
+        while (p.SkipBlankLines())
+        {
+            int line = p.Line;
+            if (p.Peek() == '[')
+            {
+                bool array = p.Match("[[");
+                if (!array) p.Next();
+                string key = p.BareKey();
+                if (!p.Match(array ? "]]" : "]")) throw p.Error("expected ']' after the table name");
+                p.EndOfLine();
+                if (!array) throw new ConfigException($"{name}:{line}: table [{key}] is not known (tables of Veil are [[peer]])");
+                if (doc.Root.ContainsKey(key)) throw new ConfigException($"{name}:{line}: '{key}' is already a key");
+                if (!doc.TableArrays.TryGetValue(key, out var list)) doc.TableArrays[key] = list = new();
+                table = new Dictionary<string, TomlValue>();
+                doc.TableLines[key + "#" + list.Count] = line;
+                list.Add(table);
+                continue;
+            }
+            string k = p.BareKey();
+            p.SkipSpaces();
+            if (!p.Match("=")) throw p.Error($"expected '=' after key '{k}'");
+            TomlValue v = p.Value();
+            p.EndOfLine();
+            if (table.ContainsKey(k) || (table == doc.Root && doc.TableArrays.ContainsKey(k)))
+                throw new ConfigException($"{name}:{line}: key '{k}' is given twice");
+            v.Line = line;
+            table[k] = v;
+        }
+        return doc;
+    }
+
+    private sealed class Parser(string text, string name)
+    {
+        private int _i;
+        internal int Line = 1;
+
+        internal ConfigException Error(string what) => new($"{name}:{Line}: {what}");
+        internal char Peek() => _i < text.Length ? text[_i] : '\0';
+        internal char Next()
+        {
+            char c = text[_i++];
+            if (c == '\n') Line++;
+            return c;
+        }
+        internal bool Match(string s)
+        {
+            if (string.CompareOrdinal(text, _i, s, 0, s.Length) != 0) return false;
+            _i += s.Length;
+            return true;
+        }
+        internal void SkipSpaces()
+        {
+            while (Peek() is ' ' or '\t') _i++;
+        }
+        private void SkipComment()
+        {
+            if (Peek() == '#') while (_i < text.Length && text[_i] != '\n') _i++;
+        }
+        // Skips blank and comment lines; false at the end of the text.
+        internal bool SkipBlankLines()
+        {
+            while (true)
+            {
+                SkipSpaces();
+                SkipComment();
+                if (Peek() == '\r') _i++;
+                if (Peek() == '\n') { Next(); continue; }
+                return _i < text.Length;
+            }
+        }
+        internal void EndOfLine()
+        {
+            SkipSpaces();
+            SkipComment();
+            if (Peek() == '\r') _i++;
+            if (_i < text.Length && Peek() != '\n') throw Error($"unexpected '{Peek()}' after the value");
+        }
+        internal string BareKey()
+        {
+            SkipSpaces();
+            int start = _i;
+            while (char.IsAsciiLetterOrDigit(Peek()) || Peek() is '_' or '-') _i++;
+            if (_i == start) throw Error(Peek() == '\0' ? "unexpected end of file" : $"expected a key, found '{Peek()}'");
+            return text[start.._i];
+        }
+        // Arrays may span lines and end with a comma; comments may sit between their items.
+        private void SkipInArray()
+        {
+            while (true)
+            {
+                SkipSpaces();
+                SkipComment();
+                if (Peek() is '\r' or '\n') { Next(); continue; }
+                return;
+            }
+        }
+        internal TomlValue Value()
+        {
+            SkipSpaces();
+            char c = Peek();
+            if (c == '"') return new TomlValue { Type = TomlValue.Kind.String, Str = BasicString() };
+            if (c == '\'') return new TomlValue { Type = TomlValue.Kind.String, Str = LiteralString() };
+            if (c == '[')
+            {
+                Next();
+                var arr = new TomlValue { Type = TomlValue.Kind.Array };
+                while (true)
+                {
+                    SkipInArray();
+                    if (Peek() == ']') { Next(); return arr; }
+                    if (arr.Items.Count >= 4096) throw Error("array too long");
+                    arr.Items.Add(Value());
+                    SkipInArray();
+                    if (Peek() == ',') { Next(); continue; }
+                    if (Peek() == ']') { Next(); return arr; }
+                    throw Error("expected ',' or ']' in the array");
+                }
+            }
+            if (Match("true")) return new TomlValue { Type = TomlValue.Kind.Boolean, Bool = true };
+            if (Match("false")) return new TomlValue { Type = TomlValue.Kind.Boolean, Bool = false };
+            int start = _i;
+            if (c is '+' or '-') _i++;
+            while (char.IsAsciiDigit(Peek()) || Peek() == '_') _i++;
+            string digits = text[start.._i].Replace("_", "");
+            if (_i > start && long.TryParse(digits, System.Globalization.NumberStyles.AllowLeadingSign, null, out long n))
+                return new TomlValue { Type = TomlValue.Kind.Integer, Int = n };
+            throw Error(c == '\0' || c == '\n' ? "missing value" : "expected a string, an integer, true, false or an array");
+        }
+        private string BasicString()
+        {
+            Next();
+            var sb = new StringBuilder();
+            while (true)
+            {
+                if (_i >= text.Length || Peek() == '\n') throw Error("unterminated string");
+                char c = Next();
+                if (c == '"') return sb.ToString();
+                if (c != '\\') { sb.Append(c); continue; }
+                if (_i >= text.Length) throw Error("unterminated string");
+                char e = Next();
+                switch (e)
+                {
+                    case '"': sb.Append('"'); break;
+                    case '\\': sb.Append('\\'); break;
+                    case 'n': sb.Append('\n'); break;
+                    case 't': sb.Append('\t'); break;
+                    case 'r': sb.Append('\r'); break;
+                    case 'u':
+                        if (_i + 4 > text.Length || !ushort.TryParse(text.AsSpan(_i, 4), System.Globalization.NumberStyles.HexNumber, null, out ushort u))
+                            throw Error("bad \\u escape");
+                        sb.Append((char)u);
+                        _i += 4;
+                        break;
+                    default: throw Error($"unknown escape '\\{e}'");
+                }
+            }
+        }
+        private string LiteralString()
+        {
+            Next();
+            int start = _i;
+            while (_i < text.Length && Peek() != '\'' && Peek() != '\n') _i++;
+            if (Peek() != '\'') throw Error("unterminated string");
+            string s = text[start.._i];
+            _i++;
+            return s;
+        }
+    }
 }
 
 internal sealed class UpConfig
 {
     internal Key32 PrivateKey;
     internal Key32 Psk;                    // all zero when no network secret is given (Noise: 32 zero bytes)
+    internal string KeyFile = "", PskFile = "";
     internal IPAddress ListenAddress = IPAddress.Any;
     internal int ListenPort = Tune.DefaultListenPort;
     internal readonly List<IfAddress> Addresses = new();
@@ -486,122 +716,287 @@ internal sealed class UpConfig
     internal long PersistentKeepaliveMs;   // 0: off
     internal long RekeyAfterTimeMs = Spec.RekeyAfterTimeMs;
     internal string ControlPath = Tune.DefaultControlPath;
+    internal IPAddress? MgmtAddress = IPAddress.Loopback;   // null: management HTTP off
+    internal int MgmtPort = 7777;
+    internal readonly List<IpPrefix> MgmtAcl = new();
+    internal int MaxSessions = Tune.DefaultMaxSessions;
+    internal int HandshakeRate = Tune.DefaultHandshakeRate;
+    internal int HandshakeRatePerSource = Tune.DefaultHandshakeRatePerSource;
     internal LogLevel LogLevel = LogLevel.Info;
+    internal bool LogJson;
+    internal string? User;
+    internal bool CheckOnly;
+    internal string? ConfigPath;
 
-    internal static UpConfig FromFlags(string[] args, int start)
+    // Keys a running daemon cannot change; reload refuses (exit 3) when one of them differs.
+    internal static readonly string[] RestartKeys = ["key", "psk", "listen", "address", "tun", "mtu", "control", "mgmt", "user"];
+
+    private static readonly string[] Keys =
+    [
+        "key", "psk", "listen", "address", "tun", "mtu", "keepalive", "rekey_after", "control", "mgmt", "mgmt_acl",
+        "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user",
+    ];
+    private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive"];
+
+    /// <summary>Where a value came from, for the one-line error: "--mtu" or "veil.toml:12: key 'mtu'".</summary>
+    private readonly record struct Src(string Text, bool IsFlag)
     {
+        internal ConfigException Bad(string value, string what) =>
+            new(IsFlag ? $"{Text} '{value}' {what}" : $"{Text}: '{value}' {what}");
+    }
+
+    /// <summary>Parses `veil up` arguments (args[start..]) and the --config file they name.</summary>
+    internal static UpConfig Load(string[] args, int start)
+    {
+        var flags = new List<(string Key, string Value)>();
+        var flagPeers = new List<PeerConfig>();
         var c = new UpConfig();
-        string? keyFile = null, pskFile = null;
         PeerConfig? lastPeer = null;
         for (int i = start; i < args.Length; i++)
         {
             string flag = args[i], value;
+            if (flag == "--check") { c.CheckOnly = true; continue; }
             int eq = flag.IndexOf('=');
             if (flag.StartsWith("--") && eq > 0) { value = flag[(eq + 1)..]; flag = flag[..eq]; }
             else
             {
-                if (!IsUpFlag(flag)) throw new ConfigException($"unknown flag '{flag}' (see 'veil help up')");
+                if (!IsFlag(flag)) throw new ConfigException($"unknown flag '{flag}' (see 'veil help up')");
                 if (i + 1 >= args.Length) throw new ConfigException($"{flag} needs a value");
                 value = args[++i];
             }
+            if (!IsFlag(flag)) throw new ConfigException($"unknown flag '{flag}' (see 'veil help up')");
+            var src = new Src(flag, true);
             switch (flag)
             {
-                case "--key": keyFile = value; break;
-                case "--psk": pskFile = value; break;
-                case "--listen": ParseListen(c, value); break;
-                case "--address":
-                    if (!IfAddress.TryParse(value, out IfAddress a)) throw new ConfigException($"--address '{value}' is not an address with a prefix length (e.g. 100.64.0.1/24)");
-                    c.Addresses.Add(a);
+                case "--config": c.ConfigPath = value; break;
+                case "--peer":
+                    lastPeer = ParsePeer(src, value);
+                    if (flagPeers.Exists(p => p.PublicKey.EqualsCt(lastPeer.PublicKey)))
+                        throw new ConfigException($"--peer {lastPeer.PublicKey.Short()} is given twice");
+                    flagPeers.Add(lastPeer);
                     break;
-                case "--tun": c.TunName = ParseTunName(value); break;
-                case "--peer": lastPeer = ParsePeer(value); c.Peers.Add(lastPeer); break;
                 case "--allow":
                     if (lastPeer == null) throw new ConfigException("--allow must follow the --peer it belongs to");
-                    if (!IpPrefix.TryParse(value, out IpPrefix p)) throw new ConfigException($"--allow '{value}' is not a CIDR prefix");
-                    lastPeer.Allowed.Add(p);
+                    lastPeer.Allowed.Add(ParsePrefix(src, value));
                     break;
-                case "--mtu": c.Mtu = ParseInt(flag, value, Tune.MinMtu, Tune.MaxMtu); break;
-                case "--keepalive": c.PersistentKeepaliveMs = ParseInt(flag, value, 0, 3600) * 1000L; break;
-                case "--rekey-after": c.RekeyAfterTimeMs = ParseInt(flag, value, 1, (int)(Spec.RekeyAfterTimeMs / 1000)) * 1000L; break;
-                case "--control": c.ControlPath = value.Length > 0 && value.Length < 100 ? value : throw new ConfigException($"--control '{value}' must be a path of 1 to 99 characters"); break;
-                case "--log-level":
-                    if (!Log.TryParseLevel(value, out c.LogLevel)) throw new ConfigException($"--log-level '{value}' must be one of error, warn, info, debug");
-                    break;
-                default: throw new ConfigException($"unknown flag '{flag}' (see 'veil help up')");
+                default: flags.Add((flag[2..].Replace('-', '_'), value)); break;
             }
         }
-        if (keyFile == null) throw new ConfigException("--key FILE is required (create one with 'veil genkey > FILE; chmod 600 FILE')");
-        c.PrivateKey = ReadKeyFile("--key", keyFile);
-        if (pskFile != null) c.Psk = ReadKeyFile("--psk", pskFile);
-        if (c.Addresses.Count == 0) throw new ConfigException("--address CIDR is required (the overlay address of this node)");
-        Span<byte> pub = stackalloc byte[32];
-        X25519.PublicKey(pub, c.PrivateKey);
-        for (int i = 0; i < c.Peers.Count; i++)
+        TomlDoc? doc = c.ConfigPath != null ? TomlDoc.Load(c.ConfigPath) : null;
+        bool addressFromFlags = false;
+        foreach (var (key, value) in flags)
         {
-            if (CryptographicOperations.FixedTimeEquals(c.Peers[i].PublicKey, pub)) throw new ConfigException("--peer lists this node's own public key");
-            for (int j = 0; j < i; j++)
-                if (c.Peers[i].PublicKey.EqualsCt(c.Peers[j].PublicKey)) throw new ConfigException($"--peer {c.Peers[i].PublicKey.Short()} is given twice");
+            if (key == "address" && !addressFromFlags) { c.Addresses.Clear(); addressFromFlags = true; }
+            c.Apply(key, new Src("--" + key.Replace('_', '-'), true), value);
         }
-        if (c.Peers.Count > Tune.MaxPeers) throw new ConfigException($"at most {Tune.MaxPeers} peers");
-        if (c.Mtu == 0)
+        if (doc != null) c.ApplyFile(doc, flags, addressFromFlags);
+        foreach (PeerConfig fp in flagPeers)
+        {
+            c.Peers.RemoveAll(p => p.PublicKey.EqualsCt(fp.PublicKey));
+            c.Peers.Add(fp);
+        }
+        c.Finish();
+        return c;
+    }
+
+    private void ApplyFile(TomlDoc doc, List<(string Key, string Value)> flags, bool addressFromFlags)
+    {
+        foreach (var (key, v) in doc.Root)
+        {
+            if (Array.IndexOf(Keys, key) < 0) throw new ConfigException($"{doc.File}:{v.Line}: unknown key '{key}'");
+            if (flags.Exists(f => f.Key == key) || (key == "address" && addressFromFlags)) continue;   // the flag wins
+            var src = new Src($"{doc.File}:{v.Line}: key '{key}'", false);
+            if (key is "address" or "mgmt_acl")
+            {
+                foreach (TomlValue item in ListOf(src, v)) Apply(key, src, item.Str);
+                continue;
+            }
+            Apply(key, src, Scalar(src, v, key is "mtu" or "keepalive" or "rekey_after" or "max_sessions" or "handshake_rate" or "handshake_rate_per_source"));
+        }
+        foreach (var (table, entries) in doc.TableArrays)
+        {
+            if (table != "peer") throw new ConfigException($"{doc.File}:{doc.TableLines[table + "#0"]}: table [[{table}]] is not known (use [[peer]])");
+            for (int i = 0; i < entries.Count; i++) Peers.Add(FilePeer(doc, entries[i], doc.TableLines["peer#" + i]));
+        }
+    }
+
+    private static PeerConfig FilePeer(TomlDoc doc, Dictionary<string, TomlValue> t, int line)
+    {
+        foreach (var (k, v) in t)
+            if (Array.IndexOf(PeerKeys, k) < 0) throw new ConfigException($"{doc.File}:{v.Line}: unknown key '{k}' in [[peer]]");
+        if (!t.TryGetValue("public_key", out TomlValue? pk)) throw new ConfigException($"{doc.File}:{line}: [[peer]] needs a public_key");
+        Src S(string k) => new($"{doc.File}:{t[k].Line}: key '{k}'", false);
+        PeerConfig p = ParsePeer(S("public_key"), Scalar(S("public_key"), pk, false));
+        if (t.TryGetValue("endpoint", out TomlValue? ep)) p = WithEndpoint(S("endpoint"), p, Scalar(S("endpoint"), ep, false));
+        if (t.TryGetValue("allowed_ips", out TomlValue? al))
+            foreach (TomlValue item in ListOf(S("allowed_ips"), al)) p.Allowed.Add(ParsePrefix(S("allowed_ips"), item.Str));
+        if (t.TryGetValue("keepalive", out TomlValue? ka)) p.KeepaliveMs = ParseInt(S("keepalive"), Scalar(S("keepalive"), ka, true), 0, 3600) * 1000L;
+        if (t.TryGetValue("name", out TomlValue? nm)) p.Name = ParseName(S("name"), Scalar(S("name"), nm, false));
+        return p;
+    }
+
+    private static string Scalar(Src src, TomlValue v, bool integer)
+    {
+        if (integer && v.Type == TomlValue.Kind.Integer) return v.Int.ToString(System.Globalization.CultureInfo.InvariantCulture);
+        if (!integer && v.Type == TomlValue.Kind.String) return v.Str;
+        throw new ConfigException($"{src.Text}: expected {(integer ? "an integer" : "a string")}");
+    }
+
+    private static List<TomlValue> ListOf(Src src, TomlValue v)
+    {
+        if (v.Type != TomlValue.Kind.Array || v.Items.Exists(i => i.Type != TomlValue.Kind.String))
+            throw new ConfigException($"{src.Text}: expected an array of strings");
+        return v.Items;
+    }
+
+    private void Apply(string key, Src src, string value)
+    {
+        switch (key)
+        {
+            case "key": KeyFile = value; break;
+            case "psk": PskFile = value; break;
+            case "listen":
+                if (!Endpoint.TrySplitHostPort(value, out string host, out int port) || !IPAddress.TryParse(host, out IPAddress? ip))
+                    throw src.Bad(value, "must be ADDRESS:PORT (IPv6 in brackets), port 1-65535");
+                ListenAddress = ip;
+                ListenPort = port;
+                break;
+            case "address":
+                if (!IfAddress.TryParse(value, out IfAddress a)) throw src.Bad(value, "is not an address with a prefix length (e.g. 100.64.0.1/24)");
+                Addresses.Add(a);
+                break;
+            case "tun": TunName = ParseTunName(src, value); break;
+            case "mtu": Mtu = ParseInt(src, value, Tune.MinMtu, Tune.MaxMtu); break;
+            case "keepalive": PersistentKeepaliveMs = ParseInt(src, value, 0, 3600) * 1000L; break;
+            case "rekey_after": RekeyAfterTimeMs = ParseInt(src, value, 1, (int)(Spec.RekeyAfterTimeMs / 1000)) * 1000L; break;
+            case "control":
+                if (value.Length is 0 or > 99) throw src.Bad(value, "must be a path of 1 to 99 characters");
+                ControlPath = value;
+                break;
+            case "mgmt":
+                if (value == "off") { MgmtAddress = null; break; }
+                if (!Endpoint.TrySplitHostPort(value, out string mh, out int mp) || !IPAddress.TryParse(mh, out IPAddress? mip))
+                    throw src.Bad(value, "must be ADDRESS:PORT or off");
+                MgmtAddress = mip;
+                MgmtPort = mp;
+                break;
+            case "mgmt_acl":
+                foreach (string part in value.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries))
+                    MgmtAcl.Add(ParsePrefix(src, part));
+                break;
+            case "max_sessions": MaxSessions = ParseInt(src, value, 1, Tune.MaxPeers * 4); break;
+            case "handshake_rate": HandshakeRate = ParseInt(src, value, 1, 100_000); break;
+            case "handshake_rate_per_source": HandshakeRatePerSource = ParseInt(src, value, 1, 100_000); break;
+            case "log_level":
+                if (!Log.TryParseLevel(value, out LogLevel)) throw src.Bad(value, "must be one of error, warn, info, debug");
+                break;
+            case "log_format":
+                if (value is not ("text" or "json")) throw src.Bad(value, "must be text or json");
+                LogJson = value == "json";
+                break;
+            case "user": User = ParseName(src, value); break;
+        }
+    }
+
+    // Checks that need every value: required keys, key files, duplicates, the derived MTU.
+    private void Finish()
+    {
+        if (KeyFile.Length == 0) throw new ConfigException("--key FILE is required (create one with 'veil genkey > FILE; chmod 600 FILE')");
+        PrivateKey = ReadKeyFile("--key", KeyFile);
+        if (PskFile.Length > 0) Psk = ReadKeyFile("--psk", PskFile);
+        if (Addresses.Count == 0) throw new ConfigException("--address CIDR is required (the overlay address of this node)");
+        if (MgmtAcl.Count == 0) { MgmtAcl.Add(IpPrefix.Parse("127.0.0.0/8")); MgmtAcl.Add(IpPrefix.Parse("::1/128")); }
+        Span<byte> pub = stackalloc byte[32];
+        X25519.PublicKey(pub, PrivateKey);
+        var names = new HashSet<string>();
+        for (int i = 0; i < Peers.Count; i++)
+        {
+            PeerConfig p = Peers[i];
+            if (CryptographicOperations.FixedTimeEquals(p.PublicKey, pub)) throw new ConfigException("--peer lists this node's own public key");
+            for (int j = 0; j < i; j++)
+                if (p.PublicKey.EqualsCt(Peers[j].PublicKey)) throw new ConfigException($"peer {p.PublicKey.Short()} is given twice");
+            if (p.Name.Length == 0) p.Name = p.PublicKey.ToBase64()[..8];
+            if (!names.Add(p.Name)) throw new ConfigException($"peer name '{p.Name}' is given twice");
+        }
+        if (Peers.Count > Tune.MaxPeers) throw new ConfigException($"at most {Tune.MaxPeers} peers");
+        if (Mtu == 0)
         {
             // The kernel's MTU for the route to each peer (no packet is sent); 1500 where it has none.
-            bool v6 = c.ListenAddress.AddressFamily == AddressFamily.InterNetworkV6;
+            bool v6 = ListenAddress.AddressFamily == AddressFamily.InterNetworkV6;
             int underlay = int.MaxValue;
-            foreach (PeerConfig p in c.Peers)
+            foreach (PeerConfig p in Peers)
             {
                 if (!p.Endpoint.IsSet) continue;
                 v6 |= !p.Endpoint.IsV4;
                 int m = Libc.PathMtu(p.Endpoint);
                 if (m > 0) underlay = Math.Min(underlay, m);
             }
-            c.Mtu = Math.Clamp(DefaultMtu(underlay == int.MaxValue ? 1500 : underlay, v6), Tune.MinMtu, Tune.MaxMtu);
+            Mtu = Math.Clamp(DefaultMtu(underlay == int.MaxValue ? 1500 : underlay, v6), Tune.MinMtu, Tune.MaxMtu);
         }
-        return c;
+    }
+
+    /// <summary>The restart-only keys whose values differ between two configs (empty: reloadable).</summary>
+    internal List<string> RestartKeysChanged(UpConfig o)
+    {
+        var changed = new List<string>();
+        if (!PrivateKey.EqualsCt(o.PrivateKey)) changed.Add("key");
+        if (!Psk.EqualsCt(o.Psk)) changed.Add("psk");
+        if (!ListenAddress.Equals(o.ListenAddress) || ListenPort != o.ListenPort) changed.Add("listen");
+        if (string.Join(",", Addresses) != string.Join(",", o.Addresses)) changed.Add("address");
+        if (TunName != o.TunName) changed.Add("tun");
+        if (Mtu != o.Mtu) changed.Add("mtu");
+        if (ControlPath != o.ControlPath) changed.Add("control");
+        if (!Equals(MgmtAddress, o.MgmtAddress) || MgmtPort != o.MgmtPort) changed.Add("mgmt");
+        if (User != o.User) changed.Add("user");
+        return changed;
     }
 
     /// <summary>Largest inner packet whose record still fits the underlay MTU, with room for padding.</summary>
     internal static int DefaultMtu(int underlayMtu, bool v6Underlay) =>
         underlayMtu - (v6Underlay ? 40 : 20) - 8 - Record.OverheadLen - (Spec.PadBlockLen + 1);
 
-    private static bool IsUpFlag(string f) => f is "--key" or "--psk" or "--listen" or "--address" or "--tun" or "--peer"
-        or "--allow" or "--mtu" or "--keepalive" or "--rekey-after" or "--control" or "--log-level";
+    private static bool IsFlag(string f) => f is "--config" or "--peer" or "--allow" ||
+        (f.StartsWith("--") && Array.IndexOf(Keys, f[2..].Replace('-', '_')) >= 0 && !f.Contains('_'));
 
-    private static int ParseInt(string flag, string v, int min, int max)
+    private static int ParseInt(Src src, string v, int min, int max)
     {
         if (v.Length > 9 || !int.TryParse(v, System.Globalization.NumberStyles.None, null, out int n) || n < min || n > max)
-            throw new ConfigException($"{flag} '{v}' must be a whole number from {min} to {max}");
+            throw src.Bad(v, $"must be a whole number from {min} to {max}");
         return n;
     }
 
-    private static void ParseListen(UpConfig c, string v)
-    {
-        if (!Endpoint.TrySplitHostPort(v, out string host, out int port) || !IPAddress.TryParse(host, out IPAddress? ip))
-            throw new ConfigException($"--listen '{v}' must be ADDRESS:PORT (IPv6 in brackets), port 1-65535");
-        c.ListenAddress = ip;
-        c.ListenPort = port;
-    }
+    private static IpPrefix ParsePrefix(Src src, string v) =>
+        IpPrefix.TryParse(v, out IpPrefix p) ? p : throw src.Bad(v, "is not a CIDR prefix");
 
-    private static string ParseTunName(string v)
+    private static string ParseName(Src src, string v)
     {
-        if (v.Length is 0 or > 15) throw new ConfigException($"--tun '{v}' must be 1 to 15 characters");
+        if (v.Length is 0 or > 32) throw src.Bad(v, "must be 1 to 32 characters");
         foreach (char ch in v)
-            if (!(char.IsAsciiLetterOrDigit(ch) || ch is '-' or '_' or '.')) throw new ConfigException($"--tun '{v}' may hold only letters, digits, '-', '_' and '.'");
+            if (!(char.IsAsciiLetterOrDigit(ch) || ch is '-' or '_' or '.')) throw src.Bad(v, "may hold only letters, digits, '-', '_' and '.'");
         return v;
     }
 
-    private static PeerConfig ParsePeer(string v)
+    private static string ParseTunName(Src src, string v)
+    {
+        if (v.Length is 0 or > 15) throw src.Bad(v, "must be 1 to 15 characters");
+        return ParseName(src, v);
+    }
+
+    /// <summary>PUBKEY[@HOST:PORT] as given to --peer.</summary>
+    private static PeerConfig ParsePeer(Src src, string v)
     {
         var p = new PeerConfig();
         int at = v.IndexOf('@');
         string key = at < 0 ? v : v[..at];
-        if (!Key32.TryParseBase64(key, out p.PublicKey)) throw new ConfigException($"--peer '{v}': '{key}' is not a base64 public key of 32 bytes");
-        if (at < 0) return p;   // no endpoint: the peer must reach us first
-        string ep = v[(at + 1)..];
+        if (!Key32.TryParseBase64(key, out p.PublicKey)) throw src.Bad(v, $"does not start with a base64 public key of 32 bytes");
+        return at < 0 ? p : WithEndpoint(src, p, v[(at + 1)..]);
+    }
+
+    private static PeerConfig WithEndpoint(Src src, PeerConfig p, string ep)
+    {
         if (!Endpoint.TrySplitHostPort(ep, out string host, out int port))
-            throw new ConfigException($"--peer '{v}': endpoint '{ep}' must be HOST:PORT (IPv6 in brackets), port 1-65535");
-        IPAddress? ip;
-        if (!IPAddress.TryParse(host, out ip))
+            throw src.Bad(ep, "must be HOST:PORT (IPv6 in brackets), port 1-65535");
+        if (!IPAddress.TryParse(host, out IPAddress? ip))
         {
             try
             {
@@ -609,7 +1004,7 @@ internal sealed class UpConfig
                 ip = found.Length > 0 ? found[0] : null;
             }
             catch (Exception e) when (e is SocketException or ArgumentException) { ip = null; }
-            if (ip == null) throw new ConfigException($"--peer '{v}': cannot resolve host '{host}'");
+            if (ip == null) throw src.Bad(ep, $"names a host that does not resolve");
         }
         p.Endpoint = Endpoint.FromIp(ip, port);
         p.EndpointText = ep;
@@ -1465,8 +1860,8 @@ internal sealed class Peer
         Psk = psk;
         Endpoint = cfg.Endpoint;
         Allowed = new List<IpPrefix>(cfg.Allowed);
-        Name = cfg.PublicKey.Short();
-        PersistentKeepaliveMs = persistentKeepaliveMs;
+        Name = cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.ToBase64()[..8];
+        PersistentKeepaliveMs = cfg.KeepaliveMs >= 0 ? cfg.KeepaliveMs : persistentKeepaliveMs;
         _stagedSlotLen = mtu;
     }
 

@@ -28,7 +28,7 @@ public sealed class ConfigTests : IDisposable
     {
         var args = new List<string> { "up", "--key", _key, "--address", "100.64.0.1/24" };
         args.AddRange(extra);
-        return UpConfig.FromFlags(args.ToArray(), 1);
+        return UpConfig.Load(args.ToArray(), 1);
     }
 
     [Fact]
@@ -105,22 +105,22 @@ public sealed class ConfigTests : IDisposable
     public void KeyFile_ReadableByOthers_Refused()
     {
         string loose = WriteKey("loose.key", UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.OtherRead);
-        var e = Assert.Throws<ConfigException>(() => UpConfig.FromFlags(new[] { "up", "--key", loose, "--address", "100.64.0.1/24" }, 1));
+        var e = Assert.Throws<ConfigException>(() => UpConfig.Load(new[] { "up", "--key", loose, "--address", "100.64.0.1/24" }, 1));
         Assert.Contains("chmod 600", e.Message);
         string group = WriteKey("group.key", UnixFileMode.UserRead | UnixFileMode.GroupRead);
-        Assert.Throws<ConfigException>(() => UpConfig.FromFlags(new[] { "up", "--key", group, "--address", "100.64.0.1/24" }, 1));
+        Assert.Throws<ConfigException>(() => UpConfig.Load(new[] { "up", "--key", group, "--address", "100.64.0.1/24" }, 1));
     }
 
     [Fact]
     public void KeyFile_MissingOrMalformed_Refused()
     {
         Assert.Contains("cannot read: no such file", Assert.Throws<ConfigException>(() =>
-            UpConfig.FromFlags(new[] { "up", "--key", Path.Combine(_dir, "nope"), "--address", "100.64.0.1/24" }, 1)).Message);
+            UpConfig.Load(new[] { "up", "--key", Path.Combine(_dir, "nope"), "--address", "100.64.0.1/24" }, 1)).Message);
         string bad = WriteKey("bad.key", UnixFileMode.UserRead, "not base64!");
         Assert.Contains("base64 key of 32 bytes", Assert.Throws<ConfigException>(() =>
-            UpConfig.FromFlags(new[] { "up", "--key", bad, "--address", "100.64.0.1/24" }, 1)).Message);
+            UpConfig.Load(new[] { "up", "--key", bad, "--address", "100.64.0.1/24" }, 1)).Message);
         string shortKey = WriteKey("short.key", UnixFileMode.UserRead, "AAAA");
-        Assert.Throws<ConfigException>(() => UpConfig.FromFlags(new[] { "up", "--key", shortKey, "--address", "100.64.0.1/24" }, 1));
+        Assert.Throws<ConfigException>(() => UpConfig.Load(new[] { "up", "--key", shortKey, "--address", "100.64.0.1/24" }, 1));
     }
 
     [Fact]
@@ -135,8 +135,8 @@ public sealed class ConfigTests : IDisposable
     [Fact]
     public void RequiredAndDuplicates_Refused()
     {
-        Assert.Contains("--key FILE is required", Assert.Throws<ConfigException>(() => UpConfig.FromFlags(new[] { "up", "--address", "100.64.0.1/24" }, 1)).Message);
-        Assert.Contains("--address CIDR is required", Assert.Throws<ConfigException>(() => UpConfig.FromFlags(new[] { "up", "--key", _key }, 1)).Message);
+        Assert.Contains("--key FILE is required", Assert.Throws<ConfigException>(() => UpConfig.Load(new[] { "up", "--address", "100.64.0.1/24" }, 1)).Message);
+        Assert.Contains("--address CIDR is required", Assert.Throws<ConfigException>(() => UpConfig.Load(new[] { "up", "--key", _key }, 1)).Message);
         Assert.Contains("given twice", Assert.Throws<ConfigException>(() => Parse("--peer", _peerPub, "--peer", _peerPub)).Message);
         Key32 own = TestNode.KeyFromSeed(4), ownPub = default;
         X25519.PublicKey(ownPub, own);

@@ -1,0 +1,177 @@
+namespace Veil.Tests;
+
+public sealed class TomlTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("veil-toml-").FullName;
+    private readonly string _key;
+    private readonly string _peerPub;
+
+    public TomlTests()
+    {
+        _key = Path.Combine(_dir, "a.key");
+        File.WriteAllText(_key, TestNode.KeyFromSeed(4).ToBase64() + "\n");
+        File.SetUnixFileMode(_key, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+        Key32 pub = default, priv = TestNode.KeyFromSeed(8);
+        X25519.PublicKey(pub, priv);
+        _peerPub = pub.ToBase64();
+    }
+
+    public void Dispose() => Directory.Delete(_dir, true);
+
+    private string Write(string text)
+    {
+        string path = Path.Combine(_dir, "veil.toml");
+        File.WriteAllText(path, text.Replace("KEYFILE", _key).Replace("PEERPUB", _peerPub));
+        return path;
+    }
+
+    [Fact]
+    public void Parse_AllValueKinds()
+    {
+        TomlDoc d = TomlDoc.Parse("""
+            # comment
+            a = "x\"y\\z\u0041"   # trailing comment
+            b = 'C:\raw'
+            c = -12_000
+            d = true
+            e = [ "1", "2",
+                  # inside
+                  "3", ]
+            [[peer]]
+            a = 1
+            [[peer]]
+            a = 2
+            """, "t.toml");
+        Assert.Equal("x\"y\\zA", d.Root["a"].Str);
+        Assert.Equal(@"C:\raw", d.Root["b"].Str);
+        Assert.Equal(-12000, d.Root["c"].Int);
+        Assert.True(d.Root["d"].Bool);
+        Assert.Equal(new[] { "1", "2", "3" }, d.Root["e"].Items.Select(i => i.Str));
+        Assert.Equal(2, d.TableArrays["peer"].Count);
+        Assert.Equal(2, d.TableArrays["peer"][1]["a"].Int);
+        Assert.Equal(10, d.TableArrays["peer"][0]["a"].Line);
+    }
+
+    [Theory]
+    [InlineData("a = \"x\"\na = \"y\"", "t.toml:2: key 'a' is given twice")]
+    [InlineData("a = \"unterminated", "t.toml:1: unterminated string")]
+    [InlineData("a = ", "t.toml:1: missing value")]
+    [InlineData("a = 1 2", "t.toml:1: unexpected '2' after the value")]
+    [InlineData("= 1", "t.toml:1: expected a key")]
+    [InlineData("a 1", "t.toml:1: expected '=' after key 'a'")]
+    [InlineData("[node]\na = 1", "t.toml:1: table [node] is not known")]
+    [InlineData("a = [1, 2", "t.toml:1: expected ',' or ']'")]
+    [InlineData("a = \"\\q\"", "t.toml:1: unknown escape")]
+    [InlineData("\n\na = nope", "t.toml:3: expected a string")]
+    public void Parse_Errors_NameFileAndLine(string text, string expect)
+    {
+        var e = Assert.Throws<ConfigException>(() => TomlDoc.Parse(text, "t.toml"));
+        Assert.StartsWith(expect, e.Message);
+    }
+
+    [Fact]
+    public void Parse_RandomText_OnlyConfigExceptions()
+    {
+        var rng = new Random(11);
+        const string alphabet = "ab=\"'[]#,\n 1_-\\tu{}.";
+        for (int i = 0; i < 3000; i++)
+        {
+            var chars = new char[rng.Next(0, 80)];
+            for (int j = 0; j < chars.Length; j++) chars[j] = alphabet[rng.Next(alphabet.Length)];
+            try { TomlDoc.Parse(new string(chars), "r.toml"); }
+            catch (ConfigException) { }
+        }
+    }
+
+    [Fact]
+    public void ConfigFile_FullNode_ParsedWithPeers()
+    {
+        string path = Write("""
+            key = "KEYFILE"
+            listen = "[2001:db8::1]:4000"
+            address = ["100.64.0.1/24", "fd00:64::1/64"]
+            tun = "veil9"
+            keepalive = 25
+            mgmt = "off"
+            mgmt_acl = ["192.0.2.0/24"]
+            max_sessions = 64
+            handshake_rate = 50
+            handshake_rate_per_source = 5
+            log_level = "warn"
+            log_format = "json"
+
+            [[peer]]
+            name = "office"
+            public_key = "PEERPUB"
+            endpoint = "198.51.100.2:51820"
+            allowed_ips = ["100.64.0.2/32", "192.168.20.0/24"]
+            keepalive = 10
+            """);
+        UpConfig c = UpConfig.Load(new[] { "up", "--config", path }, 1);
+        Assert.Equal(4000, c.ListenPort);
+        Assert.Equal(2, c.Addresses.Count);
+        Assert.Equal("veil9", c.TunName);
+        Assert.Null(c.MgmtAddress);
+        Assert.Equal("192.0.2.0/24", Assert.Single(c.MgmtAcl).ToString());
+        Assert.Equal(64, c.MaxSessions);
+        Assert.Equal(LogLevel.Warn, c.LogLevel);
+        Assert.True(c.LogJson);
+        PeerConfig p = Assert.Single(c.Peers);
+        Assert.Equal("office", p.Name);
+        Assert.Equal(10_000, p.KeepaliveMs);
+        Assert.Equal(2, p.Allowed.Count);
+    }
+
+    [Fact]
+    public void Flags_OverrideFile_AddressReplaced_PeersMerged()
+    {
+        Key32 other = default, otherPriv = TestNode.KeyFromSeed(9);
+        X25519.PublicKey(other, otherPriv);
+        string path = Write("""
+            key = "KEYFILE"
+            address = ["100.64.0.1/24"]
+            tun = "fromfile"
+            [[peer]]
+            public_key = "PEERPUB"
+            allowed_ips = ["100.64.0.2/32"]
+            """);
+        UpConfig c = UpConfig.Load(new[] { "up", "--config", path, "--tun", "fromflag", "--address", "100.64.0.7/24",
+            "--peer", other.ToBase64(), "--allow", "100.64.0.9/32", "--peer", _peerPub, "--allow", "100.64.0.22/32" }, 1);
+        Assert.Equal("fromflag", c.TunName);
+        Assert.Equal("100.64.0.7/24", Assert.Single(c.Addresses).ToString());
+        Assert.Equal(2, c.Peers.Count);
+        Assert.Equal("100.64.0.22/32", Assert.Single(c.Peers.Single(p => p.PublicKey.ToBase64() == _peerPub).Allowed).ToString());
+    }
+
+    [Theory]
+    [InlineData("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\nmtu = \"big\"", "veil.toml:3: key 'mtu': expected an integer")]
+    [InlineData("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\nmtu = 10", "veil.toml:3: key 'mtu': '10' must be a whole number")]
+    [InlineData("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\ncolour = \"red\"", "veil.toml:3: unknown key 'colour'")]
+    [InlineData("key = \"KEYFILE\"\naddress = \"100.64.0.1/24\"", "veil.toml:2: key 'address': expected an array of strings")]
+    [InlineData("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n[[peer]]\nendpoint = \"198.51.100.2:1\"", "veil.toml:3: [[peer]] needs a public_key")]
+    [InlineData("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n[[peer]]\npublic_key = \"PEERPUB\"\nallowed_ips = [\"x\"]", "veil.toml:5: key 'allowed_ips': 'x' is not a CIDR prefix")]
+    [InlineData("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n[[peer]]\npublic_key = \"PEERPUB\"\ncolour = 1", "veil.toml:5: unknown key 'colour' in [[peer]]")]
+    [InlineData("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n[[node]]\na = 1", "veil.toml:3: table [[node]] is not known")]
+    public void ConfigFile_BadValues_NameFileLineAndKey(string text, string expect)
+    {
+        string path = Write(text);
+        var e = Assert.Throws<ConfigException>(() => UpConfig.Load(new[] { "up", "--config", path }, 1));
+        Assert.StartsWith(expect, e.Message);
+    }
+
+    [Fact]
+    public void ConfigFile_Missing_ClearError() =>
+        Assert.Contains("no such file", Assert.Throws<ConfigException>(() => UpConfig.Load(new[] { "up", "--config", Path.Combine(_dir, "nope.toml") }, 1)).Message);
+
+    [Fact]
+    public void RestartKeysChanged_OnlyNonReloadableKeysCount()
+    {
+        string a = Write("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\nlog_level = \"info\"\n");
+        UpConfig c1 = UpConfig.Load(new[] { "up", "--config", a }, 1);
+        string b = Write("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\nlog_level = \"debug\"\nkeepalive = 5\n");
+        UpConfig c2 = UpConfig.Load(new[] { "up", "--config", b }, 1);
+        Assert.Empty(c1.RestartKeysChanged(c2));
+        string t = Write("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\ntun = \"other\"\nlisten = \"0.0.0.0:1\"\n");
+        Assert.Equal(new[] { "listen", "tun" }, c1.RestartKeysChanged(UpConfig.Load(new[] { "up", "--config", t }, 1)));
+    }
+}
