@@ -26,7 +26,7 @@
 //  12. Record layer
 //  13. UDP socket
 //  14. Event loop & node
-//  15. Control socket
+//  15. Control & management
 //  16. CLI
 // END TOC
 //
@@ -79,7 +79,7 @@ internal static class Program
             case "pubkey": return Cli.PubKey(Console.In, stdout, stderr);
             case "genpsk": return Cli.GenPsk(stdout);
             case "up": return Up(args, stderr);
-            case "status" or "down": return Cli.Ask(verb, args, stdout, stderr);
+            case "status" or "peers" or "routes" or "reload" or "down": return Cli.Ask(verb, args, stdout, stderr);
             case "version" or "--version": stdout.WriteLine("veil " + Cli.Version); return 0;
             case "help" or "--help" or "-h":
                 if (Cli.Help(args.Length > 1 ? args[1] : null, stdout) == 0) return 0;
@@ -102,7 +102,7 @@ internal static class Program
             return 0;
         }
         var log = new Log(stderr, cfg.LogLevel) { Json = cfg.LogJson };
-        try { return new Daemon(cfg, log).Run(); }
+        try { return new Daemon(cfg, args, log).Run(); }
         catch (ConfigException e) { stderr.WriteLine("veil: " + e.Message); return 2; }
         catch (IOException e) { log.Error("fatal", $"error=\"{e.Message}\""); stderr.WriteLine("veil: " + e.Message); return 1; }
     }
@@ -151,7 +151,6 @@ internal static class Tune
     internal const int MinMtu = 1280;
     internal const int MaxMtu = 9000;
     internal const int DefaultListenPort = 51820;
-    internal const int UnderLoadHandshakesPerSecond = 64;    // above this, ClientHellos need a cookie
     internal const long StaleHelloIntervalMs = 1_000;        // see ConsumeClientHello: clocks that went back
     internal const int DecryptFailuresBeforeRehandshake = 32;
     internal const int LogBurst = 10;                        // log lines per event kind per LogWindowMs
@@ -391,8 +390,47 @@ internal sealed class Log
     internal void Emit(LogLevel level, string name, string fields)
     {
         string ts = DateTime.UtcNow.ToString("yyyy-MM-ddTHH:mm:ss.fffZ", System.Globalization.CultureInfo.InvariantCulture);
-        _out.WriteLine($"ts={ts} level={LevelName(level)} event={name}{(fields.Length > 0 ? " " : "")}{fields}");
+        _out.WriteLine(Json ? JsonLine(ts, level, name, fields) : $"ts={ts} level={LevelName(level)} event={name}{(fields.Length > 0 ? " " : "")}{fields}");
         _out.Flush();
+    }
+
+    // The same pairs as one JSON object; a value written "like this" is one string.
+    internal static string JsonLine(string ts, LogLevel level, string name, string fields)
+    {
+        var sb = new StringBuilder();
+        sb.Append("{\"ts\":\"").Append(ts).Append("\",\"level\":\"").Append(LevelName(level)).Append("\",\"event\":\"").Append(name).Append('"');
+        int i = 0;
+        while (i < fields.Length)
+        {
+            while (i < fields.Length && fields[i] == ' ') i++;
+            int eq = fields.IndexOf('=', i);
+            if (eq < 0) break;
+            string key = fields[i..eq];
+            string value;
+            if (eq + 1 < fields.Length && fields[eq + 1] == '"')
+            {
+                int close = fields.IndexOf('"', eq + 2);
+                if (close < 0) close = fields.Length;
+                value = fields[(eq + 2)..close];
+                i = close + 1;
+            }
+            else
+            {
+                int sp = fields.IndexOf(' ', eq + 1);
+                if (sp < 0) sp = fields.Length;
+                value = fields[(eq + 1)..sp];
+                i = sp;
+            }
+            sb.Append(",\"").Append(key).Append("\":\"");
+            foreach (char c in value)
+            {
+                if (c is '"' or '\\') sb.Append('\\').Append(c);
+                else if (c < 0x20) sb.Append(' ');
+                else sb.Append(c);
+            }
+            sb.Append('"');
+        }
+        return sb.Append('}').ToString();
     }
 
     internal static string LevelName(LogLevel l) => l switch
@@ -432,6 +470,7 @@ internal enum DropReason
     StaleHello,         // ClientHello timestamp not newer than the last one (replay)
     HandshakeFailed,    // handshake message did not decrypt
     QueueFull,          // staged packet pushed out by a newer one
+    Refused,            // ClientHello over the admission budget (rate per source, max sessions)
     TunWrite,           // the kernel refused a packet on the TUN
     UdpSend,            // the kernel refused a datagram
     Count,
@@ -454,7 +493,7 @@ internal sealed class Counters
         DropReason.NoRoute => "no_route", DropReason.SourceNotAllowed => "source_not_allowed",
         DropReason.BadMac1 => "bad_mac1", DropReason.BadMac2 => "bad_mac2",
         DropReason.UnknownPeer => "unknown_peer", DropReason.StaleHello => "stale_hello",
-        DropReason.HandshakeFailed => "handshake_failed", DropReason.QueueFull => "queue_full",
+        DropReason.HandshakeFailed => "handshake_failed", DropReason.QueueFull => "queue_full", DropReason.Refused => "refused",
         DropReason.TunWrite => "tun_write", DropReason.UdpSend => "udp_send", _ => "other",
     };
 }
@@ -704,7 +743,7 @@ internal sealed class TomlDoc
 
 internal sealed class UpConfig
 {
-    internal Key32 PrivateKey;
+    internal Key32 PrivateKey, PublicKey;
     internal Key32 Psk;                    // all zero when no network secret is given (Noise: 32 zero bytes)
     internal string KeyFile = "", PskFile = "";
     internal IPAddress ListenAddress = IPAddress.Any;
@@ -746,7 +785,7 @@ internal sealed class UpConfig
     }
 
     /// <summary>Parses `veil up` arguments (args[start..]) and the --config file they name.</summary>
-    internal static UpConfig Load(string[] args, int start)
+    internal static UpConfig Load(string[] args, int start, UpConfig? running = null)
     {
         var flags = new List<(string Key, string Value)>();
         var flagPeers = new List<PeerConfig>();
@@ -795,7 +834,7 @@ internal sealed class UpConfig
             c.Peers.RemoveAll(p => p.PublicKey.EqualsCt(fp.PublicKey));
             c.Peers.Add(fp);
         }
-        c.Finish();
+        c.Finish(running);
         return c;
     }
 
@@ -899,15 +938,22 @@ internal sealed class UpConfig
     }
 
     // Checks that need every value: required keys, key files, duplicates, the derived MTU.
-    private void Finish()
+    // On reload (running set) key files are not read again: the daemon may have dropped the rights
+    // to read them, and a changed path is a restart anyway. Nor is an implicit MTU derived again.
+    private void Finish(UpConfig? running)
     {
         if (KeyFile.Length == 0) throw new ConfigException("--key FILE is required (create one with 'veil genkey > FILE; chmod 600 FILE')");
-        PrivateKey = ReadKeyFile("--key", KeyFile);
-        if (PskFile.Length > 0) Psk = ReadKeyFile("--psk", PskFile);
+        if (running == null || running.KeyFile != KeyFile)
+        {
+            PrivateKey = ReadKeyFile("--key", KeyFile);
+            X25519.PublicKey(PublicKey, PrivateKey);
+        }
+        else PublicKey = running.PublicKey;
+        if (PskFile.Length > 0 && (running == null || running.PskFile != PskFile)) Psk = ReadKeyFile("--psk", PskFile);
         if (Addresses.Count == 0) throw new ConfigException("--address CIDR is required (the overlay address of this node)");
         if (MgmtAcl.Count == 0) { MgmtAcl.Add(IpPrefix.Parse("127.0.0.0/8")); MgmtAcl.Add(IpPrefix.Parse("::1/128")); }
-        Span<byte> pub = stackalloc byte[32];
-        X25519.PublicKey(pub, PrivateKey);
+        if (Mtu == 0 && running != null) Mtu = running.Mtu;
+        ReadOnlySpan<byte> pub = PublicKey;
         var names = new HashSet<string>();
         for (int i = 0; i < Peers.Count; i++)
         {
@@ -939,8 +985,8 @@ internal sealed class UpConfig
     internal List<string> RestartKeysChanged(UpConfig o)
     {
         var changed = new List<string>();
-        if (!PrivateKey.EqualsCt(o.PrivateKey)) changed.Add("key");
-        if (!Psk.EqualsCt(o.Psk)) changed.Add("psk");
+        if (KeyFile != o.KeyFile) changed.Add("key");
+        if (PskFile != o.PskFile) changed.Add("psk");
         if (!ListenAddress.Equals(o.ListenAddress) || ListenPort != o.ListenPort) changed.Add("listen");
         if (string.Join(",", Addresses) != string.Join(",", o.Addresses)) changed.Add("address");
         if (TunName != o.TunName) changed.Add("tun");
@@ -1059,9 +1105,9 @@ internal static unsafe partial class Libc
     internal const int SOL_SOCKET = 1, SO_REUSEADDR = 2, SO_SNDBUF = 7, SO_RCVBUF = 8, SO_SNDBUFFORCE = 32, SO_RCVBUFFORCE = 33;
     internal const int IPPROTO_IPV6 = 41, IPV6_V6ONLY = 26;
     internal const int NETLINK_ROUTE = 0;
-    internal const int EPOLLIN = 0x1, EPOLL_CTL_ADD = 1, EPOLL_CTL_DEL = 2, EPOLL_CLOEXEC = 0x80000;
+    internal const int EPOLLIN = 0x1, EPOLLOUT = 0x4, EPOLL_CTL_ADD = 1, EPOLL_CTL_DEL = 2, EPOLL_CTL_MOD = 3, EPOLL_CLOEXEC = 0x80000;
     internal const int EFD_NONBLOCK = 0x800, EFD_CLOEXEC = 0x80000;
-    internal const int EINTR = 4, EAGAIN = 11, ENOENT = 2, EEXIST = 17, EADDRINUSE = 98, EPERM = 1, EACCES = 13;
+    internal const int ESRCH = 3, EINTR = 4, EAGAIN = 11, ENOENT = 2, EEXIST = 17, EADDRINUSE = 98, EPERM = 1, EACCES = 13;
     internal const int MSG_DONTWAIT = 0x40;
     internal const uint TUNSETIFF = 0x400454CA;
     internal const short IFF_TUN = 0x1, IFF_NO_PI = 0x1000;
@@ -1097,13 +1143,16 @@ internal static unsafe partial class Libc
     internal static string ErrorText(int errno) => Marshal.GetPInvokeErrorMessage(errno);
 
     /// <summary>Registers fd for EPOLLIN with the fd itself as the event data.</summary>
-    internal static int EpollAdd(int epfd, int fd)
+    internal static int EpollAdd(int epfd, int fd) => EpollSet(epfd, EPOLL_CTL_ADD, fd, EPOLLIN);
+    internal static int EpollMod(int epfd, int fd, int events) => EpollSet(epfd, EPOLL_CTL_MOD, fd, events);
+
+    private static int EpollSet(int epfd, int op, int fd, int events)
     {
         byte* ev = stackalloc byte[16];
         new Span<byte>(ev, 16).Clear();
-        *(uint*)ev = EPOLLIN;
+        *(uint*)ev = (uint)events;
         *(ulong*)(ev + EpollDataOffset) = (ulong)fd;
-        return EpollCtl(epfd, EPOLL_CTL_ADD, fd, ev);
+        return EpollCtl(epfd, op, fd, ev);
     }
 
     internal static int EpollEventFd(byte* events, int i) => (int)*(ulong*)(events + i * EpollEventLen + EpollDataOffset);
@@ -1823,7 +1872,9 @@ internal sealed class Peer
     internal Key32 StaticShared;                 // DH(our static, its static), the ss of every handshake
     internal Endpoint Endpoint;
     internal readonly List<IpPrefix> Allowed;
-    internal readonly string Name;               // first characters of the key, for logs
+    internal string Name;                        // from the config, or the first characters of the key
+    internal string ConfiguredEndpoint;          // as configured; Endpoint roams away from it
+    internal bool Active = true;                 // false once removed by a reload (the slot is reused)
 
     internal Session? Previous, Current, Next;
 
@@ -1842,7 +1893,7 @@ internal sealed class Peer
     internal int RecentHelloNext;
 
     internal long RetransmitHandshakeAtMs, SendKeepaliveAtMs, NewHandshakeAtMs, ZeroKeysAtMs, PersistentKeepaliveAtMs;
-    internal readonly long PersistentKeepaliveMs;
+    internal long PersistentKeepaliveMs;
     internal long LastHandshakeMs = -1, LastRxMs = -1;
     internal long RxBytes, TxBytes, Handshakes;
     internal int FailuresSinceGood;              // bad tags / replays since the last good record
@@ -1859,6 +1910,7 @@ internal sealed class Peer
         PublicKey = cfg.PublicKey;
         Psk = psk;
         Endpoint = cfg.Endpoint;
+        ConfiguredEndpoint = cfg.EndpointText;
         Allowed = new List<IpPrefix>(cfg.Allowed);
         Name = cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.ToBase64()[..8];
         PersistentKeepaliveMs = cfg.KeepaliveMs >= 0 ? cfg.KeepaliveMs : persistentKeepaliveMs;
@@ -2212,7 +2264,7 @@ internal sealed class SessionKeys
     }
 }
 
-internal enum HandshakeVerdict { Ok, Malformed, BadMac1, NeedCookie, BadMac2, Failed, UnknownPeer, StaleHello, UnknownIndex }
+internal enum HandshakeVerdict { Ok, Malformed, BadMac1, NeedCookie, BadMac2, Failed, UnknownPeer, StaleHello, UnknownIndex, RateLimited }
 
 /// <summary>The result of consuming a ClientHello: everything needed to answer it.</summary>
 internal sealed class HelloState
@@ -2235,9 +2287,6 @@ internal sealed class Handshaker
     private Key32 _mac1Key, _cookieKey;           // keyed by our public key: others use these to reach us
     private Key32 _cookieSecret;
     private long _cookieSecretAtMs = long.MinValue / 2;
-    private long _loadWindowStartMs;
-    private int _hellosInWindow;
-    internal bool ForceUnderLoad;                 // tests
     internal byte AeadMask;                       // bit (1 << AeadKind) per AEAD we can run
     internal AeadKind PreferredAead;
     private readonly Func<Key32, Peer?> _findPeer;
@@ -2319,12 +2368,15 @@ internal sealed class Handshaker
     }
 
     /// <summary>Checks MAC1 (and MAC2 under load), then reads the hello. On Ok, st holds the answerable state.</summary>
-    internal HandshakeVerdict ConsumeClientHello(ReadOnlySpan<byte> msg, in Endpoint from, long nowMs, HelloState st)
+    internal bool Mac1Matches(ReadOnlySpan<byte> hello) =>
+        hello.Length == Wire.ClientHelloLen &&
+        MacMatches(_mac1Key, hello[..Wire.ClientHelloMac1Offset], hello.Slice(Wire.ClientHelloMac1Offset, Spec.MacLen));
+
+    internal HandshakeVerdict ConsumeClientHello(ReadOnlySpan<byte> msg, in Endpoint from, long nowMs, HelloState st, bool underLoad = false)
     {
         if (msg.Length != Wire.ClientHelloLen) return HandshakeVerdict.Malformed;
-        if (!MacMatches(_mac1Key, msg[..Wire.ClientHelloMac1Offset], msg.Slice(Wire.ClientHelloMac1Offset, Spec.MacLen)))
-            return HandshakeVerdict.BadMac1;
-        if (UnderLoad(nowMs))
+        if (!Mac1Matches(msg)) return HandshakeVerdict.BadMac1;
+        if (underLoad)
         {
             Span<byte> cookie = stackalloc byte[Spec.MacLen];
             MakeCookie(from, nowMs, cookie);
@@ -2436,12 +2488,6 @@ internal sealed class Handshaker
         return HandshakeVerdict.Ok;
     }
 
-    internal bool UnderLoad(long nowMs)
-    {
-        if (nowMs - _loadWindowStartMs >= 1000) { _loadWindowStartMs = nowMs; _hellosInWindow = 0; }
-        return ++_hellosInWindow > Tune.UnderLoadHandshakesPerSecond || ForceUnderLoad;
-    }
-
     private void MakeCookie(in Endpoint from, long nowMs, Span<byte> cookie16)
     {
         if (nowMs - _cookieSecretAtMs >= Spec.CookieRefreshTimeMs)
@@ -2484,6 +2530,60 @@ internal sealed class Handshaker
         p.CookieReceivedMs = nowMs;
         return true;
     }
+}
+
+/// <summary>Who may make us do Diffie-Hellman: a token bucket per source address (bounded table) and
+/// one for everybody. A source over its rate is dropped; when the global bucket is empty, hellos
+/// must carry a cookie (MAC2) instead, so real peers still get in while a flood is answered cheaply.</summary>
+internal sealed class Admission
+{
+    private struct Bucket { internal double Tokens; internal long AtMs; }
+    private const int MaxSources = 4096;
+    private readonly Dictionary<UInt128, Bucket> _sources = new();
+    private Bucket _global;
+    internal int Rate, RatePerSource, MaxSessions;
+    internal long RefusedSource, RefusedGlobal, RefusedSessions;
+    internal bool ForceUnderLoad;                 // tests
+
+    internal Admission(int rate, int ratePerSource, int maxSessions)
+    {
+        Rate = rate;
+        RatePerSource = ratePerSource;
+        MaxSessions = maxSessions;
+        _global = new Bucket { Tokens = rate, AtMs = long.MinValue };
+    }
+
+    private static bool Take(ref Bucket b, int ratePerSecond, long nowMs)
+    {
+        if (b.AtMs != long.MinValue) b.Tokens = Math.Min(ratePerSecond, b.Tokens + (nowMs - b.AtMs) * ratePerSecond / 1000.0);
+        b.AtMs = nowMs;
+        if (b.Tokens < 1) return false;
+        b.Tokens -= 1;
+        return true;
+    }
+
+    /// <summary>False (and counted) when this source sent more hellos than its rate allows.</summary>
+    internal bool AllowSource(in Endpoint from, long nowMs)
+    {
+        if (!_sources.TryGetValue(from.Address, out Bucket b))
+        {
+            if (_sources.Count >= MaxSources) _sources.Clear();      // bounded: forget everybody rather than grow
+            b = new Bucket { Tokens = RatePerSource, AtMs = nowMs };
+        }
+        bool ok = Take(ref b, RatePerSource, nowMs);
+        _sources[from.Address] = b;
+        if (!ok) RefusedSource++;
+        return ok;
+    }
+
+    /// <summary>True when the global budget is spent: the hello then needs a valid cookie.</summary>
+    internal bool UnderLoad(long nowMs)
+    {
+        if (ForceUnderLoad || !Take(ref _global, Rate, nowMs)) { RefusedGlobal++; return true; }
+        return false;
+    }
+
+    internal int TrackedSources => _sources.Count;
 }
 
 // ==== 11. Sessions & replay window ===============================================================
@@ -2591,6 +2691,7 @@ internal sealed class IndexTable
     private readonly Dictionary<uint, Peer> _handshakes = new();
 
     internal int Count => _sessions.Count + _handshakes.Count;
+    internal int SessionCount => _sessions.Count;
 
     /// <summary>A random index not in use (0 is never handed out, so it can mean "none").</summary>
     internal uint NewIndex()
@@ -2917,7 +3018,6 @@ internal sealed class Node
     internal readonly PacketBatch UdpOut = new(Tune.BatchSize, Tune.SlotLen);
     internal IPacketSink? Sink;
     internal readonly int Mtu;
-    internal readonly long RekeyAfterMs;
     internal Func<long> UnixNs = () => (DateTime.UtcNow - DateTime.UnixEpoch).Ticks * 100;
     private long _lastUnixNs;
     private readonly HelloState _hello = new();
@@ -2928,21 +3028,84 @@ internal sealed class Node
         Counters = counters;
         Mtu = cfg.Mtu;
         RekeyAfterMs = cfg.RekeyAfterTimeMs;
+        Admission = new Admission(cfg.HandshakeRate, cfg.HandshakeRatePerSource, cfg.MaxSessions);
         Handshaker = new Handshaker(cfg.PrivateKey, FindPeer);
-        foreach (PeerConfig pc in cfg.Peers) AddPeer(pc, cfg.Psk, cfg.PersistentKeepaliveMs);
+        _psk = cfg.Psk;
+        foreach (PeerConfig pc in cfg.Peers) AddPeer(pc, _psk, cfg.PersistentKeepaliveMs);
     }
+
+    private Key32 _psk;                          // the network secret, for peers added by a reload
+
+    internal void ClearKeys()
+    {
+        foreach (Peer p in Peers) { p.Psk.Clear(); p.StaticShared.Clear(); }
+        Handshaker.PrivateKey.Clear();
+        _psk.Clear();
+    }
+
+    internal readonly Admission Admission;
+    internal long RekeyAfterMs;
 
     private Peer? FindPeer(Key32 key) => _byKey.TryGetValue(KeyId.Of(key), out Peer? p) ? p : null;
 
     internal Peer AddPeer(PeerConfig pc, in Key32 psk, long persistentKeepaliveMs)
     {
-        var p = new Peer(Peers.Count, pc, psk, persistentKeepaliveMs, Mtu);
+        int id = Peers.FindIndex(x => !x.Active);                  // reuse the slot of a removed peer
+        var p = new Peer(id >= 0 ? id : Peers.Count, pc, psk, persistentKeepaliveMs, Mtu);
         if (!X25519.Dh(p.StaticShared, Handshaker.PrivateKey, p.PublicKey))
-            throw new ConfigException($"--peer {p.Name} is not a usable public key (low-order point)");
-        Peers.Add(p);
+            throw new ConfigException($"peer {p.Name} is not a usable public key (low-order point)");
+        if (id >= 0) Peers[id] = p;
+        else Peers.Add(p);
         _byKey[KeyId.Of(p.PublicKey)] = p;
         foreach (IpPrefix a in p.Allowed) Routes.Insert(a, p.Id);
         return p;
+    }
+
+    internal void RemovePeer(Peer p)
+    {
+        DropSessions(p);
+        p.ClearStaged();
+        Routes.RemoveByPeer(p.Id);
+        _byKey.Remove(KeyId.Of(p.PublicKey));
+        p.Active = false;
+        p.PersistentKeepaliveAtMs = 0;
+        p.Psk.Clear();
+        p.StaticShared.Clear();
+        Log.Info("peer_removed", $"peer={p.Name}");
+    }
+
+    /// <summary>Applies a reloaded config's reloadable keys: peers (added, removed, changed), rates,
+    /// rekey time. Sessions of peers whose key stays are kept.</summary>
+    internal void Apply(UpConfig cfg, long nowMs)
+    {
+        var wanted = new Dictionary<KeyId, PeerConfig>();
+        foreach (PeerConfig pc in cfg.Peers) wanted[KeyId.Of(pc.PublicKey)] = pc;
+        foreach (Peer p in Peers)
+            if (p.Active && !wanted.ContainsKey(KeyId.Of(p.PublicKey))) RemovePeer(p);
+        foreach (PeerConfig pc in cfg.Peers)
+        {
+            Peer? p = FindPeer(pc.PublicKey);
+            if (p == null)
+            {
+                p = AddPeer(pc, _psk, cfg.PersistentKeepaliveMs);
+                Log.Info("peer_added", $"peer={p.Name}");
+                if (p.Endpoint.IsSet) StartHandshake(p, nowMs, retransmit: false);
+                continue;
+            }
+            p.Name = pc.Name;
+            if (pc.EndpointText != p.ConfiguredEndpoint) { p.Endpoint = pc.Endpoint; p.ConfiguredEndpoint = pc.EndpointText; }
+            p.PersistentKeepaliveMs = pc.KeepaliveMs >= 0 ? pc.KeepaliveMs : cfg.PersistentKeepaliveMs;
+            if (p.PersistentKeepaliveMs == 0) p.PersistentKeepaliveAtMs = 0;
+            else if (p.PersistentKeepaliveAtMs == 0) p.PersistentKeepaliveAtMs = nowMs + p.PersistentKeepaliveMs;
+            Routes.RemoveByPeer(p.Id);
+            p.Allowed.Clear();
+            p.Allowed.AddRange(pc.Allowed);
+            foreach (IpPrefix a in p.Allowed) Routes.Insert(a, p.Id);
+        }
+        RekeyAfterMs = cfg.RekeyAfterTimeMs;
+        Admission.Rate = cfg.HandshakeRate;
+        Admission.RatePerSource = cfg.HandshakeRatePerSource;
+        Admission.MaxSessions = cfg.MaxSessions;
     }
 
     /// <summary>Starts handshakes with every peer we know an endpoint for.</summary>
@@ -3106,7 +3269,15 @@ internal sealed class Node
 
     private void ReceiveClientHello(ReadOnlySpan<byte> d, in Endpoint from, long nowMs)
     {
-        HandshakeVerdict v = Handshaker.ConsumeClientHello(d, from, nowMs, _hello);
+        // Cheapest checks first: MAC1 (one HMAC), then the per-source budget, then the global one.
+        HandshakeVerdict v = !Handshaker.Mac1Matches(d) ? HandshakeVerdict.BadMac1
+            : !Admission.AllowSource(from, nowMs) ? HandshakeVerdict.RateLimited
+            : Handshaker.ConsumeClientHello(d, from, nowMs, _hello, Admission.UnderLoad(nowMs));
+        if (v == HandshakeVerdict.Ok && _hello.Peer!.Current == null && Indexes.SessionCount >= Admission.MaxSessions)
+        {
+            Admission.RefusedSessions++;
+            v = HandshakeVerdict.RateLimited;
+        }
         switch (v)
         {
             case HandshakeVerdict.Ok: break;
@@ -3124,6 +3295,10 @@ internal sealed class Node
                 Counters.Drop(DropReason.UnknownPeer);
                 if (Log.Wants(LogLevel.Warn, "handshake_dropped"))
                     Log.Emit(LogLevel.Warn, "handshake_dropped", $"reason=unknown_peer from={from} hint=\"ClientHello from a key that is not a configured peer\"");
+                return;
+            case HandshakeVerdict.RateLimited:
+                Counters.Drop(DropReason.Refused);
+                if (Log.Wants(LogLevel.Debug, "handshake_refused")) Log.Emit(LogLevel.Debug, "handshake_refused", $"from={from} rule=admission");
                 return;
             case HandshakeVerdict.StaleHello:
                 Counters.Drop(DropReason.StaleHello);
@@ -3418,75 +3593,93 @@ internal sealed class Worker : IPacketSink
 internal sealed unsafe class Daemon
 {
     private const int MaxPumpRounds = 16;           // batches per fd per wake-up, so one fd cannot starve the rest
-    private readonly UpConfig _cfg;
+    private const long ConfigCheckIntervalMs = 2_000;
+    private UpConfig _cfg;
+    private readonly string[] _args;
     private readonly Log _log;
-    private volatile bool _stop;
+    private volatile bool _stop, _reloadAsked;
     private int _wakeFd = -1;
     internal readonly long StartedMs = Mono.NowMs();
+    private Node? _node;
+    private TunDevice? _tun;
+    private MgmtServer? _mgmt;
+    private (DateTime, long) _configStamp;
 
-    internal Daemon(UpConfig cfg, Log log) { _cfg = cfg; _log = log; }
+    internal Daemon(UpConfig cfg, string[] args, Log log) { _cfg = cfg; _args = args; _log = log; }
 
-    internal void RequestStop()
+    private void Wake()
     {
-        _stop = true;
         ulong one = 1;
         if (_wakeFd >= 0) Libc.Write(_wakeFd, (byte*)&one, 8);
     }
 
+    internal void RequestStop() { _stop = true; Wake(); }
+    internal void RequestReload() { _reloadAsked = true; Wake(); }
+
     internal int Run()
     {
         var counters = new Counters();
-        Node node = new(_cfg, _log, counters);
+        Node node = _node = new(_cfg, _log, counters);
         _cfg.PrivateKey.Clear();                          // the node holds its own copies from here on
         _cfg.Psk.Clear();
-        TunDevice? tun = null;
         UdpSocket? udp = null;
         ControlServer? control = null;
         int epfd = -1;
         var signals = new List<PosixSignalRegistration>();
         try
         {
+            // Handlers first: SIGHUP's default action would kill us.
+            foreach (PosixSignal sig in new[] { PosixSignal.SIGTERM, PosixSignal.SIGINT })
+                signals.Add(PosixSignalRegistration.Create(sig, ctx => { ctx.Cancel = true; RequestStop(); }));
+            signals.Add(PosixSignalRegistration.Create(PosixSignal.SIGHUP, ctx => { ctx.Cancel = true; RequestReload(); }));
             udp = UdpSocket.Bind(_cfg.ListenAddress, _cfg.ListenPort);
-            tun = TunDevice.Create(_cfg.TunName);
+            TunDevice tun = _tun = TunDevice.Create(_cfg.TunName);
             Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
             foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
-            foreach (Peer p in node.Peers)
-                foreach (IpPrefix pr in p.Allowed)
-                {
-                    int err = Netlink.AddRoute(tun.IfIndex, pr);
-                    if (err < 0) _log.Warn("route_failed", $"prefix={pr} error=\"{Libc.ErrorText(-err)}\"");
-                }
+            SyncKernelRoutes(new HashSet<IpPrefix>(), AllowedPrefixes(node));
             control = ControlServer.Listen(_cfg.ControlPath);
-            var worker = new Worker(node, tun, udp);
             _wakeFd = Libc.EventFd(0, Libc.EFD_NONBLOCK | Libc.EFD_CLOEXEC);
             epfd = Libc.EpollCreate1(Libc.EPOLL_CLOEXEC);
             if (_wakeFd < 0 || epfd < 0) throw new IOException($"cannot create the event loop: {Libc.ErrorText(Libc.Errno)}");
+            if (_cfg.MgmtAddress != null) _mgmt = MgmtServer.Listen(_cfg.MgmtAddress, _cfg.MgmtPort, epfd, _cfg.MgmtAcl);
+            var worker = new Worker(node, tun, udp);
             Libc.EpollAdd(epfd, tun.Fd);
             Libc.EpollAdd(epfd, udp.Fd);
             Libc.EpollAdd(epfd, _wakeFd);
             Libc.EpollAdd(epfd, control.Fd);
-            foreach (PosixSignal sig in new[] { PosixSignal.SIGTERM, PosixSignal.SIGINT })
-                signals.Add(PosixSignalRegistration.Create(sig, ctx => { ctx.Cancel = true; RequestStop(); }));
-            _log.Info("started", $"public_key={node.Handshaker.PublicKey.Short()} listen={_cfg.ListenAddress}:{udp.LocalPort} tun={tun.Name} mtu={_cfg.Mtu} peers={node.Peers.Count} aead={node.Handshaker.PreferredAead}");
+            if (_cfg.User != null) Privileges.Drop(_cfg.User, _cfg.ControlPath);
+            _configStamp = ConfigStamp();
             var status = new StatusView(node, _cfg, udp.LocalPort, StartedMs);
+            _log.Info("started", $"public_key={node.Handshaker.PublicKey.Short()} listen={_cfg.ListenAddress}:{udp.LocalPort} tun={tun.Name} mtu={_cfg.Mtu} peers={node.Peers.Count} aead={node.Handshaker.PreferredAead}" +
+                (_mgmt != null ? $" mgmt={_cfg.MgmtAddress}:{_mgmt.Port}" : "") + (_cfg.User != null ? $" user={_cfg.User}" : ""));
             long nowMs = Mono.NowMs();
             node.Start(nowMs);
             long nextTimerMs = worker.PumpTimers(nowMs);
-            byte* events = stackalloc byte[16 * 8];
+            long nextConfigCheckMs = nowMs + ConfigCheckIntervalMs;
+            byte* events = stackalloc byte[16 * 16];
             while (!_stop)
             {
                 nowMs = Mono.NowMs();
-                long waitMs = nextTimerMs == long.MaxValue ? 60_000 : Math.Clamp(nextTimerMs - nowMs, 0, 60_000);
-                int n = Libc.EpollWait(epfd, events, 8, (int)waitMs);
+                long wake = Math.Min(Math.Min(nextTimerMs, _mgmt?.NextDeadlineMs ?? long.MaxValue), _cfg.ConfigPath != null ? nextConfigCheckMs : long.MaxValue);
+                long waitMs = wake == long.MaxValue ? 60_000 : Math.Clamp(wake - nowMs, 0, 60_000);
+                int n = Libc.EpollWait(epfd, events, 16, (int)waitMs);
                 nowMs = Mono.NowMs();
                 for (int i = 0; i < n; i++)
                 {
                     int fd = Libc.EpollEventFd(events, i);
                     if (fd == udp.Fd) { for (int r = 0; r < MaxPumpRounds && worker.PumpUdp(nowMs); r++) { } }
                     else if (fd == tun.Fd) { for (int r = 0; r < MaxPumpRounds && worker.PumpTun(nowMs); r++) { } }
-                    else if (fd == control.Fd) { if (control.Serve(status) == ControlServer.Request.Down) RequestStop(); }
+                    else if (fd == control.Fd) control.Serve(this, status);
                     else if (fd == _wakeFd) { ulong v; Libc.Read(_wakeFd, (byte*)&v, 8); }
+                    else _mgmt?.OnReady(fd, nowMs, status);
                 }
+                if (_reloadAsked) { _reloadAsked = false; Reload("signal"); }
+                if (_cfg.ConfigPath != null && nowMs >= nextConfigCheckMs)
+                {
+                    nextConfigCheckMs = nowMs + ConfigCheckIntervalMs;
+                    if (ConfigStamp() != _configStamp) Reload("file_changed");
+                }
+                _mgmt?.Expire(nowMs);
                 nextTimerMs = worker.PumpTimers(nowMs);
             }
             node.Shutdown(Mono.NowMs());
@@ -3497,51 +3690,207 @@ internal sealed unsafe class Daemon
         finally
         {
             foreach (PosixSignalRegistration r in signals) r.Dispose();
+            _mgmt?.Dispose();
             control?.Dispose();
-            tun?.Dispose();                               // closing the fd removes the interface and its routes
+            _tun?.Dispose();                              // closing the fd removes the interface and its routes
             udp?.Dispose();
             if (epfd >= 0) Libc.Close(epfd);
             if (_wakeFd >= 0) Libc.Close(_wakeFd);
-            foreach (Peer p in node.Peers) { p.Psk.Clear(); p.StaticShared.Clear(); }
-            node.Handshaker.PrivateKey.Clear();
+            node.ClearKeys();
         }
+    }
+
+    private (DateTime, long) ConfigStamp()
+    {
+        if (_cfg.ConfigPath == null) return default;
+        var fi = new FileInfo(_cfg.ConfigPath);
+        return fi.Exists ? (fi.LastWriteTimeUtc, fi.Length) : default;
+    }
+
+    private static HashSet<IpPrefix> AllowedPrefixes(Node node)
+    {
+        var set = new HashSet<IpPrefix>();
+        foreach (Peer p in node.Peers)
+            if (p.Active) set.UnionWith(p.Allowed);
+        return set;
+    }
+
+    // Adds and removes only the kernel routes whose prefixes came or went; others are not touched.
+    private void SyncKernelRoutes(HashSet<IpPrefix> before, HashSet<IpPrefix> after)
+    {
+        foreach (IpPrefix pr in before)
+            if (!after.Contains(pr) && Netlink.RemoveRoute(_tun!.IfIndex, pr) is int e and < 0 && e != -Libc.ESRCH)
+                _log.Warn("route_failed", $"prefix={pr} op=remove error=\"{Libc.ErrorText(-e)}\"");
+        foreach (IpPrefix pr in after)
+            if (!before.Contains(pr) && Netlink.AddRoute(_tun!.IfIndex, pr) is int e and < 0)
+                _log.Warn("route_failed", $"prefix={pr} op=add error=\"{Libc.ErrorText(-e)}\"");
+    }
+
+    internal enum ReloadCode { Ok = 0, Rejected = 2, NeedsRestart = 3 }
+
+    /// <summary>Re-reads flags and file; applies the reloadable keys, or nothing at all.</summary>
+    internal (ReloadCode Code, string Message) Reload(string trigger)
+    {
+        _configStamp = ConfigStamp();
+        Node node = _node!;
+        UpConfig next;
+        try { next = UpConfig.Load(_args, 1, _cfg); }
+        catch (ConfigException e)
+        {
+            _log.Warn("reload_rejected", $"trigger={trigger} error=\"{e.Message}\" hint=\"the running config is unchanged\"");
+            return (ReloadCode.Rejected, e.Message);
+        }
+        List<string> changed = _cfg.RestartKeysChanged(next);
+        if (changed.Count > 0)
+        {
+            string keys = string.Join(", ", changed);
+            _log.Warn("reload_needs_restart", $"trigger={trigger} keys=\"{keys}\" hint=\"nothing was applied\"");
+            return (ReloadCode.NeedsRestart, $"changing {keys} needs a restart; nothing was applied");
+        }
+        HashSet<IpPrefix> before = AllowedPrefixes(node);
+        node.Apply(next, Mono.NowMs());
+        SyncKernelRoutes(before, AllowedPrefixes(node));
+        _log.Level = next.LogLevel;
+        _log.Json = next.LogJson;
+        _mgmt?.SetAcl(next.MgmtAcl);
+        _cfg = next;
+        int peers = node.Peers.FindAll(p => p.Active).Count;
+        _log.Info("reloaded", $"trigger={trigger} peers={peers}");
+        return (ReloadCode.Ok, $"reloaded: {peers} peers");
     }
 }
 
-// ==== 15. Control socket =========================================================================
-// A Unix stream socket (mode 0600) served on the loop thread. A client sends one request line —
-// "status", "status json" or "down" — and reads the reply until the server closes. Requests are
-// bounded in size and in time (a client that sends nothing within ControlTimeoutMs is dropped), and
-// anything else gets an "error:" reply and changes nothing. StatusView renders the node's state as
-// text (like `wg show`) or as JSON (written by hand: no reflection under NativeAOT).
+/// <summary>--user: give up root once the TUN and sockets exist, keeping CAP_NET_ADMIN for routes.</summary>
+internal static unsafe partial class Privileges
+{
+    private const int PR_SET_KEEPCAPS = 8, CAP_NET_ADMIN = 12;
+    private const uint LinuxCapabilityVersion3 = 0x20080522;
+
+    [LibraryImport("libc", EntryPoint = "getpwnam", SetLastError = true)] private static partial nint GetPwNam(byte* name);
+    [LibraryImport("libc", EntryPoint = "prctl", SetLastError = true)] private static partial int Prctl(int option, nuint arg2, nuint arg3, nuint arg4, nuint arg5);
+    [LibraryImport("libc", EntryPoint = "setgroups", SetLastError = true)] private static partial int SetGroups(nuint size, uint* list);
+    [LibraryImport("libc", EntryPoint = "setresgid", SetLastError = true)] private static partial int SetResGid(uint r, uint e, uint s);
+    [LibraryImport("libc", EntryPoint = "setresuid", SetLastError = true)] private static partial int SetResUid(uint r, uint e, uint s);
+    [LibraryImport("libc", EntryPoint = "capset", SetLastError = true)] private static partial int CapSet(uint* header, uint* data);
+    [LibraryImport("libc", EntryPoint = "chown", SetLastError = true)] private static partial int Chown(byte* path, uint uid, uint gid);
+
+    /// <summary>struct passwd: pw_name, pw_passwd (pointers), then pw_uid, pw_gid (32-bit).</summary>
+    internal static bool TryLookup(string user, out uint uid, out uint gid)
+    {
+        uid = gid = 0;
+        byte[] name = Encoding.UTF8.GetBytes(user + "\0");
+        fixed (byte* n = name)
+        {
+            nint pw = GetPwNam(n);
+            if (pw == 0) return false;
+            uid = *(uint*)(pw + 2 * sizeof(nint));
+            gid = *(uint*)(pw + 2 * sizeof(nint) + 4);
+            return true;
+        }
+    }
+
+    internal static void Drop(string user, string controlPath)
+    {
+        if (!TryLookup(user, out uint uid, out uint gid)) throw new IOException($"--user '{user}': no such user");
+        byte[] path = Encoding.UTF8.GetBytes(controlPath + "\0");
+        fixed (byte* p = path) Chown(p, uid, gid);       // so the unprivileged daemon can still remove it
+        if (Prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0 || SetGroups(0, null) < 0 || SetResGid(gid, gid, gid) < 0 || SetResUid(uid, uid, uid) < 0)
+            throw new IOException($"--user '{user}': cannot switch user: {Libc.ErrorText(Libc.Errno)}");
+        uint* header = stackalloc uint[2];
+        uint* data = stackalloc uint[6];                 // two __user_cap_data_struct: effective, permitted, inheritable
+        header[0] = LinuxCapabilityVersion3;
+        header[1] = 0;
+        new Span<uint>(data, 6).Clear();
+        data[0] = data[1] = 1u << CAP_NET_ADMIN;
+        if (CapSet(header, data) < 0) throw new IOException($"--user '{user}': cannot keep CAP_NET_ADMIN: {Libc.ErrorText(Libc.Errno)}");
+    }
+}
+
+// ==== 15. Control & management ====================================================================
+// Everything that reports on or steers a running node, served on the loop thread:
+//   ControlServer  a Unix stream socket (mode 0600): one request line — status, peers, routes (each
+//                  optionally followed by "json"), reload, down — answered, then closed. Requests are
+//                  bounded in size and time; anything else gets "error:" and changes nothing.
+//   MgmtServer     HTTP/1.1 on --mgmt: GET /status (JSON), /metrics (Prometheus text), /healthz.
+//                  Non-blocking: every connection is a small state machine with an 8 KiB header
+//                  limit and a deadline, at most MaxConnections at once, sources outside --mgmt-acl
+//                  get 403. A slow or huge client costs one slot, never the loop.
+//   StatusView     renders the node as text (like `wg show`), JSON (by hand: no reflection under
+//                  NativeAOT) and Prometheus metrics; the JSON of `veil status --json` and GET /status
+//                  are the same bytes.
 
 internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long startedMs)
 {
+    private const int MaxMetricPeers = 256;          // per-peer series are bounded; the rest are summed only
+    private static readonly string Rid = RuntimeInformation.RuntimeIdentifier;
+
+    private static string Ago(long ms) => ms < 0 ? "never" : ms / 1000 + " s ago";
+    private static long UnixSecondsAt(long monoMs, long nowMs) =>
+        monoMs < 0 ? 0 : DateTimeOffset.UtcNow.ToUnixTimeSeconds() - (nowMs - monoMs) / 1000;
+
+    private static void Str(StringBuilder sb, string s)
+    {
+        sb.Append('"');
+        foreach (char c in s)
+        {
+            if (c is '"' or '\\') sb.Append('\\').Append(c);
+            else if (c < 0x20) sb.Append("\\u").Append(((int)c).ToString("x4", System.Globalization.CultureInfo.InvariantCulture));
+            else sb.Append(c);
+        }
+        sb.Append('"');
+    }
+
+    private IEnumerable<Peer> ActivePeers()
+    {
+        foreach (Peer p in node.Peers)
+            if (p.Active) yield return p;
+    }
+
     internal string Text()
     {
         long nowMs = Mono.NowMs();
         var sb = new StringBuilder();
-        sb.Append("node: ").Append(node.Handshaker.PublicKey.ToBase64()).Append('\n');
+        sb.Append("interface: ").Append(cfg.TunName).Append('\n');
+        sb.Append("  public key: ").Append(node.Handshaker.PublicKey.ToBase64()).Append('\n');
         sb.Append("  listening port: ").Append(listenPort).Append('\n');
-        sb.Append("  interface: ").Append(cfg.TunName).Append(" mtu ").Append(node.Mtu).Append('\n');
-        sb.Append("  uptime: ").Append((nowMs - startedMs) / 1000).Append(" s\n");
+        sb.Append("  addresses: ").Append(string.Join(", ", cfg.Addresses)).Append('\n');
+        sb.Append("  mtu: ").Append(node.Mtu).Append("  uptime: ").Append((nowMs - startedMs) / 1000).Append(" s\n");
         Counters c = node.Counters;
-        sb.Append("  records: rx ").Append(c.RxRecords).Append(" tx ").Append(c.TxRecords)
+        sb.Append("  records: ").Append(c.RxRecords).Append(" received, ").Append(c.TxRecords).Append(" sent")
           .Append("  handshakes: ").Append(c.HandshakesCompleted).Append('\n');
         sb.Append("  drops:");
         for (int i = 0; i < (int)DropReason.Count; i++)
             if (c.Drops[i] > 0) sb.Append(' ').Append(Counters.DropName((DropReason)i)).Append('=').Append(c.Drops[i]);
         sb.Append('\n');
-        foreach (Peer p in node.Peers)
-        {
-            sb.Append("\npeer: ").Append(p.PublicKey.ToBase64()).Append('\n');
-            sb.Append("  state: ").Append(p.State(nowMs, Spec.RejectAfterTimeMs)).Append('\n');
-            if (p.Endpoint.IsSet) sb.Append("  endpoint: ").Append(p.Endpoint).Append('\n');
-            sb.Append("  allowed ips: ").Append(p.Allowed.Count == 0 ? "(none)" : string.Join(", ", p.Allowed)).Append('\n');
-            sb.Append("  latest handshake: ").Append(p.LastHandshakeMs < 0 ? "never" : (nowMs - p.LastHandshakeMs) / 1000 + " s ago").Append('\n');
-            sb.Append("  transfer: ").Append(p.RxBytes).Append(" B received, ").Append(p.TxBytes).Append(" B sent\n");
-        }
+        foreach (Peer p in ActivePeers()) PeerText(sb, p, nowMs);
         return sb.ToString();
+    }
+
+    private static void PeerText(StringBuilder sb, Peer p, long nowMs)
+    {
+        sb.Append("\npeer: ").Append(p.Name).Append(" (").Append(p.PublicKey.ToBase64()).Append(")\n");
+        sb.Append("  state: ").Append(p.State(nowMs, Spec.RejectAfterTimeMs)).Append('\n');
+        if (p.Endpoint.IsSet) sb.Append("  endpoint: ").Append(p.Endpoint).Append('\n');
+        sb.Append("  allowed ips: ").Append(p.Allowed.Count == 0 ? "(none)" : string.Join(", ", p.Allowed)).Append('\n');
+        sb.Append("  latest handshake: ").Append(Ago(p.LastHandshakeMs < 0 ? -1 : nowMs - p.LastHandshakeMs)).Append('\n');
+        sb.Append("  transfer: ").Append(p.RxBytes).Append(" B received, ").Append(p.TxBytes).Append(" B sent\n");
+        if (p.PersistentKeepaliveMs > 0) sb.Append("  persistent keepalive: every ").Append(p.PersistentKeepaliveMs / 1000).Append(" s\n");
+    }
+
+    internal string PeersText()
+    {
+        long nowMs = Mono.NowMs();
+        var sb = new StringBuilder();
+        foreach (Peer p in ActivePeers()) PeerText(sb, p, nowMs);
+        return sb.Length == 0 ? "no peers\n" : sb.ToString()[1..];
+    }
+
+    internal string RoutesText()
+    {
+        var sb = new StringBuilder();
+        foreach (var (prefix, peerId) in node.Routes.Entries())
+            sb.Append(prefix.ToString().PadRight(44)).Append(' ').Append(node.Peers[peerId].Name).Append('\n');
+        return sb.Length == 0 ? "no routes\n" : sb.ToString();
     }
 
     internal string Json()
@@ -3549,10 +3898,12 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         long nowMs = Mono.NowMs();
         Counters c = node.Counters;
         var sb = new StringBuilder();
-        sb.Append("{\"node\":{\"public_key\":\"").Append(node.Handshaker.PublicKey.ToBase64())
-          .Append("\",\"listen_port\":").Append(listenPort)
-          .Append(",\"tun\":\"").Append(cfg.TunName).Append("\",\"mtu\":").Append(node.Mtu)
-          .Append(",\"uptime_s\":").Append((nowMs - startedMs) / 1000).Append("},");
+        sb.Append("{\"version\":\"").Append(Cli.Version).Append("\",\"node\":{\"public_key\":\"").Append(node.Handshaker.PublicKey.ToBase64())
+          .Append("\",\"listen_port\":").Append(listenPort).Append(",\"tun\":");
+        Str(sb, cfg.TunName);
+        sb.Append(",\"mtu\":").Append(node.Mtu).Append(",\"addresses\":[");
+        for (int i = 0; i < cfg.Addresses.Count; i++) sb.Append(i > 0 ? "," : "").Append('"').Append(cfg.Addresses[i]).Append('"');
+        sb.Append("]},\"uptime_seconds\":").Append((nowMs - startedMs) / 1000).Append(',');
         sb.Append("\"counters\":{\"rx_records\":").Append(c.RxRecords).Append(",\"tx_records\":").Append(c.TxRecords)
           .Append(",\"rx_bytes\":").Append(c.RxBytes).Append(",\"tx_bytes\":").Append(c.TxBytes)
           .Append(",\"handshakes_initiated\":").Append(c.HandshakesInitiated)
@@ -3563,29 +3914,156 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
           .Append("],\"allocated_bytes\":").Append(GC.GetTotalAllocatedBytes()).Append("},\"drops\":{");
         for (int i = 0; i < (int)DropReason.Count; i++)
             sb.Append(i > 0 ? "," : "").Append('"').Append(Counters.DropName((DropReason)i)).Append("\":").Append(c.Drops[i]);
-        sb.Append("},\"peers\":[");
-        for (int i = 0; i < node.Peers.Count; i++)
+        sb.Append("},\"sessions\":[");
+        bool first = true;
+        foreach (Peer p in ActivePeers())
+            foreach (var (slot, s) in new[] { ("previous", p.Previous), ("current", p.Current), ("next", p.Next) })
+            {
+                if (s == null) continue;
+                sb.Append(first ? "" : ",").Append("{\"peer\":");
+                Str(sb, p.Name);
+                sb.Append(",\"slot\":\"").Append(slot).Append("\",\"role\":\"").Append(s.IsInitiator ? "initiator" : "responder")
+                  .Append("\",\"age_seconds\":").Append((nowMs - s.CreatedMs) / 1000).Append(",\"sent_records\":").Append(s.SendCounter).Append('}');
+                first = false;
+            }
+        sb.Append("],\"peers\":");
+        PeersJson(sb, nowMs);
+        sb.Append(",\"routes\":");
+        RoutesJson(sb);
+        Admission a = node.Admission;
+        sb.Append(",\"admission\":{\"handshake_rate\":").Append(a.Rate).Append(",\"handshake_rate_per_source\":").Append(a.RatePerSource)
+          .Append(",\"max_sessions\":").Append(a.MaxSessions).Append(",\"sessions\":").Append(node.Indexes.SessionCount)
+          .Append(",\"tracked_sources\":").Append(a.TrackedSources)
+          .Append(",\"refused\":{\"rate_source\":").Append(a.RefusedSource).Append(",\"rate_global\":").Append(a.RefusedGlobal)
+          .Append(",\"max_sessions\":").Append(a.RefusedSessions).Append("}}}\n");
+        return sb.ToString();
+    }
+
+    internal string PeersJson()
+    {
+        var sb = new StringBuilder();
+        PeersJson(sb, Mono.NowMs());
+        return sb.Append('\n').ToString();
+    }
+
+    private void PeersJson(StringBuilder sb, long nowMs)
+    {
+        sb.Append('[');
+        bool first = true;
+        foreach (Peer p in ActivePeers())
         {
-            Peer p = node.Peers[i];
-            sb.Append(i > 0 ? "," : "").Append("{\"public_key\":\"").Append(p.PublicKey.ToBase64())
+            sb.Append(first ? "" : ",").Append("{\"name\":");
+            Str(sb, p.Name);
+            sb.Append(",\"public_key\":\"").Append(p.PublicKey.ToBase64())
               .Append("\",\"endpoint\":").Append(p.Endpoint.IsSet ? "\"" + p.Endpoint + "\"" : "null")
               .Append(",\"state\":\"").Append(p.State(nowMs, Spec.RejectAfterTimeMs))
-              .Append("\",\"latest_handshake_s\":").Append(p.LastHandshakeMs < 0 ? -1 : (nowMs - p.LastHandshakeMs) / 1000)
+              .Append("\",\"latest_handshake\":").Append(UnixSecondsAt(p.LastHandshakeMs, nowMs))
+              .Append(",\"latest_handshake_s\":").Append(p.LastHandshakeMs < 0 ? -1 : (nowMs - p.LastHandshakeMs) / 1000)
               .Append(",\"rx_bytes\":").Append(p.RxBytes).Append(",\"tx_bytes\":").Append(p.TxBytes)
               .Append(",\"handshakes\":").Append(p.Handshakes)
+              .Append(",\"keepalive_seconds\":").Append(p.PersistentKeepaliveMs / 1000)
               .Append(",\"aead\":").Append(p.Current != null ? "\"" + p.Current.AeadKind + "\"" : "null")
               .Append(",\"allowed\":[");
             for (int j = 0; j < p.Allowed.Count; j++) sb.Append(j > 0 ? "," : "").Append('"').Append(p.Allowed[j]).Append('"');
             sb.Append("]}");
+            first = false;
         }
-        sb.Append("]}\n");
+        sb.Append(']');
+    }
+
+    internal string RoutesJson()
+    {
+        var sb = new StringBuilder();
+        RoutesJson(sb);
+        return sb.Append('\n').ToString();
+    }
+
+    private void RoutesJson(StringBuilder sb)
+    {
+        sb.Append('[');
+        bool first = true;
+        foreach (var (prefix, peerId) in node.Routes.Entries())
+        {
+            sb.Append(first ? "" : ",").Append("{\"prefix\":\"").Append(prefix).Append("\",\"peer\":");
+            Str(sb, node.Peers[peerId].Name);
+            sb.Append('}');
+            first = false;
+        }
+        sb.Append(']');
+    }
+
+    /// <summary>Prometheus text exposition format 0.0.4.</summary>
+    internal string Metrics()
+    {
+        long nowMs = Mono.NowMs();
+        Counters c = node.Counters;
+        var sb = new StringBuilder();
+        void Head(string name, string type, string help) =>
+            sb.Append("# HELP ").Append(name).Append(' ').Append(help).Append("\n# TYPE ").Append(name).Append(' ').Append(type).Append('\n');
+        void One(string name, string type, string help, double v)
+        {
+            Head(name, type, help);
+            sb.Append(name).Append(' ').Append(v.ToString(System.Globalization.CultureInfo.InvariantCulture)).Append('\n');
+        }
+        Head("veil_build_info", "gauge", "Version and runtime identifier of this binary.");
+        sb.Append("veil_build_info{version=\"").Append(Cli.Version).Append("\",rid=\"").Append(Rid).Append("\"} 1\n");
+        One("veil_uptime_seconds", "gauge", "Seconds since the daemon started.", (nowMs - startedMs) / 1000.0);
+        Head("veil_peers", "gauge", "Configured peers by state.");
+        foreach (string st in new[] { "up", "handshaking", "down" })
+        {
+            int n = 0;
+            foreach (Peer p in ActivePeers()) if (p.State(nowMs, Spec.RejectAfterTimeMs) == st) n++;
+            sb.Append("veil_peers{state=\"").Append(st).Append("\"} ").Append(n).Append('\n');
+        }
+        One("veil_sessions", "gauge", "Sessions (key pairs) held.", node.Indexes.SessionCount);
+        One("veil_received_records_total", "counter", "Transport records received and authenticated.", c.RxRecords);
+        One("veil_sent_records_total", "counter", "Transport records sent.", c.TxRecords);
+        One("veil_received_bytes_total", "counter", "Bytes of authenticated records received.", c.RxBytes);
+        One("veil_sent_bytes_total", "counter", "Bytes of records sent.", c.TxBytes);
+        One("veil_tun_received_packets_total", "counter", "Packets read from the TUN device.", c.TunRxPackets);
+        One("veil_tun_sent_packets_total", "counter", "Packets written to the TUN device.", c.TunTxPackets);
+        Head("veil_handshakes_total", "counter", "Handshakes by result.");
+        sb.Append("veil_handshakes_total{result=\"initiated\"} ").Append(c.HandshakesInitiated).Append('\n');
+        sb.Append("veil_handshakes_total{result=\"completed\"} ").Append(c.HandshakesCompleted).Append('\n');
+        One("veil_cookies_sent_total", "counter", "Cookie replies sent while under load.", c.CookiesSent);
+        Head("veil_packets_dropped_total", "counter", "Packets dropped, by reason.");
+        for (int i = 0; i < (int)DropReason.Count; i++)
+            sb.Append("veil_packets_dropped_total{reason=\"").Append(Counters.DropName((DropReason)i)).Append("\"} ").Append(c.Drops[i]).Append('\n');
+        Admission a = node.Admission;
+        Head("veil_admission_refused_total", "counter", "ClientHellos refused or made to prove their address, by rule.");
+        sb.Append("veil_admission_refused_total{reason=\"rate_source\"} ").Append(a.RefusedSource).Append('\n');
+        sb.Append("veil_admission_refused_total{reason=\"rate_global\"} ").Append(a.RefusedGlobal).Append('\n');
+        sb.Append("veil_admission_refused_total{reason=\"max_sessions\"} ").Append(a.RefusedSessions).Append('\n');
+        var shown = new List<Peer>();
+        foreach (Peer p in ActivePeers()) if (shown.Count < MaxMetricPeers) shown.Add(p);
+        void PeerSeries(string name, string type, string help, Func<Peer, double> value)
+        {
+            Head(name, type, help);
+            foreach (Peer p in shown)
+            {
+                sb.Append(name).Append("{peer=");
+                Str(sb, p.Name);
+                sb.Append(",public_key=\"").Append(p.PublicKey.ToBase64()).Append("\"} ")
+                  .Append(value(p).ToString(System.Globalization.CultureInfo.InvariantCulture)).Append('\n');
+            }
+        }
+        PeerSeries("veil_peer_received_bytes_total", "counter", "Bytes received from the peer.", p => p.RxBytes);
+        PeerSeries("veil_peer_sent_bytes_total", "counter", "Bytes sent to the peer.", p => p.TxBytes);
+        PeerSeries("veil_peer_last_handshake_timestamp_seconds", "gauge", "Unix time of the latest handshake (0: never).", p => UnixSecondsAt(p.LastHandshakeMs, nowMs));
+        PeerSeries("veil_peer_up", "gauge", "1 when the peer has a usable session.", p => p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) ? 1 : 0);
+        Head("veil_gc_collections_total", "counter", "Garbage collections by generation.");
+        for (int g = 0; g <= 2; g++) sb.Append("veil_gc_collections_total{generation=\"").Append(g).Append("\"} ").Append(GC.CollectionCount(g)).Append('\n');
+        One("veil_gc_allocated_bytes_total", "counter", "Bytes allocated on the managed heap.", GC.GetTotalAllocatedBytes());
+        using var self = System.Diagnostics.Process.GetCurrentProcess();
+        One("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", Environment.WorkingSet);
+        One("process_cpu_seconds_total", "counter", "User and system CPU time in seconds.", self.TotalProcessorTime.TotalSeconds);
+        One("process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch in seconds.", new DateTimeOffset(self.StartTime.ToUniversalTime()).ToUnixTimeSeconds());
         return sb.ToString();
     }
 }
 
 internal sealed unsafe class ControlServer : IDisposable
 {
-    internal enum Request { None, Status, StatusJson, Down, Bad }
     private const int ControlTimeoutMs = 500;
     private int _fd;
     private readonly string _path;
@@ -3620,31 +4098,41 @@ internal sealed unsafe class ControlServer : IDisposable
         return new ControlServer(fd, path);
     }
 
-    /// <summary>Accepts one client, answers it, closes it. Returns what was asked.</summary>
-    internal Request Serve(StatusView status)
+    /// <summary>Accepts one client, answers it, closes it.</summary>
+    internal void Serve(Daemon daemon, StatusView status)
     {
         int c = Libc.Accept4(_fd, null, null, Libc.SOCK_CLOEXEC);
-        if (c < 0) return Request.None;
+        if (c < 0) return;
         try
         {
             ControlClient.SetTimeouts(c, ControlTimeoutMs);
             string? line = ControlClient.ReadLine(c, Tune.MaxControlRequestLen);
-            Request r = line switch
+            bool down = line == "down";
+            string reply = line switch
             {
-                "status" => Request.Status, "status json" => Request.StatusJson, "down" => Request.Down, _ => Request.Bad,
-            };
-            string reply = r switch
-            {
-                Request.Status => status.Text(),
-                Request.StatusJson => status.Json(),
-                Request.Down => "ok: leaving\n",
-                _ => line == null ? "error: request too long or not a line\n" : "error: unknown request (expected status, status json or down)\n",
+                "status" => status.Text(),
+                "status json" => status.Json(),
+                "peers" => status.PeersText(),
+                "peers json" => status.PeersJson(),
+                "routes" => status.RoutesText(),
+                "routes json" => status.RoutesJson(),
+                "reload" => ReloadReply(daemon.Reload("control")),
+                "down" => "ok: leaving\n",
+                null => "error: request too long or not a line\n",
+                _ => "error: unknown request (expected status, peers, routes [json], reload or down)\n",
             };
             ControlClient.WriteAll(c, reply);
-            return r;
+            if (down) daemon.RequestStop();
         }
         finally { Libc.Close(c); }
     }
+
+    private static string ReloadReply((Daemon.ReloadCode Code, string Message) r) => r.Code switch
+    {
+        Daemon.ReloadCode.Ok => "ok: " + r.Message + "\n",
+        Daemon.ReloadCode.NeedsRestart => "restart: " + r.Message + "\n",
+        _ => "error: " + r.Message + "\n",
+    };
 
     public void Dispose()
     {
@@ -3730,11 +4218,197 @@ internal static unsafe class ControlClient
         if (TryConnect(path) is not int fd) return null;
         try
         {
-            SetTimeouts(fd, 5000);
+            SetTimeouts(fd, 10_000);
             WriteAll(fd, request + "\n");
             return ReadAll(fd);
         }
         finally { Libc.Close(fd); }
+    }
+}
+
+/// <summary>The management HTTP endpoint: a non-blocking state machine per connection.</summary>
+internal sealed unsafe class MgmtServer : IDisposable
+{
+    private const int MaxConnections = 16, MaxHeaderLen = 8192;
+    private const long ReadTimeoutMs = 2_000, WriteTimeoutMs = 5_000;
+
+    private sealed class Conn
+    {
+        internal readonly byte[] In = new byte[MaxHeaderLen];
+        internal int InLen;
+        internal byte[]? Out;
+        internal int OutOff;
+        internal long DeadlineMs;
+    }
+
+    private int _fd;
+    private readonly int _epfd;
+    private readonly bool _v6;
+    private readonly Dictionary<int, Conn> _conns = new();
+    private List<IpPrefix> _acl;
+    internal int Port { get; }
+    internal long Served, Refused;
+
+    private MgmtServer(int fd, int epfd, bool v6, int port, List<IpPrefix> acl) { _fd = fd; _epfd = epfd; _v6 = v6; Port = port; _acl = acl; }
+
+    internal static MgmtServer Listen(IPAddress address, int port, int epfd, List<IpPrefix> acl)
+    {
+        bool v6 = address.AddressFamily == AddressFamily.InterNetworkV6;
+        int fd = Libc.Socket(v6 ? Libc.AF_INET6 : Libc.AF_INET, Libc.SOCK_STREAM | Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC, 0);
+        if (fd < 0) throw new IOException($"cannot create the management socket: {Libc.ErrorText(Libc.Errno)}");
+        Libc.SetIntOpt(fd, Libc.SOL_SOCKET, Libc.SO_REUSEADDR, 1);
+        Span<byte> sa = stackalloc byte[Libc.SockaddrIn6Len];
+        int len = Libc.WriteSockaddr(Endpoint.FromIp(address, port), v6, sa);
+        fixed (byte* p = sa)
+        {
+            if (Libc.Bind(fd, p, len) < 0 || Libc.Listen(fd, 16) < 0)
+            {
+                int e = Libc.Errno;
+                Libc.Close(fd);
+                throw new IOException($"cannot serve management HTTP on {address}:{port}: {Libc.ErrorText(e)} (use --mgmt ADDR:PORT or --mgmt off)");
+            }
+            int alen = sa.Length;
+            Libc.GetSockName(fd, p, &alen);
+            Libc.TryReadSockaddr(sa, alen, out Endpoint bound);
+            port = bound.Port;
+        }
+        Libc.EpollAdd(epfd, fd);
+        return new MgmtServer(fd, epfd, v6, port, acl);
+    }
+
+    internal void SetAcl(List<IpPrefix> acl) => _acl = acl;
+
+    internal long NextDeadlineMs
+    {
+        get
+        {
+            long next = long.MaxValue;
+            foreach (Conn c in _conns.Values) next = Math.Min(next, c.DeadlineMs);
+            return next;
+        }
+    }
+
+    internal bool Allowed(in Endpoint from)
+    {
+        Span<byte> a = stackalloc byte[16];
+        from.WriteAddress16(a);
+        ReadOnlySpan<byte> addr = from.IsV4 ? a[12..] : a;
+        foreach (IpPrefix p in _acl)
+            if (p.Contains(addr)) return true;
+        return false;
+    }
+
+    internal void OnReady(int fd, long nowMs, StatusView status)
+    {
+        if (fd == _fd) { Accept(nowMs); return; }
+        if (!_conns.TryGetValue(fd, out Conn? c)) return;
+        if (c.Out != null) { Flush(fd, c); return; }
+        nint n;
+        fixed (byte* p = &c.In[c.InLen]) n = Libc.Read(fd, p, (nuint)(MaxHeaderLen - c.InLen));
+        if (n < 0 && Libc.Errno is Libc.EAGAIN or Libc.EINTR) return;
+        if (n <= 0) { Close(fd); return; }
+        c.InLen += (int)n;
+        int end = c.In.AsSpan(0, c.InLen).IndexOf("\r\n\r\n"u8);
+        if (end < 0)
+        {
+            if (c.InLen == MaxHeaderLen) Respond(fd, c, 431, "text/plain", "request header too large\n", nowMs);
+            return;
+        }
+        string head = Encoding.ASCII.GetString(c.In, 0, end);
+        int eol = head.IndexOf('\r');
+        string[] parts = (eol < 0 ? head : head[..eol]).Split(' ');
+        if (parts.Length != 3 || !parts[2].StartsWith("HTTP/1.")) { Respond(fd, c, 400, "text/plain", "bad request\n", nowMs); return; }
+        if (parts[0] != "GET" && parts[0] != "HEAD") { Respond(fd, c, 405, "text/plain", "only GET\n", nowMs); return; }
+        string path = parts[1];
+        int q = path.IndexOf('?');
+        if (q >= 0) path = path[..q];
+        Served++;
+        switch (path)
+        {
+            case "/status": Respond(fd, c, 200, "application/json", status.Json(), nowMs); break;
+            case "/metrics": Respond(fd, c, 200, "text/plain; version=0.0.4; charset=utf-8", status.Metrics(), nowMs); break;
+            case "/healthz": Respond(fd, c, 200, "text/plain", "ok\n", nowMs); break;
+            default: Respond(fd, c, 404, "text/plain", "not found (try /status, /metrics, /healthz)\n", nowMs); break;
+        }
+    }
+
+    private void Accept(long nowMs)
+    {
+        Span<byte> sa = stackalloc byte[Libc.SockaddrIn6Len];
+        for (int i = 0; i < MaxConnections; i++)
+        {
+            int alen = sa.Length;
+            int fd;
+            fixed (byte* p = sa) fd = Libc.Accept4(_fd, p, &alen, Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC);
+            if (fd < 0) return;
+            if (_conns.Count >= MaxConnections) { Libc.Close(fd); Refused++; continue; }
+            var c = new Conn { DeadlineMs = nowMs + ReadTimeoutMs };
+            _conns[fd] = c;
+            Libc.EpollAdd(_epfd, fd);
+            if (!Libc.TryReadSockaddr(sa, alen, out Endpoint from) || !Allowed(from))
+            {
+                Refused++;
+                Respond(fd, c, 403, "text/plain", "forbidden: not in --mgmt-acl\n", nowMs);
+            }
+        }
+    }
+
+    private void Respond(int fd, Conn c, int code, string type, string body, long nowMs)
+    {
+        string reason = code switch
+        {
+            200 => "OK", 400 => "Bad Request", 403 => "Forbidden", 404 => "Not Found", 405 => "Method Not Allowed",
+            408 => "Request Timeout", 431 => "Request Header Fields Too Large", _ => "Error",
+        };
+        byte[] b = Encoding.UTF8.GetBytes(body);
+        byte[] h = Encoding.ASCII.GetBytes($"HTTP/1.1 {code} {reason}\r\nContent-Type: {type}\r\nContent-Length: {b.Length}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n");
+        c.Out = new byte[h.Length + b.Length];
+        h.CopyTo(c.Out, 0);
+        b.CopyTo(c.Out, h.Length);
+        c.DeadlineMs = nowMs + WriteTimeoutMs;
+        Flush(fd, c);
+    }
+
+    private void Flush(int fd, Conn c)
+    {
+        while (c.OutOff < c.Out!.Length)
+        {
+            nint n;
+            fixed (byte* p = &c.Out[c.OutOff]) n = Libc.Write(fd, p, (nuint)(c.Out.Length - c.OutOff));
+            if (n < 0 && Libc.Errno == Libc.EAGAIN) { Libc.EpollMod(_epfd, fd, Libc.EPOLLOUT); return; }
+            if (n <= 0) break;
+            c.OutOff += (int)n;
+        }
+        Close(fd);
+    }
+
+    /// <summary>Closes connections past their deadline (a request not sent in time gets 408).</summary>
+    internal void Expire(long nowMs)
+    {
+        List<int>? late = null;
+        foreach (var (fd, c) in _conns)
+            if (nowMs >= c.DeadlineMs) (late ??= new()).Add(fd);
+        if (late == null) return;
+        foreach (int fd in late)
+        {
+            Conn c = _conns[fd];
+            if (c.Out == null) Respond(fd, c, 408, "text/plain", "request timeout\n", nowMs);
+            if (_conns.ContainsKey(fd)) Close(fd);
+        }
+    }
+
+    private void Close(int fd)
+    {
+        Libc.EpollCtl(_epfd, Libc.EPOLL_CTL_DEL, fd, null);
+        Libc.Close(fd);
+        _conns.Remove(fd);
+    }
+
+    public void Dispose()
+    {
+        foreach (int fd in new List<int>(_conns.Keys)) Close(fd);
+        if (_fd >= 0) Libc.Close(_fd);
+        _fd = -1;
     }
 }
 
@@ -3786,19 +4460,22 @@ internal static class Cli
         bool json = false;
         for (int i = 1; i < args.Length; i++)
         {
-            if (args[i] == "--json" && verb == "status") json = true;
+            if (args[i] == "--json" && verb is "status" or "peers" or "routes") json = true;
             else if (args[i] == "--control" && i + 1 < args.Length) path = args[++i];
             else if (args[i].StartsWith("--control=")) path = args[i]["--control=".Length..];
             else { stderr.WriteLine($"veil: {verb}: unknown argument '{args[i]}' (see 'veil help {verb}')"); return 2; }
         }
-        string? reply = ControlClient.Ask(path, verb == "status" && json ? "status json" : verb);
+        string? reply = ControlClient.Ask(path, json ? verb + " json" : verb);
         if (reply == null)
         {
             stderr.WriteLine($"veil: no daemon answers on {path} (is 'veil up' running? use --control PATH)");
             return 1;
         }
+        // Replies starting "error:" or "restart:" are one line for stderr; the exit code says which.
+        if (reply.StartsWith("error:")) { stderr.Write("veil: " + reply[6..].TrimStart()); return 2; }
+        if (reply.StartsWith("restart:")) { stderr.Write("veil: " + reply[8..].TrimStart()); return 3; }
         stdout.Write(reply);
-        return reply.StartsWith("error:") ? 2 : 0;
+        return 0;
     }
 
     internal static int Help(string? topic, TextWriter o)
@@ -3822,11 +4499,25 @@ internal static class Cli
                   --rekey-after SECONDS   rotate keys after this long (default 120; tests use less)
                   --control PATH          control socket (default /var/run/veil.sock)
                   --log-level LEVEL       error|warn|info|debug (default info)
+                  --log-format FORMAT     text|json (default text)
+                  --config FILE           TOML file with the same keys (see veil.toml.example); flags win
+                  --mgmt ADDR:PORT|off    management HTTP: /status, /metrics, /healthz (default 127.0.0.1:7777)
+                  --mgmt-acl CIDR[,CIDR]  who may use it (default 127.0.0.0/8,::1/128)
+                  --max-sessions N        sessions held at most (default 1024)
+                  --handshake-rate N      handshakes per second answered without a cookie (default 100)
+                  --handshake-rate-per-source N   per source address; more are dropped (default 10)
+                  --user NAME             drop root after setup, keeping CAP_NET_ADMIN
+                  --check                 validate everything, create nothing, exit 0 or 2
 
                 """);
                 return 0;
-            case "status":
-                o.WriteLine("usage: veil status [--json] [--control PATH]   show the node, its peers and counters");
+            case "status" or "peers" or "routes":
+                o.WriteLine("usage: veil status|peers|routes [--json] [--control PATH]   the node, its peers, its routing table");
+                o.WriteLine("exit status: 0 ok, 1 no daemon answers, 2 bad input");
+                return 0;
+            case "reload":
+                o.WriteLine("usage: veil reload [--control PATH]   re-read flags and --config file (same as SIGHUP)");
+                o.WriteLine("exit status: 0 applied, 1 no daemon, 2 the new config is invalid (nothing applied), 3 a changed key needs a restart (nothing applied)");
                 return 0;
             case "down":
                 o.WriteLine("usage: veil down [--control PATH]   leave gracefully: close sessions, remove the interface");
@@ -3839,7 +4530,8 @@ internal static class Cli
                   pubkey            read a private key on stdin, print its public key
                   genpsk            print a new base64 network secret
                   up [flags]        run the daemon in the foreground ('veil help up')
-                  status [--json]   ask the running daemon
+                  status [--json]   ask the running daemon (also: peers, routes)
+                  reload            re-read the config without dropping sessions
                   down              leave the mesh gracefully
                   version           print the version
                   help [COMMAND]    this text, or a command's flags

@@ -300,7 +300,7 @@ public class NodeTests
     public void UnderLoad_HelloWithoutCookie_GetsCookieReply_ThenCompletes()
     {
         var t = TestNet.FullMesh(2);
-        t.Nodes[1].Node.Handshaker.ForceUnderLoad = true;
+        t.Nodes[1].Node.Admission.ForceUnderLoad = true;
         t.Nodes[0].Tun.Inject(Packets.Udp4("100.64.0.1", "100.64.0.2", 10));
         t.Pump();
         Assert.Empty(t.Nodes[1].Tun.Written);

@@ -41,6 +41,15 @@ OL4_a=100.64.0.1  OL4_b=100.64.0.2
 OL6_a=fd00:64::1  OL6_b=fd00:64::2
 VETH=veth0
 UL=4               # underlay family node_start uses for --listen and --peer
+# an optional third node c (net_add_c): its own namespace, joined to a or b by a second veth
+NS_c=veil-t-$$-c  TUN_c=veil-c
+UL4_c=203.0.113.3 UL6_c=2001:db8:3::3
+OL4_c=100.64.0.3  OL6_c=fd00:64::3
+VETH_C=veth1       # the name of c's link on the node it hangs off (c's own end is veth0)
+UL4_VIA_c=''       # that node's address on the c link (set by net_add_c)
+UL6_VIA_c=''
+NS_ALL=("$NS_a" "$NS_b") # every namespace cleanup removes
+MGMT_PORT=7777
 
 FAILS=0
 TMPD=''
@@ -111,20 +120,52 @@ net_setup() {
 	die "underlay ping a -> b (v4 and v6) failed"
 }
 
+# net_add_c VIA -- a third namespace for node c, joined to node VIA (a or b) by a veth:
+# veth1 in VIA (203.0.113.1 for a, .2 for b; 2001:db8:3::1 or ::2) <-> veth0 in c
+# (203.0.113.3, 2001:db8:3::3). c gets a route to 198.51.100.0/24 and 2001:db8:1::/64
+# through VIA, so it can reach VIA's first-link addresses too (no forwarding is needed:
+# they are VIA's own). Waits (bounded) for an underlay ping c -> VIA.
+net_add_c() {
+	local via=$1 idx
+	if [[ $via == a ]]; then idx=1; else idx=2; fi
+	UL4_VIA_c=203.0.113.$idx UL6_VIA_c=2001:db8:3::$idx
+	NS_ALL+=("$NS_c")
+	ip netns add "$NS_c" || die "ip netns add $NS_c"
+	ip link add "$VETH_C" netns "$(ns "$via")" type veth peer name "$VETH" netns "$NS_c" || die "veth to c"
+	ip -n "$NS_c" link set lo up || die "lo up in c"
+	ip -n "$NS_c" addr add "$UL4_c/24" dev "$VETH" || die "v4 underlay on c"
+	ip -n "$NS_c" -6 addr add "$UL6_c/64" dev "$VETH" nodad || die "v6 underlay on c"
+	ip -n "$NS_c" link set "$VETH" up || die "veth up in c"
+	ip -n "$(ns "$via")" addr add "$UL4_VIA_c/24" dev "$VETH_C" || die "v4 c-link on $via"
+	ip -n "$(ns "$via")" -6 addr add "$UL6_VIA_c/64" dev "$VETH_C" nodad || die "v6 c-link on $via"
+	ip -n "$(ns "$via")" link set "$VETH_C" up || die "c-link up on $via"
+	ip -n "$NS_c" route add 198.51.100.0/24 via "$UL4_VIA_c" || die "route c -> 198.51.100.0/24"
+	ip -n "$NS_c" -6 route add 2001:db8:1::/64 via "$UL6_VIA_c" || die "route c -> 2001:db8:1::/64"
+	local i
+	for ((i = 0; i < 50; i++)); do
+		nsx c timeout --foreground 2 ping -c 1 -W 1 -q "$UL4_VIA_c" >/dev/null 2>&1 && return 0
+		sleep 0.1
+	done
+	die "underlay ping c -> $via failed"
+}
+
 cleanup() {
 	local rc=$? n pid i
 	trap - EXIT TERM INT
 	exec 1>&8 2>&9
 	for n in "${!NODE_PID[@]}"; do node_stop "$n" >/dev/null 2>&1; done
 	# anything else still inside our own namespaces (iperf3, sniffers) was started by this script
-	for n in "$NS_a" "$NS_b"; do
+	for n in "${NS_ALL[@]}"; do
 		for pid in $(ip netns pids "$n" 2>/dev/null); do kill -TERM "$pid" 2>/dev/null; done
 	done
+	local left
 	for ((i = 0; i < 20; i++)); do
-		[[ -z "$(ip netns pids "$NS_a" 2>/dev/null)$(ip netns pids "$NS_b" 2>/dev/null)" ]] && break
+		left=''
+		for n in "${NS_ALL[@]}"; do left+=$(ip netns pids "$n" 2>/dev/null); done
+		[[ -z "$left" ]] && break
 		sleep 0.1
 	done
-	for n in "$NS_a" "$NS_b"; do
+	for n in "${NS_ALL[@]}"; do
 		for pid in $(ip netns pids "$n" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
 		ip netns del "$n" 2>/dev/null
 	done
@@ -183,6 +224,17 @@ node_start() {
 		--peer "$peer@$ep" --allow "$(ol4 "$o")/32" --allow "$(ol6 "$o")/128" \
 		--control "$(sock "$n")" --log-level "${VEIL_LOG_LEVEL:-info}" "$@" \
 		>"${NODE_LOG[$n]}" 2>&1 </dev/null &
+	NODE_PID[$n]=$!
+}
+
+# node_run NODE ARGS... -- `veil ARGS...` in NODE's namespace, tracked like node_start
+# (NODE_PID, NODE_LOG, stopped by cleanup) but with every flag given by the caller.
+# Must not run in a subshell. `ip netns exec` execs, so NODE_PID is veil's own PID.
+node_run() {
+	local n=$1; shift
+	NODE_RUNS=$((NODE_RUNS + 1))
+	NODE_LOG[$n]="$TMPD/$NODE_RUNS-$n.log"
+	ip netns exec "$(ns "$n")" "$VEIL" "$@" >"${NODE_LOG[$n]}" 2>&1 </dev/null &
 	NODE_PID[$n]=$!
 }
 
@@ -264,6 +316,37 @@ ping_ok() {
 # tun_packets NODE rx|tx -- the kernel's packet counter for NODE's TUN
 tun_packets() {
 	ip -n "$(ns "$1")" -s -j link show dev "$(tun "$1")" 2>/dev/null | jq -r ".[0].stats64.$2.packets"
+}
+
+# ---- management HTTP ------------------------------------------------------------------------
+
+# http NODE METHOD HOST PORT PATH [BODY-FILE] -- one request from NODE's namespace (mgmt.py get);
+# prints "STATUS CONTENT-TYPE MS", or "refused|reset|closed|timeout - MS"
+http() {
+	nsx "$1" timeout --foreground 10 python3 "$NETNS_DIR/mgmt.py" get "$2" "$3" "$4" "$5" "${6:-/dev/null}" 2>&1
+}
+# http_code NODE METHOD HOST PORT PATH [BODY-FILE] -- only the first word of http's line
+http_code() { local r; r=$(http "$@"); echo "${r%% *}"; }
+
+# wait_mgmt NODE [HOST] [PORT] -- bounded (10 s) wait until GET /healthz answers 200
+wait_mgmt() {
+	local i
+	for ((i = 0; i < 50; i++)); do
+		[[ $(http_code "$1" GET "${2:-127.0.0.1}" "${3:-$MGMT_PORT}" /healthz) == 200 ]] && return 0
+		node_alive "$1" || return 1
+		sleep 0.2
+	done
+	return 1
+}
+
+# metric FILE NAME [LABEL-SUBSTRING] -- the value of the first sample of NAME in a /metrics
+# body (optionally the first whose label set contains LABEL-SUBSTRING); empty if none
+metric() {
+	awk -v name="$2" -v lab="${3:-}" '
+		$0 ~ /^#/ { next }
+		{ n = $1; sub(/\{.*/, "", n) }
+		n == name && (lab == "" || index($0, lab)) { v = $NF; if ($0 ~ /\}/) { s = $0; sub(/.*\} */, "", s); split(s, f, " "); v = f[1] } else v = $2; print v; exit }
+	' "$1"
 }
 
 # iperf_server NODE -- iperf3 server on NODE's overlay IPv4 address; waits (bounded) until it listens
