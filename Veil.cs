@@ -3819,8 +3819,10 @@ internal static unsafe partial class Privileges
 //                  NativeAOT) and Prometheus metrics; the JSON of `veil status --json` and GET /status
 //                  are the same bytes.
 
-internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long startedMs)
+internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long startedMs, Func<long>? clock = null)
 {
+    private long Now() => clock?.Invoke() ?? Mono.NowMs();
+
     private const int MaxMetricPeers = 256;          // per-peer series are bounded; the rest are summed only
     private static readonly string Rid = RuntimeInformation.RuntimeIdentifier;
 
@@ -3848,7 +3850,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
 
     internal string Text()
     {
-        long nowMs = Mono.NowMs();
+        long nowMs = Now();
         var sb = new StringBuilder();
         sb.Append("interface: ").Append(cfg.TunName).Append('\n');
         sb.Append("  public key: ").Append(node.Handshaker.PublicKey.ToBase64()).Append('\n');
@@ -3879,7 +3881,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
 
     internal string PeersText()
     {
-        long nowMs = Mono.NowMs();
+        long nowMs = Now();
         var sb = new StringBuilder();
         foreach (Peer p in ActivePeers()) PeerText(sb, p, nowMs);
         return sb.Length == 0 ? "no peers\n" : sb.ToString()[1..];
@@ -3895,7 +3897,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
 
     internal string Json()
     {
-        long nowMs = Mono.NowMs();
+        long nowMs = Now();
         Counters c = node.Counters;
         var sb = new StringBuilder();
         sb.Append("{\"version\":\"").Append(Cli.Version).Append("\",\"node\":{\"public_key\":\"").Append(node.Handshaker.PublicKey.ToBase64())
@@ -3942,7 +3944,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     internal string PeersJson()
     {
         var sb = new StringBuilder();
-        PeersJson(sb, Mono.NowMs());
+        PeersJson(sb, Now());
         return sb.Append('\n').ToString();
     }
 
@@ -3995,7 +3997,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     /// <summary>Prometheus text exposition format 0.0.4.</summary>
     internal string Metrics()
     {
-        long nowMs = Mono.NowMs();
+        long nowMs = Now();
         Counters c = node.Counters;
         var sb = new StringBuilder();
         void Head(string name, string type, string help) =>

@@ -70,6 +70,8 @@ internal sealed class TestNet
         return t;
     }
 
+    internal int Drops(int node, DropReason r) => (int)Nodes[node].Node.Counters.Drops[(int)r];
+
     internal static Endpoint Ep(int i) => Endpoint.FromIp(IPAddress.Parse($"192.0.2.{i + 1}"), 51820);
 
     /// <summary>Moves packets until nothing is left in flight (bounded), then runs the timers.</summary>

@@ -343,10 +343,11 @@ wait_mgmt() {
 # body (optionally the first whose label set contains LABEL-SUBSTRING); empty if none
 metric() {
 	awk -v name="$2" -v lab="${3:-}" '
-		$0 ~ /^#/ { next }
-		{ n = $1; sub(/\{.*/, "", n) }
-		n == name && (lab == "" || index($0, lab)) { v = $NF; if ($0 ~ /\}/) { s = $0; sub(/.*\} */, "", s); split(s, f, " "); v = f[1] } else v = $2; print v; exit }
-	' "$1"
+		/^#/ { next }
+		{ n = $0; sub(/[{ ].*/, "", n) }
+		n == name && (lab == "" || index($0, lab)) {
+			rest = $0; sub(/^[^{ ]*(\{.*\})? */, "", rest); split(rest, f, " "); print f[1]; exit
+		}' "$1"
 }
 
 # iperf_server NODE -- iperf3 server on NODE's overlay IPv4 address; waits (bounded) until it listens

@@ -1,0 +1,190 @@
+using System.Net;
+using System.Text.Json;
+
+namespace Veil.Tests;
+
+/// <summary>Reload, admission, status/metrics rendering and JSON logs, in process.</summary>
+public class OperationsTests
+{
+    private static UpConfig ConfigOf(TestNode n)
+    {
+        var cfg = new UpConfig { PrivateKey = n.Private, Mtu = 1420 };
+        foreach (Peer p in n.Node.Peers)
+        {
+            if (!p.Active) continue;
+            var pc = new PeerConfig { PublicKey = p.PublicKey, Endpoint = p.Endpoint, Name = p.Name };
+            pc.Allowed.AddRange(p.Allowed);
+            cfg.Peers.Add(pc);
+        }
+        return cfg;
+    }
+
+    [Fact]
+    public void Apply_UnchangedPeers_KeepTheirSessions()
+    {
+        var t = TestNet.FullMesh(3);
+        t.Start();
+        Session before = t.Nodes[0].Node.Peers[0].Current!;
+        t.Nodes[0].Node.Apply(ConfigOf(t.Nodes[0]), t.NowMs);
+        Assert.Same(before, t.Nodes[0].Node.Peers[0].Current);
+        Assert.Equal(1, t.Send(0, 1));
+    }
+
+    [Fact]
+    public void Apply_RemovedPeer_SessionsRoutesAndKeyGone_OthersUntouched()
+    {
+        var t = TestNet.FullMesh(3);
+        t.Start();
+        var cfg = ConfigOf(t.Nodes[0]);
+        cfg.Peers.RemoveAt(1);                        // drop node 2
+        Session kept = t.Nodes[0].Node.Peers[0].Current!;
+        t.Nodes[0].Node.Apply(cfg, t.NowMs);
+        Peer removed = t.Nodes[0].Node.Peers[1];
+        Assert.False(removed.Active);
+        Assert.Null(removed.Current);
+        Assert.True(removed.StaticShared.IsZero());
+        Assert.Equal(0, t.Send(0, 2));
+        Assert.Equal(1, t.Drops(0, DropReason.NoRoute));
+        Assert.Same(kept, t.Nodes[0].Node.Peers[0].Current);
+        Assert.Equal(1, t.Send(0, 1));
+        // node 2 can no longer get in either
+        Assert.Equal(0, t.Send(2, 0));
+    }
+
+    [Fact]
+    public void Apply_AddedPeer_ReusesFreedSlotAndConnects()
+    {
+        var t = TestNet.FullMesh(3);
+        t.Start();
+        var cfg = ConfigOf(t.Nodes[0]);
+        PeerConfig third = cfg.Peers[1];
+        cfg.Peers.RemoveAt(1);
+        t.Nodes[0].Node.Apply(cfg, t.NowMs);
+        cfg.Peers.Add(third);
+        t.Nodes[0].Node.Apply(cfg, t.NowMs);
+        t.Pump();
+        Assert.Equal(2, t.Nodes[0].Node.Peers.Count);          // the slot was reused
+        Assert.Equal(1, t.Send(0, 2));
+        Assert.Equal(1, t.Send(2, 0));
+    }
+
+    [Fact]
+    public void Apply_ChangedAllowedIps_RoutesFollow_SessionKept()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        var cfg = ConfigOf(t.Nodes[0]);
+        cfg.Peers[0].Allowed.Add(IpPrefix.Parse("203.0.113.0/24"));
+        cfg.Peers[0].Name = "renamed";
+        Session s = t.Nodes[0].Node.Peers[0].Current!;
+        t.Nodes[0].Node.Apply(cfg, t.NowMs);
+        Assert.Same(s, t.Nodes[0].Node.Peers[0].Current);
+        Assert.Equal("renamed", t.Nodes[0].Node.Peers[0].Name);
+        Assert.Equal(0, t.Nodes[0].Node.Routes.Lookup(IPAddress.Parse("203.0.113.7").GetAddressBytes()));
+    }
+
+    [Fact]
+    public void Admission_PerSourceRate_DropsExcess_OtherSourcesUnaffected()
+    {
+        var a = new Admission(1000, 3, 10);
+        var x = Endpoint.FromIp(IPAddress.Parse("198.51.100.7"), 1);
+        var y = Endpoint.FromIp(IPAddress.Parse("198.51.100.8"), 1);
+        int allowed = 0;
+        for (int i = 0; i < 10; i++) if (a.AllowSource(x, 5000)) allowed++;
+        Assert.Equal(3, allowed);
+        Assert.Equal(7, a.RefusedSource);
+        Assert.True(a.AllowSource(y, 5000));
+        Assert.True(a.AllowSource(x, 5000 + 400));             // a token refills after 1/3 s
+        Assert.False(a.AllowSource(x, 5000 + 400));
+    }
+
+    [Fact]
+    public void Admission_GlobalRate_UnderLoadThenRecovers()
+    {
+        var a = new Admission(5, 100, 10);
+        int load = 0;
+        for (int i = 0; i < 8; i++) if (a.UnderLoad(1000)) load++;
+        Assert.Equal(3, load);
+        Assert.False(a.UnderLoad(2000));
+    }
+
+    [Fact]
+    public void Admission_SourceTable_Bounded()
+    {
+        var a = new Admission(1000, 3, 10);
+        for (uint i = 0; i < 10_000; i++) a.AllowSource(Endpoint.FromV4(0xC6336400 + i, 1), 1000);
+        Assert.True(a.TrackedSources <= 4096);
+    }
+
+    [Fact]
+    public void HelloFlood_FromOneSource_RateLimitedBeforeDh_RealPeerStillConnects()
+    {
+        var t = TestNet.FullMesh(2, c => c.HandshakeRatePerSource = 5);
+        byte[]? hello = null;
+        t.Net.Filter = (from, _, d) => { if (d[0] == Spec.TlsHandshake && d[5] == 1) hello ??= d; return false; };
+        t.Nodes[0].Node.Start(t.NowMs);
+        t.Nodes[0].Worker.FlushUdp(t.Nodes[0].Node.UdpOut);
+        t.Net.Filter = null;
+        var attacker = Endpoint.FromIp(IPAddress.Parse("203.0.113.66"), 4444);
+        for (int i = 0; i < 200; i++) t.Nodes[1].Udp.Deliver(hello!, attacker);
+        t.Pump();
+        Assert.True(t.Nodes[1].Node.Admission.RefusedSource >= 190);
+        Assert.Empty(t.Nodes[1].Tun.Written);
+        t.Nodes[0].Tun.Inject(Packets.Udp4("100.64.0.1", "100.64.0.2", 10));
+        t.Advance(1500);                               // the real peer's retransmit gets through
+        Assert.Single(t.Nodes[1].Tun.Written);
+    }
+
+    [Fact]
+    public void StatusJson_ParsesAndHasTheContractKeys()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        t.Send(0, 1);
+        var view = new StatusView(t.Nodes[0].Node, ConfigOf(t.Nodes[0]), 51820, t.NowMs, () => t.NowMs);
+        using var doc = JsonDocument.Parse(view.Json());
+        JsonElement r = doc.RootElement;
+        foreach (string k in new[] { "version", "node", "uptime_seconds", "counters", "drops", "sessions", "peers", "routes", "admission" })
+            Assert.True(r.TryGetProperty(k, out _), k);
+        Assert.Equal("up", r.GetProperty("peers")[0].GetProperty("state").GetString());
+        Assert.True(r.GetProperty("counters").GetProperty("tx_records").GetInt64() > 0);
+        Assert.Equal(2, r.GetProperty("routes").GetArrayLength());
+        Assert.True(r.GetProperty("sessions").GetArrayLength() >= 1);
+        using var peers = JsonDocument.Parse(view.PeersJson());
+        Assert.Equal(JsonValueKind.Array, peers.RootElement.ValueKind);
+        using var routes = JsonDocument.Parse(view.RoutesJson());
+        Assert.Equal("100.64.0.2/32", routes.RootElement[0].GetProperty("prefix").GetString());
+    }
+
+    [Fact]
+    public void Metrics_EverySampleHasHelpAndType_NamesFollowConventions()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        t.Send(0, 1);
+        string m = new StatusView(t.Nodes[0].Node, ConfigOf(t.Nodes[0]), 51820, t.NowMs, () => t.NowMs).Metrics();
+        var typed = new HashSet<string>();
+        foreach (string line in m.Split('\n', StringSplitOptions.RemoveEmptyEntries))
+        {
+            if (line.StartsWith("# TYPE ")) { typed.Add(line.Split(' ')[2]); continue; }
+            if (line.StartsWith('#')) continue;
+            string name = line.Split('{', ' ')[0];
+            Assert.Contains(name, typed);
+            Assert.Matches("^[a-z_:][a-z0-9_:]*$", name);
+            Assert.True(double.TryParse(line[(line.LastIndexOf(' ') + 1)..], System.Globalization.CultureInfo.InvariantCulture, out _), line);
+            if (name.EndsWith("_total")) Assert.Contains($"# TYPE {name} counter", m);
+        }
+        Assert.Contains("veil_sent_bytes_total ", m);
+        Assert.Matches(@"veil_peer_sent_bytes_total\{peer=""[^""]+"",public_key=""[^""]+""\} [1-9]", m);
+    }
+
+    [Fact]
+    public void JsonLog_PairsBecomeFields()
+    {
+        string line = Log.JsonLine("2026-01-01T00:00:00.000Z", LogLevel.Warn, "handshake_dropped", "reason=bad_mac1 from=192.0.2.1:5 hint=\"the \\\"sender\\\" does not know\"");
+        using var doc = JsonDocument.Parse(line);
+        Assert.Equal("warn", doc.RootElement.GetProperty("level").GetString());
+        Assert.Equal("bad_mac1", doc.RootElement.GetProperty("reason").GetString());
+        Assert.Equal("192.0.2.1:5", doc.RootElement.GetProperty("from").GetString());
+    }
+}
