@@ -422,12 +422,10 @@ public class NodeTests
             b.ProcessUdpBatch(inBatch, t.NowMs);
         }
         for (int i = 0; i < 20; i++) RoundTrip();   // warm-up: JIT, tiering, first-use paths
-        long gen0 = GC.CollectionCount(0);
         long before = GC.GetAllocatedBytesForCurrentThread();
         for (int i = 0; i < 200; i++) RoundTrip();  // 12,800 records each way
         long allocated = GC.GetAllocatedBytesForCurrentThread() - before;
-        Assert.Equal(0, allocated);
-        Assert.Equal(gen0, GC.CollectionCount(0));
+        Assert.Equal(0, allocated);      // per thread; GC counts are process-wide and other tests run in parallel
         Assert.Equal(12_800 + 20 * 64, b.Counters.TunTxPackets);
     }
 }
