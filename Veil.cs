@@ -28,6 +28,7 @@
 //  14. Event loop & node
 //  15. Control & management
 //  16. CLI
+//  17. Onboarding
 // END TOC
 //
 // Glossary
@@ -79,6 +80,7 @@ internal static class Program
             case "pubkey": return Cli.PubKey(Console.In, stdout, stderr);
             case "genpsk": return Cli.GenPsk(stdout);
             case "up": return Up(args, stderr);
+            case "init" or "invite" or "join" or "add-peer" or "doctor": return Onboard(verb, args, stdout, stderr);
             case "status" or "peers" or "routes" or "reload" or "down": return Cli.Ask(verb, args, stdout, stderr);
             case "version" or "--version": stdout.WriteLine("veil " + Cli.Version); return 0;
             case "help" or "--help" or "-h":
@@ -88,6 +90,27 @@ internal static class Program
             default:
                 stderr.WriteLine($"veil: unknown command '{verb}' (see 'veil help')");
                 return 2;
+        }
+    }
+
+    private static int Onboard(string verb, string[] args, TextWriter stdout, TextWriter stderr)
+    {
+        try
+        {
+            return verb switch
+            {
+                "init" => OnboardingCli.Init(args, stdout),
+                "invite" => OnboardingCli.Invite(args, stdout, stderr),
+                "join" => OnboardingCli.Join(args, stdout, stderr),
+                "add-peer" => OnboardingCli.AddPeer(args, stdout),
+                _ => Doctor.Run(args, stdout),
+            };
+        }
+        catch (ConfigException e) { stderr.WriteLine("veil: " + e.Message); return 2; }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or SocketException)
+        {
+            stderr.WriteLine($"veil: {verb}: {(e is UnauthorizedAccessException ? "permission denied" : "I/O error")} ({e.GetType().Name})");
+            return 1;
         }
     }
 
@@ -2736,7 +2759,7 @@ internal sealed class IndexTable
 [Flags]
 internal enum RecordFlags : byte { Data = 1, Keepalive = 2, Rekey = 4, Bind = 8, Close = 16, Control = 32 }
 
-internal enum RecordKind { Invalid, ClientHello, ServerHello, CookieReply, Transport }
+internal enum RecordKind { Invalid, ClientHello, ServerHello, CookieReply, Transport, Join }
 
 internal enum OpenVerdict { Ok, Truncated, Malformed, BadAuth, Replayed, TooOld }
 
@@ -2747,6 +2770,7 @@ internal static class Record
     internal const int PayloadOffset = HeaderLen;
     internal const int OverheadLen = HeaderLen + Spec.TagLen;           // 35
     internal const RecordFlags KnownFlags = (RecordFlags)63;
+    internal const int MaxJoinLen = 600;
 
     /// <summary>What a datagram claims to be, from its preamble, type and length alone.</summary>
     internal static RecordKind Classify(ReadOnlySpan<byte> d)
@@ -2760,6 +2784,7 @@ internal static class Record
             Wire.TypeClientHello when d.Length == Wire.ClientHelloLen => RecordKind.ClientHello,
             Wire.TypeServerHello when d.Length == Wire.ServerHelloLen => RecordKind.ServerHello,
             Wire.TypeCookieReply when d.Length == Wire.CookieReplyLen => RecordKind.CookieReply,
+            Invites.TypeJoinHello when d.Length <= MaxJoinLen => RecordKind.Join,
             _ => RecordKind.Invalid,
         };
     }
@@ -3191,6 +3216,7 @@ internal sealed class Node
                 case RecordKind.ClientHello: ReceiveClientHello(d, from, nowMs); break;
                 case RecordKind.ServerHello: ReceiveServerHello(d, from, nowMs); break;
                 case RecordKind.CookieReply: ReceiveCookieReply(d, nowMs); break;
+                case RecordKind.Join: ReceiveJoin(d, from); break;
                 default: Counters.Drop(d.Length < Spec.PreambleLen + 1 ? DropReason.Truncated : DropReason.Malformed); break;
             }
         }
@@ -3361,6 +3387,16 @@ internal sealed class Node
         if (p == null) { Counters.Drop(DropReason.UnknownIndex); return; }
         if (!Handshaker.ConsumeCookieReply(d, p, nowMs)) { Counters.Drop(DropReason.BadAuth); return; }
         Log.Debug("cookie_received", $"peer={p.Name}");
+    }
+
+    internal Invites? Invites;                   // set by the daemon when it can persist joiners
+
+    private void ReceiveJoin(ReadOnlySpan<byte> d, in Endpoint from)
+    {
+        byte[]? reply = Invites?.Consume(d, Log, from);
+        if (reply == null) { Counters.Drop(DropReason.Malformed); return; }
+        reply.CopyTo(NextOut(from));
+        CommitOut(reply.Length);
     }
 
     // ---- 14.3 Messages the node makes itself ----
@@ -3620,6 +3656,7 @@ internal sealed unsafe class Daemon
     {
         var counters = new Counters();
         Node node = _node = new(_cfg, _log, counters);
+        if (_cfg.ConfigPath != null) node.Invites = new Invites(_cfg.PrivateKey) { Psk = _cfg.Psk, Persist = PersistJoiner };
         _cfg.PrivateKey.Clear();                          // the node holds its own copies from here on
         _cfg.Psk.Clear();
         UdpSocket? udp = null;
@@ -3697,6 +3734,7 @@ internal sealed unsafe class Daemon
             if (epfd >= 0) Libc.Close(epfd);
             if (_wakeFd >= 0) Libc.Close(_wakeFd);
             node.ClearKeys();
+            node.Invites?.Clear();
         }
     }
 
@@ -3724,6 +3762,65 @@ internal sealed unsafe class Daemon
         foreach (IpPrefix pr in after)
             if (!before.Contains(pr) && Netlink.AddRoute(_tun!.IfIndex, pr) is int e and < 0)
                 _log.Warn("route_failed", $"prefix={pr} op=add error=\"{Libc.ErrorText(-e)}\"");
+    }
+
+    // A joiner that presented a valid invite: written to the config file, then applied by a reload.
+    private string PersistJoiner(PeerConfig pc)
+    {
+        try { Onboarding.AppendPeer(_cfg.ConfigPath!, pc); }
+        catch (ConfigException e) { return e.Message; }
+        var (code, message) = Reload("join");
+        return code == ReloadCode.Ok ? "" : message;
+    }
+
+    /// <summary>Answers `veil invite`: "invite SECONDS NAME|- ENDPOINT|- NETWORK".</summary>
+    internal string Invite(string request)
+    {
+        string[] f = request.Split(' ');
+        Node node = _node!;
+        if (f.Length != 5 || !long.TryParse(f[1], out long seconds) || seconds <= 0) return "error: malformed invite request\n";
+        if (node.Invites == null) return "error: this daemon runs without --config, so it cannot write a joiner down; start it with --config FILE\n";
+        string endpoint = f[3];
+        if (endpoint == "-")
+        {
+            if (_cfg.ListenAddress.Equals(IPAddress.Any) || _cfg.ListenAddress.Equals(IPAddress.IPv6Any))
+                return "error: give --endpoint HOST:PORT: how joiners reach this node (it listens on every address)\n";
+            endpoint = new Endpoint { Address = Endpoint.FromIp(_cfg.ListenAddress, 0).Address, Port = (ushort)_cfg.ListenPort }.ToString();
+        }
+        IfAddress own = _cfg.Addresses.Find(a => !a.IsV6);
+        if (own.Address == null) return "error: invites hand out IPv4 overlay addresses; this node has none\n";
+        IfAddress? free = FreeAddress(node, own);
+        if (free == null) return $"error: no free address left in {new IpPrefix(own.Address.GetAddressBytes(), own.Bits)}\n";
+        try
+        {
+            InviteToken t = node.Invites.Create(node.Handshaker.PublicKey, endpoint, f[4], own, free.Value, f[2] == "-" ? "" : f[2],
+                DateTimeOffset.UtcNow.ToUnixTimeSeconds() + seconds);
+            _log.Info("invite_created", $"invite={t.Id:x16} address={t.JoinerAddress} expires_in_s={seconds}");
+            return "ok: " + t.Encode() + "\n";
+        }
+        catch (ConfigException e) { return "error: " + e.Message + "\n"; }
+    }
+
+    // The lowest host address of our IPv4 network that no peer, invite or this node uses.
+    private static IfAddress? FreeAddress(Node node, IfAddress own)
+    {
+        var used = new HashSet<uint> { BinaryPrimitives.ReadUInt32BigEndian(own.Address.GetAddressBytes()) };
+        foreach (Peer p in node.Peers)
+            if (p.Active)
+                foreach (IpPrefix a in p.Allowed)
+                    if (!a.IsV6) { byte[] b = new byte[4]; a.WriteAddress(b); used.Add(BinaryPrimitives.ReadUInt32BigEndian(b)); }
+        foreach (IPAddress r in node.Invites!.ReservedAddresses()) used.Add(BinaryPrimitives.ReadUInt32BigEndian(r.GetAddressBytes()));
+        uint mask = own.Bits == 0 ? 0 : uint.MaxValue << (32 - own.Bits);
+        uint net = BinaryPrimitives.ReadUInt32BigEndian(own.Address.GetAddressBytes()) & mask;
+        uint hosts = ~mask;
+        for (uint h = 1; h < hosts && h < 65536; h++)
+            if (!used.Contains(net | h))
+            {
+                byte[] b = new byte[4];
+                BinaryPrimitives.WriteUInt32BigEndian(b, net | h);
+                return new IfAddress(new IPAddress(b), own.Bits);
+            }
+        return null;
     }
 
     internal enum ReloadCode { Ok = 0, Rejected = 2, NeedsRestart = 3 }
@@ -4121,6 +4218,7 @@ internal sealed unsafe class ControlServer : IDisposable
                 "reload" => ReloadReply(daemon.Reload("control")),
                 "down" => "ok: leaving\n",
                 null => "error: request too long or not a line\n",
+                _ when line.StartsWith("invite ") => daemon.Invite(line),
                 _ => "error: unknown request (expected status, peers, routes [json], reload or down)\n",
             };
             ControlClient.WriteAll(c, reply);
@@ -4524,6 +4622,23 @@ internal static class Cli
             case "down":
                 o.WriteLine("usage: veil down [--control PATH]   leave gracefully: close sessions, remove the interface");
                 return 0;
+            case "init":
+                o.WriteLine("usage: veil init [--dir DIR] [--address CIDR] [--listen ADDR:PORT]   DIR/private.key (0600) and DIR/veil.toml (default DIR /etc/veil); never overwrites a key");
+                return 0;
+            case "invite":
+                o.WriteLine("usage: veil invite [--expires 1h] [--name NAME] [--endpoint HOST:PORT] [--network NAME] [--control PATH]");
+                o.WriteLine("  asks the running node (started with --config) for a one-time token; it expires and works once");
+                return 0;
+            case "join":
+                o.WriteLine("usage: veil join TOKEN [--dir DIR] [--name NAME] [--listen ADDR:PORT]   key + config in DIR (default /etc/veil), approved by the inviter");
+                return 0;
+            case "add-peer":
+                o.WriteLine("usage: veil add-peer --config FILE --peer PUBKEY[@HOST:PORT] [--allow CIDR]... [--name NAME] [--keepalive SECONDS]");
+                o.WriteLine("  validates the peer, appends it to FILE; a running daemon applies it on 'veil reload'");
+                return 0;
+            case "doctor":
+                o.WriteLine("usage: veil doctor [the flags of 'veil up', e.g. --config FILE]   one ok/FAIL line per check; exit 1 if any failed");
+                return 0;
             case null:
                 o.Write("""
                 veil — mesh VPN daemon
@@ -4535,6 +4650,11 @@ internal static class Cli
                   status [--json]   ask the running daemon (also: peers, routes)
                   reload            re-read the config without dropping sessions
                   down              leave the mesh gracefully
+                  init              create a key and a config file for this node
+                  invite            print a one-time token that lets another node join (asks the running node)
+                  join TOKEN        join the network of an invite: key, config, and the inviter's approval
+                  add-peer          add a peer to a config file (then: veil reload)
+                  doctor            check this host and the config, one line per check
                   version           print the version
                   help [COMMAND]    this text, or a command's flags
 
@@ -4546,3 +4666,638 @@ internal static class Cli
     }
 }
 
+// ==== 17. Onboarding =============================================================================
+// Getting a node into a network without copying keys by hand:
+//   veil init      a private key (0600) and a config file, written atomically, never over an old key
+//   veil invite    asks the running daemon for a one-time token: network name and prefix, the
+//                  inviter's endpoint, public key and overlay address, the joiner's address, an expiry,
+//                  a random secret, and an HMAC tag under a key only the inviter can derive
+//   veil join      makes a key and sends a JoinHello to the inviter: the token without its secret,
+//                  the joiner's public key, and HMAC(secret, key). The inviter checks the tag (the
+//                  token was not forged or altered), the expiry and that the invite is unused, then
+//                  writes the joiner into its config file as a trusted peer, reloads, and answers with
+//                  a JoinAccept sealed under a key derived from the secret (carrying the network
+//                  secret). Only the token's holder can use it, once.
+//   veil add-peer  validates a peer and appends it to a config file (applied by `veil reload`)
+//   veil doctor    one pass/fail line per check of the host and the config
+// Join messages use the handshake preamble with types 4 (JoinHello) and 5 (JoinAccept).
+
+internal sealed class InviteToken
+{
+    internal const byte Version = 1;
+    internal const string Prefix = "veil1-";
+    internal const int TagLen = 16;
+    internal ulong Id;
+    internal long ExpiresUnix;
+    internal Key32 InviterKey, Secret;
+    internal IpPrefix Network;
+    internal IfAddress JoinerAddress, InviterAddress;
+    internal string Endpoint = "", NetworkName = "";
+    internal byte[] Tag = new byte[TagLen];
+
+    /// <summary>Every field but the tag; the secret zeroed unless withSecret.</summary>
+    internal byte[] Body(bool withSecret)
+    {
+        var ms = new MemoryStream();
+        Span<byte> b = stackalloc byte[18];
+        ms.WriteByte(Version);
+        BinaryPrimitives.WriteUInt64BigEndian(b, Id); ms.Write(b[..8]);
+        BinaryPrimitives.WriteInt64BigEndian(b, ExpiresUnix); ms.Write(b[..8]);
+        ms.Write(InviterKey);
+        if (withSecret) ms.Write(Secret); else ms.Write(new byte[32]);
+        WritePrefix(ms, Network.IsV6, NetworkAddress(), Network.Bits);
+        WritePrefix(ms, JoinerAddress.IsV6, JoinerAddress.Address.GetAddressBytes(), JoinerAddress.Bits);
+        WritePrefix(ms, InviterAddress.IsV6, InviterAddress.Address.GetAddressBytes(), InviterAddress.Bits);
+        WriteText(ms, Endpoint);
+        WriteText(ms, NetworkName);
+        return ms.ToArray();
+    }
+
+    private byte[] NetworkAddress()
+    {
+        byte[] a = new byte[Network.IsV6 ? 16 : 4];
+        Network.WriteAddress(a);
+        return a;
+    }
+
+    private static void WritePrefix(MemoryStream ms, bool v6, byte[] addr, int bits)
+    {
+        ms.WriteByte(v6 ? (byte)6 : (byte)4);
+        ms.Write(addr);
+        ms.WriteByte((byte)bits);
+    }
+
+    private static void WriteText(MemoryStream ms, string s)
+    {
+        byte[] t = Encoding.UTF8.GetBytes(s);
+        ms.WriteByte((byte)t.Length);
+        ms.Write(t);
+    }
+
+    internal static void MakeTag(ReadOnlySpan<byte> tokenKey, byte[] bodyWithSecret, Span<byte> tag16)
+    {
+        Span<byte> full = stackalloc byte[32];
+        HMACSHA256.HashData(tokenKey, bodyWithSecret, full);
+        full[..TagLen].CopyTo(tag16);
+    }
+
+    internal string Encode()
+    {
+        byte[] body = Body(withSecret: true);
+        byte[] all = new byte[body.Length + TagLen];
+        body.CopyTo(all, 0);
+        Tag.CopyTo(all, body.Length);
+        return Prefix + Convert.ToBase64String(all).TrimEnd('=').Replace('+', '-').Replace('/', '_');
+    }
+
+    /// <summary>Parses a token (or a token body without tag when tagged is false); null when malformed.</summary>
+    internal static InviteToken? Decode(ReadOnlySpan<byte> data, bool tagged)
+    {
+        try
+        {
+            var t = new InviteToken();
+            int i = 0;
+            if (data[i++] != Version) return null;
+            t.Id = BinaryPrimitives.ReadUInt64BigEndian(data[i..]); i += 8;
+            t.ExpiresUnix = BinaryPrimitives.ReadInt64BigEndian(data[i..]); i += 8;
+            data.Slice(i, 32).CopyTo(t.InviterKey); i += 32;
+            data.Slice(i, 32).CopyTo(t.Secret); i += 32;
+            if (!ReadPrefix(data, ref i, out byte[] na, out int nb)) return null;
+            t.Network = new IpPrefix(na, nb);
+            if (!ReadPrefix(data, ref i, out byte[] ja, out int jb)) return null;
+            t.JoinerAddress = new IfAddress(new IPAddress(ja), jb);
+            if (!ReadPrefix(data, ref i, out byte[] ia, out int ib)) return null;
+            t.InviterAddress = new IfAddress(new IPAddress(ia), ib);
+            t.Endpoint = ReadText(data, ref i);
+            t.NetworkName = ReadText(data, ref i);
+            if (tagged)
+            {
+                data.Slice(i, TagLen).CopyTo(t.Tag);
+                i += TagLen;
+            }
+            return i == data.Length ? t : null;
+        }
+        catch (Exception e) when (e is ArgumentOutOfRangeException or IndexOutOfRangeException or ArgumentException)
+        {
+            return null;                                  // ran past the end: truncated or garbage
+        }
+    }
+
+    internal static InviteToken? Parse(string text)
+    {
+        text = text.Trim();
+        if (!text.StartsWith(Prefix) || text.Length > 1024) return null;
+        string b64 = text[Prefix.Length..].Replace('-', '+').Replace('_', '/');
+        b64 = b64.PadRight(b64.Length + (4 - b64.Length % 4) % 4, '=');
+        byte[] raw = new byte[b64.Length];
+        return Convert.TryFromBase64String(b64, raw, out int n) ? Decode(raw.AsSpan(0, n), tagged: true) : null;
+    }
+
+    private static bool ReadPrefix(ReadOnlySpan<byte> d, ref int i, out byte[] addr, out int bits)
+    {
+        byte fam = d[i++];
+        addr = d.Slice(i, fam == 6 ? 16 : 4).ToArray();
+        i += addr.Length;
+        bits = d[i++];
+        return fam is 4 or 6 && bits <= addr.Length * 8;
+    }
+
+    private static string ReadText(ReadOnlySpan<byte> d, ref int i)
+    {
+        int n = d[i++];
+        string s = Encoding.UTF8.GetString(d.Slice(i, n));
+        i += n;
+        return s;
+    }
+
+    /// <summary>HMAC(secret, "veil join" ‖ id ‖ joiner key): proves the token's secret without sending it.</summary>
+    internal static void JoinProof(ReadOnlySpan<byte> secret, ulong id, ReadOnlySpan<byte> joinerKey, Span<byte> proof16)
+    {
+        Span<byte> msg = stackalloc byte[9 + 8 + 32];
+        "veil join"u8.CopyTo(msg);
+        BinaryPrimitives.WriteUInt64BigEndian(msg[9..], id);
+        joinerKey.CopyTo(msg[17..]);
+        Span<byte> full = stackalloc byte[32];
+        HMACSHA256.HashData(secret, msg, full);
+        full[..16].CopyTo(proof16);
+    }
+
+    internal static void AcceptKey(ReadOnlySpan<byte> secret, Span<byte> key32) =>
+        Hkdf.Derive(key32, secret, default, "veil join accept"u8);
+}
+
+/// <summary>The inviter's side: pending invites (in memory, bounded) and JoinHello handling.</summary>
+internal sealed class Invites(Key32 privateKey)
+{
+    private const int MaxPending = 64;
+    internal const byte TypeJoinHello = 4, TypeJoinAccept = 5;
+    internal const int JoinProofLen = 16, JoinAcceptPayloadLen = 33;
+
+    private sealed class Pending
+    {
+        internal InviteToken Token = null!;
+        internal Key32 JoinerKey;                         // zero until used
+        internal string Name = "";
+    }
+
+    private readonly Dictionary<ulong, Pending> _pending = new();
+    private Key32 _tokenKey = TokenKey(privateKey);
+    internal Func<PeerConfig, string?>? Persist;        // writes the joiner as a trusted peer; an error text or null
+    internal Key32 Psk;
+
+    private static Key32 TokenKey(Key32 priv)
+    {
+        Key32 k = default;
+        HMACSHA256.HashData(priv, "veil invite token key"u8, k);
+        return k;
+    }
+
+    internal void Clear() { _tokenKey.Clear(); Psk.Clear(); foreach (Pending p in _pending.Values) p.Token.Secret.Clear(); }
+
+    internal InviteToken Create(in Key32 inviterPublic, string endpoint, string networkName, IfAddress inviterAddress,
+        IfAddress joinerAddress, string joinerName, long expiresUnix)
+    {
+        long now = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+        List<ulong> stale = new();
+        foreach (var (id, p) in _pending) if (p.Token.ExpiresUnix <= now) stale.Add(id);
+        foreach (ulong id in stale) _pending.Remove(id);
+        if (_pending.Count >= MaxPending) throw new ConfigException($"{MaxPending} invites are pending already; let some expire first");
+        var t = new InviteToken
+        {
+            Id = BinaryPrimitives.ReadUInt64LittleEndian(RandomNumberGenerator.GetBytes(8)),
+            ExpiresUnix = expiresUnix, InviterKey = inviterPublic, Endpoint = endpoint, NetworkName = networkName,
+            Network = new IpPrefix(inviterAddress.Address.GetAddressBytes(), inviterAddress.Bits),
+            JoinerAddress = joinerAddress, InviterAddress = new IfAddress(inviterAddress.Address, inviterAddress.IsV6 ? 128 : 32),
+        };
+        RandomNumberGenerator.Fill(t.Secret);
+        InviteToken.MakeTag(_tokenKey, t.Body(withSecret: true), t.Tag);
+        _pending[t.Id] = new Pending { Token = t, Name = joinerName };
+        return t;
+    }
+
+    internal IEnumerable<IPAddress> ReservedAddresses()
+    {
+        foreach (Pending p in _pending.Values) yield return p.Token.JoinerAddress.Address;
+    }
+
+    /// <summary>Checks a JoinHello; on success persists the joiner once and returns the JoinAccept to send.</summary>
+    internal byte[]? Consume(ReadOnlySpan<byte> msg, Log log, in Endpoint from)
+    {
+        // 16 03 03 LL LL | 4 | body length (2) | token body without secret, with tag | joiner key (32) | proof (16) | name length + name
+        if (msg.Length < 8 || msg[5] != TypeJoinHello) return null;
+        int bodyLen = BinaryPrimitives.ReadUInt16BigEndian(msg[6..]);
+        int at = 8 + bodyLen;
+        if (at + 32 + JoinProofLen + 1 > msg.Length) return null;
+        InviteToken? claimed = InviteToken.Decode(msg.Slice(8, bodyLen), tagged: true);
+        if (claimed == null || !_pending.TryGetValue(claimed.Id, out Pending? p)) return Refuse(log, from, "unknown_invite");
+        ReadOnlySpan<byte> joinerKey = msg.Slice(at, 32);
+        ReadOnlySpan<byte> proof = msg.Slice(at + 32, JoinProofLen);
+        int nameLen = msg[at + 32 + JoinProofLen];
+        if (at + 32 + JoinProofLen + 1 + nameLen != msg.Length) return null;
+        // The claimed fields with our secret put back must give our tag: nothing was forged or altered.
+        claimed.Secret = p.Token.Secret;
+        Span<byte> tag = stackalloc byte[InviteToken.TagLen];
+        InviteToken.MakeTag(_tokenKey, claimed.Body(withSecret: true), tag);
+        Span<byte> expectProof = stackalloc byte[JoinProofLen];
+        InviteToken.JoinProof(p.Token.Secret, p.Token.Id, joinerKey, expectProof);
+        if (!CryptographicOperations.FixedTimeEquals(tag, claimed.Tag) || !CryptographicOperations.FixedTimeEquals(tag, p.Token.Tag) ||
+            !CryptographicOperations.FixedTimeEquals(proof, expectProof))
+            return Refuse(log, from, "bad_token");
+        if (p.Token.ExpiresUnix <= DateTimeOffset.UtcNow.ToUnixTimeSeconds()) return Refuse(log, from, "expired");
+        if (!p.JoinerKey.IsZero() && !CryptographicOperations.FixedTimeEquals(p.JoinerKey, joinerKey)) return Refuse(log, from, "already_used");
+        if (p.JoinerKey.IsZero())
+        {
+            string name = nameLen > 0 ? Encoding.UTF8.GetString(msg.Slice(at + 32 + JoinProofLen + 1, nameLen)) : p.Name;
+            var pc = new PeerConfig { Name = name };
+            joinerKey.CopyTo(pc.PublicKey);
+            pc.Allowed.Add(new IpPrefix(p.Token.JoinerAddress.Address.GetAddressBytes(), p.Token.JoinerAddress.IsV6 ? 128 : 32));
+            string? error = Persist?.Invoke(pc) ?? "this daemon has no --config file to write the joiner to";
+            if (error.Length > 0) { log.Warn("join_failed", $"invite={p.Token.Id:x16} error=\"{error}\""); return null; }
+            joinerKey.CopyTo(p.JoinerKey);
+            log.Info("join_accepted", $"invite={p.Token.Id:x16} peer={name} address={p.Token.JoinerAddress} from={from}");
+        }
+        // Answer (again, for a retransmitted JoinHello from the same joiner): sealed with the secret.
+        byte[] reply = new byte[Spec.PreambleLen + 1 + 8 + JoinAcceptPayloadLen + Spec.TagLen];
+        Wire.WritePreamble(reply, Spec.TlsHandshake, reply.Length);
+        reply[5] = TypeJoinAccept;
+        BinaryPrimitives.WriteUInt64BigEndian(reply.AsSpan(6), p.Token.Id);
+        Span<byte> payload = stackalloc byte[JoinAcceptPayloadLen];
+        ((ReadOnlySpan<byte>)Psk).CopyTo(payload);
+        payload[32] = 1;
+        Key32 key = default;
+        InviteToken.AcceptKey(p.Token.Secret, key);
+        using (var aead = new Aead(AeadKind.ChaCha20Poly1305, key)) aead.Seal(new byte[12], payload, joinerKey, reply.AsSpan(14));
+        key.Clear();
+        CryptographicOperations.ZeroMemory(payload);
+        return reply;
+    }
+
+    private static byte[]? Refuse(Log log, in Endpoint from, string reason)
+    {
+        if (log.Wants(LogLevel.Warn, "join_refused")) log.Emit(LogLevel.Warn, "join_refused", $"reason={reason} from={from}");
+        return null;
+    }
+}
+
+/// <summary>The CLI verbs of onboarding. Files are written whole (temp + rename), keys with mode 0600.</summary>
+internal static class Onboarding
+{
+    internal static void WriteAtomic(string path, string text, UnixFileMode mode)
+    {
+        string tmp = path + ".tmp-" + Environment.ProcessId;
+        try
+        {
+            using (var fs = new FileStream(tmp, FileMode.CreateNew, FileAccess.Write, FileShare.None, 4096, FileOptions.None))
+            {
+                File.SetUnixFileMode(tmp, mode);
+                byte[] b = Encoding.UTF8.GetBytes(text);
+                fs.Write(b);
+                fs.Flush(flushToDisk: true);
+            }
+            File.Move(tmp, path, overwrite: true);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            try { File.Delete(tmp); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+            throw new ConfigException($"cannot write '{path}' (disk full or read-only?); nothing was changed");
+        }
+    }
+
+    private static string Q(string s) => "\"" + s.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\"";
+
+    internal static string PeerToml(PeerConfig p)
+    {
+        var sb = new StringBuilder("\n[[peer]]\n");
+        sb.Append("name = ").Append(Q(p.Name)).Append('\n');
+        sb.Append("public_key = ").Append(Q(p.PublicKey.ToBase64())).Append('\n');
+        if (p.EndpointText.Length > 0) sb.Append("endpoint = ").Append(Q(p.EndpointText)).Append('\n');
+        sb.Append("allowed_ips = [").Append(string.Join(", ", p.Allowed.ConvertAll(a => Q(a.ToString())))).Append("]\n");
+        if (p.KeepaliveMs >= 0) sb.Append("keepalive = ").Append(p.KeepaliveMs / 1000).Append('\n');
+        return sb.ToString();
+    }
+
+    /// <summary>Appends a peer to a config file after checking that the result still loads.</summary>
+    internal static void AppendPeer(string configPath, PeerConfig p)
+    {
+        string old = File.Exists(configPath) ? File.ReadAllText(configPath) : throw new ConfigException($"--config '{configPath}': no such file");
+        string next = old + (old.EndsWith('\n') || old.Length == 0 ? "" : "\n") + PeerToml(p);
+        TomlDoc doc = TomlDoc.Parse(next, Path.GetFileName(configPath));
+        if (doc.TableArrays.TryGetValue("peer", out var peers))
+            foreach (var t in peers)
+                if (t.TryGetValue("public_key", out TomlValue? k) && k.Str == p.PublicKey.ToBase64() && t != peers[^1])
+                    throw new ConfigException($"peer {p.PublicKey.Short()} is already in {configPath}");
+        WriteAtomic(configPath, next, (UnixFileMode)0b110_000_000);
+    }
+}
+
+internal static class OnboardingCli
+{
+    private static string? Arg(string[] args, string flag, ref int i) =>
+        args[i] == flag && i + 1 < args.Length ? args[++i] : args[i].StartsWith(flag + "=") ? args[i][(flag.Length + 1)..] : null;
+
+    private static long ParseDuration(string v)
+    {
+        if (v.Length >= 2 && long.TryParse(v[..^1], System.Globalization.NumberStyles.None, null, out long n) && n > 0 && n < 1_000_000)
+            switch (v[^1]) { case 's': return n; case 'm': return n * 60; case 'h': return n * 3600; case 'd': return n * 86400; }
+        throw new ConfigException($"--expires '{v}' must be a number with s, m, h or d (e.g. 1h)");
+    }
+
+    /// <summary>veil init [--dir DIR] [--address CIDR] [--listen ADDR:PORT]</summary>
+    internal static int Init(string[] args, TextWriter o)
+    {
+        string dir = "/etc/veil", address = "100.64.0.1/24", listen = "0.0.0.0:51820";
+        for (int i = 1; i < args.Length; i++)
+        {
+            if (Arg(args, "--dir", ref i) is string d) dir = d;
+            else if (Arg(args, "--address", ref i) is string a) address = IfAddress.TryParse(a, out _) ? a : throw new ConfigException($"--address '{a}' is not an address with a prefix length");
+            else if (Arg(args, "--listen", ref i) is string l) listen = Endpoint.TrySplitHostPort(l, out _, out _) ? l : throw new ConfigException($"--listen '{l}' must be ADDRESS:PORT");
+            else throw new ConfigException($"init: unknown argument '{args[i]}' (see 'veil help init')");
+        }
+        string keyPath = Path.Combine(dir, "private.key"), cfgPath = Path.Combine(dir, "veil.toml");
+        if (File.Exists(keyPath)) throw new ConfigException($"'{keyPath}' exists: this node already has an identity (it is never overwritten)");
+        if (File.Exists(cfgPath)) throw new ConfigException($"'{cfgPath}' exists; remove it or use another --dir");
+        Directory.CreateDirectory(dir);
+        File.SetUnixFileMode(dir, (UnixFileMode)0b111_000_000);
+        Key32 priv = default, pub = default;
+        X25519.GeneratePrivateKey(priv);
+        X25519.PublicKey(pub, priv);
+        Onboarding.WriteAtomic(keyPath, priv.ToBase64() + "\n", (UnixFileMode)0b110_000_000);
+        priv.Clear();
+        Onboarding.WriteAtomic(cfgPath, $"# written by veil init; every key is described in veil.toml.example\nkey = \"{keyPath}\"\nlisten = \"{listen}\"\naddress = [\"{address}\"]\n", (UnixFileMode)0b110_000_000);
+        o.WriteLine($"public key: {pub.ToBase64()}");
+        o.WriteLine($"wrote {keyPath} (0600) and {cfgPath}");
+        o.WriteLine($"start:  veil up --config {cfgPath}");
+        return 0;
+    }
+
+    /// <summary>veil invite [--expires 1h] [--name NAME] [--endpoint HOST:PORT] [--network NAME] [--control PATH]</summary>
+    internal static int Invite(string[] args, TextWriter o, TextWriter e)
+    {
+        string control = Tune.DefaultControlPath, name = "-", endpoint = "-", network = "veil";
+        long expires = 3600;
+        for (int i = 1; i < args.Length; i++)
+        {
+            if (Arg(args, "--expires", ref i) is string x) expires = ParseDuration(x);
+            else if (Arg(args, "--name", ref i) is string n) name = n;
+            else if (Arg(args, "--endpoint", ref i) is string ep) endpoint = Endpoint.TrySplitHostPort(ep, out _, out _) ? ep : throw new ConfigException($"--endpoint '{ep}' must be HOST:PORT");
+            else if (Arg(args, "--network", ref i) is string nw) network = nw;
+            else if (Arg(args, "--control", ref i) is string c) control = c;
+            else throw new ConfigException($"invite: unknown argument '{args[i]}' (see 'veil help invite')");
+        }
+        if (name.Contains(' ') || network.Contains(' ') || network.Length > 32) throw new ConfigException("invite: --name and --network take one word of at most 32 characters");
+        string? reply = ControlClient.Ask(control, $"invite {expires} {name} {endpoint} {network}");
+        if (reply == null) { e.WriteLine($"veil: no daemon answers on {control} (invites are issued by the running node)"); return 1; }
+        if (!reply.StartsWith("ok: ")) { e.Write("veil: " + (reply.StartsWith("error: ") ? reply[7..] : reply)); return 2; }
+        o.Write(reply[4..]);
+        return 0;
+    }
+
+    /// <summary>veil join TOKEN [--dir DIR] [--name NAME] [--listen ADDR:PORT]</summary>
+    internal static unsafe int Join(string[] args, TextWriter o, TextWriter e)
+    {
+        if (args.Length < 2) throw new ConfigException("join needs the token printed by 'veil invite'");
+        InviteToken t = InviteToken.Parse(args[1]) ?? throw new ConfigException("join: that is not a Veil invite token (it starts with veil1-)");
+        string dir = "/etc/veil", name = Environment.MachineName, listen = "0.0.0.0:51820";
+        for (int i = 2; i < args.Length; i++)
+        {
+            if (Arg(args, "--dir", ref i) is string d) dir = d;
+            else if (Arg(args, "--name", ref i) is string n) name = n;
+            else if (Arg(args, "--listen", ref i) is string l) listen = Endpoint.TrySplitHostPort(l, out _, out _) ? l : throw new ConfigException($"--listen '{l}' must be ADDRESS:PORT");
+            else throw new ConfigException($"join: unknown argument '{args[i]}' (see 'veil help join')");
+        }
+        if (name.Length > 32) name = name[..32];
+        if (t.ExpiresUnix <= DateTimeOffset.UtcNow.ToUnixTimeSeconds()) throw new ConfigException("join: this invite has expired; ask for a new one");
+        string keyPath = Path.Combine(dir, "private.key"), cfgPath = Path.Combine(dir, "veil.toml"), pskPath = Path.Combine(dir, "network.psk");
+        if (File.Exists(cfgPath)) throw new ConfigException($"'{cfgPath}' exists; join into an empty --dir");
+        Directory.CreateDirectory(dir);
+        Key32 priv, pub = default;
+        if (File.Exists(keyPath)) priv = UpConfig.ReadKeyFile("--dir key", keyPath);
+        else
+        {
+            priv = default;
+            X25519.GeneratePrivateKey(priv);
+            Onboarding.WriteAtomic(keyPath, priv.ToBase64() + "\n", (UnixFileMode)0b110_000_000);
+        }
+        X25519.PublicKey(pub, priv);
+        priv.Clear();
+        if (!Endpoint.TrySplitHostPort(t.Endpoint, out string host, out int port)) throw new ConfigException("join: the token's endpoint is malformed");
+        IPAddress ip = IPAddress.TryParse(host, out IPAddress? lit) ? lit
+            : Dns.GetHostAddresses(host) is { Length: > 0 } found ? found[0] : throw new ConfigException($"join: cannot resolve '{host}'");
+        // JoinHello: the token without its secret, our key, the proof, our name.
+        byte[] body = t.Body(withSecret: false);
+        byte[] nameBytes = Encoding.UTF8.GetBytes(name);
+        byte[] hello = new byte[8 + body.Length + InviteToken.TagLen + 32 + Invites.JoinProofLen + 1 + nameBytes.Length];
+        Wire.WritePreamble(hello, Spec.TlsHandshake, hello.Length);
+        hello[5] = Invites.TypeJoinHello;
+        BinaryPrimitives.WriteUInt16BigEndian(hello.AsSpan(6), (ushort)(body.Length + InviteToken.TagLen));
+        body.CopyTo(hello, 8);
+        t.Tag.CopyTo(hello, 8 + body.Length);
+        int at = 8 + body.Length + InviteToken.TagLen;
+        ((ReadOnlySpan<byte>)pub).CopyTo(hello.AsSpan(at));
+        InviteToken.JoinProof(t.Secret, t.Id, pub, hello.AsSpan(at + 32, Invites.JoinProofLen));
+        hello[at + 32 + Invites.JoinProofLen] = (byte)nameBytes.Length;
+        nameBytes.CopyTo(hello, at + 33 + Invites.JoinProofLen);
+        using var sock = new Socket(ip.AddressFamily, SocketType.Dgram, ProtocolType.Udp) { ReceiveTimeout = 1500 };
+        var to = new IPEndPoint(ip, port);
+        byte[] reply = new byte[256];
+        Key32 psk = default;
+        bool accepted = false;
+        for (int attempt = 0; attempt < 5 && !accepted; attempt++)
+        {
+            sock.SendTo(hello, to);
+            try
+            {
+                int n = sock.Receive(reply);
+                accepted = OpenAccept(reply.AsSpan(0, n), t, pub, ref psk);
+            }
+            catch (SocketException) { }
+        }
+        if (!accepted) { e.WriteLine($"veil: {t.Endpoint} did not accept the invite (expired, used, or the inviter is not running)"); return 1; }
+        var sb = new StringBuilder("# written by veil join; every key is described in veil.toml.example\n");
+        sb.Append($"key = \"{keyPath}\"\n");
+        if (!psk.IsZero())
+        {
+            Onboarding.WriteAtomic(pskPath, psk.ToBase64() + "\n", (UnixFileMode)0b110_000_000);
+            sb.Append($"psk = \"{pskPath}\"\n");
+        }
+        psk.Clear();
+        sb.Append($"listen = \"{listen}\"\naddress = [\"{t.JoinerAddress}\"]\n");
+        var inviter = new PeerConfig { Name = t.NetworkName + "-inviter", PublicKey = t.InviterKey, EndpointText = t.Endpoint };
+        inviter.Allowed.Add(new IpPrefix(t.InviterAddress.Address.GetAddressBytes(), t.InviterAddress.Bits));
+        sb.Append(Onboarding.PeerToml(inviter));
+        Onboarding.WriteAtomic(cfgPath, sb.ToString(), (UnixFileMode)0b110_000_000);
+        o.WriteLine($"joined network '{t.NetworkName}' as {t.JoinerAddress}; public key {pub.ToBase64()}");
+        o.WriteLine($"wrote {cfgPath}; start:  veil up --config {cfgPath}");
+        return 0;
+    }
+
+    private static bool OpenAccept(ReadOnlySpan<byte> r, InviteToken t, in Key32 pub, ref Key32 psk)
+    {
+        int len = Spec.PreambleLen + 1 + 8 + Invites.JoinAcceptPayloadLen + Spec.TagLen;
+        if (r.Length != len || r[0] != Spec.TlsHandshake || r[5] != Invites.TypeJoinAccept || BinaryPrimitives.ReadUInt64BigEndian(r[6..]) != t.Id) return false;
+        Key32 key = default;
+        InviteToken.AcceptKey(t.Secret, key);
+        Span<byte> payload = stackalloc byte[Invites.JoinAcceptPayloadLen];
+        using var aead = new Aead(AeadKind.ChaCha20Poly1305, key);
+        bool ok = aead.Open(new byte[12], r[14..], pub, payload) && payload[32] == 1;
+        key.Clear();
+        if (ok) payload[..32].CopyTo(psk);
+        CryptographicOperations.ZeroMemory(payload);
+        return ok;
+    }
+
+    /// <summary>veil add-peer --config FILE --peer PUBKEY[@HOST:PORT] [--allow CIDR]... [--name NAME] [--keepalive S]</summary>
+    internal static int AddPeer(string[] args, TextWriter o)
+    {
+        string? config = null;
+        var peerArgs = new List<string> { "up" };
+        string? name = null;
+        for (int i = 1; i < args.Length; i++)
+        {
+            if (Arg(args, "--config", ref i) is string c) config = c;
+            else if (Arg(args, "--name", ref i) is string n) name = n;
+            else if (args[i] is "--peer" or "--allow" or "--keepalive" && i + 1 < args.Length) { peerArgs.Add(args[i]); peerArgs.Add(args[++i]); }
+            else throw new ConfigException($"add-peer: unknown argument '{args[i]}' (see 'veil help add-peer')");
+        }
+        if (config == null) throw new ConfigException("add-peer needs --config FILE (the file the daemon runs with)");
+        if (!peerArgs.Contains("--peer")) throw new ConfigException("add-peer needs --peer PUBKEY[@HOST:PORT]");
+        UpConfig current = UpConfig.Load(new[] { "up", "--config", config }, 1);
+        UpConfig parsed = UpConfig.Load([.. peerArgs, "--config", config], 1);   // validates like `up` would
+        PeerConfig p = parsed.Peers[^1];
+        if (current.Peers.Exists(x => x.PublicKey.EqualsCt(p.PublicKey))) throw new ConfigException($"peer {p.PublicKey.Short()} is already in {config}");
+        if (name != null) p.Name = name;
+        int ka = peerArgs.IndexOf("--keepalive");
+        if (ka > 0) p.KeepaliveMs = parsed.PersistentKeepaliveMs;
+        string before = File.ReadAllText(config);
+        Onboarding.AppendPeer(config, p);
+        try { UpConfig.Load(new[] { "up", "--config", config }, 1); }
+        catch (ConfigException)
+        {
+            Onboarding.WriteAtomic(config, before, (UnixFileMode)0b110_000_000);
+            throw;
+        }
+        o.WriteLine($"added peer {p.Name} to {config}; apply with: veil reload");
+        return 0;
+    }
+}
+
+/// <summary>veil doctor [the flags of up]: one pass/fail line per check; exit 1 if any failed.</summary>
+internal static unsafe partial class Doctor
+{
+    [LibraryImport("libc", EntryPoint = "geteuid")] private static partial uint GetEuid();
+
+    internal static int Run(string[] args, TextWriter o)
+    {
+        int failed = 0;
+        void Line(bool ok, string what, string detail)
+        {
+            o.WriteLine($"{(ok ? "ok  " : "FAIL")} {what}: {detail}");
+            if (!ok) failed++;
+        }
+        UpConfig? cfg = null;
+        try
+        {
+            cfg = UpConfig.Load(args, 1);
+            Line(true, "config", $"{(cfg.ConfigPath ?? "flags")} is valid ({cfg.Peers.Count} peers; key file mode 0600)");
+        }
+        catch (ConfigException e) { Line(false, "config", e.Message); }
+
+        bool tun = File.Exists("/dev/net/tun");
+        int fd = -1;
+        if (tun)
+        {
+            byte* path = stackalloc byte[16];
+            Encoding.ASCII.GetBytes("/dev/net/tun\0", new Span<byte>(path, 16));
+            fd = Libc.Open(path, Libc.O_RDWR | Libc.O_CLOEXEC, 0);
+            if (fd >= 0) Libc.Close(fd);
+        }
+        Line(tun && fd >= 0, "tun", !tun ? "/dev/net/tun is missing: load the tun module (modprobe tun; OpenWrt: apk add kmod-tun / opkg install kmod-tun)"
+            : fd < 0 ? $"/dev/net/tun cannot be opened: {Libc.ErrorText(Libc.Errno)}" : "/dev/net/tun opens" + (Directory.Exists("/sys/module/tun") ? " (tun module loaded)" : ""));
+
+        bool admin = GetEuid() == 0 || HasCapNetAdmin();
+        Line(admin, "privileges", admin ? "root or CAP_NET_ADMIN" : "neither root nor CAP_NET_ADMIN: veil cannot create its interface");
+
+        if (cfg != null)
+        {
+            int? live = ControlClient.TryConnect(cfg.ControlPath);
+            string? usedBy = live != null ? "the running veil" : null;
+            if (live is int c) Libc.Close(c);
+            bool free = PortFree(cfg.ListenAddress, cfg.ListenPort);
+            Line(free || usedBy != null, "port", free ? $"udp {cfg.ListenPort} is free" : usedBy != null ? $"udp {cfg.ListenPort} is used by the running veil"
+                : $"udp {cfg.ListenPort} is in use by another program (WireGuard also defaults to 51820): choose --listen");
+            bool subnets = cfg.Peers.Exists(p => p.Allowed.Exists(a => a.Bits < a.MaxBits));
+            string rp = ReadProc("/proc/sys/net/ipv4/conf/all/rp_filter");
+            Line(rp != "1" || !subnets, "rp_filter", rp == "1" && subnets
+                ? "strict (1) while peers route subnets: replies may be dropped; set net.ipv4.conf.all.rp_filter=2"
+                : $"{(rp.Length > 0 ? rp : "unknown")} ({(rp == "1" ? "strict, fine for host routes only" : "fine")})");
+            string fwd = ReadProc("/proc/sys/net/ipv4/ip_forward");
+            Line(true, "ip_forward", fwd == "1" ? "on" : "off (needed only when this node forwards for a subnet behind it)");
+            foreach (PeerConfig p in cfg.Peers)
+            {
+                if (!p.Endpoint.IsSet) continue;
+                int path = Libc.PathMtu(p.Endpoint);
+                int need = cfg.Mtu + Record.OverheadLen + (p.Endpoint.IsV4 ? 28 : 48);
+                Line(path == 0 || need <= path, "mtu", path == 0 ? $"no route to {p.Name} at {p.Endpoint} yet"
+                    : need <= path ? $"{cfg.Mtu} fits the path to {p.Name} (path MTU {path})"
+                    : $"{cfg.Mtu} + {need - cfg.Mtu} bytes of overhead exceeds the path MTU {path} to {p.Name}: use --mtu {path - (need - cfg.Mtu)}");
+            }
+            foreach (string overlap in RouteOverlaps(cfg)) Line(false, "routes", overlap);
+            if (RouteOverlaps(cfg).Count == 0) Line(true, "routes", "no allowed prefix collides with a route on another interface");
+        }
+        int year = DateTime.UtcNow.Year;
+        Line(year >= 2025, "clock", year >= 2025 ? $"{DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC" :
+            $"the clock says {year}: not synchronised yet; peers may ignore our handshakes until it is (NTP)");
+        o.WriteLine(failed == 0 ? "all checks passed" : $"{failed} check(s) failed");
+        return failed == 0 ? 0 : 1;
+    }
+
+    private static string ReadProc(string path)
+    {
+        try { return File.ReadAllText(path).Trim(); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { return ""; }
+    }
+
+    private static bool HasCapNetAdmin()
+    {
+        foreach (string line in ReadProc("/proc/self/status").Split('\n'))
+            if (line.StartsWith("CapEff:") && ulong.TryParse(line[7..].Trim(), System.Globalization.NumberStyles.HexNumber, null, out ulong caps))
+                return (caps & (1UL << 12)) != 0;
+        return false;
+    }
+
+    private static bool PortFree(IPAddress address, int port)
+    {
+        try
+        {
+            using UdpSocket s = UdpSocket.Bind(address, port);
+            return true;
+        }
+        catch (IOException) { return false; }
+    }
+
+    /// <summary>Allowed prefixes equal to or inside an IPv4 route that leaves by another interface.</summary>
+    internal static List<string> RouteOverlaps(UpConfig cfg)
+    {
+        var found = new List<string>();
+        string[] lines = ReadProc("/proc/net/route").Split('\n');
+        foreach (string line in lines.Length > 1 ? lines[1..] : [])
+        {
+            string[] f = line.Split('\t', StringSplitOptions.RemoveEmptyEntries);
+            if (f.Length < 8 || f[0] == cfg.TunName) continue;
+            uint dst = Convert.ToUInt32(f[1], 16), mask = Convert.ToUInt32(f[7], 16);
+            if (mask == 0) continue;                                   // the default route covers everything
+            byte[] d = BitConverter.GetBytes(dst);                     // /proc prints network order as a host integer
+            var route = new IpPrefix(d, System.Numerics.BitOperations.PopCount(mask));
+            foreach (PeerConfig p in cfg.Peers)
+                foreach (IpPrefix a in p.Allowed)
+                {
+                    if (a.IsV6) continue;
+                    byte[] aa = new byte[4];
+                    a.WriteAddress(aa);
+                    if (a.Bits >= route.Bits && route.Contains(aa))
+                        found.Add($"{a} of peer {p.Name} is inside {route} on {f[0]}: traffic may leave by {f[0]} instead of the tunnel");
+                }
+        }
+        return found;
+    }
+}
