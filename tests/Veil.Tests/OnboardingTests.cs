@@ -1,0 +1,187 @@
+using System.Buffers.Binary;
+using System.Net;
+using System.Text;
+
+namespace Veil.Tests;
+
+public sealed class OnboardingTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("veil-onb-").FullName;
+    private readonly Key32 _inviterPriv = TestNode.KeyFromSeed(30), _inviterPub;
+    private readonly Log _log = new(TextWriter.Null, LogLevel.Error);
+
+    public OnboardingTests() => X25519.PublicKey(_inviterPub, _inviterPriv);
+    public void Dispose() => Directory.Delete(_dir, true);
+
+    private (Invites Invites, InviteToken Token, List<PeerConfig> Persisted) NewInvite(long expiresIn = 3600)
+    {
+        var persisted = new List<PeerConfig>();
+        var inv = new Invites(_inviterPriv) { Psk = TestNode.KeyFromSeed(31), Persist = pc => { persisted.Add(pc); return ""; } };
+        InviteToken t = inv.Create(_inviterPub, "192.0.2.1:51820", "lab", new IfAddress(IPAddress.Parse("100.64.0.1"), 24),
+            new IfAddress(IPAddress.Parse("100.64.0.5"), 24), "bee", DateTimeOffset.UtcNow.ToUnixTimeSeconds() + expiresIn);
+        return (inv, t, persisted);
+    }
+
+    private static byte[] JoinHello(InviteToken t, in Key32 joinerPub, ReadOnlySpan<byte> secret, string name = "bee")
+    {
+        byte[] body = t.Body(withSecret: false);
+        byte[] nameBytes = Encoding.UTF8.GetBytes(name);
+        byte[] hello = new byte[8 + body.Length + 16 + 32 + 16 + 1 + nameBytes.Length];
+        Wire.WritePreamble(hello, Spec.TlsHandshake, hello.Length);
+        hello[5] = Invites.TypeJoinHello;
+        BinaryPrimitives.WriteUInt16BigEndian(hello.AsSpan(6), (ushort)(body.Length + 16));
+        body.CopyTo(hello, 8);
+        t.Tag.CopyTo(hello, 8 + body.Length);
+        int at = 8 + body.Length + 16;
+        ((ReadOnlySpan<byte>)joinerPub).CopyTo(hello.AsSpan(at));
+        InviteToken.JoinProof(secret, t.Id, joinerPub, hello.AsSpan(at + 32, 16));
+        hello[at + 48] = (byte)nameBytes.Length;
+        nameBytes.CopyTo(hello, at + 49);
+        return hello;
+    }
+
+    private static Key32 Pub(byte seed)
+    {
+        Key32 priv = TestNode.KeyFromSeed(seed), pub = default;
+        X25519.PublicKey(pub, priv);
+        return pub;
+    }
+
+    [Fact]
+    public void Token_EncodeParse_RoundTrip()
+    {
+        var (_, t, _) = NewInvite();
+        string text = t.Encode();
+        Assert.StartsWith("veil1-", text);
+        InviteToken back = InviteToken.Parse(text)!;
+        Assert.Equal(t.Id, back.Id);
+        Assert.Equal("192.0.2.1:51820", back.Endpoint);
+        Assert.Equal("lab", back.NetworkName);
+        Assert.Equal("100.64.0.5/24", back.JoinerAddress.ToString());
+        Assert.Equal("100.64.0.0/24", back.Network.ToString());
+        Assert.True(back.Secret.EqualsCt(t.Secret));
+        Assert.Equal(t.Tag, back.Tag);
+    }
+
+    [Fact]
+    public void Token_GarbageAndTruncation_NullNeverThrows()
+    {
+        var (_, t, _) = NewInvite();
+        string text = t.Encode();
+        for (int n = 0; n < text.Length; n++) Assert.Null(InviteToken.Parse(text[..n]));
+        Assert.Null(InviteToken.Parse("veil1-!!!"));
+        Assert.Null(InviteToken.Parse("hello"));
+    }
+
+    [Fact]
+    public void Join_Valid_PersistsOnceAndSealsPskToTheJoiner()
+    {
+        var (inv, t, persisted) = NewInvite();
+        Key32 joiner = Pub(40);
+        byte[]? reply = inv.Consume(JoinHello(t, joiner, t.Secret), _log, TestNet.Ep(1));
+        Assert.NotNull(reply);
+        PeerConfig pc = Assert.Single(persisted);
+        Assert.True(pc.PublicKey.EqualsCt(joiner));
+        Assert.Equal("100.64.0.5/32", Assert.Single(pc.Allowed).ToString());
+        // the joiner's retransmit gets the same answer; nothing is persisted twice
+        Assert.NotNull(inv.Consume(JoinHello(t, joiner, t.Secret), _log, TestNet.Ep(1)));
+        Assert.Single(persisted);
+        // a second joiner with the same token is refused
+        Assert.Null(inv.Consume(JoinHello(t, Pub(41), t.Secret), _log, TestNet.Ep(2)));
+        Assert.Single(persisted);
+    }
+
+    [Fact]
+    public void Join_AlteredFieldOrWrongSecret_Refused()
+    {
+        var (inv, t, persisted) = NewInvite();
+        var altered = InviteToken.Parse(t.Encode())!;
+        altered.JoinerAddress = new IfAddress(IPAddress.Parse("100.64.0.200"), 24);     // try to pick another address
+        Assert.Null(inv.Consume(JoinHello(altered, Pub(40), t.Secret), _log, TestNet.Ep(1)));
+        var later = InviteToken.Parse(t.Encode())!;
+        later.ExpiresUnix += 86400;                                                        // try to extend it
+        Assert.Null(inv.Consume(JoinHello(later, Pub(40), t.Secret), _log, TestNet.Ep(1)));
+        Key32 wrong = TestNode.KeyFromSeed(99);
+        Assert.Null(inv.Consume(JoinHello(t, Pub(40), wrong), _log, TestNet.Ep(1)));       // proof without the secret
+        Assert.Empty(persisted);
+        Assert.NotNull(inv.Consume(JoinHello(t, Pub(40), t.Secret), _log, TestNet.Ep(1)));  // the real one still works
+    }
+
+    [Fact]
+    public void Join_TokenOfAnotherInviter_Refused()
+    {
+        var (inv, _, persisted) = NewInvite();
+        var other = new Invites(TestNode.KeyFromSeed(77));
+        InviteToken foreign = other.Create(_inviterPub, "192.0.2.1:51820", "lab", new IfAddress(IPAddress.Parse("100.64.0.1"), 24),
+            new IfAddress(IPAddress.Parse("100.64.0.5"), 24), "x", DateTimeOffset.UtcNow.ToUnixTimeSeconds() + 60);
+        Assert.Null(inv.Consume(JoinHello(foreign, Pub(40), foreign.Secret), _log, TestNet.Ep(1)));
+        Assert.Empty(persisted);
+    }
+
+    [Fact]
+    public void Join_Expired_Refused()
+    {
+        var (inv, t, persisted) = NewInvite(expiresIn: -1);
+        Assert.Null(inv.Consume(JoinHello(t, Pub(40), t.Secret), _log, TestNet.Ep(1)));
+        Assert.Empty(persisted);
+    }
+
+    [Fact]
+    public void Join_RandomBytes_NeverThrow()
+    {
+        var (inv, _, persisted) = NewInvite();
+        var rng = new Random(5);
+        for (int i = 0; i < 2000; i++)
+        {
+            byte[] d = new byte[rng.Next(0, 400)];
+            rng.NextBytes(d);
+            if (d.Length > 8) { d[5] = Invites.TypeJoinHello; BinaryPrimitives.WriteUInt16BigEndian(d.AsSpan(6), (ushort)rng.Next(0, d.Length)); }
+            Assert.Null(inv.Consume(d, _log, TestNet.Ep(1)));
+        }
+        Assert.Empty(persisted);
+    }
+
+    [Fact]
+    public void Init_WritesKeyAndConfig_NeverOverwrites()
+    {
+        string dir = Path.Combine(_dir, "n");
+        Assert.Equal(0, OnboardingCli.Init(new[] { "init", "--dir", dir, "--address", "100.64.0.3/24" }, new StringWriter()));
+        Assert.Equal((UnixFileMode)0b110_000_000, File.GetUnixFileMode(Path.Combine(dir, "private.key")));
+        UpConfig c = UpConfig.Load(new[] { "up", "--config", Path.Combine(dir, "veil.toml") }, 1);
+        Assert.Equal("100.64.0.3/24", c.Addresses[0].ToString());
+        string key = File.ReadAllText(Path.Combine(dir, "private.key"));
+        Assert.Throws<ConfigException>(() => OnboardingCli.Init(new[] { "init", "--dir", dir }, new StringWriter()));
+        Assert.Equal(key, File.ReadAllText(Path.Combine(dir, "private.key")));
+    }
+
+    [Fact]
+    public void AddPeer_AppendsValidPeer_RefusesDuplicatesAndBadInput_FileUnchangedOnError()
+    {
+        string dir = Path.Combine(_dir, "m");
+        OnboardingCli.Init(new[] { "init", "--dir", dir }, new StringWriter());
+        string cfg = Path.Combine(dir, "veil.toml");
+        string pub = Pub(50).ToBase64();
+        Assert.Equal(0, OnboardingCli.AddPeer(new[] { "add-peer", "--config", cfg, "--peer", pub + "@198.51.100.5:51820", "--allow", "100.64.0.5/32", "--name", "five", "--keepalive", "25" }, new StringWriter()));
+        UpConfig c = UpConfig.Load(new[] { "up", "--config", cfg }, 1);
+        PeerConfig p = Assert.Single(c.Peers);
+        Assert.Equal("five", p.Name);
+        Assert.Equal(25_000, p.KeepaliveMs);
+        string before = File.ReadAllText(cfg);
+        Assert.Throws<ConfigException>(() => OnboardingCli.AddPeer(new[] { "add-peer", "--config", cfg, "--peer", pub }, new StringWriter()));
+        Assert.Throws<ConfigException>(() => OnboardingCli.AddPeer(new[] { "add-peer", "--config", cfg, "--peer", "nope" }, new StringWriter()));
+        Assert.Throws<ConfigException>(() => OnboardingCli.AddPeer(new[] { "add-peer", "--config", cfg, "--peer", Pub(51).ToBase64(), "--allow", "10.0.0.0/33" }, new StringWriter()));
+        Assert.Equal(before, File.ReadAllText(cfg));
+    }
+
+    [Fact]
+    public void Doctor_ReportsEachCheckOnItsOwnLine_FailsOnBadConfig()
+    {
+        var o = new StringWriter();
+        int rc = Doctor.Run(new[] { "doctor", "--config", Path.Combine(_dir, "missing.toml") }, o);
+        Assert.Equal(1, rc);
+        string text = o.ToString();
+        Assert.Contains("FAIL config:", text);
+        Assert.Contains("tun:", text);
+        Assert.Contains("clock:", text);
+    }
+}
