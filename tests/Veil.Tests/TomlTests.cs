@@ -175,3 +175,26 @@ public sealed class TomlTests : IDisposable
         Assert.Equal(new[] { "listen", "tun" }, c1.RestartKeysChanged(UpConfig.Load(new[] { "up", "--config", t }, 1)));
     }
 }
+
+public class ExampleConfigTests
+{
+    [Fact]
+    public void ExampleFile_NamesEveryKeyAndParses()
+    {
+        string text = File.ReadAllText(Path.Combine(FindRepo(), "veil.toml.example"));
+        TomlDoc doc = TomlDoc.Parse(text, "veil.toml.example");
+        foreach (string key in new[] { "key", "listen", "address", "tun", "keepalive", "rekey_after", "control", "mgmt", "mgmt_acl",
+                                       "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format" })
+            Assert.True(doc.Root.ContainsKey(key), key);
+        foreach (string commented in new[] { "# psk = ", "# mtu = ", "# user = " }) Assert.Contains(commented, text);
+        var peer = Assert.Single(doc.TableArrays["peer"]);
+        foreach (string key in new[] { "name", "public_key", "endpoint", "allowed_ips", "keepalive" }) Assert.True(peer.ContainsKey(key), key);
+    }
+
+    private static string FindRepo()
+    {
+        string? d = AppContext.BaseDirectory;
+        while (d != null && !File.Exists(Path.Combine(d, "Veil.csproj"))) d = Path.GetDirectoryName(d);
+        return d ?? throw new DirectoryNotFoundException("Veil.csproj");
+    }
+}
