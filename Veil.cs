@@ -577,14 +577,18 @@ internal sealed class TomlDoc
         string text;
         try
         {
-            var info = new FileInfo(path);
-            if (!info.Exists) throw new ConfigException($"--config '{path}': no such file");
-            if (info.Length > MaxFileLen) throw new ConfigException($"--config '{path}': larger than {MaxFileLen >> 10} KiB");
-            text = System.IO.File.ReadAllText(path);
+            using var fs = new FileStream(path, FileMode.Open, FileAccess.Read);
+            if (fs.Length > MaxFileLen) throw new ConfigException($"--config '{path}': larger than {MaxFileLen >> 10} KiB");
+            text = new StreamReader(fs).ReadToEnd();
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
-            throw new ConfigException($"--config '{path}': cannot read it");
+            throw new ConfigException($"--config '{path}': " + e switch
+            {
+                FileNotFoundException or DirectoryNotFoundException => "no such file",
+                UnauthorizedAccessException => "permission denied (with --user, that user must be able to read it)",
+                _ => "cannot read it",
+            });
         }
         return Parse(text, Path.GetFileName(path));
     }
