@@ -4615,34 +4615,6 @@ internal static class Cli
 
                 """);
                 return 0;
-            case "status" or "peers" or "routes":
-                o.WriteLine("usage: veil status|peers|routes [--json] [--control PATH]   the node, its peers, its routing table");
-                o.WriteLine("exit status: 0 ok, 1 no daemon answers, 2 bad input");
-                return 0;
-            case "reload":
-                o.WriteLine("usage: veil reload [--control PATH]   re-read flags and --config file (same as SIGHUP)");
-                o.WriteLine("exit status: 0 applied, 1 no daemon, 2 the new config is invalid (nothing applied), 3 a changed key needs a restart (nothing applied)");
-                return 0;
-            case "down":
-                o.WriteLine("usage: veil down [--control PATH]   leave gracefully: close sessions, remove the interface");
-                return 0;
-            case "init":
-                o.WriteLine("usage: veil init [--dir DIR] [--address CIDR] [--listen ADDR:PORT]   DIR/private.key (0600) and DIR/veil.toml (default DIR /etc/veil); never overwrites a key");
-                return 0;
-            case "invite":
-                o.WriteLine("usage: veil invite [--expires 1h] [--name NAME] [--endpoint HOST:PORT] [--network NAME] [--control PATH]");
-                o.WriteLine("  asks the running node (started with --config) for a one-time token; it expires and works once");
-                return 0;
-            case "join":
-                o.WriteLine("usage: veil join TOKEN [--dir DIR] [--name NAME] [--listen ADDR:PORT]   key + config in DIR (default /etc/veil), approved by the inviter");
-                return 0;
-            case "add-peer":
-                o.WriteLine("usage: veil add-peer --config FILE --peer PUBKEY[@HOST:PORT] [--allow CIDR]... [--name NAME] [--keepalive SECONDS]");
-                o.WriteLine("  validates the peer, appends it to FILE; a running daemon applies it on 'veil reload'");
-                return 0;
-            case "doctor":
-                o.WriteLine("usage: veil doctor [the flags of 'veil up', e.g. --config FILE]   one ok/FAIL line per check; exit 1 if any failed");
-                return 0;
             case null:
                 o.Write("""
                 veil — mesh VPN daemon
@@ -4665,9 +4637,25 @@ internal static class Cli
                 """);
                 return 0;
             default:
-                return -1;
+                if (!Topics.TryGetValue(topic, out string? text)) return -1;
+                o.Write(text);
+                return 0;
         }
     }
+
+    private static readonly Dictionary<string, string> Topics = new()
+    {
+        ["status"] = "usage: veil status|peers|routes [--json] [--control PATH]   the node, its peers, its routing table\nexit status: 0 ok, 1 no daemon answers, 2 bad input\n",
+        ["reload"] = "usage: veil reload [--control PATH]   re-read flags and --config file (same as SIGHUP)\nexit status: 0 applied, 1 no daemon, 2 the new config is invalid (nothing applied), 3 a changed key needs a restart (nothing applied)\n",
+        ["down"] = "usage: veil down [--control PATH]   leave gracefully: close sessions, remove the interface\n",
+        ["init"] = "usage: veil init [--dir DIR] [--address CIDR] [--listen ADDR:PORT]   DIR/private.key (0600) and DIR/veil.toml (default DIR /etc/veil); never overwrites a key\n",
+        ["invite"] = "usage: veil invite [--expires 1h] [--name NAME] [--endpoint HOST:PORT] [--network NAME] [--control PATH]\n  asks the running node (started with --config) for a one-time token; it expires and works once\n",
+        ["join"] = "usage: veil join TOKEN [--dir DIR] [--name NAME] [--listen ADDR:PORT]   key + config in DIR (default /etc/veil), approved by the inviter\n",
+        ["add-peer"] = "usage: veil add-peer --config FILE --peer PUBKEY[@HOST:PORT] [--allow CIDR]... [--name NAME] [--keepalive SECONDS]\n  validates the peer, appends it to FILE; a running daemon applies it on 'veil reload'\n",
+        ["doctor"] = "usage: veil doctor [the flags of 'veil up', e.g. --config FILE]   one ok/FAIL line per check; exit 1 if any failed\n",
+        ["peers"] = "usage: veil peers [--json] [--control PATH]   the configured peers and their state\n",
+        ["routes"] = "usage: veil routes [--json] [--control PATH]   the routing table: prefix -> peer\n",
+    };
 }
 
 // ==== 17. Onboarding =============================================================================
