@@ -1462,17 +1462,117 @@ internal static unsafe class X25519
 
 internal enum AeadKind : byte { ChaCha20Poly1305 = 1, Aes256Gcm = 2 }
 
-/// <summary>One AEAD key. Seal/Open take a 12-byte nonce; ciphertext is followed by a 16-byte tag.</summary>
+/// <summary>OpenSSL's EVP AEAD interface, called directly from the libcrypto the base library
+/// already loads: one context per key and direction, kept for the key's life, so a record costs
+/// four calls and a bad tag is a return value, not an exception. Unavailable (Loaded false) when
+/// no libcrypto 3 or 1.1 can be opened; Aead then uses the base library.</summary>
+internal static unsafe class Evp
+{
+    private const int EVP_CTRL_AEAD_GET_TAG = 0x10, EVP_CTRL_AEAD_SET_TAG = 0x11;
+    private static readonly delegate* unmanaged<nint> CtxNew;
+    private static readonly delegate* unmanaged<nint, void> CtxFree;
+    private static readonly delegate* unmanaged<nint> ChaCha20Poly1305Cipher, Aes256GcmCipher, Aes128GcmCipher, Aes192GcmCipher;
+    private static readonly delegate* unmanaged<nint, nint, nint, byte*, byte*, int, int> CipherInit;
+    private static readonly delegate* unmanaged<nint, byte*, int*, byte*, int, int> CipherUpdate;
+    private static readonly delegate* unmanaged<nint, byte*, int*, int> CipherFinal;
+    private static readonly delegate* unmanaged<nint, int, int, void*, int> CtxCtrl;
+    internal static readonly bool Loaded;
+
+    static Evp()
+    {
+        if (Environment.GetEnvironmentVariable("VEIL_AEAD_BCL") == "1") return;    // to compare, and a way out
+        nint lib = 0;
+        foreach (string name in new[] { "libcrypto.so.3", "libcrypto.so.1.1" })
+            if (NativeLibrary.TryLoad(name, out lib)) break;
+        if (lib == 0) return;
+        nint F(string n) => NativeLibrary.TryGetExport(lib, n, out nint f) ? f : 0;
+        nint[] f = [F("EVP_CIPHER_CTX_new"), F("EVP_CIPHER_CTX_free"), F("EVP_chacha20_poly1305"), F("EVP_aes_256_gcm"),
+                    F("EVP_CipherInit_ex"), F("EVP_CipherUpdate"), F("EVP_CipherFinal_ex"), F("EVP_CIPHER_CTX_ctrl"),
+                    F("EVP_aes_128_gcm"), F("EVP_aes_192_gcm")];
+        if (Array.IndexOf(f, (nint)0) >= 0) return;
+        CtxNew = (delegate* unmanaged<nint>)f[0];
+        CtxFree = (delegate* unmanaged<nint, void>)f[1];
+        ChaCha20Poly1305Cipher = (delegate* unmanaged<nint>)f[2];
+        Aes256GcmCipher = (delegate* unmanaged<nint>)f[3];
+        CipherInit = (delegate* unmanaged<nint, nint, nint, byte*, byte*, int, int>)f[4];
+        CipherUpdate = (delegate* unmanaged<nint, byte*, int*, byte*, int, int>)f[5];
+        CipherFinal = (delegate* unmanaged<nint, byte*, int*, int>)f[6];
+        CtxCtrl = (delegate* unmanaged<nint, int, int, void*, int>)f[7];
+        Aes128GcmCipher = (delegate* unmanaged<nint>)f[8];
+        Aes192GcmCipher = (delegate* unmanaged<nint>)f[9];
+        Loaded = true;
+    }
+
+    /// <summary>A context holding the key schedule for one direction; 0 on failure.</summary>
+    internal static nint NewContext(AeadKind kind, ReadOnlySpan<byte> key, bool encrypt)
+    {
+        nint cipher = kind == AeadKind.ChaCha20Poly1305 ? ChaCha20Poly1305Cipher()
+            : key.Length switch { 16 => Aes128GcmCipher(), 24 => Aes192GcmCipher(), _ => Aes256GcmCipher() };
+        nint ctx = CtxNew();
+        if (ctx == 0) return 0;
+        fixed (byte* k = key)
+            if (CipherInit(ctx, cipher, 0, k, null, encrypt ? 1 : 0) != 1) { CtxFree(ctx); return 0; }
+        return ctx;
+    }
+
+    internal static void Free(nint ctx)
+    {
+        if (ctx != 0) CtxFree(ctx);               // EVP_CIPHER_CTX_free cleanses the key schedule
+    }
+
+    internal static bool Seal(nint ctx, ReadOnlySpan<byte> nonce12, ReadOnlySpan<byte> plaintext, ReadOnlySpan<byte> aad, Span<byte> ctAndTag)
+    {
+        int outl;
+        fixed (byte* n = nonce12) fixed (byte* p = plaintext) fixed (byte* a = aad) fixed (byte* c = ctAndTag)
+        {
+            if (CipherInit(ctx, 0, 0, null, n, 1) != 1) return false;
+            if (aad.Length > 0 && CipherUpdate(ctx, null, &outl, a, aad.Length) != 1) return false;
+            if (plaintext.Length > 0 && CipherUpdate(ctx, c, &outl, p, plaintext.Length) != 1) return false;
+            if (CipherFinal(ctx, c + plaintext.Length, &outl) != 1) return false;
+            return CtxCtrl(ctx, EVP_CTRL_AEAD_GET_TAG, Spec.TagLen, c + plaintext.Length) == 1;
+        }
+    }
+
+    internal static bool Open(nint ctx, ReadOnlySpan<byte> nonce12, ReadOnlySpan<byte> ctAndTag, ReadOnlySpan<byte> aad, Span<byte> plaintext)
+    {
+        int n = ctAndTag.Length - Spec.TagLen, outl;
+        byte* tag = stackalloc byte[Spec.TagLen];
+        ctAndTag[n..].CopyTo(new Span<byte>(tag, Spec.TagLen));   // copied first: plaintext may overwrite it in place
+        fixed (byte* iv = nonce12) fixed (byte* c = ctAndTag) fixed (byte* a = aad) fixed (byte* p = plaintext)
+        {
+            if (CipherInit(ctx, 0, 0, null, iv, 0) != 1) return false;
+            if (aad.Length > 0 && CipherUpdate(ctx, null, &outl, a, aad.Length) != 1) return false;
+            if (n > 0 && CipherUpdate(ctx, p, &outl, c, n) != 1) return false;
+            if (CtxCtrl(ctx, EVP_CTRL_AEAD_SET_TAG, Spec.TagLen, tag) != 1) return false;
+            if (CipherFinal(ctx, p + n, &outl) == 1) return true;
+        }
+        plaintext[..n].Clear();                    // never leave unauthenticated plaintext behind
+        return false;
+    }
+}
+
+/// <summary>One AEAD key. Seal/Open take a 12-byte nonce; ciphertext is followed by a 16-byte tag.
+/// Uses Evp where it loaded (no per-call overhead, no exception on a bad tag), else the base library.</summary>
 internal sealed class Aead : IDisposable
 {
     internal const int TagLen = Spec.TagLen;
     private readonly ChaCha20Poly1305? _chacha;
     private readonly AesGcm? _gcm;
+    private nint _sealCtx, _openCtx;
     internal AeadKind Kind { get; }
 
     internal Aead(AeadKind kind, ReadOnlySpan<byte> key)
     {
         Kind = kind;
+        if (Evp.Loaded && (kind == AeadKind.ChaCha20Poly1305 ? key.Length == 32 : key.Length is 16 or 24 or 32))
+        {
+            _sealCtx = Evp.NewContext(kind, key, encrypt: true);
+            _openCtx = Evp.NewContext(kind, key, encrypt: false);
+            if (_sealCtx != 0 && _openCtx != 0) return;
+            Evp.Free(_sealCtx);
+            Evp.Free(_openCtx);
+            _sealCtx = _openCtx = 0;
+        }
         if (kind == AeadKind.ChaCha20Poly1305) _chacha = new ChaCha20Poly1305(key);
         else _gcm = new AesGcm(key, TagLen);
     }
@@ -1480,8 +1580,16 @@ internal sealed class Aead : IDisposable
     internal static bool IsSupported(AeadKind kind) =>
         kind == AeadKind.ChaCha20Poly1305 ? ChaCha20Poly1305.IsSupported : AesGcm.IsSupported;
 
+    internal static string Backend => Evp.Loaded ? "openssl-evp" : "bcl";
+
     internal void Seal(ReadOnlySpan<byte> nonce12, ReadOnlySpan<byte> plaintext, ReadOnlySpan<byte> aad, Span<byte> ciphertextAndTag)
     {
+        if (_sealCtx != 0)
+        {
+            if (!Evp.Seal(_sealCtx, nonce12, plaintext, aad, ciphertextAndTag[..(plaintext.Length + TagLen)]))
+                throw new CryptographicException("EVP seal failed");    // cannot happen with valid sizes; never silently send garbage
+            return;
+        }
         Span<byte> ct = ciphertextAndTag[..plaintext.Length];
         Span<byte> tag = ciphertextAndTag.Slice(plaintext.Length, TagLen);
         if (_chacha != null) _chacha.Encrypt(nonce12, plaintext, ct, tag, aad);
@@ -1493,6 +1601,7 @@ internal sealed class Aead : IDisposable
     {
         int n = ciphertextAndTag.Length - TagLen;
         if (n < 0 || plaintext.Length < n || nonce12.Length != 12) return false;
+        if (_openCtx != 0) return Evp.Open(_openCtx, nonce12, ciphertextAndTag, aad, plaintext[..n]);
         try
         {
             if (_chacha != null) _chacha.Decrypt(nonce12, ciphertextAndTag[..n], ciphertextAndTag[n..], plaintext[..n], aad);
@@ -1507,6 +1616,9 @@ internal sealed class Aead : IDisposable
 
     public void Dispose()
     {
+        Evp.Free(_sealCtx);
+        Evp.Free(_openCtx);
+        _sealCtx = _openCtx = 0;
         _chacha?.Dispose();
         _gcm?.Dispose();
     }

@@ -422,10 +422,17 @@ public class NodeTests
             b.ProcessUdpBatch(inBatch, t.NowMs);
         }
         for (int i = 0; i < 20; i++) RoundTrip();   // warm-up: JIT, tiering, first-use paths
-        long before = GC.GetAllocatedBytesForCurrentThread();
-        for (int i = 0; i < 200; i++) RoundTrip();  // 12,800 records each way
-        long allocated = GC.GetAllocatedBytesForCurrentThread() - before;
-        Assert.Equal(0, allocated);      // per thread; GC counts are process-wide and other tests run in parallel
-        Assert.Equal(12_800 + 20 * 64, b.Counters.TunTxPackets);
+        // Three windows of 6,400 records each way. Any allocation per packet shows in every window;
+        // the runtime itself (tiering, other tests' threads) may rarely charge a few bytes once.
+        long[] windows = new long[3];
+        for (int w = 0; w < windows.Length; w++)
+        {
+            long before = GC.GetAllocatedBytesForCurrentThread();
+            for (int i = 0; i < 100; i++) RoundTrip();
+            windows[w] = GC.GetAllocatedBytesForCurrentThread() - before;
+        }
+        Assert.Contains(0L, windows);
+        Assert.True(windows.Sum() < 1024, $"allocated per window: {string.Join(", ", windows)}");
+        Assert.Equal((300 + 20) * 64, b.Counters.TunTxPackets);
     }
 }
