@@ -1561,10 +1561,10 @@ internal sealed class Aead : IDisposable
     private nint _sealCtx, _openCtx;
     internal AeadKind Kind { get; }
 
-    internal Aead(AeadKind kind, ReadOnlySpan<byte> key)
+    internal Aead(AeadKind kind, ReadOnlySpan<byte> key, bool baseLibraryOnly = false)
     {
         Kind = kind;
-        if (Evp.Loaded && (kind == AeadKind.ChaCha20Poly1305 ? key.Length == 32 : key.Length is 16 or 24 or 32))
+        if (Evp.Loaded && !baseLibraryOnly && (kind == AeadKind.ChaCha20Poly1305 ? key.Length == 32 : key.Length is 16 or 24 or 32))
         {
             _sealCtx = Evp.NewContext(kind, key, encrypt: true);
             _openCtx = Evp.NewContext(kind, key, encrypt: false);

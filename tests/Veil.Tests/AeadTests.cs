@@ -288,3 +288,34 @@ public sealed class AeadTests
         return b;
     }
 }
+
+public class AeadBackendTests
+{
+    [Fact]
+    public void Evp_IsLoadedOnThisMachine() => Assert.True(Evp.Loaded, "libcrypto could not be loaded: the fast AEAD path is off");
+
+    [Theory]
+    [InlineData(1, 0)]
+    [InlineData(1, 1420)]
+    [InlineData(2, 1)]
+    [InlineData(2, 9000)]
+    public void EvpAndBaseLibrary_AreInterchangeable(int kind, int len)
+    {
+        byte[] key = new byte[32];
+        new Random(len).NextBytes(key);
+        using var evp = new Aead((AeadKind)kind, key);
+        using var bcl = new Aead((AeadKind)kind, key, baseLibraryOnly: true);
+        byte[] nonce = new byte[12], aad = new byte[19], pt = new byte[len];
+        new Random(len + 1).NextBytes(pt);
+        byte[] a = new byte[len + 16], b = new byte[len + 16], back = new byte[len];
+        evp.Seal(nonce, pt, aad, a);
+        bcl.Seal(nonce, pt, aad, b);
+        Assert.Equal(a, b);
+        Assert.True(bcl.Open(nonce, a, aad, back));
+        Assert.Equal(pt, back);
+        a[^1] ^= 1;
+        Assert.False(evp.Open(nonce, a, aad, back));
+        Assert.False(bcl.Open(nonce, a, aad, back));
+        Assert.All(back, x => Assert.Equal(0, x));          // no unauthenticated plaintext left behind
+    }
+}
