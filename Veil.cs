@@ -119,12 +119,15 @@ internal static class Program
         UpConfig cfg;
         try { cfg = UpConfig.Load(args, 1); }
         catch (ConfigException e) { stderr.WriteLine("veil: " + e.Message); return 2; }
+        foreach (PeerConfig p in cfg.Peers)
+            if (p.EndpointText.Length > 0 && !p.Endpoint.IsSet)
+                stderr.WriteLine($"veil: warning: peer {p.Name}: '{p.EndpointText}' does not resolve yet; the daemon keeps trying");
         if (cfg.CheckOnly)
         {
-            Console.Out.WriteLine($"veil: configuration ok ({cfg.Peers.Count} peers, tun {cfg.TunName}, mtu {cfg.Mtu})");
+            Console.Out.WriteLine($"veil: configuration ok (peers: {cfg.Peers.Count}, tun {cfg.TunName}, mtu {cfg.Mtu})");
             return 0;
         }
-        var log = new Log(stderr, cfg.LogLevel) { Json = cfg.LogJson };
+        var log = new Log(Console.Out, stderr, cfg.LogLevel) { Json = cfg.LogJson };
         try { return new Daemon(cfg, args, log).Run(); }
         catch (ConfigException e) { stderr.WriteLine("veil: " + e.Message); return 2; }
         catch (IOException e) { log.Error("fatal", $"error=\"{e.Message}\""); stderr.WriteLine("veil: " + e.Message); return 1; }
@@ -373,12 +376,13 @@ internal sealed class Log
 {
     private sealed class Budget { internal long WindowStartMs; internal int Used; internal int Suppressed; }
 
-    private readonly TextWriter _out;
+    private readonly TextWriter _out, _err;        // info/debug, warn/error (procd logs them as daemon.info / daemon.err)
     private readonly Dictionary<string, Budget> _budgets = new();
     internal LogLevel Level;
     internal bool Json;
 
-    internal Log(TextWriter output, LogLevel level) { _out = output; Level = level; }
+    internal Log(TextWriter output, LogLevel level) : this(output, output, level) { }
+    internal Log(TextWriter output, TextWriter errors, LogLevel level) { _out = output; _err = errors; Level = level; }
 
     internal bool On(LogLevel level) => level <= Level;
 
@@ -413,8 +417,9 @@ internal sealed class Log
     internal void Emit(LogLevel level, string name, string fields)
     {
         string ts = DateTime.UtcNow.ToString("yyyy-MM-ddTHH:mm:ss.fffZ", System.Globalization.CultureInfo.InvariantCulture);
-        _out.WriteLine(Json ? JsonLine(ts, level, name, fields) : $"ts={ts} level={LevelName(level)} event={name}{(fields.Length > 0 ? " " : "")}{fields}");
-        _out.Flush();
+        TextWriter w = level <= LogLevel.Warn ? _err : _out;
+        w.WriteLine(Json ? JsonLine(ts, level, name, fields) : $"ts={ts} level={LevelName(level)} event={name}{(fields.Length > 0 ? " " : "")}{fields}");
+        w.Flush();
     }
 
     // The same pairs as one JSON object; a value written "like this" is one string.
@@ -1065,22 +1070,21 @@ internal sealed class UpConfig
         return at < 0 ? p : WithEndpoint(src, p, v[(at + 1)..]);
     }
 
+    private static readonly System.Buffers.SearchValues<char> HostNameChars =
+        System.Buffers.SearchValues.Create("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.");
+
     private static PeerConfig WithEndpoint(Src src, PeerConfig p, string ep)
     {
         if (!Endpoint.TrySplitHostPort(ep, out string host, out int port))
             throw src.Bad(ep, "must be HOST:PORT (IPv6 in brackets), port 1-65535");
-        if (!IPAddress.TryParse(host, out IPAddress? ip))
-        {
-            try
-            {
-                IPAddress[] found = Dns.GetHostAddresses(host);
-                ip = found.Length > 0 ? found[0] : null;
-            }
-            catch (Exception e) when (e is SocketException or ArgumentException) { ip = null; }
-            if (ip == null) throw src.Bad(ep, $"names a host that does not resolve");
-        }
-        p.Endpoint = Endpoint.FromIp(ip, port);
         p.EndpointText = ep;
+        if (IPAddress.TryParse(host, out IPAddress? ip)) { p.Endpoint = Endpoint.FromIp(ip, port); return p; }
+        if (host.Length > 253 || host.AsSpan().IndexOfAnyExcept(HostNameChars) >= 0)
+            throw src.Bad(ep, "is not a valid host name");
+        // A router may start before its uplink or DNS: a name that does not resolve yet is kept and
+        // resolved by the daemon later (Resolver), not refused.
+        ip = Resolver.TryResolve(host);
+        if (ip != null) p.Endpoint = Endpoint.FromIp(ip, port);
         return p;
     }
 
@@ -3755,6 +3759,7 @@ internal sealed unsafe class Daemon
     private Node? _node;
     private TunDevice? _tun;
     private MgmtServer? _mgmt;
+    private Resolver? _resolver;
     private (DateTime, long) _configStamp;
 
     internal Daemon(UpConfig cfg, string[] args, Log log) { _cfg = cfg; _args = args; _log = log; }
@@ -3801,6 +3806,8 @@ internal sealed unsafe class Daemon
             Libc.EpollAdd(epfd, _wakeFd);
             Libc.EpollAdd(epfd, control.Fd);
             if (_cfg.User != null) Privileges.Drop(_cfg.User, _cfg.ControlPath);
+            _resolver = new Resolver(Wake);
+            _resolver.SetNames(EndpointNames(_cfg));
             _configStamp = ConfigStamp();
             var status = new StatusView(node, _cfg, udp.LocalPort, StartedMs);
             _log.Info("started", $"public_key={node.Handshaker.PublicKey.Short()} listen={_cfg.ListenAddress}:{udp.LocalPort} tun={tun.Name} mtu={_cfg.Mtu} peers={node.Peers.Count} aead={node.Handshaker.PreferredAead}" +
@@ -3827,6 +3834,7 @@ internal sealed unsafe class Daemon
                     else _mgmt?.OnReady(fd, nowMs, status);
                 }
                 if (_reloadAsked) { _reloadAsked = false; Reload("signal"); }
+                while (_resolver.TryTake(out var resolved)) ApplyResolved(resolved.Text, resolved.At, nowMs);
                 if (_cfg.ConfigPath != null && nowMs >= nextConfigCheckMs)
                 {
                     nextConfigCheckMs = nowMs + ConfigCheckIntervalMs;
@@ -3843,6 +3851,7 @@ internal sealed unsafe class Daemon
         finally
         {
             foreach (PosixSignalRegistration r in signals) r.Dispose();
+            _resolver?.Dispose();
             _mgmt?.Dispose();
             control?.Dispose();
             _tun?.Dispose();                              // closing the fd removes the interface and its routes
@@ -3851,6 +3860,29 @@ internal sealed unsafe class Daemon
             if (_wakeFd >= 0) Libc.Close(_wakeFd);
             node.ClearKeys();
             node.Invites?.Clear();
+        }
+    }
+
+    private static string[] EndpointNames(UpConfig cfg)
+    {
+        var names = new List<string>();
+        foreach (PeerConfig p in cfg.Peers)
+            if (Endpoint.TrySplitHostPort(p.EndpointText, out string host, out _) && !IPAddress.TryParse(host, out _)) names.Add(p.EndpointText);
+        return names.ToArray();
+    }
+
+    // A peer whose name just resolved: used if it had no address yet, or has been silent long
+    // enough that its old address is probably stale (dynamic DNS); a live peer keeps roaming.
+    private void ApplyResolved(string text, Endpoint at, long nowMs)
+    {
+        foreach (Peer p in _node!.Peers)
+        {
+            if (!p.Active || p.ConfiguredEndpoint != text || p.Endpoint.Equals(at)) continue;
+            bool silent = p.LastRxMs < 0 || nowMs - p.LastRxMs > Spec.KeepaliveTimeoutMs + Spec.RekeyTimeoutMs;
+            if (p.Endpoint.IsSet && !silent) continue;
+            p.Endpoint = at;
+            _log.Info("endpoint_resolved", $"peer={p.Name} name={text} endpoint={at}");
+            if (!p.HasReadySession(nowMs, Spec.RejectAfterTimeMs)) _node.StartHandshake(p, nowMs, retransmit: false);
         }
     }
 
@@ -3966,10 +3998,69 @@ internal sealed unsafe class Daemon
         _log.Level = next.LogLevel;
         _log.Json = next.LogJson;
         _mgmt?.SetAcl(next.MgmtAcl);
+        _resolver?.SetNames(EndpointNames(next));
         _cfg = next;
         int peers = node.Peers.FindAll(p => p.Active).Count;
         _log.Info("reloaded", $"trigger={trigger} peers={peers}");
         return (ReloadCode.Ok, $"reloaded: {peers} peers");
+    }
+}
+
+/// <summary>Resolves peer endpoint names off the loop (a lookup can block for seconds): every
+/// ResolveIntervalMs it resolves each name and queues the answers; the loop applies them. Names
+/// that did not resolve at start-up and dynamic-DNS peers that went quiet get their new address.</summary>
+internal sealed class Resolver : IDisposable
+{
+    private const int ResolveIntervalMs = 10_000;
+    private readonly System.Collections.Concurrent.ConcurrentQueue<(string Text, Endpoint At)> _results = new();
+    private readonly AutoResetEvent _kick = new(false);
+    private readonly Action _wake;
+    private volatile string[] _names = [];
+    private volatile bool _stop;
+    private readonly Thread _thread;
+
+    internal Resolver(Action wake)
+    {
+        _wake = wake;
+        _thread = new Thread(Run) { IsBackground = true, Name = "veil-resolver" };
+        _thread.Start();
+    }
+
+    internal static IPAddress? TryResolve(string host)
+    {
+        try
+        {
+            IPAddress[] found = Dns.GetHostAddresses(host);
+            return found.Length > 0 ? found[0] : null;
+        }
+        catch (Exception e) when (e is SocketException or ArgumentException) { return null; }
+    }
+
+    /// <summary>The HOST:PORT texts to keep resolving (literal addresses are left out by the caller).</summary>
+    internal void SetNames(string[] names)
+    {
+        _names = names;
+        _kick.Set();
+    }
+
+    internal bool TryTake(out (string Text, Endpoint At) result) => _results.TryDequeue(out result);
+
+    private void Run()
+    {
+        while (!_stop)
+        {
+            foreach (string text in _names)
+                if (Endpoint.TrySplitHostPort(text, out string host, out int port) && TryResolve(host) is IPAddress ip)
+                    _results.Enqueue((text, Endpoint.FromIp(ip, port)));
+            if (!_results.IsEmpty) _wake();
+            _kick.WaitOne(ResolveIntervalMs);
+        }
+    }
+
+    public void Dispose()
+    {
+        _stop = true;
+        _kick.Set();
     }
 }
 

@@ -152,3 +152,25 @@ public sealed class ConfigTests : IDisposable
             Assert.False(IpPrefix.TryParse(bad, out _), bad);
     }
 }
+
+public class EndpointNameTests
+{
+    [Fact]
+    public void PeerName_NotResolvableYet_KeptForLater()
+    {
+        string dir = Directory.CreateTempSubdirectory("veil-dns-").FullName;
+        try
+        {
+            string key = Path.Combine(dir, "a.key");
+            File.WriteAllText(key, TestNode.KeyFromSeed(4).ToBase64());
+            File.SetUnixFileMode(key, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+            Key32 pub = default, priv = TestNode.KeyFromSeed(8);
+            X25519.PublicKey(pub, priv);
+            UpConfig c = UpConfig.Load(new[] { "up", "--key", key, "--address", "100.64.0.1/24", "--peer", pub.ToBase64() + "@gateway.invalid:51820" }, 1);
+            Assert.False(c.Peers[0].Endpoint.IsSet);
+            Assert.Equal("gateway.invalid:51820", c.Peers[0].EndpointText);
+            Assert.Throws<ConfigException>(() => UpConfig.Load(new[] { "up", "--key", key, "--address", "100.64.0.1/24", "--peer", pub.ToBase64() + "@bad_name!:51820" }, 1));
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+}
