@@ -12,10 +12,10 @@ UNIT_FILTER := Category!=Slow&Category!=NetNs
 RESULTS := TestResults
 
 # command -> Debian package that provides it
-DEPS := ip:iproute2 iperf3:iperf3 ping:iputils-ping tcpdump:tcpdump python3:python3 jq:jq pgrep:procps
+DEPS := ip:iproute2 iperf3:iperf3 ping:iputils-ping tcpdump:tcpdump python3:python3 jq:jq pgrep:procps busybox:busybox curl:curl promtool:prometheus
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: build deps test test-unit test-netns test-slow demo toc clean
+.PHONY: build deps test test-unit test-netns test-openwrt test-slow demo toc clean
 
 build:
 	$(DOTNET) publish Veil.csproj -c Release -r $(RID) -o $(OUT)
@@ -33,7 +33,7 @@ deps:
 # Unit tests (no Slow, no NetNs) + namespace scenarios; the last line sums both.
 test: deps build
 	@rm -rf $(RESULTS); \
-	unit_rc=0; netns_rc=0; \
+	unit_rc=0; netns_rc=0; openwrt_rc=0; \
 	$(DOTNET) test tests/Veil.Tests --filter "$(UNIT_FILTER)" \
 		--logger "trx;LogFileName=unit.trx" --results-directory $(RESULTS) || unit_rc=$$?; \
 	trx=$(RESULTS)/unit.trx; \
@@ -48,9 +48,14 @@ test: deps build
 	nf=$$(sed -n 's/^netns: \([0-9]*\) passed, \([0-9]*\) failed$$/\2/p' $(RESULTS)/netns.out); \
 	np=$${np:-0}; nf=$${nf:-0}; \
 	if [ "$$netns_rc" -ne 0 ] && [ "$$nf" -eq 0 ]; then nf=1; fi; \
+	tests/openwrt/run.sh 2>&1 | tee $(RESULTS)/openwrt.out || openwrt_rc=$$?; \
+	op=$$(sed -n 's/^openwrt: \([0-9]*\) passed, \([0-9]*\) failed$$/\1/p' $(RESULTS)/openwrt.out); \
+	of=$$(sed -n 's/^openwrt: \([0-9]*\) passed, \([0-9]*\) failed$$/\2/p' $(RESULTS)/openwrt.out); \
+	op=$${op:-0}; of=$${of:-0}; \
+	if [ "$$openwrt_rc" -ne 0 ] && [ "$$of" -eq 0 ]; then of=1; fi; \
 	echo "unit: $$up passed, $$uf failed"; \
-	echo "$$((up + np)) passed, $$((uf + nf)) failed"; \
-	[ $$((uf + nf)) -eq 0 ]
+	echo "$$((up + np + op)) passed, $$((uf + nf + of)) failed"; \
+	[ $$((uf + nf + of)) -eq 0 ]
 
 test-unit:
 	$(DOTNET) test tests/Veil.Tests --filter "$(UNIT_FILTER)"
@@ -60,6 +65,9 @@ test-slow:
 
 test-netns: deps build
 	tests/netns/run-all.sh
+
+test-openwrt: build
+	tests/openwrt/run.sh
 
 demo: deps build
 	tests/netns/demo.sh
