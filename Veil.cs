@@ -82,7 +82,8 @@ internal static class Program
             case "up": return Up(args, stderr);
             case "init" or "invite" or "join" or "add-peer" or "doctor": return Onboard(verb, args, stdout, stderr);
             case "status" or "peers" or "routes" or "reload" or "down": return Cli.Ask(verb, args, stdout, stderr);
-            case "version" or "--version": stdout.WriteLine("veil " + Cli.Version); return 0;
+            case "version" or "--version": stdout.WriteLine($"veil {Cli.Version} {RuntimeInformation.RuntimeIdentifier}"); return 0;
+            case "bench": return Bench.Run(args, stdout);
             case "help" or "--help" or "-h":
                 if (Cli.Help(args.Length > 1 ? args[1] : null, stdout) == 0) return 0;
                 stderr.WriteLine($"veil: no help for '{args[1]}'");
@@ -4834,7 +4835,8 @@ internal static class Cli
                   join TOKEN        join the network of an invite: key, config, and the inviter's approval
                   add-peer          add a peer to a config file (then: veil reload)
                   doctor            check this host and the config, one line per check
-                  version           print the version
+                  version           print the version and runtime identifier
+                  bench [SECONDS]   micro-benchmarks: AEAD per record size, trie lookups, handshakes
                   help [COMMAND]    this text, or a command's flags
 
                 """);
@@ -4859,6 +4861,80 @@ internal static class Cli
         ["peers"] = "usage: veil peers [--json] [--control PATH]   the configured peers and their state\n",
         ["routes"] = "usage: veil routes [--json] [--control PATH]   the routing table: prefix -> peer\n",
     };
+}
+
+/// <summary>veil bench: micro-benchmarks of the hot pieces, in this process (not timed tests).</summary>
+internal static class Bench
+{
+    private static double PerSecond(Action<int> body, int batch, double seconds = 0.5)
+    {
+        body(batch);                                           // warm-up: JIT and first-use paths
+        var sw = Stopwatch.StartNew();
+        long done = 0;
+        while (sw.Elapsed.TotalSeconds < seconds) { body(batch); done += batch; }
+        return done / sw.Elapsed.TotalSeconds;
+    }
+
+    internal static int Run(string[] args, TextWriter o)
+    {
+        double seconds = args.Length > 1 && double.TryParse(args[1], System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out double s) && s > 0 ? s : 0.5;
+        o.WriteLine($"veil {Cli.Version} bench ({RuntimeInformation.RuntimeIdentifier}, {Environment.ProcessorCount} cpus, aead backend {Aead.Backend})");
+        byte[] key = new byte[32], nonce = new byte[12], aad = new byte[Record.HeaderLen];
+        RandomNumberGenerator.Fill(key);
+        foreach (AeadKind kind in new[] { AeadKind.ChaCha20Poly1305, AeadKind.Aes256Gcm })
+        {
+            if (!Aead.IsSupported(kind)) continue;
+            using var aead = new Aead(kind, key);
+            foreach (int len in new[] { 64, 512, 1420, 9000 })
+            {
+                byte[] buf = new byte[len + Spec.TagLen];
+                double seal = PerSecond(n => { for (int i = 0; i < n; i++) aead.Seal(nonce, buf.AsSpan(0, len), aad, buf); }, 256, seconds);
+                aead.Seal(nonce, buf.AsSpan(0, len), aad, buf);
+                byte[] sealedCopy = (byte[])buf.Clone();
+                double open = PerSecond(n => { for (int i = 0; i < n; i++) { sealedCopy.CopyTo(buf, 0); aead.Open(nonce, buf, aad, buf); } }, 256, seconds);
+                o.WriteLine($"aead {kind,-16} {len,5} B  seal {seal,12:N0}/s ({1e6 / seal,6:F2} us)  open {open,12:N0}/s ({1e6 / open,6:F2} us)");
+            }
+        }
+        foreach (int count in new[] { 10, 1_000, 100_000 })
+        {
+            var trie = new RouteTrie();
+            var rng = new Random(count);
+            byte[] a = new byte[4];
+            for (int i = 0; i < count; i++) { rng.NextBytes(a); trie.Insert(new IpPrefix(a, 8 + rng.Next(25)), i % 64); }
+            byte[][] probes = new byte[1024][];
+            for (int i = 0; i < probes.Length; i++) { probes[i] = new byte[4]; rng.NextBytes(probes[i]); }
+            double lookups = PerSecond(n => { for (int i = 0; i < n; i++) trie.Lookup(probes[i & 1023]); }, 4096, seconds);
+            o.WriteLine($"trie {count,7} prefixes  lookup {lookups,14:N0}/s ({1e9 / lookups,6:F1} ns)");
+        }
+        var cfgI = new UpConfig { Mtu = 1420 };
+        var cfgR = new UpConfig { Mtu = 1420 };
+        X25519.GeneratePrivateKey(cfgI.PrivateKey);
+        X25519.GeneratePrivateKey(cfgR.PrivateKey);
+        Key32 pubI = default, pubR = default;
+        X25519.PublicKey(pubI, cfgI.PrivateKey);
+        X25519.PublicKey(pubR, cfgR.PrivateKey);
+        cfgI.Peers.Add(new PeerConfig { PublicKey = pubR, Endpoint = Endpoint.FromV4(0xC0000202, 51820) });
+        cfgR.Peers.Add(new PeerConfig { PublicKey = pubI });
+        var quiet = new Log(TextWriter.Null, LogLevel.Error);
+        Node ini = new(cfgI, quiet, new Counters()), resp = new(cfgR, quiet, new Counters());
+        byte[] hello = new byte[Wire.ClientHelloLen], answer = new byte[Wire.ServerHelloLen];
+        var st = new HelloState();
+        long unixNs = 1_700_000_000_000_000_000;                // each hello newer than the last, as in real life
+        double hs = PerSecond(n =>
+        {
+            for (int i = 0; i < n; i++)
+            {
+                ini.Handshaker.CreateClientHello(ini.Peers[0], 1, unixNs += 1000, 0, hello);
+                resp.Handshaker.ConsumeClientHello(hello, default, 0, st);
+                resp.Handshaker.CreateServerHello(st, 2, 0, answer, out _);
+                ini.Handshaker.ConsumeServerHello(answer, ini.Peers[0], out _);
+            }
+        }, 4, seconds);
+        o.WriteLine($"handshake (both sides, one core)  {hs,10:N0}/s ({1e3 / hs,6:F2} ms)");
+        double dh = PerSecond(n => { Span<byte> out32 = stackalloc byte[32]; for (int i = 0; i < n; i++) X25519.Dh(out32, cfgI.PrivateKey, pubR); }, 16, seconds);
+        o.WriteLine($"x25519                            {dh,10:N0}/s ({1e6 / dh,6:F1} us)");
+        return 0;
+    }
 }
 
 // ==== 17. Onboarding =============================================================================
