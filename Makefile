@@ -15,7 +15,7 @@ RESULTS := TestResults
 DEPS := ip:iproute2 iperf3:iperf3 ping:iputils-ping tcpdump:tcpdump python3:python3 jq:jq pgrep:procps busybox:busybox curl:curl promtool:prometheus
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: build deps test test-unit test-netns test-openwrt test-slow demo toc clean
+.PHONY: build deps test test-unit test-netns test-openwrt test-slow demo bench toc clean
 
 build:
 	$(DOTNET) publish Veil.csproj -c Release -r $(RID) -o $(OUT)
@@ -71,6 +71,10 @@ test-openwrt: build
 
 demo: deps build
 	tests/netns/demo.sh
+
+# Interleaved harness runs (BENCH_IMPLS, BENCH_RUNS, BENCH_SECONDS), ratios and footprint.
+bench: deps build
+	tests/bench/bench.sh
 
 # The section markers (`// ==== N. Title ====...`) must equal the TOC in the header
 # (`//   N. Title` lines between `// TOC` and `// END TOC`).
