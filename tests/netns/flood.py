@@ -19,6 +19,11 @@
       handshake type. Prints one line:
       "sent N junk J mac1 M replay R secs S pps P bytes_out O replies K server_hello H
        cookie C other X bytes_in I"
+  flood.py spoof SRC DST PORT PUBKEY SECONDS PPS
+      for SECONDS (or until SIGTERM/SIGINT), send ClientHellos with a correct MAC1 for
+      PUBKEY and a forged IPv4 source address SRC (random source ports) to DST:PORT through
+      a raw socket, PPS a second. Replies go to the real SRC, not here.
+      Prints "spoofed N from SRC secs S pps P".
 """
 import base64
 import hashlib
@@ -170,12 +175,65 @@ def flood(src_base, nsrc, dst, port, pubkey_b64, seconds, pps, hellofile):
           f"cookie {replies['cookie']} other {replies['other']} bytes_in {bytes_in}", flush=True)
 
 
+def checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    acc = sum(struct.unpack(f">{len(data) // 2}H", data))
+    while acc >> 16:
+        acc = (acc & 0xFFFF) + (acc >> 16)
+    return ~acc & 0xFFFF
+
+
+def spoof(src, dst, port, pubkey_b64, seconds, pps):
+    """MAC1-valid ClientHellos with a forged IPv4 source address (raw socket, IP_HDRINCL)."""
+    pubkey = base64.b64decode(pubkey_b64)
+    _, mac1 = make_pool(pubkey)
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # IP_HDRINCL implied
+    src_b, dst_b = socket.inet_aton(src), socket.inet_aton(dst)
+
+    def on_signal(_sig, _frm):
+        raise Stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    n = 0
+    t0 = time.monotonic()
+    deadline = t0 + seconds
+    try:
+        while time.monotonic() < deadline:
+            body = mac1[n % len(mac1)]
+            sport = 1024 + (n * 7919) % 60000
+            udp_len = 8 + len(body)
+            pseudo = src_b + dst_b + struct.pack(">BBH", 0, socket.IPPROTO_UDP, udp_len)
+            udp = struct.pack(">HHHH", sport, port, udp_len, 0) + body
+            csum = checksum(pseudo + udp) or 0xFFFF
+            udp = udp[:6] + struct.pack(">H", csum) + udp[8:]
+            ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, n & 0xFFFF, 0, 64, socket.IPPROTO_UDP, 0,
+                             src_b, dst_b)
+            ip = ip[:10] + struct.pack(">H", checksum(ip)) + ip[12:]
+            try:
+                s.sendto(ip + udp, (dst, 0))
+                n += 1
+            except OSError:
+                pass
+            if pps > 0:
+                ahead = n / pps - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+    except Stop:
+        pass
+    secs = time.monotonic() - t0
+    print(f"spoofed {n} from {src} secs {secs:.1f} pps {int(n / secs) if secs > 0 else 0}", flush=True)
+
+
 def main(argv):
     cmd = argv[1] if len(argv) > 1 else ""
     if cmd == "capture-hello" and len(argv) == 9:
         capture_hello(argv[2], argv[3], int(argv[4]), float(argv[5]), int(argv[6]), argv[7], argv[8])
     elif cmd == "flood" and len(argv) == 10:
         flood(argv[2], int(argv[3]), argv[4], int(argv[5]), argv[6], float(argv[7]), int(argv[8]), argv[9])
+    elif cmd == "spoof" and len(argv) == 8:
+        spoof(argv[2], argv[3], int(argv[4]), argv[5], float(argv[6]), int(argv[7]))
     else:
         sys.stderr.write(__doc__)
         return 2

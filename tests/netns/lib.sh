@@ -68,6 +68,8 @@ check() {
 # die REASON -- a setup step failed: report it and stop (cleanup runs from the trap)
 die() { not_ok "$T_NAME setup" "$1"; exit 1; }
 note() { printf '# %s\n' "$*"; }
+# quiet CMD... -- CMD with its output thrown away (for `check ... quiet jq -e ...`)
+quiet() { "$@" >/dev/null 2>&1; }
 finish() { if ((FAILS == 0)); then exit 0; else exit 1; fi; }
 
 other() { if [[ $1 == a ]]; then echo b; else echo a; fi; }
@@ -330,11 +332,13 @@ http_code() { local r; r=$(http "$@"); echo "${r%% *}"; }
 
 # wait_mgmt NODE [HOST] [PORT] -- bounded (10 s) wait until GET /healthz answers 200
 wait_mgmt() {
-	local i
+	local i t0
+	t0=$(now_ms)
 	for ((i = 0; i < 50; i++)); do
 		[[ $(http_code "$1" GET "${2:-127.0.0.1}" "${3:-$MGMT_PORT}" /healthz) == 200 ]] && return 0
 		node_alive "$1" || return 1
-		sleep 0.2
+		(($(now_ms) - t0 < 10000)) || return 1
+		sleep 0.1
 	done
 	return 1
 }

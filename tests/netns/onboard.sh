@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# onboard.sh -- a node joins with `veil invite` / `veil join` alone: a runs from a config made by
+# `veil init` (plus a network secret), issues a token, b joins with it (key, config, network
+# secret all written by `join`), starts, and pings a. The token works once, a changed token is
+# refused, and an expired one too. Then a runs as --user nobody: its routes still follow reloads
+# (CAP_NET_ADMIN kept) and `veil add-peer` + `veil reload` bring a third key in.
+#
+#   veil-t-$$-a  (inviter)                          veil-t-$$-b  (joiner)
+#   veil-a 100.64.0.1/24                            veil-b 100.64.0.2/24 (address from the token)
+#   veth0  198.51.100.1:51820  <------ veth ------> veth0  198.51.100.2
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
+
+net_setup
+"$VEIL" init --dir "$TMPD/a" --address "$OL4_a/24" --listen "$UL4_a:$PORT" >/dev/null || die "veil init"
+psk_make net
+printf 'psk = "%s"\n' "$TMPD/net.psk" >>"$TMPD/a/veil.toml"
+node_run a up --config "$TMPD/a/veil.toml" --tun "$(tun a)" --control "$(sock a)"
+wait_log a 'event=started' 10 || die "a did not start"
+
+token=$(nsx a "$VEIL" invite --expires 10m --name laptop --control "$(sock a)") || die "veil invite failed"
+check "invite prints a veil1- token" "got '${token:0:20}'" grep -q '^veil1-' <<<"$token"
+
+# a token with one character changed is refused (the tag no longer matches)
+bad=${token:0:40}$([[ ${token:40:1} == A ]] && echo B || echo A)${token:41}
+check "an altered token is refused" "join accepted it" \
+	bash -c "! ip netns exec $(ns b) $VEIL join '$bad' --dir $TMPD/bad --listen $UL4_b:$PORT >/dev/null 2>&1"
+
+out=$(nsx b "$VEIL" join "$token" --dir "$TMPD/b" --name laptop --listen "$UL4_b:$PORT" 2>&1)
+check "join succeeds" "$out" grep -q "joined network" <<<"$out"
+check "join wrote key (0600), config and the network secret" "files: $(ls -l "$TMPD/b" 2>&1)" \
+	test "$(stat -c %a "$TMPD/b/private.key" 2>/dev/null)" = 600 -a -s "$TMPD/b/veil.toml" -a -s "$TMPD/b/network.psk"
+check "b got the network secret of a" "psk differs" cmp -s <(tr -d '\n' <"$TMPD/net.psk") <(tr -d '\n' <"$TMPD/b/network.psk")
+check "a wrote the joiner into its config" "$(cat "$TMPD/a/veil.toml")" grep -q 'name = "laptop"' "$TMPD/a/veil.toml"
+check "the token works only once" "a second join was accepted" \
+	bash -c "! ip netns exec $(ns b) $VEIL join '$token' --dir $TMPD/again --listen $UL4_b:$PORT >/dev/null 2>&1"
+
+node_run b up --config "$TMPD/b/veil.toml" --tun "$(tun b)" --control "$(sock b)"
+wait_log b 'event=started' 10 || die "b did not start"
+check "the joiner pings the inviter" "no reply" ping_ok b "$OL4_a"
+check "the inviter pings the joiner" "no reply" ping_ok a "$OL4_b"
+
+expired=$(nsx a "$VEIL" invite --expires 1s --control "$(sock a)") || die "second invite failed"
+sleep 1.5
+check "an expired token is refused" "join accepted it" \
+	bash -c "! ip netns exec $(ns b) $VEIL join '$expired' --dir $TMPD/late --listen $UL4_b:$PORT >/dev/null 2>&1"
+
+# --user: a restarts unprivileged; reloads still add kernel routes
+node_stop a
+chmod 755 "$TMPD" "$TMPD/a"
+chmod 644 "$TMPD/a/veil.toml"
+node_run a up --config "$TMPD/a/veil.toml" --tun "$(tun a)" --control "$(sock a)" --user nobody
+wait_log a 'event=started' 10 || die "a did not start as nobody"
+uid=$(awk '/^Uid:/ {print $2}' "/proc/${NODE_PID[a]}/status")
+check "--user nobody: the daemon runs as uid 65534" "uid $uid" test "$uid" = 65534
+check "--user nobody: the tunnel still works" "no reply" ping_ok a "$OL4_b"
+keys_make c
+chmod 666 "$TMPD/a/veil.toml"
+"$VEIL" add-peer --config "$TMPD/a/veil.toml" --peer "$(pub c)@203.0.113.3:$PORT" --allow 100.64.0.3/32 --name third >/dev/null ||
+	not_ok "add-peer" "failed"
+nsx a "$VEIL" reload --control "$(sock a)" >/dev/null
+rc=$?
+check "reload as nobody applies the new peer" "exit $rc" test "$rc" = 0
+check "its route is in the kernel (CAP_NET_ADMIN kept)" "$(ip -n "$(ns a)" route)" \
+	bash -c "ip -n $(ns a) route show dev $(tun a) | grep -q '^100.64.0.3 '"
+finish
