@@ -2039,6 +2039,7 @@ internal sealed class Peer
     internal long RetransmitHandshakeAtMs, SendKeepaliveAtMs, NewHandshakeAtMs, ZeroKeysAtMs, PersistentKeepaliveAtMs;
     internal long PersistentKeepaliveMs;
     internal long LastHandshakeMs = -1, LastRxMs = -1;
+    internal long LastHandshakeUnixS;            // wall clock of the latest handshake, for status (0: never)
     internal long RxBytes, TxBytes, Handshakes;
     internal int FailuresSinceGood;              // bad tags / replays since the last good record
 
@@ -2122,10 +2123,11 @@ internal sealed class Peer
     }
 
     /// <summary>Call after a session was derived (either role).</summary>
-    internal void OnSessionDerived(long nowMs)
+    internal void OnSessionDerived(long nowMs, long unixNs)
     {
         ZeroKeysAtMs = nowMs + 3 * Spec.RejectAfterTimeMs;
         LastHandshakeMs = nowMs;
+        LastHandshakeUnixS = unixNs / 1_000_000_000;
         Handshakes++;
     }
 
@@ -2516,17 +2518,20 @@ internal sealed class Handshaker
         hello.Length == Wire.ClientHelloLen &&
         MacMatches(_mac1Key, hello[..Wire.ClientHelloMac1Offset], hello.Slice(Wire.ClientHelloMac1Offset, Spec.MacLen));
 
-    internal HandshakeVerdict ConsumeClientHello(ReadOnlySpan<byte> msg, in Endpoint from, long nowMs, HelloState st, bool underLoad = false)
+    /// <summary>MAC2 of a hello, keyed by the cookie its source address would get from us now.</summary>
+    internal bool CookieMatches(ReadOnlySpan<byte> hello, in Endpoint from, long nowMs)
+    {
+        if (hello.Length != Wire.ClientHelloLen) return false;
+        Span<byte> cookie = stackalloc byte[Spec.MacLen];
+        MakeCookie(from, nowMs, cookie);
+        return MacMatches(cookie, hello[..Wire.ClientHelloMac2Offset], hello.Slice(Wire.ClientHelloMac2Offset, Spec.MacLen));
+    }
+
+    /// <summary>Reads a ClientHello whose MAC1 (and, under load, MAC2) the caller has checked.</summary>
+    internal HandshakeVerdict ConsumeClientHello(ReadOnlySpan<byte> msg, in Endpoint from, long nowMs, HelloState st)
     {
         if (msg.Length != Wire.ClientHelloLen) return HandshakeVerdict.Malformed;
         if (!Mac1Matches(msg)) return HandshakeVerdict.BadMac1;
-        if (underLoad)
-        {
-            Span<byte> cookie = stackalloc byte[Spec.MacLen];
-            MakeCookie(from, nowMs, cookie);
-            if (!MacMatches(cookie, msg[..Wire.ClientHelloMac2Offset], msg.Slice(Wire.ClientHelloMac2Offset, Spec.MacLen)))
-                return HandshakeVerdict.NeedCookie;
-        }
         st.Noise.Initialize(ProtocolName, PrologueBytes, PublicKey);
         ReadOnlySpan<byte> noise = msg.Slice(Wire.ClientHelloEphemeralOffset, Wire.ClientHelloNoiseLen);
         Key32 remoteStatic = default;
@@ -3377,6 +3382,9 @@ internal sealed class Node
         {
             Log.Info("session_closed", $"peer={p.Name} reason=peer_close");
             DropSessions(p);
+            // A peer that left may come back (a restart, a reboot): try again shortly, with the
+            // usual retransmit backoff and give-up, so the link returns without traffic or operator.
+            if (p.ConfiguredEndpoint.Length > 0) p.NewHandshakeAtMs = nowMs + Spec.FirstRetransmitMs;
             return 0;
         }
         // The peer asks for new keys (its session is due but it is not the initiator), or ours is nearly expired.
@@ -3416,10 +3424,18 @@ internal sealed class Node
 
     private void ReceiveClientHello(ReadOnlySpan<byte> d, in Endpoint from, long nowMs)
     {
-        // Cheapest checks first: MAC1 (one HMAC), then the per-source budget, then the global one.
-        HandshakeVerdict v = !Handshaker.Mac1Matches(d) ? HandshakeVerdict.BadMac1
-            : !Admission.AllowSource(from, nowMs) ? HandshakeVerdict.RateLimited
-            : Handshaker.ConsumeClientHello(d, from, nowMs, _hello, Admission.UnderLoad(nowMs));
+        // Cheapest checks first: MAC1 (one HMAC). Within the global budget a hello is answered.
+        // Beyond it a hello must carry a cookie for its source address (else it gets a cookie
+        // reply), and only such proven sources are charged a per-source budget: a forger cannot
+        // spend the budget of the address it forges, so it cannot lock that peer out.
+        HandshakeVerdict v = HandshakeVerdict.Ok;
+        if (!Handshaker.Mac1Matches(d)) v = HandshakeVerdict.BadMac1;
+        else if (Admission.UnderLoad(nowMs))
+        {
+            if (!Handshaker.CookieMatches(d, from, nowMs)) v = HandshakeVerdict.NeedCookie;
+            else if (!Admission.AllowSource(from, nowMs)) v = HandshakeVerdict.RateLimited;
+        }
+        if (v == HandshakeVerdict.Ok) v = Handshaker.ConsumeClientHello(d, from, nowMs, _hello);
         if (v == HandshakeVerdict.Ok && _hello.Peer!.Current == null && Indexes.SessionCount >= Admission.MaxSessions)
         {
             Admission.RefusedSessions++;
@@ -3466,7 +3482,7 @@ internal sealed class Node
         Indexes.RemoveSession(p.Next);
         p.Next = s;
         Indexes.AddSession(s);
-        p.OnSessionDerived(nowMs);
+        p.OnSessionDerived(nowMs, UnixNs());
         Log.Debug("server_hello_sent", $"peer={p.Name} endpoint={from}");
     }
 
@@ -3495,7 +3511,7 @@ internal sealed class Node
         p.Previous = p.Current;
         p.Current = s;
         p.Endpoint = from;
-        p.OnSessionDerived(nowMs);
+        p.OnSessionDerived(nowMs, UnixNs());
         Counters.HandshakesCompleted++;
         Log.Info("handshake_complete", $"peer={p.Name} role=initiator endpoint={from} aead={s.AeadKind}");
         if (p.StagedCount > 0) FlushStaged(p, nowMs);
@@ -4132,8 +4148,6 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     private static readonly string Rid = RuntimeInformation.RuntimeIdentifier;
 
     private static string Ago(long ms) => ms < 0 ? "never" : ms / 1000 + " s ago";
-    private static long UnixSecondsAt(long monoMs, long nowMs) =>
-        monoMs < 0 ? 0 : DateTimeOffset.UtcNow.ToUnixTimeSeconds() - (nowMs - monoMs) / 1000;
 
     private static void Str(StringBuilder sb, string s)
     {
@@ -4264,7 +4278,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             sb.Append(",\"public_key\":\"").Append(p.PublicKey.ToBase64())
               .Append("\",\"endpoint\":").Append(p.Endpoint.IsSet ? "\"" + p.Endpoint + "\"" : "null")
               .Append(",\"state\":\"").Append(p.State(nowMs, Spec.RejectAfterTimeMs))
-              .Append("\",\"latest_handshake\":").Append(UnixSecondsAt(p.LastHandshakeMs, nowMs))
+              .Append("\",\"latest_handshake\":").Append(p.LastHandshakeUnixS)
               .Append(",\"latest_handshake_s\":").Append(p.LastHandshakeMs < 0 ? -1 : (nowMs - p.LastHandshakeMs) / 1000)
               .Append(",\"rx_bytes\":").Append(p.RxBytes).Append(",\"tx_bytes\":").Append(p.TxBytes)
               .Append(",\"handshakes\":").Append(p.Handshakes)
@@ -4356,7 +4370,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         }
         PeerSeries("veil_peer_received_bytes_total", "counter", "Bytes received from the peer.", p => p.RxBytes);
         PeerSeries("veil_peer_sent_bytes_total", "counter", "Bytes sent to the peer.", p => p.TxBytes);
-        PeerSeries("veil_peer_last_handshake_timestamp_seconds", "gauge", "Unix time of the latest handshake (0: never).", p => UnixSecondsAt(p.LastHandshakeMs, nowMs));
+        PeerSeries("veil_peer_last_handshake_timestamp_seconds", "gauge", "Unix time of the latest handshake (0: never).", p => p.LastHandshakeUnixS);
         PeerSeries("veil_peer_up", "gauge", "1 when the peer has a usable session.", p => p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) ? 1 : 0);
         Head("veil_gc_collections_total", "counter", "Garbage collections by generation.");
         for (int g = 0; g <= 2; g++) sb.Append("veil_gc_collections_total{generation=\"").Append(g).Append("\"} ").Append(GC.CollectionCount(g)).Append('\n');
@@ -4649,7 +4663,7 @@ internal sealed unsafe class MgmtServer : IDisposable
             int fd;
             fixed (byte* p = sa) fd = Libc.Accept4(_fd, p, &alen, Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC);
             if (fd < 0) return;
-            if (_conns.Count >= MaxConnections) { Libc.Close(fd); Refused++; continue; }
+            if (_conns.Count >= MaxConnections && !EvictSlowest()) { Libc.Close(fd); Refused++; continue; }
             var c = new Conn { DeadlineMs = nowMs + ReadTimeoutMs };
             _conns[fd] = c;
             Libc.EpollAdd(_epfd, fd);
@@ -4659,6 +4673,20 @@ internal sealed unsafe class MgmtServer : IDisposable
                 Respond(fd, c, 403, "text/plain", "forbidden: not in --mgmt-acl\n", nowMs);
             }
         }
+    }
+
+    // Full: the connection that has been sending its request the longest makes room, so idle
+    // clients cannot keep the endpoint closed; ones already being answered are left alone.
+    private bool EvictSlowest()
+    {
+        int victim = -1;
+        long oldest = long.MaxValue;
+        foreach (var (fd, c) in _conns)
+            if (c.Out == null && c.DeadlineMs < oldest) { oldest = c.DeadlineMs; victim = fd; }
+        if (victim < 0) return false;
+        Close(victim);
+        Refused++;
+        return true;
     }
 
     private void Respond(int fd, Conn c, int code, string type, string body, long nowMs)
@@ -5257,7 +5285,7 @@ internal static class Onboarding
             foreach (var t in peers)
                 if (t.TryGetValue("public_key", out TomlValue? k) && k.Str == p.PublicKey.ToBase64() && t != peers[^1])
                     throw new ConfigException($"peer {p.PublicKey.Short()} is already in {configPath}");
-        WriteAtomic(configPath, next, (UnixFileMode)0b110_000_000);
+        WriteAtomic(configPath, next, File.GetUnixFileMode(configPath));   // keep who may read it
     }
 }
 
@@ -5444,7 +5472,7 @@ internal static class OnboardingCli
         try { UpConfig.Load(new[] { "up", "--config", config }, 1); }
         catch (ConfigException)
         {
-            Onboarding.WriteAtomic(config, before, (UnixFileMode)0b110_000_000);
+            Onboarding.WriteAtomic(config, before, File.GetUnixFileMode(config));
             throw;
         }
         o.WriteLine($"added peer {p.Name} to {config}; apply with: veil reload");

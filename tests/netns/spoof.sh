@@ -33,12 +33,14 @@ ping_ok a "$OL4_b" || die "no ping a -> b"
 ip netns exec "$NS_c" timeout --foreground $((SPOOF_S + 10)) python3 "$NETNS_DIR/flood.py" spoof "$UL4_a" "$UL4_b" "$PORT" \
 	"$(pub b)" "$SPOOF_S" "$SPOOF_PPS" >"$TMPD/spoof.out" 2>&1 </dev/null &
 spoof_pid=$!
-ref0=$(st b '.admission.refused.rate_source // 0')
+cookies0=$(st b '.counters.cookies_sent // 0')
 sleep 2
 kill -0 "$spoof_pid" 2>/dev/null || die "the spoofer ended early: $(cat "$TMPD/spoof.out")"
-ref1=$(st b '.admission.refused.rate_source // 0')
-note "b's admission.refused.rate_source $ref0 -> $ref1 in the first 2 s"
-check "the forged hellos reach b (its per-source refusals grow)" "rate_source $ref0 -> $ref1" test "${ref1:-0}" -gt "${ref0:-0}"
+cookies1=$(st b '.counters.cookies_sent // 0')
+src=$(st b '.admission.refused.rate_source // 0')
+note "b's cookies sent $cookies0 -> $cookies1 in the first 2 s; per-source refusals $src"
+check "the forged hellos reach b and earn only cookie replies" "cookies_sent $cookies0 -> $cookies1" test "${cookies1:-0}" -gt "${cookies0:-0}"
+check "the forger cannot spend a's per-source budget" "rate_source $src" test "${src:-0}" -eq 0
 check "the running session a -> b is unaffected" "no reply within 5 s" ping_ok a "$OL4_b"
 
 node_stop a
