@@ -40,6 +40,18 @@ wait_log b 'event=started' 10 || die "b did not start"
 check "the joiner pings the inviter" "no reply" ping_ok b "$OL4_a"
 check "the inviter pings the joiner" "no reply" ping_ok a "$OL4_b"
 
+# the control socket answers a malformed or oversized request with an error and changes nothing
+reply=$(python3 - "$(sock a)" <<'PY'
+import socket, sys
+for req in (b"bogus request\n", b"x" * 8000):
+    s = socket.socket(socket.AF_UNIX); s.settimeout(3); s.connect(sys.argv[1])
+    s.sendall(req); s.shutdown(socket.SHUT_WR)
+    print(s.recv(4096).decode().strip()); s.close()
+PY
+)
+check "malformed control requests get an error reply" "reply: $reply" test "$(grep -c '^error:' <<<"$reply")" = 2
+check "after them the node still works" "no reply" ping_ok a "$OL4_b"
+
 expired=$(nsx a "$VEIL" invite --expires 1s --control "$(sock a)") || die "second invite failed"
 sleep 1.5
 check "an expired token is refused" "join accepted it" \
