@@ -59,8 +59,8 @@ import sys, statistics, collections
 raw, samples, impls = sys.argv[1], sys.argv[2], sys.argv[3].split()
 vals = collections.defaultdict(list)
 for line in open(raw):
-    f = line.rstrip("\n").split("\t")
-    if len(f) >= 4 and f[0] == "RESULT":
+    f = line.rstrip("\n").split("\t")           # run, impl, metric, value, unit
+    if len(f) >= 4:
         try: vals[(f[1], f[2])].append(float(f[3]))
         except ValueError: pass
 metrics = ["tcp_ab_1_mbps", "tcp_ba_1_mbps", "tcp_ab_P4_mbps", "tcp_ab_1_mbps_per_vpn_core", "tcp_ba_1_mbps_per_vpn_core", "ping_avg_ms", "ping_p99_ms", "udp_ab_loss_pct"]
