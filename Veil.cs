@@ -1165,6 +1165,8 @@ internal static unsafe partial class Libc
     [LibraryImport("libc", EntryPoint = "getsockopt", SetLastError = true)] internal static partial int GetSockOpt(int fd, int level, int name, void* value, int* len);
     [LibraryImport("libc", EntryPoint = "getsockname", SetLastError = true)] internal static partial int GetSockName(int fd, byte* addr, int* len);
     [LibraryImport("libc", EntryPoint = "sendto", SetLastError = true)] internal static partial nint SendTo(int fd, byte* buf, nuint len, int flags, byte* addr, int addrLen);
+    [LibraryImport("libc", EntryPoint = "sendmsg", SetLastError = true)] internal static partial nint SendMsg(int fd, MsgHdr* msg, int flags);
+    [LibraryImport("libc", EntryPoint = "recvmsg", SetLastError = true)] internal static partial nint RecvMsg(int fd, MsgHdr* msg, int flags);
     [LibraryImport("libc", EntryPoint = "recvfrom", SetLastError = true)] internal static partial nint RecvFrom(int fd, byte* buf, nuint len, int flags, byte* addr, int* addrLen);
     [LibraryImport("libc", EntryPoint = "epoll_create1", SetLastError = true)] internal static partial int EpollCreate1(int flags);
     [LibraryImport("libc", EntryPoint = "epoll_ctl", SetLastError = true)] internal static partial int EpollCtl(int epfd, int op, int fd, byte* ev);
@@ -2982,6 +2984,29 @@ internal static class Record
 // AF_INET or v6-only socket when bound to a specific address) or LoopbackUdp (in memory). Socket
 // buffers are raised so bursts are not dropped by the kernel while the loop is busy.
 
+internal sealed class PacketBatch
+{
+    internal readonly int Capacity, SlotLen;
+    private readonly byte[] _mem;                    // pinned: slots can be handed to the kernel as is
+    internal readonly int[] Offset, Length;
+    internal readonly Endpoint[] Endpoints;
+    internal int Count;
+
+    internal PacketBatch(int capacity, int slotLen)
+    {
+        Capacity = capacity;
+        SlotLen = slotLen;
+        _mem = GC.AllocateUninitializedArray<byte>(capacity * slotLen, pinned: true);
+        Offset = new int[capacity];
+        Length = new int[capacity];
+        Endpoints = new Endpoint[capacity];
+    }
+
+    internal Span<byte> Slot(int i) => _mem.AsSpan(i * SlotLen, SlotLen);
+    internal Span<byte> Packet(int i) => _mem.AsSpan(i * SlotLen + Offset[i], Length[i]);
+    internal bool IsFull => Count == Capacity;
+}
+
 internal interface IUdp : IDisposable
 {
     int Fd { get; }
@@ -2989,17 +3014,176 @@ internal interface IUdp : IDisposable
     /// <summary>Receives one datagram; 0 when none is waiting.</summary>
     int Receive(Span<byte> buffer, out Endpoint from);
     bool Send(ReadOnlySpan<byte> datagram, in Endpoint to);
+    /// <summary>Fills free slots of b (from b.Count on) with datagrams; returns how many it added.</summary>
+    int ReceiveBatch(PacketBatch b);
+    /// <summary>Sends every slot of b with a length; returns how many the kernel refused.</summary>
+    int SendBatch(PacketBatch b);
+}
+
+/// <summary>sendmsg/recvmsg structures with pointer-sized fields: one layout for 64- and 32-bit.</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct MsgHdr
+{
+    internal nint Name;
+    internal int NameLen;
+    internal nint Iov;
+    internal nuint IovLen;
+    internal nint Control;
+    internal nuint ControlLen;
+    internal int Flags;
+}
+
+[StructLayout(LayoutKind.Sequential)]
+internal struct IoVec
+{
+    internal nint Base;
+    internal nuint Len;
 }
 
 internal sealed unsafe class UdpSocket : IUdp
 {
     private const int SocketBufferLen = 4 << 20;
+    private const int SOL_UDP = 17, UDP_SEGMENT = 103, UDP_GRO = 104;
+    private const int MaxGsoSegments = 64, MaxGsoBytes = 65000, EIO = 5;
     private int _fd;
     private readonly bool _v6;
     public int Fd => _fd;
     public int LocalPort { get; }
+    internal bool Gso, Gro;                            // kernel offloads in use (probed, dropped on refusal)
+    internal Action<string>? OnOffloadOff;             // told once when the kernel refuses an offload
+    // GRO: one receive may carry many datagrams of one size; segments not yet handed out wait here.
+    private readonly byte[] _rx = GC.AllocateUninitializedArray<byte>(65536, pinned: true);
+    private int _rxOffset, _rxEnd, _rxSegment;
+    private Endpoint _rxFrom;
+    private readonly IoVec[] _iov = GC.AllocateArray<IoVec>(MaxGsoSegments, pinned: true);
 
-    private UdpSocket(int fd, bool v6, int port) { _fd = fd; _v6 = v6; LocalPort = port; }
+    private UdpSocket(int fd, bool v6, int port)
+    {
+        _fd = fd;
+        _v6 = v6;
+        LocalPort = port;
+        int seg = 0, len = sizeof(int);
+        Gso = Libc.GetSockOpt(fd, SOL_UDP, UDP_SEGMENT, &seg, &len) == 0;       // Linux 4.18+
+        Gro = Libc.SetIntOpt(fd, SOL_UDP, UDP_GRO, 1) == 0;                      // Linux 5.0+
+    }
+
+    private static int CmsgHeaderLen => sizeof(nuint) + 8;                      // cmsg_len, cmsg_level, cmsg_type
+    private static int CmsgAlign(int n) => (n + sizeof(nuint) - 1) & ~(sizeof(nuint) - 1);
+
+    public int ReceiveBatch(PacketBatch b)
+    {
+        int added = 0;
+        while (b.Count < b.Capacity)
+        {
+            if (_rxOffset < _rxEnd)
+            {
+                int n = Math.Min(_rxSegment, _rxEnd - _rxOffset);
+                _rx.AsSpan(_rxOffset, n).CopyTo(b.Slot(b.Count));
+                _rxOffset += n;
+                b.Offset[b.Count] = 0;
+                b.Length[b.Count] = n;
+                b.Endpoints[b.Count] = _rxFrom;
+                b.Count++;
+                added++;
+                continue;
+            }
+            if (!Gro)
+            {
+                int n = Receive(b.Slot(b.Count), out b.Endpoints[b.Count]);
+                if (n <= 0) break;
+                b.Offset[b.Count] = 0;
+                b.Length[b.Count] = n;
+                b.Count++;
+                added++;
+                continue;
+            }
+            if (!ReceiveCoalesced()) break;
+        }
+        return added;
+    }
+
+    // One recvmsg; a UDP_GRO control message says the size of the datagrams it carries.
+    private bool ReceiveCoalesced()
+    {
+        byte* sa = stackalloc byte[Libc.SockaddrIn6Len];
+        byte* control = stackalloc byte[64];
+        fixed (byte* buf = _rx)
+        {
+            var iov = new IoVec { Base = (nint)buf, Len = (nuint)_rx.Length };
+            var msg = new MsgHdr { Name = (nint)sa, NameLen = Libc.SockaddrIn6Len, Iov = (nint)(&iov), IovLen = 1, Control = (nint)control, ControlLen = 64 };
+            nint n = Libc.RecvMsg(_fd, &msg, 0);
+            if (n <= 0) return false;
+            if (!Libc.TryReadSockaddr(new ReadOnlySpan<byte>(sa, Libc.SockaddrIn6Len), msg.NameLen, out _rxFrom)) return true;
+            int segment = (int)n;
+            for (int off = 0; off + CmsgHeaderLen <= (int)msg.ControlLen;)
+            {
+                nuint clen = *(nuint*)(control + off);
+                int level = *(int*)(control + off + sizeof(nuint)), type = *(int*)(control + off + sizeof(nuint) + 4);
+                if (clen < (nuint)CmsgHeaderLen) break;
+                if (level == SOL_UDP && type == UDP_GRO) segment = *(int*)(control + off + CmsgHeaderLen);
+                off += CmsgAlign((int)clen);
+            }
+            _rxOffset = 0;
+            _rxEnd = (int)n;
+            _rxSegment = Math.Clamp(segment, 1, (int)n);
+            return true;
+        }
+    }
+
+    public int SendBatch(PacketBatch b)
+    {
+        int refused = 0;
+        for (int i = 0; i < b.Count;)
+        {
+            if (b.Length[i] == 0) { i++; continue; }
+            // A run: datagrams to one endpoint, all of one size but the last (which may be shorter).
+            int seg = b.Length[i], total = 0, n = 0, j = i;
+            for (; j < b.Count && n < MaxGsoSegments; j++)
+            {
+                int len = b.Length[j];
+                if (len == 0) continue;
+                if (!b.Endpoints[j].Equals(b.Endpoints[i]) || len > seg || total + len > MaxGsoBytes) break;
+                n++;
+                total += len;
+                if (len < seg) { j++; break; }
+            }
+            if (!Gso || n == 1 || !SendSegmented(b, i, j, seg))
+                for (int k = i; k < j; k++)
+                    if (b.Length[k] > 0 && !Send(b.Packet(k), b.Endpoints[k])) refused++;
+            i = j;
+        }
+        return refused;
+    }
+
+    // One sendmsg for slots [from, to): the kernel cuts the concatenation into seg-byte datagrams.
+    private bool SendSegmented(PacketBatch b, int from, int to, int seg)
+    {
+        byte* sa = stackalloc byte[Libc.SockaddrIn6Len];
+        int salen = Libc.WriteSockaddr(b.Endpoints[from], _v6, new Span<byte>(sa, Libc.SockaddrIn6Len));
+        int cmsgSpace = CmsgAlign(CmsgHeaderLen + sizeof(ushort));
+        byte* control = stackalloc byte[32];
+        new Span<byte>(control, 32).Clear();
+        *(nuint*)control = (nuint)(CmsgHeaderLen + sizeof(ushort));
+        *(int*)(control + sizeof(nuint)) = SOL_UDP;
+        *(int*)(control + sizeof(nuint) + 4) = UDP_SEGMENT;
+        *(ushort*)(control + CmsgHeaderLen) = (ushort)seg;
+        int iovCount = 0;
+        fixed (IoVec* iov = _iov)
+        {
+            for (int k = from; k < to; k++)
+            {
+                if (b.Length[k] == 0) continue;
+                fixed (byte* p = b.Packet(k)) iov[iovCount++] = new IoVec { Base = (nint)p, Len = (nuint)b.Length[k] };   // slots are pinned
+            }
+            var msg = new MsgHdr { Name = (nint)sa, NameLen = salen, Iov = (nint)iov, IovLen = (nuint)iovCount, Control = (nint)control, ControlLen = (nuint)cmsgSpace };
+            if (Libc.SendMsg(_fd, &msg, 0) >= 0) return true;
+        }
+        int e = Libc.Errno;
+        if (e == Libc.EAGAIN) return false;                // full socket buffer: the caller's per-datagram sends count the loss
+        Gso = false;                                       // EIO: no checksum offload on the route; EINVAL: no GSO here
+        OnOffloadOff?.Invoke($"udp_segment error=\"{Libc.ErrorText(e)}\"");
+        return false;
+    }
 
     internal static UdpSocket Bind(IPAddress address, int port)
     {
@@ -3107,6 +3291,28 @@ internal sealed class LoopbackUdp : IUdp
         return true;
     }
 
+    public int ReceiveBatch(PacketBatch b)
+    {
+        int added = 0;
+        while (b.Count < b.Capacity)
+        {
+            int n = Receive(b.Slot(b.Count), out b.Endpoints[b.Count]);
+            if (n <= 0) break;
+            b.Offset[b.Count] = 0;
+            b.Length[b.Count] = n;
+            b.Count++;
+            added++;
+        }
+        return added;
+    }
+
+    public int SendBatch(PacketBatch b)
+    {
+        for (int i = 0; i < b.Count; i++)
+            if (b.Length[i] > 0) Send(b.Packet(i), b.Endpoints[i]);
+        return 0;
+    }
+
     public void Dispose() => _net.Hosts.Remove(Self);
 }
 
@@ -3120,29 +3326,6 @@ internal sealed class LoopbackUdp : IUdp
 // IP packet. Messages the node makes itself (handshakes, keepalives, staged packets) go to UdpOut.
 // Worker moves bytes between the batches and an IDataplane / IUdp pair; Daemon runs the epoll loop,
 // the timers, signals and the control socket around one Worker. Everything runs on one thread.
-
-internal sealed class PacketBatch
-{
-    internal readonly int Capacity, SlotLen;
-    private readonly byte[] _mem;                    // pinned: slots can be handed to the kernel as is
-    internal readonly int[] Offset, Length;
-    internal readonly Endpoint[] Endpoints;
-    internal int Count;
-
-    internal PacketBatch(int capacity, int slotLen)
-    {
-        Capacity = capacity;
-        SlotLen = slotLen;
-        _mem = GC.AllocateUninitializedArray<byte>(capacity * slotLen, pinned: true);
-        Offset = new int[capacity];
-        Length = new int[capacity];
-        Endpoints = new Endpoint[capacity];
-    }
-
-    internal Span<byte> Slot(int i) => _mem.AsSpan(i * SlotLen, SlotLen);
-    internal Span<byte> Packet(int i) => _mem.AsSpan(i * SlotLen + Offset[i], Length[i]);
-    internal bool IsFull => Count == Capacity;
-}
 
 internal interface IPacketSink
 {
@@ -3726,15 +3909,7 @@ internal sealed class Worker : IPacketSink
     {
         PacketBatch b = _udpIn;
         b.Count = 0;
-        while (b.Count < b.Capacity)
-        {
-            int n = Udp.Receive(b.Slot(b.Count), out b.Endpoints[b.Count]);
-            if (n <= 0) break;
-            b.Offset[b.Count] = 0;
-            b.Length[b.Count] = n;
-            b.Count++;
-        }
-        if (b.Count == 0) return false;
+        if (Udp.ReceiveBatch(b) == 0) return false;
         Node.ProcessUdpBatch(b, nowMs);
         for (int i = 0; i < b.Count; i++)
             if (b.Length[i] > 0 && !Tun.Write(b.Packet(i))) Node.Counters.Drop(DropReason.TunWrite);
@@ -3757,8 +3932,7 @@ internal sealed class Worker : IPacketSink
 
     private void SendBatch(PacketBatch b)
     {
-        for (int i = 0; i < b.Count; i++)
-            if (b.Length[i] > 0 && !Udp.Send(b.Packet(i), b.Endpoints[i])) Node.Counters.Drop(DropReason.UdpSend);
+        for (int refused = Udp.SendBatch(b); refused > 0; refused--) Node.Counters.Drop(DropReason.UdpSend);
     }
 }
 
@@ -3808,6 +3982,8 @@ internal sealed unsafe class Daemon
                 signals.Add(PosixSignalRegistration.Create(sig, ctx => { ctx.Cancel = true; RequestStop(); }));
             signals.Add(PosixSignalRegistration.Create(PosixSignal.SIGHUP, ctx => { ctx.Cancel = true; RequestReload(); }));
             udp = UdpSocket.Bind(_cfg.ListenAddress, _cfg.ListenPort);
+            udp.OnOffloadOff = what => _log.Warn("offload_off", what + " hint=\"sending one datagram per call from now on\"");
+            _log.Info("offloads", $"udp_gso={(udp.Gso ? "on" : "off")} udp_gro={(udp.Gro ? "on" : "off")} aead_backend={Aead.Backend}");
             TunDevice tun = _tun = TunDevice.Create(_cfg.TunName);
             Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
             foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
