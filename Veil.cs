@@ -1165,6 +1165,7 @@ internal static unsafe partial class Libc
     [LibraryImport("libc", EntryPoint = "getsockopt", SetLastError = true)] internal static partial int GetSockOpt(int fd, int level, int name, void* value, int* len);
     [LibraryImport("libc", EntryPoint = "getsockname", SetLastError = true)] internal static partial int GetSockName(int fd, byte* addr, int* len);
     [LibraryImport("libc", EntryPoint = "sendto", SetLastError = true)] internal static partial nint SendTo(int fd, byte* buf, nuint len, int flags, byte* addr, int addrLen);
+    [LibraryImport("libc", EntryPoint = "writev", SetLastError = true)] internal static partial nint Writev(int fd, IoVec* iov, int count);
     [LibraryImport("libc", EntryPoint = "sendmsg", SetLastError = true)] internal static partial nint SendMsg(int fd, MsgHdr* msg, int flags);
     [LibraryImport("libc", EntryPoint = "recvmsg", SetLastError = true)] internal static partial nint RecvMsg(int fd, MsgHdr* msg, int flags);
     [LibraryImport("libc", EntryPoint = "recvfrom", SetLastError = true)] internal static partial nint RecvFrom(int fd, byte* buf, nuint len, int flags, byte* addr, int* addrLen);
@@ -1681,15 +1682,25 @@ internal interface IDataplane : IDisposable
 
 internal sealed unsafe class TunDevice : IDataplane
 {
+    private const uint TUNSETOFFLOAD = 0x400454D0;
+    private const short IFF_VNET_HDR = 0x4000;
+    private const int TUN_F_CSUM = 0x1, TUN_F_TSO4 = 0x2, TUN_F_TSO6 = 0x4;
     private int _fd;
     internal string Name { get; }
     internal int IfIndex { get; }
+    internal bool Offload { get; }                  // virtio header framing: reads may be TSO super-packets
     public int Fd => _fd;
+    // A super-packet read from the kernel, handed out one segment per Read.
+    private readonly byte[] _super = GC.AllocateUninitializedArray<byte>(Segmenter.VirtioHdrLen + 65535, pinned: true);
+    private readonly Segmenter _segmenter = new();
+    private readonly byte[] _zeroHdr = GC.AllocateArray<byte>(Segmenter.VirtioHdrLen, pinned: true);
+    internal long SuperPackets, Segments;
 
-    private TunDevice(int fd, string name, int ifIndex) { _fd = fd; Name = name; IfIndex = ifIndex; }
+    private TunDevice(int fd, string name, int ifIndex, bool offload) { _fd = fd; Name = name; IfIndex = ifIndex; Offload = offload; }
 
-    /// <summary>Creates the interface or throws with one line saying why.</summary>
-    internal static TunDevice Create(string name)
+    /// <summary>Creates the interface or throws with one line saying why. With offload, the kernel
+    /// may hand us TCP super-packets of up to 64 KiB (TSO) with checksums left to us; Read splits them.</summary>
+    internal static TunDevice Create(string name, bool offload = true)
     {
         byte* path = stackalloc byte[16];
         Encoding.ASCII.GetBytes("/dev/net/tun\0", new Span<byte>(path, 16));
@@ -1699,42 +1710,196 @@ internal sealed unsafe class TunDevice : IDataplane
         var req = new Span<byte>(ifr, Libc.IfReqLen);
         req.Clear();
         Encoding.ASCII.GetBytes(name, req[..(Libc.IfNameSize - 1)]);
-        *(short*)(ifr + Libc.IfReqFlagsOffset) = Libc.IFF_TUN | Libc.IFF_NO_PI;
+        *(short*)(ifr + Libc.IfReqFlagsOffset) = (short)(Libc.IFF_TUN | Libc.IFF_NO_PI | (offload ? IFF_VNET_HDR : 0));
         if (Libc.Ioctl(fd, Libc.TUNSETIFF, ifr) < 0)
         {
             int e = Libc.Errno;
             Libc.Close(fd);
             throw new IOException($"cannot create TUN '{name}': {Libc.ErrorText(e)}" + (e == 16 ? " (the name is in use)" : ""));
         }
+        // Should TUNSETOFFLOAD fail, the kernel sends whole packets; the virtio header stays (all zero).
+        bool accepted = offload && Libc.Ioctl(fd, TUNSETOFFLOAD, (void*)(nuint)(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)) >= 0;
         int index = Netlink.IfIndex(name);
         if (index <= 0)
         {
             Libc.Close(fd);
             throw new IOException($"TUN '{name}' was created but has no interface index");
         }
-        return new TunDevice(fd, name, index);
+        return new TunDevice(fd, name, index, offload) { OffloadsAccepted = accepted };
     }
+
+    internal bool OffloadsAccepted { get; private init; }
 
     public int Read(Span<byte> buffer)
     {
-        fixed (byte* p = buffer)
+        if (!Offload)
+            fixed (byte* p = buffer) return Done(Libc.Read(_fd, p, (nuint)buffer.Length));
+        while (true)
         {
-            nint n = Libc.Read(_fd, p, (nuint)buffer.Length);
-            if (n >= 0) return (int)n;
-            int e = Libc.Errno;
-            return e == Libc.EAGAIN || e == Libc.EINTR ? 0 : -e;
+            int n = _segmenter.Next(buffer);
+            if (n > 0) { Segments++; return n; }
+            nint got;
+            fixed (byte* p = _super) got = Libc.Read(_fd, p, (nuint)_super.Length);
+            int r = Done(got);
+            if (r <= 0) return r;
+            if (!_segmenter.Start(_super.AsSpan(0, r))) continue;   // malformed: dropped (counted by the segmenter)
+            SuperPackets++;
         }
     }
 
+    private static int Done(nint n)
+    {
+        if (n >= 0) return (int)n;
+        int e = Libc.Errno;
+        return e == Libc.EAGAIN || e == Libc.EINTR ? 0 : -e;
+    }
+
+    internal long MalformedSuperPackets => _segmenter.Malformed;
+
     public bool Write(ReadOnlySpan<byte> packet)
     {
-        fixed (byte* p = packet) return Libc.Write(_fd, p, (nuint)packet.Length) == packet.Length;
+        if (!Offload)
+            fixed (byte* p = packet) return Libc.Write(_fd, p, (nuint)packet.Length) == packet.Length;
+        // Each write starts with a virtio header; all zero says "a whole packet, checksums done".
+        IoVec* iov = stackalloc IoVec[2];
+        fixed (byte* h = _zeroHdr) fixed (byte* p = packet)
+        {
+            iov[0] = new IoVec { Base = (nint)h, Len = (nuint)Segmenter.VirtioHdrLen };
+            iov[1] = new IoVec { Base = (nint)p, Len = (nuint)packet.Length };
+            return Libc.Writev(_fd, iov, 2) == Segmenter.VirtioHdrLen + packet.Length;
+        }
     }
 
     public void Dispose()
     {
         if (_fd >= 0) Libc.Close(_fd);
         _fd = -1;
+    }
+}
+
+/// <summary>Turns what a TUN with offloads hands us (virtio_net_hdr + packet) into plain packets:
+/// finishes a checksum the kernel left partial (NEEDS_CSUM), and cuts a TCP super-packet (GSO
+/// TCPV4/TCPV6) into gso_size segments with their own IP length, IPv4 id and checksum, TCP
+/// sequence number, flags (FIN/PSH only on the last, CWR only on the first) and full TCP checksum.
+/// Nothing here trusts the header's lengths without checking them against the packet.</summary>
+internal sealed class Segmenter
+{
+    internal const int VirtioHdrLen = 10;
+    private const byte NeedsCsum = 1, GsoNone = 0, GsoTcpV4 = 1, GsoTcpV6 = 4;
+    private byte[] _pkt = [];
+    private int _len, _l4, _hdrLen, _gsoSize, _payloadLen, _next, _count;
+    private bool _v6, _whole;
+    internal long Malformed;
+
+    /// <summary>Takes one read (header + packet); false when it is malformed (dropped).</summary>
+    internal bool Start(ReadOnlySpan<byte> read)
+    {
+        _count = _next = 0;
+        _whole = false;
+        if (read.Length < VirtioHdrLen + 20) return Bad();
+        byte flags = read[0], gso = read[1];
+        int gsoSize = BinaryPrimitives.ReadUInt16LittleEndian(read[4..]);
+        int csumStart = BinaryPrimitives.ReadUInt16LittleEndian(read[6..]), csumOffset = BinaryPrimitives.ReadUInt16LittleEndian(read[8..]);
+        ReadOnlySpan<byte> p = read[VirtioHdrLen..];
+        if (_pkt.Length < p.Length) _pkt = GC.AllocateUninitializedArray<byte>(65535, pinned: true);
+        p.CopyTo(_pkt);
+        _len = p.Length;
+        Span<byte> pkt = _pkt.AsSpan(0, _len);
+        if ((gso & 0x7F) == GsoNone)
+        {
+            if ((flags & NeedsCsum) != 0)
+            {
+                if (csumStart + csumOffset + 2 > _len) return Bad();
+                ushort sum = (ushort)~Checksum.Fold(Checksum.Add(0, pkt[csumStart..]));
+                if (sum == 0 && csumOffset == 6) sum = 0xFFFF;          // UDP sends a zero checksum as all ones
+                BinaryPrimitives.WriteUInt16BigEndian(pkt[(csumStart + csumOffset)..], sum);
+            }
+            _count = 1;
+            _whole = true;
+            return true;
+        }
+        _v6 = (gso & 0x7F) == GsoTcpV6;
+        if ((gso & 0x7F) is not (GsoTcpV4 or GsoTcpV6) || gsoSize == 0) return Bad();
+        if ((pkt[0] >> 4) != (_v6 ? 6 : 4)) return Bad();
+        _l4 = csumStart;
+        if (_l4 < (_v6 ? 40 : 20) || _l4 + 20 > _len) return Bad();
+        if (!_v6 && ((pkt[0] & 0xF) * 4 < 20 || (pkt[0] & 0xF) * 4 > _l4)) return Bad();   // IPv4 header must end where TCP starts
+        int tcpLen = (pkt[_l4 + 12] >> 4) * 4;
+        if (tcpLen < 20 || _l4 + tcpLen > _len) return Bad();
+        _hdrLen = _l4 + tcpLen;
+        _payloadLen = _len - _hdrLen;
+        _gsoSize = gsoSize;
+        _count = Math.Max(1, (_payloadLen + gsoSize - 1) / gsoSize);
+        return true;
+    }
+
+    private bool Bad()
+    {
+        Malformed++;
+        _count = 0;
+        return false;
+    }
+
+    /// <summary>Writes the next segment into dst; 0 when the super-packet is used up.</summary>
+    internal int Next(Span<byte> dst)
+    {
+        if (_next >= _count) return 0;
+        int i = _next++;
+        if (_whole)
+        {
+            if (_len > dst.Length) { Malformed++; return 0; }
+            _pkt.AsSpan(0, _len).CopyTo(dst);
+            return _len;
+        }
+        int off = i * _gsoSize, seg = Math.Min(_gsoSize, _payloadLen - off), total = _hdrLen + seg;
+        if (total > dst.Length) { Malformed++; _next = _count; return 0; }
+        _pkt.AsSpan(0, _hdrLen).CopyTo(dst);
+        _pkt.AsSpan(_hdrLen + off, seg).CopyTo(dst[_hdrLen..]);
+        Span<byte> o = dst[..total];
+        if (_v6) BinaryPrimitives.WriteUInt16BigEndian(o[4..], (ushort)(total - 40));
+        else
+        {
+            BinaryPrimitives.WriteUInt16BigEndian(o[2..], (ushort)total);
+            BinaryPrimitives.WriteUInt16BigEndian(o[4..], (ushort)(BinaryPrimitives.ReadUInt16BigEndian(o[4..]) + i));
+            int ihl = (o[0] & 0xF) * 4;
+            o[10] = 0; o[11] = 0;
+            BinaryPrimitives.WriteUInt16BigEndian(o[10..], (ushort)~Checksum.Fold(Checksum.Add(0, o[..ihl])));
+        }
+        Span<byte> tcp = o[_l4..];
+        BinaryPrimitives.WriteUInt32BigEndian(tcp[4..], BinaryPrimitives.ReadUInt32BigEndian(tcp[4..]) + (uint)off);
+        if (i < _count - 1) tcp[13] &= unchecked((byte)~0x09);     // FIN and PSH only on the last segment
+        if (i > 0) tcp[13] &= unchecked((byte)~0x80);               // CWR only on the first
+        tcp[16] = 0; tcp[17] = 0;
+        ulong sum = Checksum.Add(0, tcp);
+        sum = _v6 ? Checksum.Add(Checksum.Add(sum, o.Slice(8, 32)), (uint)tcp.Length) + 6
+                  : Checksum.Add(Checksum.Add(sum, o.Slice(12, 8)), (uint)tcp.Length) + 6;
+        BinaryPrimitives.WriteUInt16BigEndian(tcp[16..], (ushort)~Checksum.Fold(sum));
+        return total;
+    }
+}
+
+/// <summary>The Internet checksum (RFC 1071): big-endian 16-bit words summed with end-around carry.</summary>
+internal static class Checksum
+{
+    internal static ulong Add(ulong sum, ReadOnlySpan<byte> data)
+    {
+        int i = 0;
+        for (; i + 8 <= data.Length; i += 8)
+        {
+            ulong w = BinaryPrimitives.ReadUInt64BigEndian(data[i..]);
+            sum += (w >> 32) + (w & 0xFFFFFFFF);
+        }
+        for (; i + 2 <= data.Length; i += 2) sum += BinaryPrimitives.ReadUInt16BigEndian(data[i..]);
+        if (i < data.Length) sum += (ulong)data[i] << 8;
+        return sum;
+    }
+
+    internal static ulong Add(ulong sum, uint value) => sum + (value >> 16) + (value & 0xFFFF);
+
+    internal static ushort Fold(ulong sum)
+    {
+        while (sum > 0xFFFF) sum = (sum >> 16) + (sum & 0xFFFF);
+        return (ushort)sum;
     }
 }
 
@@ -3983,8 +4148,9 @@ internal sealed unsafe class Daemon
             signals.Add(PosixSignalRegistration.Create(PosixSignal.SIGHUP, ctx => { ctx.Cancel = true; RequestReload(); }));
             udp = UdpSocket.Bind(_cfg.ListenAddress, _cfg.ListenPort);
             udp.OnOffloadOff = what => _log.Warn("offload_off", what + " hint=\"sending one datagram per call from now on\"");
-            _log.Info("offloads", $"udp_gso={(udp.Gso ? "on" : "off")} udp_gro={(udp.Gro ? "on" : "off")} aead_backend={Aead.Backend}");
+
             TunDevice tun = _tun = TunDevice.Create(_cfg.TunName);
+            _log.Info("offloads", $"tun_tso={(tun.OffloadsAccepted ? "on" : "off")} udp_gso={(udp.Gso ? "on" : "off")} udp_gro={(udp.Gro ? "on" : "off")} aead_backend={Aead.Backend}");
             Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
             foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
             SyncKernelRoutes(new HashSet<IpPrefix>(), AllowedPrefixes(node));
