@@ -1678,6 +1678,8 @@ internal interface IDataplane : IDisposable
     /// <summary>Reads one packet; 0 when none is waiting, negative errno on failure.</summary>
     int Read(Span<byte> buffer);
     bool Write(ReadOnlySpan<byte> packet);
+    /// <summary>Writes every slot of b with a length; returns how many were refused.</summary>
+    int WriteBatch(PacketBatch b);
 }
 
 internal sealed unsafe class TunDevice : IDataplane
@@ -1770,10 +1772,132 @@ internal sealed unsafe class TunDevice : IDataplane
         }
     }
 
+    internal long Coalesced;                         // segments merged into a super-packet on write
+
+    /// <summary>Writes the batch; consecutive segments of one TCP flow go down as one super-packet
+    /// (GRO in reverse of Segmenter): one writev with a virtio header, the first packet whole
+    /// (its IP length and the TCP checksum seed rewritten) and only the payload of the others.</summary>
+    public int WriteBatch(PacketBatch b)
+    {
+        int refused = 0;
+        for (int i = 0; i < b.Count;)
+        {
+            if (b.Length[i] == 0) { i++; continue; }
+            int end = Offload ? Coalescer.RunEnd(b, i) : i + 1;
+            if (end - i == 1 ? !Write(b.Packet(i)) : !WriteCoalesced(b, i, end)) refused += end - i;
+            i = end;
+        }
+        return refused;
+    }
+
+    private bool WriteCoalesced(PacketBatch b, int from, int to)
+    {
+        Span<byte> head = b.Packet(from);
+        int hdrLen = Coalescer.HeaderLen(head), ipLen = Coalescer.IpHeaderLen(head);
+        int payload = 0, count = 0;
+        for (int k = from; k < to; k++) if (b.Length[k] > 0) { payload += b.Length[k] - hdrLen; count++; }
+        int gsoSize = head.Length - hdrLen;
+        Coalescer.RewriteHead(head, hdrLen, ipLen, payload, b.Packet(to - 1));
+        byte* vh = stackalloc byte[Segmenter.VirtioHdrLen];
+        vh[0] = 1;                                              // NEEDS_CSUM: the kernel finishes the TCP checksum
+        vh[1] = (byte)((head[0] >> 4) == 6 ? 4 : 1);            // GSO TCPV6 / TCPV4
+        *(ushort*)(vh + 2) = (ushort)hdrLen;
+        *(ushort*)(vh + 4) = (ushort)gsoSize;
+        *(ushort*)(vh + 6) = (ushort)ipLen;
+        *(ushort*)(vh + 8) = 16;
+        IoVec* iov = stackalloc IoVec[Tune.BatchSize + 2];
+        int n = 0;
+        iov[n++] = new IoVec { Base = (nint)vh, Len = (nuint)Segmenter.VirtioHdrLen };
+        for (int k = from; k < to; k++)
+        {
+            if (b.Length[k] == 0) continue;
+            int skip = k == from ? 0 : hdrLen;
+            fixed (byte* p = b.Packet(k)) iov[n++] = new IoVec { Base = (nint)(p + skip), Len = (nuint)(b.Length[k] - skip) };   // slots are pinned
+        }
+        Coalesced += count;
+        return Libc.Writev(_fd, iov, n) == Segmenter.VirtioHdrLen + hdrLen + payload;
+    }
+
     public void Dispose()
     {
         if (_fd >= 0) Libc.Close(_fd);
         _fd = -1;
+    }
+}
+
+/// <summary>Decides which received TCP segments may travel to the TUN as one super-packet: same
+/// flow, same header shape, consecutive sequence numbers, equal sizes (a shorter one ends the run),
+/// only ACK (the last may add PSH), IPv4 without options or fragments, at most 64 KiB.</summary>
+internal static class Coalescer
+{
+    private const int MaxBytes = 65535 - 60, MaxSegments = 64;
+
+    internal static int IpHeaderLen(ReadOnlySpan<byte> p) => (p[0] >> 4) == 6 ? 40 : (p[0] & 0xF) * 4;
+    internal static int HeaderLen(ReadOnlySpan<byte> p) { int ip = IpHeaderLen(p); return ip + (p[ip + 12] >> 4) * 4; }
+
+    // A plain TCP segment we know how to merge: IPv4 with a 20-byte header and no fragmenting, or
+    // IPv6 with TCP as the next header; a whole TCP header; some payload.
+    private static bool Mergeable(ReadOnlySpan<byte> p)
+    {
+        if (p.Length < 40) return false;
+        int v = p[0] >> 4;
+        if (v == 4) { if (p[0] != 0x45 || p[9] != 6 || (BinaryPrimitives.ReadUInt16BigEndian(p[6..]) & 0x3FFF) != 0) return false; }
+        else if (v != 6 || p.Length < 60 || p[6] != 6) return false;
+        int ip = IpHeaderLen(p), tcp = (p[ip + 12] >> 4) * 4;
+        if (tcp < 20 || ip + tcp >= p.Length) return false;
+        byte flags = p[ip + 13];
+        return flags is 0x10 or 0x18;                                 // ACK, or ACK|PSH
+    }
+
+    /// <summary>The end (exclusive) of the run of slots starting at i that can be merged with it.</summary>
+    internal static int RunEnd(PacketBatch b, int i)
+    {
+        ReadOnlySpan<byte> head = b.Packet(i);
+        if (!Mergeable(head) || head[IpHeaderLen(head) + 13] != 0x10) return i + 1;
+        int ip = IpHeaderLen(head), hdr = HeaderLen(head), seg = head.Length - hdr, total = head.Length, n = 1;
+        uint next = BinaryPrimitives.ReadUInt32BigEndian(head[(ip + 4)..]) + (uint)seg;
+        int j = i + 1, last = i;
+        for (; j < b.Count && n < MaxSegments; j++)
+        {
+            if (b.Length[j] == 0) continue;
+            ReadOnlySpan<byte> p = b.Packet(j);
+            if (!Mergeable(p) || HeaderLen(p) != hdr || total + p.Length - hdr > MaxBytes) break;
+            int len = p.Length - hdr;
+            if (len > seg || BinaryPrimitives.ReadUInt32BigEndian(p[(ip + 4)..]) != next) break;
+            // same addresses, ports, ack, window, header options; IPv4: same TOS and TTL; IPv6: same class and hop limit
+            if ((head[0] >> 4) == 4)
+            {
+                if (head[1] != p[1] || head[8] != p[8] || !head.Slice(12, 8).SequenceEqual(p.Slice(12, 8))) break;
+            }
+            else if (!head[..4].SequenceEqual(p[..4]) || head[7] != p[7] || !head.Slice(8, 32).SequenceEqual(p.Slice(8, 32))) break;
+            if (!head.Slice(ip, 4).SequenceEqual(p.Slice(ip, 4)) || !head.Slice(ip + 8, 4).SequenceEqual(p.Slice(ip + 8, 4)) ||
+                !head.Slice(ip + 14, 2).SequenceEqual(p.Slice(ip + 14, 2)) || !head.Slice(ip + 20, hdr - ip - 20).SequenceEqual(p.Slice(ip + 20, hdr - ip - 20)))
+                break;
+            n++;
+            total += len;
+            next += (uint)len;
+            last = j;
+            if (len < seg || p[ip + 13] != 0x10) { j++; break; }     // a short or PSH segment closes the run
+        }
+        return last + 1;
+    }
+
+    /// <summary>Makes the head's headers describe the whole run: IP length (and IPv4 checksum), PSH
+    /// if the last segment had it, and the TCP checksum field seeded with the pseudo-header sum.</summary>
+    internal static void RewriteHead(Span<byte> head, int hdrLen, int ipLen, int payload, ReadOnlySpan<byte> last)
+    {
+        int tcpLen = hdrLen - ipLen + payload;
+        bool v6 = (head[0] >> 4) == 6;
+        if (v6) BinaryPrimitives.WriteUInt16BigEndian(head[4..], (ushort)tcpLen);
+        else
+        {
+            BinaryPrimitives.WriteUInt16BigEndian(head[2..], (ushort)(ipLen + tcpLen));
+            head[10] = 0; head[11] = 0;
+            BinaryPrimitives.WriteUInt16BigEndian(head[10..], (ushort)~Checksum.Fold(Checksum.Add(0, head[..ipLen])));
+        }
+        head[ipLen + 13] |= (byte)(last[ipLen + 13] & 0x08);
+        ulong pseudo = Checksum.Add(Checksum.Add(0, v6 ? head.Slice(8, 32) : head.Slice(12, 8)), (uint)tcpLen) + 6;
+        BinaryPrimitives.WriteUInt16BigEndian(head[(ipLen + 16)..], Checksum.Fold(pseudo));
     }
 }
 
@@ -1923,6 +2047,13 @@ internal sealed class LoopbackDataplane : IDataplane
     {
         Written.Add(packet.ToArray());
         return true;
+    }
+
+    public int WriteBatch(PacketBatch b)
+    {
+        for (int i = 0; i < b.Count; i++)
+            if (b.Length[i] > 0) Write(b.Packet(i));
+        return 0;
     }
 
     public void Dispose() { }
@@ -4076,8 +4207,7 @@ internal sealed class Worker : IPacketSink
         b.Count = 0;
         if (Udp.ReceiveBatch(b) == 0) return false;
         Node.ProcessUdpBatch(b, nowMs);
-        for (int i = 0; i < b.Count; i++)
-            if (b.Length[i] > 0 && !Tun.Write(b.Packet(i))) Node.Counters.Drop(DropReason.TunWrite);
+        for (int refused = Tun.WriteBatch(b); refused > 0; refused--) Node.Counters.Drop(DropReason.TunWrite);
         FlushUdp(Node.UdpOut);
         return b.IsFull;
     }

@@ -6,7 +6,7 @@ namespace Veil.Tests;
 /// <summary>Crafted TUN reads with a virtio header: TSO super-packets split, partial checksums finished.</summary>
 public class SegmenterTests
 {
-    private static byte[] Tcp(bool v6, int payloadLen, byte flags, int optionsLen = 0)
+    internal static byte[] Tcp(bool v6, int payloadLen, byte flags, int optionsLen = 0)
     {
         int ip = v6 ? 40 : 20, tcp = 20 + optionsLen;
         byte[] p = new byte[ip + tcp + payloadLen];
@@ -39,7 +39,7 @@ public class SegmenterTests
         return p;
     }
 
-    private static byte[] Read(byte[] packet, byte flags, byte gso, int gsoSize, int csumStart, int csumOffset)
+    internal static byte[] Read(byte[] packet, byte flags, byte gso, int gsoSize, int csumStart, int csumOffset)
     {
         byte[] r = new byte[Segmenter.VirtioHdrLen + packet.Length];
         r[0] = flags; r[1] = gso;
