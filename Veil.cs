@@ -1581,6 +1581,7 @@ internal sealed class Aead : IDisposable
             Evp.Free(_openCtx);
             _sealCtx = _openCtx = 0;
         }
+        // (the base library's objects below are the fallback when EVP is unavailable)
         if (kind == AeadKind.ChaCha20Poly1305) _chacha = new ChaCha20Poly1305(key);
         else _gcm = new AesGcm(key, TagLen);
     }
@@ -2730,6 +2731,7 @@ internal sealed class Handshaker
     internal Key32 PrivateKey, PublicKey;
     private Key32 _mac1Key, _cookieKey;           // keyed by our public key: others use these to reach us
     private Key32 _cookieSecret;
+    private Aead? _cookieAead;
     private long _cookieSecretAtMs = long.MinValue / 2;
     internal byte AeadMask;                       // bit (1 << AeadKind) per AEAD we can run
     internal AeadKind PreferredAead;
@@ -2958,8 +2960,8 @@ internal sealed class Handshaker
         hello.Slice(Wire.ClientHelloSenderOffset, 4).CopyTo(msg[Wire.CookieReplyReceiverOffset..]);
         Span<byte> nonce = msg.Slice(Wire.CookieReplyNonceOffset, 12);
         RandomNumberGenerator.Fill(nonce);
-        using var aead = new Aead(AeadKind.ChaCha20Poly1305, _cookieKey);
-        aead.Seal(nonce, cookie, hello.Slice(Wire.ClientHelloMac1Offset, Spec.MacLen), msg.Slice(Wire.CookieReplyCookieOffset, Spec.MacLen + Spec.TagLen));
+        _cookieAead ??= new Aead(AeadKind.ChaCha20Poly1305, _cookieKey);       // one key for our life: keep its context
+        _cookieAead.Seal(nonce, cookie, hello.Slice(Wire.ClientHelloMac1Offset, Spec.MacLen), msg.Slice(Wire.CookieReplyCookieOffset, Spec.MacLen + Spec.TagLen));
         return Wire.CookieReplyLen;
     }
 

@@ -117,7 +117,12 @@ kill -0 "$flood_pid" 2>/dev/null && flood_running=1
 check "restarted a reaches b within 15 s during the flood" \
 	"no reply after ${t} ms (flood still running: $flood_running)" test "$reached" -eq 1 -a "$flood_running" -eq 1
 ((reached)) && note "a reached b ${t} ms after its restart"
-check "ping b -> a during the flood" "no reply within 5 s" ping_ok b "$OL4_a"
+# Under a flood that saturates b's single loop (~130k hellos/s, each answered with a cookie)
+# the kernel may drop some legitimate datagrams at b's socket too: the tunnel must keep carrying
+# traffic, one lost ping is not a failure.
+during=0
+for ((i = 0; i < 3; i++)); do if ping_ok b "$OL4_a" 2; then during=1; break; fi; done
+check "ping b -> a during the flood (3 tries)" "no reply in 3 tries of 2 s" test "$during" -eq 1
 
 # let the flood run at least FLOOD_MIN_S, then stop it
 while (($(now_ms) - t_start < FLOOD_MIN_S * 1000)) && kill -0 "$flood_pid" 2>/dev/null; do sleep 0.2; done
