@@ -74,6 +74,7 @@ public sealed class ConfigTests : IDisposable
     [InlineData("--tun 'much-too-long-name'", "--tun", "much-too-long-name")]
     [InlineData("--tun 'a/b'", "--tun", "a/b")]
     [InlineData("--keepalive '-1'", "--keepalive", "-1")]
+    [InlineData("--cipher 'des' must be auto, chacha20-poly1305 or aes-256-gcm", "--cipher", "des")]
     [InlineData("--peer 'notakey@1.2.3.4:5'", "--peer", "notakey@1.2.3.4:5")]
     public void BadFlag_OneClearError(string expect, string flag, string value)
     {

@@ -262,4 +262,34 @@ public class HandshakeTests
         Assert.Equal(0x4000000000000000UL + 1_767_225_600UL, BinaryPrimitives.ReadUInt64BigEndian(t));
         Assert.Equal(123_456_789u, BinaryPrimitives.ReadUInt32BigEndian(t.AsSpan(8)));
     }
+
+    [Fact]
+    public void Cipher_Forced_OnlyThatOneOffered_MismatchFailsClosed()
+    {
+        var p = new Pair();
+        p.I.Handshaker.ChooseCipher("chacha20-poly1305");
+        Golden(p, out _, out _, out SessionKeys ik, out _);
+        Assert.Equal(AeadKind.ChaCha20Poly1305, ik.Aead);
+        var q = new Pair();
+        q.I.Handshaker.ChooseCipher("aes-256-gcm");
+        q.R.Handshaker.ChooseCipher("chacha20-poly1305");
+        byte[] hello = new byte[Wire.ClientHelloLen];
+        q.I.Handshaker.CreateClientHello(q.IPeer, 7, 1_800_000_000_000_000_000, 0, hello);
+        var st = new HelloState();
+        Assert.Equal(HandshakeVerdict.Ok, q.R.Handshaker.ConsumeClientHello(hello, TestNet.Ep(0), 0, st));
+        Assert.Equal(0, q.R.Handshaker.CreateServerHello(st, 8, 0, new byte[Wire.ServerHelloLen], out SessionKeys? none));
+        Assert.Null(none);
+    }
+
+    [Fact]
+    public void Cipher_Auto_PicksTheFasterOnThisMachine()
+    {
+        var p = new Pair();
+        p.I.Handshaker.ChooseCipher("auto");
+        double chacha = Handshaker.SealMicroseconds(AeadKind.ChaCha20Poly1305), gcm = Handshaker.SealMicroseconds(AeadKind.Aes256Gcm);
+        // only when the two differ clearly is the choice determined (timings are noisy)
+        if (gcm < chacha * 0.7) Assert.Equal(AeadKind.Aes256Gcm, p.I.Handshaker.PreferredAead);
+        if (chacha < gcm * 0.7) Assert.Equal(AeadKind.ChaCha20Poly1305, p.I.Handshaker.PreferredAead);
+        Assert.Equal(6, p.I.Handshaker.AeadMask);
+    }
 }
