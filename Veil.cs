@@ -928,12 +928,7 @@ internal sealed class UpConfig
         {
             case "key": KeyFile = value; break;
             case "psk": PskFile = value; break;
-            case "listen":
-                if (!Endpoint.TrySplitHostPort(value, out string host, out int port) || !IPAddress.TryParse(host, out IPAddress? ip))
-                    throw src.Bad(value, "must be ADDRESS:PORT (IPv6 in brackets), port 1-65535");
-                ListenAddress = ip;
-                ListenPort = port;
-                break;
+            case "listen": (ListenAddress, ListenPort) = ParseAddressPort(src, value); break;
             case "address":
                 if (!IfAddress.TryParse(value, out IfAddress a)) throw src.Bad(value, "is not an address with a prefix length (e.g. 100.64.0.1/24)");
                 Addresses.Add(a);
@@ -947,11 +942,8 @@ internal sealed class UpConfig
                 ControlPath = value;
                 break;
             case "mgmt":
-                if (value == "off") { MgmtAddress = null; break; }
-                if (!Endpoint.TrySplitHostPort(value, out string mh, out int mp) || !IPAddress.TryParse(mh, out IPAddress? mip))
-                    throw src.Bad(value, "must be ADDRESS:PORT or off");
-                MgmtAddress = mip;
-                MgmtPort = mp;
+                if (value == "off") MgmtAddress = null;
+                else (MgmtAddress, MgmtPort) = ParseAddressPort(src, value);
                 break;
             case "mgmt_acl":
                 foreach (string part in value.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries))
@@ -1043,6 +1035,10 @@ internal sealed class UpConfig
 
     private static bool IsFlag(string f) => f is "--config" or "--peer" or "--allow" ||
         (f.StartsWith("--") && Array.IndexOf(Keys, f[2..].Replace('-', '_')) >= 0 && !f.Contains('_'));
+
+    private static (IPAddress, int) ParseAddressPort(Src src, string v) =>
+        Endpoint.TrySplitHostPort(v, out string host, out int port) && IPAddress.TryParse(host, out IPAddress? ip)
+            ? (ip, port) : throw src.Bad(v, "must be ADDRESS:PORT (IPv6 in brackets), port 1-65535");
 
     private static int ParseInt(Src src, string v, int min, int max)
     {

@@ -316,6 +316,19 @@ ping_ok() {
 }
 
 # tun_packets NODE rx|tx -- the kernel's packet counter for NODE's TUN
+# ping_within NODE ADDR SECONDS -- one-second pings until one is answered or SECONDS pass;
+# sets WAITED_MS to the time it took (or waited), returns 0 when answered
+ping_within() {
+	local t0 i
+	t0=$(now_ms)
+	for ((i = 0; i < $3; i++)); do
+		if ping_ok "$1" "$2" 1; then WAITED_MS=$(($(now_ms) - t0)); return 0; fi
+		(($(now_ms) - t0 < $3 * 1000)) || break
+	done
+	WAITED_MS=$(($(now_ms) - t0))
+	return 1
+}
+
 tun_packets() {
 	ip -n "$(ns "$1")" -s -j link show dev "$(tun "$1")" 2>/dev/null | jq -r ".[0].stats64.$2.packets"
 }
