@@ -3407,6 +3407,7 @@ internal sealed unsafe class UdpSocket : IUdp
 
     public int ReceiveBatch(PacketBatch b)
     {
+        if (!Gro) return ReceiveEach(this, b);
         int added = 0;
         while (b.Count < b.Capacity)
         {
@@ -3422,17 +3423,23 @@ internal sealed unsafe class UdpSocket : IUdp
                 added++;
                 continue;
             }
-            if (!Gro)
-            {
-                int n = Receive(b.Slot(b.Count), out b.Endpoints[b.Count]);
-                if (n <= 0) break;
-                b.Offset[b.Count] = 0;
-                b.Length[b.Count] = n;
-                b.Count++;
-                added++;
-                continue;
-            }
             if (!ReceiveCoalesced()) break;
+        }
+        return added;
+    }
+
+    /// <summary>One datagram per call into each free slot, for a socket without GRO (and tests).</summary>
+    internal static int ReceiveEach(IUdp udp, PacketBatch b)
+    {
+        int added = 0;
+        while (b.Count < b.Capacity)
+        {
+            int n = udp.Receive(b.Slot(b.Count), out b.Endpoints[b.Count]);
+            if (n <= 0) break;
+            b.Offset[b.Count] = 0;
+            b.Length[b.Count] = n;
+            b.Count++;
+            added++;
         }
         return added;
     }
@@ -3626,20 +3633,7 @@ internal sealed class LoopbackUdp : IUdp
         return true;
     }
 
-    public int ReceiveBatch(PacketBatch b)
-    {
-        int added = 0;
-        while (b.Count < b.Capacity)
-        {
-            int n = Receive(b.Slot(b.Count), out b.Endpoints[b.Count]);
-            if (n <= 0) break;
-            b.Offset[b.Count] = 0;
-            b.Length[b.Count] = n;
-            b.Count++;
-            added++;
-        }
-        return added;
-    }
+    public int ReceiveBatch(PacketBatch b) => UdpSocket.ReceiveEach(this, b);
 
     public int SendBatch(PacketBatch b)
     {
