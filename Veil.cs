@@ -26,9 +26,10 @@
 //  12. Record layer
 //  13. UDP socket
 //  14. Event loop & node
-//  15. Control & management
-//  16. CLI
-//  17. Onboarding
+//  15. Mesh: membership, peer exchange & claims
+//  16. Control & management
+//  17. CLI
+//  18. Onboarding
 // END TOC
 //
 // Glossary
@@ -64,7 +65,7 @@ using System.Threading;
 namespace Veil;
 
 // ==== 1. Entry point & flags =====================================================================
-// Main only dispatches: each verb parses its own flags (§4 for `up`, §16 for the rest). Exit codes:
+// Main only dispatches: each verb parses its own flags (§4 for `up`, §17 for the rest). Exit codes:
 // 0 success, 1 a runtime failure (daemon unreachable, interface or socket could not be set up),
 // 2 bad input. Errors are one line on stderr starting with "veil: ".
 
@@ -188,6 +189,23 @@ internal static class Tune
     internal const int DefaultMaxSessions = 1024;
     internal const int DefaultHandshakeRate = 100;           // ClientHellos per second answered without a cookie
     internal const int DefaultHandshakeRatePerSource = 10;   // per source address; more are dropped
+    // Mesh (§15). Every list a member can fill is bounded, so a hostile member cannot exhaust memory.
+    internal const int DefaultMetric = 100;
+    internal const int MaxClaimsPerMember = 32;
+    internal const int MaxEndpointsPerMember = 8;            // announced by the member itself
+    internal const int MaxEndpointsPerEntry = 4;             // passed on about a third member
+    internal const int MaxExchangeLen = 1200;                // bytes of one exchange message (fits MinMtu)
+    internal const int MaxProvisionalPeers = 64;             // --mesh: members whose first handshake is not confirmed
+    internal const int MaxNamePins = 2 * MaxPeers;
+    internal const long MeshKeepaliveMs = 10_000;            // --mesh default --keepalive: liveness needs traffic
+    internal const int LivenessKeepalives = 3;               // keepalive periods without a record: the peer is down
+    internal const long ExchangeIntervalMs = 60_000;
+    internal const long ExchangeDebounceMs = 1_000;          // a change is told to peers at most this often
+    internal const long ClaimLifetimeMs = 3 * ExchangeIntervalMs;
+    internal const long ForgetMemberAfterMs = 300_000;       // learned members silent this long are dropped
+    internal const long ProvisionalLifetimeMs = 15_000;
+    internal const long FirstReconnectMs = 1_000;
+    internal const long MaxReconnectMs = 120_000;
 }
 
 /// <summary>32 bytes held inline: keys, hashes, chaining keys.</summary>
@@ -225,6 +243,10 @@ internal readonly struct IpPrefix : IEquatable<IpPrefix>
     internal int Bits { get; }
     internal bool IsV6 { get; }
     internal int MaxBits => IsV6 ? 128 : 32;
+
+    /// <summary>True when every address of inner is inside this prefix.</summary>
+    internal bool Covers(IpPrefix inner) =>
+        IsV6 == inner.IsV6 && Bits <= inner.Bits && (Bits == 0 || (inner._bits & (UInt128.MaxValue << (128 - Bits))) == _bits);
 
     internal IpPrefix(ReadOnlySpan<byte> address, int bits)
     {
@@ -502,6 +524,7 @@ internal enum DropReason
     Refused,            // ClientHello over the admission budget (rate per source, max sessions)
     TunWrite,           // the kernel refused a packet on the TUN
     UdpSend,            // the kernel refused a datagram
+    BadExchange,        // a member's exchange message was malformed or over a bound (§15)
     Count,
 }
 
@@ -523,7 +546,7 @@ internal sealed class Counters
         DropReason.BadMac1 => "bad_mac1", DropReason.BadMac2 => "bad_mac2",
         DropReason.UnknownPeer => "unknown_peer", DropReason.StaleHello => "stale_hello",
         DropReason.HandshakeFailed => "handshake_failed", DropReason.QueueFull => "queue_full", DropReason.Refused => "refused",
-        DropReason.TunWrite => "tun_write", DropReason.UdpSend => "udp_send", _ => "other",
+        DropReason.TunWrite => "tun_write", DropReason.UdpSend => "udp_send", DropReason.BadExchange => "bad_exchange", _ => "other",
     };
 }
 
@@ -553,6 +576,7 @@ internal sealed class PeerConfig
     internal string EndpointText = "";
     internal readonly List<IpPrefix> Allowed = new();
     internal long KeepaliveMs = -1;        // -1: the node's keepalive
+    internal bool Trusted;                 // from --trust: may connect, endpoint learned from the mesh
 }
 
 /// <summary>A parsed TOML value with the line it came from.</summary>
@@ -800,15 +824,25 @@ internal sealed class UpConfig
     internal string Cipher = "auto";
     internal bool CheckOnly;
     internal string? ConfigPath;
+    // Mesh (§15): membership policy, this node's name and claims, what it accepts from others.
+    internal bool Mesh;                    // network policy: anyone who completes the handshake with the psk
+    internal string Name = "";             // announced to the mesh; "" = the first characters of the key
+    internal readonly List<IpPrefix> Networks = new();   // default: the networks of Addresses
+    internal readonly List<IpPrefix> Claims = new();
+    internal readonly List<IpPrefix> Accept = new();
+    internal int Metric = Tune.DefaultMetric;
+    private bool _keepaliveGiven;
 
     // Keys a running daemon cannot change; reload refuses (exit 3) when one of them differs.
-    internal static readonly string[] RestartKeys = ["key", "psk", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher"];
+    internal static readonly string[] RestartKeys = ["key", "psk", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network"];
 
     private static readonly string[] Keys =
     [
         "key", "psk", "listen", "address", "tun", "mtu", "keepalive", "rekey_after", "control", "mgmt", "mgmt_acl",
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
+        "mesh", "trust", "name", "network", "claim", "accept", "metric",
     ];
+    private static readonly string[] ListKeys = ["address", "mgmt_acl", "trust", "network", "claim", "accept"];
     private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive"];
 
     /// <summary>Where a value came from, for the one-line error: "--mtu" or "veil.toml:12: key 'mtu'".</summary>
@@ -829,6 +863,7 @@ internal sealed class UpConfig
         {
             string flag = args[i], value;
             if (flag == "--check") { c.CheckOnly = true; continue; }
+            if (flag == "--mesh") { flags.Add(("mesh", "true")); continue; }
             int eq = flag.IndexOf('=');
             if (flag.StartsWith("--") && eq > 0) { value = flag[(eq + 1)..]; flag = flag[..eq]; }
             else
@@ -856,13 +891,8 @@ internal sealed class UpConfig
             }
         }
         TomlDoc? doc = c.ConfigPath != null ? TomlDoc.Load(c.ConfigPath) : null;
-        bool addressFromFlags = false;
-        foreach (var (key, value) in flags)
-        {
-            if (key == "address" && !addressFromFlags) { c.Addresses.Clear(); addressFromFlags = true; }
-            c.Apply(key, new Src("--" + key.Replace('_', '-'), true), value);
-        }
-        if (doc != null) c.ApplyFile(doc, flags, addressFromFlags);
+        foreach (var (key, value) in flags) c.Apply(key, new Src("--" + key.Replace('_', '-'), true), value);
+        if (doc != null) c.ApplyFile(doc, flags);
         foreach (PeerConfig fp in flagPeers)
         {
             c.Peers.RemoveAll(p => p.PublicKey.EqualsCt(fp.PublicKey));
@@ -872,19 +902,26 @@ internal sealed class UpConfig
         return c;
     }
 
-    private void ApplyFile(TomlDoc doc, List<(string Key, string Value)> flags, bool addressFromFlags)
+    // A flag wins over the file's key; for lists (address, claim, …) the flags replace the file's list.
+    private void ApplyFile(TomlDoc doc, List<(string Key, string Value)> flags)
     {
         foreach (var (key, v) in doc.Root)
         {
             if (Array.IndexOf(Keys, key) < 0) throw new ConfigException($"{doc.File}:{v.Line}: unknown key '{key}'");
-            if (flags.Exists(f => f.Key == key) || (key == "address" && addressFromFlags)) continue;   // the flag wins
+            if (flags.Exists(f => f.Key == key)) continue;
             var src = new Src($"{doc.File}:{v.Line}: key '{key}'", false);
-            if (key is "address" or "mgmt_acl")
+            if (Array.IndexOf(ListKeys, key) >= 0)
             {
                 foreach (TomlValue item in ListOf(src, v)) Apply(key, src, item.Str);
                 continue;
             }
-            Apply(key, src, Scalar(src, v, key is "mtu" or "keepalive" or "rekey_after" or "max_sessions" or "handshake_rate" or "handshake_rate_per_source"));
+            if (key == "mesh")
+            {
+                if (v.Type != TomlValue.Kind.Boolean) throw new ConfigException($"{src.Text}: expected true or false");
+                Mesh = v.Bool;
+                continue;
+            }
+            Apply(key, src, Scalar(src, v, key is "mtu" or "keepalive" or "rekey_after" or "max_sessions" or "handshake_rate" or "handshake_rate_per_source" or "metric"));
         }
         foreach (var (table, entries) in doc.TableArrays)
         {
@@ -935,7 +972,7 @@ internal sealed class UpConfig
                 break;
             case "tun": TunName = ParseTunName(src, value); break;
             case "mtu": Mtu = ParseInt(src, value, Tune.MinMtu, Tune.MaxMtu); break;
-            case "keepalive": PersistentKeepaliveMs = ParseInt(src, value, 0, 3600) * 1000L; break;
+            case "keepalive": PersistentKeepaliveMs = ParseInt(src, value, 0, 3600) * 1000L; _keepaliveGiven = true; break;
             case "rekey_after": RekeyAfterTimeMs = ParseInt(src, value, 1, (int)(Spec.RekeyAfterTimeMs / 1000)) * 1000L; break;
             case "control":
                 if (value.Length is 0 or > 99) throw src.Bad(value, "must be a path of 1 to 99 characters");
@@ -960,6 +997,21 @@ internal sealed class UpConfig
                 LogJson = value == "json";
                 break;
             case "user": User = ParseName(src, value); break;
+            case "mesh":
+                if (value is not ("true" or "false")) throw src.Bad(value, "must be true or false");
+                Mesh = value == "true";
+                break;
+            case "trust":
+                PeerConfig t = ParsePeer(src, value);
+                if (t.EndpointText.Length > 0) throw src.Bad(value, "must be a public key alone (use --peer for a key with an endpoint)");
+                t.Trusted = true;
+                Peers.Add(t);
+                break;
+            case "name": Name = ParseName(src, value); break;
+            case "network": Networks.Add(ParsePrefix(src, value)); break;
+            case "claim": Claims.Add(ParsePrefix(src, value)); break;
+            case "accept": Accept.Add(ParsePrefix(src, value)); break;
+            case "metric": Metric = ParseInt(src, value, 0, 65535); break;
             case "cipher":
                 if (value is not ("auto" or "chacha20-poly1305" or "aes-256-gcm")) throw src.Bad(value, "must be auto, chacha20-poly1305 or aes-256-gcm");
                 if (value == "aes-256-gcm" && !Aead.IsSupported(AeadKind.Aes256Gcm)) throw src.Bad(value, "is not supported by this system's crypto library");
@@ -982,6 +1034,12 @@ internal sealed class UpConfig
         else PublicKey = running.PublicKey;
         if (PskFile.Length > 0 && (running == null || running.PskFile != PskFile)) Psk = ReadKeyFile("--psk", PskFile);
         if (Addresses.Count == 0) throw new ConfigException("--address CIDR is required (the overlay address of this node)");
+        if (Mesh && PskFile.Length == 0) throw new ConfigException("--mesh needs --psk FILE: the network secret is what makes a node a member");
+        if (Networks.Count == 0)
+            foreach (IfAddress a in Addresses) Networks.Add(new IpPrefix(a.Address.GetAddressBytes(), a.Bits));
+        if (Claims.Count + Addresses.Count > Tune.MaxClaimsPerMember)
+            throw new ConfigException($"at most {Tune.MaxClaimsPerMember - Addresses.Count} --claim prefixes (each --address is claimed too)");
+        if (Mesh && !_keepaliveGiven) PersistentKeepaliveMs = Tune.MeshKeepaliveMs;
         if (MgmtAcl.Count == 0) { MgmtAcl.Add(IpPrefix.Parse("127.0.0.0/8")); MgmtAcl.Add(IpPrefix.Parse("::1/128")); }
         if (Mtu == 0 && running != null) Mtu = running.Mtu;
         ReadOnlySpan<byte> pub = PublicKey;
@@ -2322,6 +2380,18 @@ internal sealed class Peer
     internal string ConfiguredEndpoint;          // as configured; Endpoint roams away from it
     internal bool Active = true;                 // false once removed by a reload (the slot is reused)
 
+    // Membership (§15). Up: a session is confirmed and a record arrived within the liveness time.
+    internal bool Learned;                       // from the mesh, not the config: forgotten when silent
+    internal bool Provisional;                   // --mesh: made by a ClientHello, not yet confirmed
+    internal bool Up;
+    internal bool Reconnecting;                  // the handshake in flight is one reconnect attempt
+    internal int ReconnectAttempts;
+    internal long CreatedMs, LastSeenMs = -1;    // LastSeenMs: our records or a member's report
+    internal readonly List<Claim> Claims = new();            // accepted, bounded by MaxClaimsPerMember
+    internal readonly List<Endpoint> Announced = new();      // its own endpoints, as it told us
+    internal readonly List<Endpoint> Candidates = new();     // where others saw it; tried in turn
+    internal int CandidateNext;
+
     internal Session? Previous, Current, Next;
 
     // Initiator side of a handshake in flight.
@@ -2339,6 +2409,7 @@ internal sealed class Peer
     internal int RecentHelloNext;
 
     internal long RetransmitHandshakeAtMs, SendKeepaliveAtMs, NewHandshakeAtMs, ZeroKeysAtMs, PersistentKeepaliveAtMs;
+    internal long LivenessAtMs, ReconnectAtMs, ExchangeAtMs, ClaimsExpireAtMs;
     internal long PersistentKeepaliveMs;
     internal long LastHandshakeMs = -1, LastRxMs = -1;
     internal long LastHandshakeUnixS;            // wall clock of the latest handshake, for status (0: never)
@@ -2404,7 +2475,15 @@ internal sealed class Peer
     }
 
     internal string State(long nowMs, long rejectAfterMs) =>
-        HasReadySession(nowMs, rejectAfterMs) ? "up" : Pending != null ? "handshaking" : "down";
+        Up && HasReadySession(nowMs, rejectAfterMs) ? "up" : Pending != null ? "handshaking" : "down";
+
+    /// <summary>No authenticated record for this long: down. Needs keepalives; 0 (none) never expires.</summary>
+    internal long LivenessMs => PersistentKeepaliveMs * Tune.LivenessKeepalives;
+
+    /// <summary>When a learned member that is not up is dropped (0: never).</summary>
+    internal long ForgetAtMs =>
+        !Learned || Up ? 0 : Provisional ? CreatedMs + Tune.ProvisionalLifetimeMs
+                                         : Math.Max(CreatedMs, Math.Max(LastSeenMs, LastRxMs)) + Tune.ForgetMemberAfterMs;
 
     /// <summary>Call after any record was sealed for this peer.</summary>
     internal void OnDataSent(long nowMs, bool carriesData)
@@ -2419,9 +2498,11 @@ internal sealed class Peer
     {
         NewHandshakeAtMs = 0;
         LastRxMs = nowMs;
+        if (PersistentKeepaliveMs > 0) LivenessAtMs = nowMs + LivenessMs;
         FailuresSinceGood = 0;
         if (carriesData && SendKeepaliveAtMs == 0) SendKeepaliveAtMs = nowMs + Spec.KeepaliveTimeoutMs;
-        if (PersistentKeepaliveMs > 0) PersistentKeepaliveAtMs = nowMs + PersistentKeepaliveMs;
+        // Receiving does not postpone our persistent keepalive: each side must hear from the other
+        // every period, or two peers' timers would silence one of them and liveness would fail.
     }
 
     /// <summary>Call after a session was derived (either role).</summary>
@@ -2438,8 +2519,16 @@ internal sealed class Peer
     {
         Pending?.Clear();
         Pending = null;
+        Reconnecting = false;
         RetransmitHandshakeAtMs = 0;
         HandshakeAttempts = 0;
+    }
+
+    /// <summary>Delay before reconnect attempt n of a member that is down: 1 s doubling to 120 s, plus up to a quarter.</summary>
+    internal static long ReconnectDelayMs(int attempt)
+    {
+        long d = Math.Min(Tune.FirstReconnectMs << Math.Min(attempt, 8), Tune.MaxReconnectMs);
+        return d + Random.Shared.NextInt64(d / 4 + 1);
     }
 
     /// <summary>Retransmit delay: doubling from FirstRetransmitMs up to RekeyTimeoutMs, plus jitter.</summary>
@@ -3662,6 +3751,9 @@ internal interface IPacketSink
     void FlushUdp(PacketBatch batch);
 }
 
+/// <summary>One row of the route table: who carries a prefix, and why.</summary>
+internal readonly record struct RouteEntry(IpPrefix Prefix, int PeerId, int Metric, bool Claim, int Rank);
+
 /// <summary>A public key as a dictionary key.</summary>
 internal readonly record struct KeyId(UInt128 A, UInt128 B)
 {
@@ -3676,7 +3768,10 @@ internal sealed class Node
     internal readonly Handshaker Handshaker;
     internal readonly List<Peer> Peers = new();
     private readonly Dictionary<KeyId, Peer> _byKey = new();
-    internal readonly RouteTrie Routes = new();
+    internal RouteTrie Routes = new();           // rebuilt whole by RebuildRoutes when a route changes
+    internal List<RouteEntry> RouteList = new();
+    internal long RoutesVersion;                 // the daemon syncs kernel routes when this moves
+    internal readonly Mesh Mesh;
     internal readonly IndexTable Indexes = new();
     internal readonly PacketBatch UdpOut = new(Tune.BatchSize, Tune.SlotLen);
     internal IPacketSink? Sink;
@@ -3692,13 +3787,19 @@ internal sealed class Node
         Mtu = cfg.Mtu;
         RekeyAfterMs = cfg.RekeyAfterTimeMs;
         Admission = new Admission(cfg.HandshakeRate, cfg.HandshakeRatePerSource, cfg.MaxSessions);
-        Handshaker = new Handshaker(cfg.PrivateKey, FindPeer);
+        Handshaker = new Handshaker(cfg.PrivateKey, FindOrAdmitPeer);
         if (cfg.Cipher != "auto") Handshaker.ChooseCipher(cfg.Cipher);
         _psk = cfg.Psk;
+        _keepaliveMs = cfg.PersistentKeepaliveMs;
+        Mesh = new Mesh(this);
+        Mesh.Configure(cfg);
         foreach (PeerConfig pc in cfg.Peers) AddPeer(pc, _psk, cfg.PersistentKeepaliveMs);
+        RebuildRoutes();
     }
 
-    private Key32 _psk;                          // the network secret, for peers added by a reload
+    private Key32 _psk;                          // the network secret, for peers added by a reload or learned
+    private long _keepaliveMs;                   // --keepalive, for learned members
+    private long _admitNowMs;                    // the time of the ClientHello FindOrAdmitPeer is asked about
 
     internal void ClearKeys()
     {
@@ -3710,7 +3811,36 @@ internal sealed class Node
     internal readonly Admission Admission;
     internal long RekeyAfterMs;
 
-    private Peer? FindPeer(Key32 key) => _byKey.TryGetValue(KeyId.Of(key), out Peer? p) ? p : null;
+    internal Peer? FindPeer(in Key32 key) => _byKey.TryGetValue(KeyId.Of(key), out Peer? p) ? p : null;
+
+    // The responder's question "who is this key?". Under --mesh an unknown key becomes a provisional
+    // member: the handshake cannot complete without the network secret (psk2 is mixed into the keys
+    // the Bind must use), and provisional members are few and short-lived (ForgetAtMs).
+    private Peer? FindOrAdmitPeer(Key32 key)
+    {
+        Peer? p = FindPeer(key);
+        if (p != null || !Mesh.Open) return p;
+        int provisional = 0;
+        foreach (Peer q in Peers) if (q.Active && q.Provisional) provisional++;
+        if (provisional >= Tune.MaxProvisionalPeers) return null;
+        return AddLearned(key, _admitNowMs, provisional: true);
+    }
+
+    /// <summary>A member learned from the mesh (null when the table is full or the key unusable).</summary>
+    internal Peer? AddLearned(in Key32 key, long nowMs, bool provisional)
+    {
+        int active = 0;
+        foreach (Peer q in Peers) if (q.Active) active++;
+        if (active >= Tune.MaxPeers) return null;
+        var pc = new PeerConfig { PublicKey = key };
+        Peer p;
+        try { p = AddPeer(pc, _psk, _keepaliveMs); }
+        catch (ConfigException) { return null; }
+        p.Learned = true;
+        p.Provisional = provisional;
+        p.CreatedMs = nowMs;
+        return p;
+    }
 
     internal Peer AddPeer(PeerConfig pc, in Key32 psk, long persistentKeepaliveMs)
     {
@@ -3721,21 +3851,22 @@ internal sealed class Node
         if (id >= 0) Peers[id] = p;
         else Peers.Add(p);
         _byKey[KeyId.Of(p.PublicKey)] = p;
-        foreach (IpPrefix a in p.Allowed) Routes.Insert(a, p.Id);
         return p;
     }
 
-    internal void RemovePeer(Peer p)
+    /// <summary>Drops a peer and everything it held; the caller rebuilds the routes.</summary>
+    internal void RemovePeer(Peer p, string reason = "config")
     {
         DropSessions(p);
         p.ClearStaged();
-        Routes.RemoveByPeer(p.Id);
         _byKey.Remove(KeyId.Of(p.PublicKey));
-        p.Active = false;
-        p.PersistentKeepaliveAtMs = 0;
+        Mesh.Forget(p);
+        p.Active = p.Up = false;
+        p.PersistentKeepaliveAtMs = p.LivenessAtMs = p.ReconnectAtMs = p.ExchangeAtMs = p.ClaimsExpireAtMs = 0;
         p.Psk.Clear();
         p.StaticShared.Clear();
-        Log.Info("peer_removed", $"peer={p.Name}");
+        if (p.Provisional) Log.Debug("peer_removed", $"peer={p.Name} reason=not_confirmed");
+        else Log.Info("peer_removed", $"peer={p.Name} reason={reason}");
     }
 
     /// <summary>Applies a reloaded config's reloadable keys: peers (added, removed, changed), rates,
@@ -3745,7 +3876,7 @@ internal sealed class Node
         var wanted = new Dictionary<KeyId, PeerConfig>();
         foreach (PeerConfig pc in cfg.Peers) wanted[KeyId.Of(pc.PublicKey)] = pc;
         foreach (Peer p in Peers)
-            if (p.Active && !wanted.ContainsKey(KeyId.Of(p.PublicKey))) RemovePeer(p);
+            if (p.Active && !p.Learned && !wanted.ContainsKey(KeyId.Of(p.PublicKey))) RemovePeer(p);
         foreach (PeerConfig pc in cfg.Peers)
         {
             Peer? p = FindPeer(pc.PublicKey);
@@ -3757,15 +3888,21 @@ internal sealed class Node
                 continue;
             }
             p.Name = pc.Name;
-            if (pc.EndpointText != p.ConfiguredEndpoint) { p.Endpoint = pc.Endpoint; p.ConfiguredEndpoint = pc.EndpointText; }
+            p.Learned = p.Provisional = false;              // now in the config: never forgotten
+            if (pc.EndpointText != p.ConfiguredEndpoint)
+            {
+                if (pc.Endpoint.IsSet) p.Endpoint = pc.Endpoint;   // none given: keep where it was last heard from
+                p.ConfiguredEndpoint = pc.EndpointText;
+            }
             p.PersistentKeepaliveMs = pc.KeepaliveMs >= 0 ? pc.KeepaliveMs : cfg.PersistentKeepaliveMs;
             if (p.PersistentKeepaliveMs == 0) p.PersistentKeepaliveAtMs = 0;
             else if (p.PersistentKeepaliveAtMs == 0) p.PersistentKeepaliveAtMs = nowMs + p.PersistentKeepaliveMs;
-            Routes.RemoveByPeer(p.Id);
             p.Allowed.Clear();
             p.Allowed.AddRange(pc.Allowed);
-            foreach (IpPrefix a in p.Allowed) Routes.Insert(a, p.Id);
         }
+        _keepaliveMs = cfg.PersistentKeepaliveMs;
+        if (Mesh.Configure(cfg)) ScheduleExchange(nowMs);
+        RebuildRoutes();
         RekeyAfterMs = cfg.RekeyAfterTimeMs;
         Admission.Rate = cfg.HandshakeRate;
         Admission.RatePerSource = cfg.HandshakeRatePerSource;
@@ -3777,6 +3914,103 @@ internal sealed class Node
     {
         foreach (Peer p in Peers)
             if (p.Endpoint.IsSet) StartHandshake(p, nowMs, retransmit: false);
+    }
+
+    // ---- 14.0 Routes and membership state ----
+
+    /// <summary>Recomputes the trie from every peer's --allow prefixes and accepted claims. Per
+    /// prefix the winner is: a peer that is up, then (a configured prefix of a peer that is not up
+    /// keeps its route, so traffic queues and starts a handshake), then the lowest metric (--allow
+    /// counts as 0), then the lowest public key, so every node picks the same owner. Claims of a
+    /// peer that is down are withdrawn. Runs on changes only; the packet path just reads the trie.</summary>
+    internal void RebuildRoutes()
+    {
+        var best = new Dictionary<IpPrefix, RouteEntry>();
+        foreach (Peer p in Peers)
+        {
+            if (!p.Active) continue;
+            foreach (IpPrefix a in p.Allowed) Offer(best, new RouteEntry(a, p.Id, 0, false, p.Up ? 0 : 1));
+            if (p.Up)
+                foreach (Claim c in p.Claims) Offer(best, new RouteEntry(c.Prefix, p.Id, c.Metric, true, 0));
+        }
+        var trie = new RouteTrie();
+        var list = new List<RouteEntry>(best.Count);
+        foreach (RouteEntry e in best.Values)
+        {
+            trie.Insert(e.Prefix, e.PeerId);
+            list.Add(e);
+        }
+        list.Sort((x, y) => x.Prefix.IsV6 != y.Prefix.IsV6 ? (x.Prefix.IsV6 ? 1 : -1) : x.Prefix.Value != y.Prefix.Value ? x.Prefix.Value.CompareTo(y.Prefix.Value) : x.Prefix.Bits - y.Prefix.Bits);
+        Routes = trie;
+        RouteList = list;
+        RoutesVersion++;
+    }
+
+    private void Offer(Dictionary<IpPrefix, RouteEntry> best, RouteEntry e)
+    {
+        if (!best.TryGetValue(e.Prefix, out RouteEntry cur) || Better(e, cur)) best[e.Prefix] = e;
+    }
+
+    private bool Better(RouteEntry a, RouteEntry b)
+    {
+        if (a.Rank != b.Rank) return a.Rank < b.Rank;
+        if (a.Metric != b.Metric) return a.Metric < b.Metric;
+        return ((ReadOnlySpan<byte>)Peers[a.PeerId].PublicKey).SequenceCompareTo(Peers[b.PeerId].PublicKey) < 0;
+    }
+
+    // The source check's second chance: the route for a prefix went to another claimant (HA pairs),
+    // but this peer's own accepted prefixes still vouch for the packet's source.
+    private static bool PeerServes(Peer p, ReadOnlySpan<byte> source)
+    {
+        foreach (IpPrefix a in p.Allowed) if (a.Contains(source)) return true;
+        if (p.Up) foreach (Claim c in p.Claims) if (c.Prefix.Contains(source)) return true;
+        return false;
+    }
+
+    private void MarkUp(Peer p, long nowMs)
+    {
+        p.Up = true;
+        p.Provisional = p.Reconnecting = false;
+        p.ReconnectAttempts = 0;
+        p.ReconnectAtMs = 0;
+        p.LastSeenMs = nowMs;
+        if (p.LivenessMs > 0) p.LivenessAtMs = nowMs + p.LivenessMs;
+        Log.Info("peer_up", $"peer={p.Name} endpoint={p.Endpoint}{(p.Learned ? " source=learned" : "")}");
+        if (p.Allowed.Count > 0 || p.Claims.Count > 0) RebuildRoutes();
+        ScheduleExchange(nowMs);                // the others learn of a new member
+        Mesh.SendTo(p, nowMs);                  // (and p itself hears from us now, not after the debounce)
+    }
+
+    private void MarkDown(Peer p, long nowMs, string reason)
+    {
+        p.LivenessAtMs = 0;
+        if (!p.Up) return;
+        p.Up = false;
+        p.ExchangeAtMs = 0;
+        Log.Info("peer_down", $"peer={p.Name} reason={reason} claims_withdrawn={p.Claims.Count}");
+        if (p.Allowed.Count > 0 || p.Claims.Count > 0) RebuildRoutes();
+        ScheduleExchange(nowMs);
+    }
+
+    /// <summary>Something we tell members changed: tell every member that is up, soon (debounced).</summary>
+    internal void ScheduleExchange(long nowMs)
+    {
+        long at = nowMs + Tune.ExchangeDebounceMs;
+        foreach (Peer p in Peers)
+            if (p.Active && p.Up && (p.ExchangeAtMs == 0 || p.ExchangeAtMs > at)) p.ExchangeAtMs = at;
+    }
+
+    /// <summary>Seals payload in a Control record to p; false when p has no ready session.</summary>
+    internal bool SendControl(Peer p, ReadOnlySpan<byte> payload, long nowMs)
+    {
+        if (!p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) || !p.Endpoint.IsSet) return false;
+        Session s = p.Current!;
+        Span<byte> slot = NextOut(p.Endpoint);
+        payload.CopyTo(slot[Record.PayloadOffset..]);
+        int len = Record.Seal(s, slot, payload.Length, RecordFlags.Control, Mtu);
+        CommitOut(len);
+        AfterSend(p, s, len, nowMs, carriesData: false);
+        return true;
     }
 
     // ---- 14.1 Outbound: TUN -> route -> session -> seal ----
@@ -3895,20 +4129,28 @@ internal sealed class Node
         {
             Log.Info("session_closed", $"peer={p.Name} reason=peer_close");
             DropSessions(p);
+            MarkDown(p, nowMs, "peer_close");      // its claims are withdrawn now, not at the liveness timeout
             // A peer that left may come back (a restart, a reboot): try again shortly, with the
             // usual retransmit backoff and give-up, so the link returns without traffic or operator.
             if (p.ConfiguredEndpoint.Length > 0) p.NewHandshakeAtMs = nowMs + Spec.FirstRetransmitMs;
+            else if (p.Learned) p.ReconnectAtMs = nowMs + Peer.ReconnectDelayMs(p.ReconnectAttempts++);
             return 0;
         }
+        if (!p.Up && s == p.Current) MarkUp(p, nowMs);
         // The peer asks for new keys (its session is due but it is not the initiator), or ours is nearly expired.
         bool asked = (flags & RecordFlags.Rekey) != 0 && (p.Current == null || nowMs - p.Current.CreatedMs >= RekeyAfterMs);
         bool expiring = s.IsInitiator && s == p.Current && nowMs - s.CreatedMs >= Spec.RejectAfterTimeMs - Spec.KeepaliveTimeoutMs - Spec.RekeyTimeoutMs;
         if (asked || expiring) StartHandshake(p, nowMs, retransmit: false);
-        if (len == 0 || (flags & RecordFlags.Data) == 0) return 0;   // keepalive, bind, or control (not yet used)
+        if ((flags & RecordFlags.Control) != 0) { Mesh.Receive(p, d.Slice(Record.PayloadOffset, len), nowMs); return 0; }
+        if (len == 0 || (flags & RecordFlags.Data) == 0) return 0;   // keepalive or bind
         ReadOnlySpan<byte> packet = d.Slice(Record.PayloadOffset, len);
         int ipLen = IpPacketLen(packet);
         if (ipLen <= 0 || ipLen > len) { Counters.Drop(DropReason.Malformed); return 0; }
-        if (RouteOf(packet, destination: false) != p.Id) { Counters.Drop(DropReason.SourceNotAllowed); return 0; }
+        if (RouteOf(packet, destination: false) != p.Id && !PeerServes(p, packet[0] >> 4 == 4 ? packet.Slice(12, 4) : packet.Slice(8, 16)))
+        {
+            Counters.Drop(DropReason.SourceNotAllowed);
+            return 0;
+        }
         Counters.TunTxPackets++;
         return ipLen;
     }
@@ -3948,6 +4190,7 @@ internal sealed class Node
             if (!Handshaker.CookieMatches(d, from, nowMs)) v = HandshakeVerdict.NeedCookie;
             else if (!Admission.AllowSource(from, nowMs)) v = HandshakeVerdict.RateLimited;
         }
+        _admitNowMs = nowMs;
         if (v == HandshakeVerdict.Ok) v = Handshaker.ConsumeClientHello(d, from, nowMs, _hello);
         if (v == HandshakeVerdict.Ok && _hello.Peer!.Current == null && Indexes.SessionCount >= Admission.MaxSessions)
         {
@@ -4029,6 +4272,7 @@ internal sealed class Node
         Log.Info("handshake_complete", $"peer={p.Name} role=initiator endpoint={from} aead={s.AeadKind}");
         if (p.StagedCount > 0) FlushStaged(p, nowMs);
         else SendEmpty(p, nowMs, RecordFlags.Keepalive | RecordFlags.Bind);
+        if (!p.Up) MarkUp(p, nowMs);
     }
 
     private void ReceiveCookieReply(ReadOnlySpan<byte> d, long nowMs)
@@ -4135,37 +4379,101 @@ internal sealed class Node
     internal long ProcessTimers(long nowMs)
     {
         long next = long.MaxValue;
+        bool forgot = false;
         foreach (Peer p in Peers)
         {
+            if (!p.Active) continue;
             if (p.RetransmitHandshakeAtMs != 0 && nowMs >= p.RetransmitHandshakeAtMs) ExpiredRetransmitHandshake(p, nowMs);
             if (p.SendKeepaliveAtMs != 0 && nowMs >= p.SendKeepaliveAtMs) ExpiredSendKeepalive(p, nowMs);
             if (p.NewHandshakeAtMs != 0 && nowMs >= p.NewHandshakeAtMs) ExpiredNewHandshake(p, nowMs);
-            if (p.ZeroKeysAtMs != 0 && nowMs >= p.ZeroKeysAtMs) ExpiredZeroKeys(p);
+            if (p.ZeroKeysAtMs != 0 && nowMs >= p.ZeroKeysAtMs) ExpiredZeroKeys(p, nowMs);
             if (p.PersistentKeepaliveAtMs != 0 && nowMs >= p.PersistentKeepaliveAtMs) ExpiredPersistentKeepalive(p, nowMs);
-            next = Earliest(next, p.RetransmitHandshakeAtMs, p.SendKeepaliveAtMs, p.NewHandshakeAtMs, p.ZeroKeysAtMs, p.PersistentKeepaliveAtMs);
+            if (p.LivenessAtMs != 0 && nowMs >= p.LivenessAtMs) ExpiredLiveness(p, nowMs);
+            if (p.ReconnectAtMs != 0 && nowMs >= p.ReconnectAtMs) ExpiredReconnect(p, nowMs);
+            if (p.ExchangeAtMs != 0 && nowMs >= p.ExchangeAtMs) ExpiredExchange(p, nowMs);
+            if (p.ClaimsExpireAtMs != 0 && nowMs >= p.ClaimsExpireAtMs) ExpiredClaims(p);
+            long forgetAtMs = p.ForgetAtMs;
+            if (forgetAtMs != 0 && nowMs >= forgetAtMs)
+            {
+                if (!p.Provisional) Mesh.MembersForgotten++;
+                RemovePeer(p, "silent");
+                forgot = true;
+                continue;
+            }
+            foreach (long t in (ReadOnlySpan<long>)[p.RetransmitHandshakeAtMs, p.SendKeepaliveAtMs, p.NewHandshakeAtMs, p.ZeroKeysAtMs,
+                                                    p.PersistentKeepaliveAtMs, p.LivenessAtMs, p.ReconnectAtMs, p.ExchangeAtMs, p.ClaimsExpireAtMs, forgetAtMs])
+                if (t != 0 && t < next) next = t;
         }
-        return next;
-    }
-
-    private static long Earliest(long next, long a, long b, long c, long d, long e)
-    {
-        foreach (long t in (ReadOnlySpan<long>)[a, b, c, d, e])
-            if (t != 0 && t < next) next = t;
+        if (forgot) RebuildRoutes();
         return next;
     }
 
     private void ExpiredRetransmitHandshake(Peer p, long nowMs)
     {
+        // A reconnect attempt is one ClientHello: unanswered, the next waits longer (ExpiredReconnect).
+        if (p.Reconnecting && p.StagedCount == 0)
+        {
+            if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
+            p.OnHandshakeComplete();
+            p.Reconnecting = false;
+            p.ReconnectAtMs = nowMs + Peer.ReconnectDelayMs(p.ReconnectAttempts++);
+            Log.Debug("reconnect_failed", $"peer={p.Name} attempt={p.ReconnectAttempts} next_in_ms={p.ReconnectAtMs - nowMs}");
+            return;
+        }
         if (p.HandshakeAttempts >= Spec.MaxHandshakeAttempts || nowMs - p.HandshakeStartedMs >= Spec.RekeyAttemptTimeMs)
         {
             Log.Warn("handshake_gave_up", $"peer={p.Name} attempts={p.HandshakeAttempts} endpoint={p.Endpoint} rule=max_attempts staged_dropped={p.StagedCount}");
             if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
             p.OnHandshakeComplete();
             p.ClearStaged();
+            MarkDown(p, nowMs, "handshake_gave_up");
+            p.ReconnectAtMs = nowMs + Peer.ReconnectDelayMs(p.ReconnectAttempts++);   // keep trying, ever more slowly
             return;
         }
         Log.Debug("handshake_retransmit", $"peer={p.Name} attempt={p.HandshakeAttempts + 1} rule=retransmit_handshake");
+        NextCandidate(p);
         StartHandshake(p, nowMs, retransmit: true);
+    }
+
+    // A member that is not up is tried at each endpoint others reported for it, in turn.
+    private static void NextCandidate(Peer p)
+    {
+        if (p.Up || p.Candidates.Count < 2) return;
+        p.CandidateNext = (p.CandidateNext + 1) % p.Candidates.Count;
+        p.Endpoint = p.Candidates[p.CandidateNext];
+    }
+
+    private void ExpiredLiveness(Peer p, long nowMs)
+    {
+        MarkDown(p, nowMs, $"silent_{p.LivenessMs / 1000}s");
+        p.ReconnectAttempts = 0;
+        p.ReconnectAtMs = nowMs;
+    }
+
+    private void ExpiredReconnect(Peer p, long nowMs)
+    {
+        p.ReconnectAtMs = 0;
+        if (p.Up && p.HasReadySession(nowMs, Spec.RejectAfterTimeMs)) return;
+        if (p.Pending != null) return;                     // a handshake is already running; its timers decide
+        NextCandidate(p);
+        if (!p.Endpoint.IsSet) return;
+        StartHandshake(p, nowMs, retransmit: false);
+        p.Reconnecting = p.Pending != null;
+    }
+
+    private void ExpiredExchange(Peer p, long nowMs)
+    {
+        p.ExchangeAtMs = 0;
+        if (p.Up) Mesh.SendTo(p, nowMs);
+    }
+
+    private void ExpiredClaims(Peer p)
+    {
+        p.ClaimsExpireAtMs = 0;
+        if (p.Claims.Count == 0) return;
+        Log.Info("claims_expired", $"peer={p.Name} claims={p.Claims.Count}");
+        p.Claims.Clear();
+        RebuildRoutes();
     }
 
     private void ExpiredSendKeepalive(Peer p, long nowMs)
@@ -4181,11 +4489,12 @@ internal sealed class Node
         StartHandshake(p, nowMs, retransmit: false);
     }
 
-    private void ExpiredZeroKeys(Peer p)
+    private void ExpiredZeroKeys(Peer p, long nowMs)
     {
         p.ZeroKeysAtMs = 0;
         Log.Debug("keys_zeroed", $"peer={p.Name} rule=zero_keys");
         DropSessions(p);
+        MarkDown(p, nowMs, "keys_expired");
     }
 
     private void ExpiredPersistentKeepalive(Peer p, long nowMs)
@@ -4317,7 +4626,7 @@ internal sealed unsafe class Daemon
             _log.Info("offloads", $"tun_tso={(tun.OffloadsAccepted ? "on" : "off")} udp_gso={(udp.Gso ? "on" : "off")} udp_gro={(udp.Gro ? "on" : "off")} aead_backend={Aead.Backend}");
             Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
             foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
-            SyncKernelRoutes(new HashSet<IpPrefix>(), AllowedPrefixes(node));
+            SyncKernelRoutes();
             control = ControlServer.Listen(_cfg.ControlPath);
             _wakeFd = Libc.EventFd(0, Libc.EFD_NONBLOCK | Libc.EFD_CLOEXEC);
             epfd = Libc.EpollCreate1(Libc.EPOLL_CLOEXEC);
@@ -4333,6 +4642,7 @@ internal sealed unsafe class Daemon
             _resolver = new Resolver(Wake);
             _resolver.SetNames(EndpointNames(_cfg));
             _configStamp = ConfigStamp();
+            RefreshLocalEndpoints(udp.LocalPort);
             var status = new StatusView(node, _cfg, udp.LocalPort, StartedMs);
             _log.Info("started", $"public_key={node.Handshaker.PublicKey.Short()} listen={_cfg.ListenAddress}:{udp.LocalPort} tun={tun.Name} mtu={_cfg.Mtu} peers={node.Peers.Count} aead={node.Handshaker.PreferredAead}" +
                 (_mgmt != null ? $" mgmt={_cfg.MgmtAddress}:{_mgmt.Port}" : "") + (_cfg.User != null ? $" user={_cfg.User}" : ""));
@@ -4340,6 +4650,7 @@ internal sealed unsafe class Daemon
             node.Start(nowMs);
             long nextTimerMs = worker.PumpTimers(nowMs);
             long nextConfigCheckMs = nowMs + ConfigCheckIntervalMs;
+            long nextAddressScanMs = nowMs + Tune.ExchangeIntervalMs;
             byte* events = stackalloc byte[16 * 16];
             while (!_stop)
             {
@@ -4364,8 +4675,10 @@ internal sealed unsafe class Daemon
                     nextConfigCheckMs = nowMs + ConfigCheckIntervalMs;
                     if (ConfigStamp() != _configStamp) Reload("file_changed");
                 }
+                if (nowMs >= nextAddressScanMs) { nextAddressScanMs = nowMs + Tune.ExchangeIntervalMs; RefreshLocalEndpoints(udp.LocalPort); }
                 _mgmt?.Expire(nowMs);
                 nextTimerMs = worker.PumpTimers(nowMs);
+                SyncKernelRoutes();
             }
             node.Shutdown(Mono.NowMs());
             worker.FlushUdp(node.UdpOut);
@@ -4417,23 +4730,69 @@ internal sealed unsafe class Daemon
         return fi.Exists ? (fi.LastWriteTimeUtc, fi.Length) : default;
     }
 
-    private static HashSet<IpPrefix> AllowedPrefixes(Node node)
+    private readonly HashSet<IpPrefix> _kernelRoutes = new();   // what this daemon installed
+    private long _syncedRoutesVersion = -1;
+
+    // Makes the TUN's kernel routes follow the node's table: adds the prefixes it gained, removes
+    // those it lost. Removal names our route protocol, so a route Veil did not add is never touched.
+    private void SyncKernelRoutes()
     {
-        var set = new HashSet<IpPrefix>();
-        foreach (Peer p in node.Peers)
-            if (p.Active) set.UnionWith(p.Allowed);
-        return set;
+        Node node = _node!;
+        if (node.RoutesVersion == _syncedRoutesVersion) return;
+        _syncedRoutesVersion = node.RoutesVersion;
+        var want = new HashSet<IpPrefix>();
+        foreach (RouteEntry r in node.RouteList) want.Add(r.Prefix);
+        foreach (IpPrefix pr in new List<IpPrefix>(_kernelRoutes))
+        {
+            if (want.Contains(pr)) continue;
+            _kernelRoutes.Remove(pr);
+            if (Netlink.RemoveRoute(_tun!.IfIndex, pr) is int e and < 0 && e != -Libc.ESRCH)
+                _log.Warn("route_failed", $"prefix={pr} op=remove error=\"{Libc.ErrorText(-e)}\"");
+        }
+        foreach (IpPrefix pr in want)
+        {
+            if (_kernelRoutes.Contains(pr)) continue;
+            if (Netlink.AddRoute(_tun!.IfIndex, pr) is int e and < 0)
+                _log.Warn("route_failed", $"prefix={pr} op=add error=\"{Libc.ErrorText(-e)}\"");
+            else _kernelRoutes.Add(pr);
+        }
     }
 
-    // Adds and removes only the kernel routes whose prefixes came or went; others are not touched.
-    private void SyncKernelRoutes(HashSet<IpPrefix> before, HashSet<IpPrefix> after)
+    // Where members may reach us: the --listen address, or every address of this host but
+    // loopback, link-local, the overlay and the TUN itself, each with our port.
+    private void RefreshLocalEndpoints(int port)
     {
-        foreach (IpPrefix pr in before)
-            if (!after.Contains(pr) && Netlink.RemoveRoute(_tun!.IfIndex, pr) is int e and < 0 && e != -Libc.ESRCH)
-                _log.Warn("route_failed", $"prefix={pr} op=remove error=\"{Libc.ErrorText(-e)}\"");
-        foreach (IpPrefix pr in after)
-            if (!before.Contains(pr) && Netlink.AddRoute(_tun!.IfIndex, pr) is int e and < 0)
-                _log.Warn("route_failed", $"prefix={pr} op=add error=\"{Libc.ErrorText(-e)}\"");
+        var found = new List<Endpoint>();
+        bool any = _cfg.ListenAddress.Equals(IPAddress.Any) || _cfg.ListenAddress.Equals(IPAddress.IPv6Any);
+        if (!any) found.Add(Endpoint.FromIp(_cfg.ListenAddress, port));
+        else
+        {
+            try
+            {
+                foreach (var nic in System.Net.NetworkInformation.NetworkInterface.GetAllNetworkInterfaces())
+                {
+                    if (nic.Name == _cfg.TunName || nic.OperationalStatus == System.Net.NetworkInformation.OperationalStatus.Down) continue;
+                    foreach (var ua in nic.GetIPProperties().UnicastAddresses)
+                    {
+                        IPAddress ip = ua.Address;
+                        if (IPAddress.IsLoopback(ip) || ip.IsIPv6LinkLocal || ip.IsIPv6Multicast || ip.IsIPv4MappedToIPv6) continue;
+                        var host = new IpPrefix(ip.GetAddressBytes(), ip.AddressFamily == AddressFamily.InterNetworkV6 ? 128 : 32);
+                        if (_cfg.Networks.Exists(n => n.Covers(host))) continue;
+                        if (found.Count < Tune.MaxEndpointsPerMember - 2) found.Add(Endpoint.FromIp(ip, port));
+                    }
+                }
+            }
+            catch (System.Net.NetworkInformation.NetworkInformationException e)
+            {
+                _log.Warn("addresses_unknown", $"error=\"{e.ErrorCode}\" hint=\"members will know this node only by the address they see it at\"");
+            }
+        }
+        Node node = _node!;
+        bool changed = found.Count != node.Mesh.LocalEndpoints.Count || !found.TrueForAll(node.Mesh.LocalEndpoints.Contains);
+        if (!changed) return;
+        node.Mesh.LocalEndpoints.Clear();
+        node.Mesh.LocalEndpoints.AddRange(found);
+        node.ScheduleExchange(Mono.NowMs());
     }
 
     // A joiner that presented a valid invite: written to the config file, then applied by a reload.
@@ -4516,9 +4875,8 @@ internal sealed unsafe class Daemon
             _log.Warn("reload_needs_restart", $"trigger={trigger} keys=\"{keys}\" hint=\"nothing was applied\"");
             return (ReloadCode.NeedsRestart, $"changing {keys} needs a restart; nothing was applied");
         }
-        HashSet<IpPrefix> before = AllowedPrefixes(node);
         node.Apply(next, Mono.NowMs());
-        SyncKernelRoutes(before, AllowedPrefixes(node));
+        SyncKernelRoutes();
         _log.Level = next.LogLevel;
         _log.Json = next.LogJson;
         _mgmt?.SetAcl(next.MgmtAcl);
@@ -4634,7 +4992,404 @@ internal static unsafe partial class Privileges
     }
 }
 
-// ==== 15. Control & management ====================================================================
+// ==== 15. Mesh: membership, peer exchange & claims ===============================================
+// Members tell each other who they are, where they can be reached, which prefixes they serve and
+// which members they know, in control records (RecordFlags.Control) inside their sessions: only
+// members can read or forge them. Two messages (integers big-endian, every count bounded by Tune):
+//   Self     1 ‖ nameLen u8 ‖ name ‖ observed ‖ n u8 ‖ n × endpoint ‖ m u8 ‖ m × claim
+//   Members  2 ‖ n u8 ‖ n × (public key 32 ‖ seen ago, s u32 ‖ k u8 ‖ k × endpoint)
+//   endpoint family u8 (4|6) ‖ address 4|16 ‖ port u16     claim  family u8 ‖ bits u8 ‖ address 4|16 ‖ metric u16
+// "observed" is where the sender sees the receiver: behind a NAT, the receiver's public endpoint.
+// Self goes to a peer when its session comes up, every ExchangeIntervalMs, and (debounced) when
+// something changed; Members follows it, split so no message exceeds MaxExchangeLen. A message is
+// parsed whole and checked before anything is applied; a bad one is counted and dropped.
+// Policy, all decided here: who may be a member (configured keys, or under --mesh anyone whose
+// handshake proves the network secret), which claims are accepted (host routes inside --network,
+// anything inside --accept or the peer's --allow), names bound to the first key seen with them,
+// host addresses to the first member that claims them. Route choice: see Node.RebuildRoutes.
+
+internal readonly record struct Claim(IpPrefix Prefix, int Metric);
+
+/// <summary>A parsed exchange message, reused for every message received.</summary>
+internal sealed class ExchangeMessage
+{
+    internal const byte TypeSelf = 1, TypeMembers = 2;
+    internal const int MaxNameLen = 32, MaxMembers = 32;
+    internal const int EntryFixedLen = Spec.KeyLen + 4 + 1;
+
+    internal byte Type;
+    internal string Name = "";
+    internal Endpoint Observed;
+    internal readonly List<Endpoint> Endpoints = new();
+    internal readonly List<Claim> Claims = new();
+    internal readonly List<(Key32 Key, uint SeenAgoS, int First, int Count)> Members = new();
+    internal readonly List<Endpoint> MemberEndpoints = new();
+
+    /// <summary>True when m is one well-formed message; on false the contents are meaningless.</summary>
+    internal bool Parse(ReadOnlySpan<byte> m)
+    {
+        Endpoints.Clear(); Claims.Clear(); Members.Clear(); MemberEndpoints.Clear();
+        Name = "";
+        if (m.Length is < 2 or > Tune.MaxExchangeLen) return false;
+        Type = m[0];
+        int pos = 1;
+        if (Type == TypeSelf)
+        {
+            int nameLen = m[pos++];
+            if (nameLen is 0 or > MaxNameLen || pos + nameLen > m.Length) return false;
+            foreach (byte c in m.Slice(pos, nameLen))
+                if (!(char.IsAsciiLetterOrDigit((char)c) || c is (byte)'-' or (byte)'_' or (byte)'.')) return false;
+            Name = Encoding.ASCII.GetString(m.Slice(pos, nameLen));
+            pos += nameLen;
+            if (!ReadEndpoint(m, ref pos, out Observed, allowUnset: true)) return false;
+            if (pos >= m.Length || m[pos] > Tune.MaxEndpointsPerMember) return false;
+            for (int n = m[pos++]; n > 0; n--)
+            {
+                if (!ReadEndpoint(m, ref pos, out Endpoint e, allowUnset: false)) return false;
+                Endpoints.Add(e);
+            }
+            if (pos >= m.Length || m[pos] > Tune.MaxClaimsPerMember) return false;
+            for (int n = m[pos++]; n > 0; n--)
+            {
+                if (pos + 2 > m.Length) return false;
+                int family = m[pos], bits = m[pos + 1], len = family == 4 ? 4 : family == 6 ? 16 : 0;
+                if (len == 0 || bits > len * 8 || pos + 2 + len + 2 > m.Length) return false;
+                if (HasHostBits(m.Slice(pos + 2, len), bits)) return false;
+                Claims.Add(new Claim(new IpPrefix(m.Slice(pos + 2, len), bits), BinaryPrimitives.ReadUInt16BigEndian(m[(pos + 2 + len)..])));
+                pos += 2 + len + 2;
+            }
+        }
+        else if (Type == TypeMembers)
+        {
+            if (m[pos] > MaxMembers) return false;
+            for (int n = m[pos++]; n > 0; n--)
+            {
+                if (pos + EntryFixedLen > m.Length) return false;
+                Key32 key = default;
+                m.Slice(pos, Spec.KeyLen).CopyTo(key);
+                uint ago = BinaryPrimitives.ReadUInt32BigEndian(m[(pos + Spec.KeyLen)..]);
+                int count = m[pos + Spec.KeyLen + 4];
+                pos += EntryFixedLen;
+                if (count > Tune.MaxEndpointsPerEntry) return false;
+                int first = MemberEndpoints.Count;
+                for (int k = 0; k < count; k++)
+                {
+                    if (!ReadEndpoint(m, ref pos, out Endpoint e, allowUnset: false)) return false;
+                    MemberEndpoints.Add(e);
+                }
+                Members.Add((key, ago, first, count));
+            }
+        }
+        else return false;
+        return pos == m.Length;
+    }
+
+    // A claim whose address has bits set past its prefix length is malformed, not silently masked.
+    private static bool HasHostBits(ReadOnlySpan<byte> address, int bits)
+    {
+        for (int i = bits; i < address.Length * 8; i++)
+            if ((address[i >> 3] & (0x80 >> (i & 7))) != 0) return true;
+        return false;
+    }
+
+    private static bool ReadEndpoint(ReadOnlySpan<byte> m, ref int pos, out Endpoint e, bool allowUnset)
+    {
+        e = default;
+        if (pos >= m.Length) return false;
+        int len = m[pos] == 4 ? 4 : m[pos] == 6 ? 16 : 0;
+        if (len == 0 || pos + 1 + len + 2 > m.Length) return false;
+        e = len == 4 ? Endpoint.FromV4(BinaryPrimitives.ReadUInt32BigEndian(m[(pos + 1)..]), 0)
+                     : new Endpoint { Address = BinaryPrimitives.ReadUInt128BigEndian(m[(pos + 1)..]) };
+        e.Port = BinaryPrimitives.ReadUInt16BigEndian(m[(pos + 1 + len)..]);
+        pos += 1 + len + 2;
+        return allowUnset || e.IsSet;
+    }
+
+    internal static int EndpointLen(in Endpoint e) => e.IsV4 ? 7 : 19;
+
+    internal static int WriteEndpoint(Span<byte> d, in Endpoint e)
+    {
+        Span<byte> a = stackalloc byte[16];
+        e.WriteAddress16(a);
+        int len = e.IsV4 ? 4 : 16;
+        d[0] = (byte)(e.IsV4 ? 4 : 6);
+        a[(16 - len)..].CopyTo(d[1..]);
+        BinaryPrimitives.WriteUInt16BigEndian(d[(1 + len)..], e.Port);
+        return 1 + len + 2;
+    }
+
+    internal static int WriteSelf(Span<byte> d, string name, in Endpoint observed, List<Endpoint> endpoints, List<Claim> claims)
+    {
+        int pos = 0;
+        d[pos++] = TypeSelf;
+        d[pos++] = (byte)name.Length;
+        pos += Encoding.ASCII.GetBytes(name, d[pos..]);
+        pos += WriteEndpoint(d[pos..], observed);
+        int n = Math.Min(endpoints.Count, Tune.MaxEndpointsPerMember);
+        d[pos++] = (byte)n;
+        for (int i = 0; i < n; i++) pos += WriteEndpoint(d[pos..], endpoints[i]);
+        n = Math.Min(claims.Count, Tune.MaxClaimsPerMember);
+        d[pos++] = (byte)n;
+        for (int i = 0; i < n; i++)
+        {
+            IpPrefix p = claims[i].Prefix;
+            int len = p.IsV6 ? 16 : 4;
+            d[pos] = (byte)(p.IsV6 ? 6 : 4);
+            d[pos + 1] = (byte)p.Bits;
+            p.WriteAddress(d[(pos + 2)..]);
+            BinaryPrimitives.WriteUInt16BigEndian(d[(pos + 2 + len)..], (ushort)claims[i].Metric);
+            pos += 2 + len + 2;
+        }
+        return pos;
+    }
+}
+
+/// <summary>The mesh policy and the exchange: what this node announces, what it accepts, and the
+/// pins that keep names and addresses bound to keys. It acts on the Node it belongs to.</summary>
+internal sealed class Mesh
+{
+    private readonly Node _node;
+    internal bool Open;                                   // --mesh
+    internal string Name = "";
+    internal List<IpPrefix> Networks = new(), Accept = new();
+    internal readonly List<Claim> OwnClaims = new();
+    internal readonly List<IpPrefix> OwnHosts = new();    // this node's overlay addresses, as host prefixes
+    internal readonly List<Endpoint> LocalEndpoints = new();   // interface addresses + port, set by the daemon
+    internal readonly List<Endpoint> Observed = new();         // how peers see us, newest last
+    private const int MaxObserved = 2;
+    private readonly Dictionary<string, KeyId> _nameOwner = new();
+    private readonly Dictionary<KeyId, string> _keyName = new();
+    private readonly Dictionary<IpPrefix, KeyId> _addressOwner = new();
+    private readonly ExchangeMessage _in = new();
+    private readonly byte[] _out = new byte[Tune.MaxExchangeLen];
+    private readonly List<Endpoint> _scratch = new();
+    internal long SentBytes, SentMessages, ReceivedMessages, Rejected, ClaimsRefused, MembersLearned, MembersForgotten;
+
+    internal Mesh(Node node) { _node = node; }
+
+    /// <summary>Takes the mesh keys of a (re)loaded config; true when what we announce changed.</summary>
+    internal bool Configure(UpConfig cfg)
+    {
+        var claims = new List<Claim>();
+        OwnHosts.Clear();
+        foreach (IfAddress a in cfg.Addresses)
+        {
+            var host = new IpPrefix(a.Address.GetAddressBytes(), a.IsV6 ? 128 : 32);
+            OwnHosts.Add(host);
+            claims.Add(new Claim(host, cfg.Metric));
+        }
+        foreach (IpPrefix c in cfg.Claims) claims.Add(new Claim(c, cfg.Metric));
+        bool changed = !SameClaims(claims, OwnClaims) || Name != NameOf(cfg);
+        OwnClaims.Clear();
+        OwnClaims.AddRange(claims);
+        Open = cfg.Mesh;
+        Name = NameOf(cfg);
+        Networks = new List<IpPrefix>(cfg.Networks);
+        Accept = new List<IpPrefix>(cfg.Accept);
+        return changed;
+    }
+
+    private static string NameOf(UpConfig cfg) => cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.ToBase64()[..8].Replace('+', '-').Replace('/', '_');
+
+    private static bool SameClaims(List<Claim> a, List<Claim> b)
+    {
+        if (a.Count != b.Count) return false;
+        foreach (Claim c in a)
+            if (!b.Contains(c)) return false;
+        return true;
+    }
+
+    /// <summary>Our side of the exchange with p: Self, then the members p may not know.</summary>
+    internal void SendTo(Peer p, long nowMs)
+    {
+        p.ExchangeAtMs = nowMs + Tune.ExchangeIntervalMs;
+        _scratch.Clear();
+        foreach (Endpoint e in LocalEndpoints) AddBounded(_scratch, e, Tune.MaxEndpointsPerMember);
+        foreach (Endpoint e in Observed) AddBounded(_scratch, e, Tune.MaxEndpointsPerMember);
+        int len = ExchangeMessage.WriteSelf(_out, Name, p.Endpoint, _scratch, OwnClaims);
+        if (!Send(p, len, nowMs)) return;
+        Span<byte> d = _out;
+        int pos = 2, count = 0;
+        foreach (Peer q in _node.Peers)
+        {
+            if (!q.Active || !q.Up || q == p) continue;
+            _scratch.Clear();
+            if (q.Endpoint.IsSet) _scratch.Add(q.Endpoint);
+            foreach (Endpoint e in q.Announced) AddBounded(_scratch, e, Tune.MaxEndpointsPerEntry);
+            int entryLen = ExchangeMessage.EntryFixedLen;
+            foreach (Endpoint e in _scratch) entryLen += ExchangeMessage.EndpointLen(e);
+            if (pos + entryLen > Tune.MaxExchangeLen || count == ExchangeMessage.MaxMembers)
+            {
+                if (!SendMembers(p, pos, count, nowMs)) return;
+                pos = 2; count = 0;
+            }
+            ((ReadOnlySpan<byte>)q.PublicKey).CopyTo(d[pos..]);
+            long seen = q.LastRxMs < 0 ? 0 : Math.Max(0, nowMs - q.LastRxMs) / 1000;
+            BinaryPrimitives.WriteUInt32BigEndian(d[(pos + Spec.KeyLen)..], (uint)Math.Min(seen, uint.MaxValue));
+            d[pos + Spec.KeyLen + 4] = (byte)_scratch.Count;
+            pos += ExchangeMessage.EntryFixedLen;
+            foreach (Endpoint e in _scratch) pos += ExchangeMessage.WriteEndpoint(d[pos..], e);
+            count++;
+        }
+        if (count > 0) SendMembers(p, pos, count, nowMs);
+    }
+
+    private bool SendMembers(Peer p, int len, int count, long nowMs)
+    {
+        _out[0] = ExchangeMessage.TypeMembers;
+        _out[1] = (byte)count;
+        return Send(p, len, nowMs);
+    }
+
+    private bool Send(Peer p, int len, long nowMs)
+    {
+        if (!_node.SendControl(p, _out.AsSpan(0, len), nowMs)) return false;
+        SentBytes += len;
+        SentMessages++;
+        return true;
+    }
+
+    private static void AddBounded(List<Endpoint> list, in Endpoint e, int max)
+    {
+        if (list.Count < max && e.IsSet && !list.Contains(e)) list.Add(e);
+    }
+
+    /// <summary>An exchange message from member p: checked whole, then applied.</summary>
+    internal void Receive(Peer p, ReadOnlySpan<byte> payload, long nowMs)
+    {
+        if (!_in.Parse(payload))
+        {
+            Rejected++;
+            _node.Counters.Drop(DropReason.BadExchange);
+            if (_node.Log.Wants(LogLevel.Warn, "exchange_rejected"))
+                _node.Log.Emit(LogLevel.Warn, "exchange_rejected", $"peer={p.Name} len={payload.Length} hint=\"a member sent a malformed or oversized exchange message; nothing of it was applied\"");
+            return;
+        }
+        ReceivedMessages++;
+        if (_in.Type == ExchangeMessage.TypeSelf) ApplySelf(p, nowMs);
+        else ApplyMembers(p, nowMs);
+    }
+
+    private void ApplySelf(Peer p, long nowMs)
+    {
+        AdoptName(p, _in.Name);
+        p.Announced.Clear();
+        foreach (Endpoint e in _in.Endpoints) p.Announced.Add(e);
+        if (_in.Observed.IsSet && !Observed.Contains(_in.Observed))
+        {
+            if (Observed.Count == MaxObserved) Observed.RemoveAt(0);
+            Observed.Add(_in.Observed);         // told with the next exchange: members' own view of us matters more
+        }
+        var accepted = new List<Claim>();
+        foreach (Claim c in _in.Claims)
+        {
+            string? why = Refusal(p, c.Prefix);
+            if (why == null) { accepted.Add(c); continue; }
+            ClaimsRefused++;
+            if (_node.Log.Wants(LogLevel.Warn, "claim_refused"))
+                _node.Log.Emit(LogLevel.Warn, "claim_refused", $"peer={p.Name} prefix={c.Prefix} reason={why} hint=\"accept it with --accept {c.Prefix}, or --allow on that peer\"");
+        }
+        p.ClaimsExpireAtMs = nowMs + Tune.ClaimLifetimeMs;
+        if (SameClaims(accepted, p.Claims)) return;
+        p.Claims.Clear();
+        p.Claims.AddRange(accepted);
+        _node.Log.Info("claims_changed", $"peer={p.Name} claims={accepted.Count}");
+        _node.RebuildRoutes();
+    }
+
+    // A name, once announced with a key, stays with that key: a second key announcing it, or the
+    // key announcing another name, is refused and logged (the peer keeps its earlier name).
+    private void AdoptName(Peer p, string name)
+    {
+        var id = KeyId.Of(p.PublicKey);
+        if (_keyName.TryGetValue(id, out string? pinned))
+        {
+            if (pinned != name && _node.Log.Wants(LogLevel.Warn, "name_conflict"))
+                _node.Log.Emit(LogLevel.Warn, "name_conflict", $"peer={p.Name} announced={name} pinned={pinned} reason=key_has_another_name");
+            return;
+        }
+        bool taken = _nameOwner.TryGetValue(name, out KeyId owner) && owner != id;
+        if (!taken)
+            foreach (Peer q in _node.Peers)
+                if (q.Active && q != p && q.Name == name) taken = true;
+        if (taken || name == Name)
+        {
+            if (_node.Log.Wants(LogLevel.Warn, "name_conflict"))
+                _node.Log.Emit(LogLevel.Warn, "name_conflict", $"peer={p.Name} announced={name} reason=name_has_another_key");
+            return;
+        }
+        if (_keyName.Count >= Tune.MaxNamePins) return;
+        _keyName[id] = name;
+        _nameOwner[name] = id;
+        if (p.Learned || p.Name == p.PublicKey.ToBase64()[..8]) p.Name = name;
+    }
+
+    /// <summary>Why p may not claim prefix (null: it may). Pins host addresses to the first claimant.</summary>
+    internal string? Refusal(Peer p, IpPrefix prefix)
+    {
+        foreach (IpPrefix own in OwnHosts)
+            if (own.Equals(prefix)) return "our_address";
+        foreach (IpPrefix a in p.Allowed)
+            if (a.Covers(prefix)) return null;
+        foreach (IpPrefix a in Accept)
+            if (a.Covers(prefix)) return null;
+        if (prefix.Bits != prefix.MaxBits) return prefix.Bits == 0 ? "default_route_not_accepted" : "not_accepted";
+        bool inNetwork = false;
+        foreach (IpPrefix n in Networks) inNetwork |= n.Covers(prefix);
+        if (!inNetwork) return "outside_network";
+        var id = KeyId.Of(p.PublicKey);
+        if (_addressOwner.TryGetValue(prefix, out KeyId owner)) return owner == id ? null : "address_of_another_member";
+        foreach (Peer q in _node.Peers)
+            if (q.Active && q != p)
+                foreach (IpPrefix a in q.Allowed)
+                    if (a.Covers(prefix)) return "address_of_another_member";
+        if (_addressOwner.Count >= Tune.MaxNamePins) return "too_many_addresses";
+        _addressOwner[prefix] = id;
+        return null;
+    }
+
+    /// <summary>Drops the pins of a forgotten member's addresses (its name stays bound to its key).</summary>
+    internal void Forget(Peer p)
+    {
+        var id = KeyId.Of(p.PublicKey);
+        var mine = new List<IpPrefix>();
+        foreach (var (prefix, owner) in _addressOwner)
+            if (owner == id) mine.Add(prefix);
+        foreach (IpPrefix prefix in mine) _addressOwner.Remove(prefix);
+    }
+
+    private void ApplyMembers(Peer from, long nowMs)
+    {
+        foreach (var (key, agoS, first, count) in _in.Members)
+        {
+            if (key.EqualsCt(_node.Handshaker.PublicKey)) continue;
+            long seenMs = nowMs - Math.Min(agoS, (uint)(Tune.ForgetMemberAfterMs / 1000)) * 1000L;
+            Peer? q = _node.FindPeer(key);
+            if (q == from) continue;
+            if (q == null)
+            {
+                if (!Open || nowMs - seenMs >= Tune.ForgetMemberAfterMs) continue;
+                q = _node.AddLearned(key, nowMs, provisional: false);
+                if (q == null) continue;
+                MembersLearned++;
+                _node.Log.Info("member_learned", $"peer={q.Name} via={from.Name} endpoints={count}");
+            }
+            q.LastSeenMs = Math.Max(q.LastSeenMs, seenMs);
+            if (q.Up) continue;
+            for (int i = 0; i < count; i++)
+            {
+                Endpoint e = _in.MemberEndpoints[first + i];
+                if (q.Candidates.Contains(e)) continue;
+                if (q.Candidates.Count == Tune.MaxEndpointsPerMember) q.Candidates.RemoveAt(0);
+                q.Candidates.Add(e);
+            }
+            if (!q.Endpoint.IsSet && q.Candidates.Count > 0) q.Endpoint = q.Candidates[0];
+            if (q.Endpoint.IsSet && q.Pending == null && q.ReconnectAtMs == 0) q.ReconnectAtMs = nowMs;
+        }
+    }
+}
+
+// ==== 16. Control & management ====================================================================
 // Everything that reports on or steers a running node, served on the loop thread:
 //   ControlServer  a Unix stream socket (mode 0600): one request line — status, peers, routes (each
 //                  optionally followed by "json"), reload, down — answered, then closed. Requests are
@@ -4699,7 +5454,9 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append("\npeer: ").Append(p.Name).Append(" (").Append(p.PublicKey.ToBase64()).Append(")\n");
         sb.Append("  state: ").Append(p.State(nowMs, Spec.RejectAfterTimeMs)).Append('\n');
         if (p.Endpoint.IsSet) sb.Append("  endpoint: ").Append(p.Endpoint).Append('\n');
+        sb.Append("  source: ").Append(Source(p)).Append('\n');
         sb.Append("  allowed ips: ").Append(p.Allowed.Count == 0 ? "(none)" : string.Join(", ", p.Allowed)).Append('\n');
+        if (p.Claims.Count > 0) sb.Append("  claims: ").Append(string.Join(", ", p.Claims.ConvertAll(c => $"{c.Prefix} metric {c.Metric}"))).Append('\n');
         sb.Append("  latest handshake: ").Append(Ago(p.LastHandshakeMs < 0 ? -1 : nowMs - p.LastHandshakeMs)).Append('\n');
         sb.Append("  transfer: ").Append(p.RxBytes).Append(" B received, ").Append(p.TxBytes).Append(" B sent\n");
         if (p.PersistentKeepaliveMs > 0) sb.Append("  persistent keepalive: every ").Append(p.PersistentKeepaliveMs / 1000).Append(" s\n");
@@ -4713,11 +5470,14 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         return sb.Length == 0 ? "no peers\n" : sb.ToString()[1..];
     }
 
+    private static string Source(Peer p) => p.Learned ? "learned" : "static";
+
     internal string RoutesText()
     {
         var sb = new StringBuilder();
-        foreach (var (prefix, peerId) in node.Routes.Entries())
-            sb.Append(prefix.ToString().PadRight(44)).Append(' ').Append(node.Peers[peerId].Name).Append('\n');
+        foreach (RouteEntry r in node.RouteList)
+            sb.Append(r.Prefix.ToString().PadRight(44)).Append(' ').Append(node.Peers[r.PeerId].Name.PadRight(16))
+              .Append(r.Claim ? " claim metric " + r.Metric : " allow").Append('\n');
         return sb.Length == 0 ? "no routes\n" : sb.ToString();
     }
 
@@ -4763,7 +5523,19 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
           .Append(",\"max_sessions\":").Append(a.MaxSessions).Append(",\"sessions\":").Append(node.Indexes.SessionCount)
           .Append(",\"tracked_sources\":").Append(a.TrackedSources)
           .Append(",\"refused\":{\"rate_source\":").Append(a.RefusedSource).Append(",\"rate_global\":").Append(a.RefusedGlobal)
-          .Append(",\"max_sessions\":").Append(a.RefusedSessions).Append("}}}\n");
+          .Append(",\"max_sessions\":").Append(a.RefusedSessions).Append("}}");
+        Mesh m = node.Mesh;
+        sb.Append(",\"mesh\":{\"name\":");
+        Str(sb, m.Name);
+        sb.Append(",\"policy\":\"").Append(m.Open ? "network" : "explicit").Append("\",\"endpoints\":[");
+        for (int i = 0; i < m.LocalEndpoints.Count + m.Observed.Count; i++)
+            sb.Append(i > 0 ? "," : "").Append('"').Append(i < m.LocalEndpoints.Count ? m.LocalEndpoints[i] : m.Observed[i - m.LocalEndpoints.Count]).Append('"');
+        sb.Append("],\"claims\":[");
+        for (int i = 0; i < m.OwnClaims.Count; i++) sb.Append(i > 0 ? "," : "").Append('"').Append(m.OwnClaims[i].Prefix).Append('"');
+        sb.Append("],\"exchange_sent_messages\":").Append(m.SentMessages).Append(",\"exchange_sent_bytes\":").Append(m.SentBytes)
+          .Append(",\"exchange_received_messages\":").Append(m.ReceivedMessages).Append(",\"exchange_rejected\":").Append(m.Rejected)
+          .Append(",\"claims_refused\":").Append(m.ClaimsRefused).Append(",\"members_learned\":").Append(m.MembersLearned)
+          .Append(",\"members_forgotten\":").Append(m.MembersForgotten).Append("}}\n");
         return sb.ToString();
     }
 
@@ -4791,8 +5563,13 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
               .Append(",\"handshakes\":").Append(p.Handshakes)
               .Append(",\"keepalive_seconds\":").Append(p.PersistentKeepaliveMs / 1000)
               .Append(",\"aead\":").Append(p.Current != null ? "\"" + p.Current.AeadKind + "\"" : "null")
+              .Append(",\"source\":\"").Append(Source(p))
+              .Append("\",\"last_seen_s\":").Append(p.LastRxMs < 0 ? -1 : (nowMs - p.LastRxMs) / 1000)
               .Append(",\"allowed\":[");
             for (int j = 0; j < p.Allowed.Count; j++) sb.Append(j > 0 ? "," : "").Append('"').Append(p.Allowed[j]).Append('"');
+            sb.Append("],\"claims\":[");
+            for (int j = 0; j < p.Claims.Count; j++)
+                sb.Append(j > 0 ? "," : "").Append("{\"prefix\":\"").Append(p.Claims[j].Prefix).Append("\",\"metric\":").Append(p.Claims[j].Metric).Append('}');
             sb.Append("]}");
             first = false;
         }
@@ -4810,11 +5587,11 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     {
         sb.Append('[');
         bool first = true;
-        foreach (var (prefix, peerId) in node.Routes.Entries())
+        foreach (RouteEntry r in node.RouteList)
         {
-            sb.Append(first ? "" : ",").Append("{\"prefix\":\"").Append(prefix).Append("\",\"peer\":");
-            Str(sb, node.Peers[peerId].Name);
-            sb.Append('}');
+            sb.Append(first ? "" : ",").Append("{\"prefix\":\"").Append(r.Prefix).Append("\",\"peer\":");
+            Str(sb, node.Peers[r.PeerId].Name);
+            sb.Append(",\"metric\":").Append(r.Metric).Append(",\"origin\":\"").Append(r.Claim ? "claim" : "allow").Append("\"}");
             first = false;
         }
         sb.Append(']');
@@ -4862,6 +5639,11 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append("veil_admission_refused_total{reason=\"rate_source\"} ").Append(a.RefusedSource).Append('\n');
         sb.Append("veil_admission_refused_total{reason=\"rate_global\"} ").Append(a.RefusedGlobal).Append('\n');
         sb.Append("veil_admission_refused_total{reason=\"max_sessions\"} ").Append(a.RefusedSessions).Append('\n');
+        Mesh m = node.Mesh;
+        One("veil_mesh_exchange_sent_bytes_total", "counter", "Bytes of peer-exchange messages sent.", m.SentBytes);
+        One("veil_mesh_exchange_rejected_total", "counter", "Peer-exchange messages dropped as malformed or oversized.", m.Rejected);
+        One("veil_mesh_claims_refused_total", "counter", "Claims refused by the claim policy.", m.ClaimsRefused);
+        One("veil_mesh_routes", "gauge", "Prefixes in the route table.", node.RouteList.Count);
         var shown = new List<Peer>();
         foreach (Peer p in ActivePeers()) if (shown.Count < MaxMetricPeers) shown.Add(p);
         void PeerSeries(string name, string type, string help, Func<Peer, double> value)
@@ -5255,7 +6037,7 @@ internal sealed unsafe class MgmtServer : IDisposable
     }
 }
 
-// ==== 16. CLI ====================================================================================
+// ==== 17. CLI ====================================================================================
 // The verbs other than `up`: key generation, asking the running daemon, version and help. Each bad
 // input is one line on stderr and exit status 2; an unreachable daemon is exit status 1.
 
@@ -5473,7 +6255,7 @@ internal static class Bench
     }
 }
 
-// ==== 17. Onboarding =============================================================================
+// ==== 18. Onboarding =============================================================================
 // Getting a node into a network without copying keys by hand:
 //   veil init      a private key (0600) and a config file, written atomically, never over an old key
 //   veil invite    asks the running daemon for a one-time token: network name and prefix, the

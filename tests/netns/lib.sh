@@ -86,9 +86,10 @@ now_ms() { echo $(($(date +%s%N) / 1000000)); }
 
 # ---- setup and teardown ---------------------------------------------------------------------
 
-# net_setup -- temp dir, two namespaces joined by a veth, v4+v6 underlay, lo up,
-# and an underlay ping in both families (bounded)
-net_setup() {
+# net_begin -- what every scenario needs before its first namespace: root, the binary and the
+# tools, the temp dir, and the EXIT trap (cleanup). net_setup calls it; a scenario that builds
+# its own topology (mesh.sh) calls it instead of net_setup and appends its namespaces to NS_ALL.
+net_begin() {
 	[[ $EUID -eq 0 ]] || die "must run as root (network namespaces, TUN)"
 	[[ -x "$VEIL" ]] || die "veil binary not found or not executable: $VEIL (make build, or set VEIL_BIN)"
 	local c
@@ -101,6 +102,12 @@ net_setup() {
 	exec 8>&1 9>&2
 	trap cleanup EXIT
 	trap 'exit 143' TERM INT
+}
+
+# net_setup -- temp dir, two namespaces joined by a veth, v4+v6 underlay, lo up,
+# and an underlay ping in both families (bounded)
+net_setup() {
+	net_begin
 	ip netns add "$NS_a" || die "ip netns add $NS_a"
 	ip netns add "$NS_b" || die "ip netns add $NS_b"
 	ip link add "$VETH" netns "$NS_a" type veth peer name "$VETH" netns "$NS_b" || die "veth"
@@ -315,7 +322,6 @@ ping_ok() {
 	nsx "$1" timeout --foreground $((${3:-5} + 3)) ping -c 1 -W "${3:-5}" -q "$2" >/dev/null 2>&1
 }
 
-# tun_packets NODE rx|tx -- the kernel's packet counter for NODE's TUN
 # ping_within NODE ADDR SECONDS -- one-second pings until one is answered or SECONDS pass;
 # sets WAITED_MS to the time it took (or waited), returns 0 when answered
 ping_within() {
@@ -329,6 +335,21 @@ ping_within() {
 	return 1
 }
 
+# wait_until SECONDS CMD... -- run CMD every 0.2 s until it succeeds or SECONDS pass; sets
+# WAITED_MS to the time it took (or waited), returns 0 when CMD succeeded
+wait_until() {
+	local secs=$1 t0 i; shift
+	t0=$(now_ms)
+	for ((i = 0; i < secs * 5 + 1; i++)); do
+		if "$@"; then WAITED_MS=$(($(now_ms) - t0)); return 0; fi
+		(($(now_ms) - t0 < secs * 1000)) || break
+		sleep 0.2
+	done
+	WAITED_MS=$(($(now_ms) - t0))
+	return 1
+}
+
+# tun_packets NODE rx|tx -- the kernel's packet counter for NODE's TUN
 tun_packets() {
 	ip -n "$(ns "$1")" -s -j link show dev "$(tun "$1")" 2>/dev/null | jq -r ".[0].stats64.$2.packets"
 }
