@@ -3820,9 +3820,21 @@ internal sealed class Node
     {
         Peer? p = FindPeer(key);
         if (p != null || !Mesh.Open) return p;
+        // When the provisional table is full the oldest entry makes room: strangers flooding hellos
+        // cannot keep a real member out for a whole ProvisionalLifetimeMs.
         int provisional = 0;
-        foreach (Peer q in Peers) if (q.Active && q.Provisional) provisional++;
-        if (provisional >= Tune.MaxProvisionalPeers) return null;
+        Peer? oldest = null;
+        foreach (Peer q in Peers)
+            if (q.Active && q.Provisional)
+            {
+                provisional++;
+                if (oldest == null || q.CreatedMs < oldest.CreatedMs) oldest = q;
+            }
+        if (provisional >= Tune.MaxProvisionalPeers && oldest != null)
+        {
+            RemovePeer(oldest, "displaced");
+            RebuildRoutes();
+        }
         return AddLearned(key, _admitNowMs, provisional: true);
     }
 
@@ -5118,6 +5130,17 @@ internal sealed class ExchangeMessage
         return 1 + len + 2;
     }
 
+    /// <summary>One entry of a Members message; the caller writes the type and count bytes.</summary>
+    internal static int WriteEntry(Span<byte> d, in Key32 key, uint seenAgoS, List<Endpoint> endpoints)
+    {
+        ((ReadOnlySpan<byte>)key).CopyTo(d);
+        BinaryPrimitives.WriteUInt32BigEndian(d[Spec.KeyLen..], seenAgoS);
+        d[Spec.KeyLen + 4] = (byte)endpoints.Count;
+        int pos = EntryFixedLen;
+        foreach (Endpoint e in endpoints) pos += WriteEndpoint(d[pos..], e);
+        return pos;
+    }
+
     internal static int WriteSelf(Span<byte> d, string name, in Endpoint observed, List<Endpoint> endpoints, List<Claim> claims)
     {
         int pos = 0;
@@ -5223,12 +5246,8 @@ internal sealed class Mesh
                 if (!SendMembers(p, pos, count, nowMs)) return;
                 pos = 2; count = 0;
             }
-            ((ReadOnlySpan<byte>)q.PublicKey).CopyTo(d[pos..]);
-            long seen = q.LastRxMs < 0 ? 0 : Math.Max(0, nowMs - q.LastRxMs) / 1000;
-            BinaryPrimitives.WriteUInt32BigEndian(d[(pos + Spec.KeyLen)..], (uint)Math.Min(seen, uint.MaxValue));
-            d[pos + Spec.KeyLen + 4] = (byte)_scratch.Count;
-            pos += ExchangeMessage.EntryFixedLen;
-            foreach (Endpoint e in _scratch) pos += ExchangeMessage.WriteEndpoint(d[pos..], e);
+            long seenS = q.LastRxMs < 0 ? 0 : Math.Max(0, nowMs - q.LastRxMs) / 1000;
+            pos += ExchangeMessage.WriteEntry(d[pos..], q.PublicKey, (uint)Math.Min(seenS, uint.MaxValue), _scratch);
             count++;
         }
         if (count > 0) SendMembers(p, pos, count, nowMs);
@@ -6120,8 +6139,21 @@ internal static class Cli
                   --psk FILE              network secret (base64, mode 0600; 'veil genpsk')
                   --mtu N                 interface MTU (default: from the route to the peers, 1420
                                           for a 1500-byte IPv4 underlay, 1400 over IPv6)
-                  --keepalive SECONDS     send a keepalive at least this often (0 = off, default)
+                  --keepalive SECONDS     send a keepalive at least this often (default 0 = off; 10 with
+                                          --mesh); a peer silent for 3 keepalives is marked down
                   --rekey-after SECONDS   rotate keys after this long (default 120; tests use less)
+                mesh:
+                  --mesh                  membership by network secret: any node whose handshake proves
+                                          --psk is a member, and members learned from others are
+                                          contacted directly (without it: only --peer and --trust keys)
+                  --trust PUBKEY          this key may be a member; its endpoint is learned (repeatable)
+                  --name NAME             this node's name in the mesh (default: start of its key)
+                  --claim CIDR            announce a subnet behind this node (repeatable); the --address
+                                          host routes are always announced
+                  --metric N              metric of this node's claims, lower wins (default 100)
+                  --network CIDR          the network prefix: other members' host addresses inside it
+                                          are accepted (default: the networks of --address)
+                  --accept CIDR           also accept members' claims inside CIDR (repeatable)
                   --control PATH          control socket (default /var/run/veil.sock)
                   --log-level LEVEL       error|warn|info|debug (default info)
                   --log-format FORMAT     text|json (default text)

@@ -184,9 +184,10 @@ public class ExampleConfigTests
         string text = File.ReadAllText(Path.Combine(FindRepo(), "veil.toml.example"));
         TomlDoc doc = TomlDoc.Parse(text, "veil.toml.example");
         foreach (string key in new[] { "key", "listen", "address", "tun", "keepalive", "rekey_after", "control", "mgmt", "mgmt_acl",
-                                       "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format" })
+                                       "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format",
+                                       "claim", "metric", "accept" })
             Assert.True(doc.Root.ContainsKey(key), key);
-        foreach (string commented in new[] { "# psk = ", "# mtu = ", "# user = " }) Assert.Contains(commented, text);
+        foreach (string commented in new[] { "# psk = ", "# mtu = ", "# user = ", "# mesh = ", "# name = ", "# trust = ", "# network = " }) Assert.Contains(commented, text);
         var peer = Assert.Single(doc.TableArrays["peer"]);
         foreach (string key in new[] { "name", "public_key", "endpoint", "allowed_ips", "keepalive" }) Assert.True(peer.ContainsKey(key), key);
     }
