@@ -4850,8 +4850,12 @@ internal sealed unsafe class Daemon
         var used = new HashSet<uint> { BinaryPrimitives.ReadUInt32BigEndian(own.Address.GetAddressBytes()) };
         foreach (Peer p in node.Peers)
             if (p.Active)
-                foreach (IpPrefix a in p.Allowed)
+            {
+                var taken = new List<IpPrefix>(p.Allowed);
+                foreach (Claim c in p.Claims) taken.Add(c.Prefix);
+                foreach (IpPrefix a in taken)
                     if (!a.IsV6) { byte[] b = new byte[4]; a.WriteAddress(b); used.Add(BinaryPrimitives.ReadUInt32BigEndian(b)); }
+            }
         foreach (IPAddress r in node.Invites!.ReservedAddresses()) used.Add(BinaryPrimitives.ReadUInt32BigEndian(r.GetAddressBytes()));
         uint mask = own.Bits == 0 ? 0 : uint.MaxValue << (32 - own.Bits);
         uint net = BinaryPrimitives.ReadUInt32BigEndian(own.Address.GetAddressBytes()) & mask;
