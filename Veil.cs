@@ -1227,8 +1227,8 @@ internal static unsafe partial class Libc
     [LibraryImport("libc", EntryPoint = "getsockname", SetLastError = true)] internal static partial int GetSockName(int fd, byte* addr, int* len);
     [LibraryImport("libc", EntryPoint = "sendto", SetLastError = true)] internal static partial nint SendTo(int fd, byte* buf, nuint len, int flags, byte* addr, int addrLen);
     [LibraryImport("libc", EntryPoint = "writev", SetLastError = true)] internal static partial nint Writev(int fd, IoVec* iov, int count);
-    [LibraryImport("libc", EntryPoint = "sendmsg", SetLastError = true)] internal static partial nint SendMsg(int fd, MsgHdr* msg, int flags);
-    [LibraryImport("libc", EntryPoint = "recvmsg", SetLastError = true)] internal static partial nint RecvMsg(int fd, MsgHdr* msg, int flags);
+    [LibraryImport("libc", EntryPoint = "sendmmsg", SetLastError = true)] internal static partial int SendMMsg(int fd, MMsgHdr* msgs, uint count, int flags);
+    [LibraryImport("libc", EntryPoint = "recvmmsg", SetLastError = true)] internal static partial int RecvMMsg(int fd, MMsgHdr* msgs, uint count, int flags, nint timeout);
     [LibraryImport("libc", EntryPoint = "recvfrom", SetLastError = true)] internal static partial nint RecvFrom(int fd, byte* buf, nuint len, int flags, byte* addr, int* addrLen);
     [LibraryImport("libc", EntryPoint = "epoll_create1", SetLastError = true)] internal static partial int EpollCreate1(int flags);
     [LibraryImport("libc", EntryPoint = "epoll_ctl", SetLastError = true)] internal static partial int EpollCtl(int epfd, int op, int fd, byte* ev);
@@ -3457,6 +3457,14 @@ internal struct MsgHdr
     internal int Flags;
 }
 
+/// <summary>struct mmsghdr: a msghdr and the byte count the kernel fills in (padded to pointer size).</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct MMsgHdr
+{
+    internal MsgHdr Hdr;
+    internal uint Len;
+}
+
 [StructLayout(LayoutKind.Sequential)]
 internal struct IoVec
 {
@@ -3475,11 +3483,23 @@ internal sealed unsafe class UdpSocket : IUdp
     public int LocalPort { get; }
     internal bool Gso, Gro;                            // kernel offloads in use (probed, dropped on refusal)
     internal Action<string>? OnOffloadOff;             // told once when the kernel refuses an offload
-    // GRO: one receive may carry many datagrams of one size; segments not yet handed out wait here.
-    private readonly byte[] _rx = GC.AllocateUninitializedArray<byte>(65536, pinned: true);
-    private int _rxOffset, _rxEnd, _rxSegment;
-    private Endpoint _rxFrom;
-    private readonly IoVec[] _iov = GC.AllocateArray<IoVec>(MaxGsoSegments, pinned: true);
+    // Receive: one recvmmsg fills up to RxMessages buffers; with GRO each may carry many datagrams
+    // of one size (the last may be shorter). Datagrams not yet handed out wait here.
+    private const int RxMessages = 8, RxBufferLen = 65536, ControlLen = 64;
+    private readonly byte[] _rx = GC.AllocateUninitializedArray<byte>(RxMessages * RxBufferLen, pinned: true);
+    private readonly byte[] _rxNames = GC.AllocateArray<byte>(RxMessages * Libc.SockaddrIn6Len, pinned: true);
+    private readonly byte[] _rxControl = GC.AllocateArray<byte>(RxMessages * ControlLen, pinned: true);
+    private readonly MMsgHdr[] _rxMsgs = GC.AllocateArray<MMsgHdr>(RxMessages, pinned: true);
+    private readonly IoVec[] _rxIov = GC.AllocateArray<IoVec>(RxMessages, pinned: true);
+    private readonly int[] _rxSegment = new int[RxMessages];
+    private readonly Endpoint[] _rxFrom = new Endpoint[RxMessages];
+    private int _rxMsg, _rxMsgCount, _rxOffset;
+    // Send: one sendmmsg per batch; a message is a GSO run or a single datagram.
+    private readonly MMsgHdr[] _txMsgs = GC.AllocateArray<MMsgHdr>(Tune.BatchSize, pinned: true);
+    private readonly IoVec[] _iov = GC.AllocateArray<IoVec>(Tune.BatchSize, pinned: true);
+    private readonly byte[] _txNames = GC.AllocateArray<byte>(Tune.BatchSize * Libc.SockaddrIn6Len, pinned: true);
+    private readonly byte[] _txControl = GC.AllocateArray<byte>(Tune.BatchSize * 32, pinned: true);
+    private readonly int[] _txFirst = new int[Tune.BatchSize], _txEnd = new int[Tune.BatchSize];
 
     private UdpSocket(int fd, bool v6, int port)
     {
@@ -3496,124 +3516,149 @@ internal sealed unsafe class UdpSocket : IUdp
 
     public int ReceiveBatch(PacketBatch b)
     {
-        if (!Gro) return ReceiveEach(this, b);
         int added = 0;
         while (b.Count < b.Capacity)
         {
-            if (_rxOffset < _rxEnd)
+            if (_rxMsg < _rxMsgCount)
             {
-                int n = Math.Min(_rxSegment, _rxEnd - _rxOffset);
-                _rx.AsSpan(_rxOffset, n).CopyTo(b.Slot(b.Count));
+                int end = (int)_rxMsgs[_rxMsg].Len;
+                if (_rxOffset >= end) { _rxMsg++; _rxOffset = 0; continue; }
+                int n = Math.Min(_rxSegment[_rxMsg], end - _rxOffset);
+                _rx.AsSpan(_rxMsg * RxBufferLen + _rxOffset, n).CopyTo(b.Slot(b.Count));
                 _rxOffset += n;
                 b.Offset[b.Count] = 0;
                 b.Length[b.Count] = n;
-                b.Endpoints[b.Count] = _rxFrom;
+                b.Endpoints[b.Count] = _rxFrom[_rxMsg];
                 b.Count++;
                 added++;
                 continue;
             }
-            if (!ReceiveCoalesced()) break;
+            if (!ReceiveMessages()) break;
         }
         return added;
     }
 
-    /// <summary>One datagram per call into each free slot, for a socket without GRO (and tests).</summary>
-    internal static int ReceiveEach(IUdp udp, PacketBatch b)
+    // One recvmmsg into the receive buffers; a UDP_GRO control message gives a buffer's datagram size.
+    private bool ReceiveMessages()
     {
-        int added = 0;
-        while (b.Count < b.Capacity)
-        {
-            int n = udp.Receive(b.Slot(b.Count), out b.Endpoints[b.Count]);
-            if (n <= 0) break;
-            b.Offset[b.Count] = 0;
-            b.Length[b.Count] = n;
-            b.Count++;
-            added++;
-        }
-        return added;
-    }
-
-    // One recvmsg; a UDP_GRO control message says the size of the datagrams it carries.
-    private bool ReceiveCoalesced()
-    {
-        byte* sa = stackalloc byte[Libc.SockaddrIn6Len];
-        byte* control = stackalloc byte[64];
+        _rxMsg = _rxMsgCount = _rxOffset = 0;
         fixed (byte* buf = _rx)
+        fixed (byte* names = _rxNames)
+        fixed (byte* control = _rxControl)
+        fixed (IoVec* iov = _rxIov)
+        fixed (MMsgHdr* msgs = _rxMsgs)
         {
-            var iov = new IoVec { Base = (nint)buf, Len = (nuint)_rx.Length };
-            var msg = new MsgHdr { Name = (nint)sa, NameLen = Libc.SockaddrIn6Len, Iov = (nint)(&iov), IovLen = 1, Control = (nint)control, ControlLen = 64 };
-            nint n = Libc.RecvMsg(_fd, &msg, 0);
-            if (n <= 0) return false;
-            if (!Libc.TryReadSockaddr(new ReadOnlySpan<byte>(sa, Libc.SockaddrIn6Len), msg.NameLen, out _rxFrom)) return true;
-            int segment = (int)n;
-            for (int off = 0; off + CmsgHeaderLen <= (int)msg.ControlLen;)
+            for (int i = 0; i < RxMessages; i++)
             {
-                nuint clen = *(nuint*)(control + off);
-                int level = *(int*)(control + off + sizeof(nuint)), type = *(int*)(control + off + sizeof(nuint) + 4);
-                if (clen < (nuint)CmsgHeaderLen) break;
-                if (level == SOL_UDP && type == UDP_GRO) segment = *(int*)(control + off + CmsgHeaderLen);
-                off += CmsgAlign((int)clen);
+                iov[i] = new IoVec { Base = (nint)(buf + i * RxBufferLen), Len = RxBufferLen };
+                msgs[i] = new MMsgHdr
+                {
+                    Hdr = new MsgHdr
+                    {
+                        Name = (nint)(names + i * Libc.SockaddrIn6Len), NameLen = Libc.SockaddrIn6Len, Iov = (nint)(iov + i), IovLen = 1,
+                        Control = (nint)(control + i * ControlLen), ControlLen = ControlLen,
+                    },
+                };
             }
-            _rxOffset = 0;
-            _rxEnd = (int)n;
-            _rxSegment = Math.Clamp(segment, 1, (int)n);
+            int got = Libc.RecvMMsg(_fd, msgs, RxMessages, 0, 0);
+            if (got <= 0) return false;
+            for (int i = 0; i < got; i++)
+            {
+                ref MMsgHdr m = ref msgs[i];
+                int len = (int)m.Len;
+                if (!Libc.TryReadSockaddr(new ReadOnlySpan<byte>(names + i * Libc.SockaddrIn6Len, Libc.SockaddrIn6Len), m.Hdr.NameLen, out _rxFrom[i])) m.Len = 0;
+                int segment = len;
+                byte* c = control + i * ControlLen;
+                for (int off = 0; off + CmsgHeaderLen <= (int)m.Hdr.ControlLen;)
+                {
+                    nuint clen = *(nuint*)(c + off);
+                    int level = *(int*)(c + off + sizeof(nuint)), type = *(int*)(c + off + sizeof(nuint) + 4);
+                    if (clen < (nuint)CmsgHeaderLen) break;
+                    if (level == SOL_UDP && type == UDP_GRO) segment = *(int*)(c + off + CmsgHeaderLen);
+                    off += CmsgAlign((int)clen);
+                }
+                _rxSegment[i] = Math.Clamp(segment, 1, Math.Max(len, 1));
+            }
+            _rxMsgCount = got;
             return true;
         }
     }
 
     public int SendBatch(PacketBatch b)
     {
-        int refused = 0;
-        for (int i = 0; i < b.Count;)
+        if (b.Count > Tune.BatchSize) throw new ArgumentException("batch larger than Tune.BatchSize");
+        int refused = 0, count = 0, iovUsed = 0;
+        int cmsgSpace = CmsgAlign(CmsgHeaderLen + sizeof(ushort));
+        fixed (MMsgHdr* msgs = _txMsgs)
+        fixed (IoVec* iov = _iov)
+        fixed (byte* names = _txNames)
+        fixed (byte* control = _txControl)
         {
-            if (b.Length[i] == 0) { i++; continue; }
-            // A run: datagrams to one endpoint, all of one size but the last (which may be shorter).
-            int seg = b.Length[i], total = 0, n = 0, j = i;
-            for (; j < b.Count && n < MaxGsoSegments; j++)
+            for (int i = 0; i < b.Count;)
             {
-                int len = b.Length[j];
-                if (len == 0) continue;
-                if (!b.Endpoints[j].Equals(b.Endpoints[i]) || len > seg || total + len > MaxGsoBytes) break;
-                n++;
-                total += len;
-                if (len < seg) { j++; break; }
-            }
-            if (!Gso || n == 1 || !SendSegmented(b, i, j, seg))
+                if (b.Length[i] == 0) { i++; continue; }
+                if (!_v6 && !b.Endpoints[i].IsV4) { refused++; i++; continue; }   // an IPv4-only socket cannot reach it
+                // A GSO run: datagrams to one endpoint, all of one size but the last (which may be shorter).
+                int seg = b.Length[i], total = 0, n = 0, j = i;
+                for (; j < b.Count && n < MaxGsoSegments; j++)
+                {
+                    int len = b.Length[j];
+                    if (len == 0) continue;
+                    if (!b.Endpoints[j].Equals(b.Endpoints[i]) || len > seg || total + len > MaxGsoBytes || (n > 0 && !Gso)) break;
+                    n++;
+                    total += len;
+                    if (len < seg) { j++; break; }
+                }
+                byte* name = names + count * Libc.SockaddrIn6Len;
+                int nameLen = Libc.WriteSockaddr(b.Endpoints[i], _v6, new Span<byte>(name, Libc.SockaddrIn6Len));
+                int firstIov = iovUsed;
                 for (int k = i; k < j; k++)
-                    if (b.Length[k] > 0 && !Send(b.Packet(k), b.Endpoints[k])) refused++;
-            i = j;
+                    if (b.Length[k] > 0)
+                        fixed (byte* p = b.Packet(k)) iov[iovUsed++] = new IoVec { Base = (nint)p, Len = (nuint)b.Length[k] };   // slots are pinned
+                byte* c = control + count * 32;
+                if (n > 1)
+                {
+                    new Span<byte>(c, 32).Clear();
+                    *(nuint*)c = (nuint)(CmsgHeaderLen + sizeof(ushort));
+                    *(int*)(c + sizeof(nuint)) = SOL_UDP;
+                    *(int*)(c + sizeof(nuint) + 4) = UDP_SEGMENT;
+                    *(ushort*)(c + CmsgHeaderLen) = (ushort)seg;
+                }
+                msgs[count] = new MMsgHdr
+                {
+                    Hdr = new MsgHdr
+                    {
+                        Name = (nint)name, NameLen = nameLen, Iov = (nint)(iov + firstIov), IovLen = (nuint)(iovUsed - firstIov),
+                        Control = n > 1 ? (nint)c : 0, ControlLen = n > 1 ? (nuint)cmsgSpace : 0,
+                    },
+                };
+                _txFirst[count] = i;
+                _txEnd[count] = j;
+                count++;
+                i = j;
+            }
+            for (int done = 0; done < count;)
+            {
+                int sent = Libc.SendMMsg(_fd, msgs + done, (uint)(count - done), 0);
+                if (sent > 0) { done += sent; continue; }
+                int e = Libc.Errno;
+                if (e == Libc.EINTR) continue;
+                if (msgs[done].Hdr.ControlLen != 0 && e != Libc.EAGAIN)
+                {
+                    // EIO: no checksum offload on the route; EINVAL: no GSO here. Resend this run singly.
+                    Gso = false;
+                    OnOffloadOff?.Invoke($"udp_segment error=\"{Libc.ErrorText(e)}\"");
+                    for (int k = _txFirst[done]; k < _txEnd[done]; k++)
+                        if (b.Length[k] > 0 && !Send(b.Packet(k), b.Endpoints[k])) refused++;
+                    done++;
+                    continue;
+                }
+                // Full socket buffer (or a refused destination): this message is lost; go on with the rest.
+                for (int k = _txFirst[done]; k < _txEnd[done]; k++) if (b.Length[k] > 0) refused++;
+                done++;
+            }
         }
         return refused;
-    }
-
-    // One sendmsg for slots [from, to): the kernel cuts the concatenation into seg-byte datagrams.
-    private bool SendSegmented(PacketBatch b, int from, int to, int seg)
-    {
-        byte* sa = stackalloc byte[Libc.SockaddrIn6Len];
-        int salen = Libc.WriteSockaddr(b.Endpoints[from], _v6, new Span<byte>(sa, Libc.SockaddrIn6Len));
-        int cmsgSpace = CmsgAlign(CmsgHeaderLen + sizeof(ushort));
-        byte* control = stackalloc byte[32];
-        new Span<byte>(control, 32).Clear();
-        *(nuint*)control = (nuint)(CmsgHeaderLen + sizeof(ushort));
-        *(int*)(control + sizeof(nuint)) = SOL_UDP;
-        *(int*)(control + sizeof(nuint) + 4) = UDP_SEGMENT;
-        *(ushort*)(control + CmsgHeaderLen) = (ushort)seg;
-        int iovCount = 0;
-        fixed (IoVec* iov = _iov)
-        {
-            for (int k = from; k < to; k++)
-            {
-                if (b.Length[k] == 0) continue;
-                fixed (byte* p = b.Packet(k)) iov[iovCount++] = new IoVec { Base = (nint)p, Len = (nuint)b.Length[k] };   // slots are pinned
-            }
-            var msg = new MsgHdr { Name = (nint)sa, NameLen = salen, Iov = (nint)iov, IovLen = (nuint)iovCount, Control = (nint)control, ControlLen = (nuint)cmsgSpace };
-            if (Libc.SendMsg(_fd, &msg, 0) >= 0) return true;
-        }
-        int e = Libc.Errno;
-        if (e == Libc.EAGAIN) return false;                // full socket buffer: the caller's per-datagram sends count the loss
-        Gso = false;                                       // EIO: no checksum offload on the route; EINVAL: no GSO here
-        OnOffloadOff?.Invoke($"udp_segment error=\"{Libc.ErrorText(e)}\"");
-        return false;
     }
 
     internal static UdpSocket Bind(IPAddress address, int port)
@@ -3722,7 +3767,20 @@ internal sealed class LoopbackUdp : IUdp
         return true;
     }
 
-    public int ReceiveBatch(PacketBatch b) => UdpSocket.ReceiveEach(this, b);
+    public int ReceiveBatch(PacketBatch b)
+    {
+        int added = 0;
+        while (b.Count < b.Capacity)
+        {
+            int n = Receive(b.Slot(b.Count), out b.Endpoints[b.Count]);
+            if (n <= 0) break;
+            b.Offset[b.Count] = 0;
+            b.Length[b.Count] = n;
+            b.Count++;
+            added++;
+        }
+        return added;
+    }
 
     public int SendBatch(PacketBatch b)
     {

@@ -35,6 +35,16 @@ public class LibcLayoutTests
     }
 
     [Fact]
+    public unsafe void MsgHdr_And_MMsgHdr_MatchTheKernelLayout()
+    {
+        // struct msghdr: 7 fields, pointer-sized but for two ints padded to pointer size: 56 bytes on
+        // 64-bit, 28 on 32-bit; struct mmsghdr adds msg_len (unsigned int), padded to pointer size.
+        Assert.Equal(7 * IntPtr.Size, sizeof(MsgHdr));
+        Assert.Equal(IntPtr.Size == 8 ? 64 : 32, sizeof(MMsgHdr));
+        Assert.Equal(2 * IntPtr.Size, sizeof(IoVec));
+    }
+
+    [Fact]
     public void IfReq_SizesAreTheLargestOfAllArchitectures()
     {
         Assert.Equal(40, Libc.IfReqLen);

@@ -78,4 +78,50 @@ public class UdpSocketTests
         List<byte[]> got = ReceiveAll(rx, 10);
         Assert.Equal(Enumerable.Range(0, 10).Select(i => 1000 - i), got.Select(g => g.Length));
     }
+
+    [Fact]
+    public void ReceiveBatch_ManySendersAndSizes_EachDatagramWithItsSender()
+    {
+        using UdpSocket a = UdpSocket.Bind(IPAddress.Loopback, 0), c = UdpSocket.Bind(IPAddress.Loopback, 0), rx = UdpSocket.Bind(IPAddress.Loopback, 0);
+        var to = Endpoint.FromIp(IPAddress.Loopback, rx.LocalPort);
+        foreach (UdpSocket tx in new[] { a, c })
+        {
+            var b = new PacketBatch(Tune.BatchSize, Tune.SlotLen);
+            for (int i = 0; i < 30; i++) Fill(b, i, 40 + 37 * i % 900, to, (byte)(tx == a ? i : 100 + i));   // sizes vary: no GSO runs
+            b.Count = 30;
+            Assert.Equal(0, tx.SendBatch(b));
+        }
+        var got = new List<(Endpoint From, byte[] Data)>();
+        var rb = new PacketBatch(Tune.BatchSize, Tune.SlotLen);
+        for (int tries = 0; tries < 200 && got.Count < 60; tries++)
+        {
+            rb.Count = 0;
+            if (rx.ReceiveBatch(rb) == 0) { Thread.Sleep(5); continue; }
+            for (int i = 0; i < rb.Count; i++) got.Add((rb.Endpoints[i], rb.Packet(i).ToArray()));
+        }
+        Assert.Equal(60, got.Count);
+        foreach (UdpSocket tx in new[] { a, c })
+        {
+            var from = Endpoint.FromIp(IPAddress.Loopback, tx.LocalPort);
+            List<byte[]> mine = got.FindAll(g => g.From.Equals(from)).ConvertAll(g => g.Data);
+            Assert.Equal(30, mine.Count);
+            for (int i = 0; i < 30; i++)
+            {
+                Assert.Equal(40 + 37 * i % 900, mine[i].Length);
+                Assert.Equal((byte)(tx == a ? i : 100 + i), mine[i][0]);
+            }
+        }
+    }
+
+    [Fact]
+    public void SendBatch_Ipv6PeerOnIpv4Socket_RefusedAlone()
+    {
+        using UdpSocket tx = UdpSocket.Bind(IPAddress.Loopback, 0), rx = UdpSocket.Bind(IPAddress.Loopback, 0);
+        var to = Endpoint.FromIp(IPAddress.Loopback, rx.LocalPort);
+        var b = new PacketBatch(Tune.BatchSize, Tune.SlotLen);
+        for (int i = 0; i < 5; i++) Fill(b, i, 500, i == 2 ? Endpoint.FromIp(IPAddress.Parse("2001:db8::1"), 9) : to, (byte)i);
+        b.Count = 5;
+        Assert.Equal(1, tx.SendBatch(b));
+        Assert.Equal(4, ReceiveAll(rx, 4).Count);
+    }
 }
