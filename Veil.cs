@@ -3896,12 +3896,29 @@ internal sealed class Node
         return AddLearned(key, _admitNowMs, provisional: true);
     }
 
-    /// <summary>A member learned from the mesh (null when the table is full or the key unusable).</summary>
+    /// <summary>A member learned from the mesh (null when the table is full or the key unusable). A
+    /// member that only others reported (never heard from) takes at most half the table, and gives
+    /// its slot, oldest first, to a member whose own handshake asks for one: reports cannot lock
+    /// real members out.</summary>
     internal Peer? AddLearned(in Key32 key, long nowMs, bool provisional)
     {
-        int active = 0;
-        foreach (Peer q in Peers) if (q.Active) active++;
-        if (active >= Tune.MaxPeers) return null;
+        int active = 0, reported = 0;
+        Peer? oldestReported = null;
+        foreach (Peer q in Peers)
+        {
+            if (!q.Active) continue;
+            active++;
+            if (!q.Learned || q.Provisional || q.LastRxMs >= 0) continue;
+            reported++;
+            if (oldestReported == null || q.CreatedMs < oldestReported.CreatedMs) oldestReported = q;
+        }
+        if (!provisional && reported >= Tune.MaxPeers / 2) return null;
+        if (active >= Tune.MaxPeers)
+        {
+            if (!provisional || oldestReported == null) return null;
+            RemovePeer(oldestReported, "displaced");
+            RebuildRoutes();
+        }
         var pc = new PeerConfig { PublicKey = key };
         Peer p;
         try { p = AddPeer(pc, _psk, _keepaliveMs); }
@@ -3972,6 +3989,8 @@ internal sealed class Node
         }
         _keepaliveMs = cfg.PersistentKeepaliveMs;
         if (Mesh.Configure(cfg)) ScheduleExchange(nowMs);
+        foreach (Peer p in Peers)
+            if (p.Active) Mesh.Recheck(p);
         RebuildRoutes();
         RekeyAfterMs = cfg.RekeyAfterTimeMs;
         Admission.Rate = cfg.HandshakeRate;
@@ -4570,6 +4589,9 @@ internal sealed class Node
     private void ExpiredPersistentKeepalive(Peer p, long nowMs)
     {
         p.PersistentKeepaliveAtMs = nowMs + p.PersistentKeepaliveMs;
+        // A peer that is down is tried on the reconnect schedule only: keepalives on its old session
+        // would start rekeys, and handshakes every period, at a gone peer.
+        if (!p.Up) return;
         if (p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) && p.Endpoint.IsSet) SendEmpty(p, nowMs, RecordFlags.Keepalive);
         else StartHandshake(p, nowMs, retransmit: false);
     }
@@ -5385,7 +5407,8 @@ internal sealed class Mesh
         var id = KeyId.Of(p.PublicKey);
         if (_keyName.TryGetValue(id, out string? pinned))
         {
-            if (pinned != name && _node.Log.Wants(LogLevel.Warn, "name_conflict"))
+            if (pinned == name) { if (p.Learned || p.Name == p.PublicKey.ToBase64()[..8]) p.Name = name; }   // a forgotten member back
+            else if (_node.Log.Wants(LogLevel.Warn, "name_conflict"))
                 _node.Log.Emit(LogLevel.Warn, "name_conflict", $"peer={p.Name} announced={name} pinned={pinned} reason=key_has_another_name");
             return;
         }
@@ -5412,12 +5435,16 @@ internal sealed class Mesh
             if (own.Equals(prefix)) return "our_address";
         foreach (IpPrefix a in p.Allowed)
             if (a.Covers(prefix)) return null;
-        foreach (IpPrefix a in Accept)
-            if (a.Covers(prefix)) return null;
-        if (prefix.Bits != prefix.MaxBits) return prefix.Bits == 0 ? "default_route_not_accepted" : "not_accepted";
+        // A host address inside the network belongs to its first claimant even under a broad
+        // --accept (an exit node's 0.0.0.0/0 must not let one member take another's address).
         bool inNetwork = false;
         foreach (IpPrefix n in Networks) inNetwork |= n.Covers(prefix);
-        if (!inNetwork) return "outside_network";
+        if (!inNetwork || prefix.Bits != prefix.MaxBits)
+        {
+            foreach (IpPrefix a in Accept)
+                if (a.Covers(prefix)) return null;
+            return prefix.Bits == 0 ? "default_route_not_accepted" : inNetwork || prefix.Bits != prefix.MaxBits ? "not_accepted" : "outside_network";
+        }
         var id = KeyId.Of(p.PublicKey);
         if (_addressOwner.TryGetValue(prefix, out KeyId owner)) return owner == id ? null : "address_of_another_member";
         foreach (Peer q in _node.Peers)
@@ -5427,6 +5454,14 @@ internal sealed class Mesh
         if (_addressOwner.Count >= Tune.MaxNamePins) return "too_many_addresses";
         _addressOwner[prefix] = id;
         return null;
+    }
+
+    /// <summary>After a reload: drops the claims the new policy no longer accepts; true if any went.</summary>
+    internal bool Recheck(Peer p)
+    {
+        int removed = p.Claims.RemoveAll(c => Refusal(p, c.Prefix) != null);
+        if (removed > 0) _node.Log.Info("claims_withdrawn", $"peer={p.Name} claims={removed} reason=policy_changed");
+        return removed > 0;
     }
 
     /// <summary>Drops the pins of a forgotten member's addresses (its name stays bound to its key).</summary>

@@ -144,6 +144,205 @@ public sealed class ConfigTests : IDisposable
         Assert.Contains("own public key", Assert.Throws<ConfigException>(() => Parse("--peer", ownPub.ToBase64())).Message);
     }
 
+    // ---- mesh keys (§15) ----
+
+    private string Psk() => WriteKey("mesh.psk", UnixFileMode.UserRead | UnixFileMode.UserWrite);
+
+    private string WriteToml(string text)
+    {
+        string path = Path.Combine(_dir, "veil.toml");
+        File.WriteAllText(path, text.Replace("KEYFILE", _key).Replace("PSKFILE", Psk()).Replace("PEERPUB", _peerPub));
+        return path;
+    }
+
+    [Fact]
+    public void Mesh_WithoutPsk_ErrorNamesMesh()
+    {
+        var e = Assert.Throws<ConfigException>(() => Parse("--mesh"));
+        Assert.Contains("--mesh", e.Message);
+        Assert.Contains("--psk", e.Message);
+        Assert.DoesNotContain('\n', e.Message);
+        // the file's mesh = true is held to the same rule
+        string path = WriteToml("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\nmesh = true\n");
+        Assert.Contains("--mesh", Assert.Throws<ConfigException>(() => UpConfig.Load(["up", "--config", path], 1)).Message);
+    }
+
+    [Fact]
+    public void Mesh_DefaultKeepalive10s_ExplicitKeepaliveWins()
+    {
+        string psk = Psk();
+        UpConfig c = Parse("--mesh", "--psk", psk);
+        Assert.True(c.Mesh);
+        Assert.Equal(Tune.MeshKeepaliveMs, c.PersistentKeepaliveMs);
+        Assert.Equal(10_000, c.PersistentKeepaliveMs);
+        Assert.Equal(25_000, Parse("--mesh", "--psk", psk, "--keepalive", "25").PersistentKeepaliveMs);
+        Assert.Equal(0, Parse("--mesh", "--psk", psk, "--keepalive", "0").PersistentKeepaliveMs);
+        Assert.Equal(0, Parse("--psk", psk).PersistentKeepaliveMs);              // without --mesh: off
+        Assert.False(Parse("--psk", psk).Mesh);
+        // liveness is 3 keepalive periods
+        Assert.Equal(30_000, new Peer(0, new PeerConfig { PublicKey = c.PublicKey }, c.Psk, c.PersistentKeepaliveMs, 1420).LivenessMs);
+    }
+
+    [Fact]
+    public void Mesh_KeysFromFlags_Parsed()
+    {
+        UpConfig c = Parse("--mesh", "--psk", Psk(), "--name", "gw-1.site_a", "--claim", "10.1.0.0/16", "--claim", "fd10::/48",
+            "--accept", "0.0.0.0/0", "--network", "100.64.0.0/16", "--metric", "7", "--trust", _peerPub);
+        Assert.Equal("gw-1.site_a", c.Name);
+        Assert.Equal(new[] { "10.1.0.0/16", "fd10::/48" }, c.Claims.Select(p => p.ToString()));
+        Assert.Equal("0.0.0.0/0", Assert.Single(c.Accept).ToString());
+        Assert.Equal("100.64.0.0/16", Assert.Single(c.Networks).ToString());     // given: not derived
+        Assert.Equal(7, c.Metric);
+        PeerConfig t = Assert.Single(c.Peers);
+        Assert.True(t.Trusted);
+        Assert.Equal(_peerPub, t.PublicKey.ToBase64());
+        Assert.False(t.Endpoint.IsSet);
+        Assert.Equal("", t.EndpointText);
+        Assert.Empty(t.Allowed);
+    }
+
+    [Fact]
+    public void Mesh_Defaults_NetworksFromAddresses_Metric100_NoClaimsNoAccept()
+    {
+        UpConfig c = Parse("--address", "fd00:64::1/64");
+        Assert.Equal(new[] { "100.64.0.0/24", "fd00:64::/64" }, c.Networks.Select(p => p.ToString()));
+        Assert.Equal(Tune.DefaultMetric, c.Metric);
+        Assert.Empty(c.Claims);
+        Assert.Empty(c.Accept);
+        Assert.False(c.Mesh);
+        Assert.Equal("", c.Name);
+    }
+
+    [Theory]
+    [InlineData("--claim", "10.0.0.0/33")]
+    [InlineData("--claim", "nonsense")]
+    [InlineData("--accept", "0.0.0.0/")]
+    [InlineData("--accept", "::/129")]
+    [InlineData("--network", "100.64.0.0/-1")]
+    [InlineData("--metric", "65536")]
+    [InlineData("--metric", "-1")]
+    [InlineData("--metric", "ten")]
+    [InlineData("--name", "has space")]
+    [InlineData("--name", "thirty-three-characters-long-name")]
+    public void Mesh_BadFlag_OneClearErrorNamingIt(string flag, string value)
+    {
+        var e = Assert.Throws<ConfigException>(() => Parse(flag, value));
+        Assert.Contains(flag, e.Message);
+        Assert.DoesNotContain('\n', e.Message);
+    }
+
+    [Fact]
+    public void Mesh_BadCidr_ErrorQuotesValue()
+    {
+        Assert.Contains("--claim '10.0.0.0/33' is not a CIDR prefix", Assert.Throws<ConfigException>(() => Parse("--claim", "10.0.0.0/33")).Message);
+        Assert.Contains("--accept 'x' is not a CIDR prefix", Assert.Throws<ConfigException>(() => Parse("--accept", "x")).Message);
+        Assert.Contains("--network 'x/8' is not a CIDR prefix", Assert.Throws<ConfigException>(() => Parse("--network", "x/8")).Message);
+        Assert.Contains("--metric '65536' must be a whole number from 0 to 65535", Assert.Throws<ConfigException>(() => Parse("--metric", "65536")).Message);
+        Assert.Equal(0, Parse("--metric", "0").Metric);
+        Assert.Equal(65535, Parse("--metric", "65535").Metric);
+    }
+
+    [Theory]
+    [InlineData("@198.51.100.2:51820")]
+    [InlineData("@[2001:db8::1]:51820")]
+    [InlineData("@host.example:51820")]
+    public void Trust_WithEndpoint_Refused(string suffix)
+    {
+        var e = Assert.Throws<ConfigException>(() => Parse("--trust", _peerPub + suffix));
+        Assert.Contains("--trust", e.Message);
+        Assert.Contains("public key alone", e.Message);
+    }
+
+    [Fact]
+    public void Trust_NotAKey_Refused() =>
+        Assert.Contains("--trust 'AAAA'", Assert.Throws<ConfigException>(() => Parse("--trust", "AAAA")).Message);
+
+    [Fact]
+    public void Claims_OverTheBound_Refused()
+    {
+        var args = new List<string>();
+        for (int i = 0; i < Tune.MaxClaimsPerMember; i++) { args.Add("--claim"); args.Add($"10.{i}.0.0/16"); }
+        var e = Assert.Throws<ConfigException>(() => Parse(args.ToArray()));        // 32 claims + 1 address
+        Assert.Contains($"at most {Tune.MaxClaimsPerMember - 1} --claim", e.Message);
+        Assert.Equal(Tune.MaxClaimsPerMember - 1, Parse(args.Take(2 * (Tune.MaxClaimsPerMember - 1)).ToArray()).Claims.Count);
+    }
+
+    [Fact]
+    public void MeshFile_Parsed()
+    {
+        Key32 t2 = TestNet.PublicOf(TestNode.KeyFromSeed(11));
+        string path = WriteToml($"""
+            key = "KEYFILE"
+            psk = "PSKFILE"
+            address = ["100.64.0.1/24", "fd00:64::1/64"]
+            mesh = true
+            name = "router-1"
+            claim = ["192.168.10.0/24", "fd10::/48"]
+            accept = ["0.0.0.0/0", "10.0.0.0/8"]
+            network = ["100.64.0.0/16"]
+            metric = 20
+            trust = ["PEERPUB", "{t2.ToBase64()}"]
+            """);
+        UpConfig c = UpConfig.Load(["up", "--config", path], 1);
+        Assert.True(c.Mesh);
+        Assert.Equal("router-1", c.Name);
+        Assert.Equal(new[] { "192.168.10.0/24", "fd10::/48" }, c.Claims.Select(p => p.ToString()));
+        Assert.Equal(new[] { "0.0.0.0/0", "10.0.0.0/8" }, c.Accept.Select(p => p.ToString()));
+        Assert.Equal("100.64.0.0/16", Assert.Single(c.Networks).ToString());
+        Assert.Equal(20, c.Metric);
+        Assert.Equal(10_000, c.PersistentKeepaliveMs);
+        Assert.Equal(2, c.Peers.Count);
+        Assert.All(c.Peers, p => Assert.True(p.Trusted && !p.Endpoint.IsSet));
+        Assert.Equal(new[] { _peerPub, t2.ToBase64() }, c.Peers.Select(p => p.PublicKey.ToBase64()));
+    }
+
+    [Fact]
+    public void MeshFile_FlagsReplaceTheFilesLists()
+    {
+        Key32 t2 = TestNet.PublicOf(TestNode.KeyFromSeed(11));
+        string path = WriteToml("""
+            key = "KEYFILE"
+            psk = "PSKFILE"
+            address = ["100.64.0.1/24"]
+            mesh = true
+            claim = ["192.168.10.0/24", "192.168.11.0/24"]
+            accept = ["0.0.0.0/0"]
+            network = ["100.64.0.0/16"]
+            trust = ["PEERPUB"]
+            metric = 20
+            name = "fromfile"
+            """);
+        UpConfig c = UpConfig.Load(["up", "--config", path, "--claim", "10.9.0.0/16", "--accept", "10.0.0.0/8", "--network", "100.64.0.0/24",
+                                    "--trust", t2.ToBase64(), "--metric", "5", "--name", "fromflag"], 1);
+        Assert.Equal("10.9.0.0/16", Assert.Single(c.Claims).ToString());
+        Assert.Equal("10.0.0.0/8", Assert.Single(c.Accept).ToString());
+        Assert.Equal("100.64.0.0/24", Assert.Single(c.Networks).ToString());
+        Assert.Equal(t2.ToBase64(), Assert.Single(c.Peers).PublicKey.ToBase64());
+        Assert.Equal(5, c.Metric);
+        Assert.Equal("fromflag", c.Name);
+        // without the flags the file's lists stand
+        UpConfig f = UpConfig.Load(["up", "--config", path], 1);
+        Assert.Equal(2, f.Claims.Count);
+        Assert.Equal(_peerPub, Assert.Single(f.Peers).PublicKey.ToBase64());
+    }
+
+    [Theory]
+    [InlineData("mesh = \"yes\"", "veil.toml:3: key 'mesh': expected true or false")]
+    [InlineData("claim = \"10.0.0.0/8\"", "veil.toml:3: key 'claim': expected an array of strings")]
+    [InlineData("claim = [\"10.0.0.0/33\"]", "veil.toml:3: key 'claim': '10.0.0.0/33' is not a CIDR prefix")]
+    [InlineData("accept = [\"junk\"]", "veil.toml:3: key 'accept': 'junk' is not a CIDR prefix")]
+    [InlineData("network = [\"100.64.0.0/99\"]", "veil.toml:3: key 'network': '100.64.0.0/99' is not a CIDR prefix")]
+    [InlineData("metric = 70000", "veil.toml:3: key 'metric': '70000' must be a whole number from 0 to 65535")]
+    [InlineData("metric = \"5\"", "veil.toml:3: key 'metric': expected an integer")]
+    [InlineData("name = \"a b\"", "veil.toml:3: key 'name': 'a b' may hold only")]
+    [InlineData("trust = [\"PEERPUB@198.51.100.2:51820\"]", "veil.toml:3: key 'trust':")]
+    public void MeshFile_BadValues_NameFileLineAndKey(string line, string expect)
+    {
+        string path = WriteToml("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n" + line + "\n");
+        var e = Assert.Throws<ConfigException>(() => UpConfig.Load(["up", "--config", path], 1));
+        Assert.StartsWith(expect, e.Message);
+    }
+
     [Fact]
     public void IpPrefix_MasksHostBitsAndRejectsJunk()
     {

@@ -70,6 +70,92 @@ internal sealed class TestNet
         return t;
     }
 
+    internal static Key32 MeshPsk(byte fill = 0xA5)
+    {
+        Key32 k = default;
+        for (int i = 0; i < 32; i++) k[i] = (byte)(fill + i);
+        return k;
+    }
+
+    internal static Key32 PublicOf(in Key32 priv)
+    {
+        Key32 pub = default;
+        X25519.PublicKey(pub, priv);
+        return pub;
+    }
+
+    /// <summary>The config node i of a mesh gets: overlay 100.64.0.(i+1)/24 and fd00:64::(i+1)/64 (the
+    /// networks), --mesh with the shared psk, keepalive 10 s, name "n{i}", and every node of knows(i) as
+    /// a --peer with its endpoint and no --allow.</summary>
+    internal static UpConfig MeshConfig(int i, Key32[] keys, IEnumerable<int> knows, bool mesh = true)
+    {
+        var cfg = new UpConfig
+        {
+            PrivateKey = keys[i], PublicKey = PublicOf(keys[i]), Mtu = 1420, Mesh = mesh, Psk = MeshPsk(),
+            PersistentKeepaliveMs = Tune.MeshKeepaliveMs, Name = $"n{i}",
+        };
+        cfg.Addresses.Add(new IfAddress(IPAddress.Parse($"100.64.0.{i + 1}"), 24));
+        cfg.Addresses.Add(new IfAddress(IPAddress.Parse($"fd00:64::{i + 1:x}"), 64));
+        cfg.Networks.Add(IpPrefix.Parse("100.64.0.0/24"));
+        cfg.Networks.Add(IpPrefix.Parse("fd00:64::/64"));
+        foreach (int j in knows)
+            cfg.Peers.Add(new PeerConfig { PublicKey = PublicOf(keys[j]), Endpoint = Ep(j), EndpointText = Ep(j).ToString() });
+        return cfg;
+    }
+
+    internal Key32[] Keys = [];
+
+    /// <summary>n mesh members (see MeshConfig); node i knows the nodes knows(i); tweak edits a config
+    /// before its node is made. Each node's Mesh.LocalEndpoints holds its own endpoint, as the daemon's
+    /// address scan would.</summary>
+    internal static TestNet Mesh(int n, Func<int, IEnumerable<int>> knows, Action<int, UpConfig>? tweak = null, byte seedBase = 1, bool mesh = true)
+    {
+        var t = new TestNet { Keys = new Key32[n] };
+        for (int i = 0; i < n; i++) t.Keys[i] = TestNode.KeyFromSeed((byte)(seedBase + i));
+        for (int i = 0; i < n; i++)
+        {
+            UpConfig cfg = MeshConfig(i, t.Keys, knows(i), mesh);
+            tweak?.Invoke(i, cfg);
+            t.AddNode(t.Keys[i], cfg, Ep(i), $"100.64.0.{i + 1}");
+        }
+        return t;
+    }
+
+    /// <summary>A node on this network (not started; call StartNode or Start).</summary>
+    internal TestNode AddNode(Key32 priv, UpConfig cfg, Endpoint self, string overlay, long unixNs = 1_700_000_000_000_000_000L)
+    {
+        var node = new TestNode(Net, priv, cfg, self, overlay, unixNs);
+        node.Node.Mesh.LocalEndpoints.Add(self);
+        Nodes.Add(node);
+        return node;
+    }
+
+    /// <summary>Starts one node (its first handshakes go out with the next Pump).</summary>
+    internal void StartNode(TestNode n)
+    {
+        n.Node.Start(NowMs);
+        n.Worker.FlushUdp(n.Node.UdpOut);
+    }
+
+    /// <summary>Takes a node off the network (as if killed: nothing more is sent or received).</summary>
+    internal void Kill(TestNode n)
+    {
+        Nodes.Remove(n);
+        n.Udp.Dispose();
+    }
+
+    /// <summary>Advances in steps until cond holds or maxMs passed; returns the simulated ms it took (-1: never).</summary>
+    internal long AdvanceUntil(Func<bool> cond, long maxMs, long stepMs = 100)
+    {
+        long start = NowMs;
+        while (!cond())
+        {
+            if (NowMs - start >= maxMs) return -1;
+            Advance(stepMs, stepMs);
+        }
+        return NowMs - start;
+    }
+
     internal int Drops(int node, DropReason r) => (int)Nodes[node].Node.Counters.Drops[(int)r];
 
     internal static Endpoint Ep(int i) => Endpoint.FromIp(IPAddress.Parse($"192.0.2.{i + 1}"), 51820);
@@ -97,7 +183,29 @@ internal sealed class TestNet
         for (long done = 0; done < ms; done += stepMs)
         {
             NowMs += Math.Min(stepMs, ms - done);
+            DeliverDue();
             Pump();
+        }
+    }
+
+    // Latency (off unless UseLatency): datagrams wait in flight and arrive with the first Advance step
+    // at or after their due time, so one step of at least the latency is one hop.
+    private readonly Queue<(long At, Endpoint From, Endpoint To, byte[] Data)> _inFlight = new();
+
+    /// <summary>From now on every datagram arrives ms after it was sent (a test Filter cannot be used with it).</summary>
+    internal void UseLatency(long ms)
+    {
+        Net.Filter = (from, to, d) => { _inFlight.Enqueue((NowMs + ms, from, to, d)); return false; };
+    }
+
+    internal int InFlight => _inFlight.Count;
+
+    private void DeliverDue()
+    {
+        while (_inFlight.Count > 0 && _inFlight.Peek().At <= NowMs)
+        {
+            var (_, from, to, d) = _inFlight.Dequeue();
+            if (Net.Hosts.TryGetValue(to, out LoopbackUdp? dst)) dst.Deliver(d, from);
         }
     }
 
