@@ -2531,6 +2531,9 @@ internal sealed class Peer
         return d + Random.Shared.NextInt64(d / 4 + 1);
     }
 
+    /// <summary>Call after a reconnect attempt failed (or a peer left): arms the next, later one.</summary>
+    internal void OnReconnectFailed(long nowMs) => ReconnectAtMs = nowMs + ReconnectDelayMs(ReconnectAttempts++);
+
     /// <summary>Retransmit delay: doubling from FirstRetransmitMs up to RekeyTimeoutMs, plus jitter.</summary>
     internal static long RetransmitDelayMs(int attempt)
     {
@@ -3877,48 +3880,40 @@ internal sealed class Node
     private Peer? FindOrAdmitPeer(Key32 key)
     {
         Peer? p = FindPeer(key);
-        if (p != null || !Mesh.Open) return p;
-        // When the provisional table is full the oldest entry makes room: strangers flooding hellos
-        // cannot keep a real member out for a whole ProvisionalLifetimeMs.
-        int provisional = 0;
-        Peer? oldest = null;
-        foreach (Peer q in Peers)
-            if (q.Active && q.Provisional)
-            {
-                provisional++;
-                if (oldest == null || q.CreatedMs < oldest.CreatedMs) oldest = q;
-            }
-        if (provisional >= Tune.MaxProvisionalPeers && oldest != null)
-        {
-            RemovePeer(oldest, "displaced");
-            RebuildRoutes();
-        }
-        return AddLearned(key, _admitNowMs, provisional: true);
+        return p != null || !Mesh.Open ? p : AddLearned(key, _admitNowMs, provisional: true);
     }
 
-    /// <summary>A member learned from the mesh (null when the table is full or the key unusable). A
-    /// member that only others reported (never heard from) takes at most half the table, and gives
-    /// its slot, oldest first, to a member whose own handshake asks for one: reports cannot lock
-    /// real members out.</summary>
+    /// <summary>A member learned from the mesh (null when the table is full or the key unusable).
+    /// Two kinds hold slots without having proven anything: provisional members (a ClientHello not
+    /// yet confirmed) and members only others reported (never heard from). When the provisional
+    /// table is full its oldest entry makes room, so strangers flooding hellos cannot keep a real
+    /// member out; reported members take at most half the table and give their slot, oldest first,
+    /// to a handshake, so reports cannot lock real members out. Neither kind has routes, so
+    /// displacing one needs no route rebuild.</summary>
     internal Peer? AddLearned(in Key32 key, long nowMs, bool provisional)
     {
-        int active = 0, reported = 0;
-        Peer? oldestReported = null;
+        int active = 0, provisionals = 0, reported = 0;
+        Peer? oldestProvisional = null, oldestReported = null;
         foreach (Peer q in Peers)
         {
             if (!q.Active) continue;
             active++;
-            if (!q.Learned || q.Provisional || q.LastRxMs >= 0) continue;
-            reported++;
-            if (oldestReported == null || q.CreatedMs < oldestReported.CreatedMs) oldestReported = q;
+            if (q.Provisional)
+            {
+                provisionals++;
+                if (oldestProvisional == null || q.CreatedMs < oldestProvisional.CreatedMs) oldestProvisional = q;
+            }
+            else if (q.Learned && q.LastRxMs < 0)
+            {
+                reported++;
+                if (oldestReported == null || q.CreatedMs < oldestReported.CreatedMs) oldestReported = q;
+            }
         }
-        if (!provisional && reported >= Tune.MaxPeers / 2) return null;
-        if (active >= Tune.MaxPeers)
-        {
-            if (!provisional || oldestReported == null) return null;
-            RemovePeer(oldestReported, "displaced");
-            RebuildRoutes();
-        }
+        Peer? displace = null;
+        if (!provisional) { if (reported >= Tune.MaxPeers / 2 || active >= Tune.MaxPeers) return null; }
+        else if (provisionals >= Tune.MaxProvisionalPeers) displace = oldestProvisional;
+        else if (active >= Tune.MaxPeers && (displace = oldestReported) == null) return null;
+        if (displace != null) RemovePeer(displace, "displaced");
         var pc = new PeerConfig { PublicKey = key };
         Peer p;
         try { p = AddPeer(pc, _psk, _keepaliveMs); }
@@ -4222,7 +4217,7 @@ internal sealed class Node
             // A peer that left may come back (a restart, a reboot): try again shortly, with the
             // usual retransmit backoff and give-up, so the link returns without traffic or operator.
             if (p.ConfiguredEndpoint.Length > 0) p.NewHandshakeAtMs = nowMs + Spec.FirstRetransmitMs;
-            else if (p.Learned) p.ReconnectAtMs = nowMs + Peer.ReconnectDelayMs(p.ReconnectAttempts++);
+            else if (p.Learned) p.OnReconnectFailed(nowMs);
             return 0;
         }
         if (!p.Up && s == p.Current) MarkUp(p, nowMs);
@@ -4504,8 +4499,7 @@ internal sealed class Node
         {
             if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
             p.OnHandshakeComplete();
-            p.Reconnecting = false;
-            p.ReconnectAtMs = nowMs + Peer.ReconnectDelayMs(p.ReconnectAttempts++);
+            p.OnReconnectFailed(nowMs);
             Log.Debug("reconnect_failed", $"peer={p.Name} attempt={p.ReconnectAttempts} next_in_ms={p.ReconnectAtMs - nowMs}");
             return;
         }
@@ -4516,7 +4510,7 @@ internal sealed class Node
             p.OnHandshakeComplete();
             p.ClearStaged();
             MarkDown(p, nowMs, "handshake_gave_up");
-            p.ReconnectAtMs = nowMs + Peer.ReconnectDelayMs(p.ReconnectAttempts++);   // keep trying, ever more slowly
+            p.OnReconnectFailed(nowMs);                  // keep trying, ever more slowly
             return;
         }
         Log.Debug("handshake_retransmit", $"peer={p.Name} attempt={p.HandshakeAttempts + 1} rule=retransmit_handshake");
@@ -5286,17 +5280,16 @@ internal sealed class Mesh
             claims.Add(new Claim(host, cfg.Metric));
         }
         foreach (IpPrefix c in cfg.Claims) claims.Add(new Claim(c, cfg.Metric));
-        bool changed = !SameClaims(claims, OwnClaims) || Name != NameOf(cfg);
+        string name = cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.ToBase64()[..8].Replace('+', '-').Replace('/', '_');
+        bool changed = !SameClaims(claims, OwnClaims) || Name != name;
         OwnClaims.Clear();
         OwnClaims.AddRange(claims);
         Open = cfg.Mesh;
-        Name = NameOf(cfg);
+        Name = name;
         Networks = new List<IpPrefix>(cfg.Networks);
         Accept = new List<IpPrefix>(cfg.Accept);
         return changed;
     }
-
-    private static string NameOf(UpConfig cfg) => cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.ToBase64()[..8].Replace('+', '-').Replace('/', '_');
 
     private static bool SameClaims(List<Claim> a, List<Claim> b)
     {

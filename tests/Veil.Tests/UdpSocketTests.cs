@@ -69,7 +69,6 @@ public class UdpSocketTests
     {
         using UdpSocket tx = UdpSocket.Bind(IPAddress.Loopback, 0), rx = UdpSocket.Bind(IPAddress.Loopback, 0);
         tx.Gso = false;
-        rx.Gro = false;
         var to = Endpoint.FromIp(IPAddress.Loopback, rx.LocalPort);
         var b = new PacketBatch(Tune.BatchSize, Tune.SlotLen);
         for (int i = 0; i < 10; i++) Fill(b, i, 1000 - i, to, (byte)i);

@@ -299,6 +299,18 @@ node_stop() {
 	unset "NODE_PID[$n]"
 }
 
+# node_exited NODE T0 LIMIT_MS -- wait until NODE's daemon (already signalled at T0 ms) exits, at
+# most until T0 + LIMIT_MS. Sets EXIT_MS (ms since T0). Exited: reaps it, sets NODE_RC, returns 0.
+node_exited() {
+	local n=$1 t0=$2 limit=$3 pid=${NODE_PID[$1]:-}
+	while (($(now_ms) - t0 < limit)) && kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+	EXIT_MS=$(($(now_ms) - t0))
+	kill -0 "$pid" 2>/dev/null && return 1
+	wait "$pid"
+	NODE_RC=$?
+	unset "NODE_PID[$n]"
+}
+
 # ---- observing ------------------------------------------------------------------------------
 
 # st NODE JQ-FILTER -- one value from `veil status --json` of NODE (empty if unreachable)

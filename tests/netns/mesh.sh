@@ -347,7 +347,7 @@ leave() {
 		return
 	fi
 	note "a's routes to d before the leave: $(st a '[.routes[] | select(.peer == "d") | .prefix] | join(" ")')"
-	local pid=${NODE_PID[d]} t0 n t rc
+	local pid=${NODE_PID[d]} t0 n t
 	local -A seen=()
 	t0=$(now_ms)
 	kill -TERM "$pid"
@@ -371,15 +371,11 @@ leave() {
 	done
 	note "graceful leave seen by:${times%,} (liveness timeout would be ${LIVENESS_MS} ms)"
 	check "a logs peer_down for d" "no such line within 3 s" wait_until 3 logged a peer_down d
-	while (($(now_ms) - t0 < 3000)) && kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
-	if kill -0 "$pid" 2>/dev/null; then
-		not_ok "d exits after SIGTERM" "still running $(($(now_ms) - t0)) ms after it"
-		node_stop d
+	if node_exited d "$t0" 3000; then
+		check "d exits after SIGTERM, status 0" "exit status $NODE_RC" test "$NODE_RC" -eq 0
 	else
-		wait "$pid"
-		rc=$?
-		unset "NODE_PID[d]"
-		check "d exits after SIGTERM, status 0" "exit status $rc" test "$rc" -eq 0
+		not_ok "d exits after SIGTERM" "still running $EXIT_MS ms after it"
+		node_stop d
 	fi
 	check "a still routes $ANY_P to c" "a's routes: $(routes_line a)" route_is a "$ANY_P" c
 }
