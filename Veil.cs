@@ -2826,8 +2826,11 @@ internal sealed class Handshaker
     internal Key32 PrivateKey, PublicKey;
     private Key32 _mac1Key, _cookieKey;           // keyed by our public key: others use these to reach us
     private Key32 _cookieSecret;
-    private Aead? _cookieAead;
     private long _cookieSecretAtMs = long.MinValue / 2;
+    // Under a flood every hello costs these: keyed contexts kept across calls cost half a one-shot HMAC.
+    private IncrementalHash? _mac1Hmac, _cookieHmac;
+    private Aead? _cookieAead;
+    private readonly byte[] _cookieNonce = RandomNumberGenerator.GetBytes(12);   // counts up from a random start
     internal byte AeadMask;                       // bit (1 << AeadKind) per AEAD we can run
     internal AeadKind PreferredAead;
     private readonly Func<Key32, Peer?> _findPeer;
@@ -2895,6 +2898,14 @@ internal sealed class Handshaker
         full[..Spec.MacLen].CopyTo(mac16);
     }
 
+    private static void Mac(IncrementalHash keyed, ReadOnlySpan<byte> data, Span<byte> mac16)
+    {
+        Span<byte> full = stackalloc byte[32];
+        keyed.AppendData(data);
+        keyed.GetHashAndReset(full);
+        full[..Spec.MacLen].CopyTo(mac16);
+    }
+
     private static bool MacMatches(ReadOnlySpan<byte> key, ReadOnlySpan<byte> data, ReadOnlySpan<byte> mac16)
     {
         Span<byte> expect = stackalloc byte[Spec.MacLen];
@@ -2942,18 +2953,23 @@ internal sealed class Handshaker
         return Wire.ClientHelloLen;
     }
 
-    /// <summary>Checks MAC1 (and MAC2 under load), then reads the hello. On Ok, st holds the answerable state.</summary>
-    internal bool Mac1Matches(ReadOnlySpan<byte> hello) =>
-        hello.Length == Wire.ClientHelloLen &&
-        MacMatches(_mac1Key, hello[..Wire.ClientHelloMac1Offset], hello.Slice(Wire.ClientHelloMac1Offset, Spec.MacLen));
-
-    /// <summary>MAC2 of a hello, keyed by the cookie its source address would get from us now.</summary>
-    internal bool CookieMatches(ReadOnlySpan<byte> hello, in Endpoint from, long nowMs)
+    /// <summary>MAC1 proves the sender knows our public key: the first check every hello gets.</summary>
+    internal bool Mac1Matches(ReadOnlySpan<byte> hello)
     {
         if (hello.Length != Wire.ClientHelloLen) return false;
-        Span<byte> cookie = stackalloc byte[Spec.MacLen];
-        MakeCookie(from, nowMs, cookie);
-        return MacMatches(cookie, hello[..Wire.ClientHelloMac2Offset], hello.Slice(Wire.ClientHelloMac2Offset, Spec.MacLen));
+        _mac1Hmac ??= IncrementalHash.CreateHMAC(HashAlgorithmName.SHA256, _mac1Key);
+        Span<byte> expect = stackalloc byte[Spec.MacLen];
+        Mac(_mac1Hmac, hello[..Wire.ClientHelloMac1Offset], expect);
+        return CryptographicOperations.FixedTimeEquals(expect, hello.Slice(Wire.ClientHelloMac1Offset, Spec.MacLen));
+    }
+
+    /// <summary>True when the hello's MAC2 is keyed by cookie16 (what its source gets from us now).</summary>
+    internal static bool CookieMatches(ReadOnlySpan<byte> hello, ReadOnlySpan<byte> cookie16)
+    {
+        if (hello.Length != Wire.ClientHelloLen) return false;
+        ReadOnlySpan<byte> mac2 = hello.Slice(Wire.ClientHelloMac2Offset, Spec.MacLen);
+        if (!mac2.ContainsAnyExcept((byte)0)) return false;   // a sender without a cookie says so: spare the HMAC
+        return MacMatches(cookie16, hello[..Wire.ClientHelloMac2Offset], mac2);
     }
 
     /// <summary>Reads a ClientHello whose MAC1 (and, under load, MAC2) the caller has checked.</summary>
@@ -3066,31 +3082,36 @@ internal sealed class Handshaker
         return HandshakeVerdict.Ok;
     }
 
-    private void MakeCookie(in Endpoint from, long nowMs, Span<byte> cookie16)
+    /// <summary>The cookie a source address gets from us now: the secret behind it changes every 2 minutes.</summary>
+    internal void MakeCookie(in Endpoint from, long nowMs, Span<byte> cookie16)
     {
-        if (nowMs - _cookieSecretAtMs >= Spec.CookieRefreshTimeMs)
+        if (_cookieHmac == null || nowMs - _cookieSecretAtMs >= Spec.CookieRefreshTimeMs)
         {
             RandomNumberGenerator.Fill(_cookieSecret);
+            _cookieHmac?.Dispose();
+            _cookieHmac = IncrementalHash.CreateHMAC(HashAlgorithmName.SHA256, _cookieSecret);
             _cookieSecretAtMs = nowMs;
         }
         Span<byte> addr = stackalloc byte[18];
         from.WriteAddress16(addr);
         BinaryPrimitives.WriteUInt16BigEndian(addr[16..], from.Port);
-        Mac(_cookieSecret, addr, cookie16);
+        Mac(_cookieHmac, addr, cookie16);
     }
 
     /// <summary>Answers a ClientHello that came without a valid cookie while we are under load.</summary>
-    internal int CreateCookieReply(ReadOnlySpan<byte> hello, in Endpoint from, long nowMs, Span<byte> msg)
+    internal int CreateCookieReply(ReadOnlySpan<byte> hello, ReadOnlySpan<byte> cookie16, Span<byte> msg)
     {
-        Span<byte> cookie = stackalloc byte[Spec.MacLen];
-        MakeCookie(from, nowMs, cookie);
         Wire.WritePreamble(msg, Spec.TlsHandshake, Wire.CookieReplyLen);
         msg[Wire.TypeOffset] = Wire.TypeCookieReply;
         hello.Slice(Wire.ClientHelloSenderOffset, 4).CopyTo(msg[Wire.CookieReplyReceiverOffset..]);
+        // The cookie key is ours for life (restarts included): a nonce must never repeat under it, so
+        // it counts up from a random start instead of being drawn (which also spares a random source
+        // call per reply under a flood).
+        for (int i = 0; i < _cookieNonce.Length && ++_cookieNonce[i] == 0; i++) { }
         Span<byte> nonce = msg.Slice(Wire.CookieReplyNonceOffset, 12);
-        RandomNumberGenerator.Fill(nonce);
-        _cookieAead ??= new Aead(AeadKind.ChaCha20Poly1305, _cookieKey);       // one key for our life: keep its context
-        _cookieAead.Seal(nonce, cookie, hello.Slice(Wire.ClientHelloMac1Offset, Spec.MacLen), msg.Slice(Wire.CookieReplyCookieOffset, Spec.MacLen + Spec.TagLen));
+        _cookieNonce.CopyTo(nonce);
+        _cookieAead ??= new Aead(AeadKind.ChaCha20Poly1305, _cookieKey);
+        _cookieAead.Seal(nonce, cookie16, hello.Slice(Wire.ClientHelloMac1Offset, Spec.MacLen), msg.Slice(Wire.CookieReplyCookieOffset, Spec.MacLen + Spec.TagLen));
         return Wire.CookieReplyLen;
     }
 
@@ -4268,10 +4289,12 @@ internal sealed class Node
         // reply), and only such proven sources are charged a per-source budget: a forger cannot
         // spend the budget of the address it forges, so it cannot lock that peer out.
         HandshakeVerdict v = HandshakeVerdict.Ok;
+        Span<byte> cookie = stackalloc byte[Spec.MacLen];
         if (!Handshaker.Mac1Matches(d)) v = HandshakeVerdict.BadMac1;
         else if (Admission.UnderLoad(nowMs))
         {
-            if (!Handshaker.CookieMatches(d, from, nowMs)) v = HandshakeVerdict.NeedCookie;
+            Handshaker.MakeCookie(from, nowMs, cookie);
+            if (!Handshaker.CookieMatches(d, cookie)) v = HandshakeVerdict.NeedCookie;
             else if (!Admission.AllowSource(from, nowMs)) v = HandshakeVerdict.RateLimited;
         }
         _admitNowMs = nowMs;
@@ -4285,7 +4308,7 @@ internal sealed class Node
         {
             case HandshakeVerdict.Ok: break;
             case HandshakeVerdict.NeedCookie:
-                int len = Handshaker.CreateCookieReply(d, from, nowMs, NextOut(from));
+                int len = Handshaker.CreateCookieReply(d, cookie, NextOut(from));
                 CommitOut(len);
                 Counters.CookiesSent++;
                 return;

@@ -316,6 +316,58 @@ public class NodeTests
     }
 
     [Fact]
+    public void CookieReplies_NeverRepeatANonce_AndTheSecretRotates()
+    {
+        var t = TestNet.FullMesh(2);
+        byte[]? hello = null;
+        var replies = new List<byte[]>();
+        t.Net.Filter = (_, _, d) =>
+        {
+            if (d[0] == Spec.TlsHandshake && d[5] == Wire.TypeClientHello) hello ??= d;
+            if (d[0] == Spec.TlsHandshake && d[5] == Wire.TypeCookieReply) replies.Add(d);
+            return false;
+        };
+        t.Nodes[0].Node.Start(t.NowMs);
+        t.Nodes[0].Worker.FlushUdp(t.Nodes[0].Node.UdpOut);
+        Assert.NotNull(hello);
+        Assert.False(hello.AsSpan(Wire.ClientHelloMac2Offset, Spec.MacLen).ContainsAnyExcept((byte)0));   // no cookie yet
+        t.Nodes[1].Node.Admission.ForceUnderLoad = true;
+        Endpoint other = Endpoint.FromV4(0xC6336409, 4000);
+        void Flood(Endpoint from) { for (int i = 0; i < 3; i++) t.Nodes[1].Udp.Deliver(hello!, from); t.Pump(); }
+        Flood(t.Nodes[0].Endpoint);
+        Flood(other);
+        Assert.Equal(6, replies.Count);
+        Assert.Equal(0, t.Nodes[1].Node.Counters.HandshakesCompleted);
+
+        // nonces count up (little-endian) from a random start: none repeats under the life-long key
+        var nonces = replies.Select(r => new UInt128(0, BinaryPrimitives.ReadUInt64LittleEndian(r.AsSpan(Wire.CookieReplyNonceOffset))) |
+                                         ((UInt128)BinaryPrimitives.ReadUInt32LittleEndian(r.AsSpan(Wire.CookieReplyNonceOffset + 8)) << 64)).ToList();
+        for (int i = 1; i < nonces.Count; i++) Assert.Equal(nonces[0] + (UInt128)i, nonces[i]);
+
+        // the initiator opens each; the cookie depends on the source address and on the 2-minute secret
+        Peer p = t.Nodes[0].Node.Peers[0];
+        byte[] CookieOf(byte[] reply)
+        {
+            hello.AsSpan(Wire.ClientHelloMac1Offset, Spec.MacLen).CopyTo(p.LastMac1);   // it answers that hello (node 0 may have sent newer ones)
+            Assert.True(t.Nodes[0].Node.Handshaker.ConsumeCookieReply(reply, p, t.NowMs)); return p.Cookie.ToArray();
+        }
+        byte[] first = CookieOf(replies[0]);
+        Assert.Equal(first, CookieOf(replies[2]));
+        Assert.NotEqual(first, CookieOf(replies[3]));
+        t.Advance(Spec.CookieRefreshTimeMs + 1);
+        Flood(t.Nodes[0].Endpoint);
+        Assert.NotEqual(first, CookieOf(replies[^1]));
+        // a hello whose MAC2 carries the current cookie passes: node 1 answers with a ServerHello
+        replies.Clear();
+        int serverHellos = 0;
+        t.Net.Filter = (_, _, d) => { if (d[0] == Spec.TlsHandshake && d[5] == Wire.TypeServerHello) serverHellos++; return true; };
+        t.Nodes[0].Tun.Inject(Packets.Udp4("100.64.0.1", "100.64.0.2", 10));
+        t.Advance(6000);
+        Assert.True(serverHellos >= 1, "the retransmitted hello with its cookie was answered");
+        Assert.Single(t.Nodes[1].Tun.Written);
+    }
+
+    [Fact]
     public void ReplayedClientHello_Ignored()
     {
         var t = TestNet.FullMesh(2);

@@ -113,12 +113,15 @@ kill -0 "$flood_pid" 2>/dev/null && flood_running=1
 check "restarted a reaches b within 15 s during the flood" \
 	"no reply after ${t} ms (flood still running: $flood_running)" test "$reached" -eq 1 -a "$flood_running" -eq 1
 ((reached)) && note "a reached b ${t} ms after its restart"
-# Under a flood that saturates b's single loop (~130k hellos/s, each answered with a cookie)
-# the kernel may drop some legitimate datagrams at b's socket too: the tunnel must keep carrying
-# traffic, one lost ping is not a failure.
+# A flood that outruns b's single loop (on a slow or busy machine) makes the kernel drop some
+# legitimate datagrams at b's socket too: the tunnel must keep carrying traffic, but a lost echo
+# is not a failure. Each try sends 5 echoes; any answer passes.
 during=0
-for ((i = 0; i < 3; i++)); do if ping_ok b "$OL4_a" 2; then during=1; break; fi; done
-check "ping b -> a during the flood (3 tries)" "no reply in 3 tries of 2 s" test "$during" -eq 1
+for ((i = 0; i < 3; i++)); do
+	if nsx b timeout --foreground 8 ping -c 5 -i 0.2 -W 2 -q "$OL4_a" >"$TMPD/ping.during" 2>&1; then during=1; break; fi
+done
+note "ping b -> a during the flood: $(grep -o '[0-9]* received' "$TMPD/ping.during") of 5 (try $((i + 1)))"
+check "ping b -> a during the flood (3 tries of 5 echoes)" "no reply in 3 tries" test "$during" -eq 1
 
 # let the flood run at least FLOOD_MIN_S, then stop it
 while (($(now_ms) - t_start < FLOOD_MIN_S * 1000)) && kill -0 "$flood_pid" 2>/dev/null; do sleep 0.2; done
@@ -132,6 +135,8 @@ declare -A F=()
 read -ra words <<<"$out"
 for ((i = 0; i + 1 < ${#words[@]}; i += 2)); do F[${words[i]}]=${words[i + 1]}; done
 check "the flood sent something" "flood.py said: $out" test "${F[sent]:-0}" -gt 10000
+valid=$((${F[mac1]:-0} + ${F[replay]:-0}))
+((valid > 0)) && note "b kept up with $((100 * ${F[cookie]:-0} / valid))% of the hellos with a valid MAC1 (each earns a cookie reply)"
 
 # ---- b afterwards
 check "b is alive" "b exited" node_alive b
