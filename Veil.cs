@@ -533,6 +533,7 @@ internal sealed class Counters
     internal readonly long[] Drops = new long[(int)DropReason.Count];
     internal long RxRecords, TxRecords, RxBytes, TxBytes;
     internal long TunRxPackets, TunTxPackets;
+    internal long TunSuperPackets, TunCoalesced;      // offloads: super-packets read and split; segments merged on write
     internal long HandshakesInitiated, HandshakesCompleted, CookiesSent;
 
     internal void Drop(DropReason r) => Drops[(int)r]++;
@@ -1748,7 +1749,7 @@ internal sealed unsafe class TunDevice : IDataplane
 {
     private const uint TUNSETOFFLOAD = 0x400454D0;
     private const short IFF_VNET_HDR = 0x4000;
-    private const int TUN_F_CSUM = 0x1, TUN_F_TSO4 = 0x2, TUN_F_TSO6 = 0x4;
+    private const int TUN_F_CSUM = 0x1, TUN_F_TSO4 = 0x2, TUN_F_TSO6 = 0x4, TUN_F_USO4 = 0x20, TUN_F_USO6 = 0x40;
     private int _fd;
     internal string Name { get; }
     internal int IfIndex { get; }
@@ -1758,13 +1759,17 @@ internal sealed unsafe class TunDevice : IDataplane
     private readonly byte[] _super = GC.AllocateUninitializedArray<byte>(Segmenter.VirtioHdrLen + 65535, pinned: true);
     private readonly Segmenter _segmenter = new();
     private readonly byte[] _zeroHdr = GC.AllocateArray<byte>(Segmenter.VirtioHdrLen, pinned: true);
-    internal long SuperPackets, Segments;
+    private readonly Counters _counters;
 
-    private TunDevice(int fd, string name, int ifIndex, bool offload) { _fd = fd; Name = name; IfIndex = ifIndex; Offload = offload; }
+    private TunDevice(int fd, string name, int ifIndex, bool offload, Counters counters)
+    {
+        _fd = fd; Name = name; IfIndex = ifIndex; Offload = offload; _counters = counters;
+    }
 
     /// <summary>Creates the interface or throws with one line saying why. With offload, the kernel
-    /// may hand us TCP super-packets of up to 64 KiB (TSO) with checksums left to us; Read splits them.</summary>
-    internal static TunDevice Create(string name, bool offload = true)
+    /// may hand us TCP and UDP super-packets of up to 64 KiB (TSO, USO) with checksums left to us;
+    /// Read splits them.</summary>
+    internal static TunDevice Create(string name, Counters counters, bool offload = true)
     {
         byte* path = stackalloc byte[16];
         Encoding.ASCII.GetBytes("/dev/net/tun\0", new Span<byte>(path, 16));
@@ -1782,17 +1787,21 @@ internal sealed unsafe class TunDevice : IDataplane
             throw new IOException($"cannot create TUN '{name}': {Libc.ErrorText(e)}" + (e == 16 ? " (the name is in use)" : ""));
         }
         // Should TUNSETOFFLOAD fail, the kernel sends whole packets; the virtio header stays (all zero).
-        bool accepted = offload && Libc.Ioctl(fd, TUNSETOFFLOAD, (void*)(nuint)(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)) >= 0;
+        // Kernels before 6.2 refuse the USO bits as a whole: then TCP offloads alone.
+        const int tso = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
+        bool uso = offload && Libc.Ioctl(fd, TUNSETOFFLOAD, (void*)(nuint)(tso | TUN_F_USO4 | TUN_F_USO6)) >= 0;
+        bool accepted = uso || offload && Libc.Ioctl(fd, TUNSETOFFLOAD, (void*)(nuint)tso) >= 0;
         int index = Netlink.IfIndex(name);
         if (index <= 0)
         {
             Libc.Close(fd);
             throw new IOException($"TUN '{name}' was created but has no interface index");
         }
-        return new TunDevice(fd, name, index, offload) { OffloadsAccepted = accepted };
+        return new TunDevice(fd, name, index, offload, counters) { OffloadsAccepted = accepted, UdpOffloadAccepted = uso };
     }
 
     internal bool OffloadsAccepted { get; private init; }
+    internal bool UdpOffloadAccepted { get; private init; }
 
     public int Read(Span<byte> buffer)
     {
@@ -1801,13 +1810,13 @@ internal sealed unsafe class TunDevice : IDataplane
         while (true)
         {
             int n = _segmenter.Next(buffer);
-            if (n > 0) { Segments++; return n; }
+            if (n > 0) return n;
             nint got;
             fixed (byte* p = _super) got = Libc.Read(_fd, p, (nuint)_super.Length);
             int r = Done(got);
             if (r <= 0) return r;
-            if (!_segmenter.Start(_super.AsSpan(0, r))) continue;   // malformed: dropped (counted by the segmenter)
-            SuperPackets++;
+            if (!_segmenter.Start(_super.AsSpan(0, r))) { _counters.Drop(DropReason.Malformed); continue; }
+            if (!_segmenter.Whole) _counters.TunSuperPackets++;
         }
     }
 
@@ -1817,8 +1826,6 @@ internal sealed unsafe class TunDevice : IDataplane
         int e = Libc.Errno;
         return e == Libc.EAGAIN || e == Libc.EINTR ? 0 : -e;
     }
-
-    internal long MalformedSuperPackets => _segmenter.Malformed;
 
     public bool Write(ReadOnlySpan<byte> packet)
     {
@@ -1833,8 +1840,6 @@ internal sealed unsafe class TunDevice : IDataplane
             return Libc.Writev(_fd, iov, 2) == Segmenter.VirtioHdrLen + packet.Length;
         }
     }
-
-    internal long Coalesced;                         // segments merged into a super-packet on write
 
     /// <summary>Writes the batch; consecutive segments of one TCP flow go down as one super-packet
     /// (GRO in reverse of Segmenter): one writev with a virtio header, the first packet whole
@@ -1876,7 +1881,7 @@ internal sealed unsafe class TunDevice : IDataplane
             int skip = k == from ? 0 : hdrLen;
             fixed (byte* p = b.Packet(k)) iov[n++] = new IoVec { Base = (nint)(p + skip), Len = (nuint)(b.Length[k] - skip) };   // slots are pinned
         }
-        Coalesced += count;
+        _counters.TunCoalesced += count;
         return Libc.Writev(_fd, iov, n) == Segmenter.VirtioHdrLen + hdrLen + payload;
     }
 
@@ -1964,18 +1969,20 @@ internal static class Coalescer
 }
 
 /// <summary>Turns what a TUN with offloads hands us (virtio_net_hdr + packet) into plain packets:
-/// finishes a checksum the kernel left partial (NEEDS_CSUM), and cuts a TCP super-packet (GSO
-/// TCPV4/TCPV6) into gso_size segments with their own IP length, IPv4 id and checksum, TCP
-/// sequence number, flags (FIN/PSH only on the last, CWR only on the first) and full TCP checksum.
+/// finishes a checksum the kernel left partial (NEEDS_CSUM), and cuts a super-packet into gso_size
+/// segments with their own IP length, IPv4 id and checksum: TCP (GSO TCPV4/TCPV6) with its sequence
+/// number, flags (FIN/PSH only on the last, CWR only on the first) and full checksum; UDP (GSO UDP_L4,
+/// from senders using UDP_SEGMENT) as datagrams with their own UDP length and checksum.
 /// Nothing here trusts the header's lengths without checking them against the packet.</summary>
 internal sealed class Segmenter
 {
     internal const int VirtioHdrLen = 10;
-    private const byte NeedsCsum = 1, GsoNone = 0, GsoTcpV4 = 1, GsoTcpV6 = 4;
+    private const byte NeedsCsum = 1, GsoNone = 0, GsoTcpV4 = 1, GsoTcpV6 = 4, GsoUdpL4 = 5;
     private byte[] _pkt = [];
     private int _len, _l4, _hdrLen, _gsoSize, _payloadLen, _next, _count;
-    private bool _v6, _whole;
+    private bool _v6, _udp, _whole;
     internal long Malformed;
+    internal bool Whole => _whole;                    // the last Start held one plain packet (no GSO)
 
     /// <summary>Takes one read (header + packet); false when it is malformed (dropped).</summary>
     internal bool Start(ReadOnlySpan<byte> read)
@@ -2004,15 +2011,17 @@ internal sealed class Segmenter
             _whole = true;
             return true;
         }
-        _v6 = (gso & 0x7F) == GsoTcpV6;
-        if ((gso & 0x7F) is not (GsoTcpV4 or GsoTcpV6) || gsoSize == 0) return Bad();
+        int type = gso & 0x7F;
+        if (type is not (GsoTcpV4 or GsoTcpV6 or GsoUdpL4) || gsoSize == 0) return Bad();
+        _udp = type == GsoUdpL4;
+        _v6 = _udp ? (pkt[0] >> 4) == 6 : type == GsoTcpV6;               // UDP_L4 serves both versions
         if ((pkt[0] >> 4) != (_v6 ? 6 : 4)) return Bad();
         _l4 = csumStart;
-        if (_l4 < (_v6 ? 40 : 20) || _l4 + 20 > _len) return Bad();
-        if (!_v6 && ((pkt[0] & 0xF) * 4 < 20 || (pkt[0] & 0xF) * 4 > _l4)) return Bad();   // IPv4 header must end where TCP starts
-        int tcpLen = (pkt[_l4 + 12] >> 4) * 4;
-        if (tcpLen < 20 || _l4 + tcpLen > _len) return Bad();
-        _hdrLen = _l4 + tcpLen;
+        if (_l4 < (_v6 ? 40 : 20) || _l4 + (_udp ? 8 : 20) > _len) return Bad();
+        if (!_v6 && ((pkt[0] & 0xF) * 4 < 20 || (pkt[0] & 0xF) * 4 > _l4)) return Bad();   // IPv4 header must end where L4 starts
+        int l4HdrLen = _udp ? 8 : (pkt[_l4 + 12] >> 4) * 4;
+        if (l4HdrLen < 8 || _l4 + l4HdrLen > _len) return Bad();
+        _hdrLen = _l4 + l4HdrLen;
         _payloadLen = _len - _hdrLen;
         _gsoSize = gsoSize;
         _count = Math.Max(1, (_payloadLen + gsoSize - 1) / gsoSize);
@@ -2051,15 +2060,25 @@ internal sealed class Segmenter
             o[10] = 0; o[11] = 0;
             BinaryPrimitives.WriteUInt16BigEndian(o[10..], (ushort)~Checksum.Fold(Checksum.Add(0, o[..ihl])));
         }
-        Span<byte> tcp = o[_l4..];
-        BinaryPrimitives.WriteUInt32BigEndian(tcp[4..], BinaryPrimitives.ReadUInt32BigEndian(tcp[4..]) + (uint)off);
-        if (i < _count - 1) tcp[13] &= unchecked((byte)~0x09);     // FIN and PSH only on the last segment
-        if (i > 0) tcp[13] &= unchecked((byte)~0x80);               // CWR only on the first
-        tcp[16] = 0; tcp[17] = 0;
-        ulong sum = Checksum.Add(0, tcp);
-        sum = _v6 ? Checksum.Add(Checksum.Add(sum, o.Slice(8, 32)), (uint)tcp.Length) + 6
-                  : Checksum.Add(Checksum.Add(sum, o.Slice(12, 8)), (uint)tcp.Length) + 6;
-        BinaryPrimitives.WriteUInt16BigEndian(tcp[16..], (ushort)~Checksum.Fold(sum));
+        Span<byte> l4 = o[_l4..];
+        int csumAt;
+        if (_udp)
+        {
+            BinaryPrimitives.WriteUInt16BigEndian(l4[4..], (ushort)l4.Length);
+            csumAt = 6;
+        }
+        else
+        {
+            BinaryPrimitives.WriteUInt32BigEndian(l4[4..], BinaryPrimitives.ReadUInt32BigEndian(l4[4..]) + (uint)off);
+            if (i < _count - 1) l4[13] &= unchecked((byte)~0x09);   // FIN and PSH only on the last segment
+            if (i > 0) l4[13] &= unchecked((byte)~0x80);             // CWR only on the first
+            csumAt = 16;
+        }
+        l4[csumAt] = 0; l4[csumAt + 1] = 0;
+        ulong sum = Checksum.Add(Checksum.Add(Checksum.Add(0, l4), _v6 ? o.Slice(8, 32) : o.Slice(12, 8)), (uint)l4.Length) + (_udp ? 17u : 6u);
+        ushort csum = (ushort)~Checksum.Fold(sum);
+        if (csum == 0 && _udp) csum = 0xFFFF;                        // zero would mean "no checksum"
+        BinaryPrimitives.WriteUInt16BigEndian(l4[csumAt..], csum);
         return total;
     }
 }
@@ -3541,6 +3560,7 @@ internal sealed unsafe class UdpSocket : IUdp
     public int ReceiveBatch(PacketBatch b)
     {
         int added = 0;
+        bool drained = false;   // a short recvmmsg emptied the queue: epoll (level-triggered) says when more comes
         while (b.Count < b.Capacity)
         {
             if (_rxMsg < _rxMsgCount)
@@ -3557,7 +3577,8 @@ internal sealed unsafe class UdpSocket : IUdp
                 added++;
                 continue;
             }
-            if (!ReceiveMessages()) break;
+            if (drained || !ReceiveMessages()) break;
+            drained = _rxMsgCount < RxMessages;
         }
         return added;
     }
@@ -4731,8 +4752,8 @@ internal sealed unsafe class Daemon
             udp = UdpSocket.Bind(_cfg.ListenAddress, _cfg.ListenPort);
             udp.OnOffloadOff = what => _log.Warn("offload_off", what + " hint=\"sending one datagram per call from now on\"");
 
-            TunDevice tun = _tun = TunDevice.Create(_cfg.TunName);
-            _log.Info("offloads", $"tun_tso={(tun.OffloadsAccepted ? "on" : "off")} udp_gso={(udp.Gso ? "on" : "off")} udp_gro={(udp.Gro ? "on" : "off")} aead_backend={Aead.Backend}");
+            TunDevice tun = _tun = TunDevice.Create(_cfg.TunName, counters);
+            _log.Info("offloads", $"tun_tso={(tun.OffloadsAccepted ? "on" : "off")} tun_uso={(tun.UdpOffloadAccepted ? "on" : "off")} udp_gso={(udp.Gso ? "on" : "off")} udp_gro={(udp.Gro ? "on" : "off")} aead_backend={Aead.Backend}");
             Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
             foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
             SyncKernelRoutes();
@@ -5630,6 +5651,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
           .Append(",\"handshakes_completed\":").Append(c.HandshakesCompleted)
           .Append(",\"cookies_sent\":").Append(c.CookiesSent)
           .Append(",\"tun_rx_packets\":").Append(c.TunRxPackets).Append(",\"tun_tx_packets\":").Append(c.TunTxPackets)
+          .Append(",\"tun_super_packets\":").Append(c.TunSuperPackets).Append(",\"tun_coalesced\":").Append(c.TunCoalesced)
           .Append(",\"gc_collections\":[").Append(GC.CollectionCount(0)).Append(',').Append(GC.CollectionCount(1)).Append(',').Append(GC.CollectionCount(2))
           .Append("],\"allocated_bytes\":").Append(GC.GetTotalAllocatedBytes()).Append("},\"drops\":{");
         for (int i = 0; i < (int)DropReason.Count; i++)

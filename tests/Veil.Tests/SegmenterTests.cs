@@ -105,6 +105,75 @@ public class SegmenterTests
         Assert.Equal(payload, seen);
     }
 
+    internal static byte[] Udp(bool v6, int payloadLen)
+    {
+        int ip = v6 ? 40 : 20;
+        byte[] p = Tcp(v6, 0, 0);                                         // the IP header, addresses and ports
+        Array.Resize(ref p, ip + 8 + payloadLen);
+        if (v6) { p[6] = 17; BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(4), (ushort)(8 + payloadLen)); }
+        else { p[9] = 17; BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(2), (ushort)p.Length); }
+        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(ip + 4), (ushort)(8 + payloadLen));   // as the sender wrote it: the whole super-datagram
+        p.AsSpan(ip + 6, 2).Fill(0xAB);                                   // what the kernel leaves there is not ours to trust
+        for (int i = 0; i < payloadLen; i++) p[ip + 8 + i] = (byte)(i * 13 + 5);
+        return p;
+    }
+
+    [Theory]
+    [InlineData(false, 3000, 1200)]
+    [InlineData(true, 3000, 1200)]
+    [InlineData(false, 2400, 1200)]
+    [InlineData(true, 63000, 1432)]
+    [InlineData(false, 700, 1200)]
+    public void UsoSuperPacket_SplitIntoValidDatagrams(bool v6, int payload, int gsoSize)
+    {
+        byte[] super = Udp(v6, payload);
+        int l4 = v6 ? 40 : 20, hdr = l4 + 8;
+        var s = new Segmenter();
+        Assert.True(s.Start(Read(super, 1, 5, gsoSize, l4, 6)));            // NEEDS_CSUM, GSO UDP_L4
+        List<byte[]> segs = All(s);
+        Assert.Equal((payload + gsoSize - 1) / gsoSize, segs.Count);
+        int seen = 0;
+        for (int i = 0; i < segs.Count; i++)
+        {
+            byte[] g = segs[i];
+            int len = Math.Min(gsoSize, payload - i * gsoSize);
+            Assert.Equal(hdr + len, g.Length);
+            Assert.Equal(8 + len, BinaryPrimitives.ReadUInt16BigEndian(g.AsSpan(l4 + 4)));
+            if (v6) Assert.Equal(8 + len, BinaryPrimitives.ReadUInt16BigEndian(g.AsSpan(4)));
+            else
+            {
+                Assert.Equal(g.Length, BinaryPrimitives.ReadUInt16BigEndian(g.AsSpan(2)));
+                Assert.Equal(0x1234 + i, BinaryPrimitives.ReadUInt16BigEndian(g.AsSpan(4)));
+                Assert.Equal(0xFFFF, Checksum.Fold(Checksum.Add(0, g.AsSpan(0, 20))));
+            }
+            Assert.Equal(super.AsSpan(l4, 4).ToArray(), g.AsSpan(l4, 4).ToArray());   // ports
+            Assert.NotEqual(0, BinaryPrimitives.ReadUInt16BigEndian(g.AsSpan(l4 + 6)));
+            Assert.True(L4ChecksumOk(g, v6), $"datagram {i}: bad UDP checksum");
+            Assert.Equal(super.AsSpan(hdr + seen, len).ToArray(), g.AsSpan(hdr, len).ToArray());
+            seen += len;
+        }
+        Assert.Equal(payload, seen);
+    }
+
+    [Fact]
+    public void UsoSuperPacket_Malformed_Dropped()
+    {
+        var s = new Segmenter();
+        byte[] v4 = Udp(false, 3000);
+        Assert.False(s.Start(Read(v4, 1, 5, 0, 20, 6)));                      // gso size 0
+        Assert.False(s.Start(Read(v4, 1, 5, 1200, 3025, 6)));                // UDP header past the end
+        Assert.False(s.Start(Read(v4, 1, 5, 1200, 12, 6)));                  // UDP inside the IPv4 header
+        Assert.False(s.Start(Read(v4[..26], 1, 5, 1200, 20, 6)));            // UDP header cut off
+        byte[] v5 = Udp(false, 3000);
+        v5[0] = 0x55;                                                         // neither IPv4 nor IPv6
+        Assert.False(s.Start(Read(v5, 1, 5, 1200, 20, 6)));
+        Assert.False(s.Start(Read(Udp(true, 3000), 1, 5, 1200, 20, 6)));     // inside the IPv6 header
+        Assert.Equal(6, s.Malformed);
+        Assert.True(s.Start(Read(v4, 1, 5, 1200, 20, 6)));
+        Assert.Equal(0, s.Next(new byte[100]));                               // a slot too small: counted, not written
+        Assert.Equal(7, s.Malformed);
+    }
+
     [Fact]
     public void WholePacket_PartialChecksumFinished()
     {

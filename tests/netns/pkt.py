@@ -11,6 +11,13 @@
       the socket is bound. Stops after SECONDS or MAX frames.
   pkt.py replay IFACE FILE TIMES
       send every frame in FILE (hex lines) out of IFACE, TIMES times over.
+  pkt.py udpgso SRC DST PORT COUNT SEGMENT PER
+      send COUNT super-datagrams of PER segments of SEGMENT bytes each with UDP_SEGMENT (the
+      kernel, or a TUN with USO, cuts them); segment k of send n carries n, k and a pattern.
+      Prints "sent N datagrams M".
+  pkt.py udpsink BIND PORT SECONDS EXPECT READYFILE
+      receive datagrams on BIND:PORT until EXPECT arrived or SECONDS passed; check each one's
+      pattern. Touches READYFILE once bound. Prints "got N bad M bytes B".
 """
 import random
 import select
@@ -128,6 +135,54 @@ def replay(iface, path, times):
     print(f"replayed {n}")
 
 
+UDP_SEGMENT = 103
+
+
+def pattern(n, k, size):
+    head = struct.pack("!II", n, k)
+    return head + bytes((n * 31 + k * 7 + i) & 0xFF for i in range(size - len(head)))
+
+
+def udpgso(src, dst, port, count, segment, per):
+    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.bind((src, 0))
+    s.setsockopt(socket.SOL_UDP, UDP_SEGMENT, segment)
+    sent = 0
+    for n in range(count):
+        s.sendto(b"".join(pattern(n, k, segment) for k in range(per)), (dst, port))
+        sent += per
+        time.sleep(0.002)   # paced: the check is about cutting, not about queue sizes
+    print(f"sent {count} datagrams {sent}")
+
+
+def udpsink(bind, port, seconds, expect, readyfile):
+    fam = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.bind((bind, port))
+    open(readyfile, "w").close()
+    got = bad = nbytes = 0
+    seen = set()
+    end = time.monotonic() + seconds
+    while got < expect and time.monotonic() < end:
+        r, _, _ = select.select([s], [], [], 0.2)
+        if not r:
+            continue
+        d = s.recv(65535)
+        nbytes += len(d)
+        if len(d) < 8:
+            bad += 1
+            continue
+        n, k = struct.unpack("!II", d[:8])
+        if d != pattern(n, k, len(d)) or (n, k) in seen:
+            bad += 1
+            continue
+        seen.add((n, k))
+        got += 1
+    print(f"got {got} bad {bad} bytes {nbytes}")
+
+
 def main(argv):
     cmd = argv[1] if len(argv) > 1 else ""
     if cmd == "garbage" and len(argv) == 7:
@@ -136,6 +191,10 @@ def main(argv):
         capture(argv[2], argv[3], int(argv[4]), float(argv[5]), int(argv[6]), argv[7], argv[8])
     elif cmd == "replay" and len(argv) == 5:
         replay(argv[2], argv[3], int(argv[4]))
+    elif cmd == "udpgso" and len(argv) == 8:
+        udpgso(argv[2], argv[3], int(argv[4]), int(argv[5]), int(argv[6]), int(argv[7]))
+    elif cmd == "udpsink" and len(argv) == 7:
+        udpsink(argv[2], int(argv[3]), float(argv[4]), int(argv[5]), argv[6])
     else:
         sys.stderr.write(__doc__)
         return 2
