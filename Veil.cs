@@ -1841,16 +1841,17 @@ internal sealed unsafe class TunDevice : IDataplane
         }
     }
 
-    /// <summary>Writes the batch; consecutive segments of one TCP flow go down as one super-packet
-    /// (GRO in reverse of Segmenter): one writev with a virtio header, the first packet whole
-    /// (its IP length and the TCP checksum seed rewritten) and only the payload of the others.</summary>
+    /// <summary>Writes the batch; consecutive segments of one TCP flow (with USO also datagrams of one
+    /// UDP flow) go down as one super-packet (GRO in reverse of Segmenter): one writev with a virtio
+    /// header, the first packet whole (its lengths and the L4 checksum seed rewritten) and only the
+    /// payload of the others.</summary>
     public int WriteBatch(PacketBatch b)
     {
         int refused = 0;
         for (int i = 0; i < b.Count;)
         {
             if (b.Length[i] == 0) { i++; continue; }
-            int end = Offload ? Coalescer.RunEnd(b, i) : i + 1;
+            int end = Offload ? Coalescer.RunEnd(b, i, UdpOffloadAccepted) : i + 1;
             if (end - i == 1 ? !Write(b.Packet(i)) : !WriteCoalesced(b, i, end)) refused += end - i;
             i = end;
         }
@@ -1866,12 +1867,13 @@ internal sealed unsafe class TunDevice : IDataplane
         int gsoSize = head.Length - hdrLen;
         Coalescer.RewriteHead(head, hdrLen, ipLen, payload, b.Packet(to - 1));
         byte* vh = stackalloc byte[Segmenter.VirtioHdrLen];
-        vh[0] = 1;                                              // NEEDS_CSUM: the kernel finishes the TCP checksum
-        vh[1] = (byte)((head[0] >> 4) == 6 ? 4 : 1);            // GSO TCPV6 / TCPV4
+        bool udp = Coalescer.IsUdp(head);
+        vh[0] = 1;                                              // NEEDS_CSUM: the kernel finishes the L4 checksums
+        vh[1] = (byte)(udp ? 5 : (head[0] >> 4) == 6 ? 4 : 1);  // GSO UDP_L4 / TCPV6 / TCPV4
         *(ushort*)(vh + 2) = (ushort)hdrLen;
         *(ushort*)(vh + 4) = (ushort)gsoSize;
         *(ushort*)(vh + 6) = (ushort)ipLen;
-        *(ushort*)(vh + 8) = 16;
+        *(ushort*)(vh + 8) = (ushort)(udp ? 6 : 16);
         IoVec* iov = stackalloc IoVec[Tune.BatchSize + 2];
         int n = 0;
         iov[n++] = new IoVec { Base = (nint)vh, Len = (nuint)Segmenter.VirtioHdrLen };
@@ -1892,15 +1894,18 @@ internal sealed unsafe class TunDevice : IDataplane
     }
 }
 
-/// <summary>Decides which received TCP segments may travel to the TUN as one super-packet: same
-/// flow, same header shape, consecutive sequence numbers, equal sizes (a shorter one ends the run),
-/// only ACK (the last may add PSH), IPv4 without options or fragments, at most 64 KiB.</summary>
+/// <summary>Decides which received packets may travel to the TUN as one super-packet: TCP segments
+/// of one flow with the same header shape, consecutive sequence numbers, only ACK (the last may add
+/// PSH); with USO, UDP datagrams of one flow (the kernel cuts them apart again at the same
+/// boundaries). Equal sizes (a shorter one ends the run), IPv4 without options or fragments, at most
+/// 64 KiB.</summary>
 internal static class Coalescer
 {
     private const int MaxBytes = 65535 - 60, MaxSegments = 64;
 
     internal static int IpHeaderLen(ReadOnlySpan<byte> p) => (p[0] >> 4) == 6 ? 40 : (p[0] & 0xF) * 4;
-    internal static int HeaderLen(ReadOnlySpan<byte> p) { int ip = IpHeaderLen(p); return ip + (p[ip + 12] >> 4) * 4; }
+    internal static bool IsUdp(ReadOnlySpan<byte> p) => ((p[0] >> 4) == 6 ? p[6] : p[9]) == 17;
+    internal static int HeaderLen(ReadOnlySpan<byte> p) { int ip = IpHeaderLen(p); return ip + (IsUdp(p) ? 8 : (p[ip + 12] >> 4) * 4); }
 
     // A plain TCP segment we know how to merge: IPv4 with a 20-byte header and no fragmenting, or
     // IPv6 with TCP as the next header; a whole TCP header; some payload.
@@ -1916,10 +1921,23 @@ internal static class Coalescer
         return flags is 0x10 or 0x18;                                 // ACK, or ACK|PSH
     }
 
-    /// <summary>The end (exclusive) of the run of slots starting at i that can be merged with it.</summary>
-    internal static int RunEnd(PacketBatch b, int i)
+    // A UDP datagram we know how to merge: IPv4 with a 20-byte header and no fragmenting, or IPv6
+    // with UDP as the next header; a UDP length that is the IP payload; some payload.
+    private static bool MergeableUdp(ReadOnlySpan<byte> p)
+    {
+        int v = p.Length >= 29 ? p[0] >> 4 : 0;
+        if (v == 4) { if (p[0] != 0x45 || p[9] != 17 || (BinaryPrimitives.ReadUInt16BigEndian(p[6..]) & 0x3FFF) != 0) return false; }
+        else if (v != 6 || p.Length < 49 || p[6] != 17) return false;
+        int ip = IpHeaderLen(p);
+        return BinaryPrimitives.ReadUInt16BigEndian(p[(ip + 4)..]) == p.Length - ip;
+    }
+
+    /// <summary>The end (exclusive) of the run of slots starting at i that can be merged with it
+    /// (UDP runs only when the TUN takes UDP super-packets).</summary>
+    internal static int RunEnd(PacketBatch b, int i, bool udp = false)
     {
         ReadOnlySpan<byte> head = b.Packet(i);
+        if (udp && MergeableUdp(head)) return UdpRunEnd(b, i);
         if (!Mergeable(head) || head[IpHeaderLen(head) + 13] != 0x10) return i + 1;
         int ip = IpHeaderLen(head), hdr = HeaderLen(head), seg = head.Length - hdr, total = head.Length, n = 1;
         uint next = BinaryPrimitives.ReadUInt32BigEndian(head[(ip + 4)..]) + (uint)seg;
@@ -1949,22 +1967,51 @@ internal static class Coalescer
         return last + 1;
     }
 
-    /// <summary>Makes the head's headers describe the whole run: IP length (and IPv4 checksum), PSH
-    /// if the last segment had it, and the TCP checksum field seeded with the pseudo-header sum.</summary>
+    private static int UdpRunEnd(PacketBatch b, int i)
+    {
+        ReadOnlySpan<byte> head = b.Packet(i);
+        bool v4 = (head[0] >> 4) == 4;
+        int ip = IpHeaderLen(head), hdr = ip + 8, seg = head.Length - hdr, total = head.Length, n = 1, last = i;
+        for (int j = i + 1; j < b.Count && n < MaxSegments; j++)
+        {
+            if (b.Length[j] == 0) continue;
+            ReadOnlySpan<byte> p = b.Packet(j);
+            if (!MergeableUdp(p) || (p[0] >> 4) != (head[0] >> 4)) break;
+            int len = p.Length - hdr;
+            if (len > seg || total + len > MaxBytes) break;
+            // same addresses and ports; IPv4: same TOS, DF and TTL; IPv6: same class, flow label and hop limit
+            if (v4)
+            {
+                if (head[1] != p[1] || head[6] != p[6] || head[8] != p[8] || !head.Slice(12, 8).SequenceEqual(p.Slice(12, 8))) break;
+            }
+            else if (!head[..4].SequenceEqual(p[..4]) || head[7] != p[7] || !head.Slice(8, 32).SequenceEqual(p.Slice(8, 32))) break;
+            if (!head.Slice(ip, 4).SequenceEqual(p.Slice(ip, 4))) break;
+            n++;
+            total += len;
+            last = j;
+            if (len < seg) break;                                      // a short datagram closes the run
+        }
+        return last + 1;
+    }
+
+    /// <summary>Makes the head's headers describe the whole run: IP length (and IPv4 checksum); TCP:
+    /// PSH if the last segment had it; UDP: the length; the L4 checksum field seeded with the
+    /// pseudo-header sum.</summary>
     internal static void RewriteHead(Span<byte> head, int hdrLen, int ipLen, int payload, ReadOnlySpan<byte> last)
     {
-        int tcpLen = hdrLen - ipLen + payload;
-        bool v6 = (head[0] >> 4) == 6;
-        if (v6) BinaryPrimitives.WriteUInt16BigEndian(head[4..], (ushort)tcpLen);
+        int l4Len = hdrLen - ipLen + payload;
+        bool v6 = (head[0] >> 4) == 6, udp = IsUdp(head);
+        if (v6) BinaryPrimitives.WriteUInt16BigEndian(head[4..], (ushort)l4Len);
         else
         {
-            BinaryPrimitives.WriteUInt16BigEndian(head[2..], (ushort)(ipLen + tcpLen));
+            BinaryPrimitives.WriteUInt16BigEndian(head[2..], (ushort)(ipLen + l4Len));
             head[10] = 0; head[11] = 0;
             BinaryPrimitives.WriteUInt16BigEndian(head[10..], (ushort)~Checksum.Fold(Checksum.Add(0, head[..ipLen])));
         }
-        head[ipLen + 13] |= (byte)(last[ipLen + 13] & 0x08);
-        ulong pseudo = Checksum.Add(Checksum.Add(0, v6 ? head.Slice(8, 32) : head.Slice(12, 8)), (uint)tcpLen) + 6;
-        BinaryPrimitives.WriteUInt16BigEndian(head[(ipLen + 16)..], Checksum.Fold(pseudo));
+        if (udp) BinaryPrimitives.WriteUInt16BigEndian(head[(ipLen + 4)..], (ushort)l4Len);
+        else head[ipLen + 13] |= (byte)(last[ipLen + 13] & 0x08);
+        ulong pseudo = Checksum.Add(Checksum.Add(0, v6 ? head.Slice(8, 32) : head.Slice(12, 8)), (uint)l4Len) + (udp ? 17u : 6u);
+        BinaryPrimitives.WriteUInt16BigEndian(head[(ipLen + (udp ? 6 : 16))..], Checksum.Fold(pseudo));
     }
 }
 

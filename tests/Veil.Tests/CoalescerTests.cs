@@ -86,4 +86,73 @@ public class CoalescerTests
         // not TCP
         Assert.Equal(1, Coalescer.RunEnd(BatchOf(new[] { Packets.Udp4("100.64.0.1", "100.64.0.2", 100), Packets.Udp4("100.64.0.1", "100.64.0.2", 100) }), 0));
     }
+
+    // Datagrams as the kernel would cut a UDP_SEGMENT send (IPv4 ids counting up, full checksums).
+    private static List<byte[]> Datagrams(bool v6, int payload, int size)
+    {
+        var s = new Segmenter();
+        Assert.True(s.Start(SegmenterTests.Read(SegmenterTests.Udp(v6, payload), 1, 5, size, v6 ? 40 : 20, 6)));
+        var list = new List<byte[]>();
+        byte[] buf = new byte[9000];
+        for (int n; (n = s.Next(buf)) > 0;) list.Add(buf[..n]);
+        return list;
+    }
+
+    [Theory]
+    [InlineData(false, 1200 * 20, 1200)]
+    [InlineData(true, 1200 * 20, 1200)]
+    [InlineData(false, 1200 * 5 + 300, 1200)]
+    [InlineData(true, 1432 * 44, 1432)]
+    public void UdpRun_MergedAndSplitAgain_GivesTheSameDatagrams(bool v6, int payload, int size)
+    {
+        List<byte[]> dgrams = Datagrams(v6, payload, size);
+        PacketBatch b = BatchOf(dgrams);
+        Assert.Equal(1, Coalescer.RunEnd(b, 0));                    // no UDP runs unless the TUN takes USO
+        Assert.Equal(dgrams.Count, Coalescer.RunEnd(b, 0, udp: true));
+        Span<byte> head = b.Packet(0);
+        int hdr = Coalescer.HeaderLen(head), ip = Coalescer.IpHeaderLen(head), total = 0;
+        Assert.Equal(ip + 8, hdr);
+        for (int k = 0; k < dgrams.Count; k++) total += dgrams[k].Length - hdr;
+        Coalescer.RewriteHead(head, hdr, ip, total, b.Packet(dgrams.Count - 1));
+        byte[] super = new byte[hdr + total];
+        head[..hdr].CopyTo(super);
+        int at = hdr;
+        for (int k = 0; k < dgrams.Count; k++) { b.Packet(k)[hdr..].CopyTo(super.AsSpan(at)); at += dgrams[k].Length - hdr; }
+        Assert.Equal(8 + total, BinaryPrimitives.ReadUInt16BigEndian(super.AsSpan(ip + 4)));
+        ulong pseudo = Checksum.Add(Checksum.Add(0, super.AsSpan(v6 ? 8 : 12, v6 ? 32 : 8)), (uint)(8 + total)) + 17;
+        Assert.Equal(Checksum.Fold(pseudo), BinaryPrimitives.ReadUInt16BigEndian(super.AsSpan(ip + 6)));
+        var split = new Segmenter();
+        Assert.True(split.Start(SegmenterTests.Read(super, 1, 5, size, ip, 6)));
+        byte[] buf = new byte[9000];
+        foreach (byte[] d in dgrams) Assert.Equal(d, buf[..split.Next(buf)]);
+        Assert.Equal(0, split.Next(buf));
+    }
+
+    [Fact]
+    public void UdpRun_BrokenByOtherFlowLongerDatagramOrFragment()
+    {
+        List<byte[]> d = Datagrams(false, 1200 * 6, 1200);
+        var port = d.ConvertAll(x => (byte[])x.Clone());
+        port[3][21] ^= 1;                                           // another source port
+        Assert.Equal(3, Coalescer.RunEnd(BatchOf(port), 0, udp: true));
+        var ttl = d.ConvertAll(x => (byte[])x.Clone());
+        ttl[2][8] = 1;
+        Assert.Equal(2, Coalescer.RunEnd(BatchOf(ttl), 0, udp: true));
+        List<byte[]> shortFirst = Datagrams(false, 1200 * 2, 1200);
+        shortFirst.Insert(0, Datagrams(false, 500, 1200)[0]);       // a longer one may not follow a shorter
+        Assert.Equal(1, Coalescer.RunEnd(BatchOf(shortFirst), 0, udp: true));
+        var shortMid = new List<byte[]>(d);
+        shortMid.Insert(2, Datagrams(false, 500, 1200)[0]);         // a shorter one closes the run, itself included
+        Assert.Equal(3, Coalescer.RunEnd(BatchOf(shortMid), 0, udp: true));
+        var frag = d.ConvertAll(x => (byte[])x.Clone());
+        frag[0][6] |= 0x20;                                         // more fragments
+        Assert.Equal(1, Coalescer.RunEnd(BatchOf(frag), 0, udp: true));
+        var badLen = d.ConvertAll(x => (byte[])x.Clone());
+        badLen[1][25] ^= 1;                                         // UDP length disagrees with the IP length
+        Assert.Equal(1, Coalescer.RunEnd(BatchOf(badLen), 0, udp: true));
+        var mixed = new List<byte[]>(d.GetRange(0, 2)) { Datagrams(true, 1200 * 2, 1200)[0] };
+        Assert.Equal(2, Coalescer.RunEnd(BatchOf(mixed), 0, udp: true));
+        List<byte[]> tcp = Segments(false, 1380 * 3, 1380);
+        Assert.Equal(3, Coalescer.RunEnd(BatchOf(tcp), 0, udp: true));   // TCP runs as before
+    }
 }

@@ -33,26 +33,29 @@ measure "TCP a -> b"
 measure "TCP b -> a" -R
 
 # udp_gso LABEL SRC DST -- 50 sends of 20 × 1200-byte datagrams with UDP_SEGMENT from a to b: with
-# USO a's TUN hands each send over whole and veil cuts it; every datagram must arrive intact
+# USO a's TUN hands each send over whole and veil cuts it, b merges what arrives together back into
+# super-packets for its TUN; every datagram must arrive intact
 SENDS=50 PER=20
 udp_gso() {
-	local label=$1 src=$2 dst=$3 sink out sup0 sup1 got bad
+	local label=$1 src=$2 dst=$3 sink out sup0 sup1 co0 co1 got bad
 	rm -f "$TMPD/sink.ready"
 	nsx b timeout --foreground 25 python3 "$NETNS_DIR/pkt.py" udpsink "$dst" 5300 15 $((SENDS * PER)) "$TMPD/sink.ready" \
 		>"$TMPD/sink.out" 2>&1 </dev/null &
 	sink=$!
 	for ((i = 0; i < 50; i++)); do [[ -e "$TMPD/sink.ready" ]] && break; sleep 0.1; done
-	sup0=$(st a '.counters.tun_super_packets')
+	sup0=$(st a '.counters.tun_super_packets') co0=$(st b '.counters.tun_coalesced')
 	out=$(nsx a timeout --foreground 20 python3 "$NETNS_DIR/pkt.py" udpgso "$src" "$dst" 5300 "$SENDS" 1200 "$PER" 2>&1)
 	wait "$sink"
-	sup1=$(st a '.counters.tun_super_packets')
+	sup1=$(st a '.counters.tun_super_packets') co1=$(st b '.counters.tun_coalesced')
 	read -r _ got _ bad _ < <(cat "$TMPD/sink.out")
-	note "$label: $out; b's sink: $(cat "$TMPD/sink.out"); a's tun_super_packets $sup0 -> $sup1"
+	note "$label: $out; b's sink: $(cat "$TMPD/sink.out"); a's tun_super_packets $sup0 -> $sup1, b's tun_coalesced $co0 -> $co1"
 	check "$label: the datagrams arrived intact (>= 98 %, none altered)" "$(cat "$TMPD/sink.out")" \
 		test "${got:-0}" -ge $((SENDS * PER * 98 / 100)) -a "${bad:-1}" -eq 0
 	if grep -q 'tun_uso=on' "${NODE_LOG[a]}"; then
 		check "$label: a's TUN handed over super-packets (USO)" "tun_super_packets $sup0 -> $sup1" \
 			test "$((sup1 - sup0))" -ge "$SENDS"
+		check "$label: b wrote datagrams of the flow into its TUN as super-packets" "tun_coalesced $co0 -> $co1" \
+			test "$((co1 - co0))" -gt 0
 	else
 		note "$label: this kernel refused USO on the TUN (a logged tun_uso=off): the kernel cut the sends itself"
 	fi
