@@ -70,4 +70,24 @@ public class CliTests
         foreach (string f in new[] { "--key", "--listen", "--address", "--tun", "--peer", "--allow", "--psk", "--mtu", "--keepalive", "--rekey-after", "--control", "--log-level" })
             Assert.Contains(f, o.ToString());
     }
+
+    [Fact]
+    public void Bench_PrintsEveryMeasurement_WithPositiveRates()
+    {
+        var o = new StringWriter();
+        Assert.Equal(0, Bench.Run(["bench", "0.01"], o));
+        string[] lines = o.ToString().Split('\n', StringSplitOptions.RemoveEmptyEntries);
+        string[] expect =
+        [
+            "aead ChaCha20Poly1305    64 B", "aead ChaCha20Poly1305  1420 B", "aead ChaCha20Poly1305  9000 B",
+            "trie      10 prefixes", "trie    1000 prefixes", "trie  100000 prefixes",
+            "handshake (both sides, one core)", "hello flood: wrong MAC1 dropped", "hello flood: cookie replies", "x25519",
+        ];
+        foreach (string e in expect)
+        {
+            string line = Assert.Single(lines, l => l.StartsWith(e, StringComparison.Ordinal));
+            var rate = System.Text.RegularExpressions.Regex.Match(line[e.Length..], @"([0-9][0-9,]*)/s");
+            Assert.True(rate.Success && long.Parse(rate.Groups[1].Value.Replace(",", "")) > 0, line);
+        }
+    }
 }

@@ -210,6 +210,9 @@ public class SegmenterTests
         byte[] longIhl = Tcp(false, 3000, 0x10);
         longIhl[0] = 0x4F;                                                    // IPv4 header claims 60 bytes
         Assert.False(s.Start(Read(longIhl, 1, 1, 1400, 20, 16)));
+        byte[] shortTcp = Tcp(false, 3000, 0x10);
+        shortTcp[32] = 0x40;                                                  // TCP data offset 16 bytes (< 20)
+        Assert.False(s.Start(Read(shortTcp, 1, 1, 1400, 20, 16)));
         var rng = new Random(9);
         for (int i = 0; i < 5000; i++)
         {
@@ -217,6 +220,6 @@ public class SegmenterTests
             rng.NextBytes(r);
             if (s.Start(r)) All(s);
         }
-        Assert.True(s.Malformed >= 7);
+        Assert.True(s.Malformed >= 8);
     }
 }
