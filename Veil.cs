@@ -5828,6 +5828,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         One("veil_sent_bytes_total", "counter", "Bytes of records sent.", c.TxBytes);
         One("veil_tun_received_packets_total", "counter", "Packets read from the TUN device.", c.TunRxPackets);
         One("veil_tun_sent_packets_total", "counter", "Packets written to the TUN device.", c.TunTxPackets);
+        One("veil_tun_super_packets_total", "counter", "Super-packets (TSO/USO) read from the TUN device and split.", c.TunSuperPackets);
+        One("veil_tun_coalesced_packets_total", "counter", "Packets merged into super-packets written to the TUN device.", c.TunCoalesced);
         Head("veil_handshakes_total", "counter", "Handshakes by result.");
         sb.Append("veil_handshakes_total{result=\"initiated\"} ").Append(c.HandshakesInitiated).Append('\n');
         sb.Append("veil_handshakes_total{result=\"completed\"} ").Append(c.HandshakesCompleted).Append('\n');
