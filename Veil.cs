@@ -1328,14 +1328,16 @@ internal static unsafe partial class Libc
 
 internal static unsafe class X25519
 {
-    private const ulong Mask51 = (1UL << 51) - 1;
-    private const int L = 5;                         // limbs per field element
+    // A field element is 10 limbs of alternately 26 and 25 bits (radix 2^25.5), so every product
+    // is one 64-bit multiply on any 64-bit CPU (a 64x64->128 one has no portable fast form here).
+    private const int L = 10;
+    private const ulong Mask26 = (1UL << 26) - 1, Mask25 = (1UL << 25) - 1;
 
     /// <summary>Raw X25519 per RFC 7748 §5: clamps the scalar, ignores bit 255 of u, accepts u ≥ p.</summary>
     internal static void ScalarMult(Span<byte> shared32, ReadOnlySpan<byte> scalar32, ReadOnlySpan<byte> u32)
     {
         byte* k = stackalloc byte[32];
-        ulong* w = stackalloc ulong[16 * L];           // field elements as 5 limbs each, no heap, no copies
+        ulong* w = stackalloc ulong[16 * L];           // field elements on the stack, no heap, no copies
         ulong* x1 = w, x2 = w + L, z2 = w + 2 * L, x3 = w + 3 * L, z3 = w + 4 * L, a = w + 5 * L, aa = w + 6 * L,
                b = w + 7 * L, bb = w + 8 * L, e = w + 9 * L, c = w + 10 * L, d = w + 11 * L, da = w + 12 * L,
                cb = w + 13 * L, t = w + 14 * L;
@@ -1356,13 +1358,13 @@ internal static unsafe class X25519
                 CSwap(x2, x3, swap);
                 CSwap(z2, z3, swap);
                 swap = bit;
-                Add(a, x2, z2); Mul(aa, a, a);
-                Sub(b, x2, z2); Mul(bb, b, b);
+                Add(a, x2, z2); Sqr(aa, a);
+                Sub(b, x2, z2); Sqr(bb, b);
                 Sub(e, aa, bb);
                 Add(c, x3, z3); Sub(d, x3, z3);
                 Mul(da, d, a); Mul(cb, c, b);
-                Add(t, da, cb); Mul(x3, t, t);
-                Sub(t, da, cb); Mul(t, t, t); Mul(z3, x1, t);
+                Add(t, da, cb); Sqr(x3, t);
+                Sub(t, da, cb); Sqr(t, t); Mul(z3, x1, t);
                 Mul(x2, aa, bb);
                 Mul121665(t, e); Add(t, aa, t); Mul(z2, e, t);
             }
@@ -1402,13 +1404,20 @@ internal static unsafe class X25519
         priv32[0] &= 248; priv32[31] &= 127; priv32[31] |= 64;
     }
 
+    private static ReadOnlySpan<byte> LimbOffsets => [0, 26, 51, 77, 102, 128, 153, 179, 204, 230];
+
     private static void Load(ulong* f, ReadOnlySpan<byte> s)
     {
-        f[0] = BinaryPrimitives.ReadUInt64LittleEndian(s) & Mask51;
-        f[1] = (BinaryPrimitives.ReadUInt64LittleEndian(s[6..]) >> 3) & Mask51;
-        f[2] = (BinaryPrimitives.ReadUInt64LittleEndian(s[12..]) >> 6) & Mask51;
-        f[3] = (BinaryPrimitives.ReadUInt64LittleEndian(s[19..]) >> 1) & Mask51;
-        f[4] = (BinaryPrimitives.ReadUInt64LittleEndian(s[24..]) >> 12) & Mask51;   // drops bit 255
+        Span<byte> t = stackalloc byte[40];            // room to read 8 bytes at the last limb
+        t.Clear();
+        s[..32].CopyTo(t);
+        t[31] &= 0x7F;                                 // drops bit 255
+        for (int i = 0; i < L; i++)
+        {
+            int off = LimbOffsets[i];
+            f[i] = (BinaryPrimitives.ReadUInt64LittleEndian(t[(off >> 3)..]) >> (off & 7)) & ((i & 1) == 0 ? Mask26 : Mask25);
+        }
+        t.Clear();
     }
 
     private static void Store(Span<byte> s, ulong* f)
@@ -1416,18 +1425,26 @@ internal static unsafe class X25519
         Carry(f);
         Carry(f);
         // Subtract p once if f >= p: q is 1 exactly when f + 19 overflows 2^255.
-        ulong q = (f[0] + 19) >> 51;
-        q = (f[1] + q) >> 51; q = (f[2] + q) >> 51; q = (f[3] + q) >> 51; q = (f[4] + q) >> 51;
+        ulong q = (f[0] + 19) >> 26;
+        for (int i = 1; i < L; i++) q = (f[i] + q) >> ((i & 1) == 0 ? 26 : 25);
         f[0] += 19 * q;
-        f[1] += f[0] >> 51; f[0] &= Mask51;
-        f[2] += f[1] >> 51; f[1] &= Mask51;
-        f[3] += f[2] >> 51; f[2] &= Mask51;
-        f[4] += f[3] >> 51; f[3] &= Mask51;
-        f[4] &= Mask51;
-        BinaryPrimitives.WriteUInt64LittleEndian(s, f[0] | (f[1] << 51));
-        BinaryPrimitives.WriteUInt64LittleEndian(s[8..], (f[1] >> 13) | (f[2] << 38));
-        BinaryPrimitives.WriteUInt64LittleEndian(s[16..], (f[2] >> 26) | (f[3] << 25));
-        BinaryPrimitives.WriteUInt64LittleEndian(s[24..], (f[3] >> 39) | (f[4] << 12));
+        for (int i = 0; i < L - 1; i++)
+        {
+            int bits = (i & 1) == 0 ? 26 : 25;
+            f[i + 1] += f[i] >> bits;
+            f[i] &= (1UL << bits) - 1;
+        }
+        f[L - 1] &= Mask25;                            // drops 2^255 (q p subtracted in all)
+        Span<ulong> words = stackalloc ulong[5];
+        words.Clear();
+        for (int i = 0; i < L; i++)
+        {
+            int off = LimbOffsets[i];
+            words[off >> 6] |= f[i] << (off & 63);
+            if ((off & 63) + ((i & 1) == 0 ? 26 : 25) > 64) words[(off >> 6) + 1] |= f[i] >> (64 - (off & 63));
+        }
+        for (int i = 0; i < 4; i++) BinaryPrimitives.WriteUInt64LittleEndian(s[(8 * i)..], words[i]);
+        words.Clear();
     }
 
     private static void Copy(ulong* h, ulong* f)
@@ -1435,13 +1452,17 @@ internal static unsafe class X25519
         for (int i = 0; i < L; i++) h[i] = f[i];
     }
 
+    // Brings every limb back to its width (the top carry wraps to limb 0 times 19); limb 1 may keep
+    // a few bits more, which every caller tolerates.
     private static void Carry(ulong* f)
     {
-        f[1] += f[0] >> 51; f[0] &= Mask51;
-        f[2] += f[1] >> 51; f[1] &= Mask51;
-        f[3] += f[2] >> 51; f[2] &= Mask51;
-        f[4] += f[3] >> 51; f[3] &= Mask51;
-        f[0] += 19 * (f[4] >> 51); f[4] &= Mask51;
+        for (int i = 0; i < L - 1; i += 2)
+        {
+            f[i + 1] += f[i] >> 26; f[i] &= Mask26;
+            if (i + 2 < L) { f[i + 2] += f[i + 1] >> 25; f[i + 1] &= Mask25; }
+        }
+        f[0] += 19 * (f[L - 1] >> 25); f[L - 1] &= Mask25;
+        f[1] += f[0] >> 26; f[0] &= Mask26;
     }
 
     private static void CSwap(ulong* a, ulong* b, ulong swap)
@@ -1461,52 +1482,66 @@ internal static unsafe class X25519
         Carry(h);
     }
 
-    // f - g computed as f + 4p - g so no limb goes negative (inputs are carried, limbs < 2^52).
+    // f - g computed as f + 4p - g so no limb goes negative (inputs are carried).
     private static void Sub(ulong* h, ulong* f, ulong* g)
     {
-        h[0] = f[0] + 0x1FFFFFFFFFFFB4 - g[0];
-        for (int i = 1; i < L; i++) h[i] = f[i] + 0x1FFFFFFFFFFFFC - g[i];
+        h[0] = f[0] + 0xFFFFFB4 - g[0];
+        for (int i = 1; i < L; i++) h[i] = f[i] + ((i & 1) == 0 ? 0xFFFFFFCUL : 0x7FFFFFCUL) - g[i];
         Carry(h);
     }
 
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static UInt128 M(ulong a, ulong b) => Math.BigMul(a, b);
-
-    // Column sums of 51-bit limb products fit in 128 bits; h may alias f or g.
+    // h = f * g. Limb i holds bits from ceil(25.5 i): a product of two odd limbs lands half a limb
+    // high (factor 2), and a column past limb 9 wraps to the bottom times 19 (2^255 = 19 mod p).
     private static void Mul(ulong* h, ulong* f, ulong* g)
     {
-        ulong f0 = f[0], f1 = f[1], f2 = f[2], f3 = f[3], f4 = f[4];
-        ulong g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3], g4 = g[4];
-        ulong g1x = 19 * g1, g2x = 19 * g2, g3x = 19 * g3, g4x = 19 * g4;
-        UInt128 r0 = M(f0, g0) + M(f1, g4x) + M(f2, g3x) + M(f3, g2x) + M(f4, g1x);
-        UInt128 r1 = M(f0, g1) + M(f1, g0) + M(f2, g4x) + M(f3, g3x) + M(f4, g2x);
-        UInt128 r2 = M(f0, g2) + M(f1, g1) + M(f2, g0) + M(f3, g4x) + M(f4, g3x);
-        UInt128 r3 = M(f0, g3) + M(f1, g2) + M(f2, g1) + M(f3, g0) + M(f4, g4x);
-        UInt128 r4 = M(f0, g4) + M(f1, g3) + M(f2, g2) + M(f3, g1) + M(f4, g0);
-        Reduce(h, r0, r1, r2, r3, r4);
-    }
-
-    // Folds five 128-bit column sums into 51-bit limbs; 2^255 ≡ 19 wraps the top carry to limb 0.
-    private static void Reduce(ulong* h, UInt128 r0, UInt128 r1, UInt128 r2, UInt128 r3, UInt128 r4)
-    {
-        r1 += (ulong)(r0 >> 51); ulong h0 = (ulong)r0 & Mask51;
-        r2 += (ulong)(r1 >> 51); h[1] = (ulong)r1 & Mask51;
-        r3 += (ulong)(r2 >> 51); h[2] = (ulong)r2 & Mask51;
-        r4 += (ulong)(r3 >> 51); h[3] = (ulong)r3 & Mask51;
-        UInt128 c = M((ulong)(r4 >> 51), 19) + h0;
-        h[4] = (ulong)r4 & Mask51;
-        h[0] = (ulong)c & Mask51;
-        h[1] += (ulong)(c >> 51);
+        ulong f0 = f[0], f1 = f[1], f2 = f[2], f3 = f[3], f4 = f[4], f5 = f[5], f6 = f[6], f7 = f[7], f8 = f[8], f9 = f[9];
+        ulong g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3], g4 = g[4], g5 = g[5], g6 = g[6], g7 = g[7], g8 = g[8], g9 = g[9];
+        ulong f1_2 = 2 * f1, f3_2 = 2 * f3, f5_2 = 2 * f5, f7_2 = 2 * f7, f9_2 = 2 * f9;
+        ulong g1_19 = 19 * g1, g2_19 = 19 * g2, g3_19 = 19 * g3, g4_19 = 19 * g4, g5_19 = 19 * g5, g6_19 = 19 * g6, g7_19 = 19 * g7, g8_19 = 19 * g8, g9_19 = 19 * g9;
+        h[0] = f0 * g0 + f1_2 * g9_19 + f2 * g8_19 + f3_2 * g7_19 + f4 * g6_19 + f5_2 * g5_19 + f6 * g4_19 + f7_2 * g3_19 + f8 * g2_19 + f9_2 * g1_19;
+        h[1] = f0 * g1 + f1 * g0 + f2 * g9_19 + f3 * g8_19 + f4 * g7_19 + f5 * g6_19 + f6 * g5_19 + f7 * g4_19 + f8 * g3_19 + f9 * g2_19;
+        h[2] = f0 * g2 + f1_2 * g1 + f2 * g0 + f3_2 * g9_19 + f4 * g8_19 + f5_2 * g7_19 + f6 * g6_19 + f7_2 * g5_19 + f8 * g4_19 + f9_2 * g3_19;
+        h[3] = f0 * g3 + f1 * g2 + f2 * g1 + f3 * g0 + f4 * g9_19 + f5 * g8_19 + f6 * g7_19 + f7 * g6_19 + f8 * g5_19 + f9 * g4_19;
+        h[4] = f0 * g4 + f1_2 * g3 + f2 * g2 + f3_2 * g1 + f4 * g0 + f5_2 * g9_19 + f6 * g8_19 + f7_2 * g7_19 + f8 * g6_19 + f9_2 * g5_19;
+        h[5] = f0 * g5 + f1 * g4 + f2 * g3 + f3 * g2 + f4 * g1 + f5 * g0 + f6 * g9_19 + f7 * g8_19 + f8 * g7_19 + f9 * g6_19;
+        h[6] = f0 * g6 + f1_2 * g5 + f2 * g4 + f3_2 * g3 + f4 * g2 + f5_2 * g1 + f6 * g0 + f7_2 * g9_19 + f8 * g8_19 + f9_2 * g7_19;
+        h[7] = f0 * g7 + f1 * g6 + f2 * g5 + f3 * g4 + f4 * g3 + f5 * g2 + f6 * g1 + f7 * g0 + f8 * g9_19 + f9 * g8_19;
+        h[8] = f0 * g8 + f1_2 * g7 + f2 * g6 + f3_2 * g5 + f4 * g4 + f5_2 * g3 + f6 * g2 + f7_2 * g1 + f8 * g0 + f9_2 * g9_19;
+        h[9] = f0 * g9 + f1 * g8 + f2 * g7 + f3 * g6 + f4 * g5 + f5 * g4 + f6 * g3 + f7 * g2 + f8 * g1 + f9 * g0;
         Carry(h);
     }
 
-    private static void Mul121665(ulong* h, ulong* f) =>
-        Reduce(h, M(f[0], 121665), M(f[1], 121665), M(f[2], 121665), M(f[3], 121665), M(f[4], 121665));
+    // h = f^2: Mul with each cross product counted once, doubled.
+    private static void Sqr(ulong* h, ulong* f)
+    {
+        ulong f0 = f[0], f1 = f[1], f2 = f[2], f3 = f[3], f4 = f[4], f5 = f[5], f6 = f[6], f7 = f[7], f8 = f[8], f9 = f[9];
+        ulong d0 = 2 * f0, d1 = 2 * f1, d2 = 2 * f2, d3 = 2 * f3, d4 = 2 * f4, d5 = 2 * f5, d6 = 2 * f6, d7 = 2 * f7, d8 = 2 * f8, d9 = 2 * f9;
+        ulong f1_19 = 19 * f1, f2_19 = 19 * f2, f3_19 = 19 * f3, f4_19 = 19 * f4, f5_19 = 19 * f5, f6_19 = 19 * f6, f7_19 = 19 * f7, f8_19 = 19 * f8, f9_19 = 19 * f9;
+        ulong f1_38 = 38 * f1, f3_38 = 38 * f3, f5_38 = 38 * f5, f7_38 = 38 * f7, f9_38 = 38 * f9;
+        h[0] = f0 * f0 + d1 * f9_38 + d2 * f8_19 + d3 * f7_38 + d4 * f6_19 + d5 * f5_19;
+        h[1] = d0 * f1 + d2 * f9_19 + d3 * f8_19 + d4 * f7_19 + d5 * f6_19;
+        h[2] = d0 * f2 + d1 * f1 + d3 * f9_38 + d4 * f8_19 + d5 * f7_38 + f6 * f6_19;
+        h[3] = d0 * f3 + d1 * f2 + d4 * f9_19 + d5 * f8_19 + d6 * f7_19;
+        h[4] = d0 * f4 + d1 * d3 + f2 * f2 + d5 * f9_38 + d6 * f8_19 + d7 * f7_19;
+        h[5] = d0 * f5 + d1 * f4 + d2 * f3 + d6 * f9_19 + d7 * f8_19;
+        h[6] = d0 * f6 + d1 * d5 + d2 * f4 + d3 * f3 + d7 * f9_38 + f8 * f8_19;
+        h[7] = d0 * f7 + d1 * f6 + d2 * f5 + d3 * f4 + d8 * f9_19;
+        h[8] = d0 * f8 + d1 * d7 + d2 * f6 + d3 * d5 + f4 * f4 + d9 * f9_19;
+        h[9] = d0 * f9 + d1 * f8 + d2 * f7 + d3 * f6 + d4 * f5;
+        Carry(h);
+    }
+
+
+    private static void Mul121665(ulong* h, ulong* f)
+    {
+        for (int i = 0; i < L; i++) h[i] = f[i] * 121665;
+        Carry(h);
+    }
 
     private static void SqrN(ulong* h, ulong* f, int n)
     {
-        Mul(h, f, f);
-        for (int i = 1; i < n; i++) Mul(h, h, h);
+        Sqr(h, f);
+        for (int i = 1; i < n; i++) Sqr(h, h);
     }
 
     // h = z^(p-2) by the usual addition chain (254 squarings, 11 multiplications).
@@ -1514,10 +1549,10 @@ internal static unsafe class X25519
     {
         ulong* w = stackalloc ulong[6 * L];
         ulong* z2 = w, z9 = w + L, z11 = w + 2 * L, t0 = w + 3 * L, t1 = w + 4 * L, z2_50 = w + 5 * L;
-        Mul(z2, z, z);                                   // 2
+        Sqr(z2, z);                                      // 2
         SqrN(t0, z2, 2); Mul(z9, t0, z);                 // 9
         Mul(z11, z9, z2);                                // 11
-        Mul(t0, z11, z11); Mul(t0, t0, z9);              // 2^5 - 2^0
+        Sqr(t0, z11); Mul(t0, t0, z9);                   // 2^5 - 2^0
         SqrN(t1, t0, 5); Mul(t1, t1, t0);                // 2^10 - 2^0
         SqrN(t0, t1, 10); Mul(t0, t0, t1);               // 2^20 - 2^0
         SqrN(h, t0, 20); Mul(h, h, t0);                  // 2^40 - 2^0
