@@ -189,6 +189,10 @@ internal static class Tune
     internal const int DefaultMaxSessions = 1024;
     internal const int DefaultHandshakeRate = 100;           // ClientHellos per second answered without a cookie
     internal const int DefaultHandshakeRatePerSource = 10;   // per source address; more are dropped
+    // Workers (§14): each owns a TUN queue and a SO_REUSEPORT socket; they share the node under a lock.
+    internal const int MaxWorkers = 16;
+    internal const int AutoMaxWorkers = 8;
+    internal static int AutoWorkers(int cpus) => cpus > 2 ? Math.Min(cpus, AutoMaxWorkers) : 1;
     // Mesh (§15). Every list a member can fill is bounded, so a hostile member cannot exhaust memory.
     internal const int DefaultMetric = 100;
     internal const int MaxClaimsPerMember = 32;
@@ -420,6 +424,11 @@ internal sealed class Log
     internal bool Wants(LogLevel level, string name)
     {
         if (!On(level)) return false;
+        lock (_budgets) return Spend(name);
+    }
+
+    private bool Spend(string name)
+    {
         long nowMs = Mono.NowMs();
         if (!_budgets.TryGetValue(name, out Budget? b)) _budgets[name] = b = new Budget { WindowStartMs = nowMs };
         if (nowMs - b.WindowStartMs >= Tune.LogWindowMs)
@@ -441,8 +450,12 @@ internal sealed class Log
     {
         string ts = DateTime.UtcNow.ToString("yyyy-MM-ddTHH:mm:ss.fffZ", System.Globalization.CultureInfo.InvariantCulture);
         TextWriter w = level <= LogLevel.Warn ? _err : _out;
-        w.WriteLine(Json ? JsonLine(ts, level, name, fields) : $"ts={ts} level={LevelName(level)} event={name}{(fields.Length > 0 ? " " : "")}{fields}");
-        w.Flush();
+        string line = Json ? JsonLine(ts, level, name, fields) : $"ts={ts} level={LevelName(level)} event={name}{(fields.Length > 0 ? " " : "")}{fields}";
+        lock (_budgets)                                // workers' threads log too: whole lines, one at a time
+        {
+            w.WriteLine(line);
+            w.Flush();
+        }
     }
 
     // The same pairs as one JSON object; a value written "like this" is one string.
@@ -810,6 +823,7 @@ internal sealed class UpConfig
     internal string TunName = "veil0";
     internal readonly List<PeerConfig> Peers = new();
     internal int Mtu;                      // 0: derive from the underlay
+    internal int Workers;                  // 0: one per core where there are more than 2, else 1
     internal long PersistentKeepaliveMs;   // 0: off
     internal long RekeyAfterTimeMs = Spec.RekeyAfterTimeMs;
     internal string ControlPath = Tune.DefaultControlPath;
@@ -835,13 +849,13 @@ internal sealed class UpConfig
     private bool _keepaliveGiven;
 
     // Keys a running daemon cannot change; reload refuses (exit 3) when one of them differs.
-    internal static readonly string[] RestartKeys = ["key", "psk", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network"];
+    internal static readonly string[] RestartKeys = ["key", "psk", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers"];
 
     private static readonly string[] Keys =
     [
         "key", "psk", "listen", "address", "tun", "mtu", "keepalive", "rekey_after", "control", "mgmt", "mgmt_acl",
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
-        "mesh", "trust", "name", "network", "claim", "accept", "metric",
+        "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers",
     ];
     private static readonly string[] ListKeys = ["address", "mgmt_acl", "trust", "network", "claim", "accept"];
     private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive"];
@@ -922,7 +936,7 @@ internal sealed class UpConfig
                 Mesh = v.Bool;
                 continue;
             }
-            Apply(key, src, Scalar(src, v, key is "mtu" or "keepalive" or "rekey_after" or "max_sessions" or "handshake_rate" or "handshake_rate_per_source" or "metric"));
+            Apply(key, src, Scalar(src, v, key is "mtu" or "keepalive" or "rekey_after" or "max_sessions" or "handshake_rate" or "handshake_rate_per_source" or "metric" or "workers"));
         }
         foreach (var (table, entries) in doc.TableArrays)
         {
@@ -1013,6 +1027,7 @@ internal sealed class UpConfig
             case "claim": Claims.Add(ParsePrefix(src, value)); break;
             case "accept": Accept.Add(ParsePrefix(src, value)); break;
             case "metric": Metric = ParseInt(src, value, 0, 65535); break;
+            case "workers": Workers = ParseInt(src, value, 0, Tune.MaxWorkers); break;
             case "cipher":
                 if (value is not ("auto" or "chacha20-poly1305" or "aes-256-gcm")) throw src.Bad(value, "must be auto, chacha20-poly1305 or aes-256-gcm");
                 if (value == "aes-256-gcm" && !Aead.IsSupported(AeadKind.Aes256Gcm)) throw src.Bad(value, "is not supported by this system's crypto library");
@@ -1085,6 +1100,7 @@ internal sealed class UpConfig
         if (!Equals(MgmtAddress, o.MgmtAddress) || MgmtPort != o.MgmtPort) changed.Add("mgmt");
         if (User != o.User) changed.Add("user");
         if (Cipher != o.Cipher) changed.Add("cipher");
+        if (Workers != o.Workers) changed.Add("workers");
         return changed;
     }
 
@@ -1196,7 +1212,7 @@ internal static unsafe partial class Libc
     internal const int O_RDWR = 0x2, O_NONBLOCK = 0x800, O_CLOEXEC = 0x80000;
     internal const int AF_UNIX = 1, AF_INET = 2, AF_INET6 = 10, AF_NETLINK = 16;
     internal const int SOCK_STREAM = 1, SOCK_DGRAM = 2, SOCK_RAW = 3, SOCK_NONBLOCK = 0x800, SOCK_CLOEXEC = 0x80000;
-    internal const int SOL_SOCKET = 1, SO_REUSEADDR = 2, SO_SNDBUF = 7, SO_RCVBUF = 8, SO_SNDBUFFORCE = 32, SO_RCVBUFFORCE = 33;
+    internal const int SOL_SOCKET = 1, SO_REUSEADDR = 2, SO_SNDBUF = 7, SO_RCVBUF = 8, SO_REUSEPORT = 15, SO_SNDBUFFORCE = 32, SO_RCVBUFFORCE = 33;
     internal const int IPPROTO_IPV6 = 41, IPV6_V6ONLY = 26;
     internal const int NETLINK_ROUTE = 0;
     internal const int EPOLLIN = 0x1, EPOLLOUT = 0x4, EPOLL_CTL_ADD = 1, EPOLL_CTL_DEL = 2, EPOLL_CTL_MOD = 3, EPOLL_CLOEXEC = 0x80000;
@@ -1783,7 +1799,7 @@ internal interface IDataplane : IDisposable
 internal sealed unsafe class TunDevice : IDataplane
 {
     private const uint TUNSETOFFLOAD = 0x400454D0;
-    private const short IFF_VNET_HDR = 0x4000;
+    private const short IFF_VNET_HDR = 0x4000, IFF_MULTI_QUEUE = 0x100;
     private const int TUN_F_CSUM = 0x1, TUN_F_TSO4 = 0x2, TUN_F_TSO6 = 0x4, TUN_F_USO4 = 0x20, TUN_F_USO6 = 0x40;
     private int _fd;
     internal string Name { get; }
@@ -1794,17 +1810,16 @@ internal sealed unsafe class TunDevice : IDataplane
     private readonly byte[] _super = GC.AllocateUninitializedArray<byte>(Segmenter.VirtioHdrLen + 65535, pinned: true);
     private readonly Segmenter _segmenter = new();
     private readonly byte[] _zeroHdr = GC.AllocateArray<byte>(Segmenter.VirtioHdrLen, pinned: true);
-    private readonly Counters _counters;
+    // Counted on the I/O side, outside the node's lock; Worker.Settle moves them into Counters.
+    internal long SuperPackets, Coalesced, Malformed;
 
-    private TunDevice(int fd, string name, int ifIndex, bool offload, Counters counters)
-    {
-        _fd = fd; Name = name; IfIndex = ifIndex; Offload = offload; _counters = counters;
-    }
+    private TunDevice(int fd, string name, int ifIndex, bool offload) { _fd = fd; Name = name; IfIndex = ifIndex; Offload = offload; }
 
     /// <summary>Creates the interface or throws with one line saying why. With offload, the kernel
     /// may hand us TCP and UDP super-packets of up to 64 KiB (TSO, USO) with checksums left to us;
-    /// Read splits them.</summary>
-    internal static TunDevice Create(string name, Counters counters, bool offload = true)
+    /// Read splits them. multiQueue: one queue of a multi-queue interface (the first call creates
+    /// it, each further call with the same name adds a queue; the kernel spreads flows over them).</summary>
+    internal static TunDevice Create(string name, bool offload = true, bool multiQueue = false)
     {
         byte* path = stackalloc byte[16];
         Encoding.ASCII.GetBytes("/dev/net/tun\0", new Span<byte>(path, 16));
@@ -1814,7 +1829,7 @@ internal sealed unsafe class TunDevice : IDataplane
         var req = new Span<byte>(ifr, Libc.IfReqLen);
         req.Clear();
         Encoding.ASCII.GetBytes(name, req[..(Libc.IfNameSize - 1)]);
-        *(short*)(ifr + Libc.IfReqFlagsOffset) = (short)(Libc.IFF_TUN | Libc.IFF_NO_PI | (offload ? IFF_VNET_HDR : 0));
+        *(short*)(ifr + Libc.IfReqFlagsOffset) = (short)(Libc.IFF_TUN | Libc.IFF_NO_PI | (offload ? IFF_VNET_HDR : 0) | (multiQueue ? IFF_MULTI_QUEUE : 0));
         if (Libc.Ioctl(fd, Libc.TUNSETIFF, ifr) < 0)
         {
             int e = Libc.Errno;
@@ -1832,7 +1847,7 @@ internal sealed unsafe class TunDevice : IDataplane
             Libc.Close(fd);
             throw new IOException($"TUN '{name}' was created but has no interface index");
         }
-        return new TunDevice(fd, name, index, offload, counters) { OffloadsAccepted = accepted, UdpOffloadAccepted = uso };
+        return new TunDevice(fd, name, index, offload) { OffloadsAccepted = accepted, UdpOffloadAccepted = uso };
     }
 
     internal bool OffloadsAccepted { get; private init; }
@@ -1850,8 +1865,8 @@ internal sealed unsafe class TunDevice : IDataplane
             fixed (byte* p = _super) got = Libc.Read(_fd, p, (nuint)_super.Length);
             int r = Done(got);
             if (r <= 0) return r;
-            if (!_segmenter.Start(_super.AsSpan(0, r))) { _counters.Drop(DropReason.Malformed); continue; }
-            if (!_segmenter.Whole) _counters.TunSuperPackets++;
+            if (!_segmenter.Start(_super.AsSpan(0, r))) { Interlocked.Increment(ref Malformed); continue; }
+            if (!_segmenter.Whole) Interlocked.Increment(ref SuperPackets);
         }
     }
 
@@ -1918,7 +1933,7 @@ internal sealed unsafe class TunDevice : IDataplane
             int skip = k == from ? 0 : hdrLen;
             fixed (byte* p = b.Packet(k)) iov[n++] = new IoVec { Base = (nint)(p + skip), Len = (nuint)(b.Length[k] - skip) };   // slots are pinned
         }
-        _counters.TunCoalesced += count;
+        Interlocked.Add(ref Coalesced, count);
         return Libc.Writev(_fd, iov, n) == Segmenter.VirtioHdrLen + hdrLen + payload;
     }
 
@@ -3626,10 +3641,15 @@ internal sealed unsafe class UdpSocket : IUdp
     private readonly byte[] _txControl = GC.AllocateArray<byte>(Tune.BatchSize * 32, pinned: true);
     private readonly int[] _txFirst = new int[Tune.BatchSize], _txEnd = new int[Tune.BatchSize];
 
-    private UdpSocket(int fd, bool v6, int port)
+    private readonly IPAddress _bindAddress;
+    private readonly bool _dualStack;
+
+    private UdpSocket(int fd, IPAddress bindAddress, bool v6, bool dualStack, int port)
     {
         _fd = fd;
         _v6 = v6;
+        _bindAddress = bindAddress;
+        _dualStack = dualStack;
         LocalPort = port;
         int seg = 0, len = sizeof(int);
         Gso = Libc.GetSockOpt(fd, SOL_UDP, UDP_SEGMENT, &seg, &len) == 0;       // Linux 4.18+
@@ -3788,23 +3808,34 @@ internal sealed unsafe class UdpSocket : IUdp
         return refused;
     }
 
-    internal static UdpSocket Bind(IPAddress address, int port)
+    /// <summary>reusePort: the first socket of a group that Sibling adds to (one per worker; the
+    /// kernel picks a socket per datagram by its addresses and ports, so a peer stays on one).</summary>
+    internal static UdpSocket Bind(IPAddress address, int port, bool reusePort = false)
     {
         bool wildcard4 = address.Equals(IPAddress.Any), v6 = address.AddressFamily == AddressFamily.InterNetworkV6;
         if (wildcard4)
         {
             // Dual-stack where the host has IPv6; plain IPv4 where it does not.
-            try { return Open(IPAddress.IPv6Any, port, true, dualStack: true); }
-            catch (IOException) { return Open(IPAddress.Any, port, false, dualStack: false); }
+            try { return Open(IPAddress.IPv6Any, port, true, dualStack: true, reusePort); }
+            catch (IOException) { return Open(IPAddress.Any, port, false, dualStack: false, reusePort); }
         }
-        return Open(address, port, v6, dualStack: false);
+        return Open(address, port, v6, dualStack: false, reusePort);
     }
 
-    private static UdpSocket Open(IPAddress address, int port, bool v6, bool dualStack)
+    /// <summary>Another socket on this one's address and port (both bound with reusePort).</summary>
+    internal UdpSocket Sibling() => Open(_bindAddress, LocalPort, _v6, _dualStack, reusePort: true);
+
+    private static UdpSocket Open(IPAddress address, int port, bool v6, bool dualStack, bool reusePort)
     {
         int fd = Libc.Socket(v6 ? Libc.AF_INET6 : Libc.AF_INET, Libc.SOCK_DGRAM | Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC, 0);
         if (fd < 0) throw new IOException($"cannot create UDP socket: {Libc.ErrorText(Libc.Errno)}");
         if (v6) Libc.SetIntOpt(fd, Libc.IPPROTO_IPV6, Libc.IPV6_V6ONLY, dualStack ? 0 : 1);
+        if (reusePort && Libc.SetIntOpt(fd, Libc.SOL_SOCKET, Libc.SO_REUSEPORT, 1) < 0)
+        {
+            int e = Libc.Errno;
+            Libc.Close(fd);
+            throw new IOException($"cannot share {address}:{port} between workers (SO_REUSEPORT): {Libc.ErrorText(e)}");
+        }
         foreach (int opt in new[] { Libc.SO_RCVBUFFORCE, Libc.SO_SNDBUFFORCE })
             if (Libc.SetIntOpt(fd, Libc.SOL_SOCKET, opt, SocketBufferLen) < 0)
                 Libc.SetIntOpt(fd, Libc.SOL_SOCKET, opt == Libc.SO_RCVBUFFORCE ? Libc.SO_RCVBUF : Libc.SO_SNDBUF, SocketBufferLen);
@@ -3821,7 +3852,7 @@ internal sealed unsafe class UdpSocket : IUdp
             int alen = sa.Length;
             Libc.GetSockName(fd, p, &alen);
             Libc.TryReadSockaddr(sa, alen, out Endpoint bound);
-            return new UdpSocket(fd, v6, bound.Port);
+            return new UdpSocket(fd, address, v6, dualStack, bound.Port);
         }
     }
 
@@ -3928,7 +3959,9 @@ internal sealed class LoopbackUdp : IUdp
 // the slot then holds the datagram; a datagram is opened where it lies and the slot then holds the
 // IP packet. Messages the node makes itself (handshakes, keepalives, staged packets) go to UdpOut.
 // Worker moves bytes between the batches and an IDataplane / IUdp pair; Daemon runs the epoll loop,
-// the timers, signals and the control socket around one Worker. Everything runs on one thread.
+// the timers, signals and the control socket around the first Worker. With --workers N > 1 each
+// further Worker has a thread, a TUN queue and a socket of its own; whoever works on the node holds
+// its lock, so the node is single-threaded code either way.
 
 internal interface IPacketSink
 {
@@ -4718,6 +4751,10 @@ internal sealed class Node
 }
 
 /// <summary>Moves batches between a dataplane, a UDP port and a Node. No state of its own beyond buffers.</summary>
+/// <summary>Moves packets between one TUN queue and one UDP socket and the node. Several workers
+/// (one thread each) may share a node: the I/O runs in parallel, the node's work under its lock (the
+/// node itself is single-threaded code). A flow stays on one TUN queue and a peer's datagrams on one
+/// socket, so each keeps its order.</summary>
 internal sealed class Worker : IPacketSink
 {
     internal readonly Node Node;
@@ -4725,6 +4762,8 @@ internal sealed class Worker : IPacketSink
     internal readonly IUdp Udp;
     private readonly PacketBatch _tunIn = new(Tune.BatchSize, Tune.SlotLen);
     private readonly PacketBatch _udpIn = new(Tune.BatchSize, Tune.SlotLen);
+    private long _tunWriteRefused, _udpSendRefused;   // counted outside the lock, moved in by Settle
+    internal long TunPackets, UdpDatagrams;          // this worker's share (status)
 
     internal Worker(Node node, IDataplane tun, IUdp udp)
     {
@@ -4732,6 +4771,20 @@ internal sealed class Worker : IPacketSink
         Tun = tun;
         Udp = udp;
         node.Sink = this;
+    }
+
+    /// <summary>Moves what the I/O side counted into the node's counters; the caller holds the node's lock.</summary>
+    internal void Settle()
+    {
+        Counters c = Node.Counters;
+        c.Drops[(int)DropReason.TunWrite] += Interlocked.Exchange(ref _tunWriteRefused, 0);
+        c.Drops[(int)DropReason.UdpSend] += Interlocked.Exchange(ref _udpSendRefused, 0);
+        if (Tun is TunDevice t)
+        {
+            c.TunSuperPackets += Interlocked.Exchange(ref t.SuperPackets, 0);
+            c.TunCoalesced += Interlocked.Exchange(ref t.Coalesced, 0);
+            c.Drops[(int)DropReason.Malformed] += Interlocked.Exchange(ref t.Malformed, 0);
+        }
     }
 
     /// <summary>Reads up to one batch from the TUN and sends what it becomes; true if the batch was full.</summary>
@@ -4749,9 +4802,15 @@ internal sealed class Worker : IPacketSink
             b.Count++;
         }
         if (b.Count == 0) return false;
-        Node.ProcessTunBatch(b, nowMs);
+        TunPackets += b.Count;
+        lock (Node)
+        {
+            Node.Sink = this;
+            Settle();
+            Node.ProcessTunBatch(b, nowMs);
+            FlushUdp(Node.UdpOut);
+        }
         SendBatch(b);
-        FlushUdp(Node.UdpOut);
         return b.IsFull;
     }
 
@@ -4761,17 +4820,28 @@ internal sealed class Worker : IPacketSink
         PacketBatch b = _udpIn;
         b.Count = 0;
         if (Udp.ReceiveBatch(b) == 0) return false;
-        Node.ProcessUdpBatch(b, nowMs);
-        for (int refused = Tun.WriteBatch(b); refused > 0; refused--) Node.Counters.Drop(DropReason.TunWrite);
-        FlushUdp(Node.UdpOut);
+        UdpDatagrams += b.Count;
+        lock (Node)
+        {
+            Node.Sink = this;
+            Settle();
+            Node.ProcessUdpBatch(b, nowMs);
+            FlushUdp(Node.UdpOut);
+        }
+        int refused = Tun.WriteBatch(b);
+        if (refused > 0) Interlocked.Add(ref _tunWriteRefused, refused);
         return b.IsFull;
     }
 
     internal long PumpTimers(long nowMs)
     {
-        long next = Node.ProcessTimers(nowMs);
-        FlushUdp(Node.UdpOut);
-        return next;
+        lock (Node)
+        {
+            Node.Sink = this;
+            long next = Node.ProcessTimers(nowMs);
+            FlushUdp(Node.UdpOut);
+            return next;
+        }
     }
 
     public void FlushUdp(PacketBatch batch)
@@ -4782,7 +4852,8 @@ internal sealed class Worker : IPacketSink
 
     private void SendBatch(PacketBatch b)
     {
-        for (int refused = Udp.SendBatch(b); refused > 0; refused--) Node.Counters.Drop(DropReason.UdpSend);
+        int refused = Udp.SendBatch(b);
+        if (refused > 0) Interlocked.Add(ref _udpSendRefused, refused);
     }
 }
 
@@ -4794,8 +4865,8 @@ internal sealed unsafe class Daemon
     private UpConfig _cfg;
     private readonly string[] _args;
     private readonly Log _log;
-    private volatile bool _stop, _reloadAsked;
-    private int _wakeFd = -1;
+    private volatile bool _stop, _reloadAsked, _workerFailed;
+    private int _wakeFd = -1, _stopFd = -1;             // _stopFd is never read: once written, every worker's epoll sees it
     internal readonly long StartedMs = Mono.NowMs();
     private Node? _node;
     private TunDevice? _tun;
@@ -4811,7 +4882,13 @@ internal sealed unsafe class Daemon
         if (_wakeFd >= 0) Libc.Write(_wakeFd, (byte*)&one, 8);
     }
 
-    internal void RequestStop() { _stop = true; Wake(); }
+    internal void RequestStop()
+    {
+        _stop = true;
+        Wake();
+        ulong one = 1;
+        if (_stopFd >= 0) Libc.Write(_stopFd, (byte*)&one, 8);
+    }
     internal void RequestReload() { _reloadAsked = true; Wake(); }
 
     internal int Run()
@@ -4825,16 +4902,28 @@ internal sealed unsafe class Daemon
         ControlServer? control = null;
         int epfd = -1;
         var signals = new List<PosixSignalRegistration>();
+        int wanted = _cfg.Workers > 0 ? _cfg.Workers : Tune.AutoWorkers(Environment.ProcessorCount);
+        var queues = new List<(TunDevice Tun, UdpSocket Udp)>();   // the workers' beyond the first
+        var threads = new List<Thread>();
         try
         {
             // Handlers first: SIGHUP's default action would kill us.
             foreach (PosixSignal sig in new[] { PosixSignal.SIGTERM, PosixSignal.SIGINT })
                 signals.Add(PosixSignalRegistration.Create(sig, ctx => { ctx.Cancel = true; RequestStop(); }));
             signals.Add(PosixSignalRegistration.Create(PosixSignal.SIGHUP, ctx => { ctx.Cancel = true; RequestReload(); }));
-            udp = UdpSocket.Bind(_cfg.ListenAddress, _cfg.ListenPort);
+            udp = UdpSocket.Bind(_cfg.ListenAddress, _cfg.ListenPort, reusePort: wanted > 1);
             udp.OnOffloadOff = what => _log.Warn("offload_off", what + " hint=\"sending one datagram per call from now on\"");
 
-            TunDevice tun = _tun = TunDevice.Create(_cfg.TunName, counters);
+            TunDevice tun = _tun = TunDevice.Create(_cfg.TunName, multiQueue: wanted > 1);
+            for (int i = 1; i < wanted; i++)
+            {
+                try { queues.Add((TunDevice.Create(_cfg.TunName, multiQueue: true), udp.Sibling())); }
+                catch (IOException e)
+                {
+                    _log.Warn("workers_limited", $"workers={i} wanted={wanted} error=\"{e.Message}\"");
+                    break;
+                }
+            }
             _log.Info("offloads", $"tun_tso={(tun.OffloadsAccepted ? "on" : "off")} tun_uso={(tun.UdpOffloadAccepted ? "on" : "off")} udp_gso={(udp.Gso ? "on" : "off")} udp_gro={(udp.Gro ? "on" : "off")} aead_backend={Aead.Backend}");
             Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
             foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
@@ -4845,6 +4934,11 @@ internal sealed unsafe class Daemon
             if (_wakeFd < 0 || epfd < 0) throw new IOException($"cannot create the event loop: {Libc.ErrorText(Libc.Errno)}");
             if (_cfg.MgmtAddress != null) _mgmt = MgmtServer.Listen(_cfg.MgmtAddress, _cfg.MgmtPort, epfd, _cfg.MgmtAcl);
             var worker = new Worker(node, tun, udp);
+            var workers = new List<Worker> { worker };
+            foreach (var (t, u) in queues) workers.Add(new Worker(node, t, u));
+            _log.Info("workers", $"count={workers.Count} cpus={Environment.ProcessorCount}" + (workers.Count > 1 ? " tun=multi_queue udp=reuseport" : ""));
+            _stopFd = Libc.EventFd(0, Libc.EFD_NONBLOCK | Libc.EFD_CLOEXEC);
+            if (_stopFd < 0) throw new IOException($"cannot create the event loop: {Libc.ErrorText(Libc.Errno)}");
             if (_cfg.Cipher == "auto") node.Handshaker.ChooseCipher("auto");
             Libc.EpollAdd(epfd, tun.Fd);
             Libc.EpollAdd(epfd, udp.Fd);
@@ -4855,12 +4949,19 @@ internal sealed unsafe class Daemon
             _resolver.SetNames(EndpointNames(_cfg));
             _configStamp = ConfigStamp();
             RefreshLocalEndpoints(udp.LocalPort);
-            var status = new StatusView(node, _cfg, udp.LocalPort, StartedMs);
+            var status = new StatusView(node, _cfg, udp.LocalPort, StartedMs) { Workers = workers };
             _log.Info("started", $"public_key={node.Handshaker.PublicKey.Short()} listen={_cfg.ListenAddress}:{udp.LocalPort} tun={tun.Name} mtu={_cfg.Mtu} peers={node.Peers.Count} aead={node.Handshaker.PreferredAead}" +
                 (_mgmt != null ? $" mgmt={_cfg.MgmtAddress}:{_mgmt.Port}" : "") + (_cfg.User != null ? $" user={_cfg.User}" : ""));
             long nowMs = Mono.NowMs();
-            node.Start(nowMs);
+            lock (node) node.Start(nowMs);
             long nextTimerMs = worker.PumpTimers(nowMs);
+            for (int i = 1; i < workers.Count; i++)
+            {
+                Worker w = workers[i];
+                var thread = new Thread(() => RunWorker(w)) { IsBackground = true, Name = "veil-worker-" + i };
+                thread.Start();
+                threads.Add(thread);
+            }
             long nextConfigCheckMs = nowMs + ConfigCheckIntervalMs;
             long nextAddressScanMs = nowMs + Tune.ExchangeIntervalMs;
             byte* events = stackalloc byte[16 * 16];
@@ -4871,31 +4972,44 @@ internal sealed unsafe class Daemon
                 long waitMs = wake == long.MaxValue ? 60_000 : Math.Clamp(wake - nowMs, 0, 60_000);
                 int n = Libc.EpollWait(epfd, events, 16, (int)waitMs);
                 nowMs = Mono.NowMs();
-                for (int i = 0; i < n; i++)
+                for (int i = 0; i < n; i++)                   // the first worker's own I/O (it locks the node itself)
                 {
                     int fd = Libc.EpollEventFd(events, i);
                     if (fd == udp.Fd) { for (int r = 0; r < MaxPumpRounds && worker.PumpUdp(nowMs); r++) { } }
                     else if (fd == tun.Fd) { for (int r = 0; r < MaxPumpRounds && worker.PumpTun(nowMs); r++) { } }
-                    else if (fd == control.Fd) control.Serve(this, status);
-                    else if (fd == _wakeFd) { ulong v; Libc.Read(_wakeFd, (byte*)&v, 8); }
-                    else _mgmt?.OnReady(fd, nowMs, status);
                 }
-                if (_reloadAsked) { _reloadAsked = false; Reload("signal"); }
-                while (_resolver.TryTake(out var resolved)) ApplyResolved(resolved.Text, resolved.At, nowMs);
-                if (_cfg.ConfigPath != null && nowMs >= nextConfigCheckMs)
+                lock (node)                                   // everything else reads or changes the node
                 {
-                    nextConfigCheckMs = nowMs + ConfigCheckIntervalMs;
-                    if (ConfigStamp() != _configStamp) Reload("file_changed");
+                    foreach (Worker w in workers) w.Settle();
+                    for (int i = 0; i < n; i++)
+                    {
+                        int fd = Libc.EpollEventFd(events, i);
+                        if (fd == udp.Fd || fd == tun.Fd) continue;
+                        if (fd == control.Fd) control.Serve(this, status);
+                        else if (fd == _wakeFd) { ulong v; Libc.Read(_wakeFd, (byte*)&v, 8); }
+                        else _mgmt?.OnReady(fd, nowMs, status);
+                    }
+                    if (_reloadAsked) { _reloadAsked = false; Reload("signal"); }
+                    while (_resolver.TryTake(out var resolved)) ApplyResolved(resolved.Text, resolved.At, nowMs);
+                    if (_cfg.ConfigPath != null && nowMs >= nextConfigCheckMs)
+                    {
+                        nextConfigCheckMs = nowMs + ConfigCheckIntervalMs;
+                        if (ConfigStamp() != _configStamp) Reload("file_changed");
+                    }
+                    if (nowMs >= nextAddressScanMs) { nextAddressScanMs = nowMs + Tune.ExchangeIntervalMs; RefreshLocalEndpoints(udp.LocalPort); }
+                    _mgmt?.Expire(nowMs);
+                    nextTimerMs = worker.PumpTimers(nowMs);
+                    SyncKernelRoutes();
                 }
-                if (nowMs >= nextAddressScanMs) { nextAddressScanMs = nowMs + Tune.ExchangeIntervalMs; RefreshLocalEndpoints(udp.LocalPort); }
-                _mgmt?.Expire(nowMs);
-                nextTimerMs = worker.PumpTimers(nowMs);
-                SyncKernelRoutes();
             }
-            node.Shutdown(Mono.NowMs());
-            worker.FlushUdp(node.UdpOut);
+            StopWorkers(threads);
+            lock (node)
+            {
+                node.Shutdown(Mono.NowMs());
+                worker.FlushUdp(node.UdpOut);
+            }
             _log.Info("shutdown", $"reason=signal_or_down uptime_s={(Mono.NowMs() - StartedMs) / 1000}");
-            return 0;
+            return _workerFailed ? 1 : 0;
         }
         finally
         {
@@ -4903,13 +5017,59 @@ internal sealed unsafe class Daemon
             _resolver?.Dispose();
             _mgmt?.Dispose();
             control?.Dispose();
-            _tun?.Dispose();                              // closing the fd removes the interface and its routes
+            StopWorkers(threads);
+            foreach (var (t, u) in queues) { t.Dispose(); u.Dispose(); }
+            _tun?.Dispose();                              // closing the last queue removes the interface and its routes
             udp?.Dispose();
+            if (_stopFd >= 0) Libc.Close(_stopFd);
             if (epfd >= 0) Libc.Close(epfd);
             if (_wakeFd >= 0) Libc.Close(_wakeFd);
             node.ClearKeys();
             node.Invites?.Clear();
         }
+    }
+
+    // A worker beyond the first: its own epoll over its TUN queue and socket, until stopped.
+    private void RunWorker(Worker w)
+    {
+        int ep = Libc.EpollCreate1(Libc.EPOLL_CLOEXEC);
+        try
+        {
+            if (ep < 0) throw new IOException($"cannot create a worker's event loop: {Libc.ErrorText(Libc.Errno)}");
+            Libc.EpollAdd(ep, w.Tun.Fd);
+            Libc.EpollAdd(ep, w.Udp.Fd);
+            Libc.EpollAdd(ep, _stopFd);
+            byte* events = stackalloc byte[16 * 4];
+            while (!_stop)
+            {
+                int n = Libc.EpollWait(ep, events, 4, -1);
+                long nowMs = Mono.NowMs();
+                for (int i = 0; i < n; i++)
+                {
+                    int fd = Libc.EpollEventFd(events, i);
+                    if (fd == w.Udp.Fd) { for (int r = 0; r < MaxPumpRounds && w.PumpUdp(nowMs); r++) { } }
+                    else if (fd == w.Tun.Fd) { for (int r = 0; r < MaxPumpRounds && w.PumpTun(nowMs); r++) { } }
+                }
+            }
+        }
+        catch (Exception e)
+        {
+            _log.Error("worker_failed", $"error=\"{e.Message}\"");
+            _workerFailed = true;
+            RequestStop();
+        }
+        finally
+        {
+            if (ep >= 0) Libc.Close(ep);
+        }
+    }
+
+    private void StopWorkers(List<Thread> threads)
+    {
+        if (threads.Count == 0) return;
+        RequestStop();
+        foreach (Thread t in threads) t.Join((int)Tune.ShutdownGraceMs);
+        threads.Clear();
     }
 
     private static string[] EndpointNames(UpConfig cfg)
@@ -5640,6 +5800,7 @@ internal sealed class Mesh
 internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long startedMs, Func<long>? clock = null)
 {
     private long Now() => clock?.Invoke() ?? Mono.NowMs();
+    internal IReadOnlyList<Worker> Workers { get; init; } = [];
 
     private const int MaxMetricPeers = 256;          // per-peer series are bounded; the rest are summed only
     private static readonly string Rid = RuntimeInformation.RuntimeIdentifier;
@@ -5726,7 +5887,10 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         Str(sb, cfg.TunName);
         sb.Append(",\"mtu\":").Append(node.Mtu).Append(",\"addresses\":[");
         for (int i = 0; i < cfg.Addresses.Count; i++) sb.Append(i > 0 ? "," : "").Append('"').Append(cfg.Addresses[i]).Append('"');
-        sb.Append("]},\"uptime_seconds\":").Append((nowMs - startedMs) / 1000).Append(',');
+        sb.Append("]},\"uptime_seconds\":").Append((nowMs - startedMs) / 1000).Append(",\"workers\":[");
+        for (int i = 0; i < Workers.Count; i++)
+            sb.Append(i > 0 ? "," : "").Append("{\"tun_packets\":").Append(Workers[i].TunPackets).Append(",\"udp_datagrams\":").Append(Workers[i].UdpDatagrams).Append('}');
+        sb.Append("],");
         sb.Append("\"counters\":{\"rx_records\":").Append(c.RxRecords).Append(",\"tx_records\":").Append(c.TxRecords)
           .Append(",\"rx_bytes\":").Append(c.RxBytes).Append(",\"tx_bytes\":").Append(c.TxBytes)
           .Append(",\"handshakes_initiated\":").Append(c.HandshakesInitiated)
@@ -6384,6 +6548,8 @@ internal static class Cli
                   --handshake-rate-per-source N   per source address; more are dropped (default 10)
                   --user NAME             drop root after setup, keeping CAP_NET_ADMIN
                   --cipher NAME           auto (measure at start, default) | chacha20-poly1305 | aes-256-gcm
+                  --workers N             threads, each with a TUN queue and a socket (default 0: one per
+                                          core where there are more than 2 cores, else 1; at most 16)
                   --check                 validate everything, create nothing, exit 0 or 2
 
                 """);

@@ -232,6 +232,23 @@ public sealed class ConfigTests : IDisposable
     }
 
     [Fact]
+    public void Workers_ZeroMeansAuto_RangeChecked()
+    {
+        Assert.Equal(0, Parse().Workers);
+        Assert.Equal(3, Parse("--workers", "3").Workers);
+        Assert.Equal(Tune.MaxWorkers, Parse("--workers", "16").Workers);
+        foreach (string bad in new[] { "17", "-1", "two", "" })
+        {
+            var e = Assert.Throws<ConfigException>(() => Parse("--workers", bad));
+            Assert.Contains("--workers", e.Message);
+        }
+        Assert.Equal(1, Tune.AutoWorkers(1));
+        Assert.Equal(1, Tune.AutoWorkers(2));
+        Assert.Equal(4, Tune.AutoWorkers(4));
+        Assert.Equal(Tune.AutoMaxWorkers, Tune.AutoWorkers(64));
+    }
+
+    [Fact]
     public void Mesh_BadCidr_ErrorQuotesValue()
     {
         Assert.Contains("--claim '10.0.0.0/33' is not a CIDR prefix", Assert.Throws<ConfigException>(() => Parse("--claim", "10.0.0.0/33")).Message);

@@ -173,6 +173,10 @@ public sealed class TomlTests : IDisposable
         Assert.Empty(c1.RestartKeysChanged(c2));
         string t = Write("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\ntun = \"other\"\nlisten = \"0.0.0.0:1\"\n");
         Assert.Equal(new[] { "listen", "tun" }, c1.RestartKeysChanged(UpConfig.Load(new[] { "up", "--config", t }, 1)));
+        string w = Write("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\nworkers = 2\n");
+        UpConfig cw = UpConfig.Load(new[] { "up", "--config", w }, 1);
+        Assert.Equal(2, cw.Workers);
+        Assert.Equal(new[] { "workers" }, c1.RestartKeysChanged(cw));
     }
 }
 
@@ -187,7 +191,7 @@ public class ExampleConfigTests
                                        "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format",
                                        "claim", "metric", "accept" })
             Assert.True(doc.Root.ContainsKey(key), key);
-        foreach (string commented in new[] { "# psk = ", "# mtu = ", "# user = ", "# mesh = ", "# name = ", "# trust = ", "# network = " }) Assert.Contains(commented, text);
+        foreach (string commented in new[] { "# psk = ", "# mtu = ", "# user = ", "# mesh = ", "# name = ", "# trust = ", "# network = ", "# workers = " }) Assert.Contains(commented, text);
         var peer = Assert.Single(doc.TableArrays["peer"]);
         foreach (string key in new[] { "name", "public_key", "endpoint", "allowed_ips", "keepalive" }) Assert.True(peer.ContainsKey(key), key);
     }
