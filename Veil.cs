@@ -4803,13 +4803,7 @@ internal sealed class Worker : IPacketSink
         }
         if (b.Count == 0) return false;
         TunPackets += b.Count;
-        lock (Node)
-        {
-            Node.Sink = this;
-            Settle();
-            Node.ProcessTunBatch(b, nowMs);
-            FlushUdp(Node.UdpOut);
-        }
+        Process(b, nowMs, fromTun: true);
         SendBatch(b);
         return b.IsFull;
     }
@@ -4821,16 +4815,23 @@ internal sealed class Worker : IPacketSink
         b.Count = 0;
         if (Udp.ReceiveBatch(b) == 0) return false;
         UdpDatagrams += b.Count;
+        Process(b, nowMs, fromTun: false);
+        int refused = Tun.WriteBatch(b);
+        if (refused > 0) Interlocked.Add(ref _tunWriteRefused, refused);
+        return b.IsFull;
+    }
+
+    // The node's part of a batch, under its lock; what the node queued itself leaves through this worker.
+    private void Process(PacketBatch b, long nowMs, bool fromTun)
+    {
         lock (Node)
         {
             Node.Sink = this;
             Settle();
-            Node.ProcessUdpBatch(b, nowMs);
+            if (fromTun) Node.ProcessTunBatch(b, nowMs);
+            else Node.ProcessUdpBatch(b, nowMs);
             FlushUdp(Node.UdpOut);
         }
-        int refused = Tun.WriteBatch(b);
-        if (refused > 0) Interlocked.Add(ref _tunWriteRefused, refused);
-        return b.IsFull;
     }
 
     internal long PumpTimers(long nowMs)
