@@ -4863,6 +4863,7 @@ internal sealed unsafe class Daemon
 {
     private const int MaxPumpRounds = 16;           // batches per fd per wake-up, so one fd cannot starve the rest
     private const long ConfigCheckIntervalMs = 2_000;
+    private const long TimerScanMs = 50;
     private UpConfig _cfg;
     private readonly string[] _args;
     private readonly Log _log;
@@ -4971,6 +4972,9 @@ internal sealed unsafe class Daemon
                 nowMs = Mono.NowMs();
                 long wake = Math.Min(Math.Min(nextTimerMs, _mgmt?.NextDeadlineMs ?? long.MaxValue), _cfg.ConfigPath != null ? nextConfigCheckMs : long.MaxValue);
                 long waitMs = wake == long.MaxValue ? 60_000 : Math.Clamp(wake - nowMs, 0, 60_000);
+                // Other workers' packets arm timers (retransmits, keepalives) and change routes that
+                // only this loop acts on: with them, it looks at least every TimerScanMs.
+                if (workers.Count > 1) waitMs = Math.Min(waitMs, TimerScanMs);
                 int n = Libc.EpollWait(epfd, events, 16, (int)waitMs);
                 nowMs = Mono.NowMs();
                 for (int i = 0; i < n; i++)                   // the first worker's own I/O (it locks the node itself)

@@ -2,7 +2,8 @@
 # workers.sh -- both nodes with --workers 3: a multi-queue TUN (3 queues) and 3 sockets sharing the
 # port (SO_REUSEPORT), one thread each, the node under one lock. Pings both ways (IPv4, IPv6), then
 # iperf3 with 8 TCP streams each way: every stream moves data, the workers' shares add up to the
-# node's counters, both daemons keep running and log no error; a stop is clean (exit 0, TUN gone).
+# node's counters, both daemons keep running and log no error; a keepalive that a packet on any
+# worker arms fires on time; a stop is clean (exit 0, TUN gone).
 # This machine may have 2 cores: the check is correctness with several threads, not speed.
 #
 #   veil-t-$$-a                                  veil-t-$$-b
@@ -57,6 +58,26 @@ for n in a b; do
 	err=$(grep -E 'level=error|worker_failed' "${NODE_LOG[$n]}" | head -n 3)
 	check "$n logged no errors" "$err" test -z "$err"
 done
+
+# Timers armed while another worker handles a packet must still fire on time: a sends one
+# datagram that b's kernel swallows (a sink that never answers), so b owes a keepalive 10 s later
+# (KeepaliveTimeoutMs) and has nothing else to send. Only the first worker's loop runs timers;
+# when b's socket for a is another worker's, that loop has to look again soon enough.
+rm -f "$TMPD/sink.ready"
+nsx b timeout --foreground 20 python3 "$NETNS_DIR/pkt.py" udpsink "$OL4_b" 5300 16 2 "$TMPD/sink.ready" >/dev/null 2>&1 </dev/null &
+for ((i = 0; i < 50; i++)); do [[ -e "$TMPD/sink.ready" ]] && break; sleep 0.1; done
+sleep 11                                              # the streams' own keepalive duties run out first
+rx0=$(st a '.peers[0].rx_bytes')
+nsx a python3 -c "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('$OL4_a', 0)); s.sendto(b'x' * 64, ('$OL4_b', 5300))"
+t0=$(now_ms) heard=0
+while (($(now_ms) - t0 < 14000)); do
+	rx=$(st a '.peers[0].rx_bytes')
+	if [[ -n "$rx" && "$rx" != "$rx0" ]]; then heard=$(($(now_ms) - t0)); break; fi
+	sleep 0.2
+done
+note "b's keepalive reached a ${heard} ms after a's lone datagram (due after 10000 ms)"
+check "b's keepalive, armed by a packet, fires on time (10-11.5 s)" "after ${heard} ms" \
+	test "$heard" -ge 9500 -a "$heard" -le 11500
 
 t0=$(now_ms)
 kill -TERM "${NODE_PID[a]}"
