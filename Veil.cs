@@ -3812,6 +3812,9 @@ internal sealed unsafe class UdpSocket : IUdp
     /// kernel picks a socket per datagram by its addresses and ports, so a peer stays on one).</summary>
     internal static UdpSocket Bind(IPAddress address, int port, bool reusePort = false)
     {
+        // A port in use must fail as it does without workers, not quietly join another process's
+        // group (same user) and split the peers with it: a plain bind first says whether it is free.
+        if (reusePort && port != 0) Bind(address, port).Dispose();
         bool wildcard4 = address.Equals(IPAddress.Any), v6 = address.AddressFamily == AddressFamily.InterNetworkV6;
         if (wildcard4)
         {

@@ -59,6 +59,14 @@ for n in a b; do
 	check "$n logged no errors" "$err" test -z "$err"
 done
 
+# A second daemon on a's port must be refused as without workers, not share the port with a
+out=$(nsx a timeout --foreground 10 "$VEIL" up --key "$TMPD/a.key" --listen "$UL4_a:$PORT" --address 100.64.9.1/24 \
+	--tun veil-x --control "$TMPD/x.sock" --mgmt off --workers 3 2>&1)
+rc=$?
+check "a second daemon with workers on a's port is refused (exit 1, port in use)" "rc $rc: $out" \
+	test "$rc" -eq 1 -a -n "$(grep 'another process uses the port' <<<"$out")"
+check "a's status still answers after the refused second daemon" "no status" test -n "$(st a '.node.public_key')"
+
 # Timers armed while another worker handles a packet must still fire on time: a sends one
 # datagram that b's kernel swallows (a sink that never answers), so b owes a keepalive 10 s later
 # (KeepaliveTimeoutMs) and has nothing else to send. Only the first worker's loop runs timers;
