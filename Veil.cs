@@ -6556,8 +6556,8 @@ internal static class Cli
                   --handshake-rate-per-source N   per source address; more are dropped (default 10)
                   --user NAME             drop root after setup, keeping CAP_NET_ADMIN
                   --cipher NAME           auto (measure at start, default) | chacha20-poly1305 | aes-256-gcm
-                  --workers N             threads, each with a TUN queue and a socket (default 0: one per
-                                          core where there are more than 2 cores, else 1; at most 16)
+                  --workers N             threads, each with a TUN queue and a socket, at most 16 (default
+                                          0: one per core, at most 8, where there are more than 2 cores, else 1)
                   --check                 validate everything, create nothing, exit 0 or 2
 
                 """);

@@ -67,7 +67,7 @@ public class CliTests
     {
         var o = new StringWriter();
         Cli.Help("up", o);
-        foreach (string f in new[] { "--key", "--listen", "--address", "--tun", "--peer", "--allow", "--psk", "--mtu", "--keepalive", "--rekey-after", "--control", "--log-level" })
+        foreach (string f in new[] { "--key", "--listen", "--address", "--tun", "--peer", "--allow", "--psk", "--mtu", "--keepalive", "--rekey-after", "--control", "--log-level", "--workers" })
             Assert.Contains(f, o.ToString());
     }
 
