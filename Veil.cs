@@ -1421,6 +1421,8 @@ internal static unsafe class X25519
     }
 
     private static ReadOnlySpan<byte> LimbOffsets => [0, 26, 51, 77, 102, 128, 153, 179, 204, 230];
+    private static int LimbBits(int i) => 26 - (i & 1);
+    private static ulong LimbMask(int i) => (1UL << LimbBits(i)) - 1;
 
     private static void Load(ulong* f, ReadOnlySpan<byte> s)
     {
@@ -1431,7 +1433,7 @@ internal static unsafe class X25519
         for (int i = 0; i < L; i++)
         {
             int off = LimbOffsets[i];
-            f[i] = (BinaryPrimitives.ReadUInt64LittleEndian(t[(off >> 3)..]) >> (off & 7)) & ((i & 1) == 0 ? Mask26 : Mask25);
+            f[i] = (BinaryPrimitives.ReadUInt64LittleEndian(t[(off >> 3)..]) >> (off & 7)) & LimbMask(i);
         }
         t.Clear();
     }
@@ -1442,13 +1444,12 @@ internal static unsafe class X25519
         Carry(f);
         // Subtract p once if f >= p: q is 1 exactly when f + 19 overflows 2^255.
         ulong q = (f[0] + 19) >> 26;
-        for (int i = 1; i < L; i++) q = (f[i] + q) >> ((i & 1) == 0 ? 26 : 25);
+        for (int i = 1; i < L; i++) q = (f[i] + q) >> LimbBits(i);
         f[0] += 19 * q;
         for (int i = 0; i < L - 1; i++)
         {
-            int bits = (i & 1) == 0 ? 26 : 25;
-            f[i + 1] += f[i] >> bits;
-            f[i] &= (1UL << bits) - 1;
+            f[i + 1] += f[i] >> LimbBits(i);
+            f[i] &= LimbMask(i);
         }
         f[L - 1] &= Mask25;                            // drops 2^255 (q p subtracted in all)
         Span<ulong> words = stackalloc ulong[5];
@@ -1457,7 +1458,7 @@ internal static unsafe class X25519
         {
             int off = LimbOffsets[i];
             words[off >> 6] |= f[i] << (off & 63);
-            if ((off & 63) + ((i & 1) == 0 ? 26 : 25) > 64) words[(off >> 6) + 1] |= f[i] >> (64 - (off & 63));
+            if ((off & 63) + LimbBits(i) > 64) words[(off >> 6) + 1] |= f[i] >> (64 - (off & 63));
         }
         for (int i = 0; i < 4; i++) BinaryPrimitives.WriteUInt64LittleEndian(s[(8 * i)..], words[i]);
         words.Clear();
@@ -1501,8 +1502,8 @@ internal static unsafe class X25519
     // f - g computed as f + 4p - g so no limb goes negative (inputs are carried).
     private static void Sub(ulong* h, ulong* f, ulong* g)
     {
-        h[0] = f[0] + 0xFFFFFB4 - g[0];
-        for (int i = 1; i < L; i++) h[i] = f[i] + ((i & 1) == 0 ? 0xFFFFFFCUL : 0x7FFFFFCUL) - g[i];
+        h[0] = f[0] + 4 * (LimbMask(0) - 18) - g[0];           // limb 0 of p is 2^26 - 19
+        for (int i = 1; i < L; i++) h[i] = f[i] + 4 * LimbMask(i) - g[i];
         Carry(h);
     }
 
@@ -1792,8 +1793,16 @@ internal interface IDataplane : IDisposable
     /// <summary>Reads one packet; 0 when none is waiting, negative errno on failure.</summary>
     int Read(Span<byte> buffer);
     bool Write(ReadOnlySpan<byte> packet);
-    /// <summary>Writes every slot of b with a length; returns how many were refused.</summary>
-    int WriteBatch(PacketBatch b);
+
+    /// <summary>Writes every slot of b with a length; returns how many were refused. One write per
+    /// packet unless the device does better.</summary>
+    int WriteBatch(PacketBatch b)
+    {
+        int refused = 0;
+        for (int i = 0; i < b.Count; i++)
+            if (b.Length[i] > 0 && !Write(b.Packet(i))) refused++;
+        return refused;
+    }
 }
 
 internal sealed unsafe class TunDevice : IDataplane
@@ -1999,13 +2008,8 @@ internal static class Coalescer
             if (!Mergeable(p) || HeaderLen(p) != hdr || total + p.Length - hdr > MaxBytes) break;
             int len = p.Length - hdr;
             if (len > seg || BinaryPrimitives.ReadUInt32BigEndian(p[(ip + 4)..]) != next) break;
-            // same addresses, ports, ack, window, header options; IPv4: same TOS and TTL; IPv6: same class and hop limit
-            if ((head[0] >> 4) == 4)
-            {
-                if (head[1] != p[1] || head[8] != p[8] || !head.Slice(12, 8).SequenceEqual(p.Slice(12, 8))) break;
-            }
-            else if (!head[..4].SequenceEqual(p[..4]) || head[7] != p[7] || !head.Slice(8, 32).SequenceEqual(p.Slice(8, 32))) break;
-            if (!head.Slice(ip, 4).SequenceEqual(p.Slice(ip, 4)) || !head.Slice(ip + 8, 4).SequenceEqual(p.Slice(ip + 8, 4)) ||
+            // same ports, ack, window, header options
+            if (!SameIpFields(head, p) || !head.Slice(ip, 4).SequenceEqual(p.Slice(ip, 4)) || !head.Slice(ip + 8, 4).SequenceEqual(p.Slice(ip + 8, 4)) ||
                 !head.Slice(ip + 14, 2).SequenceEqual(p.Slice(ip + 14, 2)) || !head.Slice(ip + 20, hdr - ip - 20).SequenceEqual(p.Slice(ip + 20, hdr - ip - 20)))
                 break;
             n++;
@@ -2016,6 +2020,12 @@ internal static class Coalescer
         }
         return last + 1;
     }
+
+    // Same addresses; IPv4: same TOS and TTL; IPv6: same class, flow label and hop limit (head's version decides).
+    private static bool SameIpFields(ReadOnlySpan<byte> head, ReadOnlySpan<byte> p) =>
+        (head[0] >> 4) == 4
+            ? head[1] == p[1] && head[8] == p[8] && head.Slice(12, 8).SequenceEqual(p.Slice(12, 8))
+            : head[..4].SequenceEqual(p[..4]) && head[7] == p[7] && head.Slice(8, 32).SequenceEqual(p.Slice(8, 32));
 
     private static int UdpRunEnd(PacketBatch b, int i)
     {
@@ -2029,13 +2039,8 @@ internal static class Coalescer
             if (!MergeableUdp(p) || (p[0] >> 4) != (head[0] >> 4)) break;
             int len = p.Length - hdr;
             if (len > seg || total + len > MaxBytes) break;
-            // same addresses and ports; IPv4: same TOS, DF and TTL; IPv6: same class, flow label and hop limit
-            if (v4)
-            {
-                if (head[1] != p[1] || head[6] != p[6] || head[8] != p[8] || !head.Slice(12, 8).SequenceEqual(p.Slice(12, 8))) break;
-            }
-            else if (!head[..4].SequenceEqual(p[..4]) || head[7] != p[7] || !head.Slice(8, 32).SequenceEqual(p.Slice(8, 32))) break;
-            if (!head.Slice(ip, 4).SequenceEqual(p.Slice(ip, 4))) break;
+            // same ports; IPv4 also the same DF
+            if (!SameIpFields(head, p) || v4 && head[6] != p[6] || !head.Slice(ip, 4).SequenceEqual(p.Slice(ip, 4))) break;
             n++;
             total += len;
             last = j;
@@ -2225,13 +2230,6 @@ internal sealed class LoopbackDataplane : IDataplane
     {
         Written.Add(packet.ToArray());
         return true;
-    }
-
-    public int WriteBatch(PacketBatch b)
-    {
-        for (int i = 0; i < b.Count; i++)
-            if (b.Length[i] > 0) Write(b.Packet(i));
-        return 0;
     }
 
     public void Dispose() { }
@@ -3578,10 +3576,32 @@ internal interface IUdp : IDisposable
     /// <summary>Receives one datagram; 0 when none is waiting.</summary>
     int Receive(Span<byte> buffer, out Endpoint from);
     bool Send(ReadOnlySpan<byte> datagram, in Endpoint to);
-    /// <summary>Fills free slots of b (from b.Count on) with datagrams; returns how many it added.</summary>
-    int ReceiveBatch(PacketBatch b);
+
+    /// <summary>Fills free slots of b (from b.Count on) with datagrams; returns how many it added.
+    /// One datagram per call unless the socket does better.</summary>
+    int ReceiveBatch(PacketBatch b)
+    {
+        int added = 0;
+        while (b.Count < b.Capacity)
+        {
+            int n = Receive(b.Slot(b.Count), out b.Endpoints[b.Count]);
+            if (n <= 0) break;
+            b.Offset[b.Count] = 0;
+            b.Length[b.Count] = n;
+            b.Count++;
+            added++;
+        }
+        return added;
+    }
+
     /// <summary>Sends every slot of b with a length; returns how many the kernel refused.</summary>
-    int SendBatch(PacketBatch b);
+    int SendBatch(PacketBatch b)
+    {
+        int refused = 0;
+        for (int i = 0; i < b.Count; i++)
+            if (b.Length[i] > 0 && !Send(b.Packet(i), b.Endpoints[i])) refused++;
+        return refused;
+    }
 }
 
 /// <summary>sendmsg/recvmsg structures with pointer-sized fields: one layout for 64- and 32-bit.</summary>
@@ -3926,28 +3946,6 @@ internal sealed class LoopbackUdp : IUdp
         if (_net.Filter != null && !_net.Filter(Self, to, copy)) return true;
         if (_net.Hosts.TryGetValue(to, out LoopbackUdp? dst)) dst.Deliver(copy, Self);
         return true;
-    }
-
-    public int ReceiveBatch(PacketBatch b)
-    {
-        int added = 0;
-        while (b.Count < b.Capacity)
-        {
-            int n = Receive(b.Slot(b.Count), out b.Endpoints[b.Count]);
-            if (n <= 0) break;
-            b.Offset[b.Count] = 0;
-            b.Length[b.Count] = n;
-            b.Count++;
-            added++;
-        }
-        return added;
-    }
-
-    public int SendBatch(PacketBatch b)
-    {
-        for (int i = 0; i < b.Count; i++)
-            if (b.Length[i] > 0) Send(b.Packet(i), b.Endpoints[i]);
-        return 0;
     }
 
     public void Dispose() => _net.Hosts.Remove(Self);

@@ -7,8 +7,8 @@ namespace Veil.Tests;
 /// nonce, replay mark and counter exact.</summary>
 public class WorkerTests
 {
-    // Thread-safe stand-ins for one TUN queue and one socket: what to read is queued up front,
-    // what is written or sent is collected.
+    // Thread-safe stand-ins for one TUN queue and one socket (the batch calls are the interfaces'
+    // one-at-a-time defaults): what to read is queued up front, what is written or sent is collected.
     private sealed class QueueTun : IDataplane
     {
         internal readonly ConcurrentQueue<byte[]> ToRead = new(), Written = new();
@@ -20,11 +20,6 @@ public class WorkerTests
             return p.Length;
         }
         public bool Write(ReadOnlySpan<byte> packet) { Written.Enqueue(packet.ToArray()); return true; }
-        public int WriteBatch(PacketBatch b)
-        {
-            for (int i = 0; i < b.Count; i++) if (b.Length[i] > 0) Write(b.Packet(i));
-            return 0;
-        }
         public void Dispose() { }
     }
 
@@ -43,25 +38,6 @@ public class WorkerTests
             return d.Data.Length;
         }
         public bool Send(ReadOnlySpan<byte> datagram, in Endpoint to) { Sent.Enqueue(datagram.ToArray()); return true; }
-        public int ReceiveBatch(PacketBatch b)
-        {
-            int added = 0;
-            while (b.Count < b.Capacity)
-            {
-                int n = Receive(b.Slot(b.Count), out b.Endpoints[b.Count]);
-                if (n == 0) break;
-                b.Offset[b.Count] = 0;
-                b.Length[b.Count] = n;
-                b.Count++;
-                added++;
-            }
-            return added;
-        }
-        public int SendBatch(PacketBatch b)
-        {
-            for (int i = 0; i < b.Count; i++) if (b.Length[i] > 0) Send(b.Packet(i), b.Endpoints[i]);
-            return 0;
-        }
         public void Dispose() { }
     }
 
