@@ -31,40 +31,42 @@ fi
 work=$(mktemp -d)
 export VEIL_BIN=$REPO/out/veil BENCH_STATE_ROOT=$work/state
 mkdir -p "$BENCH_STATE_ROOT"
-# The sampler must not disturb what it measures. The harness pings (idle latency) in the first
-# second after a tunnel comes up, so while any veil daemon is younger than QUIET_S it only reads
-# /proc with shell builtins and starts no process; the status queries (a `veil status` and a jq,
-# each a process start on these 2 cores, served by the daemon between packets) wait until then.
-QUIET_S=4
-sampler() {   # RSS of every veil daemon twice a second and, once past QUIET_S, its GC counts
-	local nap pid tag key val _ s n young
-	local -A born pid_of
-	exec {nap}<> <(:)                                      # `read -t` on it: a sleep without a fork
-	while :; do
-		young=0
-		if [[ -f $BENCH_STATE_ROOT/veil/pids ]]; then
-			while read -r pid tag _; do
-				[[ -n ${born[$pid]:-} ]] || born[$pid]=$SECONDS
-				pid_of[${tag#veil-}]=$pid
-				((SECONDS - born[$pid] < QUIET_S)) && young=1
-				while read -r key val _; do
-					[[ $key == VmRSS: ]] && { echo "rss $pid $val"; break; }
-				done <"/proc/$pid/status" 2>/dev/null || true
-			done <"$BENCH_STATE_ROOT/veil/pids"
-		fi
-		if ((!young)); then
-			for s in "$BENCH_STATE_ROOT"/veil/*.sock; do
-				n=${s##*/} n=${n%.sock}
-				if [[ -S "$s" && -n ${pid_of[$n]:-} ]]; then
-					timeout 2 "$VEIL_BIN" status --json --control "$s" 2>/dev/null |
-						jq -r --arg p "${pid_of[$n]}" '"gc \($p) \(.counters.gc_collections | join(" ")) \(.counters.tx_bytes)"' 2>/dev/null || true
-				fi
-			done
-		fi
-		read -r -t 0.5 -u "$nap" _ || true
-	done
-}
-sampler >"$work/samples" &
+# The sampler must not disturb what it measures: it is one process for the whole run (a `veil
+# status` and a jq started twice a second, only during veil's rounds, put millisecond stalls into
+# veil's ping and UDP loss on these 2 cores), it reads RSS from /proc and asks the control sockets
+# itself, and it asks nothing while a daemon is younger than 4 s, since the harness measures idle
+# ping latency in the first second after the tunnel is up.
+python3 - "$BENCH_STATE_ROOT/veil" 4 >"$work/samples" <<'SAMPLER' &
+import json, os, socket, sys, time
+state, quiet = sys.argv[1], float(sys.argv[2])
+born = {}
+while True:
+    daemons = {}                                   # side (a, b) -> pid, from the harness's pids file
+    try:
+        for line in open(os.path.join(state, "pids")):
+            f = line.split()
+            if len(f) >= 2: daemons[f[1].removeprefix("veil-")] = f[0]
+    except OSError: pass
+    now = time.monotonic()
+    for pid in daemons.values():
+        born.setdefault(pid, now)
+        try:
+            rss = next(l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS:"))
+            print("rss", pid, rss, flush=True)
+        except (OSError, StopIteration): pass
+    if all(now - born[pid] >= quiet for pid in daemons.values()):
+        for side, pid in daemons.items():
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(2)
+                    s.connect(os.path.join(state, side + ".sock"))
+                    s.sendall(b"status json\n")
+                    reply = b"".join(iter(lambda: s.recv(65536), b""))
+                c = json.loads(reply)["counters"]
+                print("gc", pid, *c["gc_collections"], c["tx_bytes"], flush=True)
+            except (OSError, ValueError, KeyError): pass
+    time.sleep(0.5)
+SAMPLER
 spid=$!
 trap 'kill $spid 2>/dev/null || true; rm -rf "$work"' EXIT
 
