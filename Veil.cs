@@ -4931,10 +4931,10 @@ internal sealed unsafe class Daemon
             Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
             foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
             SyncKernelRoutes();
-            control = ControlServer.Listen(_cfg.ControlPath);
             _wakeFd = Libc.EventFd(0, Libc.EFD_NONBLOCK | Libc.EFD_CLOEXEC);
             epfd = Libc.EpollCreate1(Libc.EPOLL_CLOEXEC);
             if (_wakeFd < 0 || epfd < 0) throw new IOException($"cannot create the event loop: {Libc.ErrorText(Libc.Errno)}");
+            control = ControlServer.Listen(_cfg.ControlPath, epfd, this);
             if (_cfg.MgmtAddress != null) _mgmt = MgmtServer.Listen(_cfg.MgmtAddress, _cfg.MgmtPort, epfd, _cfg.MgmtAcl);
             var worker = new Worker(node, tun, udp);
             var workers = new List<Worker> { worker };
@@ -4946,7 +4946,6 @@ internal sealed unsafe class Daemon
             Libc.EpollAdd(epfd, tun.Fd);
             Libc.EpollAdd(epfd, udp.Fd);
             Libc.EpollAdd(epfd, _wakeFd);
-            Libc.EpollAdd(epfd, control.Fd);
             if (_cfg.User != null) Privileges.Drop(_cfg.User, _cfg.ControlPath);
             _resolver = new Resolver(Wake);
             _resolver.SetNames(EndpointNames(_cfg));
@@ -4971,7 +4970,8 @@ internal sealed unsafe class Daemon
             while (!_stop)
             {
                 nowMs = Mono.NowMs();
-                long wake = Math.Min(Math.Min(nextTimerMs, _mgmt?.NextDeadlineMs ?? long.MaxValue), _cfg.ConfigPath != null ? nextConfigCheckMs : long.MaxValue);
+                long wake = Math.Min(Math.Min(nextTimerMs, Math.Min(control.NextDeadlineMs, _mgmt?.NextDeadlineMs ?? long.MaxValue)),
+                    _cfg.ConfigPath != null ? nextConfigCheckMs : long.MaxValue);
                 long waitMs = wake == long.MaxValue ? 60_000 : Math.Clamp(wake - nowMs, 0, 60_000);
                 // Other workers' packets arm timers (retransmits, keepalives) and change routes that
                 // only this loop acts on: with them, it looks at least every TimerScanMs.
@@ -4991,7 +4991,7 @@ internal sealed unsafe class Daemon
                     {
                         int fd = Libc.EpollEventFd(events, i);
                         if (fd == udp.Fd || fd == tun.Fd) continue;
-                        if (fd == control.Fd) control.Serve(this, status);
+                        if (control.Owns(fd)) control.OnReady(fd, nowMs, status);
                         else if (fd == _wakeFd) { ulong v; Libc.Read(_wakeFd, (byte*)&v, 8); }
                         else _mgmt?.OnReady(fd, nowMs, status);
                     }
@@ -5003,6 +5003,7 @@ internal sealed unsafe class Daemon
                         if (ConfigStamp() != _configStamp) Reload("file_changed");
                     }
                     if (nowMs >= nextAddressScanMs) { nextAddressScanMs = nowMs + Tune.ExchangeIntervalMs; RefreshLocalEndpoints(udp.LocalPort); }
+                    control.Expire(nowMs);
                     _mgmt?.Expire(nowMs);
                     nextTimerMs = worker.PumpTimers(nowMs);
                     SyncKernelRoutes();
@@ -5791,14 +5792,15 @@ internal sealed class Mesh
 }
 
 // ==== 16. Control & management ====================================================================
-// Everything that reports on or steers a running node, served on the loop thread:
+// Everything that reports on or steers a running node, served on the loop thread that also carries
+// the packets, so none of it may block: RequestServer keeps every connection of both endpoints below
+// as a small state machine (a bounded request, a deadline, a bounded table; a slow or silent client
+// costs one slot, never the loop).
 //   ControlServer  a Unix stream socket (mode 0600): one request line — status, peers, routes (each
-//                  optionally followed by "json"), reload, down — answered, then closed. Requests are
-//                  bounded in size and time; anything else gets "error:" and changes nothing.
-//   MgmtServer     HTTP/1.1 on --mgmt: GET /status (JSON), /metrics (Prometheus text), /healthz.
-//                  Non-blocking: every connection is a small state machine with an 8 KiB header
-//                  limit and a deadline, at most MaxConnections at once, sources outside --mgmt-acl
-//                  get 403. A slow or huge client costs one slot, never the loop.
+//                  optionally followed by "json"), reload, down — answered, then closed. Anything
+//                  else gets "error:" and changes nothing.
+//   MgmtServer     HTTP/1.1 on --mgmt: GET /status (JSON), /metrics (Prometheus text), /healthz,
+//                  with an 8 KiB header limit; sources outside --mgmt-acl get 403.
 //   StatusView     renders the node as text (like `wg show`), JSON (by hand: no reflection under
 //                  NativeAOT) and Prometheus metrics; the JSON of `veil status --json` and GET /status
 //                  are the same bytes.
@@ -6080,16 +6082,170 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     }
 }
 
-internal sealed unsafe class ControlServer : IDisposable
+/// <summary>One request and one reply per connection, served by the loop that also carries the
+/// packets, so nothing here may block: every connection is a small state machine with a bounded
+/// request buffer and a deadline for reading the request and then for writing the reply; when the
+/// table is full, the client that has been sending its request the longest makes room (idle
+/// clients cannot keep the endpoint closed; ones being answered are left alone). A slow, silent or
+/// huge client costs one slot, never the loop. Subclasses listen, admit and answer.</summary>
+internal abstract unsafe class RequestServer : IDisposable
 {
-    private const int ControlTimeoutMs = 500;
+    protected sealed class Conn(int maxRequestLen)
+    {
+        internal readonly byte[] In = new byte[maxRequestLen];
+        internal int InLen;
+        internal byte[]? Out;
+        internal int OutOff;
+        internal long DeadlineMs;
+    }
+
     private int _fd;
-    private readonly string _path;
+    private readonly int _epfd, _maxConnections, _maxRequestLen;
+    private readonly long _readTimeoutMs, _writeTimeoutMs;
+    private readonly Dictionary<int, Conn> _conns = new();
     internal int Fd => _fd;
 
-    private ControlServer(int fd, string path) { _fd = fd; _path = path; }
+    protected RequestServer(int fd, int epfd, int maxConnections, int maxRequestLen, long readTimeoutMs, long writeTimeoutMs)
+    {
+        _fd = fd;
+        _epfd = epfd;
+        _maxConnections = maxConnections;
+        _maxRequestLen = maxRequestLen;
+        _readTimeoutMs = readTimeoutMs;
+        _writeTimeoutMs = writeTimeoutMs;
+    }
 
-    internal static ControlServer Listen(string path)
+    /// <summary>Answers (calls Respond) once the request in c.In is complete; false while it is not.</summary>
+    protected abstract bool TryAnswer(int fd, Conn c, long nowMs, StatusView status);
+    protected abstract byte[] TooLong();
+    protected abstract byte[] TimedOut();
+    /// <summary>Turns a new client away, by a Respond, when it may not ask.</summary>
+    protected virtual void Admit(int fd, Conn c, ReadOnlySpan<byte> peer, long nowMs) { }
+    /// <summary>The reply to a client that ends its side before the request is complete (null: none).</summary>
+    protected virtual byte[]? Unfinished() => null;
+    protected virtual void Closed() { }
+
+    internal bool Owns(int fd) => fd == _fd || _conns.ContainsKey(fd);
+
+    internal long NextDeadlineMs
+    {
+        get
+        {
+            long next = long.MaxValue;
+            foreach (Conn c in _conns.Values) next = Math.Min(next, c.DeadlineMs);
+            return next;
+        }
+    }
+
+    internal void OnReady(int fd, long nowMs, StatusView status)
+    {
+        if (fd == _fd) { Accept(nowMs); return; }
+        if (!_conns.TryGetValue(fd, out Conn? c)) return;
+        if (c.Out != null) { Flush(fd, c); return; }
+        nint n;
+        fixed (byte* p = &c.In[c.InLen]) n = Libc.Read(fd, p, (nuint)(_maxRequestLen - c.InLen));
+        if (n < 0 && Libc.Errno is Libc.EAGAIN or Libc.EINTR) return;
+        if (n == 0 && c.InLen > 0 && Unfinished() is byte[] why) { Respond(fd, c, why, nowMs); return; }
+        if (n <= 0) { Close(fd); return; }
+        c.InLen += (int)n;
+        if (!TryAnswer(fd, c, nowMs, status) && c.InLen == _maxRequestLen) Respond(fd, c, TooLong(), nowMs);
+    }
+
+    private void Accept(long nowMs)
+    {
+        Span<byte> sa = stackalloc byte[Libc.SockaddrUnLen];
+        for (int i = 0; i < _maxConnections; i++)
+        {
+            int alen = sa.Length;
+            int fd;
+            fixed (byte* p = sa) fd = Libc.Accept4(_fd, p, &alen, Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC);
+            if (fd < 0) return;
+            if (_conns.Count >= _maxConnections && !EvictSlowest()) { Libc.Close(fd); continue; }
+            var c = new Conn(_maxRequestLen) { DeadlineMs = nowMs + _readTimeoutMs };
+            _conns[fd] = c;
+            Libc.EpollAdd(_epfd, fd);
+            Admit(fd, c, sa[..Math.Clamp(alen, 0, sa.Length)], nowMs);
+        }
+    }
+
+    private bool EvictSlowest()
+    {
+        int victim = -1;
+        long oldest = long.MaxValue;
+        foreach (var (fd, c) in _conns)
+            if (c.Out == null && c.DeadlineMs < oldest) { oldest = c.DeadlineMs; victim = fd; }
+        if (victim < 0) return false;
+        Close(victim);
+        return true;
+    }
+
+    protected void Respond(int fd, Conn c, byte[] reply, long nowMs)
+    {
+        c.Out = reply;
+        c.DeadlineMs = nowMs + _writeTimeoutMs;
+        Flush(fd, c);
+    }
+
+    private void Flush(int fd, Conn c)
+    {
+        while (c.OutOff < c.Out!.Length)
+        {
+            nint n;
+            fixed (byte* p = &c.Out[c.OutOff]) n = Libc.Write(fd, p, (nuint)(c.Out.Length - c.OutOff));
+            if (n < 0 && Libc.Errno == Libc.EAGAIN) { Libc.EpollMod(_epfd, fd, Libc.EPOLLOUT); return; }
+            if (n <= 0) break;
+            c.OutOff += (int)n;
+        }
+        Close(fd);
+    }
+
+    /// <summary>Ends connections past their deadline; a request not complete in time gets TimedOut().</summary>
+    internal void Expire(long nowMs)
+    {
+        List<int>? late = null;
+        foreach (var (fd, c) in _conns)
+            if (nowMs >= c.DeadlineMs) (late ??= new()).Add(fd);
+        if (late == null) return;
+        foreach (int fd in late)
+        {
+            Conn c = _conns[fd];
+            if (c.Out == null) Respond(fd, c, TimedOut(), nowMs);
+            if (_conns.ContainsKey(fd)) Close(fd);
+        }
+    }
+
+    private void Close(int fd)
+    {
+        Libc.EpollCtl(_epfd, Libc.EPOLL_CTL_DEL, fd, null);
+        Libc.Close(fd);
+        _conns.Remove(fd);
+    }
+
+    public void Dispose()
+    {
+        foreach (int fd in new List<int>(_conns.Keys)) Close(fd);
+        if (_fd < 0) return;
+        Libc.Close(_fd);
+        _fd = -1;
+        Closed();
+    }
+}
+
+internal sealed unsafe class ControlServer : RequestServer
+{
+    private const int MaxClients = 8;
+    private const long ControlTimeoutMs = 2_000;
+    private readonly string _path;
+    private readonly Daemon _daemon;
+
+    private ControlServer(int fd, int epfd, string path, Daemon daemon)
+        : base(fd, epfd, MaxClients, Tune.MaxControlRequestLen, ControlTimeoutMs, ControlTimeoutMs)
+    {
+        _path = path;
+        _daemon = daemon;
+    }
+
+    internal static ControlServer Listen(string path, int epfd, Daemon daemon)
     {
         int fd = Libc.Socket(Libc.AF_UNIX, Libc.SOCK_STREAM | Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC, 0);
         if (fd < 0) throw new IOException($"cannot create control socket: {Libc.ErrorText(Libc.Errno)}");
@@ -6113,38 +6269,36 @@ internal sealed unsafe class ControlServer : IDisposable
             }
         }
         File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite);
-        return new ControlServer(fd, path);
+        Libc.EpollAdd(epfd, fd);
+        return new ControlServer(fd, epfd, path, daemon);
     }
 
-    /// <summary>Accepts one client, answers it, closes it.</summary>
-    internal void Serve(Daemon daemon, StatusView status)
+    protected override bool TryAnswer(int fd, Conn c, long nowMs, StatusView status)
     {
-        int c = Libc.Accept4(_fd, null, null, Libc.SOCK_CLOEXEC);
-        if (c < 0) return;
-        try
+        int nl = Array.IndexOf(c.In, (byte)'\n', 0, c.InLen);
+        if (nl < 0) return false;
+        string line = Encoding.UTF8.GetString(c.In, 0, nl).Trim();
+        string reply = line switch
         {
-            ControlClient.SetTimeouts(c, ControlTimeoutMs);
-            string? line = ControlClient.ReadLine(c, Tune.MaxControlRequestLen);
-            bool down = line == "down";
-            string reply = line switch
-            {
-                "status" => status.Text(),
-                "status json" => status.Json(),
-                "peers" => status.PeersText(),
-                "peers json" => status.PeersJson(),
-                "routes" => status.RoutesText(),
-                "routes json" => status.RoutesJson(),
-                "reload" => ReloadReply(daemon.Reload("control")),
-                "down" => "ok: leaving\n",
-                null => "error: request too long or not a line\n",
-                _ when line.StartsWith("invite ") => daemon.Invite(line),
-                _ => "error: unknown request (expected status, peers, routes [json], reload or down)\n",
-            };
-            ControlClient.WriteAll(c, reply);
-            if (down) daemon.RequestStop();
-        }
-        finally { Libc.Close(c); }
+            "status" => status.Text(),
+            "status json" => status.Json(),
+            "peers" => status.PeersText(),
+            "peers json" => status.PeersJson(),
+            "routes" => status.RoutesText(),
+            "routes json" => status.RoutesJson(),
+            "reload" => ReloadReply(_daemon.Reload("control")),
+            "down" => "ok: leaving\n",
+            _ when line.StartsWith("invite ") => _daemon.Invite(line),
+            _ => "error: unknown request (expected status, peers, routes [json], reload or down)\n",
+        };
+        Respond(fd, c, Encoding.UTF8.GetBytes(reply), nowMs);
+        if (line == "down") _daemon.RequestStop();
+        return true;
     }
+
+    protected override byte[] TooLong() => "error: request too long or not a line\n"u8.ToArray();
+    protected override byte[]? Unfinished() => TooLong();
+    protected override byte[] TimedOut() => "error: no complete request line in time\n"u8.ToArray();
 
     private static string ReloadReply((Daemon.ReloadCode Code, string Message) r) => r.Code switch
     {
@@ -6153,11 +6307,8 @@ internal sealed unsafe class ControlServer : IDisposable
         _ => "error: " + r.Message + "\n",
     };
 
-    public void Dispose()
+    protected override void Closed()
     {
-        if (_fd < 0) return;
-        Libc.Close(_fd);
-        _fd = -1;
         try { File.Delete(_path); } catch (IOException) { } catch (UnauthorizedAccessException) { }
     }
 }
@@ -6185,23 +6336,6 @@ internal static unsafe class ControlClient
         tv[1] = ms % 1000 * 1000;
         Libc.SetSockOpt(fd, Libc.SOL_SOCKET, SO_RCVTIMEO, tv, 2 * sizeof(nint));
         Libc.SetSockOpt(fd, Libc.SOL_SOCKET, SO_SNDTIMEO, tv, 2 * sizeof(nint));
-    }
-
-    /// <summary>Reads up to a newline; null when the line is longer than maxLen or never ends.</summary>
-    internal static string? ReadLine(int fd, int maxLen)
-    {
-        byte[] buf = new byte[maxLen];
-        int have = 0;
-        while (have < maxLen)
-        {
-            nint n;
-            fixed (byte* p = &buf[have]) n = Libc.Read(fd, p, (nuint)(maxLen - have));
-            if (n <= 0) break;
-            int nl = Array.IndexOf(buf, (byte)'\n', have, (int)n);
-            have += (int)n;
-            if (nl >= 0) return Encoding.UTF8.GetString(buf, 0, nl).Trim();
-        }
-        return null;
     }
 
     internal static void WriteAll(int fd, string text)
@@ -6245,30 +6379,21 @@ internal static unsafe class ControlClient
     }
 }
 
-/// <summary>The management HTTP endpoint: a non-blocking state machine per connection.</summary>
-internal sealed unsafe class MgmtServer : IDisposable
+/// <summary>The management HTTP endpoint: GET /status, /metrics, /healthz; sources outside
+/// --mgmt-acl get 403.</summary>
+internal sealed unsafe class MgmtServer : RequestServer
 {
     private const int MaxConnections = 16, MaxHeaderLen = 8192;
     private const long ReadTimeoutMs = 2_000, WriteTimeoutMs = 5_000;
-
-    private sealed class Conn
-    {
-        internal readonly byte[] In = new byte[MaxHeaderLen];
-        internal int InLen;
-        internal byte[]? Out;
-        internal int OutOff;
-        internal long DeadlineMs;
-    }
-
-    private int _fd;
-    private readonly int _epfd;
-    private readonly bool _v6;
-    private readonly Dictionary<int, Conn> _conns = new();
     private List<IpPrefix> _acl;
     internal int Port { get; }
-    internal long Served, Refused;
 
-    private MgmtServer(int fd, int epfd, bool v6, int port, List<IpPrefix> acl) { _fd = fd; _epfd = epfd; _v6 = v6; Port = port; _acl = acl; }
+    private MgmtServer(int fd, int epfd, int port, List<IpPrefix> acl)
+        : base(fd, epfd, MaxConnections, MaxHeaderLen, ReadTimeoutMs, WriteTimeoutMs)
+    {
+        Port = port;
+        _acl = acl;
+    }
 
     internal static MgmtServer Listen(IPAddress address, int port, int epfd, List<IpPrefix> acl)
     {
@@ -6292,20 +6417,10 @@ internal sealed unsafe class MgmtServer : IDisposable
             port = bound.Port;
         }
         Libc.EpollAdd(epfd, fd);
-        return new MgmtServer(fd, epfd, v6, port, acl);
+        return new MgmtServer(fd, epfd, port, acl);
     }
 
     internal void SetAcl(List<IpPrefix> acl) => _acl = acl;
-
-    internal long NextDeadlineMs
-    {
-        get
-        {
-            long next = long.MaxValue;
-            foreach (Conn c in _conns.Values) next = Math.Min(next, c.DeadlineMs);
-            return next;
-        }
-    }
 
     internal bool Allowed(in Endpoint from)
     {
@@ -6317,76 +6432,39 @@ internal sealed unsafe class MgmtServer : IDisposable
         return false;
     }
 
-    internal void OnReady(int fd, long nowMs, StatusView status)
+    protected override void Admit(int fd, Conn c, ReadOnlySpan<byte> peer, long nowMs)
     {
-        if (fd == _fd) { Accept(nowMs); return; }
-        if (!_conns.TryGetValue(fd, out Conn? c)) return;
-        if (c.Out != null) { Flush(fd, c); return; }
-        nint n;
-        fixed (byte* p = &c.In[c.InLen]) n = Libc.Read(fd, p, (nuint)(MaxHeaderLen - c.InLen));
-        if (n < 0 && Libc.Errno is Libc.EAGAIN or Libc.EINTR) return;
-        if (n <= 0) { Close(fd); return; }
-        c.InLen += (int)n;
+        if (!Libc.TryReadSockaddr(peer, peer.Length, out Endpoint from) || !Allowed(from))
+            Respond(fd, c, Http(403, "text/plain", "forbidden: not in --mgmt-acl\n"), nowMs);
+    }
+
+    protected override bool TryAnswer(int fd, Conn c, long nowMs, StatusView status)
+    {
         int end = c.In.AsSpan(0, c.InLen).IndexOf("\r\n\r\n"u8);
-        if (end < 0)
-        {
-            if (c.InLen == MaxHeaderLen) Respond(fd, c, 431, "text/plain", "request header too large\n", nowMs);
-            return;
-        }
+        if (end < 0) return false;
         string head = Encoding.ASCII.GetString(c.In, 0, end);
         int eol = head.IndexOf('\r');
         string[] parts = (eol < 0 ? head : head[..eol]).Split(' ');
-        if (parts.Length != 3 || !parts[2].StartsWith("HTTP/1.")) { Respond(fd, c, 400, "text/plain", "bad request\n", nowMs); return; }
-        if (parts[0] != "GET" && parts[0] != "HEAD") { Respond(fd, c, 405, "text/plain", "only GET\n", nowMs); return; }
-        string path = parts[1];
+        string path = parts.Length == 3 ? parts[1] : "";
         int q = path.IndexOf('?');
         if (q >= 0) path = path[..q];
-        Served++;
-        switch (path)
-        {
-            case "/status": Respond(fd, c, 200, "application/json", status.Json(), nowMs); break;
-            case "/metrics": Respond(fd, c, 200, "text/plain; version=0.0.4; charset=utf-8", status.Metrics(), nowMs); break;
-            case "/healthz": Respond(fd, c, 200, "text/plain", "ok\n", nowMs); break;
-            default: Respond(fd, c, 404, "text/plain", "not found (try /status, /metrics, /healthz)\n", nowMs); break;
-        }
-    }
-
-    private void Accept(long nowMs)
-    {
-        Span<byte> sa = stackalloc byte[Libc.SockaddrIn6Len];
-        for (int i = 0; i < MaxConnections; i++)
-        {
-            int alen = sa.Length;
-            int fd;
-            fixed (byte* p = sa) fd = Libc.Accept4(_fd, p, &alen, Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC);
-            if (fd < 0) return;
-            if (_conns.Count >= MaxConnections && !EvictSlowest()) { Libc.Close(fd); Refused++; continue; }
-            var c = new Conn { DeadlineMs = nowMs + ReadTimeoutMs };
-            _conns[fd] = c;
-            Libc.EpollAdd(_epfd, fd);
-            if (!Libc.TryReadSockaddr(sa, alen, out Endpoint from) || !Allowed(from))
+        Respond(fd, c,
+            parts.Length != 3 || !parts[2].StartsWith("HTTP/1.") ? Http(400, "text/plain", "bad request\n")
+            : parts[0] != "GET" && parts[0] != "HEAD" ? Http(405, "text/plain", "only GET\n")
+            : path switch
             {
-                Refused++;
-                Respond(fd, c, 403, "text/plain", "forbidden: not in --mgmt-acl\n", nowMs);
-            }
-        }
-    }
-
-    // Full: the connection that has been sending its request the longest makes room, so idle
-    // clients cannot keep the endpoint closed; ones already being answered are left alone.
-    private bool EvictSlowest()
-    {
-        int victim = -1;
-        long oldest = long.MaxValue;
-        foreach (var (fd, c) in _conns)
-            if (c.Out == null && c.DeadlineMs < oldest) { oldest = c.DeadlineMs; victim = fd; }
-        if (victim < 0) return false;
-        Close(victim);
-        Refused++;
+                "/status" => Http(200, "application/json", status.Json()),
+                "/metrics" => Http(200, "text/plain; version=0.0.4; charset=utf-8", status.Metrics()),
+                "/healthz" => Http(200, "text/plain", "ok\n"),
+                _ => Http(404, "text/plain", "not found (try /status, /metrics, /healthz)\n"),
+            }, nowMs);
         return true;
     }
 
-    private void Respond(int fd, Conn c, int code, string type, string body, long nowMs)
+    protected override byte[] TooLong() => Http(431, "text/plain", "request header too large\n");
+    protected override byte[] TimedOut() => Http(408, "text/plain", "request timeout\n");
+
+    private static byte[] Http(int code, string type, string body)
     {
         string reason = code switch
         {
@@ -6395,53 +6473,10 @@ internal sealed unsafe class MgmtServer : IDisposable
         };
         byte[] b = Encoding.UTF8.GetBytes(body);
         byte[] h = Encoding.ASCII.GetBytes($"HTTP/1.1 {code} {reason}\r\nContent-Type: {type}\r\nContent-Length: {b.Length}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n");
-        c.Out = new byte[h.Length + b.Length];
-        h.CopyTo(c.Out, 0);
-        b.CopyTo(c.Out, h.Length);
-        c.DeadlineMs = nowMs + WriteTimeoutMs;
-        Flush(fd, c);
-    }
-
-    private void Flush(int fd, Conn c)
-    {
-        while (c.OutOff < c.Out!.Length)
-        {
-            nint n;
-            fixed (byte* p = &c.Out[c.OutOff]) n = Libc.Write(fd, p, (nuint)(c.Out.Length - c.OutOff));
-            if (n < 0 && Libc.Errno == Libc.EAGAIN) { Libc.EpollMod(_epfd, fd, Libc.EPOLLOUT); return; }
-            if (n <= 0) break;
-            c.OutOff += (int)n;
-        }
-        Close(fd);
-    }
-
-    /// <summary>Closes connections past their deadline (a request not sent in time gets 408).</summary>
-    internal void Expire(long nowMs)
-    {
-        List<int>? late = null;
-        foreach (var (fd, c) in _conns)
-            if (nowMs >= c.DeadlineMs) (late ??= new()).Add(fd);
-        if (late == null) return;
-        foreach (int fd in late)
-        {
-            Conn c = _conns[fd];
-            if (c.Out == null) Respond(fd, c, 408, "text/plain", "request timeout\n", nowMs);
-            if (_conns.ContainsKey(fd)) Close(fd);
-        }
-    }
-
-    private void Close(int fd)
-    {
-        Libc.EpollCtl(_epfd, Libc.EPOLL_CTL_DEL, fd, null);
-        Libc.Close(fd);
-        _conns.Remove(fd);
-    }
-
-    public void Dispose()
-    {
-        foreach (int fd in new List<int>(_conns.Keys)) Close(fd);
-        if (_fd >= 0) Libc.Close(_fd);
-        _fd = -1;
+        byte[] all = new byte[h.Length + b.Length];
+        h.CopyTo(all, 0);
+        b.CopyTo(all, h.Length);
+        return all;
     }
 }
 

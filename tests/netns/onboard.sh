@@ -52,6 +52,31 @@ PY
 check "malformed control requests get an error reply" "reply: $reply" test "$(grep -c '^error:' <<<"$reply")" = 2
 check "after them the node still works" "no reply" ping_ok a "$OL4_b"
 
+# Silent control clients hold neither the loop that carries the packets nor the socket: while ten
+# connections send nothing, pings cross the tunnel and `veil status` answers at once; each silent
+# one is ended within the 2 s request deadline (an error line, or closed when a newer client needed
+# its slot). A control server that waited on each in turn would take seconds and stall the pings.
+reply=$(python3 - "$(sock a)" "$VEIL" "$(ns a)" "$OL4_b" <<'PY'
+import socket, subprocess, sys, time
+path, veil, ns, peer = sys.argv[1:5]
+silent = []
+for _ in range(10):
+    s = socket.socket(socket.AF_UNIX); s.connect(path); silent.append(s)
+t = time.monotonic()
+ok = subprocess.run([veil, "status", "--control", path], capture_output=True, timeout=15).returncode == 0
+status_ms = int((time.monotonic() - t) * 1000)
+ping = subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", "5", "-i", "0.2", "-W", "1", "-q", peer], capture_output=True, timeout=15).returncode == 0
+ended = 0
+for s in silent:
+    s.settimeout(4)
+    try: s.recv(200); ended += 1
+    except OSError: pass
+print(f"status={'ok' if ok else 'failed'} status_ms={status_ms} ping={'ok' if ping else 'lost'} ended={ended}/10")
+PY
+)
+check "silent control clients: status answers within 1 s, pings pass, all ten are ended" "$reply" \
+	bash -c "[[ '$reply' =~ ^status=ok\ status_ms=([0-9]+)\ ping=ok\ ended=10/10$ ]] && (( BASH_REMATCH[1] < 1000 ))"
+
 expired=$(nsx a "$VEIL" invite --expires 1s --control "$(sock a)") || die "second invite failed"
 sleep 1.5
 check "an expired token is refused" "join accepted it" \
