@@ -3846,6 +3846,12 @@ internal sealed unsafe class UdpSocket : IUdp
     }
 
     /// <summary>Another socket on this one's address and port (both bound with reusePort).</summary>
+    internal void DropOffloads()
+    {
+        Gso = false;
+        if (Gro && Libc.SetIntOpt(_fd, SOL_UDP, UDP_GRO, 0) == 0) Gro = false;
+    }
+
     internal UdpSocket Sibling() => Open(_bindAddress, LocalPort, _v6, _dualStack, reusePort: true);
 
     private static UdpSocket Open(IPAddress address, int port, bool v6, bool dualStack, bool reusePort)
@@ -4914,20 +4920,32 @@ internal sealed unsafe class Daemon
             foreach (PosixSignal sig in new[] { PosixSignal.SIGTERM, PosixSignal.SIGINT })
                 signals.Add(PosixSignalRegistration.Create(sig, ctx => { ctx.Cancel = true; RequestStop(); }));
             signals.Add(PosixSignalRegistration.Create(PosixSignal.SIGHUP, ctx => { ctx.Cancel = true; RequestReload(); }));
+            // VEIL_OFFLOADS=off runs the data path as on a kernel without offloads (a plain TUN, one
+            // datagram per send and per receive): to compare, and a way out should a driver mishandle them.
+            bool offloads = Environment.GetEnvironmentVariable("VEIL_OFFLOADS") != "off";
             udp = UdpSocket.Bind(_cfg.ListenAddress, _cfg.ListenPort, reusePort: wanted > 1);
             udp.OnOffloadOff = what => _log.Warn("offload_off", what + " hint=\"sending one datagram per call from now on\"");
+            if (!offloads) udp.DropOffloads();
 
-            TunDevice tun = _tun = TunDevice.Create(_cfg.TunName, multiQueue: wanted > 1);
+            TunDevice tun = _tun = TunDevice.Create(_cfg.TunName, offloads, multiQueue: wanted > 1);
             for (int i = 1; i < wanted; i++)
             {
-                try { queues.Add((TunDevice.Create(_cfg.TunName, multiQueue: true), udp.Sibling())); }
+                TunDevice? queue = null;
+                try
+                {
+                    queue = TunDevice.Create(_cfg.TunName, offloads, multiQueue: true);
+                    UdpSocket socket = udp.Sibling();
+                    if (!offloads) socket.DropOffloads();
+                    queues.Add((queue, socket));
+                }
                 catch (IOException e)
                 {
+                    queue?.Dispose();                      // an open queue nobody reads would swallow the flows hashed to it
                     _log.Warn("workers_limited", $"workers={i} wanted={wanted} error=\"{e.Message}\"");
                     break;
                 }
             }
-            _log.Info("offloads", $"tun_tso={(tun.OffloadsAccepted ? "on" : "off")} tun_uso={(tun.UdpOffloadAccepted ? "on" : "off")} udp_gso={(udp.Gso ? "on" : "off")} udp_gro={(udp.Gro ? "on" : "off")} aead_backend={Aead.Backend}");
+            _log.Info("offloads", $"tun_tso={(tun.OffloadsAccepted ? "on" : "off")} tun_uso={(tun.UdpOffloadAccepted ? "on" : "off")} udp_gso={(udp.Gso ? "on" : "off")} udp_gro={(udp.Gro ? "on" : "off")} aead_backend={Aead.Backend}" + (offloads ? "" : " disabled_by=VEIL_OFFLOADS"));
             Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
             foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
             SyncKernelRoutes();

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # iperf.sh -- iperf3 TCP through the tunnel, a -> b and b -> a (-R), ~3 s each;
 # the receiver must see nonzero throughput. Then UDP super-datagrams (UDP_SEGMENT) a -> b over
-# IPv4 and IPv6: cut by veil when the TUN offers USO, every datagram intact at b.
+# IPv4 and IPv6: cut by veil when the TUN offers USO, every datagram intact at b. Then all of it
+# again with the offloads off (VEIL_OFFLOADS=off), as on a kernel without them.
 #
 #   veil-t-$$-a                            veil-t-$$-b
 #   iperf3 -c 100.64.0.2 (veil-a)  ====>  iperf3 -s -B 100.64.0.2 (veil-b)
@@ -57,9 +58,29 @@ udp_gso() {
 		check "$label: b wrote datagrams of the flow into its TUN as super-packets" "tun_coalesced $co0 -> $co1" \
 			test "$((co1 - co0))" -gt 0
 	else
-		note "$label: this kernel refused USO on the TUN (a logged tun_uso=off): the kernel cut the sends itself"
+		note "$label: a's TUN runs without USO (a logged tun_uso=off): the kernel cut the sends itself"
 	fi
 }
 udp_gso "UDP_SEGMENT a -> b IPv4" "$OL4_a" "$OL4_b"
 udp_gso "UDP_SEGMENT a -> b IPv6" "$OL6_a" "$OL6_b"
+
+# The same traffic on the path of a kernel or device without the offloads: VEIL_OFFLOADS=off gives
+# a plain TUN (a packet per read and write) and a datagram per UDP send and receive.
+node_stop a
+node_stop b
+VEIL_OFFLOADS=off node_start b
+VEIL_OFFLOADS=off node_start a
+wait_ready a b
+ping_ok a "$OL4_b" || die "no ping a -> b with the offloads off"
+for n in a b; do
+	check "offloads off: $n logged each of them off" "$(grep 'event=offloads' "${NODE_LOG[$n]}")" \
+		grep -q 'event=offloads tun_tso=off tun_uso=off udp_gso=off udp_gro=off .*disabled_by=VEIL_OFFLOADS' "${NODE_LOG[$n]}"
+done
+measure "TCP a -> b, offloads off"
+measure "TCP b -> a, offloads off" -R
+udp_gso "UDP_SEGMENT a -> b IPv4, offloads off" "$OL4_a" "$OL4_b"
+for n in a b; do
+	sc=$(st "$n" '"\(.counters.tun_super_packets) \(.counters.tun_coalesced)"')
+	check "offloads off: $n neither split nor merged a packet" "tun_super_packets, tun_coalesced: $sc" test "$sc" = "0 0"
+done
 finish
