@@ -3845,13 +3845,13 @@ internal sealed unsafe class UdpSocket : IUdp
         return Open(address, port, v6, dualStack: false, reusePort);
     }
 
-    /// <summary>Another socket on this one's address and port (both bound with reusePort).</summary>
     internal void DropOffloads()
     {
         Gso = false;
         if (Gro && Libc.SetIntOpt(_fd, SOL_UDP, UDP_GRO, 0) == 0) Gro = false;
     }
 
+    /// <summary>Another socket on this one's address and port (both bound with reusePort).</summary>
     internal UdpSocket Sibling() => Open(_bindAddress, LocalPort, _v6, _dualStack, reusePort: true);
 
     private static UdpSocket Open(IPAddress address, int port, bool v6, bool dualStack, bool reusePort)
