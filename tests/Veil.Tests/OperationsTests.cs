@@ -164,6 +164,11 @@ public class OperationsTests
         Assert.True(r.GetProperty("counters").GetProperty("tx_records").GetInt64() > 0);
         Assert.Equal(2, r.GetProperty("routes").GetArrayLength());
         Assert.True(r.GetProperty("sessions").GetArrayLength() >= 1);
+        Assert.Contains(r.GetProperty("sessions")[0].GetProperty("aead").GetString(), new[] { "chacha20-poly1305", "aes-256-gcm" });
+        JsonElement dp = r.GetProperty("node").GetProperty("datapath");
+        foreach (string k in new[] { "tun_tso", "tun_uso", "udp_gso", "udp_gro" })
+            Assert.Equal(JsonValueKind.False, dp.GetProperty(k).ValueKind);       // stand-in dataplane and sockets: no offloads
+        Assert.Equal(Aead.Backend, dp.GetProperty("aead_backend").GetString());
         using var peers = JsonDocument.Parse(view.PeersJson());
         Assert.Equal(JsonValueKind.Array, peers.RootElement.ValueKind);
         using var routes = JsonDocument.Parse(view.RoutesJson());

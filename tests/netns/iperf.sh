@@ -30,6 +30,17 @@ measure() {
 		awk -v b="${bps:-0}" 'BEGIN { exit !(b > 0) }'
 }
 
+# datapath_says NODE -- the offloads status reports, as the start-up log line words them
+datapath_says() {
+	st "$1" '.node.datapath | "tun_tso=\(.tun_tso) tun_uso=\(.tun_uso) udp_gso=\(.udp_gso) udp_gro=\(.udp_gro) aead_backend=\(.aead_backend)"' |
+		sed 's/=true/=on/g; s/=false/=off/g'
+}
+for n in a b; do
+	says=$(datapath_says "$n")
+	check "status of $n reports the offloads its start-up line logged" "status: '$says'; log: $(grep -o 'event=offloads.*' "${NODE_LOG[$n]}")" \
+		grep -qF "event=offloads $says" "${NODE_LOG[$n]}"
+done
+
 measure "TCP a -> b"
 measure "TCP b -> a" -R
 
@@ -80,6 +91,8 @@ measure "TCP a -> b, offloads off"
 measure "TCP b -> a, offloads off" -R
 udp_gso "UDP_SEGMENT a -> b IPv4, offloads off" "$OL4_a" "$OL4_b"
 for n in a b; do
+	says=$(datapath_says "$n")
+	check "offloads off: status of $n reports them off" "status: '$says'" grep -q '^tun_tso=off tun_uso=off udp_gso=off udp_gro=off ' <<<"$says"
 	sc=$(st "$n" '"\(.counters.tun_super_packets) \(.counters.tun_coalesced)"')
 	check "offloads off: $n neither split nor merged a packet" "tun_super_packets, tun_coalesced: $sc" test "$sc" = "0 0"
 done

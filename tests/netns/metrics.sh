@@ -55,7 +55,7 @@ check "promtool check metrics: no lint findings (exit 0)" "exit $prc: $(head -c 
 missing=''
 for fam in veil_build_info veil_uptime_seconds veil_peers veil_sessions veil_received_records_total \
 	veil_sent_records_total veil_received_bytes_total veil_sent_bytes_total veil_tun_received_packets_total \
-	veil_tun_sent_packets_total veil_tun_super_packets_total veil_tun_coalesced_packets_total \
+	veil_tun_sent_packets_total veil_tun_super_packets_total veil_tun_coalesced_packets_total veil_offload_enabled \
 	veil_handshakes_total veil_cookies_sent_total veil_packets_dropped_total \
 	veil_admission_refused_total veil_peer_received_bytes_total veil_peer_sent_bytes_total \
 	veil_peer_last_handshake_timestamp_seconds veil_peer_up veil_gc_collections_total \
