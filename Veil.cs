@@ -5863,7 +5863,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
 
     private static string Ago(long ms) => ms < 0 ? "never" : ms / 1000 + " s ago";
 
-    internal static string CipherName(AeadKind k) => k == AeadKind.Aes256Gcm ? "aes-256-gcm" : "chacha20-poly1305";
+    private static string CipherName(AeadKind k) => k == AeadKind.Aes256Gcm ? "aes-256-gcm" : "chacha20-poly1305";   // as --cipher names it
 
     // The data path's offloads as they stand (UDP GSO is dropped at run time should the kernel
     // refuse it); a stand-in dataplane or socket has none.
@@ -5925,7 +5925,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append("  allowed ips: ").Append(p.Allowed.Count == 0 ? "(none)" : string.Join(", ", p.Allowed)).Append('\n');
         if (p.Claims.Count > 0) sb.Append("  claims: ").Append(string.Join(", ", p.Claims.ConvertAll(c => $"{c.Prefix} metric {c.Metric}"))).Append('\n');
         sb.Append("  latest handshake: ").Append(Ago(p.LastHandshakeMs < 0 ? -1 : nowMs - p.LastHandshakeMs)).Append('\n');
-        if (p.Current != null) sb.Append("  cipher: ").Append(CipherName(p.Current.SendAead.Kind)).Append('\n');
+        if (p.Current != null) sb.Append("  cipher: ").Append(CipherName(p.Current.AeadKind)).Append('\n');
         sb.Append("  transfer: ").Append(p.RxBytes).Append(" B received, ").Append(p.TxBytes).Append(" B sent\n");
         if (p.PersistentKeepaliveMs > 0) sb.Append("  persistent keepalive: every ").Append(p.PersistentKeepaliveMs / 1000).Append(" s\n");
     }
@@ -5986,7 +5986,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
                 sb.Append(first ? "" : ",").Append("{\"peer\":");
                 Str(sb, p.Name);
                 sb.Append(",\"slot\":\"").Append(slot).Append("\",\"role\":\"").Append(s.IsInitiator ? "initiator" : "responder")
-                  .Append("\",\"aead\":\"").Append(CipherName(s.SendAead.Kind))
+                  .Append("\",\"aead\":\"").Append(s.AeadKind)
                   .Append("\",\"age_seconds\":").Append((nowMs - s.CreatedMs) / 1000).Append(",\"sent_records\":").Append(s.SendCounter).Append('}');
                 first = false;
             }

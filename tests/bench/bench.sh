@@ -52,7 +52,7 @@ while True:
         born.setdefault(pid, now)
         try:
             rss = next(l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS:"))
-            print("rss", pid, rss, flush=True)
+            print("rss", pid, rss, f"{now - born[pid]:.1f}", flush=True)
         except (OSError, StopIteration): pass
     if all(now - born[pid] >= quiet for pid in daemons.values()):
         for side, pid in daemons.items():
@@ -97,13 +97,15 @@ if "veil" in impls:
         parts = [f"{i} {med[('veil', m)] / med[(i, m)]:.2f}x" for i in impls
                  if i not in ("veil", "plain") and ("veil", m) in med and (i, m) in med and med[(i, m)] > 0]
         if parts: print(f"  {m}: " + ", ".join(parts))
-rss = [int(l.split()[2]) for l in open(samples) if l.startswith("rss ")]
+rss = [(int(l.split()[2]), float(l.split()[3])) for l in open(samples) if l.startswith("rss ")]
+# idle: up and running (at least 1 s old) but before the harness loads it (younger than 4 s: its ping phase)
+idle = [kb for kb, age in rss if 1 <= age < 4] or [kb for kb, _ in rss]
 gc = collections.defaultdict(list)
 for l in open(samples):
     if l.startswith("gc "):
         f = l.split(); gc[f[1]].append((int(f[2]), int(f[3]), int(f[4]), int(f[5])))
 if rss:
-    print(f"\nveil RSS: idle {min(rss)/1024:.1f} MiB, highest under load {max(rss)/1024:.1f} MiB ({len(rss)} samples)")
+    print(f"\nveil RSS: idle {max(idle)/1024:.1f} MiB (highest 1-4 s after start), highest under load {max(kb for kb, _ in rss)/1024:.1f} MiB ({len(rss)} samples)")
 if gc:
     # per daemon (one per side and round): the counts between its first and last sample, and since it started
     during = [sum(s[-1][g] - s[0][g] for s in gc.values()) for g in range(3)]
