@@ -1548,7 +1548,6 @@ internal static unsafe class X25519
         Carry(h);
     }
 
-
     private static void Mul121665(ulong* h, ulong* f)
     {
         for (int i = 0; i < L; i++) h[i] = f[i] * 121665;
@@ -4787,7 +4786,6 @@ internal sealed class Node
     }
 }
 
-/// <summary>Moves batches between a dataplane, a UDP port and a Node. No state of its own beyond buffers.</summary>
 /// <summary>Moves packets between one TUN queue and one UDP socket and the node. Several workers
 /// (one thread each) may share a node: the I/O runs in parallel, the node's work under its lock (the
 /// node itself is single-threaded code). A flow stays on one TUN queue and a peer's datagrams on one
@@ -4822,6 +4820,28 @@ internal sealed class Worker : IPacketSink
             c.TunCoalesced += Interlocked.Exchange(ref t.Coalesced, 0);
             c.Drops[(int)DropReason.Malformed] += Interlocked.Exchange(ref t.Malformed, 0);
         }
+    }
+
+    private const int MaxPumpRounds = 16;           // batches per fd per wake-up, so one fd cannot starve the rest
+
+    /// <summary>Works off what epoll reported ready on fd; false when fd is not this worker's.</summary>
+    internal bool Drain(int fd, long nowMs)
+    {
+        if (fd == Udp.Fd) { for (int r = 0; r < MaxPumpRounds && PumpUdp(nowMs); r++) { } }
+        else if (fd == Tun.Fd) { for (int r = 0; r < MaxPumpRounds && PumpTun(nowMs); r++) { } }
+        else return false;
+        return true;
+    }
+
+    /// <summary>The kernel offloads a TUN queue and a socket use, as they stand (UDP GSO is dropped
+    /// at run time should the kernel refuse it); stand-ins have none. The start-up log and status
+    /// both name them from here.</summary>
+    internal static (string Name, bool On)[] Offloads(IDataplane? tun, IUdp? udp)
+    {
+        var t = tun as TunDevice;
+        var u = udp as UdpSocket;
+        return [("tun_tso", t?.OffloadsAccepted == true), ("tun_uso", t?.UdpOffloadAccepted == true),
+                ("udp_gso", u?.Gso == true), ("udp_gro", u?.Gro == true)];
     }
 
     /// <summary>Reads up to one batch from the TUN and sends what it becomes; true if the batch was full.</summary>
@@ -4898,7 +4918,6 @@ internal sealed class Worker : IPacketSink
 /// <summary>The daemon: sets up the interface and sockets, then runs the epoll loop until told to stop.</summary>
 internal sealed unsafe class Daemon
 {
-    private const int MaxPumpRounds = 16;           // batches per fd per wake-up, so one fd cannot starve the rest
     private const long ConfigCheckIntervalMs = 2_000;
     private const long TimerScanMs = 50;
     private UpConfig _cfg;
@@ -4975,7 +4994,9 @@ internal sealed unsafe class Daemon
                     break;
                 }
             }
-            _log.Info("offloads", $"tun_tso={(tun.OffloadsAccepted ? "on" : "off")} tun_uso={(tun.UdpOffloadAccepted ? "on" : "off")} udp_gso={(udp.Gso ? "on" : "off")} udp_gro={(udp.Gro ? "on" : "off")} aead_backend={Aead.Backend}" + (offloads ? "" : " disabled_by=VEIL_OFFLOADS"));
+            var offloadsLine = new StringBuilder();
+            foreach (var (name, on) in Worker.Offloads(tun, udp)) offloadsLine.Append(name).Append(on ? "=on " : "=off ");
+            _log.Info("offloads", $"{offloadsLine}aead_backend={Aead.Backend}" + (offloads ? "" : " disabled_by=VEIL_OFFLOADS"));
             Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
             foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
             SyncKernelRoutes();
@@ -5027,11 +5048,7 @@ internal sealed unsafe class Daemon
                 int n = Libc.EpollWait(epfd, events, 16, (int)waitMs);
                 nowMs = Mono.NowMs();
                 for (int i = 0; i < n; i++)                   // the first worker's own I/O (it locks the node itself)
-                {
-                    int fd = Libc.EpollEventFd(events, i);
-                    if (fd == udp.Fd) { for (int r = 0; r < MaxPumpRounds && worker.PumpUdp(nowMs); r++) { } }
-                    else if (fd == tun.Fd) { for (int r = 0; r < MaxPumpRounds && worker.PumpTun(nowMs); r++) { } }
-                }
+                    worker.Drain(Libc.EpollEventFd(events, i), nowMs);
                 lock (node)                                   // everything else reads or changes the node
                 {
                     foreach (Worker w in workers) w.Settle();
@@ -5099,12 +5116,7 @@ internal sealed unsafe class Daemon
             {
                 int n = Libc.EpollWait(ep, events, 4, -1);
                 long nowMs = Mono.NowMs();
-                for (int i = 0; i < n; i++)
-                {
-                    int fd = Libc.EpollEventFd(events, i);
-                    if (fd == w.Udp.Fd) { for (int r = 0; r < MaxPumpRounds && w.PumpUdp(nowMs); r++) { } }
-                    else if (fd == w.Tun.Fd) { for (int r = 0; r < MaxPumpRounds && w.PumpTun(nowMs); r++) { } }
-                }
+                for (int i = 0; i < n; i++) w.Drain(Libc.EpollEventFd(events, i), nowMs);
             }
         }
         catch (Exception e)
@@ -5865,15 +5877,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
 
     private static string CipherName(AeadKind k) => k == AeadKind.Aes256Gcm ? "aes-256-gcm" : "chacha20-poly1305";   // as --cipher names it
 
-    // The data path's offloads as they stand (UDP GSO is dropped at run time should the kernel
-    // refuse it); a stand-in dataplane or socket has none.
-    private (string Name, bool On)[] Offloads()
-    {
-        TunDevice? t = Workers.Count > 0 ? Workers[0].Tun as TunDevice : null;
-        UdpSocket? u = Workers.Count > 0 ? Workers[0].Udp as UdpSocket : null;
-        return [("tun_tso", t?.OffloadsAccepted == true), ("tun_uso", t?.UdpOffloadAccepted == true),
-                ("udp_gso", u?.Gso == true), ("udp_gro", u?.Gro == true)];
-    }
+    private (string Name, bool On)[] Offloads() => Worker.Offloads(Workers.Count > 0 ? Workers[0].Tun : null, Workers.Count > 0 ? Workers[0].Udp : null);
 
     private static void Str(StringBuilder sb, string s)
     {
