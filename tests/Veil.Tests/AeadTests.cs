@@ -7,7 +7,7 @@ namespace Veil.Tests;
 // the rest are skipped and counted so a broken loader or filter fails a test.
 public sealed class AeadTests
 {
-    // Counts from this copy of the files (shared/vectors/README.md, and recounted by hand).
+    // Counts from this copy of the files (tests/vectors/README.md, and recounted by hand).
     private const int ChaChaExecuted = 316, ChaChaValid = 256, ChaChaInvalid = 60, ChaChaSkipped = 9;
     private const int GcmExecuted = 197, GcmValid = 116, GcmInvalid = 81, GcmSkipped = 119;
 

@@ -5,9 +5,9 @@ using System.Text.Json;
 
 namespace Veil.Tests;
 
-// Locates and loads the third-party vectors in shared/vectors (see its README.md).
-// Order: $VEIL_VECTORS, else walk up from the test binary to the folder holding Veil.csproj
-// and use ../shared/vectors beside it.
+// Locates and loads the third-party vectors in tests/vectors (see its README.md for sources and
+// licences). Order: $VEIL_VECTORS, else walk up from the test binary to the folder holding
+// Veil.csproj and use tests/vectors in it: the repository carries its own copies.
 internal static class Vectors
 {
     private static readonly Lazy<string> s_dir = new(Locate);
@@ -45,11 +45,12 @@ internal static class Vectors
         for (DirectoryInfo? d = new(AppContext.BaseDirectory); d != null; d = d.Parent)
         {
             if (!File.Exists(Path.Combine(d.FullName, "Veil.csproj"))) continue;
-            string dir = Path.GetFullPath(Path.Combine(d.FullName, "..", "shared", "vectors"));
+            string dir = Path.GetFullPath(Path.Combine(d.FullName, "tests", "vectors"));
             if (!Directory.Exists(dir)) throw new DirectoryNotFoundException($"vectors not found at {dir} (set VEIL_VECTORS)");
             return dir;
         }
         throw new DirectoryNotFoundException(
-            $"no Veil.csproj above {AppContext.BaseDirectory}; set VEIL_VECTORS to the shared/vectors folder");
+            $"no Veil.csproj above {AppContext.BaseDirectory}; set VEIL_VECTORS to the tests/vectors folder");
     }
 }
+

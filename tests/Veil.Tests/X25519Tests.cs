@@ -3,7 +3,7 @@ using System.Text.Json;
 namespace Veil.Tests;
 
 // §6 X25519: RFC 7748 §5.2/§6.1 known answers (rfc_vectors.json) and every Wycheproof
-// x25519_test.json case. Harness rule from shared/vectors/README.md: raw ScalarMult returns
+// x25519_test.json case. Harness rule (tests/vectors/README.md): raw ScalarMult returns
 // `shared` for all 518 cases; Dh rejects exactly the 31 ZeroSharedSecret cases.
 public sealed class X25519Tests
 {
