@@ -180,7 +180,11 @@ internal static class Tune
     internal const int MaxMtu = 9000;
     internal const int DefaultListenPort = 51820;
     internal const long StaleHelloIntervalMs = 1_000;        // see ConsumeClientHello: clocks that went back
+    // Recovery (§14.2): bad records on a live index start a handshake only when they persist this
+    // long without one good record, and at most once per interval, so a forger gains no lever.
     internal const int DecryptFailuresBeforeRehandshake = 32;
+    internal const long RecoveryQuietMs = Spec.RekeyTimeoutMs;
+    internal const long RecoveryIntervalMs = 60_000;
     internal const int LogBurst = 10;                        // log lines per event kind per LogWindowMs
     internal const long LogWindowMs = 10_000;
     internal const long ShutdownGraceMs = 2_000;
@@ -2528,6 +2532,8 @@ internal sealed class Peer
     internal long LastHandshakeUnixS;            // wall clock of the latest handshake, for status (0: never)
     internal long RxBytes, TxBytes, Handshakes;
     internal int FailuresSinceGood;              // bad tags / replays since the last good record
+    internal long FirstFailureMs;                // when the first of them arrived
+    internal long LastRecoveryMs = long.MinValue / 2;
 
     // Packets waiting for a session: a ring of MaxStagedPackets slots, allocated on first use.
     private byte[]? _staged;
@@ -2673,9 +2679,12 @@ internal sealed class Peer
 //
 // Replayed ClientHellos: a hello is fresh when its timestamp is newer than the last one from that
 // peer. A router without a clock may reboot into the past, so an older timestamp is not refused
-// outright: it is answered at most once per StaleHelloIntervalMs, and never when its ephemeral key
-// was seen among the last hellos. Answering a replay costs the attacker nothing it can use: the
-// answer creates only a Next session, which needs a Bind that only the real initiator can produce.
+// outright, but it is answered only when that peer has been silent (no authenticated record for
+// Keepalive + RekeyTimeout: a rebooting router is), no handshake of its is being completed (a Next
+// younger than RekeyTimeout), at most once per StaleHelloIntervalMs, and never when its ephemeral
+// key was seen among the last hellos. So a replay, however old, cannot displace a genuine session,
+// and even when answered it gains nothing: a hello moves no endpoint (only authenticated records
+// do, §14.2), and its Next session needs a Bind that only the real initiator can produce.
 
 internal static class Wire
 {
@@ -3144,7 +3153,9 @@ internal sealed class Handshaker
         bool newer = st.Timestamp.AsSpan().SequenceCompareTo(p.LastHelloTimestamp) > 0;
         if (!newer)
         {
-            if (nowMs - p.LastStaleHelloMs < Tune.StaleHelloIntervalMs) return false;
+            bool alive = p.LastRxMs >= 0 && nowMs - p.LastRxMs < Spec.KeepaliveTimeoutMs + Spec.RekeyTimeoutMs;
+            bool completing = p.Next != null && nowMs - p.Next.CreatedMs < Spec.RekeyTimeoutMs;
+            if (alive || completing || nowMs - p.LastStaleHelloMs < Tune.StaleHelloIntervalMs) return false;
             p.LastStaleHelloMs = nowMs;                               // a clock that went back: answer, slowly
         }
         else st.Timestamp.CopyTo(p.LastHelloTimestamp, 0);
@@ -4388,10 +4399,16 @@ internal sealed class Node
                 OpenVerdict.BadAuth => DropReason.BadAuth, OpenVerdict.Truncated => DropReason.Truncated, _ => DropReason.Malformed,
             });
             // Sustained failures on a live index: our keys may be stale (the peer lost its state), so
-            // start a fresh handshake; the old session stays until the new one replaces it.
-            if (++p.FailuresSinceGood == Tune.DecryptFailuresBeforeRehandshake)
+            // start a fresh handshake; the old session stays until the new one replaces it. Anyone who
+            // saw one record can forge such failures, so they count only while no good record comes
+            // for RecoveryQuietMs, and recovery starts at most once per RecoveryIntervalMs.
+            if (p.FailuresSinceGood == 0) p.FirstFailureMs = nowMs;
+            if (p.FailuresSinceGood < int.MaxValue) p.FailuresSinceGood++;
+            if (p.FailuresSinceGood >= Tune.DecryptFailuresBeforeRehandshake && nowMs - p.FirstFailureMs >= Tune.RecoveryQuietMs
+                && nowMs - p.LastRecoveryMs >= Tune.RecoveryIntervalMs)
             {
-                Log.Warn("session_recovery", $"peer={p.Name} failures={p.FailuresSinceGood} rule=decrypt_failures");
+                p.LastRecoveryMs = nowMs;
+                Log.Warn("session_recovery", $"peer={p.Name} failures={p.FailuresSinceGood} quiet_ms={nowMs - p.FirstFailureMs} rule=decrypt_failures");
                 StartHandshake(p, nowMs, retransmit: false);
             }
             return 0;
@@ -4511,8 +4528,7 @@ internal sealed class Node
         uint localIndex = Indexes.NewIndex();
         int n = Handshaker.CreateServerHello(_hello, localIndex, nowMs, NextOut(from), out SessionKeys? keys);
         if (n == 0 || keys == null) { Counters.Drop(DropReason.HandshakeFailed); return; }
-        CommitOut(n);
-        p.Endpoint = from;
+        CommitOut(n);                            // answered where it came from; the endpoint moves on the Bind
         var s = new Session(p, keys, nowMs);
         Indexes.RemoveSession(p.Next);
         p.Next = s;

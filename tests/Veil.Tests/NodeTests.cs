@@ -398,31 +398,187 @@ public class NodeTests
         var cfg = NodeConfigOf(TestNet.FullMesh(2), 0);
         t.Nodes[0].Udp.Dispose();
         t.Nodes[0] = new TestNode(t.Net, t.Nodes[0].Private, cfg, TestNet.Ep(0), "100.64.0.1", 1_700_000_000_000_000_000L - 3_600_000_000_000L);
-        t.Advance(Tune.StaleHelloIntervalMs);
+        // its older hellos are answered once b heard nothing from it for Keepalive + RekeyTimeout
+        // (a reboot takes longer than that); node 0 keeps retransmitting until then
+        t.Advance(Spec.KeepaliveTimeoutMs + Spec.RekeyTimeoutMs + Tune.StaleHelloIntervalMs + Spec.RekeyTimeoutMs);
         Assert.Equal(1, t.Send(0, 1));
         Assert.Equal(1, t.Send(1, 0));
     }
 
+    // A record with node 1's live receiver index and random ciphertext, from node 0's address.
+    private static byte[] ForgedRecord(Session s, ulong counter)
+    {
+        byte[] forged = new byte[100];
+        forged[0] = Spec.TlsApplicationData; forged[1] = 3; forged[2] = 3;
+        BinaryPrimitives.WriteUInt16BigEndian(forged.AsSpan(3), 95);
+        BinaryPrimitives.WriteUInt32BigEndian(forged.AsSpan(Record.IndexOffset), s.LocalIndex);
+        BinaryPrimitives.WriteUInt64BigEndian(forged.AsSpan(Record.CounterOffset), counter);
+        return forged;
+    }
+
+    private static void Forge(TestNet t, int count, ulong firstCounter)
+    {
+        Session s = t.Nodes[1].Node.Peers[0].Current!;
+        for (int i = 0; i < count; i++) t.Nodes[1].Udp.Deliver(ForgedRecord(s, firstCounter + (ulong)i), t.Nodes[0].Endpoint);
+        t.Pump();
+    }
+
     [Fact]
-    public void SustainedDecryptFailures_StartFreshHandshake()
+    public void SustainedDecryptFailures_WithoutGoodRecords_StartOneHandshake()
     {
         var t = TestNet.FullMesh(2);
         t.Start();
         Session s = t.Nodes[1].Node.Peers[0].Current!;
         long before = t.Nodes[1].Node.Counters.HandshakesInitiated;
-        byte[] forged = new byte[100];
-        forged[0] = Spec.TlsApplicationData; forged[1] = 3; forged[2] = 3;
-        BinaryPrimitives.WriteUInt16BigEndian(forged.AsSpan(3), 95);
-        BinaryPrimitives.WriteUInt32BigEndian(forged.AsSpan(Record.IndexOffset), s.LocalIndex);
-        for (int i = 0; i < Tune.DecryptFailuresBeforeRehandshake; i++)
-        {
-            BinaryPrimitives.WriteUInt64BigEndian(forged.AsSpan(Record.CounterOffset), (ulong)(1000 + i));
-            t.Nodes[1].Udp.Deliver((byte[])forged.Clone(), t.Nodes[0].Endpoint);
-        }
-        t.Pump();
-        Assert.Equal(Tune.DecryptFailuresBeforeRehandshake, Drops(t.Nodes[1], DropReason.BadAuth));
+        Forge(t, Tune.DecryptFailuresBeforeRehandshake, 1000);
+        Assert.Equal(before, t.Nodes[1].Node.Counters.HandshakesInitiated);   // a burst proves nothing yet
+        t.Advance(Tune.RecoveryQuietMs);
+        Forge(t, 1, 2000);
+        Assert.Equal(Tune.DecryptFailuresBeforeRehandshake + 1, Drops(t.Nodes[1], DropReason.BadAuth));
         Assert.Equal(before + 1, t.Nodes[1].Node.Counters.HandshakesInitiated);
         Assert.Equal(1, t.Send(0, 1));
+    }
+
+    [Fact]
+    public void ForgedRecords_BurstOrBesideGoodTraffic_ForceNoHandshake()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        Peer atB = t.Nodes[1].Node.Peers[0];
+        Session s = atB.Current!;
+        long before = t.Nodes[1].Node.Counters.HandshakesInitiated;
+        Forge(t, 40, 1000);                                   // the attack as measured: 40 at once
+        for (int round = 0; round < 8; round++)               // then 8 s of forgeries while the peer talks
+        {
+            Forge(t, 10, 2000 + (ulong)round * 10);
+            Assert.Equal(1, t.Send(0, 1));
+            t.Advance(1000);
+        }
+        Assert.Equal(120, Drops(t.Nodes[1], DropReason.BadAuth));
+        Assert.Equal(before, t.Nodes[1].Node.Counters.HandshakesInitiated);
+        Assert.Same(s, atB.Current);
+        Assert.DoesNotContain("session_recovery", t.Nodes[1].LogText.ToString());
+    }
+
+    [Fact]
+    public void Recovery_UnderEndlessForgery_StartsAtMostOncePerInterval()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        Session s = t.Nodes[1].Node.Peers[0].Current!;
+        long before = t.Nodes[1].Node.Counters.HandshakesInitiated;
+        for (int second = 0; second < 40; second++)           // 40 s of forgeries and nothing genuine
+        {
+            Forge(t, 10, 1000 + (ulong)second * 10);
+            t.Advance(1000);
+        }
+        // one recovery (which completes: a new session replaces s); the rest of the flood starts none
+        Assert.Equal(before + 1, t.Nodes[1].Node.Counters.HandshakesInitiated);
+        Assert.NotSame(s, t.Nodes[1].Node.Peers[0].Current);
+        Assert.Equal(1, t.Send(0, 1));
+        Assert.Equal(1, t.Send(1, 0));
+    }
+
+    [Fact]
+    public void ReplayedRecords_Sustained_StartRecoveryLikeBadTags()
+    {
+        var t = TestNet.FullMesh(2);
+        var captured = new List<byte[]>();
+        t.Net.Filter = (from, _, d) => { if (d[0] == Spec.TlsApplicationData && from.Equals(t.Nodes[0].Endpoint)) captured.Add(d); return true; };
+        t.Start();
+        for (int i = 0; i < 4; i++) Assert.Equal(1, t.Send(0, 1));
+        t.Net.Filter = null;
+        long before = t.Nodes[1].Node.Counters.HandshakesInitiated;
+        void Replay() { for (int i = 0; i < 9; i++) foreach (byte[] d in captured) t.Nodes[1].Udp.Deliver(d, t.Nodes[0].Endpoint); t.Pump(); }
+        Replay();
+        Assert.Equal(before, t.Nodes[1].Node.Counters.HandshakesInitiated);
+        t.Advance(Tune.RecoveryQuietMs);
+        Replay();
+        Assert.True(Drops(t.Nodes[1], DropReason.Replayed) >= Tune.DecryptFailuresBeforeRehandshake);
+        Assert.Equal(before + 1, t.Nodes[1].Node.Counters.HandshakesInitiated);
+    }
+
+    [Fact]
+    public void OldClientHello_ReplayedManyHandshakesLater_MovesNoEndpoint()
+    {
+        var t = TestNet.FullMesh(2);
+        byte[]? hello = null;
+        Endpoint attacker = TestNet.Ep(7);
+        int toAttacker = 0, recordsToAttacker = 0;
+        t.Net.Filter = (from, to, d) =>
+        {
+            if (d[0] == Spec.TlsHandshake && d[5] == Wire.TypeClientHello && from.Equals(t.Nodes[0].Endpoint)) hello ??= d;
+            if (to.Equals(attacker)) { toAttacker++; if (d[0] == Spec.TlsApplicationData) recordsToAttacker++; }
+            return true;
+        };
+        t.Start();
+        Assert.NotNull(hello);
+        Peer atB = t.Nodes[1].Node.Peers[0];
+        Endpoint real = atB.Endpoint;
+        ulong id = BinaryPrimitives.ReadUInt64LittleEndian(hello.AsSpan(Wire.ClientHelloEphemeralOffset));
+        // node 0 makes 9 more handshakes, a rekey interval apart, until b no longer remembers the hello
+        Peer atA = t.Nodes[0].Node.Peers[0];
+        for (int i = 0; i < 9; i++)
+        {
+            t.Advance(Spec.RekeyAfterTimeMs, 1000);
+            t.Nodes[0].Node.StartHandshake(atA, t.NowMs, retransmit: false);
+            t.Nodes[0].Worker.FlushUdp(t.Nodes[0].Node.UdpOut);
+            t.Pump();
+            Assert.Equal(1, t.Send(0, 1));
+        }
+        Assert.DoesNotContain(id, atB.RecentHelloIds);
+        Assert.True(atB.Handshakes >= 10);
+
+        // while the peer is talking, the replay is not answered at all
+        long stale = Drops(t.Nodes[1], DropReason.StaleHello);
+        t.Nodes[1].Udp.Deliver(hello!, attacker);
+        t.Pump();
+        Assert.Equal(stale + 1, Drops(t.Nodes[1], DropReason.StaleHello));
+        Assert.Equal(0, toAttacker);
+
+        // after a silence it may be answered (a rebooted router looks like this), but nothing moves
+        t.Advance(Spec.KeepaliveTimeoutMs + Spec.RekeyTimeoutMs + 1000, 1000);
+        Session current = atB.Current!;
+        t.Nodes[1].Udp.Deliver(hello!, attacker);
+        t.Pump();
+        Assert.Equal(real, atB.Endpoint);
+        Assert.Same(current, atB.Current);
+        for (int i = 0; i < 3; i++) Assert.Equal(1, t.Send(1, 0));
+        Assert.Equal(0, recordsToAttacker);
+        Assert.True(toAttacker <= 1);                          // at most the one ServerHello
+    }
+
+    [Fact]
+    public void WithheldClientHello_DuringAGenuineHandshake_DoesNotDisplaceIt()
+    {
+        var t = TestNet.FullMesh(2);
+        byte[]? withheld = null, serverHello = null;
+        Endpoint attacker = TestNet.Ep(7);
+        t.Net.Filter = (from, _, d) =>
+        {
+            if (d[0] != Spec.TlsHandshake) return true;
+            if (d[5] == Wire.TypeClientHello && withheld == null) { withheld = d; return false; }   // the attacker keeps it
+            if (d[5] == Wire.TypeServerHello && serverHello == null) { serverHello = d; return false; }   // held in flight
+            return true;
+        };
+        t.Nodes[0].Node.Start(t.NowMs);
+        t.Nodes[0].Worker.FlushUdp(t.Nodes[0].Node.UdpOut);
+        t.Pump();
+        Assert.NotNull(withheld);
+        t.Advance(1500);                                      // the retransmit reaches b; b's answer is in flight
+        Assert.NotNull(serverHello);
+        Peer atB = t.Nodes[1].Node.Peers[0];
+        Session genuine = atB.Next!;
+        t.Nodes[1].Udp.Deliver(withheld!, attacker);          // the older hello, now
+        t.Pump();
+        Assert.Same(genuine, atB.Next);
+        Assert.Equal(1, Drops(t.Nodes[1], DropReason.StaleHello));
+        t.Nodes[0].Udp.Deliver(serverHello!, t.Nodes[1].Endpoint);
+        t.Pump();                                             // a's Bind confirms the genuine session
+        Assert.Same(genuine, atB.Current);
+        Assert.Equal(0, Drops(t.Nodes[1], DropReason.UnknownIndex));
+        Assert.Equal(1, t.Send(0, 1));
+        Assert.Equal(1, t.Send(1, 0));
     }
 
     [Fact]
