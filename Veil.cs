@@ -4349,6 +4349,15 @@ internal sealed class Node
             StartHandshake(p, nowMs, retransmit: false);
     }
 
+    /// <summary>Peers with a session (any of Previous, Current, Next): what --max-sessions bounds.</summary>
+    internal int PeersHoldingKeys()
+    {
+        int n = 0;
+        foreach (Peer q in Peers)
+            if (q.Active && (q.Current != null || q.Next != null || q.Previous != null)) n++;
+        return n;
+    }
+
     /// <summary>The peer routed for the packet's destination (or source); -1 no route, -2 not an IP packet.</summary>
     internal int RouteOf(ReadOnlySpan<byte> packet, bool destination)
     {
@@ -4488,7 +4497,9 @@ internal sealed class Node
         }
         _admitNowMs = nowMs;
         if (v == HandshakeVerdict.Ok) v = Handshaker.ConsumeClientHello(d, from, nowMs, _hello);
-        if (v == HandshakeVerdict.Ok && _hello.Peer!.Current == null && Indexes.SessionCount >= Admission.MaxSessions)
+        // --max-sessions counts peers holding keys (each holds up to three key pairs), so the default
+        // admits as many peers as a node can have; a peer that holds keys already is never refused.
+        if (v == HandshakeVerdict.Ok && _hello.Peer!.Current == null && _hello.Peer.Next == null && PeersHoldingKeys() >= Admission.MaxSessions)
         {
             Admission.RefusedSessions++;
             v = HandshakeVerdict.RateLimited;
@@ -6016,7 +6027,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         RoutesJson(sb);
         Admission a = node.Admission;
         sb.Append(",\"admission\":{\"handshake_rate\":").Append(a.Rate).Append(",\"handshake_rate_per_source\":").Append(a.RatePerSource)
-          .Append(",\"max_sessions\":").Append(a.MaxSessions).Append(",\"sessions\":").Append(node.Indexes.SessionCount)
+          .Append(",\"max_sessions\":").Append(a.MaxSessions).Append(",\"peers_with_sessions\":").Append(node.PeersHoldingKeys())
+          .Append(",\"sessions\":").Append(node.Indexes.SessionCount)
           .Append(",\"tracked_sources\":").Append(a.TrackedSources)
           .Append(",\"refused\":{\"rate_source\":").Append(a.RefusedSource).Append(",\"rate_global\":").Append(a.RefusedGlobal)
           .Append(",\"max_sessions\":").Append(a.RefusedSessions).Append("}}");
@@ -6674,7 +6686,7 @@ internal static class Cli
                   --config FILE           TOML file with the same keys (see veil.toml.example); flags win
                   --mgmt ADDR:PORT|off    management HTTP: /status, /metrics, /healthz (default 127.0.0.1:7777)
                   --mgmt-acl CIDR[,CIDR]  who may use it (default 127.0.0.0/8,::1/128)
-                  --max-sessions N        sessions held at most (default 1024)
+                  --max-sessions N        peers holding session keys at most (default 1024)
                   --handshake-rate N      handshakes per second answered without a cookie (default 100)
                   --handshake-rate-per-source N   per source address; more are dropped (default 10)
                   --user NAME             drop root after setup, keeping CAP_NET_ADMIN

@@ -581,6 +581,79 @@ public class NodeTests
         Assert.Equal(1, t.Send(1, 0));
     }
 
+    // A hub with n spokes (overlay 100.64.x.y, underlay 192.0.2.0/24 ports 1..n), only the hub started.
+    private static (TestNet Net, TestNode Hub, Key32[] Spokes) Hub(int n, int maxSessions)
+    {
+        var t = new TestNet();
+        var spokes = new Key32[n];
+        Key32 hubKey = TestNode.KeyFromSeed(200);
+        var hubCfg = new UpConfig { PrivateKey = hubKey, Mtu = 1420, MaxSessions = maxSessions };
+        for (int i = 0; i < n; i++)
+        {
+            byte[] seed = System.Security.Cryptography.SHA256.HashData(BitConverter.GetBytes(i));
+            seed.CopyTo(spokes[i]);
+            var pc = new PeerConfig { PublicKey = TestNet.PublicOf(spokes[i]) };
+            pc.Allowed.Add(IpPrefix.Parse($"100.64.{1 + i / 250}.{1 + i % 250}/32"));
+            hubCfg.Peers.Add(pc);
+        }
+        TestNode hub = t.AddNode(hubKey, hubCfg, TestNet.Ep(0), "100.64.0.1");
+        return (t, hub, spokes);
+    }
+
+    // Spoke i comes up, makes a handshake with the hub (and sends one packet), and leaves again.
+    private static int Visit(TestNet t, TestNode hub, Key32[] spokes, int i, long unixNs)
+    {
+        var cfg = new UpConfig { PrivateKey = spokes[i], Mtu = 1420 };
+        var pc = new PeerConfig { PublicKey = hub.Public, Endpoint = hub.Endpoint };
+        pc.Allowed.Add(IpPrefix.Parse("100.64.0.1/32"));
+        cfg.Peers.Add(pc);
+        TestNode spoke = t.AddNode(spokes[i], cfg, Endpoint.FromV4(0xC0000264, (ushort)(1 + i)), $"100.64.{1 + i / 250}.{1 + i % 250}", unixNs);
+        int before = hub.Tun.Written.Count;
+        spoke.Tun.Inject(Packets.Udp4(spoke.Overlay, "100.64.0.1", 16));
+        t.Pump();
+        t.Kill(spoke);
+        return hub.Tun.Written.Count - before;
+    }
+
+    [Fact]
+    public void MaxSessions_CountsPeersNotKeyPairs_AndNeverRefusesAPeerHoldingKeys()
+    {
+        var (t, hub, spokes) = Hub(4, maxSessions: 2);
+        t.StartNode(hub);
+        long ns = 1_700_000_000_000_000_000L;
+        Assert.Equal(1, Visit(t, hub, spokes, 0, ns));
+        Assert.Equal(1, Visit(t, hub, spokes, 1, ns));
+        t.Advance(1000);
+        Assert.Equal(1, Visit(t, hub, spokes, 0, ns += 10_000_000_000));   // rekeyed: two key pairs
+        Assert.Equal(1, Visit(t, hub, spokes, 1, ns));
+        Assert.Equal(4, hub.Node.Indexes.SessionCount);
+        Assert.Equal(2, hub.Node.PeersHoldingKeys());
+        Assert.Equal(0, hub.Node.Admission.RefusedSessions);
+        Assert.Equal(0, Visit(t, hub, spokes, 2, ns));                    // a third peer: refused, counted
+        Assert.Equal(1, hub.Node.Admission.RefusedSessions);
+        Assert.Equal(1, Visit(t, hub, spokes, 1, ns += 10_000_000_000));   // a returning peer: admitted
+        Assert.Equal(2, hub.Node.PeersHoldingKeys());
+    }
+
+    [Fact]
+    public void DefaultMaxSessions_Admits1024PeersEachHoldingTwoKeyPairs()
+    {
+        var (t, hub, spokes) = Hub(Tune.MaxPeers, Tune.DefaultMaxSessions);
+        t.StartNode(hub);
+        long ns = 1_700_000_000_000_000_000L;
+        int delivered = 0;
+        for (int round = 0; round < 2; round++, ns += 10_000_000_000)
+            for (int i = 0; i < spokes.Length; i++)
+            {
+                t.NowMs += 1000 / Tune.DefaultHandshakeRate;      // within --handshake-rate: no cookies
+                delivered += Visit(t, hub, spokes, i, ns);
+            }
+        Assert.Equal(2 * Tune.MaxPeers, delivered);
+        Assert.Equal(0, hub.Node.Admission.RefusedSessions);
+        Assert.Equal(Tune.MaxPeers, hub.Node.PeersHoldingKeys());
+        Assert.Equal(2 * Tune.MaxPeers, hub.Node.Indexes.SessionCount);
+    }
+
     [Fact]
     public void PassiveKeepalive_AfterKeepaliveTimeout_WhenOnlyReceiving()
     {
