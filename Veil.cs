@@ -1104,6 +1104,9 @@ internal sealed class UpConfig
         if (!Equals(MgmtAddress, o.MgmtAddress) || MgmtPort != o.MgmtPort) changed.Add("mgmt");
         if (User != o.User) changed.Add("user");
         if (Cipher != o.Cipher) changed.Add("cipher");
+        if (Mesh != o.Mesh) changed.Add("mesh");
+        if (Name != o.Name) changed.Add("name");
+        if (string.Join(",", Networks) != string.Join(",", o.Networks)) changed.Add("network");
         if (Workers != o.Workers) changed.Add("workers");
         return changed;
     }

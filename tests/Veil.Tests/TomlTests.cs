@@ -163,6 +163,45 @@ public sealed class TomlTests : IDisposable
     public void ConfigFile_Missing_ClearError() =>
         Assert.Contains("no such file", Assert.Throws<ConfigException>(() => UpConfig.Load(new[] { "up", "--config", Path.Combine(_dir, "nope.toml") }, 1)).Message);
 
+    // Every key the README lists as restart-only is one RestartKeysChanged notices, alone.
+    [Theory]
+    [InlineData("key", "--key OTHERKEY")]
+    [InlineData("psk", "--psk OTHERKEY")]
+    [InlineData("listen", "--listen 0.0.0.0:1")]
+    [InlineData("address", "--address 100.64.0.9/24")]
+    [InlineData("tun", "--tun other")]
+    [InlineData("mtu", "--mtu 1300")]
+    [InlineData("control", "--control /tmp/other.sock")]
+    [InlineData("mgmt", "--mgmt 127.0.0.1:7778")]
+    [InlineData("user", "--user nobody")]
+    [InlineData("cipher", "--cipher aes-256-gcm")]
+    [InlineData("mesh", "--mesh")]
+    [InlineData("name", "--name other")]
+    [InlineData("network", "--network 100.64.0.0/16")]
+    [InlineData("workers", "--workers 2")]
+    public void RestartKeysChanged_EachRestartKey_Noticed(string key, string change)
+    {
+        string other = Path.Combine(_dir, "b.key");
+        File.WriteAllText(other, TestNode.KeyFromSeed(5).ToBase64() + "\n");
+        File.SetUnixFileMode(other, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+        string[] baseArgs = ["up", "--key", _key, "--psk", _key, "--address", "100.64.0.1/24", "--network", "100.64.0.0/24", "--name", "self"];
+        var changed = new List<string>(baseArgs);
+        string[] c = change.Replace("OTHERKEY", other).Split(' ');
+        int at = changed.IndexOf(c[0]);
+        if (at > 0 && c.Length == 2) changed[at + 1] = c[1]; else changed.AddRange(c);
+        UpConfig running = UpConfig.Load(baseArgs, 1), next = UpConfig.Load(changed.ToArray(), 1);
+        Assert.Contains(key, UpConfig.RestartKeys);
+        Assert.Equal(new[] { key }, running.RestartKeysChanged(next));
+        Assert.Empty(running.RestartKeysChanged(UpConfig.Load(baseArgs, 1)));
+    }
+
+    [Fact]
+    public void RestartKeys_ListAndReadmeAgree()
+    {
+        string readme = File.ReadAllText(Path.Combine(Vectors.Dir, "..", "..", "README.md"));
+        Assert.Contains("a restart (" + string.Join(", ", UpConfig.RestartKeys[..^1]) + ",\n" + UpConfig.RestartKeys[^1] + ")", readme);
+    }
+
     [Fact]
     public void RestartKeysChanged_OnlyNonReloadableKeysCount()
     {
