@@ -1,15 +1,48 @@
 // Veil — a mesh VPN daemon for Linux routers and small boards, in one file.
+// SPDX-License-Identifier: MIT
 //
 // Veil joins nodes into an encrypted layer-3 overlay over UDP. Nodes authenticate each other with
 // the Noise IKpsk2 handshake over X25519 (hand-rolled below, .NET has none), carry IP packets in
 // records that look like TLS application data, reject replays with a sliding window, rotate keys
-// every 120 s, and pick the peer for a packet by longest-prefix match on its destination.
+// every 120 s, and pick the peer for a packet by longest-prefix match on its destination. README.md
+// is the user's manual and the wire specification; this header is the programmer's.
 //
-// The file reads top to bottom in three parts (see ../shared/STYLE.md):
-//   A. Foundations (§1–6): entry point, constants, diagnostics, config, libc, crypto.
+// How the file reads: top to bottom in three parts.
+//   A. Foundations (§1–6): entry point, constants, diagnostics, config, libc, crypto. Each calls
+//      only sections above it.
 //   B. The packet path (§7–13), in the order an outbound packet travels:
-//      TUN -> route -> peer -> handshake/keys -> record -> UDP. Read it bottom-up for inbound.
-//   C. Drivers (§14–): the event loop that moves packets between stages, the control socket, CLI.
+//      TUN -> route -> peer -> handshake/keys -> record -> UDP. Read it bottom-up for inbound. These
+//      sections never read the clock (they take nowMs) and do I/O only through §7 and §13.
+//   C. Drivers (§14–18): the node and its event loop, the mesh, control and management, CLI.
+// Where to start: Node.ProcessTunBatch (a packet from the TUN to the wire) and
+// Node.ProcessUdpBatch (a datagram to the TUN), both in §14; Daemon.Run for what happens at start-up
+// and around the loop; Handshaker (§10) and Record (§12) for the protocol.
+//
+// Threads and locks. The first worker's thread runs the epoll loop: the TUN and UDP of its worker,
+// the timers, signals, the control socket and the management endpoint (served without blocking,
+// RequestServer in §16). With --workers N > 1, N-1 more threads each own a TUN queue and a
+// SO_REUSEPORT socket. Reading, writing, segmenting and coalescing run in parallel; everything that
+// touches the node (routes, peers, sessions, counters) runs under lock (node), so Node is
+// single-threaded code. Two more threads: the resolver (DNS names of peers; it hands results to the
+// loop through a queue) and, in tests, xunit's. Lock order: node, then the log's budget lock (a
+// worker may log while holding the node); nothing takes the node's lock while holding another.
+//
+// Environment knobs (for tests and for users chasing a problem; none is needed in normal use):
+//   VEIL_OFFLOADS=off   plain TUN and one datagram per send/receive, as on a kernel without TSO,
+//                       USO, UDP GSO/GRO (the fallback path, exercised by tests/netns/iperf.sh)
+//   VEIL_AEAD_BCL=1     the .NET AEAD classes instead of direct libcrypto EVP calls
+//
+// Rules that keep the file what it is (learned from WireGuard, wireguard-go and boringtun):
+//   - The packet path allocates nothing in steady state: pooled pinned buffers, spans passed down,
+//     no LINQ, closures, boxing or string formatting unless a log level wants it (a test counts
+//     the bytes). It returns verdicts and bumps a DropReason counter; it never throws.
+//   - Nothing an unauthenticated packet says changes state that matters: endpoints move only on
+//     authenticated records, every table an outsider can fill is bounded.
+//   - Secrets are compared with FixedTimeEquals and zeroed when dropped; keys are never logged.
+//   - Units are in names (…Ms monotonic milliseconds, …Len bytes); seconds exist only in flags.
+//     Protocol values live in Spec, this implementation's limits in Tune.
+//   - No reflection, dynamic code or reflection-based JSON: the AOT build has zero warnings.
+//   - Each section opens with prose: what it owns, what it may call, the spec it follows.
 //
 // TOC
 //   1. Entry point & flags
