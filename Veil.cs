@@ -4476,8 +4476,10 @@ internal sealed class Node
             return 0;
         }
         if (!p.Up && s == p.Current) MarkUp(p, nowMs);
-        // The peer asks for new keys (its session is due but it is not the initiator), or ours is nearly expired.
-        bool asked = (flags & RecordFlags.Rekey) != 0 && (p.Current == null || nowMs - p.Current.CreatedMs >= RekeyAfterMs);
+        // The peer asks for new keys (a responder whose session is due sets Rekey), or ours is nearly
+        // expired. A request is honoured unless our newest keys are younger than RekeyTimeout: records
+        // sealed before the peer saw them may still ask, and a peer cannot make us handshake nonstop.
+        bool asked = (flags & RecordFlags.Rekey) != 0 && (p.Current == null || nowMs - p.Current.CreatedMs >= Spec.RekeyTimeoutMs);
         bool expiring = s.IsInitiator && s == p.Current && nowMs - s.CreatedMs >= Spec.RejectAfterTimeMs - Spec.KeepaliveTimeoutMs - Spec.RekeyTimeoutMs;
         if (asked || expiring) StartHandshake(p, nowMs, retransmit: false);
         if ((flags & RecordFlags.Control) != 0) { Mesh.Receive(p, d.Slice(Record.PayloadOffset, len), nowMs); return 0; }

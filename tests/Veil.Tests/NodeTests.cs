@@ -655,6 +655,30 @@ public class NodeTests
     }
 
     [Fact]
+    public void RekeyFlag_FromThePeer_StartsAHandshake_UnlessOurKeysAreFresh()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        Session s = t.Nodes[1].Node.Peers[0].Current!;
+        byte[] slot = new byte[Tune.SlotLen];
+        void AskForKeys()
+        {
+            int len = Record.Seal(s, slot, 0, RecordFlags.Keepalive | RecordFlags.Rekey, 1420);
+            t.Nodes[0].Udp.Deliver(slot[..len], t.Nodes[1].Endpoint);
+            t.Pump();
+        }
+        long before = t.Nodes[0].Node.Counters.HandshakesInitiated;
+        AskForKeys();                                          // keys a moment old: not again so soon
+        Assert.Equal(before, t.Nodes[0].Node.Counters.HandshakesInitiated);
+        t.Advance(Spec.RekeyTimeoutMs);
+        AskForKeys();
+        Assert.Equal(before + 1, t.Nodes[0].Node.Counters.HandshakesInitiated);
+        Assert.NotSame(s, t.Nodes[1].Node.Peers[0].Current);   // the new keys are in use
+        Assert.Equal(1, t.Send(0, 1));
+        Assert.Equal(1, t.Send(1, 0));
+    }
+
+    [Fact]
     public void PassiveKeepalive_AfterKeepaliveTimeout_WhenOnlyReceiving()
     {
         var t = TestNet.FullMesh(2);
