@@ -35,10 +35,35 @@ round() {
 		check "$label: endpoint is b's IPv6 underlay address" "endpoint '$ep'" \
 			grep -q "2001:db8:1::2" <<<"$ep"
 	fi
-	node_stop a
+	if [[ $UL == 4 ]]; then control_verbs; else node_stop a; fi
 	node_stop b
 	wait_gone a
 	wait_gone b
+}
+
+# control_verbs -- veil peers, routes (text and JSON) and down against the running pair
+control_verbs() {
+	local out bname
+	bname=$(pub b | cut -c1-8)
+	out=$(nsx a "$VEIL" peers --control "$(sock a)" 2>&1)
+	check "veil peers names b and shows it up" "got: $(head -3 <<<"$out" | tr '\n' '|')" \
+		eval 'grep -q -- "$bname" <<<"$out" && grep -Eq "(^| )up( |$)" <<<"$out"'
+	out=$(nsx a "$VEIL" peers --json --control "$(sock a)" 2>&1)
+	check "veil peers --json: one peer, up, with b's key" "got: ${out:0:200}" \
+		quiet jq -e --arg k "$(pub b)" '(if type == "array" then . else .peers end) | length == 1 and .[0].state == "up" and .[0].public_key == $k' <<<"$out"
+	out=$(nsx a "$VEIL" routes --control "$(sock a)" 2>&1)
+	check "veil routes lists b's allowed IPs" "got: $(tr '\n' '|' <<<"$out")" \
+		eval 'grep -q "^$OL4_b/32 .*$bname" <<<"$out" && grep -q "^$OL6_b/128 .*$bname" <<<"$out"'
+	out=$(nsx a "$VEIL" routes --json --control "$(sock a)" 2>&1)
+	check "veil routes --json: the two prefixes" "got: ${out:0:200}" \
+		quiet jq -e --arg a "$OL4_b/32" --arg b "$OL6_b/128" '(if type == "array" then . else .routes end) | map(.prefix) | sort == ([$a, $b] | sort)' <<<"$out"
+	local t0 rc
+	t0=$(now_ms)
+	out=$(nsx a "$VEIL" down --control "$(sock a)" 2>&1); rc=$?
+	check "veil down answers and exits 0" "exit $rc: $out" test "$rc" = 0
+	check "a's daemon exits 0 within 3 s of veil down" "rc ${NODE_RC:-still running} after ${EXIT_MS:-?} ms" \
+		eval 'node_exited a "$t0" 3000 && test "$NODE_RC" = 0'
+	check "b hears a leave (session_closed reason=peer_close)" "not in b's log" wait_log b 'session_closed.*reason=peer_close' 3
 }
 
 round "IPv4 underlay"
