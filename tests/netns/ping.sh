@@ -44,7 +44,7 @@ round() {
 # control_verbs -- veil peers, routes (text and JSON) and down against the running pair
 control_verbs() {
 	local out bname
-	bname=$(pub b | cut -c1-8)
+	bname=$(st a '.peers[0].name')   # b's key prefix, or the name b announces (key characters outside [A-Za-z0-9._-] become '-')
 	out=$(nsx a "$VEIL" peers --control "$(sock a)" 2>&1)
 	check "veil peers names b and shows it up" "got: $(head -3 <<<"$out" | tr '\n' '|')" \
 		eval 'grep -q -- "$bname" <<<"$out" && grep -Eq "(^| )up( |$)" <<<"$out"'
