@@ -72,7 +72,8 @@ test-openwrt: build
 demo: deps build
 	tests/netns/demo.sh
 
-# Interleaved harness runs (BENCH_IMPLS, BENCH_RUNS, BENCH_SECONDS), ratios and footprint.
+# tests/bench's harness: interleaved rounds (BENCH_IMPLS, BENCH_RUNS, BENCH_SECONDS), a lossy-link
+# row (BENCH_LOSSY="DELAY_MS LOSS_PCT" or off), ratios and footprint.
 bench: deps build
 	tests/bench/bench.sh
 

@@ -1,28 +1,36 @@
 #!/usr/bin/env bash
-# make bench: the shared harness (../shared/bench) for veil and the anchors in one interleaved run,
-# then medians, ratios veil/each, and veil's footprint: binary size, RSS idle and under load,
+# make bench: this folder's harness (rounds.sh -> measure.sh -> impl/*.sh, see common.sh) for veil
+# and the anchors in one interleaved run, then medians, ratios veil/each, a lossy-link row (veil and
+# wireguard-go through relay.c), and veil's footprint: binary size, RSS idle and under load,
 # GC collections during the run, and AEAD cost per 1420-byte record against `openssl speed`.
-#   BENCH_IMPLS   implementations (default: veil plain wireguard-go nebula)
+#   BENCH_IMPLS   implementations (default: veil plain wireguard-go nebula; any of impl/*.sh)
 #   BENCH_RUNS    rounds (default 3)        BENCH_SECONDS  iperf3 seconds per test (default 5)
-# Numbers are only comparable within one run: the machine is shared and noisy.
+#   BENCH_LOSSY   "DELAY_MS LOSS_PCT" each way for the lossy row (default "10 2"; off: no row)
+#   BENCH_LOSSY_SECONDS  iperf3 seconds of the lossy row (default 10)
+#   BENCH_RAW     keep the raw rows (run, impl, metric, value, unit; TSV) in this file
+# Numbers are only comparable within one run: the machine is busy (other work) and noisy.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
-HARNESS=${VEIL_BENCH_DIR:-$REPO/../shared/bench}
+HARNESS=$REPO/tests/bench
 IMPLS=${BENCH_IMPLS:-veil plain wireguard-go nebula}
 RUNS=${BENCH_RUNS:-3}
 SECS=${BENCH_SECONDS:-5}
+LOSSY=${BENCH_LOSSY:-10 2}
+[[ $LOSSY == off ]] && LOSSY=''
+LOSSY_SECS=${BENCH_LOSSY_SECONDS:-10}
 [[ -x out/veil ]] || { echo "bench: out/veil missing (make build)" >&2; exit 2; }
-[[ -x "$HARNESS/matrix.sh" ]] || { echo "bench: harness not found at $HARNESS" >&2; exit 2; }
+for i in $IMPLS; do [[ -f $HARNESS/impl/$i.sh ]] || { echo "bench: no implementation $i in $HARNESS/impl" >&2; exit 2; }; done
 
 need=()
-for c in iperf3:iperf3 jq:jq ping:iputils-ping openssl:openssl; do command -v "${c%%:*}" >/dev/null || need+=("${c#*:}"); done
+for c in iperf3:iperf3 jq:jq ping:iputils-ping openssl:openssl ss:iproute2; do command -v "${c%%:*}" >/dev/null || need+=("${c#*:}"); done
 for i in $IMPLS; do
 	case $i in
 	wireguard-go) command -v wireguard-go >/dev/null && command -v wg >/dev/null || need+=(wireguard-go wireguard-tools) ;;
 	nebula*) command -v nebula >/dev/null || need+=(nebula) ;;
 	esac
 done
+[[ -n $LOSSY ]] && ! command -v cc >/dev/null && need+=(gcc)
 if ((${#need[@]})); then
 	echo "bench: installing ${need[*]}"
 	DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-upgrade "${need[@]}" </dev/null
@@ -70,21 +78,29 @@ SAMPLER
 spid=$!
 trap 'kill $spid 2>/dev/null || true; rm -rf "$work"' EXIT
 
+lossy=()
+[[ -n $LOSSY ]] && lossy=(--lossy "$LOSSY" --lossy-seconds "$LOSSY_SECS")
 # shellcheck disable=SC2086
-"$HARNESS/matrix.sh" --runs "$RUNS" --out "$work/raw.tsv" $IMPLS -- --seconds "$SECS" >"$work/matrix.out" 2>"$work/matrix.err" || {
-	tail -20 "$work/matrix.err" >&2; echo "bench: the harness failed" >&2; exit 1; }
+"$HARNESS/rounds.sh" --runs "$RUNS" --seconds "$SECS" --out "$work/raw.tsv" "${lossy[@]}" $IMPLS 2>"$work/rounds.err" || {
+	tail -30 "$work/rounds.err" >&2; echo "bench: the harness failed" >&2; exit 1; }
 kill $spid 2>/dev/null || true
 wait $spid 2>/dev/null || true
+if grep -q $'\tfailed\t' "$work/raw.tsv"; then
+	echo "bench: some runs failed (their medians use the other rounds):" >&2
+	grep -A20 'failed (exit' "$work/rounds.err" >&2 || true
+fi
+[[ -n ${BENCH_RAW:-} ]] && cp "$work/raw.tsv" "$BENCH_RAW"
 
-python3 - "$work/raw.tsv" "$work/samples" "$IMPLS" <<'PY'
+python3 - "$work/raw.tsv" "$work/samples" "$IMPLS" "$LOSSY" <<'PY'
 import sys, statistics, collections
-raw, samples, impls = sys.argv[1], sys.argv[2], sys.argv[3].split()
+raw, samples, impls, lossy = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4].split()
 vals = collections.defaultdict(list)
+words = {}
 for line in open(raw):
     f = line.rstrip("\n").split("\t")           # run, impl, metric, value, unit
     if len(f) >= 4:
         try: vals[(f[1], f[2])].append(float(f[3]))
-        except ValueError: pass
+        except ValueError: words[f[2]] = f[3]
 metrics = ["tcp_ab_1_mbps", "tcp_ba_1_mbps", "tcp_ab_P4_mbps", "tcp_ab_1_mbps_per_vpn_core", "tcp_ba_1_mbps_per_vpn_core", "ping_avg_ms", "ping_p99_ms", "udp_ab_loss_pct"]
 med = {(i, m): statistics.median(vals[(i, m)]) for i in impls for m in metrics if vals[(i, m)]}
 print("| metric | " + " | ".join(impls) + " |")
@@ -97,6 +113,18 @@ if "veil" in impls:
         parts = [f"{i} {med[('veil', m)] / med[(i, m)]:.2f}x" for i in impls
                  if i not in ("veil", "plain") and ("veil", m) in med and (i, m) in med and med[(i, m)] > 0]
         if parts: print(f"  {m}: " + ", ".join(parts))
+if lossy:
+    m = "lossy_tcp_ab_1_mbps"
+    got = {i: statistics.median(vals[(i, m)]) for i in ("veil", "wireguard-go") if vals[(i, m)]}
+    drop = [v for i in got for v in vals[(i, "lossy_relay_drop_pct")]]
+    rtt = [v for i in got for v in vals[(i, "lossy_ping_avg_ms")]]
+    print(f"\nlossy link ({lossy[0]} ms each way, {lossy[1]} % loss each way, relay.c; TCP congestion control "
+          f"{words.get('lossy_tcp_cc', '?')}): single-stream TCP a->b, median Mbit/s: "
+          + (", ".join(f"{i} {v:g}" for i, v in got.items()) or "no result"))
+    if "veil" in got and got.get("wireguard-go", 0) > 0:
+        print(f"  {m}: veil / wireguard-go {got['veil'] / got['wireguard-go']:.2f}x")
+    if drop and rtt:
+        print(f"  relay dropped {statistics.median(drop):.2f} % of datagrams (median), idle ping over the tunnel {statistics.median(rtt):.1f} ms")
 rss = [(int(l.split()[2]), float(l.split()[3])) for l in open(samples) if l.startswith("rss ")]
 # idle: up and running (at least 1 s old) but before the harness loads it (younger than 4 s: its ping phase)
 idle = [kb for kb, age in rss if 1 <= age < 4] or [kb for kb, _ in rss]
