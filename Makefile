@@ -24,7 +24,7 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 # publish flags and the Debian packages to build it and to run it here (TEST:PACKAGE, TEST a
 # command or an absolute path). linux-arm64 links with clang/lld against the aarch64 cross libc
 # (SysRoot=/ : the cross libc.so linker script names absolute paths) and runs under qemu-user
-# with the arm64 multiarch libc and OpenSSL.
+# with the arm64 multiarch libc and OpenSSL (tests/arm64/veil).
 CROSS_RIDS_linux-x64 := linux-arm64
 CROSS_FLAGS_linux-x64_linux-arm64 := -p:SysRoot=/ -p:LinkerFlavor=lld -p:ObjCopyName=aarch64-linux-gnu-objcopy
 CROSS_DEPS_linux-x64_linux-arm64 := clang:clang ld.lld:lld llvm-ar:llvm aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu \
@@ -56,7 +56,7 @@ define install_missing
 	fi
 endef
 
-.PHONY: build cross cross-deps deps test test-unit test-netns test-openwrt test-slow demo bench toc clean
+.PHONY: build cross cross-deps deps test test-unit test-netns test-openwrt test-slow test-arm64 demo bench toc clean
 
 # make build [RID=...] -- $(OUT)/veil for this host, $(OUT)/RID/veil for another RID
 build: $(if $(CROSS_DEPS_$(HOST_RID)_$(RID)),cross-deps)
@@ -112,6 +112,12 @@ test-netns: deps build
 
 test-openwrt: build
 	tests/openwrt/run.sh
+
+# The linux-arm64 build under qemu-user against this host's build (tests/netns/arm64.sh).
+test-arm64: deps
+	@$(MAKE) --no-print-directory build RID=$(HOST_RID)
+	@$(MAKE) --no-print-directory build RID=linux-arm64
+	tests/netns/run-all.sh arm64
 
 demo: deps build
 	tests/netns/demo.sh
