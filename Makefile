@@ -6,7 +6,12 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := build
 
 DOTNET ?= dotnet
-RID ?= linux-x64
+# This host's runtime identifier: `make build` builds it into $(OUT)/veil. Any other RID goes to
+# $(OUT)/RID/veil, with its own bin/RID and obj/RID (the host build, the tests and an IDE keep
+# bin/ and obj/ to themselves); RIDs with a recipe below also get their cross flags and toolchain.
+UNAME_M := $(shell uname -m)
+HOST_RID := $(if $(wildcard /lib/ld-musl-$(UNAME_M).so.1),linux-musl,linux)-$(patsubst x86_64,x64,$(patsubst aarch64,arm64,$(UNAME_M)))
+RID ?= $(HOST_RID)
 OUT ?= out
 UNIT_FILTER := Category!=Slow&Category!=NetNs
 RESULTS := TestResults
@@ -15,20 +20,59 @@ RESULTS := TestResults
 DEPS := ip:iproute2 iperf3:iperf3 ping:iputils-ping tcpdump:tcpdump python3:python3 jq:jq pgrep:procps busybox:busybox curl:curl promtool:prometheus
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: build deps test test-unit test-netns test-openwrt test-slow demo bench toc clean
+# Cross recipes, per host: the RIDs `make cross` builds besides the host's own; per RID the
+# publish flags and the Debian packages to build it and to run it here (TEST:PACKAGE, TEST a
+# command or an absolute path). linux-arm64 links with clang/lld against the aarch64 cross libc
+# (SysRoot=/ : the cross libc.so linker script names absolute paths) and runs under qemu-user
+# with the arm64 multiarch libc and OpenSSL (tests/arm64/veil).
+CROSS_RIDS_linux-x64 := linux-arm64
+CROSS_FLAGS_linux-x64_linux-arm64 := -p:SysRoot=/ -p:LinkerFlavor=lld -p:ObjCopyName=aarch64-linux-gnu-objcopy
+CROSS_DEPS_linux-x64_linux-arm64 := clang:clang ld.lld:lld llvm-ar:llvm aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu \
+	aarch64-linux-gnu-objcopy:binutils-aarch64-linux-gnu /usr/aarch64-linux-gnu/lib/libc.so:libc6-dev-arm64-cross \
+	qemu-aarch64:qemu-user /lib/ld-linux-aarch64.so.1:libc6:arm64 /usr/lib/aarch64-linux-gnu/libssl.so.3:libssl3:arm64
 
-build:
-	$(DOTNET) publish Veil.csproj -c Release -r $(RID) -o $(OUT)
+ifeq ($(RID),$(HOST_RID))
+BUILD_OUT := $(OUT)
+BUILD_FLAGS :=
+else
+BUILD_OUT := $(OUT)/$(RID)
+BUILD_FLAGS := -p:BaseIntermediateOutputPath=obj/$(RID)/ -p:BaseOutputPath=bin/$(RID)/ $(CROSS_FLAGS_$(HOST_RID)_$(RID))
+endif
 
-# Installs only what is missing: apt-get update once, then one apt-get install.
-deps:
-	@missing=''; \
-	for d in $(DEPS); do command -v "$${d%%:*}" >/dev/null 2>&1 || missing+=" $${d#*:}"; done; \
+# install_missing TEST:PACKAGE... -- apt-get update once, then one apt-get install of the packages
+# whose TEST (a command, or an absolute path that must exist) fails; a PACKAGE:ARCH adds ARCH to
+# dpkg's foreign architectures first
+define install_missing
+@missing='' archs=''; \
+	for d in $(1); do t=$${d%%:*} p=$${d#*:}; \
+		if [[ $$t == /* ]]; then [ -e "$$t" ] && continue; else command -v "$$t" >/dev/null 2>&1 && continue; fi; \
+		missing+=" $$p"; [[ $$p == *:* ]] && archs+=" $${p#*:}"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
+		for a in $$archs; do dpkg --print-foreign-architectures | grep -qx "$$a" || $(SUDO) dpkg --add-architecture "$$a" || exit 1; done; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-upgrade $$missing </dev/null; \
 	fi
+endef
+
+.PHONY: build cross cross-deps deps test test-unit test-netns test-openwrt test-slow test-arm64 demo bench toc clean
+
+# make build [RID=...] -- $(OUT)/veil for this host, $(OUT)/RID/veil for another RID
+build: $(if $(CROSS_DEPS_$(HOST_RID)_$(RID)),cross-deps)
+	$(DOTNET) publish Veil.csproj -c Release -r $(RID) -o $(BUILD_OUT) $(BUILD_FLAGS)
+
+# Every RID this host can build: its own, then those with a cross recipe.
+cross:
+	@for r in $(HOST_RID) $(CROSS_RIDS_$(HOST_RID)); do $(MAKE) --no-print-directory build RID=$$r || exit 1; done
+
+# The toolchain for RID=... (and what runs its binary here), when missing.
+cross-deps:
+	$(call install_missing,$(CROSS_DEPS_$(HOST_RID)_$(RID)))
+
+# Installs only what is missing: apt-get update once, then one apt-get install.
+deps:
+	$(call install_missing,$(DEPS))
 
 # Unit tests (no Slow, no NetNs) + namespace scenarios; the last line sums both.
 test: deps build
@@ -68,6 +112,12 @@ test-netns: deps build
 
 test-openwrt: build
 	tests/openwrt/run.sh
+
+# The linux-arm64 build under qemu-user against this host's build (tests/netns/arm64.sh).
+test-arm64: deps
+	@$(MAKE) --no-print-directory build RID=$(HOST_RID)
+	@$(MAKE) --no-print-directory build RID=linux-arm64
+	tests/netns/run-all.sh arm64
 
 demo: deps build
 	tests/netns/demo.sh
