@@ -226,6 +226,7 @@ internal static class Tune
     internal const int DefaultMaxSessions = 1024;
     internal const int DefaultHandshakeRate = 100;           // ClientHellos per second answered without a cookie
     internal const int DefaultHandshakeRatePerSource = 10;   // per source address; more are dropped
+    internal const int CookieRepliesPerHandshake = 10;       // cookie replies/s per --handshake-rate; beyond, dropped
     // Workers (§14): each owns a TUN queue and a SO_REUSEPORT socket; they share the node under a lock.
     internal const int MaxWorkers = 16;
     internal const int AutoMaxWorkers = 8;
@@ -3329,10 +3330,14 @@ internal sealed class Admission
     private struct Bucket { internal double Tokens; internal long AtMs; }
     private const int MaxSources = 4096;
     private readonly Dictionary<UInt128, Bucket> _sources = new();
-    private Bucket _global;
+    private Bucket _global, _cookies, _knownCookies;
     internal int Rate, RatePerSource, MaxSessions;
-    internal long RefusedSource, RefusedGlobal, RefusedSessions;
+    internal long RefusedSource, RefusedGlobal, RefusedSessions, RefusedCookies;
     internal bool ForceUnderLoad;                 // tests
+
+    /// <summary>Cookie replies per second: a flood of hellos is answered at most this often, so the
+    /// node neither spends its loop on them nor reflects them at whatever address they forge.</summary>
+    internal int CookieRate => Rate * Tune.CookieRepliesPerHandshake;
 
     internal Admission(int rate, int ratePerSource, int maxSessions)
     {
@@ -3340,7 +3345,16 @@ internal sealed class Admission
         RatePerSource = ratePerSource;
         MaxSessions = maxSessions;
         _global = new Bucket { Tokens = rate, AtMs = long.MinValue };
+        _cookies = _knownCookies = new Bucket { Tokens = CookieRate, AtMs = long.MinValue };
     }
+
+    /// <summary>May a hello that lacks a cookie get a cookie reply? When the budget is spent, hellos
+    /// from where a peer was last authenticated draw on a second one (AllowPeerCookieReply), so a
+    /// peer that restarts during a flood of forged hellos still gets its cookie: a forger would have
+    /// to know and spoof that exact address and port.</summary>
+    internal bool AllowCookieReply(long nowMs) => Take(ref _cookies, CookieRate, nowMs);
+
+    internal bool AllowPeerCookieReply(long nowMs) => Take(ref _knownCookies, CookieRate, nowMs);
 
     private static bool Take(ref Bucket b, int ratePerSecond, long nowMs)
     {
@@ -4385,6 +4399,23 @@ internal sealed class Node
             StartHandshake(p, nowMs, retransmit: false);
     }
 
+    // Where peers were last authenticated, for the cookie budget under a hello flood; rebuilt at most
+    // once a second, and only while a flood is being refused (an endpoint that moved meanwhile waits).
+    private readonly HashSet<Endpoint> _peerEndpoints = new();
+    private long _peerEndpointsAtMs = long.MinValue / 2;
+
+    private bool IsPeerEndpoint(in Endpoint from, long nowMs)
+    {
+        if (nowMs - _peerEndpointsAtMs >= 1000)
+        {
+            _peerEndpointsAtMs = nowMs;
+            _peerEndpoints.Clear();
+            foreach (Peer q in Peers)
+                if (q.Active && q.Endpoint.IsSet) _peerEndpoints.Add(q.Endpoint);
+        }
+        return _peerEndpoints.Contains(from);
+    }
+
     /// <summary>Peers with a session (any of Previous, Current, Next): what --max-sessions bounds.</summary>
     internal int PeersHoldingKeys()
     {
@@ -4406,25 +4437,38 @@ internal sealed class Node
 
     // ---- 14.2 Inbound: UDP -> open -> replay -> source check -> TUN ----
 
+    // Transport records of live sessions go first, handshake messages after them: in a batch that a
+    // hello flood fills, the data waits for none of the handshake work (WireGuard gives handshakes a
+    // queue of their own for the same reason). A bit per slot remembers what waits for the second pass.
     internal void ProcessUdpBatch(PacketBatch b, long nowMs)
     {
+        ulong deferred = 0;
         for (int i = 0; i < b.Count; i++)
         {
-            Span<byte> d = b.Packet(i);
-            Endpoint from = b.Endpoints[i];
-            b.Length[i] = 0;
-            switch (Record.Classify(d))
-            {
-                case RecordKind.Transport:
-                    int n = ReceiveTransport(d, from, nowMs);
-                    if (n > 0) { b.Offset[i] += Record.PayloadOffset; b.Length[i] = n; }
-                    break;
-                case RecordKind.ClientHello: ReceiveClientHello(d, from, nowMs); break;
-                case RecordKind.ServerHello: ReceiveServerHello(d, from, nowMs); break;
-                case RecordKind.CookieReply: ReceiveCookieReply(d, nowMs); break;
-                case RecordKind.Join: ReceiveJoin(d, from); break;
-                default: Counters.Drop(d.Length < Spec.PreambleLen + 1 ? DropReason.Truncated : DropReason.Malformed); break;
-            }
+            RecordKind kind = Record.Classify(b.Packet(i));
+            if (kind != RecordKind.Transport && i < 64) { deferred |= 1UL << i; continue; }
+            ReceiveDatagram(b, i, kind, nowMs);
+        }
+        for (int i = 0; deferred != 0; i++, deferred >>= 1)
+            if ((deferred & 1) != 0) ReceiveDatagram(b, i, Record.Classify(b.Packet(i)), nowMs);
+    }
+
+    private void ReceiveDatagram(PacketBatch b, int i, RecordKind kind, long nowMs)
+    {
+        Span<byte> d = b.Packet(i);
+        Endpoint from = b.Endpoints[i];
+        b.Length[i] = 0;
+        switch (kind)
+        {
+            case RecordKind.Transport:
+                int n = ReceiveTransport(d, from, nowMs);
+                if (n > 0) { b.Offset[i] += Record.PayloadOffset; b.Length[i] = n; }
+                break;
+            case RecordKind.ClientHello: ReceiveClientHello(d, from, nowMs); break;
+            case RecordKind.ServerHello: ReceiveServerHello(d, from, nowMs); break;
+            case RecordKind.CookieReply: ReceiveCookieReply(d, nowMs); break;
+            case RecordKind.Join: ReceiveJoin(d, from); break;
+            default: Counters.Drop(d.Length < Spec.PreambleLen + 1 ? DropReason.Truncated : DropReason.Malformed); break;
         }
     }
 
@@ -4546,6 +4590,12 @@ internal sealed class Node
         {
             case HandshakeVerdict.Ok: break;
             case HandshakeVerdict.NeedCookie:
+                if (!Admission.AllowCookieReply(nowMs) && !(IsPeerEndpoint(from, nowMs) && Admission.AllowPeerCookieReply(nowMs)))
+                {
+                    Admission.RefusedCookies++;                  // dropped unanswered: the flood costs one HMAC each
+                    Counters.Drop(DropReason.Refused);
+                    return;
+                }
                 int len = Handshaker.CreateCookieReply(d, cookie, NextOut(from));
                 CommitOut(len);
                 Counters.CookiesSent++;
@@ -6069,7 +6119,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
           .Append(",\"sessions\":").Append(node.Indexes.SessionCount)
           .Append(",\"tracked_sources\":").Append(a.TrackedSources)
           .Append(",\"refused\":{\"rate_source\":").Append(a.RefusedSource).Append(",\"rate_global\":").Append(a.RefusedGlobal)
-          .Append(",\"max_sessions\":").Append(a.RefusedSessions).Append("}}");
+          .Append(",\"max_sessions\":").Append(a.RefusedSessions).Append(",\"cookie_budget\":").Append(a.RefusedCookies).Append("}}");
         Mesh m = node.Mesh;
         sb.Append(",\"mesh\":{\"name\":");
         Str(sb, m.Name);
@@ -6188,6 +6238,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         Head("veil_admission_refused_total", "counter", "ClientHellos refused or made to prove their address, by rule.");
         sb.Append("veil_admission_refused_total{reason=\"rate_source\"} ").Append(a.RefusedSource).Append('\n');
         sb.Append("veil_admission_refused_total{reason=\"rate_global\"} ").Append(a.RefusedGlobal).Append('\n');
+        sb.Append("veil_admission_refused_total{reason=\"cookie_budget\"} ").Append(a.RefusedCookies).Append('\n');
         sb.Append("veil_admission_refused_total{reason=\"max_sessions\"} ").Append(a.RefusedSessions).Append('\n');
         Mesh m = node.Mesh;
         One("veil_mesh_exchange_sent_bytes_total", "counter", "Bytes of peer-exchange messages sent.", m.SentBytes);

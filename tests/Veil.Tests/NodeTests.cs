@@ -368,6 +368,63 @@ public class NodeTests
     }
 
     [Fact]
+    public void HelloFlood_CookieRepliesStayWithinBudget_ButAPeerEndpointStillGetsOne()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        Node b = t.Nodes[1].Node;
+        byte[] hello = new byte[Wire.ClientHelloLen];
+        Peer bAtA = t.Nodes[0].Node.Peers[0];
+        t.Nodes[0].Node.Handshaker.CreateClientHello(bAtA, 77, 1_800_000_000_000_000_000L, t.NowMs, hello);
+        b.Admission.ForceUnderLoad = true;
+        int replies = 0;
+        t.Net.Filter = (_, _, d) => { if (d[0] == Spec.TlsHandshake && d[5] == Wire.TypeCookieReply) replies++; return false; };
+        int budget = b.Admission.CookieRate;
+        for (int i = 0; i < budget + 50; i++)                  // forged sources, all at one instant
+        {
+            t.Nodes[1].Udp.Deliver(hello, Endpoint.FromV4(0xCB007100u + (uint)(i % 200), (ushort)(1000 + i)));
+            if (i % 64 == 63) t.Pump();
+        }
+        t.Pump();
+        Assert.Equal(budget, replies);
+        Assert.Equal(50, b.Admission.RefusedCookies);
+        t.Nodes[1].Udp.Deliver(hello, t.Nodes[0].Endpoint);   // where peer a was authenticated: still answered
+        t.Pump();
+        Assert.Equal(budget + 1, replies);
+        var view = new StatusView(b, new UpConfig { Mtu = 1420 }, 51820, t.NowMs, () => t.NowMs);
+        Assert.Contains("\"cookie_budget\":50", view.Json());
+        Assert.Contains("veil_admission_refused_total{reason=\"cookie_budget\"} 50", view.Metrics());
+        t.Advance(1000);                                       // the budget refills with time
+        t.Nodes[1].Udp.Deliver(hello, Endpoint.FromV4(0xCB0071FFu, 999));
+        t.Pump();
+        Assert.Equal(budget + 2, replies);
+    }
+
+    [Fact]
+    public void UdpBatch_TransportRecordsGoBeforeHandshakes()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        t.Advance(Spec.RekeyTimeoutMs);
+        Node a = t.Nodes[0].Node;
+        a.Admission.ForceUnderLoad = true;
+        var batch = new PacketBatch(2, Tune.SlotLen);
+        // slot 0: a hello for a without a cookie (earns a cookie reply); slot 1: b asks a for new keys
+        t.Nodes[1].Node.Handshaker.CreateClientHello(t.Nodes[1].Node.Peers[0], 5, 1_800_000_000_000_000_000L, t.NowMs, batch.Slot(0));
+        batch.Length[0] = Wire.ClientHelloLen;
+        batch.Endpoints[0] = t.Nodes[1].Endpoint;
+        batch.Length[1] = Record.Seal(t.Nodes[1].Node.Peers[0].Current!, batch.Slot(1), 0, RecordFlags.Keepalive | RecordFlags.Rekey, 1420);
+        batch.Endpoints[1] = t.Nodes[1].Endpoint;
+        batch.Count = 2;
+        a.UdpOut.Count = 0;
+        a.ProcessUdpBatch(batch, t.NowMs);
+        Assert.Equal(2, a.UdpOut.Count);
+        Assert.Equal(Wire.TypeClientHello, a.UdpOut.Packet(0)[5]);   // the transport record's effect came first
+        Assert.Equal(Wire.TypeCookieReply, a.UdpOut.Packet(1)[5]);
+        Assert.Equal(0, batch.Length[0] + batch.Length[1]);          // neither slot goes to the TUN
+    }
+
+    [Fact]
     public void ReplayedClientHello_Ignored()
     {
         var t = TestNet.FullMesh(2);

@@ -136,7 +136,12 @@ read -ra words <<<"$out"
 for ((i = 0; i + 1 < ${#words[@]}; i += 2)); do F[${words[i]}]=${words[i + 1]}; done
 check "the flood sent something" "flood.py said: $out" test "${F[sent]:-0}" -gt 10000
 valid=$((${F[mac1]:-0} + ${F[replay]:-0}))
-((valid > 0)) && note "b kept up with $((100 * ${F[cookie]:-0} / valid))% of the hellos with a valid MAC1 (each earns a cookie reply)"
+((valid > 0)) && note "b answered $((100 * ${F[cookie]:-0} / valid))% of the hellos with a valid MAC1 with a cookie reply"
+# cookie replies are budgeted: 10 per handshake_rate unit a second, and as many for peer endpoints
+secs=${F[secs]%.*}
+cookie_max=$(( (2 * 10 * 100) * (${secs:-10} + 1) ))
+check "b's cookie replies stayed within their budget (<= $cookie_max in ${F[secs]:-?} s)" "cookie replies: ${F[cookie]:-?}" \
+	test "${F[cookie]:-0}" -le "$cookie_max"
 
 # ---- b afterwards
 check "b is alive" "b exited" node_alive b
