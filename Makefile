@@ -75,7 +75,7 @@ deps:
 	$(call install_missing,$(DEPS))
 
 # Unit tests (no Slow, no NetNs) + namespace scenarios; the last line sums both.
-test: deps build
+test: deps cross
 	@rm -rf $(RESULTS); \
 	unit_rc=0; netns_rc=0; openwrt_rc=0; \
 	$(DOTNET) test tests/Veil.Tests --filter "$(UNIT_FILTER)" \

@@ -118,6 +118,7 @@ internal static class Program
             case "status" or "peers" or "routes" or "reload" or "down": return Cli.Ask(verb, args, stdout, stderr);
             case "version" or "--version": stdout.WriteLine($"veil {Cli.Version} {RuntimeInformation.RuntimeIdentifier}"); return 0;
             case "bench": return Bench.Run(args, stdout);
+            case "selftest": return SelfTest.Run(stdout);
             case "help" or "--help" or "-h":
                 if (Cli.Help(args.Length > 1 ? args[1] : null, stdout) == 0) return 0;
                 stderr.WriteLine($"veil: no help for '{args[1]}'");
@@ -6804,6 +6805,7 @@ internal static class Cli
                   doctor            check this host and the config, one line per check
                   version           print the version and runtime identifier
                   bench [SECONDS]   micro-benchmarks: AEAD per record size, trie lookups, handshakes
+                  selftest          known-answer tests and struct layouts on this device; exit 1 if any fail
                   help [COMMAND]    this text, or a command's flags
 
                 """);
@@ -6824,10 +6826,149 @@ internal static class Cli
         ["invite"] = "usage: veil invite [--expires 1h] [--name NAME] [--endpoint HOST:PORT] [--network NAME] [--control PATH]\n  asks the running node (started with --config) for a one-time token; it expires and works once\n",
         ["join"] = "usage: veil join TOKEN [--dir DIR] [--name NAME] [--listen ADDR:PORT]   key + config in DIR (default /etc/veil), approved by the inviter\n",
         ["add-peer"] = "usage: veil add-peer --config FILE --peer PUBKEY[@HOST:PORT] [--allow CIDR]... [--name NAME] [--keepalive SECONDS]\n  validates the peer, appends it to FILE; a running daemon applies it on 'veil reload'\n",
+        ["selftest"] = "usage: veil selftest   X25519, AEAD (both backends), HKDF and Noise known answers, epoll and UDP batch layouts against this kernel\nexit status: 0 all passed, 1 any failed\n",
         ["doctor"] = "usage: veil doctor [the flags of 'veil up', e.g. --config FILE]   one ok/FAIL line per check; exit 1 if any failed\n",
         ["peers"] = "usage: veil peers [--json] [--control PATH]   the configured peers and their state\n",
         ["routes"] = "usage: veil routes [--json] [--control PATH]   the routing table: prefix -> peer\n",
     };
+}
+
+/// <summary>veil selftest: known answers for every primitive and the Noise pattern, and the libc
+/// struct layouts checked against this kernel, on the device itself (after an upgrade, on a new
+/// board, under an emulator). Prints a line per check; exit 0 when all pass, 1 otherwise.</summary>
+internal static class SelfTest
+{
+    private static byte[] H(string hex) => Convert.FromHexString(hex);
+
+    internal static int Run(TextWriter o)
+    {
+        int failed = 0;
+        void Check(string name, bool ok) { o.WriteLine((ok ? "ok   " : "FAIL ") + name); if (!ok) failed++; }
+        static bool Eq(ReadOnlySpan<byte> a, ReadOnlySpan<byte> b) => a.SequenceEqual(b);
+
+        // X25519: RFC 7748 §5.2 (the second has u's top bit set: it must be masked) and §6.1.
+        byte[] k = new byte[32];
+        X25519.ScalarMult(k, H("a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4"), H("e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c"));
+        bool x1 = Eq(k, H("c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552"));
+        X25519.ScalarMult(k, H("4b66e9d4d1b4673c5ad22691957d6af5c11b6421e0ea01d42ca4169e7918ba0d"), H("e5210f12786811d3f4b7959d0538ae2c31dbe7106fc03c3efc4cd549c715a493"));
+        bool x2 = Eq(k, H("95cbde9476e8907d7aade45cb4b873f88b595a68799fa152e6f8f7647aac7957"));
+        byte[] alice = H("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"), bobPub = H("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f");
+        X25519.PublicKey(k, alice);
+        bool x3 = Eq(k, H("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"));
+        bool x4 = X25519.Dh(k, alice, bobPub) && Eq(k, H("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742"));
+        Check("x25519 (RFC 7748 5.2, 6.1)", x1 && x2 && x3 && x4);
+
+        // AEADs through both backends: RFC 8439 §2.8.2 and Wycheproof aes_gcm tcId 91.
+        byte[] plain = Encoding.ASCII.GetBytes("Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, sunscreen would be it.");
+        byte[] chachaOut = H("d31a8d34648e60db7b86afbc53ef7ec2a4aded51296e08fea9e2b5a736ee62d63dbea45e8ca9671282fafb69da92728b1a71de0a9e060b2905d6a5b67ecd3b3692ddbd7f2d778b8c9803aee328091b58fab324e4fad675945585808b4831d7bc3ff4def08e4b7a9de576d26586cec64b6116" + "1ae10b594f09e26a7e902ecbd0600691");
+        foreach (bool bcl in new[] { false, true })
+        {
+            string backend = bcl ? "bcl" : Aead.Backend;
+            Check($"chacha20-poly1305 (RFC 8439 2.8.2, {backend})", AeadRoundTrip(AeadKind.ChaCha20Poly1305, bcl,
+                H("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f"), H("070000004041424344454647"), H("50515253c0c1c2c3c4c5c6c7"), plain, chachaOut));
+            Check($"aes-256-gcm (Wycheproof 91, {backend})", AeadRoundTrip(AeadKind.Aes256Gcm, bcl,
+                H("92ace3e348cd821092cd921aa3546374299ab46209691bc28b8752d17f123c20"), H("00112233445566778899aabb"), H("00000000ffffffff"),
+                H("00010203040506070809"), H("e27abdd2d2a53d2f136b" + "9a4a2579529301bcfb71c78d4060f52c")));
+        }
+
+        // HKDF-SHA256: RFC 5869 A.1.
+        byte[] okm = new byte[42];
+        Check("hkdf-sha256 (RFC 5869 A.1)", Hkdf.Derive(okm, H("0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b"), H("000102030405060708090a0b0c"), H("f0f1f2f3f4f5f6f7f8f9"))
+            && Eq(okm, H("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865")));
+
+        Check("noise IKpsk2 (cacophony transcript)", NoiseTranscript());
+        Check($"epoll_event layout ({RuntimeInformation.ProcessArchitecture}: {Libc.EpollEventLen} bytes)", EpollLayout());
+        Check("mmsghdr, sockaddr and UDP batching (loopback)", UdpBatches());
+        o.WriteLine(failed == 0 ? "selftest: all passed" : $"selftest: {failed} failed");
+        return failed == 0 ? 0 : 1;
+    }
+
+    private static bool AeadRoundTrip(AeadKind kind, bool bcl, byte[] key, byte[] nonce, byte[] aad, byte[] plain, byte[] expect)
+    {
+        using var aead = new Aead(kind, key, baseLibraryOnly: bcl);
+        byte[] sealedOut = new byte[plain.Length + Aead.TagLen], opened = new byte[plain.Length];
+        aead.Seal(nonce, plain, aad, sealedOut);
+        if (!sealedOut.AsSpan().SequenceEqual(expect) || !aead.Open(nonce, sealedOut, aad, opened) || !opened.AsSpan().SequenceEqual(plain)) return false;
+        sealedOut[0] ^= 1;
+        return !aead.Open(nonce, sealedOut, aad, opened);          // and a changed byte is refused
+    }
+
+    // The two messages of the Noise_IKpsk2_25519_ChaChaPoly_SHA256 vector of cacophony (public domain).
+    private static bool NoiseTranscript()
+    {
+        byte[] name = Encoding.ASCII.GetBytes(Spec.NoiseProtocolName), prologue = H("4a6f686e2047616c74");
+        byte[] psk = H("54686973206973206d7920417573747269616e20706572737065637469766521");
+        byte[] iStatic = H("e61ef9919cde45dd5f82166404bd08e38bceb5dfdfded0a34c8df7ed542214d1"), iEph = H("893e28b9dc6ca8d611ab664754b8ceb7bac5117349a4439a6b0569da977c464a");
+        byte[] rStatic = H("4a3acbfdb163dec651dfa3194dece676d437029c62a408b4c5ea9114246e4893"), rEph = H("bbdb4cdbd309f1a1f2e1456967fe288cadd6f712d65dc7b7793d5e63da6b375b");
+        byte[] p0 = H("4c756477696720766f6e204d69736573"), p1 = H("4d757272617920526f746862617264");
+        byte[] c0 = H("ca35def5ae56cec33dc2036731ab14896bc4c75dbb07a61f879f8e3afa4c79442ec9b09893d0f510791784c10cbc959f25b1766e0def6e301d14fbca1c7790ac829b8b3674f5f649a5f0e98479662cbfbf2b2c47cd4b09fcd266cd29d7cb675f1808849707847840f6d178ec4d3733aa");
+        byte[] c1 = H("95ebc60d2b1fa672c1f46a8aa265ef51bfe38e7ccb39ec5be34069f1448088439a1b3cebf680b2c74217fcb5eba4ff58a9468cd90c4aca6194f57479b379a7");
+        byte[] iPub = new byte[32], rPub = new byte[32], ss = new byte[32], re = new byte[32], rs = new byte[32];
+        X25519.PublicKey(iPub, iStatic);
+        X25519.PublicKey(rPub, rStatic);
+        var ini = new NoiseState();
+        var resp = new NoiseState();
+        ini.Initialize(name, prologue, rPub);
+        resp.Initialize(name, prologue, rPub);
+        byte[] m0 = new byte[c0.Length], m1 = new byte[c1.Length], got0 = new byte[p0.Length], got1 = new byte[p1.Length];
+        if (!X25519.Dh(ss, iStatic, rPub) || !ini.WriteMessage1(iEph, iPub, rPub, ss, p0, m0) || !m0.AsSpan().SequenceEqual(c0)) return false;
+        if (!resp.ReadMessage1Static(rStatic, m0, re, rs) || !rs.AsSpan().SequenceEqual(iPub)) return false;
+        if (!X25519.Dh(ss, rStatic, rs) || !resp.ReadMessage1Payload(ss, m0, got0) || !got0.AsSpan().SequenceEqual(p0)) return false;
+        if (!resp.WriteMessage2(rEph, re, rs, psk, p1, m1) || !m1.AsSpan().SequenceEqual(c1)) return false;
+        if (!ini.ReadMessage2(iEph, iStatic, psk, m1, got1) || !got1.AsSpan().SequenceEqual(p1)) return false;
+        Span<byte> h = stackalloc byte[32];
+        for (int i = 0; i < 32; i++) h[i] = ini.H[i];
+        return h.SequenceEqual(H("8310f86394dc0dabb40beb8210031556db4403ab1202db7034c526232147a700"));
+    }
+
+    // The kernel fills an epoll_event for an eventfd registered with its fd as data: read back at the
+    // offsets this architecture uses (packed on x86 only), the event mask and the fd must come out.
+    private static unsafe bool EpollLayout()
+    {
+        int ep = Libc.EpollCreate1(Libc.EPOLL_CLOEXEC), efd = Libc.EventFd(0, Libc.EFD_NONBLOCK | Libc.EFD_CLOEXEC);
+        try
+        {
+            if (ep < 0 || efd < 0 || Libc.EpollAdd(ep, efd) != 0) return false;
+            ulong one = 1;
+            if (Libc.Write(efd, (byte*)&one, 8) != 8) return false;
+            byte* events = stackalloc byte[64];
+            new Span<byte>(events, 64).Fill(0xEE);
+            return Libc.EpollWait(ep, events, 2, 1000) == 1 && *(uint*)events == Libc.EPOLLIN && Libc.EpollEventFd(events, 0) == efd
+                && events[Libc.EpollEventLen] == 0xEE;               // nothing written past one event
+        }
+        finally { if (efd >= 0) Libc.Close(efd); if (ep >= 0) Libc.Close(ep); }
+    }
+
+    // Three datagrams of two sizes through sendmmsg/recvmmsg (and GSO/GRO where the kernel has them):
+    // each arrives intact, in order, from the sender's port.
+    private static bool UdpBatches()
+    {
+        using UdpSocket tx = UdpSocket.Bind(IPAddress.Loopback, 0), rx = UdpSocket.Bind(IPAddress.Loopback, 0);
+        var b = new PacketBatch(4, Tune.SlotLen);
+        int[] lens = [1200, 1200, 333];
+        var to = Endpoint.FromIp(IPAddress.Loopback, rx.LocalPort);
+        for (int i = 0; i < lens.Length; i++)
+        {
+            b.Slot(i)[..lens[i]].Fill((byte)(i + 1));
+            b.Offset[i] = 0;
+            b.Length[i] = lens[i];
+            b.Endpoints[i] = to;
+        }
+        b.Count = lens.Length;
+        if (tx.SendBatch(b) != 0) return false;
+        int got = 0;
+        for (int tries = 0; tries < 100 && got < lens.Length; tries++)
+        {
+            b.Count = 0;
+            if (rx.ReceiveBatch(b) == 0) { Thread.Sleep(10); continue; }
+            for (int i = 0; i < b.Count; i++, got++)
+            {
+                if (got >= lens.Length || b.Length[i] != lens[got] || b.Packet(i).ContainsAnyExcept((byte)(got + 1))) return false;
+                if (b.Endpoints[i].Port != tx.LocalPort) return false;
+            }
+        }
+        return got == lens.Length;
+    }
 }
 
 /// <summary>veil bench: micro-benchmarks of the hot pieces, in this process (not timed tests).</summary>

@@ -90,4 +90,15 @@ public class CliTests
             Assert.True(rate.Success && long.Parse(rate.Groups[1].Value.Replace(",", "")) > 0, line);
         }
     }
+
+    [Fact]
+    public void SelfTest_OnThisHost_EveryCheckPasses()
+    {
+        var o = new StringWriter();
+        Assert.Equal(0, SelfTest.Run(o));
+        string[] lines = o.ToString().Split('\n', StringSplitOptions.RemoveEmptyEntries);
+        Assert.Equal("selftest: all passed", lines[^1]);
+        Assert.Equal(9, lines.Length - 1);                     // x25519, 2 AEADs x 2 backends, hkdf, noise, epoll, udp
+        Assert.All(lines[..^1], l => Assert.StartsWith("ok   ", l));
+    }
 }

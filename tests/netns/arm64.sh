@@ -19,6 +19,14 @@ ver=$("$ARM64" version 2>&1) || die "the arm64 build does not run: $ver"
 [[ $ver == *linux-arm64* ]] || die "tests/arm64/veil runs '$ver', not a linux-arm64 build"
 note "a runs $ver ($(uname -m) host$([[ $(uname -m) == aarch64 ]] || echo ", $(qemu-aarch64 --version | head -n 1)"))"
 
+out=$("$ARM64" selftest 2>&1); rc=$?
+check "the arm64 build passes veil selftest (vectors and struct layouts on arm64)" "exit $rc: $(grep -v '^ok' <<<"$out" | tr '\n' '|')" \
+	eval 'test "$rc" = 0 && grep -q "^selftest: all passed" <<<"$out" && test "$(grep -c "^ok " <<<"$out")" -ge 9'
+out=$("$ARM64" bench 0.05 2>&1); rc=$?
+check "the arm64 build prints its veil bench figures" "exit $rc: ${out:0:300}" \
+	eval 'test "$rc" = 0 && grep -q "^handshake" <<<"$out" && grep -q "^x25519" <<<"$out" && grep -q "linux-arm64" <<<"$out"'
+note "arm64 $(grep -E '^(x25519|handshake)' <<<"$out" | tr -s ' ' | tr '\n' ';')"
+
 net_setup
 VEIL=$ARM64 keys_make a
 keys_make b
