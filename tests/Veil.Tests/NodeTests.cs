@@ -485,7 +485,6 @@ public class NodeTests
     {
         var t = TestNet.FullMesh(2);
         t.Start();
-        Session s = t.Nodes[1].Node.Peers[0].Current!;
         long before = t.Nodes[1].Node.Counters.HandshakesInitiated;
         Forge(t, Tune.DecryptFailuresBeforeRehandshake, 1000);
         Assert.Equal(before, t.Nodes[1].Node.Counters.HandshakesInitiated);   // a burst proves nothing yet
