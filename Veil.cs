@@ -6295,6 +6295,7 @@ internal abstract unsafe class RequestServer : IDisposable
     private readonly int _epfd, _maxConnections, _maxRequestLen;
     private readonly long _readTimeoutMs, _writeTimeoutMs;
     private readonly Dictionary<int, Conn> _conns = new();
+    private readonly Stack<Conn> _spare = new();                 // request buffers of closed clients, reused
     internal int Fd => _fd;
 
     protected RequestServer(int fd, int epfd, int maxConnections, int maxRequestLen, long readTimeoutMs, long writeTimeoutMs)
@@ -6353,7 +6354,8 @@ internal abstract unsafe class RequestServer : IDisposable
             fixed (byte* p = sa) fd = Libc.Accept4(_fd, p, &alen, Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC);
             if (fd < 0) return;
             if (_conns.Count >= _maxConnections && !EvictSlowest()) { Libc.Close(fd); continue; }
-            var c = new Conn(_maxRequestLen) { DeadlineMs = nowMs + _readTimeoutMs };
+            Conn c = _spare.Count > 0 ? _spare.Pop() : new Conn(_maxRequestLen);
+            c.DeadlineMs = nowMs + _readTimeoutMs;
             _conns[fd] = c;
             Libc.EpollAdd(_epfd, fd);
             Admit(fd, c, sa[..Math.Clamp(alen, 0, sa.Length)], nowMs);
@@ -6410,7 +6412,12 @@ internal abstract unsafe class RequestServer : IDisposable
     {
         Libc.EpollCtl(_epfd, Libc.EPOLL_CTL_DEL, fd, null);
         Libc.Close(fd);
-        _conns.Remove(fd);
+        if (!_conns.Remove(fd, out Conn? c) || _spare.Count >= _maxConnections) return;
+        c.In.AsSpan(0, c.InLen).Clear();                          // a request is nobody else's business
+        c.InLen = 0;
+        c.Out = null;
+        c.OutOff = 0;
+        _spare.Push(c);
     }
 
     public void Dispose()

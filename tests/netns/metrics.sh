@@ -172,6 +172,32 @@ r=$(http_code a GET 127.0.0.1 "$MGMT_PORT" /healthz)
 check "/healthz still 200 after the hostile clients" "got '$r'" test "$r" = 200
 check "ping a -> b still works" "no reply within 5 s" ping_ok a "$OL4_b"
 
+# Memory that only grows: 10,000 management and 10,000 control connections, one after another,
+# each a full status request. The build sets a 4 MiB gen0 budget and a 256 MiB heap limit, and
+# the servers reuse their request buffers, so RSS stays bounded (before both: 64 MB after these).
+rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/${NODE_PID[a]}/status"; }
+rss0=$(rss_kb)
+out=$(nsx a timeout --foreground 60 python3 - "$MGMT_PORT" "$(sock a)" <<'PY' 2>&1
+import socket, sys
+port, path, bad = int(sys.argv[1]), sys.argv[2], 0
+def ask(s, req):
+    s.sendall(req)
+    got = b"".join(iter(lambda: s.recv(65536), b""))
+    s.close()
+    return got
+for _ in range(10000):
+    bad += b'"counters"' not in ask(socket.create_connection(("127.0.0.1", port)), b"GET /status HTTP/1.0\r\n\r\n")
+for _ in range(10000):
+    s = socket.socket(socket.AF_UNIX); s.connect(path)
+    bad += b'"counters"' not in ask(s, b"status json\n")
+print("bad", bad)
+PY
+)
+rss1=$(rss_kb)
+note "a's VmRSS: $rss0 kB before, $rss1 kB after 10,000 management and 10,000 control connections ($out)"
+check "every one of the 20,000 status requests was answered" "$out" test "$out" = "bad 0"
+check "a's RSS stays <= 32 MiB after 20,000 connections" "VmRSS $rss1 kB" test "${rss1:-999999}" -le 32768
+
 # ---- b with the default ACL: only loopback may ask, even over the tunnel
 node_stop b
 wait_gone b
