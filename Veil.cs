@@ -2592,6 +2592,9 @@ internal sealed class Peer
         _stagedSlotLen = mtu;
     }
 
+    /// <summary>Any of Previous, Current, Next: what --max-sessions counts.</summary>
+    internal bool HoldsKeys => Current != null || Next != null || Previous != null;
+
     internal bool HasReadySession(long nowMs, long rejectAfterMs) =>
         Current != null && nowMs - Current.CreatedMs < rejectAfterMs && Current.SendCounter < Spec.RejectAfterMessages;
 
@@ -4422,7 +4425,7 @@ internal sealed class Node
     {
         int n = 0;
         foreach (Peer q in Peers)
-            if (q.Active && (q.Current != null || q.Next != null || q.Previous != null)) n++;
+            if (q.Active && q.HoldsKeys) n++;
         return n;
     }
 
@@ -4582,7 +4585,7 @@ internal sealed class Node
         if (v == HandshakeVerdict.Ok) v = Handshaker.ConsumeClientHello(d, from, nowMs, _hello);
         // --max-sessions counts peers holding keys (each holds up to three key pairs), so the default
         // admits as many peers as a node can have; a peer that holds keys already is never refused.
-        if (v == HandshakeVerdict.Ok && _hello.Peer!.Current == null && _hello.Peer.Next == null && PeersHoldingKeys() >= Admission.MaxSessions)
+        if (v == HandshakeVerdict.Ok && !_hello.Peer!.HoldsKeys && PeersHoldingKeys() >= Admission.MaxSessions)
         {
             Admission.RefusedSessions++;
             v = HandshakeVerdict.RateLimited;

@@ -555,6 +555,29 @@ public class NodeTests
     }
 
     [Fact]
+    public void TooOldRecords_Sustained_StartRecoveryLikeBadTags()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        Session toB = t.Nodes[0].Node.Peers[0].Current!, atB = t.Nodes[1].Node.Peers[0].Current!;
+        Assert.Same(toB.Peer.Current, toB);
+        byte[] slot = new byte[Tune.SlotLen];
+        var old = new List<byte[]>();                          // genuine records, kept back
+        for (int i = 0; i < 40; i++) old.Add(slot[..Record.Seal(toB, slot, 0, RecordFlags.Keepalive, 1420)]);
+        toB.SendCounter += 10_000;                              // a's counter moves far past them
+        Assert.Equal(1, t.Send(0, 1));
+        long before = t.Nodes[1].Node.Counters.HandshakesInitiated;
+        void Replay() { foreach (byte[] d in old) t.Nodes[1].Udp.Deliver(d, t.Nodes[0].Endpoint); t.Pump(); }
+        Replay();
+        Assert.Equal(before, t.Nodes[1].Node.Counters.HandshakesInitiated);
+        t.Advance(Tune.RecoveryQuietMs);
+        Replay();
+        Assert.Equal(80, Drops(t.Nodes[1], DropReason.TooOld));
+        Assert.Equal(before + 1, t.Nodes[1].Node.Counters.HandshakesInitiated);
+        Assert.Same(atB, atB.Peer.Previous ?? atB.Peer.Current);   // the old session stayed until replaced
+    }
+
+    [Fact]
     public void OldClientHello_ReplayedManyHandshakesLater_MovesNoEndpoint()
     {
         var t = TestNet.FullMesh(2);
