@@ -22,10 +22,15 @@
 // the timers, signals, the control socket and the management endpoint (served without blocking,
 // RequestServer in §16). With --workers N > 1, N-1 more threads each own a TUN queue and a
 // SO_REUSEPORT socket. Reading, writing, segmenting and coalescing run in parallel; everything that
-// touches the node (routes, peers, sessions, counters) runs under lock (node), so Node is
-// single-threaded code. Two more threads: the resolver (DNS names of peers; it hands results to the
-// loop through a queue) and, in tests, xunit's. Lock order: node, then the log's budget lock (a
-// worker may log while holding the node); nothing takes the node's lock while holding another.
+// touches the node (routes, peers, sessions, counters) runs under its lock (node.Gate), so Node is
+// single-threaded code. Only the loop runs the timers; a worker that arms one earlier than the
+// loop's next wake-up, or changes routes, peers or joiners, wakes it through an eventfd
+// (LoopSignal). Three more threads never touch the node: the resolver (peers' DNS names), the
+// chores (parsing the config file, writing a joiner with fsync, listing NICs, netlink route sync:
+// each hands the loop a finished value to apply under the lock), and the log writer (lines are
+// queued, so a slow reader of stderr stalls nobody). No slow work, and no I/O but the packets'
+// own, happens under the node's lock. Lock order: node, then the log's budget lock, then its
+// writing lock; nothing takes the node's lock while holding another.
 //
 // Environment knobs (for tests and for users chasing a problem; none is needed in normal use):
 //   VEIL_OFFLOADS=off   plain TUN and one datagram per send/receive, as on a kernel without TSO,
@@ -89,6 +94,7 @@ using System.Runtime.InteropServices.Marshalling;
 using System.Security.Cryptography;
 using System.Text;
 using System.Threading;
+using LineQueue = System.Collections.Concurrent.ConcurrentQueue<(System.IO.TextWriter To, string Line)>;
 
 [assembly: InternalsVisibleTo("Veil.Tests")]
 [assembly: DisableRuntimeMarshalling]
@@ -222,6 +228,7 @@ internal static class Tune
     internal const int LogBurst = 10;                        // log lines per event kind per LogWindowMs
     internal const long LogWindowMs = 10_000;
     internal const long ShutdownGraceMs = 2_000;
+    internal const int LogQueueLines = 4096;                  // lines waiting for the log writer; beyond: counted as lost
     internal const string DefaultControlPath = "/var/run/veil.sock";
     internal const int MaxControlRequestLen = 4096;
     internal const int DefaultMaxSessions = 1024;
@@ -487,14 +494,87 @@ internal sealed class Log
 
     internal void Emit(LogLevel level, string name, string fields)
     {
-        string ts = DateTime.UtcNow.ToString("yyyy-MM-ddTHH:mm:ss.fffZ", System.Globalization.CultureInfo.InvariantCulture);
         TextWriter w = level <= LogLevel.Warn ? _err : _out;
-        string line = Json ? JsonLine(ts, level, name, fields) : $"ts={ts} level={LevelName(level)} event={name}{(fields.Length > 0 ? " " : "")}{fields}";
-        lock (_budgets)                                // workers' threads log too: whole lines, one at a time
+        string line = Line(level, name, fields);
+        if (_queue is { } queue) { Enqueue(queue, w, line); return; }
+        lock (_writing)                                // workers' threads log too: whole lines, one at a time
         {
             w.WriteLine(line);
             w.Flush();
         }
+    }
+
+    // The daemon's lines are written by a thread of their own: a write to a pipe whose reader
+    // (procd, journald, a terminal) is slow would otherwise stall whoever logs, the packet path
+    // included. The queue is bounded; what does not fit is counted and reported once there is room.
+    private LineQueue? _queue;
+    private readonly AutoResetEvent _written = new(false);
+    private readonly object _writing = new();
+    private Thread? _writer;
+    private volatile bool _stopWriter;
+    private int _queued, _lost;
+
+    internal void StartWriter()
+    {
+        LineQueue queue = _queue = new();
+        _writer = new Thread(() => WriteQueued(queue)) { IsBackground = true, Name = "veil-log" };
+        _writer.Start();
+    }
+
+    /// <summary>Writes what is queued and goes back to writing each line at once.</summary>
+    internal void StopWriter()
+    {
+        if (_writer == null) return;
+        _stopWriter = true;
+        _written.Set();
+        _writer.Join((int)Tune.ShutdownGraceMs);
+        _writer = null;
+        var queue = _queue!;
+        _queue = null;
+        WriteOut(queue);
+    }
+
+    private void Enqueue(LineQueue queue, TextWriter w, string line)
+    {
+        if (Interlocked.Increment(ref _queued) > Tune.LogQueueLines)
+        {
+            Interlocked.Decrement(ref _queued);
+            Interlocked.Increment(ref _lost);
+            return;
+        }
+        queue.Enqueue((w, line));
+        _written.Set();
+    }
+
+    private void WriteQueued(LineQueue queue)
+    {
+        while (!_stopWriter)
+        {
+            _written.WaitOne();
+            WriteOut(queue);
+        }
+    }
+
+    private void WriteOut(LineQueue queue)
+    {
+        lock (_writing)
+        {
+            while (queue.TryDequeue(out var q))
+            {
+                q.To.WriteLine(q.Line);
+                Interlocked.Decrement(ref _queued);
+            }
+            if (Interlocked.Exchange(ref _lost, 0) is int lost and > 0)
+                _err.WriteLine(Line(LogLevel.Warn, "log_lost", $"lines={lost} hint=\"the log reader fell behind\""));
+            _out.Flush();
+            _err.Flush();
+        }
+    }
+
+    private string Line(LogLevel level, string name, string fields)
+    {
+        string ts = DateTime.UtcNow.ToString("yyyy-MM-ddTHH:mm:ss.fffZ", System.Globalization.CultureInfo.InvariantCulture);
+        return Json ? JsonLine(ts, level, name, fields) : $"ts={ts} level={LevelName(level)} event={name}{(fields.Length > 0 ? " " : "")}{fields}";
     }
 
     // The same pairs as one JSON object; a value written "like this" is one string.
@@ -2522,6 +2602,26 @@ internal sealed class RouteTrie
 //   ZeroKeysAtMs             no new session for 3 × RejectAfterTime: erase all keys
 //   PersistentKeepaliveAtMs  --keepalive: send something at least this often (NAT bindings)
 // The hooks On* are called by the node after the event their name says; Expired* live in Node.
+// Only the loop thread runs the timers; a timer armed on another worker's thread earlier than the
+// loop's next wake-up is reported through LoopSignal, which wakes the loop.
+
+/// <summary>What the loop thread must hear about work done on other workers' threads: a timer armed
+/// before the loop's next wake-up, or a change the loop acts on (routes, peers, joiners). Read and
+/// written under the node's lock; a worker that finds Pending set wakes the loop (an eventfd).</summary>
+internal sealed class LoopSignal
+{
+    internal long LoopWakeMs = long.MaxValue;    // when the loop runs the timers next
+    internal bool Pending;
+
+    internal void Armed(long atMs)
+    {
+        if (atMs == 0 || atMs >= LoopWakeMs) return;
+        LoopWakeMs = atMs;
+        Pending = true;
+    }
+
+    internal void Poke() => Pending = true;
+}
 
 internal sealed class Peer
 {
@@ -2563,8 +2663,19 @@ internal sealed class Peer
     internal readonly ulong[] RecentHelloIds = new ulong[8];
     internal int RecentHelloNext;
 
-    internal long RetransmitHandshakeAtMs, SendKeepaliveAtMs, NewHandshakeAtMs, ZeroKeysAtMs, PersistentKeepaliveAtMs;
-    internal long LivenessAtMs, ReconnectAtMs, ExchangeAtMs, ClaimsExpireAtMs;
+    // Timer deadlines (0: disarmed). Arming one tells the loop (Signal), which may be asleep past it.
+    internal LoopSignal? Signal;
+    private long _retransmitHandshakeAtMs, _sendKeepaliveAtMs, _newHandshakeAtMs, _zeroKeysAtMs, _persistentKeepaliveAtMs;
+    private long _livenessAtMs, _reconnectAtMs, _exchangeAtMs, _claimsExpireAtMs;
+    internal long RetransmitHandshakeAtMs { get => _retransmitHandshakeAtMs; set => Signal?.Armed(_retransmitHandshakeAtMs = value); }
+    internal long SendKeepaliveAtMs { get => _sendKeepaliveAtMs; set => Signal?.Armed(_sendKeepaliveAtMs = value); }
+    internal long NewHandshakeAtMs { get => _newHandshakeAtMs; set => Signal?.Armed(_newHandshakeAtMs = value); }
+    internal long ZeroKeysAtMs { get => _zeroKeysAtMs; set => Signal?.Armed(_zeroKeysAtMs = value); }
+    internal long PersistentKeepaliveAtMs { get => _persistentKeepaliveAtMs; set => Signal?.Armed(_persistentKeepaliveAtMs = value); }
+    internal long LivenessAtMs { get => _livenessAtMs; set => Signal?.Armed(_livenessAtMs = value); }
+    internal long ReconnectAtMs { get => _reconnectAtMs; set => Signal?.Armed(_reconnectAtMs = value); }
+    internal long ExchangeAtMs { get => _exchangeAtMs; set => Signal?.Armed(_exchangeAtMs = value); }
+    internal long ClaimsExpireAtMs { get => _claimsExpireAtMs; set => Signal?.Armed(_claimsExpireAtMs = value); }
     internal long PersistentKeepaliveMs;
     internal long LastHandshakeMs = -1, LastRxMs = -1;
     internal long LastHandshakeUnixS;            // wall clock of the latest handshake, for status (0: never)
@@ -4094,6 +4205,8 @@ internal sealed class Node
     internal readonly IndexTable Indexes = new();
     internal readonly PacketBatch UdpOut = new(Tune.BatchSize, Tune.SlotLen);
     internal IPacketSink? Sink;
+    internal readonly Lock Gate = new();         // whoever works on the node holds it (Worker, Daemon)
+    internal readonly LoopSignal Signal = new();
     internal readonly int Mtu;
     internal Func<long> UnixNs = () => (DateTime.UtcNow - DateTime.UnixEpoch).Ticks * 100;
     private long _lastUnixNs;
@@ -4191,6 +4304,8 @@ internal sealed class Node
         if (id >= 0) Peers[id] = p;
         else Peers.Add(p);
         _byKey[KeyId.Of(p.PublicKey)] = p;
+        p.Signal = Signal;
+        Signal.Poke();                                               // its forget deadline, if learned
         return p;
     }
 
@@ -4286,6 +4401,7 @@ internal sealed class Node
         Routes = trie;
         RouteList = list;
         RoutesVersion++;
+        Signal.Poke();                                               // the loop syncs the kernel's routes
     }
 
     private void Offer(Dictionary<IpPrefix, RouteEntry> best, RouteEntry e)
@@ -4329,6 +4445,7 @@ internal sealed class Node
         if (!p.Up) return;
         p.Up = false;
         p.ExchangeAtMs = 0;
+        Signal.Poke();                                               // a learned member's forget deadline starts
         Log.Info("peer_down", $"peer={p.Name} reason={reason} claims_withdrawn={p.Claims.Count}");
         if (p.Allowed.Count > 0 || p.Claims.Count > 0) RebuildRoutes();
         ScheduleExchange(nowMs);
@@ -4687,8 +4804,16 @@ internal sealed class Node
     {
         byte[]? reply = Invites?.Consume(d, Log, from);
         if (reply == null) { Counters.Drop(DropReason.Malformed); return; }
-        reply.CopyTo(NextOut(from));
-        CommitOut(reply.Length);
+        if (Invites!.Joiners.Count > 0) Signal.Poke();            // the loop has a joiner to write down
+        SendDatagram(from, reply);
+    }
+
+    /// <summary>Queues a datagram the node made whole (a JoinAccept); nothing when it is empty.</summary>
+    internal void SendDatagram(in Endpoint to, ReadOnlySpan<byte> datagram)
+    {
+        if (datagram.Length == 0) return;
+        datagram.CopyTo(NextOut(to));
+        CommitOut(datagram.Length);
     }
 
     // ---- 14.3 Messages the node makes itself ----
@@ -4997,28 +5122,35 @@ internal sealed class Worker : IPacketSink
         return b.IsFull;
     }
 
+    /// <summary>Set on every worker but the loop's: wakes the loop when this worker's batch left it
+    /// something to do (LoopSignal).</summary>
+    internal Action? WakeLoop;
+
     // The node's part of a batch, under its lock; what the node queued itself leaves through this worker.
     private void Process(PacketBatch b, long nowMs, bool fromTun)
     {
-        lock (Node)
+        bool wake = false;
+        lock (Node.Gate)
         {
             Node.Sink = this;
             Settle();
             if (fromTun) Node.ProcessTunBatch(b, nowMs);
             else Node.ProcessUdpBatch(b, nowMs);
             FlushUdp(Node.UdpOut);
+            if (WakeLoop != null && Node.Signal.Pending) { Node.Signal.Pending = false; wake = true; }
         }
+        if (wake) WakeLoop!();
     }
 
+    /// <summary>Runs the node's timers (on the loop's thread); the caller holds the node's lock.</summary>
     internal long PumpTimers(long nowMs)
     {
-        lock (Node)
-        {
-            Node.Sink = this;
-            long next = Node.ProcessTimers(nowMs);
-            FlushUdp(Node.UdpOut);
-            return next;
-        }
+        Node.Sink = this;
+        long next = Node.ProcessTimers(nowMs);
+        FlushUdp(Node.UdpOut);
+        Node.Signal.LoopWakeMs = next;
+        Node.Signal.Pending = false;
+        return next;
     }
 
     public void FlushUdp(PacketBatch batch)
@@ -5038,18 +5170,21 @@ internal sealed class Worker : IPacketSink
 internal sealed unsafe class Daemon
 {
     private const long ConfigCheckIntervalMs = 2_000;
-    private const long TimerScanMs = 50;
-    private UpConfig _cfg;
+    private volatile UpConfig _cfg;                     // replaced on the loop thread only; the chores thread reads it
     private readonly string[] _args;
     private readonly Log _log;
     private volatile bool _stop, _reloadAsked, _workerFailed;
     private int _wakeFd = -1, _stopFd = -1;             // _stopFd is never read: once written, every worker's epoll sees it
     internal readonly long StartedMs = Mono.NowMs();
     private Node? _node;
+    private Worker? _worker;                            // the loop's own
     private TunDevice? _tun;
     private MgmtServer? _mgmt;
     private Resolver? _resolver;
-    private (DateTime, long) _configStamp;
+    private Chores? _chores;
+    private (DateTime, long) _configStamp;              // the chores thread's once the loop runs
+    private volatile bool _configCheckQueued, _addressScanQueued;   // one of each waits at most
+    private long _routesPostedVersion;
 
     internal Daemon(UpConfig cfg, string[] args, Log log) { _cfg = cfg; _args = args; _log = log; }
 
@@ -5072,7 +5207,7 @@ internal sealed unsafe class Daemon
     {
         var counters = new Counters();
         Node node = _node = new(_cfg, _log, counters);
-        if (_cfg.ConfigPath != null) node.Invites = new Invites(_cfg.PrivateKey) { Psk = _cfg.Psk, Persist = PersistJoiner };
+        if (_cfg.ConfigPath != null) node.Invites = new Invites(_cfg.PrivateKey) { Psk = _cfg.Psk };
         _cfg.PrivateKey.Clear();                          // the node holds its own copies from here on
         _cfg.Psk.Clear();
         UdpSocket? udp = null;
@@ -5082,6 +5217,7 @@ internal sealed unsafe class Daemon
         int wanted = _cfg.Workers > 0 ? _cfg.Workers : Tune.AutoWorkers(Environment.ProcessorCount);
         var queues = new List<(TunDevice Tun, UdpSocket Udp)>();   // the workers' beyond the first
         var threads = new List<Thread>();
+        _log.StartWriter();
         try
         {
             // Handlers first: SIGHUP's default action would kill us.
@@ -5118,15 +5254,16 @@ internal sealed unsafe class Daemon
             _log.Info("offloads", $"{offloadsLine}aead_backend={Aead.Backend}" + (offloads ? "" : " disabled_by=VEIL_OFFLOADS"));
             Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
             foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
-            SyncKernelRoutes();
+            SyncKernelRoutes(node.RouteList);
+            _routesPostedVersion = node.RoutesVersion;
             _wakeFd = Libc.EventFd(0, Libc.EFD_NONBLOCK | Libc.EFD_CLOEXEC);
             epfd = Libc.EpollCreate1(Libc.EPOLL_CLOEXEC);
             if (_wakeFd < 0 || epfd < 0) throw new IOException($"cannot create the event loop: {Libc.ErrorText(Libc.Errno)}");
             control = ControlServer.Listen(_cfg.ControlPath, epfd, this);
             if (_cfg.MgmtAddress != null) _mgmt = MgmtServer.Listen(_cfg.MgmtAddress, _cfg.MgmtPort, epfd, _cfg.MgmtAcl);
-            var worker = new Worker(node, tun, udp);
+            var worker = _worker = new Worker(node, tun, udp);
             var workers = new List<Worker> { worker };
-            foreach (var (t, u) in queues) workers.Add(new Worker(node, t, u));
+            foreach (var (t, u) in queues) workers.Add(new Worker(node, t, u) { WakeLoop = Wake });
             _log.Info("workers", $"count={workers.Count} cpus={Environment.ProcessorCount}" + (workers.Count > 1 ? " tun=multi_queue udp=reuseport" : ""));
             _stopFd = Libc.EventFd(0, Libc.EFD_NONBLOCK | Libc.EFD_CLOEXEC);
             if (_stopFd < 0) throw new IOException($"cannot create the event loop: {Libc.ErrorText(Libc.Errno)}");
@@ -5138,13 +5275,17 @@ internal sealed unsafe class Daemon
             _resolver = new Resolver(Wake);
             _resolver.SetNames(EndpointNames(_cfg));
             _configStamp = ConfigStamp();
-            RefreshLocalEndpoints(udp.LocalPort);
+            ApplyLocalEndpoints(FindLocalEndpoints(udp.LocalPort));
+            _chores = new Chores(Wake, _log);
             var status = new StatusView(node, _cfg, udp.LocalPort, StartedMs) { Workers = workers };
             _log.Info("started", $"public_key={node.Handshaker.PublicKey.Short()} listen={_cfg.ListenAddress}:{udp.LocalPort} tun={tun.Name} mtu={_cfg.Mtu} peers={node.Peers.Count} aead={node.Handshaker.PreferredAead}" +
                 (_mgmt != null ? $" mgmt={_cfg.MgmtAddress}:{_mgmt.Port}" : "") + (_cfg.User != null ? $" user={_cfg.User}" : ""));
-            long nowMs = Mono.NowMs();
-            lock (node) node.Start(nowMs);
-            long nextTimerMs = worker.PumpTimers(nowMs);
+            long nowMs = Mono.NowMs(), nextTimerMs;
+            lock (node.Gate)
+            {
+                node.Start(nowMs);
+                nextTimerMs = worker.PumpTimers(nowMs);
+            }
             for (int i = 1; i < workers.Count; i++)
             {
                 Worker w = workers[i];
@@ -5159,42 +5300,50 @@ internal sealed unsafe class Daemon
             {
                 nowMs = Mono.NowMs();
                 long wake = Math.Min(Math.Min(nextTimerMs, Math.Min(control.NextDeadlineMs, _mgmt?.NextDeadlineMs ?? long.MaxValue)),
-                    _cfg.ConfigPath != null ? nextConfigCheckMs : long.MaxValue);
-                long waitMs = wake == long.MaxValue ? 60_000 : Math.Clamp(wake - nowMs, 0, 60_000);
-                // Other workers' packets arm timers (retransmits, keepalives) and change routes that
-                // only this loop acts on: with them, it looks at least every TimerScanMs.
-                if (workers.Count > 1) waitMs = Math.Min(waitMs, TimerScanMs);
-                int n = Libc.EpollWait(epfd, events, 16, (int)waitMs);
+                    Math.Min(nextAddressScanMs, _cfg.ConfigPath != null ? nextConfigCheckMs : long.MaxValue));
+                int n = Libc.EpollWait(epfd, events, 16, (int)Math.Clamp(wake - nowMs, 0, 60_000));
                 nowMs = Mono.NowMs();
-                for (int i = 0; i < n; i++)                   // the first worker's own I/O (it locks the node itself)
-                    worker.Drain(Libc.EpollEventFd(events, i), nowMs);
-                lock (node)                                   // everything else reads or changes the node
+                // The first worker's own I/O (it locks the node itself), then the control socket and
+                // the management endpoint (they lock it for what they read).
+                for (int i = 0; i < n; i++)
+                {
+                    int fd = Libc.EpollEventFd(events, i);
+                    if (worker.Drain(fd, nowMs)) continue;
+                    if (control.Owns(fd)) control.OnReady(fd, nowMs, status);
+                    else if (fd == _wakeFd) { ulong v; Libc.Read(_wakeFd, (byte*)&v, 8); }
+                    else _mgmt?.OnReady(fd, nowMs, status);
+                }
+                while (_chores.TryTakeResult(out Action? done)) done();
+                if (_reloadAsked) { _reloadAsked = false; AskReload("signal", null); }
+                if (_cfg.ConfigPath != null && nowMs >= nextConfigCheckMs)
+                {
+                    nextConfigCheckMs = nowMs + ConfigCheckIntervalMs;
+                    if (!_configCheckQueued) { _configCheckQueued = true; _chores.Post(CheckConfigFile); }
+                }
+                if (nowMs >= nextAddressScanMs)
+                {
+                    nextAddressScanMs = nowMs + Tune.ExchangeIntervalMs;
+                    int port = udp.LocalPort;
+                    if (!_addressScanQueued) { _addressScanQueued = true; _chores.Post(() => ScanAddresses(port)); }
+                }
+                control.Expire(nowMs);
+                _mgmt?.Expire(nowMs);
+                List<RouteEntry>? routes = null;
+                List<Invites.Joiner>? joiners = null;
+                lock (node.Gate)
                 {
                     foreach (Worker w in workers) w.Settle();
-                    for (int i = 0; i < n; i++)
-                    {
-                        int fd = Libc.EpollEventFd(events, i);
-                        if (fd == udp.Fd || fd == tun.Fd) continue;
-                        if (control.Owns(fd)) control.OnReady(fd, nowMs, status);
-                        else if (fd == _wakeFd) { ulong v; Libc.Read(_wakeFd, (byte*)&v, 8); }
-                        else _mgmt?.OnReady(fd, nowMs, status);
-                    }
-                    if (_reloadAsked) { _reloadAsked = false; Reload("signal"); }
                     while (_resolver.TryTake(out var resolved)) ApplyResolved(resolved.Text, resolved.At, nowMs);
-                    if (_cfg.ConfigPath != null && nowMs >= nextConfigCheckMs)
-                    {
-                        nextConfigCheckMs = nowMs + ConfigCheckIntervalMs;
-                        if (ConfigStamp() != _configStamp) Reload("file_changed");
-                    }
-                    if (nowMs >= nextAddressScanMs) { nextAddressScanMs = nowMs + Tune.ExchangeIntervalMs; RefreshLocalEndpoints(udp.LocalPort); }
-                    control.Expire(nowMs);
-                    _mgmt?.Expire(nowMs);
                     nextTimerMs = worker.PumpTimers(nowMs);
-                    SyncKernelRoutes();
+                    if (node.RoutesVersion != _routesPostedVersion) { _routesPostedVersion = node.RoutesVersion; routes = node.RouteList; }
+                    while (node.Invites != null && node.Invites.Joiners.TryDequeue(out Invites.Joiner? j)) (joiners ??= new()).Add(j);
                 }
+                // Handed over finished: RouteList is replaced whole, never changed, when routes change.
+                if (routes != null) _chores.Post(() => SyncKernelRoutes(routes));
+                foreach (Invites.Joiner j in joiners ?? []) _chores.Post(() => WriteJoiner(j));
             }
             StopWorkers(threads);
-            lock (node)
+            lock (node.Gate)
             {
                 node.Shutdown(Mono.NowMs());
                 worker.FlushUdp(node.UdpOut);
@@ -5205,6 +5354,7 @@ internal sealed unsafe class Daemon
         finally
         {
             foreach (PosixSignalRegistration r in signals) r.Dispose();
+            _chores?.Dispose();
             _resolver?.Dispose();
             _mgmt?.Dispose();
             control?.Dispose();
@@ -5217,6 +5367,7 @@ internal sealed unsafe class Daemon
             if (_wakeFd >= 0) Libc.Close(_wakeFd);
             node.ClearKeys();
             node.Invites?.Clear();
+            _log.StopWriter();
         }
     }
 
@@ -5288,18 +5439,14 @@ internal sealed unsafe class Daemon
         return fi.Exists ? (fi.LastWriteTimeUtc, fi.Length) : default;
     }
 
-    private readonly HashSet<IpPrefix> _kernelRoutes = new();   // what this daemon installed
-    private long _syncedRoutesVersion = -1;
+    private readonly HashSet<IpPrefix> _kernelRoutes = new();   // what this daemon installed (the chores thread's)
 
     // Makes the TUN's kernel routes follow the node's table: adds the prefixes it gained, removes
     // those it lost. Removal names our route protocol, so a route Veil did not add is never touched.
-    private void SyncKernelRoutes()
+    private void SyncKernelRoutes(List<RouteEntry> routes)
     {
-        Node node = _node!;
-        if (node.RoutesVersion == _syncedRoutesVersion) return;
-        _syncedRoutesVersion = node.RoutesVersion;
         var want = new HashSet<IpPrefix>();
-        foreach (RouteEntry r in node.RouteList) want.Add(r.Prefix);
+        foreach (RouteEntry r in routes) want.Add(r.Prefix);
         foreach (IpPrefix pr in new List<IpPrefix>(_kernelRoutes))
         {
             if (want.Contains(pr)) continue;
@@ -5318,7 +5465,7 @@ internal sealed unsafe class Daemon
 
     // Where members may reach us: the --listen address, or every address of this host but
     // loopback, link-local, the overlay and the TUN itself, each with our port.
-    private void RefreshLocalEndpoints(int port)
+    private List<Endpoint> FindLocalEndpoints(int port)
     {
         var found = new List<Endpoint>();
         bool any = _cfg.ListenAddress.Equals(IPAddress.Any) || _cfg.ListenAddress.Equals(IPAddress.IPv6Any);
@@ -5345,21 +5492,53 @@ internal sealed unsafe class Daemon
                 _log.Warn("addresses_unknown", $"error=\"{e.ErrorCode}\" hint=\"members will know this node only by the address they see it at\"");
             }
         }
-        Node node = _node!;
-        bool changed = found.Count != node.Mesh.LocalEndpoints.Count || !found.TrueForAll(node.Mesh.LocalEndpoints.Contains);
-        if (!changed) return;
-        node.Mesh.LocalEndpoints.Clear();
-        node.Mesh.LocalEndpoints.AddRange(found);
-        node.ScheduleExchange(Mono.NowMs());
+        return found;
     }
 
-    // A joiner that presented a valid invite: written to the config file, then applied by a reload.
-    private string PersistJoiner(PeerConfig pc)
+    private void ApplyLocalEndpoints(List<Endpoint> found)
     {
-        try { Onboarding.AppendPeer(_cfg.ConfigPath!, pc); }
-        catch (ConfigException e) { return e.Message; }
-        var (code, message) = Reload("join");
-        return code == ReloadCode.Ok ? "" : message;
+        Node node = _node!;
+        lock (node.Gate)
+        {
+            bool changed = found.Count != node.Mesh.LocalEndpoints.Count || !found.TrueForAll(node.Mesh.LocalEndpoints.Contains);
+            if (!changed) return;
+            node.Mesh.LocalEndpoints.Clear();
+            node.Mesh.LocalEndpoints.AddRange(found);
+            node.ScheduleExchange(Mono.NowMs());
+        }
+    }
+
+    // On the chores thread: listing the NICs reads /proc and /sys.
+    private void ScanAddresses(int port)
+    {
+        _addressScanQueued = false;
+        List<Endpoint> found = FindLocalEndpoints(port);
+        _chores!.Return(() => ApplyLocalEndpoints(found));
+    }
+
+    // On the chores thread: a joiner with a valid invite is appended to the config file (synced),
+    // then applied by a reload; the loop then answers it, or frees the invite if that failed.
+    private void WriteJoiner(Invites.Joiner j)
+    {
+        PreparedReload? reload = null;
+        string error;
+        try
+        {
+            Onboarding.AppendPeer(_cfg.ConfigPath!, j.Peer);
+            reload = PrepareReload("join");
+            error = reload.Code == ReloadCode.Ok ? "" : reload.Message;
+        }
+        catch (ConfigException e) { error = e.Message; }
+        _chores!.Return(() =>
+        {
+            if (reload != null) CommitReload(reload);
+            Node node = _node!;
+            lock (node.Gate)
+            {
+                if (node.Invites!.Written(j, error, _log) is byte[] accept) node.SendDatagram(j.From, accept);
+                _worker!.FlushUdp(node.UdpOut);
+            }
+        });
     }
 
     /// <summary>Answers `veil invite`: "invite SECONDS NAME|- ENDPOINT|- NETWORK".</summary>
@@ -5418,34 +5597,69 @@ internal sealed unsafe class Daemon
 
     internal enum ReloadCode { Ok = 0, Rejected = 2, NeedsRestart = 3 }
 
-    /// <summary>Re-reads flags and file; applies the reloadable keys, or nothing at all.</summary>
-    internal (ReloadCode Code, string Message) Reload(string trigger)
+    /// <summary>A reload read and checked, not yet applied (Next is null unless Code is Ok).</summary>
+    private sealed record PreparedReload(string Trigger, ReloadCode Code, string Message, UpConfig? Next);
+
+    /// <summary>Re-reads flags and file on the chores thread (names in it resolve there, which may
+    /// take seconds), then applies the reloadable keys on the loop, or nothing at all; answer hears
+    /// how it went.</summary>
+    internal void AskReload(string trigger, Action<ReloadCode, string>? answer)
+    {
+        _chores!.Post(() =>
+        {
+            PreparedReload r = PrepareReload(trigger);
+            _chores.Return(() =>
+            {
+                var (code, message) = CommitReload(r);
+                answer?.Invoke(code, message);
+            });
+        });
+    }
+
+    // On the chores thread: a poll found the file changed.
+    private void CheckConfigFile()
+    {
+        _configCheckQueued = false;
+        if (ConfigStamp() == _configStamp) return;
+        PreparedReload r = PrepareReload("file_changed");
+        _chores!.Return(() => CommitReload(r));
+    }
+
+    private PreparedReload PrepareReload(string trigger)
     {
         _configStamp = ConfigStamp();
-        Node node = _node!;
-        UpConfig next;
-        try { next = UpConfig.Load(_args, 1, _cfg); }
+        UpConfig running = _cfg, next;
+        try { next = UpConfig.Load(_args, 1, running); }
         catch (ConfigException e)
         {
             _log.Warn("reload_rejected", $"trigger={trigger} error=\"{e.Message}\" hint=\"the running config is unchanged\"");
-            return (ReloadCode.Rejected, e.Message);
+            return new(trigger, ReloadCode.Rejected, e.Message, null);
         }
-        List<string> changed = _cfg.RestartKeysChanged(next);
-        if (changed.Count > 0)
+        List<string> changed = running.RestartKeysChanged(next);
+        if (changed.Count == 0) return new(trigger, ReloadCode.Ok, "", next);
+        string keys = string.Join(", ", changed);
+        _log.Warn("reload_needs_restart", $"trigger={trigger} keys=\"{keys}\" hint=\"nothing was applied\"");
+        return new(trigger, ReloadCode.NeedsRestart, $"changing {keys} needs a restart; nothing was applied", null);
+    }
+
+    // On the loop thread; the kernel's routes follow on the loop's next turn (RoutesVersion).
+    private (ReloadCode Code, string Message) CommitReload(PreparedReload r)
+    {
+        if (r.Next is not UpConfig next) return (r.Code, r.Message);
+        Node node = _node!;
+        int peers;
+        lock (node.Gate)
         {
-            string keys = string.Join(", ", changed);
-            _log.Warn("reload_needs_restart", $"trigger={trigger} keys=\"{keys}\" hint=\"nothing was applied\"");
-            return (ReloadCode.NeedsRestart, $"changing {keys} needs a restart; nothing was applied");
+            node.Apply(next, Mono.NowMs());
+            _worker!.FlushUdp(node.UdpOut);
+            peers = node.Peers.FindAll(p => p.Active).Count;
         }
-        node.Apply(next, Mono.NowMs());
-        SyncKernelRoutes();
         _log.Level = next.LogLevel;
         _log.Json = next.LogJson;
         _mgmt?.SetAcl(next.MgmtAcl);
         _resolver?.SetNames(EndpointNames(next));
         _cfg = next;
-        int peers = node.Peers.FindAll(p => p.Active).Count;
-        _log.Info("reloaded", $"trigger={trigger} peers={peers}");
+        _log.Info("reloaded", $"trigger={r.Trigger} peers={peers}");
         return (ReloadCode.Ok, $"reloaded: {peers} peers");
     }
 }
@@ -5505,6 +5719,68 @@ internal sealed class Resolver : IDisposable
     {
         _stop = true;
         _kick.Set();
+    }
+}
+
+/// <summary>The daemon's slow work, on a thread of its own so that neither the loop nor the node's
+/// lock ever waits for it: reading the config file (its peer names resolve through DNS), appending a
+/// joiner and syncing the file, listing the host's addresses, syncing kernel routes over netlink. A
+/// job runs here and hands back what the loop must do with its result (Return); jobs run one at a
+/// time, in the order posted, so route syncs and reloads never overtake each other.</summary>
+internal sealed class Chores : IDisposable
+{
+    private readonly System.Collections.Concurrent.ConcurrentQueue<Action> _jobs = new(), _results = new();
+    private readonly AutoResetEvent _posted = new(false);
+    private readonly Action _wakeLoop;
+    private readonly Log _log;
+    private readonly Thread _thread;
+    private volatile bool _stop;
+
+    internal Chores(Action wakeLoop, Log log)
+    {
+        _wakeLoop = wakeLoop;
+        _log = log;
+        _thread = new Thread(Run) { IsBackground = true, Name = "veil-chores" };
+        _thread.Start();
+    }
+
+    internal void Post(Action job)
+    {
+        _jobs.Enqueue(job);
+        _posted.Set();
+    }
+
+    /// <summary>Called by a job: the loop runs result on its own thread, soon.</summary>
+    internal void Return(Action result)
+    {
+        _results.Enqueue(result);
+        _wakeLoop();
+    }
+
+    internal bool TryTakeResult([System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out Action? result) => _results.TryDequeue(out result);
+
+    private void Run()
+    {
+        while (!_stop)
+        {
+            _posted.WaitOne();
+            while (!_stop && _jobs.TryDequeue(out Action? job))
+            {
+                try { job(); }
+                catch (Exception e)                        // a bug in one chore must not take the daemon down
+                {
+                    _log.Error("chore_failed", $"error=\"{e.GetType().Name}: {e.Message}\"");
+                }
+            }
+        }
+    }
+
+    /// <summary>Lets the job at hand finish (a route sync, a file write), within the shutdown grace.</summary>
+    public void Dispose()
+    {
+        _stop = true;
+        _posted.Set();
+        _thread.Join((int)Tune.ShutdownGraceMs);
     }
 }
 
@@ -5988,6 +6264,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
 {
     private long Now() => clock?.Invoke() ?? Mono.NowMs();
     internal IReadOnlyList<Worker> Workers { get; init; } = [];
+    internal Lock Gate => node.Gate;             // held by whoever asks for a view (Metrics takes it itself)
 
     private const int MaxMetricPeers = 256;          // per-peer series are bounded; the rest are summed only
     private static readonly string Rid = RuntimeInformation.RuntimeIdentifier;
@@ -6200,80 +6477,91 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     /// <summary>Prometheus text exposition format 0.0.4.</summary>
     internal string Metrics()
     {
-        long nowMs = Now();
-        Counters c = node.Counters;
-        var sb = new StringBuilder();
-        void Head(string name, string type, string help) =>
-            sb.Append("# HELP ").Append(name).Append(' ').Append(help).Append("\n# TYPE ").Append(name).Append(' ').Append(type).Append('\n');
-        void One(string name, string type, string help, double v)
+        // The process's figures come from /proc: read before the node's lock is taken.
+        long rss = Environment.WorkingSet;
+        double cpuS;
+        long startedUnixS;
+        using (var self = System.Diagnostics.Process.GetCurrentProcess())
         {
-            Head(name, type, help);
-            sb.Append(name).Append(' ').Append(v.ToString(System.Globalization.CultureInfo.InvariantCulture)).Append('\n');
+            cpuS = self.TotalProcessorTime.TotalSeconds;
+            startedUnixS = new DateTimeOffset(self.StartTime.ToUniversalTime()).ToUnixTimeSeconds();
         }
-        Head("veil_build_info", "gauge", "Version and runtime identifier of this binary.");
-        sb.Append("veil_build_info{version=\"").Append(Cli.Version).Append("\",rid=\"").Append(Rid).Append("\"} 1\n");
-        One("veil_uptime_seconds", "gauge", "Seconds since the daemon started.", (nowMs - startedMs) / 1000.0);
-        Head("veil_peers", "gauge", "Configured peers by state.");
-        foreach (string st in new[] { "up", "handshaking", "down" })
+        lock (node.Gate)
         {
-            int n = 0;
-            foreach (Peer p in ActivePeers()) if (p.State(nowMs, Spec.RejectAfterTimeMs) == st) n++;
-            sb.Append("veil_peers{state=\"").Append(st).Append("\"} ").Append(n).Append('\n');
-        }
-        One("veil_sessions", "gauge", "Sessions (key pairs) held.", node.Indexes.SessionCount);
-        One("veil_received_records_total", "counter", "Transport records received and authenticated.", c.RxRecords);
-        One("veil_sent_records_total", "counter", "Transport records sent.", c.TxRecords);
-        One("veil_received_bytes_total", "counter", "Bytes of authenticated records received.", c.RxBytes);
-        One("veil_sent_bytes_total", "counter", "Bytes of records sent.", c.TxBytes);
-        One("veil_tun_received_packets_total", "counter", "Packets read from the TUN device.", c.TunRxPackets);
-        One("veil_tun_sent_packets_total", "counter", "Packets written to the TUN device.", c.TunTxPackets);
-        One("veil_tun_super_packets_total", "counter", "Super-packets (TSO/USO) read from the TUN device and split.", c.TunSuperPackets);
-        One("veil_tun_coalesced_packets_total", "counter", "Packets merged into super-packets written to the TUN device.", c.TunCoalesced);
-        Head("veil_offload_enabled", "gauge", "1 when the kernel offload is in use (probed at start; UDP GSO is dropped should the kernel refuse it).");
-        foreach (var (name, on) in Offloads()) sb.Append("veil_offload_enabled{offload=\"").Append(name).Append("\"} ").Append(on ? 1 : 0).Append('\n');
-        Head("veil_handshakes_total", "counter", "Handshakes by result.");
-        sb.Append("veil_handshakes_total{result=\"initiated\"} ").Append(c.HandshakesInitiated).Append('\n');
-        sb.Append("veil_handshakes_total{result=\"completed\"} ").Append(c.HandshakesCompleted).Append('\n');
-        One("veil_cookies_sent_total", "counter", "Cookie replies sent while under load.", c.CookiesSent);
-        Head("veil_packets_dropped_total", "counter", "Packets dropped, by reason.");
-        for (int i = 0; i < (int)DropReason.Count; i++)
-            sb.Append("veil_packets_dropped_total{reason=\"").Append(Counters.DropName((DropReason)i)).Append("\"} ").Append(c.Drops[i]).Append('\n');
-        Admission a = node.Admission;
-        Head("veil_admission_refused_total", "counter", "ClientHellos refused or made to prove their address, by rule.");
-        sb.Append("veil_admission_refused_total{reason=\"rate_source\"} ").Append(a.RefusedSource).Append('\n');
-        sb.Append("veil_admission_refused_total{reason=\"rate_global\"} ").Append(a.RefusedGlobal).Append('\n');
-        sb.Append("veil_admission_refused_total{reason=\"cookie_budget\"} ").Append(a.RefusedCookies).Append('\n');
-        sb.Append("veil_admission_refused_total{reason=\"max_sessions\"} ").Append(a.RefusedSessions).Append('\n');
-        Mesh m = node.Mesh;
-        One("veil_mesh_exchange_sent_bytes_total", "counter", "Bytes of peer-exchange messages sent.", m.SentBytes);
-        One("veil_mesh_exchange_rejected_total", "counter", "Peer-exchange messages dropped as malformed or oversized.", m.Rejected);
-        One("veil_mesh_claims_refused_total", "counter", "Claims refused by the claim policy.", m.ClaimsRefused);
-        One("veil_mesh_routes", "gauge", "Prefixes in the route table.", node.RouteList.Count);
-        var shown = new List<Peer>();
-        foreach (Peer p in ActivePeers()) if (shown.Count < MaxMetricPeers) shown.Add(p);
-        void PeerSeries(string name, string type, string help, Func<Peer, double> value)
-        {
-            Head(name, type, help);
-            foreach (Peer p in shown)
+            long nowMs = Now();
+            Counters c = node.Counters;
+            var sb = new StringBuilder();
+            void Head(string name, string type, string help) =>
+                sb.Append("# HELP ").Append(name).Append(' ').Append(help).Append("\n# TYPE ").Append(name).Append(' ').Append(type).Append('\n');
+            void One(string name, string type, string help, double v)
             {
-                sb.Append(name).Append("{peer=");
-                Str(sb, p.Name);
-                sb.Append(",public_key=\"").Append(p.PublicKey.ToBase64()).Append("\"} ")
-                  .Append(value(p).ToString(System.Globalization.CultureInfo.InvariantCulture)).Append('\n');
+                Head(name, type, help);
+                sb.Append(name).Append(' ').Append(v.ToString(System.Globalization.CultureInfo.InvariantCulture)).Append('\n');
             }
+            Head("veil_build_info", "gauge", "Version and runtime identifier of this binary.");
+            sb.Append("veil_build_info{version=\"").Append(Cli.Version).Append("\",rid=\"").Append(Rid).Append("\"} 1\n");
+            One("veil_uptime_seconds", "gauge", "Seconds since the daemon started.", (nowMs - startedMs) / 1000.0);
+            Head("veil_peers", "gauge", "Configured peers by state.");
+            foreach (string st in new[] { "up", "handshaking", "down" })
+            {
+                int n = 0;
+                foreach (Peer p in ActivePeers()) if (p.State(nowMs, Spec.RejectAfterTimeMs) == st) n++;
+                sb.Append("veil_peers{state=\"").Append(st).Append("\"} ").Append(n).Append('\n');
+            }
+            One("veil_sessions", "gauge", "Sessions (key pairs) held.", node.Indexes.SessionCount);
+            One("veil_received_records_total", "counter", "Transport records received and authenticated.", c.RxRecords);
+            One("veil_sent_records_total", "counter", "Transport records sent.", c.TxRecords);
+            One("veil_received_bytes_total", "counter", "Bytes of authenticated records received.", c.RxBytes);
+            One("veil_sent_bytes_total", "counter", "Bytes of records sent.", c.TxBytes);
+            One("veil_tun_received_packets_total", "counter", "Packets read from the TUN device.", c.TunRxPackets);
+            One("veil_tun_sent_packets_total", "counter", "Packets written to the TUN device.", c.TunTxPackets);
+            One("veil_tun_super_packets_total", "counter", "Super-packets (TSO/USO) read from the TUN device and split.", c.TunSuperPackets);
+            One("veil_tun_coalesced_packets_total", "counter", "Packets merged into super-packets written to the TUN device.", c.TunCoalesced);
+            Head("veil_offload_enabled", "gauge", "1 when the kernel offload is in use (probed at start; UDP GSO is dropped should the kernel refuse it).");
+            foreach (var (name, on) in Offloads()) sb.Append("veil_offload_enabled{offload=\"").Append(name).Append("\"} ").Append(on ? 1 : 0).Append('\n');
+            Head("veil_handshakes_total", "counter", "Handshakes by result.");
+            sb.Append("veil_handshakes_total{result=\"initiated\"} ").Append(c.HandshakesInitiated).Append('\n');
+            sb.Append("veil_handshakes_total{result=\"completed\"} ").Append(c.HandshakesCompleted).Append('\n');
+            One("veil_cookies_sent_total", "counter", "Cookie replies sent while under load.", c.CookiesSent);
+            Head("veil_packets_dropped_total", "counter", "Packets dropped, by reason.");
+            for (int i = 0; i < (int)DropReason.Count; i++)
+                sb.Append("veil_packets_dropped_total{reason=\"").Append(Counters.DropName((DropReason)i)).Append("\"} ").Append(c.Drops[i]).Append('\n');
+            Admission a = node.Admission;
+            Head("veil_admission_refused_total", "counter", "ClientHellos refused or made to prove their address, by rule.");
+            sb.Append("veil_admission_refused_total{reason=\"rate_source\"} ").Append(a.RefusedSource).Append('\n');
+            sb.Append("veil_admission_refused_total{reason=\"rate_global\"} ").Append(a.RefusedGlobal).Append('\n');
+            sb.Append("veil_admission_refused_total{reason=\"cookie_budget\"} ").Append(a.RefusedCookies).Append('\n');
+            sb.Append("veil_admission_refused_total{reason=\"max_sessions\"} ").Append(a.RefusedSessions).Append('\n');
+            Mesh m = node.Mesh;
+            One("veil_mesh_exchange_sent_bytes_total", "counter", "Bytes of peer-exchange messages sent.", m.SentBytes);
+            One("veil_mesh_exchange_rejected_total", "counter", "Peer-exchange messages dropped as malformed or oversized.", m.Rejected);
+            One("veil_mesh_claims_refused_total", "counter", "Claims refused by the claim policy.", m.ClaimsRefused);
+            One("veil_mesh_routes", "gauge", "Prefixes in the route table.", node.RouteList.Count);
+            var shown = new List<Peer>();
+            foreach (Peer p in ActivePeers()) if (shown.Count < MaxMetricPeers) shown.Add(p);
+            void PeerSeries(string name, string type, string help, Func<Peer, double> value)
+            {
+                Head(name, type, help);
+                foreach (Peer p in shown)
+                {
+                    sb.Append(name).Append("{peer=");
+                    Str(sb, p.Name);
+                    sb.Append(",public_key=\"").Append(p.PublicKey.ToBase64()).Append("\"} ")
+                      .Append(value(p).ToString(System.Globalization.CultureInfo.InvariantCulture)).Append('\n');
+                }
+            }
+            PeerSeries("veil_peer_received_bytes_total", "counter", "Bytes received from the peer.", p => p.RxBytes);
+            PeerSeries("veil_peer_sent_bytes_total", "counter", "Bytes sent to the peer.", p => p.TxBytes);
+            PeerSeries("veil_peer_last_handshake_timestamp_seconds", "gauge", "Unix time of the latest handshake (0: never).", p => p.LastHandshakeUnixS);
+            PeerSeries("veil_peer_up", "gauge", "1 when the peer has a usable session.", p => p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) ? 1 : 0);
+            Head("veil_gc_collections_total", "counter", "Garbage collections by generation.");
+            for (int g = 0; g <= 2; g++) sb.Append("veil_gc_collections_total{generation=\"").Append(g).Append("\"} ").Append(GC.CollectionCount(g)).Append('\n');
+            One("veil_gc_allocated_bytes_total", "counter", "Bytes allocated on the managed heap.", GC.GetTotalAllocatedBytes());
+            One("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss);
+            One("process_cpu_seconds_total", "counter", "User and system CPU time in seconds.", cpuS);
+            One("process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch in seconds.", startedUnixS);
+            return sb.ToString();
         }
-        PeerSeries("veil_peer_received_bytes_total", "counter", "Bytes received from the peer.", p => p.RxBytes);
-        PeerSeries("veil_peer_sent_bytes_total", "counter", "Bytes sent to the peer.", p => p.TxBytes);
-        PeerSeries("veil_peer_last_handshake_timestamp_seconds", "gauge", "Unix time of the latest handshake (0: never).", p => p.LastHandshakeUnixS);
-        PeerSeries("veil_peer_up", "gauge", "1 when the peer has a usable session.", p => p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) ? 1 : 0);
-        Head("veil_gc_collections_total", "counter", "Garbage collections by generation.");
-        for (int g = 0; g <= 2; g++) sb.Append("veil_gc_collections_total{generation=\"").Append(g).Append("\"} ").Append(GC.CollectionCount(g)).Append('\n');
-        One("veil_gc_allocated_bytes_total", "counter", "Bytes allocated on the managed heap.", GC.GetTotalAllocatedBytes());
-        using var self = System.Diagnostics.Process.GetCurrentProcess();
-        One("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", Environment.WorkingSet);
-        One("process_cpu_seconds_total", "counter", "User and system CPU time in seconds.", self.TotalProcessorTime.TotalSeconds);
-        One("process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch in seconds.", new DateTimeOffset(self.StartTime.ToUniversalTime()).ToUnixTimeSeconds());
-        return sb.ToString();
     }
 }
 
@@ -6292,7 +6580,11 @@ internal abstract unsafe class RequestServer : IDisposable
         internal byte[]? Out;
         internal int OutOff;
         internal long DeadlineMs;
+        internal bool Waiting;                   // the request is complete; its answer comes from elsewhere (Later)
+        internal int Generation;                 // counts reuses, so a late answer never reaches the next client
     }
+
+    private const long LaterTimeoutMs = 9_000;  // within `veil`'s own 10 s wait for an answer
 
     private int _fd;
     private readonly int _epfd, _maxConnections, _maxRequestLen;
@@ -6315,6 +6607,8 @@ internal abstract unsafe class RequestServer : IDisposable
     protected abstract bool TryAnswer(int fd, Conn c, long nowMs, StatusView status);
     protected abstract byte[] TooLong();
     protected abstract byte[] TimedOut();
+    /// <summary>The reply to a client whose answer (Later) did not come in time.</summary>
+    protected virtual byte[] TooLate() => TimedOut();
     /// <summary>Turns a new client away, by a Respond, when it may not ask.</summary>
     protected virtual void Admit(int fd, Conn c, ReadOnlySpan<byte> peer, long nowMs) { }
     /// <summary>The reply to a client that ends its side before the request is complete (null: none).</summary>
@@ -6338,6 +6632,7 @@ internal abstract unsafe class RequestServer : IDisposable
         if (fd == _fd) { Accept(nowMs); return; }
         if (!_conns.TryGetValue(fd, out Conn? c)) return;
         if (c.Out != null) { Flush(fd, c); return; }
+        if (c.Waiting) { DiscardInput(fd); return; }
         nint n;
         fixed (byte* p = &c.In[c.InLen]) n = Libc.Read(fd, p, (nuint)(_maxRequestLen - c.InLen));
         if (n < 0 && Libc.Errno is Libc.EAGAIN or Libc.EINTR) return;
@@ -6376,6 +6671,29 @@ internal abstract unsafe class RequestServer : IDisposable
         return true;
     }
 
+    /// <summary>Leaves the client waiting for an answer made elsewhere; the action (called on this
+    /// loop's thread) sends it, unless the client is gone or timed out by then.</summary>
+    protected Action<byte[]> Later(int fd, Conn c, long nowMs)
+    {
+        c.Waiting = true;
+        c.DeadlineMs = nowMs + LaterTimeoutMs;
+        int generation = c.Generation;
+        return reply =>
+        {
+            if (_conns.TryGetValue(fd, out Conn? now) && now == c && c.Generation == generation && c.Out == null)
+                Respond(fd, c, reply, Mono.NowMs());
+        };
+    }
+
+    // A waiting client that writes more is ignored; one that hangs up is closed.
+    private void DiscardInput(int fd)
+    {
+        Span<byte> sink = stackalloc byte[256];
+        nint n;
+        fixed (byte* p = sink) n = Libc.Read(fd, p, (nuint)sink.Length);
+        if (n == 0 || n < 0 && Libc.Errno is not (Libc.EAGAIN or Libc.EINTR)) Close(fd);
+    }
+
     protected void Respond(int fd, Conn c, byte[] reply, long nowMs)
     {
         c.Out = reply;
@@ -6406,7 +6724,7 @@ internal abstract unsafe class RequestServer : IDisposable
         foreach (int fd in late)
         {
             Conn c = _conns[fd];
-            if (c.Out == null) Respond(fd, c, TimedOut(), nowMs);
+            if (c.Out == null) Respond(fd, c, c.Waiting ? TooLate() : TimedOut(), nowMs);
             if (_conns.ContainsKey(fd)) Close(fd);
         }
     }
@@ -6420,6 +6738,8 @@ internal abstract unsafe class RequestServer : IDisposable
         c.InLen = 0;
         c.Out = null;
         c.OutOff = 0;
+        c.Waiting = false;
+        c.Generation++;
         _spare.Push(c);
     }
 
@@ -6480,19 +6800,26 @@ internal sealed unsafe class ControlServer : RequestServer
         int nl = Array.IndexOf(c.In, (byte)'\n', 0, c.InLen);
         if (nl < 0) return false;
         string line = Encoding.UTF8.GetString(c.In, 0, nl).Trim();
-        string reply = line switch
+        if (line == "reload")
         {
-            "status" => status.Text(),
-            "status json" => status.Json(),
-            "peers" => status.PeersText(),
-            "peers json" => status.PeersJson(),
-            "routes" => status.RoutesText(),
-            "routes json" => status.RoutesJson(),
-            "reload" => ReloadReply(_daemon.Reload("control")),
-            "down" => "ok: leaving\n",
-            _ when line.StartsWith("invite ") => _daemon.Invite(line),
-            _ => "error: unknown request (expected status, peers, routes [json], reload or down)\n",
-        };
+            Action<byte[]> answer = Later(fd, c, nowMs);
+            _daemon.AskReload("control", (code, message) => answer(Encoding.UTF8.GetBytes(ReloadReply(code, message))));
+            return true;
+        }
+        string reply;
+        lock (status.Gate)
+            reply = line switch
+            {
+                "status" => status.Text(),
+                "status json" => status.Json(),
+                "peers" => status.PeersText(),
+                "peers json" => status.PeersJson(),
+                "routes" => status.RoutesText(),
+                "routes json" => status.RoutesJson(),
+                "down" => "ok: leaving\n",
+                _ when line.StartsWith("invite ") => _daemon.Invite(line),
+                _ => "error: unknown request (expected status, peers, routes [json], reload or down)\n",
+            };
         Respond(fd, c, Encoding.UTF8.GetBytes(reply), nowMs);
         if (line == "down") _daemon.RequestStop();
         return true;
@@ -6502,12 +6829,14 @@ internal sealed unsafe class ControlServer : RequestServer
     protected override byte[]? Unfinished() => TooLong();
     protected override byte[] TimedOut() => "error: no complete request line in time\n"u8.ToArray();
 
-    private static string ReloadReply((Daemon.ReloadCode Code, string Message) r) => r.Code switch
+    private static string ReloadReply(Daemon.ReloadCode code, string message) => code switch
     {
-        Daemon.ReloadCode.Ok => "ok: " + r.Message + "\n",
-        Daemon.ReloadCode.NeedsRestart => "restart: " + r.Message + "\n",
-        _ => "error: " + r.Message + "\n",
+        Daemon.ReloadCode.Ok => "ok: " + message + "\n",
+        Daemon.ReloadCode.NeedsRestart => "restart: " + message + "\n",
+        _ => "error: " + message + "\n",
     };
+
+    protected override byte[] TooLate() => "error: no answer in time; the daemon's log tells how the request ended\n"u8.ToArray();
 
     protected override void Closed()
     {
@@ -6655,13 +6984,15 @@ internal sealed unsafe class MgmtServer : RequestServer
             : parts[0] != "GET" && parts[0] != "HEAD" ? Http(405, "text/plain", "only GET\n")
             : path switch
             {
-                "/status" => Http(200, "application/json", status.Json()),
+                "/status" => Http(200, "application/json", StatusJson(status)),
                 "/metrics" => Http(200, "text/plain; version=0.0.4; charset=utf-8", status.Metrics()),
                 "/healthz" => Http(200, "text/plain", "ok\n"),
                 _ => Http(404, "text/plain", "not found (try /status, /metrics, /healthz)\n"),
             }, nowMs);
         return true;
     }
+
+    private static string StatusJson(StatusView status) { lock (status.Gate) return status.Json(); }
 
     protected override byte[] TooLong() => Http(431, "text/plain", "request header too large\n");
     protected override byte[] TimedOut() => Http(408, "text/plain", "request timeout\n");
@@ -7244,12 +7575,17 @@ internal sealed class Invites(Key32 privateKey)
     {
         internal InviteToken Token = null!;
         internal Key32 JoinerKey;                         // zero until used
+        internal bool Written;                            // the joiner is in the config file: answer it
         internal string Name = "";
     }
 
+    /// <summary>A joiner with a valid JoinHello, for the daemon to write down (off the packet path:
+    /// the file is synced) before Written answers it.</summary>
+    internal sealed record Joiner(ulong InviteId, PeerConfig Peer, Endpoint From);
+
     private readonly Dictionary<ulong, Pending> _pending = new();
     private Key32 _tokenKey = TokenKey(privateKey);
-    internal Func<PeerConfig, string?>? Persist;        // writes the joiner as a trusted peer; an error text or null
+    internal readonly Queue<Joiner> Joiners = new();    // at most one per pending invite
     internal Key32 Psk;
 
     private static Key32 TokenKey(Key32 priv)
@@ -7287,7 +7623,9 @@ internal sealed class Invites(Key32 privateKey)
         foreach (Pending p in _pending.Values) yield return p.Token.JoinerAddress.Address;
     }
 
-    /// <summary>Checks a JoinHello; on success persists the joiner once and returns the JoinAccept to send.</summary>
+    /// <summary>Checks a JoinHello: null when refused; for a joiner seen first, queues it (Joiners)
+    /// and returns an empty answer (it is answered once written down); for one written down, the
+    /// JoinAccept again (a retransmitted JoinHello).</summary>
     internal byte[]? Consume(ReadOnlySpan<byte> msg, Log log, in Endpoint from)
     {
         // 16 03 03 LL LL | 4 | body length (2) | token body without secret, with tag | joiner key (32) | proof (16) | name length + name
@@ -7318,12 +7656,32 @@ internal sealed class Invites(Key32 privateKey)
             var pc = new PeerConfig { Name = name };
             joinerKey.CopyTo(pc.PublicKey);
             pc.Allowed.Add(new IpPrefix(p.Token.JoinerAddress.Address.GetAddressBytes(), p.Token.JoinerAddress.IsV6 ? 128 : 32));
-            string? error = Persist?.Invoke(pc) ?? "this daemon has no --config file to write the joiner to";
-            if (error.Length > 0) { log.Warn("join_failed", $"invite={p.Token.Id:x16} error=\"{error}\""); return null; }
-            joinerKey.CopyTo(p.JoinerKey);
-            log.Info("join_accepted", $"invite={p.Token.Id:x16} peer={name} address={p.Token.JoinerAddress} from={from}");
+            joinerKey.CopyTo(p.JoinerKey);                // the invite is this key's from now on
+            Joiners.Enqueue(new Joiner(p.Token.Id, pc, from));
+            return [];
         }
-        // Answer (again, for a retransmitted JoinHello from the same joiner): sealed with the secret.
+        return p.Written ? Accept(p, joinerKey) : [];
+    }
+
+    /// <summary>The daemon wrote the joiner down (error empty) or could not: the JoinAccept to send,
+    /// or null, and the invite free again for another try.</summary>
+    internal byte[]? Written(Joiner j, string error, Log log)
+    {
+        if (!_pending.TryGetValue(j.InviteId, out Pending? p) || !CryptographicOperations.FixedTimeEquals(p.JoinerKey, j.Peer.PublicKey)) return null;
+        if (error.Length > 0)
+        {
+            log.Warn("join_failed", $"invite={j.InviteId:x16} error=\"{error}\"");
+            p.JoinerKey.Clear();
+            return null;
+        }
+        p.Written = true;
+        log.Info("join_accepted", $"invite={j.InviteId:x16} peer={j.Peer.Name} address={p.Token.JoinerAddress} from={j.From}");
+        return Accept(p, j.Peer.PublicKey);
+    }
+
+    // The JoinAccept: the network secret, sealed with a key only the token's holder can derive.
+    private byte[] Accept(Pending p, ReadOnlySpan<byte> joinerKey)
+    {
         byte[] reply = new byte[Spec.PreambleLen + 1 + 8 + JoinAcceptPayloadLen + Spec.TagLen];
         Wire.WritePreamble(reply, Spec.TlsHandshake, reply.Length);
         reply[5] = TypeJoinAccept;
@@ -7509,7 +7867,9 @@ internal static class OnboardingCli
         byte[] reply = new byte[256];
         Key32 psk = default;
         bool accepted = false;
-        for (int attempt = 0; attempt < 5 && !accepted; attempt++)
+        // The inviter answers once it has written us into its config file and reloaded (names in
+        // that file resolve then): seconds on a slow router, so ask for 12 s before giving up.
+        for (int attempt = 0; attempt < 8 && !accepted; attempt++)
         {
             sock.SendTo(hello, to);
             try

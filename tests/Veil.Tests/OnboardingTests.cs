@@ -13,13 +13,27 @@ public sealed class OnboardingTests : IDisposable
     public OnboardingTests() => X25519.PublicKey(_inviterPub, _inviterPriv);
     public void Dispose() => Directory.Delete(_dir, true);
 
+    private readonly List<PeerConfig> _persisted = new();
+
     private (Invites Invites, InviteToken Token, List<PeerConfig> Persisted) NewInvite(long expiresIn = 3600)
     {
-        var persisted = new List<PeerConfig>();
-        var inv = new Invites(_inviterPriv) { Psk = TestNode.KeyFromSeed(31), Persist = pc => { persisted.Add(pc); return ""; } };
+        var inv = new Invites(_inviterPriv) { Psk = TestNode.KeyFromSeed(31) };
         InviteToken t = inv.Create(_inviterPub, "192.0.2.1:51820", "lab", new IfAddress(IPAddress.Parse("100.64.0.1"), 24),
             new IfAddress(IPAddress.Parse("100.64.0.5"), 24), "bee", DateTimeOffset.UtcNow.ToUnixTimeSeconds() + expiresIn);
-        return (inv, t, persisted);
+        return (inv, t, _persisted);
+    }
+
+    // What the daemon does with a JoinHello: Consume, then write each queued joiner down (here: a
+    // list) and answer it with what Written returns.
+    private byte[]? Join(Invites inv, byte[] hello, Endpoint from)
+    {
+        byte[]? reply = inv.Consume(hello, _log, from);
+        while (inv.Joiners.TryDequeue(out Invites.Joiner? j))
+        {
+            _persisted.Add(j.Peer);
+            reply = inv.Written(j, "", _log);
+        }
+        return reply;
     }
 
     private static byte[] JoinHello(InviteToken t, in Key32 joinerPub, ReadOnlySpan<byte> secret, string name = "bee")
@@ -78,17 +92,45 @@ public sealed class OnboardingTests : IDisposable
     {
         var (inv, t, persisted) = NewInvite();
         Key32 joiner = Pub(40);
-        byte[]? reply = inv.Consume(JoinHello(t, joiner, t.Secret), _log, TestNet.Ep(1));
+        byte[]? reply = Join(inv, JoinHello(t, joiner, t.Secret), TestNet.Ep(1));
         Assert.NotNull(reply);
         PeerConfig pc = Assert.Single(persisted);
         Assert.True(pc.PublicKey.EqualsCt(joiner));
         Assert.Equal("100.64.0.5/32", Assert.Single(pc.Allowed).ToString());
         // the joiner's retransmit gets the same answer; nothing is persisted twice
-        Assert.NotNull(inv.Consume(JoinHello(t, joiner, t.Secret), _log, TestNet.Ep(1)));
+        Assert.NotNull(Join(inv, JoinHello(t, joiner, t.Secret), TestNet.Ep(1)));
         Assert.Single(persisted);
         // a second joiner with the same token is refused
-        Assert.Null(inv.Consume(JoinHello(t, Pub(41), t.Secret), _log, TestNet.Ep(2)));
+        Assert.Null(Join(inv, JoinHello(t, Pub(41), t.Secret), TestNet.Ep(2)));
         Assert.Single(persisted);
+    }
+
+    // The packet path only queues a joiner; the answer waits until the daemon wrote it down (the
+    // file is synced off the node's lock). Meanwhile the invite is that key's: a retransmit waits
+    // quietly, another key is refused; a failed write frees the invite again.
+    [Fact]
+    public void Join_AnsweredOnlyOnceWrittenDown_AndFreedWhenTheWriteFails()
+    {
+        var (inv, t, _) = NewInvite();
+        Key32 joiner = Pub(40);
+        Assert.Empty(inv.Consume(JoinHello(t, joiner, t.Secret), _log, TestNet.Ep(1))!);
+        Invites.Joiner j = Assert.Single(inv.Joiners);
+        Assert.True(j.Peer.PublicKey.EqualsCt(joiner));
+        Assert.Equal(TestNet.Ep(1), j.From);
+        Assert.Empty(inv.Consume(JoinHello(t, joiner, t.Secret), _log, TestNet.Ep(1))!);   // retransmit: still waiting
+        Assert.Single(inv.Joiners);                                                               // not queued twice
+        Assert.Null(inv.Consume(JoinHello(t, Pub(41), t.Secret), _log, TestNet.Ep(2)));           // another key: already used
+        inv.Joiners.Dequeue();
+
+        Assert.Null(inv.Written(j, "disk full", _log));                                           // the write failed
+        Assert.Empty(inv.Consume(JoinHello(t, Pub(41), t.Secret), _log, TestNet.Ep(2))!); // the invite is free again
+        Invites.Joiner second = inv.Joiners.Dequeue();
+        Assert.Null(inv.Written(j, "", _log));                                                    // a stale completion changes nothing
+        byte[]? accept = inv.Written(second, "", _log);
+        Assert.NotNull(accept);
+        Assert.Equal(Invites.TypeJoinAccept, accept[5]);
+        Assert.Equal(accept, inv.Consume(JoinHello(t, Pub(41), t.Secret), _log, TestNet.Ep(2)));  // a retransmit: the same answer
+        Assert.Empty(inv.Joiners);
     }
 
     [Fact]
@@ -97,14 +139,14 @@ public sealed class OnboardingTests : IDisposable
         var (inv, t, persisted) = NewInvite();
         var altered = InviteToken.Parse(t.Encode())!;
         altered.JoinerAddress = new IfAddress(IPAddress.Parse("100.64.0.200"), 24);     // try to pick another address
-        Assert.Null(inv.Consume(JoinHello(altered, Pub(40), t.Secret), _log, TestNet.Ep(1)));
+        Assert.Null(Join(inv, JoinHello(altered, Pub(40), t.Secret), TestNet.Ep(1)));
         var later = InviteToken.Parse(t.Encode())!;
         later.ExpiresUnix += 86400;                                                        // try to extend it
-        Assert.Null(inv.Consume(JoinHello(later, Pub(40), t.Secret), _log, TestNet.Ep(1)));
+        Assert.Null(Join(inv, JoinHello(later, Pub(40), t.Secret), TestNet.Ep(1)));
         Key32 wrong = TestNode.KeyFromSeed(99);
-        Assert.Null(inv.Consume(JoinHello(t, Pub(40), wrong), _log, TestNet.Ep(1)));       // proof without the secret
+        Assert.Null(Join(inv, JoinHello(t, Pub(40), wrong), TestNet.Ep(1)));       // proof without the secret
         Assert.Empty(persisted);
-        Assert.NotNull(inv.Consume(JoinHello(t, Pub(40), t.Secret), _log, TestNet.Ep(1)));  // the real one still works
+        Assert.NotNull(Join(inv, JoinHello(t, Pub(40), t.Secret), TestNet.Ep(1)));  // the real one still works
     }
 
     [Fact]
@@ -114,7 +156,7 @@ public sealed class OnboardingTests : IDisposable
         var other = new Invites(TestNode.KeyFromSeed(77));
         InviteToken foreign = other.Create(_inviterPub, "192.0.2.1:51820", "lab", new IfAddress(IPAddress.Parse("100.64.0.1"), 24),
             new IfAddress(IPAddress.Parse("100.64.0.5"), 24), "x", DateTimeOffset.UtcNow.ToUnixTimeSeconds() + 60);
-        Assert.Null(inv.Consume(JoinHello(foreign, Pub(40), foreign.Secret), _log, TestNet.Ep(1)));
+        Assert.Null(Join(inv, JoinHello(foreign, Pub(40), foreign.Secret), TestNet.Ep(1)));
         Assert.Empty(persisted);
     }
 
@@ -122,7 +164,7 @@ public sealed class OnboardingTests : IDisposable
     public void Join_Expired_Refused()
     {
         var (inv, t, persisted) = NewInvite(expiresIn: -1);
-        Assert.Null(inv.Consume(JoinHello(t, Pub(40), t.Secret), _log, TestNet.Ep(1)));
+        Assert.Null(Join(inv, JoinHello(t, Pub(40), t.Secret), TestNet.Ep(1)));
         Assert.Empty(persisted);
     }
 
@@ -136,7 +178,7 @@ public sealed class OnboardingTests : IDisposable
             byte[] d = new byte[rng.Next(0, 400)];
             rng.NextBytes(d);
             if (d.Length > 8) { d[5] = Invites.TypeJoinHello; BinaryPrimitives.WriteUInt16BigEndian(d.AsSpan(6), (ushort)rng.Next(0, d.Length)); }
-            Assert.Null(inv.Consume(d, _log, TestNet.Ep(1)));
+            Assert.Null(Join(inv, d, TestNet.Ep(1)));
         }
         Assert.Empty(persisted);
     }

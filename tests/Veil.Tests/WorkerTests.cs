@@ -94,8 +94,8 @@ public class WorkerTests
             Assert.Equal(28 + 100 + id % PerWorker % 300, p.Length);
         }
         Assert.Equal(Workers * PerWorker, seen.Count);
-        lock (a) foreach (Worker w in wa) w.Settle();
-        lock (b) foreach (Worker w in wb) w.Settle();
+        lock (a.Gate) foreach (Worker w in wa) w.Settle();
+        lock (b.Gate) foreach (Worker w in wb) w.Settle();
         Assert.Equal(Workers * PerWorker, a.Counters.TunRxPackets - tunRxA);
         Assert.Equal(Workers * PerWorker, a.Counters.TxRecords - txA);
         Assert.Equal(Workers * PerWorker, b.Counters.RxRecords - rxB);
@@ -103,5 +103,38 @@ public class WorkerTests
         Assert.Equal(0, b.Counters.Drops.Sum());
         Assert.Equal(Workers * PerWorker, wa.Sum(w => w.TunPackets));
         Assert.Equal(Workers * PerWorker, wb.Sum(w => w.UdpDatagrams));
+    }
+
+    // Only the loop's thread runs the timers, and it sleeps until the earliest it knows of. A timer
+    // armed on another worker's thread earlier than that wakes the loop (once); one armed later, or
+    // a second packet that arms nothing new, does not.
+    [Fact]
+    public void OtherWorker_ArmingAnEarlierTimer_WakesTheLoopOnce()
+    {
+        var t = TestNet.FullMesh(2);
+        Node a = t.Nodes[0].Node;
+        Peer b = a.Peers[0];
+        long now = t.NowMs;
+        lock (a.Gate) t.Nodes[0].Worker.PumpTimers(now);               // the loop goes to sleep
+        Assert.Equal(0, b.RetransmitHandshakeAtMs);
+        int wakes = 0;
+        var tun = new QueueTun();
+        var other = new Worker(a, tun, new QueueUdp()) { WakeLoop = () => Interlocked.Increment(ref wakes) };
+        tun.ToRead.Enqueue(Packets.Udp4("100.64.0.1", "100.64.0.2", 100));
+        other.PumpTun(now);                                             // no session: a ClientHello and its retransmit timer
+        Assert.NotEqual(0, b.RetransmitHandshakeAtMs);
+        Assert.Equal(1, wakes);
+        tun.ToRead.Enqueue(Packets.Udp4("100.64.0.1", "100.64.0.2", 100));
+        other.PumpTun(now + 1);                                         // staged behind the same handshake: nothing new
+        Assert.Equal(1, wakes);
+        long next;
+        lock (a.Gate) next = t.Nodes[0].Worker.PumpTimers(now + 1);    // the loop, woken, learns the deadline
+        Assert.Equal(b.RetransmitHandshakeAtMs, next);
+        Assert.Equal(next, a.Signal.LoopWakeMs);
+        Assert.False(a.Signal.Pending);
+        lock (a.Gate) b.ZeroKeysAtMs = next + 1;                       // later than the loop's wake-up: no news
+        Assert.False(a.Signal.Pending);
+        lock (a.Gate) b.ZeroKeysAtMs = next - 1;
+        Assert.True(a.Signal.Pending);
     }
 }
