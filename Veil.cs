@@ -120,7 +120,7 @@ internal static class Program
             case "pubkey": return Cli.PubKey(Console.In, stdout, stderr);
             case "genpsk": return Cli.GenPsk(stdout);
             case "up": return Up(args, stderr);
-            case "init" or "invite" or "join" or "add-peer" or "doctor": return Onboard(verb, args, stdout, stderr);
+            case "init" or "invite" or "join" or "add-peer" or "doctor" or "service": return Onboard(verb, args, stdout, stderr);
             case "status" or "peers" or "routes" or "reload" or "down": return Cli.Ask(verb, args, stdout, stderr);
             case "version" or "--version": stdout.WriteLine($"veil {Cli.Version} {RuntimeInformation.RuntimeIdentifier}"); return 0;
             case "bench": return Bench.Run(args, stdout);
@@ -145,6 +145,7 @@ internal static class Program
                 "invite" => OnboardingCli.Invite(args, stdout, stderr),
                 "join" => OnboardingCli.Join(args, stdout, stderr),
                 "add-peer" => OnboardingCli.AddPeer(args, stdout),
+                "service" => ServiceCli.Run(args, stdout),
                 _ => Doctor.Run(args, stdout),
             };
         }
@@ -7144,6 +7145,7 @@ internal static class Cli
                   join TOKEN        join the network of an invite: key, config, and the inviter's approval
                   add-peer          add a peer to a config file (then: veil reload)
                   doctor            check this host and the config, one line per check
+                  service install   run this binary as a systemd service (veil@NAME; also: uninstall)
                   version           print the version and runtime identifier
                   bench [SECONDS]   micro-benchmarks: AEAD per record size, trie lookups, handshakes
                   selftest          known-answer tests and struct layouts on this device; exit 1 if any fail
@@ -7168,6 +7170,7 @@ internal static class Cli
         ["join"] = "usage: veil join TOKEN [--dir DIR] [--name NAME] [--listen ADDR:PORT]   key + config in DIR (default /etc/veil), approved by the inviter\n",
         ["add-peer"] = "usage: veil add-peer --config FILE --peer PUBKEY[@HOST:PORT] [--allow CIDR]... [--name NAME] [--keepalive SECONDS]\n  validates the peer, appends it to FILE; a running daemon applies it on 'veil reload'\n",
         ["selftest"] = "usage: veil selftest   X25519, AEAD (both backends), HKDF and Noise known answers, epoll and UDP batch layouts against this kernel\nexit status: 0 all passed, 1 any failed\n",
+        ["service"] = "usage: veil service install|uninstall [--name NAME] [--root DIR]\n  install: copies this binary to /usr/local/bin/veil, writes veil@.service (CAP_NET_ADMIN only, restart on failure),\n  creates /etc/veil (0700) and enables veil@NAME (default veil: /etc/veil/veil.toml); uninstall: stops, disables and\n  removes both, keeping /etc/veil. --root DIR works on another file system tree (enabled offline)\n",
         ["doctor"] = "usage: veil doctor [the flags of 'veil up', e.g. --config FILE]   one ok/FAIL line per check; exit 1 if any failed\n",
         ["peers"] = "usage: veil peers [--json] [--control PATH]   the configured peers and their state\n",
         ["routes"] = "usage: veil routes [--json] [--control PATH]   the routing table: prefix -> peer\n",
@@ -7418,6 +7421,8 @@ internal static class Bench
 //                  secret). Only the token's holder can use it, once.
 //   veil add-peer  validates a peer and appends it to a config file (applied by `veil reload`)
 //   veil doctor    one pass/fail line per check of the host and the config
+//   veil service   install|uninstall: the binary as a systemd service (veil@NAME runs
+//                  /etc/veil/NAME.toml), with CAP_NET_ADMIN only; configs and keys are never removed
 // Join messages use the handshake preamble with types 4 (JoinHello) and 5 (JoinAccept).
 
 internal sealed class InviteToken
@@ -7757,7 +7762,7 @@ internal static class Onboarding
 
 internal static class OnboardingCli
 {
-    private static string? Arg(string[] args, string flag, ref int i) =>
+    internal static string? Arg(string[] args, string flag, ref int i) =>
         args[i] == flag && i + 1 < args.Length ? args[++i] : args[i].StartsWith(flag + "=") ? args[i][(flag.Length + 1)..] : null;
 
     private static long ParseDuration(string v)
@@ -8066,5 +8071,189 @@ internal static unsafe partial class Doctor
                 }
         }
         return found;
+    }
+}
+
+/// <summary>`veil service install|uninstall [--name NAME] [--root DIR]`: the running binary as a
+/// systemd template service, like wg-quick@: veil@NAME runs `veil up --config /etc/veil/NAME.toml`,
+/// as root bounded to CAP_NET_ADMIN, restarted on failure (not on a config error, exit 2). --root
+/// works on another file system tree (an image being built, a test), enabling offline there.
+/// Configs and keys under /etc/veil are the user's: install only creates the directory (0700),
+/// uninstall keeps it.</summary>
+internal static class ServiceCli
+{
+    internal const string BinaryPath = "/usr/local/bin/veil", UnitPath = "/etc/systemd/system/veil@.service", ConfigDir = "/etc/veil";
+    private const string Marker = "# written by veil service install";
+
+    internal static string Unit() => $$"""
+        {{Marker}}; `veil service uninstall` removes it.
+        # veil@NAME runs {{ConfigDir}}/NAME.toml (`veil init --dir {{ConfigDir}}` writes veil.toml: veil@veil).
+        # Root bounded to CAP_NET_ADMIN: the config's `user` cannot be used here (it needs CAP_SETUID).
+        [Unit]
+        Description=Veil mesh VPN (%i)
+        Documentation=man:systemd.service(5)
+        After=network-online.target nss-lookup.target
+        Wants=network-online.target nss-lookup.target
+
+        [Service]
+        Type=simple
+        ExecStart={{BinaryPath}} up --config {{ConfigDir}}/%i.toml
+        ExecReload=/bin/kill -HUP $MAINPID
+        Restart=on-failure
+        RestartSec=5
+        RestartPreventExitStatus=2
+        CapabilityBoundingSet=CAP_NET_ADMIN
+        AmbientCapabilities=CAP_NET_ADMIN
+        NoNewPrivileges=yes
+        ProtectSystem=full
+        ReadWritePaths={{ConfigDir}}
+        ProtectHome=yes
+        PrivateTmp=yes
+        ProtectKernelModules=yes
+        ProtectKernelTunables=yes
+        ProtectControlGroups=yes
+        ProtectClock=yes
+        ProtectKernelLogs=yes
+        ProtectHostname=yes
+        RestrictNamespaces=yes
+        RestrictRealtime=yes
+        RestrictSUIDSGID=yes
+        LockPersonality=yes
+        SystemCallArchitectures=native
+        RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+        DevicePolicy=closed
+        DeviceAllow=/dev/net/tun rw
+        UMask=0077
+
+        [Install]
+        WantedBy=multi-user.target
+
+        """;
+
+    internal static int Run(string[] args, TextWriter o)
+    {
+        if (args.Length < 2 || args[1] is not ("install" or "uninstall")) throw new ConfigException("service: say install or uninstall (see 'veil help service')");
+        string root = "/", name = "veil";
+        for (int i = 2; i < args.Length; i++)
+        {
+            if (OnboardingCli.Arg(args, "--root", ref i) is string r) root = Path.GetFullPath(r);
+            else if (OnboardingCli.Arg(args, "--name", ref i) is string n) name = n;
+            else throw new ConfigException($"service: unknown argument '{args[i]}' (see 'veil help service')");
+        }
+        if (name.Length is 0 or > 64 || name.AsSpan().IndexOfAnyExcept(InstanceChars) >= 0)
+            throw new ConfigException($"service: --name '{name}' must be 1-64 letters, digits, '-', '_' or '.'");
+        bool live = root == "/" && Directory.Exists("/run/systemd/system");
+        Func<string[], (int Code, string Output)>? systemctl = FindSystemctl() is string path ? a => RunTool(path, a) : null;
+        return args[1] == "install"
+            ? Install(root, name, Environment.ProcessPath ?? throw new ConfigException("service: cannot tell where this binary is"), live, systemctl, o)
+            : Uninstall(root, live, systemctl, o);
+    }
+
+    private static readonly System.Buffers.SearchValues<char> InstanceChars =
+        System.Buffers.SearchValues.Create("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.");
+
+    private static string In(string root, string path) => root == "/" ? path : Path.Join(root, path);
+
+    // Refuses to touch a unit file someone else wrote; checked before anything changes.
+    private static bool Ours(string unit) => !File.Exists(unit) || File.ReadAllText(unit).StartsWith(Marker, StringComparison.Ordinal);
+
+    internal static int Install(string root, string name, string binary, bool live, Func<string[], (int, string)>? systemctl, TextWriter o)
+    {
+        string bin = In(root, BinaryPath), unit = In(root, UnitPath), dir = In(root, ConfigDir), cfg = Path.Join(dir, name + ".toml");
+        if (!Ours(unit)) throw new ConfigException($"service: {unit} exists and was not written by veil; move it away first");
+        if (!File.Exists(binary)) throw new ConfigException($"service: {binary} does not exist");
+        try
+        {
+            if (Path.GetFullPath(binary) == Path.GetFullPath(bin)) o.WriteLine($"binary: {bin} (already there)");
+            else
+            {
+                Directory.CreateDirectory(Path.GetDirectoryName(bin)!);
+                string tmp = bin + ".tmp-" + Environment.ProcessId;
+                File.Copy(binary, tmp, overwrite: true);
+                File.SetUnixFileMode(tmp, (UnixFileMode)0b111_101_101);
+                File.Move(tmp, bin, overwrite: true);              // a running copy keeps its old file
+                o.WriteLine($"installed {bin} (from {binary})");
+            }
+            if (!Directory.Exists(dir))
+            {
+                Directory.CreateDirectory(dir);
+                o.WriteLine($"created {dir} (0700) for configs and keys");
+            }
+            else if ((File.GetUnixFileMode(dir) & (UnixFileMode)0b000_111_111) != 0) o.WriteLine($"tightened {dir} to 0700 (it holds keys)");
+            File.SetUnixFileMode(dir, (UnixFileMode)0b111_000_000);
+            Directory.CreateDirectory(Path.GetDirectoryName(unit)!);
+            Onboarding.WriteAtomic(unit, Unit(), (UnixFileMode)0b110_100_100);
+            o.WriteLine($"wrote {unit}");
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new ConfigException($"service: {e.Message}");
+        }
+        string instance = $"veil@{name}.service";
+        if (systemctl == null) o.WriteLine($"systemctl not found: enable it by hand (a link to {UnitPath} in multi-user.target.wants)");
+        else
+        {
+            if (live) Systemctl(systemctl, o, "daemon-reload");
+            Systemctl(systemctl, o, live ? ["enable", instance] : ["--root=" + root, "enable", instance]);
+        }
+        if (!File.Exists(cfg))
+            o.WriteLine($"next: write {ConfigDir}/{name}.toml" + (name == "veil" ? $" (veil init --dir {ConfigDir}, or veil join TOKEN --dir {ConfigDir})" : "") + $", then: systemctl start {instance}");
+        else o.WriteLine($"start: systemctl start {instance}   logs: journalctl -u {instance}");
+        return 0;
+    }
+
+    internal static int Uninstall(string root, bool live, Func<string[], (int, string)>? systemctl, TextWriter o)
+    {
+        string bin = In(root, BinaryPath), unit = In(root, UnitPath), dir = In(root, ConfigDir);
+        if (!Ours(unit)) throw new ConfigException($"service: {unit} was not written by veil; leaving it alone");
+        if (!File.Exists(unit))
+        {
+            o.WriteLine($"not installed: no {unit}");
+            return 0;
+        }
+        // Disabling the template disables every instance; a live system also stops them.
+        if (systemctl != null)
+        {
+            if (live) Systemctl(systemctl, o, "stop", "veil@*.service");
+            Systemctl(systemctl, o, live ? ["disable", "veil@.service"] : ["--root=" + root, "disable", "veil@.service"]);
+        }
+        try
+        {
+            File.Delete(unit);
+            o.WriteLine($"removed {unit}");
+            if (File.Exists(bin)) { File.Delete(bin); o.WriteLine($"removed {bin}"); }
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new ConfigException($"service: {e.Message}");
+        }
+        if (live && systemctl != null) Systemctl(systemctl, o, "daemon-reload");
+        if (Directory.Exists(dir)) o.WriteLine($"kept {dir} (configs and keys are yours to remove)");
+        return 0;
+    }
+
+    private static void Systemctl(Func<string[], (int, string)> systemctl, TextWriter o, params string[] args)
+    {
+        var (code, output) = systemctl(args);
+        string said = output.Trim().Replace('\n', ' ');
+        if (code != 0) throw new ConfigException($"service: systemctl {string.Join(' ', args)} failed (exit {code}): {said}");
+        o.WriteLine($"systemctl {string.Join(' ', args)}" + (said.Length > 0 ? ": " + said : ""));
+    }
+
+    private static string? FindSystemctl()
+    {
+        foreach (string d in (Environment.GetEnvironmentVariable("PATH") ?? "/usr/bin:/bin").Split(':'))
+            if (d.Length > 0 && File.Exists(Path.Join(d, "systemctl"))) return Path.Join(d, "systemctl");
+        return null;
+    }
+
+    private static (int, string) RunTool(string path, string[] args)
+    {
+        var psi = new ProcessStartInfo(path) { RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (string a in args) psi.ArgumentList.Add(a);
+        using Process p = Process.Start(psi) ?? throw new ConfigException($"service: cannot run {path}");
+        string output = p.StandardError.ReadToEnd() + p.StandardOutput.ReadToEnd();
+        p.WaitForExit();
+        return (p.ExitCode, output);
     }
 }

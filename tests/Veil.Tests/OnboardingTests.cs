@@ -226,4 +226,91 @@ public sealed class OnboardingTests : IDisposable
         Assert.Contains("tun:", text);
         Assert.Contains("clock:", text);
     }
+
+    // veil service in a scratch root, with systemctl stood in for (tests/netns/service.sh runs the
+    // real one offline and systemd-analyze verify on the unit).
+    private (string Root, string Binary, List<string> Calls, Func<string[], (int, string)> Systemctl) ServiceRoot()
+    {
+        string root = Path.Combine(_dir, "root"), binary = Path.Combine(_dir, "veil-build");
+        Directory.CreateDirectory(root);
+        File.WriteAllText(binary, "not really an ELF");
+        var calls = new List<string>();
+        return (root, binary, calls, a => { calls.Add(string.Join(' ', a)); return (0, ""); });
+    }
+
+    [Fact]
+    public void Service_InstallUninstall_RoundTrip_KeepsConfigsAndKeys()
+    {
+        var (root, binary, calls, systemctl) = ServiceRoot();
+        var o = new StringWriter();
+        Assert.Equal(0, ServiceCli.Install(root, "lab", binary, live: false, systemctl, o));
+        string bin = root + ServiceCli.BinaryPath, unit = root + ServiceCli.UnitPath, dir = root + ServiceCli.ConfigDir;
+        Assert.Equal("not really an ELF", File.ReadAllText(bin));
+        Assert.Equal((UnixFileMode)0b111_101_101, File.GetUnixFileMode(bin));
+        Assert.Equal((UnixFileMode)0b111_000_000, File.GetUnixFileMode(dir));
+        string text = File.ReadAllText(unit);
+        Assert.Equal(ServiceCli.Unit(), text);
+        Assert.Contains("ExecStart=/usr/local/bin/veil up --config /etc/veil/%i.toml\n", text);
+        Assert.Contains("CapabilityBoundingSet=CAP_NET_ADMIN\n", text);
+        Assert.Contains("AmbientCapabilities=CAP_NET_ADMIN\n", text);
+        Assert.Contains("Restart=on-failure\n", text);
+        Assert.Contains("RestartPreventExitStatus=2\n", text);                     // a bad config is not retried
+        Assert.Equal([$"--root={root} enable veil@lab.service"], calls);
+        Assert.Contains("next: write /etc/veil/lab.toml", o.ToString());
+
+        // again, with a config and a key in place: the same files, nothing of the user's touched
+        File.WriteAllText(Path.Combine(dir, "lab.toml"), "key = \"/etc/veil/private.key\"\n");
+        File.WriteAllText(Path.Combine(dir, "private.key"), "secret");
+        o = new StringWriter();
+        Assert.Equal(0, ServiceCli.Install(root, "lab", binary, live: false, systemctl, o));
+        Assert.Contains("start: systemctl start veil@lab.service", o.ToString());
+
+        calls.Clear();
+        o = new StringWriter();
+        Assert.Equal(0, ServiceCli.Uninstall(root, live: false, systemctl, o));
+        Assert.Equal([$"--root={root} disable veil@.service"], calls);
+        Assert.False(File.Exists(unit));
+        Assert.False(File.Exists(bin));
+        Assert.Equal("secret", File.ReadAllText(Path.Combine(dir, "private.key")));
+        Assert.Contains("kept " + dir, o.ToString());
+        o = new StringWriter();
+        Assert.Equal(0, ServiceCli.Uninstall(root, live: false, systemctl, o));             // twice: nothing to do
+        Assert.Contains("not installed", o.ToString());
+    }
+
+    [Fact]
+    public void Service_LiveSystem_ReloadsEnablesStopsAndDisables()
+    {
+        var (root, binary, calls, systemctl) = ServiceRoot();
+        Assert.Equal(0, ServiceCli.Install(root, "veil", binary, live: true, systemctl, new StringWriter()));
+        Assert.Equal(["daemon-reload", "enable veil@veil.service"], calls);
+        calls.Clear();
+        Assert.Equal(0, ServiceCli.Uninstall(root, live: true, systemctl, new StringWriter()));
+        Assert.Equal(["stop veil@*.service", "disable veil@.service", "daemon-reload"], calls);
+    }
+
+    [Fact]
+    public void Service_BadInput_RefusedAndNothingChanged()
+    {
+        var (root, binary, calls, systemctl) = ServiceRoot();
+        Assert.Throws<ConfigException>(() => ServiceCli.Run(["service"], new StringWriter()));
+        Assert.Throws<ConfigException>(() => ServiceCli.Run(["service", "start"], new StringWriter()));
+        Assert.Throws<ConfigException>(() => ServiceCli.Run(["service", "install", "--root", root, "--name", "../x"], new StringWriter()));
+        Assert.Throws<ConfigException>(() => ServiceCli.Run(["service", "install", "--root", root, "--bogus"], new StringWriter()));
+        Assert.Throws<ConfigException>(() => ServiceCli.Install(root, "lab", binary + ".missing", false, systemctl, new StringWriter()));
+        Assert.Empty(Directory.GetFileSystemEntries(root));
+        // a unit file someone else wrote is neither replaced nor removed
+        string unit = root + ServiceCli.UnitPath;
+        Directory.CreateDirectory(Path.GetDirectoryName(unit)!);
+        File.WriteAllText(unit, "[Service]\nExecStart=/usr/bin/other\n");
+        Assert.Throws<ConfigException>(() => ServiceCli.Install(root, "lab", binary, false, systemctl, new StringWriter()));
+        Assert.Throws<ConfigException>(() => ServiceCli.Uninstall(root, false, systemctl, new StringWriter()));
+        Assert.Equal("[Service]\nExecStart=/usr/bin/other\n", File.ReadAllText(unit));
+        Assert.False(File.Exists(root + ServiceCli.BinaryPath));
+        Assert.Empty(calls);
+        // a failing systemctl is reported, not ignored
+        File.Delete(unit);
+        var e = Assert.Throws<ConfigException>(() => ServiceCli.Install(root, "lab", binary, false, _ => (1, "Failed to enable unit"), new StringWriter()));
+        Assert.Contains("Failed to enable unit", e.Message);
+    }
 }
