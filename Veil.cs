@@ -119,8 +119,10 @@ internal static class Program
             case "genkey": return Cli.GenKey(stdout);
             case "pubkey": return Cli.PubKey(Console.In, stdout, stderr);
             case "genpsk": return Cli.GenPsk(stdout);
+            case "genadmin": stdout.WriteLine(Convert.ToBase64String(AdminSignature.NewPrivateKey())); return 0;
+            case "adminpub": return Cli.AdminPub(Console.In, stdout, stderr);
             case "up": return Up(args, stderr);
-            case "init" or "invite" or "join" or "add-peer" or "doctor" or "service": return Onboard(verb, args, stdout, stderr);
+            case "init" or "invite" or "join" or "add-peer" or "doctor" or "service" or "revoke": return Onboard(verb, args, stdout, stderr);
             case "status" or "peers" or "routes" or "reload" or "down": return Cli.Ask(verb, args, stdout, stderr);
             case "version" or "--version": stdout.WriteLine($"veil {Cli.Version} {RuntimeInformation.RuntimeIdentifier}"); return 0;
             case "bench": return Bench.Run(args, stdout);
@@ -146,6 +148,7 @@ internal static class Program
                 "join" => OnboardingCli.Join(args, stdout, stderr),
                 "add-peer" => OnboardingCli.AddPeer(args, stdout),
                 "service" => ServiceCli.Run(args, stdout),
+                "revoke" => OnboardingCli.Revoke(args, stdout, stderr),
                 _ => Doctor.Run(args, stdout),
             };
         }
@@ -229,7 +232,8 @@ internal static class Tune
     internal const int LogBurst = 10;                        // log lines per event kind per LogWindowMs
     internal const long LogWindowMs = 10_000;
     internal const long ShutdownGraceMs = 2_000;
-    internal const int LogQueueLines = 4096;                  // lines waiting for the log writer; beyond: counted as lost
+    internal const int LogQueueLines = 4096;
+    internal const int MaxRevocations = 1024;                 // revoked keys a node keeps (and checks for)                  // lines waiting for the log writer; beyond: counted as lost
     internal const string DefaultControlPath = "/var/run/veil.sock";
     internal const int MaxControlRequestLen = 4096;
     internal const int DefaultMaxSessions = 1024;
@@ -937,6 +941,11 @@ internal sealed class UpConfig
     internal Key32 PrivateKey, PublicKey;
     internal Key32 Psk;                    // all zero when no network secret is given (Noise: 32 zero bytes)
     internal string KeyFile = "", PskFile = "";
+    internal readonly List<string> AcceptPskFiles = new();   // secrets also accepted from peers (a rotation)
+    internal Key32[] AcceptPsks = [];
+    internal bool SecretsRead;             // Psk and AcceptPsks hold what the files say (else: unchanged, not read)
+    internal byte[]? AdminKey;             // P-256 public key (x ‖ y) whose signed revocations this node obeys
+    internal string? RevocationsPath;      // where revocations are kept; default: "revoked" beside --config
     internal IPAddress ListenAddress = IPAddress.Any;
     internal int ListenPort = Tune.DefaultListenPort;
     internal readonly List<IfAddress> Addresses = new();
@@ -969,15 +978,15 @@ internal sealed class UpConfig
     private bool _keepaliveGiven;
 
     // Keys a running daemon cannot change; reload refuses (exit 3) when one of them differs.
-    internal static readonly string[] RestartKeys = ["key", "psk", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers"];
+    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations"];
 
     private static readonly string[] Keys =
     [
         "key", "psk", "listen", "address", "tun", "mtu", "keepalive", "rekey_after", "control", "mgmt", "mgmt_acl",
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
-        "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers",
+        "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers", "accept_psk", "admin", "revocations",
     ];
-    private static readonly string[] ListKeys = ["address", "mgmt_acl", "trust", "network", "claim", "accept"];
+    private static readonly string[] ListKeys = ["address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk"];
     private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive"];
 
     /// <summary>Where a value came from, for the one-line error: "--mtu" or "veil.toml:12: key 'mtu'".</summary>
@@ -1100,6 +1109,14 @@ internal sealed class UpConfig
         {
             case "key": KeyFile = value; break;
             case "psk": PskFile = value; break;
+            case "accept_psk": AcceptPskFiles.Add(value); break;
+            case "admin":
+                byte[] admin = new byte[AdminSignature.PublicKeyLen];
+                if (!Convert.TryFromBase64String(value, admin, out int n) || n != admin.Length || !AdminSignature.IsPublicKey(admin))
+                    throw src.Bad(value, "is not an admin public key (the base64 line 'veil adminpub' prints)");
+                AdminKey = admin;
+                break;
+            case "revocations": RevocationsPath = value.Length > 0 ? value : throw src.Bad(value, "must be a file path"); break;
             case "listen": (ListenAddress, ListenPort) = ParseAddressPort(src, value); break;
             case "address":
                 if (!IfAddress.TryParse(value, out IfAddress a)) throw src.Bad(value, "is not an address with a prefix length (e.g. 100.64.0.1/24)");
@@ -1168,7 +1185,15 @@ internal sealed class UpConfig
             X25519.PublicKey(PublicKey, PrivateKey);
         }
         else PublicKey = running.PublicKey;
-        if (PskFile.Length > 0 && (running == null || running.PskFile != PskFile)) Psk = ReadKeyFile("--psk", PskFile);
+        // The network secrets are read again only when their files change (SecretsRead): rotating
+        // the secret is a reload (README: rotating the network secret).
+        SecretsRead = running == null || running.PskFile != PskFile || string.Join('\n', running.AcceptPskFiles) != string.Join('\n', AcceptPskFiles);
+        if (SecretsRead)
+        {
+            if (PskFile.Length > 0) Psk = ReadKeyFile("--psk", PskFile);
+            AcceptPsks = AcceptPskFiles.ConvertAll(f => ReadKeyFile("--accept-psk", f)).ToArray();
+        }
+        if (RevocationsPath == null && ConfigPath != null) RevocationsPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(ConfigPath))!, "revoked");
         if (Addresses.Count == 0) throw new ConfigException("--address CIDR is required (the overlay address of this node)");
         if (Mesh && PskFile.Length == 0) throw new ConfigException("--mesh needs --psk FILE: the network secret is what makes a node a member");
         if (Networks.Count == 0)
@@ -1211,7 +1236,6 @@ internal sealed class UpConfig
     {
         var changed = new List<string>();
         if (KeyFile != o.KeyFile) changed.Add("key");
-        if (PskFile != o.PskFile) changed.Add("psk");
         if (!ListenAddress.Equals(o.ListenAddress) || ListenPort != o.ListenPort) changed.Add("listen");
         if (string.Join(",", Addresses) != string.Join(",", o.Addresses)) changed.Add("address");
         if (TunName != o.TunName) changed.Add("tun");
@@ -1224,6 +1248,7 @@ internal sealed class UpConfig
         if (Name != o.Name) changed.Add("name");
         if (string.Join(",", Networks) != string.Join(",", o.Networks)) changed.Add("network");
         if (Workers != o.Workers) changed.Add("workers");
+        if (RevocationsPath != o.RevocationsPath) changed.Add("revocations");
         return changed;
     }
 
@@ -1293,6 +1318,14 @@ internal sealed class UpConfig
     /// <summary>Reads a base64 32-byte key from a file that only its owner may read.</summary>
     internal static Key32 ReadKeyFile(string flag, string path)
     {
+        if (!Key32.TryParseBase64(ReadSecretFile(flag, path), out Key32 key))
+            throw new ConfigException($"{flag} '{path}' does not hold a base64 key of 32 bytes");
+        return key;
+    }
+
+    /// <summary>The text of a file that only its owner may read.</summary>
+    internal static string ReadSecretFile(string flag, string path)
+    {
         UnixFileMode mode;
         string text;
         try
@@ -1316,9 +1349,7 @@ internal sealed class UpConfig
                                     UnixFileMode.OtherRead | UnixFileMode.OtherWrite | UnixFileMode.OtherExecute;
         if ((mode & others) != 0)
             throw new ConfigException($"{flag} '{path}' is accessible by group or others (mode {Convert.ToString((int)mode, 8)}); run 'chmod 600 {path}'");
-        if (!Key32.TryParseBase64(text, out Key32 key))
-            throw new ConfigException($"{flag} '{path}' does not hold a base64 key of 32 bytes");
-        return key;
+        return text;
     }
 }
 
@@ -1459,11 +1490,13 @@ internal static unsafe partial class Libc
 }
 
 // ==== 6. Crypto primitives =======================================================================
-// X25519 (RFC 7748) is written here because .NET has none: field elements mod p = 2^255 - 19 in five
-// 51-bit limbs, products through Math.BigMul, a Montgomery ladder with masked swaps. There is no
-// branch and no memory index that depends on a secret. Aead wraps the base library's
-// ChaCha20-Poly1305 and AES-GCM (OpenSSL underneath) behind Seal/Open that never throw on a bad tag.
-// Hkdf is RFC 5869 and the Noise two/three-output form over HMAC-SHA256.
+// X25519 (RFC 7748) is written here because .NET has none: field elements mod p = 2^255 - 19 in ten
+// limbs of alternately 26 and 25 bits, so every product is one 64-bit multiply, and a Montgomery
+// ladder with masked swaps. There is no branch and no memory index that depends on a secret. Aead
+// wraps ChaCha20-Poly1305 and AES-GCM (libcrypto's EVP directly, or the base library's classes)
+// behind Seal/Open that never throw on a bad tag. Hkdf is RFC 5869 and the Noise two/three-output
+// form over HMAC-SHA256. AdminSignature is ECDSA P-256 with SHA-256 (the base library's, over
+// OpenSSL), for the revocations a network's admin signs (§15).
 
 internal static unsafe class X25519
 {
@@ -1898,6 +1931,61 @@ internal static class Hkdf
         }
         CryptographicOperations.ZeroMemory(temp);
         CryptographicOperations.ZeroMemory(buf);
+    }
+}
+
+/// <summary>ECDSA P-256 / SHA-256 with fixed-size signatures (r ‖ s, 64 bytes). A public key is the
+/// point's x ‖ y (64 bytes); a private key is PKCS#8 DER, kept base64 in a 0600 file.</summary>
+internal static class AdminSignature
+{
+    internal const int PublicKeyLen = 64, SignatureLen = 64;
+
+    private static ECDsa FromPublic(ReadOnlySpan<byte> pub) => ECDsa.Create(new ECParameters
+    {
+        Curve = ECCurve.NamedCurves.nistP256,
+        Q = new ECPoint { X = pub[..32].ToArray(), Y = pub[32..PublicKeyLen].ToArray() },
+    });
+
+    /// <summary>True when pub is a point on the curve (ImportParameters checks it).</summary>
+    internal static bool IsPublicKey(ReadOnlySpan<byte> pub)
+    {
+        if (pub.Length != PublicKeyLen) return false;
+        try { using ECDsa k = FromPublic(pub); return true; }
+        catch (CryptographicException) { return false; }
+    }
+
+    internal static byte[] NewPrivateKey()
+    {
+        using ECDsa k = ECDsa.Create(ECCurve.NamedCurves.nistP256);
+        return k.ExportPkcs8PrivateKey();
+    }
+
+    /// <summary>The public key of a PKCS#8 private key; null if it is not a P-256 key.</summary>
+    internal static byte[]? PublicKeyOf(byte[] pkcs8)
+    {
+        try
+        {
+            using ECDsa k = ECDsa.Create();
+            k.ImportPkcs8PrivateKey(pkcs8, out _);
+            ECParameters p = k.ExportParameters(false);
+            if (p.Curve.Oid.Value != ECCurve.NamedCurves.nistP256.Oid.Value) return null;
+            return [.. p.Q.X!, .. p.Q.Y!];
+        }
+        catch (CryptographicException) { return null; }
+    }
+
+    internal static byte[] Sign(byte[] pkcs8, ReadOnlySpan<byte> message)
+    {
+        using ECDsa k = ECDsa.Create();
+        k.ImportPkcs8PrivateKey(pkcs8, out _);
+        return k.SignData(message.ToArray(), HashAlgorithmName.SHA256, DSASignatureFormat.IeeeP1363FixedFieldConcatenation);
+    }
+
+    internal static bool Verify(ReadOnlySpan<byte> pub, ReadOnlySpan<byte> message, ReadOnlySpan<byte> signature)
+    {
+        if (signature.Length != SignatureLen || !IsPublicKey(pub)) return false;
+        using ECDsa k = FromPublic(pub);
+        return k.VerifyData(message, signature, HashAlgorithmName.SHA256, DSASignatureFormat.IeeeP1363FixedFieldConcatenation);
     }
 }
 
@@ -2649,6 +2737,7 @@ internal sealed class Peer
     internal int CandidateNext;
 
     internal Session? Previous, Current, Next;
+    internal long RevocationsSentVersion = -1;   // the Mesh.RevocationsVersion this member has heard (§15)
 
     // Initiator side of a handshake in flight.
     internal Handshake? Pending;
@@ -3109,6 +3198,7 @@ internal sealed class Handshaker
     internal byte AeadMask;                       // bit (1 << AeadKind) per AEAD we can run
     internal AeadKind PreferredAead;
     private readonly Func<Key32, Peer?> _findPeer;
+    internal Key32[] AcceptPsks = [];             // network secrets also accepted in a ServerHello (a rotation)
 
     internal Handshaker(in Key32 privateKey, Func<Key32, Peer?> findPeer)
     {
@@ -3373,7 +3463,17 @@ internal sealed class Handshaker
         Span<byte> payload = stackalloc byte[Wire.ServerHelloPayloadLen];
         // Work on a copy so a forged ServerHello cannot spoil the real one still to come.
         var trial = new NoiseState { Ck = hs.Noise.Ck, H = hs.Noise.H, K = hs.Noise.K, N = hs.Noise.N };
-        if (!trial.ReadMessage2(hs.EphemeralPrivate, PrivateKey, p.Psk, msg.Slice(Wire.ServerHelloEphemeralOffset, Wire.ServerHelloNoiseLen), payload))
+        ReadOnlySpan<byte> noise = msg.Slice(Wire.ServerHelloEphemeralOffset, Wire.ServerHelloNoiseLen);
+        bool ok = trial.ReadMessage2(hs.EphemeralPrivate, PrivateKey, p.Psk, noise, payload);
+        // During a rotation the responder may already use the next network secret, or still the
+        // last one: psk2 is mixed into the ServerHello only, so the initiator tries each it accepts.
+        for (int i = 0; !ok && i < AcceptPsks.Length; i++)
+        {
+            trial.Clear();
+            trial = new NoiseState { Ck = hs.Noise.Ck, H = hs.Noise.H, K = hs.Noise.K, N = hs.Noise.N };
+            ok = trial.ReadMessage2(hs.EphemeralPrivate, PrivateKey, AcceptPsks[i], noise, payload);
+        }
+        if (!ok)
         {
             trial.Clear();
             return HandshakeVerdict.Failed;
@@ -4223,6 +4323,7 @@ internal sealed class Node
         Handshaker = new Handshaker(cfg.PrivateKey, FindOrAdmitPeer);
         if (cfg.Cipher != "auto") Handshaker.ChooseCipher(cfg.Cipher);
         _psk = cfg.Psk;
+        Handshaker.AcceptPsks = (Key32[])cfg.AcceptPsks.Clone();
         _keepaliveMs = cfg.PersistentKeepaliveMs;
         Mesh = new Mesh(this);
         Mesh.Configure(cfg);
@@ -4239,6 +4340,13 @@ internal sealed class Node
         foreach (Peer p in Peers) { p.Psk.Clear(); p.StaticShared.Clear(); }
         Handshaker.PrivateKey.Clear();
         _psk.Clear();
+        SetAcceptPsks([]);
+    }
+
+    private void SetAcceptPsks(Key32[] psks)
+    {
+        for (int i = 0; i < Handshaker.AcceptPsks.Length; i++) Handshaker.AcceptPsks[i].Clear();
+        Handshaker.AcceptPsks = (Key32[])psks.Clone();
     }
 
     internal readonly Admission Admission;
@@ -4251,6 +4359,7 @@ internal sealed class Node
     // the Bind must use), and provisional members are few and short-lived (ForgetAtMs).
     private Peer? FindOrAdmitPeer(Key32 key)
     {
+        if (Mesh.IsRevoked(key)) { Mesh.RefusedRevoked(key); return null; }
         Peer? p = FindPeer(key);
         return p != null || !Mesh.Open ? p : AddLearned(key, _admitNowMs, provisional: true);
     }
@@ -4329,12 +4438,20 @@ internal sealed class Node
     /// rekey time. Sessions of peers whose key stays are kept.</summary>
     internal void Apply(UpConfig cfg, long nowMs)
     {
+        if (cfg.SecretsRead)                                  // a rotation: new handshakes use the new secret
+        {
+            _psk = cfg.Psk;
+            foreach (Peer p in Peers) if (p.Active) p.Psk = _psk;
+            SetAcceptPsks(cfg.AcceptPsks);
+            if (Invites != null) Invites.Psk = _psk;
+        }
         var wanted = new Dictionary<KeyId, PeerConfig>();
         foreach (PeerConfig pc in cfg.Peers) wanted[KeyId.Of(pc.PublicKey)] = pc;
         foreach (Peer p in Peers)
             if (p.Active && !p.Learned && !wanted.ContainsKey(KeyId.Of(p.PublicKey))) RemovePeer(p);
         foreach (PeerConfig pc in cfg.Peers)
         {
+            if (Mesh.IsRevoked(pc.PublicKey)) { Log.Warn("peer_revoked", $"peer={pc.Name} source=config hint=\"the network's admin revoked this key; remove it from the config\""); continue; }
             Peer? p = FindPeer(pc.PublicKey);
             if (p == null)
             {
@@ -4446,6 +4563,7 @@ internal sealed class Node
         if (!p.Up) return;
         p.Up = false;
         p.ExchangeAtMs = 0;
+        p.RevocationsSentVersion = -1;                              // back up, it hears them all again
         Signal.Poke();                                               // a learned member's forget deadline starts
         Log.Info("peer_down", $"peer={p.Name} reason={reason} claims_withdrawn={p.Claims.Count}");
         if (p.Allowed.Count > 0 || p.Claims.Count > 0) RebuildRoutes();
@@ -4878,7 +4996,7 @@ internal sealed class Node
         }
     }
 
-    private void DropSessions(Peer p)
+    internal void DropSessions(Peer p)
     {
         Indexes.RemoveSession(p.Previous);
         Indexes.RemoveSession(p.Current);
@@ -5210,7 +5328,8 @@ internal sealed unsafe class Daemon
         Node node = _node = new(_cfg, _log, counters);
         if (_cfg.ConfigPath != null) node.Invites = new Invites(_cfg.PrivateKey) { Psk = _cfg.Psk };
         _cfg.PrivateKey.Clear();                          // the node holds its own copies from here on
-        _cfg.Psk.Clear();
+        ClearSecrets(_cfg);
+        LoadRevocations(node);
         UdpSocket? udp = null;
         ControlServer? control = null;
         int epfd = -1;
@@ -5331,6 +5450,7 @@ internal sealed unsafe class Daemon
                 _mgmt?.Expire(nowMs);
                 List<RouteEntry>? routes = null;
                 List<Invites.Joiner>? joiners = null;
+                List<Revocation>? unverified = null;
                 lock (node.Gate)
                 {
                     foreach (Worker w in workers) w.Settle();
@@ -5338,7 +5458,9 @@ internal sealed unsafe class Daemon
                     nextTimerMs = worker.PumpTimers(nowMs);
                     if (node.RoutesVersion != _routesPostedVersion) { _routesPostedVersion = node.RoutesVersion; routes = node.RouteList; }
                     while (node.Invites != null && node.Invites.Joiners.TryDequeue(out Invites.Joiner? j)) (joiners ??= new()).Add(j);
+                    if (node.Mesh.Unverified.Count > 0) unverified = node.Mesh.TakeUnverified();
                 }
+                if (unverified != null) _chores.Post(() => CheckRevocations(unverified));
                 // Handed over finished: RouteList is replaced whole, never changed, when routes change.
                 if (routes != null) _chores.Post(() => SyncKernelRoutes(routes));
                 foreach (Invites.Joiner j in joiners ?? []) _chores.Post(() => WriteJoiner(j));
@@ -5596,6 +5718,102 @@ internal sealed unsafe class Daemon
         return null;
     }
 
+    // A config's copies of the network secrets, once the node holds its own.
+    private static void ClearSecrets(UpConfig c)
+    {
+        c.Psk.Clear();
+        for (int i = 0; i < c.AcceptPsks.Length; i++) c.AcceptPsks[i].Clear();
+    }
+
+    // ---- Revocations (§15): checked here, off the node's lock; kept in _cfg.RevocationsPath ----
+
+    // At start-up: what the file holds, each line checked against the admin key.
+    private void LoadRevocations(Node node)
+    {
+        string? path = _cfg.RevocationsPath;
+        if (path == null || !File.Exists(path)) return;
+        string[] lines;
+        try { lines = File.ReadAllLines(path); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            _log.Warn("revocations_unreadable", $"file={path} error=\"{e.Message}\" hint=\"members revoked before are not refused until a member tells us again\"");
+            return;
+        }
+        int kept = 0;
+        for (int i = 0; i < lines.Length; i++)
+        {
+            if (lines[i].Trim().Length == 0) continue;
+            Revocation? r = Revocation.Decode(lines[i]);
+            if (r == null || _cfg.AdminKey == null || !r.Verify(_cfg.AdminKey))
+            {
+                _log.Warn("revocation_invalid", $"file={path} line={i + 1} hint=\"not signed by this network's admin key; ignored\"");
+                continue;
+            }
+            if (node.Mesh.Revoke(r, Mono.NowMs())) kept++;
+        }
+        _log.Info("revocations_loaded", $"file={path} count={kept}");
+    }
+
+    // On the chores thread: signatures checked, the good ones applied (on the loop) and written down.
+    private void CheckRevocations(List<Revocation> unverified)
+    {
+        byte[]? admin = _cfg.AdminKey;
+        var good = new List<Revocation>();
+        foreach (Revocation r in unverified)
+            if (admin != null && r.Verify(admin)) good.Add(r);
+        int rejected = unverified.Count - good.Count;
+        if (rejected > 0) _log.Warn("revocation_rejected", $"count={rejected} hint=\"a member passed on revocations this network's admin key did not sign\"");
+        _chores!.Return(() =>
+        {
+            var applied = new List<Revocation>();
+            lock (_node!.Gate)
+            {
+                _node.Mesh.RevocationsRejected += rejected;
+                foreach (Revocation r in good) if (_node.Mesh.Revoke(r, Mono.NowMs())) applied.Add(r);
+                _worker!.FlushUdp(_node.UdpOut);
+            }
+            if (applied.Count > 0) _chores.Post(() => WriteRevocations(applied));
+        });
+    }
+
+    // On the chores thread: appended and synced, so a restart still refuses them.
+    private void WriteRevocations(List<Revocation> revocations)
+    {
+        string? path = _cfg.RevocationsPath;
+        if (path == null) return;
+        var text = new StringBuilder();
+        foreach (Revocation r in revocations) text.Append(r.Encode()).Append('\n');
+        try
+        {
+            using var fs = new FileStream(path, FileMode.Append, FileAccess.Write, FileShare.Read, 4096, FileOptions.None);
+            File.SetUnixFileMode(path, (UnixFileMode)0b110_000_000);
+            fs.Write(Encoding.ASCII.GetBytes(text.ToString()));
+            fs.Flush(flushToDisk: true);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            _log.Error("revocations_not_saved", $"file={path} error=\"{e.Message}\" hint=\"they hold until a restart\"");
+        }
+    }
+
+    /// <summary>Answers `veil revoke`: "revoke LINE", a revocation signed by the admin.</summary>
+    internal string Revoke(string request)
+    {
+        Revocation? r = Revocation.Decode(request["revoke ".Length..]);
+        if (r == null) return "error: malformed revocation\n";
+        if (_cfg.AdminKey == null) return "error: this node names no admin key (admin = \"...\" in its config), so it cannot check a revocation\n";
+        if (!r.Verify(_cfg.AdminKey)) return "error: the revocation is not signed by this network's admin key\n";
+        bool applied;
+        lock (_node!.Gate)
+        {
+            applied = _node.Mesh.Revoke(r, Mono.NowMs());
+            _worker!.FlushUdp(_node.UdpOut);
+        }
+        if (!applied) return $"ok: {r.Key.ToBase64()} was revoked already\n";
+        _chores!.Post(() => WriteRevocations([r]));
+        return $"ok: revoked {r.Key.ToBase64()}; members hear of it with their next exchange\n";
+    }
+
     internal enum ReloadCode { Ok = 0, Rejected = 2, NeedsRestart = 3 }
 
     /// <summary>A reload read and checked, not yet applied (Next is null unless Code is Ok).</summary>
@@ -5655,6 +5873,7 @@ internal sealed unsafe class Daemon
             _worker!.FlushUdp(node.UdpOut);
             peers = node.Peers.FindAll(p => p.Active).Count;
         }
+        ClearSecrets(next);
         _log.Level = next.LogLevel;
         _log.Json = next.LogJson;
         _mgmt?.SetAcl(next.MgmtAcl);
@@ -5837,6 +6056,7 @@ internal static unsafe partial class Privileges
 // members can read or forge them. Two messages (integers big-endian, every count bounded by Tune):
 //   Self     1 ‖ nameLen u8 ‖ name ‖ observed ‖ n u8 ‖ n × endpoint ‖ m u8 ‖ m × claim
 //   Members  2 ‖ n u8 ‖ n × (public key 32 ‖ seen ago, s u32 ‖ k u8 ‖ k × endpoint)
+//   Revoked  3 ‖ n u8 ‖ n × revocation (public key 32 ‖ issued, unix s u64 ‖ admin signature 64)
 //   endpoint family u8 (4|6) ‖ address 4|16 ‖ port u16     claim  family u8 ‖ bits u8 ‖ address 4|16 ‖ metric u16
 // "observed" is where the sender sees the receiver: behind a NAT, the receiver's public endpoint.
 // Self goes to a peer when its session comes up, every ExchangeIntervalMs, and (debounced) when
@@ -5846,13 +6066,79 @@ internal static unsafe partial class Privileges
 // handshake proves the network secret), which claims are accepted (host routes inside --network,
 // anything inside --accept or the peer's --allow), names bound to the first key seen with them,
 // host addresses to the first member that claims them. Route choice: see Node.RebuildRoutes.
+// Revocation: a network may name an admin key (`admin`); a revocation it signed ends a member for
+// good on every node that checks it: its sessions are dropped, its handshakes refused, its entries
+// in Members ignored, and the revocation kept (the daemon's `revocations` file) and passed on to
+// every member once per session and whenever the set grows. Signatures are checked off the node's
+// lock (the daemon's chores thread); until then a received revocation waits, unapplied.
 
 internal readonly record struct Claim(IpPrefix Prefix, int Metric);
+
+/// <summary>An admin's signed word that a key is no longer a member of the network. The signature
+/// covers "veil revocation v1" ‖ key ‖ issued (u64, big-endian); an admin key names one network.</summary>
+internal sealed class Revocation
+{
+    internal const int Len = Spec.KeyLen + 8 + AdminSignature.SignatureLen;
+    private static ReadOnlySpan<byte> Domain => "veil revocation v1"u8;
+    internal Key32 Key;
+    internal long IssuedUnixS;
+    internal readonly byte[] Signature = new byte[AdminSignature.SignatureLen];
+
+    private byte[] Body()
+    {
+        byte[] b = new byte[Domain.Length + Spec.KeyLen + 8];
+        Domain.CopyTo(b);
+        ((ReadOnlySpan<byte>)Key).CopyTo(b.AsSpan(Domain.Length));
+        BinaryPrimitives.WriteInt64BigEndian(b.AsSpan(Domain.Length + Spec.KeyLen), IssuedUnixS);
+        return b;
+    }
+
+    internal static Revocation Create(byte[] adminPkcs8, in Key32 key, long issuedUnixS)
+    {
+        var r = new Revocation { Key = key, IssuedUnixS = issuedUnixS };
+        AdminSignature.Sign(adminPkcs8, r.Body()).CopyTo(r.Signature, 0);
+        return r;
+    }
+
+    internal bool Verify(ReadOnlySpan<byte> adminKey) => AdminSignature.Verify(adminKey, Body(), Signature);
+
+    internal void Write(Span<byte> d)
+    {
+        ((ReadOnlySpan<byte>)Key).CopyTo(d);
+        BinaryPrimitives.WriteInt64BigEndian(d[Spec.KeyLen..], IssuedUnixS);
+        Signature.CopyTo(d[(Spec.KeyLen + 8)..]);
+    }
+
+    /// <summary>Exactly Len bytes, not yet verified.</summary>
+    internal static Revocation? Read(ReadOnlySpan<byte> d)
+    {
+        if (d.Length != Len) return null;
+        var r = new Revocation { IssuedUnixS = BinaryPrimitives.ReadInt64BigEndian(d[Spec.KeyLen..]) };
+        d[..Spec.KeyLen].CopyTo(r.Key);
+        d[(Spec.KeyLen + 8)..].CopyTo(r.Signature);
+        return r;
+    }
+
+    /// <summary>One base64 line: the form of the revocations file and of `veil revoke --print`.</summary>
+    internal string Encode()
+    {
+        byte[] b = new byte[Len];
+        Write(b);
+        return Convert.ToBase64String(b);
+    }
+
+    internal static Revocation? Decode(string line)
+    {
+        byte[] b = new byte[Len];
+        return Convert.TryFromBase64String(line.Trim(), b, out int n) && n == Len ? Read(b) : null;
+    }
+}
 
 /// <summary>A parsed exchange message, reused for every message received.</summary>
 internal sealed class ExchangeMessage
 {
-    internal const byte TypeSelf = 1, TypeMembers = 2;
+    internal const byte TypeSelf = 1, TypeMembers = 2, TypeRevoked = 3;
+    internal const int MaxRevocations = (Tune.MaxExchangeLen - 2) / Revocation.Len;   // per message
     internal const int MaxNameLen = 32, MaxMembers = 32;
     internal const int EntryFixedLen = Spec.KeyLen + 4 + 1;
 
@@ -5863,11 +6149,12 @@ internal sealed class ExchangeMessage
     internal readonly List<Claim> Claims = new();
     internal readonly List<(Key32 Key, uint SeenAgoS, int First, int Count)> Members = new();
     internal readonly List<Endpoint> MemberEndpoints = new();
+    internal readonly List<Revocation> Revocations = new();
 
     /// <summary>True when m is one well-formed message; on false the contents are meaningless.</summary>
     internal bool Parse(ReadOnlySpan<byte> m)
     {
-        Endpoints.Clear(); Claims.Clear(); Members.Clear(); MemberEndpoints.Clear();
+        Endpoints.Clear(); Claims.Clear(); Members.Clear(); MemberEndpoints.Clear(); Revocations.Clear();
         Name = "";
         if (m.Length is < 2 or > Tune.MaxExchangeLen) return false;
         Type = m[0];
@@ -5918,6 +6205,12 @@ internal sealed class ExchangeMessage
                 }
                 Members.Add((key, ago, first, count));
             }
+        }
+        else if (Type == TypeRevoked)
+        {
+            int n = m[pos++];
+            if (n is 0 or > MaxRevocations || pos + n * Revocation.Len != m.Length) return false;
+            for (; n > 0; n--, pos += Revocation.Len) Revocations.Add(Revocation.Read(m.Slice(pos, Revocation.Len))!);
         }
         else return false;
         return pos == m.Length;
@@ -6015,7 +6308,76 @@ internal sealed class Mesh
     private readonly List<Endpoint> _scratch = new();
     internal long SentBytes, SentMessages, ReceivedMessages, Rejected, ClaimsRefused, MembersLearned, MembersForgotten;
 
+    // Revocations (see the section's prose). Received ones wait in Unverified for the daemon.
+    internal byte[]? AdminKey;
+    private readonly Dictionary<KeyId, Revocation> _revoked = new();
+    internal readonly Queue<Revocation> Unverified = new();
+    private readonly HashSet<KeyId> _unverifiedKeys = new();
+    internal long RevocationsVersion;                    // moves when the set grows
+    internal long RevocationsRejected, RevokedRefused;
+    internal int RevocationCount => _revoked.Count;
+
     internal Mesh(Node node) { _node = node; }
+
+    internal bool IsRevoked(in Key32 key) => _revoked.Count > 0 && _revoked.ContainsKey(KeyId.Of(key));
+
+    internal void RefusedRevoked(in Key32 key)
+    {
+        RevokedRefused++;
+        if (_node.Log.Wants(LogLevel.Warn, "handshake_refused"))
+            _node.Log.Emit(LogLevel.Warn, "handshake_refused", $"reason=revoked key={key.Short()}");
+    }
+
+    /// <summary>Applies a verified revocation: the key is no member from now on. False when it was
+    /// known already or the table is full.</summary>
+    internal bool Revoke(Revocation r, long nowMs)
+    {
+        var id = KeyId.Of(r.Key);
+        if (_revoked.ContainsKey(id)) return false;
+        if (_revoked.Count >= Tune.MaxRevocations)
+        {
+            _node.Log.Warn("revocation_dropped", $"key={r.Key.Short()} hint=\"{Tune.MaxRevocations} revocations are kept at most\"");
+            return false;
+        }
+        _revoked[id] = r;
+        RevocationsVersion++;
+        if (r.Key.EqualsCt(_node.Handshaker.PublicKey))
+            _node.Log.Error("node_revoked", "hint=\"the network's admin revoked this node: members will refuse it\"");
+        else if (_node.FindPeer(r.Key) is Peer p)
+        {
+            _node.Log.Warn("peer_revoked", $"peer={p.Name} sessions_dropped={(p.HoldsKeys ? 1 : 0)}");
+            _node.RemovePeer(p, "revoked");
+            _node.RebuildRoutes();
+        }
+        else _node.Log.Info("peer_revoked", $"key={r.Key.Short()} known=false");
+        _node.ScheduleExchange(nowMs);                   // pass it on to every member
+        return true;
+    }
+
+    /// <summary>Revocations a member sent: queued for checking (the daemon verifies signatures off
+    /// the lock), bounded and without repeats; ignored when this node names no admin key.</summary>
+    private void QueueRevocations()
+    {
+        if (AdminKey == null) return;
+        foreach (Revocation r in _in.Revocations)
+        {
+            var id = KeyId.Of(r.Key);
+            if (_revoked.ContainsKey(id) || _unverifiedKeys.Count >= Tune.MaxRevocations || !_unverifiedKeys.Add(id)) continue;
+            Unverified.Enqueue(r);
+        }
+        if (Unverified.Count > 0) _node.Signal.Poke();
+    }
+
+    /// <summary>Takes what waits for checking (the daemon, under the lock).</summary>
+    internal List<Revocation> TakeUnverified()
+    {
+        var list = new List<Revocation>(Unverified);
+        Unverified.Clear();
+        _unverifiedKeys.Clear();
+        return list;
+    }
+
+    internal IEnumerable<Revocation> Revocations => _revoked.Values;
 
     /// <summary>Takes the mesh keys of a (re)loaded config; true when what we announce changed.</summary>
     internal bool Configure(UpConfig cfg)
@@ -6035,6 +6397,7 @@ internal sealed class Mesh
         OwnClaims.AddRange(claims);
         Open = cfg.Mesh;
         Name = name;
+        AdminKey = cfg.AdminKey;
         Networks = new List<IpPrefix>(cfg.Networks);
         Accept = new List<IpPrefix>(cfg.Accept);
         return changed;
@@ -6076,7 +6439,29 @@ internal sealed class Mesh
             pos += ExchangeMessage.WriteEntry(d[pos..], q.PublicKey, (uint)Math.Min(seenS, uint.MaxValue), _scratch);
             count++;
         }
-        if (count > 0) SendMembers(p, pos, count, nowMs);
+        if (count > 0 && !SendMembers(p, pos, count, nowMs)) return;
+        if (p.RevocationsSentVersion != RevocationsVersion && SendRevocations(p, nowMs)) p.RevocationsSentVersion = RevocationsVersion;
+    }
+
+    // Every revocation, ExchangeMessage.MaxRevocations to a message.
+    private bool SendRevocations(Peer p, long nowMs)
+    {
+        int count = 0;
+        foreach (Revocation r in _revoked.Values)
+        {
+            r.Write(_out.AsSpan(2 + count * Revocation.Len, Revocation.Len));
+            if (++count < ExchangeMessage.MaxRevocations) continue;
+            if (!SendRevoked(p, count, nowMs)) return false;
+            count = 0;
+        }
+        return count == 0 || SendRevoked(p, count, nowMs);
+    }
+
+    private bool SendRevoked(Peer p, int count, long nowMs)
+    {
+        _out[0] = ExchangeMessage.TypeRevoked;
+        _out[1] = (byte)count;
+        return Send(p, 2 + count * Revocation.Len, nowMs);
     }
 
     private bool SendMembers(Peer p, int len, int count, long nowMs)
@@ -6112,7 +6497,8 @@ internal sealed class Mesh
         }
         ReceivedMessages++;
         if (_in.Type == ExchangeMessage.TypeSelf) ApplySelf(p, nowMs);
-        else ApplyMembers(p, nowMs);
+        else if (_in.Type == ExchangeMessage.TypeMembers) ApplyMembers(p, nowMs);
+        else QueueRevocations();
     }
 
     private void ApplySelf(Peer p, long nowMs)
@@ -6220,7 +6606,7 @@ internal sealed class Mesh
     {
         foreach (var (key, agoS, first, count) in _in.Members)
         {
-            if (key.EqualsCt(_node.Handshaker.PublicKey)) continue;
+            if (key.EqualsCt(_node.Handshaker.PublicKey) || IsRevoked(key)) continue;
             long seenMs = nowMs - Math.Min(agoS, (uint)(Tune.ForgetMemberAfterMs / 1000)) * 1000L;
             Peer? q = _node.FindPeer(key);
             if (q == from) continue;
@@ -6413,7 +6799,10 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append("],\"exchange_sent_messages\":").Append(m.SentMessages).Append(",\"exchange_sent_bytes\":").Append(m.SentBytes)
           .Append(",\"exchange_received_messages\":").Append(m.ReceivedMessages).Append(",\"exchange_rejected\":").Append(m.Rejected)
           .Append(",\"claims_refused\":").Append(m.ClaimsRefused).Append(",\"members_learned\":").Append(m.MembersLearned)
-          .Append(",\"members_forgotten\":").Append(m.MembersForgotten).Append("}}\n");
+          .Append(",\"members_forgotten\":").Append(m.MembersForgotten)
+          .Append(",\"admin_key\":").Append(m.AdminKey != null ? "\"" + Convert.ToBase64String(m.AdminKey) + "\"" : "null")
+          .Append(",\"revocations\":").Append(m.RevocationCount).Append(",\"revocations_rejected\":").Append(m.RevocationsRejected)
+          .Append(",\"revoked_refused\":").Append(m.RevokedRefused).Append("}}\n");
         return sb.ToString();
     }
 
@@ -6538,6 +6927,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             One("veil_mesh_exchange_rejected_total", "counter", "Peer-exchange messages dropped as malformed or oversized.", m.Rejected);
             One("veil_mesh_claims_refused_total", "counter", "Claims refused by the claim policy.", m.ClaimsRefused);
             One("veil_mesh_routes", "gauge", "Prefixes in the route table.", node.RouteList.Count);
+            One("veil_mesh_revocations", "gauge", "Revoked member keys this node refuses.", m.RevocationCount);
             var shown = new List<Peer>();
             foreach (Peer p in ActivePeers()) if (shown.Count < MaxMetricPeers) shown.Add(p);
             void PeerSeries(string name, string type, string help, Func<Peer, double> value)
@@ -6807,6 +7197,11 @@ internal sealed unsafe class ControlServer : RequestServer
             _daemon.AskReload("control", (code, message) => answer(Encoding.UTF8.GetBytes(ReloadReply(code, message))));
             return true;
         }
+        if (line.StartsWith("revoke "))
+        {
+            Respond(fd, c, Encoding.UTF8.GetBytes(_daemon.Revoke(line)), nowMs);
+            return true;
+        }
         string reply;
         lock (status.Gate)
             reply = line switch
@@ -6819,7 +7214,7 @@ internal sealed unsafe class ControlServer : RequestServer
                 "routes json" => status.RoutesJson(),
                 "down" => "ok: leaving\n",
                 _ when line.StartsWith("invite ") => _daemon.Invite(line),
-                _ => "error: unknown request (expected status, peers, routes [json], reload or down)\n",
+                _ => "error: unknown request (expected status, peers, routes [json], reload, down, invite or revoke)\n",
             };
         Respond(fd, c, Encoding.UTF8.GetBytes(reply), nowMs);
         if (line == "down") _daemon.RequestStop();
@@ -7046,6 +7441,21 @@ internal static class Cli
         return 0;
     }
 
+    internal static int AdminPub(TextReader stdin, TextWriter stdout, TextWriter stderr)
+    {
+        string? line = stdin.ReadLine();
+        byte[]? pub = null;
+        try { if (line != null) pub = AdminSignature.PublicKeyOf(Convert.FromBase64String(line.Trim())); }
+        catch (FormatException) { }
+        if (pub == null)
+        {
+            stderr.WriteLine("veil: adminpub reads an admin private key (the base64 line 'veil genadmin' prints) on stdin");
+            return 2;
+        }
+        stdout.WriteLine(Convert.ToBase64String(pub));
+        return 0;
+    }
+
     internal static int GenPsk(TextWriter stdout)
     {
         Key32 k = default;
@@ -7136,6 +7546,8 @@ internal static class Cli
                   genkey            print a new base64 private key
                   pubkey            read a private key on stdin, print its public key
                   genpsk            print a new base64 network secret
+                  genadmin          print a new network admin key (adminpub prints its public half)
+                  revoke PUBKEY     end a member for good: signed with the admin key, passed on by members
                   up [flags]        run the daemon in the foreground ('veil help up')
                   status [--json]   ask the running daemon (also: peers, routes)
                   reload            re-read the config without dropping sessions
@@ -7170,6 +7582,7 @@ internal static class Cli
         ["join"] = "usage: veil join TOKEN [--dir DIR] [--name NAME] [--listen ADDR:PORT]   key + config in DIR (default /etc/veil), approved by the inviter\n",
         ["add-peer"] = "usage: veil add-peer --config FILE --peer PUBKEY[@HOST:PORT] [--allow CIDR]... [--name NAME] [--keepalive SECONDS]\n  validates the peer, appends it to FILE; a running daemon applies it on 'veil reload'\n",
         ["selftest"] = "usage: veil selftest   X25519, AEAD (both backends), HKDF and Noise known answers, epoll and UDP batch layouts against this kernel\nexit status: 0 all passed, 1 any failed\n",
+        ["revoke"] = "usage: veil revoke PUBKEY --admin-key FILE [--control PATH] [--print]\n  signs a revocation with the network's admin key (veil genadmin; members name its public half, veil adminpub,\n  as admin = ...) and gives it to the running node, which refuses the key and passes the revocation on;\n  --print writes it out instead, one line for a node's revocations file\n",
         ["service"] = "usage: veil service install|uninstall [--name NAME] [--root DIR]\n  install: copies this binary to /usr/local/bin/veil, writes veil@.service (CAP_NET_ADMIN only, restart on failure),\n  creates /etc/veil (0700) and enables veil@NAME (default veil: /etc/veil/veil.toml); uninstall: stops, disables and\n  removes both, keeping /etc/veil. --root DIR works on another file system tree (enabled offline)\n",
         ["doctor"] = "usage: veil doctor [the flags of 'veil up', e.g. --config FILE]   one ok/FAIL line per check; exit 1 if any failed\n",
         ["peers"] = "usage: veil peers [--json] [--control PATH]   the configured peers and their state\n",
@@ -7797,6 +8210,38 @@ internal static class OnboardingCli
         o.WriteLine($"public key: {pub.ToBase64()}");
         o.WriteLine($"wrote {keyPath} (0600) and {cfgPath}");
         o.WriteLine($"start:  veil up --config {cfgPath}");
+        return 0;
+    }
+
+    /// <summary>veil revoke PUBKEY --admin-key FILE [--control PATH] [--print]: signs a revocation
+    /// and hands it to the running node (which passes it on), or prints it for the revocations file.</summary>
+    internal static int Revoke(string[] args, TextWriter o, TextWriter e)
+    {
+        string control = Tune.DefaultControlPath, adminFile = "";
+        bool print = false;
+        Key32 key = default;
+        bool haveKey = false;
+        for (int i = 1; i < args.Length; i++)
+        {
+            if (Arg(args, "--admin-key", ref i) is string f) adminFile = f;
+            else if (Arg(args, "--control", ref i) is string c) control = c;
+            else if (args[i] == "--print") print = true;
+            else if (!haveKey && !args[i].StartsWith("--") && Key32.TryParseBase64(args[i], out key)) haveKey = true;
+            else throw new ConfigException($"revoke: unknown argument '{args[i]}' (see 'veil help revoke')");
+        }
+        if (!haveKey) throw new ConfigException("revoke: name the member's base64 public key");
+        if (adminFile.Length == 0) throw new ConfigException("revoke: --admin-key FILE is required (the network's admin key, from 'veil genadmin')");
+        byte[] admin;
+        try { admin = Convert.FromBase64String(UpConfig.ReadSecretFile("--admin-key", adminFile).Trim()); }
+        catch (FormatException) { throw new ConfigException($"--admin-key '{adminFile}' does not hold a base64 admin key"); }
+        if (AdminSignature.PublicKeyOf(admin) == null) throw new ConfigException($"--admin-key '{adminFile}' does not hold a P-256 admin key");
+        Revocation r = Revocation.Create(admin, key, DateTimeOffset.UtcNow.ToUnixTimeSeconds());
+        CryptographicOperations.ZeroMemory(admin);
+        if (print) { o.WriteLine(r.Encode()); return 0; }
+        string? reply = ControlClient.Ask(control, "revoke " + r.Encode());
+        if (reply == null) { e.WriteLine($"veil: no daemon answers on {control} (use --print to write the revocation down instead)"); return 1; }
+        if (reply.StartsWith("error:")) { e.Write("veil: " + reply[6..].TrimStart()); return 2; }
+        o.Write(reply[3..].TrimStart());
         return 0;
     }
 

@@ -17,7 +17,7 @@ public class RepositoryTests
             if (f.Length == 2 && f[0].Length == 64 && f[1].EndsWith(".json")) listed[f[1]] = f[0];
         }
         string[] files = Directory.GetFiles(Vectors.Dir, "*.json");
-        Assert.Equal(6, files.Length);
+        Assert.Equal(7, files.Length);
         foreach (string path in files)
         {
             string name = Path.GetFileName(path);

@@ -166,7 +166,6 @@ public sealed class TomlTests : IDisposable
     // Every key the README lists as restart-only is one RestartKeysChanged notices, alone.
     [Theory]
     [InlineData("key", "--key OTHERKEY")]
-    [InlineData("psk", "--psk OTHERKEY")]
     [InlineData("listen", "--listen 0.0.0.0:1")]
     [InlineData("address", "--address 100.64.0.9/24")]
     [InlineData("tun", "--tun other")]
@@ -179,6 +178,7 @@ public sealed class TomlTests : IDisposable
     [InlineData("name", "--name other")]
     [InlineData("network", "--network 100.64.0.0/16")]
     [InlineData("workers", "--workers 2")]
+    [InlineData("revocations", "--revocations /tmp/other.revoked")]
     public void RestartKeysChanged_EachRestartKey_Noticed(string key, string change)
     {
         string other = Path.Combine(_dir, "b.key");
@@ -193,6 +193,48 @@ public sealed class TomlTests : IDisposable
         Assert.Contains(key, UpConfig.RestartKeys);
         Assert.Equal(new[] { key }, running.RestartKeysChanged(next));
         Assert.Empty(running.RestartKeysChanged(UpConfig.Load(baseArgs, 1)));
+    }
+
+    // The network secrets are reloadable (a rotation): read again when their files change, and
+    // only then (SecretsRead), so a reload with the files unchanged leaves the node's copies alone.
+    [Fact]
+    public void NetworkSecrets_Reloadable_ReadOnlyWhenTheirFilesChange()
+    {
+        string other = Path.Combine(_dir, "b.key");
+        File.WriteAllText(other, TestNode.KeyFromSeed(5).ToBase64() + "\n");
+        File.SetUnixFileMode(other, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+        string[] baseArgs = ["up", "--key", _key, "--psk", _key, "--address", "100.64.0.1/24"];
+        UpConfig running = UpConfig.Load(baseArgs, 1);
+        Assert.True(running.SecretsRead);
+        UpConfig same = UpConfig.Load(baseArgs, 1, running);
+        Assert.False(same.SecretsRead);
+        Assert.Empty(running.RestartKeysChanged(same));
+        UpConfig rotated = UpConfig.Load([.. baseArgs, "--accept-psk", other], 1, running);
+        Assert.True(rotated.SecretsRead);
+        Assert.Empty(running.RestartKeysChanged(rotated));
+        Assert.True(Assert.Single(rotated.AcceptPsks).EqualsCt(TestNode.KeyFromSeed(5)));
+        UpConfig moved = UpConfig.Load(["up", "--key", _key, "--psk", other, "--accept-psk", _key, "--address", "100.64.0.1/24"], 1, rotated);
+        Assert.True(moved.SecretsRead);
+        Assert.True(moved.Psk.EqualsCt(TestNode.KeyFromSeed(5)));
+        File.SetUnixFileMode(other, (UnixFileMode)0b110_100_000);
+        var e = Assert.Throws<ConfigException>(() => UpConfig.Load([.. baseArgs, "--accept-psk", other], 1, running));
+        Assert.Contains("accessible by group or others", e.Message);
+    }
+
+    [Fact]
+    public void Admin_PublicKeyChecked_RevocationsBesideTheConfig()
+    {
+        byte[] pub = AdminSignature.PublicKeyOf(AdminSignature.NewPrivateKey())!;
+        string cfg = Write($"key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\nadmin = \"{Convert.ToBase64String(pub)}\"\n");
+        UpConfig c = UpConfig.Load(["up", "--config", cfg], 1);
+        Assert.Equal(pub, c.AdminKey);
+        Assert.Equal(Path.Combine(Path.GetDirectoryName(Path.GetFullPath(cfg))!, "revoked"), c.RevocationsPath);
+        Assert.Null(UpConfig.Load(["up", "--key", _key, "--address", "100.64.0.1/24"], 1).RevocationsPath);   // flags only: kept in memory
+        byte[] offCurve = (byte[])pub.Clone();
+        offCurve[63] ^= 1;
+        var e = Assert.Throws<ConfigException>(() => UpConfig.Load(["up", "--key", _key, "--address", "100.64.0.1/24", "--admin", Convert.ToBase64String(offCurve)], 1));
+        Assert.Contains("is not an admin public key", e.Message);
+        Assert.Throws<ConfigException>(() => UpConfig.Load(["up", "--key", _key, "--address", "100.64.0.1/24", "--admin", "c2hvcnQ="], 1));
     }
 
     [Fact]
