@@ -186,6 +186,17 @@ internal static class Program
 // masked CIDR; Endpoint is a UDP address kept as 16 bytes (IPv4 as ::ffff:a.b.c.d) plus a port so
 // it can be compared and stored without allocation.
 
+/// <summary>Where IPv4 and IPv6 headers keep what the node reads (RFC 791, RFC 8200).</summary>
+internal static class Ip
+{
+    internal const int V4HeaderLen = 20, V6HeaderLen = 40;
+    internal const int V4TotalLengthOffset = 2, V4FragmentOffset = 6, V4ProtocolOffset = 9, V4SourceOffset = 12, V4DestinationOffset = 16;
+    internal const int V6PayloadLengthOffset = 4, V6NextHeaderOffset = 6, V6SourceOffset = 8, V6DestinationOffset = 24;
+    internal const byte ProtocolTcp = 6, ProtocolUdp = 17;
+
+    internal static int Version(ReadOnlySpan<byte> p) => p[0] >> 4;
+}
+
 internal static class Spec
 {
     internal const string NoiseProtocolName = "Noise_IKpsk2_25519_ChaChaPoly_SHA256";
@@ -203,6 +214,7 @@ internal static class Spec
     internal const int MaxHandshakeAttempts = 20;            // ~90 s of retransmits, then give up
     internal const int KeyLen = 32;
     internal const int TagLen = 16;
+    internal const int NonceLen = 12;                        // AEAD nonce: 4 zero bytes ‖ counter (§12)
     internal const int MacLen = 16;
     internal const int TimestampLen = 12;                    // TAI64N
     internal const int PadBlockLen = 16;                     // records are padded to a multiple of this
@@ -1252,9 +1264,13 @@ internal sealed class UpConfig
         return changed;
     }
 
-    /// <summary>Largest inner packet whose record still fits the underlay MTU, with room for padding.</summary>
+    // The default leaves this much more than the overhead free: 1420 on a 1500-byte IPv4 link, as
+    // WireGuard, so a network mixing both agrees on one MTU.
+    private const int DefaultMtuMarginLen = Spec.PadBlockLen + 1;
+
+    /// <summary>The default inner MTU: the underlay MTU less the record overhead and a margin.</summary>
     internal static int DefaultMtu(int underlayMtu, bool v6Underlay) =>
-        underlayMtu - (v6Underlay ? 40 : 20) - 8 - Record.OverheadLen - (Spec.PadBlockLen + 1);
+        underlayMtu - Record.UnderlayOverheadLen(v6Underlay) - DefaultMtuMarginLen;
 
     private static bool IsFlag(string f) => f is "--config" or "--peer" or "--allow" ||
         (f.StartsWith("--") && Array.IndexOf(Keys, f[2..].Replace('-', '_')) >= 0 && !f.Contains('_'));
@@ -1996,6 +2012,11 @@ internal static class AdminSignature
 // but directly over rtnetlink: link up and MTU, addresses (IPv6 without DAD so the first packet
 // flows), and routes for allowed prefixes, tagged with our own route protocol number so they can be
 // told apart from routes Veil did not create.
+// Offloads (PERF's largest win): TunDevice opens the TUN with IFF_VNET_HDR and asks TUNSETOFFLOAD for
+// TSO and USO, so a read may be a super-packet of up to 64 KiB behind a virtio_net_hdr; Segmenter cuts
+// it into MTU packets (and finishes partial checksums), and Coalescer merges what we write back into
+// super-packets (GRO in reverse). A TUN queue per worker with IFF_MULTI_QUEUE. VEIL_OFFLOADS=off or
+// a kernel that refuses them gives a plain TUN, one packet per read.
 
 internal interface IDataplane : IDisposable
 {
@@ -2137,8 +2158,8 @@ internal sealed unsafe class TunDevice : IDataplane
         Coalescer.RewriteHead(head, hdrLen, ipLen, payload, b.Packet(to - 1));
         byte* vh = stackalloc byte[Segmenter.VirtioHdrLen];
         bool udp = Coalescer.IsUdp(head);
-        vh[0] = 1;                                              // NEEDS_CSUM: the kernel finishes the L4 checksums
-        vh[1] = (byte)(udp ? 5 : (head[0] >> 4) == 6 ? 4 : 1);  // GSO UDP_L4 / TCPV6 / TCPV4
+        vh[0] = Segmenter.NeedsCsum;                            // the kernel finishes the L4 checksums
+        vh[1] = udp ? Segmenter.GsoUdpL4 : Ip.Version(head) == 6 ? Segmenter.GsoTcpV6 : Segmenter.GsoTcpV4;
         *(ushort*)(vh + 2) = (ushort)hdrLen;
         *(ushort*)(vh + 4) = (ushort)gsoSize;
         *(ushort*)(vh + 6) = (ushort)ipLen;
@@ -2172,8 +2193,8 @@ internal static class Coalescer
 {
     private const int MaxBytes = 65535 - 60, MaxSegments = 64;
 
-    internal static int IpHeaderLen(ReadOnlySpan<byte> p) => (p[0] >> 4) == 6 ? 40 : (p[0] & 0xF) * 4;
-    internal static bool IsUdp(ReadOnlySpan<byte> p) => ((p[0] >> 4) == 6 ? p[6] : p[9]) == 17;
+    internal static int IpHeaderLen(ReadOnlySpan<byte> p) => Ip.Version(p) == 6 ? Ip.V6HeaderLen : (p[0] & 0xF) * 4;
+    internal static bool IsUdp(ReadOnlySpan<byte> p) => (Ip.Version(p) == 6 ? p[Ip.V6NextHeaderOffset] : p[Ip.V4ProtocolOffset]) == Ip.ProtocolUdp;
     internal static int HeaderLen(ReadOnlySpan<byte> p) { int ip = IpHeaderLen(p); return ip + (IsUdp(p) ? 8 : (p[ip + 12] >> 4) * 4); }
 
     // A plain TCP segment we know how to merge: IPv4 with a 20-byte header and no fragmenting, or
@@ -2181,9 +2202,9 @@ internal static class Coalescer
     private static bool Mergeable(ReadOnlySpan<byte> p)
     {
         if (p.Length < 40) return false;
-        int v = p[0] >> 4;
-        if (v == 4) { if (p[0] != 0x45 || p[9] != 6 || (BinaryPrimitives.ReadUInt16BigEndian(p[6..]) & 0x3FFF) != 0) return false; }
-        else if (v != 6 || p.Length < 60 || p[6] != 6) return false;
+        int v = Ip.Version(p);
+        if (v == 4) { if (p[0] != 0x45 || p[Ip.V4ProtocolOffset] != Ip.ProtocolTcp || (BinaryPrimitives.ReadUInt16BigEndian(p[Ip.V4FragmentOffset..]) & 0x3FFF) != 0) return false; }
+        else if (v != 6 || p.Length < 60 || p[Ip.V6NextHeaderOffset] != Ip.ProtocolTcp) return false;
         int ip = IpHeaderLen(p), tcp = (p[ip + 12] >> 4) * 4;
         if (tcp < 20 || ip + tcp >= p.Length) return false;
         byte flags = p[ip + 13];
@@ -2194,9 +2215,9 @@ internal static class Coalescer
     // with UDP as the next header; a UDP length that is the IP payload; some payload.
     private static bool MergeableUdp(ReadOnlySpan<byte> p)
     {
-        int v = p.Length >= 29 ? p[0] >> 4 : 0;
-        if (v == 4) { if (p[0] != 0x45 || p[9] != 17 || (BinaryPrimitives.ReadUInt16BigEndian(p[6..]) & 0x3FFF) != 0) return false; }
-        else if (v != 6 || p.Length < 49 || p[6] != 17) return false;
+        int v = p.Length >= 29 ? Ip.Version(p) : 0;
+        if (v == 4) { if (p[0] != 0x45 || p[Ip.V4ProtocolOffset] != Ip.ProtocolUdp || (BinaryPrimitives.ReadUInt16BigEndian(p[Ip.V4FragmentOffset..]) & 0x3FFF) != 0) return false; }
+        else if (v != 6 || p.Length < 49 || p[Ip.V6NextHeaderOffset] != Ip.ProtocolUdp) return false;
         int ip = IpHeaderLen(p);
         return BinaryPrimitives.ReadUInt16BigEndian(p[(ip + 4)..]) == p.Length - ip;
     }
@@ -2289,7 +2310,7 @@ internal static class Coalescer
 internal sealed class Segmenter
 {
     internal const int VirtioHdrLen = 10;
-    private const byte NeedsCsum = 1, GsoNone = 0, GsoTcpV4 = 1, GsoTcpV6 = 4, GsoUdpL4 = 5;
+    internal const byte NeedsCsum = 1, GsoNone = 0, GsoTcpV4 = 1, GsoTcpV6 = 4, GsoUdpL4 = 5;   // virtio_net.h
     private byte[] _pkt = [];
     private int _len, _l4, _hdrLen, _gsoSize, _payloadLen, _next, _count;
     private bool _v6, _udp, _whole;
@@ -2885,21 +2906,25 @@ internal sealed class Peer
         HandshakeAttempts = 0;
     }
 
+    /// <summary>A random 0..max ms added to retransmits and reconnects so peers do not move in step;
+    /// the node's (Node.Jitter), so tests can fix it and check exact deadlines.</summary>
+    internal Func<long, long> Jitter = max => Random.Shared.NextInt64(max + 1);
+
     /// <summary>Delay before reconnect attempt n of a member that is down: 1 s doubling to 120 s, plus up to a quarter.</summary>
-    internal static long ReconnectDelayMs(int attempt)
+    internal long ReconnectDelayMs(int attempt)
     {
         long d = Math.Min(Tune.FirstReconnectMs << Math.Min(attempt, 8), Tune.MaxReconnectMs);
-        return d + Random.Shared.NextInt64(d / 4 + 1);
+        return d + Jitter(d / 4);
     }
 
     /// <summary>Call after a reconnect attempt failed (or a peer left): arms the next, later one.</summary>
     internal void OnReconnectFailed(long nowMs) => ReconnectAtMs = nowMs + ReconnectDelayMs(ReconnectAttempts++);
 
     /// <summary>Retransmit delay: doubling from FirstRetransmitMs up to RekeyTimeoutMs, plus jitter.</summary>
-    internal static long RetransmitDelayMs(int attempt)
+    internal long RetransmitDelayMs(int attempt)
     {
         long d = Spec.FirstRetransmitMs << Math.Min(attempt, 8);
-        return Math.Min(d, Spec.RekeyTimeoutMs) + Random.Shared.NextInt64(Spec.RekeyTimeoutJitterMaxMs + 1);
+        return Math.Min(d, Spec.RekeyTimeoutMs) + Jitter(Spec.RekeyTimeoutJitterMaxMs);
     }
 }
 
@@ -3010,7 +3035,7 @@ internal sealed class NoiseState
 
     internal void EncryptAndHash(ReadOnlySpan<byte> plaintext, Span<byte> dst)
     {
-        Span<byte> nonce = stackalloc byte[12];
+        Span<byte> nonce = stackalloc byte[Spec.NonceLen];
         Nonce(nonce, N++);
         using (var c = new ChaCha20Poly1305(K))
             c.Encrypt(nonce, plaintext, dst[..plaintext.Length], dst.Slice(plaintext.Length, Spec.TagLen), H);
@@ -3019,7 +3044,7 @@ internal sealed class NoiseState
 
     internal bool DecryptAndHash(ReadOnlySpan<byte> ciphertext, Span<byte> plaintext)
     {
-        Span<byte> nonce = stackalloc byte[12];
+        Span<byte> nonce = stackalloc byte[Spec.NonceLen];
         Nonce(nonce, N++);
         int n = ciphertext.Length - Spec.TagLen;
         using (var c = new Aead(AeadKind.ChaCha20Poly1305, K))
@@ -3252,7 +3277,7 @@ internal sealed class Handshaker
     {
         private const int SealsPerRound = 64, RecordLen = 1420;
         private readonly Aead _chacha, _gcm;
-        private readonly byte[] _buf = new byte[RecordLen + Spec.TagLen], _nonce = new byte[12], _aad = new byte[Record.HeaderLen];
+        private readonly byte[] _buf = new byte[RecordLen + Spec.TagLen], _nonce = new byte[Spec.NonceLen], _aad = new byte[Record.HeaderLen];
 
         internal SealClock()
         {
@@ -3607,9 +3632,9 @@ internal sealed class Admission
 
 // ==== 11. Sessions & replay window ===============================================================
 // A Session is one pair of transport keys from one handshake: an AEAD and a header-mask key per
-// direction, the send counter, and the receive ReplayWindow. A peer holds up to three (SessionSlots):
-// Next (responder side, keys derived but not yet confirmed by a Bind), Current, and Previous (kept so
-// records in flight during a rotation still open). IndexTable maps our local index to its session so
+// direction, the send counter, and the receive ReplayWindow. A peer holds up to three, in the fields
+// Peer.Next (responder side, keys derived but not yet confirmed by a Bind), Current, and Previous
+// (kept so records in flight during a rotation still open). IndexTable maps our local index to its session so
 // a record finds its keys without knowing where it came from (roaming).
 //
 // ReplayWindow follows RFC 6479: a ring of 64-bit words; a counter is accepted once, and only if it
@@ -3765,6 +3790,10 @@ internal static class Record
     internal const int HeaderLen = 19;
     internal const int PayloadOffset = HeaderLen;
     internal const int OverheadLen = HeaderLen + Spec.TagLen;           // 35
+
+    /// <summary>What the underlay carries around an inner packet: IP and UDP headers and the record's
+    /// own bytes. A record never pads past the MTU (PaddedLen), so an MTU-sized packet needs exactly this.</summary>
+    internal static int UnderlayOverheadLen(bool v6Underlay) => (v6Underlay ? 40 : 20) + 8 + OverheadLen;
     internal const RecordFlags KnownFlags = (RecordFlags)63;
     internal const int MaxJoinLen = 600;
 
@@ -3808,7 +3837,7 @@ internal static class Record
         slot[PadOffset] = (byte)(padLen ^ (byte)(mask >> 8));
         BinaryPrimitives.WriteUInt32BigEndian(slot[IndexOffset..], s.RemoteIndex);
         BinaryPrimitives.WriteUInt64BigEndian(slot[CounterOffset..], counter);
-        Span<byte> nonce = stackalloc byte[12];
+        Span<byte> nonce = stackalloc byte[Spec.NonceLen];
         NoiseState.Nonce(nonce, counter);
         Span<byte> body = slot.Slice(PayloadOffset, plainLen + Spec.TagLen);
         s.SendAead.Seal(nonce, body[..plainLen], slot[..HeaderLen], body);
@@ -3823,7 +3852,7 @@ internal static class Record
         if (record.Length < OverheadLen) return OpenVerdict.Truncated;
         ulong counter = BinaryPrimitives.ReadUInt64BigEndian(record[CounterOffset..]);
         if (!s.Window.CanAccept(counter)) return s.Window.IsTooOld(counter) ? OpenVerdict.TooOld : OpenVerdict.Replayed;
-        Span<byte> nonce = stackalloc byte[12];
+        Span<byte> nonce = stackalloc byte[Spec.NonceLen];
         NoiseState.Nonce(nonce, counter);
         int plainLen = record.Length - OverheadLen;
         Span<byte> body = record[PayloadOffset..];
@@ -3850,7 +3879,10 @@ internal static class Record
 // IUdp is where datagrams enter and leave: UdpSocket (non-blocking; one AF_INET6 socket with
 // IPV6_V6ONLY off when listening on a wildcard, so IPv4 and IPv6 peers share a port; a plain
 // AF_INET or v6-only socket when bound to a specific address) or LoopbackUdp (in memory). Socket
-// buffers are raised so bursts are not dropped by the kernel while the loop is busy.
+// buffers are raised so bursts are not dropped by the kernel while the loop is busy. A batch goes out
+// in one sendmmsg, and with UDP GSO (UDP_SEGMENT) records of one size to one peer go as one
+// super-datagram; one recvmmsg fills a batch, and with UDP GRO a buffer may hold many datagrams of one
+// sender, cut apart here. A kernel that refuses GSO at run time turns it off (OnOffloadOff).
 
 internal sealed class PacketBatch
 {
@@ -4265,7 +4297,8 @@ internal sealed class LoopbackUdp : IUdp
 
 // ==== 14. Event loop & node ======================================================================
 // Node is the protocol core: it takes batches of packets and the time, and returns batches of
-// packets; it does no I/O of its own. Its two pipelines are the data-flow line of DESIGN.md:
+// packets; its only I/O is the datagrams it makes itself (UdpOut, flushed through its Sink) and log
+// lines (queued by the daemon's Log). Its two pipelines:
 //   ProcessTunBatch: TUN packet -> route lookup (destination) -> peer -> session -> Record.Seal -> UDP
 //   ProcessUdpBatch: datagram -> Classify -> Record.Open -> replay check -> source check -> TUN
 // Both work in place: a TUN packet is read into its slot at Record.PayloadOffset and sealed there, so
@@ -4308,6 +4341,14 @@ internal sealed class Node
     internal IPacketSink? Sink;
     internal readonly Lock Gate = new();         // whoever works on the node holds it (Worker, Daemon)
     internal readonly LoopSignal Signal = new();
+    private Func<long, long> _jitter = max => Random.Shared.NextInt64(max + 1);
+
+    /// <summary>The peers' timer jitter (Peer.Jitter); tests fix it to check exact deadlines.</summary>
+    internal Func<long, long> Jitter
+    {
+        get => _jitter;
+        set { _jitter = value; foreach (Peer p in Peers) p.Jitter = value; }
+    }
     internal readonly int Mtu;
     internal Func<long> UnixNs = () => (DateTime.UtcNow - DateTime.UnixEpoch).Ticks * 100;
     private long _lastUnixNs;
@@ -4415,6 +4456,7 @@ internal sealed class Node
         else Peers.Add(p);
         _byKey[KeyId.Of(p.PublicKey)] = p;
         p.Signal = Signal;
+        p.Jitter = _jitter;
         Signal.Poke();                                               // its forget deadline, if learned
         return p;
     }
@@ -4668,10 +4710,10 @@ internal sealed class Node
     /// <summary>The peer routed for the packet's destination (or source); -1 no route, -2 not an IP packet.</summary>
     internal int RouteOf(ReadOnlySpan<byte> packet, bool destination)
     {
-        if (packet.Length >= 20 && packet[0] >> 4 == 4)
-            return Routes.Lookup(packet.Slice(destination ? 16 : 12, 4));
-        if (packet.Length >= 40 && packet[0] >> 4 == 6)
-            return Routes.Lookup(packet.Slice(destination ? 24 : 8, 16));
+        if (packet.Length >= Ip.V4HeaderLen && Ip.Version(packet) == 4)
+            return Routes.Lookup(packet.Slice(destination ? Ip.V4DestinationOffset : Ip.V4SourceOffset, 4));
+        if (packet.Length >= Ip.V6HeaderLen && Ip.Version(packet) == 6)
+            return Routes.Lookup(packet.Slice(destination ? Ip.V6DestinationOffset : Ip.V6SourceOffset, 16));
         return -2;
     }
 
@@ -4771,7 +4813,7 @@ internal sealed class Node
         ReadOnlySpan<byte> packet = d.Slice(Record.PayloadOffset, len);
         int ipLen = IpPacketLen(packet);
         if (ipLen <= 0 || ipLen > len) { Counters.Drop(DropReason.Malformed); return 0; }
-        if (RouteOf(packet, destination: false) != p.Id && !PeerServes(p, packet[0] >> 4 == 4 ? packet.Slice(12, 4) : packet.Slice(8, 16)))
+        if (RouteOf(packet, destination: false) != p.Id && !PeerServes(p, Ip.Version(packet) == 4 ? packet.Slice(Ip.V4SourceOffset, 4) : packet.Slice(Ip.V6SourceOffset, 16)))
         {
             Counters.Drop(DropReason.SourceNotAllowed);
             return 0;
@@ -4783,8 +4825,8 @@ internal sealed class Node
     /// <summary>Total length from the IP header (padding removed), or 0 when it is not a sane IP header.</summary>
     internal static int IpPacketLen(ReadOnlySpan<byte> p)
     {
-        if (p.Length >= 20 && p[0] >> 4 == 4) return BinaryPrimitives.ReadUInt16BigEndian(p[2..]) is var l and >= 20 ? l : 0;
-        if (p.Length >= 40 && p[0] >> 4 == 6) return 40 + BinaryPrimitives.ReadUInt16BigEndian(p[4..]);
+        if (p.Length >= Ip.V4HeaderLen && Ip.Version(p) == 4) return BinaryPrimitives.ReadUInt16BigEndian(p[Ip.V4TotalLengthOffset..]) is var l and >= Ip.V4HeaderLen ? l : 0;
+        if (p.Length >= Ip.V6HeaderLen && Ip.Version(p) == 6) return Ip.V6HeaderLen + BinaryPrimitives.ReadUInt16BigEndian(p[Ip.V6PayloadLengthOffset..]);
         return 0;
     }
 
@@ -4966,7 +5008,7 @@ internal sealed class Node
         if (len == 0) return;
         CommitOut(len);
         Indexes.AddHandshake(index, p);
-        p.RetransmitHandshakeAtMs = nowMs + Peer.RetransmitDelayMs(p.HandshakeAttempts);
+        p.RetransmitHandshakeAtMs = nowMs + p.RetransmitDelayMs(p.HandshakeAttempts);
         p.HandshakeAttempts++;
         Counters.HandshakesInitiated++;
         Log.Debug("client_hello_sent", $"peer={p.Name} attempt={p.HandshakeAttempts} endpoint={p.Endpoint}");
@@ -7744,7 +7786,7 @@ internal static class Bench
     {
         double seconds = args.Length > 1 && double.TryParse(args[1], System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out double s) && s > 0 ? s : 0.5;
         o.WriteLine($"veil {Cli.Version} bench ({RuntimeInformation.RuntimeIdentifier}, {Environment.ProcessorCount} cpus, aead backend {Aead.Backend})");
-        byte[] key = new byte[32], nonce = new byte[12], aad = new byte[Record.HeaderLen];
+        byte[] key = new byte[32], nonce = new byte[Spec.NonceLen], aad = new byte[Record.HeaderLen];
         RandomNumberGenerator.Fill(key);
         foreach (AeadKind kind in new[] { AeadKind.ChaCha20Poly1305, AeadKind.Aes256Gcm })
         {
@@ -8109,7 +8151,7 @@ internal sealed class Invites(Key32 privateKey)
         payload[32] = 1;
         Key32 key = default;
         InviteToken.AcceptKey(p.Token.Secret, key);
-        using (var aead = new Aead(AeadKind.ChaCha20Poly1305, key)) aead.Seal(new byte[12], payload, joinerKey, reply.AsSpan(14));
+        using (var aead = new Aead(AeadKind.ChaCha20Poly1305, key)) aead.Seal(new byte[Spec.NonceLen], payload, joinerKey, reply.AsSpan(14));
         key.Clear();
         CryptographicOperations.ZeroMemory(payload);
         return reply;
@@ -8356,7 +8398,7 @@ internal static class OnboardingCli
         InviteToken.AcceptKey(t.Secret, key);
         Span<byte> payload = stackalloc byte[Invites.JoinAcceptPayloadLen];
         using var aead = new Aead(AeadKind.ChaCha20Poly1305, key);
-        bool ok = aead.Open(new byte[12], r[14..], pub, payload) && payload[32] == 1;
+        bool ok = aead.Open(new byte[Spec.NonceLen], r[14..], pub, payload) && payload[32] == 1;
         key.Clear();
         if (ok) payload[..32].CopyTo(psk);
         CryptographicOperations.ZeroMemory(payload);
@@ -8453,7 +8495,7 @@ internal static unsafe partial class Doctor
             {
                 if (!p.Endpoint.IsSet) continue;
                 int path = Libc.PathMtu(p.Endpoint);
-                int need = cfg.Mtu + Record.OverheadLen + (p.Endpoint.IsV4 ? 28 : 48);
+                int need = cfg.Mtu + Record.UnderlayOverheadLen(!p.Endpoint.IsV4);
                 Line(path == 0 || need <= path, "mtu", path == 0 ? $"no route to {p.Name} at {p.Endpoint} yet"
                     : need <= path ? $"{cfg.Mtu} fits the path to {p.Name} (path MTU {path})"
                     : $"{cfg.Mtu} + {need - cfg.Mtu} bytes of overhead exceeds the path MTU {path} to {p.Name}: use --mtu {path - (need - cfg.Mtu)}");
