@@ -126,6 +126,7 @@ demo: deps build
 # row (BENCH_LOSSY="DELAY_MS LOSS_PCT" or off), ratios and footprint.
 bench: deps build
 	tests/bench/bench.sh
+	tests/bench/flood.sh
 
 # The section markers (`// ==== N. Title ====...`) must equal the TOC in the header
 # (`//   N. Title` lines between `// TOC` and `// END TOC`).

@@ -3383,12 +3383,16 @@ internal sealed class Handshaker
         return CryptographicOperations.FixedTimeEquals(expect, hello.Slice(Wire.ClientHelloMac1Offset, Spec.MacLen));
     }
 
+    /// <summary>False when the sender holds no cookie (it sends MAC2 as zeros).</summary>
+    internal static bool HasMac2(ReadOnlySpan<byte> hello) =>
+        hello.Length == Wire.ClientHelloLen && hello.Slice(Wire.ClientHelloMac2Offset, Spec.MacLen).ContainsAnyExcept((byte)0);
+
     /// <summary>True when the hello's MAC2 is keyed by cookie16 (what its source gets from us now).</summary>
     internal static bool CookieMatches(ReadOnlySpan<byte> hello, ReadOnlySpan<byte> cookie16)
     {
         if (hello.Length != Wire.ClientHelloLen) return false;
         ReadOnlySpan<byte> mac2 = hello.Slice(Wire.ClientHelloMac2Offset, Spec.MacLen);
-        if (!mac2.ContainsAnyExcept((byte)0)) return false;   // a sender without a cookie says so: spare the HMAC
+        if (!HasMac2(hello)) return false;                      // a sender without a cookie says so: spare the HMAC
         return MacMatches(cookie16, hello[..Wire.ClientHelloMac2Offset], mac2);
     }
 
@@ -3628,6 +3632,26 @@ internal sealed class Admission
     }
 
     internal int TrackedSources => _sources.Count;
+
+    // Sources whose hellos went unanswered (the cookie budget spent) MuteAfterUnanswered times within
+    // a second are muted for the rest of it: their hellos are dropped before MAC1, sparing an HMAC
+    // each, and counted as rate_source. A muted address is no worse off than before (its hellos
+    // would have gone unanswered too); the endpoints of our peers are never muted (Node).
+    private const int MuteAfterUnanswered = 8;
+    private readonly Dictionary<UInt128, (long SinceMs, int Count)> _unanswered = new();
+
+    internal bool Muted(in Endpoint from, long nowMs) =>
+        _unanswered.Count > 0 && _unanswered.TryGetValue(from.Address, out var u) && nowMs - u.SinceMs < 1000 && u.Count >= MuteAfterUnanswered;
+
+    internal void Unanswered(in Endpoint from, long nowMs)
+    {
+        if (!_unanswered.TryGetValue(from.Address, out var u) || nowMs - u.SinceMs >= 1000)
+        {
+            if (_unanswered.Count >= MaxSources) _unanswered.Clear();
+            u = (nowMs, 0);
+        }
+        _unanswered[from.Address] = (u.SinceMs, u.Count + 1);
+    }
 }
 
 // ==== 11. Sessions & replay window ===============================================================
@@ -4844,6 +4868,17 @@ internal sealed class Node
         FlushStaged(p, nowMs);
     }
 
+    // The cookie-reply budgets: a global one, and a second for the endpoints of our peers.
+    private bool CanReplyCookie(in Endpoint from, long nowMs) =>
+        Admission.AllowCookieReply(nowMs) || IsPeerEndpoint(from, nowMs) && Admission.AllowPeerCookieReply(nowMs);
+
+    private void RefuseCookie(in Endpoint from, long nowMs)
+    {
+        Admission.RefusedCookies++;                              // dropped unanswered: the flood costs one HMAC each
+        Admission.Unanswered(from, nowMs);
+        Counters.Drop(DropReason.Refused);
+    }
+
     private void ReceiveClientHello(ReadOnlySpan<byte> d, in Endpoint from, long nowMs)
     {
         // Cheapest checks first: MAC1 (one HMAC). Within the global budget a hello is answered.
@@ -4852,9 +4887,18 @@ internal sealed class Node
         // spend the budget of the address it forges, so it cannot lock that peer out.
         HandshakeVerdict v = HandshakeVerdict.Ok;
         Span<byte> cookie = stackalloc byte[Spec.MacLen];
+        if (Admission.Muted(from, nowMs) && !IsPeerEndpoint(from, nowMs))
+        {
+            Admission.RefusedSource++;
+            Counters.Drop(DropReason.Refused);
+            return;
+        }
         if (!Handshaker.Mac1Matches(d)) v = HandshakeVerdict.BadMac1;
         else if (Admission.UnderLoad(nowMs))
         {
+            // A hello without a cookie that the reply budget cannot answer is dropped before the
+            // cookie's HMAC: in a flood, most are.
+            if (!Handshaker.HasMac2(d) && !CanReplyCookie(from, nowMs)) { RefuseCookie(from, nowMs); return; }
             Handshaker.MakeCookie(from, nowMs, cookie);
             if (!Handshaker.CookieMatches(d, cookie)) v = HandshakeVerdict.NeedCookie;
             else if (!Admission.AllowSource(from, nowMs)) v = HandshakeVerdict.RateLimited;
@@ -4872,12 +4916,7 @@ internal sealed class Node
         {
             case HandshakeVerdict.Ok: break;
             case HandshakeVerdict.NeedCookie:
-                if (!Admission.AllowCookieReply(nowMs) && !(IsPeerEndpoint(from, nowMs) && Admission.AllowPeerCookieReply(nowMs)))
-                {
-                    Admission.RefusedCookies++;                  // dropped unanswered: the flood costs one HMAC each
-                    Counters.Drop(DropReason.Refused);
-                    return;
-                }
+                if (Handshaker.HasMac2(d) && !CanReplyCookie(from, nowMs)) { RefuseCookie(from, nowMs); return; }   // budget spent above otherwise
                 int len = Handshaker.CreateCookieReply(d, cookie, NextOut(from));
                 CommitOut(len);
                 Counters.CookiesSent++;

@@ -400,6 +400,52 @@ public class NodeTests
         Assert.Equal(budget + 2, replies);
     }
 
+    // A source whose hellos keep going unanswered (the cookie budget spent) is muted for the rest of
+    // the second: its hellos, even ones with a bad MAC1, are dropped before any HMAC and counted as
+    // rate_source. A peer's endpoint is never muted; a muted source is heard again a second later.
+    [Fact]
+    public void HelloFlood_UnansweredSourceMuted_PeerEndpointNever()
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        Node b = t.Nodes[1].Node;
+        byte[] hello = new byte[Wire.ClientHelloLen];
+        t.Nodes[0].Node.Handshaker.CreateClientHello(t.Nodes[0].Node.Peers[0], 77, 1_800_000_000_000_000_000L, t.NowMs, hello);
+        byte[] junk = (byte[])hello.Clone();
+        junk[Wire.ClientHelloMac1Offset] ^= 1;
+        b.Admission.ForceUnderLoad = true;
+        t.Net.Filter = (_, _, _) => false;
+        for (int i = 0; i < b.Admission.CookieRate; i++)                   // spend the budget from elsewhere
+            t.Nodes[1].Udp.Deliver(hello, Endpoint.FromV4(0xCB007100u + (uint)(i % 200), (ushort)(1000 + i)));
+        t.Pump();
+        Endpoint noisy = Endpoint.FromV4(0xCB0072FEu, 4000);
+        for (int i = 0; i < 8; i++) t.Nodes[1].Udp.Deliver(hello, noisy);    // 8 go unanswered...
+        t.Pump();
+        long badMac1 = t.Drops(1, DropReason.BadMac1), muted = b.Admission.RefusedSource;
+        t.Nodes[1].Udp.Deliver(junk, noisy);                                // ...so the next is not even checked
+        t.Nodes[1].Udp.Deliver(hello, noisy with { Port = 4001 });         // (by address, any port)
+        t.Pump();
+        Assert.Equal(badMac1, t.Drops(1, DropReason.BadMac1));
+        Assert.Equal(muted + 2, b.Admission.RefusedSource);
+        // the peer's own endpoint, once its own budget is spent too and 8 more go unanswered, is
+        // still checked: a forger cannot mute it
+        int replies = 0;
+        t.Net.Filter = (_, _, d) => { if (d[0] == Spec.TlsHandshake && d[5] == Wire.TypeCookieReply) replies++; return false; };
+        for (int i = 0; i < b.Admission.CookieRate + 8; i++)
+        {
+            t.Nodes[1].Udp.Deliver(hello, t.Nodes[0].Endpoint);
+            if (i % 64 == 63) t.Pump();
+        }
+        t.Nodes[1].Udp.Deliver(junk, t.Nodes[0].Endpoint);
+        t.Pump();
+        Assert.Equal(b.Admission.CookieRate, replies);
+        Assert.Equal(badMac1 + 1, t.Drops(1, DropReason.BadMac1));
+        t.Advance(1000);                                                    // a second later: heard again
+        t.Nodes[1].Udp.Deliver(junk, noisy);
+        t.Pump();
+        Assert.Equal(badMac1 + 2, t.Drops(1, DropReason.BadMac1));
+    }
+
     [Fact]
     public void UdpBatch_TransportRecordsGoBeforeHandshakes()
     {
