@@ -19,6 +19,8 @@ ver=$("$ARM64" version 2>&1) || die "the arm64 build does not run: $ver"
 [[ $ver == *linux-arm64* ]] || die "tests/arm64/veil runs '$ver', not a linux-arm64 build"
 note "a runs $ver ($(uname -m) host$([[ $(uname -m) == aarch64 ]] || echo ", $(qemu-aarch64 --version | head -n 1)"))"
 
+size=$(stat -c %s "$NETNS_DIR/../../out/linux-arm64/veil" 2>/dev/null || echo 0)
+check "the arm64 binary is at most 4 MiB" "$size bytes" test "$size" -gt 0 -a "$size" -le 4194304
 out=$("$ARM64" selftest 2>&1); rc=$?
 check "the arm64 build passes veil selftest (vectors and struct layouts on arm64)" "exit $rc: $(grep -v '^ok' <<<"$out" | tr '\n' '|')" \
 	eval 'test "$rc" = 0 && grep -q "^selftest: all passed" <<<"$out" && test "$(grep -c "^ok " <<<"$out")" -ge 9'

@@ -81,6 +81,8 @@ bad "--log-level loud" --key "$KEY" --address 100.64.0.1/24 --tun "$BAD_TUN" --p
 bad "--listen port 99999" --key "$KEY" --listen 192.0.2.1:99999 --address 100.64.0.1/24 --tun "$BAD_TUN" --peer "$PEER" --control "$SOCK"
 bad "--rekey-after abc" --key "$KEY" --address 100.64.0.1/24 --tun "$BAD_TUN" --peer "$PEER" --rekey-after abc --control "$SOCK"
 
+size=$(stat -c %s "$VEIL")
+check "the binary is at most 4 MiB (a router's flash)" "$size bytes" test "$size" -le 4194304
 # other verbs
 nsx a timeout --foreground 5 "$VEIL" frobnicate >/dev/null 2>"$ERR"
 rc=$? lines=$(grep -c '' "$ERR")
