@@ -2202,6 +2202,33 @@ internal sealed unsafe class TunDevice : IDataplane
     }
 }
 
+/// <summary>The TUN's kernel routes, made to follow the node's route table: Sync adds the prefixes
+/// it gained and removes those it lost. Removal names our route protocol, so a route Veil did not add
+/// is never touched. Called from one thread at a time (the daemon's chores).</summary>
+internal sealed class KernelRoutes(int ifIndex, Log log)
+{
+    private readonly HashSet<IpPrefix> _installed = new();
+
+    internal void Sync(List<IpPrefix> prefixes)
+    {
+        var want = new HashSet<IpPrefix>(prefixes);
+        foreach (IpPrefix pr in new List<IpPrefix>(_installed))
+        {
+            if (want.Contains(pr)) continue;
+            _installed.Remove(pr);
+            if (Netlink.RemoveRoute(ifIndex, pr) is int e and < 0 && e != -Libc.ESRCH)
+                log.Warn("route_failed", $"prefix={pr} op=remove error=\"{Libc.ErrorText(-e)}\"");
+        }
+        foreach (IpPrefix pr in want)
+        {
+            if (_installed.Contains(pr)) continue;
+            if (Netlink.AddRoute(ifIndex, pr) is int e and < 0)
+                log.Warn("route_failed", $"prefix={pr} op=add error=\"{Libc.ErrorText(-e)}\"");
+            else _installed.Add(pr);
+        }
+    }
+}
+
 /// <summary>Decides which received packets may travel to the TUN as one super-packet: TCP segments
 /// of one flow with the same header shape, consecutive sequence numbers, only ACK (the last may add
 /// PSH); with USO, UDP datagrams of one flow (the kernel cuts them apart again at the same
@@ -2729,7 +2756,8 @@ internal sealed class RouteTrie
 //                            have restarted, start a handshake
 //   ZeroKeysAtMs             no new session for 3 × RejectAfterTime: erase all keys
 //   PersistentKeepaliveAtMs  --keepalive: send something at least this often (NAT bindings)
-// The hooks On* are called by the node after the event their name says; Expired* live in Node.
+// The hooks On* are called by the node after the event their name says; the expiry half, Expired*,
+// is the part of Node (a partial class) at the end of this section.
 // Only the loop thread runs the timers; a timer armed on another worker's thread earlier than the
 // loop's next wake-up is reported through LoopSignal, which wakes the loop.
 
@@ -2943,6 +2971,141 @@ internal sealed class Peer
     {
         long d = Spec.FirstRetransmitMs << Math.Min(attempt, 8);
         return Math.Min(d, Spec.RekeyTimeoutMs) + Jitter(Spec.RekeyTimeoutJitterMaxMs);
+    }
+}
+
+/// <summary>The node's timers, the expiry half (the On* hooks are Peer's, above): only the loop's thread runs them.</summary>
+internal sealed partial class Node
+{
+    /// <summary>Runs every expired timer; returns the next deadline (ms), or long.MaxValue.</summary>
+    internal long ProcessTimers(long nowMs)
+    {
+        long next = long.MaxValue;
+        bool forgot = false;
+        foreach (Peer p in Peers)
+        {
+            if (!p.Active) continue;
+            if (p.RetransmitHandshakeAtMs != 0 && nowMs >= p.RetransmitHandshakeAtMs) ExpiredRetransmitHandshake(p, nowMs);
+            if (p.SendKeepaliveAtMs != 0 && nowMs >= p.SendKeepaliveAtMs) ExpiredSendKeepalive(p, nowMs);
+            if (p.NewHandshakeAtMs != 0 && nowMs >= p.NewHandshakeAtMs) ExpiredNewHandshake(p, nowMs);
+            if (p.ZeroKeysAtMs != 0 && nowMs >= p.ZeroKeysAtMs) ExpiredZeroKeys(p, nowMs);
+            if (p.PersistentKeepaliveAtMs != 0 && nowMs >= p.PersistentKeepaliveAtMs) ExpiredPersistentKeepalive(p, nowMs);
+            if (p.LivenessAtMs != 0 && nowMs >= p.LivenessAtMs) ExpiredLiveness(p, nowMs);
+            if (p.ReconnectAtMs != 0 && nowMs >= p.ReconnectAtMs) ExpiredReconnect(p, nowMs);
+            if (p.ExchangeAtMs != 0 && nowMs >= p.ExchangeAtMs) ExpiredExchange(p, nowMs);
+            if (p.ClaimsExpireAtMs != 0 && nowMs >= p.ClaimsExpireAtMs) ExpiredClaims(p);
+            long forgetAtMs = p.ForgetAtMs;
+            if (forgetAtMs != 0 && nowMs >= forgetAtMs)
+            {
+                if (!p.Provisional) Mesh.MembersForgotten++;
+                RemovePeer(p, "silent");
+                forgot = true;
+                continue;
+            }
+            foreach (long t in (ReadOnlySpan<long>)[p.RetransmitHandshakeAtMs, p.SendKeepaliveAtMs, p.NewHandshakeAtMs, p.ZeroKeysAtMs,
+                                                    p.PersistentKeepaliveAtMs, p.LivenessAtMs, p.ReconnectAtMs, p.ExchangeAtMs, p.ClaimsExpireAtMs, forgetAtMs])
+                if (t != 0 && t < next) next = t;
+        }
+        if (forgot) RebuildRoutes();
+        return next;
+    }
+
+    private void ExpiredRetransmitHandshake(Peer p, long nowMs)
+    {
+        // A reconnect attempt is one ClientHello: unanswered, the next waits longer (ExpiredReconnect).
+        if (p.Reconnecting && p.StagedCount == 0)
+        {
+            if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
+            p.OnHandshakeComplete();
+            p.OnReconnectFailed(nowMs);
+            Log.Debug("reconnect_failed", $"peer={p.Name} attempt={p.ReconnectAttempts} next_in_ms={p.ReconnectAtMs - nowMs}");
+            return;
+        }
+        if (p.HandshakeAttempts >= Spec.MaxHandshakeAttempts || nowMs - p.HandshakeStartedMs >= Spec.RekeyAttemptTimeMs)
+        {
+            Log.Warn("handshake_gave_up", $"peer={p.Name} attempts={p.HandshakeAttempts} endpoint={p.Endpoint} rule=max_attempts staged_dropped={p.StagedCount}");
+            if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
+            p.OnHandshakeComplete();
+            p.ClearStaged();
+            MarkDown(p, nowMs, "handshake_gave_up");
+            p.OnReconnectFailed(nowMs);                  // keep trying, ever more slowly
+            return;
+        }
+        Log.Debug("handshake_retransmit", $"peer={p.Name} attempt={p.HandshakeAttempts + 1} rule=retransmit_handshake");
+        NextCandidate(p);
+        StartHandshake(p, nowMs, retransmit: true);
+    }
+
+    // A member that is not up is tried at each endpoint others reported for it, in turn.
+    private static void NextCandidate(Peer p)
+    {
+        if (p.Up || p.Candidates.Count < 2) return;
+        p.CandidateNext = (p.CandidateNext + 1) % p.Candidates.Count;
+        p.Endpoint = p.Candidates[p.CandidateNext];
+    }
+
+    private void ExpiredLiveness(Peer p, long nowMs)
+    {
+        MarkDown(p, nowMs, $"silent_{p.LivenessMs / 1000}s");
+        p.ReconnectAttempts = 0;
+        p.ReconnectAtMs = nowMs;
+    }
+
+    private void ExpiredReconnect(Peer p, long nowMs)
+    {
+        p.ReconnectAtMs = 0;
+        if (p.Up && p.HasReadySession(nowMs, Spec.RejectAfterTimeMs)) return;
+        if (p.Pending != null) return;                     // a handshake is already running; its timers decide
+        NextCandidate(p);
+        if (!p.Endpoint.IsSet) return;
+        StartHandshake(p, nowMs, retransmit: false);
+        p.Reconnecting = p.Pending != null;
+    }
+
+    private void ExpiredExchange(Peer p, long nowMs)
+    {
+        p.ExchangeAtMs = 0;
+        if (p.Up) Mesh.SendTo(p, nowMs);
+    }
+
+    private void ExpiredClaims(Peer p)
+    {
+        p.ClaimsExpireAtMs = 0;
+        if (p.Claims.Count == 0) return;
+        Log.Info("claims_expired", $"peer={p.Name} claims={p.Claims.Count}");
+        p.Claims.Clear();
+        RebuildRoutes();
+    }
+
+    private void ExpiredSendKeepalive(Peer p, long nowMs)
+    {
+        p.SendKeepaliveAtMs = 0;
+        if (p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) && p.Endpoint.IsSet) SendEmpty(p, nowMs, RecordFlags.Keepalive);
+    }
+
+    private void ExpiredNewHandshake(Peer p, long nowMs)
+    {
+        p.NewHandshakeAtMs = 0;
+        Log.Info("handshake_start", $"peer={p.Name} rule=new_handshake hint=\"sent data but heard nothing for {(Spec.KeepaliveTimeoutMs + Spec.RekeyTimeoutMs) / 1000} s\"");
+        StartHandshake(p, nowMs, retransmit: false);
+    }
+
+    private void ExpiredZeroKeys(Peer p, long nowMs)
+    {
+        p.ZeroKeysAtMs = 0;
+        Log.Debug("keys_zeroed", $"peer={p.Name} rule=zero_keys");
+        DropSessions(p);
+        MarkDown(p, nowMs, "keys_expired");
+    }
+
+    private void ExpiredPersistentKeepalive(Peer p, long nowMs)
+    {
+        p.PersistentKeepaliveAtMs = nowMs + p.PersistentKeepaliveMs;
+        // A peer that is down is tried on the reconnect schedule only: keepalives on its old session
+        // would start rekeys, and handshakes every period, at a gone peer.
+        if (!p.Up) return;
+        if (p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) && p.Endpoint.IsSet) SendEmpty(p, nowMs, RecordFlags.Keepalive);
+        else StartHandshake(p, nowMs, retransmit: false);
     }
 }
 
@@ -4349,7 +4512,9 @@ internal sealed class LoopbackUdp : IUdp
 // Worker moves bytes between the batches and an IDataplane / IUdp pair; Daemon runs the epoll loop,
 // the timers, signals and the control socket around the first Worker. With --workers N > 1 each
 // further Worker has a thread, a TUN queue and a socket of its own; whoever works on the node holds
-// its lock, so the node is single-threaded code either way.
+// its lock, so the node is single-threaded code either way. Node is a partial class: its timers are
+// in §9, its membership and route election in §15, its side of joins in §18, each beside the rest of
+// its story; this section keeps its peers, the two pipelines and the messages it makes.
 
 internal interface IPacketSink
 {
@@ -4367,7 +4532,7 @@ internal readonly record struct KeyId(UInt128 A, UInt128 B)
         new(BinaryPrimitives.ReadUInt128LittleEndian(k), BinaryPrimitives.ReadUInt128LittleEndian(k[16..]));
 }
 
-internal sealed class Node
+internal sealed partial class Node
 {
     internal readonly Log Log;
     internal readonly Counters Counters;
@@ -4445,47 +4610,6 @@ internal sealed class Node
         if (Mesh.IsRevoked(key)) { Mesh.RefusedRevoked(key); return null; }
         Peer? p = FindPeer(key);
         return p != null || !Mesh.Open ? p : AddLearned(key, _admitNowMs, provisional: true);
-    }
-
-    /// <summary>A member learned from the mesh (null when the table is full or the key unusable).
-    /// Two kinds hold slots without having proven anything: provisional members (a ClientHello not
-    /// yet confirmed) and members only others reported (never heard from). When the provisional
-    /// table is full its oldest entry makes room, so strangers flooding hellos cannot keep a real
-    /// member out; reported members take at most half the table and give their slot, oldest first,
-    /// to a handshake, so reports cannot lock real members out. Neither kind has routes, so
-    /// displacing one needs no route rebuild.</summary>
-    internal Peer? AddLearned(in Key32 key, long nowMs, bool provisional)
-    {
-        int active = 0, provisionals = 0, reported = 0;
-        Peer? oldestProvisional = null, oldestReported = null;
-        foreach (Peer q in Peers)
-        {
-            if (!q.Active) continue;
-            active++;
-            if (q.Provisional)
-            {
-                provisionals++;
-                if (oldestProvisional == null || q.CreatedMs < oldestProvisional.CreatedMs) oldestProvisional = q;
-            }
-            else if (q.Learned && q.LastRxMs < 0)
-            {
-                reported++;
-                if (oldestReported == null || q.CreatedMs < oldestReported.CreatedMs) oldestReported = q;
-            }
-        }
-        Peer? displace = null;
-        if (!provisional) { if (reported >= Tune.MaxPeers / 2 || active >= Tune.MaxPeers) return null; }
-        else if (provisionals >= Tune.MaxProvisionalPeers) displace = oldestProvisional;
-        else if (active >= Tune.MaxPeers && (displace = oldestReported) == null) return null;
-        if (displace != null) RemovePeer(displace, "displaced");
-        var pc = new PeerConfig { PublicKey = key };
-        Peer p;
-        try { p = AddPeer(pc, _psk, _keepaliveMs); }
-        catch (ConfigException) { return null; }
-        p.Learned = true;
-        p.Provisional = provisional;
-        p.CreatedMs = nowMs;
-        return p;
     }
 
     internal Peer AddPeer(PeerConfig pc, in Key32 psk, long persistentKeepaliveMs)
@@ -4573,106 +4697,6 @@ internal sealed class Node
     {
         foreach (Peer p in Peers)
             if (p.Endpoint.IsSet) StartHandshake(p, nowMs, retransmit: false);
-    }
-
-    // ---- 14.0 Routes and membership state ----
-
-    /// <summary>Recomputes the trie from every peer's --allow prefixes and accepted claims. Per
-    /// prefix the winner is: a peer that is up, then (a configured prefix of a peer that is not up
-    /// keeps its route, so traffic queues and starts a handshake), then the lowest metric (--allow
-    /// counts as 0), then the lowest public key, so every node picks the same owner. Claims of a
-    /// peer that is down are withdrawn. Runs on changes only; the packet path just reads the trie.</summary>
-    internal void RebuildRoutes()
-    {
-        var best = new Dictionary<IpPrefix, RouteEntry>();
-        foreach (Peer p in Peers)
-        {
-            if (!p.Active) continue;
-            foreach (IpPrefix a in p.Allowed) Offer(best, new RouteEntry(a, p.Id, 0, false, p.Up ? 0 : 1));
-            if (p.Up)
-                foreach (Claim c in p.Claims) Offer(best, new RouteEntry(c.Prefix, p.Id, c.Metric, true, 0));
-        }
-        var trie = new RouteTrie();
-        var list = new List<RouteEntry>(best.Count);
-        foreach (RouteEntry e in best.Values)
-        {
-            trie.Insert(e.Prefix, e.PeerId);
-            list.Add(e);
-        }
-        list.Sort((x, y) => x.Prefix.IsV6 != y.Prefix.IsV6 ? (x.Prefix.IsV6 ? 1 : -1) : x.Prefix.Value != y.Prefix.Value ? x.Prefix.Value.CompareTo(y.Prefix.Value) : x.Prefix.Bits - y.Prefix.Bits);
-        Routes = trie;
-        RouteList = list;
-        RoutesVersion++;
-        Signal.Poke();                                               // the loop syncs the kernel's routes
-    }
-
-    private void Offer(Dictionary<IpPrefix, RouteEntry> best, RouteEntry e)
-    {
-        if (!best.TryGetValue(e.Prefix, out RouteEntry cur) || Better(e, cur)) best[e.Prefix] = e;
-    }
-
-    private bool Better(RouteEntry a, RouteEntry b)
-    {
-        if (a.Rank != b.Rank) return a.Rank < b.Rank;
-        if (a.Metric != b.Metric) return a.Metric < b.Metric;
-        return ((ReadOnlySpan<byte>)Peers[a.PeerId].PublicKey).SequenceCompareTo(Peers[b.PeerId].PublicKey) < 0;
-    }
-
-    // The source check's second chance: the route for a prefix went to another claimant (HA pairs),
-    // but this peer's own accepted prefixes still vouch for the packet's source.
-    private static bool PeerServes(Peer p, ReadOnlySpan<byte> source)
-    {
-        foreach (IpPrefix a in p.Allowed) if (a.Contains(source)) return true;
-        if (p.Up) foreach (Claim c in p.Claims) if (c.Prefix.Contains(source)) return true;
-        return false;
-    }
-
-    private void MarkUp(Peer p, long nowMs)
-    {
-        p.Up = true;
-        p.Provisional = p.Reconnecting = false;
-        p.ReconnectAttempts = 0;
-        p.ReconnectAtMs = 0;
-        p.LastSeenMs = nowMs;
-        if (p.LivenessMs > 0) p.LivenessAtMs = nowMs + p.LivenessMs;
-        Log.Info("peer_up", $"peer={p.Name} endpoint={p.Endpoint}{(p.Learned ? " source=learned" : "")}");
-        if (p.Allowed.Count > 0 || p.Claims.Count > 0) RebuildRoutes();
-        ScheduleExchange(nowMs);                // the others learn of a new member
-        Mesh.SendTo(p, nowMs);                  // (and p itself hears from us now, not after the debounce)
-    }
-
-    private void MarkDown(Peer p, long nowMs, string reason)
-    {
-        p.LivenessAtMs = 0;
-        if (!p.Up) return;
-        p.Up = false;
-        p.ExchangeAtMs = 0;
-        p.RevocationsSentVersion = -1;                              // back up, it hears them all again
-        Signal.Poke();                                               // a learned member's forget deadline starts
-        Log.Info("peer_down", $"peer={p.Name} reason={reason} claims_withdrawn={p.Claims.Count}");
-        if (p.Allowed.Count > 0 || p.Claims.Count > 0) RebuildRoutes();
-        ScheduleExchange(nowMs);
-    }
-
-    /// <summary>Something we tell members changed: tell every member that is up, soon (debounced).</summary>
-    internal void ScheduleExchange(long nowMs)
-    {
-        long at = nowMs + Tune.ExchangeDebounceMs;
-        foreach (Peer p in Peers)
-            if (p.Active && p.Up && (p.ExchangeAtMs == 0 || p.ExchangeAtMs > at)) p.ExchangeAtMs = at;
-    }
-
-    /// <summary>Seals payload in a Control record to p; false when p has no ready session.</summary>
-    internal bool SendControl(Peer p, ReadOnlySpan<byte> payload, long nowMs)
-    {
-        if (!p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) || !p.Endpoint.IsSet) return false;
-        Session s = p.Current!;
-        Span<byte> slot = NextOut(p.Endpoint);
-        payload.CopyTo(slot[Record.PayloadOffset..]);
-        int len = Record.Seal(s, slot, payload.Length, RecordFlags.Control, Mtu);
-        CommitOut(len);
-        AfterSend(p, s, len, nowMs, carriesData: false);
-        return true;
     }
 
     // ---- 14.1 Outbound: TUN -> route -> session -> seal ----
@@ -5016,24 +5040,6 @@ internal sealed class Node
         Log.Debug("cookie_received", $"peer={p.Name}");
     }
 
-    internal Invites? Invites;                   // set by the daemon when it can persist joiners
-
-    private void ReceiveJoin(ReadOnlySpan<byte> d, in Endpoint from)
-    {
-        byte[]? reply = Invites?.Consume(d, Log, from);
-        if (reply == null) { Counters.Drop(DropReason.Malformed); return; }
-        if (Invites!.Joiners.Count > 0) Signal.Poke();            // the loop has a joiner to write down
-        SendDatagram(from, reply);
-    }
-
-    /// <summary>Queues a datagram the node made whole (a JoinAccept); nothing when it is empty.</summary>
-    internal void SendDatagram(in Endpoint to, ReadOnlySpan<byte> datagram)
-    {
-        if (datagram.Length == 0) return;
-        datagram.CopyTo(NextOut(to));
-        CommitOut(datagram.Length);
-    }
-
     // ---- 14.3 Messages the node makes itself ----
 
     private Span<byte> NextOut(in Endpoint to)
@@ -5114,138 +5120,6 @@ internal sealed class Node
                 SendEmpty(p, nowMs, RecordFlags.Close);
     }
 
-    // ---- 14.4 Timers ----
-
-    /// <summary>Runs every expired timer; returns the next deadline (ms), or long.MaxValue.</summary>
-    internal long ProcessTimers(long nowMs)
-    {
-        long next = long.MaxValue;
-        bool forgot = false;
-        foreach (Peer p in Peers)
-        {
-            if (!p.Active) continue;
-            if (p.RetransmitHandshakeAtMs != 0 && nowMs >= p.RetransmitHandshakeAtMs) ExpiredRetransmitHandshake(p, nowMs);
-            if (p.SendKeepaliveAtMs != 0 && nowMs >= p.SendKeepaliveAtMs) ExpiredSendKeepalive(p, nowMs);
-            if (p.NewHandshakeAtMs != 0 && nowMs >= p.NewHandshakeAtMs) ExpiredNewHandshake(p, nowMs);
-            if (p.ZeroKeysAtMs != 0 && nowMs >= p.ZeroKeysAtMs) ExpiredZeroKeys(p, nowMs);
-            if (p.PersistentKeepaliveAtMs != 0 && nowMs >= p.PersistentKeepaliveAtMs) ExpiredPersistentKeepalive(p, nowMs);
-            if (p.LivenessAtMs != 0 && nowMs >= p.LivenessAtMs) ExpiredLiveness(p, nowMs);
-            if (p.ReconnectAtMs != 0 && nowMs >= p.ReconnectAtMs) ExpiredReconnect(p, nowMs);
-            if (p.ExchangeAtMs != 0 && nowMs >= p.ExchangeAtMs) ExpiredExchange(p, nowMs);
-            if (p.ClaimsExpireAtMs != 0 && nowMs >= p.ClaimsExpireAtMs) ExpiredClaims(p);
-            long forgetAtMs = p.ForgetAtMs;
-            if (forgetAtMs != 0 && nowMs >= forgetAtMs)
-            {
-                if (!p.Provisional) Mesh.MembersForgotten++;
-                RemovePeer(p, "silent");
-                forgot = true;
-                continue;
-            }
-            foreach (long t in (ReadOnlySpan<long>)[p.RetransmitHandshakeAtMs, p.SendKeepaliveAtMs, p.NewHandshakeAtMs, p.ZeroKeysAtMs,
-                                                    p.PersistentKeepaliveAtMs, p.LivenessAtMs, p.ReconnectAtMs, p.ExchangeAtMs, p.ClaimsExpireAtMs, forgetAtMs])
-                if (t != 0 && t < next) next = t;
-        }
-        if (forgot) RebuildRoutes();
-        return next;
-    }
-
-    private void ExpiredRetransmitHandshake(Peer p, long nowMs)
-    {
-        // A reconnect attempt is one ClientHello: unanswered, the next waits longer (ExpiredReconnect).
-        if (p.Reconnecting && p.StagedCount == 0)
-        {
-            if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
-            p.OnHandshakeComplete();
-            p.OnReconnectFailed(nowMs);
-            Log.Debug("reconnect_failed", $"peer={p.Name} attempt={p.ReconnectAttempts} next_in_ms={p.ReconnectAtMs - nowMs}");
-            return;
-        }
-        if (p.HandshakeAttempts >= Spec.MaxHandshakeAttempts || nowMs - p.HandshakeStartedMs >= Spec.RekeyAttemptTimeMs)
-        {
-            Log.Warn("handshake_gave_up", $"peer={p.Name} attempts={p.HandshakeAttempts} endpoint={p.Endpoint} rule=max_attempts staged_dropped={p.StagedCount}");
-            if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
-            p.OnHandshakeComplete();
-            p.ClearStaged();
-            MarkDown(p, nowMs, "handshake_gave_up");
-            p.OnReconnectFailed(nowMs);                  // keep trying, ever more slowly
-            return;
-        }
-        Log.Debug("handshake_retransmit", $"peer={p.Name} attempt={p.HandshakeAttempts + 1} rule=retransmit_handshake");
-        NextCandidate(p);
-        StartHandshake(p, nowMs, retransmit: true);
-    }
-
-    // A member that is not up is tried at each endpoint others reported for it, in turn.
-    private static void NextCandidate(Peer p)
-    {
-        if (p.Up || p.Candidates.Count < 2) return;
-        p.CandidateNext = (p.CandidateNext + 1) % p.Candidates.Count;
-        p.Endpoint = p.Candidates[p.CandidateNext];
-    }
-
-    private void ExpiredLiveness(Peer p, long nowMs)
-    {
-        MarkDown(p, nowMs, $"silent_{p.LivenessMs / 1000}s");
-        p.ReconnectAttempts = 0;
-        p.ReconnectAtMs = nowMs;
-    }
-
-    private void ExpiredReconnect(Peer p, long nowMs)
-    {
-        p.ReconnectAtMs = 0;
-        if (p.Up && p.HasReadySession(nowMs, Spec.RejectAfterTimeMs)) return;
-        if (p.Pending != null) return;                     // a handshake is already running; its timers decide
-        NextCandidate(p);
-        if (!p.Endpoint.IsSet) return;
-        StartHandshake(p, nowMs, retransmit: false);
-        p.Reconnecting = p.Pending != null;
-    }
-
-    private void ExpiredExchange(Peer p, long nowMs)
-    {
-        p.ExchangeAtMs = 0;
-        if (p.Up) Mesh.SendTo(p, nowMs);
-    }
-
-    private void ExpiredClaims(Peer p)
-    {
-        p.ClaimsExpireAtMs = 0;
-        if (p.Claims.Count == 0) return;
-        Log.Info("claims_expired", $"peer={p.Name} claims={p.Claims.Count}");
-        p.Claims.Clear();
-        RebuildRoutes();
-    }
-
-    private void ExpiredSendKeepalive(Peer p, long nowMs)
-    {
-        p.SendKeepaliveAtMs = 0;
-        if (p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) && p.Endpoint.IsSet) SendEmpty(p, nowMs, RecordFlags.Keepalive);
-    }
-
-    private void ExpiredNewHandshake(Peer p, long nowMs)
-    {
-        p.NewHandshakeAtMs = 0;
-        Log.Info("handshake_start", $"peer={p.Name} rule=new_handshake hint=\"sent data but heard nothing for {(Spec.KeepaliveTimeoutMs + Spec.RekeyTimeoutMs) / 1000} s\"");
-        StartHandshake(p, nowMs, retransmit: false);
-    }
-
-    private void ExpiredZeroKeys(Peer p, long nowMs)
-    {
-        p.ZeroKeysAtMs = 0;
-        Log.Debug("keys_zeroed", $"peer={p.Name} rule=zero_keys");
-        DropSessions(p);
-        MarkDown(p, nowMs, "keys_expired");
-    }
-
-    private void ExpiredPersistentKeepalive(Peer p, long nowMs)
-    {
-        p.PersistentKeepaliveAtMs = nowMs + p.PersistentKeepaliveMs;
-        // A peer that is down is tried on the reconnect schedule only: keepalives on its old session
-        // would start rekeys, and handshakes every period, at a gone peer.
-        if (!p.Up) return;
-        if (p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) && p.Endpoint.IsSet) SendEmpty(p, nowMs, RecordFlags.Keepalive);
-        else StartHandshake(p, nowMs, retransmit: false);
-    }
 }
 
 /// <summary>Moves packets between one TUN queue and one UDP socket and the node. Several workers
@@ -5400,6 +5274,7 @@ internal sealed unsafe class Daemon
     private MgmtServer? _mgmt;
     private Resolver? _resolver;
     private Chores? _chores;
+    private KernelRoutes? _kernelRoutes;                // the chores thread's once the loop runs
     private (DateTime, long) _configStamp;              // the chores thread's once the loop runs
     private volatile bool _configCheckQueued, _addressScanQueued;   // one of each waits at most
     private long _routesPostedVersion;
@@ -5443,37 +5318,15 @@ internal sealed unsafe class Daemon
             foreach (PosixSignal sig in new[] { PosixSignal.SIGTERM, PosixSignal.SIGINT })
                 signals.Add(PosixSignalRegistration.Create(sig, ctx => { ctx.Cancel = true; RequestStop(); }));
             signals.Add(PosixSignalRegistration.Create(PosixSignal.SIGHUP, ctx => { ctx.Cancel = true; RequestReload(); }));
-            // VEIL_OFFLOADS=off runs the data path as on a kernel without offloads (a plain TUN, one
-            // datagram per send and per receive): to compare, and a way out should a driver mishandle them.
             bool offloads = Environment.GetEnvironmentVariable("VEIL_OFFLOADS") != "off";
-            udp = UdpSocket.Bind(_cfg.ListenAddress, _cfg.ListenPort, reusePort: wanted > 1);
-            udp.OnOffloadOff = what => _log.Warn("offload_off", what + " hint=\"sending one datagram per call from now on\"");
-            if (!offloads) udp.DropOffloads();
-
-            TunDevice tun = _tun = TunDevice.Create(_cfg.TunName, offloads, multiQueue: wanted > 1);
-            for (int i = 1; i < wanted; i++)
-            {
-                TunDevice? queue = null;
-                try
-                {
-                    queue = TunDevice.Create(_cfg.TunName, offloads, multiQueue: true);
-                    UdpSocket socket = udp.Sibling();
-                    if (!offloads) socket.DropOffloads();
-                    queues.Add((queue, socket));
-                }
-                catch (IOException e)
-                {
-                    queue?.Dispose();                      // an open queue nobody reads would swallow the flows hashed to it
-                    _log.Warn("workers_limited", $"workers={i} wanted={wanted} error=\"{e.Message}\"");
-                    break;
-                }
-            }
+            TunDevice tun = OpenDevices(wanted, offloads, queues, out udp);
             var offloadsLine = new StringBuilder();
             foreach (var (name, on) in Worker.Offloads(tun, udp)) offloadsLine.Append(name).Append(on ? "=on " : "=off ");
             _log.Info("offloads", $"{offloadsLine}aead_backend={Aead.Backend}" + (offloads ? "" : " disabled_by=VEIL_OFFLOADS"));
             Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
             foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
-            SyncKernelRoutes(node.RouteList);
+            _kernelRoutes = new KernelRoutes(tun.IfIndex, _log);
+            _kernelRoutes.Sync(Prefixes(node.RouteList));
             _routesPostedVersion = node.RoutesVersion;
             _wakeFd = Libc.EventFd(0, Libc.EFD_NONBLOCK | Libc.EFD_CLOEXEC);
             epfd = Libc.EpollCreate1(Libc.EPOLL_CLOEXEC);
@@ -5512,58 +5365,7 @@ internal sealed unsafe class Daemon
                 thread.Start();
                 threads.Add(thread);
             }
-            long nextConfigCheckMs = nowMs + ConfigCheckIntervalMs;
-            long nextAddressScanMs = nowMs + Tune.ExchangeIntervalMs;
-            byte* events = stackalloc byte[16 * 16];
-            while (!_stop)
-            {
-                nowMs = Mono.NowMs();
-                long wake = Math.Min(Math.Min(nextTimerMs, Math.Min(control.NextDeadlineMs, _mgmt?.NextDeadlineMs ?? long.MaxValue)),
-                    Math.Min(nextAddressScanMs, _cfg.ConfigPath != null ? nextConfigCheckMs : long.MaxValue));
-                int n = Libc.EpollWait(epfd, events, 16, (int)Math.Clamp(wake - nowMs, 0, 60_000));
-                nowMs = Mono.NowMs();
-                // The first worker's own I/O (it locks the node itself), then the control socket and
-                // the management endpoint (they lock it for what they read).
-                for (int i = 0; i < n; i++)
-                {
-                    int fd = Libc.EpollEventFd(events, i);
-                    if (worker.Drain(fd, nowMs)) continue;
-                    if (control.Owns(fd)) control.OnReady(fd, nowMs, status);
-                    else if (fd == _wakeFd) { ulong v; Libc.Read(_wakeFd, (byte*)&v, 8); }
-                    else _mgmt?.OnReady(fd, nowMs, status);
-                }
-                while (_chores.TryTakeResult(out Action? done)) done();
-                if (_reloadAsked) { _reloadAsked = false; AskReload("signal", null); }
-                if (_cfg.ConfigPath != null && nowMs >= nextConfigCheckMs)
-                {
-                    nextConfigCheckMs = nowMs + ConfigCheckIntervalMs;
-                    if (!_configCheckQueued) { _configCheckQueued = true; _chores.Post(CheckConfigFile); }
-                }
-                if (nowMs >= nextAddressScanMs)
-                {
-                    nextAddressScanMs = nowMs + Tune.ExchangeIntervalMs;
-                    int port = udp.LocalPort;
-                    if (!_addressScanQueued) { _addressScanQueued = true; _chores.Post(() => ScanAddresses(port)); }
-                }
-                control.Expire(nowMs);
-                _mgmt?.Expire(nowMs);
-                List<RouteEntry>? routes = null;
-                List<Invites.Joiner>? joiners = null;
-                List<Revocation>? unverified = null;
-                lock (node.Gate)
-                {
-                    foreach (Worker w in workers) w.Settle();
-                    while (_resolver.TryTake(out var resolved)) ApplyResolved(resolved.Text, resolved.At, nowMs);
-                    nextTimerMs = worker.PumpTimers(nowMs);
-                    if (node.RoutesVersion != _routesPostedVersion) { _routesPostedVersion = node.RoutesVersion; routes = node.RouteList; }
-                    while (node.Invites != null && node.Invites.Joiners.TryDequeue(out Invites.Joiner? j)) (joiners ??= new()).Add(j);
-                    if (node.Mesh.Unverified.Count > 0) unverified = node.Mesh.TakeUnverified();
-                }
-                if (unverified != null) _chores.Post(() => CheckRevocations(unverified));
-                // Handed over finished: RouteList is replaced whole, never changed, when routes change.
-                if (routes != null) _chores.Post(() => SyncKernelRoutes(routes));
-                foreach (Invites.Joiner j in joiners ?? []) _chores.Post(() => WriteJoiner(j));
-            }
+            Loop(epfd, workers, control, status, udp.LocalPort, nextTimerMs);
             StopWorkers(threads);
             lock (node.Gate)
             {
@@ -5590,6 +5392,100 @@ internal sealed unsafe class Daemon
             node.ClearKeys();
             node.Invites?.Clear();
             _log.StopWriter();
+        }
+    }
+
+    // The socket and the TUN, and for each further worker a TUN queue and a sibling socket (as many
+    // as the kernel gives: a worker without its pair would swallow the flows hashed to it).
+    // VEIL_OFFLOADS=off runs the data path as on a kernel without offloads (a plain TUN, one
+    // datagram per send and per receive): to compare, and a way out should a driver mishandle them.
+    private TunDevice OpenDevices(int wanted, bool offloads, List<(TunDevice Tun, UdpSocket Udp)> queues, out UdpSocket udp)
+    {
+        udp = UdpSocket.Bind(_cfg.ListenAddress, _cfg.ListenPort, reusePort: wanted > 1);
+        udp.OnOffloadOff = what => _log.Warn("offload_off", what + " hint=\"sending one datagram per call from now on\"");
+        if (!offloads) udp.DropOffloads();
+
+        TunDevice tun = _tun = TunDevice.Create(_cfg.TunName, offloads, multiQueue: wanted > 1);
+        for (int i = 1; i < wanted; i++)
+        {
+            TunDevice? queue = null;
+            try
+            {
+                queue = TunDevice.Create(_cfg.TunName, offloads, multiQueue: true);
+                UdpSocket socket = udp.Sibling();
+                if (!offloads) socket.DropOffloads();
+                queues.Add((queue, socket));
+            }
+            catch (IOException e)
+            {
+                queue?.Dispose();                      // an open queue nobody reads would swallow the flows hashed to it
+                _log.Warn("workers_limited", $"workers={i} wanted={wanted} error=\"{e.Message}\"");
+                break;
+            }
+        }
+        return tun;
+    }
+
+    // The first worker's loop: its packets, the control socket and the management endpoint, the
+    // chores' results, then under the node's lock the timers and what other threads left for it.
+    private void Loop(int epfd, List<Worker> workers, ControlServer control, StatusView status, int port, long nextTimerMs)
+    {
+        Node node = _node!;
+        Worker worker = workers[0];
+        Chores chores = _chores!;
+        Resolver resolver = _resolver!;
+        KernelRoutes kernelRoutes = _kernelRoutes!;
+        long nowMs = Mono.NowMs();
+        long nextConfigCheckMs = nowMs + ConfigCheckIntervalMs;
+        long nextAddressScanMs = nowMs + Tune.ExchangeIntervalMs;
+        byte* events = stackalloc byte[16 * 16];
+        while (!_stop)
+        {
+            nowMs = Mono.NowMs();
+            long wake = Math.Min(Math.Min(nextTimerMs, Math.Min(control.NextDeadlineMs, _mgmt?.NextDeadlineMs ?? long.MaxValue)),
+                Math.Min(nextAddressScanMs, _cfg.ConfigPath != null ? nextConfigCheckMs : long.MaxValue));
+            int n = Libc.EpollWait(epfd, events, 16, (int)Math.Clamp(wake - nowMs, 0, 60_000));
+            nowMs = Mono.NowMs();
+            // The first worker's own I/O (it locks the node itself), then the control socket and
+            // the management endpoint (they lock it for what they read).
+            for (int i = 0; i < n; i++)
+            {
+                int fd = Libc.EpollEventFd(events, i);
+                if (worker.Drain(fd, nowMs)) continue;
+                if (control.Owns(fd)) control.OnReady(fd, nowMs, status);
+                else if (fd == _wakeFd) { ulong v; Libc.Read(_wakeFd, (byte*)&v, 8); }
+                else _mgmt?.OnReady(fd, nowMs, status);
+            }
+            while (chores.TryTakeResult(out Action? done)) done();
+            if (_reloadAsked) { _reloadAsked = false; AskReload("signal", null); }
+            if (_cfg.ConfigPath != null && nowMs >= nextConfigCheckMs)
+            {
+                nextConfigCheckMs = nowMs + ConfigCheckIntervalMs;
+                if (!_configCheckQueued) { _configCheckQueued = true; chores.Post(CheckConfigFile); }
+            }
+            if (nowMs >= nextAddressScanMs)
+            {
+                nextAddressScanMs = nowMs + Tune.ExchangeIntervalMs;
+                if (!_addressScanQueued) { _addressScanQueued = true; chores.Post(() => ScanAddresses(port)); }
+            }
+            control.Expire(nowMs);
+            _mgmt?.Expire(nowMs);
+            List<RouteEntry>? routes = null;
+            List<Invites.Joiner>? joiners = null;
+            List<Revocation>? unverified = null;
+            lock (node.Gate)
+            {
+                foreach (Worker w in workers) w.Settle();
+                while (resolver.TryTake(out var resolved)) ApplyResolved(resolved.Text, resolved.At, nowMs);
+                nextTimerMs = worker.PumpTimers(nowMs);
+                if (node.RoutesVersion != _routesPostedVersion) { _routesPostedVersion = node.RoutesVersion; routes = node.RouteList; }
+                while (node.Invites != null && node.Invites.Joiners.TryDequeue(out Invites.Joiner? j)) (joiners ??= new()).Add(j);
+                if (node.Mesh.Unverified.Count > 0) unverified = node.Mesh.TakeUnverified();
+            }
+            if (unverified != null) chores.Post(() => CheckRevocations(unverified));
+            // Handed over finished: RouteList is replaced whole, never changed, when routes change.
+            if (routes != null) chores.Post(() => kernelRoutes.Sync(Prefixes(routes)));
+            foreach (Invites.Joiner j in joiners ?? []) chores.Post(() => WriteJoiner(j));
         }
     }
 
@@ -5661,29 +5557,7 @@ internal sealed unsafe class Daemon
         return fi.Exists ? (fi.LastWriteTimeUtc, fi.Length) : default;
     }
 
-    private readonly HashSet<IpPrefix> _kernelRoutes = new();   // what this daemon installed (the chores thread's)
-
-    // Makes the TUN's kernel routes follow the node's table: adds the prefixes it gained, removes
-    // those it lost. Removal names our route protocol, so a route Veil did not add is never touched.
-    private void SyncKernelRoutes(List<RouteEntry> routes)
-    {
-        var want = new HashSet<IpPrefix>();
-        foreach (RouteEntry r in routes) want.Add(r.Prefix);
-        foreach (IpPrefix pr in new List<IpPrefix>(_kernelRoutes))
-        {
-            if (want.Contains(pr)) continue;
-            _kernelRoutes.Remove(pr);
-            if (Netlink.RemoveRoute(_tun!.IfIndex, pr) is int e and < 0 && e != -Libc.ESRCH)
-                _log.Warn("route_failed", $"prefix={pr} op=remove error=\"{Libc.ErrorText(-e)}\"");
-        }
-        foreach (IpPrefix pr in want)
-        {
-            if (_kernelRoutes.Contains(pr)) continue;
-            if (Netlink.AddRoute(_tun!.IfIndex, pr) is int e and < 0)
-                _log.Warn("route_failed", $"prefix={pr} op=add error=\"{Libc.ErrorText(-e)}\"");
-            else _kernelRoutes.Add(pr);
-        }
-    }
+    private static List<IpPrefix> Prefixes(List<RouteEntry> routes) => routes.ConvertAll(r => r.Prefix);
 
     // Where members may reach us: the --listen address, or every address of this host but
     // loopback, link-local, the overlay and the TUN itself, each with our port.
@@ -6161,6 +6035,8 @@ internal static unsafe partial class Privileges
 // Self goes to a peer when its session comes up, every ExchangeIntervalMs, and (debounced) when
 // something changed; Members follows it, split so no message exceeds MaxExchangeLen. A message is
 // parsed whole and checked before anything is applied; a bad one is counted and dropped.
+// The node's membership half (Node, partial) is at the end of this section: members learned,
+// marked up and down, the route election (RebuildRoutes) and the exchange's schedule.
 // Policy, all decided here: who may be a member (configured keys, or under --mesh anyone whose
 // handshake proves the network secret), which claims are accepted (host routes inside --network,
 // anything inside --accept or the peer's --allow), names bound to the first key seen with them,
@@ -6729,6 +6605,149 @@ internal sealed class Mesh
             if (!q.Endpoint.IsSet && q.Candidates.Count > 0) q.Endpoint = q.Candidates[0];
             if (q.Endpoint.IsSet && q.Pending == null && q.ReconnectAtMs == 0) q.ReconnectAtMs = nowMs;
         }
+    }
+}
+
+/// <summary>The node's membership (§15): members learned and forgotten, up and down, and the route election.</summary>
+internal sealed partial class Node
+{
+    /// <summary>A member learned from the mesh (null when the table is full or the key unusable).
+    /// Two kinds hold slots without having proven anything: provisional members (a ClientHello not
+    /// yet confirmed) and members only others reported (never heard from). When the provisional
+    /// table is full its oldest entry makes room, so strangers flooding hellos cannot keep a real
+    /// member out; reported members take at most half the table and give their slot, oldest first,
+    /// to a handshake, so reports cannot lock real members out. Neither kind has routes, so
+    /// displacing one needs no route rebuild.</summary>
+    internal Peer? AddLearned(in Key32 key, long nowMs, bool provisional)
+    {
+        int active = 0, provisionals = 0, reported = 0;
+        Peer? oldestProvisional = null, oldestReported = null;
+        foreach (Peer q in Peers)
+        {
+            if (!q.Active) continue;
+            active++;
+            if (q.Provisional)
+            {
+                provisionals++;
+                if (oldestProvisional == null || q.CreatedMs < oldestProvisional.CreatedMs) oldestProvisional = q;
+            }
+            else if (q.Learned && q.LastRxMs < 0)
+            {
+                reported++;
+                if (oldestReported == null || q.CreatedMs < oldestReported.CreatedMs) oldestReported = q;
+            }
+        }
+        Peer? displace = null;
+        if (!provisional) { if (reported >= Tune.MaxPeers / 2 || active >= Tune.MaxPeers) return null; }
+        else if (provisionals >= Tune.MaxProvisionalPeers) displace = oldestProvisional;
+        else if (active >= Tune.MaxPeers && (displace = oldestReported) == null) return null;
+        if (displace != null) RemovePeer(displace, "displaced");
+        var pc = new PeerConfig { PublicKey = key };
+        Peer p;
+        try { p = AddPeer(pc, _psk, _keepaliveMs); }
+        catch (ConfigException) { return null; }
+        p.Learned = true;
+        p.Provisional = provisional;
+        p.CreatedMs = nowMs;
+        return p;
+    }
+
+    /// <summary>Recomputes the trie from every peer's --allow prefixes and accepted claims. Per
+    /// prefix the winner is: a peer that is up, then (a configured prefix of a peer that is not up
+    /// keeps its route, so traffic queues and starts a handshake), then the lowest metric (--allow
+    /// counts as 0), then the lowest public key, so every node picks the same owner. Claims of a
+    /// peer that is down are withdrawn. Runs on changes only; the packet path just reads the trie.</summary>
+    internal void RebuildRoutes()
+    {
+        var best = new Dictionary<IpPrefix, RouteEntry>();
+        foreach (Peer p in Peers)
+        {
+            if (!p.Active) continue;
+            foreach (IpPrefix a in p.Allowed) Offer(best, new RouteEntry(a, p.Id, 0, false, p.Up ? 0 : 1));
+            if (p.Up)
+                foreach (Claim c in p.Claims) Offer(best, new RouteEntry(c.Prefix, p.Id, c.Metric, true, 0));
+        }
+        var trie = new RouteTrie();
+        var list = new List<RouteEntry>(best.Count);
+        foreach (RouteEntry e in best.Values)
+        {
+            trie.Insert(e.Prefix, e.PeerId);
+            list.Add(e);
+        }
+        list.Sort((x, y) => x.Prefix.IsV6 != y.Prefix.IsV6 ? (x.Prefix.IsV6 ? 1 : -1) : x.Prefix.Value != y.Prefix.Value ? x.Prefix.Value.CompareTo(y.Prefix.Value) : x.Prefix.Bits - y.Prefix.Bits);
+        Routes = trie;
+        RouteList = list;
+        RoutesVersion++;
+        Signal.Poke();                                               // the loop syncs the kernel's routes
+    }
+
+    private void Offer(Dictionary<IpPrefix, RouteEntry> best, RouteEntry e)
+    {
+        if (!best.TryGetValue(e.Prefix, out RouteEntry cur) || Better(e, cur)) best[e.Prefix] = e;
+    }
+
+    private bool Better(RouteEntry a, RouteEntry b)
+    {
+        if (a.Rank != b.Rank) return a.Rank < b.Rank;
+        if (a.Metric != b.Metric) return a.Metric < b.Metric;
+        return ((ReadOnlySpan<byte>)Peers[a.PeerId].PublicKey).SequenceCompareTo(Peers[b.PeerId].PublicKey) < 0;
+    }
+
+    // The source check's second chance: the route for a prefix went to another claimant (HA pairs),
+    // but this peer's own accepted prefixes still vouch for the packet's source.
+    private static bool PeerServes(Peer p, ReadOnlySpan<byte> source)
+    {
+        foreach (IpPrefix a in p.Allowed) if (a.Contains(source)) return true;
+        if (p.Up) foreach (Claim c in p.Claims) if (c.Prefix.Contains(source)) return true;
+        return false;
+    }
+
+    private void MarkUp(Peer p, long nowMs)
+    {
+        p.Up = true;
+        p.Provisional = p.Reconnecting = false;
+        p.ReconnectAttempts = 0;
+        p.ReconnectAtMs = 0;
+        p.LastSeenMs = nowMs;
+        if (p.LivenessMs > 0) p.LivenessAtMs = nowMs + p.LivenessMs;
+        Log.Info("peer_up", $"peer={p.Name} endpoint={p.Endpoint}{(p.Learned ? " source=learned" : "")}");
+        if (p.Allowed.Count > 0 || p.Claims.Count > 0) RebuildRoutes();
+        ScheduleExchange(nowMs);                // the others learn of a new member
+        Mesh.SendTo(p, nowMs);                  // (and p itself hears from us now, not after the debounce)
+    }
+
+    private void MarkDown(Peer p, long nowMs, string reason)
+    {
+        p.LivenessAtMs = 0;
+        if (!p.Up) return;
+        p.Up = false;
+        p.ExchangeAtMs = 0;
+        p.RevocationsSentVersion = -1;                              // back up, it hears them all again
+        Signal.Poke();                                               // a learned member's forget deadline starts
+        Log.Info("peer_down", $"peer={p.Name} reason={reason} claims_withdrawn={p.Claims.Count}");
+        if (p.Allowed.Count > 0 || p.Claims.Count > 0) RebuildRoutes();
+        ScheduleExchange(nowMs);
+    }
+
+    /// <summary>Something we tell members changed: tell every member that is up, soon (debounced).</summary>
+    internal void ScheduleExchange(long nowMs)
+    {
+        long at = nowMs + Tune.ExchangeDebounceMs;
+        foreach (Peer p in Peers)
+            if (p.Active && p.Up && (p.ExchangeAtMs == 0 || p.ExchangeAtMs > at)) p.ExchangeAtMs = at;
+    }
+
+    /// <summary>Seals payload in a Control record to p; false when p has no ready session.</summary>
+    internal bool SendControl(Peer p, ReadOnlySpan<byte> payload, long nowMs)
+    {
+        if (!p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) || !p.Endpoint.IsSet) return false;
+        Session s = p.Current!;
+        Span<byte> slot = NextOut(p.Endpoint);
+        payload.CopyTo(slot[Record.PayloadOffset..]);
+        int len = Record.Seal(s, slot, payload.Length, RecordFlags.Control, Mtu);
+        CommitOut(len);
+        AfterSend(p, s, len, nowMs, carriesData: false);
+        return true;
     }
 }
 
@@ -7920,7 +7939,8 @@ internal static class Bench
 //   veil doctor    one pass/fail line per check of the host and the config
 //   veil service   install|uninstall: the binary as a systemd service (veil@NAME runs
 //                  /etc/veil/NAME.toml), with CAP_NET_ADMIN only; configs and keys are never removed
-// Join messages use the handshake preamble with types 4 (JoinHello) and 5 (JoinAccept).
+// Join messages use the handshake preamble with types 4 (JoinHello) and 5 (JoinAccept); the node's
+// side of them (Node, partial) closes the file.
 
 internal sealed class InviteToken
 {
@@ -8803,5 +8823,27 @@ internal static class ServiceCli
             return ((status & 0x7F) == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F), "");
         }
         finally { foreach (var h in pinned) h.Free(); }
+    }
+}
+
+/// <summary>The node's side of a join (§18): a JoinHello in, a joiner queued for the daemon, the answer out.</summary>
+internal sealed partial class Node
+{
+    internal Invites? Invites;                   // set by the daemon when it can persist joiners
+
+    private void ReceiveJoin(ReadOnlySpan<byte> d, in Endpoint from)
+    {
+        byte[]? reply = Invites?.Consume(d, Log, from);
+        if (reply == null) { Counters.Drop(DropReason.Malformed); return; }
+        if (Invites!.Joiners.Count > 0) Signal.Poke();            // the loop has a joiner to write down
+        SendDatagram(from, reply);
+    }
+
+    /// <summary>Queues a datagram the node made whole (a JoinAccept); nothing when it is empty.</summary>
+    internal void SendDatagram(in Endpoint to, ReadOnlySpan<byte> datagram)
+    {
+        if (datagram.Length == 0) return;
+        datagram.CopyTo(NextOut(to));
+        CommitOut(datagram.Length);
     }
 }
