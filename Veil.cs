@@ -578,8 +578,8 @@ internal sealed class Log
         {
             while (queue.TryDequeue(out var q))
             {
+                Interlocked.Decrement(ref _queued);                // the bound counts lines waiting
                 q.To.WriteLine(q.Line);
-                Interlocked.Decrement(ref _queued);
             }
             if (Interlocked.Exchange(ref _lost, 0) is int lost and > 0)
                 _err.WriteLine(Line(LogLevel.Warn, "log_lost", $"lines={lost} hint=\"the log reader fell behind\""));

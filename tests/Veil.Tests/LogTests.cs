@@ -1,0 +1,112 @@
+using System.Text.Json;
+
+namespace Veil.Tests;
+
+/// <summary>§3 Log: levels, the per-event budget, the daemon's queued writer, JSON lines.</summary>
+public sealed class LogTests
+{
+    private static string[] Lines(StringWriter w) => w.ToString().Split('\n', StringSplitOptions.RemoveEmptyEntries);
+
+    [Fact]
+    public void Levels_FilterAndWarningsGoToTheErrorStream()
+    {
+        var o = new StringWriter();
+        var e = new StringWriter();
+        var log = new Log(o, e, LogLevel.Info);
+        log.Debug("d", "x=1");
+        log.Info("i", "x=2");
+        log.Warn("w", "x=3");
+        log.Error("err", "");
+        Assert.Single(Lines(o));
+        Assert.Matches(@"^ts=\S+Z level=info event=i x=2$", Lines(o)[0]);
+        Assert.Equal(2, Lines(e).Length);
+        Assert.EndsWith("level=error event=err", Lines(e)[1]);
+    }
+
+    [Fact]
+    public void Budget_TenLinesPerEventThenCountedOnce()
+    {
+        var o = new StringWriter();
+        var log = new Log(o, LogLevel.Info);
+        for (int i = 0; i < 25; i++) log.Info("flood", $"n={i}");
+        log.Info("other", "");                                        // another event has its own budget
+        Assert.Equal(Tune.LogBurst + 1, Lines(o).Length);
+        Assert.False(log.Wants(LogLevel.Info, "flood"));              // a caller on the packet path asks first
+        Assert.True(log.Wants(LogLevel.Info, "fresh"));
+    }
+
+    [Fact]
+    public void QueuedWriter_WritesEverythingInOrder_AndStopDrains()
+    {
+        var o = new StringWriter();
+        var log = new Log(o, LogLevel.Info);
+        log.StartWriter();
+        var threads = new Thread[4];
+        for (int t = 0; t < threads.Length; t++)
+        {
+            int id = t;
+            threads[t] = new Thread(() => { for (int i = 0; i < 8; i++) log.Info($"t{id}", $"i={i}"); });
+            threads[t].Start();
+        }
+        foreach (Thread t in threads) t.Join();
+        log.StopWriter();
+        string[] lines = Lines(o);
+        Assert.Equal(32, lines.Length);
+        for (int t = 0; t < threads.Length; t++)                    // each thread's lines whole and in order
+        {
+            var mine = lines.Where(l => l.Contains($"event=t{t} ")).Select(l => l[(l.IndexOf("i=") + 2)..]).ToArray();
+            Assert.Equal(Enumerable.Range(0, 8).Select(i => i.ToString()), mine);
+        }
+        log.Info("after", "");                                        // stopped: written at once again
+        Assert.EndsWith("event=after", Lines(o)[^1]);
+    }
+
+    // A writer stuck on a slow reader never blocks whoever logs: lines past the queue's bound are
+    // dropped, counted, and reported once the reader catches up.
+    [Fact]
+    public void QueuedWriter_SlowReader_LoggersNeverWait_LostLinesReported()
+    {
+        var gate = new ManualResetEventSlim(false);
+        var slow = new BlockingWriter(gate);
+        var log = new Log(slow, LogLevel.Info);
+        log.StartWriter();
+        log.Info("first", "");                                        // the writer takes it and blocks
+        Assert.True(SpinWait.SpinUntil(() => slow.Blocked, 5_000));
+        int sent = Tune.LogQueueLines + 100;
+        var logger = new Thread(() => { for (int i = 0; i < sent; i++) log.Info($"e{i}", ""); });   // distinct events: no budget
+        logger.Start();
+        bool finished = logger.Join(30_000);                            // the reader is still stuck meanwhile
+        gate.Set();
+        Assert.True(finished, "a logger waited for the slow reader");
+        log.StopWriter();
+        string[] lines = slow.Text.ToString().Split('\n', StringSplitOptions.RemoveEmptyEntries);
+        Assert.Equal(1 + Tune.LogQueueLines + 1, lines.Length);      // first, a full queue, and the report
+        Assert.Contains("event=log_lost lines=100", lines[^1]);
+    }
+
+    private sealed class BlockingWriter(ManualResetEventSlim gate) : TextWriter
+    {
+        internal readonly StringWriter Text = new();
+        internal volatile bool Blocked;
+        public override System.Text.Encoding Encoding => System.Text.Encoding.UTF8;
+        public override void Write(char value) => Text.Write(value);
+        public override void WriteLine(string? value)
+        {
+            if (!gate.IsSet) { Blocked = true; gate.Wait(); }
+            Text.WriteLine(value);
+        }
+    }
+
+    [Fact]
+    public void JsonLine_OneEscaperForQuotesBackslashesAndControlCharacters()
+    {
+        string line = Log.JsonLine("2026-01-01T00:00:00.000Z", LogLevel.Info, "e", "a=\"x\\\\y\" b=tab\there c=plain");
+        using JsonDocument doc = JsonDocument.Parse(line);
+        Assert.Equal("x\\\\y", doc.RootElement.GetProperty("a").GetString());
+        Assert.Equal("tab\there", doc.RootElement.GetProperty("b").GetString());
+        Assert.Equal("plain", doc.RootElement.GetProperty("c").GetString());
+        var sb = new System.Text.StringBuilder();
+        JsonText.Str(sb, "q\"\u0001");
+        Assert.Equal("\"q\\\"\\u0001\"", sb.ToString());
+    }
+}
