@@ -291,7 +291,9 @@ public sealed class AeadTests
 
 public class AeadBackendTests
 {
+    // A host check: this machine has what the fast path needs (skip elsewhere: Category!=Host).
     [Fact]
+    [Trait("Category", "Host")]
     public void Evp_IsLoadedOnThisMachine() => Assert.True(Evp.Loaded, "libcrypto could not be loaded: the fast AEAD path is off");
 
     [Theory]

@@ -62,7 +62,9 @@ public class LibcLayoutTests
 
 public class PathMtuTests
 {
+    // A host check: this machine has what the fast path needs (skip elsewhere: Category!=Host).
     [Fact]
+    [Trait("Category", "Host")]
     public void PathMtu_Loopback_IsTheLoopbackMtu()
     {
         int expect = Math.Min(65535, int.Parse(File.ReadAllText("/sys/class/net/lo/mtu").Trim()));   // IP_MTU caps at the IP maximum
