@@ -293,6 +293,9 @@ internal struct Key32
 
     internal readonly string ToBase64() => Convert.ToBase64String(this);
     internal readonly string Short() => ToBase64()[..8] + "…";   // never log a key, log its start
+    /// <summary>A peer's name when none is given: the key's first 8 base64 characters, '+' and '/'
+    /// as '-' and '_' so it is a valid name (in a config file, on the wire).</summary>
+    internal readonly string DefaultName() => ToBase64()[..8].Replace('+', '-').Replace('/', '_');
     internal void Clear() => CryptographicOperations.ZeroMemory(this);
     internal readonly bool IsZero()
     {
@@ -1238,7 +1241,7 @@ internal sealed class UpConfig
             if (CryptographicOperations.FixedTimeEquals(p.PublicKey, pub)) throw new ConfigException("--peer lists this node's own public key");
             for (int j = 0; j < i; j++)
                 if (p.PublicKey.EqualsCt(Peers[j].PublicKey)) throw new ConfigException($"peer {p.PublicKey.Short()} is given twice");
-            if (p.Name.Length == 0) p.Name = p.PublicKey.ToBase64()[..8];
+            if (p.Name.Length == 0) p.Name = p.PublicKey.DefaultName();
             if (!names.Add(p.Name)) throw new ConfigException($"peer name '{p.Name}' is given twice");
         }
         if (Peers.Count > Tune.MaxPeers) throw new ConfigException($"at most {Tune.MaxPeers} peers");
@@ -2855,7 +2858,7 @@ internal sealed class Peer
         Endpoint = cfg.Endpoint;
         ConfiguredEndpoint = cfg.EndpointText;
         Allowed = new List<IpPrefix>(cfg.Allowed);
-        Name = cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.ToBase64()[..8];
+        Name = cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.DefaultName();
         PersistentKeepaliveMs = cfg.KeepaliveMs >= 0 ? cfg.KeepaliveMs : persistentKeepaliveMs;
         _stagedSlotLen = mtu;
     }
@@ -6366,7 +6369,7 @@ internal sealed class Mesh
             claims.Add(new Claim(host, cfg.Metric));
         }
         foreach (IpPrefix c in cfg.Claims) claims.Add(new Claim(c, cfg.Metric));
-        string name = cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.ToBase64()[..8].Replace('+', '-').Replace('/', '_');
+        string name = cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.DefaultName();
         bool changed = !SameClaims(claims, OwnClaims) || Name != name;
         OwnClaims.Clear();
         OwnClaims.AddRange(claims);
@@ -6510,7 +6513,7 @@ internal sealed class Mesh
         var id = KeyId.Of(p.PublicKey);
         if (_keyName.TryGetValue(id, out string? pinned))
         {
-            if (pinned == name) { if (p.Learned || p.Name == p.PublicKey.ToBase64()[..8]) p.Name = name; }   // a forgotten member back
+            if (pinned == name) { if (p.Learned || p.Name == p.PublicKey.DefaultName()) p.Name = name; }   // a forgotten member back
             else if (_node.Log.Wants(LogLevel.Warn, "name_conflict"))
                 _node.Log.Emit(LogLevel.Warn, "name_conflict", $"peer={p.Name} announced={name} pinned={pinned} reason=key_has_another_name");
             return;
@@ -6528,7 +6531,7 @@ internal sealed class Mesh
         if (_keyName.Count >= Tune.MaxNamePins) return;
         _keyName[id] = name;
         _nameOwner[name] = id;
-        if (p.Learned || p.Name == p.PublicKey.ToBase64()[..8]) p.Name = name;
+        if (p.Learned || p.Name == p.PublicKey.DefaultName()) p.Name = name;
     }
 
     /// <summary>Why p may not claim prefix (null: it may). Pins host addresses to the first claimant.</summary>

@@ -878,8 +878,8 @@ public class MeshTests(ITestOutputHelper output)
         t.Advance(2_000);
         Peer ay = PeerOf(a, y), az = PeerOf(a, z);
         Assert.True(ay.Up && az.Up);
-        Assert.Equal(y.Public.ToBase64()[..8], ay.Name);
-        Assert.Equal(z.Public.ToBase64()[..8], az.Name);
+        Assert.Equal(y.Public.DefaultName(), ay.Name);
+        Assert.Equal(z.Public.DefaultName(), az.Name);
         Assert.Equal("alpha", PeerOf(a, x).Name);
         string log = a.LogText.ToString();
         Assert.Contains($"event=name_conflict peer={ay.Name} announced=alpha reason=name_has_another_key", log);
@@ -893,7 +893,7 @@ public class MeshTests(ITestOutputHelper output)
         // and the pin outlives an exchange round
         t.Advance(Tune.ExchangeIntervalMs + 2_000, 1000);
         Assert.Equal("alpha", PeerOf(a, x).Name);
-        Assert.Equal(y.Public.ToBase64()[..8], PeerOf(a, y).Name);
+        Assert.Equal(y.Public.DefaultName(), PeerOf(a, y).Name);
     }
 
     [Fact]

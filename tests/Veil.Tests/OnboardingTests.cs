@@ -215,6 +215,24 @@ public sealed class OnboardingTests : IDisposable
         Assert.Equal(before, File.ReadAllText(cfg));
     }
 
+    // About one key in five starts with a '+' or '/' among its first 8 base64 characters; its default
+    // name must still be a valid name (it used to make add-peer fail, and members rename the peer).
+    [Fact]
+    public void AddPeer_KeyWhoseStartHasPlusOrSlash_GetsAValidDefaultName()
+    {
+        string dir = Path.Combine(_dir, "n");
+        OnboardingCli.Init(new[] { "init", "--dir", dir }, new StringWriter());
+        string cfg = Path.Combine(dir, "veil.toml");
+        Key32 odd = default;
+        for (byte seed = 60; ; seed++)
+            if (Pub(seed).ToBase64()[..8].IndexOfAny(['+', '/']) >= 0) { odd = Pub(seed); break; }
+        Assert.Equal(0, OnboardingCli.AddPeer(new[] { "add-peer", "--config", cfg, "--peer", odd.ToBase64() }, new StringWriter()));
+        PeerConfig p = Assert.Single(UpConfig.Load(new[] { "up", "--config", cfg }, 1).Peers);
+        Assert.Equal(odd.DefaultName(), p.Name);
+        Assert.Equal(odd.ToBase64()[..8].Replace('+', '-').Replace('/', '_'), p.Name);
+        Assert.Equal(p.Name, new Peer(0, new PeerConfig { PublicKey = odd }, default, 0, 1420).Name);   // the node agrees
+    }
+
     [Fact]
     public void Doctor_ReportsEachCheckOnItsOwnLine_FailsOnBadConfig()
     {
