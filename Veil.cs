@@ -2782,6 +2782,18 @@ internal sealed class LoopSignal
     internal void Poke() => Pending = true;
 }
 
+/// <summary>A peer's place in the node. Every peer starts Down; the node's events move it:
+///   Down --(a session confirmed: MarkUp)--> Up --(liveness timeout, close, gave up: MarkDown)--> Down
+///   Down or Up --(removed: reload, revocation, forgotten, displaced: RemovePeer)--> Removed (final;
+///   the slot is reused by a new Peer)
+/// Handshaking is not a state of its own: a Down or Up peer with a handshake in flight (Pending).</summary>
+internal enum PeerState { Down = 0, Up = 1, Removed = 2 }
+
+/// <summary>Where a peer comes from. Provisional --(its first record confirms it: MarkUp)--> Learned;
+/// Learned or Provisional --(named in a reloaded config: Apply)--> Configured. Learned and
+/// provisional members are forgotten when silent (ForgetAtMs); configured ones never are.</summary>
+internal enum PeerOrigin { Configured = 0, Learned = 1, Provisional = 2 }
+
 internal sealed class Peer
 {
     internal readonly int Id;
@@ -2792,12 +2804,21 @@ internal sealed class Peer
     internal readonly List<IpPrefix> Allowed;
     internal string Name;                        // from the config, or the first characters of the key
     internal string ConfiguredEndpoint;          // as configured; Endpoint roams away from it
-    internal bool Active = true;                 // false once removed by a reload (the slot is reused)
+    internal PeerState State { get; private set; }
+    internal PeerOrigin Origin { get; private set; }
+    internal bool Active => State != PeerState.Removed;
+    internal bool Up => State == PeerState.Up;  // a session is confirmed and a record arrived within the liveness time
+    internal bool Learned => Origin != PeerOrigin.Configured;
+    internal bool Provisional => Origin == PeerOrigin.Provisional;
 
-    // Membership (§15). Up: a session is confirmed and a record arrived within the liveness time.
-    internal bool Learned;                       // from the mesh, not the config: forgotten when silent
-    internal bool Provisional;                   // --mesh: made by a ClientHello, not yet confirmed
-    internal bool Up;
+    // One method per event (the diagrams above PeerState and PeerOrigin).
+    internal void OnConfirmed() { Debug.Assert(State == PeerState.Down); State = PeerState.Up; if (Provisional) Origin = PeerOrigin.Learned; }
+    internal void OnLost() { Debug.Assert(State == PeerState.Up); State = PeerState.Down; }
+    internal void OnRemoved() { Debug.Assert(State != PeerState.Removed); State = PeerState.Removed; }
+    internal void OnLearned(bool provisional) => Origin = provisional ? PeerOrigin.Provisional : PeerOrigin.Learned;
+    internal void OnConfigured() => Origin = PeerOrigin.Configured;
+
+    // Membership (§15).
     internal bool Reconnecting;                  // the handshake in flight is one reconnect attempt
     internal int ReconnectAttempts;
     internal long CreatedMs, LastSeenMs = -1;    // LastSeenMs: our records or a member's report
@@ -2905,7 +2926,7 @@ internal sealed class Peer
         _stagedHead = 0;
     }
 
-    internal string State(long nowMs, long rejectAfterMs) =>
+    internal string StateName(long nowMs, long rejectAfterMs) =>
         Up && HasReadySession(nowMs, rejectAfterMs) ? "up" : Pending != null ? "handshaking" : "down";
 
     /// <summary>No authenticated record for this long: down. Needs keepalives; 0 (none) never expires.</summary>
@@ -4637,7 +4658,7 @@ internal sealed partial class Node
         p.ClearStaged();
         _byKey.Remove(KeyId.Of(p.PublicKey));
         Mesh.Forget(p);
-        p.Active = p.Up = false;
+        p.OnRemoved();
         p.PersistentKeepaliveAtMs = p.LivenessAtMs = p.ReconnectAtMs = p.ExchangeAtMs = p.ClaimsExpireAtMs = 0;
         p.Psk.Clear();
         p.StaticShared.Clear();
@@ -4672,7 +4693,7 @@ internal sealed partial class Node
                 continue;
             }
             p.Name = pc.Name;
-            p.Learned = p.Provisional = false;              // now in the config: never forgotten
+            p.OnConfigured();                               // now in the config: never forgotten
             if (pc.EndpointText != p.ConfiguredEndpoint)
             {
                 if (pc.Endpoint.IsSet) p.Endpoint = pc.Endpoint;   // none given: keep where it was last heard from
@@ -6649,8 +6670,7 @@ internal sealed partial class Node
         Peer p;
         try { p = AddPeer(pc, _psk, _keepaliveMs); }
         catch (ConfigException) { return null; }
-        p.Learned = true;
-        p.Provisional = provisional;
+        p.OnLearned(provisional);
         p.CreatedMs = nowMs;
         return p;
     }
@@ -6707,8 +6727,8 @@ internal sealed partial class Node
 
     private void MarkUp(Peer p, long nowMs)
     {
-        p.Up = true;
-        p.Provisional = p.Reconnecting = false;
+        p.OnConfirmed();
+        p.Reconnecting = false;
         p.ReconnectAttempts = 0;
         p.ReconnectAtMs = 0;
         p.LastSeenMs = nowMs;
@@ -6723,7 +6743,7 @@ internal sealed partial class Node
     {
         p.LivenessAtMs = 0;
         if (!p.Up) return;
-        p.Up = false;
+        p.OnLost();
         p.ExchangeAtMs = 0;
         p.RevocationsSentVersion = -1;                              // back up, it hears them all again
         Signal.Poke();                                               // a learned member's forget deadline starts
@@ -6818,7 +6838,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     private static void PeerText(StringBuilder sb, Peer p, long nowMs)
     {
         sb.Append("\npeer: ").Append(p.Name).Append(" (").Append(p.PublicKey.ToBase64()).Append(")\n");
-        sb.Append("  state: ").Append(p.State(nowMs, Spec.RejectAfterTimeMs)).Append('\n');
+        sb.Append("  state: ").Append(p.StateName(nowMs, Spec.RejectAfterTimeMs)).Append('\n');
         if (p.Endpoint.IsSet) sb.Append("  endpoint: ").Append(p.Endpoint).Append('\n');
         sb.Append("  source: ").Append(Source(p)).Append('\n');
         sb.Append("  allowed ips: ").Append(p.Allowed.Count == 0 ? "(none)" : string.Join(", ", p.Allowed)).Append('\n');
@@ -6935,7 +6955,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             Str(sb, p.Name);
             sb.Append(",\"public_key\":\"").Append(p.PublicKey.ToBase64())
               .Append("\",\"endpoint\":").Append(p.Endpoint.IsSet ? "\"" + p.Endpoint + "\"" : "null")
-              .Append(",\"state\":\"").Append(p.State(nowMs, Spec.RejectAfterTimeMs))
+              .Append(",\"state\":\"").Append(p.StateName(nowMs, Spec.RejectAfterTimeMs))
               .Append("\",\"latest_handshake\":").Append(p.LastHandshakeUnixS)
               .Append(",\"latest_handshake_s\":").Append(p.LastHandshakeMs < 0 ? -1 : (nowMs - p.LastHandshakeMs) / 1000)
               .Append(",\"rx_bytes\":").Append(p.RxBytes).Append(",\"tx_bytes\":").Append(p.TxBytes)
@@ -7001,7 +7021,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             foreach (string st in new[] { "up", "handshaking", "down" })
             {
                 int n = 0;
-                foreach (Peer p in ActivePeers()) if (p.State(nowMs, Spec.RejectAfterTimeMs) == st) n++;
+                foreach (Peer p in ActivePeers()) if (p.StateName(nowMs, Spec.RejectAfterTimeMs) == st) n++;
                 sb.Append("veil_peers{state=\"").Append(st).Append("\"} ").Append(n).Append('\n');
             }
             One("veil_sessions", "gauge", "Sessions (key pairs) held.", node.Indexes.SessionCount);

@@ -121,12 +121,12 @@ public class NodeTests
     {
         var t = TestNet.FullMesh(2);
         t.Start();
-        Assert.Equal("up", t.Nodes[1].Node.Peers[0].State(t.NowMs, Spec.RejectAfterTimeMs));
+        Assert.Equal("up", t.Nodes[1].Node.Peers[0].StateName(t.NowMs, Spec.RejectAfterTimeMs));
         t.Nodes[0].Node.Shutdown(t.NowMs);
         t.Nodes[0].Worker.FlushUdp(t.Nodes[0].Node.UdpOut);
         t.Nodes.RemoveAt(0);
         t.Pump();
-        Assert.NotEqual("up", t.Nodes[0].Node.Peers[0].State(t.NowMs, Spec.RejectAfterTimeMs));
+        Assert.NotEqual("up", t.Nodes[0].Node.Peers[0].StateName(t.NowMs, Spec.RejectAfterTimeMs));
         Assert.Contains("event=session_closed", t.Nodes[0].LogText.ToString());
     }
 

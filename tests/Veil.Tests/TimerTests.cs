@@ -61,4 +61,23 @@ public sealed class TimerTests
         Assert.Equal(rx + 1, a.Counters.RxRecords);     // and a got it: its new-handshake timer is off
         Assert.Equal(0, b.NewHandshakeAtMs);
     }
+
+    [Fact]
+    public void PeerState_FollowsItsDiagram()
+    {
+        var p = new Peer(0, new PeerConfig { PublicKey = TestNode.KeyFromSeed(9) }, default, 0, 1420);
+        Assert.Equal((PeerState.Down, PeerOrigin.Configured), (p.State, p.Origin));
+        Assert.True(p.Active && !p.Up && !p.Learned && !p.Provisional);
+        p.OnLearned(provisional: true);                                // a ClientHello made it
+        Assert.True(p.Learned && p.Provisional);
+        p.OnConfirmed();                                               // its first record: up, and a member
+        Assert.Equal((PeerState.Up, PeerOrigin.Learned), (p.State, p.Origin));
+        p.OnLost();
+        Assert.Equal(PeerState.Down, p.State);
+        p.OnConfigured();                                              // a reload names it
+        Assert.Equal(PeerOrigin.Configured, p.Origin);
+        p.OnRemoved();
+        Assert.False(p.Active);
+        Assert.Equal(PeerState.Removed, p.State);
+    }
 }
