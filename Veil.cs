@@ -6376,8 +6376,6 @@ internal sealed class Mesh
         return list;
     }
 
-    internal IEnumerable<Revocation> Revocations => _revoked.Values;
-
     /// <summary>Takes the mesh keys of a (re)loaded config; true when what we announce changed.</summary>
     internal bool Configure(UpConfig cfg)
     {

@@ -100,8 +100,11 @@ public sealed class LogTests
     [Fact]
     public void JsonLine_OneEscaperForQuotesBackslashesAndControlCharacters()
     {
-        string line = Log.JsonLine("2026-01-01T00:00:00.000Z", LogLevel.Info, "e", "a=\"x\\\\y\" b=tab\there c=plain");
+        string line = Log.JsonLine("2026-01-01T00:00:00.000Z", LogLevel.Warn, "e", "a=\"x\\\\y\" b=tab\there c=plain from=192.0.2.1:5 hint=\"the \\\"sender\\\" does not know\"");
         using JsonDocument doc = JsonDocument.Parse(line);
+        Assert.Equal("warn", doc.RootElement.GetProperty("level").GetString());
+        Assert.Equal("e", doc.RootElement.GetProperty("event").GetString());
+        Assert.Equal("192.0.2.1:5", doc.RootElement.GetProperty("from").GetString());
         Assert.Equal("x\\\\y", doc.RootElement.GetProperty("a").GetString());
         Assert.Equal("tab\there", doc.RootElement.GetProperty("b").GetString());
         Assert.Equal("plain", doc.RootElement.GetProperty("c").GetString());

@@ -196,14 +196,4 @@ public class OperationsTests
         Assert.Contains("veil_sent_bytes_total ", m);
         Assert.Matches(@"veil_peer_sent_bytes_total\{peer=""[^""]+"",public_key=""[^""]+""\} [1-9]", m);
     }
-
-    [Fact]
-    public void JsonLog_PairsBecomeFields()
-    {
-        string line = Log.JsonLine("2026-01-01T00:00:00.000Z", LogLevel.Warn, "handshake_dropped", "reason=bad_mac1 from=192.0.2.1:5 hint=\"the \\\"sender\\\" does not know\"");
-        using var doc = JsonDocument.Parse(line);
-        Assert.Equal("warn", doc.RootElement.GetProperty("level").GetString());
-        Assert.Equal("bad_mac1", doc.RootElement.GetProperty("reason").GetString());
-        Assert.Equal("192.0.2.1:5", doc.RootElement.GetProperty("from").GetString());
-    }
 }
