@@ -244,8 +244,8 @@ internal static class Tune
     internal const int LogBurst = 10;                        // log lines per event kind per LogWindowMs
     internal const long LogWindowMs = 10_000;
     internal const long ShutdownGraceMs = 2_000;
-    internal const int LogQueueLines = 4096;
-    internal const int MaxRevocations = 1024;                 // revoked keys a node keeps (and checks for)                  // lines waiting for the log writer; beyond: counted as lost
+    internal const int LogQueueLines = 4096;                  // lines waiting for the log writer; beyond: counted as lost
+    internal const int MaxRevocations = 1024;                 // revoked keys a node keeps (and checks for)
     internal const string DefaultControlPath = "/var/run/veil.sock";
     internal const int MaxControlRequestLen = 4096;
     internal const int DefaultMaxSessions = 1024;
@@ -273,6 +273,15 @@ internal static class Tune
     internal const long ProvisionalLifetimeMs = 15_000;
     internal const long FirstReconnectMs = 1_000;
     internal const long MaxReconnectMs = 120_000;
+    // Paths (§15): relays and hole punching.
+    internal const int MaxRelayPairs = 64;                   // pairs of members one relay carries at once
+    internal const int DefaultRelayRateMbit = 20;            // per pair and direction; beyond, dropped
+    internal const long RelayPairIdleMs = 10_000;            // a full table gives a direction silent this long to a new one
+    internal const long DirectQuietMs = 5_000;               // no direct record this long: a relay may carry the peer
+    internal const long FirstPunchMs = 300;                  // after a relayed session is up (its Self comes first)
+    internal const long MaxPunchIntervalMs = 60_000;         // punch rounds back off from 2 s to this
+    internal const long PunchAnswerIntervalMs = 1_000;       // a member's Punch is answered at most this often
+    internal const int PunchPrimeTtl = 2;                    // opens our own NAT, dies before the other's
 }
 
 /// <summary>32 bytes held inline: keys, hashes, chaining keys.</summary>
@@ -692,6 +701,8 @@ internal enum DropReason
     TunWrite,           // the kernel refused a packet on the TUN
     UdpSend,            // the kernel refused a datagram
     BadExchange,        // a member's exchange message was malformed or over a bound (§15)
+    RelayRefused,       // a Relay record this node would not carry: not offered, no such member up, malformed (§15)
+    RelayRate,          // a relayed pair over its byte budget (§15)
     Count,
 }
 
@@ -714,7 +725,8 @@ internal sealed class Counters
         DropReason.BadMac1 => "bad_mac1", DropReason.BadMac2 => "bad_mac2",
         DropReason.UnknownPeer => "unknown_peer", DropReason.StaleHello => "stale_hello",
         DropReason.HandshakeFailed => "handshake_failed", DropReason.QueueFull => "queue_full", DropReason.Refused => "refused",
-        DropReason.TunWrite => "tun_write", DropReason.UdpSend => "udp_send", DropReason.BadExchange => "bad_exchange", _ => "other",
+        DropReason.TunWrite => "tun_write", DropReason.UdpSend => "udp_send", DropReason.BadExchange => "bad_exchange",
+        DropReason.RelayRefused => "relay_refused", DropReason.RelayRate => "relay_rate", _ => "other",
     };
 }
 
@@ -1005,6 +1017,8 @@ internal sealed class UpConfig
     internal readonly List<IpPrefix> Claims = new();
     internal readonly List<IpPrefix> Accept = new();
     internal int Metric = Tune.DefaultMetric;
+    internal bool Relay = true;            // carry records between members that cannot reach each other (§15)
+    internal int RelayRateMbit = Tune.DefaultRelayRateMbit;
     private bool _keepaliveGiven;
 
     // Keys a running daemon cannot change; reload refuses (exit 3) when one of them differs.
@@ -1015,6 +1029,7 @@ internal sealed class UpConfig
         "key", "psk", "listen", "address", "tun", "mtu", "keepalive", "rekey_after", "control", "mgmt", "mgmt_acl",
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
         "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers", "accept_psk", "admin", "revocations",
+        "relay", "relay_rate",
     ];
     private static readonly string[] ListKeys = ["address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk"];
     private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive"];
@@ -1038,6 +1053,7 @@ internal sealed class UpConfig
             string flag = args[i], value;
             if (flag == "--check") { c.CheckOnly = true; continue; }
             if (flag == "--mesh") { flags.Add(("mesh", "true")); continue; }
+            if (flag is "--relay" or "--no-relay") { flags.Add(("relay", flag == "--relay" ? "true" : "false")); continue; }
             int eq = flag.IndexOf('=');
             if (flag.StartsWith("--") && eq > 0) { value = flag[(eq + 1)..]; flag = flag[..eq]; }
             else
@@ -1089,13 +1105,14 @@ internal sealed class UpConfig
                 foreach (TomlValue item in ListOf(src, v)) Apply(key, src, item.Str);
                 continue;
             }
-            if (key == "mesh")
+            if (key is "mesh" or "relay")
             {
                 if (v.Type != TomlValue.Kind.Boolean) throw new ConfigException($"{src.Text}: expected true or false");
-                Mesh = v.Bool;
+                if (key == "mesh") Mesh = v.Bool;
+                else Relay = v.Bool;
                 continue;
             }
-            Apply(key, src, Scalar(src, v, key is "mtu" or "keepalive" or "rekey_after" or "max_sessions" or "handshake_rate" or "handshake_rate_per_source" or "metric" or "workers"));
+            Apply(key, src, Scalar(src, v, key is "mtu" or "keepalive" or "rekey_after" or "max_sessions" or "handshake_rate" or "handshake_rate_per_source" or "metric" or "workers" or "relay_rate"));
         }
         foreach (var (table, entries) in doc.TableArrays)
         {
@@ -1183,6 +1200,11 @@ internal sealed class UpConfig
                 if (value is not ("true" or "false")) throw src.Bad(value, "must be true or false");
                 Mesh = value == "true";
                 break;
+            case "relay":
+                if (value is not ("true" or "false")) throw src.Bad(value, "must be true or false");
+                Relay = value == "true";
+                break;
+            case "relay_rate": RelayRateMbit = ParseInt(src, value, 1, 100_000); break;
             case "trust":
                 PeerConfig t = ParsePeer(src, value);
                 if (t.EndpointText.Length > 0) throw src.Bad(value, "must be a public key alone (use --peer for a key with an endpoint)");
@@ -1401,7 +1423,7 @@ internal static unsafe partial class Libc
     internal const int AF_UNIX = 1, AF_INET = 2, AF_INET6 = 10, AF_NETLINK = 16;
     internal const int SOCK_STREAM = 1, SOCK_DGRAM = 2, SOCK_RAW = 3, SOCK_NONBLOCK = 0x800, SOCK_CLOEXEC = 0x80000;
     internal const int SOL_SOCKET = 1, SO_REUSEADDR = 2, SO_SNDBUF = 7, SO_RCVBUF = 8, SO_REUSEPORT = 15, SO_SNDBUFFORCE = 32, SO_RCVBUFFORCE = 33;
-    internal const int IPPROTO_IPV6 = 41, IPV6_V6ONLY = 26;
+    internal const int IPPROTO_IPV6 = 41, IPV6_V6ONLY = 26, IPV6_HOPLIMIT = 52, IPPROTO_IP = 0, IP_TTL = 2;
     internal const int NETLINK_ROUTE = 0;
     internal const int EPOLLIN = 0x1, EPOLLOUT = 0x4, EPOLL_CTL_ADD = 1, EPOLL_CTL_DEL = 2, EPOLL_CTL_MOD = 3, EPOLL_CLOEXEC = 0x80000;
     internal const int EFD_NONBLOCK = 0x800, EFD_CLOEXEC = 0x80000;
@@ -1465,7 +1487,7 @@ internal static unsafe partial class Libc
     /// <summary>The MTU of the route towards ep, from a connected UDP socket; 0 when there is no route.</summary>
     internal static int PathMtu(in Endpoint ep)
     {
-        const int IPPROTO_IP = 0, IP_MTU = 14, IPV6_MTU = 24;
+        const int IP_MTU = 14, IPV6_MTU = 24;
         bool v6 = !ep.IsV4;
         int fd = Socket(v6 ? AF_INET6 : AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
         if (fd < 0) return 0;
@@ -2827,6 +2849,19 @@ internal sealed class Peer
     internal readonly List<Endpoint> Candidates = new();     // where others saw it; tried in turn
     internal int CandidateNext;
 
+    // Its path (§15): straight to Endpoint, or inside Relay records through a member (Node.Heard
+    // switches it on each authenticated record; Node.ChoosePath before a handshake).
+    internal Peer? Relay;                        // the member that carries our records to it now (null: direct)
+    internal Peer? RelayOffer;                   // a member that reported it up and relays for members
+    internal long RelayOfferMs = long.MinValue / 2, DownAtMs = long.MinValue / 2;   // that report; when it last went down
+    internal bool OffersRelay;                   // its own Self says it relays for members
+    internal long LastDirectRxMs = long.MinValue / 2;
+    internal int PunchAttempts;
+    internal bool HelloUnanswered;       // the last hello timed out: the next one takes the other path
+    internal long PunchesSent, PunchesAnswered, LastPunchAnsweredMs = long.MinValue / 2;
+    internal long RelayedRxBytes, RelayedTxBytes;            // its records that came or went through a relay
+    internal string PathName => Relay != null ? "relay:" + Relay.Name : "direct";
+
     internal Session? Previous, Current, Next;
     internal long RevocationsSentVersion = -1;   // the Mesh.RevocationsVersion this member has heard (§15)
 
@@ -2847,7 +2882,7 @@ internal sealed class Peer
     // Timer deadlines (0: disarmed). Arming one tells the loop (Signal), which may be asleep past it.
     internal LoopSignal? Signal;
     private long _retransmitHandshakeAtMs, _sendKeepaliveAtMs, _newHandshakeAtMs, _zeroKeysAtMs, _persistentKeepaliveAtMs;
-    private long _livenessAtMs, _reconnectAtMs, _exchangeAtMs, _claimsExpireAtMs;
+    private long _livenessAtMs, _reconnectAtMs, _exchangeAtMs, _claimsExpireAtMs, _punchAtMs;
     internal long RetransmitHandshakeAtMs { get => _retransmitHandshakeAtMs; set => Signal?.Armed(_retransmitHandshakeAtMs = value); }
     internal long SendKeepaliveAtMs { get => _sendKeepaliveAtMs; set => Signal?.Armed(_sendKeepaliveAtMs = value); }
     internal long NewHandshakeAtMs { get => _newHandshakeAtMs; set => Signal?.Armed(_newHandshakeAtMs = value); }
@@ -2857,6 +2892,7 @@ internal sealed class Peer
     internal long ReconnectAtMs { get => _reconnectAtMs; set => Signal?.Armed(_reconnectAtMs = value); }
     internal long ExchangeAtMs { get => _exchangeAtMs; set => Signal?.Armed(_exchangeAtMs = value); }
     internal long ClaimsExpireAtMs { get => _claimsExpireAtMs; set => Signal?.Armed(_claimsExpireAtMs = value); }
+    internal long PunchAtMs { get => _punchAtMs; set => Signal?.Armed(_punchAtMs = value); }
     internal long PersistentKeepaliveMs;
     internal long LastHandshakeMs = -1, LastRxMs = -1;
     internal long LastHandshakeUnixS;            // wall clock of the latest handshake, for status (0: never)
@@ -2990,6 +3026,13 @@ internal sealed class Peer
     /// <summary>Call after a reconnect attempt failed (or a peer left): arms the next, later one.</summary>
     internal void OnReconnectFailed(long nowMs) => ReconnectAtMs = nowMs + ReconnectDelayMs(ReconnectAttempts++);
 
+    /// <summary>Delay before punch round n over a relayed session: 2 s doubling to MaxPunchIntervalMs, plus up to a quarter.</summary>
+    internal long PunchDelayMs(int attempt)
+    {
+        long d = Math.Min(2_000L << Math.Min(attempt, 8), Tune.MaxPunchIntervalMs);
+        return d + Jitter(d / 4);
+    }
+
     /// <summary>Retransmit delay: doubling from FirstRetransmitMs up to RekeyTimeoutMs, plus jitter.</summary>
     internal long RetransmitDelayMs(int attempt)
     {
@@ -3018,6 +3061,7 @@ internal sealed partial class Node
             if (p.ReconnectAtMs != 0 && nowMs >= p.ReconnectAtMs) ExpiredReconnect(p, nowMs);
             if (p.ExchangeAtMs != 0 && nowMs >= p.ExchangeAtMs) ExpiredExchange(p, nowMs);
             if (p.ClaimsExpireAtMs != 0 && nowMs >= p.ClaimsExpireAtMs) ExpiredClaims(p);
+            if (p.PunchAtMs != 0 && nowMs >= p.PunchAtMs) ExpiredPunch(p, nowMs);
             long forgetAtMs = p.ForgetAtMs;
             if (forgetAtMs != 0 && nowMs >= forgetAtMs)
             {
@@ -3027,7 +3071,7 @@ internal sealed partial class Node
                 continue;
             }
             foreach (long t in (ReadOnlySpan<long>)[p.RetransmitHandshakeAtMs, p.SendKeepaliveAtMs, p.NewHandshakeAtMs, p.ZeroKeysAtMs,
-                                                    p.PersistentKeepaliveAtMs, p.LivenessAtMs, p.ReconnectAtMs, p.ExchangeAtMs, p.ClaimsExpireAtMs, forgetAtMs])
+                                                    p.PersistentKeepaliveAtMs, p.LivenessAtMs, p.ReconnectAtMs, p.ExchangeAtMs, p.ClaimsExpireAtMs, p.PunchAtMs, forgetAtMs])
                 if (t != 0 && t < next) next = t;
         }
         if (forgot) RebuildRoutes();
@@ -3036,6 +3080,7 @@ internal sealed partial class Node
 
     private void ExpiredRetransmitHandshake(Peer p, long nowMs)
     {
+        p.HelloUnanswered = true;                        // the next hello takes the other path (ChoosePath)
         // A reconnect attempt is one ClientHello: unanswered, the next waits longer (ExpiredReconnect).
         if (p.Reconnecting && p.StagedCount == 0)
         {
@@ -3081,7 +3126,6 @@ internal sealed partial class Node
         if (p.Up && p.HasReadySession(nowMs, Spec.RejectAfterTimeMs)) return;
         if (p.Pending != null) return;                     // a handshake is already running; its timers decide
         NextCandidate(p);
-        if (!p.Endpoint.IsSet) return;
         StartHandshake(p, nowMs, retransmit: false);
         p.Reconnecting = p.Pending != null;
     }
@@ -3090,6 +3134,12 @@ internal sealed partial class Node
     {
         p.ExchangeAtMs = 0;
         if (p.Up) Mesh.SendTo(p, nowMs);
+    }
+
+    private void ExpiredPunch(Peer p, long nowMs)
+    {
+        p.PunchAtMs = 0;
+        Punch(p, nowMs);
     }
 
     private void ExpiredClaims(Peer p)
@@ -3104,7 +3154,7 @@ internal sealed partial class Node
     private void ExpiredSendKeepalive(Peer p, long nowMs)
     {
         p.SendKeepaliveAtMs = 0;
-        if (p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) && p.Endpoint.IsSet) SendEmpty(p, nowMs, RecordFlags.Keepalive);
+        if (CanSend(p, nowMs)) SendEmpty(p, nowMs, RecordFlags.Keepalive);
     }
 
     private void ExpiredNewHandshake(Peer p, long nowMs)
@@ -3128,7 +3178,7 @@ internal sealed partial class Node
         // A peer that is down is tried on the reconnect schedule only: keepalives on its old session
         // would start rekeys, and handshakes every period, at a gone peer.
         if (!p.Up) return;
-        if (p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) && p.Endpoint.IsSet) SendEmpty(p, nowMs, RecordFlags.Keepalive);
+        if (CanSend(p, nowMs)) SendEmpty(p, nowMs, RecordFlags.Keepalive);
         else StartHandshake(p, nowMs, retransmit: false);
     }
 }
@@ -3995,7 +4045,7 @@ internal sealed class IndexTable
 // ==== 12. Record layer ===========================================================================
 // Every transport record (all integers big-endian):
 //   0  17 03 03 LL LL     TLS application-data preamble; LL = length of what follows
-//   5  flags   (masked)   Data 1, Keepalive 2, Rekey 4, Bind 8, Close 16, Control 32
+//   5  flags   (masked)   Data 1, Keepalive 2, Rekey 4, Bind 8, Close 16, Control 32, Relay 64
 //   6  padLen  (masked)   zero bytes appended to the payload before sealing
 //   7  receiver index     the session index the receiver chose
 //  11  counter            64-bit, never repeats under one key; also the AEAD nonce
@@ -4007,7 +4057,7 @@ internal sealed class IndexTable
 // the payload already sits at PayloadOffset in the caller's slot. Open never throws.
 
 [Flags]
-internal enum RecordFlags : byte { Data = 1, Keepalive = 2, Rekey = 4, Bind = 8, Close = 16, Control = 32 }
+internal enum RecordFlags : byte { Data = 1, Keepalive = 2, Rekey = 4, Bind = 8, Close = 16, Control = 32, Relay = 64 }
 
 internal enum RecordKind { Invalid, ClientHello, ServerHello, CookieReply, Transport, Join }
 
@@ -4023,7 +4073,7 @@ internal static class Record
     /// <summary>What the underlay carries around an inner packet: IP and UDP headers and the record's
     /// own bytes. A record never pads past the MTU (PaddedLen), so an MTU-sized packet needs exactly this.</summary>
     internal static int UnderlayOverheadLen(bool v6Underlay) => (v6Underlay ? 40 : 20) + 8 + OverheadLen;
-    internal const RecordFlags KnownFlags = (RecordFlags)63;
+    internal const RecordFlags KnownFlags = (RecordFlags)127;
     internal const int MaxJoinLen = 600;
 
     /// <summary>What a datagram claims to be, from its preamble, type and length alone.</summary>
@@ -4119,6 +4169,11 @@ internal sealed class PacketBatch
     private readonly byte[] _mem;                    // pinned: slots can be handed to the kernel as is
     internal readonly int[] Offset, Length;
     internal readonly Endpoint[] Endpoints;
+    // Per datagram, set only by the node's own messages (UdpOut): a TTL other than the socket's
+    // (0: the socket's; a punch's priming datagram), and Alone: never part of a GSO run (a relayed
+    // record may be longer than the path MTU, which the kernel then fragments).
+    internal readonly byte[] Ttl;
+    internal readonly bool[] Alone;
     internal int Count;
 
     internal PacketBatch(int capacity, int slotLen)
@@ -4129,6 +4184,8 @@ internal sealed class PacketBatch
         Offset = new int[capacity];
         Length = new int[capacity];
         Endpoints = new Endpoint[capacity];
+        Ttl = new byte[capacity];
+        Alone = new bool[capacity];
     }
 
     internal Span<byte> Slot(int i) => _mem.AsSpan(i * SlotLen, SlotLen);
@@ -4227,6 +4284,7 @@ internal sealed unsafe class UdpSocket : IUdp
     private readonly byte[] _txNames = GC.AllocateArray<byte>(Tune.BatchSize * Libc.SockaddrIn6Len, pinned: true);
     private readonly byte[] _txControl = GC.AllocateArray<byte>(Tune.BatchSize * 32, pinned: true);
     private readonly int[] _txFirst = new int[Tune.BatchSize], _txEnd = new int[Tune.BatchSize];
+    private readonly bool[] _txGso = new bool[Tune.BatchSize];
 
     private readonly IPAddress _bindAddress;
     private readonly bool _dualStack;
@@ -4322,7 +4380,6 @@ internal sealed unsafe class UdpSocket : IUdp
     {
         if (b.Count > Tune.BatchSize) throw new ArgumentException("batch larger than Tune.BatchSize");
         int refused = 0, count = 0, iovUsed = 0;
-        int cmsgSpace = CmsgAlign(CmsgHeaderLen + sizeof(ushort));
         fixed (MMsgHdr* msgs = _txMsgs)
         fixed (IoVec* iov = _iov)
         fixed (byte* names = _txNames)
@@ -4334,11 +4391,13 @@ internal sealed unsafe class UdpSocket : IUdp
                 if (!_v6 && !b.Endpoints[i].IsV4) { refused++; i++; continue; }   // an IPv4-only socket cannot reach it
                 // A GSO run: datagrams to one endpoint, all of one size but the last (which may be shorter).
                 int seg = b.Length[i], total = 0, n = 0, j = i;
+                bool alone = b.Alone[i] || b.Ttl[i] != 0;
                 for (; j < b.Count && n < MaxGsoSegments; j++)
                 {
                     int len = b.Length[j];
                     if (len == 0) continue;
-                    if (!b.Endpoints[j].Equals(b.Endpoints[i]) || len > seg || total + len > MaxGsoBytes || (n > 0 && !Gso)) break;
+                    if (n > 0 && (alone || !Gso || b.Alone[j] || b.Ttl[j] != 0)) break;
+                    if (!b.Endpoints[j].Equals(b.Endpoints[i]) || len > seg || total + len > MaxGsoBytes) break;
                     n++;
                     total += len;
                     if (len < seg) { j++; break; }
@@ -4350,24 +4409,32 @@ internal sealed unsafe class UdpSocket : IUdp
                     if (b.Length[k] > 0)
                         fixed (byte* p = b.Packet(k)) iov[iovUsed++] = new IoVec { Base = (nint)p, Len = (nuint)b.Length[k] };   // slots are pinned
                 byte* c = control + count * 32;
-                if (n > 1)
+                int controlLen = 0;
+                if (n > 1 || b.Ttl[i] != 0)
                 {
                     new Span<byte>(c, 32).Clear();
-                    *(nuint*)c = (nuint)(CmsgHeaderLen + sizeof(ushort));
-                    *(int*)(c + sizeof(nuint)) = SOL_UDP;
-                    *(int*)(c + sizeof(nuint) + 4) = UDP_SEGMENT;
-                    *(ushort*)(c + CmsgHeaderLen) = (ushort)seg;
+                    bool v4 = b.Endpoints[i].IsV4;
+                    int level = n > 1 ? SOL_UDP : v4 ? Libc.IPPROTO_IP : Libc.IPPROTO_IPV6;
+                    int type = n > 1 ? UDP_SEGMENT : v4 ? Libc.IP_TTL : Libc.IPV6_HOPLIMIT;
+                    int valueLen = n > 1 ? sizeof(ushort) : sizeof(int);
+                    *(nuint*)c = (nuint)(CmsgHeaderLen + valueLen);
+                    *(int*)(c + sizeof(nuint)) = level;
+                    *(int*)(c + sizeof(nuint) + 4) = type;
+                    if (n > 1) *(ushort*)(c + CmsgHeaderLen) = (ushort)seg;
+                    else *(int*)(c + CmsgHeaderLen) = b.Ttl[i];
+                    controlLen = CmsgAlign(CmsgHeaderLen + valueLen);
                 }
                 msgs[count] = new MMsgHdr
                 {
                     Hdr = new MsgHdr
                     {
                         Name = (nint)name, NameLen = nameLen, Iov = (nint)(iov + firstIov), IovLen = (nuint)(iovUsed - firstIov),
-                        Control = n > 1 ? (nint)c : 0, ControlLen = n > 1 ? (nuint)cmsgSpace : 0,
+                        Control = controlLen > 0 ? (nint)c : 0, ControlLen = (nuint)controlLen,
                     },
                 };
                 _txFirst[count] = i;
                 _txEnd[count] = j;
+                _txGso[count] = n > 1;
                 count++;
                 i = j;
             }
@@ -4377,7 +4444,7 @@ internal sealed unsafe class UdpSocket : IUdp
                 if (sent > 0) { done += sent; continue; }
                 int e = Libc.Errno;
                 if (e == Libc.EINTR) continue;
-                if (msgs[done].Hdr.ControlLen != 0 && e != Libc.EAGAIN)
+                if (_txGso[done] && e != Libc.EAGAIN)
                 {
                     // EIO: no checksum offload on the route; EINVAL: no GSO here. Resend this run singly.
                     Gso = false;
@@ -4599,6 +4666,8 @@ internal sealed partial class Node
         _keepaliveMs = cfg.PersistentKeepaliveMs;
         Mesh = new Mesh(this);
         Mesh.Configure(cfg);
+        Relays.Offered = cfg.Relay;
+        Relays.RateBytesPerS = cfg.RelayRateMbit * 125_000L;
         foreach (PeerConfig pc in cfg.Peers) AddPeer(pc, _psk, cfg.PersistentKeepaliveMs);
         RebuildRoutes();
     }
@@ -4622,6 +4691,7 @@ internal sealed partial class Node
     }
 
     internal readonly Admission Admission;
+    internal readonly Relays Relays = new();
     internal long RekeyAfterMs;
 
     internal Peer? FindPeer(in Key32 key) => _byKey.TryGetValue(KeyId.Of(key), out Peer? p) ? p : null;
@@ -4659,7 +4729,13 @@ internal sealed partial class Node
         _byKey.Remove(KeyId.Of(p.PublicKey));
         Mesh.Forget(p);
         p.OnRemoved();
-        p.PersistentKeepaliveAtMs = p.LivenessAtMs = p.ReconnectAtMs = p.ExchangeAtMs = p.ClaimsExpireAtMs = 0;
+        p.PersistentKeepaliveAtMs = p.LivenessAtMs = p.ReconnectAtMs = p.ExchangeAtMs = p.ClaimsExpireAtMs = p.PunchAtMs = 0;
+        Relays.Forget(p);
+        foreach (Peer q in Peers)
+        {
+            if (q.Relay == p) q.Relay = null;
+            if (q.RelayOffer == p) q.RelayOffer = null;
+        }
         p.Psk.Clear();
         p.StaticShared.Clear();
         if (p.Provisional) Log.Debug("peer_removed", $"peer={p.Name} reason=not_confirmed");
@@ -4714,6 +4790,9 @@ internal sealed partial class Node
         Admission.Rate = cfg.HandshakeRate;
         Admission.RatePerSource = cfg.HandshakeRatePerSource;
         Admission.MaxSessions = cfg.MaxSessions;
+        if (Relays.Offered != cfg.Relay) ScheduleExchange(nowMs);      // our Self says whether we relay
+        Relays.Offered = cfg.Relay;
+        Relays.RateBytesPerS = cfg.RelayRateMbit * 125_000L;
     }
 
     /// <summary>Starts handshakes with every peer we know an endpoint for.</summary>
@@ -4735,7 +4814,7 @@ internal sealed partial class Node
             b.Length[i] = 0;
             if (peerId < 0) { Counters.Drop(peerId == -2 ? DropReason.Malformed : DropReason.NoRoute); continue; }
             Peer p = Peers[peerId];
-            if (!p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) || !p.Endpoint.IsSet)
+            if (!CanSend(p, nowMs))
             {
                 if (!p.Stage(packet)) Counters.Drop(DropReason.QueueFull);
                 if (p.Next == null || nowMs - p.Next.CreatedMs >= Spec.RekeyTimeoutMs) StartHandshake(p, nowMs, retransmit: false);
@@ -4743,10 +4822,16 @@ internal sealed partial class Node
             }
             Session s = p.Current!;
             int len = Record.Seal(s, b.Slot(i), packet.Length, DataFlags(s, nowMs), Mtu);
+            AfterSend(p, s, len, nowMs, carriesData: true);
+            if (p.Relay != null && PathRelay(p, nowMs) is Peer relay)
+            {
+                b.Slot(i)[..len].CopyTo(NextOut(relay.Endpoint)[RelayHeadroomLen..]);
+                WrapForRelay(relay, p, len, nowMs);
+                continue;
+            }
             b.Offset[i] = 0;
             b.Length[i] = len;
             b.Endpoints[i] = p.Endpoint;
-            AfterSend(p, s, len, nowMs, carriesData: true);
         }
     }
 
@@ -4833,8 +4918,8 @@ internal sealed partial class Node
         switch (kind)
         {
             case RecordKind.Transport:
-                int n = ReceiveTransport(d, from, nowMs);
-                if (n > 0) { b.Offset[i] += Record.PayloadOffset; b.Length[i] = n; }
+                int n = ReceiveTransport(d, from, nowMs, out int ipOffset);
+                if (n > 0) { b.Offset[i] += ipOffset; b.Length[i] = n; }
                 break;
             case RecordKind.ClientHello: ReceiveClientHello(d, from, nowMs); break;
             case RecordKind.ServerHello: ReceiveServerHello(d, from, nowMs); break;
@@ -4844,12 +4929,14 @@ internal sealed partial class Node
         }
     }
 
-    // Returns the length of the IP packet now at d[PayloadOffset..], or 0 when nothing goes to the TUN.
-    private int ReceiveTransport(Span<byte> d, in Endpoint from, long nowMs)
+    // Returns the length of the IP packet now at d[ipOffset..], or 0 when nothing goes to the TUN.
+    private int ReceiveTransport(Span<byte> d, in Endpoint from, long nowMs, out int ipOffset)
     {
+        ipOffset = Record.PayloadOffset;
         Session? s = Indexes.FindSession(Record.ReceiverIndex(d));
         if (s == null) { Counters.Drop(DropReason.UnknownIndex); return 0; }
         Peer p = s.Peer;
+        if (p == _via) { Counters.Drop(DropReason.RelayRefused); return 0; }   // a relay's own record, inside its Relay record
         if (nowMs - s.CreatedMs >= Spec.RejectAfterTimeMs) { Counters.Drop(DropReason.Expired); return 0; }
         OpenVerdict v = Record.Open(s, d, out int len, out RecordFlags flags);
         if (v != OpenVerdict.Ok)
@@ -4877,7 +4964,7 @@ internal sealed partial class Node
         Counters.RxRecords++;
         Counters.RxBytes += d.Length;
         p.RxBytes += d.Length;
-        p.Endpoint = from;                       // roaming: replies go where the peer is now
+        Heard(p, from, d.Length, nowMs);          // roaming: replies go where the peer is now
         if (!s.Confirmed) ConfirmSession(p, s, nowMs);
         p.OnDataReceived(nowMs, len > 0);
         if ((flags & RecordFlags.Close) != 0)
@@ -4899,6 +4986,12 @@ internal sealed partial class Node
         bool expiring = s.IsInitiator && s == p.Current && nowMs - s.CreatedMs >= Spec.RejectAfterTimeMs - Spec.KeepaliveTimeoutMs - Spec.RekeyTimeoutMs;
         if (asked || expiring) StartHandshake(p, nowMs, retransmit: false);
         if ((flags & RecordFlags.Control) != 0) { Mesh.Receive(p, d.Slice(Record.PayloadOffset, len), nowMs); return 0; }
+        if ((flags & RecordFlags.Relay) != 0)
+        {
+            int n = ReceiveRelay(p, d.Slice(Record.PayloadOffset, len), nowMs, out int innerOffset);
+            ipOffset = Record.PayloadOffset + 1 + innerOffset;
+            return n;
+        }
         if (len == 0 || (flags & RecordFlags.Data) == 0) return 0;   // keepalive or bind
         ReadOnlySpan<byte> packet = d.Slice(Record.PayloadOffset, len);
         int ipLen = IpPacketLen(packet);
@@ -4930,7 +5023,7 @@ internal sealed partial class Node
         p.Current = s;
         p.Next = null;
         Counters.HandshakesCompleted++;
-        Log.Info("handshake_complete", $"peer={p.Name} role=responder endpoint={p.Endpoint} aead={s.AeadKind}");
+        Log.Info("handshake_complete", $"peer={p.Name} role=responder endpoint={p.Endpoint} path={p.PathName} aead={s.AeadKind}");
         FlushStaged(p, nowMs);
     }
 
@@ -4953,14 +5046,14 @@ internal sealed partial class Node
         // spend the budget of the address it forges, so it cannot lock that peer out.
         HandshakeVerdict v = HandshakeVerdict.Ok;
         Span<byte> cookie = stackalloc byte[Spec.MacLen];
-        if (Admission.Muted(from, nowMs) && !IsPeerEndpoint(from, nowMs))
+        if (_via == null && Admission.Muted(from, nowMs) && !IsPeerEndpoint(from, nowMs))
         {
             Admission.RefusedSource++;
             Counters.Drop(DropReason.Refused);
             return;
         }
         if (!Handshaker.Mac1Matches(d)) v = HandshakeVerdict.BadMac1;
-        else if (Admission.UnderLoad(nowMs))
+        else if (_via == null && Admission.UnderLoad(nowMs))             // a relay's member has proven itself
         {
             // A hello without a cookie that the reply budget cannot answer is dropped before the
             // cookie's HMAC: in a flood, most are.
@@ -5012,9 +5105,11 @@ internal sealed partial class Node
         }
         Peer p = _hello.Peer!;
         uint localIndex = Indexes.NewIndex();
-        int n = Handshaker.CreateServerHello(_hello, localIndex, nowMs, NextOut(from), out SessionKeys? keys);
+        Span<byte> reply = _via is Peer via ? NextOut(via.Endpoint)[RelayHeadroomLen..] : NextOut(from);
+        int n = Handshaker.CreateServerHello(_hello, localIndex, nowMs, reply, out SessionKeys? keys);
         if (n == 0 || keys == null) { Counters.Drop(DropReason.HandshakeFailed); return; }
-        CommitOut(n);                            // answered where it came from; the endpoint moves on the Bind
+        if (_via != null) WrapForRelay(_via, p, n, nowMs);
+        else CommitOut(n);                       // answered the way it came; the endpoint moves on the Bind
         var s = new Session(p, keys, nowMs);
         Indexes.RemoveSession(p.Next);
         p.Next = s;
@@ -5047,10 +5142,10 @@ internal sealed partial class Node
         Indexes.RemoveSession(p.Previous);
         p.Previous = p.Current;
         p.Current = s;
-        p.Endpoint = from;
+        Heard(p, from, d.Length, nowMs);
         p.OnSessionDerived(nowMs, UnixNs());
         Counters.HandshakesCompleted++;
-        Log.Info("handshake_complete", $"peer={p.Name} role=initiator endpoint={from} aead={s.AeadKind}");
+        Log.Info("handshake_complete", $"peer={p.Name} role=initiator endpoint={p.Endpoint} path={p.PathName} aead={s.AeadKind}");
         if (p.StagedCount > 0) FlushStaged(p, nowMs);
         else SendEmpty(p, nowMs, RecordFlags.Keepalive | RecordFlags.Bind);
         if (!p.Up) MarkUp(p, nowMs);
@@ -5072,7 +5167,20 @@ internal sealed partial class Node
         if (UdpOut.IsFull) UdpOut.Count = 0;         // no sink (tests): the oldest output is lost
         UdpOut.Endpoints[UdpOut.Count] = to;
         UdpOut.Offset[UdpOut.Count] = 0;
+        UdpOut.Ttl[UdpOut.Count] = 0;
+        UdpOut.Alone[UdpOut.Count] = false;
         return UdpOut.Slot(UdpOut.Count);
+    }
+
+    // The next slot for a record to p on its path now: to its endpoint, or (relayed) past the room
+    // the Relay record around it needs. CommitOut(p, …) finishes either.
+    private Span<byte> NextOut(Peer p, long nowMs) =>
+        PathRelay(p, nowMs) is Peer relay ? NextOut(relay.Endpoint)[RelayHeadroomLen..] : NextOut(p.Endpoint);
+
+    private void CommitOut(Peer p, int len, long nowMs)
+    {
+        if (PathRelay(p, nowMs) is Peer relay) WrapForRelay(relay, p, len, nowMs);
+        else CommitOut(len);
     }
 
     private void CommitOut(int len)
@@ -5084,29 +5192,30 @@ internal sealed partial class Node
 
     internal void StartHandshake(Peer p, long nowMs, bool retransmit)
     {
-        if (!p.Endpoint.IsSet) return;
         if (!retransmit && p.Pending != null) return;            // one in flight; its timer retransmits
+        ChoosePath(p, nowMs);
+        if (!p.Endpoint.IsSet && PathRelay(p, nowMs) == null) return;
         if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
         else { p.HandshakeAttempts = 0; p.HandshakeStartedMs = nowMs; }
         uint index = Indexes.NewIndex();
         long unixNs = Math.Max(UnixNs(), _lastUnixNs + 1);      // strictly increasing within this process
         _lastUnixNs = unixNs;
-        int len = Handshaker.CreateClientHello(p, index, unixNs, nowMs, NextOut(p.Endpoint));
+        int len = Handshaker.CreateClientHello(p, index, unixNs, nowMs, NextOut(p, nowMs));
         if (len == 0) return;
-        CommitOut(len);
+        CommitOut(p, len, nowMs);
         Indexes.AddHandshake(index, p);
         p.RetransmitHandshakeAtMs = nowMs + p.RetransmitDelayMs(p.HandshakeAttempts);
         p.HandshakeAttempts++;
         Counters.HandshakesInitiated++;
-        Log.Debug("client_hello_sent", $"peer={p.Name} attempt={p.HandshakeAttempts} endpoint={p.Endpoint}");
+        Log.Debug("client_hello_sent", $"peer={p.Name} attempt={p.HandshakeAttempts} endpoint={p.Endpoint} path={p.PathName}");
     }
 
     private void SendEmpty(Peer p, long nowMs, RecordFlags flags)
     {
         Session s = p.Current!;
-        Span<byte> slot = NextOut(p.Endpoint);
+        Span<byte> slot = NextOut(p, nowMs);
         int len = Record.Seal(s, slot, 0, flags, Mtu);
-        CommitOut(len);
+        CommitOut(p, len, nowMs);
         AfterSend(p, s, len, nowMs, carriesData: false);
     }
 
@@ -5116,10 +5225,10 @@ internal sealed partial class Node
         {
             Session s = p.Current!;
             ReadOnlySpan<byte> packet = p.PeekStaged();
-            Span<byte> slot = NextOut(p.Endpoint);
+            Span<byte> slot = NextOut(p, nowMs);
             packet.CopyTo(slot[Record.PayloadOffset..]);
             int len = Record.Seal(s, slot, packet.Length, DataFlags(s, nowMs), Mtu);
-            CommitOut(len);
+            CommitOut(p, len, nowMs);
             p.PopStaged();
             AfterSend(p, s, len, nowMs, carriesData: true);
         }
@@ -5140,8 +5249,7 @@ internal sealed partial class Node
     internal void Shutdown(long nowMs)
     {
         foreach (Peer p in Peers)
-            if (p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) && p.Endpoint.IsSet)
-                SendEmpty(p, nowMs, RecordFlags.Close);
+            if (CanSend(p, nowMs)) SendEmpty(p, nowMs, RecordFlags.Close);
     }
 
 }
@@ -6051,9 +6159,11 @@ internal static unsafe partial class Privileges
 // Members tell each other who they are, where they can be reached, which prefixes they serve and
 // which members they know, in control records (RecordFlags.Control) inside their sessions: only
 // members can read or forge them. Two messages (integers big-endian, every count bounded by Tune):
-//   Self     1 ‖ nameLen u8 ‖ name ‖ observed ‖ n u8 ‖ n × endpoint ‖ m u8 ‖ m × claim
+//   Self     1 ‖ nameLen u8 ‖ name ‖ observed ‖ n u8 ‖ n × endpoint ‖ m u8 ‖ m × claim [‖ flags u8]
 //   Members  2 ‖ n u8 ‖ n × (public key 32 ‖ seen ago, s u32 ‖ k u8 ‖ k × endpoint)
 //   Revoked  3 ‖ n u8 ‖ n × revocation (public key 32 ‖ issued, unix s u64 ‖ admin signature 64)
+//   Punch    4 ‖ n u8 ‖ n × endpoint      (the sender's endpoints, to be answered at; see Node.Punch)
+// Self's flags: 1 = relays for members. (Absent: 0, as older nodes send it.)
 //   endpoint family u8 (4|6) ‖ address 4|16 ‖ port u16     claim  family u8 ‖ bits u8 ‖ address 4|16 ‖ metric u16
 // "observed" is where the sender sees the receiver: behind a NAT, the receiver's public endpoint.
 // Self goes to a peer when its session comes up, every ExchangeIntervalMs, and (debounced) when
@@ -6136,12 +6246,13 @@ internal sealed class Revocation
 /// <summary>A parsed exchange message, reused for every message received.</summary>
 internal sealed class ExchangeMessage
 {
-    internal const byte TypeSelf = 1, TypeMembers = 2, TypeRevoked = 3;
+    internal const byte TypeSelf = 1, TypeMembers = 2, TypeRevoked = 3, TypePunch = 4;
+    internal const byte SelfRelays = 1;
     internal const int MaxRevocations = (Tune.MaxExchangeLen - 2) / Revocation.Len;   // per message
     internal const int MaxNameLen = 32, MaxMembers = 32;
     internal const int EntryFixedLen = Spec.KeyLen + 4 + 1;
 
-    internal byte Type;
+    internal byte Type, SelfFlags;
     internal string Name = "";
     internal Endpoint Observed;
     internal readonly List<Endpoint> Endpoints = new();
@@ -6155,6 +6266,7 @@ internal sealed class ExchangeMessage
     {
         Endpoints.Clear(); Claims.Clear(); Members.Clear(); MemberEndpoints.Clear(); Revocations.Clear();
         Name = "";
+        SelfFlags = 0;
         if (m.Length is < 2 or > Tune.MaxExchangeLen) return false;
         Type = m[0];
         int pos = 1;
@@ -6182,6 +6294,16 @@ internal sealed class ExchangeMessage
                 if (HasHostBits(m.Slice(pos + 2, len), bits)) return false;
                 Claims.Add(new Claim(new IpPrefix(m.Slice(pos + 2, len), bits), BinaryPrimitives.ReadUInt16BigEndian(m[(pos + 2 + len)..])));
                 pos += 2 + len + 2;
+            }
+            if (pos < m.Length) SelfFlags = m[pos++];
+        }
+        else if (Type == TypePunch)
+        {
+            if (m[pos] is 0 or > Tune.MaxEndpointsPerMember) return false;
+            for (int n = m[pos++]; n > 0; n--)
+            {
+                if (!ReadEndpoint(m, ref pos, out Endpoint e, allowUnset: false)) return false;
+                Endpoints.Add(e);
             }
         }
         else if (Type == TypeMembers)
@@ -6260,7 +6382,7 @@ internal sealed class ExchangeMessage
         return pos;
     }
 
-    internal static int WriteSelf(Span<byte> d, string name, in Endpoint observed, List<Endpoint> endpoints, List<Claim> claims)
+    internal static int WriteSelf(Span<byte> d, string name, in Endpoint observed, List<Endpoint> endpoints, List<Claim> claims, byte flags)
     {
         int pos = 0;
         d[pos++] = TypeSelf;
@@ -6282,6 +6404,16 @@ internal sealed class ExchangeMessage
             BinaryPrimitives.WriteUInt16BigEndian(d[(pos + 2 + len)..], (ushort)claims[i].Metric);
             pos += 2 + len + 2;
         }
+        d[pos++] = flags;
+        return pos;
+    }
+
+    internal static int WritePunch(Span<byte> d, List<Endpoint> endpoints)
+    {
+        d[0] = TypePunch;
+        int n = Math.Min(endpoints.Count, Tune.MaxEndpointsPerMember), pos = 2;
+        d[1] = (byte)n;
+        for (int i = 0; i < n; i++) pos += WriteEndpoint(d[pos..], endpoints[i]);
         return pos;
     }
 }
@@ -6412,16 +6544,15 @@ internal sealed class Mesh
     internal void SendTo(Peer p, long nowMs)
     {
         p.ExchangeAtMs = nowMs + Tune.ExchangeIntervalMs;
-        _scratch.Clear();
-        foreach (Endpoint e in LocalEndpoints) AddBounded(_scratch, e, Tune.MaxEndpointsPerMember);
-        foreach (Endpoint e in Observed) AddBounded(_scratch, e, Tune.MaxEndpointsPerMember);
-        int len = ExchangeMessage.WriteSelf(_out, Name, p.Endpoint, _scratch, OwnClaims);
+        OwnEndpoints();
+        Endpoint observed = _node.PathRelay(p, nowMs) == null ? p.Endpoint : default;   // through a relay we do not see it
+        int len = ExchangeMessage.WriteSelf(_out, Name, observed, _scratch, OwnClaims, _node.Relays.Offered ? ExchangeMessage.SelfRelays : (byte)0);
         if (!Send(p, len, nowMs)) return;
         Span<byte> d = _out;
         int pos = 2, count = 0;
         foreach (Peer q in _node.Peers)
         {
-            if (!q.Active || !q.Up || q == p) continue;
+            if (!q.Active || !q.Up || q == p || q.Relay != null) continue;   // a relayed member: its relay tells of it
             _scratch.Clear();
             if (q.Endpoint.IsSet) _scratch.Add(q.Endpoint);
             foreach (Endpoint e in q.Announced) AddBounded(_scratch, e, Tune.MaxEndpointsPerEntry);
@@ -6438,6 +6569,32 @@ internal sealed class Mesh
         }
         if (count > 0 && !SendMembers(p, pos, count, nowMs)) return;
         if (p.RevocationsSentVersion != RevocationsVersion && SendRevocations(p, nowMs)) p.RevocationsSentVersion = RevocationsVersion;
+    }
+
+    // Where members may reach us (into _scratch): our interfaces' addresses, then how members see us.
+    private void OwnEndpoints()
+    {
+        _scratch.Clear();
+        foreach (Endpoint e in Observed) AddBounded(_scratch, e, Tune.MaxEndpointsPerMember);
+        foreach (Endpoint e in LocalEndpoints) AddBounded(_scratch, e, Tune.MaxEndpointsPerMember);
+    }
+
+    /// <summary>Asks relayed member p to answer our punch at our endpoints (Node.Punch).</summary>
+    internal void SendPunch(Peer p, long nowMs)
+    {
+        OwnEndpoints();
+        if (_scratch.Count > 0) Send(p, ExchangeMessage.WritePunch(_out, _scratch), nowMs);
+    }
+
+    // A member's Punch: answer at each endpoint it named with a full datagram of our session (its
+    // NAT was primed to expect exactly that). At most once per PunchAnswerIntervalMs per member, and
+    // only to what the member itself (authenticated, end to end) told us.
+    private void AnswerPunch(Peer p, long nowMs)
+    {
+        if (nowMs - p.LastPunchAnsweredMs < Tune.PunchAnswerIntervalMs || !p.HasReadySession(nowMs, Spec.RejectAfterTimeMs)) return;
+        p.LastPunchAnsweredMs = nowMs;
+        p.PunchesAnswered++;
+        foreach (Endpoint e in _in.Endpoints) _node.SendProbe(p, e, 0, nowMs);
     }
 
     // Every revocation, ExchangeMessage.MaxRevocations to a message.
@@ -6495,12 +6652,14 @@ internal sealed class Mesh
         ReceivedMessages++;
         if (_in.Type == ExchangeMessage.TypeSelf) ApplySelf(p, nowMs);
         else if (_in.Type == ExchangeMessage.TypeMembers) ApplyMembers(p, nowMs);
+        else if (_in.Type == ExchangeMessage.TypePunch) AnswerPunch(p, nowMs);
         else QueueRevocations();
     }
 
     private void ApplySelf(Peer p, long nowMs)
     {
         AdoptName(p, _in.Name);
+        p.OffersRelay = (_in.SelfFlags & ExchangeMessage.SelfRelays) != 0;
         p.Announced.Clear();
         foreach (Endpoint e in _in.Endpoints) p.Announced.Add(e);
         if (_in.Observed.IsSet && !Observed.Contains(_in.Observed))
@@ -6616,6 +6775,13 @@ internal sealed class Mesh
                 _node.Log.Info("member_learned", $"peer={q.Name} via={from.Name} endpoints={count}");
             }
             q.LastSeenMs = Math.Max(q.LastSeenMs, seenMs);
+            if (from.OffersRelay && from.Relay == null)           // from has q up: it can carry q
+            {
+                bool back = q.RelayOfferMs <= q.DownAtMs;         // first told of since q went down (or ever)
+                q.RelayOffer = from;
+                q.RelayOfferMs = nowMs;
+                if (back && !q.Up && q.Pending == null) q.ReconnectAtMs = nowMs;
+            }
             if (q.Up) continue;
             for (int i = 0; i < count; i++)
             {
@@ -6625,7 +6791,7 @@ internal sealed class Mesh
                 q.Candidates.Add(e);
             }
             if (!q.Endpoint.IsSet && q.Candidates.Count > 0) q.Endpoint = q.Candidates[0];
-            if (q.Endpoint.IsSet && q.Pending == null && q.ReconnectAtMs == 0) q.ReconnectAtMs = nowMs;
+            if ((q.Endpoint.IsSet || q.RelayOffer != null) && q.Pending == null && q.ReconnectAtMs == 0) q.ReconnectAtMs = nowMs;
         }
     }
 }
@@ -6731,7 +6897,8 @@ internal sealed partial class Node
         p.ReconnectAtMs = 0;
         p.LastSeenMs = nowMs;
         if (p.LivenessMs > 0) p.LivenessAtMs = nowMs + p.LivenessMs;
-        Log.Info("peer_up", $"peer={p.Name} endpoint={p.Endpoint}{(p.Learned ? " source=learned" : "")}");
+        Log.Info("peer_up", $"peer={p.Name} endpoint={p.Endpoint} path={p.PathName}{(p.Learned ? " source=learned" : "")}");
+        if (p.Relay != null) { p.PunchAttempts = 0; p.PunchAtMs = nowMs + Tune.FirstPunchMs; }
         if (p.Allowed.Count > 0 || p.Claims.Count > 0) RebuildRoutes();
         ScheduleExchange(nowMs);                // the others learn of a new member
         Mesh.SendTo(p, nowMs);                  // (and p itself hears from us now, not after the debounce)
@@ -6742,7 +6909,13 @@ internal sealed partial class Node
         p.LivenessAtMs = 0;
         if (!p.Up) return;
         p.OnLost();
-        p.ExchangeAtMs = 0;
+        p.DownAtMs = nowMs;
+        p.ExchangeAtMs = p.PunchAtMs = 0;
+        foreach (Peer q in Peers)                                    // it relays for nobody now
+        {
+            if (q.Relay == p) q.Relay = null;
+            if (q.RelayOffer == p) q.RelayOffer = null;
+        }
         p.RevocationsSentVersion = -1;                              // back up, it hears them all again
         Signal.Poke();                                               // a learned member's forget deadline starts
         Log.Info("peer_down", $"peer={p.Name} reason={reason} claims_withdrawn={p.Claims.Count}");
@@ -6761,14 +6934,249 @@ internal sealed partial class Node
     /// <summary>Seals payload in a Control record to p; false when p has no ready session.</summary>
     internal bool SendControl(Peer p, ReadOnlySpan<byte> payload, long nowMs)
     {
-        if (!p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) || !p.Endpoint.IsSet) return false;
+        if (!CanSend(p, nowMs)) return false;
         Session s = p.Current!;
-        Span<byte> slot = NextOut(p.Endpoint);
+        Span<byte> slot = NextOut(p, nowMs);
         payload.CopyTo(slot[Record.PayloadOffset..]);
         int len = Record.Seal(s, slot, payload.Length, RecordFlags.Control, Mtu);
-        CommitOut(len);
+        CommitOut(p, len, nowMs);
         AfterSend(p, s, len, nowMs, carriesData: false);
         return true;
+    }
+}
+
+/// <summary>What this node carries for other members as a relay (--relay, the default): pairs of
+/// members, each direction with its own byte budget per second, at most MaxRelayPairs pairs; every
+/// record it will not carry is counted. The records it carries are sealed end to end between the
+/// two members: it can drop or delay them, never read, forge or replay them unnoticed.</summary>
+internal sealed class Relays
+{
+    internal bool Offered = true;
+    internal long RateBytesPerS = Tune.DefaultRelayRateMbit * 125_000L;
+    private sealed class Flow { internal long Tokens, LastMs, Bytes, Records; }
+    private readonly Dictionary<(int From, int To), Flow> _flows = new();
+    internal long Bytes, Records, Refused, RateLimited;
+
+    internal int Pairs => _flows.Count;
+
+    /// <summary>May `from` send `len` bytes to `to` through us now? Charges the flow's budget; null
+    /// when it may, else the reason it may not.</summary>
+    internal string? Admit(Peer from, Peer to, int len, long nowMs)
+    {
+        if (!_flows.TryGetValue((from.Id, to.Id), out Flow? f))
+        {
+            if (_flows.Count >= 2 * Tune.MaxRelayPairs && !EvictIdle(nowMs)) return "pairs_full";
+            f = new Flow { Tokens = RateBytesPerS, LastMs = nowMs };
+            _flows[(from.Id, to.Id)] = f;
+        }
+        f.Tokens = Math.Min(RateBytesPerS, f.Tokens + (nowMs - f.LastMs) * RateBytesPerS / 1000);
+        f.LastMs = nowMs;
+        if (f.Tokens < len) { RateLimited++; return "rate"; }
+        f.Tokens -= len;
+        f.Bytes += len;
+        f.Records++;
+        Bytes += len;
+        Records++;
+        return null;
+    }
+
+    private bool EvictIdle(long nowMs)
+    {
+        foreach (var (k, f) in _flows)
+            if (nowMs - f.LastMs >= Tune.RelayPairIdleMs) { _flows.Remove(k); return true; }
+        return false;
+    }
+
+    /// <summary>A member that is gone: its flows go too (its slot id may be reused).</summary>
+    internal void Forget(Peer p)
+    {
+        var gone = new List<(int, int)>();
+        foreach (var k in _flows.Keys) if (k.From == p.Id || k.To == p.Id) gone.Add(k);
+        foreach (var k in gone) _flows.Remove(k);
+    }
+
+    internal IEnumerable<(int From, int To, long Bytes, long Records)> List()
+    {
+        foreach (var (k, f) in _flows) yield return (k.From, k.To, f.Bytes, f.Records);
+    }
+}
+
+/// <summary>The node's paths (§15): each record to a peer goes straight to its endpoint or through
+/// a member that relays; each authenticated record says which path works (Heard), and punch rounds
+/// move a relayed peer to a direct path as soon as one opens.</summary>
+internal sealed partial class Node
+{
+    // A Relay record's payload: Forward (to the relay): 1 ‖ key of the member it is for (32) ‖ inner
+    // datagram; Delivered (from the relay): 2 ‖ inner datagram. The inner datagram is a handshake
+    // message or a transport record between the two members; who sent it, its inner keys say.
+    internal const byte RelayForward = 1, RelayDelivered = 2;
+    internal const int RelayHeadroomLen = Record.PayloadOffset + 1 + Spec.KeyLen;
+    private Peer? _via;                          // the relay of the datagram being handled (null: direct)
+
+    /// <summary>Has a session and a way to send on it: an endpoint, or a relay that is up.</summary>
+    internal bool CanSend(Peer p, long nowMs) =>
+        p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) && (p.Endpoint.IsSet || PathRelay(p, nowMs) != null);
+
+    /// <summary>The member our records to p go through now; null: straight to p.Endpoint.</summary>
+    internal Peer? PathRelay(Peer p, long nowMs) => p.Relay is Peer r && Direct(r, nowMs) ? r : null;
+
+    // Up with a session, straight to its endpoint: what a relay must be, and what it relays to.
+    private static bool Direct(Peer r, long nowMs) =>
+        r.Up && r.Relay == null && r.Endpoint.IsSet && r.HasReadySession(nowMs, Spec.RejectAfterTimeMs);
+
+    private static bool CanRelay(Peer r, long nowMs) => r.Active && r.OffersRelay && Direct(r, nowMs);
+
+    /// <summary>Before a handshake: a peer that nothing came from directly for DirectQuietMs is
+    /// tried through a member that reported it and relays. Relay first, then punch: the direct tries
+    /// that make NAT routers map the wrong way (the simultaneous-open clash) are never sent. A
+    /// hello to a peer that is down that went unanswered is followed by one on the other path, so a
+    /// relay that drops hellos (full, or gone) costs one retransmit delay, never the handshake.</summary>
+    private void ChoosePath(Peer p, long nowMs)
+    {
+        bool flip = p.HelloUnanswered && !p.Up;
+        p.HelloUnanswered = false;
+        if (p.Relay != null && (PathRelay(p, nowMs) == null || flip && p.Endpoint.IsSet)) { p.Relay = null; return; }
+        if (p.Relay != null || p.RelayOffer is not Peer r || !CanRelay(r, nowMs) || !flip && nowMs - p.LastDirectRxMs < Tune.DirectQuietMs
+            || p.RelayOfferMs <= p.DownAtMs) return;               // told of before it went down: the relay may not have it either
+        p.Relay = r;
+        if (!flip) Log.Info("path_relay", $"peer={p.Name} relay={r.Name} reason=handshake");
+    }
+
+    // An authenticated record of p arrived: directly from `from`, or through _via. Direct wins at
+    // once (roaming, and a punch that worked); a relay takes over only when direct has gone quiet.
+    private void Heard(Peer p, in Endpoint from, int len, long nowMs)
+    {
+        if (_via == p) return;
+        if (_via == null)
+        {
+            p.Endpoint = from;
+            p.LastDirectRxMs = nowMs;
+            if (p.Relay == null) return;
+            Log.Info("path_direct", $"peer={p.Name} endpoint={from} was=relay:{p.Relay.Name} punches={p.PunchesSent}");
+            p.Relay = null;
+            p.PunchAtMs = 0;
+            p.SendKeepaliveAtMs = nowMs;                 // tell p now, so its side moves too
+            return;
+        }
+        p.RelayedRxBytes += len;
+        if (p.Relay == _via || nowMs - p.LastDirectRxMs < Tune.DirectQuietMs) return;
+        Log.Info("path_relay", $"peer={p.Name} relay={_via.Name} reason={(p.Relay == null ? "direct_quiet" : "relay_moved")}");
+        p.Relay = _via;
+        p.PunchAttempts = 0;
+        if (p.Up) p.PunchAtMs = nowMs + Tune.FirstPunchMs;
+    }
+
+    // The relayed record (inner datagram of innerLen bytes) sits at slot[RelayHeadroomLen..] of the
+    // current UdpOut slot; seal the Forward record to the relay around it.
+    private void WrapForRelay(Peer relay, Peer to, int innerLen, long nowMs)
+    {
+        Span<byte> slot = UdpOut.Slot(UdpOut.Count);
+        slot[Record.PayloadOffset] = RelayForward;
+        ((ReadOnlySpan<byte>)to.PublicKey).CopyTo(slot[(Record.PayloadOffset + 1)..]);
+        Session s = relay.Current!;
+        int len = Record.Seal(s, slot, 1 + Spec.KeyLen + innerLen, RecordFlags.Relay, Mtu);
+        UdpOut.Alone[UdpOut.Count] = true;
+        CommitOut(len);
+        to.RelayedTxBytes += innerLen;
+        AfterSend(relay, s, len, nowMs, carriesData: false);
+    }
+
+    // A Relay record from member p: a Forward we carry on, or a Delivered one for us. Returns the
+    // length of the IP packet at payload[1 + innerOffset..], or 0.
+    private int ReceiveRelay(Peer p, Span<byte> payload, long nowMs, out int innerOffset)
+    {
+        innerOffset = 0;
+        if (_via != null || payload.Length < 1 + Spec.PreambleLen + 1) { RefuseRelay(p, "malformed", payload.Length); return 0; }
+        if (payload[0] == RelayForward) { Forward(p, payload[1..], nowMs); return 0; }
+        if (payload[0] != RelayDelivered) { RefuseRelay(p, "malformed", payload.Length); return 0; }
+        Span<byte> inner = payload[1..];
+        _via = p;
+        try
+        {
+            switch (Record.Classify(inner))
+            {
+                case RecordKind.Transport: return ReceiveTransport(inner, p.Endpoint, nowMs, out innerOffset);
+                case RecordKind.ClientHello: ReceiveClientHello(inner, p.Endpoint, nowMs); break;
+                case RecordKind.ServerHello: ReceiveServerHello(inner, p.Endpoint, nowMs); break;
+                default: RefuseRelay(p, "malformed", payload.Length); break;
+            }
+            return 0;
+        }
+        finally { _via = null; }
+    }
+
+    // This node as the relay: from's inner datagram goes on to the member it names, if that member
+    // is up here and the pair is within its budget.
+    private void Forward(Peer from, ReadOnlySpan<byte> m, long nowMs)
+    {
+        if (m.Length < Spec.KeyLen + Spec.PreambleLen + 1) { RefuseRelay(from, "malformed", m.Length); return; }
+        Key32 key = default;
+        m[..Spec.KeyLen].CopyTo(key);
+        ReadOnlySpan<byte> inner = m[Spec.KeyLen..];
+        Peer? to = FindPeer(key);
+        string? why = !Relays.Offered ? "not_offered"
+            : to == null || to == from ? "unknown_member"
+            : !from.Up || !Direct(to, nowMs) ? "member_not_up"
+            : Record.Classify(inner) is not (RecordKind.Transport or RecordKind.ClientHello or RecordKind.ServerHello) ? "malformed"
+            : RelayHeadroomLen + inner.Length + Spec.TagLen + Spec.PadBlockLen > UdpOut.SlotLen ? "too_long" : null;
+        if (why != null) { RefuseRelay(from, why, m.Length); return; }
+        if (Relays.Admit(from, to!, inner.Length, nowMs) is string full)
+        {
+            if (full == "rate") Counters.Drop(DropReason.RelayRate);
+            else RefuseRelay(from, full, m.Length);
+            return;
+        }
+        Span<byte> slot = NextOut(to!.Endpoint);
+        slot[Record.PayloadOffset] = RelayDelivered;
+        inner.CopyTo(slot[(Record.PayloadOffset + 1)..]);
+        Session s = to.Current!;
+        int len = Record.Seal(s, slot, 1 + inner.Length, RecordFlags.Relay, Mtu);
+        UdpOut.Alone[UdpOut.Count] = true;
+        CommitOut(len);
+        AfterSend(to, s, len, nowMs, carriesData: false);
+    }
+
+    private void RefuseRelay(Peer from, string why, int len)
+    {
+        Relays.Refused++;
+        Counters.Drop(DropReason.RelayRefused);
+        if (Log.Wants(LogLevel.Warn, "relay_refused"))
+            Log.Emit(LogLevel.Warn, "relay_refused", $"peer={from.Name} reason={why} len={len}");
+    }
+
+    /// <summary>One punch round for a relayed peer: a priming datagram (a keepalive of our session
+    /// that dies after PunchPrimeTtl hops, past our own NAT, before the other's) to each endpoint of
+    /// p, so our NAT expects p's answer; then a Punch message through the relay, which p answers with
+    /// full datagrams to our endpoints. Whichever arrives moves both sides to the direct path.</summary>
+    internal void Punch(Peer p, long nowMs)
+    {
+        if (p.Relay == null || !CanSend(p, nowMs)) return;
+        _punchTo.Clear();
+        foreach (Endpoint e in p.Announced) AddEndpoint(_punchTo, e);
+        foreach (Endpoint e in p.Candidates) AddEndpoint(_punchTo, e);
+        foreach (Endpoint e in _punchTo) SendProbe(p, e, Tune.PunchPrimeTtl, nowMs);
+        Mesh.SendPunch(p, nowMs);
+        p.PunchesSent++;
+        p.PunchAtMs = nowMs + p.PunchDelayMs(p.PunchAttempts++);
+        Log.Debug("punch_sent", $"peer={p.Name} endpoints={_punchTo.Count} round={p.PunchAttempts}");
+    }
+
+    private readonly List<Endpoint> _punchTo = new();
+
+    private static void AddEndpoint(List<Endpoint> list, in Endpoint e)
+    {
+        if (e.IsSet && list.Count < 2 * Tune.MaxEndpointsPerMember && !list.Contains(e)) list.Add(e);
+    }
+
+    /// <summary>A keepalive of p's session straight to `to` (ttl 0: the socket's).</summary>
+    internal void SendProbe(Peer p, in Endpoint to, int ttl, long nowMs)
+    {
+        Session s = p.Current!;
+        Span<byte> slot = NextOut(to);
+        int len = Record.Seal(s, slot, 0, RecordFlags.Keepalive, Mtu);
+        UdpOut.Ttl[UdpOut.Count] = (byte)ttl;
+        CommitOut(len);
+        AfterSend(p, s, len, nowMs, carriesData: false);
     }
 }
 
@@ -6838,6 +7246,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append("\npeer: ").Append(p.Name).Append(" (").Append(p.PublicKey.ToBase64()).Append(")\n");
         sb.Append("  state: ").Append(p.StateName(nowMs, Spec.RejectAfterTimeMs)).Append('\n');
         if (p.Endpoint.IsSet) sb.Append("  endpoint: ").Append(p.Endpoint).Append('\n');
+        sb.Append("  path: ").Append(p.PathName).Append('\n');
         sb.Append("  source: ").Append(Source(p)).Append('\n');
         sb.Append("  allowed ips: ").Append(p.Allowed.Count == 0 ? "(none)" : string.Join(", ", p.Allowed)).Append('\n');
         if (p.Claims.Count > 0) sb.Append("  claims: ").Append(string.Join(", ", p.Claims.ConvertAll(c => $"{c.Prefix} metric {c.Metric}"))).Append('\n');
@@ -6932,7 +7341,11 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
           .Append(",\"members_forgotten\":").Append(m.MembersForgotten)
           .Append(",\"admin_key\":").Append(m.AdminKey != null ? "\"" + Convert.ToBase64String(m.AdminKey) + "\"" : "null")
           .Append(",\"revocations\":").Append(m.RevocationCount).Append(",\"revocations_rejected\":").Append(m.RevocationsRejected)
-          .Append(",\"revoked_refused\":").Append(m.RevokedRefused).Append("}}\n");
+          .Append(",\"revoked_refused\":").Append(m.RevokedRefused).Append('}');
+        Relays r = node.Relays;
+        sb.Append(",\"relay\":{\"offered\":").Append(r.Offered ? "true" : "false").Append(",\"rate_mbit\":").Append(r.RateBytesPerS / 125_000)
+          .Append(",\"flows\":").Append(r.Pairs).Append(",\"bytes\":").Append(r.Bytes).Append(",\"records\":").Append(r.Records)
+          .Append(",\"refused\":").Append(r.Refused).Append(",\"rate_limited\":").Append(r.RateLimited).Append("}}\n");
         return sb.ToString();
     }
 
@@ -6954,7 +7367,13 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             sb.Append(",\"public_key\":\"").Append(p.PublicKey.ToBase64())
               .Append("\",\"endpoint\":").Append(p.Endpoint.IsSet ? "\"" + p.Endpoint + "\"" : "null")
               .Append(",\"state\":\"").Append(p.StateName(nowMs, Spec.RejectAfterTimeMs))
-              .Append("\",\"latest_handshake\":").Append(p.LastHandshakeUnixS)
+              .Append("\",\"path\":\"").Append(p.PathName).Append("\",\"relay_offer\":");
+            if (p.RelayOffer != null) Str(sb, p.RelayOffer.Name);
+            else sb.Append("null");
+            sb.Append(",\"relayed_rx_bytes\":").Append(p.RelayedRxBytes).Append(",\"relayed_tx_bytes\":").Append(p.RelayedTxBytes)
+              .Append(",\"punches_sent\":").Append(p.PunchesSent).Append(",\"punches_answered\":").Append(p.PunchesAnswered)
+              .Append(",\"last_direct_s\":").Append(p.LastDirectRxMs < 0 ? -1 : (nowMs - p.LastDirectRxMs) / 1000)
+              .Append(",\"latest_handshake\":").Append(p.LastHandshakeUnixS)
               .Append(",\"latest_handshake_s\":").Append(p.LastHandshakeMs < 0 ? -1 : (nowMs - p.LastHandshakeMs) / 1000)
               .Append(",\"rx_bytes\":").Append(p.RxBytes).Append(",\"tx_bytes\":").Append(p.TxBytes)
               .Append(",\"handshakes\":").Append(p.Handshakes)

@@ -14,7 +14,7 @@ public class ExchangeWireTests
         var endpoints = new List<Endpoint> { Ep("192.0.2.3", 51820), Ep("2001:db8::3", 51820) };
         var claims = new List<Claim> { new(IpPrefix.Parse("100.64.0.3/32"), 100), new(IpPrefix.Parse("203.0.113.0/24"), 10) };
         byte[] buf = new byte[Tune.MaxExchangeLen];
-        int n = ExchangeMessage.WriteSelf(buf, "gw-c", Ep("198.51.100.7", 4500), endpoints, claims);
+        int n = ExchangeMessage.WriteSelf(buf, "gw-c", Ep("198.51.100.7", 4500), endpoints, claims, ExchangeMessage.SelfRelays);
         string hex = Convert.ToHexString(buf, 0, n).ToLowerInvariant();
         Assert.Equal(
             "01" + "04" + "67772d63" +                                  // Self, name "gw-c"
@@ -22,7 +22,8 @@ public class ExchangeWireTests
             "02" + "04" + "c0000203" + "ca6c" +                         // 2 endpoints: 192.0.2.3:51820
             "06" + "20010db8000000000000000000000003" + "ca6c" +        //   [2001:db8::3]:51820
             "02" + "04" + "20" + "64400003" + "0064" +                  // 2 claims: 100.64.0.3/32 metric 100
-            "04" + "18" + "cb007100" + "000a",                          //   203.0.113.0/24 metric 10
+            "04" + "18" + "cb007100" + "000a" +                         //   203.0.113.0/24 metric 10
+            "01",                                                       // flags: relays for members
             hex);
         var m = new ExchangeMessage();
         Assert.True(m.Parse(buf.AsSpan(0, n)));
@@ -31,6 +32,27 @@ public class ExchangeWireTests
         Assert.Equal(Ep("198.51.100.7", 4500), m.Observed);
         Assert.Equal(endpoints, m.Endpoints);
         Assert.Equal(claims, m.Claims);
+        Assert.Equal(ExchangeMessage.SelfRelays, m.SelfFlags);
+        Assert.True(m.Parse(buf.AsSpan(0, n - 1)));                      // an older node's Self: no flags byte
+        Assert.Equal(0, m.SelfFlags);
+        Assert.Equal(claims, m.Claims);
+    }
+
+    [Fact]
+    public void Punch_GoldenBytes()
+    {
+        var endpoints = new List<Endpoint> { Ep("192.0.2.2", 51820), Ep("198.51.100.2", 51820) };
+        byte[] buf = new byte[Tune.MaxExchangeLen];
+        int n = ExchangeMessage.WritePunch(buf, endpoints);
+        Assert.Equal("04" + "02" + "04" + "c0000202" + "ca6c" + "04" + "c6336402" + "ca6c", Convert.ToHexString(buf, 0, n).ToLowerInvariant());
+        var m = new ExchangeMessage();
+        Assert.True(m.Parse(buf.AsSpan(0, n)));
+        Assert.Equal(ExchangeMessage.TypePunch, m.Type);
+        Assert.Equal(endpoints, m.Endpoints);
+        Assert.False(m.Parse([ExchangeMessage.TypePunch, 0]));            // no endpoint: malformed
+        Assert.False(m.Parse(buf.AsSpan(0, n - 1)));                      // cut short
+        byte[] extra = [.. buf.AsSpan(0, n), 0];
+        Assert.False(m.Parse(extra));                                     // a byte too many
     }
 
     [Fact]

@@ -197,7 +197,7 @@ public class MeshTests(ITestOutputHelper output)
         Assert.True(Valid(self) && Valid(members));
         for (int len = 0; len < self.Length; len++) bad.Add(($"self[..{len}]", self[..len]));
         for (int len = 0; len < members.Length; len++) bad.Add(($"members[..{len}]", members[..len]));
-        bad.Add(("self + trailing byte", [.. self, 0]));
+        bad.Add(("self + flags + trailing byte", [.. self, 0, 0]));   // one byte more is Self's flags
         bad.Add(("members + trailing byte", [.. members, 0]));
         // counts over the bounds
         bad.Add(("33 claims", SelfOf("m", 0, Tune.MaxClaimsPerMember + 1)));
@@ -219,7 +219,7 @@ public class MeshTests(ITestOutputHelper output)
         foreach (string name in new[] { "a b", "a/b", "a\0b", "n@1", "a\u00e9", "\u007f", "x\ny", "a:b" })
             bad.Add(($"name {name}", SelfOf(name, 0, 0)));
         // unknown types
-        foreach (int type in new[] { 0, 3, 4, 127, 255 }) bad.Add(($"type {type}", [(byte)type, .. self[1..]]));
+        foreach (int type in new[] { 0, 3, 4, 5, 127, 255 }) bad.Add(($"type {type}", [(byte)type, .. self[1..]]));
         // claims and endpoints that are not well formed
         bad.Add(("claim with host bits", new Msg().U8(1).Name("m").Ep("192.0.2.1", 1).U8(0).U8(1).Claim("100.64.0.9", 24, 1).Bytes));
         bad.Add(("v6 claim with host bits", new Msg().U8(1).Name("m").Ep("192.0.2.1", 1).U8(0).U8(1).Claim("fd00:64::1", 64, 1).Bytes));
@@ -310,13 +310,15 @@ public class MeshTests(ITestOutputHelper output)
             var eps = Enumerable.Range(0, rng.Next(Tune.MaxEndpointsPerMember + 1)).Select(_ => RandomEndpoint(rng)).ToList();
             var claims = Enumerable.Range(0, rng.Next(Tune.MaxClaimsPerMember + 1)).Select(_ => RandomClaim(rng)).ToList();
             byte[] buf = new byte[Tune.MaxExchangeLen];
-            int len = ExchangeMessage.WriteSelf(buf, name, observed, eps, claims);
+            byte flags = (byte)rng.Next(2);
+            int len = ExchangeMessage.WriteSelf(buf, name, observed, eps, claims, flags);
             Assert.True(msg.Parse(buf.AsSpan(0, len)), $"Self {k} did not parse");
             Assert.Equal(ExchangeMessage.TypeSelf, msg.Type);
             Assert.Equal(name, msg.Name);
             Assert.Equal(observed, msg.Observed);
             Assert.Equal(eps, msg.Endpoints);
             Assert.Equal(claims, msg.Claims);
+            Assert.Equal(flags, msg.SelfFlags);
             valid.Add(buf[..len]);
         }
         // random bytes, and valid messages with bytes flipped, cut or appended: Parse answers, never throws
@@ -757,8 +759,8 @@ public class MeshTests(ITestOutputHelper output)
         Peer ac = PeerOf(a, c);
         Assert.False(ac.Endpoint.IsSet);
         t.Start();
-        long ms = t.AdvanceUntil(() => ac.Up, 30_000);
-        output.WriteLine($"A reached trusted C after {ms} ms");
+        long ms = t.AdvanceUntil(() => ac.Up && ac.Relay == null, 30_000);   // through b first, then a punch
+        output.WriteLine($"A reached trusted C directly after {ms} ms");
         Assert.InRange(ms, 0, 5_000);
         Assert.False(ac.Learned);
         Assert.Equal(TestNet.Ep(2), ac.Endpoint);

@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# nat.sh [CASE...] -- members behind real Linux NAT routers (nftables masquerade) reach each other.
+# a and c each know only b (public) and learn each other through b. Per case the whole topology
+# is built fresh (no conntrack state carries over), three nodes start with --mesh --keepalive 1,
+# and the case checks the path c shows in a's status (and a in c's) and that pings flow both ways.
+#
+#   case            routers (r1 in front of a, r2 in front of c)              path expected
+#   cone-drop       both port-preserving, unsolicited WAN input dropped      direct
+#   cone-accept     both port-preserving, WAN input accepted (a bare box)    direct
+#   sym1-drop       r1 fully random, r2 port-preserving, input dropped        relay:b
+#   sym1-accept     the same, input accepted                                  relay:b
+#   sym2-drop       both fully random, dropped                                relay:b
+#   sym2-accept     both fully random, accepted                               relay:b
+#   bkill           cone-drop, then b is killed (SIGKILL): a <-> c stays up, direct
+#   norelay         sym2-drop with --no-relay on b: no path; a lists c, not up
+# With Linux conntrack every mapping filters by address and port, so a fully random NAT facing
+# anything cannot be punched without predicting its ports: those cases expect the relay.
+# Times to the first overlay ping and to the direct path are printed as notes.
+#
+#   veil-t-$$-a          veil-t-$$-r1                 veil-t-$$-in (core)    veil-t-$$-r2          veil-t-$$-c
+#   veth0 198.51.100.2 - lan0 198.51.100.1            i1 192.0.2.1           lan0 203.0.113.1 - veth0 203.0.113.2
+#                        wan0 192.0.2.2/26 ---------- i1                    wan0 192.0.2.66/26
+#                                                     i2 192.0.2.65 -------- wan0
+#                                                     i3 192.0.2.129 ------- veth0 192.0.2.130 veil-t-$$-b
+# The core router is one hop between the NATs: a datagram with TTL 2 from a dies there.
+# shellcheck disable=SC2034  # NS_*, TUN_*, UL4_*, OL*_* are read through ns, tun, ul4, ol4, ol6
+# shellcheck disable=SC2317  # predicates are called through wait_until and check
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
+
+NS_r1=veil-t-$$-r1 NS_r2=veil-t-$$-r2 NS_in=veil-t-$$-in
+UL4_a=198.51.100.2 UL4_b=192.0.2.130 UL4_c=203.0.113.2
+OL4_c=100.64.0.3 OL6_c=fd00:64::3 TUN_c=veil-c
+NS_ALL=()
+CASES=(cone-drop cone-accept sym1-drop sym1-accept sym2-drop sym2-accept bkill norelay)
+
+ns_add() {
+	local n
+	n=$(ns "$1")
+	NS_ALL+=("$n")
+	ip netns add "$n" || die "ip netns add $n"
+	ip -n "$n" link set lo up || die "lo up in $1"
+}
+
+# link NS1 IF1 NS2 IF2 -- a veth between two namespaces, both ends up
+link() {
+	ip link add "$2" netns "$(ns "$1")" type veth peer name "$4" netns "$(ns "$3")" || die "veth $1/$2 <-> $3/$4"
+	ip -n "$(ns "$1")" link set "$2" up && ip -n "$(ns "$3")" link set "$4" up || die "link up $1 $3"
+}
+addr() { ip -n "$(ns "$1")" addr add "$3" dev "$2" || die "address $3 on $1"; }
+
+# router NAME NAT FILTER -- nftables on a router: masquerade out of wan0 (NAT: cone keeps the
+# source port where it can, random picks a fresh one per mapping), and FILTER drop refuses WAN
+# input that no conntrack entry expects (OpenWrt's default), accept lets it in (a bare box)
+router() {
+	local how='masquerade' input=''
+	[[ $2 == random ]] && how='masquerade random,fully-random'
+	[[ $3 == drop ]] && input='iifname "wan0" ct state established,related accept
+		iifname "wan0" drop'
+	nsx "$1" nft -f - <<-EOF || die "nft rules on $1"
+		table ip nat {
+			chain post { type nat hook postrouting priority srcnat; oifname "wan0" $how; }
+		}
+		table ip filter {
+			chain input { type filter hook input priority 0; policy accept
+				$input
+			}
+			chain forward { type filter hook forward priority 0; policy accept
+				$input
+			}
+		}
+	EOF
+	nsx "$1" sysctl -qw net.ipv4.ip_forward=1 || die "ip_forward on $1"
+}
+
+# topology NAT1 NAT2 FILTER -- every namespace of the picture above, fresh
+topology() {
+	local n
+	for n in a b c r1 r2 in; do ns_add "$n"; done
+	link in i1 r1 wan0; link in i2 r2 wan0; link in i3 b "$VETH"
+	link r1 lan0 a "$VETH"; link r2 lan0 c "$VETH"
+	addr in i1 192.0.2.1/26; addr in i2 192.0.2.65/26; addr in i3 192.0.2.129/26
+	addr r1 wan0 192.0.2.2/26; addr r1 lan0 198.51.100.1/24; addr a "$VETH" "$UL4_a/24"
+	addr r2 wan0 192.0.2.66/26; addr r2 lan0 203.0.113.1/24; addr c "$VETH" "$UL4_c/24"
+	addr b "$VETH" "$UL4_b/26"
+	nsx in sysctl -qw net.ipv4.ip_forward=1 || die "ip_forward on the core"
+	ip -n "$NS_r1" route add default via 192.0.2.1 || die "r1 default route"
+	ip -n "$NS_r2" route add default via 192.0.2.65 || die "r2 default route"
+	ip -n "$NS_b" route add default via 192.0.2.129 || die "b default route"
+	ip -n "$NS_a" route add default via 198.51.100.1 || die "a default route"
+	ip -n "$NS_c" route add default via 203.0.113.1 || die "c default route"
+	router r1 "$1" "$3"
+	router r2 "$2" "$3"
+	local i
+	for n in a c; do
+		for ((i = 0; i < 50; i++)); do
+			nsx "$n" timeout --foreground 2 ping -c 1 -W 1 -q "$UL4_b" >/dev/null 2>&1 && break
+			sleep 0.1
+		done
+		((i < 50)) || die "underlay ping $n -> b failed"
+	done
+}
+
+teardown() {
+	local n pid
+	for n in a b c; do node_stop "$n" >/dev/null 2>&1; done
+	for n in "${NS_ALL[@]}"; do
+		for pid in $(ip netns pids "$n" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
+		ip netns del "$n" 2>/dev/null
+	done
+	NS_ALL=()
+}
+
+mesh_up() {
+	local n=$1; shift
+	node_run "$n" up --key "$TMPD/$n.key" --psk "$TMPD/net.psk" --mesh --name "$n" \
+		--listen "0.0.0.0:$PORT" --address "$(ol4 "$n")/24" --address "$(ol6 "$n")/64" \
+		--tun "$(tun "$n")" --keepalive 1 --control "$(sock "$n")" --mgmt off \
+		--log-level "${VEIL_LOG_LEVEL:-info}" "$@"
+}
+via_b() { echo "$(pub b)@$UL4_b:$PORT"; }
+
+pq() { st "$1" ".peers[] | select(.public_key == \"$(pub "$2")\") | $3"; }
+up_path() { [[ $(pq "$1" "$2" '"\(.state) \(.path)"') == "up $3" ]]; }
+pings_both() { ping_ok a "$OL4_c" 2 && ping_ok c "$OL4_a" 2; }
+# pings_all FROM DST N -- N pings 0.2 s apart, all answered
+pings_all() {
+	local got
+	got=$(nsx "$1" timeout --foreground 20 ping -c "$3" -i 0.2 -W 2 -q "$2" 2>/dev/null | awk '/received/ { print $4 }')
+	[[ $got == "$3" ]]
+}
+
+# run_case NAME -- one row of the table above
+run_case() {
+	local name=$1 nat1=cone nat2=cone filter=drop want=direct brelay=()
+	case $name in
+		cone-drop | bkill) ;;
+		cone-accept) filter=accept ;;
+		sym1-*) nat1=random filter=${name#sym1-} want=relay:b ;;
+		sym2-*) nat1=random nat2=random filter=${name#sym2-} want=relay:b ;;
+		norelay) nat1=random nat2=random want=none brelay=(--no-relay) ;;
+		*) not_ok "$name" "no such case"; return ;;
+	esac
+	topology "$nat1" "$nat2" "$filter"
+	mesh_up b "${brelay[@]}"
+	wait_ready b
+	local t0
+	t0=$(now_ms)
+	mesh_up a --peer "$(via_b)"
+	mesh_up c --peer "$(via_b)"
+	wait_ready a c
+	if [[ $want == none ]]; then
+		wait_until 10 quiet pq a c .public_key
+		sleep 4
+		check "$name: a lists c, not up (no relay, no punchable path)" "a: $(pq a c '"\(.state) \(.path)"')" \
+			test "$(pq a c .state)" != up
+		check "$name: b offers no relay and carried nothing" "b: $(st b ".relay|tojson")" \
+			test "$(st b '"\(.relay.offered) \(.relay.bytes)"')" == "false 0"
+		teardown
+		return
+	fi
+	if wait_until 15 pings_both; then
+		ok "$name: first overlay ping both ways after $(($(now_ms) - t0)) ms"
+	else
+		not_ok "$name: pings a <-> c" "no answer within 15 s (a sees c: $(pq a c '"\(.state) \(.path)"'))"
+	fi
+	if wait_until 15 up_path a c "$want"; then
+		note "$name: a's path to c is $want after $(($(now_ms) - t0)) ms"
+		ok "$name: a reaches c by $want"
+	else
+		not_ok "$name: a reaches c by $want" "a sees c as: $(pq a c '"\(.state) \(.path) \(.endpoint)"')"
+	fi
+	check "$name: c reaches a by ${want/relay:b/relay:b}" "c sees a as: $(pq c a '"\(.state) \(.path) \(.endpoint)"')" \
+		wait_until 10 up_path c a "$want"
+	check "$name: 20 pings a -> c all answered" "lost some" pings_all a "$OL4_c" 20
+	check "$name: 20 pings c -> a all answered" "lost some" pings_all c "$OL4_a" 20
+	if [[ $want == relay:b ]]; then
+		check "$name: b counts the relayed pair and bytes" "b: $(st b ".relay|tojson")" \
+			test "$(st b '.relay.bytes')" -gt 0
+	fi
+	if [[ $name == bkill ]]; then
+		kill -KILL "${NODE_PID[b]}" 2>/dev/null
+		wait "${NODE_PID[b]}" 2>/dev/null
+		unset "NODE_PID[b]"
+		sleep 5                                              # past a's and c's liveness for b (3 s)
+		check "$name: b is down at a" "a sees b: $(pq a b .state)" test "$(pq a b .state)" != up
+		check "$name: a -> c still direct after b died" "a sees c: $(pq a c '"\(.state) \(.path)"')" up_path a c direct
+		check "$name: 20 pings a -> c after b died" "lost some" pings_all a "$OL4_c" 20
+	fi
+	teardown
+}
+
+net_begin
+command -v nft >/dev/null || die "missing command nft (make deps)"
+keys_make a b c
+psk_make net
+cases=("$@")
+((${#cases[@]})) || cases=("${CASES[@]}")
+for c in "${cases[@]}"; do run_case "$c"; done
+finish
