@@ -2858,6 +2858,7 @@ internal sealed class Peer
     internal long LastDirectRxMs = long.MinValue / 2;
     internal int PunchAttempts;
     internal bool HelloUnanswered;       // the last hello timed out: the next one takes the other path
+    internal long HellosSent;            // ClientHellos to it, on either path
     internal long PunchesSent, PunchesAnswered, LastPunchAnsweredMs = long.MinValue / 2;
     internal long RelayedRxBytes, RelayedTxBytes;            // its records that came or went through a relay
     internal string PathName => Relay != null ? "relay:" + Relay.Name : "direct";
@@ -5204,6 +5205,7 @@ internal sealed partial class Node
         if (len == 0) return;
         CommitOut(p, len, nowMs);
         Indexes.AddHandshake(index, p);
+        p.HellosSent++;
         p.RetransmitHandshakeAtMs = nowMs + p.RetransmitDelayMs(p.HandshakeAttempts);
         p.HandshakeAttempts++;
         Counters.HandshakesInitiated++;
@@ -7036,8 +7038,7 @@ internal sealed partial class Node
         bool flip = p.HelloUnanswered && !p.Up;
         p.HelloUnanswered = false;
         if (p.Relay != null && (PathRelay(p, nowMs) == null || flip && p.Endpoint.IsSet)) { p.Relay = null; return; }
-        if (p.Relay != null || p.RelayOffer is not Peer r || !CanRelay(r, nowMs) || !flip && nowMs - p.LastDirectRxMs < Tune.DirectQuietMs
-            || p.RelayOfferMs <= p.DownAtMs) return;               // told of before it went down: the relay may not have it either
+        if (p.Relay != null || p.RelayOffer is not Peer r || !CanRelay(r, nowMs) || !flip && nowMs - p.LastDirectRxMs < Tune.DirectQuietMs) return;
         p.Relay = r;
         if (!flip) Log.Info("path_relay", $"peer={p.Name} relay={r.Name} reason=handshake");
     }
@@ -7136,12 +7137,14 @@ internal sealed partial class Node
         AfterSend(to, s, len, nowMs, carriesData: false);
     }
 
+    // A member that went down, or a full table, is ordinary operation (the sender tries the other
+    // path next): debug. The rest is a misconfigured or hostile member: warn.
     private void RefuseRelay(Peer from, string why, int len)
     {
         Relays.Refused++;
         Counters.Drop(DropReason.RelayRefused);
-        if (Log.Wants(LogLevel.Warn, "relay_refused"))
-            Log.Emit(LogLevel.Warn, "relay_refused", $"peer={from.Name} reason={why} len={len}");
+        LogLevel level = why is "member_not_up" or "pairs_full" ? LogLevel.Debug : LogLevel.Warn;
+        if (Log.Wants(level, "relay_refused")) Log.Emit(level, "relay_refused", $"peer={from.Name} reason={why} len={len}");
     }
 
     /// <summary>One punch round for a relayed peer: a priming datagram (a keepalive of our session
@@ -8065,6 +8068,9 @@ internal static class Cli
                   --network CIDR          the network prefix: other members' host addresses inside it
                                           are accepted (default: the networks of --address)
                   --accept CIDR           also accept members' claims inside CIDR (repeatable)
+                  --relay, --no-relay     carry sealed records between members that cannot reach
+                                          each other directly (default: --relay)
+                  --relay-rate MBIT       per relayed pair and direction (default 20)
                   --control PATH          control socket (default /var/run/veil.sock)
                   --log-level LEVEL       error|warn|info|debug (default info)
                   --log-format FORMAT     text|json (default text)

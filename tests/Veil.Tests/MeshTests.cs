@@ -629,23 +629,25 @@ public class MeshTests(ITestOutputHelper output)
         return t;
     }
 
+    // When `from` sent each ClientHello to `to` (directly, or through a member that relays: every
+    // other attempt, ChoosePath) after `to` was taken off the network.
     private static List<long> HelloTimes(TestNet t, int from, int to, Func<bool> stopWhen, long forMs, out long killedAt)
     {
         var hellos = new List<long>();
-        Endpoint f = TestNet.Ep(from), d = TestNet.Ep(to);
-        t.Net.Filter = (src, dst, dg) =>
-        {
-            if (src.Equals(f) && dst.Equals(d) && Record.Classify(dg) == RecordKind.ClientHello) hellos.Add(t.NowMs);
-            return true;
-        };
+        TestNode gone = t.Nodes.Find(n => n.Endpoint.Equals(TestNet.Ep(to)))!;
+        Peer p = t.Nodes[from].Node.FindPeer(gone.Public)!;
         killedAt = t.NowMs;
-        t.Kill(t.Nodes.Find(n => n.Endpoint.Equals(d))!);
-        long end = t.NowMs + forMs;
-        while (t.NowMs < end && !stopWhen()) t.Advance(100, 100);
+        t.Kill(gone);
+        long end = t.NowMs + forMs, sent = p.HellosSent;
+        while (t.NowMs < end && !stopWhen())
+        {
+            t.Advance(100, 100);
+            for (; sent < p.HellosSent; sent++) hellos.Add(t.NowMs);
+        }
         return hellos;
     }
 
-    /// <summary>Checks ClientHello spacing against the reconnect schedule: attempt k waits its
+    /// <summary>Checks ClientHello spacing (direct or relayed) against the reconnect schedule: attempt k waits its
     /// retransmit time (1 s..1.33 s) and then ReconnectDelayMs(k) (1 s doubling to 120 s, +0..25%).</summary>
     private void AssertBackoff(List<long> hellos, long killedAt, string who)
     {

@@ -12,6 +12,8 @@
 #   sym2-drop       both fully random, dropped                                relay:b
 #   sym2-accept     both fully random, accepted                               relay:b
 #   bkill           cone-drop, then b is killed (SIGKILL): a <-> c stays up, direct
+#   cut             cone-drop, then the core drops r1 <-> r2: a <-> c falls back to relay:b;
+#                   the cut healed, punching brings it back to direct
 #   norelay         sym2-drop with --no-relay on b: no path; a lists c, not up
 # With Linux conntrack every mapping filters by address and port, so a fully random NAT facing
 # anything cannot be punched without predicting its ports: those cases expect the relay.
@@ -32,7 +34,7 @@ NS_r1=veil-t-$$-r1 NS_r2=veil-t-$$-r2 NS_in=veil-t-$$-in
 UL4_a=198.51.100.2 UL4_b=192.0.2.130 UL4_c=203.0.113.2
 OL4_c=100.64.0.3 OL6_c=fd00:64::3 TUN_c=veil-c
 NS_ALL=()
-CASES=(cone-drop cone-accept sym1-drop sym1-accept sym2-drop sym2-accept bkill norelay)
+CASES=(cone-drop cone-accept sym1-drop sym1-accept sym2-drop sym2-accept bkill cut norelay)
 
 ns_add() {
 	local n
@@ -134,7 +136,7 @@ pings_all() {
 run_case() {
 	local name=$1 nat1=cone nat2=cone filter=drop want=direct brelay=()
 	case $name in
-		cone-drop | bkill) ;;
+		cone-drop | bkill | cut) ;;
 		cone-accept) filter=accept ;;
 		sym1-*) nat1=random filter=${name#sym1-} want=relay:b ;;
 		sym2-*) nat1=random nat2=random filter=${name#sym2-} want=relay:b ;;
@@ -186,6 +188,32 @@ run_case() {
 		check "$name: b is down at a" "a sees b: $(pq a b .state)" test "$(pq a b .state)" != up
 		check "$name: a -> c still direct after b died" "a sees c: $(pq a c '"\(.state) \(.path)"')" up_path a c direct
 		check "$name: 20 pings a -> c after b died" "lost some" pings_all a "$OL4_c" 20
+	fi
+	if [[ $name == cut ]]; then
+		nsx in nft -f - <<-EOF || die "nft cut on the core"
+			table ip cut {
+				chain forward { type filter hook forward priority 0; policy accept
+					ip saddr 192.0.2.0/26 ip daddr 192.0.2.64/26 drop
+					ip saddr 192.0.2.64/26 ip daddr 192.0.2.0/26 drop
+				}
+			}
+		EOF
+		t0=$(now_ms)
+		if wait_until 20 up_path a c relay:b; then
+			ok "$name: a falls back to relay:b after $(($(now_ms) - t0)) ms"
+		else
+			not_ok "$name: a falls back to relay:b" "a sees c as: $(pq a c '"\(.state) \(.path)"')"
+		fi
+		check "$name: c falls back to relay:b" "c sees a as: $(pq c a '"\(.state) \(.path)"')" wait_until 10 up_path c a relay:b
+		check "$name: 20 pings a -> c over the relay" "lost some" pings_all a "$OL4_c" 20
+		nsx in nft delete table ip cut || die "nft uncut"
+		t0=$(now_ms)
+		if wait_until 40 up_path a c direct; then
+			ok "$name: back to direct $(($(now_ms) - t0)) ms after the cut healed"
+		else
+			not_ok "$name: back to direct after the cut healed" "a sees c as: $(pq a c '"\(.state) \(.path)"')"
+		fi
+		check "$name: 20 pings c -> a direct again" "lost some" pings_all c "$OL4_a" 20
 	fi
 	teardown
 }

@@ -1,0 +1,279 @@
+using Xunit.Abstractions;
+
+namespace Veil.Tests;
+
+/// <summary>Paths (§15): a member relays for two members that cannot reach each other, refuses
+/// what it should not carry, cannot read or forge what it carries, and punching moves the pair to
+/// the direct path once one opens. Node 0 (b) is the public member; 1 (a) and 2 (c) know only b.</summary>
+public class RelayTests(ITestOutputHelper output)
+{
+    private static Peer PeerOf(TestNode at, TestNode other) =>
+        at.Node.FindPeer(other.Public) ?? throw new Xunit.Sdk.XunitException($"{at.Overlay} has no peer for {other.Overlay}");
+
+    private static bool IsAC(in Endpoint x, in Endpoint y) =>
+        x.Equals(TestNet.Ep(1)) && y.Equals(TestNet.Ep(2)) || x.Equals(TestNet.Ep(2)) && y.Equals(TestNet.Ep(1));
+
+    /// <summary>Star around b; nothing passes directly between a and c while `cut` says so.</summary>
+    private static (TestNet T, TestNode B, TestNode A, TestNode C) Cut(Func<bool> cut, Action<int, UpConfig>? tweak = null)
+    {
+        var t = TestNet.Mesh(3, i => i == 0 ? [] : [0], tweak);
+        t.Net.Filter = (from, to, _) => !(cut() && IsAC(from, to));
+        t.Start();
+        TestNode b = t.Nodes[0], a = t.Nodes[1], c = t.Nodes[2];
+        long ms = t.AdvanceUntil(() => a.Node.FindPeer(c.Public) is { Up: true } && c.Node.FindPeer(a.Public) is { Up: true }, 20_000);
+        Assert.True(ms >= 0, "a and c never came up through b");
+        return (t, b, a, c);
+    }
+
+    // A record of `from`'s session with `to`, flags Relay, carrying payload (as a relay client or a relay would send it).
+    private static byte[] RelayRecord(TestNode from, TestNode to, ReadOnlySpan<byte> payload)
+    {
+        Session s = PeerOf(from, to).Current!;
+        byte[] slot = new byte[Tune.SlotLen];
+        payload.CopyTo(slot.AsSpan(Record.PayloadOffset));
+        int len = Record.Seal(s, slot, payload.Length, RecordFlags.Relay, 1420);
+        return slot[..len];
+    }
+
+    // An inner data record of a's session with c, carrying one IP packet a -> c.
+    private static byte[] InnerData(TestNode a, TestNode c, byte tag)
+    {
+        Session s = PeerOf(a, c).Current!;
+        byte[] packet = Packets.Udp4(a.Overlay, c.Overlay, 64, tag);
+        byte[] slot = new byte[Tune.SlotLen];
+        packet.CopyTo(slot.AsSpan(Record.PayloadOffset));
+        int len = Record.Seal(s, slot, packet.Length, RecordFlags.Data, 1420);
+        return slot[..len];
+    }
+
+    private static byte[] Cat(params byte[][] parts) => parts.SelectMany(x => x).ToArray();
+    private static byte[] B(byte kind) => [kind];
+    private static byte[] K(in Key32 key) => ((ReadOnlySpan<byte>)key).ToArray();
+
+    private static void Deliver(TestNet t, TestNode from, TestNode to, byte[] datagram)
+    {
+        to.Udp.Deliver(datagram, from.Endpoint);
+        t.Pump();
+    }
+
+    [Fact]
+    public void NoDirectPath_PairMeetsThroughRelay_TrafficFlowsBothWays_RelayCounts()
+    {
+        var (t, b, a, c) = Cut(() => true);
+        Peer ac = PeerOf(a, c), ca = PeerOf(c, a);
+        Assert.Same(PeerOf(a, b), ac.Relay);
+        Assert.Same(PeerOf(c, b), ca.Relay);
+        Assert.Equal("relay:n0", ac.PathName);
+        long bytes = b.Node.Relays.Bytes;
+        for (int i = 0; i < 10; i++)
+        {
+            Assert.Equal(1, t.Send(1, 2, 200, (byte)i));
+            Assert.Equal(1, t.Send(2, 1, 200, (byte)i));
+        }
+        Assert.True(b.Node.Relays.Bytes - bytes >= 20 * 200, $"relay carried {b.Node.Relays.Bytes - bytes} bytes");
+        Assert.Equal(2, b.Node.Relays.Pairs);                   // one flow each way
+        Assert.True(ac.RelayedTxBytes > 0 && ac.RelayedRxBytes > 0);
+        Assert.Equal(0, b.Node.Relays.Refused);
+        Assert.Equal(0, b.Node.Counters.TunTxPackets);           // b delivered none of it to itself
+        t.Advance(Tune.FirstPunchMs + 100);
+        Assert.True(ac.PunchesSent > 0 && ca.PunchesAnswered > 0, $"punches sent {ac.PunchesSent}, answered {ca.PunchesAnswered}");
+    }
+
+    [Fact]
+    public void RelayCannotReadForgeOrReplay_InnerRecordsAuthenticateEndToEnd()
+    {
+        var (t, b, a, c) = Cut(() => true);
+        Assert.Equal(1, t.Send(1, 2));
+        int written = c.Tun.Written.Count;
+
+        // What a relay delivers, sealed by b around an inner record of a's: c takes it once.
+        byte[] inner = InnerData(a, c, 7);
+        Deliver(t, b, c, RelayRecord(b, c, Cat(B(Node.RelayDelivered), inner)));
+        Assert.Equal(written + 1, c.Tun.Written.Count);
+        Assert.Equal(Packets.Udp4(a.Overlay, c.Overlay, 64, 7), c.Tun.Written[^1]);
+
+        // b delivers it again (replay), changes a byte (forgery), or puts a record of its own inside.
+        long replayed = c.Node.Counters.Drops[(int)DropReason.Replayed], badAuth = c.Node.Counters.Drops[(int)DropReason.BadAuth];
+        long refused = c.Node.Counters.Drops[(int)DropReason.RelayRefused];
+        Deliver(t, b, c, RelayRecord(b, c, Cat(B(Node.RelayDelivered), inner)));
+        byte[] forged = InnerData(a, c, 8);
+        forged[^20] ^= 0x01;
+        Deliver(t, b, c, RelayRecord(b, c, Cat(B(Node.RelayDelivered), forged)));
+        byte[] own = new byte[Tune.SlotLen];
+        Packets.Udp4(b.Overlay, c.Overlay, 64).CopyTo(own.AsSpan(Record.PayloadOffset));
+        int ownLen = Record.Seal(PeerOf(b, c).Current!, own, 92, RecordFlags.Data, 1420);
+        Deliver(t, b, c, RelayRecord(b, c, Cat(B(Node.RelayDelivered), own[..ownLen])));
+        Assert.Equal(written + 1, c.Tun.Written.Count);
+        Assert.Equal(replayed + 1, c.Node.Counters.Drops[(int)DropReason.Replayed]);
+        Assert.Equal(badAuth + 1, c.Node.Counters.Drops[(int)DropReason.BadAuth]);
+        Assert.Equal(refused + 1, c.Node.Counters.Drops[(int)DropReason.RelayRefused]);
+        Assert.True(PeerOf(c, a).Up);                            // none of it cost the session
+        Assert.Equal(1, t.Send(2, 1));
+
+        // What b forwards it cannot open: the inner datagram it carried for a is a's record for c,
+        // which no session of b's authenticates.
+        byte[]? carried = null;
+        t.Net.Filter = (from, to, d) => { if (from.Equals(a.Endpoint) && to.Equals(b.Endpoint) && d.Length > 200) carried = d; return !IsAC(from, to); };
+        Assert.Equal(1, t.Send(1, 2, 300));
+        Assert.NotNull(carried);
+        Assert.Equal(-1, carried!.AsSpan().IndexOf(Packets.Udp4(a.Overlay, c.Overlay, 300).AsSpan(28, 64)));   // no plaintext on the wire to b
+    }
+
+    [Fact]
+    public void RelayRefusesWhatItShouldNotCarry_CountsIt_ChangesNothing()
+    {
+        var (t, b, a, c) = Cut(() => true);
+        Assert.Equal(1, t.Send(1, 2));
+        Node relay = b.Node;
+        Key32 stranger = TestNet.PublicOf(TestNode.KeyFromSeed(99));
+        byte[] inner = InnerData(a, c, 1);
+        int peers = relay.Peers.Count, routes = relay.RouteList.Count;
+        long sentToC = b.Udp.Sent.Count(_ => true);
+        int cRx = (int)c.Node.Counters.RxRecords;
+        (string Why, byte[] Payload)[] bad =
+        [
+            ("unknown member", Cat(B(Node.RelayForward), K(stranger), inner)),
+            ("to the sender itself", Cat(B(Node.RelayForward), K(a.Public), inner)),
+            ("no key", [Node.RelayForward, 1, 2, 3]),
+            ("inner not a record", Cat(B(Node.RelayForward), K(c.Public), new byte[40])),
+            ("unknown kind", Cat(B(9), K(c.Public), inner)),
+            ("empty", []),
+            ("delivered garbage to the relay", Cat(B(Node.RelayDelivered), new byte[64])),
+        ];
+        long refused = relay.Relays.Refused;
+        foreach (var (why, payload) in bad)
+        {
+            long before = relay.Counters.Drops[(int)DropReason.RelayRefused] + relay.Counters.Drops[(int)DropReason.UnknownIndex];
+            Deliver(t, a, b, RelayRecord(a, b, payload));
+            Assert.True(relay.Counters.Drops[(int)DropReason.RelayRefused] + relay.Counters.Drops[(int)DropReason.UnknownIndex] == before + 1, why);
+        }
+        Assert.True(relay.Relays.Refused - refused >= 6, $"refused {relay.Relays.Refused - refused}");
+        Assert.Equal(cRx, (int)c.Node.Counters.RxRecords);     // nothing reached c
+        Assert.Equal(peers, relay.Peers.Count);
+        Assert.Equal(routes, relay.RouteList.Count);
+        Assert.True(PeerOf(b, a).Up && PeerOf(b, c).Up);
+
+        // Not offered: the same well-formed request is refused, and carried once offered again.
+        relay.Relays.Offered = false;
+        long notOffered = relay.Relays.Refused;
+        Deliver(t, a, b, RelayRecord(a, b, Cat(B(Node.RelayForward), K(c.Public), InnerData(a, c, 2))));
+        Assert.Equal(notOffered + 1, relay.Relays.Refused);
+        Assert.Equal(cRx, (int)c.Node.Counters.RxRecords);
+        relay.Relays.Offered = true;
+        int written = c.Tun.Written.Count;
+        Deliver(t, a, b, RelayRecord(a, b, Cat(B(Node.RelayForward), K(c.Public), InnerData(a, c, 3))));
+        Assert.Equal(written + 1, c.Tun.Written.Count);
+        output.WriteLine($"refused {relay.Relays.Refused}, carried {relay.Relays.Records} records");
+    }
+
+    [Fact]
+    public void RelayRate_CapsEachDirection_CountsTheExcess_RefillsWithTime()
+    {
+        var (t, b, a, c) = Cut(() => true);
+        b.Node.Relays.RateBytesPerS = 4_000;                   // ~13 records of 300 bytes a second
+        t.Advance(2_000);                                       // the buckets fill to the new rate
+        int got = 0;
+        for (int i = 0; i < 40; i++) got += t.Send(1, 2, 300);
+        output.WriteLine($"{got} of 40 delivered; rate-limited {b.Node.Relays.RateLimited}");
+        Assert.InRange(got, 5, 20);
+        Assert.True(b.Node.Relays.RateLimited >= 20);
+        Assert.Equal(b.Node.Relays.RateLimited, b.Node.Counters.Drops[(int)DropReason.RelayRate]);
+        Assert.Equal(1, t.Send(2, 1, 300));                     // the other direction has its own budget
+        t.Advance(1_000);
+        Assert.Equal(1, t.Send(1, 2, 300));
+        Assert.True(PeerOf(a, c).Up);
+    }
+
+    [Fact]
+    public void DirectPathOpens_PunchMovesPairOffTheRelay_AndBackWhenItDies()
+    {
+        bool cut = true;
+        var (t, b, a, c) = Cut(() => cut);
+        Peer ac = PeerOf(a, c), ca = PeerOf(c, a);
+        Assert.NotNull(ac.Relay);
+        cut = false;
+        long ms = t.AdvanceUntil(() => ac.Relay == null && ca.Relay == null, 120_000);
+        output.WriteLine($"direct {ms} ms after the path opened; punches a {ac.PunchesSent} c {ca.PunchesSent}");
+        Assert.True(ms >= 0, "never moved to the direct path");
+        Assert.Equal(c.Endpoint, ac.Endpoint);
+        long carried = b.Node.Relays.Records;
+        Assert.Equal(1, t.Send(1, 2));
+        Assert.Equal(1, t.Send(2, 1));
+        Assert.Equal(carried, b.Node.Relays.Records);           // b carries none of it now
+
+        cut = true;                                              // the direct path dies: back to the relay
+        ms = t.AdvanceUntil(() => ac.Up && ac.Relay != null && ca.Up && ca.Relay != null && t.Send(1, 2) == 1, 30_000);
+        output.WriteLine($"relayed again {ms} ms after the direct path died");
+        Assert.True(ms >= 0, "never fell back to the relay");
+        Assert.Equal(1, t.Send(2, 1));
+    }
+
+    [Fact]
+    public void NoRelay_PairThatCannotMeetDirectlyStaysDown()
+    {
+        var t = TestNet.Mesh(3, i => i == 0 ? [] : [0], (i, c) => { if (i == 0) c.Relay = false; });
+        t.Net.Filter = (from, to, _) => !IsAC(from, to);
+        t.Start();
+        t.Advance(20_000, 250);
+        TestNode b = t.Nodes[0], a = t.Nodes[1], c = t.Nodes[2];
+        Assert.True(PeerOf(a, b).Up && PeerOf(c, b).Up);
+        Assert.False(PeerOf(a, c).Up);
+        Assert.Null(PeerOf(a, c).Relay);
+        Assert.Equal(0, b.Node.Relays.Records);
+        Assert.Equal(0, b.Node.Relays.Refused);                 // it offers nothing, so nobody asks
+    }
+
+    [Fact]
+    public void RelayedSteadyState_AllocatesNothing_AtSenderRelayOrReceiver()
+    {
+        var (t, b, a, c) = Cut(() => true, (i, cfg) => { if (i == 0) cfg.RelayRateMbit = 100_000; });
+        Node na = a.Node, nb = b.Node, nc = c.Node;
+        var tunBatch = new PacketBatch(Tune.BatchSize, Tune.SlotLen);
+        var udpBatch = new PacketBatch(Tune.BatchSize, Tune.SlotLen);
+        byte[] packet = Packets.Udp4(a.Overlay, c.Overlay, 1200);
+        int delivered = 0;
+        // Moves what `from` queued in its UdpOut into `to` as one received batch.
+        void Hop(Node from, Endpoint fromEp, Node to)
+        {
+            udpBatch.Count = from.UdpOut.Count;
+            for (int i = 0; i < from.UdpOut.Count; i++)
+            {
+                from.UdpOut.Packet(i).CopyTo(udpBatch.Slot(i));
+                udpBatch.Offset[i] = 0;
+                udpBatch.Length[i] = from.UdpOut.Length[i];
+                udpBatch.Endpoints[i] = fromEp;
+            }
+            from.UdpOut.Count = 0;
+            to.ProcessUdpBatch(udpBatch, t.NowMs);
+        }
+        void RoundTrip()
+        {
+            t.NowMs++;                                           // the relay's budget refills (12.5 MB per ms)
+            tunBatch.Count = 16;
+            for (int i = 0; i < 16; i++)
+            {
+                packet.CopyTo(tunBatch.Slot(i)[Record.PayloadOffset..]);
+                tunBatch.Offset[i] = Record.PayloadOffset;
+                tunBatch.Length[i] = packet.Length;
+            }
+            na.ProcessTunBatch(tunBatch, t.NowMs);
+            Hop(na, a.Endpoint, nb);
+            Hop(nb, b.Endpoint, nc);
+            delivered = (int)nc.Counters.TunTxPackets;
+        }
+        lock (na.Gate) lock (nb.Gate) lock (nc.Gate)
+        {
+            na.UdpOut.Count = nb.UdpOut.Count = nc.UdpOut.Count = 0;
+            for (int i = 0; i < 20; i++) RoundTrip();
+            long[] windows = new long[3];
+            for (int w = 0; w < windows.Length; w++)
+            {
+                long before = GC.GetAllocatedBytesForCurrentThread();
+                for (int i = 0; i < 50; i++) RoundTrip();
+                windows[w] = GC.GetAllocatedBytesForCurrentThread() - before;
+            }
+            Assert.True(windows.Min() == 0 && windows.Max() < 64 * 1024, $"allocated per window: {string.Join(", ", windows)}");
+        }
+        Assert.True(delivered >= (20 + 150) * 16, $"c wrote {delivered} packets");
+    }
+}
