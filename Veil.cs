@@ -1019,17 +1019,18 @@ internal sealed class UpConfig
     internal int Metric = Tune.DefaultMetric;
     internal bool Relay = true;            // carry records between members that cannot reach each other (§15)
     internal int RelayRateMbit = Tune.DefaultRelayRateMbit;
+    internal bool PortMapping = true;      // ask the gateway to forward our port (PortMapper)
     private bool _keepaliveGiven;
 
     // Keys a running daemon cannot change; reload refuses (exit 3) when one of them differs.
-    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations"];
+    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping"];
 
     private static readonly string[] Keys =
     [
         "key", "psk", "listen", "address", "tun", "mtu", "keepalive", "rekey_after", "control", "mgmt", "mgmt_acl",
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
         "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers", "accept_psk", "admin", "revocations",
-        "relay", "relay_rate",
+        "relay", "relay_rate", "port_mapping",
     ];
     private static readonly string[] ListKeys = ["address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk"];
     private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive"];
@@ -1054,6 +1055,7 @@ internal sealed class UpConfig
             if (flag == "--check") { c.CheckOnly = true; continue; }
             if (flag == "--mesh") { flags.Add(("mesh", "true")); continue; }
             if (flag is "--relay" or "--no-relay") { flags.Add(("relay", flag == "--relay" ? "true" : "false")); continue; }
+            if (flag is "--port-mapping" or "--no-port-mapping") { flags.Add(("port_mapping", flag == "--port-mapping" ? "true" : "false")); continue; }
             int eq = flag.IndexOf('=');
             if (flag.StartsWith("--") && eq > 0) { value = flag[(eq + 1)..]; flag = flag[..eq]; }
             else
@@ -1105,11 +1107,10 @@ internal sealed class UpConfig
                 foreach (TomlValue item in ListOf(src, v)) Apply(key, src, item.Str);
                 continue;
             }
-            if (key is "mesh" or "relay")
+            if (key is "mesh" or "relay" or "port_mapping")
             {
                 if (v.Type != TomlValue.Kind.Boolean) throw new ConfigException($"{src.Text}: expected true or false");
-                if (key == "mesh") Mesh = v.Bool;
-                else Relay = v.Bool;
+                Apply(key, src, v.Bool ? "true" : "false");
                 continue;
             }
             Apply(key, src, Scalar(src, v, key is "mtu" or "keepalive" or "rekey_after" or "max_sessions" or "handshake_rate" or "handshake_rate_per_source" or "metric" or "workers" or "relay_rate"));
@@ -1203,6 +1204,10 @@ internal sealed class UpConfig
             case "relay":
                 if (value is not ("true" or "false")) throw src.Bad(value, "must be true or false");
                 Relay = value == "true";
+                break;
+            case "port_mapping":
+                if (value is not ("true" or "false")) throw src.Bad(value, "must be true or false");
+                PortMapping = value == "true";
                 break;
             case "relay_rate": RelayRateMbit = ParseInt(src, value, 1, 100_000); break;
             case "trust":
@@ -1301,6 +1306,7 @@ internal sealed class UpConfig
         if (string.Join(",", Networks) != string.Join(",", o.Networks)) changed.Add("network");
         if (Workers != o.Workers) changed.Add("workers");
         if (RevocationsPath != o.RevocationsPath) changed.Add("revocations");
+        if (PortMapping != o.PortMapping) changed.Add("port_mapping");
         return changed;
     }
 
@@ -5407,6 +5413,7 @@ internal sealed unsafe class Daemon
     private TunDevice? _tun;
     private MgmtServer? _mgmt;
     private Resolver? _resolver;
+    private PortMapper? _portMapper;
     private Chores? _chores;
     private KernelRoutes? _kernelRoutes;                // the chores thread's once the loop runs
     private (DateTime, long) _configStamp;              // the chores thread's once the loop runs
@@ -5483,7 +5490,13 @@ internal sealed unsafe class Daemon
             _configStamp = ConfigStamp();
             ApplyLocalEndpoints(FindLocalEndpoints(udp.LocalPort));
             _chores = new Chores(Wake, _log);
-            var status = new StatusView(node, _cfg, udp.LocalPort, StartedMs) { Workers = workers };
+            if (_cfg.PortMapping)
+            {
+                Chores chores = _chores;
+                _portMapper = new PortMapper(udp.LocalPort, ep => chores.Return(() => ApplyMapped(ep)), _log,
+                    PortMapper.Protocols(Environment.GetEnvironmentVariable("VEIL_PORTMAP")));
+            }
+            var status = new StatusView(node, _cfg, udp.LocalPort, StartedMs) { Workers = workers, Mapper = _portMapper };
             _log.Info("started", $"public_key={node.Handshaker.PublicKey.Short()} listen={_cfg.ListenAddress}:{udp.LocalPort} tun={tun.Name} mtu={_cfg.Mtu} peers={node.Peers.Count} aead={node.Handshaker.PreferredAead}" +
                 (_mgmt != null ? $" mgmt={_cfg.MgmtAddress}:{_mgmt.Port}" : "") + (_cfg.User != null ? $" user={_cfg.User}" : ""));
             long nowMs = Mono.NowMs(), nextTimerMs;
@@ -5512,6 +5525,7 @@ internal sealed unsafe class Daemon
         finally
         {
             foreach (PosixSignalRegistration r in signals) r.Dispose();
+            _portMapper?.Dispose();                       // deletes the mapping: the socket is still ours
             _chores?.Dispose();
             _resolver?.Dispose();
             _mgmt?.Dispose();
@@ -5734,6 +5748,18 @@ internal sealed unsafe class Daemon
             if (!changed) return;
             node.Mesh.LocalEndpoints.Clear();
             node.Mesh.LocalEndpoints.AddRange(found);
+            node.ScheduleExchange(Mono.NowMs());
+        }
+    }
+
+    // The gateway forwards this public endpoint to us (PortMapper): members hear of it first.
+    private void ApplyMapped(Endpoint ep)
+    {
+        Node node = _node!;
+        lock (node.Gate)
+        {
+            if (node.Mesh.Mapped.Equals(ep)) return;
+            node.Mesh.Mapped = ep;
             node.ScheduleExchange(Mono.NowMs());
         }
     }
@@ -6046,6 +6072,463 @@ internal sealed class Resolver : IDisposable
     {
         _stop = true;
         _kick.Set();
+    }
+}
+
+/// <summary>--port-mapping (the default): asks the gateway of the default route to forward our UDP
+/// port, with PCP (RFC 6887), NAT-PMP (RFC 6886) or UPnP IGD, whichever answers first, so members
+/// outside reach this node without punching. It runs on a thread of its own (each try waits on the
+/// network), renews at half the lifetime, deletes the mapping on exit, and hands the mapped public
+/// endpoint to the loop (onMapped), which announces it to members. Only the gateway is ever asked,
+/// and a UPnP description or control URL that names another host is refused.</summary>
+internal sealed class PortMapper : IDisposable
+{
+    internal const int PcpPort = 5351, SsdpPort = 1900;    // NAT-PMP and PCP share 5351
+    private const uint RequestLifetimeS = 7200;             // RFC 6886 §3.3's recommendation; PCP the same
+    private const uint UpnpLeaseS = 3600;
+    private const int FirstRetryMs = 30_000, MaxRetryMs = 600_000;
+    private const int AnswerWaitMs = 500, HttpTimeoutMs = 2000, MaxHttpLen = 64 * 1024;
+
+    /// <summary>What the gateway last said: the protocol that mapped (empty: none), the mapped
+    /// endpoint, its lifetime, or why nothing is mapped.</summary>
+    internal sealed record State(string Protocol, IPAddress? Gateway, Endpoint External, long LifetimeS, long MappedAtMs, string? Error, string Tried);
+
+    internal volatile State Current = new("", null, default, 0, 0, "starting", "");
+    private readonly int _port;
+    private readonly Action<Endpoint> _onMapped;
+    private readonly Log _log;
+    private readonly string[] _order;
+    private readonly AutoResetEvent _kick = new(false);
+    private readonly Thread _thread;
+    private volatile bool _stop;
+    private readonly byte[] _nonce = RandomNumberGenerator.GetBytes(12);   // PCP: ours, for every request of this run
+    private string? _upnpControl, _upnpService;                             // found by the last UPnP try
+
+    /// <summary>order: the protocols to try ("pcp", "nat-pmp", "upnp"); VEIL_PORTMAP can narrow it.</summary>
+    internal PortMapper(int port, Action<Endpoint> onMapped, Log log, string[] order)
+    {
+        _port = port;
+        _onMapped = onMapped;
+        _log = log;
+        _order = order;
+        _thread = new Thread(Run) { IsBackground = true, Name = "veil-portmap" };
+        _thread.Start();
+    }
+
+    internal static string[] Protocols(string? env) =>
+        env is { Length: > 0 } ? env.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) : ["pcp", "nat-pmp", "upnp"];
+
+    private void Run()
+    {
+        int retryMs = FirstRetryMs;
+        while (!_stop)
+        {
+            int waitMs;
+            State s = Map();
+            bool changed = s.Protocol != Current.Protocol || !s.External.Equals(Current.External) || s.Error != Current.Error;
+            Current = s;
+            if (s.Error == null)
+            {
+                if (changed) _log.Info("port_mapped", $"protocol={s.Protocol} gateway={s.Gateway} external={s.External} lifetime_s={s.LifetimeS}");
+                _onMapped(s.External);
+                retryMs = FirstRetryMs;
+                waitMs = (int)Math.Clamp(s.LifetimeS * 1000 / 2, FirstRetryMs, 3_600_000);   // 0 (UPnP, permanent): 30 s..1 h
+                if (s.LifetimeS == 0) waitMs = 1_800_000;
+            }
+            else
+            {
+                if (changed) _log.Info("port_mapping_failed", $"gateway={s.Gateway?.ToString() ?? "none"} tried={s.Tried} error=\"{s.Error}\" next_in_s={retryMs / 1000}");
+                waitMs = retryMs;
+                retryMs = Math.Min(retryMs * 2, MaxRetryMs);
+            }
+            _kick.WaitOne(waitMs);
+        }
+    }
+
+    // One round: the protocol that worked last first, then the others in order.
+    private State Map()
+    {
+        IPAddress? gw = DefaultGateway(File.Exists("/proc/net/route") ? File.ReadAllText("/proc/net/route") : "");
+        if (gw == null) return new("", null, default, 0, 0, "no default IPv4 gateway", "");
+        var tried = new StringBuilder();
+        string last = Current.Protocol, error = "";
+        foreach (string proto in last.Length > 0 ? [last, .. _order] : _order)
+        {
+            if (_stop || tried.ToString().Contains(proto)) continue;
+            tried.Append(tried.Length > 0 ? "," : "").Append(proto);
+            try
+            {
+                (Endpoint ext, long lifetime) = proto switch
+                {
+                    "pcp" => MapPcp(gw, RequestLifetimeS),
+                    "nat-pmp" => MapNatPmp(gw, RequestLifetimeS),
+                    "upnp" => MapUpnp(gw, UpnpLeaseS),
+                    _ => throw new IOException("unknown protocol"),
+                };
+                return new(proto, gw, ext, lifetime, Mono.NowMs(), null, tried.ToString());
+            }
+            catch (Exception e) when (e is IOException or SocketException or FormatException)
+            {
+                error += (error.Length > 0 ? "; " : "") + proto + ": " + e.Message;
+            }
+        }
+        return new("", gw, default, 0, 0, error, tried.ToString());
+    }
+
+    /// <summary>The gateway of the default IPv4 route with the lowest metric, from /proc/net/route.</summary>
+    internal static IPAddress? DefaultGateway(string routes)
+    {
+        IPAddress? best = null;
+        long bestMetric = long.MaxValue;
+        foreach (string line in routes.Split('\n'))
+        {
+            string[] f = line.Split('\t', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+            if (f.Length < 7 || f[1] != "00000000" || !uint.TryParse(f[2], System.Globalization.NumberStyles.HexNumber, null, out uint g) || g == 0
+                || !int.TryParse(f[3], System.Globalization.NumberStyles.HexNumber, null, out int flags) || (flags & 3) != 3
+                || !long.TryParse(f[6], out long metric) || metric >= bestMetric) continue;
+            best = new IPAddress(g);                     // the file holds it in host (little-endian) order, as IPAddress(long) takes it
+            bestMetric = metric;
+        }
+        return best;
+    }
+
+    // ---- PCP and NAT-PMP: one UDP request, an answer from the gateway's port 5351 ----
+
+    // Sends req to gw:5351 up to twice (500 ms, then 1 s) and returns the first answer accepted by ok.
+    private static int Ask(IPAddress gw, ReadOnlySpan<byte> req, Span<byte> answer, Func<byte[], int, bool> ok, out IPAddress local)
+    {
+        using var sock = new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp);
+        sock.Connect(new IPEndPoint(gw, PcpPort));       // connected: only the gateway's port answers
+        local = ((IPEndPoint)sock.LocalEndPoint!).Address;
+        byte[] buf = new byte[1100];
+        for (int attempt = 0, waitMs = AnswerWaitMs; attempt < 2; attempt++, waitMs *= 2)
+        {
+            sock.Send(req);
+            long until = Mono.NowMs() + waitMs;
+            while (Mono.NowMs() < until && sock.Poll((int)(until - Mono.NowMs()) * 1000, SelectMode.SelectRead))
+            {
+                int n = sock.Receive(buf);                 // ICMP port unreachable throws: no server there
+                if (!ok(buf, n)) continue;
+                buf.AsSpan(0, Math.Min(n, answer.Length)).CopyTo(answer);
+                return n;
+            }
+        }
+        throw new IOException("no answer");
+    }
+
+    private (Endpoint, long) MapNatPmp(IPAddress gw, uint lifetimeS)
+    {
+        Span<byte> req = stackalloc byte[12], ans = stackalloc byte[16];
+        Ask(gw, [0, 0], ans, (b, n) => n >= 12 && b[0] == 0 && b[1] == 128, out _);
+        if (!NatPmp.TryParseAddress(ans[..12], out IPAddress? ext, out int result)) throw new IOException("malformed address answer");
+        if (result != 0) throw new IOException($"address refused: result {result}");
+        NatPmp.WriteMap(req, (ushort)_port, (ushort)_port, lifetimeS);
+        Ask(gw, req, ans, (b, n) => n >= 16 && b[0] == 0 && b[1] == 129 && BinaryPrimitives.ReadUInt16BigEndian(b.AsSpan(8)) == _port, out _);
+        if (!NatPmp.TryParseMap(ans, out ushort extPort, out uint lifetime, out result)) throw new IOException("malformed map answer");
+        if (result != 0) throw new IOException($"mapping refused: result {result} ({NatPmp.ResultName(result)})");
+        return (Endpoint.FromIp(ext!, extPort), lifetime);
+    }
+
+    private (Endpoint, long) MapPcp(IPAddress gw, uint lifetimeS)
+    {
+        Span<byte> req = stackalloc byte[Pcp.MapLen], ans = stackalloc byte[Pcp.MapLen];
+        IPAddress local;
+        using (var probe = new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp))
+        {
+            probe.Connect(new IPEndPoint(gw, PcpPort));
+            local = ((IPEndPoint)probe.LocalEndPoint!).Address;
+        }
+        Pcp.WriteMap(req, local, _nonce, (ushort)_port, (ushort)_port, lifetimeS);
+        byte[] nonce = _nonce;
+        int n = Ask(gw, req, ans, (b, len) => len >= 4 && (b[0] == 2 && b[1] == (0x80 | Pcp.OpMap) || b[0] == 0), out _);
+        if (ans[0] == 0) throw new IOException("the gateway speaks NAT-PMP only");
+        if (!Pcp.TryParseMap(ans[..Math.Min(n, Pcp.MapLen)], nonce, out Endpoint ext, out uint lifetime, out int result))
+            throw new IOException("malformed MAP answer");
+        if (result != 0) throw new IOException($"MAP refused: result {result} ({Pcp.ResultName(result)})");
+        return (ext, lifetime);
+    }
+
+    // ---- UPnP IGD: SSDP discovery, the description, SOAP to the WAN connection service ----
+
+    private (Endpoint, long) MapUpnp(IPAddress gw, uint leaseS)
+    {
+        if (_upnpControl == null)
+        {
+            string location = Discover(gw);
+            Uri root = Upnp.GatewayUrl(location, gw) ?? throw new IOException($"description at {location} is not on the gateway");
+            (int status, string xml) = Http(gw, root, "GET", null, null);
+            if (status != 200) throw new IOException($"description: HTTP {status}");
+            (string service, string control) = Upnp.FindWanService(xml) ?? throw new IOException("no WANIPConnection or WANPPPConnection service");
+            Uri url = Upnp.GatewayUrl(new Uri(root, control).ToString(), gw) ?? throw new IOException($"control URL {control} is not on the gateway");
+            (_upnpService, _upnpControl) = (service, url.ToString());
+        }
+        Uri ctl = new(_upnpControl);
+        string svc = _upnpService!;
+        IPAddress local;
+        using (var probe = new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp))
+        {
+            probe.Connect(new IPEndPoint(gw, SsdpPort));
+            local = ((IPEndPoint)probe.LocalEndPoint!).Address;
+        }
+        var args = new List<(string, string)>
+        {
+            ("NewRemoteHost", ""), ("NewExternalPort", _port.ToString()), ("NewProtocol", "UDP"), ("NewInternalPort", _port.ToString()),
+            ("NewInternalClient", local.ToString()), ("NewEnabled", "1"), ("NewPortMappingDescription", "veil"), ("NewLeaseDuration", leaseS.ToString()),
+        };
+        (int st, string body) = Soap(gw, ctl, svc, "AddPortMapping", args);
+        if (st != 200 && Upnp.SoapValue(body, "errorCode") == "725")          // OnlyPermanentLeasesSupported (IGD v1)
+        {
+            args[^1] = ("NewLeaseDuration", "0");
+            leaseS = 0;
+            (st, body) = Soap(gw, ctl, svc, "AddPortMapping", args);
+        }
+        if (st != 200) { _upnpControl = null; throw new IOException($"AddPortMapping: HTTP {st} error {Upnp.SoapValue(body, "errorCode") ?? "?"} {Upnp.SoapValue(body, "errorDescription")}"); }
+        (st, body) = Soap(gw, ctl, svc, "GetExternalIPAddress", []);
+        if (st != 200 || !IPAddress.TryParse(Upnp.SoapValue(body, "NewExternalIPAddress") ?? "", out IPAddress? ext) || ext.AddressFamily != AddressFamily.InterNetwork)
+            throw new IOException($"GetExternalIPAddress: HTTP {st}");
+        return (Endpoint.FromIp(ext, _port), leaseS);
+    }
+
+    // M-SEARCH to the gateway (unicast and on the SSDP group); the LOCATION of its first answer.
+    private static string Discover(IPAddress gw)
+    {
+        using var sock = new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp);
+        sock.Bind(new IPEndPoint(IPAddress.Any, 0));
+        byte[] search = Encoding.ASCII.GetBytes(Upnp.MSearch);
+        sock.SendTo(search, new IPEndPoint(gw, SsdpPort));
+        try { sock.SendTo(search, new IPEndPoint(IPAddress.Parse("239.255.255.250"), SsdpPort)); }
+        catch (SocketException) { }                          // no multicast route: the unicast one may do
+        byte[] buf = new byte[2048];
+        long until = Mono.NowMs() + 1500;
+        while (Mono.NowMs() < until && sock.Poll((int)(until - Mono.NowMs()) * 1000, SelectMode.SelectRead))
+        {
+            EndPoint from = new IPEndPoint(IPAddress.Any, 0);
+            int n = sock.ReceiveFrom(buf, ref from);
+            if (!((IPEndPoint)from).Address.Equals(gw)) continue;           // only the gateway is believed
+            if (Upnp.Location(Encoding.ASCII.GetString(buf, 0, n)) is string loc) return loc;
+        }
+        throw new IOException("no SSDP answer from the gateway");
+    }
+
+    private static (int, string) Soap(IPAddress gw, Uri ctl, string service, string action, List<(string Name, string Value)> args) =>
+        Http(gw, ctl, "POST", Upnp.SoapBody(service, action, args), $"\"{service}#{action}\"");
+
+    // One HTTP/1.0 exchange with the gateway (no keep-alive, no chunking), bounded in time and size.
+    private static (int Status, string Body) Http(IPAddress gw, Uri url, string method, string? body, string? soapAction)
+    {
+        using var sock = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp) { ReceiveTimeout = HttpTimeoutMs, SendTimeout = HttpTimeoutMs };
+        IAsyncResult ar = sock.BeginConnect(new IPEndPoint(gw, url.Port), null, null);
+        if (!ar.AsyncWaitHandle.WaitOne(HttpTimeoutMs)) throw new IOException($"connect {gw}:{url.Port} timed out");
+        sock.EndConnect(ar);
+        byte[] content = Encoding.UTF8.GetBytes(body ?? "");
+        var head = new StringBuilder($"{method} {url.PathAndQuery} HTTP/1.0\r\nHost: {url.Authority}\r\n");
+        if (soapAction != null) head.Append($"Content-Type: text/xml; charset=\"utf-8\"\r\nSOAPAction: {soapAction}\r\n");
+        if (body != null) head.Append($"Content-Length: {content.Length}\r\n");
+        head.Append("Connection: close\r\n\r\n");
+        sock.Send([.. Encoding.ASCII.GetBytes(head.ToString()), .. content]);
+        var got = new MemoryStream();
+        byte[] buf = new byte[4096];
+        long until = Mono.NowMs() + HttpTimeoutMs;
+        for (int n; Mono.NowMs() < until && (n = sock.Receive(buf)) > 0;)
+        {
+            got.Write(buf, 0, n);
+            if (got.Length > MaxHttpLen) throw new IOException("answer too long");
+        }
+        return Upnp.ParseHttp(Encoding.UTF8.GetString(got.ToArray())) ?? throw new IOException("malformed HTTP answer");
+    }
+
+    // ---- exit: the mapping goes with us ----
+
+    /// <summary>Stops the thread and deletes the mapping (bounded: one try per protocol).</summary>
+    public void Dispose()
+    {
+        _stop = true;
+        _kick.Set();
+        _thread.Join((int)Tune.ShutdownGraceMs);
+        State s = Current;
+        if (s.Error != null || s.Gateway == null) return;
+        try
+        {
+            switch (s.Protocol)
+            {
+                case "pcp": MapPcp(s.Gateway, 0); break;
+                case "nat-pmp":
+                    Span<byte> req = stackalloc byte[12], ans = stackalloc byte[16];
+                    NatPmp.WriteMap(req, (ushort)_port, 0, 0);
+                    Ask(s.Gateway, req, ans, (b, n) => n >= 16 && b[1] == 129, out _);
+                    break;
+                case "upnp" when _upnpControl != null:
+                    Soap(s.Gateway, new Uri(_upnpControl), _upnpService!, "DeletePortMapping",
+                        [("NewRemoteHost", ""), ("NewExternalPort", s.External.Port.ToString()), ("NewProtocol", "UDP")]);
+                    break;
+            }
+            _log.Info("port_unmapped", $"protocol={s.Protocol} external={s.External}");
+        }
+        catch (Exception e) when (e is IOException or SocketException)
+        {
+            _log.Warn("port_unmap_failed", $"protocol={s.Protocol} error=\"{e.Message}\" hint=\"the gateway drops it when its lifetime ends\"");
+        }
+    }
+}
+
+/// <summary>NAT-PMP (RFC 6886) messages: version 0; integers big-endian.</summary>
+internal static class NatPmp
+{
+    /// <summary>Map UDP: 0 ‖ 1 ‖ reserved 2 ‖ internal port ‖ suggested external port ‖ lifetime s (0: delete).</summary>
+    internal static void WriteMap(Span<byte> d, ushort internalPort, ushort externalPort, uint lifetimeS)
+    {
+        d[..12].Clear();
+        d[1] = 1;
+        BinaryPrimitives.WriteUInt16BigEndian(d[4..], internalPort);
+        BinaryPrimitives.WriteUInt16BigEndian(d[6..], externalPort);
+        BinaryPrimitives.WriteUInt32BigEndian(d[8..], lifetimeS);
+    }
+
+    /// <summary>0 ‖ 128 ‖ result ‖ epoch s ‖ external IPv4.</summary>
+    internal static bool TryParseAddress(ReadOnlySpan<byte> a, out IPAddress? external, out int result)
+    {
+        external = null;
+        result = a.Length >= 4 ? BinaryPrimitives.ReadUInt16BigEndian(a[2..]) : -1;
+        if (a.Length != 12 || a[0] != 0 || a[1] != 128) return false;
+        external = new IPAddress(a[8..12]);
+        return true;
+    }
+
+    /// <summary>0 ‖ 129 ‖ result ‖ epoch s ‖ internal port ‖ mapped external port ‖ lifetime s.</summary>
+    internal static bool TryParseMap(ReadOnlySpan<byte> a, out ushort externalPort, out uint lifetimeS, out int result)
+    {
+        externalPort = 0;
+        lifetimeS = 0;
+        result = a.Length >= 4 ? BinaryPrimitives.ReadUInt16BigEndian(a[2..]) : -1;
+        if (a.Length != 16 || a[0] != 0 || a[1] != 129) return false;
+        externalPort = BinaryPrimitives.ReadUInt16BigEndian(a[10..]);
+        lifetimeS = BinaryPrimitives.ReadUInt32BigEndian(a[12..]);
+        return result != 0 || externalPort != 0;
+    }
+
+    internal static string ResultName(int r) => r switch
+    {
+        1 => "unsupported version", 2 => "not authorized", 3 => "network failure", 4 => "out of resources", 5 => "unsupported opcode", _ => "unknown",
+    };
+}
+
+/// <summary>PCP (RFC 6887) MAP messages: a 24-byte header and the 36-byte MAP body; integers
+/// big-endian, addresses as 16 bytes (IPv4 mapped into IPv6).</summary>
+internal static class Pcp
+{
+    internal const int MapLen = 60;
+    internal const byte OpMap = 1;
+
+    /// <summary>2 ‖ MAP ‖ reserved 2 ‖ lifetime ‖ client address 16 ‖ nonce 12 ‖ UDP (17) ‖ reserved 3 ‖
+    /// internal port ‖ suggested external port ‖ suggested external address 16 (all zero: any).</summary>
+    internal static void WriteMap(Span<byte> d, IPAddress client, ReadOnlySpan<byte> nonce, ushort internalPort, ushort externalPort, uint lifetimeS)
+    {
+        d[..MapLen].Clear();
+        d[0] = 2;
+        d[1] = OpMap;
+        BinaryPrimitives.WriteUInt32BigEndian(d[4..], lifetimeS);
+        client.MapToIPv6().TryWriteBytes(d[8..24], out _);
+        nonce[..12].CopyTo(d[24..]);
+        d[36] = 17;
+        BinaryPrimitives.WriteUInt16BigEndian(d[40..], internalPort);
+        BinaryPrimitives.WriteUInt16BigEndian(d[42..], externalPort);
+        d[54] = d[55] = 0xff;                           // ::ffff:0.0.0.0, "any IPv4 address"
+    }
+
+    /// <summary>2 ‖ 0x80|MAP ‖ reserved ‖ result ‖ lifetime ‖ epoch ‖ reserved 12 ‖ nonce 12 ‖ protocol ‖
+    /// reserved 3 ‖ internal port ‖ assigned external port ‖ assigned external address 16. A nonce
+    /// other than ours is not an answer to us (false).</summary>
+    internal static bool TryParseMap(ReadOnlySpan<byte> a, ReadOnlySpan<byte> nonce, out Endpoint external, out uint lifetimeS, out int result)
+    {
+        external = default;
+        lifetimeS = 0;
+        result = a.Length >= 4 ? a[3] : -1;
+        if (a.Length != MapLen || a[0] != 2 || a[1] != (0x80 | OpMap) || !a[24..36].SequenceEqual(nonce[..12]) || a[36] != 17) return false;
+        lifetimeS = BinaryPrimitives.ReadUInt32BigEndian(a[4..]);
+        if (result != 0) return true;
+        var ip = new IPAddress(a[44..60]);
+        if (!ip.IsIPv4MappedToIPv6) return false;          // a v4 mapping must come back as v4
+        external = Endpoint.FromIp(ip.MapToIPv4(), BinaryPrimitives.ReadUInt16BigEndian(a[42..]));
+        return external.Port != 0;
+    }
+
+    internal static string ResultName(int r) => r switch
+    {
+        1 => "unsupported version", 2 => "not authorized", 3 => "malformed request", 4 => "unsupported opcode", 5 => "unsupported option",
+        6 => "malformed option", 7 => "network failure", 8 => "no resources", 9 => "unsupported protocol", 10 => "user exceeded quota",
+        11 => "cannot provide external", 12 => "address mismatch", 13 => "excessive remote peers", _ => "unknown",
+    };
+}
+
+/// <summary>The text of UPnP IGD: SSDP search, the description's WAN service, SOAP requests and
+/// answers. Found by plain string search: a description is small, and no XML reader is needed.</summary>
+internal static class Upnp
+{
+    internal const string MSearch = "M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\nMX: 1\r\n" +
+                                    "ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n\r\n";
+    private static readonly string[] WanServices =
+    [
+        "urn:schemas-upnp-org:service:WANIPConnection:2", "urn:schemas-upnp-org:service:WANIPConnection:1", "urn:schemas-upnp-org:service:WANPPPConnection:1",
+    ];
+
+    /// <summary>The LOCATION header of an SSDP answer (200 OK), or null.</summary>
+    internal static string? Location(string answer)
+    {
+        string[] lines = answer.Split("\r\n");
+        if (lines.Length == 0 || !lines[0].StartsWith("HTTP/1.1 200", StringComparison.Ordinal)) return null;
+        foreach (string line in lines)
+            if (line.StartsWith("LOCATION:", StringComparison.OrdinalIgnoreCase)) return line[9..].Trim();
+        return null;
+    }
+
+    /// <summary>url as an http URI on the gateway itself; null for anything else.</summary>
+    internal static Uri? GatewayUrl(string url, IPAddress gw) =>
+        Uri.TryCreate(url, UriKind.Absolute, out Uri? u) && u.Scheme == "http" && IPAddress.TryParse(u.Host, out IPAddress? h) && h.Equals(gw) ? u : null;
+
+    /// <summary>The first WAN connection service of a description: its type and control URL.</summary>
+    internal static (string Service, string Control)? FindWanService(string xml)
+    {
+        foreach (string type in WanServices)
+        {
+            int at = xml.IndexOf("<serviceType>" + type + "</serviceType>", StringComparison.Ordinal);
+            if (at < 0) continue;
+            int end = xml.IndexOf("</service>", at, StringComparison.Ordinal);
+            string service = end < 0 ? xml[at..] : xml[at..end];
+            if (Element(service, "controlURL") is string control) return (type, control);
+        }
+        return null;
+    }
+
+    /// <summary>The text of the first &lt;name&gt; element (any namespace prefix), or null.</summary>
+    internal static string? SoapValue(string body, string name) => Element(body, name);
+
+    private static string? Element(string xml, string name)
+    {
+        for (int at = 0; (at = xml.IndexOf(name, at, StringComparison.Ordinal)) > 0; at += name.Length)
+        {
+            if (xml[at - 1] is not ('<' or ':') || at + name.Length >= xml.Length || xml[at + name.Length] != '>') continue;
+            int start = at + name.Length + 1, stop = xml.IndexOf('<', start);
+            return stop < 0 ? null : System.Net.WebUtility.HtmlDecode(xml[start..stop].Trim());
+        }
+        return null;
+    }
+
+    internal static string SoapBody(string service, string action, List<(string Name, string Value)> args)
+    {
+        var b = new StringBuilder("<?xml version=\"1.0\"?>\r\n<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" " +
+                                  "s:encodingStyle=\"http://schemas.xmlsoap.org/soap/encoding/\"><s:Body>");
+        b.Append("<u:").Append(action).Append(" xmlns:u=\"").Append(service).Append("\">");
+        foreach (var (n, v) in args) b.Append('<').Append(n).Append('>').Append(System.Net.WebUtility.HtmlEncode(v)).Append("</").Append(n).Append('>');
+        return b.Append("</u:").Append(action).Append("></s:Body></s:Envelope>\r\n").ToString();
+    }
+
+    /// <summary>Status code and body of an HTTP answer, or null when it is not one.</summary>
+    internal static (int, string)? ParseHttp(string answer)
+    {
+        int headEnd = answer.IndexOf("\r\n\r\n", StringComparison.Ordinal);
+        if (!answer.StartsWith("HTTP/1.", StringComparison.Ordinal) || headEnd < 0) return null;
+        string[] status = answer[..answer.IndexOf("\r\n", StringComparison.Ordinal)].Split(' ');
+        return status.Length >= 2 && int.TryParse(status[1], out int code) ? (code, answer[(headEnd + 4)..]) : null;
     }
 }
 
@@ -6431,6 +6914,7 @@ internal sealed class Mesh
     internal readonly List<Claim> OwnClaims = new();
     internal readonly List<IpPrefix> OwnHosts = new();    // this node's overlay addresses, as host prefixes
     internal readonly List<Endpoint> LocalEndpoints = new();   // interface addresses + port, set by the daemon
+    internal Endpoint Mapped;                                   // what the gateway forwards to us (PortMapper)
     internal readonly List<Endpoint> Observed = new();         // how peers see us, newest last
     private const int MaxObserved = 2;
     private readonly Dictionary<string, KeyId> _nameOwner = new();
@@ -6573,10 +7057,12 @@ internal sealed class Mesh
         if (p.RevocationsSentVersion != RevocationsVersion && SendRevocations(p, nowMs)) p.RevocationsSentVersion = RevocationsVersion;
     }
 
-    // Where members may reach us (into _scratch): our interfaces' addresses, then how members see us.
+    // Where members may reach us (into _scratch): the gateway's mapping, how members see us, then our
+    // interfaces' addresses.
     private void OwnEndpoints()
     {
         _scratch.Clear();
+        AddBounded(_scratch, Mapped, Tune.MaxEndpointsPerMember);
         foreach (Endpoint e in Observed) AddBounded(_scratch, e, Tune.MaxEndpointsPerMember);
         foreach (Endpoint e in LocalEndpoints) AddBounded(_scratch, e, Tune.MaxEndpointsPerMember);
     }
@@ -7201,6 +7687,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
 {
     private long Now() => clock?.Invoke() ?? Mono.NowMs();
     internal IReadOnlyList<Worker> Workers { get; init; } = [];
+    internal PortMapper? Mapper { get; init; }
     private readonly long _startedUnixS = DateTimeOffset.UtcNow.ToUnixTimeSeconds() - ((clock?.Invoke() ?? Mono.NowMs()) - startedMs) / 1000;
     internal Lock Gate => node.Gate;             // held by whoever asks for a view (Metrics takes it itself)
 
@@ -7240,6 +7727,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         for (int i = 0; i < (int)DropReason.Count; i++)
             if (c.Drops[i] > 0) sb.Append(' ').Append(Counters.DropName((DropReason)i)).Append('=').Append(c.Drops[i]);
         sb.Append('\n');
+        if (Mapper?.Current is PortMapper.State pm)
+            sb.Append("  port mapping: ").Append(pm.Error == null ? $"{pm.Protocol} {pm.External} via {pm.Gateway} (lifetime {pm.LifetimeS} s)" : $"none ({pm.Error})").Append('\n');
         foreach (Peer p in ActivePeers()) PeerText(sb, p, nowMs);
         return sb.ToString();
     }
@@ -7334,6 +7823,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append(",\"mesh\":{\"name\":");
         Str(sb, m.Name);
         sb.Append(",\"policy\":\"").Append(m.Open ? "network" : "explicit").Append("\",\"endpoints\":[");
+        if (m.Mapped.IsSet) sb.Append('"').Append(m.Mapped).Append('"').Append(m.LocalEndpoints.Count + m.Observed.Count > 0 ? "," : "");
         for (int i = 0; i < m.LocalEndpoints.Count + m.Observed.Count; i++)
             sb.Append(i > 0 ? "," : "").Append('"').Append(i < m.LocalEndpoints.Count ? m.LocalEndpoints[i] : m.Observed[i - m.LocalEndpoints.Count]).Append('"');
         sb.Append("],\"claims\":[");
@@ -7348,7 +7838,25 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         Relays r = node.Relays;
         sb.Append(",\"relay\":{\"offered\":").Append(r.Offered ? "true" : "false").Append(",\"rate_mbit\":").Append(r.RateBytesPerS / 125_000)
           .Append(",\"flows\":").Append(r.Pairs).Append(",\"bytes\":").Append(r.Bytes).Append(",\"records\":").Append(r.Records)
-          .Append(",\"refused\":").Append(r.Refused).Append(",\"rate_limited\":").Append(r.RateLimited).Append("}}\n");
+          .Append(",\"refused\":").Append(r.Refused).Append(",\"rate_limited\":").Append(r.RateLimited).Append('}');
+        sb.Append(",\"port_mapping\":");
+        if (Mapper?.Current is not PortMapper.State pm) sb.Append("{\"enabled\":false}");
+        else
+        {
+            void StrOrNull(string? v) { if (v != null) Str(sb, v); else sb.Append("null"); }
+            sb.Append("{\"enabled\":true,\"protocol\":");
+            StrOrNull(pm.Protocol.Length > 0 ? pm.Protocol : null);
+            sb.Append(",\"gateway\":");
+            StrOrNull(pm.Gateway?.ToString());
+            sb.Append(",\"external\":");
+            StrOrNull(pm.External.IsSet ? pm.External.ToString() : null);
+            sb.Append(",\"lifetime_s\":").Append(pm.LifetimeS).Append(",\"tried\":");
+            Str(sb, pm.Tried);
+            sb.Append(",\"error\":");
+            StrOrNull(pm.Error);
+            sb.Append('}');
+        }
+        sb.Append("}\n");
         return sb.ToString();
     }
 
@@ -7474,6 +7982,18 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             One("veil_mesh_claims_refused_total", "counter", "Claims refused by the claim policy.", m.ClaimsRefused);
             One("veil_mesh_routes", "gauge", "Prefixes in the route table.", node.RouteList.Count);
             One("veil_mesh_revocations", "gauge", "Revoked member keys this node refuses.", m.RevocationCount);
+            Relays r = node.Relays;
+            One("veil_relay_bytes_total", "counter", "Bytes of inner datagrams this node carried between other members.", r.Bytes);
+            One("veil_relay_records_total", "counter", "Datagrams this node carried between other members.", r.Records);
+            One("veil_relay_refused_total", "counter", "Relay requests refused (not offered, unknown member, malformed, table full).", r.Refused);
+            One("veil_relay_rate_limited_total", "counter", "Relayed datagrams dropped over their pair's byte budget.", r.RateLimited);
+            One("veil_relay_flows", "gauge", "Pair directions this node relays for.", r.Pairs);
+            if (Mapper?.Current is PortMapper.State pm)
+            {
+                Head("veil_port_mapping_active", "gauge", "1 when the gateway forwards our port, by protocol.");
+                foreach (string proto in (ReadOnlySpan<string>)["pcp", "nat-pmp", "upnp"])
+                    sb.Append("veil_port_mapping_active{protocol=\"").Append(proto).Append("\"} ").Append(pm.Error == null && pm.Protocol == proto ? 1 : 0).Append('\n');
+            }
             var shown = new List<Peer>();
             foreach (Peer p in ActivePeers()) if (shown.Count < MaxMetricPeers) shown.Add(p);
             void PeerSeries(string name, string type, string help, Func<Peer, double> value)
@@ -7491,6 +8011,9 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             PeerSeries("veil_peer_sent_bytes_total", "counter", "Bytes sent to the peer.", p => p.TxBytes);
             PeerSeries("veil_peer_last_handshake_timestamp_seconds", "gauge", "Unix time of the latest handshake (0: never).", p => p.LastHandshakeUnixS);
             PeerSeries("veil_peer_up", "gauge", "1 when the peer has a usable session.", p => p.HasReadySession(nowMs, Spec.RejectAfterTimeMs) ? 1 : 0);
+            PeerSeries("veil_peer_relayed", "gauge", "1 when records to the peer go through a relaying member.", p => p.Relay != null ? 1 : 0);
+            PeerSeries("veil_peer_relayed_bytes_total", "counter", "Bytes of the peer's records that came or went through a relay.", p => p.RelayedRxBytes + p.RelayedTxBytes);
+            PeerSeries("veil_peer_punches_sent_total", "counter", "Punch rounds sent towards the peer while relayed.", p => p.PunchesSent);
             Head("veil_gc_collections_total", "counter", "Garbage collections by generation.");
             for (int g = 0; g <= 2; g++) sb.Append("veil_gc_collections_total{generation=\"").Append(g).Append("\"} ").Append(GC.CollectionCount(g)).Append('\n');
             One("veil_gc_allocated_bytes_total", "counter", "Bytes allocated on the managed heap.", GC.GetTotalAllocatedBytes());
@@ -8071,6 +8594,8 @@ internal static class Cli
                   --relay, --no-relay     carry sealed records between members that cannot reach
                                           each other directly (default: --relay)
                   --relay-rate MBIT       per relayed pair and direction (default 20)
+                  --port-mapping, --no-port-mapping   ask the gateway to forward the UDP port (PCP,
+                                          NAT-PMP or UPnP IGD) and announce it (default: on)
                   --control PATH          control socket (default /var/run/veil.sock)
                   --log-level LEVEL       error|warn|info|debug (default info)
                   --log-format FORMAT     text|json (default text)

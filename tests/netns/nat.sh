@@ -15,6 +15,10 @@
 #   cut             cone-drop, then the core drops r1 <-> r2: a <-> c falls back to relay:b;
 #                   the cut healed, punching brings it back to direct
 #   norelay         sym2-drop with --no-relay on b: no path; a lists c, not up
+#   map-pcp         sym1-drop, and r1 runs miniupnpd: a maps its port with PCP, NAT-PMP or UPnP IGD
+#   map-natpmp      (VEIL_PORTMAP narrows a to that protocol; map-upnp leaves the default order and
+#   map-upnp        r1 serves only UPnP), announces 192.0.2.2:51820, and c reaches it there: direct,
+#                   where sym1 needs the relay. When a stops, the mapping is gone from r1.
 # With Linux conntrack every mapping filters by address and port, so a fully random NAT facing
 # anything cannot be punched without predicting its ports: those cases expect the relay.
 # Times to the first overlay ping and to the direct path are printed as notes.
@@ -33,8 +37,8 @@ source "$(dirname "$0")/lib.sh"
 NS_r1=veil-t-$$-r1 NS_r2=veil-t-$$-r2 NS_in=veil-t-$$-in
 UL4_a=198.51.100.2 UL4_b=192.0.2.130 UL4_c=203.0.113.2
 OL4_c=100.64.0.3 OL6_c=fd00:64::3 TUN_c=veil-c
-NS_ALL=()
-CASES=(cone-drop cone-accept sym1-drop sym1-accept sym2-drop sym2-accept bkill cut norelay)
+NS_ALL=() EXTRA_PIDS=()
+CASES=(cone-drop cone-accept sym1-drop sym1-accept sym2-drop sym2-accept bkill cut norelay map-pcp map-natpmp map-upnp)
 
 ns_add() {
 	local n
@@ -75,6 +79,75 @@ router() {
 	nsx "$1" sysctl -qw net.ipv4.ip_forward=1 || die "ip_forward on $1"
 }
 
+# miniupnpd PROTOCOL -- r1 (cone-drop so far) becomes a UPnP/NAT-PMP/PCP gateway: the chains
+# miniupnpd fills (it creates none) are jumped to before WAN traffic is dropped; a STUN responder
+# on the core lets it believe 192.0.2.2 is public; it serves NAT-PMP+PCP (one switch) or UPnP.
+miniupnpd_on() {
+	local natpmp=yes upnp=no conf=$TMPD/miniupnpd.conf
+	[[ $1 == upnp ]] && natpmp=no upnp=yes
+	nsx r1 nft -f - <<-EOF || die "nft rules for miniupnpd on r1"
+		flush ruleset
+		table inet filter {
+			chain input { type filter hook input priority 0; policy accept
+				iifname "wan0" ct state established,related accept
+				iifname "wan0" drop
+			}
+			chain forward { type filter hook forward priority 0; policy accept
+				iifname "wan0" ct state established,related accept
+				iifname "wan0" jump miniupnpd
+				iifname "wan0" drop
+			}
+			chain miniupnpd { }
+		}
+		table inet nat {
+			chain prerouting { type nat hook prerouting priority dstnat; policy accept
+				iifname "wan0" jump prerouting_miniupnpd
+			}
+			chain postrouting { type nat hook postrouting priority srcnat; policy accept
+				jump postrouting_miniupnpd
+				ip saddr 198.51.100.0/24 oifname "wan0" masquerade random,fully-random   # not its own STUN probes
+			}
+			chain prerouting_miniupnpd { }
+			chain postrouting_miniupnpd { }
+		}
+	EOF
+	cat >"$conf" <<-EOF
+		ext_ifname=wan0
+		listening_ip=lan0
+		http_port=5000
+		ipv6_disable=yes
+		enable_natpmp=$natpmp
+		enable_upnp=$upnp
+		secure_mode=yes
+		system_uptime=no
+		uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b
+		lease_file=$TMPD/upnp.leases
+		upnp_table_name=filter
+		upnp_nat_table_name=nat
+		upnp_forward_chain=miniupnpd
+		upnp_nat_chain=prerouting_miniupnpd
+		upnp_nat_postrouting_chain=postrouting_miniupnpd
+		ext_perform_stun=yes
+		ext_stun_host=192.0.2.1
+		ext_stun_port=3478
+		allow 1024-65535 198.51.100.0/24 1024-65535
+		deny 0-65535 0.0.0.0/0 0-65535
+	EOF
+	# not through nsx: $! must be the daemon itself (ip netns exec execs it), not a subshell
+	ip netns exec "$NS_in" python3 "$(dirname "$0")/stun.py" 192.0.2.1 3478 >/dev/null 2>&1 &
+	EXTRA_PIDS+=($!)
+	sleep 0.3
+	ip netns exec "$NS_r1" miniupnpd -d -f "$conf" -P "$TMPD/miniupnpd.pid" >"$TMPD/miniupnpd.log" 2>&1 &
+	EXTRA_PIDS+=($!)
+	local i
+	for ((i = 0; i < 50; i++)); do
+		grep -q "Port forwarding is now enabled" "$TMPD/miniupnpd.log" && return 0
+		sleep 0.1
+	done
+	die "miniupnpd did not enable port forwarding: $(tail -5 "$TMPD/miniupnpd.log")"
+}
+r1_mappings() { nsx r1 nft list chain inet nat prerouting_miniupnpd 2>/dev/null | grep -c 'dnat'; }
+
 # topology NAT1 NAT2 FILTER -- every namespace of the picture above, fresh
 topology() {
 	local n
@@ -106,6 +179,8 @@ topology() {
 teardown() {
 	local n pid
 	for n in a b c; do node_stop "$n" >/dev/null 2>&1; done
+	for pid in "${EXTRA_PIDS[@]}"; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
+	EXTRA_PIDS=()
 	for n in "${NS_ALL[@]}"; do
 		for pid in $(ip netns pids "$n" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
 		ip netns del "$n" 2>/dev/null
@@ -141,16 +216,33 @@ run_case() {
 		sym1-*) nat1=random filter=${name#sym1-} want=relay:b ;;
 		sym2-*) nat1=random nat2=random filter=${name#sym2-} want=relay:b ;;
 		norelay) nat1=random nat2=random want=none brelay=(--no-relay) ;;
+		map-*) ;;
 		*) not_ok "$name" "no such case"; return ;;
 	esac
 	topology "$nat1" "$nat2" "$filter"
+	local proto=${name#map-}
+	[[ $name == map-* ]] && { miniupnpd_on "$proto"; [[ $proto == natpmp ]] && proto=nat-pmp; }
 	mesh_up b "${brelay[@]}"
 	wait_ready b
 	local t0
 	t0=$(now_ms)
-	mesh_up a --peer "$(via_b)"
+	if [[ $name == map-* && $proto != upnp ]]; then
+		VEIL_PORTMAP=$proto mesh_up a --peer "$(via_b)"
+	else
+		mesh_up a --peer "$(via_b)"
+	fi
 	mesh_up c --peer "$(via_b)"
 	wait_ready a c
+	if [[ $name == map-* ]]; then
+		if wait_until 10 test "$(st a '.port_mapping.protocol')" == "$proto"; then
+			ok "$name: a mapped its port with $proto after $(($(now_ms) - t0)) ms: $(st a '.port_mapping|tojson')"
+		else
+			not_ok "$name: a maps its port with $proto" "a: $(st a '.port_mapping|tojson'); miniupnpd: $(tail -3 "$TMPD/miniupnpd.log")"
+		fi
+		check "$name: the mapping is 192.0.2.2:51820, announced first" "a: $(st a '"\(.port_mapping.external) \(.mesh.endpoints[0])"')" \
+			test "$(st a '"\(.port_mapping.external) \(.mesh.endpoints[0])"')" == "192.0.2.2:$PORT 192.0.2.2:$PORT"
+		check "$name: r1 forwards it (one miniupnpd rule)" "r1: $(r1_mappings) rules" test "$(r1_mappings)" == 1
+	fi
 	if [[ $want == none ]]; then
 		wait_until 10 quiet pq a c .public_key
 		sleep 4
@@ -174,6 +266,9 @@ run_case() {
 	fi
 	check "$name: c reaches a by ${want/relay:b/relay:b}" "c sees a as: $(pq c a '"\(.state) \(.path) \(.endpoint)"')" \
 		wait_until 10 up_path c a "$want"
+	if [[ $name == map-* ]]; then
+		check "$name: c hears a at the mapped endpoint" "c sees a at $(pq c a .endpoint)" test "$(pq c a .endpoint)" == "192.0.2.2:$PORT"
+	fi
 	check "$name: 20 pings a -> c all answered" "lost some" pings_all a "$OL4_c" 20
 	check "$name: 20 pings c -> a all answered" "lost some" pings_all c "$OL4_a" 20
 	if [[ $want == relay:b ]]; then
@@ -188,6 +283,11 @@ run_case() {
 		check "$name: b is down at a" "a sees b: $(pq a b .state)" test "$(pq a b .state)" != up
 		check "$name: a -> c still direct after b died" "a sees c: $(pq a c '"\(.state) \(.path)"')" up_path a c direct
 		check "$name: 20 pings a -> c after b died" "lost some" pings_all a "$OL4_c" 20
+	fi
+	if [[ $name == map-* ]]; then
+		node_stop a >/dev/null
+		check "$name: a deleted its mapping on exit" "r1 still has $(r1_mappings) rules" test "$(r1_mappings)" == 0
+		check "$name: a logged the unmapping" "$(grep -c port_unmapped "${NODE_LOG[a]}")" grep -q "event=port_unmapped protocol=$proto" "${NODE_LOG[a]}"
 	fi
 	if [[ $name == cut ]]; then
 		nsx in nft -f - <<-EOF || die "nft cut on the core"
@@ -220,6 +320,7 @@ run_case() {
 
 net_begin
 command -v nft >/dev/null || die "missing command nft (make deps)"
+command -v miniupnpd >/dev/null || die "missing command miniupnpd (make deps)"
 keys_make a b c
 psk_make net
 cases=("$@")
