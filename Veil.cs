@@ -25,9 +25,10 @@
 // touches the node (routes, peers, sessions, counters) runs under its lock (node.Gate), so Node is
 // single-threaded code. Only the loop runs the timers; a worker that arms one earlier than the
 // loop's next wake-up, or changes routes, peers or joiners, wakes it through an eventfd
-// (LoopSignal). Three more threads never touch the node: the resolver (peers' DNS names), the
+// (LoopSignal). Four more threads never touch the node: the resolver (peers' DNS names), the
 // chores (parsing the config file, writing a joiner with fsync, listing NICs, netlink route sync:
-// each hands the loop a finished value to apply under the lock), and the log writer (lines are
+// each hands the loop a finished value to apply under the lock), the port mapper (asking the
+// gateway to forward our port; its result goes through the chores' queue), and the log writer (lines are
 // queued, so a slow reader of stderr stalls nobody). No slow work, and no I/O but the packets'
 // own, happens under the node's lock. Lock order: node, then the log's budget lock, then its
 // writing lock; nothing takes the node's lock while holding another.
@@ -36,6 +37,8 @@
 //   VEIL_OFFLOADS=off   plain TUN and one datagram per send/receive, as on a kernel without TSO,
 //                       USO, UDP GSO/GRO (the fallback path, exercised by tests/netns/iperf.sh)
 //   VEIL_AEAD_BCL=1     the .NET AEAD classes instead of direct libcrypto EVP calls
+//   VEIL_PORTMAP=LIST   the port-mapping protocols to try, in order (pcp,nat-pmp,upnp by default;
+//                       tests/netns/nat.sh narrows it to test each against miniupnpd)
 //
 // Rules that keep the file what it is (learned from WireGuard, wireguard-go and boringtun):
 //   - The packet path allocates nothing in steady state: pooled pinned buffers, spans passed down,
@@ -123,7 +126,8 @@ internal static class Program
             case "adminpub": return Cli.AdminPub(Console.In, stdout, stderr);
             case "up": return Up(args, stderr);
             case "init" or "invite" or "join" or "add-peer" or "doctor" or "service" or "revoke": return Onboard(verb, args, stdout, stderr);
-            case "status" or "peers" or "routes" or "reload" or "down": return Cli.Ask(verb, args, stdout, stderr);
+            case "status" or "peers" or "routes" or "reload" or "down" or "netcheck": return Cli.Ask(verb, args, stdout, stderr);
+            case "ping": return Cli.Ping(args, stdout, stderr);
             case "version" or "--version": stdout.WriteLine($"veil {Cli.Version} {RuntimeInformation.RuntimeIdentifier}"); return 0;
             case "bench": return Bench.Run(args, stdout);
             case "selftest": return SelfTest.Run(stdout);
@@ -2852,6 +2856,7 @@ internal sealed class Peer
     internal long CreatedMs, LastSeenMs = -1;    // LastSeenMs: our records or a member's report
     internal readonly List<Claim> Claims = new();            // accepted, bounded by MaxClaimsPerMember
     internal readonly List<Endpoint> Announced = new();      // its own endpoints, as it told us
+    internal Endpoint SeesUsAt;                              // where it says our records come from (its Self)
     internal readonly List<Endpoint> Candidates = new();     // where others saw it; tried in turn
     internal int CandidateNext;
 
@@ -5930,6 +5935,26 @@ internal sealed unsafe class Daemon
     }
 
     /// <summary>Answers `veil revoke`: "revoke LINE", a revocation signed by the admin.</summary>
+    /// <summary>`ping PEER` on the control socket: PEER by name, public key or its first characters.
+    /// The Pong is answered on the loop's thread (through the chores' queue): the control socket is
+    /// the loop's, and the Pong may arrive on another worker.</summary>
+    internal void Ping(string request, Action<byte[]> later)
+    {
+        string who = request["ping ".Length..].Trim();
+        Chores chores = _chores!;
+        void Answer(string line) => chores.Return(() => later(Encoding.UTF8.GetBytes(line)));
+        lock (_node!.Gate)
+        {
+            Peer? p = null;
+            int matches = 0;
+            foreach (Peer q in _node.Peers)
+                if (q.Active && (q.Name == who || who.Length >= 4 && q.PublicKey.ToBase64().StartsWith(who, StringComparison.Ordinal))) { p = q; matches++; }
+            if (matches != 1) { Answer(matches == 0 ? $"error: no peer named '{who}' (see 'veil peers')\n" : $"error: '{who}' names {matches} peers\n"); return; }
+            _node.Ping(p!, Mono.NowMs(), Answer);
+            _worker!.FlushUdp(_node.UdpOut);
+        }
+    }
+
     internal string Revoke(string request)
     {
         Revocation? r = Revocation.Decode(request["revoke ".Length..]);
@@ -6731,13 +6756,14 @@ internal sealed class Revocation
 /// <summary>A parsed exchange message, reused for every message received.</summary>
 internal sealed class ExchangeMessage
 {
-    internal const byte TypeSelf = 1, TypeMembers = 2, TypeRevoked = 3, TypePunch = 4;
+    internal const byte TypeSelf = 1, TypeMembers = 2, TypeRevoked = 3, TypePunch = 4, TypePing = 5, TypePong = 6;
     internal const byte SelfRelays = 1;
     internal const int MaxRevocations = (Tune.MaxExchangeLen - 2) / Revocation.Len;   // per message
     internal const int MaxNameLen = 32, MaxMembers = 32;
     internal const int EntryFixedLen = Spec.KeyLen + 4 + 1;
 
     internal byte Type, SelfFlags;
+    internal ulong PingId;
     internal string Name = "";
     internal Endpoint Observed;
     internal readonly List<Endpoint> Endpoints = new();
@@ -6811,6 +6837,12 @@ internal sealed class ExchangeMessage
                 }
                 Members.Add((key, ago, first, count));
             }
+        }
+        else if (Type is TypePing or TypePong)
+        {
+            if (m.Length != 9) return false;
+            PingId = BinaryPrimitives.ReadUInt64BigEndian(m[1..]);
+            pos = 9;
         }
         else if (Type == TypeRevoked)
         {
@@ -6891,6 +6923,14 @@ internal sealed class ExchangeMessage
         }
         d[pos++] = flags;
         return pos;
+    }
+
+    /// <summary>Ping (5) or Pong (6): type ‖ id u64, the Pong echoing the Ping's id.</summary>
+    internal static int WritePing(Span<byte> d, byte type, ulong id)
+    {
+        d[0] = type;
+        BinaryPrimitives.WriteUInt64BigEndian(d[1..], id);
+        return 9;
     }
 
     internal static int WritePunch(Span<byte> d, List<Endpoint> endpoints)
@@ -7067,6 +7107,9 @@ internal sealed class Mesh
         foreach (Endpoint e in LocalEndpoints) AddBounded(_scratch, e, Tune.MaxEndpointsPerMember);
     }
 
+    /// <summary>A Veil-layer echo request to p (`veil ping`); the Pong comes to Node.Ponged.</summary>
+    internal bool SendPing(Peer p, ulong id, long nowMs) => Send(p, ExchangeMessage.WritePing(_out, ExchangeMessage.TypePing, id), nowMs);
+
     /// <summary>Asks relayed member p to answer our punch at our endpoints (Node.Punch).</summary>
     internal void SendPunch(Peer p, long nowMs)
     {
@@ -7141,6 +7184,8 @@ internal sealed class Mesh
         if (_in.Type == ExchangeMessage.TypeSelf) ApplySelf(p, nowMs);
         else if (_in.Type == ExchangeMessage.TypeMembers) ApplyMembers(p, nowMs);
         else if (_in.Type == ExchangeMessage.TypePunch) AnswerPunch(p, nowMs);
+        else if (_in.Type == ExchangeMessage.TypePing) Send(p, ExchangeMessage.WritePing(_out, ExchangeMessage.TypePong, _in.PingId), nowMs);
+        else if (_in.Type == ExchangeMessage.TypePong) _node.Ponged(p, _in.PingId);
         else QueueRevocations();
     }
 
@@ -7150,6 +7195,7 @@ internal sealed class Mesh
         p.OffersRelay = (_in.SelfFlags & ExchangeMessage.SelfRelays) != 0;
         p.Announced.Clear();
         foreach (Endpoint e in _in.Endpoints) p.Announced.Add(e);
+        p.SeesUsAt = _in.Observed;
         if (_in.Observed.IsSet && !Observed.Contains(_in.Observed))
         {
             if (Observed.Count == MaxObserved) Observed.RemoveAt(0);
@@ -7657,6 +7703,34 @@ internal sealed partial class Node
         if (e.IsSet && list.Count < 2 * Tune.MaxEndpointsPerMember && !list.Contains(e)) list.Add(e);
     }
 
+    // `veil ping`: echo requests waiting for their Pong, at most MaxPings (the oldest gives way).
+    private const int MaxPings = 16;
+    private readonly List<(ulong Id, Peer To, long SentTicks, Action<string> Answer)> _pings = new();
+    private ulong _nextPingId = (ulong)Random.Shared.NextInt64();
+
+    /// <summary>Sends p a Ping; answer hears "pong from …" when its Pong arrives. An error line
+    /// (no session) comes back at once; a lost Ping is never answered (the client times out).</summary>
+    internal void Ping(Peer p, long nowMs, Action<string> answer)
+    {
+        if (!CanSend(p, nowMs)) { answer($"error: {p.Name} has no session now (state {p.State.ToString().ToLowerInvariant()}); see 'veil status'\n"); return; }
+        ulong id = _nextPingId++;
+        if (!Mesh.SendPing(p, id, nowMs)) { answer($"error: could not send to {p.Name}\n"); return; }
+        if (_pings.Count == MaxPings) _pings.RemoveAt(0);
+        _pings.Add((id, p, Stopwatch.GetTimestamp(), answer));
+    }
+
+    internal void Ponged(Peer p, ulong id)
+    {
+        int i = _pings.FindIndex(x => x.Id == id && x.To == p);
+        if (i < 0) return;                                       // not ours, or given up on
+        var (_, _, sent, answer) = _pings[i];
+        _pings.RemoveAt(i);
+        double ms = Stopwatch.GetElapsedTime(sent).TotalMilliseconds;
+        string path = _via != null ? "relay:" + _via.Name : "direct";
+        Endpoint at = _via != null ? _via.Endpoint : p.Endpoint;
+        answer(string.Create(System.Globalization.CultureInfo.InvariantCulture, $"pong from {p.Name} path={path} endpoint={at} time={ms:F2} ms\n"));
+    }
+
     /// <summary>A keepalive of p's session straight to `to` (ttl 0: the socket's).</summary>
     internal void SendProbe(Peer p, in Endpoint to, int ttl, long nowMs)
     {
@@ -7746,6 +7820,40 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         if (p.Current != null) sb.Append("  cipher: ").Append(CipherName(p.Current.AeadKind)).Append('\n');
         sb.Append("  transfer: ").Append(p.RxBytes).Append(" B received, ").Append(p.TxBytes).Append(" B sent\n");
         if (p.PersistentKeepaliveMs > 0) sb.Append("  persistent keepalive: every ").Append(p.PersistentKeepaliveMs / 1000).Append(" s\n");
+    }
+
+    /// <summary>`veil netcheck`: where members see this node, whether that depends on who looks
+    /// (a NAT that maps per destination cannot be punched), the gateway's port mapping, the relay,
+    /// and the path to each peer.</summary>
+    internal string Netcheck()
+    {
+        var sb = new StringBuilder("public endpoint, as members that reach us directly see it:\n");
+        var seen = new Dictionary<UInt128, (int Members, HashSet<int> Ports)>();     // by address: who saw it, at which ports
+        foreach (Peer p in ActivePeers())
+        {
+            if (!p.Up || p.Relay != null || !p.SeesUsAt.IsSet) continue;
+            sb.Append("  ").Append(p.Name).Append(" sees ").Append(p.SeesUsAt).Append('\n');
+            var (members, ports) = seen.TryGetValue(p.SeesUsAt.Address, out var v) ? v : (0, new HashSet<int>());
+            ports.Add(p.SeesUsAt.Port);
+            seen[p.SeesUsAt.Address] = (members + 1, ports);
+        }
+        if (seen.Count == 0) sb.Append("  (no member reachable directly has told us yet)\n");
+        bool varies = false, same = false;
+        foreach (var (members, ports) in seen.Values) { varies |= ports.Count > 1; same |= members > 1 && ports.Count == 1; }
+        sb.Append("mapping: ").Append(varies ? "varies by destination (symmetric NAT): members behind other NATs reach us through a relay or the port mapping"
+            : same ? "the same for every member (endpoint-independent): punching can work"
+            : "unknown (it takes two members seeing the same address)").Append('\n');
+        sb.Append("port mapping: ");
+        if (Mapper?.Current is not PortMapper.State pm) sb.Append("off (--no-port-mapping)\n");
+        else if (pm.Error == null) sb.Append($"{pm.Protocol} {pm.External} via {pm.Gateway}, lifetime {pm.LifetimeS} s\n");
+        else sb.Append($"none (tried {(pm.Tried.Length > 0 ? pm.Tried : "nothing")}: {pm.Error})\n");
+        Relays r = node.Relays;
+        sb.Append("relay: ").Append(r.Offered ? $"offered, {r.RateBytesPerS / 125_000} Mbit/s per pair; carrying {r.Pairs} pair directions, {r.Bytes} bytes so far" : "not offered (--no-relay)").Append('\n');
+        sb.Append("paths:\n");
+        foreach (Peer p in ActivePeers())
+            sb.Append("  ").Append(p.Name).Append(": ").Append(p.Up ? p.PathName : p.State.ToString().ToLowerInvariant())
+              .Append(p.Endpoint.IsSet ? " " + p.Endpoint : "").Append(p.Relay != null ? $" (punches {p.PunchesSent} sent, {p.PunchesAnswered} answered)" : "").Append('\n');
+        return sb.ToString();
     }
 
     internal string PeersText()
@@ -7884,6 +7992,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             sb.Append(",\"relayed_rx_bytes\":").Append(p.RelayedRxBytes).Append(",\"relayed_tx_bytes\":").Append(p.RelayedTxBytes)
               .Append(",\"punches_sent\":").Append(p.PunchesSent).Append(",\"punches_answered\":").Append(p.PunchesAnswered)
               .Append(",\"last_direct_s\":").Append(p.LastDirectRxMs < 0 ? -1 : (nowMs - p.LastDirectRxMs) / 1000)
+              .Append(",\"sees_us_at\":").Append(p.SeesUsAt.IsSet ? "\"" + p.SeesUsAt + "\"" : "null")
               .Append(",\"latest_handshake\":").Append(p.LastHandshakeUnixS)
               .Append(",\"latest_handshake_s\":").Append(p.LastHandshakeMs < 0 ? -1 : (nowMs - p.LastHandshakeMs) / 1000)
               .Append(",\"rx_bytes\":").Append(p.RxBytes).Append(",\"tx_bytes\":").Append(p.TxBytes)
@@ -8266,6 +8375,11 @@ internal sealed unsafe class ControlServer : RequestServer
             _daemon.AskReload("control", (code, message) => answer(Encoding.UTF8.GetBytes(ReloadReply(code, message))));
             return true;
         }
+        if (line.StartsWith("ping "))
+        {
+            _daemon.Ping(line, Later(fd, c, nowMs));
+            return true;
+        }
         if (line.StartsWith("revoke "))
         {
             Respond(fd, c, Encoding.UTF8.GetBytes(_daemon.Revoke(line)), nowMs);
@@ -8281,9 +8395,10 @@ internal sealed unsafe class ControlServer : RequestServer
                 "peers json" => status.PeersJson(),
                 "routes" => status.RoutesText(),
                 "routes json" => status.RoutesJson(),
+                "netcheck" => status.Netcheck(),
                 "down" => "ok: leaving\n",
                 _ when line.StartsWith("invite ") => _daemon.Invite(line),
-                _ => "error: unknown request (expected status, peers, routes [json], reload, down, invite or revoke)\n",
+                _ => "error: unknown request (expected status, peers, routes [json], netcheck, ping PEER, reload, down, invite or revoke)\n",
             };
         Respond(fd, c, Encoding.UTF8.GetBytes(reply), nowMs);
         if (line == "down") _daemon.RequestStop();
@@ -8361,13 +8476,13 @@ internal static unsafe class ControlClient
         return Encoding.UTF8.GetString(ms.ToArray());
     }
 
-    /// <summary>Sends one request and returns the reply, or null when no daemon answers.</summary>
-    internal static string? Ask(string path, string request)
+    /// <summary>Sends one request and returns the reply, or null when no daemon answers in time.</summary>
+    internal static string? Ask(string path, string request, int timeoutMs = 10_000)
     {
         if (TryConnect(path) is not int fd) return null;
         try
         {
-            SetTimeouts(fd, 10_000);
+            SetTimeouts(fd, timeoutMs);
             WriteAll(fd, request + "\n");
             return ReadAll(fd);
         }
@@ -8559,6 +8674,42 @@ internal static class Cli
         return 0;
     }
 
+    /// <summary>`veil ping PEER [-c N]`: N Veil-layer echo requests, one a second, each answered
+    /// with the path it came back on and the round trip (a lost one shows after 2 s).</summary>
+    internal static int Ping(string[] args, TextWriter stdout, TextWriter stderr)
+    {
+        string path = Tune.DefaultControlPath;
+        string? peer = null;
+        int count = 4;
+        for (int i = 1; i < args.Length; i++)
+        {
+            if (args[i] == "--control" && i + 1 < args.Length) path = args[++i];
+            else if (args[i].StartsWith("--control=")) path = args[i]["--control=".Length..];
+            else if (args[i] == "-c" && i + 1 < args.Length && int.TryParse(args[i + 1], out count) && count is >= 1 and <= 1000) i++;
+            else if (!args[i].StartsWith('-') && peer == null) peer = args[i];
+            else { stderr.WriteLine($"veil: ping: bad argument '{args[i]}' (see 'veil help ping')"); return 2; }
+        }
+        if (peer == null) { stderr.WriteLine("veil: ping: which peer? (veil ping NAME|PUBKEY [-c N])"); return 2; }
+        int answered = 0;
+        double min = double.MaxValue, max = 0, sum = 0;
+        for (int k = 0; k < count; k++)
+        {
+            if (k > 0) Thread.Sleep(1000);
+            string? reply = ControlClient.Ask(path, "ping " + peer, 2000);
+            if (reply == null && !File.Exists(path)) { stderr.WriteLine($"veil: no daemon answers on {path} (is 'veil up' running? use --control PATH)"); return 1; }
+            if (reply != null && reply.StartsWith("error:")) { stderr.Write("veil: " + reply[6..].TrimStart()); return 2; }
+            if (reply == null || !reply.StartsWith("pong")) { stdout.WriteLine($"no answer from {peer} within 2 s"); continue; }
+            stdout.Write(reply);
+            answered++;
+            int at = reply.IndexOf("time=", StringComparison.Ordinal);
+            if (at >= 0 && double.TryParse(reply[(at + 5)..].Split(' ')[0], System.Globalization.CultureInfo.InvariantCulture, out double ms))
+                (min, max, sum) = (Math.Min(min, ms), Math.Max(max, ms), sum + ms);
+        }
+        stdout.Write($"{count} sent, {answered} answered");
+        stdout.WriteLine(answered > 0 ? string.Create(System.Globalization.CultureInfo.InvariantCulture, $", rtt min/avg/max {min:F2}/{sum / answered:F2}/{max:F2} ms") : "");
+        return answered > 0 ? 0 : 1;
+    }
+
     internal static int Help(string? topic, TextWriter o)
     {
         switch (topic)
@@ -8649,6 +8800,8 @@ internal static class Cli
     private static readonly Dictionary<string, string> Topics = new()
     {
         ["status"] = "usage: veil status|peers|routes [--json] [--control PATH]   the node, its peers, its routing table\nexit status: 0 ok, 1 no daemon answers, 2 bad input\n",
+        ["ping"] = "usage: veil ping NAME|PUBKEY [-c N] [--control PATH]   N (default 4) echo requests at the Veil layer, one a second;\n  each answer shows the path (direct or relay:NAME), the endpoint and the round trip\nexit status: 0 some answered, 1 none (or no daemon), 2 bad input or no such peer\n",
+        ["netcheck"] = "usage: veil netcheck [--control PATH]   where members see this node, whether that depends on the member\n  (symmetric NAT), the gateway's port mapping, the relay, the path to each peer\n",
         ["reload"] = "usage: veil reload [--control PATH]   re-read flags and --config file (same as SIGHUP)\nexit status: 0 applied, 1 no daemon, 2 the new config is invalid (nothing applied), 3 a changed key needs a restart (nothing applied)\n",
         ["down"] = "usage: veil down [--control PATH]   leave gracefully: close sessions, remove the interface\n",
         ["init"] = "usage: veil init [--dir DIR] [--address CIDR] [--listen ADDR:PORT]   DIR/private.key (0600) and DIR/veil.toml (default DIR /etc/veil); never overwrites a key\n",

@@ -56,6 +56,21 @@ public class ExchangeWireTests
     }
 
     [Fact]
+    public void PingPong_GoldenBytes()
+    {
+        byte[] buf = new byte[16];
+        int n = ExchangeMessage.WritePing(buf, ExchangeMessage.TypePing, 0x0102030405060708);
+        Assert.Equal("050102030405060708", Convert.ToHexString(buf, 0, n).ToLowerInvariant());
+        var m = new ExchangeMessage();
+        Assert.True(m.Parse(buf.AsSpan(0, n)));
+        Assert.Equal((ExchangeMessage.TypePing, 0x0102030405060708UL), (m.Type, m.PingId));
+        n = ExchangeMessage.WritePing(buf, ExchangeMessage.TypePong, ulong.MaxValue);
+        Assert.Equal("06ffffffffffffffff", Convert.ToHexString(buf, 0, n).ToLowerInvariant());
+        Assert.True(m.Parse(buf.AsSpan(0, n)));
+        Assert.Equal((ExchangeMessage.TypePong, ulong.MaxValue), (m.Type, m.PingId));
+    }
+
+    [Fact]
     public void Members_GoldenBytes()
     {
         Key32 key = default;

@@ -219,7 +219,9 @@ public class MeshTests(ITestOutputHelper output)
         foreach (string name in new[] { "a b", "a/b", "a\0b", "n@1", "a\u00e9", "\u007f", "x\ny", "a:b" })
             bad.Add(($"name {name}", SelfOf(name, 0, 0)));
         // unknown types
-        foreach (int type in new[] { 0, 3, 4, 5, 127, 255 }) bad.Add(($"type {type}", [(byte)type, .. self[1..]]));
+        foreach (int type in new[] { 0, 3, 4, 5, 6, 7, 127, 255 }) bad.Add(($"type {type}", [(byte)type, .. self[1..]]));
+        bad.Add(("ping cut short", [ExchangeMessage.TypePing, 0, 0, 0, 0, 0, 0, 0]));
+        bad.Add(("pong + trailing byte", [ExchangeMessage.TypePong, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
         // claims and endpoints that are not well formed
         bad.Add(("claim with host bits", new Msg().U8(1).Name("m").Ep("192.0.2.1", 1).U8(0).U8(1).Claim("100.64.0.9", 24, 1).Bytes));
         bad.Add(("v6 claim with host bits", new Msg().U8(1).Name("m").Ep("192.0.2.1", 1).U8(0).U8(1).Claim("fd00:64::1", 64, 1).Bytes));

@@ -1,3 +1,4 @@
+using System.Net;
 using Xunit.Abstractions;
 
 namespace Veil.Tests;
@@ -206,6 +207,57 @@ public class RelayTests(ITestOutputHelper output)
         output.WriteLine($"relayed again {ms} ms after the direct path died");
         Assert.True(ms >= 0, "never fell back to the relay");
         Assert.Equal(1, t.Send(2, 1));
+    }
+
+    [Fact]
+    public void VeilPing_ShowsThePath_DirectOrRelay_AndRefusesAPeerWithoutSession()
+    {
+        bool cut = true;
+        var (t, b, a, c) = Cut(() => cut);
+        var answers = new List<string>();
+        a.Node.Ping(PeerOf(a, c), t.NowMs, answers.Add);
+        a.Node.Ping(PeerOf(a, b), t.NowMs, answers.Add);
+        t.Pump();
+        Assert.Equal(2, answers.Count);
+        Assert.Matches(@"^pong from n2 path=relay:n0 endpoint=192\.0\.2\.1:51820 time=\d+\.\d\d ms\n$", answers.Find(x => x.Contains("n2")));
+        Assert.Matches(@"^pong from n0 path=direct endpoint=192\.0\.2\.1:51820 time=", answers.Find(x => x.Contains("n0")));
+        cut = false;
+        Assert.True(t.AdvanceUntil(() => PeerOf(a, c).Relay == null && PeerOf(c, a).Relay == null, 60_000) >= 0);
+        answers.Clear();
+        a.Node.Ping(PeerOf(a, c), t.NowMs, answers.Add);
+        t.Pump();
+        Assert.StartsWith("pong from n2 path=direct endpoint=192.0.2.3:51820 ", Assert.Single(answers));
+
+        // A Pong nobody asked for changes nothing; a peer without a session is an error at once.
+        answers.Clear();
+        t.Kill(c);
+        t.Advance(Spec.RejectAfterTimeMs + 10_000, 1000);   // its session expired too
+        Assert.False(PeerOf(a, c).Up);
+        a.Node.Ping(PeerOf(a, c), t.NowMs, answers.Add);
+        Assert.StartsWith("error: n2 has no session now", Assert.Single(answers));
+        a.Node.Ponged(PeerOf(a, b), 12345);
+        Assert.Single(answers);
+    }
+
+    [Fact]
+    public void Netcheck_TellsWhetherTheMappingVariesByMember()
+    {
+        var t = TestNet.Mesh(3, i => i == 0 ? [] : [0]);
+        t.Start();
+        t.Advance(3_000);
+        TestNode a = t.Nodes[0];
+        var view = new StatusView(a.Node, new UpConfig(), 51820, t.NowMs, () => t.NowMs);
+        string text = view.Netcheck();
+        Assert.Contains("n1 sees 192.0.2.1:51820", text);
+        Assert.Contains("n2 sees 192.0.2.1:51820", text);
+        Assert.Contains("mapping: the same for every member", text);
+        Assert.Contains("port mapping: off", text);
+        Assert.Contains("relay: offered, 20 Mbit/s per pair", text);
+        Assert.Contains("  n1: direct 192.0.2.2:51820", text);
+        PeerOf(a, t.Nodes[2]).SeesUsAt = Endpoint.FromIp(IPAddress.Parse("192.0.2.1"), 40000);   // a NAT that maps per destination
+        Assert.Contains("mapping: varies by destination (symmetric NAT)", view.Netcheck());
+        PeerOf(a, t.Nodes[2]).SeesUsAt = default;
+        Assert.Contains("mapping: unknown", view.Netcheck());
     }
 
     [Fact]

@@ -242,6 +242,9 @@ run_case() {
 		check "$name: the mapping is 192.0.2.2:51820, announced first" "a: $(st a '"\(.port_mapping.external) \(.mesh.endpoints[0])"')" \
 			test "$(st a '"\(.port_mapping.external) \(.mesh.endpoints[0])"')" == "192.0.2.2:$PORT 192.0.2.2:$PORT"
 		check "$name: r1 forwards it (one miniupnpd rule)" "r1: $(r1_mappings) rules" test "$(r1_mappings)" == 1
+		local nc
+		nc=$(nsx a "$VEIL" netcheck --control "$(sock a)" 2>&1)
+		check "$name: veil netcheck names the mapping" "$nc" grep -q "^port mapping: $proto 192.0.2.2:$PORT via 198.51.100.1" <<<"$nc"
 	fi
 	if [[ $want == none ]]; then
 		wait_until 10 quiet pq a c .public_key
@@ -269,6 +272,9 @@ run_case() {
 	if [[ $name == map-* ]]; then
 		check "$name: c hears a at the mapped endpoint" "c sees a at $(pq c a .endpoint)" test "$(pq c a .endpoint)" == "192.0.2.2:$PORT"
 	fi
+	local vping
+	vping=$(nsx a "$VEIL" ping c -c 2 --control "$(sock a)" 2>&1)
+	check "$name: veil ping c shows path=${want/relay:b/relay:b}" "$vping" grep -q "^pong from c path=$want endpoint=" <<<"$vping"
 	check "$name: 20 pings a -> c all answered" "lost some" pings_all a "$OL4_c" 20
 	check "$name: 20 pings c -> a all answered" "lost some" pings_all c "$OL4_a" 20
 	if [[ $want == relay:b ]]; then
@@ -287,7 +293,7 @@ run_case() {
 	if [[ $name == map-* ]]; then
 		node_stop a >/dev/null
 		check "$name: a deleted its mapping on exit" "r1 still has $(r1_mappings) rules" test "$(r1_mappings)" == 0
-		check "$name: a logged the unmapping" "$(grep -c port_unmapped "${NODE_LOG[a]}")" grep -q "event=port_unmapped protocol=$proto" "${NODE_LOG[a]}"
+		check "$name: a logged the unmapping" "$(tail -4 "${NODE_LOG[a]}")" grep -q "event=port_unmapped protocol=$proto" "${NODE_LOG[a]}"
 	fi
 	if [[ $name == cut ]]; then
 		nsx in nft -f - <<-EOF || die "nft cut on the core"
