@@ -127,6 +127,7 @@ demo: deps build
 bench: deps build
 	tests/bench/bench.sh
 	tests/bench/flood.sh
+	tests/bench/nat.sh
 
 # The section markers (`// ==== N. Title ====...`) must equal the TOC in the header
 # (`//   N. Title` lines between `// TOC` and `// END TOC`).
