@@ -282,6 +282,7 @@ internal static class Tune
     internal const int DefaultRelayRateMbit = 20;            // per pair and direction; beyond, dropped
     internal const long RelayPairIdleMs = 10_000;            // a full table gives a direction silent this long to a new one
     internal const long DirectQuietMs = 5_000;               // no direct record this long: a relay may carry the peer
+    internal const long TcpFallbackMs = 3_000;               // no UDP record from anyone this long: try --peer-tcp
     internal const long FirstPunchMs = 300;                  // after a relayed session is up (its Self comes first)
     internal const long MaxPunchIntervalMs = 60_000;         // punch rounds back off from 2 s to this
     internal const long PunchAnswerIntervalMs = 1_000;       // a member's Punch is answered at most this often
@@ -761,6 +762,7 @@ internal sealed class PeerConfig
     internal readonly List<IpPrefix> Allowed = new();
     internal long KeepaliveMs = -1;        // -1: the node's keepalive
     internal bool Trusted;                 // from --trust: may connect, endpoint learned from the mesh
+    internal Endpoint Tcp;                 // --peer-tcp: its --listen-tcp, for when UDP gets no answer
 }
 
 /// <summary>A parsed TOML value with the line it came from.</summary>
@@ -1024,20 +1026,22 @@ internal sealed class UpConfig
     internal bool Relay = true;            // carry records between members that cannot reach each other (§15)
     internal int RelayRateMbit = Tune.DefaultRelayRateMbit;
     internal bool PortMapping = true;      // ask the gateway to forward our port (PortMapper)
+    internal IPAddress? TcpListenAddress;  // --listen-tcp: the same records over TCP (TcpLinks)
+    internal int TcpListenPort;
     private bool _keepaliveGiven;
 
     // Keys a running daemon cannot change; reload refuses (exit 3) when one of them differs.
-    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping"];
+    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp"];
 
     private static readonly string[] Keys =
     [
         "key", "psk", "listen", "address", "tun", "mtu", "keepalive", "rekey_after", "control", "mgmt", "mgmt_acl",
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
         "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers", "accept_psk", "admin", "revocations",
-        "relay", "relay_rate", "port_mapping",
+        "relay", "relay_rate", "port_mapping", "listen_tcp",
     ];
     private static readonly string[] ListKeys = ["address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk"];
-    private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive"];
+    private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive", "tcp"];
 
     /// <summary>Where a value came from, for the one-line error: "--mtu" or "veil.toml:12: key 'mtu'".</summary>
     private readonly record struct Src(string Text, bool IsFlag)
@@ -1082,6 +1086,11 @@ internal sealed class UpConfig
                 case "--allow":
                     if (lastPeer == null) throw new ConfigException("--allow must follow the --peer it belongs to");
                     lastPeer.Allowed.Add(ParsePrefix(src, value));
+                    break;
+                case "--peer-tcp":
+                    if (lastPeer == null) throw new ConfigException("--peer-tcp must follow the --peer it belongs to");
+                    var (tip, tport) = ParseAddressPort(src, value);
+                    lastPeer.Tcp = Endpoint.FromIp(tip, tport);
                     break;
                 default: flags.Add((flag[2..].Replace('-', '_'), value)); break;
             }
@@ -1138,6 +1147,11 @@ internal sealed class UpConfig
             foreach (TomlValue item in ListOf(S("allowed_ips"), al)) p.Allowed.Add(ParsePrefix(S("allowed_ips"), item.Str));
         if (t.TryGetValue("keepalive", out TomlValue? ka)) p.KeepaliveMs = ParseInt(S("keepalive"), Scalar(S("keepalive"), ka, true), 0, 3600) * 1000L;
         if (t.TryGetValue("name", out TomlValue? nm)) p.Name = ParseName(S("name"), Scalar(S("name"), nm, false));
+        if (t.TryGetValue("tcp", out TomlValue? tc))
+        {
+            var (tip, tport) = ParseAddressPort(S("tcp"), Scalar(S("tcp"), tc, false));
+            p.Tcp = Endpoint.FromIp(tip, tport);
+        }
         return p;
     }
 
@@ -1170,6 +1184,7 @@ internal sealed class UpConfig
                 break;
             case "revocations": RevocationsPath = value.Length > 0 ? value : throw src.Bad(value, "must be a file path"); break;
             case "listen": (ListenAddress, ListenPort) = ParseAddressPort(src, value); break;
+            case "listen_tcp": (TcpListenAddress, TcpListenPort) = ParseAddressPort(src, value); break;
             case "address":
                 if (!IfAddress.TryParse(value, out IfAddress a)) throw src.Bad(value, "is not an address with a prefix length (e.g. 100.64.0.1/24)");
                 Addresses.Add(a);
@@ -1311,6 +1326,7 @@ internal sealed class UpConfig
         if (Workers != o.Workers) changed.Add("workers");
         if (RevocationsPath != o.RevocationsPath) changed.Add("revocations");
         if (PortMapping != o.PortMapping) changed.Add("port_mapping");
+        if (!Equals(TcpListenAddress, o.TcpListenAddress) || TcpListenPort != o.TcpListenPort) changed.Add("listen_tcp");
         return changed;
     }
 
@@ -1322,7 +1338,7 @@ internal sealed class UpConfig
     internal static int DefaultMtu(int underlayMtu, bool v6Underlay) =>
         underlayMtu - Record.UnderlayOverheadLen(v6Underlay) - DefaultMtuMarginLen;
 
-    private static bool IsFlag(string f) => f is "--config" or "--peer" or "--allow" ||
+    private static bool IsFlag(string f) => f is "--config" or "--peer" or "--allow" or "--peer-tcp" ||
         (f.StartsWith("--") && Array.IndexOf(Keys, f[2..].Replace('-', '_')) >= 0 && !f.Contains('_'));
 
     private static (IPAddress, int) ParseAddressPort(Src src, string v) =>
@@ -2836,6 +2852,8 @@ internal sealed class Peer
     internal readonly List<IpPrefix> Allowed;
     internal string Name;                        // from the config, or the first characters of the key
     internal string ConfiguredEndpoint;          // as configured; Endpoint roams away from it
+    internal Endpoint TcpRemote;                 // --peer-tcp (unset: none); Endpoint is a TcpLinks one while in use
+    internal Endpoint EndpointBeforeTcp;         // where Endpoint pointed when a TCP link took over
     internal PeerState State { get; private set; }
     internal PeerOrigin Origin { get; private set; }
     internal bool Active => State != PeerState.Removed;
@@ -2872,7 +2890,7 @@ internal sealed class Peer
     internal long HellosSent;            // ClientHellos to it, on either path
     internal long PunchesSent, PunchesAnswered, LastPunchAnsweredMs = long.MinValue / 2;
     internal long RelayedRxBytes, RelayedTxBytes;            // its records that came or went through a relay
-    internal string PathName => Relay != null ? "relay:" + Relay.Name : "direct";
+    internal string PathName => Relay != null ? "relay:" + Relay.Name : TcpLinks.IsTcp(Endpoint) ? "tcp" : "direct";
 
     internal Session? Previous, Current, Next;
     internal long RevocationsSentVersion = -1;   // the Mesh.RevocationsVersion this member has heard (§15)
@@ -2926,6 +2944,7 @@ internal sealed class Peer
         Psk = psk;
         Endpoint = cfg.Endpoint;
         ConfiguredEndpoint = cfg.EndpointText;
+        TcpRemote = cfg.Tcp;
         Allowed = new List<IpPrefix>(cfg.Allowed);
         Name = cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.DefaultName();
         PersistentKeepaliveMs = cfg.KeepaliveMs >= 0 ? cfg.KeepaliveMs : persistentKeepaliveMs;
@@ -4603,6 +4622,276 @@ internal sealed class LoopbackUdp : IUdp
     public void Dispose() => _net.Hosts.Remove(Self);
 }
 
+/// <summary>--listen-tcp and --peer-tcp: the same datagrams over TCP, for networks that block UDP.
+/// Each datagram already begins with a TLS-looking preamble whose length frames it, so a stream is
+/// datagrams back to back and nothing else. A connection stands in for an endpoint: an address in
+/// 100::/64 (RFC 6666's discard-only prefix, which no peer can have) with its slot, and a
+/// generation as the port, so the node seals, opens, admits and roams records over it exactly as
+/// over UDP; Worker.FlushUdp hands the slots addressed to one to Send. Everything runs on the
+/// loop's thread or under the node's lock, and nothing blocks: sockets are non-blocking, output
+/// waits in a bounded buffer (what does not fit is dropped and counted, as a full UDP socket
+/// would), a frame longer than a record is malformed and ends its connection, and a connection
+/// that brings no authenticated record for IdleCloseMs is closed (the node says which do: Touch).
+/// When the table is full, the oldest connection that never brought one makes room, so clients that
+/// only hold connections open cannot lock members out.</summary>
+internal sealed unsafe class TcpLinks : IDisposable
+{
+    internal const int MaxConnections = 64, OutLimitLen = 128 * 1024;
+    private const long IdleCloseMs = 30_000, ConnectTimeoutMs = 5_000;
+    private const int IPPROTO_TCP = 6, TCP_NODELAY = 1, SO_ERROR = 4, SO_KEEPALIVE = 9, EINPROGRESS = 115;
+    private static readonly UInt128 Prefix = (UInt128)0x0100 << 112;
+
+    private sealed class Conn
+    {
+        internal int Fd;
+        internal ushort Generation;
+        internal bool Outbound, Connecting;
+        internal Endpoint Remote;
+        internal readonly byte[] In = new byte[Tune.SlotLen];
+        internal int InLen;
+        internal byte[] Out = new byte[OutLimitLen];
+        internal int OutStart, OutLen;
+        internal long LastRxMs, OpenedMs;                // LastRxMs: the last authenticated record (Touch)
+        internal bool Authenticated;
+    }
+
+    private readonly Conn?[] _slots = new Conn?[MaxConnections];
+    private readonly Dictionary<int, int> _byFd = new();
+    private readonly int _epfd;
+    private int _listenFd = -1;
+    private ushort _generation;
+    internal int ListenPort;
+    internal long Accepted, Refused, Closed, Malformed, DroppedFull;
+
+    internal TcpLinks(int epfd) { _epfd = epfd; }
+
+    internal static bool IsTcp(in Endpoint e) => (e.Address >> 64) == (Prefix >> 64);
+    private static Endpoint Pseudo(int slot, ushort generation) => new() { Address = Prefix | (uint)slot, Port = generation };
+
+    internal int Count { get { int n = 0; foreach (Conn? c in _slots) if (c != null) n++; return n; } }
+
+    /// <summary>The endpoints that stand for the open links.</summary>
+    internal List<Endpoint> Links()
+    {
+        var links = new List<Endpoint>();
+        for (int i = 0; i < MaxConnections; i++) if (_slots[i] is Conn c) links.Add(Pseudo(i, c.Generation));
+        return links;
+    }
+
+    /// <summary>The address and port at the other end of a connection endpoint, for status.</summary>
+    internal Endpoint RemoteOf(in Endpoint e) => Find(e) is Conn c ? c.Remote : default;
+
+    internal void Listen(IPAddress address, int port)
+    {
+        bool v6 = address.AddressFamily == AddressFamily.InterNetworkV6;
+        int fd = Libc.Socket(v6 ? Libc.AF_INET6 : Libc.AF_INET, Libc.SOCK_STREAM | Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC, 0);
+        if (fd < 0) throw new IOException($"cannot create the TCP socket: {Libc.ErrorText(Libc.Errno)}");
+        Libc.SetIntOpt(fd, Libc.SOL_SOCKET, Libc.SO_REUSEADDR, 1);
+        Span<byte> sa = stackalloc byte[Libc.SockaddrIn6Len];
+        int len = Libc.WriteSockaddr(Endpoint.FromIp(address, port), v6, sa);
+        fixed (byte* p = sa)
+        {
+            if (Libc.Bind(fd, p, len) < 0 || Libc.Listen(fd, 64) < 0)
+            {
+                int e = Libc.Errno;
+                Libc.Close(fd);
+                throw new IOException($"cannot listen on TCP {address}:{port}: {Libc.ErrorText(e)} (--listen-tcp)");
+            }
+            int alen = sa.Length;
+            Libc.GetSockName(fd, p, &alen);
+            Libc.TryReadSockaddr(sa, alen, out Endpoint bound);
+            ListenPort = bound.Port;
+        }
+        _listenFd = fd;
+        Libc.EpollAdd(_epfd, fd);
+    }
+
+    internal bool Owns(int fd) => fd == _listenFd || _byFd.ContainsKey(fd);
+
+    /// <summary>Starts a connection to remote (non-blocking); the endpoint that stands for it, or
+    /// unset when there is no room or the socket cannot be made.</summary>
+    internal Endpoint Connect(in Endpoint remote, long nowMs)
+    {
+        int slot = Array.IndexOf(_slots, null);
+        if (slot < 0) { Refused++; return default; }
+        bool v6 = !remote.IsV4;
+        int fd = Libc.Socket(v6 ? Libc.AF_INET6 : Libc.AF_INET, Libc.SOCK_STREAM | Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC, 0);
+        if (fd < 0) return default;
+        Span<byte> sa = stackalloc byte[Libc.SockaddrIn6Len];
+        int len = Libc.WriteSockaddr(remote, v6, sa);
+        int rc;
+        fixed (byte* p = sa) rc = Libc.Connect(fd, p, len);
+        if (rc < 0 && Libc.Errno != EINPROGRESS) { Libc.Close(fd); return default; }
+        Conn c = Add(slot, fd, remote, nowMs);
+        c.Outbound = true;
+        c.Connecting = rc < 0;
+        Libc.EpollMod(_epfd, fd, Libc.EPOLLIN | Libc.EPOLLOUT);
+        return Pseudo(slot, c.Generation);
+    }
+
+    private Conn Add(int slot, int fd, in Endpoint remote, long nowMs)
+    {
+        Libc.SetIntOpt(fd, IPPROTO_TCP, TCP_NODELAY, 1);          // records are small and time-critical
+        Libc.SetIntOpt(fd, Libc.SOL_SOCKET, SO_KEEPALIVE, 1);
+        var c = new Conn { Fd = fd, Remote = remote, LastRxMs = nowMs, OpenedMs = nowMs, Generation = ++_generation == 0 ? ++_generation : _generation };
+        _slots[slot] = c;
+        _byFd[fd] = slot;
+        Libc.EpollAdd(_epfd, fd);
+        return c;
+    }
+
+    private Conn? Find(in Endpoint e)
+    {
+        if (!IsTcp(e)) return null;
+        ulong slot = (ulong)(e.Address & 0xFFFF_FFFF);
+        return slot < MaxConnections && _slots[slot] is Conn c && c.Generation == e.Port ? c : null;
+    }
+
+    /// <summary>A record that came over the link `from` authenticated: it is a member's, and stays.</summary>
+    internal void Touch(in Endpoint from, long nowMs)
+    {
+        if (Find(from) is not Conn c) return;
+        c.LastRxMs = nowMs;
+        c.Authenticated = true;
+    }
+
+    /// <summary>Queues one datagram on the connection `to` stands for; false (counted) when the
+    /// connection is gone or its buffer is full.</summary>
+    internal bool Send(in Endpoint to, ReadOnlySpan<byte> datagram)
+    {
+        if (Find(to) is not Conn c) return false;
+        if (c.OutLen + datagram.Length > c.Out.Length - c.OutStart)
+        {
+            Buffer.BlockCopy(c.Out, c.OutStart, c.Out, 0, c.OutLen);   // compact before giving up
+            c.OutStart = 0;
+            if (c.OutLen + datagram.Length > c.Out.Length) { DroppedFull++; return false; }
+        }
+        datagram.CopyTo(c.Out.AsSpan(c.OutStart + c.OutLen));
+        c.OutLen += datagram.Length;
+        if (!c.Connecting) Flush(c);
+        return true;
+    }
+
+    private void Flush(Conn c)
+    {
+        while (c.OutLen > 0)
+        {
+            nint n;
+            fixed (byte* p = &c.Out[c.OutStart]) n = Libc.Write(c.Fd, p, (nuint)c.OutLen);
+            if (n < 0)
+            {
+                if (Libc.Errno is Libc.EAGAIN or Libc.EINTR) break;
+                Close(c, "write_failed");
+                return;
+            }
+            c.OutStart += (int)n;
+            c.OutLen -= (int)n;
+        }
+        if (c.OutLen == 0) c.OutStart = 0;
+        Libc.EpollMod(_epfd, c.Fd, c.OutLen > 0 ? Libc.EPOLLIN | Libc.EPOLLOUT : Libc.EPOLLIN);
+    }
+
+    /// <summary>Works off what epoll reported on fd: new connections, a finished connect, queued
+    /// output, and every complete datagram read, handed to deliver with the endpoint it came from.</summary>
+    internal void OnReady(int fd, long nowMs, Action<ReadOnlySpan<byte>, Endpoint> deliver)
+    {
+        if (fd == _listenFd) { AcceptAll(nowMs); return; }
+        if (!_byFd.TryGetValue(fd, out int slot) || _slots[slot] is not Conn c) return;
+        if (c.Connecting)
+        {
+            int err = 0, len = sizeof(int);
+            Libc.GetSockOpt(fd, Libc.SOL_SOCKET, SO_ERROR, &err, &len);
+            if (err == EINPROGRESS) return;
+            if (err != 0) { Close(c, "connect_failed"); return; }
+            c.Connecting = false;
+        }
+        Flush(c);
+        if (_slots[slot] != c) return;
+        for (int round = 0; round < 64; round++)
+        {
+            nint n;
+            fixed (byte* p = &c.In[c.InLen]) n = Libc.Read(fd, p, (nuint)(c.In.Length - c.InLen));
+            if (n == 0) { Close(c, "closed_by_peer"); return; }
+            if (n < 0) { if (Libc.Errno is not (Libc.EAGAIN or Libc.EINTR)) Close(c, "read_failed"); return; }
+            c.InLen += (int)n;
+            int at = 0;
+            while (c.InLen - at >= Spec.PreambleLen)
+            {
+                ReadOnlySpan<byte> head = c.In.AsSpan(at);
+                int frameLen = Spec.PreambleLen + BinaryPrimitives.ReadUInt16BigEndian(head[3..]);
+                if (head[1] != 0x03 || head[2] != 0x03 || frameLen > c.In.Length)
+                {
+                    Malformed++;
+                    Close(c, "malformed_frame");
+                    return;
+                }
+                if (c.InLen - at < frameLen) break;
+                deliver(c.In.AsSpan(at, frameLen), Pseudo(slot, c.Generation));
+                if (_slots[slot] != c) return;                     // closed while delivering
+                at += frameLen;
+            }
+            Buffer.BlockCopy(c.In, at, c.In, 0, c.InLen - at);
+            c.InLen -= at;
+        }
+    }
+
+    private void AcceptAll(long nowMs)
+    {
+        Span<byte> sa = stackalloc byte[Libc.SockaddrIn6Len];
+        for (int i = 0; i < 16; i++)
+        {
+            int len = sa.Length, fd;
+            fixed (byte* p = sa) fd = Libc.Accept4(_listenFd, p, &len, Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC);
+            if (fd < 0) return;
+            Libc.TryReadSockaddr(sa, len, out Endpoint remote);
+            int slot = Array.IndexOf(_slots, null);
+            if (slot < 0 && OldestStranger() is Conn stranger) { slot = _byFd[stranger.Fd]; Close(stranger, "evicted"); }
+            if (slot < 0) { Refused++; Libc.Close(fd); continue; }    // all members: the newest is turned away
+            Add(slot, fd, remote, nowMs);
+            Accepted++;
+        }
+    }
+
+    private Conn? OldestStranger()
+    {
+        Conn? oldest = null;
+        foreach (Conn? c in _slots)
+            if (c is { Authenticated: false, Outbound: false } && (oldest == null || c.OpenedMs < oldest.OpenedMs)) oldest = c;
+        return oldest;
+    }
+
+    /// <summary>Closes connections that brought no authenticated record for IdleCloseMs (a connect: ConnectTimeoutMs);
+    /// returns the endpoints that went away, for the node to forget.</summary>
+    internal void Expire(long nowMs, List<Endpoint> gone)
+    {
+        for (int i = 0; i < MaxConnections; i++)
+            if (_slots[i] is Conn c && nowMs - c.LastRxMs >= (c.Connecting ? ConnectTimeoutMs : IdleCloseMs)) Close(c, c.Connecting ? "connect_timeout" : "idle");
+        gone.AddRange(_gone);
+        _gone.Clear();
+    }
+
+    private readonly List<Endpoint> _gone = new();
+
+    private void Close(Conn c, string why)
+    {
+        if (!_byFd.Remove(c.Fd, out int slot)) return;
+        _slots[slot] = null;
+        Libc.Close(c.Fd);
+        Closed++;
+        _gone.Add(Pseudo(slot, c.Generation));
+        LastCloseReason = why;
+    }
+
+    internal string LastCloseReason = "";
+
+    public void Dispose()
+    {
+        foreach (Conn? c in _slots) if (c != null) Close(c, "shutdown");
+        if (_listenFd >= 0) Libc.Close(_listenFd);
+        _listenFd = -1;
+    }
+}
+
 // ==== 14. Event loop & node ======================================================================
 // Node is the protocol core: it takes batches of packets and the time, and returns batches of
 // packets; its only I/O is the datagrams it makes itself (UdpOut, flushed through its Sink) and log
@@ -4792,6 +5081,7 @@ internal sealed partial class Node
             else if (p.PersistentKeepaliveAtMs == 0) p.PersistentKeepaliveAtMs = nowMs + p.PersistentKeepaliveMs;
             p.Allowed.Clear();
             p.Allowed.AddRange(pc.Allowed);
+            p.TcpRemote = pc.Tcp;
         }
         _keepaliveMs = cfg.PersistentKeepaliveMs;
         if (Mesh.Configure(cfg)) ScheduleExchange(nowMs);
@@ -4839,6 +5129,13 @@ internal sealed partial class Node
             {
                 b.Slot(i)[..len].CopyTo(NextOut(relay.Endpoint)[RelayHeadroomLen..]);
                 WrapForRelay(relay, p, len, nowMs);
+                continue;
+            }
+            if (TcpLinks.IsTcp(p.Endpoint))                 // TCP links are written under the lock (Worker.FlushUdp)
+            {
+                b.Slot(i)[..len].CopyTo(NextOut(p.Endpoint));
+                UdpOut.Alone[UdpOut.Count] = true;
+                CommitOut(len);
                 continue;
             }
             b.Offset[i] = 0;
@@ -5392,8 +5689,61 @@ internal sealed class Worker : IPacketSink
 
     public void FlushUdp(PacketBatch batch)
     {
+        if (Node.Tcp is TcpLinks tcp)                      // under the node's lock, like every caller
+            for (int i = 0; i < batch.Count; i++)
+            {
+                if (batch.Length[i] == 0 || !TcpLinks.IsTcp(batch.Endpoints[i])) continue;
+                if (!tcp.Send(batch.Endpoints[i], batch.Packet(i))) Node.Counters.Drop(DropReason.UdpSend);
+                batch.Length[i] = 0;
+            }
         SendBatch(batch);
         batch.Count = 0;
+    }
+
+    // ---- TCP links (the loop's worker only) ----
+    private PacketBatch? _tcpIn;
+    private long _tcpNowMs;
+    private Action<ReadOnlySpan<byte>, Endpoint>? _tcpDeliver;
+
+    /// <summary>Works off a TCP link's readiness: its datagrams go through the node as if received
+    /// on the socket, in batches, and what they become is written to the TUN (all under the lock:
+    /// a fallback path, kept simple).</summary>
+    internal void PumpTcp(TcpLinks tcp, int fd, long nowMs)
+    {
+        _tcpIn ??= new PacketBatch(Tune.BatchSize, Tune.SlotLen);
+        _tcpDeliver ??= DeliverTcp;
+        lock (Node.Gate)
+        {
+            Node.Sink = this;
+            _tcpNowMs = nowMs;
+            _tcpIn.Count = 0;
+            tcp.OnReady(fd, nowMs, _tcpDeliver);
+            ProcessTcp();
+            FlushUdp(Node.UdpOut);
+        }
+    }
+
+    private void DeliverTcp(ReadOnlySpan<byte> datagram, Endpoint from)
+    {
+        PacketBatch b = _tcpIn!;
+        datagram.CopyTo(b.Slot(b.Count));
+        b.Offset[b.Count] = 0;
+        b.Length[b.Count] = datagram.Length;
+        b.Endpoints[b.Count] = from;
+        b.Count++;
+        UdpDatagrams++;
+        if (b.IsFull) ProcessTcp();
+    }
+
+    private void ProcessTcp()
+    {
+        PacketBatch b = _tcpIn!;
+        if (b.Count == 0) return;
+        Node.ProcessUdpBatch(b, _tcpNowMs);
+        FlushUdp(Node.UdpOut);
+        int refused = Tun.WriteBatch(b);
+        if (refused > 0) Interlocked.Add(ref _tunWriteRefused, refused);
+        b.Count = 0;
     }
 
     private void SendBatch(PacketBatch b)
@@ -5419,6 +5769,7 @@ internal sealed unsafe class Daemon
     private MgmtServer? _mgmt;
     private Resolver? _resolver;
     private PortMapper? _portMapper;
+    private TcpLinks? _tcp;
     private Chores? _chores;
     private KernelRoutes? _kernelRoutes;                // the chores thread's once the loop runs
     private (DateTime, long) _configStamp;              // the chores thread's once the loop runs
@@ -5489,6 +5840,13 @@ internal sealed unsafe class Daemon
             Libc.EpollAdd(epfd, tun.Fd);
             Libc.EpollAdd(epfd, udp.Fd);
             Libc.EpollAdd(epfd, _wakeFd);
+            if (_cfg.TcpListenAddress != null || _cfg.Peers.Exists(pc => pc.Tcp.IsSet))
+            {
+                _tcp = new TcpLinks(epfd);
+                if (_cfg.TcpListenAddress != null) _tcp.Listen(_cfg.TcpListenAddress, _cfg.TcpListenPort);
+                node.Tcp = _tcp;
+                node.LastUdpRxMs = Mono.NowMs();           // UDP gets its chance first
+            }
             if (_cfg.User != null) Privileges.Drop(_cfg.User, _cfg.ControlPath);
             _resolver = new Resolver(Wake);
             _resolver.SetNames(EndpointNames(_cfg));
@@ -5503,6 +5861,7 @@ internal sealed unsafe class Daemon
             }
             var status = new StatusView(node, _cfg, udp.LocalPort, StartedMs) { Workers = workers, Mapper = _portMapper };
             _log.Info("started", $"public_key={node.Handshaker.PublicKey.Short()} listen={_cfg.ListenAddress}:{udp.LocalPort} tun={tun.Name} mtu={_cfg.Mtu} peers={node.Peers.Count} aead={node.Handshaker.PreferredAead}" +
+                (_tcp?.ListenPort > 0 ? $" listen_tcp={_cfg.TcpListenAddress}:{_tcp.ListenPort}" : "") +
                 (_mgmt != null ? $" mgmt={_cfg.MgmtAddress}:{_mgmt.Port}" : "") + (_cfg.User != null ? $" user={_cfg.User}" : ""));
             long nowMs = Mono.NowMs(), nextTimerMs;
             lock (node.Gate)
@@ -5531,6 +5890,7 @@ internal sealed unsafe class Daemon
         {
             foreach (PosixSignalRegistration r in signals) r.Dispose();
             _portMapper?.Dispose();                       // deletes the mapping: the socket is still ours
+            _tcp?.Dispose();
             _chores?.Dispose();
             _resolver?.Dispose();
             _mgmt?.Dispose();
@@ -5597,6 +5957,7 @@ internal sealed unsafe class Daemon
             nowMs = Mono.NowMs();
             long wake = Math.Min(Math.Min(nextTimerMs, Math.Min(control.NextDeadlineMs, _mgmt?.NextDeadlineMs ?? long.MaxValue)),
                 Math.Min(nextAddressScanMs, _cfg.ConfigPath != null ? nextConfigCheckMs : long.MaxValue));
+            if (_tcp != null && _tcp.Count > 0) wake = Math.Min(wake, nowMs + 1000);   // TcpLinks.Expire's deadlines
             int n = Libc.EpollWait(epfd, events, 16, (int)Math.Clamp(wake - nowMs, 0, 60_000));
             nowMs = Mono.NowMs();
             // The first worker's own I/O (it locks the node itself), then the control socket and
@@ -5605,11 +5966,13 @@ internal sealed unsafe class Daemon
             {
                 int fd = Libc.EpollEventFd(events, i);
                 if (worker.Drain(fd, nowMs)) continue;
-                if (control.Owns(fd)) control.OnReady(fd, nowMs, status);
+                if (_tcp != null && _tcp.Owns(fd)) worker.PumpTcp(_tcp, fd, nowMs);
+                else if (control.Owns(fd)) control.OnReady(fd, nowMs, status);
                 else if (fd == _wakeFd) { ulong v; Libc.Read(_wakeFd, (byte*)&v, 8); }
                 else _mgmt?.OnReady(fd, nowMs, status);
             }
             while (chores.TryTakeResult(out Action? done)) done();
+            if (_tcp != null) ExpireTcp(nowMs);
             if (_reloadAsked) { _reloadAsked = false; AskReload("signal", null); }
             if (_cfg.ConfigPath != null && nowMs >= nextConfigCheckMs)
             {
@@ -5754,6 +6117,19 @@ internal sealed unsafe class Daemon
             node.Mesh.LocalEndpoints.Clear();
             node.Mesh.LocalEndpoints.AddRange(found);
             node.ScheduleExchange(Mono.NowMs());
+        }
+    }
+
+    private readonly List<Endpoint> _tcpGone = new();
+
+    private void ExpireTcp(long nowMs)
+    {
+        Node node = _node!;
+        lock (node.Gate)
+        {
+            _tcpGone.Clear();
+            _tcp!.Expire(nowMs, _tcpGone);
+            foreach (Endpoint e in _tcpGone) node.TcpGone(e, nowMs);
         }
     }
 
@@ -6872,7 +7248,7 @@ internal sealed class ExchangeMessage
                      : new Endpoint { Address = BinaryPrimitives.ReadUInt128BigEndian(m[(pos + 1)..]) };
         e.Port = BinaryPrimitives.ReadUInt16BigEndian(m[(pos + 1 + len)..]);
         pos += 1 + len + 2;
-        return allowUnset || e.IsSet;
+        return (allowUnset || e.IsSet) && !TcpLinks.IsTcp(e);    // 100::/64 names our own TCP links: never on the wire
     }
 
     internal static int EndpointLen(in Endpoint e) => e.IsV4 ? 7 : 19;
@@ -7071,7 +7447,8 @@ internal sealed class Mesh
     {
         p.ExchangeAtMs = nowMs + Tune.ExchangeIntervalMs;
         OwnEndpoints();
-        Endpoint observed = _node.PathRelay(p, nowMs) == null ? p.Endpoint : default;   // through a relay we do not see it
+        // Through a relay, or over our TCP link, we do not see where it is.
+        Endpoint observed = _node.PathRelay(p, nowMs) == null && !TcpLinks.IsTcp(p.Endpoint) ? p.Endpoint : default;
         int len = ExchangeMessage.WriteSelf(_out, Name, observed, _scratch, OwnClaims, _node.Relays.Offered ? ExchangeMessage.SelfRelays : (byte)0);
         if (!Send(p, len, nowMs)) return;
         Span<byte> d = _out;
@@ -7080,7 +7457,7 @@ internal sealed class Mesh
         {
             if (!q.Active || !q.Up || q == p || q.Relay != null) continue;   // a relayed member: its relay tells of it
             _scratch.Clear();
-            if (q.Endpoint.IsSet) _scratch.Add(q.Endpoint);
+            if (q.Endpoint.IsSet && !TcpLinks.IsTcp(q.Endpoint)) _scratch.Add(q.Endpoint);
             foreach (Endpoint e in q.Announced) AddBounded(_scratch, e, Tune.MaxEndpointsPerEntry);
             int entryLen = ExchangeMessage.EntryFixedLen;
             foreach (Endpoint e in _scratch) entryLen += ExchangeMessage.EndpointLen(e);
@@ -7546,6 +7923,22 @@ internal sealed partial class Node
     internal const byte RelayForward = 1, RelayDelivered = 2;
     internal const int RelayHeadroomLen = Record.PayloadOffset + 1 + Spec.KeyLen;
     private Peer? _via;                          // the relay of the datagram being handled (null: direct)
+    internal TcpLinks? Tcp;                      // --listen-tcp / --peer-tcp (the daemon's)
+    internal long LastUdpRxMs;                   // the last authenticated record straight from a UDP endpoint
+
+    /// <summary>A TCP link went away: peers that were on it go back to where they were before it
+    /// (a client: its UDP endpoint, and the retries decide again), or to nowhere (a server's side).</summary>
+    internal void TcpGone(in Endpoint link, long nowMs)
+    {
+        foreach (Peer p in Peers)
+        {
+            if (!p.Endpoint.Equals(link)) continue;
+            p.Endpoint = p.EndpointBeforeTcp;
+            p.EndpointBeforeTcp = default;
+            Log.Info("tcp_closed", $"peer={p.Name} reason={Tcp?.LastCloseReason}");
+            if (p.Up) p.HelloUnanswered = true;                 // its next hello tries the other paths
+        }
+    }
 
     /// <summary>Has a session and a way to send on it: an endpoint, or a relay that is up.</summary>
     internal bool CanSend(Peer p, long nowMs) =>
@@ -7569,6 +7962,18 @@ internal sealed partial class Node
     {
         bool flip = p.HelloUnanswered && !p.Up;
         p.HelloUnanswered = false;
+        if (flip && Tcp != null && p.TcpRemote.IsSet && !TcpLinks.IsTcp(p.Endpoint) && nowMs - LastUdpRxMs >= Tune.TcpFallbackMs)
+        {
+            Endpoint link = Tcp.Connect(p.TcpRemote, nowMs);      // UDP gets no answer from anyone: try its TCP port
+            if (link.IsSet)
+            {
+                p.EndpointBeforeTcp = p.Endpoint;
+                p.Endpoint = link;
+                p.Relay = null;
+                Log.Info("path_tcp", $"peer={p.Name} connect={p.TcpRemote} udp_silent_s={(nowMs - LastUdpRxMs) / 1000}");
+                return;
+            }
+        }
         if (p.Relay != null && (PathRelay(p, nowMs) == null || flip && p.Endpoint.IsSet)) { p.Relay = null; return; }
         if (p.Relay != null || p.RelayOffer is not Peer r || !CanRelay(r, nowMs) || !flip && nowMs - p.LastDirectRxMs < Tune.DirectQuietMs) return;
         p.Relay = r;
@@ -7584,6 +7989,8 @@ internal sealed partial class Node
         {
             p.Endpoint = from;
             p.LastDirectRxMs = nowMs;
+            if (!TcpLinks.IsTcp(from)) LastUdpRxMs = nowMs;
+            else Tcp?.Touch(from, nowMs);
             if (p.Relay == null) return;
             Log.Info("path_direct", $"peer={p.Name} endpoint={from} was=relay:{p.Relay.Name} punches={p.PunchesSent}");
             p.Relay = null;
@@ -7776,6 +8183,9 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
 
     private static void Str(StringBuilder sb, string s) => JsonText.Str(sb, s);
 
+    // A TCP link shows as tcp:REMOTE (its 100::/64 stand-in means nothing outside this process).
+    private string EndpointText(in Endpoint e) => TcpLinks.IsTcp(e) ? "tcp:" + node.Tcp?.RemoteOf(e) : e.ToString();
+
     private IEnumerable<Peer> ActivePeers()
     {
         foreach (Peer p in node.Peers)
@@ -7807,11 +8217,11 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         return sb.ToString();
     }
 
-    private static void PeerText(StringBuilder sb, Peer p, long nowMs)
+    private void PeerText(StringBuilder sb, Peer p, long nowMs)
     {
         sb.Append("\npeer: ").Append(p.Name).Append(" (").Append(p.PublicKey.ToBase64()).Append(")\n");
         sb.Append("  state: ").Append(p.StateName(nowMs, Spec.RejectAfterTimeMs)).Append('\n');
-        if (p.Endpoint.IsSet) sb.Append("  endpoint: ").Append(p.Endpoint).Append('\n');
+        if (p.Endpoint.IsSet) sb.Append("  endpoint: ").Append(EndpointText(p.Endpoint)).Append('\n');
         sb.Append("  path: ").Append(p.PathName).Append('\n');
         sb.Append("  source: ").Append(Source(p)).Append('\n');
         sb.Append("  allowed ips: ").Append(p.Allowed.Count == 0 ? "(none)" : string.Join(", ", p.Allowed)).Append('\n');
@@ -7947,6 +8357,10 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append(",\"relay\":{\"offered\":").Append(r.Offered ? "true" : "false").Append(",\"rate_mbit\":").Append(r.RateBytesPerS / 125_000)
           .Append(",\"flows\":").Append(r.Pairs).Append(",\"bytes\":").Append(r.Bytes).Append(",\"records\":").Append(r.Records)
           .Append(",\"refused\":").Append(r.Refused).Append(",\"rate_limited\":").Append(r.RateLimited).Append('}');
+        if (node.Tcp is TcpLinks tcp)
+            sb.Append(",\"tcp\":{\"listen_port\":").Append(tcp.ListenPort).Append(",\"connections\":").Append(tcp.Count)
+              .Append(",\"accepted\":").Append(tcp.Accepted).Append(",\"refused\":").Append(tcp.Refused).Append(",\"closed\":").Append(tcp.Closed)
+              .Append(",\"malformed\":").Append(tcp.Malformed).Append(",\"dropped_full\":").Append(tcp.DroppedFull).Append('}');
         sb.Append(",\"port_mapping\":");
         if (Mapper?.Current is not PortMapper.State pm) sb.Append("{\"enabled\":false}");
         else
@@ -7984,7 +8398,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             sb.Append(first ? "" : ",").Append("{\"name\":");
             Str(sb, p.Name);
             sb.Append(",\"public_key\":\"").Append(p.PublicKey.ToBase64())
-              .Append("\",\"endpoint\":").Append(p.Endpoint.IsSet ? "\"" + p.Endpoint + "\"" : "null")
+              .Append("\",\"endpoint\":").Append(p.Endpoint.IsSet ? "\"" + EndpointText(p.Endpoint) + "\"" : "null")
               .Append(",\"state\":\"").Append(p.StateName(nowMs, Spec.RejectAfterTimeMs))
               .Append("\",\"path\":\"").Append(p.PathName).Append("\",\"relay_offer\":");
             if (p.RelayOffer != null) Str(sb, p.RelayOffer.Name);
@@ -8747,6 +9161,10 @@ internal static class Cli
                   --relay-rate MBIT       per relayed pair and direction (default 20)
                   --port-mapping, --no-port-mapping   ask the gateway to forward the UDP port (PCP,
                                           NAT-PMP or UPnP IGD) and announce it (default: on)
+                  --listen-tcp ADDR:PORT  also take the same records over TCP (e.g. 0.0.0.0:443), for
+                                          members whose networks block UDP
+                  --peer-tcp ADDR:PORT    the --listen-tcp of the --peer given just before: used when
+                                          no member has answered over UDP for 3 s
                   --control PATH          control socket (default /var/run/veil.sock)
                   --log-level LEVEL       error|warn|info|debug (default info)
                   --log-format FORMAT     text|json (default text)

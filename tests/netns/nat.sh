@@ -15,6 +15,8 @@
 #   cut             cone-drop, then the core drops r1 <-> r2: a <-> c falls back to relay:b;
 #                   the cut healed, punching brings it back to direct
 #   norelay         sym2-drop with --no-relay on b: no path; a lists c, not up
+#   tcp             cone-drop, but r1 drops every UDP datagram from its LAN: a reaches b over TCP
+#                   (b --listen-tcp 443, a --peer-tcp), and c through b as a relay over that link
 #   map-pcp         sym1-drop, and r1 runs miniupnpd: a maps its port with PCP, NAT-PMP or UPnP IGD
 #   map-natpmp      (VEIL_PORTMAP narrows a to that protocol; map-upnp leaves the default order and
 #   map-upnp        r1 serves only UPnP), announces 192.0.2.2:51820, and c reaches it there: direct,
@@ -38,7 +40,7 @@ NS_r1=veil-t-$$-r1 NS_r2=veil-t-$$-r2 NS_in=veil-t-$$-in
 UL4_a=198.51.100.2 UL4_b=192.0.2.130 UL4_c=203.0.113.2
 OL4_c=100.64.0.3 OL6_c=fd00:64::3 TUN_c=veil-c
 NS_ALL=() EXTRA_PIDS=()
-CASES=(cone-drop cone-accept sym1-drop sym1-accept sym2-drop sym2-accept bkill cut norelay map-pcp map-natpmp map-upnp)
+CASES=(cone-drop cone-accept sym1-drop sym1-accept sym2-drop sym2-accept bkill cut tcp norelay map-pcp map-natpmp map-upnp)
 
 ns_add() {
 	local n
@@ -217,19 +219,31 @@ run_case() {
 		sym2-*) nat1=random nat2=random filter=${name#sym2-} want=relay:b ;;
 		norelay) nat1=random nat2=random want=none brelay=(--no-relay) ;;
 		map-*) ;;
+		tcp) want=relay:b ;;
 		*) not_ok "$name" "no such case"; return ;;
 	esac
 	topology "$nat1" "$nat2" "$filter"
 	local proto=${name#map-}
 	[[ $name == map-* ]] && { miniupnpd_on "$proto"; [[ $proto == natpmp ]] && proto=nat-pmp; }
-	mesh_up b "${brelay[@]}"
+	local btcp=() atcp=()
+	if [[ $name == tcp ]]; then
+		nsx r1 nft -f - <<-EOF || die "nft UDP block on r1"
+			table ip udpblock {
+				chain forward { type filter hook forward priority -10; policy accept
+					iifname "lan0" meta l4proto udp drop
+				}
+			}
+		EOF
+		btcp=(--listen-tcp 0.0.0.0:443) atcp=(--peer-tcp "$UL4_b:443")
+	fi
+	mesh_up b "${brelay[@]}" "${btcp[@]}"
 	wait_ready b
 	local t0
 	t0=$(now_ms)
 	if [[ $name == map-* && $proto != upnp ]]; then
 		VEIL_PORTMAP=$proto mesh_up a --peer "$(via_b)"
 	else
-		mesh_up a --peer "$(via_b)"
+		mesh_up a --peer "$(via_b)" "${atcp[@]}"
 	fi
 	mesh_up c --peer "$(via_b)"
 	wait_ready a c
@@ -255,6 +269,10 @@ run_case() {
 			test "$(st b '"\(.relay.offered) \(.relay.bytes)"')" == "false 0"
 		teardown
 		return
+	fi
+	if [[ $name == tcp ]]; then
+		check "$name: a reaches b over TCP" "a sees b as: $(pq a b '"\(.state) \(.path) \(.endpoint)"')" wait_until 15 up_path a b tcp
+		check "$name: b sees a on its TCP link" "b: $(st b '.tcp|tojson')" test "$(st b '.tcp.connections')" == 1
 	fi
 	if wait_until 15 pings_both; then
 		ok "$name: first overlay ping both ways after $(($(now_ms) - t0)) ms"
