@@ -994,6 +994,7 @@ internal sealed class UpConfig
     internal bool SecretsRead;             // Psk and AcceptPsks hold what the files say (else: unchanged, not read)
     internal byte[]? AdminKey;             // P-256 public key (x ‖ y) whose signed revocations this node obeys
     internal string? RevocationsPath;      // where revocations are kept; default: "revoked" beside --config
+    internal string? StatePath;            // the members this node learned (MemberState); default: "state" beside --config
     internal IPAddress ListenAddress = IPAddress.Any;
     internal int ListenPort = Tune.DefaultListenPort;
     internal readonly List<IfAddress> Addresses = new();
@@ -1031,14 +1032,14 @@ internal sealed class UpConfig
     private bool _keepaliveGiven;
 
     // Keys a running daemon cannot change; reload refuses (exit 3) when one of them differs.
-    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp"];
+    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp", "state"];
 
     private static readonly string[] Keys =
     [
         "key", "psk", "listen", "address", "tun", "mtu", "keepalive", "rekey_after", "control", "mgmt", "mgmt_acl",
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
         "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers", "accept_psk", "admin", "revocations",
-        "relay", "relay_rate", "port_mapping", "listen_tcp",
+        "relay", "relay_rate", "port_mapping", "listen_tcp", "state",
     ];
     private static readonly string[] ListKeys = ["address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk"];
     private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive", "tcp"];
@@ -1183,6 +1184,7 @@ internal sealed class UpConfig
                 AdminKey = admin;
                 break;
             case "revocations": RevocationsPath = value.Length > 0 ? value : throw src.Bad(value, "must be a file path"); break;
+            case "state": StatePath = value.Length > 0 ? value : throw src.Bad(value, "must be a file path"); break;
             case "listen": (ListenAddress, ListenPort) = ParseAddressPort(src, value); break;
             case "listen_tcp": (TcpListenAddress, TcpListenPort) = ParseAddressPort(src, value); break;
             case "address":
@@ -1270,6 +1272,7 @@ internal sealed class UpConfig
             AcceptPsks = AcceptPskFiles.ConvertAll(f => ReadKeyFile("--accept-psk", f)).ToArray();
         }
         if (RevocationsPath == null && ConfigPath != null) RevocationsPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(ConfigPath))!, "revoked");
+        if (StatePath == null && ConfigPath != null && Mesh) StatePath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(ConfigPath))!, "state");
         if (Addresses.Count == 0) throw new ConfigException("--address CIDR is required (the overlay address of this node)");
         if (Mesh && PskFile.Length == 0) throw new ConfigException("--mesh needs --psk FILE: the network secret is what makes a node a member");
         if (Networks.Count == 0)
@@ -1325,6 +1328,7 @@ internal sealed class UpConfig
         if (string.Join(",", Networks) != string.Join(",", o.Networks)) changed.Add("network");
         if (Workers != o.Workers) changed.Add("workers");
         if (RevocationsPath != o.RevocationsPath) changed.Add("revocations");
+        if (StatePath != o.StatePath) changed.Add("state");
         if (PortMapping != o.PortMapping) changed.Add("port_mapping");
         if (!Equals(TcpListenAddress, o.TcpListenAddress) || TcpListenPort != o.TcpListenPort) changed.Add("listen_tcp");
         return changed;
@@ -2872,6 +2876,8 @@ internal sealed class Peer
     internal bool Reconnecting;                  // the handshake in flight is one reconnect attempt
     internal int ReconnectAttempts;
     internal long CreatedMs, LastSeenMs = -1;    // LastSeenMs: our records or a member's report
+    internal bool Remembered;                    // from the state file, not heard from since this start
+    internal Session? SelfSentOn;                // the session our last Self went out on
     internal readonly List<Claim> Claims = new();            // accepted, bounded by MaxClaimsPerMember
     internal readonly List<Endpoint> Announced = new();      // its own endpoints, as it told us
     internal Endpoint SeesUsAt;                              // where it says our records come from (its Self)
@@ -3079,7 +3085,8 @@ internal sealed partial class Node
     internal long ProcessTimers(long nowMs)
     {
         long next = long.MaxValue;
-        bool forgot = false;
+        bool forgot = false, anyUp = false;
+        foreach (Peer p in Peers) anyUp |= p.Active && p.Up;
         foreach (Peer p in Peers)
         {
             if (!p.Active) continue;
@@ -3093,7 +3100,7 @@ internal sealed partial class Node
             if (p.ExchangeAtMs != 0 && nowMs >= p.ExchangeAtMs) ExpiredExchange(p, nowMs);
             if (p.ClaimsExpireAtMs != 0 && nowMs >= p.ClaimsExpireAtMs) ExpiredClaims(p);
             if (p.PunchAtMs != 0 && nowMs >= p.PunchAtMs) ExpiredPunch(p, nowMs);
-            long forgetAtMs = p.ForgetAtMs;
+            long forgetAtMs = p.Remembered && !anyUp ? 0 : p.ForgetAtMs;   // alone: the state file is all we know
             if (forgetAtMs != 0 && nowMs >= forgetAtMs)
             {
                 if (!p.Provisional) Mesh.MembersForgotten++;
@@ -5864,9 +5871,11 @@ internal sealed unsafe class Daemon
                 (_tcp?.ListenPort > 0 ? $" listen_tcp={_cfg.TcpListenAddress}:{_tcp.ListenPort}" : "") +
                 (_mgmt != null ? $" mgmt={_cfg.MgmtAddress}:{_mgmt.Port}" : "") + (_cfg.User != null ? $" user={_cfg.User}" : ""));
             long nowMs = Mono.NowMs(), nextTimerMs;
+            string? state = ReadState();
             lock (node.Gate)
             {
                 node.Start(nowMs);
+                if (state != null) ApplyState(node, state, nowMs);
                 nextTimerMs = worker.PumpTimers(nowMs);
             }
             for (int i = 1; i < workers.Count; i++)
@@ -5883,6 +5892,7 @@ internal sealed unsafe class Daemon
                 node.Shutdown(Mono.NowMs());
                 worker.FlushUdp(node.UdpOut);
             }
+            SaveState(force: true);
             _log.Info("shutdown", $"reason=signal_or_down uptime_s={(Mono.NowMs() - StartedMs) / 1000}");
             return _workerFailed ? 1 : 0;
         }
@@ -5983,6 +5993,7 @@ internal sealed unsafe class Daemon
             {
                 nextAddressScanMs = nowMs + Tune.ExchangeIntervalMs;
                 if (!_addressScanQueued) { _addressScanQueued = true; chores.Post(() => ScanAddresses(port)); }
+                SaveState(force: false);
             }
             control.Expire(nowMs);
             _mgmt?.Expire(nowMs);
@@ -6117,6 +6128,68 @@ internal sealed unsafe class Daemon
             node.Mesh.LocalEndpoints.Clear();
             node.Mesh.LocalEndpoints.AddRange(found);
             node.ScheduleExchange(Mono.NowMs());
+        }
+    }
+
+    // ---- The state file (--state; Node.StateText has the format) ----
+    private string _stateWritten = "";
+    private long _stateWrittenMs = long.MinValue / 2;
+    private const long StateWriteIntervalMs = 600_000;     // at most one flash write per 10 minutes, and at exit
+
+    private string? ReadState()
+    {
+        string? path = _cfg.StatePath;
+        if (path == null || !File.Exists(path)) return null;
+        try { return _stateWritten = File.ReadAllText(path); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            _log.Warn("state_ignored", $"file={path} error=\"{e.Message}\"");
+            return null;
+        }
+    }
+
+    private void ApplyState(Node node, string text, long nowMs)
+    {
+        string? error = node.LoadState(text, nowMs, out int restored);
+        if (error != null) _log.Warn("state_ignored", $"file={_cfg.StatePath} error=\"{error}\" hint=\"nothing of it was used; it is rewritten once members are known\"");
+        else _log.Info("state_loaded", $"file={_cfg.StatePath} members={restored}");
+    }
+
+    // On the loop: the snapshot is taken under the lock, and written by the chores thread (or here,
+    // at exit) when it changed and the last write is old enough.
+    private void SaveState(bool force)
+    {
+        string? path = _cfg.StatePath;
+        if (path == null) return;
+        long nowMs = Mono.NowMs();
+        if (!force && nowMs - _stateWrittenMs < StateWriteIntervalMs) return;
+        string text;
+        lock (_node!.Gate) text = _node.StateText();
+        if (text == _stateWritten || text.IndexOf("\nmember ", StringComparison.Ordinal) < 0) return;   // unchanged, or nobody to remember
+        _stateWritten = text;
+        _stateWrittenMs = nowMs;
+        if (force) WriteState(path, text, _log);
+        else _chores!.Post(() => WriteState(path, text, _log));
+    }
+
+    /// <summary>Replaces path with text atomically: a new file (0600) written and synced beside it, then renamed.</summary>
+    internal static void WriteState(string path, string text, Log log)
+    {
+        string tmp = path + ".new";
+        try
+        {
+            var options = new FileStreamOptions { Mode = FileMode.Create, Access = FileAccess.Write, UnixCreateMode = (UnixFileMode)0b110_000_000 };
+            using (var fs = new FileStream(tmp, options))
+            {
+                fs.Write(Encoding.UTF8.GetBytes(text));
+                fs.Flush(flushToDisk: true);
+            }
+            File.Move(tmp, path, overwrite: true);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            log.Warn("state_not_saved", $"file={path} error=\"{e.Message}\"");
+            try { File.Delete(tmp); } catch (IOException) { } catch (UnauthorizedAccessException) { }
         }
     }
 
@@ -6310,7 +6383,6 @@ internal sealed unsafe class Daemon
         }
     }
 
-    /// <summary>Answers `veil revoke`: "revoke LINE", a revocation signed by the admin.</summary>
     /// <summary>`ping PEER` on the control socket: PEER by name, public key or its first characters.
     /// The Pong is answered on the loop's thread (through the chores' queue): the control socket is
     /// the loop's, and the Pong may arrive on another worker.</summary>
@@ -6331,6 +6403,7 @@ internal sealed unsafe class Daemon
         }
     }
 
+    /// <summary>Answers `veil revoke`: "revoke LINE", a revocation signed by the admin.</summary>
     internal string Revoke(string request)
     {
         Revocation? r = Revocation.Decode(request["revoke ".Length..]);
@@ -7451,6 +7524,7 @@ internal sealed class Mesh
         Endpoint observed = _node.PathRelay(p, nowMs) == null && !TcpLinks.IsTcp(p.Endpoint) ? p.Endpoint : default;
         int len = ExchangeMessage.WriteSelf(_out, Name, observed, _scratch, OwnClaims, _node.Relays.Offered ? ExchangeMessage.SelfRelays : (byte)0);
         if (!Send(p, len, nowMs)) return;
+        p.SelfSentOn = p.Current;
         Span<byte> d = _out;
         int pos = 2, count = 0;
         foreach (Peer q in _node.Peers)
@@ -7568,6 +7642,9 @@ internal sealed class Mesh
 
     private void ApplySelf(Peer p, long nowMs)
     {
+        // A Self on a session we have told nothing on: p restarted (to us its handshake was a
+        // rekey), so it knows nothing of us; tell it now rather than at the next interval.
+        if (p.SelfSentOn != p.Current && p.ExchangeAtMs > nowMs + Tune.ExchangeDebounceMs) p.ExchangeAtMs = nowMs + Tune.ExchangeDebounceMs;
         AdoptName(p, _in.Name);
         p.OffersRelay = (_in.SelfFlags & ExchangeMessage.SelfRelays) != 0;
         p.Announced.Clear();
@@ -7803,6 +7880,7 @@ internal sealed partial class Node
     private void MarkUp(Peer p, long nowMs)
     {
         p.OnConfirmed();
+        p.Remembered = false;
         p.Reconnecting = false;
         p.ReconnectAttempts = 0;
         p.ReconnectAtMs = 0;
@@ -7925,6 +8003,85 @@ internal sealed partial class Node
     private Peer? _via;                          // the relay of the datagram being handled (null: direct)
     internal TcpLinks? Tcp;                      // --listen-tcp / --peer-tcp (the daemon's)
     internal long LastUdpRxMs;                   // the last authenticated record straight from a UDP endpoint
+
+    // ---- The state file (--state): the members this node learned, for a restart while its --peer
+    // is down. The daemon writes it rarely (a flash write budget) and atomically; see MemberState.
+
+    internal const string StateHeader = "veil-state 1";
+    private static readonly System.Buffers.SearchValues<char> NameChars =
+        System.Buffers.SearchValues.Create("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.");
+    internal const int MaxStateMembers = Tune.MaxPeers / 2;     // what reports may fill, no more
+
+    /// <summary>The learned members we spoke with, one line each: "member KEY NAME EP[,EP...]",
+    /// where it was last heard from first, then what it announced (at most 4).</summary>
+    internal string StateText()
+    {
+        var sb = new StringBuilder("# veil: the members this node learned, read at start when its peers are down. Written by veil.\n");
+        sb.Append(StateHeader).Append('\n');
+        var eps = new List<Endpoint>();
+        int n = 0;
+        foreach (Peer p in Peers)
+        {
+            if (!p.Active || !p.Learned || p.Provisional || p.LastRxMs < 0 || n == MaxStateMembers) continue;
+            eps.Clear();
+            if (p.Endpoint.IsSet && !TcpLinks.IsTcp(p.Endpoint)) eps.Add(p.Endpoint);
+            foreach (Endpoint e in p.Announced) if (eps.Count < Tune.MaxEndpointsPerEntry && !eps.Contains(e)) eps.Add(e);
+            if (eps.Count == 0) continue;
+            sb.Append("member ").Append(p.PublicKey.ToBase64()).Append(' ').Append(p.Name).Append(' ').Append(string.Join(',', eps)).Append('\n');
+            n++;
+        }
+        return sb.ToString();
+    }
+
+    /// <summary>Reads a state file's text: every line is checked first, and one bad line refuses the
+    /// whole file (null: fine, else why). Each member becomes a learned member to reconnect to, its
+    /// endpoints candidates; a configured peer only gains the candidates; our own key, a revoked
+    /// one, or a member under an explicit policy that does not trust it is left out.</summary>
+    internal string? LoadState(string text, long nowMs, out int restored)
+    {
+        restored = 0;
+        var members = new List<(Key32 Key, string Name, List<Endpoint> Eps)>();
+        bool header = false;
+        int lineNo = 0;
+        foreach (string raw in text.Split('\n'))
+        {
+            lineNo++;
+            string line = raw.Trim();
+            if (line.Length == 0 || line[0] == '#') continue;
+            if (!header) { if (line != StateHeader) return $"line {lineNo}: expected '{StateHeader}'"; header = true; continue; }
+            string[] f = line.Split(' ');
+            if (f.Length != 4 || f[0] != "member" || !Key32.TryParseBase64(f[1], out Key32 key)) return $"line {lineNo}: expected 'member KEY NAME ENDPOINTS'";
+            if (f[2].Length is 0 or > ExchangeMessage.MaxNameLen || f[2].AsSpan().IndexOfAnyExcept(NameChars) >= 0) return $"line {lineNo}: bad name";
+            var eps = new List<Endpoint>();
+            foreach (string e in f[3].Split(','))
+            {
+                if (!Endpoint.TrySplitHostPort(e, out string host, out int port) || !IPAddress.TryParse(host, out IPAddress? ip)) return $"line {lineNo}: bad endpoint '{e}'";
+                Endpoint ep = Endpoint.FromIp(ip, port);
+                if (TcpLinks.IsTcp(ep) || eps.Count == Tune.MaxEndpointsPerEntry) return $"line {lineNo}: bad endpoint '{e}'";
+                eps.Add(ep);
+            }
+            if (members.Count == MaxStateMembers) return $"line {lineNo}: more than {MaxStateMembers} members";
+            members.Add((key, f[2], eps));
+        }
+        foreach (var (key, name, eps) in members)
+        {
+            if (key.EqualsCt(Handshaker.PublicKey) || Mesh.IsRevoked(key)) continue;
+            Peer? p = FindPeer(key);
+            if (p == null)
+            {
+                if (!Mesh.Open || (p = AddLearned(key, nowMs, provisional: false)) == null) continue;
+                p.Remembered = true;
+                p.LastSeenMs = nowMs;
+                if (!Peers.Exists(q => q != p && q.Active && q.Name == name)) p.Name = name;
+            }
+            foreach (Endpoint e in eps)
+                if (!p.Candidates.Contains(e) && p.Candidates.Count < Tune.MaxEndpointsPerMember) p.Candidates.Add(e);
+            if (!p.Endpoint.IsSet) p.Endpoint = eps[0];
+            if (!p.Up && p.Pending == null) p.ReconnectAtMs = nowMs;
+            restored++;
+        }
+        return null;
+    }
 
     /// <summary>A TCP link went away: peers that were on it go back to where they were before it
     /// (a client: its UDP endpoint, and the retries decide again), or to nowhere (a server's side).</summary>
@@ -9165,6 +9322,8 @@ internal static class Cli
                                           members whose networks block UDP
                   --peer-tcp ADDR:PORT    the --listen-tcp of the --peer given just before: used when
                                           no member has answered over UDP for 3 s
+                  --state FILE            remember the members learned here, to find them after a
+                                          restart while --peer is down (default: "state" beside --config)
                   --control PATH          control socket (default /var/run/veil.sock)
                   --log-level LEVEL       error|warn|info|debug (default info)
                   --log-format FORMAT     text|json (default text)

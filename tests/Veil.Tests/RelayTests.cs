@@ -329,3 +329,99 @@ public class RelayTests(ITestOutputHelper output)
         Assert.True(delivered >= (20 + 150) * 16, $"c wrote {delivered} packets");
     }
 }
+
+/// <summary>The state file (--state): what a node remembers of the members it learned, and a restart
+/// that finds them again while the member it was configured with is down.</summary>
+public class MemberStateTests
+{
+    private static Peer PeerOf(TestNode at, TestNode other) => at.Node.FindPeer(other.Public)!;
+
+    [Fact]
+    public void Restart_WithBootstrapDown_FindsTheMeshFromTheStateFile()
+    {
+        var t = TestNet.Mesh(3, i => i == 0 ? [] : [0]);
+        t.Start();
+        t.Advance(3_000);
+        TestNode b = t.Nodes[0], a = t.Nodes[1], c = t.Nodes[2];
+        Assert.True(PeerOf(a, c).Up);
+        string state = a.Node.StateText();
+        Assert.Contains(Node.StateHeader + "\n", state);
+        Assert.Contains($"member {c.Public.ToBase64()} n2 192.0.2.3:51820", state);
+        Assert.DoesNotContain(b.Public.ToBase64(), state);              // a configured peer: the config has it
+
+        // a restarts (a new node with a's key and config) while b is down: only the state file knows c.
+        t.Kill(a);
+        t.Kill(b);
+        var again = t.AddNode(a.Private, TestNet.MeshConfig(1, t.Keys, [0]), TestNet.Ep(1), "100.64.0.2");
+        again.Node.Start(t.NowMs);
+        Assert.Null(again.Node.LoadState(state, t.NowMs, out int restored));
+        Assert.Equal(1, restored);
+        Peer ac = again.Node.FindPeer(c.Public)!;
+        Assert.True(ac.Remembered && ac.Learned);
+        Assert.Equal("n2", ac.Name);
+        long ms = t.AdvanceUntil(() => ac.Up, 30_000);
+        Assert.True(ms >= 0, "never reached c from the state file");
+        t.Advance(Tune.ExchangeDebounceMs + 100);                 // c's claims (its routes) come with its Self
+        Assert.Equal(1, t.Send(t.Nodes.IndexOf(again), t.Nodes.IndexOf(c)));
+        Assert.False(ac.Remembered);
+    }
+
+    [Fact]
+    public void RememberedMembers_AreKept_WhileNothingIsUp()
+    {
+        var t = TestNet.Mesh(1, _ => []);
+        t.Start();
+        Node n = t.Nodes[0].Node;
+        Key32 other = TestNet.PublicOf(TestNode.KeyFromSeed(50));
+        Assert.Null(n.LoadState($"{Node.StateHeader}\nmember {other.ToBase64()} far 192.0.2.99:51820,[2001:db8::9]:51820\n", t.NowMs, out int restored));
+        Assert.Equal(1, restored);
+        Peer p = n.FindPeer(other)!;
+        Assert.Equal(2, p.Candidates.Count);
+        t.Advance(Tune.ForgetMemberAfterMs + 60_000, 5_000);        // nobody answers, and nobody else is up
+        Assert.Same(p, n.FindPeer(other));
+        Assert.True(p.HellosSent > 1, "it keeps trying");
+    }
+
+    [Theory]
+    [InlineData("member KEY n 192.0.2.1:1\n", "expected 'veil-state 1'")]                  // no header
+    [InlineData("veil-state 1\nmember KEY n\n", "expected 'member KEY NAME ENDPOINTS'")]
+    [InlineData("veil-state 1\nmember notakey n 192.0.2.1:1\n", "expected 'member KEY NAME ENDPOINTS'")]
+    [InlineData("veil-state 1\nmember KEY a/b 192.0.2.1:1\n", "bad name")]
+    [InlineData("veil-state 1\nmember KEY n 192.0.2.1\n", "bad endpoint")]
+    [InlineData("veil-state 1\nmember KEY n example.com:1\n", "bad endpoint")]
+    [InlineData("veil-state 1\nmember KEY n [100::1]:1\n", "bad endpoint")]           // a TCP link's stand-in
+    [InlineData("veil-state 1\nmember KEY n 192.0.2.1:1,192.0.2.1:2,192.0.2.1:3,192.0.2.1:4,192.0.2.1:5\n", "bad endpoint")]
+    [InlineData("veil-state 2\n", "expected 'veil-state 1'")]
+    public void BadStateFile_IsRefusedWhole_NothingApplied(string text, string why)
+    {
+        var t = TestNet.Mesh(1, _ => []);
+        t.Start();
+        Node n = t.Nodes[0].Node;
+        Key32 good = TestNet.PublicOf(TestNode.KeyFromSeed(60)), key = TestNet.PublicOf(TestNode.KeyFromSeed(61));
+        string file = $"# comment\n{Node.StateHeader}\nmember {good.ToBase64()} fine 192.0.2.98:51820\n".Replace(Node.StateHeader + "\n", "") + text.Replace("KEY", key.ToBase64());
+        file = text.StartsWith("veil-state") ? $"# comment\n{text.Replace("KEY", key.ToBase64())}member {good.ToBase64()} fine 192.0.2.98:51820\n" : file;
+        string? error = n.LoadState(file, t.NowMs, out int restored);
+        Assert.NotNull(error);
+        Assert.Contains(why, error);
+        Assert.Equal(0, restored);
+        Assert.Null(n.FindPeer(good));
+        Assert.Null(n.FindPeer(key));
+    }
+
+    [Fact]
+    public void WriteState_ReplacesTheFileAtomically_Mode0600()
+    {
+        string dir = Directory.CreateTempSubdirectory("veil-state-").FullName;
+        try
+        {
+            string path = Path.Combine(dir, "state");
+            var log = new Log(new StringWriter(), LogLevel.Info);
+            Daemon.WriteState(path, "veil-state 1\n", log);
+            Daemon.WriteState(path, "veil-state 1\nmember x\n", log);
+            Assert.Equal("veil-state 1\nmember x\n", File.ReadAllText(path));
+            Assert.Equal(UnixFileMode.UserRead | UnixFileMode.UserWrite, File.GetUnixFileMode(path));
+            Assert.Equal(["state"], Directory.GetFiles(dir).Select(Path.GetFileName));
+        }
+        finally { Directory.Delete(dir, true); }
+    }
+}

@@ -145,7 +145,7 @@ unclaimed_out() { ! kvia_tun a "$NOWHERE4" && ! kvia_tun a "$NOWHERE6"; }
 # logged NODE EVENT PEER -- NODE's current log has EVENT naming PEER (NAME=PEER or its key)
 logged() {
 	local line key re
-	key=$(pub "$3")
+	key=$(pub "$3" | tr '+/' '-_')          # a key's default name spells + and / as - and _
 	re="[[:space:]][a-z_]+=\"?$3\"?([[:space:]]|\$)"
 	while IFS= read -r line; do
 		[[ $line =~ $re || $line == *"${key:0:8}"* ]] && return 0

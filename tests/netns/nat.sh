@@ -15,6 +15,8 @@
 #   cut             cone-drop, then the core drops r1 <-> r2: a <-> c falls back to relay:b;
 #                   the cut healed, punching brings it back to direct
 #   norelay         sym2-drop with --no-relay on b: no path; a lists c, not up
+#   state           cone-accept, a with --state: a stops (writing the members it learned), b is
+#                   killed, a starts again knowing only b, and reaches c from its state file
 #   tcp             cone-drop, but r1 drops every UDP datagram from its LAN: a reaches b over TCP
 #                   (b --listen-tcp 443, a --peer-tcp), and c through b as a relay over that link
 #   map-pcp         sym1-drop, and r1 runs miniupnpd: a maps its port with PCP, NAT-PMP or UPnP IGD
@@ -40,7 +42,7 @@ NS_r1=veil-t-$$-r1 NS_r2=veil-t-$$-r2 NS_in=veil-t-$$-in
 UL4_a=198.51.100.2 UL4_b=192.0.2.130 UL4_c=203.0.113.2
 OL4_c=100.64.0.3 OL6_c=fd00:64::3 TUN_c=veil-c
 NS_ALL=() EXTRA_PIDS=()
-CASES=(cone-drop cone-accept sym1-drop sym1-accept sym2-drop sym2-accept bkill cut tcp norelay map-pcp map-natpmp map-upnp)
+CASES=(cone-drop cone-accept sym1-drop sym1-accept sym2-drop sym2-accept bkill cut state tcp norelay map-pcp map-natpmp map-upnp)
 
 ns_add() {
 	local n
@@ -215,6 +217,7 @@ run_case() {
 	case $name in
 		cone-drop | bkill | cut) ;;
 		cone-accept) filter=accept ;;
+		state) filter=accept ;;
 		sym1-*) nat1=random filter=${name#sym1-} want=relay:b ;;
 		sym2-*) nat1=random nat2=random filter=${name#sym2-} want=relay:b ;;
 		norelay) nat1=random nat2=random want=none brelay=(--no-relay) ;;
@@ -242,6 +245,8 @@ run_case() {
 	t0=$(now_ms)
 	if [[ $name == map-* && $proto != upnp ]]; then
 		VEIL_PORTMAP=$proto mesh_up a --peer "$(via_b)"
+	elif [[ $name == state ]]; then
+		mesh_up a --peer "$(via_b)" --state "$TMPD/a.state"
 	else
 		mesh_up a --peer "$(via_b)" "${atcp[@]}"
 	fi
@@ -312,6 +317,24 @@ run_case() {
 		node_stop a >/dev/null
 		check "$name: a deleted its mapping on exit" "r1 still has $(r1_mappings) rules" test "$(r1_mappings)" == 0
 		check "$name: a logged the unmapping" "$(tail -4 "${NODE_LOG[a]}")" grep -q "event=port_unmapped protocol=$proto" "${NODE_LOG[a]}"
+	fi
+	if [[ $name == state ]]; then
+		node_stop a >/dev/null
+		check "$name: a wrote its state file (0600) naming c" "$(cat "$TMPD/a.state" 2>&1)" \
+			test "$(stat -c %a "$TMPD/a.state" 2>/dev/null)" == 600 -a -n "$(grep "^member $(pub c) c " "$TMPD/a.state")"
+		kill -KILL "${NODE_PID[b]}" 2>/dev/null
+		wait "${NODE_PID[b]}" 2>/dev/null
+		unset "NODE_PID[b]"
+		t0=$(now_ms)
+		mesh_up a --peer "$(via_b)" --state "$TMPD/a.state"
+		wait_ready a
+		check "$name: a loaded c from the state file" "$(grep state_ "${NODE_LOG[a]}")" grep -q "event=state_loaded .* members=1" "${NODE_LOG[a]}"
+		if wait_until 20 up_path a c direct; then
+			ok "$name: a reaches c again without b, $(($(now_ms) - t0)) ms after its restart"
+		else
+			not_ok "$name: a reaches c again without b" "a sees c as: $(pq a c '"\(.state) \(.path) \(.endpoint)"')"
+		fi
+		check "$name: 20 pings c -> a after the restart" "lost some" pings_all c "$OL4_a" 20
 	fi
 	if [[ $name == cut ]]; then
 		nsx in nft -f - <<-EOF || die "nft cut on the core"
