@@ -995,6 +995,7 @@ internal sealed class UpConfig
     internal byte[]? AdminKey;             // P-256 public key (x ‖ y) whose signed revocations this node obeys
     internal string? RevocationsPath;      // where revocations are kept; default: "revoked" beside --config
     internal string? StatePath;            // the members this node learned (MemberState); default: "state" beside --config
+    internal string? BeaconStore, BeaconLoad;  // FILE or "|PROGRAM ARG..." (Beacon)
     internal IPAddress ListenAddress = IPAddress.Any;
     internal int ListenPort = Tune.DefaultListenPort;
     internal readonly List<IfAddress> Addresses = new();
@@ -1032,14 +1033,14 @@ internal sealed class UpConfig
     private bool _keepaliveGiven;
 
     // Keys a running daemon cannot change; reload refuses (exit 3) when one of them differs.
-    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp", "state"];
+    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load"];
 
     private static readonly string[] Keys =
     [
         "key", "psk", "listen", "address", "tun", "mtu", "keepalive", "rekey_after", "control", "mgmt", "mgmt_acl",
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
         "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers", "accept_psk", "admin", "revocations",
-        "relay", "relay_rate", "port_mapping", "listen_tcp", "state",
+        "relay", "relay_rate", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load",
     ];
     private static readonly string[] ListKeys = ["address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk"];
     private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive", "tcp"];
@@ -1185,6 +1186,10 @@ internal sealed class UpConfig
                 break;
             case "revocations": RevocationsPath = value.Length > 0 ? value : throw src.Bad(value, "must be a file path"); break;
             case "state": StatePath = value.Length > 0 ? value : throw src.Bad(value, "must be a file path"); break;
+            case "beacon_store" or "beacon_load":
+                if (value.Trim('|', ' ').Length == 0) throw src.Bad(value, "must be a file path or |PROGRAM [ARG...]");
+                if (key == "beacon_store") BeaconStore = value; else BeaconLoad = value;
+                break;
             case "listen": (ListenAddress, ListenPort) = ParseAddressPort(src, value); break;
             case "listen_tcp": (TcpListenAddress, TcpListenPort) = ParseAddressPort(src, value); break;
             case "address":
@@ -1272,6 +1277,7 @@ internal sealed class UpConfig
             AcceptPsks = AcceptPskFiles.ConvertAll(f => ReadKeyFile("--accept-psk", f)).ToArray();
         }
         if (RevocationsPath == null && ConfigPath != null) RevocationsPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(ConfigPath))!, "revoked");
+        if ((BeaconStore != null || BeaconLoad != null) && PskFile.Length == 0) throw new ConfigException("--beacon-store and --beacon-load need --psk FILE: beacons are sealed with the network secret");
         if (StatePath == null && ConfigPath != null && Mesh) StatePath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(ConfigPath))!, "state");
         if (Addresses.Count == 0) throw new ConfigException("--address CIDR is required (the overlay address of this node)");
         if (Mesh && PskFile.Length == 0) throw new ConfigException("--mesh needs --psk FILE: the network secret is what makes a node a member");
@@ -1329,6 +1335,8 @@ internal sealed class UpConfig
         if (Workers != o.Workers) changed.Add("workers");
         if (RevocationsPath != o.RevocationsPath) changed.Add("revocations");
         if (StatePath != o.StatePath) changed.Add("state");
+        if (BeaconStore != o.BeaconStore) changed.Add("beacon_store");
+        if (BeaconLoad != o.BeaconLoad) changed.Add("beacon_load");
         if (PortMapping != o.PortMapping) changed.Add("port_mapping");
         if (!Equals(TcpListenAddress, o.TcpListenAddress) || TcpListenPort != o.TcpListenPort) changed.Add("listen_tcp");
         return changed;
@@ -5805,6 +5813,11 @@ internal sealed unsafe class Daemon
         var counters = new Counters();
         Node node = _node = new(_cfg, _log, counters);
         if (_cfg.ConfigPath != null) node.Invites = new Invites(_cfg.PrivateKey) { Psk = _cfg.Psk };
+        if (_cfg.BeaconStore != null || _cfg.BeaconLoad != null)
+        {
+            _beaconKeys.Add(Beacon.KeyOf(_cfg.Psk));
+            foreach (Key32 k in _cfg.AcceptPsks) _beaconKeys.Add(Beacon.KeyOf(k));
+        }
         _cfg.PrivateKey.Clear();                          // the node holds its own copies from here on
         ClearSecrets(_cfg);
         LoadRevocations(node);
@@ -5968,6 +5981,7 @@ internal sealed unsafe class Daemon
             long wake = Math.Min(Math.Min(nextTimerMs, Math.Min(control.NextDeadlineMs, _mgmt?.NextDeadlineMs ?? long.MaxValue)),
                 Math.Min(nextAddressScanMs, _cfg.ConfigPath != null ? nextConfigCheckMs : long.MaxValue));
             if (_tcp != null && _tcp.Count > 0) wake = Math.Min(wake, nowMs + 1000);   // TcpLinks.Expire's deadlines
+            if (_cfg.BeaconStore != null || _cfg.BeaconLoad != null) wake = Math.Min(wake, _nextBeaconMs);
             int n = Libc.EpollWait(epfd, events, 16, (int)Math.Clamp(wake - nowMs, 0, 60_000));
             nowMs = Mono.NowMs();
             // The first worker's own I/O (it locks the node itself), then the control socket and
@@ -5994,6 +6008,12 @@ internal sealed unsafe class Daemon
                 nextAddressScanMs = nowMs + Tune.ExchangeIntervalMs;
                 if (!_addressScanQueued) { _addressScanQueued = true; chores.Post(() => ScanAddresses(port)); }
                 SaveState(force: false);
+            }
+            if ((_cfg.BeaconStore != null || _cfg.BeaconLoad != null) && nowMs >= _nextBeaconMs)
+            {
+                bool early = nowMs - StartedMs < FirstBeaconStoreMs;
+                _nextBeaconMs = early ? StartedMs + FirstBeaconStoreMs : nowMs + BeaconIntervalMs;
+                BeaconRound(store: !early);
             }
             control.Expire(nowMs);
             _mgmt?.Expire(nowMs);
@@ -6191,6 +6211,75 @@ internal sealed unsafe class Daemon
             log.Warn("state_not_saved", $"file={path} error=\"{e.Message}\"");
             try { File.Delete(tmp); } catch (IOException) { } catch (UnauthorizedAccessException) { }
         }
+    }
+
+    // ---- Beacons (--beacon-store, --beacon-load; Beacon has the format) ----
+    private readonly List<byte[]> _beaconKeys = new();
+    private long _nextBeaconMs = Mono.NowMs();            // loading at once; storing once members told us how they see us
+    private const long FirstBeaconStoreMs = 5_000;
+    private const long BeaconIntervalMs = 600_000;
+    internal const int BeaconCommandTimeoutMs = 10_000;
+
+    // On the loop: a snapshot of our endpoints, then the chores thread writes and reads the beacons.
+    private void BeaconRound(bool store)
+    {
+        Node node = _node!;
+        List<Endpoint> eps;
+        Key32 pub;
+        lock (node.Gate) { eps = node.Mesh.EndpointsNow(); pub = node.Handshaker.PublicKey; }
+        string? to = store ? _cfg.BeaconStore : null, load = _cfg.BeaconLoad;
+        _chores!.Post(() =>
+        {
+            if (to != null && eps.Count > 0) StoreBeacon(to, Beacon.Seal(_beaconKeys[0], pub, DateTimeOffset.UtcNow.ToUnixTimeSeconds(), eps));
+            if (load != null) LoadBeacons(load);
+        });
+    }
+
+    private void StoreBeacon(string where, string line)
+    {
+        if (!where.StartsWith('|')) { WriteState(where, line + "\n", _log); return; }
+        if (Beacon.Run(where, line + "\n", BeaconCommandTimeoutMs, out string? error) == null)
+            _log.Warn("beacon_not_stored", $"command=\"{where}\" error=\"{error}\"");
+    }
+
+    // On the chores thread: read, open and check every line; the loop applies the good ones.
+    private void LoadBeacons(string from)
+    {
+        string? text, error = null;
+        if (from.StartsWith('|')) text = Beacon.Run(from, null, BeaconCommandTimeoutMs, out error);
+        else
+        {
+            try { text = new FileInfo(from).Length <= 64 * 1024 ? File.ReadAllText(from) : null; error = text == null ? "longer than 64 KiB" : null; }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { text = null; error = e.Message; }
+        }
+        if (text == null) { _log.Warn("beacons_not_loaded", $"from=\"{from}\" error=\"{error}\""); return; }
+        var good = new List<(Key32, List<Endpoint>)>();
+        int bad = 0;
+        long now = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+        foreach (string line in text.Split('\n'))
+        {
+            if (line.Trim().Length == 0) continue;
+            var eps = new List<Endpoint>();
+            if (Beacon.TryOpen(line, _beaconKeys, now, out Key32 key, eps) is string why)
+            {
+                bad++;
+                if (_log.Wants(LogLevel.Warn, "beacon_ignored")) _log.Emit(LogLevel.Warn, "beacon_ignored", $"from=\"{from}\" reason=\"{why}\"");
+                continue;
+            }
+            if (good.Count < Node.MaxStateMembers) good.Add((key, eps));
+        }
+        _chores!.Return(() =>
+        {
+            Node node = _node!;
+            int used = 0;
+            lock (node.Gate)
+            {
+                foreach (var (key, eps) in good) if (node.Remember(key, null, eps, Mono.NowMs())) used++;
+                node.Mesh.BeaconsLoaded += used;
+                node.Mesh.BeaconsRejected += bad;
+            }
+            if (used > 0 || bad > 0) _log.Info("beacons_loaded", $"from=\"{from}\" members={used} ignored={bad}");
+        });
     }
 
     private readonly List<Endpoint> _tcpGone = new();
@@ -7006,6 +7095,106 @@ internal static class Upnp
     }
 }
 
+/// <summary>Beacons (--beacon-store, --beacon-load): this node's reachable endpoints, sealed with the
+/// network secret, left where other members can read them (a file on a shared folder or a web
+/// server, a DNS TXT record through a command), so a member that lost every peer finds the mesh
+/// again. A beacon is one line, "veil-beacon1 BASE64" of nonce (12) ‖ ChaCha20-Poly1305 of (public
+/// key ‖ Unix seconds u64 ‖ n (1..8) ‖ n × endpoint, as in the exchange) under a key derived from
+/// the secret. One that does not open under a secret we hold, is older than MaxAgeS, comes from the
+/// future, or does not parse is ignored and counted; it can only name endpoints to try, never
+/// make anything a member (the handshake still needs the secret).</summary>
+internal static class Beacon
+{
+    internal const string Prefix = "veil-beacon1 ";
+    internal const long MaxAgeS = 86_400, MaxSkewS = 300;
+    private const int MaxLen = 1 + 32 + 8 + 1 + 8 * 19;
+
+    /// <summary>The beacon key of a network secret (derived once at start: the secret itself is
+    /// wiped from the daemon's memory then).</summary>
+    internal static byte[] KeyOf(in Key32 psk)
+    {
+        byte[] key = new byte[32];
+        Hkdf.Derive(key, psk, "veil beacon"u8, "v1"u8);
+        return key;
+    }
+
+    internal static string Seal(byte[] key, in Key32 publicKey, long unixS, List<Endpoint> endpoints)
+    {
+        int n = Math.Min(endpoints.Count, Tune.MaxEndpointsPerMember);
+        byte[] plain = new byte[32 + 8 + 1 + n * 19];
+        ((ReadOnlySpan<byte>)publicKey).CopyTo(plain);
+        BinaryPrimitives.WriteInt64BigEndian(plain.AsSpan(32), unixS);
+        plain[40] = (byte)n;
+        int pos = 41;
+        for (int i = 0; i < n; i++) pos += ExchangeMessage.WriteEndpoint(plain.AsSpan(pos), endpoints[i]);
+        byte[] sealedBeacon = new byte[12 + pos + Aead.TagLen];
+        RandomNumberGenerator.Fill(sealedBeacon.AsSpan(0, 12));
+        using (var aead = new Aead(AeadKind.ChaCha20Poly1305, key)) aead.Seal(sealedBeacon.AsSpan(0, 12), plain.AsSpan(0, pos), "veil-beacon1"u8, sealedBeacon.AsSpan(12));
+        return Prefix + Convert.ToBase64String(sealedBeacon);
+    }
+
+    /// <summary>Opens one line under any of keys (KeyOf); null when it is a good beacon, else why not.</summary>
+    internal static string? TryOpen(string line, IReadOnlyList<byte[]> keys, long nowUnixS, out Key32 publicKey, List<Endpoint> endpoints)
+    {
+        publicKey = default;
+        endpoints.Clear();
+        line = line.Trim();
+        if (!line.StartsWith(Prefix, StringComparison.Ordinal)) return "not a beacon";
+        byte[] raw = new byte[(line.Length - Prefix.Length) * 3 / 4 + 3];
+        if (!Convert.TryFromBase64String(line[Prefix.Length..], raw, out int len) || len < 12 + 41 + Aead.TagLen || len > 12 + MaxLen + Aead.TagLen) return "malformed";
+        byte[] plain = new byte[len - 12 - Aead.TagLen];
+        bool opened = false;
+        foreach (byte[] key in keys)
+        {
+            using (var aead = new Aead(AeadKind.ChaCha20Poly1305, key)) opened = aead.Open(raw.AsSpan(0, 12), raw.AsSpan(12, len - 12), "veil-beacon1"u8, plain);
+            if (opened) break;
+        }
+        if (!opened) return "does not open under the network secret";
+        long unixS = BinaryPrimitives.ReadInt64BigEndian(plain.AsSpan(32));
+        if (unixS > nowUnixS + MaxSkewS) return "from the future";
+        if (nowUnixS - unixS > MaxAgeS) return "stale";
+        int n = plain[40], pos = 41;
+        if (n is 0 or > Tune.MaxEndpointsPerMember) return "malformed";
+        for (int i = 0; i < n; i++)
+        {
+            if (!ExchangeMessage.ReadEndpoint(plain, ref pos, out Endpoint e, allowUnset: false)) { endpoints.Clear(); return "malformed"; }
+            endpoints.Add(e);
+        }
+        if (pos != plain.Length) { endpoints.Clear(); return "malformed"; }
+        publicKey = new Key32();
+        plain.AsSpan(0, 32).CopyTo(publicKey);
+        return null;
+    }
+
+    /// <summary>Runs "|PROGRAM ARG..." (no shell) with input on its stdin; its stdout, bounded, or null
+    /// (and why) when it cannot start, fails, or outlives timeoutMs (it is killed).</summary>
+    internal static string? Run(string command, string? input, int timeoutMs, out string? error)
+    {
+        error = null;
+        string[] argv = command.TrimStart('|').Split(' ', StringSplitOptions.RemoveEmptyEntries);
+        if (argv.Length == 0) { error = "empty command"; return null; }
+        var psi = new ProcessStartInfo(argv[0]) { RedirectStandardInput = true, RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        for (int i = 1; i < argv.Length; i++) psi.ArgumentList.Add(argv[i]);
+        try
+        {
+            using Process p = Process.Start(psi)!;
+            var output = p.StandardOutput.ReadToEndAsync();
+            _ = p.StandardError.ReadToEndAsync();
+            p.StandardInput.Write(input ?? "");
+            p.StandardInput.Close();
+            if (!p.WaitForExit(timeoutMs)) { p.Kill(entireProcessTree: true); error = $"timed out after {timeoutMs} ms"; return null; }
+            if (p.ExitCode != 0) { error = $"exit status {p.ExitCode}"; return null; }
+            string text = output.Result;
+            return text.Length <= 64 * 1024 ? text : text[..(64 * 1024)];
+        }
+        catch (Exception e) when (e is System.ComponentModel.Win32Exception or IOException or InvalidOperationException)
+        {
+            error = e.Message;
+            return null;
+        }
+    }
+}
+
 /// <summary>The daemon's slow work, on a thread of its own so that neither the loop nor the node's
 /// lock ever waits for it: reading the config file (its peer names resolve through DNS), appending a
 /// joiner and syncing the file, listing the host's addresses, syncing kernel routes over netlink. A
@@ -7311,7 +7500,7 @@ internal sealed class ExchangeMessage
         return false;
     }
 
-    private static bool ReadEndpoint(ReadOnlySpan<byte> m, ref int pos, out Endpoint e, bool allowUnset)
+    internal static bool ReadEndpoint(ReadOnlySpan<byte> m, ref int pos, out Endpoint e, bool allowUnset)
     {
         e = default;
         if (pos >= m.Length) return false;
@@ -7546,6 +7735,15 @@ internal sealed class Mesh
         }
         if (count > 0 && !SendMembers(p, pos, count, nowMs)) return;
         if (p.RevocationsSentVersion != RevocationsVersion && SendRevocations(p, nowMs)) p.RevocationsSentVersion = RevocationsVersion;
+    }
+
+    internal long BeaconsLoaded, BeaconsRejected;
+
+    /// <summary>Where members may reach us now (a copy, for a beacon).</summary>
+    internal List<Endpoint> EndpointsNow()
+    {
+        OwnEndpoints();
+        return new List<Endpoint>(_scratch);
     }
 
     // Where members may reach us (into _scratch): the gateway's mapping, how members see us, then our
@@ -8064,23 +8262,28 @@ internal sealed partial class Node
             members.Add((key, f[2], eps));
         }
         foreach (var (key, name, eps) in members)
-        {
-            if (key.EqualsCt(Handshaker.PublicKey) || Mesh.IsRevoked(key)) continue;
-            Peer? p = FindPeer(key);
-            if (p == null)
-            {
-                if (!Mesh.Open || (p = AddLearned(key, nowMs, provisional: false)) == null) continue;
-                p.Remembered = true;
-                p.LastSeenMs = nowMs;
-                if (!Peers.Exists(q => q != p && q.Active && q.Name == name)) p.Name = name;
-            }
-            foreach (Endpoint e in eps)
-                if (!p.Candidates.Contains(e) && p.Candidates.Count < Tune.MaxEndpointsPerMember) p.Candidates.Add(e);
-            if (!p.Endpoint.IsSet) p.Endpoint = eps[0];
-            if (!p.Up && p.Pending == null) p.ReconnectAtMs = nowMs;
-            restored++;
-        }
+            if (Remember(key, name, eps, nowMs)) restored++;
         return null;
+    }
+
+    /// <summary>A member known from the state file or a beacon: to reconnect to, at these endpoints.
+    /// Our own key, a revoked one, and (explicit policy) an unknown one are left out (false).</summary>
+    internal bool Remember(in Key32 key, string? name, List<Endpoint> eps, long nowMs)
+    {
+        if (eps.Count == 0 || key.EqualsCt(Handshaker.PublicKey) || Mesh.IsRevoked(key)) return false;
+        Peer? p = FindPeer(key);
+        if (p == null)
+        {
+            if (!Mesh.Open || (p = AddLearned(key, nowMs, provisional: false)) == null) return false;
+            p.Remembered = true;
+            p.LastSeenMs = nowMs;
+            if (name != null && !Peers.Exists(q => q != p && q.Active && q.Name == name)) p.Name = name;
+        }
+        foreach (Endpoint e in eps)
+            if (!p.Candidates.Contains(e) && p.Candidates.Count < Tune.MaxEndpointsPerMember) p.Candidates.Add(e);
+        if (!p.Endpoint.IsSet) p.Endpoint = eps[0];
+        if (!p.Up && p.Pending == null && p.ReconnectAtMs == 0) p.ReconnectAtMs = nowMs;
+        return true;
     }
 
     /// <summary>A TCP link went away: peers that were on it go back to where they were before it
@@ -8509,7 +8712,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
           .Append(",\"members_forgotten\":").Append(m.MembersForgotten)
           .Append(",\"admin_key\":").Append(m.AdminKey != null ? "\"" + Convert.ToBase64String(m.AdminKey) + "\"" : "null")
           .Append(",\"revocations\":").Append(m.RevocationCount).Append(",\"revocations_rejected\":").Append(m.RevocationsRejected)
-          .Append(",\"revoked_refused\":").Append(m.RevokedRefused).Append('}');
+          .Append(",\"revoked_refused\":").Append(m.RevokedRefused)
+          .Append(",\"beacons_loaded\":").Append(m.BeaconsLoaded).Append(",\"beacons_rejected\":").Append(m.BeaconsRejected).Append('}');
         Relays r = node.Relays;
         sb.Append(",\"relay\":{\"offered\":").Append(r.Offered ? "true" : "false").Append(",\"rate_mbit\":").Append(r.RateBytesPerS / 125_000)
           .Append(",\"flows\":").Append(r.Pairs).Append(",\"bytes\":").Append(r.Bytes).Append(",\"records\":").Append(r.Records)
@@ -9324,6 +9528,10 @@ internal static class Cli
                                           no member has answered over UDP for 3 s
                   --state FILE            remember the members learned here, to find them after a
                                           restart while --peer is down (default: "state" beside --config)
+                  --beacon-store FILE|'|CMD ARG...'   every 10 min, write this node's endpoints sealed
+                                          with --psk to FILE, or to CMD's stdin (no shell, 10 s limit)
+                  --beacon-load FILE|'|CMD ARG...'    read other members' beacons from FILE or CMD's stdout
+                                          and try their endpoints (stale, foreign or bad ones: ignored)
                   --control PATH          control socket (default /var/run/veil.sock)
                   --log-level LEVEL       error|warn|info|debug (default info)
                   --log-format FORMAT     text|json (default text)

@@ -261,6 +261,32 @@ public class RelayTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public void UpgradeToDirect_LosesNothingInFlight()
+    {
+        bool cut = true;
+        var (t, b, a, c) = Cut(() => cut);
+        Peer ac = PeerOf(a, c);
+        t.UseLatency(20);                                        // datagrams in flight on both paths at the switch
+        cut = false;
+        int sent = 0, got = 0;
+        long start = t.NowMs;
+        while (ac.Relay != null || t.NowMs - start < 10_000)
+        {
+            c.Tun.Written.Clear();
+            a.Tun.Inject(Packets.Udp4(a.Overlay, c.Overlay, 100, (byte)sent));
+            sent++;
+            t.Advance(10, 10);
+            got += c.Tun.Written.Count;
+            Assert.True(t.NowMs - start < 120_000, "never moved to the direct path");
+        }
+        c.Tun.Written.Clear();
+        t.Advance(200, 10);
+        got += c.Tun.Written.Count;
+        Assert.Null(ac.Relay);
+        Assert.Equal(sent, got);
+    }
+
+    [Fact]
     public void NoRelay_PairThatCannotMeetDirectlyStaysDown()
     {
         var t = TestNet.Mesh(3, i => i == 0 ? [] : [0], (i, c) => { if (i == 0) c.Relay = false; });
@@ -423,5 +449,72 @@ public class MemberStateTests
             Assert.Equal(["state"], Directory.GetFiles(dir).Select(Path.GetFileName));
         }
         finally { Directory.Delete(dir, true); }
+    }
+}
+
+/// <summary>Beacons (--beacon-store, --beacon-load): sealed with the network secret, checked whole.</summary>
+public class BeaconTests
+{
+    private static readonly byte[] Key = Beacon.KeyOf(TestNet.MeshPsk()), OtherKey = Beacon.KeyOf(TestNet.MeshPsk(0x5A));
+    private static readonly Key32 Member = TestNet.PublicOf(TestNode.KeyFromSeed(70));
+    private static readonly List<Endpoint> Eps = [Endpoint.FromIp(IPAddress.Parse("192.0.2.2"), 51820), Endpoint.FromIp(IPAddress.Parse("2001:db8::2"), 51820)];
+    private const long Now = 1_800_000_000;
+
+    [Fact]
+    public void SealedBeacon_OpensUnderTheSecret_WithKeyAndEndpoints()
+    {
+        string line = Beacon.Seal(Key, Member, Now - 60, Eps);
+        Assert.StartsWith(Beacon.Prefix, line);
+        Assert.DoesNotContain("192.0.2.2", line);
+        var got = new List<Endpoint>();
+        Assert.Null(Beacon.TryOpen(line + "\n", [OtherKey, Key], Now, out Key32 key, got));   // any secret held (a rotation)
+        Assert.True(key.EqualsCt(Member));
+        Assert.Equal(Eps, got);
+        Assert.NotEqual(line, Beacon.Seal(Key, Member, Now - 60, Eps));               // a fresh nonce each time
+    }
+
+    [Fact]
+    public void ForeignStaleFutureTamperedOrMalformed_AreIgnored()
+    {
+        var got = new List<Endpoint>();
+        string line = Beacon.Seal(Key, Member, Now, Eps);
+        Assert.Equal("does not open under the network secret", Beacon.TryOpen(line, [OtherKey], Now, out _, got));
+        Assert.Equal("stale", Beacon.TryOpen(Beacon.Seal(Key, Member, Now - Beacon.MaxAgeS - 1, Eps), [Key], Now, out _, got));
+        Assert.Equal("from the future", Beacon.TryOpen(Beacon.Seal(Key, Member, Now + Beacon.MaxSkewS + 1, Eps), [Key], Now, out _, got));
+        char[] c = line.ToCharArray();
+        c[Beacon.Prefix.Length + 20] = c[Beacon.Prefix.Length + 20] == 'A' ? 'B' : 'A';
+        Assert.Equal("does not open under the network secret", Beacon.TryOpen(new string(c), [Key], Now, out _, got));
+        Assert.Equal("not a beacon", Beacon.TryOpen("hello", [Key], Now, out _, got));
+        Assert.Equal("malformed", Beacon.TryOpen(Beacon.Prefix + "!!!", [Key], Now, out _, got));
+        Assert.Equal("malformed", Beacon.TryOpen(Beacon.Prefix + Convert.ToBase64String(new byte[20]), [Key], Now, out _, got));
+        Assert.Equal("malformed", Beacon.TryOpen(Beacon.Seal(Key, Member, Now, []), [Key], Now, out _, got));   // no endpoint
+        Assert.Empty(got);
+    }
+
+    [Fact]
+    public void Command_RunsWithoutShell_BoundedInTime()
+    {
+        string? out1 = Beacon.Run("|/bin/cat", "line one\n", 5_000, out string? error);
+        Assert.Null(error);
+        Assert.Equal("line one\n", out1);
+        Assert.Equal("$HOME;x\n", Beacon.Run("|/bin/echo $HOME;x", null, 5_000, out _));          // no shell: nothing expands
+        Assert.Null(Beacon.Run("|/bin/sleep 5", null, 200, out error));
+        Assert.Equal("timed out after 200 ms", error);
+        Assert.Null(Beacon.Run("|/bin/false", null, 5_000, out error));
+        Assert.Equal("exit status 1", error);
+        Assert.Null(Beacon.Run("|/nonexistent/program", null, 5_000, out error));
+        Assert.NotNull(error);
+    }
+
+    [Fact]
+    public void ABeaconMember_IsRemembered_AndReached()
+    {
+        var t = TestNet.Mesh(2, _ => []);                        // two members that know nothing of each other
+        t.Start();
+        TestNode a = t.Nodes[0], c = t.Nodes[1];
+        Assert.Null(a.Node.FindPeer(c.Public));
+        Assert.True(a.Node.Remember(c.Public, null, [c.Endpoint], t.NowMs));
+        Assert.False(a.Node.Remember(a.Public, null, [a.Endpoint], t.NowMs));          // our own beacon
+        Assert.True(t.AdvanceUntil(() => a.Node.FindPeer(c.Public) is { Up: true }, 10_000) >= 0);
     }
 }

@@ -17,6 +17,8 @@
 #   norelay         sym2-drop with --no-relay on b: no path; a lists c, not up
 #   state           cone-accept, a with --state: a stops (writing the members it learned), b is
 #                   killed, a starts again knowing only b, and reaches c from its state file
+#   beacon          cone-accept; b stores beacons through a command (|tee FILE), a knows no peer at
+#                   all and loads them from FILE: a finds b from its beacon, and c through b
 #   tcp             cone-drop, but r1 drops every UDP datagram from its LAN: a reaches b over TCP
 #                   (b --listen-tcp 443, a --peer-tcp), and c through b as a relay over that link
 #   map-pcp         sym1-drop, and r1 runs miniupnpd: a maps its port with PCP, NAT-PMP or UPnP IGD
@@ -42,7 +44,7 @@ NS_r1=veil-t-$$-r1 NS_r2=veil-t-$$-r2 NS_in=veil-t-$$-in
 UL4_a=198.51.100.2 UL4_b=192.0.2.130 UL4_c=203.0.113.2
 OL4_c=100.64.0.3 OL6_c=fd00:64::3 TUN_c=veil-c
 NS_ALL=() EXTRA_PIDS=()
-CASES=(cone-drop cone-accept sym1-drop sym1-accept sym2-drop sym2-accept bkill cut state tcp norelay map-pcp map-natpmp map-upnp)
+CASES=(cone-drop cone-accept sym1-drop sym1-accept sym2-drop sym2-accept bkill cut state beacon tcp norelay map-pcp map-natpmp map-upnp)
 
 ns_add() {
 	local n
@@ -217,7 +219,7 @@ run_case() {
 	case $name in
 		cone-drop | bkill | cut) ;;
 		cone-accept) filter=accept ;;
-		state) filter=accept ;;
+		state | beacon) filter=accept ;;
 		sym1-*) nat1=random filter=${name#sym1-} want=relay:b ;;
 		sym2-*) nat1=random nat2=random filter=${name#sym2-} want=relay:b ;;
 		norelay) nat1=random nat2=random want=none brelay=(--no-relay) ;;
@@ -239,6 +241,7 @@ run_case() {
 		EOF
 		btcp=(--listen-tcp 0.0.0.0:443) atcp=(--peer-tcp "$UL4_b:443")
 	fi
+	[[ $name == beacon ]] && btcp=(--beacon-store "|/usr/bin/tee $TMPD/beacons")
 	mesh_up b "${brelay[@]}" "${btcp[@]}"
 	wait_ready b
 	local t0
@@ -247,8 +250,15 @@ run_case() {
 		VEIL_PORTMAP=$proto mesh_up a --peer "$(via_b)"
 	elif [[ $name == state ]]; then
 		mesh_up a --peer "$(via_b)" --state "$TMPD/a.state"
-	else
+	elif [[ $name != beacon ]]; then
 		mesh_up a --peer "$(via_b)" "${atcp[@]}"
+	fi
+	if [[ $name == beacon ]]; then
+		check "$name: b stored a sealed beacon" "$(cat "$TMPD/beacons" 2>&1)" wait_until 15 grep -q '^veil-beacon1 ' "$TMPD/beacons"
+		t0=$(now_ms)
+		mesh_up a --beacon-load "$TMPD/beacons"
+		check "$name: a loaded b from the beacon" "$(grep beacon "${NODE_LOG[a]}")" wait_until 15 grep -q 'event=beacons_loaded .* members=1 ignored=0' "${NODE_LOG[a]}"
+		check "$name: a reaches b, which it knew only from the beacon" "a sees b as: $(pq a b '"\(.state) \(.source)"')" wait_until 10 up_path a b direct
 	fi
 	mesh_up c --peer "$(via_b)"
 	wait_ready a c
