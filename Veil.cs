@@ -1522,6 +1522,31 @@ internal static unsafe partial class Libc
 
     internal static int SetIntOpt(int fd, int level, int name, int value) => SetSockOpt(fd, level, name, &value, sizeof(int));
 
+    /// <summary>A non-blocking TCP socket listening on address:port (0: any free one): its fd and
+    /// the port it got; an IOException saying "cannot WHAT on ADDRESS:PORT: why" + hint otherwise.</summary>
+    internal static (int Fd, int Port) ListenTcp(IPAddress address, int port, int backlog, string what, string hint)
+    {
+        bool v6 = address.AddressFamily == AddressFamily.InterNetworkV6;
+        int fd = Socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) throw new IOException($"cannot {what} on {address}:{port}: {ErrorText(Errno)}{hint}");
+        SetIntOpt(fd, SOL_SOCKET, SO_REUSEADDR, 1);
+        Span<byte> sa = stackalloc byte[SockaddrIn6Len];
+        int len = WriteSockaddr(Endpoint.FromIp(address, port), v6, sa);
+        fixed (byte* p = sa)
+        {
+            if (Bind(fd, p, len) < 0 || Listen(fd, backlog) < 0)
+            {
+                int e = Errno;
+                Close(fd);
+                throw new IOException($"cannot {what} on {address}:{port}: {ErrorText(e)}{hint}");
+            }
+            int alen = sa.Length;
+            GetSockName(fd, p, &alen);
+            TryReadSockaddr(sa, alen, out Endpoint bound);
+            return (fd, bound.Port);
+        }
+    }
+
     /// <summary>The MTU of the route towards ep, from a connected UDP socket; 0 when there is no route.</summary>
     internal static int PathMtu(in Endpoint ep)
     {
@@ -4698,27 +4723,8 @@ internal sealed unsafe class TcpLinks : IDisposable
 
     internal void Listen(IPAddress address, int port)
     {
-        bool v6 = address.AddressFamily == AddressFamily.InterNetworkV6;
-        int fd = Libc.Socket(v6 ? Libc.AF_INET6 : Libc.AF_INET, Libc.SOCK_STREAM | Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC, 0);
-        if (fd < 0) throw new IOException($"cannot create the TCP socket: {Libc.ErrorText(Libc.Errno)}");
-        Libc.SetIntOpt(fd, Libc.SOL_SOCKET, Libc.SO_REUSEADDR, 1);
-        Span<byte> sa = stackalloc byte[Libc.SockaddrIn6Len];
-        int len = Libc.WriteSockaddr(Endpoint.FromIp(address, port), v6, sa);
-        fixed (byte* p = sa)
-        {
-            if (Libc.Bind(fd, p, len) < 0 || Libc.Listen(fd, 64) < 0)
-            {
-                int e = Libc.Errno;
-                Libc.Close(fd);
-                throw new IOException($"cannot listen on TCP {address}:{port}: {Libc.ErrorText(e)} (--listen-tcp)");
-            }
-            int alen = sa.Length;
-            Libc.GetSockName(fd, p, &alen);
-            Libc.TryReadSockaddr(sa, alen, out Endpoint bound);
-            ListenPort = bound.Port;
-        }
-        _listenFd = fd;
-        Libc.EpollAdd(_epfd, fd);
+        (_listenFd, ListenPort) = Libc.ListenTcp(address, port, 64, "listen on TCP", " (--listen-tcp)");
+        Libc.EpollAdd(_epfd, _listenFd);
     }
 
     internal bool Owns(int fd) => fd == _listenFd || _byFd.ContainsKey(fd);
@@ -9283,25 +9289,7 @@ internal sealed unsafe class MgmtServer : RequestServer
 
     internal static MgmtServer Listen(IPAddress address, int port, int epfd, List<IpPrefix> acl)
     {
-        bool v6 = address.AddressFamily == AddressFamily.InterNetworkV6;
-        int fd = Libc.Socket(v6 ? Libc.AF_INET6 : Libc.AF_INET, Libc.SOCK_STREAM | Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC, 0);
-        if (fd < 0) throw new IOException($"cannot create the management socket: {Libc.ErrorText(Libc.Errno)}");
-        Libc.SetIntOpt(fd, Libc.SOL_SOCKET, Libc.SO_REUSEADDR, 1);
-        Span<byte> sa = stackalloc byte[Libc.SockaddrIn6Len];
-        int len = Libc.WriteSockaddr(Endpoint.FromIp(address, port), v6, sa);
-        fixed (byte* p = sa)
-        {
-            if (Libc.Bind(fd, p, len) < 0 || Libc.Listen(fd, 16) < 0)
-            {
-                int e = Libc.Errno;
-                Libc.Close(fd);
-                throw new IOException($"cannot serve management HTTP on {address}:{port}: {Libc.ErrorText(e)} (use --mgmt ADDR:PORT or --mgmt off)");
-            }
-            int alen = sa.Length;
-            Libc.GetSockName(fd, p, &alen);
-            Libc.TryReadSockaddr(sa, alen, out Endpoint bound);
-            port = bound.Port;
-        }
+        (int fd, port) = Libc.ListenTcp(address, port, 16, "serve management HTTP", " (use --mgmt ADDR:PORT or --mgmt off)");
         Libc.EpollAdd(epfd, fd);
         return new MgmtServer(fd, epfd, port, acl);
     }

@@ -3,8 +3,8 @@
 # the overlay through a relay as a ratio to the direct path, the relay's CPU per Mbit/s, its memory
 # per relayed pair, and the time to the first overlay ping on each path. Part of `make bench`.
 #
-# The topology is tests/netns/nat.sh's (a behind r1, c behind r2, b public, one core router; see
-# the picture there), built fresh per case so no conntrack state carries over:
+# The topology is tests/netns/nat-topology.sh (a behind r1, c behind r2, b public, one core router;
+# the picture is there), built fresh per case so no conntrack state carries over:
 #   direct  both routers port-preserving, WAN input dropped (nat.sh's cone-drop): a <-> c direct
 #   relay   r1 fully random instead (sym1-drop): a <-> c through b
 # b relays with --relay-rate 10000 so its per-pair budget (default 20 Mbit/s) is not what we measure.
@@ -16,96 +16,8 @@
 source "$(dirname "$0")/../netns/lib.sh"
 
 SECS=${NAT_BENCH_SECONDS:-8}
-NS_r1=veil-t-$$-r1 NS_r2=veil-t-$$-r2 NS_in=veil-t-$$-in
-UL4_a=198.51.100.2 UL4_b=192.0.2.130 UL4_c=203.0.113.2
-NS_ALL=()
-
-# ---- the topology, copied from tests/netns/nat.sh (without miniupnpd) -------------------------
-
-ns_add() {
-	local n
-	n=$(ns "$1")
-	NS_ALL+=("$n")
-	ip netns add "$n" || die "ip netns add $n"
-	ip -n "$n" link set lo up || die "lo up in $1"
-}
-# link NS1 IF1 NS2 IF2 -- a veth between two namespaces, both ends up
-link() {
-	ip link add "$2" netns "$(ns "$1")" type veth peer name "$4" netns "$(ns "$3")" || die "veth $1/$2 <-> $3/$4"
-	ip -n "$(ns "$1")" link set "$2" up && ip -n "$(ns "$3")" link set "$4" up || die "link up $1 $3"
-}
-addr() { ip -n "$(ns "$1")" addr add "$3" dev "$2" || die "address $3 on $1"; }
-
-# router NAME cone|random -- masquerade out of wan0 (cone keeps the source port where it can,
-# random picks a fresh one per mapping); WAN input no conntrack entry expects is dropped
-router() {
-	local how='masquerade'
-	[[ $2 == random ]] && how='masquerade random,fully-random'
-	nsx "$1" nft -f - <<-EOF || die "nft rules on $1"
-		table ip nat {
-			chain post { type nat hook postrouting priority srcnat; oifname "wan0" $how; }
-		}
-		table ip filter {
-			chain input { type filter hook input priority 0; policy accept
-				iifname "wan0" ct state established,related accept
-				iifname "wan0" drop
-			}
-			chain forward { type filter hook forward priority 0; policy accept
-				iifname "wan0" ct state established,related accept
-				iifname "wan0" drop
-			}
-		}
-	EOF
-	nsx "$1" sysctl -qw net.ipv4.ip_forward=1 || die "ip_forward on $1"
-}
-
-# topology NAT1 -- every namespace, fresh; r1 NAT1, r2 cone
-topology() {
-	local n i
-	for n in a b c r1 r2 in; do ns_add "$n"; done
-	link in i1 r1 wan0; link in i2 r2 wan0; link in i3 b "$VETH"
-	link r1 lan0 a "$VETH"; link r2 lan0 c "$VETH"
-	addr in i1 192.0.2.1/26; addr in i2 192.0.2.65/26; addr in i3 192.0.2.129/26
-	addr r1 wan0 192.0.2.2/26; addr r1 lan0 198.51.100.1/24; addr a "$VETH" "$UL4_a/24"
-	addr r2 wan0 192.0.2.66/26; addr r2 lan0 203.0.113.1/24; addr c "$VETH" "$UL4_c/24"
-	addr b "$VETH" "$UL4_b/26"
-	nsx in sysctl -qw net.ipv4.ip_forward=1 || die "ip_forward on the core"
-	ip -n "$NS_r1" route add default via 192.0.2.1 || die "r1 default route"
-	ip -n "$NS_r2" route add default via 192.0.2.65 || die "r2 default route"
-	ip -n "$NS_b" route add default via 192.0.2.129 || die "b default route"
-	ip -n "$NS_a" route add default via 198.51.100.1 || die "a default route"
-	ip -n "$NS_c" route add default via 203.0.113.1 || die "c default route"
-	router r1 "$1"
-	router r2 cone
-	for n in a c; do
-		for ((i = 0; i < 50; i++)); do
-			nsx "$n" timeout --foreground 2 ping -c 1 -W 1 -q "$UL4_b" >/dev/null 2>&1 && break
-			sleep 0.1
-		done
-		((i < 50)) || die "underlay ping $n -> b failed"
-	done
-}
-
-teardown() {
-	local n pid
-	for n in a b c; do node_stop "$n" >/dev/null 2>&1; done
-	for n in "${NS_ALL[@]}"; do
-		for pid in $(ip netns pids "$n" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
-		ip netns del "$n" 2>/dev/null
-	done
-	NS_ALL=()
-}
-
-mesh_up() {
-	local n=$1; shift
-	node_run "$n" up --key "$TMPD/$n.key" --psk "$TMPD/net.psk" --mesh --name "$n" \
-		--listen "0.0.0.0:$PORT" --address "$(ol4 "$n")/24" --address "$(ol6 "$n")/64" \
-		--tun "$(tun "$n")" --keepalive 1 --control "$(sock "$n")" --mgmt off \
-		--log-level "${VEIL_LOG_LEVEL:-info}" "$@"
-}
-via_b() { echo "$(pub b)@$UL4_b:$PORT"; }
-pq() { st "$1" ".peers[] | select(.public_key == \"$(pub "$2")\") | $3"; }
-up_path() { [[ $(pq "$1" "$2" '"\(.state) \(.path)"') == "up $3" ]]; }
+# shellcheck source=../netns/nat-topology.sh
+source "$(dirname "$0")/../netns/nat-topology.sh"
 
 # ---- what is measured -------------------------------------------------------------------------
 
@@ -127,7 +39,7 @@ calc() { awk "BEGIN { printf \"$1\", $2 }"; }
 # iperf3), FRAG (fragment counters during iperf3)
 bench_case() {
 	local name=$1 nat1=$2 want=$3 t0 ticks0 ticks1 w0 w1 ac0 ac1 idle0 idle1 j k v
-	topology "$nat1"
+	topology "$nat1" cone drop
 	mesh_up b --relay-rate 10000
 	wait_ready b
 	sleep 1 # let b's start-up allocations settle before the baseline

@@ -82,6 +82,15 @@ ol6() { local v="OL6_$1"; echo "${!v}"; }
 sock() { echo "$TMPD/$1.sock"; }
 # nsx NODE CMD... -- run CMD in NODE's namespace
 nsx() { local n; n=$(ns "$1"); shift; ip netns exec "$n" "$@"; }
+
+# ns_add NAME -- a fresh namespace for NAME with lo up, remembered in NS_ALL for teardown
+ns_add() {
+	local n
+	n=$(ns "$1")
+	NS_ALL+=("$n")
+	ip netns add "$n" || die "ip netns add $n"
+	ip -n "$n" link set lo up || die "lo up in $1"
+}
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 
 # ---- setup and teardown ---------------------------------------------------------------------

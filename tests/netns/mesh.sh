@@ -54,14 +54,6 @@ NS_ALL=()
 
 # ---- topology ---------------------------------------------------------------------------------
 
-ns_add() {
-	local n
-	n=$(ns "$1")
-	NS_ALL+=("$n")
-	ip netns add "$n" || die "ip netns add $n"
-	ip -n "$n" link set lo up || die "lo up in $1"
-}
-
 # mesh_net -- sw (bridge), a b c d on it, lan behind c, the anycast address on c and d
 mesh_net() {
 	local n
