@@ -6660,9 +6660,9 @@ internal sealed class PortMapper : IDisposable
 
     /// <summary>What the gateway last said: the protocol that mapped (empty: none), the mapped
     /// endpoint, its lifetime, or why nothing is mapped.</summary>
-    internal sealed record State(string Protocol, IPAddress? Gateway, Endpoint External, long LifetimeS, long MappedAtMs, string? Error, string Tried);
+    internal sealed record State(string Protocol, IPAddress? Gateway, Endpoint External, long LifetimeS, string? Error, string Tried);
 
-    internal volatile State Current = new("", null, default, 0, 0, "starting", "");
+    internal volatile State Current = new("", null, default, 0, "starting", "");
     private readonly int _port;
     private readonly Action<Endpoint> _onMapped;
     private readonly Log _log;
@@ -6718,7 +6718,7 @@ internal sealed class PortMapper : IDisposable
     private State Map()
     {
         IPAddress? gw = DefaultGateway(File.Exists("/proc/net/route") ? File.ReadAllText("/proc/net/route") : "");
-        if (gw == null) return new("", null, default, 0, 0, "no default IPv4 gateway", "");
+        if (gw == null) return new("", null, default, 0, "no default IPv4 gateway", "");
         var tried = new StringBuilder();
         string last = Current.Protocol, error = "";
         foreach (string proto in last.Length > 0 ? [last, .. _order] : _order)
@@ -6734,14 +6734,14 @@ internal sealed class PortMapper : IDisposable
                     "upnp" => MapUpnp(gw, UpnpLeaseS),
                     _ => throw new IOException("unknown protocol"),
                 };
-                return new(proto, gw, ext, lifetime, Mono.NowMs(), null, tried.ToString());
+                return new(proto, gw, ext, lifetime, null, tried.ToString());
             }
             catch (Exception e) when (e is IOException or SocketException or FormatException)
             {
                 error += (error.Length > 0 ? "; " : "") + proto + ": " + e.Message;
             }
         }
-        return new("", gw, default, 0, 0, error, tried.ToString());
+        return new("", gw, default, 0, error, tried.ToString());
     }
 
     /// <summary>The gateway of the default IPv4 route with the lowest metric, from /proc/net/route.</summary>
@@ -8146,7 +8146,7 @@ internal sealed class Relays
 {
     internal bool Offered = true;
     internal long RateBytesPerS = Tune.DefaultRelayRateMbit * 125_000L;
-    private sealed class Flow { internal long Tokens, LastMs, Bytes, Records; }
+    private sealed class Flow { internal long Tokens, LastMs; }
     private readonly Dictionary<(int From, int To), Flow> _flows = new();
     internal long Bytes, Records, Refused, RateLimited;
 
@@ -8166,8 +8166,6 @@ internal sealed class Relays
         f.LastMs = nowMs;
         if (f.Tokens < len) { RateLimited++; return "rate"; }
         f.Tokens -= len;
-        f.Bytes += len;
-        f.Records++;
         Bytes += len;
         Records++;
         return null;
@@ -8186,11 +8184,6 @@ internal sealed class Relays
         var gone = new List<(int, int)>();
         foreach (var k in _flows.Keys) if (k.From == p.Id || k.To == p.Id) gone.Add(k);
         foreach (var k in gone) _flows.Remove(k);
-    }
-
-    internal IEnumerable<(int From, int To, long Bytes, long Records)> List()
-    {
-        foreach (var (k, f) in _flows) yield return (k.From, k.To, f.Bytes, f.Records);
     }
 }
 

@@ -102,10 +102,10 @@ echo "nat-bench ratio relay/direct $(calc %.2f "$r_mbit / $d_mbit")x"
 echo "nat-bench relay CPU: $(calc %.0f "100 * $CPU_S / $WALL_S") % of one core at $(calc %.0f "$r_mbit") Mbit/s" \
 	"= $(calc %.3f "1000 * $CPU_S / $MBITS") ms CPU per Mbit relayed"
 # b's RSS is noisy (GC heap growth, socket buffers, the members' own sessions): the pair's entry
-# in the relay table is two flows (one per direction), each a 4-long object (~48 B) plus a
-# dictionary slot (~24 B), about 150 B a pair, far below what RSS can resolve
+# in the relay table is two flows (one per direction), each a 2-long object (~32 B) plus a
+# dictionary entry (~32 B), about 130 B a pair, far below what RSS can resolve
 echo "nat-bench b RSS (noisy): relay case $((RSS0 / 1024)) MiB before a and c, $((RSS1 - RSS0)) KiB more with the pair set up," \
 	"$((RSS2 - RSS0)) KiB more after ${SECS} s relayed; direct case (pair set up, only the first packets relayed) $((d_rss[1] - d_rss[0])) / $((d_rss[2] - d_rss[0])) KiB;" \
-	"the pair's table entry is ~150 B (2 flows x (48 B object + 24 B dictionary slot))"
+	"the pair's table entry is ~130 B (2 flows x (32 B object + 32 B dictionary entry))"
 echo "nat-bench IP fragments during iperf3: direct: $d_frag; relay: $r_frag"
 finish
