@@ -8374,7 +8374,7 @@ internal sealed partial class Node
         ((ReadOnlySpan<byte>)to.PublicKey).CopyTo(slot[(Record.PayloadOffset + 1)..]);
         Session s = relay.Current!;
         int len = Record.Seal(s, slot, 1 + Spec.KeyLen + innerLen, RecordFlags.Relay, Mtu);
-        UdpOut.Alone[UdpOut.Count] = true;
+        UdpOut.Alone[UdpOut.Count] = true;       // RelayHeadroomLen past the path MTU: no GSO run (the kernel refuses such segments)
         CommitOut(len);
         to.RelayedTxBytes += innerLen;
         AfterSend(relay, s, len, nowMs, carriesData: false);
