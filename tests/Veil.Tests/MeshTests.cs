@@ -1,14 +1,12 @@
 using System.Net;
 using Xunit.Abstractions;
+using static Veil.Tests.TestNet;
 
 namespace Veil.Tests;
 
 /// <summary>Mesh membership, peer exchange and claims (§15), on in-process nodes with a test clock.</summary>
 public class MeshTests(ITestOutputHelper output)
 {
-    private static Peer PeerOf(TestNode at, TestNode other) =>
-        at.Node.FindPeer(other.Public) ?? throw new Xunit.Sdk.XunitException($"{at.Overlay} has no peer for {other.Overlay}");
-
     private static RouteEntry? RouteFor(TestNode at, string prefix)
     {
         IpPrefix p = IpPrefix.Parse(prefix);

@@ -1,5 +1,6 @@
 using System.Net;
 using Xunit.Abstractions;
+using static Veil.Tests.TestNet;
 
 namespace Veil.Tests;
 
@@ -8,9 +9,6 @@ namespace Veil.Tests;
 /// the direct path once one opens. Node 0 (b) is the public member; 1 (a) and 2 (c) know only b.</summary>
 public class RelayTests(ITestOutputHelper output)
 {
-    private static Peer PeerOf(TestNode at, TestNode other) =>
-        at.Node.FindPeer(other.Public) ?? throw new Xunit.Sdk.XunitException($"{at.Overlay} has no peer for {other.Overlay}");
-
     private static bool IsAC(in Endpoint x, in Endpoint y) =>
         x.Equals(TestNet.Ep(1)) && y.Equals(TestNet.Ep(2)) || x.Equals(TestNet.Ep(2)) && y.Equals(TestNet.Ep(1));
 
@@ -360,8 +358,6 @@ public class RelayTests(ITestOutputHelper output)
 /// that finds them again while the member it was configured with is down.</summary>
 public class MemberStateTests
 {
-    private static Peer PeerOf(TestNode at, TestNode other) => at.Node.FindPeer(other.Public)!;
-
     [Fact]
     public void Restart_WithBootstrapDown_FindsTheMeshFromTheStateFile()
     {

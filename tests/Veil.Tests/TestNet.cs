@@ -105,6 +105,10 @@ internal sealed class TestNet
 
     internal Key32[] Keys = [];
 
+    /// <summary>at's peer for other; a test failure when at has none.</summary>
+    internal static Peer PeerOf(TestNode at, TestNode other) =>
+        at.Node.FindPeer(other.Public) ?? throw new Xunit.Sdk.XunitException($"{at.Overlay} has no peer for {other.Overlay}");
+
     /// <summary>n mesh members (see MeshConfig); node i knows the nodes knows(i); tweak edits a config
     /// before its node is made. Each node's Mesh.LocalEndpoints holds its own endpoint, as the daemon's
     /// address scan would.</summary>
