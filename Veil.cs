@@ -1223,18 +1223,9 @@ internal sealed class UpConfig
                 LogJson = value == "json";
                 break;
             case "user": User = ParseName(src, value); break;
-            case "mesh":
-                if (value is not ("true" or "false")) throw src.Bad(value, "must be true or false");
-                Mesh = value == "true";
-                break;
-            case "relay":
-                if (value is not ("true" or "false")) throw src.Bad(value, "must be true or false");
-                Relay = value == "true";
-                break;
-            case "port_mapping":
-                if (value is not ("true" or "false")) throw src.Bad(value, "must be true or false");
-                PortMapping = value == "true";
-                break;
+            case "mesh": Mesh = ParseBool(src, value); break;
+            case "relay": Relay = ParseBool(src, value); break;
+            case "port_mapping": PortMapping = ParseBool(src, value); break;
             case "relay_rate": RelayRateMbit = ParseInt(src, value, 1, 100_000); break;
             case "trust":
                 PeerConfig t = ParsePeer(src, value);
@@ -1356,6 +1347,8 @@ internal sealed class UpConfig
     private static (IPAddress, int) ParseAddressPort(Src src, string v) =>
         Endpoint.TrySplitHostPort(v, out string host, out int port) && IPAddress.TryParse(host, out IPAddress? ip)
             ? (ip, port) : throw src.Bad(v, "must be ADDRESS:PORT (IPv6 in brackets), port 1-65535");
+
+    private static bool ParseBool(Src src, string v) => v is "true" or "false" ? v == "true" : throw src.Bad(v, "must be true or false");
 
     private static int ParseInt(Src src, string v, int min, int max)
     {
@@ -4988,8 +4981,7 @@ internal sealed partial class Node
         _keepaliveMs = cfg.PersistentKeepaliveMs;
         Mesh = new Mesh(this);
         Mesh.Configure(cfg);
-        Relays.Offered = cfg.Relay;
-        Relays.RateBytesPerS = cfg.RelayRateMbit * 125_000L;
+        Relays.Configure(cfg);
         foreach (PeerConfig pc in cfg.Peers) AddPeer(pc, _psk, cfg.PersistentKeepaliveMs);
         RebuildRoutes();
     }
@@ -5053,11 +5045,7 @@ internal sealed partial class Node
         p.OnRemoved();
         p.PersistentKeepaliveAtMs = p.LivenessAtMs = p.ReconnectAtMs = p.ExchangeAtMs = p.ClaimsExpireAtMs = p.PunchAtMs = 0;
         Relays.Forget(p);
-        foreach (Peer q in Peers)
-        {
-            if (q.Relay == p) q.Relay = null;
-            if (q.RelayOffer == p) q.RelayOffer = null;
-        }
+        StopRelayingThrough(p);
         p.Psk.Clear();
         p.StaticShared.Clear();
         if (p.Provisional) Log.Debug("peer_removed", $"peer={p.Name} reason=not_confirmed");
@@ -5114,8 +5102,7 @@ internal sealed partial class Node
         Admission.RatePerSource = cfg.HandshakeRatePerSource;
         Admission.MaxSessions = cfg.MaxSessions;
         if (Relays.Offered != cfg.Relay) ScheduleExchange(nowMs);      // our Self says whether we relay
-        Relays.Offered = cfg.Relay;
-        Relays.RateBytesPerS = cfg.RelayRateMbit * 125_000L;
+        Relays.Configure(cfg);
     }
 
     /// <summary>Starts handshakes with every peer we know an endpoint for.</summary>
@@ -6194,12 +6181,13 @@ internal sealed unsafe class Daemon
         if (text == _stateWritten || text.IndexOf("\nmember ", StringComparison.Ordinal) < 0) return;   // unchanged, or nobody to remember
         _stateWritten = text;
         _stateWrittenMs = nowMs;
-        if (force) WriteState(path, text, _log);
-        else _chores!.Post(() => WriteState(path, text, _log));
+        if (force) WriteAtomically(path, text, _log, "state_not_saved");
+        else _chores!.Post(() => WriteAtomically(path, text, _log, "state_not_saved"));
     }
 
-    /// <summary>Replaces path with text atomically: a new file (0600) written and synced beside it, then renamed.</summary>
-    internal static void WriteState(string path, string text, Log log)
+    /// <summary>Replaces path with text atomically: a new file (0600) written and synced beside it,
+    /// then renamed; a failure is logged as `failed` and leaves the old file as it was.</summary>
+    internal static void WriteAtomically(string path, string text, Log log, string failed)
     {
         string tmp = path + ".new";
         try
@@ -6214,7 +6202,7 @@ internal sealed unsafe class Daemon
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
-            log.Warn("state_not_saved", $"file={path} error=\"{e.Message}\"");
+            log.Warn(failed, $"file={path} error=\"{e.Message}\"");
             try { File.Delete(tmp); } catch (IOException) { } catch (UnauthorizedAccessException) { }
         }
     }
@@ -6243,7 +6231,7 @@ internal sealed unsafe class Daemon
 
     private void StoreBeacon(string where, string line)
     {
-        if (!where.StartsWith('|')) { WriteState(where, line + "\n", _log); return; }
+        if (!where.StartsWith('|')) { WriteAtomically(where, line + "\n", _log, "beacon_not_stored"); return; }
         if (Beacon.Run(where, line + "\n", BeaconCommandTimeoutMs, out string? error) == null)
             _log.Warn("beacon_not_stored", $"command=\"{where}\" error=\"{error}\"");
     }
@@ -6255,7 +6243,7 @@ internal sealed unsafe class Daemon
         if (from.StartsWith('|')) text = Beacon.Run(from, null, BeaconCommandTimeoutMs, out error);
         else
         {
-            try { text = new FileInfo(from).Length <= 64 * 1024 ? File.ReadAllText(from) : null; error = text == null ? "longer than 64 KiB" : null; }
+            try { text = new FileInfo(from).Length <= Beacon.MaxInputLen ? File.ReadAllText(from) : null; error = text == null ? "longer than 64 KiB" : null; }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException) { text = null; error = e.Message; }
         }
         if (text == null) { _log.Warn("beacons_not_loaded", $"from=\"{from}\" error=\"{error}\""); return; }
@@ -7113,6 +7101,7 @@ internal static class Beacon
 {
     internal const string Prefix = "veil-beacon1 ";
     internal const long MaxAgeS = 86_400, MaxSkewS = 300;
+    internal const int MaxInputLen = 64 * 1024;            // what a beacon file or program may hand us
     private const int MaxLen = 1 + 32 + 8 + 1 + 8 * 19;
 
     /// <summary>The beacon key of a network secret (derived once at start: the secret itself is
@@ -7191,7 +7180,7 @@ internal static class Beacon
             if (!p.WaitForExit(timeoutMs)) { p.Kill(entireProcessTree: true); error = $"timed out after {timeoutMs} ms"; return null; }
             if (p.ExitCode != 0) { error = $"exit status {p.ExitCode}"; return null; }
             string text = output.Result;
-            return text.Length <= 64 * 1024 ? text : text[..(64 * 1024)];
+            return text.Length <= MaxInputLen ? text : text[..MaxInputLen];
         }
         catch (Exception e) when (e is System.ComponentModel.Win32Exception or IOException or InvalidOperationException)
         {
@@ -8104,11 +8093,7 @@ internal sealed partial class Node
         p.OnLost();
         p.DownAtMs = nowMs;
         p.ExchangeAtMs = p.PunchAtMs = 0;
-        foreach (Peer q in Peers)                                    // it relays for nobody now
-        {
-            if (q.Relay == p) q.Relay = null;
-            if (q.RelayOffer == p) q.RelayOffer = null;
-        }
+        StopRelayingThrough(p);
         p.RevocationsSentVersion = -1;                              // back up, it hears them all again
         Signal.Poke();                                               // a learned member's forget deadline starts
         Log.Info("peer_down", $"peer={p.Name} reason={reason} claims_withdrawn={p.Claims.Count}");
@@ -8151,6 +8136,12 @@ internal sealed class Relays
     internal long Bytes, Records, Refused, RateLimited;
 
     internal int Pairs => _flows.Count;
+
+    internal void Configure(UpConfig cfg)
+    {
+        Offered = cfg.Relay;
+        RateBytesPerS = cfg.RelayRateMbit * 125_000L;
+    }
 
     /// <summary>May `from` send `len` bytes to `to` through us now? Charges the flow's budget; null
     /// when it may, else the reason it may not.</summary>
@@ -8296,6 +8287,16 @@ internal sealed partial class Node
             p.EndpointBeforeTcp = default;
             Log.Info("tcp_closed", $"peer={p.Name} reason={Tcp?.LastCloseReason}");
             if (p.Up) p.HelloUnanswered = true;                 // its next hello tries the other paths
+        }
+    }
+
+    /// <summary>p (down or gone) relays for nobody now: peers that went or would go through it go direct.</summary>
+    private void StopRelayingThrough(Peer p)
+    {
+        foreach (Peer q in Peers)
+        {
+            if (q.Relay == p) q.Relay = null;
+            if (q.RelayOffer == p) q.RelayOffer = null;
         }
     }
 

@@ -431,15 +431,15 @@ public class MemberStateTests
     }
 
     [Fact]
-    public void WriteState_ReplacesTheFileAtomically_Mode0600()
+    public void WriteAtomically_ReplacesTheFileAtomically_Mode0600()
     {
         string dir = Directory.CreateTempSubdirectory("veil-state-").FullName;
         try
         {
             string path = Path.Combine(dir, "state");
             var log = new Log(new StringWriter(), LogLevel.Info);
-            Daemon.WriteState(path, "veil-state 1\n", log);
-            Daemon.WriteState(path, "veil-state 1\nmember x\n", log);
+            Daemon.WriteAtomically(path, "veil-state 1\n", log, "state_not_saved");
+            Daemon.WriteAtomically(path, "veil-state 1\nmember x\n", log, "state_not_saved");
             Assert.Equal("veil-state 1\nmember x\n", File.ReadAllText(path));
             Assert.Equal(UnixFileMode.UserRead | UnixFileMode.UserWrite, File.GetUnixFileMode(path));
             Assert.Equal(["state"], Directory.GetFiles(dir).Select(Path.GetFileName));
