@@ -76,7 +76,7 @@ public class HandshakeTests
 
     // ---- Veil messages: golden packets from fixed keys, ephemerals and time ----
 
-    private sealed class Pair
+    internal sealed class Pair
     {
         internal readonly Node I, R;
         internal readonly Peer IPeer, RPeer;   // I's view of R, R's view of I
@@ -99,9 +99,9 @@ public class HandshakeTests
 
     private static byte[] B(in Key32 k) { ReadOnlySpan<byte> s = k; return s.ToArray(); }
 
-    private const long GoldenUnixNs = 1_767_225_600_123_456_789;   // 2026-01-01T00:00:00.123456789Z
+    internal const long GoldenUnixNs = 1_767_225_600_123_456_789;   // 2026-01-01T00:00:00.123456789Z
 
-    private static byte[] Golden(Pair p, out byte[] serverHello, out byte[] record, out SessionKeys ikeys, out SessionKeys rkeys)
+    internal static byte[] Golden(Pair p, out byte[] serverHello, out byte[] record, out SessionKeys ikeys, out SessionKeys rkeys)
     {
         byte[] hello = new byte[Wire.ClientHelloLen];
         Key32 ie = TestNode.KeyFromSeed(3), re = TestNode.KeyFromSeed(4);
@@ -124,7 +124,7 @@ public class HandshakeTests
         return hello;
     }
 
-    private static SessionKeys CopyKeys(SessionKeys k) => new()
+    internal static SessionKeys CopyKeys(SessionKeys k) => new()
     {
         Send = k.Send, Receive = k.Receive, SendMaskKey = k.SendMaskKey, ReceiveMaskKey = k.ReceiveMaskKey,
         LocalIndex = k.LocalIndex, RemoteIndex = k.RemoteIndex, IsInitiator = k.IsInitiator, Aead = k.Aead,
