@@ -13,14 +13,15 @@
 //   B. The packet path (§7–13), in the order an outbound packet travels:
 //      TUN -> route -> peer -> handshake/keys -> record -> UDP. Read it bottom-up for inbound. These
 //      sections never read the clock (they take nowMs) and do I/O only through §7 and §13.
-//   C. Drivers (§14–18): the node and its event loop, the mesh, control and management, CLI.
+//   C. Drivers (§14–19): the node and its event loop, the mesh, NAT traversal, control and
+//      management, CLI, onboarding.
 // Where to start: Node.ProcessTunBatch (a packet from the TUN to the wire) and
 // Node.ProcessUdpBatch (a datagram to the TUN), both in §14; Daemon.Run for what happens at start-up
 // and around the loop; Handshaker (§10) and Record (§12) for the protocol.
 //
 // Threads and locks. The first worker's thread runs the epoll loop: the TUN and UDP of its worker,
 // the timers, signals, the control socket and the management endpoint (served without blocking,
-// RequestServer in §16). With --workers N > 1, N-1 more threads each own a TUN queue and a
+// RequestServer in §17). With --workers N > 1, N-1 more threads each own a TUN queue and a
 // SO_REUSEPORT socket. Reading, writing, segmenting and coalescing run in parallel; everything that
 // touches the node (routes, peers, sessions, counters) runs under its lock (node.Gate), so Node is
 // single-threaded code. Only the loop runs the timers; a worker that arms one earlier than the
@@ -68,9 +69,10 @@
 //  13. UDP socket
 //  14. Event loop & node
 //  15. Mesh: membership, peer exchange & claims
-//  16. Control & management
-//  17. CLI
-//  18. Onboarding
+//  16. NAT traversal: relay, punching, port mapping & beacons
+//  17. Control & management
+//  18. CLI
+//  19. Onboarding
 // END TOC
 //
 // Glossary
@@ -107,7 +109,7 @@ using LineQueue = System.Collections.Concurrent.ConcurrentQueue<(System.IO.TextW
 namespace Veil;
 
 // ==== 1. Entry point & flags =====================================================================
-// Main only dispatches: each verb parses its own flags (§4 for `up`, §17 for the rest). Exit codes:
+// Main only dispatches: each verb parses its own flags (§4 for `up`, §18 for the rest). Exit codes:
 // 0 success, 1 a runtime failure (daemon unreachable, interface or socket could not be set up),
 // 2 bad input. Errors are one line on stderr starting with "veil: ".
 
@@ -4919,8 +4921,10 @@ internal sealed unsafe class TcpLinks : IDisposable
 // the timers, signals and the control socket around the first Worker. With --workers N > 1 each
 // further Worker has a thread, a TUN queue and a socket of its own; whoever works on the node holds
 // its lock, so the node is single-threaded code either way. Node is a partial class: its timers are
-// in §9, its membership and route election in §15, its side of joins in §18, each beside the rest of
-// its story; this section keeps its peers, the two pipelines and the messages it makes.
+// in §9, its membership and route election in §15, its paths (relay, punching) in §16, its side of
+// joins in §19, each beside the rest of its story; this section keeps its peers, the two pipelines
+// and the messages it makes. Daemon is partial the same way: the state file and revocations in §15,
+// beacons and port mapping in §16, writing joiners in §19.
 
 internal interface IPacketSink
 {
@@ -5762,7 +5766,7 @@ internal sealed class Worker : IPacketSink
 }
 
 /// <summary>The daemon: sets up the interface and sockets, then runs the epoll loop until told to stop.</summary>
-internal sealed unsafe class Daemon
+internal sealed unsafe partial class Daemon
 {
     private const long ConfigCheckIntervalMs = 2_000;
     private volatile UpConfig _cfg;                     // replaced on the loop thread only; the chores thread reads it
@@ -6144,47 +6148,6 @@ internal sealed unsafe class Daemon
         }
     }
 
-    // ---- The state file (--state; Node.StateText has the format) ----
-    private string _stateWritten = "";
-    private long _stateWrittenMs = long.MinValue / 2;
-    private const long StateWriteIntervalMs = 600_000;     // at most one flash write per 10 minutes, and at exit
-
-    private string? ReadState()
-    {
-        string? path = _cfg.StatePath;
-        if (path == null || !File.Exists(path)) return null;
-        try { return _stateWritten = File.ReadAllText(path); }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            _log.Warn("state_ignored", $"file={path} error=\"{e.Message}\"");
-            return null;
-        }
-    }
-
-    private void ApplyState(Node node, string text, long nowMs)
-    {
-        string? error = node.LoadState(text, nowMs, out int restored);
-        if (error != null) _log.Warn("state_ignored", $"file={_cfg.StatePath} error=\"{error}\" hint=\"nothing of it was used; it is rewritten once members are known\"");
-        else _log.Info("state_loaded", $"file={_cfg.StatePath} members={restored}");
-    }
-
-    // On the loop: the snapshot is taken under the lock, and written by the chores thread (or here,
-    // at exit) when it changed and the last write is old enough.
-    private void SaveState(bool force)
-    {
-        string? path = _cfg.StatePath;
-        if (path == null) return;
-        long nowMs = Mono.NowMs();
-        if (!force && nowMs - _stateWrittenMs < StateWriteIntervalMs) return;
-        string text;
-        lock (_node!.Gate) text = _node.StateText();
-        if (text == _stateWritten || text.IndexOf("\nmember ", StringComparison.Ordinal) < 0) return;   // unchanged, or nobody to remember
-        _stateWritten = text;
-        _stateWrittenMs = nowMs;
-        if (force) WriteAtomically(path, text, _log, "state_not_saved");
-        else _chores!.Post(() => WriteAtomically(path, text, _log, "state_not_saved"));
-    }
-
     /// <summary>Replaces path with text atomically: a new file (0600) written and synced beside it,
     /// then renamed; a failure is logged as `failed` and leaves the old file as it was.</summary>
     internal static void WriteAtomically(string path, string text, Log log, string failed)
@@ -6207,75 +6170,6 @@ internal sealed unsafe class Daemon
         }
     }
 
-    // ---- Beacons (--beacon-store, --beacon-load; Beacon has the format) ----
-    private readonly List<byte[]> _beaconKeys = new();
-    private long _nextBeaconMs = Mono.NowMs();            // loading at once; storing once members told us how they see us
-    private const long FirstBeaconStoreMs = 5_000;
-    private const long BeaconIntervalMs = 600_000;
-    internal const int BeaconCommandTimeoutMs = 10_000;
-
-    // On the loop: a snapshot of our endpoints, then the chores thread writes and reads the beacons.
-    private void BeaconRound(bool store)
-    {
-        Node node = _node!;
-        List<Endpoint> eps;
-        Key32 pub;
-        lock (node.Gate) { eps = node.Mesh.EndpointsNow(); pub = node.Handshaker.PublicKey; }
-        string? to = store ? _cfg.BeaconStore : null, load = _cfg.BeaconLoad;
-        _chores!.Post(() =>
-        {
-            if (to != null && eps.Count > 0) StoreBeacon(to, Beacon.Seal(_beaconKeys[0], pub, DateTimeOffset.UtcNow.ToUnixTimeSeconds(), eps));
-            if (load != null) LoadBeacons(load);
-        });
-    }
-
-    private void StoreBeacon(string where, string line)
-    {
-        if (!where.StartsWith('|')) { WriteAtomically(where, line + "\n", _log, "beacon_not_stored"); return; }
-        if (Beacon.Run(where, line + "\n", BeaconCommandTimeoutMs, out string? error) == null)
-            _log.Warn("beacon_not_stored", $"command=\"{where}\" error=\"{error}\"");
-    }
-
-    // On the chores thread: read, open and check every line; the loop applies the good ones.
-    private void LoadBeacons(string from)
-    {
-        string? text, error = null;
-        if (from.StartsWith('|')) text = Beacon.Run(from, null, BeaconCommandTimeoutMs, out error);
-        else
-        {
-            try { text = new FileInfo(from).Length <= Beacon.MaxInputLen ? File.ReadAllText(from) : null; error = text == null ? "longer than 64 KiB" : null; }
-            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { text = null; error = e.Message; }
-        }
-        if (text == null) { _log.Warn("beacons_not_loaded", $"from=\"{from}\" error=\"{error}\""); return; }
-        var good = new List<(Key32, List<Endpoint>)>();
-        int bad = 0;
-        long now = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
-        foreach (string line in text.Split('\n'))
-        {
-            if (line.Trim().Length == 0) continue;
-            var eps = new List<Endpoint>();
-            if (Beacon.TryOpen(line, _beaconKeys, now, out Key32 key, eps) is string why)
-            {
-                bad++;
-                if (_log.Wants(LogLevel.Warn, "beacon_ignored")) _log.Emit(LogLevel.Warn, "beacon_ignored", $"from=\"{from}\" reason=\"{why}\"");
-                continue;
-            }
-            if (good.Count < Node.MaxStateMembers) good.Add((key, eps));
-        }
-        _chores!.Return(() =>
-        {
-            Node node = _node!;
-            int used = 0;
-            lock (node.Gate)
-            {
-                foreach (var (key, eps) in good) if (node.Remember(key, null, eps, Mono.NowMs())) used++;
-                node.Mesh.BeaconsLoaded += used;
-                node.Mesh.BeaconsRejected += bad;
-            }
-            if (used > 0 || bad > 0) _log.Info("beacons_loaded", $"from=\"{from}\" members={used} ignored={bad}");
-        });
-    }
-
     private readonly List<Endpoint> _tcpGone = new();
 
     private void ExpireTcp(long nowMs)
@@ -6289,18 +6183,6 @@ internal sealed unsafe class Daemon
         }
     }
 
-    // The gateway forwards this public endpoint to us (PortMapper): members hear of it first.
-    private void ApplyMapped(Endpoint ep)
-    {
-        Node node = _node!;
-        lock (node.Gate)
-        {
-            if (node.Mesh.Mapped.Equals(ep)) return;
-            node.Mesh.Mapped = ep;
-            node.ScheduleExchange(Mono.NowMs());
-        }
-    }
-
     // On the chores thread: listing the NICs reads /proc and /sys.
     private void ScanAddresses(int port)
     {
@@ -6309,161 +6191,11 @@ internal sealed unsafe class Daemon
         _chores!.Return(() => ApplyLocalEndpoints(found));
     }
 
-    // On the chores thread: a joiner with a valid invite is appended to the config file (synced),
-    // then applied by a reload; the loop then answers it, or frees the invite if that failed.
-    private void WriteJoiner(Invites.Joiner j)
-    {
-        PreparedReload? reload = null;
-        string error;
-        try
-        {
-            Onboarding.AppendPeer(_cfg.ConfigPath!, j.Peer);
-            reload = PrepareReload("join");
-            error = reload.Code == ReloadCode.Ok ? "" : reload.Message;
-        }
-        catch (ConfigException e) { error = e.Message; }
-        _chores!.Return(() =>
-        {
-            if (reload != null) CommitReload(reload);
-            Node node = _node!;
-            lock (node.Gate)
-            {
-                if (node.Invites!.Written(j, error, _log) is byte[] accept) node.SendDatagram(j.From, accept);
-                _worker!.FlushUdp(node.UdpOut);
-            }
-        });
-    }
-
-    /// <summary>Answers `veil invite`: "invite SECONDS NAME|- ENDPOINT|- NETWORK".</summary>
-    internal string Invite(string request)
-    {
-        string[] f = request.Split(' ');
-        Node node = _node!;
-        if (f.Length != 5 || !long.TryParse(f[1], out long seconds) || seconds <= 0) return "error: malformed invite request\n";
-        if (node.Invites == null) return "error: this daemon runs without --config, so it cannot write a joiner down; start it with --config FILE\n";
-        string endpoint = f[3];
-        if (endpoint == "-")
-        {
-            if (_cfg.ListenAddress.Equals(IPAddress.Any) || _cfg.ListenAddress.Equals(IPAddress.IPv6Any))
-                return "error: give --endpoint HOST:PORT: how joiners reach this node (it listens on every address)\n";
-            endpoint = new Endpoint { Address = Endpoint.FromIp(_cfg.ListenAddress, 0).Address, Port = (ushort)_cfg.ListenPort }.ToString();
-        }
-        IfAddress own = _cfg.Addresses.Find(a => !a.IsV6);
-        if (own.Address == null) return "error: invites hand out IPv4 overlay addresses; this node has none\n";
-        IfAddress? free = FreeAddress(node, own);
-        if (free == null) return $"error: no free address left in {new IpPrefix(own.Address.GetAddressBytes(), own.Bits)}\n";
-        try
-        {
-            InviteToken t = node.Invites.Create(node.Handshaker.PublicKey, endpoint, f[4], own, free.Value, f[2] == "-" ? "" : f[2],
-                DateTimeOffset.UtcNow.ToUnixTimeSeconds() + seconds);
-            _log.Info("invite_created", $"invite={t.Id:x16} address={t.JoinerAddress} expires_in_s={seconds}");
-            return "ok: " + t.Encode() + "\n";
-        }
-        catch (ConfigException e) { return "error: " + e.Message + "\n"; }
-    }
-
-    // The lowest host address of our IPv4 network that no peer, invite or this node uses.
-    private static IfAddress? FreeAddress(Node node, IfAddress own)
-    {
-        var used = new HashSet<uint> { BinaryPrimitives.ReadUInt32BigEndian(own.Address.GetAddressBytes()) };
-        foreach (Peer p in node.Peers)
-            if (p.Active)
-            {
-                var taken = new List<IpPrefix>(p.Allowed);
-                foreach (Claim c in p.Claims) taken.Add(c.Prefix);
-                foreach (IpPrefix a in taken)
-                    if (!a.IsV6) { byte[] b = new byte[4]; a.WriteAddress(b); used.Add(BinaryPrimitives.ReadUInt32BigEndian(b)); }
-            }
-        foreach (IPAddress r in node.Invites!.ReservedAddresses()) used.Add(BinaryPrimitives.ReadUInt32BigEndian(r.GetAddressBytes()));
-        uint mask = own.Bits == 0 ? 0 : uint.MaxValue << (32 - own.Bits);
-        uint net = BinaryPrimitives.ReadUInt32BigEndian(own.Address.GetAddressBytes()) & mask;
-        uint hosts = ~mask;
-        for (uint h = 1; h < hosts && h < 65536; h++)
-            if (!used.Contains(net | h))
-            {
-                byte[] b = new byte[4];
-                BinaryPrimitives.WriteUInt32BigEndian(b, net | h);
-                return new IfAddress(new IPAddress(b), own.Bits);
-            }
-        return null;
-    }
-
     // A config's copies of the network secrets, once the node holds its own.
     private static void ClearSecrets(UpConfig c)
     {
         c.Psk.Clear();
         for (int i = 0; i < c.AcceptPsks.Length; i++) c.AcceptPsks[i].Clear();
-    }
-
-    // ---- Revocations (§15): checked here, off the node's lock; kept in _cfg.RevocationsPath ----
-
-    // At start-up: what the file holds, each line checked against the admin key.
-    private void LoadRevocations(Node node)
-    {
-        string? path = _cfg.RevocationsPath;
-        if (path == null || !File.Exists(path)) return;
-        string[] lines;
-        try { lines = File.ReadAllLines(path); }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            _log.Warn("revocations_unreadable", $"file={path} error=\"{e.Message}\" hint=\"members revoked before are not refused until a member tells us again\"");
-            return;
-        }
-        int kept = 0;
-        for (int i = 0; i < lines.Length; i++)
-        {
-            if (lines[i].Trim().Length == 0) continue;
-            Revocation? r = Revocation.Decode(lines[i]);
-            if (r == null || _cfg.AdminKey == null || !r.Verify(_cfg.AdminKey))
-            {
-                _log.Warn("revocation_invalid", $"file={path} line={i + 1} hint=\"not signed by this network's admin key; ignored\"");
-                continue;
-            }
-            if (node.Mesh.Revoke(r, Mono.NowMs())) kept++;
-        }
-        _log.Info("revocations_loaded", $"file={path} count={kept}");
-    }
-
-    // On the chores thread: signatures checked, the good ones applied (on the loop) and written down.
-    private void CheckRevocations(List<Revocation> unverified)
-    {
-        byte[]? admin = _cfg.AdminKey;
-        var good = new List<Revocation>();
-        foreach (Revocation r in unverified)
-            if (admin != null && r.Verify(admin)) good.Add(r);
-        int rejected = unverified.Count - good.Count;
-        if (rejected > 0) _log.Warn("revocation_rejected", $"count={rejected} hint=\"a member passed on revocations this network's admin key did not sign\"");
-        _chores!.Return(() =>
-        {
-            var applied = new List<Revocation>();
-            lock (_node!.Gate)
-            {
-                _node.Mesh.RevocationsRejected += rejected;
-                foreach (Revocation r in good) if (_node.Mesh.Revoke(r, Mono.NowMs())) applied.Add(r);
-                _worker!.FlushUdp(_node.UdpOut);
-            }
-            if (applied.Count > 0) _chores.Post(() => WriteRevocations(applied));
-        });
-    }
-
-    // On the chores thread: appended and synced, so a restart still refuses them.
-    private void WriteRevocations(List<Revocation> revocations)
-    {
-        string? path = _cfg.RevocationsPath;
-        if (path == null) return;
-        var text = new StringBuilder();
-        foreach (Revocation r in revocations) text.Append(r.Encode()).Append('\n');
-        try
-        {
-            using var fs = new FileStream(path, FileMode.Append, FileAccess.Write, FileShare.Read, 4096, FileOptions.None);
-            File.SetUnixFileMode(path, (UnixFileMode)0b110_000_000);
-            fs.Write(Encoding.ASCII.GetBytes(text.ToString()));
-            fs.Flush(flushToDisk: true);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            _log.Error("revocations_not_saved", $"file={path} error=\"{e.Message}\" hint=\"they hold until a restart\"");
-        }
     }
 
     /// <summary>`ping PEER` on the control socket: PEER by name, public key or its first characters.
@@ -6484,24 +6216,6 @@ internal sealed unsafe class Daemon
             _node.Ping(p!, Mono.NowMs(), Answer);
             _worker!.FlushUdp(_node.UdpOut);
         }
-    }
-
-    /// <summary>Answers `veil revoke`: "revoke LINE", a revocation signed by the admin.</summary>
-    internal string Revoke(string request)
-    {
-        Revocation? r = Revocation.Decode(request["revoke ".Length..]);
-        if (r == null) return "error: malformed revocation\n";
-        if (_cfg.AdminKey == null) return "error: this node names no admin key (admin = \"...\" in its config), so it cannot check a revocation\n";
-        if (!r.Verify(_cfg.AdminKey)) return "error: the revocation is not signed by this network's admin key\n";
-        bool applied;
-        lock (_node!.Gate)
-        {
-            applied = _node.Mesh.Revoke(r, Mono.NowMs());
-            _worker!.FlushUdp(_node.UdpOut);
-        }
-        if (!applied) return $"ok: {r.Key.ToBase64()} was revoked already\n";
-        _chores!.Post(() => WriteRevocations([r]));
-        return $"ok: revoked {r.Key.ToBase64()}; members hear of it with their next exchange\n";
     }
 
     internal enum ReloadCode { Ok = 0, Rejected = 2, NeedsRestart = 3 }
@@ -6629,564 +6343,6 @@ internal sealed class Resolver : IDisposable
     {
         _stop = true;
         _kick.Set();
-    }
-}
-
-/// <summary>--port-mapping (the default): asks the gateway of the default route to forward our UDP
-/// port, with PCP (RFC 6887), NAT-PMP (RFC 6886) or UPnP IGD, whichever answers first, so members
-/// outside reach this node without punching. It runs on a thread of its own (each try waits on the
-/// network), renews at half the lifetime, deletes the mapping on exit, and hands the mapped public
-/// endpoint to the loop (onMapped), which announces it to members. Only the gateway is ever asked,
-/// and a UPnP description or control URL that names another host is refused.</summary>
-internal sealed class PortMapper : IDisposable
-{
-    internal const int PcpPort = 5351, SsdpPort = 1900;    // NAT-PMP and PCP share 5351
-    private const uint RequestLifetimeS = 7200;             // RFC 6886 §3.3's recommendation; PCP the same
-    private const uint UpnpLeaseS = 3600;
-    private const int FirstRetryMs = 30_000, MaxRetryMs = 600_000;
-    private const int AnswerWaitMs = 500, HttpTimeoutMs = 2000, MaxHttpLen = 64 * 1024;
-
-    /// <summary>What the gateway last said: the protocol that mapped (empty: none), the mapped
-    /// endpoint, its lifetime, or why nothing is mapped.</summary>
-    internal sealed record State(string Protocol, IPAddress? Gateway, Endpoint External, long LifetimeS, string? Error, string Tried);
-
-    internal volatile State Current = new("", null, default, 0, "starting", "");
-    private readonly int _port;
-    private readonly Action<Endpoint> _onMapped;
-    private readonly Log _log;
-    private readonly string[] _order;
-    private readonly AutoResetEvent _kick = new(false);
-    private readonly Thread _thread;
-    private volatile bool _stop;
-    private readonly byte[] _nonce = RandomNumberGenerator.GetBytes(12);   // PCP: ours, for every request of this run
-    private string? _upnpControl, _upnpService;                             // found by the last UPnP try
-
-    /// <summary>order: the protocols to try ("pcp", "nat-pmp", "upnp"); VEIL_PORTMAP can narrow it.</summary>
-    internal PortMapper(int port, Action<Endpoint> onMapped, Log log, string[] order)
-    {
-        _port = port;
-        _onMapped = onMapped;
-        _log = log;
-        _order = order;
-        _thread = new Thread(Run) { IsBackground = true, Name = "veil-portmap" };
-        _thread.Start();
-    }
-
-    internal static string[] Protocols(string? env) =>
-        env is { Length: > 0 } ? env.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) : ["pcp", "nat-pmp", "upnp"];
-
-    private void Run()
-    {
-        int retryMs = FirstRetryMs;
-        while (!_stop)
-        {
-            int waitMs;
-            State s = Map();
-            bool changed = s.Protocol != Current.Protocol || !s.External.Equals(Current.External) || s.Error != Current.Error;
-            Current = s;
-            if (s.Error == null)
-            {
-                if (changed) _log.Info("port_mapped", $"protocol={s.Protocol} gateway={s.Gateway} external={s.External} lifetime_s={s.LifetimeS}");
-                _onMapped(s.External);
-                retryMs = FirstRetryMs;
-                waitMs = (int)Math.Clamp(s.LifetimeS * 1000 / 2, FirstRetryMs, 3_600_000);   // 0 (UPnP, permanent): 30 s..1 h
-                if (s.LifetimeS == 0) waitMs = 1_800_000;
-            }
-            else
-            {
-                if (changed) _log.Info("port_mapping_failed", $"gateway={s.Gateway?.ToString() ?? "none"} tried={s.Tried} error=\"{s.Error}\" next_in_s={retryMs / 1000}");
-                waitMs = retryMs;
-                retryMs = Math.Min(retryMs * 2, MaxRetryMs);
-            }
-            _kick.WaitOne(waitMs);
-        }
-    }
-
-    // One round: the protocol that worked last first, then the others in order.
-    private State Map()
-    {
-        IPAddress? gw = DefaultGateway(File.Exists("/proc/net/route") ? File.ReadAllText("/proc/net/route") : "");
-        if (gw == null) return new("", null, default, 0, "no default IPv4 gateway", "");
-        var tried = new StringBuilder();
-        string last = Current.Protocol, error = "";
-        foreach (string proto in last.Length > 0 ? [last, .. _order] : _order)
-        {
-            if (_stop || tried.ToString().Contains(proto)) continue;
-            tried.Append(tried.Length > 0 ? "," : "").Append(proto);
-            try
-            {
-                (Endpoint ext, long lifetime) = proto switch
-                {
-                    "pcp" => MapPcp(gw, RequestLifetimeS),
-                    "nat-pmp" => MapNatPmp(gw, RequestLifetimeS),
-                    "upnp" => MapUpnp(gw, UpnpLeaseS),
-                    _ => throw new IOException("unknown protocol"),
-                };
-                return new(proto, gw, ext, lifetime, null, tried.ToString());
-            }
-            catch (Exception e) when (e is IOException or SocketException or FormatException)
-            {
-                error += (error.Length > 0 ? "; " : "") + proto + ": " + e.Message;
-            }
-        }
-        return new("", gw, default, 0, error, tried.ToString());
-    }
-
-    /// <summary>The gateway of the default IPv4 route with the lowest metric, from /proc/net/route.</summary>
-    internal static IPAddress? DefaultGateway(string routes)
-    {
-        IPAddress? best = null;
-        long bestMetric = long.MaxValue;
-        foreach (string line in routes.Split('\n'))
-        {
-            string[] f = line.Split('\t', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
-            if (f.Length < 7 || f[1] != "00000000" || !uint.TryParse(f[2], System.Globalization.NumberStyles.HexNumber, null, out uint g) || g == 0
-                || !int.TryParse(f[3], System.Globalization.NumberStyles.HexNumber, null, out int flags) || (flags & 3) != 3
-                || !long.TryParse(f[6], out long metric) || metric >= bestMetric) continue;
-            best = new IPAddress(g);                     // the file holds it in host (little-endian) order, as IPAddress(long) takes it
-            bestMetric = metric;
-        }
-        return best;
-    }
-
-    // ---- PCP and NAT-PMP: one UDP request, an answer from the gateway's port 5351 ----
-
-    // Sends req to gw:5351 up to twice (500 ms, then 1 s) and returns the first answer accepted by ok.
-    private static int Ask(IPAddress gw, ReadOnlySpan<byte> req, Span<byte> answer, Func<byte[], int, bool> ok, out IPAddress local)
-    {
-        using var sock = new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp);
-        sock.Connect(new IPEndPoint(gw, PcpPort));       // connected: only the gateway's port answers
-        local = ((IPEndPoint)sock.LocalEndPoint!).Address;
-        byte[] buf = new byte[1100];
-        for (int attempt = 0, waitMs = AnswerWaitMs; attempt < 2; attempt++, waitMs *= 2)
-        {
-            sock.Send(req);
-            long until = Mono.NowMs() + waitMs;
-            while (Mono.NowMs() < until && sock.Poll((int)(until - Mono.NowMs()) * 1000, SelectMode.SelectRead))
-            {
-                int n = sock.Receive(buf);                 // ICMP port unreachable throws: no server there
-                if (!ok(buf, n)) continue;
-                buf.AsSpan(0, Math.Min(n, answer.Length)).CopyTo(answer);
-                return n;
-            }
-        }
-        throw new IOException("no answer");
-    }
-
-    private (Endpoint, long) MapNatPmp(IPAddress gw, uint lifetimeS)
-    {
-        Span<byte> req = stackalloc byte[12], ans = stackalloc byte[16];
-        Ask(gw, [0, 0], ans, (b, n) => n >= 12 && b[0] == 0 && b[1] == 128, out _);
-        if (!NatPmp.TryParseAddress(ans[..12], out IPAddress? ext, out int result)) throw new IOException("malformed address answer");
-        if (result != 0) throw new IOException($"address refused: result {result}");
-        NatPmp.WriteMap(req, (ushort)_port, (ushort)_port, lifetimeS);
-        Ask(gw, req, ans, (b, n) => n >= 16 && b[0] == 0 && b[1] == 129 && BinaryPrimitives.ReadUInt16BigEndian(b.AsSpan(8)) == _port, out _);
-        if (!NatPmp.TryParseMap(ans, out ushort extPort, out uint lifetime, out result)) throw new IOException("malformed map answer");
-        if (result != 0) throw new IOException($"mapping refused: result {result} ({NatPmp.ResultName(result)})");
-        return (Endpoint.FromIp(ext!, extPort), lifetime);
-    }
-
-    private (Endpoint, long) MapPcp(IPAddress gw, uint lifetimeS)
-    {
-        Span<byte> req = stackalloc byte[Pcp.MapLen], ans = stackalloc byte[Pcp.MapLen];
-        IPAddress local;
-        using (var probe = new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp))
-        {
-            probe.Connect(new IPEndPoint(gw, PcpPort));
-            local = ((IPEndPoint)probe.LocalEndPoint!).Address;
-        }
-        Pcp.WriteMap(req, local, _nonce, (ushort)_port, (ushort)_port, lifetimeS);
-        byte[] nonce = _nonce;
-        int n = Ask(gw, req, ans, (b, len) => len >= 4 && (b[0] == 2 && b[1] == (0x80 | Pcp.OpMap) || b[0] == 0), out _);
-        if (ans[0] == 0) throw new IOException("the gateway speaks NAT-PMP only");
-        if (!Pcp.TryParseMap(ans[..Math.Min(n, Pcp.MapLen)], nonce, out Endpoint ext, out uint lifetime, out int result))
-            throw new IOException("malformed MAP answer");
-        if (result != 0) throw new IOException($"MAP refused: result {result} ({Pcp.ResultName(result)})");
-        return (ext, lifetime);
-    }
-
-    // ---- UPnP IGD: SSDP discovery, the description, SOAP to the WAN connection service ----
-
-    private (Endpoint, long) MapUpnp(IPAddress gw, uint leaseS)
-    {
-        if (_upnpControl == null)
-        {
-            string location = Discover(gw);
-            Uri root = Upnp.GatewayUrl(location, gw) ?? throw new IOException($"description at {location} is not on the gateway");
-            (int status, string xml) = Http(gw, root, "GET", null, null);
-            if (status != 200) throw new IOException($"description: HTTP {status}");
-            (string service, string control) = Upnp.FindWanService(xml) ?? throw new IOException("no WANIPConnection or WANPPPConnection service");
-            Uri url = Upnp.GatewayUrl(new Uri(root, control).ToString(), gw) ?? throw new IOException($"control URL {control} is not on the gateway");
-            (_upnpService, _upnpControl) = (service, url.ToString());
-        }
-        Uri ctl = new(_upnpControl);
-        string svc = _upnpService!;
-        IPAddress local;
-        using (var probe = new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp))
-        {
-            probe.Connect(new IPEndPoint(gw, SsdpPort));
-            local = ((IPEndPoint)probe.LocalEndPoint!).Address;
-        }
-        var args = new List<(string, string)>
-        {
-            ("NewRemoteHost", ""), ("NewExternalPort", _port.ToString()), ("NewProtocol", "UDP"), ("NewInternalPort", _port.ToString()),
-            ("NewInternalClient", local.ToString()), ("NewEnabled", "1"), ("NewPortMappingDescription", "veil"), ("NewLeaseDuration", leaseS.ToString()),
-        };
-        (int st, string body) = Soap(gw, ctl, svc, "AddPortMapping", args);
-        if (st != 200 && Upnp.SoapValue(body, "errorCode") == "725")          // OnlyPermanentLeasesSupported (IGD v1)
-        {
-            args[^1] = ("NewLeaseDuration", "0");
-            leaseS = 0;
-            (st, body) = Soap(gw, ctl, svc, "AddPortMapping", args);
-        }
-        if (st != 200) { _upnpControl = null; throw new IOException($"AddPortMapping: HTTP {st} error {Upnp.SoapValue(body, "errorCode") ?? "?"} {Upnp.SoapValue(body, "errorDescription")}"); }
-        (st, body) = Soap(gw, ctl, svc, "GetExternalIPAddress", []);
-        if (st != 200 || !IPAddress.TryParse(Upnp.SoapValue(body, "NewExternalIPAddress") ?? "", out IPAddress? ext) || ext.AddressFamily != AddressFamily.InterNetwork)
-            throw new IOException($"GetExternalIPAddress: HTTP {st}");
-        return (Endpoint.FromIp(ext, _port), leaseS);
-    }
-
-    // M-SEARCH to the gateway (unicast and on the SSDP group); the LOCATION of its first answer.
-    private static string Discover(IPAddress gw)
-    {
-        using var sock = new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp);
-        sock.Bind(new IPEndPoint(IPAddress.Any, 0));
-        byte[] search = Encoding.ASCII.GetBytes(Upnp.MSearch);
-        sock.SendTo(search, new IPEndPoint(gw, SsdpPort));
-        try { sock.SendTo(search, new IPEndPoint(IPAddress.Parse("239.255.255.250"), SsdpPort)); }
-        catch (SocketException) { }                          // no multicast route: the unicast one may do
-        byte[] buf = new byte[2048];
-        long until = Mono.NowMs() + 1500;
-        while (Mono.NowMs() < until && sock.Poll((int)(until - Mono.NowMs()) * 1000, SelectMode.SelectRead))
-        {
-            EndPoint from = new IPEndPoint(IPAddress.Any, 0);
-            int n = sock.ReceiveFrom(buf, ref from);
-            if (!((IPEndPoint)from).Address.Equals(gw)) continue;           // only the gateway is believed
-            if (Upnp.Location(Encoding.ASCII.GetString(buf, 0, n)) is string loc) return loc;
-        }
-        throw new IOException("no SSDP answer from the gateway");
-    }
-
-    private static (int, string) Soap(IPAddress gw, Uri ctl, string service, string action, List<(string Name, string Value)> args) =>
-        Http(gw, ctl, "POST", Upnp.SoapBody(service, action, args), $"\"{service}#{action}\"");
-
-    // One HTTP/1.0 exchange with the gateway (no keep-alive, no chunking), bounded in time and size.
-    private static (int Status, string Body) Http(IPAddress gw, Uri url, string method, string? body, string? soapAction)
-    {
-        using var sock = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp) { ReceiveTimeout = HttpTimeoutMs, SendTimeout = HttpTimeoutMs };
-        IAsyncResult ar = sock.BeginConnect(new IPEndPoint(gw, url.Port), null, null);
-        if (!ar.AsyncWaitHandle.WaitOne(HttpTimeoutMs)) throw new IOException($"connect {gw}:{url.Port} timed out");
-        sock.EndConnect(ar);
-        byte[] content = Encoding.UTF8.GetBytes(body ?? "");
-        var head = new StringBuilder($"{method} {url.PathAndQuery} HTTP/1.0\r\nHost: {url.Authority}\r\n");
-        if (soapAction != null) head.Append($"Content-Type: text/xml; charset=\"utf-8\"\r\nSOAPAction: {soapAction}\r\n");
-        if (body != null) head.Append($"Content-Length: {content.Length}\r\n");
-        head.Append("Connection: close\r\n\r\n");
-        sock.Send([.. Encoding.ASCII.GetBytes(head.ToString()), .. content]);
-        var got = new MemoryStream();
-        byte[] buf = new byte[4096];
-        long until = Mono.NowMs() + HttpTimeoutMs;
-        for (int n; Mono.NowMs() < until && (n = sock.Receive(buf)) > 0;)
-        {
-            got.Write(buf, 0, n);
-            if (got.Length > MaxHttpLen) throw new IOException("answer too long");
-        }
-        return Upnp.ParseHttp(Encoding.UTF8.GetString(got.ToArray())) ?? throw new IOException("malformed HTTP answer");
-    }
-
-    // ---- exit: the mapping goes with us ----
-
-    /// <summary>Stops the thread and deletes the mapping (bounded: one try per protocol).</summary>
-    public void Dispose()
-    {
-        _stop = true;
-        _kick.Set();
-        _thread.Join((int)Tune.ShutdownGraceMs);
-        State s = Current;
-        if (s.Error != null || s.Gateway == null) return;
-        try
-        {
-            switch (s.Protocol)
-            {
-                case "pcp": MapPcp(s.Gateway, 0); break;
-                case "nat-pmp":
-                    Span<byte> req = stackalloc byte[12], ans = stackalloc byte[16];
-                    NatPmp.WriteMap(req, (ushort)_port, 0, 0);
-                    Ask(s.Gateway, req, ans, (b, n) => n >= 16 && b[1] == 129, out _);
-                    break;
-                case "upnp" when _upnpControl != null:
-                    Soap(s.Gateway, new Uri(_upnpControl), _upnpService!, "DeletePortMapping",
-                        [("NewRemoteHost", ""), ("NewExternalPort", s.External.Port.ToString()), ("NewProtocol", "UDP")]);
-                    break;
-            }
-            _log.Info("port_unmapped", $"protocol={s.Protocol} external={s.External}");
-        }
-        catch (Exception e) when (e is IOException or SocketException)
-        {
-            _log.Warn("port_unmap_failed", $"protocol={s.Protocol} error=\"{e.Message}\" hint=\"the gateway drops it when its lifetime ends\"");
-        }
-    }
-}
-
-/// <summary>NAT-PMP (RFC 6886) messages: version 0; integers big-endian.</summary>
-internal static class NatPmp
-{
-    /// <summary>Map UDP: 0 ‖ 1 ‖ reserved 2 ‖ internal port ‖ suggested external port ‖ lifetime s (0: delete).</summary>
-    internal static void WriteMap(Span<byte> d, ushort internalPort, ushort externalPort, uint lifetimeS)
-    {
-        d[..12].Clear();
-        d[1] = 1;
-        BinaryPrimitives.WriteUInt16BigEndian(d[4..], internalPort);
-        BinaryPrimitives.WriteUInt16BigEndian(d[6..], externalPort);
-        BinaryPrimitives.WriteUInt32BigEndian(d[8..], lifetimeS);
-    }
-
-    /// <summary>0 ‖ 128 ‖ result ‖ epoch s ‖ external IPv4.</summary>
-    internal static bool TryParseAddress(ReadOnlySpan<byte> a, out IPAddress? external, out int result)
-    {
-        external = null;
-        result = a.Length >= 4 ? BinaryPrimitives.ReadUInt16BigEndian(a[2..]) : -1;
-        if (a.Length != 12 || a[0] != 0 || a[1] != 128) return false;
-        external = new IPAddress(a[8..12]);
-        return true;
-    }
-
-    /// <summary>0 ‖ 129 ‖ result ‖ epoch s ‖ internal port ‖ mapped external port ‖ lifetime s.</summary>
-    internal static bool TryParseMap(ReadOnlySpan<byte> a, out ushort externalPort, out uint lifetimeS, out int result)
-    {
-        externalPort = 0;
-        lifetimeS = 0;
-        result = a.Length >= 4 ? BinaryPrimitives.ReadUInt16BigEndian(a[2..]) : -1;
-        if (a.Length != 16 || a[0] != 0 || a[1] != 129) return false;
-        externalPort = BinaryPrimitives.ReadUInt16BigEndian(a[10..]);
-        lifetimeS = BinaryPrimitives.ReadUInt32BigEndian(a[12..]);
-        return result != 0 || externalPort != 0;
-    }
-
-    internal static string ResultName(int r) => r switch
-    {
-        1 => "unsupported version", 2 => "not authorized", 3 => "network failure", 4 => "out of resources", 5 => "unsupported opcode", _ => "unknown",
-    };
-}
-
-/// <summary>PCP (RFC 6887) MAP messages: a 24-byte header and the 36-byte MAP body; integers
-/// big-endian, addresses as 16 bytes (IPv4 mapped into IPv6).</summary>
-internal static class Pcp
-{
-    internal const int MapLen = 60;
-    internal const byte OpMap = 1;
-
-    /// <summary>2 ‖ MAP ‖ reserved 2 ‖ lifetime ‖ client address 16 ‖ nonce 12 ‖ UDP (17) ‖ reserved 3 ‖
-    /// internal port ‖ suggested external port ‖ suggested external address 16 (all zero: any).</summary>
-    internal static void WriteMap(Span<byte> d, IPAddress client, ReadOnlySpan<byte> nonce, ushort internalPort, ushort externalPort, uint lifetimeS)
-    {
-        d[..MapLen].Clear();
-        d[0] = 2;
-        d[1] = OpMap;
-        BinaryPrimitives.WriteUInt32BigEndian(d[4..], lifetimeS);
-        client.MapToIPv6().TryWriteBytes(d[8..24], out _);
-        nonce[..12].CopyTo(d[24..]);
-        d[36] = 17;
-        BinaryPrimitives.WriteUInt16BigEndian(d[40..], internalPort);
-        BinaryPrimitives.WriteUInt16BigEndian(d[42..], externalPort);
-        d[54] = d[55] = 0xff;                           // ::ffff:0.0.0.0, "any IPv4 address"
-    }
-
-    /// <summary>2 ‖ 0x80|MAP ‖ reserved ‖ result ‖ lifetime ‖ epoch ‖ reserved 12 ‖ nonce 12 ‖ protocol ‖
-    /// reserved 3 ‖ internal port ‖ assigned external port ‖ assigned external address 16. A nonce
-    /// other than ours is not an answer to us (false).</summary>
-    internal static bool TryParseMap(ReadOnlySpan<byte> a, ReadOnlySpan<byte> nonce, out Endpoint external, out uint lifetimeS, out int result)
-    {
-        external = default;
-        lifetimeS = 0;
-        result = a.Length >= 4 ? a[3] : -1;
-        if (a.Length != MapLen || a[0] != 2 || a[1] != (0x80 | OpMap) || !a[24..36].SequenceEqual(nonce[..12]) || a[36] != 17) return false;
-        lifetimeS = BinaryPrimitives.ReadUInt32BigEndian(a[4..]);
-        if (result != 0) return true;
-        var ip = new IPAddress(a[44..60]);
-        if (!ip.IsIPv4MappedToIPv6) return false;          // a v4 mapping must come back as v4
-        external = Endpoint.FromIp(ip.MapToIPv4(), BinaryPrimitives.ReadUInt16BigEndian(a[42..]));
-        return external.Port != 0;
-    }
-
-    internal static string ResultName(int r) => r switch
-    {
-        1 => "unsupported version", 2 => "not authorized", 3 => "malformed request", 4 => "unsupported opcode", 5 => "unsupported option",
-        6 => "malformed option", 7 => "network failure", 8 => "no resources", 9 => "unsupported protocol", 10 => "user exceeded quota",
-        11 => "cannot provide external", 12 => "address mismatch", 13 => "excessive remote peers", _ => "unknown",
-    };
-}
-
-/// <summary>The text of UPnP IGD: SSDP search, the description's WAN service, SOAP requests and
-/// answers. Found by plain string search: a description is small, and no XML reader is needed.</summary>
-internal static class Upnp
-{
-    internal const string MSearch = "M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\nMX: 1\r\n" +
-                                    "ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n\r\n";
-    private static readonly string[] WanServices =
-    [
-        "urn:schemas-upnp-org:service:WANIPConnection:2", "urn:schemas-upnp-org:service:WANIPConnection:1", "urn:schemas-upnp-org:service:WANPPPConnection:1",
-    ];
-
-    /// <summary>The LOCATION header of an SSDP answer (200 OK), or null.</summary>
-    internal static string? Location(string answer)
-    {
-        string[] lines = answer.Split("\r\n");
-        if (lines.Length == 0 || !lines[0].StartsWith("HTTP/1.1 200", StringComparison.Ordinal)) return null;
-        foreach (string line in lines)
-            if (line.StartsWith("LOCATION:", StringComparison.OrdinalIgnoreCase)) return line[9..].Trim();
-        return null;
-    }
-
-    /// <summary>url as an http URI on the gateway itself; null for anything else.</summary>
-    internal static Uri? GatewayUrl(string url, IPAddress gw) =>
-        Uri.TryCreate(url, UriKind.Absolute, out Uri? u) && u.Scheme == "http" && IPAddress.TryParse(u.Host, out IPAddress? h) && h.Equals(gw) ? u : null;
-
-    /// <summary>The first WAN connection service of a description: its type and control URL.</summary>
-    internal static (string Service, string Control)? FindWanService(string xml)
-    {
-        foreach (string type in WanServices)
-        {
-            int at = xml.IndexOf("<serviceType>" + type + "</serviceType>", StringComparison.Ordinal);
-            if (at < 0) continue;
-            int end = xml.IndexOf("</service>", at, StringComparison.Ordinal);
-            string service = end < 0 ? xml[at..] : xml[at..end];
-            if (Element(service, "controlURL") is string control) return (type, control);
-        }
-        return null;
-    }
-
-    /// <summary>The text of the first &lt;name&gt; element (any namespace prefix), or null.</summary>
-    internal static string? SoapValue(string body, string name) => Element(body, name);
-
-    private static string? Element(string xml, string name)
-    {
-        for (int at = 0; (at = xml.IndexOf(name, at, StringComparison.Ordinal)) > 0; at += name.Length)
-        {
-            if (xml[at - 1] is not ('<' or ':') || at + name.Length >= xml.Length || xml[at + name.Length] != '>') continue;
-            int start = at + name.Length + 1, stop = xml.IndexOf('<', start);
-            return stop < 0 ? null : System.Net.WebUtility.HtmlDecode(xml[start..stop].Trim());
-        }
-        return null;
-    }
-
-    internal static string SoapBody(string service, string action, List<(string Name, string Value)> args)
-    {
-        var b = new StringBuilder("<?xml version=\"1.0\"?>\r\n<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" " +
-                                  "s:encodingStyle=\"http://schemas.xmlsoap.org/soap/encoding/\"><s:Body>");
-        b.Append("<u:").Append(action).Append(" xmlns:u=\"").Append(service).Append("\">");
-        foreach (var (n, v) in args) b.Append('<').Append(n).Append('>').Append(System.Net.WebUtility.HtmlEncode(v)).Append("</").Append(n).Append('>');
-        return b.Append("</u:").Append(action).Append("></s:Body></s:Envelope>\r\n").ToString();
-    }
-
-    /// <summary>Status code and body of an HTTP answer, or null when it is not one.</summary>
-    internal static (int, string)? ParseHttp(string answer)
-    {
-        int headEnd = answer.IndexOf("\r\n\r\n", StringComparison.Ordinal);
-        if (!answer.StartsWith("HTTP/1.", StringComparison.Ordinal) || headEnd < 0) return null;
-        string[] status = answer[..answer.IndexOf("\r\n", StringComparison.Ordinal)].Split(' ');
-        return status.Length >= 2 && int.TryParse(status[1], out int code) ? (code, answer[(headEnd + 4)..]) : null;
-    }
-}
-
-/// <summary>Beacons (--beacon-store, --beacon-load): this node's reachable endpoints, sealed with the
-/// network secret, left where other members can read them (a file on a shared folder or a web
-/// server, a DNS TXT record through a command), so a member that lost every peer finds the mesh
-/// again. A beacon is one line, "veil-beacon1 BASE64" of nonce (12) ‖ ChaCha20-Poly1305 of (public
-/// key ‖ Unix seconds u64 ‖ n (1..8) ‖ n × endpoint, as in the exchange) under a key derived from
-/// the secret. One that does not open under a secret we hold, is older than MaxAgeS, comes from the
-/// future, or does not parse is ignored and counted; it can only name endpoints to try, never
-/// make anything a member (the handshake still needs the secret).</summary>
-internal static class Beacon
-{
-    internal const string Prefix = "veil-beacon1 ";
-    internal const long MaxAgeS = 86_400, MaxSkewS = 300;
-    internal const int MaxInputLen = 64 * 1024;            // what a beacon file or program may hand us
-    private const int MaxLen = 1 + 32 + 8 + 1 + 8 * 19;
-
-    /// <summary>The beacon key of a network secret (derived once at start: the secret itself is
-    /// wiped from the daemon's memory then).</summary>
-    internal static byte[] KeyOf(in Key32 psk)
-    {
-        byte[] key = new byte[32];
-        Hkdf.Derive(key, psk, "veil beacon"u8, "v1"u8);
-        return key;
-    }
-
-    internal static string Seal(byte[] key, in Key32 publicKey, long unixS, List<Endpoint> endpoints)
-    {
-        int n = Math.Min(endpoints.Count, Tune.MaxEndpointsPerMember);
-        byte[] plain = new byte[32 + 8 + 1 + n * 19];
-        ((ReadOnlySpan<byte>)publicKey).CopyTo(plain);
-        BinaryPrimitives.WriteInt64BigEndian(plain.AsSpan(32), unixS);
-        plain[40] = (byte)n;
-        int pos = 41;
-        for (int i = 0; i < n; i++) pos += ExchangeMessage.WriteEndpoint(plain.AsSpan(pos), endpoints[i]);
-        byte[] sealedBeacon = new byte[12 + pos + Aead.TagLen];
-        RandomNumberGenerator.Fill(sealedBeacon.AsSpan(0, 12));
-        using (var aead = new Aead(AeadKind.ChaCha20Poly1305, key)) aead.Seal(sealedBeacon.AsSpan(0, 12), plain.AsSpan(0, pos), "veil-beacon1"u8, sealedBeacon.AsSpan(12));
-        return Prefix + Convert.ToBase64String(sealedBeacon);
-    }
-
-    /// <summary>Opens one line under any of keys (KeyOf); null when it is a good beacon, else why not.</summary>
-    internal static string? TryOpen(string line, IReadOnlyList<byte[]> keys, long nowUnixS, out Key32 publicKey, List<Endpoint> endpoints)
-    {
-        publicKey = default;
-        endpoints.Clear();
-        line = line.Trim();
-        if (!line.StartsWith(Prefix, StringComparison.Ordinal)) return "not a beacon";
-        byte[] raw = new byte[(line.Length - Prefix.Length) * 3 / 4 + 3];
-        if (!Convert.TryFromBase64String(line[Prefix.Length..], raw, out int len) || len < 12 + 41 + Aead.TagLen || len > 12 + MaxLen + Aead.TagLen) return "malformed";
-        byte[] plain = new byte[len - 12 - Aead.TagLen];
-        bool opened = false;
-        foreach (byte[] key in keys)
-        {
-            using (var aead = new Aead(AeadKind.ChaCha20Poly1305, key)) opened = aead.Open(raw.AsSpan(0, 12), raw.AsSpan(12, len - 12), "veil-beacon1"u8, plain);
-            if (opened) break;
-        }
-        if (!opened) return "does not open under the network secret";
-        long unixS = BinaryPrimitives.ReadInt64BigEndian(plain.AsSpan(32));
-        if (unixS > nowUnixS + MaxSkewS) return "from the future";
-        if (nowUnixS - unixS > MaxAgeS) return "stale";
-        int n = plain[40], pos = 41;
-        if (n is 0 or > Tune.MaxEndpointsPerMember) return "malformed";
-        for (int i = 0; i < n; i++)
-        {
-            if (!ExchangeMessage.ReadEndpoint(plain, ref pos, out Endpoint e, allowUnset: false)) { endpoints.Clear(); return "malformed"; }
-            endpoints.Add(e);
-        }
-        if (pos != plain.Length) { endpoints.Clear(); return "malformed"; }
-        publicKey = new Key32();
-        plain.AsSpan(0, 32).CopyTo(publicKey);
-        return null;
-    }
-
-    /// <summary>Runs "|PROGRAM ARG..." (no shell) with input on its stdin; its stdout, bounded, or null
-    /// (and why) when it cannot start, fails, or outlives timeoutMs (it is killed).</summary>
-    internal static string? Run(string command, string? input, int timeoutMs, out string? error)
-    {
-        error = null;
-        string[] argv = command.TrimStart('|').Split(' ', StringSplitOptions.RemoveEmptyEntries);
-        if (argv.Length == 0) { error = "empty command"; return null; }
-        var psi = new ProcessStartInfo(argv[0]) { RedirectStandardInput = true, RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        for (int i = 1; i < argv.Length; i++) psi.ArgumentList.Add(argv[i]);
-        try
-        {
-            using Process p = Process.Start(psi)!;
-            var output = p.StandardOutput.ReadToEndAsync();
-            _ = p.StandardError.ReadToEndAsync();
-            p.StandardInput.Write(input ?? "");
-            p.StandardInput.Close();
-            if (!p.WaitForExit(timeoutMs)) { p.Kill(entireProcessTree: true); error = $"timed out after {timeoutMs} ms"; return null; }
-            if (p.ExitCode != 0) { error = $"exit status {p.ExitCode}"; return null; }
-            string text = output.Result;
-            return text.Length <= MaxInputLen ? text : text[..MaxInputLen];
-        }
-        catch (Exception e) when (e is System.ComponentModel.Win32Exception or IOException or InvalidOperationException)
-        {
-            error = e.Message;
-            return null;
-        }
     }
 }
 
@@ -8123,76 +7279,10 @@ internal sealed partial class Node
     }
 }
 
-/// <summary>What this node carries for other members as a relay (--relay, the default): pairs of
-/// members, each direction with its own byte budget per second, at most MaxRelayPairs pairs; every
-/// record it will not carry is counted. The records it carries are sealed end to end between the
-/// two members: it can drop or delay them, never read, forge or replay them unnoticed.</summary>
-internal sealed class Relays
-{
-    internal bool Offered = true;
-    internal long RateBytesPerS = Tune.DefaultRelayRateMbit * 125_000L;
-    private sealed class Flow { internal long Tokens, LastMs; }
-    private readonly Dictionary<(int From, int To), Flow> _flows = new();
-    internal long Bytes, Records, Refused, RateLimited;
-
-    internal int Pairs => _flows.Count;
-
-    internal void Configure(UpConfig cfg)
-    {
-        Offered = cfg.Relay;
-        RateBytesPerS = cfg.RelayRateMbit * 125_000L;
-    }
-
-    /// <summary>May `from` send `len` bytes to `to` through us now? Charges the flow's budget; null
-    /// when it may, else the reason it may not.</summary>
-    internal string? Admit(Peer from, Peer to, int len, long nowMs)
-    {
-        if (!_flows.TryGetValue((from.Id, to.Id), out Flow? f))
-        {
-            if (_flows.Count >= 2 * Tune.MaxRelayPairs && !EvictIdle(nowMs)) return "pairs_full";
-            f = new Flow { Tokens = RateBytesPerS, LastMs = nowMs };
-            _flows[(from.Id, to.Id)] = f;
-        }
-        f.Tokens = Math.Min(RateBytesPerS, f.Tokens + (nowMs - f.LastMs) * RateBytesPerS / 1000);
-        f.LastMs = nowMs;
-        if (f.Tokens < len) { RateLimited++; return "rate"; }
-        f.Tokens -= len;
-        Bytes += len;
-        Records++;
-        return null;
-    }
-
-    private bool EvictIdle(long nowMs)
-    {
-        foreach (var (k, f) in _flows)
-            if (nowMs - f.LastMs >= Tune.RelayPairIdleMs) { _flows.Remove(k); return true; }
-        return false;
-    }
-
-    /// <summary>A member that is gone: its flows go too (its slot id may be reused).</summary>
-    internal void Forget(Peer p)
-    {
-        var gone = new List<(int, int)>();
-        foreach (var k in _flows.Keys) if (k.From == p.Id || k.To == p.Id) gone.Add(k);
-        foreach (var k in gone) _flows.Remove(k);
-    }
-}
-
-/// <summary>The node's paths (§15): each record to a peer goes straight to its endpoint or through
-/// a member that relays; each authenticated record says which path works (Heard), and punch rounds
-/// move a relayed peer to a direct path as soon as one opens.</summary>
+/// <summary>The node's memory of members (--state), for a restart while its --peer is down.</summary>
 internal sealed partial class Node
 {
-    // A Relay record's payload: Forward (to the relay): 1 ‖ key of the member it is for (32) ‖ inner
-    // datagram; Delivered (from the relay): 2 ‖ inner datagram. The inner datagram is a handshake
-    // message or a transport record between the two members; who sent it, its inner keys say.
-    internal const byte RelayForward = 1, RelayDelivered = 2;
-    internal const int RelayHeadroomLen = Record.PayloadOffset + 1 + Spec.KeyLen;
-    private Peer? _via;                          // the relay of the datagram being handled (null: direct)
-    internal TcpLinks? Tcp;                      // --listen-tcp / --peer-tcp (the daemon's)
-    internal long LastUdpRxMs;                   // the last authenticated record straight from a UDP endpoint
-
-    // ---- The state file (--state): the members this node learned, for a restart while its --peer
+    // The state file (--state): the members this node learned, for a restart while its --peer
     // is down. The daemon writes it rarely (a flash write budget) and atomically; see MemberState.
 
     internal const string StateHeader = "veil-state 1";
@@ -8275,6 +7365,223 @@ internal sealed partial class Node
         if (!p.Up && p.Pending == null && p.ReconnectAtMs == 0) p.ReconnectAtMs = nowMs;
         return true;
     }
+}
+
+/// <summary>The daemon's side of membership: the state file, written rarely and atomically, and
+/// revocations, checked off the node's lock and kept in _cfg.RevocationsPath.</summary>
+internal sealed unsafe partial class Daemon
+{
+    private string _stateWritten = "";
+    private long _stateWrittenMs = long.MinValue / 2;
+    private const long StateWriteIntervalMs = 600_000;     // at most one flash write per 10 minutes, and at exit
+
+    private string? ReadState()
+    {
+        string? path = _cfg.StatePath;
+        if (path == null || !File.Exists(path)) return null;
+        try { return _stateWritten = File.ReadAllText(path); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            _log.Warn("state_ignored", $"file={path} error=\"{e.Message}\"");
+            return null;
+        }
+    }
+
+    private void ApplyState(Node node, string text, long nowMs)
+    {
+        string? error = node.LoadState(text, nowMs, out int restored);
+        if (error != null) _log.Warn("state_ignored", $"file={_cfg.StatePath} error=\"{error}\" hint=\"nothing of it was used; it is rewritten once members are known\"");
+        else _log.Info("state_loaded", $"file={_cfg.StatePath} members={restored}");
+    }
+
+    // On the loop: the snapshot is taken under the lock, and written by the chores thread (or here,
+    // at exit) when it changed and the last write is old enough.
+    private void SaveState(bool force)
+    {
+        string? path = _cfg.StatePath;
+        if (path == null) return;
+        long nowMs = Mono.NowMs();
+        if (!force && nowMs - _stateWrittenMs < StateWriteIntervalMs) return;
+        string text;
+        lock (_node!.Gate) text = _node.StateText();
+        if (text == _stateWritten || text.IndexOf("\nmember ", StringComparison.Ordinal) < 0) return;   // unchanged, or nobody to remember
+        _stateWritten = text;
+        _stateWrittenMs = nowMs;
+        if (force) WriteAtomically(path, text, _log, "state_not_saved");
+        else _chores!.Post(() => WriteAtomically(path, text, _log, "state_not_saved"));
+    }
+
+
+    // At start-up: what the file holds, each line checked against the admin key.
+    private void LoadRevocations(Node node)
+    {
+        string? path = _cfg.RevocationsPath;
+        if (path == null || !File.Exists(path)) return;
+        string[] lines;
+        try { lines = File.ReadAllLines(path); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            _log.Warn("revocations_unreadable", $"file={path} error=\"{e.Message}\" hint=\"members revoked before are not refused until a member tells us again\"");
+            return;
+        }
+        int kept = 0;
+        for (int i = 0; i < lines.Length; i++)
+        {
+            if (lines[i].Trim().Length == 0) continue;
+            Revocation? r = Revocation.Decode(lines[i]);
+            if (r == null || _cfg.AdminKey == null || !r.Verify(_cfg.AdminKey))
+            {
+                _log.Warn("revocation_invalid", $"file={path} line={i + 1} hint=\"not signed by this network's admin key; ignored\"");
+                continue;
+            }
+            if (node.Mesh.Revoke(r, Mono.NowMs())) kept++;
+        }
+        _log.Info("revocations_loaded", $"file={path} count={kept}");
+    }
+
+    // On the chores thread: signatures checked, the good ones applied (on the loop) and written down.
+    private void CheckRevocations(List<Revocation> unverified)
+    {
+        byte[]? admin = _cfg.AdminKey;
+        var good = new List<Revocation>();
+        foreach (Revocation r in unverified)
+            if (admin != null && r.Verify(admin)) good.Add(r);
+        int rejected = unverified.Count - good.Count;
+        if (rejected > 0) _log.Warn("revocation_rejected", $"count={rejected} hint=\"a member passed on revocations this network's admin key did not sign\"");
+        _chores!.Return(() =>
+        {
+            var applied = new List<Revocation>();
+            lock (_node!.Gate)
+            {
+                _node.Mesh.RevocationsRejected += rejected;
+                foreach (Revocation r in good) if (_node.Mesh.Revoke(r, Mono.NowMs())) applied.Add(r);
+                _worker!.FlushUdp(_node.UdpOut);
+            }
+            if (applied.Count > 0) _chores.Post(() => WriteRevocations(applied));
+        });
+    }
+
+    // On the chores thread: appended and synced, so a restart still refuses them.
+    private void WriteRevocations(List<Revocation> revocations)
+    {
+        string? path = _cfg.RevocationsPath;
+        if (path == null) return;
+        var text = new StringBuilder();
+        foreach (Revocation r in revocations) text.Append(r.Encode()).Append('\n');
+        try
+        {
+            using var fs = new FileStream(path, FileMode.Append, FileAccess.Write, FileShare.Read, 4096, FileOptions.None);
+            File.SetUnixFileMode(path, (UnixFileMode)0b110_000_000);
+            fs.Write(Encoding.ASCII.GetBytes(text.ToString()));
+            fs.Flush(flushToDisk: true);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            _log.Error("revocations_not_saved", $"file={path} error=\"{e.Message}\" hint=\"they hold until a restart\"");
+        }
+    }
+
+    /// <summary>Answers `veil revoke`: "revoke LINE", a revocation signed by the admin.</summary>
+    internal string Revoke(string request)
+    {
+        Revocation? r = Revocation.Decode(request["revoke ".Length..]);
+        if (r == null) return "error: malformed revocation\n";
+        if (_cfg.AdminKey == null) return "error: this node names no admin key (admin = \"...\" in its config), so it cannot check a revocation\n";
+        if (!r.Verify(_cfg.AdminKey)) return "error: the revocation is not signed by this network's admin key\n";
+        bool applied;
+        lock (_node!.Gate)
+        {
+            applied = _node.Mesh.Revoke(r, Mono.NowMs());
+            _worker!.FlushUdp(_node.UdpOut);
+        }
+        if (!applied) return $"ok: {r.Key.ToBase64()} was revoked already\n";
+        _chores!.Post(() => WriteRevocations([r]));
+        return $"ok: revoked {r.Key.ToBase64()}; members hear of it with their next exchange\n";
+    }
+}
+
+// ==== 16. NAT traversal: relay, punching, port mapping & beacons =================================
+// How members reach each other when NATs stand between them. Four means, cheapest first:
+// port mapping (PortMapper asks the gateway of the default route, by PCP, NAT-PMP or UPnP IGD, to
+// forward our UDP port; the mapped endpoint is announced to members in Self), hole punching
+// (Node.Punch: both sides send to each other's endpoints at once, primed with TTL-limited datagrams
+// that open our own NAT without reaching theirs), relaying (a member with direct sessions to both
+// carries their records, sealed end to end, in Relay records; Relays bounds what it carries), and
+// beacons (a sealed list of our endpoints in a file or a command's output, for members that lost
+// every path to us). Each authenticated record tells the node which path works (Node.Heard): the
+// first direct one moves a relayed peer off the relay at once, and a direct path that dies falls
+// back to the relay. Nothing here trusts an unauthenticated datagram: a path changes only on an
+// authenticated record, a relay cannot read, forge or replay what it carries, and every table is
+// bounded. May call §2–15.
+
+/// <summary>What this node carries for other members as a relay (--relay, the default): pairs of
+/// members, each direction with its own byte budget per second, at most MaxRelayPairs pairs; every
+/// record it will not carry is counted. The records it carries are sealed end to end between the
+/// two members: it can drop or delay them, never read, forge or replay them unnoticed.</summary>
+internal sealed class Relays
+{
+    internal bool Offered = true;
+    internal long RateBytesPerS = Tune.DefaultRelayRateMbit * 125_000L;
+    private sealed class Flow { internal long Tokens, LastMs; }
+    private readonly Dictionary<(int From, int To), Flow> _flows = new();
+    internal long Bytes, Records, Refused, RateLimited;
+
+    internal int Pairs => _flows.Count;
+
+    internal void Configure(UpConfig cfg)
+    {
+        Offered = cfg.Relay;
+        RateBytesPerS = cfg.RelayRateMbit * 125_000L;
+    }
+
+    /// <summary>May `from` send `len` bytes to `to` through us now? Charges the flow's budget; null
+    /// when it may, else the reason it may not.</summary>
+    internal string? Admit(Peer from, Peer to, int len, long nowMs)
+    {
+        if (!_flows.TryGetValue((from.Id, to.Id), out Flow? f))
+        {
+            if (_flows.Count >= 2 * Tune.MaxRelayPairs && !EvictIdle(nowMs)) return "pairs_full";
+            f = new Flow { Tokens = RateBytesPerS, LastMs = nowMs };
+            _flows[(from.Id, to.Id)] = f;
+        }
+        f.Tokens = Math.Min(RateBytesPerS, f.Tokens + (nowMs - f.LastMs) * RateBytesPerS / 1000);
+        f.LastMs = nowMs;
+        if (f.Tokens < len) { RateLimited++; return "rate"; }
+        f.Tokens -= len;
+        Bytes += len;
+        Records++;
+        return null;
+    }
+
+    private bool EvictIdle(long nowMs)
+    {
+        foreach (var (k, f) in _flows)
+            if (nowMs - f.LastMs >= Tune.RelayPairIdleMs) { _flows.Remove(k); return true; }
+        return false;
+    }
+
+    /// <summary>A member that is gone: its flows go too (its slot id may be reused).</summary>
+    internal void Forget(Peer p)
+    {
+        var gone = new List<(int, int)>();
+        foreach (var k in _flows.Keys) if (k.From == p.Id || k.To == p.Id) gone.Add(k);
+        foreach (var k in gone) _flows.Remove(k);
+    }
+}
+
+/// <summary>The node's paths: each record to a peer goes straight to its endpoint or through
+/// a member that relays; each authenticated record says which path works (Heard), and punch rounds
+/// move a relayed peer to a direct path as soon as one opens.</summary>
+internal sealed partial class Node
+{
+    // A Relay record's payload: Forward (to the relay): 1 ‖ key of the member it is for (32) ‖ inner
+    // datagram; Delivered (from the relay): 2 ‖ inner datagram. The inner datagram is a handshake
+    // message or a transport record between the two members; who sent it, its inner keys say.
+    internal const byte RelayForward = 1, RelayDelivered = 2;
+    internal const int RelayHeadroomLen = Record.PayloadOffset + 1 + Spec.KeyLen;
+    private Peer? _via;                          // the relay of the datagram being handled (null: direct)
+    internal TcpLinks? Tcp;                      // --listen-tcp / --peer-tcp (the daemon's)
+    internal long LastUdpRxMs;                   // the last authenticated record straight from a UDP endpoint
 
     /// <summary>A TCP link went away: peers that were on it go back to where they were before it
     /// (a client: its UDP endpoint, and the retries decide again), or to nowhere (a server's side).</summary>
@@ -8510,7 +7817,651 @@ internal sealed partial class Node
     }
 }
 
-// ==== 16. Control & management ====================================================================
+/// <summary>--port-mapping (the default): asks the gateway of the default route to forward our UDP
+/// port, with PCP (RFC 6887), NAT-PMP (RFC 6886) or UPnP IGD, whichever answers first, so members
+/// outside reach this node without punching. It runs on a thread of its own (each try waits on the
+/// network), renews at half the lifetime, deletes the mapping on exit, and hands the mapped public
+/// endpoint to the loop (onMapped), which announces it to members. Only the gateway is ever asked,
+/// and a UPnP description or control URL that names another host is refused.</summary>
+internal sealed class PortMapper : IDisposable
+{
+    internal const int PcpPort = 5351, SsdpPort = 1900;    // NAT-PMP and PCP share 5351
+    private const uint RequestLifetimeS = 7200;             // RFC 6886 §3.3's recommendation; PCP the same
+    private const uint UpnpLeaseS = 3600;
+    private const int FirstRetryMs = 30_000, MaxRetryMs = 600_000;
+    private const int AnswerWaitMs = 500, HttpTimeoutMs = 2000, MaxHttpLen = 64 * 1024;
+
+    /// <summary>What the gateway last said: the protocol that mapped (empty: none), the mapped
+    /// endpoint, its lifetime, or why nothing is mapped.</summary>
+    internal sealed record State(string Protocol, IPAddress? Gateway, Endpoint External, long LifetimeS, string? Error, string Tried);
+
+    internal volatile State Current = new("", null, default, 0, "starting", "");
+    private readonly int _port;
+    private readonly Action<Endpoint> _onMapped;
+    private readonly Log _log;
+    private readonly string[] _order;
+    private readonly AutoResetEvent _kick = new(false);
+    private readonly Thread _thread;
+    private volatile bool _stop;
+    private readonly byte[] _nonce = RandomNumberGenerator.GetBytes(12);   // PCP: ours, for every request of this run
+    private string? _upnpControl, _upnpService;                             // found by the last UPnP try
+
+    /// <summary>order: the protocols to try ("pcp", "nat-pmp", "upnp"); VEIL_PORTMAP can narrow it.</summary>
+    internal PortMapper(int port, Action<Endpoint> onMapped, Log log, string[] order)
+    {
+        _port = port;
+        _onMapped = onMapped;
+        _log = log;
+        _order = order;
+        _thread = new Thread(Run) { IsBackground = true, Name = "veil-portmap" };
+        _thread.Start();
+    }
+
+    internal static string[] Protocols(string? env) =>
+        env is { Length: > 0 } ? env.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries) : ["pcp", "nat-pmp", "upnp"];
+
+    private void Run()
+    {
+        int retryMs = FirstRetryMs;
+        while (!_stop)
+        {
+            int waitMs;
+            State s = Map();
+            bool changed = s.Protocol != Current.Protocol || !s.External.Equals(Current.External) || s.Error != Current.Error;
+            Current = s;
+            if (s.Error == null)
+            {
+                if (changed) _log.Info("port_mapped", $"protocol={s.Protocol} gateway={s.Gateway} external={s.External} lifetime_s={s.LifetimeS}");
+                _onMapped(s.External);
+                retryMs = FirstRetryMs;
+                waitMs = (int)Math.Clamp(s.LifetimeS * 1000 / 2, FirstRetryMs, 3_600_000);   // 0 (UPnP, permanent): 30 s..1 h
+                if (s.LifetimeS == 0) waitMs = 1_800_000;
+            }
+            else
+            {
+                if (changed) _log.Info("port_mapping_failed", $"gateway={s.Gateway?.ToString() ?? "none"} tried={s.Tried} error=\"{s.Error}\" next_in_s={retryMs / 1000}");
+                waitMs = retryMs;
+                retryMs = Math.Min(retryMs * 2, MaxRetryMs);
+            }
+            _kick.WaitOne(waitMs);
+        }
+    }
+
+    // One round: the protocol that worked last first, then the others in order.
+    private State Map()
+    {
+        IPAddress? gw = DefaultGateway(File.Exists("/proc/net/route") ? File.ReadAllText("/proc/net/route") : "");
+        if (gw == null) return new("", null, default, 0, "no default IPv4 gateway", "");
+        var tried = new StringBuilder();
+        string last = Current.Protocol, error = "";
+        foreach (string proto in last.Length > 0 ? [last, .. _order] : _order)
+        {
+            if (_stop || tried.ToString().Contains(proto)) continue;
+            tried.Append(tried.Length > 0 ? "," : "").Append(proto);
+            try
+            {
+                (Endpoint ext, long lifetime) = proto switch
+                {
+                    "pcp" => MapPcp(gw, RequestLifetimeS),
+                    "nat-pmp" => MapNatPmp(gw, RequestLifetimeS),
+                    "upnp" => MapUpnp(gw, UpnpLeaseS),
+                    _ => throw new IOException("unknown protocol"),
+                };
+                return new(proto, gw, ext, lifetime, null, tried.ToString());
+            }
+            catch (Exception e) when (e is IOException or SocketException or FormatException)
+            {
+                error += (error.Length > 0 ? "; " : "") + proto + ": " + e.Message;
+            }
+        }
+        return new("", gw, default, 0, error, tried.ToString());
+    }
+
+    /// <summary>The gateway of the default IPv4 route with the lowest metric, from /proc/net/route.</summary>
+    internal static IPAddress? DefaultGateway(string routes)
+    {
+        IPAddress? best = null;
+        long bestMetric = long.MaxValue;
+        foreach (string line in routes.Split('\n'))
+        {
+            string[] f = line.Split('\t', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+            if (f.Length < 7 || f[1] != "00000000" || !uint.TryParse(f[2], System.Globalization.NumberStyles.HexNumber, null, out uint g) || g == 0
+                || !int.TryParse(f[3], System.Globalization.NumberStyles.HexNumber, null, out int flags) || (flags & 3) != 3
+                || !long.TryParse(f[6], out long metric) || metric >= bestMetric) continue;
+            best = new IPAddress(g);                     // the file holds it in host (little-endian) order, as IPAddress(long) takes it
+            bestMetric = metric;
+        }
+        return best;
+    }
+
+    // ---- PCP and NAT-PMP: one UDP request, an answer from the gateway's port 5351 ----
+
+    // Sends req to gw:5351 up to twice (500 ms, then 1 s) and returns the first answer accepted by ok.
+    private static int Ask(IPAddress gw, ReadOnlySpan<byte> req, Span<byte> answer, Func<byte[], int, bool> ok, out IPAddress local)
+    {
+        using var sock = new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp);
+        sock.Connect(new IPEndPoint(gw, PcpPort));       // connected: only the gateway's port answers
+        local = ((IPEndPoint)sock.LocalEndPoint!).Address;
+        byte[] buf = new byte[1100];
+        for (int attempt = 0, waitMs = AnswerWaitMs; attempt < 2; attempt++, waitMs *= 2)
+        {
+            sock.Send(req);
+            long until = Mono.NowMs() + waitMs;
+            while (Mono.NowMs() < until && sock.Poll((int)(until - Mono.NowMs()) * 1000, SelectMode.SelectRead))
+            {
+                int n = sock.Receive(buf);                 // ICMP port unreachable throws: no server there
+                if (!ok(buf, n)) continue;
+                buf.AsSpan(0, Math.Min(n, answer.Length)).CopyTo(answer);
+                return n;
+            }
+        }
+        throw new IOException("no answer");
+    }
+
+    private (Endpoint, long) MapNatPmp(IPAddress gw, uint lifetimeS)
+    {
+        Span<byte> req = stackalloc byte[12], ans = stackalloc byte[16];
+        Ask(gw, [0, 0], ans, (b, n) => n >= 12 && b[0] == 0 && b[1] == 128, out _);
+        if (!NatPmp.TryParseAddress(ans[..12], out IPAddress? ext, out int result)) throw new IOException("malformed address answer");
+        if (result != 0) throw new IOException($"address refused: result {result}");
+        NatPmp.WriteMap(req, (ushort)_port, (ushort)_port, lifetimeS);
+        Ask(gw, req, ans, (b, n) => n >= 16 && b[0] == 0 && b[1] == 129 && BinaryPrimitives.ReadUInt16BigEndian(b.AsSpan(8)) == _port, out _);
+        if (!NatPmp.TryParseMap(ans, out ushort extPort, out uint lifetime, out result)) throw new IOException("malformed map answer");
+        if (result != 0) throw new IOException($"mapping refused: result {result} ({NatPmp.ResultName(result)})");
+        return (Endpoint.FromIp(ext!, extPort), lifetime);
+    }
+
+    private (Endpoint, long) MapPcp(IPAddress gw, uint lifetimeS)
+    {
+        Span<byte> req = stackalloc byte[Pcp.MapLen], ans = stackalloc byte[Pcp.MapLen];
+        IPAddress local;
+        using (var probe = new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp))
+        {
+            probe.Connect(new IPEndPoint(gw, PcpPort));
+            local = ((IPEndPoint)probe.LocalEndPoint!).Address;
+        }
+        Pcp.WriteMap(req, local, _nonce, (ushort)_port, (ushort)_port, lifetimeS);
+        byte[] nonce = _nonce;
+        int n = Ask(gw, req, ans, (b, len) => len >= 4 && (b[0] == 2 && b[1] == (0x80 | Pcp.OpMap) || b[0] == 0), out _);
+        if (ans[0] == 0) throw new IOException("the gateway speaks NAT-PMP only");
+        if (!Pcp.TryParseMap(ans[..Math.Min(n, Pcp.MapLen)], nonce, out Endpoint ext, out uint lifetime, out int result))
+            throw new IOException("malformed MAP answer");
+        if (result != 0) throw new IOException($"MAP refused: result {result} ({Pcp.ResultName(result)})");
+        return (ext, lifetime);
+    }
+
+    // ---- UPnP IGD: SSDP discovery, the description, SOAP to the WAN connection service ----
+
+    private (Endpoint, long) MapUpnp(IPAddress gw, uint leaseS)
+    {
+        if (_upnpControl == null)
+        {
+            string location = Discover(gw);
+            Uri root = Upnp.GatewayUrl(location, gw) ?? throw new IOException($"description at {location} is not on the gateway");
+            (int status, string xml) = Http(gw, root, "GET", null, null);
+            if (status != 200) throw new IOException($"description: HTTP {status}");
+            (string service, string control) = Upnp.FindWanService(xml) ?? throw new IOException("no WANIPConnection or WANPPPConnection service");
+            Uri url = Upnp.GatewayUrl(new Uri(root, control).ToString(), gw) ?? throw new IOException($"control URL {control} is not on the gateway");
+            (_upnpService, _upnpControl) = (service, url.ToString());
+        }
+        Uri ctl = new(_upnpControl);
+        string svc = _upnpService!;
+        IPAddress local;
+        using (var probe = new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp))
+        {
+            probe.Connect(new IPEndPoint(gw, SsdpPort));
+            local = ((IPEndPoint)probe.LocalEndPoint!).Address;
+        }
+        var args = new List<(string, string)>
+        {
+            ("NewRemoteHost", ""), ("NewExternalPort", _port.ToString()), ("NewProtocol", "UDP"), ("NewInternalPort", _port.ToString()),
+            ("NewInternalClient", local.ToString()), ("NewEnabled", "1"), ("NewPortMappingDescription", "veil"), ("NewLeaseDuration", leaseS.ToString()),
+        };
+        (int st, string body) = Soap(gw, ctl, svc, "AddPortMapping", args);
+        if (st != 200 && Upnp.SoapValue(body, "errorCode") == "725")          // OnlyPermanentLeasesSupported (IGD v1)
+        {
+            args[^1] = ("NewLeaseDuration", "0");
+            leaseS = 0;
+            (st, body) = Soap(gw, ctl, svc, "AddPortMapping", args);
+        }
+        if (st != 200) { _upnpControl = null; throw new IOException($"AddPortMapping: HTTP {st} error {Upnp.SoapValue(body, "errorCode") ?? "?"} {Upnp.SoapValue(body, "errorDescription")}"); }
+        (st, body) = Soap(gw, ctl, svc, "GetExternalIPAddress", []);
+        if (st != 200 || !IPAddress.TryParse(Upnp.SoapValue(body, "NewExternalIPAddress") ?? "", out IPAddress? ext) || ext.AddressFamily != AddressFamily.InterNetwork)
+            throw new IOException($"GetExternalIPAddress: HTTP {st}");
+        return (Endpoint.FromIp(ext, _port), leaseS);
+    }
+
+    // M-SEARCH to the gateway (unicast and on the SSDP group); the LOCATION of its first answer.
+    private static string Discover(IPAddress gw)
+    {
+        using var sock = new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp);
+        sock.Bind(new IPEndPoint(IPAddress.Any, 0));
+        byte[] search = Encoding.ASCII.GetBytes(Upnp.MSearch);
+        sock.SendTo(search, new IPEndPoint(gw, SsdpPort));
+        try { sock.SendTo(search, new IPEndPoint(IPAddress.Parse("239.255.255.250"), SsdpPort)); }
+        catch (SocketException) { }                          // no multicast route: the unicast one may do
+        byte[] buf = new byte[2048];
+        long until = Mono.NowMs() + 1500;
+        while (Mono.NowMs() < until && sock.Poll((int)(until - Mono.NowMs()) * 1000, SelectMode.SelectRead))
+        {
+            EndPoint from = new IPEndPoint(IPAddress.Any, 0);
+            int n = sock.ReceiveFrom(buf, ref from);
+            if (!((IPEndPoint)from).Address.Equals(gw)) continue;           // only the gateway is believed
+            if (Upnp.Location(Encoding.ASCII.GetString(buf, 0, n)) is string loc) return loc;
+        }
+        throw new IOException("no SSDP answer from the gateway");
+    }
+
+    private static (int, string) Soap(IPAddress gw, Uri ctl, string service, string action, List<(string Name, string Value)> args) =>
+        Http(gw, ctl, "POST", Upnp.SoapBody(service, action, args), $"\"{service}#{action}\"");
+
+    // One HTTP/1.0 exchange with the gateway (no keep-alive, no chunking), bounded in time and size.
+    private static (int Status, string Body) Http(IPAddress gw, Uri url, string method, string? body, string? soapAction)
+    {
+        using var sock = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp) { ReceiveTimeout = HttpTimeoutMs, SendTimeout = HttpTimeoutMs };
+        IAsyncResult ar = sock.BeginConnect(new IPEndPoint(gw, url.Port), null, null);
+        if (!ar.AsyncWaitHandle.WaitOne(HttpTimeoutMs)) throw new IOException($"connect {gw}:{url.Port} timed out");
+        sock.EndConnect(ar);
+        byte[] content = Encoding.UTF8.GetBytes(body ?? "");
+        var head = new StringBuilder($"{method} {url.PathAndQuery} HTTP/1.0\r\nHost: {url.Authority}\r\n");
+        if (soapAction != null) head.Append($"Content-Type: text/xml; charset=\"utf-8\"\r\nSOAPAction: {soapAction}\r\n");
+        if (body != null) head.Append($"Content-Length: {content.Length}\r\n");
+        head.Append("Connection: close\r\n\r\n");
+        sock.Send([.. Encoding.ASCII.GetBytes(head.ToString()), .. content]);
+        var got = new MemoryStream();
+        byte[] buf = new byte[4096];
+        long until = Mono.NowMs() + HttpTimeoutMs;
+        for (int n; Mono.NowMs() < until && (n = sock.Receive(buf)) > 0;)
+        {
+            got.Write(buf, 0, n);
+            if (got.Length > MaxHttpLen) throw new IOException("answer too long");
+        }
+        return Upnp.ParseHttp(Encoding.UTF8.GetString(got.ToArray())) ?? throw new IOException("malformed HTTP answer");
+    }
+
+    // ---- exit: the mapping goes with us ----
+
+    /// <summary>Stops the thread and deletes the mapping (bounded: one try per protocol).</summary>
+    public void Dispose()
+    {
+        _stop = true;
+        _kick.Set();
+        _thread.Join((int)Tune.ShutdownGraceMs);
+        State s = Current;
+        if (s.Error != null || s.Gateway == null) return;
+        try
+        {
+            switch (s.Protocol)
+            {
+                case "pcp": MapPcp(s.Gateway, 0); break;
+                case "nat-pmp":
+                    Span<byte> req = stackalloc byte[12], ans = stackalloc byte[16];
+                    NatPmp.WriteMap(req, (ushort)_port, 0, 0);
+                    Ask(s.Gateway, req, ans, (b, n) => n >= 16 && b[1] == 129, out _);
+                    break;
+                case "upnp" when _upnpControl != null:
+                    Soap(s.Gateway, new Uri(_upnpControl), _upnpService!, "DeletePortMapping",
+                        [("NewRemoteHost", ""), ("NewExternalPort", s.External.Port.ToString()), ("NewProtocol", "UDP")]);
+                    break;
+            }
+            _log.Info("port_unmapped", $"protocol={s.Protocol} external={s.External}");
+        }
+        catch (Exception e) when (e is IOException or SocketException)
+        {
+            _log.Warn("port_unmap_failed", $"protocol={s.Protocol} error=\"{e.Message}\" hint=\"the gateway drops it when its lifetime ends\"");
+        }
+    }
+}
+
+/// <summary>NAT-PMP (RFC 6886) messages: version 0; integers big-endian.</summary>
+internal static class NatPmp
+{
+    /// <summary>Map UDP: 0 ‖ 1 ‖ reserved 2 ‖ internal port ‖ suggested external port ‖ lifetime s (0: delete).</summary>
+    internal static void WriteMap(Span<byte> d, ushort internalPort, ushort externalPort, uint lifetimeS)
+    {
+        d[..12].Clear();
+        d[1] = 1;
+        BinaryPrimitives.WriteUInt16BigEndian(d[4..], internalPort);
+        BinaryPrimitives.WriteUInt16BigEndian(d[6..], externalPort);
+        BinaryPrimitives.WriteUInt32BigEndian(d[8..], lifetimeS);
+    }
+
+    /// <summary>0 ‖ 128 ‖ result ‖ epoch s ‖ external IPv4.</summary>
+    internal static bool TryParseAddress(ReadOnlySpan<byte> a, out IPAddress? external, out int result)
+    {
+        external = null;
+        result = a.Length >= 4 ? BinaryPrimitives.ReadUInt16BigEndian(a[2..]) : -1;
+        if (a.Length != 12 || a[0] != 0 || a[1] != 128) return false;
+        external = new IPAddress(a[8..12]);
+        return true;
+    }
+
+    /// <summary>0 ‖ 129 ‖ result ‖ epoch s ‖ internal port ‖ mapped external port ‖ lifetime s.</summary>
+    internal static bool TryParseMap(ReadOnlySpan<byte> a, out ushort externalPort, out uint lifetimeS, out int result)
+    {
+        externalPort = 0;
+        lifetimeS = 0;
+        result = a.Length >= 4 ? BinaryPrimitives.ReadUInt16BigEndian(a[2..]) : -1;
+        if (a.Length != 16 || a[0] != 0 || a[1] != 129) return false;
+        externalPort = BinaryPrimitives.ReadUInt16BigEndian(a[10..]);
+        lifetimeS = BinaryPrimitives.ReadUInt32BigEndian(a[12..]);
+        return result != 0 || externalPort != 0;
+    }
+
+    internal static string ResultName(int r) => r switch
+    {
+        1 => "unsupported version", 2 => "not authorized", 3 => "network failure", 4 => "out of resources", 5 => "unsupported opcode", _ => "unknown",
+    };
+}
+
+/// <summary>PCP (RFC 6887) MAP messages: a 24-byte header and the 36-byte MAP body; integers
+/// big-endian, addresses as 16 bytes (IPv4 mapped into IPv6).</summary>
+internal static class Pcp
+{
+    internal const int MapLen = 60;
+    internal const byte OpMap = 1;
+
+    /// <summary>2 ‖ MAP ‖ reserved 2 ‖ lifetime ‖ client address 16 ‖ nonce 12 ‖ UDP (17) ‖ reserved 3 ‖
+    /// internal port ‖ suggested external port ‖ suggested external address 16 (all zero: any).</summary>
+    internal static void WriteMap(Span<byte> d, IPAddress client, ReadOnlySpan<byte> nonce, ushort internalPort, ushort externalPort, uint lifetimeS)
+    {
+        d[..MapLen].Clear();
+        d[0] = 2;
+        d[1] = OpMap;
+        BinaryPrimitives.WriteUInt32BigEndian(d[4..], lifetimeS);
+        client.MapToIPv6().TryWriteBytes(d[8..24], out _);
+        nonce[..12].CopyTo(d[24..]);
+        d[36] = 17;
+        BinaryPrimitives.WriteUInt16BigEndian(d[40..], internalPort);
+        BinaryPrimitives.WriteUInt16BigEndian(d[42..], externalPort);
+        d[54] = d[55] = 0xff;                           // ::ffff:0.0.0.0, "any IPv4 address"
+    }
+
+    /// <summary>2 ‖ 0x80|MAP ‖ reserved ‖ result ‖ lifetime ‖ epoch ‖ reserved 12 ‖ nonce 12 ‖ protocol ‖
+    /// reserved 3 ‖ internal port ‖ assigned external port ‖ assigned external address 16. A nonce
+    /// other than ours is not an answer to us (false).</summary>
+    internal static bool TryParseMap(ReadOnlySpan<byte> a, ReadOnlySpan<byte> nonce, out Endpoint external, out uint lifetimeS, out int result)
+    {
+        external = default;
+        lifetimeS = 0;
+        result = a.Length >= 4 ? a[3] : -1;
+        if (a.Length != MapLen || a[0] != 2 || a[1] != (0x80 | OpMap) || !a[24..36].SequenceEqual(nonce[..12]) || a[36] != 17) return false;
+        lifetimeS = BinaryPrimitives.ReadUInt32BigEndian(a[4..]);
+        if (result != 0) return true;
+        var ip = new IPAddress(a[44..60]);
+        if (!ip.IsIPv4MappedToIPv6) return false;          // a v4 mapping must come back as v4
+        external = Endpoint.FromIp(ip.MapToIPv4(), BinaryPrimitives.ReadUInt16BigEndian(a[42..]));
+        return external.Port != 0;
+    }
+
+    internal static string ResultName(int r) => r switch
+    {
+        1 => "unsupported version", 2 => "not authorized", 3 => "malformed request", 4 => "unsupported opcode", 5 => "unsupported option",
+        6 => "malformed option", 7 => "network failure", 8 => "no resources", 9 => "unsupported protocol", 10 => "user exceeded quota",
+        11 => "cannot provide external", 12 => "address mismatch", 13 => "excessive remote peers", _ => "unknown",
+    };
+}
+
+/// <summary>The text of UPnP IGD: SSDP search, the description's WAN service, SOAP requests and
+/// answers. Found by plain string search: a description is small, and no XML reader is needed.</summary>
+internal static class Upnp
+{
+    internal const string MSearch = "M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\nMX: 1\r\n" +
+                                    "ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n\r\n";
+    private static readonly string[] WanServices =
+    [
+        "urn:schemas-upnp-org:service:WANIPConnection:2", "urn:schemas-upnp-org:service:WANIPConnection:1", "urn:schemas-upnp-org:service:WANPPPConnection:1",
+    ];
+
+    /// <summary>The LOCATION header of an SSDP answer (200 OK), or null.</summary>
+    internal static string? Location(string answer)
+    {
+        string[] lines = answer.Split("\r\n");
+        if (lines.Length == 0 || !lines[0].StartsWith("HTTP/1.1 200", StringComparison.Ordinal)) return null;
+        foreach (string line in lines)
+            if (line.StartsWith("LOCATION:", StringComparison.OrdinalIgnoreCase)) return line[9..].Trim();
+        return null;
+    }
+
+    /// <summary>url as an http URI on the gateway itself; null for anything else.</summary>
+    internal static Uri? GatewayUrl(string url, IPAddress gw) =>
+        Uri.TryCreate(url, UriKind.Absolute, out Uri? u) && u.Scheme == "http" && IPAddress.TryParse(u.Host, out IPAddress? h) && h.Equals(gw) ? u : null;
+
+    /// <summary>The first WAN connection service of a description: its type and control URL.</summary>
+    internal static (string Service, string Control)? FindWanService(string xml)
+    {
+        foreach (string type in WanServices)
+        {
+            int at = xml.IndexOf("<serviceType>" + type + "</serviceType>", StringComparison.Ordinal);
+            if (at < 0) continue;
+            int end = xml.IndexOf("</service>", at, StringComparison.Ordinal);
+            string service = end < 0 ? xml[at..] : xml[at..end];
+            if (Element(service, "controlURL") is string control) return (type, control);
+        }
+        return null;
+    }
+
+    /// <summary>The text of the first &lt;name&gt; element (any namespace prefix), or null.</summary>
+    internal static string? SoapValue(string body, string name) => Element(body, name);
+
+    private static string? Element(string xml, string name)
+    {
+        for (int at = 0; (at = xml.IndexOf(name, at, StringComparison.Ordinal)) > 0; at += name.Length)
+        {
+            if (xml[at - 1] is not ('<' or ':') || at + name.Length >= xml.Length || xml[at + name.Length] != '>') continue;
+            int start = at + name.Length + 1, stop = xml.IndexOf('<', start);
+            return stop < 0 ? null : System.Net.WebUtility.HtmlDecode(xml[start..stop].Trim());
+        }
+        return null;
+    }
+
+    internal static string SoapBody(string service, string action, List<(string Name, string Value)> args)
+    {
+        var b = new StringBuilder("<?xml version=\"1.0\"?>\r\n<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" " +
+                                  "s:encodingStyle=\"http://schemas.xmlsoap.org/soap/encoding/\"><s:Body>");
+        b.Append("<u:").Append(action).Append(" xmlns:u=\"").Append(service).Append("\">");
+        foreach (var (n, v) in args) b.Append('<').Append(n).Append('>').Append(System.Net.WebUtility.HtmlEncode(v)).Append("</").Append(n).Append('>');
+        return b.Append("</u:").Append(action).Append("></s:Body></s:Envelope>\r\n").ToString();
+    }
+
+    /// <summary>Status code and body of an HTTP answer, or null when it is not one.</summary>
+    internal static (int, string)? ParseHttp(string answer)
+    {
+        int headEnd = answer.IndexOf("\r\n\r\n", StringComparison.Ordinal);
+        if (!answer.StartsWith("HTTP/1.", StringComparison.Ordinal) || headEnd < 0) return null;
+        string[] status = answer[..answer.IndexOf("\r\n", StringComparison.Ordinal)].Split(' ');
+        return status.Length >= 2 && int.TryParse(status[1], out int code) ? (code, answer[(headEnd + 4)..]) : null;
+    }
+}
+
+/// <summary>Beacons (--beacon-store, --beacon-load): this node's reachable endpoints, sealed with the
+/// network secret, left where other members can read them (a file on a shared folder or a web
+/// server, a DNS TXT record through a command), so a member that lost every peer finds the mesh
+/// again. A beacon is one line, "veil-beacon1 BASE64" of nonce (12) ‖ ChaCha20-Poly1305 of (public
+/// key ‖ Unix seconds u64 ‖ n (1..8) ‖ n × endpoint, as in the exchange) under a key derived from
+/// the secret. One that does not open under a secret we hold, is older than MaxAgeS, comes from the
+/// future, or does not parse is ignored and counted; it can only name endpoints to try, never
+/// make anything a member (the handshake still needs the secret).</summary>
+internal static class Beacon
+{
+    internal const string Prefix = "veil-beacon1 ";
+    internal const long MaxAgeS = 86_400, MaxSkewS = 300;
+    internal const int MaxInputLen = 64 * 1024;            // what a beacon file or program may hand us
+    private const int MaxLen = 1 + 32 + 8 + 1 + 8 * 19;
+
+    /// <summary>The beacon key of a network secret (derived once at start: the secret itself is
+    /// wiped from the daemon's memory then).</summary>
+    internal static byte[] KeyOf(in Key32 psk)
+    {
+        byte[] key = new byte[32];
+        Hkdf.Derive(key, psk, "veil beacon"u8, "v1"u8);
+        return key;
+    }
+
+    internal static string Seal(byte[] key, in Key32 publicKey, long unixS, List<Endpoint> endpoints)
+    {
+        int n = Math.Min(endpoints.Count, Tune.MaxEndpointsPerMember);
+        byte[] plain = new byte[32 + 8 + 1 + n * 19];
+        ((ReadOnlySpan<byte>)publicKey).CopyTo(plain);
+        BinaryPrimitives.WriteInt64BigEndian(plain.AsSpan(32), unixS);
+        plain[40] = (byte)n;
+        int pos = 41;
+        for (int i = 0; i < n; i++) pos += ExchangeMessage.WriteEndpoint(plain.AsSpan(pos), endpoints[i]);
+        byte[] sealedBeacon = new byte[12 + pos + Aead.TagLen];
+        RandomNumberGenerator.Fill(sealedBeacon.AsSpan(0, 12));
+        using (var aead = new Aead(AeadKind.ChaCha20Poly1305, key)) aead.Seal(sealedBeacon.AsSpan(0, 12), plain.AsSpan(0, pos), "veil-beacon1"u8, sealedBeacon.AsSpan(12));
+        return Prefix + Convert.ToBase64String(sealedBeacon);
+    }
+
+    /// <summary>Opens one line under any of keys (KeyOf); null when it is a good beacon, else why not.</summary>
+    internal static string? TryOpen(string line, IReadOnlyList<byte[]> keys, long nowUnixS, out Key32 publicKey, List<Endpoint> endpoints)
+    {
+        publicKey = default;
+        endpoints.Clear();
+        line = line.Trim();
+        if (!line.StartsWith(Prefix, StringComparison.Ordinal)) return "not a beacon";
+        byte[] raw = new byte[(line.Length - Prefix.Length) * 3 / 4 + 3];
+        if (!Convert.TryFromBase64String(line[Prefix.Length..], raw, out int len) || len < 12 + 41 + Aead.TagLen || len > 12 + MaxLen + Aead.TagLen) return "malformed";
+        byte[] plain = new byte[len - 12 - Aead.TagLen];
+        bool opened = false;
+        foreach (byte[] key in keys)
+        {
+            using (var aead = new Aead(AeadKind.ChaCha20Poly1305, key)) opened = aead.Open(raw.AsSpan(0, 12), raw.AsSpan(12, len - 12), "veil-beacon1"u8, plain);
+            if (opened) break;
+        }
+        if (!opened) return "does not open under the network secret";
+        long unixS = BinaryPrimitives.ReadInt64BigEndian(plain.AsSpan(32));
+        if (unixS > nowUnixS + MaxSkewS) return "from the future";
+        if (nowUnixS - unixS > MaxAgeS) return "stale";
+        int n = plain[40], pos = 41;
+        if (n is 0 or > Tune.MaxEndpointsPerMember) return "malformed";
+        for (int i = 0; i < n; i++)
+        {
+            if (!ExchangeMessage.ReadEndpoint(plain, ref pos, out Endpoint e, allowUnset: false)) { endpoints.Clear(); return "malformed"; }
+            endpoints.Add(e);
+        }
+        if (pos != plain.Length) { endpoints.Clear(); return "malformed"; }
+        publicKey = new Key32();
+        plain.AsSpan(0, 32).CopyTo(publicKey);
+        return null;
+    }
+
+    /// <summary>Runs "|PROGRAM ARG..." (no shell) with input on its stdin; its stdout, bounded, or null
+    /// (and why) when it cannot start, fails, or outlives timeoutMs (it is killed).</summary>
+    internal static string? Run(string command, string? input, int timeoutMs, out string? error)
+    {
+        error = null;
+        string[] argv = command.TrimStart('|').Split(' ', StringSplitOptions.RemoveEmptyEntries);
+        if (argv.Length == 0) { error = "empty command"; return null; }
+        var psi = new ProcessStartInfo(argv[0]) { RedirectStandardInput = true, RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        for (int i = 1; i < argv.Length; i++) psi.ArgumentList.Add(argv[i]);
+        try
+        {
+            using Process p = Process.Start(psi)!;
+            var output = p.StandardOutput.ReadToEndAsync();
+            _ = p.StandardError.ReadToEndAsync();
+            p.StandardInput.Write(input ?? "");
+            p.StandardInput.Close();
+            if (!p.WaitForExit(timeoutMs)) { p.Kill(entireProcessTree: true); error = $"timed out after {timeoutMs} ms"; return null; }
+            if (p.ExitCode != 0) { error = $"exit status {p.ExitCode}"; return null; }
+            string text = output.Result;
+            return text.Length <= MaxInputLen ? text : text[..MaxInputLen];
+        }
+        catch (Exception e) when (e is System.ComponentModel.Win32Exception or IOException or InvalidOperationException)
+        {
+            error = e.Message;
+            return null;
+        }
+    }
+}
+
+/// <summary>The daemon's side of beacons (--beacon-store, --beacon-load; Beacon has the format) and
+/// of port mapping: the mapped endpoint goes to the node, which tells members.</summary>
+internal sealed unsafe partial class Daemon
+{
+    private readonly List<byte[]> _beaconKeys = new();
+    private long _nextBeaconMs = Mono.NowMs();            // loading at once; storing once members told us how they see us
+    private const long FirstBeaconStoreMs = 5_000;
+    private const long BeaconIntervalMs = 600_000;
+    internal const int BeaconCommandTimeoutMs = 10_000;
+
+    // On the loop: a snapshot of our endpoints, then the chores thread writes and reads the beacons.
+    private void BeaconRound(bool store)
+    {
+        Node node = _node!;
+        List<Endpoint> eps;
+        Key32 pub;
+        lock (node.Gate) { eps = node.Mesh.EndpointsNow(); pub = node.Handshaker.PublicKey; }
+        string? to = store ? _cfg.BeaconStore : null, load = _cfg.BeaconLoad;
+        _chores!.Post(() =>
+        {
+            if (to != null && eps.Count > 0) StoreBeacon(to, Beacon.Seal(_beaconKeys[0], pub, DateTimeOffset.UtcNow.ToUnixTimeSeconds(), eps));
+            if (load != null) LoadBeacons(load);
+        });
+    }
+
+    private void StoreBeacon(string where, string line)
+    {
+        if (!where.StartsWith('|')) { WriteAtomically(where, line + "\n", _log, "beacon_not_stored"); return; }
+        if (Beacon.Run(where, line + "\n", BeaconCommandTimeoutMs, out string? error) == null)
+            _log.Warn("beacon_not_stored", $"command=\"{where}\" error=\"{error}\"");
+    }
+
+    // On the chores thread: read, open and check every line; the loop applies the good ones.
+    private void LoadBeacons(string from)
+    {
+        string? text, error = null;
+        if (from.StartsWith('|')) text = Beacon.Run(from, null, BeaconCommandTimeoutMs, out error);
+        else
+        {
+            try { text = new FileInfo(from).Length <= Beacon.MaxInputLen ? File.ReadAllText(from) : null; error = text == null ? "longer than 64 KiB" : null; }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { text = null; error = e.Message; }
+        }
+        if (text == null) { _log.Warn("beacons_not_loaded", $"from=\"{from}\" error=\"{error}\""); return; }
+        var good = new List<(Key32, List<Endpoint>)>();
+        int bad = 0;
+        long now = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+        foreach (string line in text.Split('\n'))
+        {
+            if (line.Trim().Length == 0) continue;
+            var eps = new List<Endpoint>();
+            if (Beacon.TryOpen(line, _beaconKeys, now, out Key32 key, eps) is string why)
+            {
+                bad++;
+                if (_log.Wants(LogLevel.Warn, "beacon_ignored")) _log.Emit(LogLevel.Warn, "beacon_ignored", $"from=\"{from}\" reason=\"{why}\"");
+                continue;
+            }
+            if (good.Count < Node.MaxStateMembers) good.Add((key, eps));
+        }
+        _chores!.Return(() =>
+        {
+            Node node = _node!;
+            int used = 0;
+            lock (node.Gate)
+            {
+                foreach (var (key, eps) in good) if (node.Remember(key, null, eps, Mono.NowMs())) used++;
+                node.Mesh.BeaconsLoaded += used;
+                node.Mesh.BeaconsRejected += bad;
+            }
+            if (used > 0 || bad > 0) _log.Info("beacons_loaded", $"from=\"{from}\" members={used} ignored={bad}");
+        });
+    }
+
+
+    // The gateway forwards this public endpoint to us (PortMapper): members hear of it first.
+    private void ApplyMapped(Endpoint ep)
+    {
+        Node node = _node!;
+        lock (node.Gate)
+        {
+            if (node.Mesh.Mapped.Equals(ep)) return;
+            node.Mesh.Mapped = ep;
+            node.ScheduleExchange(Mono.NowMs());
+        }
+    }
+}
+
+// ==== 17. Control & management ===================================================================
 // Everything that reports on or steers a running node, served on the loop thread that also carries
 // the packets, so none of it may block: RequestServer keeps every connection of both endpoints below
 // as a small state machine (a bounded request, a deadline, a bounded table; a slow or silent client
@@ -9350,7 +9301,7 @@ internal sealed unsafe class MgmtServer : RequestServer
     }
 }
 
-// ==== 17. CLI ====================================================================================
+// ==== 18. CLI ====================================================================================
 // The verbs other than `up`: key generation, asking the running daemon, version and help. Each bad
 // input is one line on stderr and exit status 2; an unreachable daemon is exit status 1.
 
@@ -9814,7 +9765,7 @@ internal static class Bench
     }
 }
 
-// ==== 18. Onboarding =============================================================================
+// ==== 19. Onboarding =============================================================================
 // Getting a node into a network without copying keys by hand:
 //   veil init      a private key (0600) and a config file, written atomically, never over an old key
 //   veil invite    asks the running daemon for a one-time token: network name and prefix, the
@@ -10717,7 +10668,7 @@ internal static class ServiceCli
     }
 }
 
-/// <summary>The node's side of a join (§18): a JoinHello in, a joiner queued for the daemon, the answer out.</summary>
+/// <summary>The node's side of a join (§19): a JoinHello in, a joiner queued for the daemon, the answer out.</summary>
 internal sealed partial class Node
 {
     internal Invites? Invites;                   // set by the daemon when it can persist joiners
@@ -10736,5 +10687,89 @@ internal sealed partial class Node
         if (datagram.Length == 0) return;
         datagram.CopyTo(NextOut(to));
         CommitOut(datagram.Length);
+    }
+}
+
+/// <summary>The daemon's side of a join: the joiner written to the config file (synced, on the chores
+/// thread), `veil invite` answered, and the free address an invite hands out.</summary>
+internal sealed unsafe partial class Daemon
+{
+    // On the chores thread: a joiner with a valid invite is appended to the config file (synced),
+    // then applied by a reload; the loop then answers it, or frees the invite if that failed.
+    private void WriteJoiner(Invites.Joiner j)
+    {
+        PreparedReload? reload = null;
+        string error;
+        try
+        {
+            Onboarding.AppendPeer(_cfg.ConfigPath!, j.Peer);
+            reload = PrepareReload("join");
+            error = reload.Code == ReloadCode.Ok ? "" : reload.Message;
+        }
+        catch (ConfigException e) { error = e.Message; }
+        _chores!.Return(() =>
+        {
+            if (reload != null) CommitReload(reload);
+            Node node = _node!;
+            lock (node.Gate)
+            {
+                if (node.Invites!.Written(j, error, _log) is byte[] accept) node.SendDatagram(j.From, accept);
+                _worker!.FlushUdp(node.UdpOut);
+            }
+        });
+    }
+
+    /// <summary>Answers `veil invite`: "invite SECONDS NAME|- ENDPOINT|- NETWORK".</summary>
+    internal string Invite(string request)
+    {
+        string[] f = request.Split(' ');
+        Node node = _node!;
+        if (f.Length != 5 || !long.TryParse(f[1], out long seconds) || seconds <= 0) return "error: malformed invite request\n";
+        if (node.Invites == null) return "error: this daemon runs without --config, so it cannot write a joiner down; start it with --config FILE\n";
+        string endpoint = f[3];
+        if (endpoint == "-")
+        {
+            if (_cfg.ListenAddress.Equals(IPAddress.Any) || _cfg.ListenAddress.Equals(IPAddress.IPv6Any))
+                return "error: give --endpoint HOST:PORT: how joiners reach this node (it listens on every address)\n";
+            endpoint = new Endpoint { Address = Endpoint.FromIp(_cfg.ListenAddress, 0).Address, Port = (ushort)_cfg.ListenPort }.ToString();
+        }
+        IfAddress own = _cfg.Addresses.Find(a => !a.IsV6);
+        if (own.Address == null) return "error: invites hand out IPv4 overlay addresses; this node has none\n";
+        IfAddress? free = FreeAddress(node, own);
+        if (free == null) return $"error: no free address left in {new IpPrefix(own.Address.GetAddressBytes(), own.Bits)}\n";
+        try
+        {
+            InviteToken t = node.Invites.Create(node.Handshaker.PublicKey, endpoint, f[4], own, free.Value, f[2] == "-" ? "" : f[2],
+                DateTimeOffset.UtcNow.ToUnixTimeSeconds() + seconds);
+            _log.Info("invite_created", $"invite={t.Id:x16} address={t.JoinerAddress} expires_in_s={seconds}");
+            return "ok: " + t.Encode() + "\n";
+        }
+        catch (ConfigException e) { return "error: " + e.Message + "\n"; }
+    }
+
+    // The lowest host address of our IPv4 network that no peer, invite or this node uses.
+    private static IfAddress? FreeAddress(Node node, IfAddress own)
+    {
+        var used = new HashSet<uint> { BinaryPrimitives.ReadUInt32BigEndian(own.Address.GetAddressBytes()) };
+        foreach (Peer p in node.Peers)
+            if (p.Active)
+            {
+                var taken = new List<IpPrefix>(p.Allowed);
+                foreach (Claim c in p.Claims) taken.Add(c.Prefix);
+                foreach (IpPrefix a in taken)
+                    if (!a.IsV6) { byte[] b = new byte[4]; a.WriteAddress(b); used.Add(BinaryPrimitives.ReadUInt32BigEndian(b)); }
+            }
+        foreach (IPAddress r in node.Invites!.ReservedAddresses()) used.Add(BinaryPrimitives.ReadUInt32BigEndian(r.GetAddressBytes()));
+        uint mask = own.Bits == 0 ? 0 : uint.MaxValue << (32 - own.Bits);
+        uint net = BinaryPrimitives.ReadUInt32BigEndian(own.Address.GetAddressBytes()) & mask;
+        uint hosts = ~mask;
+        for (uint h = 1; h < hosts && h < 65536; h++)
+            if (!used.Contains(net | h))
+            {
+                byte[] b = new byte[4];
+                BinaryPrimitives.WriteUInt32BigEndian(b, net | h);
+                return new IfAddress(new IPAddress(b), own.Bits);
+            }
+        return null;
     }
 }

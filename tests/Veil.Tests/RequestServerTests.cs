@@ -4,7 +4,7 @@ using System.Text;
 
 namespace Veil.Tests;
 
-/// <summary>§16 RequestServer, through the management endpoint on a real loopback socket and a
+/// <summary>§17 RequestServer, through the management endpoint on a real loopback socket and a
 /// real epoll: every connection a bounded state machine with deadlines, never blocking the loop.</summary>
 public sealed unsafe class RequestServerTests : IDisposable
 {
