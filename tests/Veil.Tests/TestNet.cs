@@ -103,6 +103,20 @@ internal sealed class TestNet
         return cfg;
     }
 
+    /// <summary>The config that would give node n its active peers as they are now (a reload's starting point).</summary>
+    internal static UpConfig ConfigOf(TestNode n)
+    {
+        var cfg = new UpConfig { PrivateKey = n.Private, Mtu = 1420 };
+        foreach (Peer p in n.Node.Peers)
+        {
+            if (!p.Active) continue;
+            var pc = new PeerConfig { PublicKey = p.PublicKey, Endpoint = p.Endpoint, Name = p.Name };
+            pc.Allowed.AddRange(p.Allowed);
+            cfg.Peers.Add(pc);
+        }
+        return cfg;
+    }
+
     internal Key32[] Keys = [];
 
     /// <summary>at's peer for other; a test failure when at has none.</summary>
