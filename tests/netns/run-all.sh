@@ -2,7 +2,8 @@
 # run-all.sh [SCENARIO...] -- run the namespace scenarios (all, or those named), one
 # after the other, each under a time limit; print "netns: N passed, M failed" and exit
 # nonzero if any failed. A scenario that leaves a namespace behind has failed; the
-# leftover is removed here.
+# leftover is removed here. A scenario that exits 77 was skipped (it says why: this machine
+# cannot run it at all); it counts as neither passed nor failed and is named at the end.
 # Env: VEIL_BIN (default <repo>/out/veil), VEIL_LOG_LEVEL (default info).
 set -uo pipefail
 
@@ -28,7 +29,7 @@ sweep() {
 	return "$left"
 }
 
-passed=0 failed=0 failed_names=()
+passed=0 failed=0 failed_names=() skipped_names=()
 start=$SECONDS
 for s in "${scenarios[@]}"; do
 	if [[ ! -f "$DIR/$s.sh" ]]; then
@@ -44,7 +45,10 @@ for s in "${scenarios[@]}"; do
 	rc=$?
 	((rc == 124 || rc == 137)) && echo "not ok - $s: timed out after ${limit}s"
 	sweep "$before" || { echo "not ok - $s: left a namespace behind"; rc=1; }
-	if ((rc == 0)); then
+	if ((rc == 77)); then
+		skipped_names+=("$s")
+		echo "# SKIP $s ($((SECONDS - t0))s)"
+	elif ((rc == 0)); then
 		passed=$((passed + 1))
 		echo "# PASS $s ($((SECONDS - t0))s)"
 	else
@@ -52,6 +56,7 @@ for s in "${scenarios[@]}"; do
 		echo "# FAIL $s (exit $rc, $((SECONDS - t0))s)"
 	fi
 done
+((${#skipped_names[@]})) && echo "# skipped: ${skipped_names[*]}"
 ((failed)) && echo "# failed: ${failed_names[*]}"
 echo "# total $((SECONDS - start))s"
 echo "netns: $passed passed, $failed failed"
