@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # service.sh -- `veil service install|uninstall` in a scratch root, with the real systemctl
-# (offline: --root) and the unit checked by systemd-analyze verify. No namespace: nothing runs.
+# (offline: --root) and the unit checked by systemd-analyze verify. No namespace: nothing runs
+# (systemd.sh runs the unit under a real systemd).
 #   install: the binary copied (0755), /etc/veil created 0700, veil@.service written and
 #            veil@lab enabled (the multi-user.target.wants link); the unit verifies cleanly
 #   uninstall: the link, the unit and the binary gone; /etc/veil and the key in it kept
