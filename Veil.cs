@@ -785,7 +785,10 @@ internal sealed class TomlDoc
     internal readonly string File;
     internal readonly Dictionary<string, TomlValue> Root = new();
     internal readonly Dictionary<string, List<Dictionary<string, TomlValue>>> TableArrays = new();
+    // Root holds the keys above the first [[table]] header; as in TOML, every key after a header belongs
+    // to that entry until the next header, so node-wide keys must come first in the file.
     internal readonly Dictionary<string, int> TableLines = new();   // first line of each [[table]] entry, keyed "name#i"
+    // A config is a few KiB; a path to something large (a log, an image) is refused before it is read.
     private const int MaxFileLen = 1 << 20;
 
     private TomlDoc(string file) { File = file; }
@@ -801,6 +804,7 @@ internal sealed class TomlDoc
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
+            // Our own words, not e.Message: with UseSystemResourceKeys the runtime's texts are resource keys.
             throw new ConfigException($"--config '{path}': " + e switch
             {
                 FileNotFoundException or DirectoryNotFoundException => "no such file",
@@ -821,12 +825,14 @@ internal sealed class TomlDoc
             int line = p.Line;
             if (p.Peek() == '[')
             {
+                // "[[" is tried before "[": the plain table form would otherwise swallow the first bracket.
                 bool array = p.Match("[[");
                 if (!array) p.Next();
                 string key = p.BareKey();
                 if (!p.Match(array ? "]]" : "]")) throw p.Error("expected ']' after the table name");
                 p.EndOfLine();
                 if (!array) throw new ConfigException($"{name}:{line}: table [{key}] is not known (tables of Veil are [[peer]])");
+                // A name that is both a key and a table could be read either way; refusing it keeps one meaning.
                 if (doc.Root.ContainsKey(key)) throw new ConfigException($"{name}:{line}: '{key}' is already a key");
                 if (!doc.TableArrays.TryGetValue(key, out var list)) doc.TableArrays[key] = list = new();
                 table = new Dictionary<string, TomlValue>();
@@ -839,6 +845,8 @@ internal sealed class TomlDoc
             if (!p.Match("=")) throw p.Error($"expected '=' after key '{k}'");
             TomlValue v = p.Value();
             p.EndOfLine();
+            // A repeated key is an error, not "last wins": with two values nobody can tell which one the operator
+            // meant, and a silently ignored line is worse than a refused file.
             if (table.ContainsKey(k) || (table == doc.Root && doc.TableArrays.ContainsKey(k)))
                 throw new ConfigException($"{name}:{line}: key '{k}' is given twice");
             v.Line = line;
@@ -850,6 +858,8 @@ internal sealed class TomlDoc
     private sealed class Parser(string text, string name)
     {
         private int _i;
+        // Only Next() steps over '\n' (every other advance stops before it), so Line is always the line of
+        // _i and each error names the line the operator must look at.
         internal int Line = 1;
 
         internal ConfigException Error(string what) => new($"{name}:{Line}: {what}");
@@ -886,6 +896,7 @@ internal sealed class TomlDoc
                 return _i < text.Length;
             }
         }
+        // A value must end its line (bar a comment): "mtu = 1400 1500" is refused, not read as 1400.
         internal void EndOfLine()
         {
             SkipSpaces();
@@ -926,6 +937,7 @@ internal sealed class TomlDoc
                 {
                     SkipInArray();
                     if (Peek() == ']') { Next(); return arr; }
+                    // Far above any real list (allowed_ips, claims); past it the file is a mistake, not a config.
                     if (arr.Items.Count >= 4096) throw Error("array too long");
                     arr.Items.Add(Value());
                     SkipInArray();
@@ -934,6 +946,8 @@ internal sealed class TomlDoc
                     throw Error("expected ',' or ']' in the array");
                 }
             }
+            // Integers are decimal with TOML's optional '_' separators (1_000); hex, floats and dates are not in
+            // the subset, and "0x10" fails at EndOfLine on the 'x' rather than being read as 0.
             if (Match("true")) return new TomlValue { Type = TomlValue.Kind.Boolean, Bool = true };
             if (Match("false")) return new TomlValue { Type = TomlValue.Kind.Boolean, Bool = false };
             int start = _i;
@@ -963,6 +977,7 @@ internal sealed class TomlDoc
                     case 'n': sb.Append('\n'); break;
                     case 't': sb.Append('\t'); break;
                     case 'r': sb.Append('\r'); break;
+                    // Only the 4-digit \u form; \U (8 digits) is not in the subset and falls to "unknown escape".
                     case 'u':
                         if (_i + 4 > text.Length || !ushort.TryParse(text.AsSpan(_i, 4), System.Globalization.NumberStyles.HexNumber, null, out ushort u))
                             throw Error("bad \\u escape");
@@ -1048,6 +1063,7 @@ internal sealed class UpConfig
     private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive", "tcp"];
 
     /// <summary>Where a value came from, for the one-line error: "--mtu" or "veil.toml:12: key 'mtu'".</summary>
+    // A flag error quotes the flag as typed; a file error leads with FILE:LINE so editors can jump to it.
     private readonly record struct Src(string Text, bool IsFlag)
     {
         internal ConfigException Bad(string value, string what) =>
@@ -1064,11 +1080,14 @@ internal sealed class UpConfig
         for (int i = start; i < args.Length; i++)
         {
             string flag = args[i], value;
+            // Switches take no value, so they are matched before the "--flag value" form would eat the next word.
             if (flag == "--check") { c.CheckOnly = true; continue; }
             if (flag == "--mesh") { flags.Add(("mesh", "true")); continue; }
             if (flag is "--relay" or "--no-relay") { flags.Add(("relay", flag == "--relay" ? "true" : "false")); continue; }
             if (flag is "--port-mapping" or "--no-port-mapping") { flags.Add(("port_mapping", flag == "--port-mapping" ? "true" : "false")); continue; }
             int eq = flag.IndexOf('=');
+            // Both "--mtu=1400" and "--mtu 1400"; the name is checked again after the split, since the "=" form
+            // skips the check in the else branch.
             if (flag.StartsWith("--") && eq > 0) { value = flag[(eq + 1)..]; flag = flag[..eq]; }
             else
             {
@@ -1087,6 +1106,8 @@ internal sealed class UpConfig
                         throw new ConfigException($"--peer {lastPeer.PublicKey.Short()} is given twice");
                     flagPeers.Add(lastPeer);
                     break;
+                // --allow and --peer-tcp attach to the --peer just before them, as WireGuard's allowed-ips does in
+                // wg(8): argv order is the only grouping a command line has.
                 case "--allow":
                     if (lastPeer == null) throw new ConfigException("--allow must follow the --peer it belongs to");
                     lastPeer.Allowed.Add(ParsePrefix(src, value));
@@ -1099,9 +1120,12 @@ internal sealed class UpConfig
                 default: flags.Add((flag[2..].Replace('-', '_'), value)); break;
             }
         }
+        // ApplyFile skips every key a flag has set, so the file cannot undo a flag applied before it.
         TomlDoc? doc = c.ConfigPath != null ? TomlDoc.Load(c.ConfigPath) : null;
         foreach (var (key, value) in flags) c.Apply(key, new Src("--" + key.Replace('_', '-'), true), value);
         if (doc != null) c.ApplyFile(doc, flags);
+        // A --peer replaces the file's [[peer]] of the same key, so one peer can be overridden from the
+        // command line without editing the file.
         foreach (PeerConfig fp in flagPeers)
         {
             c.Peers.RemoveAll(p => p.PublicKey.EqualsCt(fp.PublicKey));
@@ -1143,6 +1167,7 @@ internal sealed class UpConfig
     {
         foreach (var (k, v) in t)
             if (Array.IndexOf(PeerKeys, k) < 0) throw new ConfigException($"{doc.File}:{v.Line}: unknown key '{k}' in [[peer]]");
+        // The entry's header line is named here: the missing key has no line of its own.
         if (!t.TryGetValue("public_key", out TomlValue? pk)) throw new ConfigException($"{doc.File}:{line}: [[peer]] needs a public_key");
         Src S(string k) => new($"{doc.File}:{t[k].Line}: key '{k}'", false);
         PeerConfig p = ParsePeer(S("public_key"), Scalar(S("public_key"), pk, false));
@@ -1159,6 +1184,8 @@ internal sealed class UpConfig
         return p;
     }
 
+    // Integers come back as invariant-culture text so the file and the flags go through one Apply and
+    // one set of range checks.
     private static string Scalar(Src src, TomlValue v, bool integer)
     {
         if (integer && v.Type == TomlValue.Kind.Integer) return v.Int.ToString(System.Globalization.CultureInfo.InvariantCulture);
@@ -1180,6 +1207,8 @@ internal sealed class UpConfig
             case "key": KeyFile = value; break;
             case "psk": PskFile = value; break;
             case "accept_psk": AcceptPskFiles.Add(value); break;
+            // The key is checked to be a point on P-256 here, so a bad admin key fails `veil up --check`, not
+            // the first revocation that arrives.
             case "admin":
                 byte[] admin = new byte[AdminSignature.PublicKeyLen];
                 if (!Convert.TryFromBase64String(value, admin, out int n) || n != admin.Length || !AdminSignature.IsPublicKey(admin))
@@ -1201,7 +1230,10 @@ internal sealed class UpConfig
             case "tun": TunName = ParseTunName(src, value); break;
             case "mtu": Mtu = ParseInt(src, value, Tune.MinMtu, Tune.MaxMtu); break;
             case "keepalive": PersistentKeepaliveMs = ParseInt(src, value, 0, 3600) * 1000L; _keepaliveGiven = true; break;
+            // Only shorter than the protocol's 120 s: both ends drop a session at RejectAfterTimeMs (180 s)
+            // whatever is configured, and the time between the two is the margin a rekey has under loss.
             case "rekey_after": RekeyAfterTimeMs = ParseInt(src, value, 1, (int)(Spec.RekeyAfterTimeMs / 1000)) * 1000L; break;
+            // The path must fit sockaddr_un's sun_path (108 bytes with its NUL, Libc.WriteSockaddrUn).
             case "control":
                 if (value.Length is 0 or > 99) throw src.Bad(value, "must be a path of 1 to 99 characters");
                 ControlPath = value;
@@ -1239,10 +1271,12 @@ internal sealed class UpConfig
             case "network": Networks.Add(ParsePrefix(src, value)); break;
             case "claim": Claims.Add(ParsePrefix(src, value)); break;
             case "accept": Accept.Add(ParsePrefix(src, value)); break;
+            // A claim's metric travels as 16 bits in the exchange message (§15).
             case "metric": Metric = ParseInt(src, value, 0, 65535); break;
             case "workers": Workers = ParseInt(src, value, 0, Tune.MaxWorkers); break;
             case "cipher":
                 if (value is not ("auto" or "chacha20-poly1305" or "aes-256-gcm")) throw src.Bad(value, "must be auto, chacha20-poly1305 or aes-256-gcm");
+                // Checked at parse time so `veil up --check` reports it, not the first handshake.
                 if (value == "aes-256-gcm" && !Aead.IsSupported(AeadKind.Aes256Gcm)) throw src.Bad(value, "is not supported by this system's crypto library");
                 Cipher = value;
                 break;
@@ -1269,6 +1303,8 @@ internal sealed class UpConfig
             if (PskFile.Length > 0) Psk = ReadKeyFile("--psk", PskFile);
             AcceptPsks = AcceptPskFiles.ConvertAll(f => ReadKeyFile("--accept-psk", f)).ToArray();
         }
+        // The defaults beside --config keep a node's files together; without --config (flags only) there is
+        // no place to default to, and revocations and learned members are then not saved across restarts.
         if (RevocationsPath == null && ConfigPath != null) RevocationsPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(ConfigPath))!, "revoked");
         if ((BeaconStore != null || BeaconLoad != null) && PskFile.Length == 0) throw new ConfigException("--beacon-store and --beacon-load need --psk FILE: beacons are sealed with the network secret");
         if (StatePath == null && ConfigPath != null && Mesh) StatePath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(ConfigPath))!, "state");
@@ -1278,7 +1314,11 @@ internal sealed class UpConfig
             foreach (IfAddress a in Addresses) Networks.Add(new IpPrefix(a.Address.GetAddressBytes(), a.Bits));
         if (Claims.Count + Addresses.Count > Tune.MaxClaimsPerMember)
             throw new ConfigException($"at most {Tune.MaxClaimsPerMember - Addresses.Count} --claim prefixes (each --address is claimed too)");
+        // Mesh liveness counts keepalive periods without a record, so it needs a keepalive; an explicit
+        // --keepalive (even 0) is the operator's choice and is kept.
         if (Mesh && !_keepaliveGiven) PersistentKeepaliveMs = Tune.MeshKeepaliveMs;
+        // Status and metrics name peers, endpoints and routes: by default only this host may read them,
+        // even when --mgmt listens on a wider address.
         if (MgmtAcl.Count == 0) { MgmtAcl.Add(IpPrefix.Parse("127.0.0.0/8")); MgmtAcl.Add(IpPrefix.Parse("::1/128")); }
         if (Mtu == 0 && running != null) Mtu = running.Mtu;
         ReadOnlySpan<byte> pub = PublicKey;
@@ -1286,10 +1326,12 @@ internal sealed class UpConfig
         for (int i = 0; i < Peers.Count; i++)
         {
             PeerConfig p = Peers[i];
+            // Almost always a pasted wrong key; refused here with one clear line.
             if (CryptographicOperations.FixedTimeEquals(p.PublicKey, pub)) throw new ConfigException("--peer lists this node's own public key");
             for (int j = 0; j < i; j++)
                 if (p.PublicKey.EqualsCt(Peers[j].PublicKey)) throw new ConfigException($"peer {p.PublicKey.Short()} is given twice");
             if (p.Name.Length == 0) p.Name = p.PublicKey.DefaultName();
+            // Names must be unique: `veil ping NAME` picks a peer by its name, and log lines name peers by it.
             if (!names.Add(p.Name)) throw new ConfigException($"peer name '{p.Name}' is given twice");
         }
         if (Peers.Count > Tune.MaxPeers) throw new ConfigException($"at most {Tune.MaxPeers} peers");
@@ -1315,6 +1357,7 @@ internal sealed class UpConfig
         var changed = new List<string>();
         if (KeyFile != o.KeyFile) changed.Add("key");
         if (!ListenAddress.Equals(o.ListenAddress) || ListenPort != o.ListenPort) changed.Add("listen");
+        // Lists compare in order, so reordering them counts as a change; a restart is the safe answer.
         if (string.Join(",", Addresses) != string.Join(",", o.Addresses)) changed.Add("address");
         if (TunName != o.TunName) changed.Add("tun");
         if (Mtu != o.Mtu) changed.Add("mtu");
@@ -1343,6 +1386,8 @@ internal sealed class UpConfig
     internal static int DefaultMtu(int underlayMtu, bool v6Underlay) =>
         underlayMtu - Record.UnderlayOverheadLen(v6Underlay) - DefaultMtuMarginLen;
 
+    // Every file key is also a flag with '-' for '_'; "--rekey_after" is refused so each setting has one
+    // spelling on the command line.
     private static bool IsFlag(string f) => f is "--config" or "--peer" or "--allow" or "--peer-tcp" ||
         (f.StartsWith("--") && Array.IndexOf(Keys, f[2..].Replace('-', '_')) >= 0 && !f.Contains('_'));
 
@@ -1354,6 +1399,8 @@ internal sealed class UpConfig
 
     private static int ParseInt(Src src, string v, int min, int max)
     {
+        // NumberStyles.None: no sign, spaces or separators, so "-1" and " 5" get the range message; nine
+        // digits cannot overflow an int.
         if (v.Length > 9 || !int.TryParse(v, System.Globalization.NumberStyles.None, null, out int n) || n < min || n > max)
             throw src.Bad(v, $"must be a whole number from {min} to {max}");
         return n;
@@ -1364,6 +1411,8 @@ internal sealed class UpConfig
 
     private static string ParseName(Src src, string v)
     {
+        // Names appear in key=value log lines, status JSON, metric labels and on the wire: this character
+        // set needs no quoting or escaping in any of them.
         if (v.Length is 0 or > 32) throw src.Bad(v, "must be 1 to 32 characters");
         foreach (char ch in v)
             if (!(char.IsAsciiLetterOrDigit(ch) || ch is '-' or '_' or '.')) throw src.Bad(v, "may hold only letters, digits, '-', '_' and '.'");
@@ -1372,6 +1421,7 @@ internal sealed class UpConfig
 
     private static string ParseTunName(Src src, string v)
     {
+        // IFNAMSIZ is 16 with the NUL; the kernel refuses a longer interface name.
         if (v.Length is 0 or > 15) throw src.Bad(v, "must be 1 to 15 characters");
         return ParseName(src, v);
     }
@@ -1395,6 +1445,8 @@ internal sealed class UpConfig
             throw src.Bad(ep, "must be HOST:PORT (IPv6 in brackets), port 1-65535");
         p.EndpointText = ep;
         if (IPAddress.TryParse(host, out IPAddress? ip)) { p.Endpoint = Endpoint.FromIp(ip, port); return p; }
+        // 253 is the longest DNS name in text form (RFC 1035); the character check keeps a typo from
+        // reaching the resolver as a query.
         if (host.Length > 253 || host.AsSpan().IndexOfAnyExcept(HostNameChars) >= 0)
             throw src.Bad(ep, "is not a valid host name");
         // A router may start before its uplink or DNS: a name that does not resolve yet is kept and
@@ -1413,6 +1465,8 @@ internal sealed class UpConfig
     }
 
     /// <summary>The text of a file that only its owner may read.</summary>
+    // The check is ssh's: any group or other bit refuses the file. Write bits count too, since whoever
+    // can replace the key chooses this node's identity.
     internal static string ReadSecretFile(string flag, string path)
     {
         UnixFileMode mode;
@@ -8480,6 +8534,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     private long Now() => clock?.Invoke() ?? Mono.NowMs();
     internal IReadOnlyList<Worker> Workers { get; init; } = [];
     internal PortMapper? Mapper { get; init; }
+    // The wall clock is read once, here: process_start_time stays put when the clock is stepped later.
     private readonly long _startedUnixS = DateTimeOffset.UtcNow.ToUnixTimeSeconds() - ((clock?.Invoke() ?? Mono.NowMs()) - startedMs) / 1000;
     internal Lock Gate => node.Gate;             // held by whoever asks for a view (Metrics takes it itself)
 
@@ -8497,6 +8552,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     // A TCP link shows as tcp:REMOTE (its 100::/64 stand-in means nothing outside this process).
     private string EndpointText(in Endpoint e) => TcpLinks.IsTcp(e) ? "tcp:" + node.Tcp?.RemoteOf(e) : e.ToString();
 
+    // A removed peer stays in node.Peers until a new peer reuses its slot (ids are indexes): skip it.
     private IEnumerable<Peer> ActivePeers()
     {
         foreach (Peer p in node.Peers)
@@ -8549,6 +8605,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     internal string Netcheck()
     {
         var sb = new StringBuilder("public endpoint, as members that reach us directly see it:\n");
+        // RFC 4787's terms: two members that see one address at one port show an endpoint-independent
+        // mapping; one address seen at two ports means the NAT chose a port per destination.
         var seen = new Dictionary<UInt128, (int Members, HashSet<int> Ports)>();     // by address: who saw it, at which ports
         foreach (Peer p in ActivePeers())
         {
@@ -8591,11 +8649,14 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     {
         var sb = new StringBuilder();
         foreach (RouteEntry r in node.RouteList)
+            // 44 columns hold the longest IPv6 prefix ("ffff:…:ffff/128", 43 characters).
             sb.Append(r.Prefix.ToString().PadRight(44)).Append(' ').Append(node.Peers[r.PeerId].Name.PadRight(16))
               .Append(r.Claim ? " claim metric " + r.Metric : " allow").Append('\n');
         return sb.Length == 0 ? "no routes\n" : sb.ToString();
     }
 
+    // Written by hand (no reflection-based serializer under NativeAOT). Key names are an interface that
+    // scripts and tests read (jq in tests/netns): add keys, never rename them. Must hold node.Gate.
     internal string Json()
     {
         long nowMs = Now();
@@ -8829,6 +8890,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
                 foreach (string proto in (ReadOnlySpan<string>)["pcp", "nat-pmp", "upnp"])
                     sb.Append("veil_port_mapping_active{protocol=\"").Append(proto).Append("\"} ").Append(pm.Error == null && pm.Protocol == proto ? 1 : 0).Append('\n');
             }
+            // A scrape's size and the series count a Prometheus server stores grow with peers; past
+            // MaxMetricPeers the node-wide totals above still count every peer.
             var shown = new List<Peer>();
             foreach (Peer p in ActivePeers()) if (shown.Count < MaxMetricPeers) shown.Add(p);
             void PeerSeries(string name, string type, string help, Func<Peer, double> value)
@@ -8866,6 +8929,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
 /// table is full, the client that has been sending its request the longest makes room (idle
 /// clients cannot keep the endpoint closed; ones being answered are left alone). A slow, silent or
 /// huge client costs one slot, never the loop. Subclasses listen, admit and answer.</summary>
+// Lifecycle of a Conn: reading (deadline: read timeout) -> Waiting for a Later answer (LaterTimeoutMs)
+// or straight to writing (Out set, deadline: write timeout) -> closed, its buffer back on _spare.
 internal abstract unsafe class RequestServer : IDisposable
 {
     protected sealed class Conn(int maxRequestLen)
@@ -8912,6 +8977,7 @@ internal abstract unsafe class RequestServer : IDisposable
 
     internal bool Owns(int fd) => fd == _fd || _conns.ContainsKey(fd);
 
+    // The loop sleeps no longer than this, so a silent client is timed out on time without a tick.
     internal long NextDeadlineMs
     {
         get
@@ -8931,15 +8997,19 @@ internal abstract unsafe class RequestServer : IDisposable
         nint n;
         fixed (byte* p = &c.In[c.InLen]) n = Libc.Read(fd, p, (nuint)(_maxRequestLen - c.InLen));
         if (n < 0 && Libc.Errno is Libc.EAGAIN or Libc.EINTR) return;
+        // A client that shut down its sending side with half a request may still read an error reply.
         if (n == 0 && c.InLen > 0 && Unfinished() is byte[] why) { Respond(fd, c, why, nowMs); return; }
         if (n <= 0) { Close(fd); return; }
         c.InLen += (int)n;
+        // A full buffer without a complete request is refused: the request must fit, it is never grown.
         if (!TryAnswer(fd, c, nowMs, status) && c.InLen == _maxRequestLen) Respond(fd, c, TooLong(), nowMs);
     }
 
     private void Accept(long nowMs)
     {
         Span<byte> sa = stackalloc byte[Libc.SockaddrUnLen];
+        // At most a table's worth of accepts per wake-up, so a connect flood cannot keep the loop here;
+        // the rest wait in the listen backlog for the next readiness.
         for (int i = 0; i < _maxConnections; i++)
         {
             int alen = sa.Length;
@@ -8951,10 +9021,13 @@ internal abstract unsafe class RequestServer : IDisposable
             c.DeadlineMs = nowMs + _readTimeoutMs;
             _conns[fd] = c;
             Libc.EpollAdd(_epfd, fd);
+            // accept4 reports the full address length even when it truncated the address; clamp before slicing.
             Admit(fd, c, sa[..Math.Clamp(alen, 0, sa.Length)], nowMs);
         }
     }
 
+    // Only clients still sending (Out == null) may be evicted; the one with the oldest deadline has had
+    // the most time. A client being answered has its reply and will be gone soon anyway.
     private bool EvictSlowest()
     {
         int victim = -1;
@@ -8972,6 +9045,8 @@ internal abstract unsafe class RequestServer : IDisposable
     {
         c.Waiting = true;
         c.DeadlineMs = nowMs + LaterTimeoutMs;
+        // The fd number and the Conn object are both reused once this client closes; the generation tells
+        // a late answer for this client from one for whoever holds the slot now.
         int generation = c.Generation;
         return reply =>
         {
@@ -9002,6 +9077,7 @@ internal abstract unsafe class RequestServer : IDisposable
         {
             nint n;
             fixed (byte* p = &c.Out[c.OutOff]) n = Libc.Write(fd, p, (nuint)(c.Out.Length - c.OutOff));
+            // The socket is full: wait for EPOLLOUT rather than spin; the write deadline still bounds the client.
             if (n < 0 && Libc.Errno == Libc.EAGAIN) { Libc.EpollMod(_epfd, fd, Libc.EPOLLOUT); return; }
             if (n <= 0) break;
             c.OutOff += (int)n;
@@ -9019,6 +9095,7 @@ internal abstract unsafe class RequestServer : IDisposable
         foreach (int fd in late)
         {
             Conn c = _conns[fd];
+            // The error reply gets one write: whatever the socket does not take at once goes with the connection.
             if (c.Out == null) Respond(fd, c, c.Waiting ? TooLate() : TimedOut(), nowMs);
             if (_conns.ContainsKey(fd)) Close(fd);
         }
@@ -9028,6 +9105,7 @@ internal abstract unsafe class RequestServer : IDisposable
     {
         Libc.EpollCtl(_epfd, Libc.EPOLL_CTL_DEL, fd, null);
         Libc.Close(fd);
+        // No more spares than slots: a burst of clients leaves at most one table of buffers behind.
         if (!_conns.Remove(fd, out Conn? c) || _spare.Count >= _maxConnections) return;
         c.In.AsSpan(0, c.InLen).Clear();                          // a request is nobody else's business
         c.InLen = 0;
@@ -9051,6 +9129,7 @@ internal abstract unsafe class RequestServer : IDisposable
 internal sealed unsafe class ControlServer : RequestServer
 {
     private const int MaxClients = 8;
+    // A local client writes its one line at once; two seconds only ever run out for a stuck one.
     private const long ControlTimeoutMs = 2_000;
     private readonly string _path;
     private readonly Daemon _daemon;
@@ -9073,6 +9152,7 @@ internal sealed unsafe class ControlServer : RequestServer
             Libc.Close(fd);
             throw new IOException($"control socket {path} is in use by a running daemon (use --control PATH)");
         }
+        // bind() fails with EADDRINUSE on an existing file, even a dead socket's, so it goes first.
         try { File.Delete(path); } catch (IOException) { } catch (UnauthorizedAccessException) { }
         Span<byte> sa = stackalloc byte[Libc.SockaddrUnLen];
         int len = Libc.WriteSockaddrUn(path, sa);
@@ -9085,6 +9165,8 @@ internal sealed unsafe class ControlServer : RequestServer
                 throw new IOException($"cannot listen on control socket {path}: {Libc.ErrorText(e)}");
             }
         }
+        // The socket steers the node (reload, down, revoke): only its owner may connect. Privileges.Drop
+        // later hands the file to --user so the unprivileged daemon can still remove it at exit.
         File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite);
         Libc.EpollAdd(epfd, fd);
         return new ControlServer(fd, epfd, path, daemon);
@@ -9094,7 +9176,10 @@ internal sealed unsafe class ControlServer : RequestServer
     {
         int nl = Array.IndexOf(c.In, (byte)'\n', 0, c.InLen);
         if (nl < 0) return false;
+        // Trim also takes the '\r' of a client that ends its line with CRLF (socat, nc -C).
         string line = Encoding.UTF8.GetString(c.In, 0, nl).Trim();
+        // Reload and ping answer later: the config is parsed on the chores thread, and a ping waits for the
+        // peer. Revoke checks the admin's signature off the node's lock and takes the lock itself.
         if (line == "reload")
         {
             Action<byte[]> answer = Later(fd, c, nowMs);
@@ -9127,6 +9212,7 @@ internal sealed unsafe class ControlServer : RequestServer
                 _ => "error: unknown request (expected status, peers, routes [json], netcheck, ping PEER, reload, down, invite or revoke)\n",
             };
         Respond(fd, c, Encoding.UTF8.GetBytes(reply), nowMs);
+        // Stop after the reply is written, so `veil down` reads "ok" before the loop winds down.
         if (line == "down") _daemon.RequestStop();
         return true;
     }
@@ -9153,6 +9239,7 @@ internal sealed unsafe class ControlServer : RequestServer
 /// <summary>The CLI side of the control socket, plus small blocking-socket helpers both sides use.</summary>
 internal static unsafe class ControlClient
 {
+    // asm-generic/socket.h values (x86, arm, arm64, riscv), with a struct timeval of two C longs.
     private const int SO_RCVTIMEO = 20, SO_SNDTIMEO = 21;
 
     internal static int? TryConnect(string path)
@@ -9175,6 +9262,7 @@ internal static unsafe class ControlClient
         Libc.SetSockOpt(fd, Libc.SOL_SOCKET, SO_SNDTIMEO, tv, 2 * sizeof(nint));
     }
 
+    // Gives up on the first error: ReadAll then gets nothing and the caller reports no answer.
     internal static void WriteAll(int fd, string text)
     {
         byte[] b = Encoding.UTF8.GetBytes(text);
@@ -9188,6 +9276,8 @@ internal static unsafe class ControlClient
         }
     }
 
+    // The server closes after its one reply, so end of file is the end of the answer; a receive
+    // timeout ends it too, with what arrived so far.
     internal static string ReadAll(int fd)
     {
         var ms = new MemoryStream();
@@ -9221,6 +9311,7 @@ internal static unsafe class ControlClient
 internal sealed unsafe class MgmtServer : RequestServer
 {
     private const int MaxConnections = 16, MaxHeaderLen = 8192;
+    // Writing may take longer than asking: /metrics with many peers runs to hundreds of KiB.
     private const long ReadTimeoutMs = 2_000, WriteTimeoutMs = 5_000;
     private List<IpPrefix> _acl;
     internal int Port { get; }
@@ -9245,6 +9336,7 @@ internal sealed unsafe class MgmtServer : RequestServer
     {
         Span<byte> a = stackalloc byte[16];
         from.WriteAddress16(a);
+        // The socket is dual-stack: an IPv4 client arrives as ::ffff:a.b.c.d and must match 127.0.0.0/8.
         ReadOnlySpan<byte> addr = from.IsV4 ? a[12..] : a;
         foreach (IpPrefix p in _acl)
             if (p.Contains(addr)) return true;
@@ -9253,12 +9345,15 @@ internal sealed unsafe class MgmtServer : RequestServer
 
     protected override void Admit(int fd, Conn c, ReadOnlySpan<byte> peer, long nowMs)
     {
+        // An address that cannot be read is refused too: the ACL fails closed.
         if (!Libc.TryReadSockaddr(peer, peer.Length, out Endpoint from) || !Allowed(from))
             Respond(fd, c, Http(403, "text/plain", "forbidden: not in --mgmt-acl\n"), nowMs);
     }
 
     protected override bool TryAnswer(int fd, Conn c, long nowMs, StatusView status)
     {
+        // Only the request line is used; headers are read (and bounded) only to find their end, and a
+        // body, which no GET has, is never read.
         int end = c.In.AsSpan(0, c.InLen).IndexOf("\r\n\r\n"u8);
         if (end < 0) return false;
         string head = Encoding.ASCII.GetString(c.In, 0, end);
@@ -9293,6 +9388,8 @@ internal sealed unsafe class MgmtServer : RequestServer
             408 => "Request Timeout", 431 => "Request Header Fields Too Large", _ => "Error",
         };
         byte[] b = Encoding.UTF8.GetBytes(body);
+        // One request per connection (Connection: close) keeps each client a one-shot state machine; the
+        // status is live, so no cache may keep it.
         byte[] h = Encoding.ASCII.GetBytes($"HTTP/1.1 {code} {reason}\r\nContent-Type: {type}\r\nContent-Length: {b.Length}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n");
         byte[] all = new byte[h.Length + b.Length];
         h.CopyTo(all, 0);
