@@ -9406,6 +9406,8 @@ internal static class Cli
 {
     internal const string Version = "0.1.0";
 
+    // The key is clamped as RFC 7748 §5 says (GeneratePrivateKey), so the file holds the scalar itself.
+    // Keys go to stdout and never into argv, where ps and shell history would show them.
     internal static int GenKey(TextWriter stdout)
     {
         Key32 k = default;
@@ -9445,6 +9447,7 @@ internal static class Cli
         return 0;
     }
 
+    // A network secret is any 32 random bytes (Noise's psk); unlike a private key it is not clamped.
     internal static int GenPsk(TextWriter stdout)
     {
         Key32 k = default;
@@ -9461,11 +9464,14 @@ internal static class Cli
         bool json = false;
         for (int i = 1; i < args.Length; i++)
         {
+            // Only the views have a JSON form; "reload --json" is refused like any other unknown argument.
             if (args[i] == "--json" && verb is "status" or "peers" or "routes") json = true;
             else if (args[i] == "--control" && i + 1 < args.Length) path = args[++i];
             else if (args[i].StartsWith("--control=")) path = args[i]["--control=".Length..];
             else { stderr.WriteLine($"veil: {verb}: unknown argument '{args[i]}' (see 'veil help {verb}')"); return 2; }
         }
+        // Exit codes follow `veil help reload`: 1 nobody answered, 2 refused or bad input, 3 needs a restart.
+        // Scripts tell them apart, so they must not change.
         string? reply = ControlClient.Ask(path, json ? verb + " json" : verb);
         if (reply == null)
         {
@@ -9490,6 +9496,7 @@ internal static class Cli
         {
             if (args[i] == "--control" && i + 1 < args.Length) path = args[++i];
             else if (args[i].StartsWith("--control=")) path = args[i]["--control=".Length..];
+            // About 17 minutes at one a second; a -c out of range is refused, not clamped.
             else if (args[i] == "-c" && i + 1 < args.Length && int.TryParse(args[i + 1], out count) && count is >= 1 and <= 1000) i++;
             else if (!args[i].StartsWith('-') && peer == null) peer = args[i];
             else { stderr.WriteLine($"veil: ping: bad argument '{args[i]}' (see 'veil help ping')"); return 2; }
@@ -9499,22 +9506,28 @@ internal static class Cli
         double min = double.MaxValue, max = 0, sum = 0;
         for (int k = 0; k < count; k++)
         {
+            // One a second, as ping(8) does; each echo is its own connection to the control socket.
             if (k > 0) Thread.Sleep(1000);
             string? reply = ControlClient.Ask(path, "ping " + peer, 2000);
+            // No reply while the socket file exists is a lost echo (the 2 s receive timeout ran out), counted
+            // below; only a missing socket means there is no daemon.
             if (reply == null && !File.Exists(path)) { stderr.WriteLine($"veil: no daemon answers on {path} (is 'veil up' running? use --control PATH)"); return 1; }
             if (reply != null && reply.StartsWith("error:")) { stderr.Write("veil: " + reply[6..].TrimStart()); return 2; }
             if (reply == null || !reply.StartsWith("pong")) { stdout.WriteLine($"no answer from {peer} within 2 s"); continue; }
             stdout.Write(reply);
             answered++;
             int at = reply.IndexOf("time=", StringComparison.Ordinal);
+            // The daemon formats time= with the invariant culture; parse it the same way whatever LANG says.
             if (at >= 0 && double.TryParse(reply[(at + 5)..].Split(' ')[0], System.Globalization.CultureInfo.InvariantCulture, out double ms))
                 (min, max, sum) = (Math.Min(min, ms), Math.Max(max, ms), sum + ms);
         }
         stdout.Write($"{count} sent, {answered} answered");
         stdout.WriteLine(answered > 0 ? string.Create(System.Globalization.CultureInfo.InvariantCulture, $", rtt min/avg/max {min:F2}/{sum / answered:F2}/{max:F2} ms") : "");
+        // As ping(8): success when any echo came back, so `veil ping PEER -c 1 && …` works in scripts.
         return answered > 0 ? 0 : 1;
     }
 
+    // -1 for an unknown topic: Main prints the error and exits 2, as for any bad input.
     internal static int Help(string? topic, TextWriter o)
     {
         switch (topic)
@@ -9657,6 +9670,8 @@ internal static class SelfTest
         bool x4 = X25519.Dh(k, alice, bobPub) && Eq(k, H("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742"));
         Check("x25519 (RFC 7748 5.2, 6.1)", x1 && x2 && x3 && x4);
 
+        // The EVP backend is what normally runs and the BCL one is the fallback (VEIL_AEAD_BCL=1); both are
+        // checked, since a libcrypto on a new board may differ from the build host's.
         // AEADs through both backends: RFC 8439 §2.8.2 and Wycheproof aes_gcm tcId 91.
         byte[] plain = Encoding.ASCII.GetBytes("Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, sunscreen would be it.");
         byte[] chachaOut = H("d31a8d34648e60db7b86afbc53ef7ec2a4aded51296e08fea9e2b5a736ee62d63dbea45e8ca9671282fafb69da92728b1a71de0a9e060b2905d6a5b67ecd3b3692ddbd7f2d778b8c9803aee328091b58fab324e4fad675945585808b4831d7bc3ff4def08e4b7a9de576d26586cec64b6116" + "1ae10b594f09e26a7e902ecbd0600691");
@@ -9695,6 +9710,8 @@ internal static class SelfTest
     // The two messages of the Noise_IKpsk2_25519_ChaChaPoly_SHA256 vector of cacophony (public domain).
     private static bool NoiseTranscript()
     {
+        // The vector's own prologue ("John Galt") and psk, not Veil's: it pins the Noise machinery, and
+        // Veil's prologue is only a different input to the same code.
         byte[] name = Encoding.ASCII.GetBytes(Spec.NoiseProtocolName), prologue = H("4a6f686e2047616c74");
         byte[] psk = H("54686973206973206d7920417573747269616e20706572737065637469766521");
         byte[] iStatic = H("e61ef9919cde45dd5f82166404bd08e38bceb5dfdfded0a34c8df7ed542214d1"), iEph = H("893e28b9dc6ca8d611ab664754b8ceb7bac5117349a4439a6b0569da977c464a");
@@ -9707,15 +9724,19 @@ internal static class SelfTest
         X25519.PublicKey(rPub, rStatic);
         var ini = new NoiseState();
         var resp = new NoiseState();
+        // IK: both sides start from the responder's static key (the pre-message "<- s").
         ini.Initialize(name, prologue, rPub);
         resp.Initialize(name, prologue, rPub);
         byte[] m0 = new byte[c0.Length], m1 = new byte[c1.Length], got0 = new byte[p0.Length], got1 = new byte[p1.Length];
+        // The ss token's DH is done by the caller, as Handshaker passes each peer's StaticShared in.
         if (!X25519.Dh(ss, iStatic, rPub) || !ini.WriteMessage1(iEph, iPub, rPub, ss, p0, m0) || !m0.AsSpan().SequenceEqual(c0)) return false;
         if (!resp.ReadMessage1Static(rStatic, m0, re, rs) || !rs.AsSpan().SequenceEqual(iPub)) return false;
         if (!X25519.Dh(ss, rStatic, rs) || !resp.ReadMessage1Payload(ss, m0, got0) || !got0.AsSpan().SequenceEqual(p0)) return false;
         if (!resp.WriteMessage2(rEph, re, rs, psk, p1, m1) || !m1.AsSpan().SequenceEqual(c1)) return false;
         if (!ini.ReadMessage2(iEph, iStatic, psk, m1, got1) || !got1.AsSpan().SequenceEqual(p1)) return false;
         Span<byte> h = stackalloc byte[32];
+        // The handshake hash after the last message: equal to cacophony's only if every token was mixed in
+        // the same order.
         for (int i = 0; i < 32; i++) h[i] = ini.H[i];
         return h.SequenceEqual(H("8310f86394dc0dabb40beb8210031556db4403ab1202db7034c526232147a700"));
     }
@@ -9744,6 +9765,8 @@ internal static class SelfTest
     {
         using UdpSocket tx = UdpSocket.Bind(IPAddress.Loopback, 0), rx = UdpSocket.Bind(IPAddress.Loopback, 0);
         var b = new PacketBatch(4, Tune.SlotLen);
+        // Two equal sizes and a shorter tail: the shape of one GSO run (UdpSocket.SendBatch), so on a
+        // kernel with GSO/GRO the segmenting and coalescing paths run too.
         int[] lens = [1200, 1200, 333];
         var to = Endpoint.FromIp(IPAddress.Loopback, rx.LocalPort);
         for (int i = 0; i < lens.Length; i++)
@@ -9756,6 +9779,7 @@ internal static class SelfTest
         b.Count = lens.Length;
         if (tx.SendBatch(b) != 0) return false;
         int got = 0;
+        // Loopback delivers at once; 100 tries of 10 ms bound the wait at a second on a loaded device.
         for (int tries = 0; tries < 100 && got < lens.Length; tries++)
         {
             b.Count = 0;
@@ -9784,6 +9808,7 @@ internal static class Bench
 
     internal static int Run(string[] args, TextWriter o)
     {
+        // Seconds per measurement; every figure below takes this long.
         double seconds = args.Length > 1 && double.TryParse(args[1], System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out double s) && s > 0 ? s : 0.5;
         o.WriteLine($"veil {Cli.Version} bench ({RuntimeInformation.RuntimeIdentifier}, {Environment.ProcessorCount} cpus, aead backend {Aead.Backend})");
         byte[] key = new byte[32], nonce = new byte[Spec.NonceLen], aad = new byte[Record.HeaderLen];
@@ -9792,6 +9817,7 @@ internal static class Bench
         {
             if (!Aead.IsSupported(kind)) continue;
             using var aead = new Aead(kind, key);
+            // Small packets, the default MTU and a jumbo frame.
             foreach (int len in new[] { 64, 512, 1420, 9000 })
             {
                 byte[] buf = new byte[len + Spec.TagLen];
@@ -9808,11 +9834,14 @@ internal static class Bench
             var rng = new Random(count);
             byte[] a = new byte[4];
             for (int i = 0; i < count; i++) { rng.NextBytes(a); trie.Insert(new IpPrefix(a, 8 + rng.Next(25)), i % 64); }
+            // A power of two, so the hot loop picks a probe with a mask instead of a division.
             byte[][] probes = new byte[1024][];
             for (int i = 0; i < probes.Length; i++) { probes[i] = new byte[4]; rng.NextBytes(probes[i]); }
             double lookups = PerSecond(n => { for (int i = 0; i < n; i++) trie.Lookup(probes[i & 1023]); }, 4096, seconds);
             o.WriteLine($"trie {count,7} prefixes  lookup {lookups,14:N0}/s ({1e9 / lookups,6:F1} ns)");
         }
+        // UpConfig.Load is not run (no key files): the MTU it would derive is set by hand. The peers sit on
+        // documentation addresses (RFC 5737); nothing is sent, the messages only go from array to array.
         var cfgI = new UpConfig { Mtu = 1420 };
         var cfgR = new UpConfig { Mtu = 1420 };
         X25519.GeneratePrivateKey(cfgI.PrivateKey);
@@ -9884,7 +9913,10 @@ internal static class Bench
 internal sealed class InviteToken
 {
     internal const byte Version = 1;
+    // The version in the text too: a user (and `veil join`) can tell a Veil token from anything pasted.
     internal const string Prefix = "veil1-";
+    // HMAC-SHA256 cut to 128 bits: forging a tag still takes 2^128 tries, and the token stays short
+    // enough to paste.
     internal const int TagLen = 16;
     internal ulong Id;
     internal long ExpiresUnix;
@@ -9895,10 +9927,13 @@ internal sealed class InviteToken
     internal byte[] Tag = new byte[TagLen];
 
     /// <summary>Every field but the tag; the secret zeroed unless withSecret.</summary>
+    // The tag covers the body with the secret; the JoinHello sends the body with the secret zeroed and
+    // the inviter puts its own copy back to check the tag, so the secret never crosses the network.
     internal byte[] Body(bool withSecret)
     {
         var ms = new MemoryStream();
         Span<byte> b = stackalloc byte[18];
+        // The version byte comes first so an older node refuses a newer layout instead of misreading it.
         ms.WriteByte(Version);
         BinaryPrimitives.WriteUInt64BigEndian(b, Id); ms.Write(b[..8]);
         BinaryPrimitives.WriteInt64BigEndian(b, ExpiresUnix); ms.Write(b[..8]);
@@ -9946,6 +9981,8 @@ internal sealed class InviteToken
         byte[] all = new byte[body.Length + TagLen];
         body.CopyTo(all, 0);
         Tag.CopyTo(all, body.Length);
+        // base64url without padding (RFC 4648 §5): no '+', '/' or '=' for a shell, a URL or a chat client
+        // to mangle; Parse puts the padding back.
         return Prefix + Convert.ToBase64String(all).TrimEnd('=').Replace('+', '-').Replace('/', '_');
     }
 
@@ -9956,6 +9993,8 @@ internal sealed class InviteToken
         {
             var t = new InviteToken();
             int i = 0;
+            // Every read below is bounds-checked by the span: a truncated token throws and is caught at the
+            // end, so the parser needs no length arithmetic of its own. Trailing bytes are refused as well.
             if (data[i++] != Version) return null;
             t.Id = BinaryPrimitives.ReadUInt64BigEndian(data[i..]); i += 8;
             t.ExpiresUnix = BinaryPrimitives.ReadInt64BigEndian(data[i..]); i += 8;
@@ -9985,6 +10024,7 @@ internal sealed class InviteToken
     internal static InviteToken? Parse(string text)
     {
         text = text.Trim();
+        // A real token is a few hundred characters; the bound comes before any decoding.
         if (!text.StartsWith(Prefix) || text.Length > 1024) return null;
         string b64 = text[Prefix.Length..].Replace('-', '+').Replace('_', '/');
         b64 = b64.PadRight(b64.Length + (4 - b64.Length % 4) % 4, '=');
@@ -10010,6 +10050,8 @@ internal sealed class InviteToken
     }
 
     /// <summary>HMAC(secret, "veil join" ‖ id ‖ joiner key): proves the token's secret without sending it.</summary>
+    // The proof binds the joiner's key: a JoinHello seen on the wire cannot be replayed with another key,
+    // and the "veil join" label keeps this HMAC apart from every other use of the secret.
     internal static void JoinProof(ReadOnlySpan<byte> secret, ulong id, ReadOnlySpan<byte> joinerKey, Span<byte> proof16)
     {
         Span<byte> msg = stackalloc byte[9 + 8 + 32];
@@ -10021,6 +10063,7 @@ internal sealed class InviteToken
         full[..16].CopyTo(proof16);
     }
 
+    // A key of its own (HKDF, another label) so the sealing key is never the proof's HMAC key.
     internal static void AcceptKey(ReadOnlySpan<byte> secret, Span<byte> key32) =>
         Hkdf.Derive(key32, secret, default, "veil join accept"u8);
 }
@@ -10028,8 +10071,11 @@ internal sealed class InviteToken
 /// <summary>The inviter's side: pending invites (in memory, bounded) and JoinHello handling.</summary>
 internal sealed class Invites(Key32 privateKey)
 {
+    // Bounds the memory and the addresses that invites hold back (ReservedAddresses) while pending.
     private const int MaxPending = 64;
+    // After the handshake's types 1-3 in the same preamble, so a join needs no port or socket of its own.
     internal const byte TypeJoinHello = 4, TypeJoinAccept = 5;
+    // The payload: the network secret (32) and a 1 that the joiner checks after opening.
     internal const int JoinProofLen = 16, JoinAcceptPayloadLen = 33;
 
     private sealed class Pending
@@ -10045,6 +10091,8 @@ internal sealed class Invites(Key32 privateKey)
     internal sealed record Joiner(ulong InviteId, PeerConfig Peer, Endpoint From);
 
     private readonly Dictionary<ulong, Pending> _pending = new();
+    // Only this node can derive the tag key, so only it can mint a token it will accept. Pending invites
+    // live in memory: a restart voids every token not yet used.
     private Key32 _tokenKey = TokenKey(privateKey);
     internal readonly Queue<Joiner> Joiners = new();    // at most one per pending invite
     internal Key32 Psk;
@@ -10052,6 +10100,7 @@ internal sealed class Invites(Key32 privateKey)
     private static Key32 TokenKey(Key32 priv)
     {
         Key32 k = default;
+        // A label of its own: the tag key reveals nothing about the X25519 private key it comes from.
         HMACSHA256.HashData(priv, "veil invite token key"u8, k);
         return k;
     }
@@ -10064,13 +10113,16 @@ internal sealed class Invites(Key32 privateKey)
         long now = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
         List<ulong> stale = new();
         foreach (var (id, p) in _pending) if (p.Token.ExpiresUnix <= now) stale.Add(id);
+        // Expired invites are dropped first, so MaxPending counts only invites that can still be used.
         foreach (ulong id in stale) _pending.Remove(id);
         if (_pending.Count >= MaxPending) throw new ConfigException($"{MaxPending} invites are pending already; let some expire first");
         var t = new InviteToken
         {
+            // Random, not counted: an id says nothing about how many invites exist and cannot be guessed.
             Id = BinaryPrimitives.ReadUInt64LittleEndian(RandomNumberGenerator.GetBytes(8)),
             ExpiresUnix = expiresUnix, InviterKey = inviterPublic, Endpoint = endpoint, NetworkName = networkName,
             Network = new IpPrefix(inviterAddress.Address.GetAddressBytes(), inviterAddress.Bits),
+            // The joiner's config routes only the inviter's host address to it (Join's allowed_ips).
             JoinerAddress = joinerAddress, InviterAddress = new IfAddress(inviterAddress.Address, inviterAddress.IsV6 ? 128 : 32),
         };
         RandomNumberGenerator.Fill(t.Secret);
@@ -10090,6 +10142,7 @@ internal sealed class Invites(Key32 privateKey)
     internal byte[]? Consume(ReadOnlySpan<byte> msg, Log log, in Endpoint from)
     {
         // 16 03 03 LL LL | 4 | body length (2) | token body without secret, with tag | joiner key (32) | proof (16) | name length + name
+        // Lengths are checked before each field is read; a message that fails gets no answer at all.
         if (msg.Length < 8 || msg[5] != TypeJoinHello) return null;
         int bodyLen = BinaryPrimitives.ReadUInt16BigEndian(msg[6..]);
         int at = 8 + bodyLen;
@@ -10109,7 +10162,11 @@ internal sealed class Invites(Key32 privateKey)
         if (!CryptographicOperations.FixedTimeEquals(tag, claimed.Tag) || !CryptographicOperations.FixedTimeEquals(tag, p.Token.Tag) ||
             !CryptographicOperations.FixedTimeEquals(proof, expectProof))
             return Refuse(log, from, "bad_token");
+        // Expiry and use are judged only after the tag and proof: until then nothing in the message is
+        // trusted. The expiry is the inviter's clock, whatever the joiner's says.
         if (p.Token.ExpiresUnix <= DateTimeOffset.UtcNow.ToUnixTimeSeconds()) return Refuse(log, from, "expired");
+        // The first valid key owns the invite; the same key again is a retransmit (UDP lost the answer) and
+        // gets the same JoinAccept, so joining is idempotent.
         if (!p.JoinerKey.IsZero() && !CryptographicOperations.FixedTimeEquals(p.JoinerKey, joinerKey)) return Refuse(log, from, "already_used");
         if (p.JoinerKey.IsZero())
         {
@@ -10119,6 +10176,8 @@ internal sealed class Invites(Key32 privateKey)
             pc.Allowed.Add(new IpPrefix(p.Token.JoinerAddress.Address.GetAddressBytes(), p.Token.JoinerAddress.IsV6 ? 128 : 32));
             joinerKey.CopyTo(p.JoinerKey);                // the invite is this key's from now on
             Joiners.Enqueue(new Joiner(p.Token.Id, pc, from));
+            // Empty: queued, not yet answered. The joiner hears yes only once the config that admits it is
+            // on disk (Written), so an accepted joiner survives the inviter's restart.
             return [];
         }
         return p.Written ? Accept(p, joinerKey) : [];
@@ -10132,6 +10191,7 @@ internal sealed class Invites(Key32 privateKey)
         if (error.Length > 0)
         {
             log.Warn("join_failed", $"invite={j.InviteId:x16} error=\"{error}\"");
+            // The invite is free again: the joiner's retransmits, or another try, can still use it.
             p.JoinerKey.Clear();
             return null;
         }
@@ -10144,6 +10204,8 @@ internal sealed class Invites(Key32 privateKey)
     private byte[] Accept(Pending p, ReadOnlySpan<byte> joinerKey)
     {
         byte[] reply = new byte[Spec.PreambleLen + 1 + 8 + JoinAcceptPayloadLen + Spec.TagLen];
+        // The key is this invite's alone (derived from its secret), so the fixed zero nonce never meets a
+        // second key; the joiner's key is the AAD, binding the answer to the key that used the invite.
         Wire.WritePreamble(reply, Spec.TlsHandshake, reply.Length);
         reply[5] = TypeJoinAccept;
         BinaryPrimitives.WriteUInt64BigEndian(reply.AsSpan(6), p.Token.Id);
@@ -10160,6 +10222,7 @@ internal sealed class Invites(Key32 privateKey)
 
     private static byte[]? Refuse(Log log, in Endpoint from, string reason)
     {
+        // Anyone on the internet can send a JoinHello: the line is rate-limited and nothing is answered.
         if (log.Wants(LogLevel.Warn, "join_refused")) log.Emit(LogLevel.Warn, "join_refused", $"reason={reason} from={from}");
         return null;
     }
@@ -10168,6 +10231,9 @@ internal sealed class Invites(Key32 privateKey)
 /// <summary>The CLI verbs of onboarding. Files are written whole (temp + rename), keys with mode 0600.</summary>
 internal static class Onboarding
 {
+    // Temp file and rename: a crash or a full disk leaves the old file or the new one, never half of
+    // one. The pid keeps two writers apart, CreateNew refuses a file (or symlink) already at tmp, and
+    // the mode is set before the first byte of text is written.
     internal static void WriteAtomic(string path, string text, UnixFileMode mode)
     {
         string tmp = path + ".tmp-" + Environment.ProcessId;
@@ -10189,6 +10255,7 @@ internal static class Onboarding
         }
     }
 
+    // A TOML basic string, as TomlDoc reads it back.
     private static string Q(string s) => "\"" + s.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\"";
 
     internal static string PeerToml(PeerConfig p)
@@ -10210,6 +10277,7 @@ internal static class Onboarding
         TomlDoc doc = TomlDoc.Parse(next, Path.GetFileName(configPath));
         if (doc.TableArrays.TryGetValue("peer", out var peers))
             foreach (var t in peers)
+                // The new text is parsed before it is written: a peer that would break the file never reaches it.
                 if (t.TryGetValue("public_key", out TomlValue? k) && k.Str == p.PublicKey.ToBase64() && t != peers[^1])
                     throw new ConfigException($"peer {p.PublicKey.Short()} is already in {configPath}");
         WriteAtomic(configPath, next, File.GetUnixFileMode(configPath));   // keep who may read it
@@ -10223,6 +10291,7 @@ internal static class OnboardingCli
 
     private static long ParseDuration(string v)
     {
+        // Seconds, as the token's expiry is Unix seconds; the bound keeps n * 86400 far from overflow.
         if (v.Length >= 2 && long.TryParse(v[..^1], System.Globalization.NumberStyles.None, null, out long n) && n > 0 && n < 1_000_000)
             switch (v[^1]) { case 's': return n; case 'm': return n * 60; case 'h': return n * 3600; case 'd': return n * 86400; }
         throw new ConfigException($"--expires '{v}' must be a number with s, m, h or d (e.g. 1h)");
@@ -10231,6 +10300,7 @@ internal static class OnboardingCli
     /// <summary>veil init [--dir DIR] [--address CIDR] [--listen ADDR:PORT]</summary>
     internal static int Init(string[] args, TextWriter o)
     {
+        // 100.64.0.0/10 is RFC 6598 shared space: it seldom collides with a home or office LAN.
         string dir = "/etc/veil", address = "100.64.0.1/24", listen = "0.0.0.0:51820";
         for (int i = 1; i < args.Length; i++)
         {
@@ -10243,10 +10313,12 @@ internal static class OnboardingCli
         if (File.Exists(keyPath)) throw new ConfigException($"'{keyPath}' exists: this node already has an identity (it is never overwritten)");
         if (File.Exists(cfgPath)) throw new ConfigException($"'{cfgPath}' exists; remove it or use another --dir");
         Directory.CreateDirectory(dir);
+        // The directory holds the node's identity: 0700 even if it existed, before the key is written.
         File.SetUnixFileMode(dir, (UnixFileMode)0b111_000_000);
         Key32 priv = default, pub = default;
         X25519.GeneratePrivateKey(priv);
         X25519.PublicKey(pub, priv);
+        // The key first: a config never names a key file that does not exist.
         Onboarding.WriteAtomic(keyPath, priv.ToBase64() + "\n", (UnixFileMode)0b110_000_000);
         priv.Clear();
         Onboarding.WriteAtomic(cfgPath, $"# written by veil init; every key is described in veil.toml.example\nkey = \"{keyPath}\"\nlisten = \"{listen}\"\naddress = [\"{address}\"]\n", (UnixFileMode)0b110_000_000);
@@ -10275,6 +10347,7 @@ internal static class OnboardingCli
         if (!haveKey) throw new ConfigException("revoke: name the member's base64 public key");
         if (adminFile.Length == 0) throw new ConfigException("revoke: --admin-key FILE is required (the network's admin key, from 'veil genadmin')");
         byte[] admin;
+        // The admin key can end any member: read with the same 0600 check as a node key, zeroed after use.
         try { admin = Convert.FromBase64String(UpConfig.ReadSecretFile("--admin-key", adminFile).Trim()); }
         catch (FormatException) { throw new ConfigException($"--admin-key '{adminFile}' does not hold a base64 admin key"); }
         if (AdminSignature.PublicKeyOf(admin) == null) throw new ConfigException($"--admin-key '{adminFile}' does not hold an admin key (the base64 line 'veil genadmin' prints)");
@@ -10302,6 +10375,8 @@ internal static class OnboardingCli
             else if (Arg(args, "--control", ref i) is string c) control = c;
             else throw new ConfigException($"invite: unknown argument '{args[i]}' (see 'veil help invite')");
         }
+        // The control request is one space-separated line ("-" for a value not given), so a space would
+        // shift the fields; the network name travels in the token.
         if (name.Contains(' ') || network.Contains(' ') || network.Length > 32) throw new ConfigException("invite: --name and --network take one word of at most 32 characters");
         string? reply = ControlClient.Ask(control, $"invite {expires} {name} {endpoint} {network}");
         if (reply == null) { e.WriteLine($"veil: no daemon answers on {control} (invites are issued by the running node)"); return 1; }
@@ -10323,12 +10398,15 @@ internal static class OnboardingCli
             else if (Arg(args, "--listen", ref i) is string l) listen = Endpoint.TrySplitHostPort(l, out _, out _) ? l : throw new ConfigException($"--listen '{l}' must be ADDRESS:PORT");
             else throw new ConfigException($"join: unknown argument '{args[i]}' (see 'veil help join')");
         }
+        // The inviter writes the name into its config, where a peer name has at most 32 characters.
         if (name.Length > 32) name = name[..32];
+        // Only a courtesy, to fail before any file is written; the inviter's own clock decides.
         if (t.ExpiresUnix <= DateTimeOffset.UtcNow.ToUnixTimeSeconds()) throw new ConfigException("join: this invite has expired; ask for a new one");
         string keyPath = Path.Combine(dir, "private.key"), cfgPath = Path.Combine(dir, "veil.toml"), pskPath = Path.Combine(dir, "network.psk");
         if (File.Exists(cfgPath)) throw new ConfigException($"'{cfgPath}' exists; join into an empty --dir");
         Directory.CreateDirectory(dir);
         Key32 priv, pub = default;
+        // An existing key (from `veil init`) is kept: an identity is never replaced behind the user's back.
         if (File.Exists(keyPath)) priv = UpConfig.ReadKeyFile("--dir key", keyPath);
         else
         {
@@ -10375,6 +10453,7 @@ internal static class OnboardingCli
         if (!accepted) { e.WriteLine($"veil: {t.Endpoint} did not accept the invite (expired, used, or the inviter is not running)"); return 1; }
         var sb = new StringBuilder("# written by veil join; every key is described in veil.toml.example\n");
         sb.Append($"key = \"{keyPath}\"\n");
+        // A zero secret means the inviter runs without --psk (Noise's all-zero psk): no psk line then.
         if (!psk.IsZero())
         {
             Onboarding.WriteAtomic(pskPath, psk.ToBase64() + "\n", (UnixFileMode)0b110_000_000);
@@ -10394,6 +10473,8 @@ internal static class OnboardingCli
     private static bool OpenAccept(ReadOnlySpan<byte> r, InviteToken t, in Key32 pub, ref Key32 psk)
     {
         int len = Spec.PreambleLen + 1 + 8 + Invites.JoinAcceptPayloadLen + Spec.TagLen;
+        // Shape and invite id first, so a stray datagram costs no crypto; only the token's holder and the
+        // inviter can derive the key that opens the rest.
         if (r.Length != len || r[0] != Spec.TlsHandshake || r[5] != Invites.TypeJoinAccept || BinaryPrimitives.ReadUInt64BigEndian(r[6..]) != t.Id) return false;
         Key32 key = default;
         InviteToken.AcceptKey(t.Secret, key);
@@ -10421,6 +10502,8 @@ internal static class OnboardingCli
         }
         if (config == null) throw new ConfigException("add-peer needs --config FILE (the file the daemon runs with)");
         if (!peerArgs.Contains("--peer")) throw new ConfigException("add-peer needs --peer PUBKEY[@HOST:PORT]");
+        // Loaded twice: as it is (for the duplicate check, since a flag peer would replace the file's peer
+        // of the same key) and with the new peer's flags, which validates them exactly as `up` would.
         UpConfig current = UpConfig.Load(new[] { "up", "--config", config }, 1);
         UpConfig parsed = UpConfig.Load([.. peerArgs, "--config", config], 1);   // validates like `up` would
         PeerConfig p = parsed.Peers[^1];
@@ -10430,6 +10513,7 @@ internal static class OnboardingCli
         if (ka > 0) p.KeepaliveMs = parsed.PersistentKeepaliveMs;
         string before = File.ReadAllText(config);
         Onboarding.AppendPeer(config, p);
+        // The file must load as the daemon will on reload (peer count, names); if not, the old text goes back.
         try { UpConfig.Load(new[] { "up", "--config", config }, 1); }
         catch (ConfigException)
         {
@@ -10482,6 +10566,7 @@ internal static unsafe partial class Doctor
             int? live = ControlClient.TryConnect(cfg.ControlPath);
             string? usedBy = live != null ? "the running veil" : null;
             if (live is int c) Libc.Close(c);
+            // A live control socket means the port's user is most likely the running veil, not a conflict.
             bool free = PortFree(cfg.ListenAddress, cfg.ListenPort);
             Line(free || usedBy != null, "port", free ? $"udp {cfg.ListenPort} is free" : usedBy != null ? $"udp {cfg.ListenPort} is used by the running veil"
                 : $"udp {cfg.ListenPort} is in use by another program (WireGuard also defaults to 51820): choose --listen");
@@ -10504,6 +10589,9 @@ internal static unsafe partial class Doctor
             foreach (string overlap in RouteOverlaps(cfg)) Line(false, "routes", overlap);
             if (RouteOverlaps(cfg).Count == 0) Line(true, "routes", "no allowed prefix collides with a route on another interface");
         }
+        // A board without a battery-backed clock boots in 1970 (or at its build date) until NTP runs; no
+        // Veil release predates 2025, so an earlier year is a clock not yet set. The TAI64N timestamp of a
+        // ClientHello may then look older than the last one a peer accepted.
         int year = DateTime.UtcNow.Year;
         Line(year >= 2025, "clock", year >= 2025 ? $"{DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC" :
             $"the clock says {year}: not synchronised yet; peers may ignore our handshakes until it is (NTP)");
@@ -10520,6 +10608,7 @@ internal static unsafe partial class Doctor
     private static bool HasCapNetAdmin()
     {
         foreach (string line in ReadProc("/proc/self/status").Split('\n'))
+            // CAP_NET_ADMIN is bit 12 of the effective set (linux/capability.h).
             if (line.StartsWith("CapEff:") && ulong.TryParse(line[7..].Trim(), System.Globalization.NumberStyles.HexNumber, null, out ulong caps))
                 return (caps & (1UL << 12)) != 0;
         return false;
@@ -10539,6 +10628,7 @@ internal static unsafe partial class Doctor
     internal static List<string> RouteOverlaps(UpConfig cfg)
     {
         var found = new List<string>();
+        // IPv4 only: /proc/net/route has no IPv6 routes. Its first line is the column header.
         string[] lines = ReadProc("/proc/net/route").Split('\n');
         foreach (string line in lines.Length > 1 ? lines[1..] : [])
         {
@@ -10628,8 +10718,10 @@ internal static class ServiceCli
             else if (OnboardingCli.Arg(args, "--name", ref i) is string n) name = n;
             else throw new ConfigException($"service: unknown argument '{args[i]}' (see 'veil help service')");
         }
+        // The name becomes part of a unit name and a file path: no '/', '@' or spaces, and no escaping.
         if (name.Length is 0 or > 64 || name.AsSpan().IndexOfAnyExcept(InstanceChars) >= 0)
             throw new ConfigException($"service: --name '{name}' must be 1-64 letters, digits, '-', '_' or '.'");
+        // systemd's own test for "booted with systemd" (sd_booted); in a chroot or image, enable offline.
         bool live = root == "/" && Directory.Exists("/run/systemd/system");
         Func<string[], (int Code, string Output)>? systemctl = FindSystemctl() is string path ? a => RunTool(path, a) : null;
         return args[1] == "install"
@@ -10824,6 +10916,7 @@ internal sealed unsafe partial class Daemon
         if (f.Length != 5 || !long.TryParse(f[1], out long seconds) || seconds <= 0) return "error: malformed invite request\n";
         if (node.Invites == null) return "error: this daemon runs without --config, so it cannot write a joiner down; start it with --config FILE\n";
         string endpoint = f[3];
+        // A wildcard listen address says nothing about how others reach us: then the user must say.
         if (endpoint == "-")
         {
             if (_cfg.ListenAddress.Equals(IPAddress.Any) || _cfg.ListenAddress.Equals(IPAddress.IPv6Any))
@@ -10860,6 +10953,8 @@ internal sealed unsafe partial class Daemon
         uint mask = own.Bits == 0 ? 0 : uint.MaxValue << (32 - own.Bits);
         uint net = BinaryPrimitives.ReadUInt32BigEndian(own.Address.GetAddressBytes()) & mask;
         uint hosts = ~mask;
+        // h = 0 is the network's own address and h = hosts its broadcast address: neither is handed out.
+        // The scan stops after 65535 hosts, so a /8 costs no long loop under the node's lock.
         for (uint h = 1; h < hosts && h < 65536; h++)
             if (!used.Contains(net | h))
             {
