@@ -118,6 +118,7 @@ internal static class Program
     internal static int Main(string[] args)
     {
         TextWriter stdout = Console.Out, stderr = Console.Error;
+        // A bare `veil` prints the overview: asking what a tool can do is not an error.
         string verb = args.Length > 0 ? args[0] : "help";
         switch (verb)
         {
@@ -159,6 +160,7 @@ internal static class Program
             };
         }
         catch (ConfigException e) { stderr.WriteLine("veil: " + e.Message); return 2; }
+        // The type, not e.Message: with UseSystemResourceKeys the runtime's messages are resource keys.
         catch (Exception e) when (e is IOException or UnauthorizedAccessException or SocketException)
         {
             stderr.WriteLine($"veil: {verb}: {(e is UnauthorizedAccessException ? "permission denied" : "I/O error")} ({e.GetType().Name})");
@@ -172,8 +174,10 @@ internal static class Program
         try { cfg = UpConfig.Load(args, 1); }
         catch (ConfigException e) { stderr.WriteLine("veil: " + e.Message); return 2; }
         foreach (PeerConfig p in cfg.Peers)
+            // A warning, not an error: a router may start before its uplink or DNS, and the Resolver retries.
             if (p.EndpointText.Length > 0 && !p.Endpoint.IsSet)
                 stderr.WriteLine($"veil: warning: peer {p.Name}: '{p.EndpointText}' does not resolve yet; the daemon keeps trying");
+        // Before the Daemon exists: --check opens no TUN, socket or file for writing.
         if (cfg.CheckOnly)
         {
             Console.Out.WriteLine($"veil: configuration ok (peers: {cfg.Peers.Count}, tun {cfg.TunName}, mtu {cfg.Mtu})");
@@ -181,6 +185,8 @@ internal static class Program
         }
         var log = new Log(Console.Out, stderr, cfg.LogLevel) { Json = cfg.LogJson };
         try { return new Daemon(cfg, args, log).Run(); }
+        // Config problems found only while starting (a peer key that is a low-order point) exit 2 too: the
+        // service unit's RestartPreventExitStatus=2 then keeps systemd from restarting into the same mistake.
         catch (ConfigException e) { stderr.WriteLine("veil: " + e.Message); return 2; }
         catch (IOException e) { log.Error("fatal", $"error=\"{e.Message}\""); stderr.WriteLine("veil: " + e.Message); return 1; }
     }
@@ -207,6 +213,8 @@ internal static class Spec
 {
     internal const string NoiseProtocolName = "Noise_IKpsk2_25519_ChaChaPoly_SHA256";
     internal const string Prologue = "veil/1";              // mixed into h: both sides speak veil v1
+    // The times and counts are WireGuard's (whitepaper §6.1), so a Veil node rekeys and gives up as wg
+    // does; the names are the whitepaper's with the unit added.
     internal const long RekeyAfterTimeMs = 120_000;
     internal const long RejectAfterTimeMs = 180_000;
     internal const long RekeyAttemptTimeMs = 90_000;
@@ -238,8 +246,10 @@ internal static class Tune
     internal const int BatchSize = 64;                       // packets moved per wake-up and stage
     internal const int SlotLen = 9216 + 128;                 // largest record (jumbo MTU) plus headroom
     internal const int DefaultMtu = 1420;
+    // IPv6's minimum link MTU (RFC 8200 §5): below it the overlay could not carry IPv6 at all.
     internal const int MinMtu = 1280;
     internal const int MaxMtu = 9000;
+    // WireGuard's port; `veil doctor` names it when wg already holds the port.
     internal const int DefaultListenPort = 51820;
     internal const long StaleHelloIntervalMs = 1_000;        // see ConsumeClientHello: clocks that went back
     // Recovery (§14.2): bad records on a live index start a handshake only when they persist this
@@ -253,6 +263,7 @@ internal static class Tune
     internal const int LogQueueLines = 4096;                  // lines waiting for the log writer; beyond: counted as lost
     internal const int MaxRevocations = 1024;                 // revoked keys a node keeps (and checks for)
     internal const string DefaultControlPath = "/var/run/veil.sock";
+    // The longest request, `revoke` with a signed revocation, is a few hundred bytes.
     internal const int MaxControlRequestLen = 4096;
     internal const int DefaultMaxSessions = 1024;
     internal const int DefaultHandshakeRate = 100;           // ClientHellos per second answered without a cookie
@@ -300,6 +311,8 @@ internal struct Key32
     internal static bool TryParseBase64(string s, out Key32 key)
     {
         key = default;
+        // Decoded on the stack and zeroed after: no further copy of a secret is left on the heap. One byte
+        // spare, so 33 decoded bytes come back as a wrong length, not as a too-small buffer.
         Span<byte> buf = stackalloc byte[33];
         if (!Convert.TryFromBase64String(s.Trim(), buf, out int n) || n != 32) return false;
         buf[..32].CopyTo(key);
@@ -342,6 +355,8 @@ internal readonly struct IpPrefix : IEquatable<IpPrefix>
         address.CopyTo(a);
         UInt128 v = BinaryPrimitives.ReadUInt128BigEndian(a);
         Bits = bits;
+        // bits == 0 is special: .NET masks a shift count, so a shift by 128 would be a shift by 0 and keep
+        // every bit. Clearing the host bits makes 10.1.2.3/8 and 10.0.0.0/8 the same prefix.
         _bits = bits == 0 ? UInt128.Zero : v & (UInt128.MaxValue << (128 - bits));
     }
 
@@ -360,6 +375,7 @@ internal readonly struct IpPrefix : IEquatable<IpPrefix>
         p = default;
         int slash = s.IndexOf('/');
         string addr = slash < 0 ? s : s[..slash];
+        // A zone (fe80::1%eth0) names a link, which a route or an allowed prefix cannot carry.
         if (addr.Contains('%') || !IPAddress.TryParse(addr, out IPAddress? ip)) return false;
         if (ip.AddressFamily != AddressFamily.InterNetwork && ip.AddressFamily != AddressFamily.InterNetworkV6) return false;
         int max = ip.AddressFamily == AddressFamily.InterNetwork ? 32 : 128;
@@ -416,6 +432,8 @@ internal struct Endpoint : IEquatable<Endpoint>
     internal UInt128 Address;     // big-endian value of the 16 bytes
     internal ushort Port;
 
+    // IPv4 as ::ffff:a.b.c.d (RFC 4291 §2.5.5.2), so one 16-byte compare serves both families and an
+    // IPv4 peer seen on the dual-stack socket equals the same peer given in the config.
     private static readonly UInt128 V4MappedPrefix = (UInt128)0xFFFF << 32;
     private static readonly UInt128 V4Mask = UInt128.MaxValue << 32;
 
@@ -509,12 +527,15 @@ internal sealed class Log
         lock (_budgets) return Spend(name);
     }
 
+    // Must hold _budgets. One budget per event name: a flood of one kind cannot silence the others.
     private bool Spend(string name)
     {
         long nowMs = Mono.NowMs();
         if (!_budgets.TryGetValue(name, out Budget? b)) _budgets[name] = b = new Budget { WindowStartMs = nowMs };
         if (nowMs - b.WindowStartMs >= Tune.LogWindowMs)
         {
+            // Emit takes the writing lock while _budgets is held: the order the header allows (budget, then
+            // writing), and Emit never takes _budgets.
             if (b.Suppressed > 0) Emit(LogLevel.Warn, "log_suppressed", $"of={name} lines={b.Suppressed}");
             b.WindowStartMs = nowMs; b.Used = 0; b.Suppressed = 0;
         }
@@ -563,6 +584,8 @@ internal sealed class Log
         if (_writer == null) return;
         _stopWriter = true;
         _written.Set();
+        // Bounded: a reader that stopped reading cannot hold the daemon's exit; what is left is written
+        // here, on the caller's thread.
         _writer.Join((int)Tune.ShutdownGraceMs);
         _writer = null;
         var queue = _queue!;
@@ -572,6 +595,7 @@ internal sealed class Log
 
     private void Enqueue(LineQueue queue, TextWriter w, string line)
     {
+        // Counted before it is queued, so the bound holds across threads without a lock.
         if (Interlocked.Increment(ref _queued) > Tune.LogQueueLines)
         {
             Interlocked.Decrement(ref _queued);
@@ -586,6 +610,7 @@ internal sealed class Log
     {
         while (!_stopWriter)
         {
+            // One Set may stand for many lines: each wake-up drains the whole queue.
             _written.WaitOne();
             WriteOut(queue);
         }
@@ -609,6 +634,8 @@ internal sealed class Log
 
     private string Line(LogLevel level, string name, string fields)
     {
+        // UTC with milliseconds: lines of nodes in different time zones sort together, and the only place
+        // the wall clock is read for the log.
         string ts = DateTime.UtcNow.ToString("yyyy-MM-ddTHH:mm:ss.fffZ", System.Globalization.CultureInfo.InvariantCulture);
         return Json ? JsonLine(ts, level, name, fields) : $"ts={ts} level={LevelName(level)} event={name}{(fields.Length > 0 ? " " : "")}{fields}";
     }
@@ -627,6 +654,7 @@ internal sealed class Log
             if (eq < 0) break;
             string key = fields[i..eq];
             string value;
+            // A quoted value ends at the next '"'; there is no escape inside quotes in the text format.
             if (eq + 1 < fields.Length && fields[eq + 1] == '"')
             {
                 int close = fields.IndexOf('"', eq + 2);
@@ -721,6 +749,7 @@ internal sealed class Counters
     internal long TunSuperPackets, TunCoalesced;      // offloads: super-packets read and split; segments merged on write
     internal long HandshakesInitiated, HandshakesCompleted, CookiesSent;
 
+    // Plain increments: counters are written under node.Gate (§0), and status reads them under it too.
     internal void Drop(DropReason r) => Drops[(int)r]++;
 
     internal static string DropName(DropReason r) => r switch
@@ -740,6 +769,7 @@ internal sealed class Counters
 /// <summary>The monotonic clock. Only drivers (Part C) call it; everything below takes nowMs.</summary>
 internal static class Mono
 {
+    // Milliseconds since boot: never stepped by NTP or the user, so deadlines and ages cannot go back.
     internal static long NowMs() => Environment.TickCount64;
 }
 
@@ -1519,8 +1549,11 @@ internal static unsafe partial class Libc
     internal const uint TUNSETIFF = 0x400454CA;
     internal const short IFF_TUN = 0x1, IFF_NO_PI = 0x1000;
     internal const int IfReqLen = 40, IfNameSize = 16, IfReqFlagsOffset = 16;
+    // sockaddr_un: sa_family (2) and sun_path (108).
     internal const int SockaddrIn4Len = 16, SockaddrIn6Len = 28, SockaddrUnLen = 110;
 
+    // x86-64 packs epoll_event to keep i386's 12-byte layout (EPOLL_PACKED in linux/eventpoll.h),
+    // which is i386's natural one; other architectures align the 64-bit data field.
     internal static readonly bool EpollPacked =
         RuntimeInformation.ProcessArchitecture is Architecture.X64 or Architecture.X86;
     internal static int EpollEventLen => EpollPacked ? 12 : 16;
@@ -1578,6 +1611,7 @@ internal static unsafe partial class Libc
         bool v6 = address.AddressFamily == AddressFamily.InterNetworkV6;
         int fd = Socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0) throw new IOException($"cannot {what} on {address}:{port}: {ErrorText(Errno)}{hint}");
+        // A restarted daemon can listen again while old connections sit in TIME_WAIT.
         SetIntOpt(fd, SOL_SOCKET, SO_REUSEADDR, 1);
         Span<byte> sa = stackalloc byte[SockaddrIn6Len];
         int len = WriteSockaddr(Endpoint.FromIp(address, port), v6, sa);
@@ -1590,6 +1624,7 @@ internal static unsafe partial class Libc
                 throw new IOException($"cannot {what} on {address}:{port}: {ErrorText(e)}{hint}");
             }
             int alen = sa.Length;
+            // Port 0 asks the kernel for a free port; getsockname says which one it gave.
             GetSockName(fd, p, &alen);
             TryReadSockaddr(sa, alen, out Endpoint bound);
             return (fd, bound.Port);
@@ -1599,6 +1634,7 @@ internal static unsafe partial class Libc
     /// <summary>The MTU of the route towards ep, from a connected UDP socket; 0 when there is no route.</summary>
     internal static int PathMtu(in Endpoint ep)
     {
+        // connect() on UDP sends nothing: it only picks the route, whose MTU getsockopt then reports.
         const int IP_MTU = 14, IPV6_MTU = 24;
         bool v6 = !ep.IsV4;
         int fd = Socket(v6 ? AF_INET6 : AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
@@ -1654,6 +1690,8 @@ internal static unsafe partial class Libc
     {
         sa[..SockaddrUnLen].Clear();
         BinaryPrimitives.WriteUInt16LittleEndian(sa, AF_UNIX);
+        // The last byte stays 0, so sun_path is NUL-terminated even at full length; the length passed to
+        // bind and connect counts that NUL.
         int n = Encoding.UTF8.GetBytes(path, sa[2..(SockaddrUnLen - 1)]);
         return 2 + n + 1;
     }
