@@ -1731,6 +1731,8 @@ internal static unsafe class X25519
             Copy(x3, x1);
             z3[0] = 1;
             ulong swap = 0;
+            // RFC 7748 §5's ladder from bit 254 (clamping cleared 255). The swap is deferred and XORed with the
+            // next bit, so every step does the same two swaps whatever the key.
             for (int i = 254; i >= 0; i--)
             {
                 ulong bit = (ulong)(k[i >> 3] >> (i & 7)) & 1;   // i is public; the bit is only used as a mask
@@ -1746,6 +1748,7 @@ internal static unsafe class X25519
                 Add(t, da, cb); Sqr(x3, t);
                 Sub(t, da, cb); Sqr(t, t); Mul(z3, x1, t);
                 Mul(x2, aa, bb);
+                // a24 = (486662 - 2) / 4 = 121665, as RFC 7748 writes z_2 = E * (AA + a24 * E).
                 Mul121665(t, e); Add(t, aa, t); Mul(z2, e, t);
             }
             CSwap(x2, x3, swap);
@@ -2051,6 +2054,8 @@ internal sealed class Aead : IDisposable
         Kind = kind;
         if (Evp.Loaded && !baseLibraryOnly && (kind == AeadKind.ChaCha20Poly1305 ? key.Length == 32 : key.Length is 16 or 24 or 32))
         {
+            // Two contexts, one per direction: EVP fixes the direction when the key is set, so the key schedule
+            // is computed once here and each record only sets its nonce.
             _sealCtx = Evp.NewContext(kind, key, encrypt: true);
             _openCtx = Evp.NewContext(kind, key, encrypt: false);
             if (_sealCtx != 0 && _openCtx != 0) return;
@@ -2115,6 +2120,7 @@ internal static class Hkdf
     /// <summary>RFC 5869 HKDF-SHA256; false for an output length of 0 or over 255 × 32.</summary>
     internal static bool Derive(Span<byte> output, ReadOnlySpan<byte> ikm, ReadOnlySpan<byte> salt, ReadOnlySpan<byte> info)
     {
+        // RFC 5869 §2.3 allows at most 255 blocks of the hash; HKDF.DeriveKey would throw past that.
         if (output.Length == 0 || output.Length > 255 * 32) return false;
         HKDF.DeriveKey(HashAlgorithmName.SHA256, ikm, output, salt, info);
         return true;
@@ -2125,6 +2131,8 @@ internal static class Hkdf
     {
         Span<byte> temp = stackalloc byte[32];
         Span<byte> buf = stackalloc byte[33];
+        // Noise §4.3: temp = HMAC(ck, ikm); out1 = HMAC(temp, 0x01); out2 = HMAC(temp, out1 ‖ 0x02);
+        // out3 = HMAC(temp, out2 ‖ 0x03).
         HMACSHA256.HashData(chainingKey, ikm, temp);
         buf[0] = 1;
         HMACSHA256.HashData(temp, buf[..1], out1);
@@ -2187,11 +2195,14 @@ internal static class AdminSignature
         ECParameters p = Parameters(priv.AsSpan(32), priv.AsSpan(0, 32));
         using ECDsa k = ECDsa.Create(p);
         CryptographicOperations.ZeroMemory(p.D);
+        // r ‖ s at fixed width (IEEE P1363), not DER: a revocation's signature has one length on the wire.
         return k.SignData(message.ToArray(), HashAlgorithmName.SHA256, DSASignatureFormat.IeeeP1363FixedFieldConcatenation);
     }
 
     internal static bool Verify(ReadOnlySpan<byte> pub, ReadOnlySpan<byte> message, ReadOnlySpan<byte> signature)
     {
+        // The point is checked first because ECDsa.Create throws on one off the curve: Verify never throws
+        // on what a member sends.
         if (signature.Length != SignatureLen || !IsPublicKey(pub)) return false;
         using ECDsa k = ECDsa.Create(Parameters(pub, default));
         return k.VerifyData(message, signature, HashAlgorithmName.SHA256, DSASignatureFormat.IeeeP1363FixedFieldConcatenation);
@@ -2837,6 +2848,7 @@ internal sealed class RouteTrie
         Node n = prefix.IsV6 ? _v6 : _v4;
         for (int i = 0; i < prefix.Bits; i++)
             n = prefix.Bit(i) == 0 ? n.Zero ??= new Node() : n.One ??= new Node();
+        // Inserting an existing prefix moves it to the new peer: the newest owner wins, the count stays.
         if (n.Value < 0) Count++;
         n.Value = peerId;
     }
@@ -2859,10 +2871,12 @@ internal sealed class RouteTrie
     /// <summary>The peer id of the longest prefix containing address (4 or 16 bytes), or -1.</summary>
     internal int Lookup(ReadOnlySpan<byte> address)
     {
+        // Any other length (a truncated header the caller did not catch) matches nothing rather than throw.
         Node? n = address.Length == 16 ? _v6 : address.Length == 4 ? _v4 : null;
         int best = -1, bits = address.Length * 8;
         for (int i = 0; n != null; i++)
         {
+            // The last value seen on the way down is the longest prefix that contains the address.
             if (n.Value >= 0) best = n.Value;
             if (i == bits) break;
             n = ((address[i >> 3] >> (7 - (i & 7))) & 1) == 0 ? n.Zero : n.One;
@@ -2910,6 +2924,7 @@ internal sealed class RouteTrie
     private static int RemoveAll(Node n, int peerId)
     {
         int removed = 0;
+        // A walk over the whole trie: removing a peer is rare (reload, revocation), lookups are not.
         if (n.Value == peerId) { n.Value = -1; removed++; }
         if (n.Zero != null) { removed += RemoveAll(n.Zero, peerId); if (IsEmpty(n.Zero)) n.Zero = null; }
         if (n.One != null) { removed += RemoveAll(n.One, peerId); if (IsEmpty(n.One)) n.One = null; }
@@ -4416,8 +4431,12 @@ internal struct IoVec
 
 internal sealed unsafe class UdpSocket : IUdp
 {
+    // The FORCE options pass net.core.rmem_max/wmem_max (we hold CAP_NET_ADMIN); without them the kernel
+    // caps the plain options there, which is still better than the default.
     private const int SocketBufferLen = 4 << 20;
     private const int SOL_UDP = 17, UDP_SEGMENT = 103, UDP_GRO = 104;
+    // One UDP_SEGMENT send: at most 64 segments (UDP_MAX_SEGMENTS of older kernels; newer allow more),
+    // and the whole must fit one IP datagram (64 KiB less its headers).
     private const int MaxGsoSegments = 64, MaxGsoBytes = 65000, EIO = 5;
     private int _fd;
     private readonly bool _v6;
@@ -4427,6 +4446,7 @@ internal sealed unsafe class UdpSocket : IUdp
     internal Action<string>? OnOffloadOff;             // told once when the kernel refuses an offload
     // Receive: one recvmmsg fills up to RxMessages buffers; with GRO each may carry many datagrams
     // of one size (the last may be shorter). Datagrams not yet handed out wait here.
+    // With GRO one buffer receives up to 64 KiB of coalesced datagrams, so each is sized for that.
     private const int RxMessages = 8, RxBufferLen = 65536, ControlLen = 64;
     private readonly byte[] _rx = GC.AllocateUninitializedArray<byte>(RxMessages * RxBufferLen, pinned: true);
     private readonly byte[] _rxNames = GC.AllocateArray<byte>(RxMessages * Libc.SockaddrIn6Len, pinned: true);
@@ -4549,6 +4569,7 @@ internal sealed unsafe class UdpSocket : IUdp
                 if (!_v6 && !b.Endpoints[i].IsV4) { refused++; i++; continue; }   // an IPv4-only socket cannot reach it
                 // A GSO run: datagrams to one endpoint, all of one size but the last (which may be shorter).
                 int seg = b.Length[i], total = 0, n = 0, j = i;
+                // A TTL is one cmsg for the whole send, so a datagram with its own goes by itself, as do Alone ones.
                 bool alone = b.Alone[i] || b.Ttl[i] != 0;
                 for (; j < b.Count && n < MaxGsoSegments; j++)
                 {
@@ -4558,6 +4579,7 @@ internal sealed unsafe class UdpSocket : IUdp
                     if (!b.Endpoints[j].Equals(b.Endpoints[i]) || len > seg || total + len > MaxGsoBytes) break;
                     n++;
                     total += len;
+                    // Only the last GSO segment may be shorter than the first: a shorter one ends the run.
                     if (len < seg) { j++; break; }
                 }
                 byte* name = names + count * Libc.SockaddrIn6Len;
@@ -4650,6 +4672,7 @@ internal sealed unsafe class UdpSocket : IUdp
     {
         int fd = Libc.Socket(v6 ? Libc.AF_INET6 : Libc.AF_INET, Libc.SOCK_DGRAM | Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC, 0);
         if (fd < 0) throw new IOException($"cannot create UDP socket: {Libc.ErrorText(Libc.Errno)}");
+        // Set either way: the default comes from net.ipv6.bindv6only, which a distribution may have changed.
         if (v6) Libc.SetIntOpt(fd, Libc.IPPROTO_IPV6, Libc.IPV6_V6ONLY, dualStack ? 0 : 1);
         if (reusePort && Libc.SetIntOpt(fd, Libc.SOL_SOCKET, Libc.SO_REUSEPORT, 1) < 0)
         {
@@ -4766,6 +4789,8 @@ internal sealed unsafe class TcpLinks : IDisposable
     internal const int MaxConnections = 64, OutLimitLen = 128 * 1024;
     private const long IdleCloseMs = 30_000, ConnectTimeoutMs = 5_000;
     private const int IPPROTO_TCP = 6, TCP_NODELAY = 1, SO_ERROR = 4, SO_KEEPALIVE = 9, EINPROGRESS = 115;
+    // 100::/64 is the discard-only prefix (RFC 6666): a TCP link's stand-in endpoint cannot be a real
+    // UDP address, so the node can keep one Endpoint type for both.
     private static readonly UInt128 Prefix = (UInt128)0x0100 << 112;
 
     private sealed class Conn
