@@ -5885,6 +5885,8 @@ internal sealed class Worker : IPacketSink
 /// <summary>The daemon: sets up the interface and sockets, then runs the epoll loop until told to stop.</summary>
 internal sealed unsafe partial class Daemon
 {
+    // How often the loop asks the chores thread to compare the config file's stamp: an edit applies
+    // within two seconds without SIGHUP, and the stat runs off the loop.
     private const long ConfigCheckIntervalMs = 2_000;
     private volatile UpConfig _cfg;                     // replaced on the loop thread only; the chores thread reads it
     private readonly string[] _args;
@@ -6410,6 +6412,7 @@ internal sealed unsafe partial class Daemon
 /// that did not resolve at start-up and dynamic-DNS peers that went quiet get their new address.</summary>
 internal sealed class Resolver : IDisposable
 {
+    // A dynamic-DNS peer that moved is found within ten seconds, at six lookups a minute per name.
     private const int ResolveIntervalMs = 10_000;
     private readonly System.Collections.Concurrent.ConcurrentQueue<(string Text, Endpoint At)> _results = new();
     private readonly AutoResetEvent _kick = new(false);
@@ -6559,6 +6562,9 @@ internal static unsafe partial class Privileges
         if (!TryLookup(user, out uint uid, out uint gid)) throw new IOException($"--user '{user}': no such user");
         byte[] path = Encoding.UTF8.GetBytes(controlPath + "\0");
         fixed (byte* p = path) Chown(p, uid, gid);       // so the unprivileged daemon can still remove it
+        // The order matters: KEEPCAPS before setresuid, or leaving uid 0 clears every capability; groups and
+        // gid before uid, since only root may change them. Real, effective and saved ids all change, so
+        // root cannot be taken back.
         if (Prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0 || SetGroups(0, null) < 0 || SetResGid(gid, gid, gid) < 0 || SetResUid(uid, uid, uid) < 0)
             throw new IOException($"--user '{user}': cannot switch user: {Libc.ErrorText(Libc.Errno)}");
         uint* header = stackalloc uint[2];
@@ -6566,6 +6572,8 @@ internal static unsafe partial class Privileges
         header[0] = LinuxCapabilityVersion3;
         header[1] = 0;
         new Span<uint>(data, 6).Clear();
+        // Effective and permitted hold CAP_NET_ADMIN alone (routes, addresses); inheritable stays empty,
+        // so no program this daemon starts (beacon commands) inherits it.
         data[0] = data[1] = 1u << CAP_NET_ADMIN;
         if (CapSet(header, data) < 0) throw new IOException($"--user '{user}': cannot keep CAP_NET_ADMIN: {Libc.ErrorText(Libc.Errno)}");
     }
@@ -8622,6 +8630,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             if (p.Active) yield return p;
     }
 
+    // The layout follows `wg show` so an operator who knows WireGuard reads it at a glance; it is for
+    // people, and scripts should read Json instead. Must hold node.Gate.
     internal string Text()
     {
         long nowMs = Now();
@@ -8883,6 +8893,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append(']');
     }
 
+    // Takes node.Gate itself, unlike the other views: the management endpoint calls it bare.
     /// <summary>Prometheus text exposition format 0.0.4.</summary>
     internal string Metrics()
     {
