@@ -1570,6 +1570,7 @@ internal static unsafe partial class Libc
     [LibraryImport("libc", EntryPoint = "accept4", SetLastError = true)] internal static partial int Accept4(int fd, byte* addr, int* len, int flags);
     [LibraryImport("libc", EntryPoint = "connect", SetLastError = true)] internal static partial int Connect(int fd, byte* addr, int len);
     [LibraryImport("libc", EntryPoint = "setsockopt", SetLastError = true)] internal static partial int SetSockOpt(int fd, int level, int name, void* value, int len);
+    internal const int SO_ATTACH_REUSEPORT_CBPF = 51;
     [LibraryImport("libc", EntryPoint = "getsockopt", SetLastError = true)] internal static partial int GetSockOpt(int fd, int level, int name, void* value, int* len);
     [LibraryImport("libc", EntryPoint = "getsockname", SetLastError = true)] internal static partial int GetSockName(int fd, byte* addr, int* len);
     [LibraryImport("libc", EntryPoint = "sendto", SetLastError = true)] internal static partial nint SendTo(int fd, byte* buf, nuint len, int flags, byte* addr, int addrLen);
@@ -4401,6 +4402,18 @@ internal interface IUdp : IDisposable
     }
 }
 
+/// <summary>struct sock_filter: one classic BPF instruction.</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal readonly record struct SockFilter(ushort Code, byte Jt, byte Jf, uint K);
+
+/// <summary>struct sock_fprog: a program's length and its instructions.</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct SockFprog
+{
+    internal ushort Len;
+    internal nint Filter;
+}
+
 /// <summary>sendmsg/recvmsg structures with pointer-sized fields: one layout for 64- and 32-bit.</summary>
 [StructLayout(LayoutKind.Sequential)]
 internal struct MsgHdr
@@ -4667,6 +4680,49 @@ internal sealed unsafe class UdpSocket : IUdp
 
     /// <summary>Another socket on this one's address and port (both bound with reusePort).</summary>
     internal UdpSocket Sibling() => Open(_bindAddress, LocalPort, _v6, _dualStack, reusePort: true);
+
+    /// <summary>The classic BPF program the kernel runs to pick a socket of the port's reuseport group
+    /// for each datagram (SO_ATTACH_REUSEPORT_CBPF; it sees the UDP payload at 0, the IP header at
+    /// SKF_NET_OFF, and returns an index in the order the sockets were bound). Handshake messages
+    /// (content type 0x16) go to the last socket, the handshake queue; everything else goes to one of
+    /// the workers' sockets by the source address and port, so one flow keeps to one worker. So a
+    /// flood of hellos fills a queue of its own and never crowds records out of the workers'.</summary>
+    internal static SockFilter[] HandshakeSteering(int workers)
+    {
+        const ushort LdB = 0x30, LdH = 0x28, LdW = 0x20, RshK = 0x74, ModK = 0x94, AddX = 0x0c, Tax = 0x07, JeqK = 0x15, Ja = 0x05, RetK = 0x06, RetA = 0x16;
+        const uint NetOff = 0xFFF00000;                        // SKF_NET_OFF: offsets from the IP header
+        return
+        [
+            new(LdB, 0, 0, 0),                                 // A = first payload byte
+            new(JeqK, 13, 0, Spec.TlsHandshake),               // a handshake: to the handshake queue
+            new(LdB, 0, 0, NetOff),                            // A = IP version
+            new(RshK, 0, 0, 4),
+            new(JeqK, 4, 0, 6),
+            new(LdW, 0, 0, NetOff + 12),                       // IPv4: source address + source port
+            new(Tax, 0, 0, 0),                                 // (options would move the port: only the spread changes)
+            new(LdH, 0, 0, NetOff + 20),
+            new(Ja, 0, 0, 3),
+            new(LdW, 0, 0, NetOff + 20),                       // IPv6: the address's last 32 bits + source port
+            new(Tax, 0, 0, 0),
+            new(LdH, 0, 0, NetOff + 40),
+            new(AddX, 0, 0, 0),
+            new(ModK, 0, 0, (uint)workers),
+            new(RetA, 0, 0, 0),
+            new(RetK, 0, 0, (uint)workers),
+        ];
+    }
+
+    /// <summary>Installs HandshakeSteering for the reuseport group this socket belongs to (workers
+    /// sockets bound first, then the handshake queue); false when the kernel refuses it.</summary>
+    internal bool SteerHandshakes(int workers)
+    {
+        SockFilter[] prog = HandshakeSteering(workers);
+        fixed (SockFilter* f = prog)
+        {
+            var fprog = new SockFprog { Len = (ushort)prog.Length, Filter = (nint)f };
+            return Libc.SetSockOpt(_fd, Libc.SOL_SOCKET, Libc.SO_ATTACH_REUSEPORT_CBPF, &fprog, sizeof(SockFprog)) == 0;
+        }
+    }
 
     private static UdpSocket Open(IPAddress address, int port, bool v6, bool dualStack, bool reusePort)
     {
@@ -5706,6 +5762,8 @@ internal sealed class Worker : IPacketSink
     private readonly PacketBatch _udpIn = new(Tune.BatchSize, Tune.SlotLen);
     private long _tunWriteRefused, _udpSendRefused;   // counted outside the lock, moved in by Settle
     internal long TunPackets, UdpDatagrams;          // this worker's share (status)
+    internal IUdp? Handshakes;                        // the loop's worker: the handshake queue (HandshakeSteering)
+    internal long HandshakeDatagrams;
 
     internal Worker(Node node, IDataplane tun, IUdp udp)
     {
@@ -5735,6 +5793,9 @@ internal sealed class Worker : IPacketSink
     internal bool Drain(int fd, long nowMs)
     {
         if (fd == Udp.Fd) { for (int r = 0; r < MaxPumpRounds && PumpUdp(nowMs); r++) { } }
+        // One batch of hellos per wake-up: the records waiting on the other fds go first, and a
+        // flood beyond what is left of the CPU is dropped by the kernel at the queue, unread.
+        else if (Handshakes != null && fd == Handshakes.Fd) PumpUdp(nowMs, Handshakes);
         else if (fd == Tun.Fd) { for (int r = 0; r < MaxPumpRounds && PumpTun(nowMs); r++) { } }
         else return false;
         return true;
@@ -5773,12 +5834,13 @@ internal sealed class Worker : IPacketSink
     }
 
     /// <summary>Receives up to one batch of datagrams and writes what they become to the TUN.</summary>
-    internal bool PumpUdp(long nowMs)
+    internal bool PumpUdp(long nowMs, IUdp? from = null)
     {
         PacketBatch b = _udpIn;
         b.Count = 0;
-        if (Udp.ReceiveBatch(b) == 0) return false;
-        UdpDatagrams += b.Count;
+        if ((from ?? Udp).ReceiveBatch(b) == 0) return false;
+        if (from == null) UdpDatagrams += b.Count;
+        else HandshakeDatagrams += b.Count;
         Process(b, nowMs, fromTun: false);
         int refused = Tun.WriteBatch(b);
         if (refused > 0) Interlocked.Add(ref _tunWriteRefused, refused);
@@ -5937,7 +5999,7 @@ internal sealed unsafe partial class Daemon
         _cfg.PrivateKey.Clear();                          // the node holds its own copies from here on
         ClearSecrets(_cfg);
         LoadRevocations(node);
-        UdpSocket? udp = null;
+        UdpSocket? udp = null, handshakes = null;
         ControlServer? control = null;
         int epfd = -1;
         var signals = new List<PosixSignalRegistration>();
@@ -5953,6 +6015,7 @@ internal sealed unsafe partial class Daemon
             signals.Add(PosixSignalRegistration.Create(PosixSignal.SIGHUP, ctx => { ctx.Cancel = true; RequestReload(); }));
             bool offloads = Environment.GetEnvironmentVariable("VEIL_OFFLOADS") != "off";
             TunDevice tun = OpenDevices(wanted, offloads, queues, out udp);
+            handshakes = OpenHandshakeQueue(udp, 1 + queues.Count, offloads);
             var offloadsLine = new StringBuilder();
             foreach (var (name, on) in Worker.Offloads(tun, udp)) offloadsLine.Append(name).Append(on ? "=on " : "=off ");
             _log.Info("offloads", $"{offloadsLine}aead_backend={Aead.Backend}" + (offloads ? "" : " disabled_by=VEIL_OFFLOADS"));
@@ -5966,7 +6029,7 @@ internal sealed unsafe partial class Daemon
             if (_wakeFd < 0 || epfd < 0) throw new IOException($"cannot create the event loop: {Libc.ErrorText(Libc.Errno)}");
             control = ControlServer.Listen(_cfg.ControlPath, epfd, this);
             if (_cfg.MgmtAddress != null) _mgmt = MgmtServer.Listen(_cfg.MgmtAddress, _cfg.MgmtPort, epfd, _cfg.MgmtAcl);
-            var worker = _worker = new Worker(node, tun, udp);
+            var worker = _worker = new Worker(node, tun, udp) { Handshakes = handshakes };
             var workers = new List<Worker> { worker };
             foreach (var (t, u) in queues) workers.Add(new Worker(node, t, u) { WakeLoop = Wake });
             _log.Info("workers", $"count={workers.Count} cpus={Environment.ProcessorCount}" + (workers.Count > 1 ? " tun=multi_queue udp=reuseport" : ""));
@@ -5975,6 +6038,7 @@ internal sealed unsafe partial class Daemon
             if (_cfg.Cipher == "auto") node.Handshaker.ChooseCipher("auto");
             Libc.EpollAdd(epfd, tun.Fd);
             Libc.EpollAdd(epfd, udp.Fd);
+            if (handshakes != null) Libc.EpollAdd(epfd, handshakes.Fd);
             Libc.EpollAdd(epfd, _wakeFd);
             if (_cfg.TcpListenAddress != null || _cfg.Peers.Exists(pc => pc.Tcp.IsSet))
             {
@@ -6037,6 +6101,7 @@ internal sealed unsafe partial class Daemon
             StopWorkers(threads);
             foreach (var (t, u) in queues) { t.Dispose(); u.Dispose(); }
             _tun?.Dispose();                              // closing the last queue removes the interface and its routes
+            handshakes?.Dispose();
             udp?.Dispose();
             if (_stopFd >= 0) Libc.Close(_stopFd);
             if (epfd >= 0) Libc.Close(epfd);
@@ -6053,7 +6118,7 @@ internal sealed unsafe partial class Daemon
     // datagram per send and per receive): to compare, and a way out should a driver mishandle them.
     private TunDevice OpenDevices(int wanted, bool offloads, List<(TunDevice Tun, UdpSocket Udp)> queues, out UdpSocket udp)
     {
-        udp = UdpSocket.Bind(_cfg.ListenAddress, _cfg.ListenPort, reusePort: wanted > 1);
+        udp = UdpSocket.Bind(_cfg.ListenAddress, _cfg.ListenPort, reusePort: true);   // the handshake queue joins it
         udp.OnOffloadOff = what => _log.Warn("offload_off", what + " hint=\"sending one datagram per call from now on\"");
         if (!offloads) udp.DropOffloads();
 
@@ -6076,6 +6141,24 @@ internal sealed unsafe partial class Daemon
             }
         }
         return tun;
+    }
+
+    // Handshakes get a socket of their own on the same port, read by the loop after the records
+    // (HandshakeSteering): a hello flood then costs the data path CPU only, not its queue. Without
+    // the kernel's help (no SO_ATTACH_REUSEPORT_CBPF) the port is served as before, all on the workers'.
+    private UdpSocket? OpenHandshakeQueue(UdpSocket udp, int workers, bool offloads)
+    {
+        UdpSocket? q = null;
+        try
+        {
+            q = udp.Sibling();
+            if (!offloads) q.DropOffloads();
+            if (udp.SteerHandshakes(workers)) return q;
+            _log.Warn("handshake_queue_off", $"error=\"{Libc.ErrorText(Libc.Errno)}\" hint=\"handshakes share the records' socket: a hello flood can crowd records out\"");
+        }
+        catch (IOException e) { _log.Warn("handshake_queue_off", $"error=\"{e.Message}\""); }
+        q?.Dispose();
+        return null;
     }
 
     // The first worker's loop: its packets, the control socket and the management endpoint, the
@@ -8745,7 +8828,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append("\"aead_backend\":\"").Append(Aead.Backend).Append("\"}");
         sb.Append("},\"uptime_seconds\":").Append((nowMs - startedMs) / 1000).Append(",\"workers\":[");
         for (int i = 0; i < Workers.Count; i++)
-            sb.Append(i > 0 ? "," : "").Append("{\"tun_packets\":").Append(Workers[i].TunPackets).Append(",\"udp_datagrams\":").Append(Workers[i].UdpDatagrams).Append('}');
+            sb.Append(i > 0 ? "," : "").Append("{\"tun_packets\":").Append(Workers[i].TunPackets).Append(",\"udp_datagrams\":").Append(Workers[i].UdpDatagrams)
+              .Append(",\"handshake_datagrams\":").Append(Workers[i].HandshakeDatagrams).Append('}');
         sb.Append("],");
         sb.Append("\"counters\":{\"rx_records\":").Append(c.RxRecords).Append(",\"tx_records\":").Append(c.TxRecords)
           .Append(",\"rx_bytes\":").Append(c.RxBytes).Append(",\"tx_bytes\":").Append(c.TxBytes)

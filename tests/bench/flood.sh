@@ -32,8 +32,10 @@ phase() {
 	PINGS="$(sed -n 's/.* \([0-9]*\) received.*/\1/p' "$TMPD/ping.$1")/$sent"
 	printf 'flood-bench %-8s goodput %6s Mbit/s  pings %s\n' "$1" "${MBIT:-0}" "$PINGS"
 }
+udp_drops() { nsx b nstat -az UdpRcvbufErrors Udp6RcvbufErrors 2>/dev/null | awk '/RcvbufErrors/ {n += $2} END {print n + 0}'; }
 phase quiet
 quiet=$MBIT quiet_pings=$PINGS
+drops0=$(udp_drops)
 
 nsx c timeout --foreground $((SECS + 30)) python3 "$NETNS_DIR/flood.py" flood 203.0.113.10 "$NSRC" "$UL4_b" "${FLOOD_PORT:-$PORT}" \
 	"$(pub b)" $((SECS + 20)) 0 - >"$TMPD/flood.out" 2>&1 &
@@ -43,6 +45,7 @@ phase flooded
 kill -TERM "$fp" 2>/dev/null
 wait "$fp" 2>/dev/null
 note "flood.py: $(cat "$TMPD/flood.out")"
+note "b: datagrams the kernel dropped for a full socket buffer during the flood: $(($(udp_drops) - drops0))"
 note "b: admission $(st b '.admission.refused | tostring'), cookies sent $(st b '.counters.cookies_sent')"
 ratio=$(( ${MBIT:-0} * 100 / (quiet > 0 ? quiet : 1) ))
 rx=${PINGS%/*} tx=${PINGS#*/}

@@ -48,6 +48,8 @@ streams "8 streams b -> a" -R
 # reach one socket: with a single peer most packets end up on one worker (note the spread).
 for n in a b; do
 	note "$n's workers: $(st "$n" '.workers' | tr -d ' \n')"
+	check "$n: handshakes came through the handshake queue, records through the workers' sockets" "$(st "$n" '.workers' | tr -d ' \n')" \
+		test "$(st "$n" '.workers[0].handshake_datagrams')" -gt 0 -a "$(st "$n" '[.workers[].udp_datagrams] | add')" -gt 1000
 	shares=$(st "$n" '[.workers[].tun_packets] | add') total=$(st "$n" '.counters.tun_rx_packets')
 	check "$n: the workers' TUN packets add up to the node's count (nothing counted twice or lost)" \
 		"workers $shares, node $total" test -n "$total" -a "${shares:-x}" = "$total"
