@@ -97,7 +97,7 @@ public class HandshakeTests
         }
     }
 
-    private static byte[] B(in Key32 k) { ReadOnlySpan<byte> s = k; return s.ToArray(); }
+    internal static byte[] B(in Key32 k) { ReadOnlySpan<byte> s = k; return s.ToArray(); }
 
     internal const long GoldenUnixNs = 1_767_225_600_123_456_789;   // 2026-01-01T00:00:00.123456789Z
 

@@ -1,5 +1,4 @@
 using System.Buffers.Binary;
-using System.Net;
 
 namespace Veil.Tests;
 
@@ -42,32 +41,8 @@ public class SteeringTests
         return null;                                          // fell off the end: the kernel refuses such a program
     }
 
-    private static byte[] V4(string src, int sport, byte[] payload)
-    {
-        byte[] p = new byte[28 + payload.Length];
-        p[0] = 0x45;
-        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(2), (ushort)p.Length);
-        p[9] = 17;
-        IPAddress.Parse(src).GetAddressBytes().CopyTo(p, 12);
-        IPAddress.Parse("198.51.100.2").GetAddressBytes().CopyTo(p, 16);
-        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(20), (ushort)sport);
-        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(22), 51820);
-        payload.CopyTo(p, 28);
-        return p;
-    }
-
-    private static byte[] V6(string src, int sport, byte[] payload)
-    {
-        byte[] p = new byte[48 + payload.Length];
-        p[0] = 0x60;
-        p[6] = 17;
-        IPAddress.Parse(src).GetAddressBytes().CopyTo(p, 8);
-        IPAddress.Parse("2001:db8::2").GetAddressBytes().CopyTo(p, 24);
-        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(40), (ushort)sport);
-        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(42), 51820);
-        payload.CopyTo(p, 48);
-        return p;
-    }
+    private static byte[] V4(string src, int sport, byte[] payload) => Packets.Udp4(src, sport, "198.51.100.2", 51820, payload);
+    private static byte[] V6(string src, int sport, byte[] payload) => Packets.Udp6(src, sport, "2001:db8::2", 51820, payload);
 
     private static byte[] Hello() { byte[] h = new byte[Wire.ClientHelloLen]; h[0] = Spec.TlsHandshake; h[1] = 3; h[2] = 3; return h; }
     private static byte[] Transport() { byte[] r = new byte[Record.OverheadLen + 32]; r[0] = Spec.TlsApplicationData; r[1] = 3; r[2] = 3; return r; }

@@ -249,30 +249,42 @@ internal static class Packets
     /// <summary>A minimal IPv4/UDP packet (checksums are not checked on this path).</summary>
     internal static byte[] Udp4(string src, string dst, int payloadLen, byte tag = 0)
     {
-        byte[] p = new byte[28 + payloadLen];
+        byte[] payload = new byte[payloadLen];
+        for (int i = 0; i < payloadLen; i++) payload[i] = (byte)(tag + i);
+        return Udp4(src, 1234, dst, 5678, payload);
+    }
+
+    internal static byte[] Udp4(string src, int srcPort, string dst, int dstPort, byte[] payload)
+    {
+        byte[] p = new byte[28 + payload.Length];
         p[0] = 0x45;
         BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(2), (ushort)p.Length);
         p[8] = 64;
         p[9] = 17;
         IPAddress.Parse(src).GetAddressBytes().CopyTo(p, 12);
         IPAddress.Parse(dst).GetAddressBytes().CopyTo(p, 16);
-        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(20), 1234);
-        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(22), 5678);
-        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(24), (ushort)(8 + payloadLen));
-        for (int i = 0; i < payloadLen; i++) p[28 + i] = (byte)(tag + i);
+        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(20), (ushort)srcPort);
+        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(22), (ushort)dstPort);
+        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(24), (ushort)(8 + payload.Length));
+        payload.CopyTo(p, 28);
         return p;
     }
 
-    internal static byte[] Udp6(string src, string dst, int payloadLen)
+    internal static byte[] Udp6(string src, string dst, int payloadLen) => Udp6(src, 0, dst, 0, new byte[payloadLen]);
+
+    internal static byte[] Udp6(string src, int srcPort, string dst, int dstPort, byte[] payload)
     {
-        byte[] p = new byte[48 + payloadLen];
+        byte[] p = new byte[48 + payload.Length];
         p[0] = 0x60;
-        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(4), (ushort)(8 + payloadLen));
+        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(4), (ushort)(8 + payload.Length));
         p[6] = 17;
         p[7] = 64;
         IPAddress.Parse(src).GetAddressBytes().CopyTo(p, 8);
         IPAddress.Parse(dst).GetAddressBytes().CopyTo(p, 24);
-        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(44), (ushort)(8 + payloadLen));
+        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(40), (ushort)srcPort);
+        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(42), (ushort)dstPort);
+        BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(44), (ushort)(8 + payload.Length));
+        payload.CopyTo(p, 48);
         return p;
     }
 }

@@ -78,7 +78,7 @@ public class WireSpecTests
         return SHA256.HashData([.. Encoding.ASCII.GetBytes(label), .. k]);
     }
 
-    private static byte[] Pub(byte seed) { Key32 k = TestNode.KeyFromSeed(seed), p = default; X25519.PublicKey(p, k); ReadOnlySpan<byte> s = p; return s.ToArray(); }
+    private static byte[] Pub(byte seed) => HandshakeTests.B(TestNet.PublicOf(TestNode.KeyFromSeed(seed)));
 
     // ---- handshake messages ----
 
@@ -329,8 +329,6 @@ public class WireSpecTests
         return (flags, r.AsSpan(19, plain - padLen).ToArray(), r.AsSpan(19 + plain - padLen, padLen).ToArray());
     }
 
-    private static byte[] Bytes(in Key32 k) { ReadOnlySpan<byte> s = k; return s.ToArray(); }
-
     [Fact]
     public void RecordTableAndFlags_MatchTheCode()
     {
@@ -362,7 +360,7 @@ public class WireSpecTests
         var p = new HandshakeTests.Pair();
         HandshakeTests.Golden(p, out _, out byte[] rec, out SessionKeys ik, out _);
         Assert.Equal(0x55667788u, BinaryPrimitives.ReadUInt32BigEndian(rec.AsSpan(7)));
-        (byte flags, byte[] payload, byte[] padding) = DocOpen(AeadKind.ChaCha20Poly1305, Bytes(ik.Send), ik.SendMaskKey, rec);
+        (byte flags, byte[] payload, byte[] padding) = DocOpen(AeadKind.ChaCha20Poly1305, HandshakeTests.B(ik.Send), ik.SendMaskKey, rec);
         Assert.Equal((byte)(Flags()["Data"] | Flags()["Bind"]), flags);
         Assert.Equal("veil golden record", Encoding.ASCII.GetString(payload));
         Assert.Equal(new byte[32 - 18], padding);                           // zeros up to the next multiple of 16
@@ -379,7 +377,7 @@ public class WireSpecTests
         HandshakeTests.Golden(p, out _, out _, out SessionKeys ik, out SessionKeys rk);
         Assert.Equal(kind, ik.Aead);
         var sender = new Session(p.IPeer, HandshakeTests.CopyKeys(ik), 0);
-        byte[] key = Bytes(ik.Send);
+        byte[] key = HandshakeTests.B(ik.Send);
         byte data = Flags()["Data"];
         // the daemon seals, the document opens; the counter is big-endian in the header, little-endian in the nonce
         for (int n = 0; n < 3; n++)
