@@ -1619,3 +1619,171 @@ public sealed partial class FuzzTests
         // checks only HOST:PORT) gives "ok: veil1-..." with a token that no `veil join` can parse.
         Assert.False(InviteOver255DoesNotParse(), "the daemon hands out an invite token that does not parse");
 }
+
+// ---- Offloads: TUN reads cut into segments, received segments merged for the TUN ----
+public sealed partial class FuzzTests
+{
+    [Fact]
+    public void Fuzz_Segmenter()
+    {
+        // A TUN read: virtio_net_hdr then the packet (the kernel's, so mostly well-formed; the
+        // segmenter still checks every length against the packet).
+        var c = new FuzzCampaign("segmenter") { MaxLen = 9000 };
+        c.Seed(SegmenterTests.Read(SegmenterTests.Tcp(false, 4000, 0x18), 1, Segmenter.GsoTcpV4, 1380, 20, 16));
+        c.Seed(SegmenterTests.Read(SegmenterTests.Tcp(true, 3000, 0x19, 12), 1, Segmenter.GsoTcpV6, 1360, 40, 16));
+        c.Seed(SegmenterTests.Read(SegmenterTests.Udp(false, 3600), 1, Segmenter.GsoUdpL4, 1200, 20, 6));
+        c.Seed(SegmenterTests.Read(SegmenterTests.Udp(true, 2500), 1, Segmenter.GsoUdpL4, 1000, 40, 6));
+        c.Seed(SegmenterTests.Read(Packets.Udp4("100.64.0.1", "100.64.0.2", 100), 1, Segmenter.GsoNone, 0, 20, 6));
+        c.Seed(SegmenterTests.Read(Packets.Udp4("100.64.0.1", "100.64.0.2", 100), 0, Segmenter.GsoNone, 0, 0, 0));
+        var s = new Segmenter();
+        byte[] dst = new byte[1420];
+        c.Run(FuzzCampaign.Count(6000), read =>
+        {
+            long bad0 = s.Malformed;
+            if (!s.Start(read)) { Check(s.Next(dst) == 0, "a refused read still gave a segment"); return "refused"; }
+            int count = 0, bytes = 0;
+            for (int n; (n = s.Next(dst)) > 0; count++)
+            {
+                Check(n <= dst.Length && count < 65536, "segment past the buffer");
+                bytes += n;
+                if (s.Whole) continue;
+                int v = dst[0] >> 4, ipLen = v == 6 ? 40 + BinaryPrimitives.ReadUInt16BigEndian(dst.AsSpan(4)) : BinaryPrimitives.ReadUInt16BigEndian(dst.AsSpan(2));
+                Check(ipLen == n, $"segment of {n} bytes says {ipLen}");
+            }
+            return $"{(s.Whole ? "whole" : "gso")}|{Math.Min(count, 4)}|{s.Malformed > bad0}";
+        });
+        Report(c);
+    }
+
+    [Fact]
+    public void Fuzz_Coalescer()
+    {
+        // A batch of received packets (from members: authenticated, but their contents are theirs),
+        // each as a 2-byte length then the packet. Every run Coalescer.RunEnd picks is merged as
+        // TunDevice.WriteCoalesced does and cut again by the Segmenter: the same payloads must come
+        // back, in order, none lost.
+        var c = new FuzzCampaign("coalescer") { MaxLen = 24000 };
+        byte[] Batch(IEnumerable<byte[]> packets) => packets.SelectMany(p => new byte[] { (byte)(p.Length >> 8), (byte)p.Length }.Concat(p)).ToArray();
+        List<byte[]> Cut(byte[] read, int mss)
+        {
+            var s = new Segmenter();
+            Assert.True(s.Start(read));
+            var list = new List<byte[]>();
+            byte[] buf = new byte[9000];
+            for (int n; (n = s.Next(buf)) > 0;) list.Add(buf[..n]);
+            return list;
+        }
+        c.Seed(Batch(Cut(SegmenterTests.Read(SegmenterTests.Tcp(false, 1380 * 5 + 100, 0x18), 1, Segmenter.GsoTcpV4, 1380, 20, 16), 1380)));
+        c.Seed(Batch(Cut(SegmenterTests.Read(SegmenterTests.Tcp(true, 1360 * 4, 0x10, 12), 1, Segmenter.GsoTcpV6, 1360, 40, 16), 1360)));
+        c.Seed(Batch(Cut(SegmenterTests.Read(SegmenterTests.Udp(false, 1200 * 6 + 17), 1, Segmenter.GsoUdpL4, 1200, 20, 6), 1200)));
+        c.Seed(Batch(Cut(SegmenterTests.Read(SegmenterTests.Udp(true, 1000 * 3), 1, Segmenter.GsoUdpL4, 1000, 40, 6), 1000)));
+        var b = new PacketBatch(Tune.BatchSize, Tune.SlotLen);
+        byte[] buf2 = new byte[65535];
+        c.Run(FuzzCampaign.Count(4000), input =>
+        {
+            b.Count = 0;
+            var packets = new List<byte[]>();
+            for (int at = 0; at + 2 <= input.Length && b.Count < b.Capacity;)
+            {
+                int len = Math.Min((input[at] << 8) | input[at + 1], Math.Min(input.Length - at - 2, Tune.SlotLen - Record.PayloadOffset));
+                byte[] p = input.AsSpan(at + 2, len).ToArray();
+                at += 2 + len;
+                if (len == 0) continue;
+                p.CopyTo(b.Slot(b.Count).Slice(Record.PayloadOffset));
+                b.Offset[b.Count] = Record.PayloadOffset;
+                b.Length[b.Count] = len;
+                b.Count++;
+                packets.Add(p);
+            }
+            int merged = 0;
+            foreach (bool udp in new[] { false, true })
+                for (int i = 0; i < b.Count;)
+                {
+                    int end = Coalescer.RunEnd(b, i, udp);
+                    Check(end > i && end <= b.Count, $"run [{i}, {end}) of {b.Count}");
+                    if (end - i > 1)
+                    {
+                        merged += end - i;
+                        byte[] head = packets[i].ToArray();
+                        int hdr = Coalescer.HeaderLen(head), ip = Coalescer.IpHeaderLen(head), total = 0;
+                        bool isUdp = Coalescer.IsUdp(head);
+                        for (int k = i; k < end; k++) total += packets[k].Length - hdr;
+                        Coalescer.RewriteHead(head, hdr, ip, total, packets[end - 1]);
+                        byte[] super = new byte[hdr + total];
+                        head.AsSpan(0, hdr).CopyTo(super);
+                        int pos = hdr;
+                        for (int k = i; k < end; k++) { packets[k].AsSpan(hdr).CopyTo(super.AsSpan(pos)); pos += packets[k].Length - hdr; }
+                        byte gso = isUdp ? Segmenter.GsoUdpL4 : (head[0] >> 4) == 6 ? Segmenter.GsoTcpV6 : Segmenter.GsoTcpV4;
+                        var split = new Segmenter();
+                        Check(split.Start(SegmenterTests.Read(super, Segmenter.NeedsCsum, gso, packets[i].Length - hdr, ip, isUdp ? 6 : 16)), "a merged run the segmenter refuses");
+                        for (int k = i; k < end; k++)
+                        {
+                            int n = split.Next(buf2);
+                            Check(n == packets[k].Length && buf2.AsSpan(hdr, n - hdr).SequenceEqual(packets[k].AsSpan(hdr)), $"segment {k - i} of a merged run came back different");
+                            if (!isUdp) Check(buf2.AsSpan(ip, 8).SequenceEqual(packets[k].AsSpan(ip, 8)), "ports or sequence number changed");
+                        }
+                        Check(split.Next(buf2) == 0, "a merged run came back longer");
+                    }
+                    i = end;
+                }
+            return $"{Math.Min(b.Count, 8)}|{Math.Min(merged, 8)}";
+        });
+        Report(c);
+    }
+}
+
+// ---- TCP links: a byte stream cut into datagrams by their preamble ----
+public sealed partial class FuzzTests
+{
+    [Fact]
+    public unsafe void Fuzz_TcpFraming()
+    {
+        // What a client of --listen-tcp may write: datagrams back to back, framed by their own TLS-like
+        // preamble. The frames delivered must be exactly the stream's complete frames, in order; a
+        // frame that cannot be one ends the connection.
+        var c = new FuzzCampaign("tcp-framing") { MaxLen = 24000 };
+        byte[] D(byte type, int len, byte fill) { byte[] d = new byte[5 + len]; d[0] = type; d[1] = 3; d[2] = 3; BinaryPrimitives.WriteUInt16BigEndian(d.AsSpan(3), (ushort)len); d.AsSpan(5).Fill(fill); return d; }
+        c.Seed(Cat(D(0x17, 100, 1), D(0x17, 1400, 2), D(0x16, 149, 3), D(0x17, 0, 4)));
+        c.Seed(Cat(D(0x16, 149, 5), D(0x17, Tune.SlotLen - 5, 6)));
+        c.Seed(D(0x17, 9000, 7));
+        int epfd = Libc.EpollCreate1(Libc.EPOLL_CLOEXEC);
+        var links = new TcpLinks(epfd);
+        try
+        {
+            links.Listen(IPAddress.Loopback, 0);
+            var got = new List<byte[]>();
+            byte* events = stackalloc byte[16 * 16];
+            c.Run(FuzzCampaign.Count(600), input =>
+            {
+                got.Clear();
+                long malformed0 = links.Malformed, closed0 = links.Closed;
+                using var client = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp);
+                client.Connect(IPAddress.Loopback, links.ListenPort);
+                client.Send(input);
+                client.Shutdown(SocketShutdown.Send);
+                for (int round = 0; round < 500 && links.Closed == closed0; round++)
+                {
+                    int n = Libc.EpollWait(epfd, events, 16, round < 2 ? 0 : 1);
+                    for (int i = 0; i < n; i++) links.OnReady(Libc.EpollEventFd(events, i), 0, (d, from) => got.Add(d.ToArray()));
+                }
+                Check(links.Closed > closed0, "the link did not end with the stream");
+                // the frames the stream holds, by its own preambles
+                var expect = new List<byte[]>();
+                bool bad = false;
+                for (int at = 0; at + Spec.PreambleLen <= input.Length;)
+                {
+                    int len = Spec.PreambleLen + BinaryPrimitives.ReadUInt16BigEndian(input.AsSpan(at + 3));
+                    if (input[at + 1] != 3 || input[at + 2] != 3 || len > Tune.SlotLen) { bad = true; break; }
+                    if (at + len > input.Length) break;
+                    expect.Add(input[at..(at + len)]);
+                    at += len;
+                }
+                Check(got.Count == expect.Count && got.Zip(expect).All(x => x.First.AsSpan().SequenceEqual(x.Second)), $"{got.Count} frames delivered, the stream holds {expect.Count}");
+                Check(bad == (links.Malformed > malformed0), bad ? "a bad frame did not end the link as malformed" : "a good stream was called malformed");
+                return $"{(bad ? "malformed" : "ok")}|{Math.Min(got.Count, 4)}";
+            });
+        }
+        finally { links.Dispose(); Libc.Close(epfd); }
+        Report(c);
+    }
+}
