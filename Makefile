@@ -56,7 +56,7 @@ define install_missing
 	fi
 endef
 
-.PHONY: build cross cross-deps deps test test-unit test-netns test-openwrt test-slow test-arm64 demo bench toc clean
+.PHONY: build cross cross-deps deps test test-unit test-netns test-openwrt test-slow test-arm64 fuzz demo bench toc clean
 
 # make build [RID=...] -- $(OUT)/veil for this host, $(OUT)/RID/veil for another RID
 build: $(if $(CROSS_DEPS_$(HOST_RID)_$(RID)),cross-deps)
@@ -106,6 +106,15 @@ test-unit:
 
 test-slow:
 	$(DOTNET) test tests/Veil.Tests -c Release --filter "Category=Slow"
+
+# The fuzz tests alone (tests/Veil.Tests/FuzzTests.cs, in make test-unit at scale 1, ~15 s) at
+# FUZZ_SCALE times their iterations, printing per-parser figures. VEIL_FUZZ_SEED (another mutation
+# sequence) and VEIL_FUZZ_SECONDS (a cap per parser) pass through. The Bug_* repro facts
+# (Category=FuzzRepro) are left out: they fail until their bug is fixed.
+FUZZ_SCALE ?= 50
+fuzz:
+	VEIL_FUZZ_SCALE=$(FUZZ_SCALE) $(DOTNET) test tests/Veil.Tests -c Release --filter "Category=Fuzz&Category!=FuzzRepro" \
+		--logger "console;verbosity=detailed"
 
 test-netns: deps build
 	tests/netns/run-all.sh
