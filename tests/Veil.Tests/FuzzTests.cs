@@ -291,6 +291,7 @@ internal sealed class FuzzCampaign
             foreach (string v in values.Where(v => v.Length > 0).OrderByDescending(v => v.Length)) message = message.Replace("'" + v + "'", "''");
         // greedy: a value may hold quotes itself; from the first quote to the last is blanked
         string s = Regex.Replace(Regex.Replace(message, "'.*'", "''", RegexOptions.Singleline), "[0-9]+", "#");
+        s = Regex.Replace(s, "\\[\\[?[A-Za-z0-9_#-]+\\]\\]?", "[]");                          // a table's name
         return s.Length <= 120 ? s : s[..120];
     }
 }
@@ -1796,6 +1797,46 @@ public sealed partial class FuzzTests
             });
         }
         finally { links.Dispose(); Libc.Close(epfd); }
+        Report(c);
+    }
+}
+
+// ---- The TUN side: what local applications hand the node (routed by destination, sealed) ----
+public sealed partial class FuzzTests
+{
+    [Fact]
+    public void Fuzz_TunPackets()
+    {
+        var c = new FuzzCampaign("tun-packets") { MaxLen = 1420 };
+        int iterations = FuzzCampaign.Count(3000);
+        for (int done = 0; done < iterations; done += EpochIterations)
+        {
+            Lab lab = Lab.Build(mesh: true, c.Rng);
+            TestNode b = lab.B;
+            Node node = b.Node;
+            foreach (byte[] p in new[] { Packets.Udp4(b.Overlay, lab.A.Overlay, 64), Packets.Udp6("fd00:64::2", "fd00:64::3", 40), Tcp4(b.Overlay, "10.2.3.4", 100),
+                         Packets.Udp4(b.Overlay, "100.64.0.77", 10), Packets.Udp4(b.Overlay, "192.0.2.1", 10) })
+                c.Seed(p);
+            c.Run(Math.Min(EpochIterations, iterations - done), packet =>
+            {
+                if (packet.Length == 0) return "empty";
+                long[] drops0 = (long[])node.Counters.Drops.Clone();
+                long tx0 = node.Counters.TxRecords, hs0 = node.Counters.HandshakesInitiated;
+                int staged0 = node.Peers.Sum(p => p.StagedCount);
+                b.Udp.Sent.Clear();
+                b.Tun.Inject(packet);
+                b.Worker.PumpTun(lab.T.NowMs);
+                string dropped = DropDelta(drops0, node.Counters.Drops);
+                int route = node.RouteOf(packet, destination: true);
+                bool sent = node.Counters.TxRecords > tx0, staged = node.Peers.Sum(p => p.StagedCount) != staged0 || node.Counters.HandshakesInitiated > hs0;
+                Check(route != -2 || dropped == "malformed", "a packet that is not IP was not dropped as malformed");
+                Check(route != -1 || dropped == "no_route", "a packet without a route was not dropped as no_route");
+                Check(route < 0 || sent || staged || dropped == "queue_full", $"a routed packet went nowhere ({dropped})");
+                Check(b.Udp.Sent.TrueForAll(d => Record.Classify(d) is RecordKind.Transport or RecordKind.ClientHello), "the node sent something that is not a record or a hello");
+                return $"{(route >= 0 ? "routed" : route == -1 ? "no-route" : "not-ip")}|{dropped}|{sent}|{staged}";
+            });
+            lab.T.Nodes.ForEach(n => n.Udp.Dispose());
+        }
         Report(c);
     }
 }
