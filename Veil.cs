@@ -832,12 +832,13 @@ internal sealed class TomlDoc
             if (fs.Length > MaxFileLen) throw new ConfigException($"--config '{path}': larger than {MaxFileLen >> 10} KiB");
             text = new StreamReader(fs).ReadToEnd();
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException or NotSupportedException)
         {
             // Our own words, not e.Message: with UseSystemResourceKeys the runtime's texts are resource keys.
             throw new ConfigException($"--config '{path}': " + e switch
             {
                 FileNotFoundException or DirectoryNotFoundException => "no such file",
+                ArgumentException or NotSupportedException => "not a valid path",
                 UnauthorizedAccessException => "permission denied (with --user, that user must be able to read it)",
                 _ => "cannot read it",
             });
@@ -953,7 +954,9 @@ internal sealed class TomlDoc
                 return;
             }
         }
-        internal TomlValue Value()
+        private const int MaxArrayDepth = 8;             // Veil reads arrays of strings; nesting is only ever an error
+
+        internal TomlValue Value(int depth = 0)
         {
             SkipSpaces();
             char c = Peek();
@@ -961,6 +964,7 @@ internal sealed class TomlDoc
             if (c == '\'') return new TomlValue { Type = TomlValue.Kind.String, Str = LiteralString() };
             if (c == '[')
             {
+                if (depth >= MaxArrayDepth) throw Error("arrays nested too deep");
                 Next();
                 var arr = new TomlValue { Type = TomlValue.Kind.Array };
                 while (true)
@@ -969,7 +973,7 @@ internal sealed class TomlDoc
                     if (Peek() == ']') { Next(); return arr; }
                     // Far above any real list (allowed_ips, claims); past it the file is a mistake, not a config.
                     if (arr.Items.Count >= 4096) throw Error("array too long");
-                    arr.Items.Add(Value());
+                    arr.Items.Add(Value(depth + 1));
                     SkipInArray();
                     if (Peek() == ',') { Next(); continue; }
                     if (Peek() == ']') { Next(); return arr; }
@@ -5194,8 +5198,15 @@ internal sealed partial class Node
     {
         if (Mesh.IsRevoked(key)) { Mesh.RefusedRevoked(key); return null; }
         Peer? p = FindPeer(key);
-        return p != null || !Mesh.Open ? p : AddLearned(key, _admitNowMs, provisional: true);
+        if (p != null || !Mesh.Open) return p;
+        // A stranger: a stand-in, in no table, until its whole hello has decrypted (ReceiveClientHello
+        // admits it then), so a hello that fails admits nobody and displaces nobody.
+        var stranger = new Peer(-1, new PeerConfig { PublicKey = key }, _psk, _keepaliveMs, Mtu);
+        if (!X25519.Dh(stranger.StaticShared, Handshaker.PrivateKey, key)) return null;
+        return _stranger = stranger;
     }
+
+    private Peer? _stranger;                     // FindOrAdmitPeer's stand-in for the hello at hand
 
     internal Peer AddPeer(PeerConfig pc, in Key32 psk, long persistentKeepaliveMs)
     {
@@ -5564,6 +5575,23 @@ internal sealed partial class Node
         {
             Admission.RefusedSessions++;
             v = HandshakeVerdict.RateLimited;
+        }
+        if (_stranger is Peer s0)
+        {
+            _stranger = null;
+            if (v == HandshakeVerdict.Ok && _hello.Peer == s0)
+            {
+                Peer? q = AddLearned(s0.PublicKey, nowMs, provisional: true);
+                if (q == null) v = HandshakeVerdict.RateLimited;
+                else
+                {
+                    s0.LastHelloTimestamp.CopyTo(q.LastHelloTimestamp, 0);
+                    s0.RecentHelloIds.CopyTo(q.RecentHelloIds, 0);
+                    q.RecentHelloNext = s0.RecentHelloNext;
+                    _hello.Peer = q;
+                }
+            }
+            s0.StaticShared.Clear();
         }
         switch (v)
         {
@@ -9344,12 +9372,12 @@ internal sealed unsafe class ControlServer : RequestServer
             _daemon.AskReload("control", (code, message) => answer(Encoding.UTF8.GetBytes(ReloadReply(code, message))));
             return true;
         }
-        if (line.StartsWith("ping "))
+        if (line.StartsWith("ping ", StringComparison.Ordinal))
         {
             _daemon.Ping(line, Later(fd, c, nowMs));
             return true;
         }
-        if (line.StartsWith("revoke "))
+        if (line.StartsWith("revoke ", StringComparison.Ordinal))
         {
             Respond(fd, c, Encoding.UTF8.GetBytes(_daemon.Revoke(line)), nowMs);
             return true;
@@ -9366,7 +9394,7 @@ internal sealed unsafe class ControlServer : RequestServer
                 "routes json" => status.RoutesJson(),
                 "netcheck" => status.Netcheck(),
                 "down" => "ok: leaving\n",
-                _ when line.StartsWith("invite ") => _daemon.Invite(line),
+                _ when line.StartsWith("invite ", StringComparison.Ordinal) => _daemon.Invite(line),
                 _ => "error: unknown request (expected status, peers, routes [json], netcheck, ping PEER, reload, down, invite or revoke)\n",
             };
         Respond(fd, c, Encoding.UTF8.GetBytes(reply), nowMs);
@@ -10274,6 +10302,8 @@ internal sealed class Invites(Key32 privateKey)
         // Expired invites are dropped first, so MaxPending counts only invites that can still be used.
         foreach (ulong id in stale) _pending.Remove(id);
         if (_pending.Count >= MaxPending) throw new ConfigException($"{MaxPending} invites are pending already; let some expire first");
+        if (Encoding.UTF8.GetByteCount(endpoint) > 255 || Encoding.UTF8.GetByteCount(networkName) > 255)
+            throw new ConfigException("the endpoint and the network name take at most 255 bytes each");
         var t = new InviteToken
         {
             // Random, not counted: an id says nothing about how many invites exist and cannot be guessed.
@@ -10329,6 +10359,7 @@ internal sealed class Invites(Key32 privateKey)
         if (p.JoinerKey.IsZero())
         {
             string name = nameLen > 0 ? Encoding.UTF8.GetString(msg.Slice(at + 32 + JoinProofLen + 1, nameLen)) : p.Name;
+            if (!IsPeerName(name)) name = IsPeerName(p.Name) ? p.Name : "";     // "": the key's default name
             var pc = new PeerConfig { Name = name };
             joinerKey.CopyTo(pc.PublicKey);
             pc.Allowed.Add(new IpPrefix(p.Token.JoinerAddress.Address.GetAddressBytes(), p.Token.JoinerAddress.IsV6 ? 128 : 32));
@@ -10378,6 +10409,14 @@ internal sealed class Invites(Key32 privateKey)
         return reply;
     }
 
+    /// <summary>What the config file takes as a peer's name (UpConfig.ParseName).</summary>
+    internal static bool IsPeerName(string n)
+    {
+        if (n.Length is 0 or > 32) return false;
+        foreach (char ch in n) if (!(char.IsAsciiLetterOrDigit(ch) || ch is '-' or '_' or '.')) return false;
+        return true;
+    }
+
     private static byte[]? Refuse(Log log, in Endpoint from, string reason)
     {
         // Anyone on the internet can send a JoinHello: the line is rate-limited and nothing is answered.
@@ -10419,7 +10458,7 @@ internal static class Onboarding
     internal static string PeerToml(PeerConfig p)
     {
         var sb = new StringBuilder("\n[[peer]]\n");
-        sb.Append("name = ").Append(Q(p.Name)).Append('\n');
+        if (p.Name.Length > 0) sb.Append("name = ").Append(Q(p.Name)).Append('\n');   // none: the key's default name
         sb.Append("public_key = ").Append(Q(p.PublicKey.ToBase64())).Append('\n');
         if (p.EndpointText.Length > 0) sb.Append("endpoint = ").Append(Q(p.EndpointText)).Append('\n');
         sb.Append("allowed_ips = [").Append(string.Join(", ", p.Allowed.ConvertAll(a => Q(a.ToString())))).Append("]\n");
@@ -11046,14 +11085,22 @@ internal sealed unsafe partial class Daemon
     private void WriteJoiner(Invites.Joiner j)
     {
         PreparedReload? reload = null;
-        string error;
+        string error, path = _cfg.ConfigPath!;
+        if (_cfg.Peers.Exists(q => q.Name == j.Peer.Name)) j.Peer.Name = "";   // taken: the key's default name
         try
         {
-            Onboarding.AppendPeer(_cfg.ConfigPath!, j.Peer);
+            string old = File.ReadAllText(path);
+            Onboarding.AppendPeer(path, j.Peer);
             reload = PrepareReload("join");
             error = reload.Code == ReloadCode.Ok ? "" : reload.Message;
+            if (error.Length > 0)                                               // the file goes back as it was
+            {
+                Onboarding.WriteAtomic(path, old, File.GetUnixFileMode(path));
+                _configStamp = ConfigStamp();
+                reload = null;
+            }
         }
-        catch (ConfigException e) { error = e.Message; }
+        catch (Exception e) when (e is ConfigException or IOException or UnauthorizedAccessException) { error = e.Message; }
         _chores!.Return(() =>
         {
             if (reload != null) CommitReload(reload);
