@@ -783,7 +783,20 @@ internal static class Mono
 // diffs (RestartKeys says which keys a running daemon cannot change). The TOML subset: tables,
 // arrays of tables, strings, integers, booleans, arrays; unknown and duplicate keys are errors.
 
-internal sealed class ConfigException(string message) : Exception(message);
+// A config error is one line on stderr or in a log line, so control characters a value carried
+// (a TOML "\n" escape, a flag) are shown escaped and cannot forge another line.
+internal sealed class ConfigException(string message) : Exception(OneLine(message))
+{
+    private static string OneLine(string text)
+    {
+        if (!text.AsSpan().ContainsAnyInRange('\0', '\x1f') && !text.Contains('\x7f')) return text;
+        var sb = new StringBuilder(text.Length + 8);
+        foreach (char ch in text)
+            if (ch < ' ' || ch == '\x7f') sb.Append("\\x").Append(((int)ch).ToString("x2"));
+            else sb.Append(ch);
+        return sb.ToString();
+    }
+}
 
 internal sealed class PeerConfig
 {
@@ -826,6 +839,7 @@ internal sealed class TomlDoc
     internal static TomlDoc Load(string path)
     {
         string text;
+        if (Directory.Exists(path)) throw new ConfigException($"--config '{path}': a directory, not a file");
         try
         {
             using var fs = new FileStream(path, FileMode.Open, FileAccess.Read);
@@ -1013,7 +1027,7 @@ internal sealed class TomlDoc
                     case 'r': sb.Append('\r'); break;
                     // Only the 4-digit \u form; \U (8 digits) is not in the subset and falls to "unknown escape".
                     case 'u':
-                        if (_i + 4 > text.Length || !ushort.TryParse(text.AsSpan(_i, 4), System.Globalization.NumberStyles.HexNumber, null, out ushort u))
+                        if (_i + 4 > text.Length || !ushort.TryParse(text.AsSpan(_i, 4), System.Globalization.NumberStyles.AllowHexSpecifier, null, out ushort u))
                             throw Error("bad \\u escape");
                         sb.Append((char)u);
                         _i += 4;
@@ -9548,8 +9562,9 @@ internal sealed unsafe class MgmtServer : RequestServer
         string path = parts.Length == 3 ? parts[1] : "";
         int q = path.IndexOf('?');
         if (q >= 0) path = path[..q];
-        Respond(fd, c,
-            parts.Length != 3 || !parts[2].StartsWith("HTTP/1.") ? Http(400, "text/plain", "bad request\n")
+        bool valid = parts.Length == 3 && parts[2].StartsWith("HTTP/1.");
+        byte[] reply =
+            !valid ? Http(400, "text/plain", "bad request\n")
             : parts[0] != "GET" && parts[0] != "HEAD" ? Http(405, "text/plain", "only GET\n")
             : path switch
             {
@@ -9557,7 +9572,10 @@ internal sealed unsafe class MgmtServer : RequestServer
                 "/metrics" => Http(200, "text/plain; version=0.0.4; charset=utf-8", status.Metrics()),
                 "/healthz" => Http(200, "text/plain", "ok\n"),
                 _ => Http(404, "text/plain", "not found (try /status, /metrics, /healthz)\n"),
-            }, nowMs);
+            };
+        // HEAD: the same head (its Content-Length included), no body (RFC 9110 §9.3.2).
+        if (valid && parts[0] == "HEAD") reply = reply.AsSpan(0, reply.AsSpan().IndexOf("\r\n\r\n"u8) + 4).ToArray();
+        Respond(fd, c, reply, nowMs);
         return true;
     }
 

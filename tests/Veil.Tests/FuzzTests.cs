@@ -32,9 +32,8 @@ namespace Veil.Tests;
 // members, claims, revocations, joiners) and is counted (a DropReason counter moved); nothing
 // malformed reaches the TUN. A failure names the target, the iteration and the input in hex.
 //
-// Known bugs (see the Bug_* facts at the end, Category=FuzzRepro): while their repro still
-// reproduces, the fuzzer counts hits of that exact bug as "known:..." instead of failing, so the
-// rest stays green; once the fix lands the tolerance switches itself off.
+// What it found is kept as Bug_* facts next to the target that found it: each reproduced its bug
+// before the fix in Veil.cs and guards against its return.
 
 /// <summary>SplitMix64: small, fast, and the same sequence on every machine.</summary>
 internal sealed class FuzzRng(ulong seed)
@@ -367,16 +366,6 @@ public sealed partial class FuzzTests
         return false;
     }
 
-    // Deeper than this, TomlDoc's recursion is the known stack overflow (Bug_TomlNestedArrays_...):
-    // such inputs would take the test host down, so they are counted and not parsed.
-    private const int MaxSafeNesting = 200;
-    private static int Nesting(string text)
-    {
-        int depth = 0, max = 0;
-        foreach (char c in text) { if (c == '[') max = Math.Max(max, ++depth); else if (c == ']') depth = Math.Max(0, depth - 1); else if (c == '\n') depth = 0; }
-        return max;
-    }
-
     [Fact]
     public void Fuzz_Toml()
     {
@@ -385,7 +374,6 @@ public sealed partial class FuzzTests
         c.Run(FuzzCampaign.Count(6000), input =>
         {
             string text = Text(input);
-            if (Nesting(text) > MaxSafeNesting) return "known:deep-nesting";
             int lines = text.Count(ch => ch == '\n') + 1;
             try
             {
@@ -450,7 +438,6 @@ public sealed partial class FuzzTests
         c.Run(FuzzCampaign.Count(2500), input =>
         {
             string text = Text(input);
-            if (Nesting(text) > MaxSafeNesting) return "known:deep-nesting";
             List<string> values = [];
             try { values = Strings(TomlDoc.Parse(text, "veil.toml")).ToList(); }
             catch (ConfigException) { }
@@ -500,10 +487,6 @@ public sealed partial class FuzzTests
                 return $"ok|{u.Peers.Count}";
             }
             catch (ConfigException e) { return "error|" + FuzzCampaign.Shape(e.Message, args); }
-            catch (ArgumentException e) when (KnownBugs.ConfigPathThrows.Value && e.StackTrace?.Contains("TomlDoc.Load") == true)
-            {
-                return "known:config-path-argument-exception";              // Bug_ConfigPath_Empty_UnhandledArgumentException
-            }
         });
         Report(c);
     }
@@ -512,24 +495,6 @@ public sealed partial class FuzzTests
     {
         if (!ok) throw new FuzzFailure(what);
     }
-}
-
-/// <summary>Bugs the fuzzer found, each true while its repro still reproduces (then the fuzzer
-/// counts hits of it as known instead of failing; once fixed, any hit fails the fuzzer again).
-/// The Bug_* facts below fail while these are true.</summary>
-internal static class KnownBugs
-{
-    internal static readonly Lazy<bool> RejectedHelloAdmits = new(() => FuzzTests.RejectedHelloLeavesProvisional());
-    internal static readonly Lazy<bool> JoinNameBreaksConfig = new(() => FuzzTests.JoinNameBreaksConfig());
-    internal static readonly Lazy<bool> InviteFieldOver255 = new(() => FuzzTests.InviteOver255DoesNotParse());
-
-    internal static readonly Lazy<bool> ConfigPathThrows = new(() =>
-    {
-        try { TomlDoc.Load(""); }
-        catch (ArgumentException) { return true; }
-        catch (ConfigException) { }
-        return false;
-    });
 }
 
 // ---- Small parsers: addresses and keys, tokens, revocations, beacons, gateway replies, exchange ----
@@ -819,12 +784,11 @@ public sealed partial class FuzzTests
     /// windows, which handshake, claims, endpoints it announced or was told), its indexes, routes,
     /// members, revocations and joiners. Timers and counters are left out: they move on rejected
     /// input by design (drops are counted, a failure streak is noted).</summary>
-    internal static string Snapshot(Node n, bool windows = true, bool skipProvisional = false)
+    internal static string Snapshot(Node n, bool windows = true)
     {
         var sb = new StringBuilder();
         foreach (Peer p in n.Peers)
         {
-            if (skipProvisional && p.Provisional) continue;
             sb.Append(p.Id).Append(' ').Append(p.State).Append(' ').Append(p.Origin).Append(' ').Append(p.PublicKey.ToBase64()).Append(' ').Append(p.Name)
               .Append(" ep=").Append(p.Endpoint).Append(" relay=").Append(p.Relay?.Id).Append(" offer=").Append(p.RelayOffer?.Id).Append(" offers=").Append(p.OffersRelay)
               .Append(" s=").Append(S(p.Previous, windows)).Append(',').Append(S(p.Current, windows)).Append(',').Append(S(p.Next, windows))
@@ -834,7 +798,7 @@ public sealed partial class FuzzTests
               .Append(" cookie=").Append(p.CookieReceivedMs).Append(Convert.ToHexString(p.Cookie))
               .Append(" staged=").Append(p.StagedCount).Append('\n');
         }
-        if (!skipProvisional) sb.Append("indexes=").Append(n.Indexes.Count).Append('/').Append(n.Indexes.SessionCount);   // (a provisional member's session is in its line)
+        sb.Append("indexes=").Append(n.Indexes.Count).Append('/').Append(n.Indexes.SessionCount);
         sb.Append(" routes@").Append(n.RoutesVersion).Append(':');
         foreach (RouteEntry r in n.RouteList) sb.Append(' ').Append(r);
         sb.Append("\nobserved=").AppendJoin(',', n.Mesh.Observed).Append(" revoked=").Append(n.Mesh.RevocationCount).Append('@').Append(n.Mesh.RevocationsVersion)
@@ -1011,7 +975,6 @@ public sealed partial class FuzzTests
         var c = new FuzzCampaign(name) { MaxLen = 1600 };
         Lab lab = null!;
         c.Fixup = d => lab.Fix(c.Rng, d);
-        long known = 0;
         for (int done = 0; done < iterations; done += EpochIterations)
         {
             lab?.T.Nodes.ForEach(n => n.Udp.Dispose());
@@ -1022,7 +985,7 @@ public sealed partial class FuzzTests
             c.Run(Math.Min(EpochIterations, iterations - done), input =>
             {
                 if (input.Length == 0) return "empty";                   // a socket reads it as "nothing waiting"
-                string before = Snapshot(node), beforeNoProvisional = mesh ? Snapshot(node, skipProvisional: true) : before;
+                string before = Snapshot(node);
                 long[] drops0 = (long[])node.Counters.Drops.Clone();
                 long rx0 = node.Counters.RxRecords, hs0 = node.Counters.HandshakesCompleted, cookies0 = node.Counters.CookiesSent;
                 int tun0 = b.Tun.Written.Count, joiners0 = node.Invites!.Joiners.Count;
@@ -1052,16 +1015,7 @@ public sealed partial class FuzzTests
                     // record start a handshake (at most once per RecoveryIntervalMs); ChoosePath may send
                     // it through a relay when nothing came directly for DirectQuietMs.
                     if (after != before && events.Contains("session_recovery")) return $"recovery|{kind}|{dropped}|{events}";
-                    if (after != before)
-                    {
-                        // Bug_RejectedClientHello_UnderMesh_LeavesProvisionalMember: tolerated while it reproduces
-                        if (KnownBugs.RejectedHelloAdmits.Value && kind == RecordKind.ClientHello && Snapshot(node, skipProvisional: true) == beforeNoProvisional)
-                        {
-                            known++;
-                            return "known:rejected-hello-admits|" + dropped;
-                        }
-                        throw new FuzzFailure($"a rejected {kind} datagram ({dropped}) changed the node:\nbefore: {before}\nafter:  {after}");
-                    }
+                    if (after != before) throw new FuzzFailure($"a rejected {kind} datagram ({dropped}) changed the node:\nbefore: {before}\nafter:  {after}");
                     outcome = "rejected";
                 }
                 return $"{outcome}|{kind}|{dropped}|{b.Udp.Sent.Count > 0}|{b.Tun.Written.Count > tun0}|{events}";
@@ -1078,12 +1032,12 @@ public sealed partial class FuzzTests
     public void Fuzz_MeshNodeDatagrams() => FuzzDatagrams("mesh-node-datagrams", mesh: true, FuzzCampaign.Count(3000));
 }
 
-// ---- Bugs found by the fuzzer: each fact fails until Veil.cs is fixed (Category=FuzzRepro) ----
+// ---- Bugs the fuzzer found: the hello, --config and TOML-depth ones ----
 public sealed partial class FuzzTests
 {
     /// <summary>Under --mesh a ClientHello from an unknown key whose static key decrypts but whose
-    /// payload does not (or that --max-sessions refuses) is dropped as handshake_failed, yet the
-    /// provisional member FindOrAdmitPeer added for it stays (and may have displaced another).</summary>
+    /// payload does not (or that --max-sessions refuses) is dropped as handshake_failed; it used to
+    /// leave the provisional member FindOrAdmitPeer added for it (which could displace another).</summary>
     internal static bool RejectedHelloLeavesProvisional()
     {
         var t = TestNet.Mesh(2, i => i == 0 ? [] : [0]);
@@ -1103,27 +1057,24 @@ public sealed partial class FuzzTests
     }
 
     [Fact]
-    [Trait("Category", "FuzzRepro")]
     public void Bug_RejectedClientHello_UnderMesh_LeavesProvisionalMember() =>
         Assert.False(RejectedHelloLeavesProvisional(), "a ClientHello refused as handshake_failed left a provisional member behind");
 
     [Fact]
-    [Trait("Category", "FuzzRepro")]
     public void Bug_ConfigPath_Empty_UnhandledArgumentException()
     {
-        // `veil up --config ""` dies with an unhandled ArgumentException and a stack trace (exit 134)
+        // `veil up --config ""` died with an unhandled ArgumentException and a stack trace (exit 134)
         // instead of one "veil: --config ...: ..." line and exit status 2.
         var e = Xunit.Record.Exception(() => UpConfig.Load(["up", "--config", ""], 1));
         Assert.IsType<ConfigException>(e);
     }
 
     [Fact]
-    [Trait("Category", "FuzzRepro")]
     public void Bug_TomlNestedArrays_OverflowTheStack()
     {
-        // TomlDoc.Parser.Value recurses once per '[' of nested arrays, without a bound: a config of
-        // "a = [[[[…" (200,000 of them, well under the 1 MiB file limit) overflows the stack and the
-        // process dies (exit 134), where it must be refused (exit 2; a reload: the running config
+        // TomlDoc.Parser.Value recursed once per '[' of nested arrays, without a bound: a config of
+        // "a = [[[[…" (200,000 of them, well under the 1 MiB file limit) overflowed the stack and the
+        // process died (exit 134), where it must be refused (exit 2; a reload: the running config
         // stays). Run in a child process: a stack overflow cannot be caught.
         string path = Path.Combine(_dir, "deep.toml");
         File.WriteAllText(path, "a = " + new string('[', 200_000) + "\n");
@@ -1274,7 +1225,7 @@ public sealed partial class FuzzTests
                 byte[] hello = StrangerHello(b, priv, lab.T.NowMs, TestNet.MeshPsk());
                 for (int i = Wire.ClientHelloSenderOffset; i < Math.Min(mask.Length, Wire.ClientHelloMac1Offset); i++) hello[i] ^= mask[i];
                 lab.Fix(new FuzzRng(h), hello);
-                string before = Snapshot(node), beforeNoProvisional = Snapshot(node, skipProvisional: true);
+                string before = Snapshot(node);
                 long[] drops0 = (long[])node.Counters.Drops.Clone();
                 b.Udp.Sent.Clear();
                 b.Udp.Deliver(hello, Endpoint.FromV4(0xCB007100u + (uint)(h % 200), (ushort)(1024 + h % 60000)));
@@ -1284,10 +1235,7 @@ public sealed partial class FuzzTests
                 Check(answered || dropped != "nodrop", "a stranger's hello was neither answered nor counted");
                 lab.T.NowMs += 10;                                                // the admission budget refills
                 if (!answered && Snapshot(node) != before)
-                {
-                    if (KnownBugs.RejectedHelloAdmits.Value && Snapshot(node, skipProvisional: true) == beforeNoProvisional) return "known:rejected-hello-admits|" + dropped;
                     throw new FuzzFailure($"a refused stranger's hello ({dropped}) changed the node:\nbefore: {before}\nafter:  {Snapshot(node)}");
-                }
                 return $"{(answered ? "answered" : "rejected")}|{dropped}|{Events(b)}";
             });
             lab.T.Nodes.ForEach(n => n.Udp.Dispose());
@@ -1368,8 +1316,6 @@ public sealed partial class FuzzTests
         finally { Directory.Delete(dir, true); }
     }
 
-    internal static bool JoinNameBreaksConfig() => JoinBreaksConfig("OpenWrt") || JoinBreaksConfig("a b");
-
     [Fact]
     public void Fuzz_JoinHello()
     {
@@ -1421,23 +1367,18 @@ public sealed partial class FuzzTests
             Check(inv.Joiners.Count == 0, "one JoinHello queued two joiners");
             Check(j!.Peer.Allowed.Count == 1 && j.Peer.Allowed[0].Bits == 32, "a joiner without its one /32");
             inv.Written(j, "fuzz: freed again", quiet);
-            if (!configs.Loads(j.Peer))
-            {
-                if (KnownBugs.JoinNameBreaksConfig.Value) return "known:join-name-breaks-config";   // Bug_JoinHelloName_...
-                throw new FuzzFailure($"a joiner named '{j.Peer.Name}' breaks the inviter's config");
-            }
+            if (!configs.Loads(j.Peer)) throw new FuzzFailure($"a joiner named '{j.Peer.Name}' breaks the inviter's config");
             return "joiner|" + (j.Peer.Name.Length == 0 ? "unnamed" : "named");
         });
         Report(c);
     }
 
-    // Invites.Consume takes the JoinHello's name as it comes (any UTF-8, up to 255 bytes, empty when
-    // neither the joiner nor the invite named it); Daemon.WriteJoiner appends it to the config file,
-    // the reload then refuses the file, and the file stays as written: the next reload or restart
-    // fails ("peer name 'OpenWrt' is given twice", "'a b' may hold only letters, digits, ..."). With
-    // OpenWrt's default hostname, a second router running `veil join` (name = hostname) is enough.
+    // Invites.Consume took the JoinHello's name as it came (any UTF-8, up to 255 bytes, empty when
+    // neither the joiner nor the invite named it); Daemon.WriteJoiner appended it to the config file,
+    // the reload refused the file, and the file stayed as written: the next reload or restart failed
+    // ("peer name 'OpenWrt' is given twice", "'a b' may hold only letters, digits, ..."). With
+    // OpenWrt's default hostname, a second router running `veil join` (name = hostname) was enough.
     [Theory]
-    [Trait("Category", "FuzzRepro")]
     [InlineData("OpenWrt")]              // the name of a peer the inviter has already
     [InlineData("a b")]                  // not a config name
     [InlineData("")]                     // no name from the joiner, none in the invite
@@ -1546,13 +1487,17 @@ public sealed partial class FuzzTests
                 int code = int.Parse(m.Groups[1].Value, CultureInfo.InvariantCulture), len = int.Parse(m.Groups[2].Value, CultureInfo.InvariantCulture);
                 Check(HttpCodes.Contains(code), $"status {code}");
                 string body = reply[m.Length..].Replace("<reset>", "");
-                Check(Encoding.UTF8.GetByteCount(body) == len || reply.EndsWith("<reset>"), $"Content-Length {len}, body {Encoding.UTF8.GetByteCount(body)} bytes");
+                // the request line ends at the first CR (the server's rule); bytes past ASCII read as '?'
+                string text = Encoding.ASCII.GetString(input), line = text.IndexOf('\r') is int cr and >= 0 ? text[..cr] : text;
+                string[] parts = line.Split(' ');
+                bool valid = parts.Length == 3 && parts[2].StartsWith("HTTP/1.");
+                // A HEAD answer is the head alone; 408 and 431 come before the request line is read.
+                bool head = valid && parts[0] == "HEAD" && code is not (408 or 431);
+                Check(Encoding.UTF8.GetByteCount(body) == (head ? 0 : len) || reply.EndsWith("<reset>"), $"Content-Length {len}, body {Encoding.UTF8.GetByteCount(body)} bytes");
                 if (code == 200)
                 {
-                    // the request line ends at the first CR (the server's rule); 200 only for GET or HEAD of the three paths
-                    string head = Encoding.ASCII.GetString(input), line = head.IndexOf('\r') is int cr and >= 0 ? head[..cr] : head;   // bytes past ASCII read as '?'
-                    string[] parts = line.Split(' ');
-                    Check(parts.Length == 3 && parts[0] is "GET" or "HEAD" && parts[2].StartsWith("HTTP/1.") && parts[1].Split('?')[0] is "/status" or "/metrics" or "/healthz", $"200 for '{line}'");
+                    // 200 only for GET or HEAD of the three paths
+                    Check(valid && parts[0] is "GET" or "HEAD" && parts[1].Split('?')[0] is "/status" or "/metrics" or "/healthz", $"200 for '{line}'");
                 }
                 return $"http/{code}";
             });
@@ -1610,15 +1555,8 @@ public sealed partial class FuzzTests
                 string[] verbs = ["status", "peers", "routes", "netcheck", "ping", "revoke", "invite", "reload", "down"];
                 string verb = verbs.FirstOrDefault(v => line == v || line.StartsWith(v + " ", StringComparison.Ordinal)) ?? "other";
                 string first = reply.Split('\n')[0];
-                // ControlServer matches "ping ", "revoke ", "invite " with culture-sensitive StartsWith: under
-                // ICU (this test host) "pin\u0002g n0" is a ping; the product runs with InvariantGlobalization,
-                // where StartsWith is ordinal. Counted, not failed (a note in the fuzz report).
-                if (verb == "other" && !reply.StartsWith("error: ") && verbs.Any(v => line.StartsWith(v + " ", StringComparison.CurrentCulture)))
-                    return "known:culture-sensitive-verb";
                 if (reply.StartsWith("ok: veil1-"))
                 {
-                    if (InviteToken.Parse(first[4..]) is null && KnownBugs.InviteFieldOver255.Value && line.Split(' ').Any(w => Encoding.UTF8.GetByteCount(w) > 255))
-                        return "known:invite-field-over-255-bytes";                // Bug_Invite_FieldOver255Bytes_TokenDoesNotParse
                     Check(InviteToken.Parse(first[4..]) is not null, $"an invite the daemon handed out does not parse: {first[..Math.Min(first.Length, 120)]}");
                     return "invite|ok";
                 }
@@ -1652,11 +1590,10 @@ public sealed partial class FuzzTests
     }
 
     [Fact]
-    [Trait("Category", "FuzzRepro")]
     public void Bug_Invite_FieldOver255Bytes_TokenDoesNotParse() =>
-        // InviteToken.WriteText writes a text's length as one byte: an endpoint or network name of
+        // InviteToken.WriteText writes a text's length as one byte, so: an endpoint or network name of
         // more than 255 bytes (the control socket's `invite` takes any; `veil invite --endpoint`
-        // checks only HOST:PORT) gives "ok: veil1-..." with a token that no `veil join` can parse.
+        // checks only HOST:PORT) gave "ok: veil1-..." with a token that no `veil join` can parse.
         Assert.False(InviteOver255DoesNotParse(), "the daemon hands out an invite token that does not parse");
 }
 

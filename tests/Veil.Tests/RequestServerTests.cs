@@ -76,6 +76,16 @@ public sealed unsafe class RequestServerTests : IDisposable
     }
 
     [Fact]
+    public void Head_SameHeadNoBody()
+    {
+        using MgmtServer server = Listen();
+        string get = Ask(server, "GET /healthz HTTP/1.1\r\n\r\n"), head = Ask(server, "HEAD /healthz HTTP/1.1\r\n\r\n");
+        Assert.EndsWith("\r\n\r\nok\n", get);
+        Assert.Equal(get[..^"ok\n".Length], head);                  // Content-Length: 3 kept, the body left out
+        Assert.Contains("Content-Length: 3\r\n", head);
+    }
+
+    [Fact]
     public void SourceOutsideAcl_Forbidden()
     {
         using MgmtServer server = Listen("192.0.2.0/24");

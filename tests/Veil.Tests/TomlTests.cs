@@ -63,10 +63,29 @@ public sealed class TomlTests : IDisposable
     [InlineData("a = [1, 2", "t.toml:1: expected ',' or ']'")]
     [InlineData("a = \"\\q\"", "t.toml:1: unknown escape")]
     [InlineData("\n\na = nope", "t.toml:3: expected a string")]
+    [InlineData("a = \"\\u 041\"", "t.toml:1: bad \\u escape")]       // four hex digits, no spaces or signs
+    [InlineData("a = \"\\u+041\"", "t.toml:1: bad \\u escape")]
+    [InlineData("a = " + "[[[[[[[[[1]]]]]]]]]", "t.toml:1: arrays nested too deep")]
     public void Parse_Errors_NameFileAndLine(string text, string expect)
     {
         var e = Assert.Throws<ConfigException>(() => TomlDoc.Parse(text, "t.toml"));
         Assert.StartsWith(expect, e.Message);
+    }
+
+    [Fact]
+    public void Errors_ShowControlCharactersEscaped_OneLine()
+    {
+        // A value's "\n" escape lands in the error text (the key is unknown); it must not start a line.
+        var e = Assert.Throws<ConfigException>(() => UpConfig.Load(["up", "--config", Write("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\\nveil: forged\"]\n")], 1));
+        Assert.DoesNotContain('\n', e.Message);
+        Assert.Contains("\\x0a", e.Message);
+    }
+
+    [Fact]
+    public void ConfigPath_Directory_SaysSo()
+    {
+        var e = Assert.Throws<ConfigException>(() => UpConfig.Load(["up", "--config", _dir], 1));
+        Assert.Equal($"--config '{_dir}': a directory, not a file", e.Message);
     }
 
     [Fact]
