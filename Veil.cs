@@ -1457,15 +1457,17 @@ internal sealed class UpConfig
     private static IpPrefix ParsePrefix(Src src, string v) =>
         IpPrefix.TryParse(v, out IpPrefix p) ? p : throw src.Bad(v, "is not a CIDR prefix");
 
-    private static string ParseName(Src src, string v)
+    // Names appear in key=value log lines, status JSON, metric labels and on the wire: this character
+    // set needs no quoting or escaping in any of them.
+    internal static bool IsName(string v)
     {
-        // Names appear in key=value log lines, status JSON, metric labels and on the wire: this character
-        // set needs no quoting or escaping in any of them.
-        if (v.Length is 0 or > 32) throw src.Bad(v, "must be 1 to 32 characters");
-        foreach (char ch in v)
-            if (!(char.IsAsciiLetterOrDigit(ch) || ch is '-' or '_' or '.')) throw src.Bad(v, "may hold only letters, digits, '-', '_' and '.'");
-        return v;
+        if (v.Length is 0 or > 32) return false;
+        foreach (char ch in v) if (!(char.IsAsciiLetterOrDigit(ch) || ch is '-' or '_' or '.')) return false;
+        return true;
     }
+
+    private static string ParseName(Src src, string v) =>
+        IsName(v) ? v : throw src.Bad(v, v.Length is 0 or > 32 ? "must be 1 to 32 characters" : "may hold only letters, digits, '-', '_' and '.'");
 
     private static string ParseTunName(Src src, string v)
     {
@@ -6028,10 +6030,20 @@ internal sealed unsafe partial class Daemon
     }
     internal void RequestReload() { _reloadAsked = true; Wake(); }
 
+    // What Run opens, for its finally to close: all of it is the loop thread's.
+    private UdpSocket? _udp, _handshakes;
+    private ControlServer? _control;
+    private int _epfd = -1;
+    private readonly List<PosixSignalRegistration> _signals = new();
+    private readonly List<(TunDevice Tun, UdpSocket Udp)> _queues = new();   // the workers' beyond the first
+    private readonly List<Thread> _threads = new();
+
+    // Start to finish, in the order that matters: signal handlers first (SIGHUP's default action
+    // would kill us), then everything that needs root (devices, netlink, sockets), then the drop of
+    // privileges, then what runs as the user: resolver, chores, port mapping, the loop.
     internal int Run()
     {
-        var counters = new Counters();
-        Node node = _node = new(_cfg, _log, counters);
+        Node node = _node = new(_cfg, _log, new Counters());
         if (_cfg.ConfigPath != null) node.Invites = new Invites(_cfg.PrivateKey) { Psk = _cfg.Psk };
         if (_cfg.BeaconStore != null || _cfg.BeaconLoad != null)
         {
@@ -6041,68 +6053,18 @@ internal sealed unsafe partial class Daemon
         _cfg.PrivateKey.Clear();                          // the node holds its own copies from here on
         ClearSecrets(_cfg);
         LoadRevocations(node);
-        UdpSocket? udp = null, handshakes = null;
-        ControlServer? control = null;
-        int epfd = -1;
-        var signals = new List<PosixSignalRegistration>();
-        int wanted = _cfg.Workers > 0 ? _cfg.Workers : Tune.AutoWorkers(Environment.ProcessorCount);
-        var queues = new List<(TunDevice Tun, UdpSocket Udp)>();   // the workers' beyond the first
-        var threads = new List<Thread>();
         _log.StartWriter();
         try
         {
-            // Handlers first: SIGHUP's default action would kill us.
             foreach (PosixSignal sig in new[] { PosixSignal.SIGTERM, PosixSignal.SIGINT })
-                signals.Add(PosixSignalRegistration.Create(sig, ctx => { ctx.Cancel = true; RequestStop(); }));
-            signals.Add(PosixSignalRegistration.Create(PosixSignal.SIGHUP, ctx => { ctx.Cancel = true; RequestReload(); }));
-            bool offloads = Environment.GetEnvironmentVariable("VEIL_OFFLOADS") != "off";
-            TunDevice tun = OpenDevices(wanted, offloads, queues, out udp);
-            handshakes = OpenHandshakeQueue(udp, 1 + queues.Count, offloads);
-            var offloadsLine = new StringBuilder();
-            foreach (var (name, on) in Worker.Offloads(tun, udp)) offloadsLine.Append(name).Append(on ? "=on " : "=off ");
-            _log.Info("offloads", $"{offloadsLine}aead_backend={Aead.Backend}" + (offloads ? "" : " disabled_by=VEIL_OFFLOADS"));
-            Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
-            foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
-            _kernelRoutes = new KernelRoutes(tun.IfIndex, _log);
-            _kernelRoutes.Sync(Prefixes(node.RouteList));
-            _routesPostedVersion = node.RoutesVersion;
-            _wakeFd = Libc.EventFd(0, Libc.EFD_NONBLOCK | Libc.EFD_CLOEXEC);
-            epfd = Libc.EpollCreate1(Libc.EPOLL_CLOEXEC);
-            if (_wakeFd < 0 || epfd < 0) throw new IOException($"cannot create the event loop: {Libc.ErrorText(Libc.Errno)}");
-            control = ControlServer.Listen(_cfg.ControlPath, epfd, this);
-            if (_cfg.MgmtAddress != null) _mgmt = MgmtServer.Listen(_cfg.MgmtAddress, _cfg.MgmtPort, epfd, _cfg.MgmtAcl);
-            var worker = _worker = new Worker(node, tun, udp) { Handshakes = handshakes };
-            var workers = new List<Worker> { worker };
-            foreach (var (t, u) in queues) workers.Add(new Worker(node, t, u) { WakeLoop = Wake });
-            _log.Info("workers", $"count={workers.Count} cpus={Environment.ProcessorCount}" + (workers.Count > 1 ? " tun=multi_queue udp=reuseport" : ""));
-            _stopFd = Libc.EventFd(0, Libc.EFD_NONBLOCK | Libc.EFD_CLOEXEC);
-            if (_stopFd < 0) throw new IOException($"cannot create the event loop: {Libc.ErrorText(Libc.Errno)}");
-            if (_cfg.Cipher == "auto") node.Handshaker.ChooseCipher("auto");
-            Libc.EpollAdd(epfd, tun.Fd);
-            Libc.EpollAdd(epfd, udp.Fd);
-            if (handshakes != null) Libc.EpollAdd(epfd, handshakes.Fd);
-            Libc.EpollAdd(epfd, _wakeFd);
-            if (_cfg.TcpListenAddress != null || _cfg.Peers.Exists(pc => pc.Tcp.IsSet))
-            {
-                _tcp = new TcpLinks(epfd);
-                if (_cfg.TcpListenAddress != null) _tcp.Listen(_cfg.TcpListenAddress, _cfg.TcpListenPort);
-                node.Tcp = _tcp;
-                node.LastUdpRxMs = Mono.NowMs();           // UDP gets its chance first
-            }
+                _signals.Add(PosixSignalRegistration.Create(sig, ctx => { ctx.Cancel = true; RequestStop(); }));
+            _signals.Add(PosixSignalRegistration.Create(PosixSignal.SIGHUP, ctx => { ctx.Cancel = true; RequestReload(); }));
+            List<Worker> workers = OpenDataPath(node);
+            OpenEventLoop(node);
             if (_cfg.User != null) Privileges.Drop(_cfg.User, _cfg.ControlPath);
-            _resolver = new Resolver(Wake);
-            _resolver.SetNames(EndpointNames(_cfg));
-            _configStamp = ConfigStamp();
-            ApplyLocalEndpoints(FindLocalEndpoints(udp.LocalPort));
-            _chores = new Chores(Wake, _log);
-            if (_cfg.PortMapping)
-            {
-                Chores chores = _chores;
-                _portMapper = new PortMapper(udp.LocalPort, ep => chores.Return(() => ApplyMapped(ep)), _log,
-                    PortMapper.Protocols(Environment.GetEnvironmentVariable("VEIL_PORTMAP")));
-            }
-            var status = new StatusView(node, _cfg, udp.LocalPort, StartedMs) { Workers = workers, Mapper = _portMapper };
-            _log.Info("started", $"public_key={node.Handshaker.PublicKey.Short()} listen={_cfg.ListenAddress}:{udp.LocalPort} tun={tun.Name} mtu={_cfg.Mtu} peers={node.Peers.Count} aead={node.Handshaker.PreferredAead}" +
+            StartControlPlane(_udp!.LocalPort);
+            var status = new StatusView(node, _cfg, _udp.LocalPort, StartedMs) { Workers = workers, Mapper = _portMapper };
+            _log.Info("started", $"public_key={node.Handshaker.PublicKey.Short()} listen={_cfg.ListenAddress}:{_udp.LocalPort} tun={_tun!.Name} mtu={_cfg.Mtu} peers={node.Peers.Count} aead={node.Handshaker.PreferredAead}" +
                 (_tcp?.ListenPort > 0 ? $" listen_tcp={_cfg.TcpListenAddress}:{_tcp.ListenPort}" : "") +
                 (_mgmt != null ? $" mgmt={_cfg.MgmtAddress}:{_mgmt.Port}" : "") + (_cfg.User != null ? $" user={_cfg.User}" : ""));
             long nowMs = Mono.NowMs(), nextTimerMs;
@@ -6111,21 +6073,21 @@ internal sealed unsafe partial class Daemon
             {
                 node.Start(nowMs);
                 if (state != null) ApplyState(node, state, nowMs);
-                nextTimerMs = worker.PumpTimers(nowMs);
+                nextTimerMs = _worker!.PumpTimers(nowMs);
             }
             for (int i = 1; i < workers.Count; i++)
             {
                 Worker w = workers[i];
                 var thread = new Thread(() => RunWorker(w)) { IsBackground = true, Name = "veil-worker-" + i };
                 thread.Start();
-                threads.Add(thread);
+                _threads.Add(thread);
             }
-            Loop(epfd, workers, control, status, udp.LocalPort, nextTimerMs);
-            StopWorkers(threads);
+            Loop(_epfd, workers, _control!, status, _udp.LocalPort, nextTimerMs);
+            StopWorkers(_threads);
             lock (node.Gate)
             {
                 node.Shutdown(Mono.NowMs());
-                worker.FlushUdp(node.UdpOut);
+                _worker.FlushUdp(node.UdpOut);
             }
             SaveState(force: true);
             _log.Info("shutdown", $"reason=signal_or_down uptime_s={(Mono.NowMs() - StartedMs) / 1000}");
@@ -6133,24 +6095,87 @@ internal sealed unsafe partial class Daemon
         }
         finally
         {
-            foreach (PosixSignalRegistration r in signals) r.Dispose();
+            foreach (PosixSignalRegistration r in _signals) r.Dispose();
             _portMapper?.Dispose();                       // deletes the mapping: the socket is still ours
             _tcp?.Dispose();
             _chores?.Dispose();
             _resolver?.Dispose();
             _mgmt?.Dispose();
-            control?.Dispose();
-            StopWorkers(threads);
-            foreach (var (t, u) in queues) { t.Dispose(); u.Dispose(); }
+            _control?.Dispose();
+            StopWorkers(_threads);
+            foreach (var (t, u) in _queues) { t.Dispose(); u.Dispose(); }
             _tun?.Dispose();                              // closing the last queue removes the interface and its routes
-            handshakes?.Dispose();
-            udp?.Dispose();
+            _handshakes?.Dispose();
+            _udp?.Dispose();
             if (_stopFd >= 0) Libc.Close(_stopFd);
-            if (epfd >= 0) Libc.Close(epfd);
+            if (_epfd >= 0) Libc.Close(_epfd);
             if (_wakeFd >= 0) Libc.Close(_wakeFd);
             node.ClearKeys();
             node.Invites?.Clear();
             _log.StopWriter();
+        }
+    }
+
+    // The devices and sockets, the interface up with its addresses and routes, and one worker per
+    // TUN queue (the first is the loop's own).
+    private List<Worker> OpenDataPath(Node node)
+    {
+        int wanted = _cfg.Workers > 0 ? _cfg.Workers : Tune.AutoWorkers(Environment.ProcessorCount);
+        bool offloads = Environment.GetEnvironmentVariable("VEIL_OFFLOADS") != "off";
+        TunDevice tun = OpenDevices(wanted, offloads, _queues, out UdpSocket udp);
+        _udp = udp;
+        _handshakes = OpenHandshakeQueue(udp, 1 + _queues.Count, offloads);
+        var offloadsLine = new StringBuilder();
+        foreach (var (name, on) in Worker.Offloads(tun, udp)) offloadsLine.Append(name).Append(on ? "=on " : "=off ");
+        _log.Info("offloads", $"{offloadsLine}aead_backend={Aead.Backend}" + (offloads ? "" : " disabled_by=VEIL_OFFLOADS"));
+        Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
+        foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
+        _kernelRoutes = new KernelRoutes(tun.IfIndex, _log);
+        _kernelRoutes.Sync(Prefixes(node.RouteList));
+        _routesPostedVersion = node.RoutesVersion;
+        if (_cfg.Cipher == "auto") node.Handshaker.ChooseCipher("auto");
+        var workers = new List<Worker> { (_worker = new Worker(node, tun, udp) { Handshakes = _handshakes }) };
+        foreach (var (t, u) in _queues) workers.Add(new Worker(node, t, u) { WakeLoop = Wake });
+        _log.Info("workers", $"count={workers.Count} cpus={Environment.ProcessorCount}" + (workers.Count > 1 ? " tun=multi_queue udp=reuseport" : ""));
+        return workers;
+    }
+
+    // The loop's epoll with its wake-up and stop eventfds, the control socket, the management
+    // server and the TCP links: all bound while we are still root.
+    private void OpenEventLoop(Node node)
+    {
+        _wakeFd = Libc.EventFd(0, Libc.EFD_NONBLOCK | Libc.EFD_CLOEXEC);
+        _stopFd = Libc.EventFd(0, Libc.EFD_NONBLOCK | Libc.EFD_CLOEXEC);
+        _epfd = Libc.EpollCreate1(Libc.EPOLL_CLOEXEC);
+        if (_wakeFd < 0 || _stopFd < 0 || _epfd < 0) throw new IOException($"cannot create the event loop: {Libc.ErrorText(Libc.Errno)}");
+        _control = ControlServer.Listen(_cfg.ControlPath, _epfd, this);
+        if (_cfg.MgmtAddress != null) _mgmt = MgmtServer.Listen(_cfg.MgmtAddress, _cfg.MgmtPort, _epfd, _cfg.MgmtAcl);
+        Libc.EpollAdd(_epfd, _tun!.Fd);
+        Libc.EpollAdd(_epfd, _udp!.Fd);
+        if (_handshakes != null) Libc.EpollAdd(_epfd, _handshakes.Fd);
+        Libc.EpollAdd(_epfd, _wakeFd);
+        if (_cfg.TcpListenAddress != null || _cfg.Peers.Exists(pc => pc.Tcp.IsSet))
+        {
+            _tcp = new TcpLinks(_epfd);
+            if (_cfg.TcpListenAddress != null) _tcp.Listen(_cfg.TcpListenAddress, _cfg.TcpListenPort);
+            node.Tcp = _tcp;
+            node.LastUdpRxMs = Mono.NowMs();           // UDP gets its chance first
+        }
+    }
+
+    // The threads and watchers that run beside the loop, as the configured user.
+    private void StartControlPlane(int port)
+    {
+        _resolver = new Resolver(Wake);
+        _resolver.SetNames(EndpointNames(_cfg));
+        _configStamp = ConfigStamp();
+        ApplyLocalEndpoints(FindLocalEndpoints(port));
+        _chores = new Chores(Wake, _log);
+        if (_cfg.PortMapping)
+        {
+            Chores chores = _chores;
+            _portMapper = new PortMapper(port, ep => chores.Return(() => ApplyMapped(ep)), _log,
+                PortMapper.Protocols(Environment.GetEnvironmentVariable("VEIL_PORTMAP")));
         }
     }
 
@@ -10322,6 +10347,8 @@ internal sealed class Invites(Key32 privateKey)
         if (_pending.Count >= MaxPending) throw new ConfigException($"{MaxPending} invites are pending already; let some expire first");
         if (Encoding.UTF8.GetByteCount(endpoint) > 255 || Encoding.UTF8.GetByteCount(networkName) > 255)
             throw new ConfigException("the endpoint and the network name take at most 255 bytes each");
+        if (joinerName.Length > 0 && !UpConfig.IsName(joinerName))
+            throw new ConfigException($"the joiner's name '{joinerName}' must be 1 to 32 letters, digits, '-', '_' or '.'");
         var t = new InviteToken
         {
             // Random, not counted: an id says nothing about how many invites exist and cannot be guessed.
@@ -10377,7 +10404,7 @@ internal sealed class Invites(Key32 privateKey)
         if (p.JoinerKey.IsZero())
         {
             string name = nameLen > 0 ? Encoding.UTF8.GetString(msg.Slice(at + 32 + JoinProofLen + 1, nameLen)) : p.Name;
-            if (!IsPeerName(name)) name = IsPeerName(p.Name) ? p.Name : "";     // "": the key's default name
+            if (!UpConfig.IsName(name)) name = p.Name;     // "": the key's default name
             var pc = new PeerConfig { Name = name };
             joinerKey.CopyTo(pc.PublicKey);
             pc.Allowed.Add(new IpPrefix(p.Token.JoinerAddress.Address.GetAddressBytes(), p.Token.JoinerAddress.IsV6 ? 128 : 32));
@@ -10425,14 +10452,6 @@ internal sealed class Invites(Key32 privateKey)
         key.Clear();
         CryptographicOperations.ZeroMemory(payload);
         return reply;
-    }
-
-    /// <summary>What the config file takes as a peer's name (UpConfig.ParseName).</summary>
-    internal static bool IsPeerName(string n)
-    {
-        if (n.Length is 0 or > 32) return false;
-        foreach (char ch in n) if (!(char.IsAsciiLetterOrDigit(ch) || ch is '-' or '_' or '.')) return false;
-        return true;
     }
 
     private static byte[]? Refuse(Log log, in Endpoint from, string reason)

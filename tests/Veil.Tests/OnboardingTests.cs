@@ -23,6 +23,17 @@ public sealed class OnboardingTests : IDisposable
         return (inv, t, _persisted);
     }
 
+    [Theory]
+    [InlineData("a b")]
+    [InlineData("abcdefghijklmnopqrstuvwxyz0123456")]       // 33 characters: past what a config name takes
+    public void Create_NameTheConfigWouldRefuse_Refused(string name)
+    {
+        var inv = new Invites(_inviterPriv);
+        var e = Assert.Throws<ConfigException>(() => inv.Create(_inviterPub, "192.0.2.1:51820", "lab", new IfAddress(IPAddress.Parse("100.64.0.1"), 24),
+            new IfAddress(IPAddress.Parse("100.64.0.5"), 24), name, DateTimeOffset.UtcNow.ToUnixTimeSeconds() + 60));
+        Assert.Contains("1 to 32 letters", e.Message);
+    }
+
     // What the daemon does with a JoinHello: Consume, then write each queued joiner down (here: a
     // list) and answer it with what Written returns.
     private byte[]? Join(Invites inv, byte[] hello, Endpoint from)
