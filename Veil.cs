@@ -129,7 +129,7 @@ internal static class Program
             case "adminpub": return Cli.AdminPub(Console.In, stdout, stderr);
             case "up": return Up(args, stderr);
             case "init" or "invite" or "join" or "add-peer" or "doctor" or "service" or "revoke": return Onboard(verb, args, stdout, stderr);
-            case "status" or "peers" or "routes" or "reload" or "down" or "netcheck": return Cli.Ask(verb, args, stdout, stderr);
+            case "status" or "peers" or "routes" or "reload" or "down" or "netcheck" or "health": return Cli.Ask(verb, args, stdout, stderr);
             case "ping": return Cli.Ping(args, stdout, stderr);
             case "version" or "--version": stdout.WriteLine($"veil {Cli.Version} {RuntimeInformation.RuntimeIdentifier}"); return 0;
             case "bench": return Bench.Run(args, stdout);
@@ -1092,6 +1092,7 @@ internal sealed class UpConfig
     internal int Metric = Tune.DefaultMetric;
     internal bool Relay = true;            // carry records between members that cannot reach each other (§15)
     internal int RelayRateMbit = Tune.DefaultRelayRateMbit;
+    internal long HealthzGraceMs = 120_000;   // /healthz answers 503 once no peer has been up this long
     internal bool PortMapping = true;      // ask the gateway to forward our port (PortMapper)
     internal IPAddress? TcpListenAddress;  // --listen-tcp: the same records over TCP (TcpLinks)
     internal int TcpListenPort;
@@ -1105,7 +1106,7 @@ internal sealed class UpConfig
         "key", "psk", "listen", "address", "tun", "mtu", "keepalive", "rekey_after", "control", "mgmt", "mgmt_acl",
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
         "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers", "accept_psk", "admin", "revocations",
-        "relay", "relay_rate", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load",
+        "relay", "relay_rate", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "healthz_grace",
     ];
     private static readonly string[] ListKeys = ["address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk"];
     private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive", "tcp"];
@@ -1309,6 +1310,7 @@ internal sealed class UpConfig
             case "relay": Relay = ParseBool(src, value); break;
             case "port_mapping": PortMapping = ParseBool(src, value); break;
             case "relay_rate": RelayRateMbit = ParseInt(src, value, 1, 100_000); break;
+            case "healthz_grace": HealthzGraceMs = ParseInt(src, value, 0, 86_400) * 1000L; break;
             case "trust":
                 PeerConfig t = ParsePeer(src, value);
                 if (t.EndpointText.Length > 0) throw src.Bad(value, "must be a public key alone (use --peer for a key with an endpoint)");
@@ -3088,6 +3090,13 @@ internal sealed class Peer
     internal long PersistentKeepaliveMs;
     internal long LastHandshakeMs = -1, LastRxMs = -1;
     internal long LastHandshakeUnixS;            // wall clock of the latest handshake, for status (0: never)
+    // For status: the round trip of the latest handshake (hello to answer as initiator, answer to the
+    // first record as responder; µs, -1: none yet), why the last attempt failed, and roaming.
+    internal long HelloSentTicks, RttUs = -1;
+    internal string LastFailure = "";            // a reason code (no_answer, gave_up, server_hello_auth, cookie, no_endpoint)
+    internal long LastFailureMs = -1;
+    internal Endpoint PreviousEndpoint;          // where it was before its latest endpoint change
+    internal long EndpointChanges;
     internal long RxBytes, TxBytes, Handshakes;
     internal int FailuresSinceGood;              // bad tags / replays since the last good record
     internal long FirstFailureMs;                // when the first of them arrived
@@ -3195,6 +3204,8 @@ internal sealed class Peer
         Handshakes++;
     }
 
+    internal void OnFailure(string reason, long nowMs) { LastFailure = reason; LastFailureMs = nowMs; }
+
     /// <summary>Call after our ClientHello was answered.</summary>
     internal void OnHandshakeComplete()
     {
@@ -3275,6 +3286,7 @@ internal sealed partial class Node
     private void ExpiredRetransmitHandshake(Peer p, long nowMs)
     {
         p.HelloUnanswered = true;                        // the next hello takes the other path (ChoosePath)
+        p.OnFailure("no_answer", nowMs);
         // A reconnect attempt is one ClientHello: unanswered, the next waits longer (ExpiredReconnect).
         if (p.Reconnecting && p.StagedCount == 0)
         {
@@ -3287,6 +3299,7 @@ internal sealed partial class Node
         if (p.HandshakeAttempts >= Spec.MaxHandshakeAttempts || nowMs - p.HandshakeStartedMs >= Spec.RekeyAttemptTimeMs)
         {
             Log.Warn("handshake_gave_up", $"peer={p.Name} attempts={p.HandshakeAttempts} endpoint={p.Endpoint} rule=max_attempts staged_dropped={p.StagedCount}");
+            p.OnFailure("gave_up", nowMs);
             if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
             p.OnHandshakeComplete();
             p.ClearStaged();
@@ -4164,7 +4177,7 @@ internal sealed class Session : IDisposable
     internal readonly Peer Peer;
     internal readonly uint LocalIndex, RemoteIndex;
     internal readonly bool IsInitiator;
-    internal readonly long CreatedMs;
+    internal readonly long CreatedMs, CreatedTicks;      // CreatedTicks: Stopwatch, for the responder's RTT
     internal readonly AeadKind AeadKind;
     private readonly Aead _send, _receive;
     internal readonly ulong SendMaskKey, ReceiveMaskKey;
@@ -4180,6 +4193,7 @@ internal sealed class Session : IDisposable
         RemoteIndex = keys.RemoteIndex;
         IsInitiator = keys.IsInitiator;
         CreatedMs = nowMs;
+        CreatedTicks = Stopwatch.GetTimestamp();
         AeadKind = keys.Aead;
         _send = new Aead(keys.Aead, keys.Send);
         _receive = new Aead(keys.Aead, keys.Receive);
@@ -5539,6 +5553,7 @@ internal sealed partial class Node
     {
         if (p.Next != s) return;
         s.Confirmed = true;
+        p.RttUs = (long)Stopwatch.GetElapsedTime(s.CreatedTicks).TotalMicroseconds;          // our ServerHello to its first record
         Indexes.RemoveSession(p.Previous);
         p.Previous = p.Current;
         p.Current = s;
@@ -5670,11 +5685,13 @@ internal sealed partial class Node
         if (v != HandshakeVerdict.Ok || keys == null)
         {
             Counters.Drop(DropReason.HandshakeFailed);
+            p.OnFailure("server_hello_auth", nowMs);
             if (Log.Wants(LogLevel.Warn, "handshake_failed")) Log.Emit(LogLevel.Warn, "handshake_failed", $"peer={p.Name} reason=server_hello_auth from={from} hint=\"the peer answered but its ServerHello did not authenticate: different network secret (--psk) or wrong peer key\"");
             return;
         }
         Indexes.RemoveHandshake(p.Pending!.LocalIndex);
         p.OnHandshakeComplete();
+        p.RttUs = (long)Stopwatch.GetElapsedTime(p.HelloSentTicks).TotalMicroseconds;   // each retransmit has its own index: this hello's
         var s = new Session(p, keys, nowMs);
         Indexes.AddSession(s);
         Indexes.RemoveSession(p.Previous);
@@ -5694,6 +5711,7 @@ internal sealed partial class Node
         Peer? p = Indexes.FindHandshake(BinaryPrimitives.ReadUInt32BigEndian(d[Wire.CookieReplyReceiverOffset..]));
         if (p == null) { Counters.Drop(DropReason.UnknownIndex); return; }
         if (!Handshaker.ConsumeCookieReply(d, p, nowMs)) { Counters.Drop(DropReason.BadAuth); return; }
+        p.OnFailure("cookie", nowMs);                            // it is under load: the next hello carries the cookie
         Log.Debug("cookie_received", $"peer={p.Name}");
     }
 
@@ -5732,7 +5750,7 @@ internal sealed partial class Node
     {
         if (!retransmit && p.Pending != null) return;            // one in flight; its timer retransmits
         ChoosePath(p, nowMs);
-        if (!p.Endpoint.IsSet && PathRelay(p, nowMs) == null) return;
+        if (!p.Endpoint.IsSet && PathRelay(p, nowMs) == null) { p.OnFailure("no_endpoint", nowMs); return; }
         if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
         else { p.HandshakeAttempts = 0; p.HandshakeStartedMs = nowMs; }
         uint index = Indexes.NewIndex();
@@ -5743,6 +5761,7 @@ internal sealed partial class Node
         CommitOut(p, len, nowMs);
         Indexes.AddHandshake(index, p);
         p.HellosSent++;
+        p.HelloSentTicks = Stopwatch.GetTimestamp();
         p.RetransmitHandshakeAtMs = nowMs + p.RetransmitDelayMs(p.HandshakeAttempts);
         p.HandshakeAttempts++;
         Counters.HandshakesInitiated++;
@@ -6149,7 +6168,11 @@ internal sealed unsafe partial class Daemon
         _epfd = Libc.EpollCreate1(Libc.EPOLL_CLOEXEC);
         if (_wakeFd < 0 || _stopFd < 0 || _epfd < 0) throw new IOException($"cannot create the event loop: {Libc.ErrorText(Libc.Errno)}");
         _control = ControlServer.Listen(_cfg.ControlPath, _epfd, this);
-        if (_cfg.MgmtAddress != null) _mgmt = MgmtServer.Listen(_cfg.MgmtAddress, _cfg.MgmtPort, _epfd, _cfg.MgmtAcl);
+        if (_cfg.MgmtAddress != null)
+        {
+            _mgmt = MgmtServer.Listen(_cfg.MgmtAddress, _cfg.MgmtPort, _epfd, _cfg.MgmtAcl);
+            _mgmt.HealthzGraceMs = _cfg.HealthzGraceMs;
+        }
         Libc.EpollAdd(_epfd, _tun!.Fd);
         Libc.EpollAdd(_epfd, _udp!.Fd);
         if (_handshakes != null) Libc.EpollAdd(_epfd, _handshakes.Fd);
@@ -6550,6 +6573,7 @@ internal sealed unsafe partial class Daemon
         _log.Level = next.LogLevel;
         _log.Json = next.LogJson;
         _mgmt?.SetAcl(next.MgmtAcl);
+        if (_mgmt != null) _mgmt.HealthzGraceMs = next.HealthzGraceMs;
         _resolver?.SetNames(EndpointNames(next));
         _cfg = next;
         _log.Info("reloaded", $"trigger={r.Trigger} peers={peers}");
@@ -7929,6 +7953,12 @@ internal sealed partial class Node
         if (_via == p) return;
         if (_via == null)
         {
+            if (!p.Endpoint.Equals(from) && p.Endpoint.IsSet && !TcpLinks.IsTcp(from) && !TcpLinks.IsTcp(p.Endpoint))
+            {
+                p.PreviousEndpoint = p.Endpoint;         // roamed (a NAT rebinding, a new uplink)
+                p.EndpointChanges++;
+                if (Log.Wants(LogLevel.Info, "endpoint_changed")) Log.Emit(LogLevel.Info, "endpoint_changed", $"peer={p.Name} endpoint={from} was={p.Endpoint}");
+            }
             p.Endpoint = from;
             p.LastDirectRxMs = nowMs;
             if (!TcpLinks.IsTcp(from)) LastUdpRxMs = nowMs;
@@ -8762,7 +8792,83 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     private const int MaxMetricPeers = 256;          // per-peer series are bounded; the rest are summed only
     private static readonly string Rid = RuntimeInformation.RuntimeIdentifier;
 
-    private static string Ago(long ms) => ms < 0 ? "never" : ms / 1000 + " s ago";
+    // For people: the two largest units of an age, and bytes in IEC units.
+    internal static string Age(long ms)
+    {
+        long sec = Math.Max(0, ms) / 1000;
+        return sec < 60 ? $"{sec} s" : sec < 3600 ? $"{sec / 60} min {sec % 60} s" : sec < 86_400 ? $"{sec / 3600} h {sec % 3600 / 60} min" : $"{sec / 86_400} d {sec % 86_400 / 3600} h";
+    }
+
+    private static string Ago(long ms) => ms < 0 ? "never" : Age(ms) + " ago";
+
+    internal static string Iec(long bytes)
+    {
+        if (bytes < 1024) return bytes + " B";
+        double v = bytes;
+        int unit = -1;
+        while (v >= 1024 && unit < 4) { v /= 1024; unit++; }
+        return v.ToString(v < 10 ? "0.00" : v < 100 ? "0.0" : "0", System.Globalization.CultureInfo.InvariantCulture) + " " + "KMGTP"[unit] + "iB";
+    }
+
+    private static string Rtt(long us) => us < 0 ? "-" : (us / 1000.0).ToString(us < 10_000 ? "0.00" : "0.0", System.Globalization.CultureInfo.InvariantCulture) + " ms";
+
+    private static string FailureText(string reason) => reason switch
+    {
+        "no_answer" => "no answer to the last hello",
+        "gave_up" => "no answer after every retransmit",
+        "server_hello_auth" => "its answer did not authenticate (different --psk or wrong key)",
+        "cookie" => "it is under load and sent a cookie",
+        "no_endpoint" => "no endpoint known",
+        _ => reason,
+    };
+
+    private int PeersUp(long nowMs)
+    {
+        int n = 0;
+        foreach (Peer p in ActivePeers()) if (p.StateName(nowMs, Spec.RejectAfterTimeMs) == "up") n++;
+        return n;
+    }
+
+    // What an operator should look at first: no peer up, a prefix two peers are allowed, a wall clock
+    // stepped since the start (hello timestamps come from it: a step back makes peers refuse ours).
+    internal List<string> Warnings(long nowMs)
+    {
+        var w = new List<string>();
+        int peers = 0;
+        foreach (Peer p in ActivePeers()) peers++;
+        if (PeersUp(nowMs) == 0) w.Add(peers == 0 ? "no peers" : "no peer up");
+        var owner = new Dictionary<IpPrefix, string>();
+        foreach (Peer p in ActivePeers())
+            foreach (IpPrefix a in p.Allowed)
+                if (owner.TryGetValue(a, out string? other)) { if (w.Count < 8) w.Add($"route conflict: {a} is allowed for {other} and {p.Name}"); }
+                else owner[a] = p.Name;
+        long jumpS = DateTimeOffset.UtcNow.ToUnixTimeSeconds() - (_startedUnixS + (nowMs - startedMs) / 1000);
+        if (Math.Abs(jumpS) > 60) w.Add($"clock jumped {(jumpS > 0 ? "forward" : "back")} {Age(Math.Abs(jumpS) * 1000)} since start");
+        return w;
+    }
+
+    /// <summary>The control socket's "health": "ok: …" with a peer up, else "down: …" (`veil status` exits 3).</summary>
+    internal string Health()
+    {
+        long nowMs = Now();
+        int up = PeersUp(nowMs), total = 0;
+        foreach (Peer p in ActivePeers()) total++;
+        if (up > 0) return $"ok: {up} of {total} peers up\n";
+        long since = startedMs;
+        foreach (Peer p in ActivePeers()) since = Math.Max(since, p.DownAtMs);
+        return total == 0 ? "down: no peers\n" : $"down: no peer up (for {Age(nowMs - since)})\n";
+    }
+
+    /// <summary>For /healthz: null when healthy, else why not. Down
+    /// only once no peer has been up for longer than graceMs (since the start or the last peer_down).</summary>
+    internal string? Unhealthy(long graceMs)
+    {
+        long nowMs = Now();
+        if (PeersUp(nowMs) > 0) return null;
+        long since = startedMs;
+        foreach (Peer p in ActivePeers()) since = Math.Max(since, p.DownAtMs);
+        return nowMs - since > graceMs ? $"no peer up for {Age(nowMs - since)}" : null;
+    }
 
     private static string CipherName(AeadKind k) => k == AeadKind.Aes256Gcm ? "aes-256-gcm" : "chacha20-poly1305";   // as --cipher names it
 
@@ -8790,7 +8896,11 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append("  public key: ").Append(node.Handshaker.PublicKey.ToBase64()).Append('\n');
         sb.Append("  listening port: ").Append(listenPort).Append('\n');
         sb.Append("  addresses: ").Append(string.Join(", ", cfg.Addresses)).Append('\n');
-        sb.Append("  mtu: ").Append(node.Mtu).Append("  uptime: ").Append((nowMs - startedMs) / 1000).Append(" s\n");
+        sb.Append("  mtu: ").Append(node.Mtu).Append("  uptime: ").Append(Age(nowMs - startedMs)).Append('\n');
+        int total = 0;
+        foreach (Peer p in ActivePeers()) total++;
+        sb.Append("  peers: ").Append(PeersUp(nowMs)).Append(" of ").Append(total).Append(" up\n");
+        foreach (string w in Warnings(nowMs)) sb.Append("  warning: ").Append(w).Append('\n');
         sb.Append("  data path:");
         foreach (var (name, on) in Offloads()) sb.Append(' ').Append(name).Append(on ? " on," : " off,");
         sb.Append(" aead ").Append(Aead.Backend).Append(", ").Append(Workers.Count).Append(Workers.Count == 1 ? " worker\n" : " workers\n");
@@ -8798,9 +8908,10 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append("  records: ").Append(c.RxRecords).Append(" received, ").Append(c.TxRecords).Append(" sent")
           .Append("  handshakes: ").Append(c.HandshakesCompleted).Append('\n');
         sb.Append("  drops:");
+        int dropKinds = 0;
         for (int i = 0; i < (int)DropReason.Count; i++)
-            if (c.Drops[i] > 0) sb.Append(' ').Append(Counters.DropName((DropReason)i)).Append('=').Append(c.Drops[i]);
-        sb.Append('\n');
+            if (c.Drops[i] > 0) { sb.Append(' ').Append(Counters.DropName((DropReason)i)).Append('=').Append(c.Drops[i]); dropKinds++; }
+        sb.Append(dropKinds == 0 ? " none\n" : "\n");
         if (Mapper?.Current is PortMapper.State pm)
             sb.Append("  port mapping: ").Append(pm.Error == null ? $"{pm.Protocol} {pm.External} via {pm.Gateway} (lifetime {pm.LifetimeS} s)" : $"none ({pm.Error})").Append('\n');
         foreach (Peer p in ActivePeers()) PeerText(sb, p, nowMs);
@@ -8810,15 +8921,23 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     private void PeerText(StringBuilder sb, Peer p, long nowMs)
     {
         sb.Append("\npeer: ").Append(p.Name).Append(" (").Append(p.PublicKey.ToBase64()).Append(")\n");
-        sb.Append("  state: ").Append(p.StateName(nowMs, Spec.RejectAfterTimeMs)).Append('\n');
-        if (p.Endpoint.IsSet) sb.Append("  endpoint: ").Append(EndpointText(p.Endpoint)).Append('\n');
+        string state = p.StateName(nowMs, Spec.RejectAfterTimeMs);
+        sb.Append("  state: ").Append(state).Append('\n');
+        if (state == "handshaking")
+            sb.Append("  handshake: attempt ").Append(p.HandshakeAttempts).Append(", next in ").Append(Age(p.RetransmitHandshakeAtMs - nowMs)).Append('\n');
+        if (state != "up" && p.LastFailure.Length > 0)
+            sb.Append("  last failure: ").Append(FailureText(p.LastFailure)).Append(" (").Append(Ago(nowMs - p.LastFailureMs)).Append(")\n");
+        if (p.Endpoint.IsSet) sb.Append("  endpoint: ").Append(EndpointText(p.Endpoint)).Append(EndpointName(p) is string en ? $" (from {en})" : "").Append('\n');
+        else if (EndpointName(p) is string en) sb.Append("  endpoint: ").Append(en).Append(" (not resolved yet)\n");
+        if (p.EndpointChanges > 0) sb.Append("  endpoint changes: ").Append(p.EndpointChanges).Append(" (before: ").Append(p.PreviousEndpoint).Append(")\n");
+        if (p.RttUs >= 0) sb.Append("  rtt: ").Append(Rtt(p.RttUs)).Append(" (latest handshake)\n");
         sb.Append("  path: ").Append(p.PathName).Append('\n');
         sb.Append("  source: ").Append(Source(p)).Append('\n');
         sb.Append("  allowed ips: ").Append(p.Allowed.Count == 0 ? "(none)" : string.Join(", ", p.Allowed)).Append('\n');
         if (p.Claims.Count > 0) sb.Append("  claims: ").Append(string.Join(", ", p.Claims.ConvertAll(c => $"{c.Prefix} metric {c.Metric}"))).Append('\n');
         sb.Append("  latest handshake: ").Append(Ago(p.LastHandshakeMs < 0 ? -1 : nowMs - p.LastHandshakeMs)).Append('\n');
         if (p.Current != null) sb.Append("  cipher: ").Append(CipherName(p.Current.AeadKind)).Append('\n');
-        sb.Append("  transfer: ").Append(p.RxBytes).Append(" B received, ").Append(p.TxBytes).Append(" B sent\n");
+        sb.Append("  transfer: ").Append(Iec(p.RxBytes)).Append(" received, ").Append(Iec(p.TxBytes)).Append(" sent\n");
         if (p.PersistentKeepaliveMs > 0) sb.Append("  persistent keepalive: every ").Append(p.PersistentKeepaliveMs / 1000).Append(" s\n");
     }
 
@@ -8868,6 +8987,56 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
 
     private static string Source(Peer p) => p.Learned ? "learned" : "static";
 
+    // The configured endpoint when it is a DNS name (HOST:PORT), which the resolved endpoint hides.
+    private static string? EndpointName(Peer p) =>
+        p.ConfiguredEndpoint.Length > 0 && Endpoint.TrySplitHostPort(p.ConfiguredEndpoint, out string host, out _) && !IPAddress.TryParse(host, out _)
+            ? p.ConfiguredEndpoint : null;
+
+    // The overlay address people know a peer by: its first allowed host prefix, else its first prefix.
+    private static string OverlayAddress(Peer p)
+    {
+        foreach (IpPrefix a in p.Allowed) if (a.Bits == (a.IsV6 ? 128 : 32)) return a.ToString().Split('/')[0];
+        return p.Allowed.Count > 0 ? p.Allowed[0].ToString() : "-";
+    }
+
+    /// <summary>`veil status --short`: a line for the node, then one per peer (like `tailscale status`).</summary>
+    internal string Short()
+    {
+        long nowMs = Now();
+        var sb = new StringBuilder();
+        int total = 0;
+        foreach (Peer p in ActivePeers()) total++;
+        sb.Append("# ").Append(cfg.TunName).Append(cfg.Addresses.Count > 0 ? " " + string.Join(",", cfg.Addresses) : "").Append(", ").Append(PeersUp(nowMs)).Append(" of ").Append(total).Append(" peers up");
+        foreach (string w in Warnings(nowMs)) sb.Append("; ").Append(w);
+        sb.Append('\n');
+        foreach (Peer p in ActivePeers())
+            sb.Append(OverlayAddress(p).PadRight(16)).Append(' ').Append(p.Name.PadRight(16)).Append(' ').Append(p.StateName(nowMs, Spec.RejectAfterTimeMs).PadRight(11))
+              .Append(' ').Append(p.PathName.PadRight(12)).Append(" rtt ").Append(Rtt(p.RttUs).PadRight(9)).Append(" rx ").Append(Iec(p.RxBytes).PadRight(10))
+              .Append(" tx ").Append(Iec(p.TxBytes).PadRight(10)).Append(" handshake ").Append(Ago(p.LastHandshakeMs < 0 ? -1 : nowMs - p.LastHandshakeMs)).Append('\n');
+        return sb.ToString();
+    }
+
+    /// <summary>`veil status --dump`: tab-separated for scripts (busybox awk), like `wg show dump`.
+    /// A node line, then a peer line each; "-" for what is unknown or never, so no field is empty.</summary>
+    internal string Dump()
+    {
+        long nowMs = Now();
+        var sb = new StringBuilder();
+        int total = 0;
+        foreach (Peer p in ActivePeers()) total++;
+        sb.Append("node\t").Append(cfg.TunName).Append('\t').Append(node.Handshaker.PublicKey.ToBase64()).Append('\t').Append(listenPort)
+          .Append('\t').Append(node.Mtu).Append('\t').Append(PeersUp(nowMs)).Append('\t').Append(total).Append('\t').Append((nowMs - startedMs) / 1000).Append('\n');
+        foreach (Peer p in ActivePeers())
+        {
+            sb.Append("peer\t").Append(p.Name).Append('\t').Append(p.PublicKey.ToBase64()).Append('\t').Append(p.Endpoint.IsSet ? EndpointText(p.Endpoint) : "-")
+              .Append('\t').Append(p.Allowed.Count > 0 ? string.Join(",", p.Allowed) : "-").Append('\t').Append(p.StateName(nowMs, Spec.RejectAfterTimeMs))
+              .Append('\t').Append(p.PathName).Append('\t').Append(p.LastHandshakeUnixS > 0 ? p.LastHandshakeUnixS.ToString() : "-")
+              .Append('\t').Append(p.RxBytes).Append('\t').Append(p.TxBytes).Append('\t').Append(p.RttUs >= 0 ? p.RttUs.ToString() : "-")
+              .Append('\t').Append(p.PersistentKeepaliveMs > 0 ? (p.PersistentKeepaliveMs / 1000).ToString() : "-").Append('\t').Append(p.EndpointChanges).Append('\n');
+        }
+        return sb.ToString();
+    }
+
     internal string RoutesText()
     {
         var sb = new StringBuilder();
@@ -8893,7 +9062,10 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append("],\"datapath\":{");
         foreach (var (name, on) in Offloads()) sb.Append('"').Append(name).Append("\":").Append(on ? "true," : "false,");
         sb.Append("\"aead_backend\":\"").Append(Aead.Backend).Append("\"}");
-        sb.Append("},\"uptime_seconds\":").Append((nowMs - startedMs) / 1000).Append(",\"workers\":[");
+        sb.Append("},\"uptime_seconds\":").Append((nowMs - startedMs) / 1000).Append(",\"peers_up\":").Append(PeersUp(nowMs)).Append(",\"warnings\":[");
+        List<string> warnings = Warnings(nowMs);
+        for (int i = 0; i < warnings.Count; i++) { if (i > 0) sb.Append(','); Str(sb, warnings[i]); }
+        sb.Append("],\"workers\":[");
         for (int i = 0; i < Workers.Count; i++)
             sb.Append(i > 0 ? "," : "").Append("{\"tun_packets\":").Append(Workers[i].TunPackets).Append(",\"udp_datagrams\":").Append(Workers[i].UdpDatagrams)
               .Append(",\"handshake_datagrams\":").Append(Workers[i].HandshakeDatagrams).Append('}');
@@ -8918,7 +9090,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
                 sb.Append(first ? "" : ",").Append("{\"peer\":");
                 Str(sb, p.Name);
                 sb.Append(",\"slot\":\"").Append(slot).Append("\",\"role\":\"").Append(s.IsInitiator ? "initiator" : "responder")
-                  .Append("\",\"aead\":\"").Append(s.AeadKind)
+                  .Append("\",\"aead\":\"").Append(CipherName(s.AeadKind))
                   .Append("\",\"age_seconds\":").Append((nowMs - s.CreatedMs) / 1000).Append(",\"sent_records\":").Append(s.SendCounter).Append('}');
                 first = false;
             }
@@ -8937,9 +9109,12 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append(",\"mesh\":{\"name\":");
         Str(sb, m.Name);
         sb.Append(",\"policy\":\"").Append(m.Open ? "network" : "explicit").Append("\",\"endpoints\":[");
-        if (m.Mapped.IsSet) sb.Append('"').Append(m.Mapped).Append('"').Append(m.LocalEndpoints.Count + m.Observed.Count > 0 ? "," : "");
-        for (int i = 0; i < m.LocalEndpoints.Count + m.Observed.Count; i++)
-            sb.Append(i > 0 ? "," : "").Append('"').Append(i < m.LocalEndpoints.Count ? m.LocalEndpoints[i] : m.Observed[i - m.LocalEndpoints.Count]).Append('"');
+        // The mapped, local and observed endpoints, each once (a mapped one is often observed too).
+        var announced = new List<Endpoint>();
+        if (m.Mapped.IsSet) announced.Add(m.Mapped);
+        foreach (Endpoint e in m.LocalEndpoints) if (!announced.Contains(e)) announced.Add(e);
+        foreach (Endpoint e in m.Observed) if (!announced.Contains(e)) announced.Add(e);
+        for (int i = 0; i < announced.Count; i++) sb.Append(i > 0 ? "," : "").Append('"').Append(announced[i]).Append('"');
         sb.Append("],\"claims\":[");
         for (int i = 0; i < m.OwnClaims.Count; i++) sb.Append(i > 0 ? "," : "").Append('"').Append(m.OwnClaims[i].Prefix).Append('"');
         sb.Append("],\"exchange_sent_messages\":").Append(m.SentMessages).Append(",\"exchange_sent_bytes\":").Append(m.SentBytes)
@@ -9002,16 +9177,26 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             else sb.Append("null");
             sb.Append(",\"relayed_rx_bytes\":").Append(p.RelayedRxBytes).Append(",\"relayed_tx_bytes\":").Append(p.RelayedTxBytes)
               .Append(",\"punches_sent\":").Append(p.PunchesSent).Append(",\"punches_answered\":").Append(p.PunchesAnswered)
-              .Append(",\"last_direct_s\":").Append(p.LastDirectRxMs < 0 ? -1 : (nowMs - p.LastDirectRxMs) / 1000)
+              .Append(",\"last_direct_s\":").Append(p.LastDirectRxMs < 0 ? "null" : ((nowMs - p.LastDirectRxMs) / 1000).ToString())
               .Append(",\"sees_us_at\":").Append(p.SeesUsAt.IsSet ? "\"" + p.SeesUsAt + "\"" : "null")
-              .Append(",\"latest_handshake\":").Append(p.LastHandshakeUnixS)
-              .Append(",\"latest_handshake_s\":").Append(p.LastHandshakeMs < 0 ? -1 : (nowMs - p.LastHandshakeMs) / 1000)
+              .Append(",\"latest_handshake\":").Append(p.LastHandshakeUnixS > 0 ? p.LastHandshakeUnixS.ToString() : "null")
+              .Append(",\"latest_handshake_s\":").Append(p.LastHandshakeMs < 0 ? "null" : ((nowMs - p.LastHandshakeMs) / 1000).ToString())
+              .Append(",\"rtt_ms\":").Append(p.RttUs < 0 ? "null" : (p.RttUs / 1000.0).ToString("0.###", System.Globalization.CultureInfo.InvariantCulture))
+              .Append(",\"handshake\":{\"attempts\":").Append(p.Pending != null ? p.HandshakeAttempts : 0)
+              .Append(",\"next_retry_s\":").Append(p.Pending != null ? (Math.Max(0, p.RetransmitHandshakeAtMs - nowMs) / 1000).ToString() : "null")
+              .Append(",\"last_failure\":").Append(p.LastFailure.Length > 0 ? "\"" + p.LastFailure + "\"" : "null")
+              .Append(",\"last_failure_s\":").Append(p.LastFailureMs < 0 ? "null" : ((nowMs - p.LastFailureMs) / 1000).ToString()).Append('}')
+              .Append(",\"endpoint_name\":");
+            if (EndpointName(p) is string en) Str(sb, en);
+            else sb.Append("null");
+            sb.Append(",\"endpoint_changes\":").Append(p.EndpointChanges)
+              .Append(",\"previous_endpoint\":").Append(p.EndpointChanges > 0 ? "\"" + p.PreviousEndpoint + "\"" : "null")
               .Append(",\"rx_bytes\":").Append(p.RxBytes).Append(",\"tx_bytes\":").Append(p.TxBytes)
               .Append(",\"handshakes\":").Append(p.Handshakes)
               .Append(",\"keepalive_seconds\":").Append(p.PersistentKeepaliveMs / 1000)
-              .Append(",\"aead\":").Append(p.Current != null ? "\"" + p.Current.AeadKind + "\"" : "null")
+              .Append(",\"aead\":").Append(p.Current != null ? "\"" + CipherName(p.Current.AeadKind) + "\"" : "null")
               .Append(",\"source\":\"").Append(Source(p))
-              .Append("\",\"last_seen_s\":").Append(p.LastRxMs < 0 ? -1 : (nowMs - p.LastRxMs) / 1000)
+              .Append("\",\"last_seen_s\":").Append(p.LastRxMs < 0 ? "null" : ((nowMs - p.LastRxMs) / 1000).ToString())
               .Append(",\"allowed\":[");
             for (int j = 0; j < p.Allowed.Count; j++) sb.Append(j > 0 ? "," : "").Append('"').Append(p.Allowed[j]).Append('"');
             sb.Append("],\"claims\":[");
@@ -9119,11 +9304,12 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             // MaxMetricPeers the node-wide totals above still count every peer.
             var shown = new List<Peer>();
             foreach (Peer p in ActivePeers()) if (shown.Count < MaxMetricPeers) shown.Add(p);
-            void PeerSeries(string name, string type, string help, Func<Peer, double> value)
+            void PeerSeries(string name, string type, string help, Func<Peer, double> value, Func<Peer, bool>? known = null)
             {
                 Head(name, type, help);
                 foreach (Peer p in shown)
                 {
+                    if (known != null && !known(p)) continue;       // no sample yet: no series (not a 0 that graphs as one)
                     sb.Append(name).Append("{peer=");
                     Str(sb, p.Name);
                     sb.Append(",public_key=\"").Append(p.PublicKey.ToBase64()).Append("\"} ")
@@ -9137,6 +9323,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             PeerSeries("veil_peer_relayed", "gauge", "1 when records to the peer go through a relaying member.", p => p.Relay != null ? 1 : 0);
             PeerSeries("veil_peer_relayed_bytes_total", "counter", "Bytes of the peer's records that came or went through a relay.", p => p.RelayedRxBytes + p.RelayedTxBytes);
             PeerSeries("veil_peer_punches_sent_total", "counter", "Punch rounds sent towards the peer while relayed.", p => p.PunchesSent);
+            PeerSeries("veil_peer_rtt_seconds", "gauge", "Round trip of the latest handshake with the peer.", p => p.RttUs / 1e6, p => p.RttUs >= 0);
+            PeerSeries("veil_peer_endpoint_changes_total", "counter", "Times the peer's endpoint moved (roaming, NAT rebinding).", p => p.EndpointChanges);
             Head("veil_gc_collections_total", "counter", "Garbage collections by generation.");
             for (int g = 0; g <= 2; g++) sb.Append("veil_gc_collections_total{generation=\"").Append(g).Append("\"} ").Append(GC.CollectionCount(g)).Append('\n');
             One("veil_gc_allocated_bytes_total", "counter", "Bytes allocated on the managed heap.", GC.GetTotalAllocatedBytes());
@@ -9427,6 +9615,9 @@ internal sealed unsafe class ControlServer : RequestServer
             {
                 "status" => status.Text(),
                 "status json" => status.Json(),
+                "status short" => status.Short(),
+                "status dump" => status.Dump(),
+                "health" => status.Health(),
                 "peers" => status.PeersText(),
                 "peers json" => status.PeersJson(),
                 "routes" => status.RoutesText(),
@@ -9434,7 +9625,7 @@ internal sealed unsafe class ControlServer : RequestServer
                 "netcheck" => status.Netcheck(),
                 "down" => "ok: leaving\n",
                 _ when line.StartsWith("invite ", StringComparison.Ordinal) => _daemon.Invite(line),
-                _ => "error: unknown request (expected status, peers, routes [json], netcheck, ping PEER, reload, down, invite or revoke)\n",
+                _ => "error: unknown request (expected status [json|short|dump], peers, routes [json], health, netcheck, ping PEER, reload, down, invite or revoke)\n",
             };
         Respond(fd, c, Encoding.UTF8.GetBytes(reply), nowMs);
         // Stop after the reply is written, so `veil down` reads "ok" before the loop winds down.
@@ -9557,6 +9748,8 @@ internal sealed unsafe class MgmtServer : RequestServer
 
     internal void SetAcl(List<IpPrefix> acl) => _acl = acl;
 
+    internal long HealthzGraceMs = 120_000;       // from --healthz-grace; the loop sets it at start and reload
+
     internal bool Allowed(in Endpoint from)
     {
         Span<byte> a = stackalloc byte[16];
@@ -9595,7 +9788,7 @@ internal sealed unsafe class MgmtServer : RequestServer
             {
                 "/status" => Http(200, "application/json", StatusJson(status)),
                 "/metrics" => Http(200, "text/plain; version=0.0.4; charset=utf-8", status.Metrics()),
-                "/healthz" => Http(200, "text/plain", "ok\n"),
+                "/healthz" => Healthz(status) is string why ? Http(503, "text/plain", "unhealthy: " + why + "\n") : Http(200, "text/plain", "ok\n"),
                 _ => Http(404, "text/plain", "not found (try /status, /metrics, /healthz)\n"),
             };
         // HEAD: the same head (its Content-Length included), no body (RFC 9110 §9.3.2).
@@ -9606,6 +9799,10 @@ internal sealed unsafe class MgmtServer : RequestServer
 
     private static string StatusJson(StatusView status) { lock (status.Gate) return status.Json(); }
 
+    // A watchdog (procd, systemd, Kubernetes) restarts or alerts on 503: only after the grace time,
+    // so a node that is starting or riding out a short outage is not flapped.
+    private string? Healthz(StatusView status) { lock (status.Gate) return status.Unhealthy(HealthzGraceMs); }
+
     protected override byte[] TooLong() => Http(431, "text/plain", "request header too large\n");
     protected override byte[] TimedOut() => Http(408, "text/plain", "request timeout\n");
 
@@ -9614,7 +9811,7 @@ internal sealed unsafe class MgmtServer : RequestServer
         string reason = code switch
         {
             200 => "OK", 400 => "Bad Request", 403 => "Forbidden", 404 => "Not Found", 405 => "Method Not Allowed",
-            408 => "Request Timeout", 431 => "Request Header Fields Too Large", _ => "Error",
+            408 => "Request Timeout", 431 => "Request Header Fields Too Large", 503 => "Service Unavailable", _ => "Error",
         };
         byte[] b = Encoding.UTF8.GetBytes(body);
         // One request per connection (Connection: close) keeps each client a one-shot state machine; the
@@ -9689,19 +9886,19 @@ internal static class Cli
     /// <summary>status | down: one request to the daemon's control socket.</summary>
     internal static int Ask(string verb, string[] args, TextWriter stdout, TextWriter stderr)
     {
-        string path = Tune.DefaultControlPath;
-        bool json = false;
+        string path = Tune.DefaultControlPath, view = "";
         for (int i = 1; i < args.Length; i++)
         {
             // Only the views have a JSON form; "reload --json" is refused like any other unknown argument.
-            if (args[i] == "--json" && verb is "status" or "peers" or "routes") json = true;
+            if (args[i] == "--json" && verb is "status" or "peers" or "routes" && view.Length == 0) view = " json";
+            else if (args[i] is "--short" or "--dump" && verb == "status" && view.Length == 0) view = " " + args[i][2..];
             else if (args[i] == "--control" && i + 1 < args.Length) path = args[++i];
             else if (args[i].StartsWith("--control=")) path = args[i]["--control=".Length..];
             else { stderr.WriteLine($"veil: {verb}: unknown argument '{args[i]}' (see 'veil help {verb}')"); return 2; }
         }
         // Exit codes follow `veil help reload`: 1 nobody answered, 2 refused or bad input, 3 needs a restart.
         // Scripts tell them apart, so they must not change.
-        string? reply = ControlClient.Ask(path, json ? verb + " json" : verb);
+        string? reply = ControlClient.Ask(path, verb + view);
         if (reply == null)
         {
             stderr.WriteLine($"veil: no daemon answers on {path} (is 'veil up' running? use --control PATH)");
@@ -9711,6 +9908,9 @@ internal static class Cli
         if (reply.StartsWith("error:")) { stderr.Write("veil: " + reply[6..].TrimStart()); return 2; }
         if (reply.StartsWith("restart:")) { stderr.Write("veil: " + reply[8..].TrimStart()); return 3; }
         stdout.Write(reply);
+        // `veil status` and `veil health` tell a watchdog whether any peer is up: 3 when none is.
+        if (verb == "health") return reply.StartsWith("ok:") ? 0 : 3;
+        if (verb == "status" && ControlClient.Ask(path, "health") is string health && health.StartsWith("down:")) return 3;
         return 0;
     }
 
@@ -9810,6 +10010,7 @@ internal static class Cli
                   --config FILE           TOML file with the same keys (see veil.toml.example); flags win
                   --mgmt ADDR:PORT|off    management HTTP: /status, /metrics, /healthz (default 127.0.0.1:7777)
                   --mgmt-acl CIDR[,CIDR]  who may use it (default 127.0.0.0/8,::1/128)
+                  --healthz-grace S       /healthz says 503 once no peer was up for S seconds (default 120)
                   --max-sessions N        peers holding session keys at most (default 1024)
                   --handshake-rate N      handshakes per second answered without a cookie (default 100)
                   --handshake-rate-per-source N   per source address; more are dropped (default 10)
@@ -9856,7 +10057,11 @@ internal static class Cli
 
     private static readonly Dictionary<string, string> Topics = new()
     {
-        ["status"] = "usage: veil status|peers|routes [--json] [--control PATH]   the node, its peers, its routing table\nexit status: 0 ok, 1 no daemon answers, 2 bad input\n",
+        ["status"] = "usage: veil status [--json|--short|--dump] [--control PATH]   the node and its peers\n" +
+                     "       veil peers|routes [--json] [--control PATH]                its peers, its routing table\n" +
+                     "       veil health [--control PATH]                               one line: is any peer up?\n" +
+                     "--short: one line per peer; --dump: tab-separated (node line, then a peer line each; '-' for unknown)\n" +
+                     "exit status: 0 ok (status, health: a peer is up), 1 no daemon answers, 2 bad input, 3 (status, health) no peer is up\n",
         ["ping"] = "usage: veil ping NAME|PUBKEY [-c N] [--control PATH]   N (default 4) echo requests at the Veil layer, one a second;\n  each answer shows the path (direct or relay:NAME), the endpoint and the round trip\nexit status: 0 some answered, 1 none (or no daemon), 2 bad input or no such peer\n",
         ["netcheck"] = "usage: veil netcheck [--control PATH]   where members see this node, whether that depends on the member\n  (symmetric NAT), the gateway's port mapping, the relay, the path to each peer\n",
         ["reload"] = "usage: veil reload [--control PATH]   re-read flags and --config file (same as SIGHUP)\nexit status: 0 applied, 1 no daemon, 2 the new config is invalid (nothing applied), 3 a changed key needs a restart (nothing applied)\n",
@@ -9871,6 +10076,7 @@ internal static class Cli
         ["doctor"] = "usage: veil doctor [the flags of 'veil up', e.g. --config FILE]   one ok/FAIL line per check; exit 1 if any failed\n",
         ["peers"] = "usage: veil peers [--json] [--control PATH]   the configured peers and their state\n",
         ["routes"] = "usage: veil routes [--json] [--control PATH]   the routing table: prefix -> peer\n",
+        ["health"] = "usage: veil health [--control PATH]   one line: ok with a peer up, down (and since when) with none\nexit status: 0 a peer is up, 1 no daemon answers, 3 no peer is up\n",
     };
 }
 
