@@ -207,6 +207,18 @@ internal static class Ip
     internal const byte ProtocolTcp = 6, ProtocolUdp = 17;
 
     internal static int Version(ReadOnlySpan<byte> p) => p[0] >> 4;
+
+    /// <summary>A destination no peer is meant to get: IPv4 multicast, broadcast or 169.254/16,
+    /// IPv6 multicast or fe80::/10 (router solicitations and MLD reports the kernel sends by itself).</summary>
+    internal static bool IsLinkScope(ReadOnlySpan<byte> p)
+    {
+        if (p.Length >= V4HeaderLen && Version(p) == 4)
+        {
+            byte d0 = p[V4DestinationOffset];
+            return d0 >= 224 || d0 == 169 && p[V4DestinationOffset + 1] == 254;
+        }
+        return p.Length >= V6HeaderLen && Version(p) == 6 && (p[V6DestinationOffset] == 0xff || p[V6DestinationOffset] == 0xfe && (p[V6DestinationOffset + 1] & 0xc0) == 0x80);
+    }
 }
 
 internal static class Spec
@@ -738,6 +750,7 @@ internal enum DropReason
     BadExchange,        // a member's exchange message was malformed or over a bound (§15)
     RelayRefused,       // a Relay record this node would not carry: not offered, no such member up, malformed (§15)
     RelayRate,          // a relayed pair over its byte budget (§15)
+    LinkLocal,          // outbound to a link-local or multicast address with no route: the kernel's own chatter
     Count,
 }
 
@@ -762,7 +775,8 @@ internal sealed class Counters
         DropReason.UnknownPeer => "unknown_peer", DropReason.StaleHello => "stale_hello",
         DropReason.HandshakeFailed => "handshake_failed", DropReason.QueueFull => "queue_full", DropReason.Refused => "refused",
         DropReason.TunWrite => "tun_write", DropReason.UdpSend => "udp_send", DropReason.BadExchange => "bad_exchange",
-        DropReason.RelayRefused => "relay_refused", DropReason.RelayRate => "relay_rate", _ => "other",
+        DropReason.RelayRefused => "relay_refused", DropReason.RelayRate => "relay_rate",
+        DropReason.LinkLocal => "link_local", _ => "other",
     };
 }
 
@@ -5340,7 +5354,7 @@ internal sealed partial class Node
             Counters.TunRxPackets++;
             int peerId = RouteOf(packet, destination: true);
             b.Length[i] = 0;
-            if (peerId < 0) { Counters.Drop(peerId == -2 ? DropReason.Malformed : DropReason.NoRoute); continue; }
+            if (peerId < 0) { Counters.Drop(peerId == -2 ? DropReason.Malformed : Ip.IsLinkScope(packet) ? DropReason.LinkLocal : DropReason.NoRoute); continue; }
             Peer p = Peers[peerId];
             if (!CanSend(p, nowMs))
             {
@@ -8910,7 +8924,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append("  drops:");
         int dropKinds = 0;
         for (int i = 0; i < (int)DropReason.Count; i++)
-            if (c.Drops[i] > 0) { sb.Append(' ').Append(Counters.DropName((DropReason)i)).Append('=').Append(c.Drops[i]); dropKinds++; }
+            // link_local is the kernel's own chatter (router solicitations, MLD), not a problem to read about.
+            if (c.Drops[i] > 0 && i != (int)DropReason.LinkLocal) { sb.Append(' ').Append(Counters.DropName((DropReason)i)).Append('=').Append(c.Drops[i]); dropKinds++; }
         sb.Append(dropKinds == 0 ? " none\n" : "\n");
         if (Mapper?.Current is PortMapper.State pm)
             sb.Append("  port mapping: ").Append(pm.Error == null ? $"{pm.Protocol} {pm.External} via {pm.Gateway} (lifetime {pm.LifetimeS} s)" : $"none ({pm.Error})").Append('\n');

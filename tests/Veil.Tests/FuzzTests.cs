@@ -1794,7 +1794,7 @@ public sealed partial class FuzzTests
                 int route = node.RouteOf(packet, destination: true);
                 bool sent = node.Counters.TxRecords > tx0, staged = node.Peers.Sum(p => p.StagedCount) != staged0 || node.Counters.HandshakesInitiated > hs0;
                 Check(route != -2 || dropped == "malformed", "a packet that is not IP was not dropped as malformed");
-                Check(route != -1 || dropped == "no_route", "a packet without a route was not dropped as no_route");
+                Check(route != -1 || dropped == (Ip.IsLinkScope(packet) ? "link_local" : "no_route"), "a packet without a route was not dropped as no_route (link_local for link scope)");
                 Check(route < 0 || sent || staged || dropped == "queue_full", $"a routed packet went nowhere ({dropped})");
                 Check(b.Udp.Sent.TrueForAll(d => Record.Classify(d) is RecordKind.Transport or RecordKind.ClientHello), "the node sent something that is not a record or a hello");
                 return $"{(route >= 0 ? "routed" : route == -1 ? "no-route" : "not-ip")}|{dropped}|{sent}|{staged}";

@@ -35,6 +35,26 @@ public class NodeTests
         Assert.Equal(2, t.Nodes[0].Tun.Written.Count);
     }
 
+    [Theory]
+    [InlineData("fe80::1", "ff02::2", true)]                // a router solicitation
+    [InlineData("fe80::1", "ff02::16", true)]               // an MLDv2 report
+    [InlineData("fd00:64::1", "fe80::9", true)]
+    [InlineData("100.64.0.1", "224.0.0.251", true)]         // mDNS
+    [InlineData("100.64.0.1", "255.255.255.255", true)]
+    [InlineData("100.64.0.1", "169.254.1.1", true)]
+    [InlineData("100.64.0.1", "10.1.2.3", false)]           // a real destination without a route
+    [InlineData("fd00:64::1", "fd00:99::1", false)]
+    public void Tun_NoRoute_KernelChatterCountedApart(string src, string dst, bool linkScope)
+    {
+        var t = TestNet.FullMesh(2);
+        t.Start();
+        t.Nodes[0].Tun.Inject(src.Contains(':') ? Packets.Udp6(src, dst, 20) : Packets.Udp4(src, dst, 20));
+        t.Pump();
+        Assert.Equal(linkScope ? 1 : 0, Drops(t.Nodes[0], DropReason.LinkLocal));
+        Assert.Equal(linkScope ? 0 : 1, Drops(t.Nodes[0], DropReason.NoRoute));
+        Assert.Empty(t.Nodes[1].Tun.Written);
+    }
+
     [Fact]
     public void Tunnel_ManyPacketsStagedBeforeHandshake_AllDeliveredInOrder()
     {
