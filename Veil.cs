@@ -122,10 +122,10 @@ internal static class Program
         string verb = args.Length > 0 ? args[0] : "help";
         switch (verb)
         {
-            case "genkey": return Cli.GenKey(stdout);
+            case "genkey": Cli.WarnIfOthersCanRead(stderr); return Cli.GenKey(stdout);
             case "pubkey": return Cli.PubKey(Console.In, stdout, stderr);
-            case "genpsk": return Cli.GenPsk(stdout);
-            case "genadmin": stdout.WriteLine(Convert.ToBase64String(AdminSignature.NewPrivateKey())); return 0;
+            case "genpsk": Cli.WarnIfOthersCanRead(stderr); return Cli.GenPsk(stdout);
+            case "genadmin": Cli.WarnIfOthersCanRead(stderr); stdout.WriteLine(Convert.ToBase64String(AdminSignature.NewPrivateKey())); return 0;
             case "adminpub": return Cli.AdminPub(Console.In, stdout, stderr);
             case "up": return Up(args, stderr);
             case "init" or "invite" or "join" or "add-peer" or "doctor" or "service" or "revoke": return Onboard(verb, args, stdout, stderr);
@@ -183,12 +183,19 @@ internal static class Program
             Console.Out.WriteLine($"veil: configuration ok (peers: {cfg.Peers.Count}, tun {cfg.TunName}, mtu {cfg.Mtu})");
             return 0;
         }
-        var log = new Log(Console.Out, stderr, cfg.LogLevel) { Json = cfg.LogJson };
+        var log = new Log(Console.Out, stderr, cfg.LogLevel) { Json = cfg.LogJson, NoTimestamps = cfg.LogNoTimestamps };
         try { return new Daemon(cfg, args, log).Run(); }
         // Config problems found only while starting (a peer key that is a low-order point) exit 2 too: the
         // service unit's RestartPreventExitStatus=2 then keeps systemd from restarting into the same mistake.
         catch (ConfigException e) { stderr.WriteLine("veil: " + e.Message); return 2; }
-        catch (IOException e) { log.Error("fatal", $"error=\"{e.Message}\""); stderr.WriteLine("veil: " + e.Message); return 1; }
+        // One line per failure: the structured event for a JSON log's reader, else the plain sentence.
+        catch (IOException e)
+        {
+            string hint = Doctor.HintFor(e.Message, cfg);
+            if (cfg.LogJson) log.Error("fatal", $"error=\"{e.Message}\"" + (hint.Length > 0 ? $" hint=\"{hint}\"" : ""));
+            else stderr.WriteLine("veil: " + e.Message + (hint.Length > 0 ? "; " + hint : ""));
+            return 1;
+        }
     }
 }
 
@@ -519,6 +526,7 @@ internal sealed class Log
     private readonly Dictionary<string, Budget> _budgets = new();
     internal LogLevel Level;
     internal bool Json;
+    internal bool NoTimestamps;                    // --log-format plain: logd and journald stamp each line already
 
     internal Log(TextWriter output, LogLevel level) : this(output, output, level) { }
     internal Log(TextWriter output, TextWriter errors, LogLevel level) { _out = output; _err = errors; Level = level; }
@@ -649,7 +657,7 @@ internal sealed class Log
         // UTC with milliseconds: lines of nodes in different time zones sort together, and the only place
         // the wall clock is read for the log.
         string ts = DateTime.UtcNow.ToString("yyyy-MM-ddTHH:mm:ss.fffZ", System.Globalization.CultureInfo.InvariantCulture);
-        return Json ? JsonLine(ts, level, name, fields) : $"ts={ts} level={LevelName(level)} event={name}{(fields.Length > 0 ? " " : "")}{fields}";
+        return Json ? JsonLine(ts, level, name, fields) : $"{(NoTimestamps ? "" : $"ts={ts} ")}level={LevelName(level)} event={name}{(fields.Length > 0 ? " " : "")}{fields}";
     }
 
     // The same pairs as one JSON object; a value written "like this" is one string.
@@ -1092,7 +1100,7 @@ internal sealed class UpConfig
     internal int HandshakeRate = Tune.DefaultHandshakeRate;
     internal int HandshakeRatePerSource = Tune.DefaultHandshakeRatePerSource;
     internal LogLevel LogLevel = LogLevel.Info;
-    internal bool LogJson;
+    internal bool LogJson, LogNoTimestamps;
     internal string? User;
     internal string Cipher = "auto";
     internal bool CheckOnly;
@@ -1154,11 +1162,11 @@ internal sealed class UpConfig
             if (flag.StartsWith("--") && eq > 0) { value = flag[(eq + 1)..]; flag = flag[..eq]; }
             else
             {
-                if (!IsFlag(flag)) throw new ConfigException($"unknown flag '{flag}' (see 'veil help up')");
+                if (!IsFlag(flag)) throw UnknownFlag(flag);
                 if (i + 1 >= args.Length) throw new ConfigException($"{flag} needs a value");
                 value = args[++i];
             }
-            if (!IsFlag(flag)) throw new ConfigException($"unknown flag '{flag}' (see 'veil help up')");
+            if (!IsFlag(flag)) throw UnknownFlag(flag);
             var src = new Src(flag, true);
             switch (flag)
             {
@@ -1203,12 +1211,12 @@ internal sealed class UpConfig
     {
         foreach (var (key, v) in doc.Root)
         {
-            if (Array.IndexOf(Keys, key) < 0) throw new ConfigException($"{doc.File}:{v.Line}: unknown key '{key}'");
+            if (Array.IndexOf(Keys, key) < 0) throw new ConfigException($"{doc.File}:{v.Line}: unknown key '{key}'{DidYouMean(key, Keys)}");
             if (flags.Exists(f => f.Key == key)) continue;
             var src = new Src($"{doc.File}:{v.Line}: key '{key}'", false);
             if (Array.IndexOf(ListKeys, key) >= 0)
             {
-                foreach (TomlValue item in ListOf(src, v)) Apply(key, src, item.Str);
+                foreach (TomlValue item in ListOf(src, v)) Apply(key, src, FromFile(key, item.Str));
                 continue;
             }
             if (key is "mesh" or "relay" or "port_mapping")
@@ -1217,7 +1225,7 @@ internal sealed class UpConfig
                 Apply(key, src, v.Bool ? "true" : "false");
                 continue;
             }
-            Apply(key, src, Scalar(src, v, key is "mtu" or "keepalive" or "rekey_after" or "max_sessions" or "handshake_rate" or "handshake_rate_per_source" or "metric" or "workers" or "relay_rate"));
+            Apply(key, src, FromFile(key, Scalar(src, v, key is "mtu" or "keepalive" or "rekey_after" or "max_sessions" or "handshake_rate" or "handshake_rate_per_source" or "metric" or "workers" or "relay_rate" or "healthz_grace")));
         }
         foreach (var (table, entries) in doc.TableArrays)
         {
@@ -1226,10 +1234,21 @@ internal sealed class UpConfig
         }
     }
 
+    // A relative path in the file is relative to the file (as in nginx or a systemd unit): under procd
+    // or systemd the working directory is /, and the file's own directory is where its keys live.
+    // Flags stay relative to the working directory, as a shell user expects.
+    private string FromFile(string key, string value)
+    {
+        bool path = key is "key" or "psk" or "accept_psk" or "revocations" or "state" or "control"
+                    || key is "beacon_store" or "beacon_load" && !value.StartsWith('|');
+        if (!path || value.Length == 0 || Path.IsPathRooted(value) || ConfigPath == null) return value;
+        return Path.Combine(Path.GetDirectoryName(Path.GetFullPath(ConfigPath))!, value);
+    }
+
     private static PeerConfig FilePeer(TomlDoc doc, Dictionary<string, TomlValue> t, int line)
     {
         foreach (var (k, v) in t)
-            if (Array.IndexOf(PeerKeys, k) < 0) throw new ConfigException($"{doc.File}:{v.Line}: unknown key '{k}' in [[peer]]");
+            if (Array.IndexOf(PeerKeys, k) < 0) throw new ConfigException($"{doc.File}:{v.Line}: unknown key '{k}' in [[peer]]{DidYouMean(k, PeerKeys)}");
         // The entry's header line is named here: the missing key has no line of its own.
         if (!t.TryGetValue("public_key", out TomlValue? pk)) throw new ConfigException($"{doc.File}:{line}: [[peer]] needs a public_key");
         Src S(string k) => new($"{doc.File}:{t[k].Line}: key '{k}'", false);
@@ -1316,8 +1335,9 @@ internal sealed class UpConfig
                 if (!Log.TryParseLevel(value, out LogLevel)) throw src.Bad(value, "must be one of error, warn, info, debug");
                 break;
             case "log_format":
-                if (value is not ("text" or "json")) throw src.Bad(value, "must be text or json");
+                if (value is not ("text" or "json" or "plain")) throw src.Bad(value, "must be text, json or plain (text without timestamps)");
                 LogJson = value == "json";
+                LogNoTimestamps = value == "plain";
                 break;
             case "user": User = ParseName(src, value); break;
             case "mesh": Mesh = ParseBool(src, value); break;
@@ -1452,6 +1472,46 @@ internal sealed class UpConfig
 
     // Every file key is also a flag with '-' for '_'; "--rekey_after" is refused so each setting has one
     // spelling on the command line.
+    private static readonly string[] Switches = ["--check", "--mesh", "--relay", "--no-relay", "--port-mapping", "--no-port-mapping", "--config", "--peer", "--allow", "--peer-tcp"];
+
+    private static ConfigException UnknownFlag(string flag)
+    {
+        var all = new List<string>(Switches);
+        foreach (string k in Keys) all.Add("--" + k.Replace('_', '-'));
+        return new ConfigException($"unknown flag '{flag}'{DidYouMean(flag, all)} (see 'veil help up')");
+    }
+
+    /// <summary>", did you mean 'X'?" for the known word closest to a mistyped one (at most two
+    /// edits, a swap of neighbours counting as one), else "".</summary>
+    internal static string DidYouMean(string typed, IReadOnlyList<string> known)
+    {
+        string? best = null;
+        int bestD = Math.Min(2, Math.Max(1, typed.Length / 3)) + 1;
+        foreach (string k in known)
+        {
+            int d = EditDistance(typed, k);
+            if (d < bestD) (best, bestD) = (k, d);
+        }
+        return best != null ? $", did you mean '{best}'?" : "";
+    }
+
+    // Optimal string alignment distance (Levenshtein plus adjacent transpositions).
+    private static int EditDistance(string a, string b)
+    {
+        if (Math.Abs(a.Length - b.Length) > 2) return 3;
+        var d = new int[a.Length + 1, b.Length + 1];
+        for (int i = 0; i <= a.Length; i++) d[i, 0] = i;
+        for (int j = 0; j <= b.Length; j++) d[0, j] = j;
+        for (int i = 1; i <= a.Length; i++)
+            for (int j = 1; j <= b.Length; j++)
+            {
+                int cost = a[i - 1] == b[j - 1] ? 0 : 1;
+                d[i, j] = Math.Min(Math.Min(d[i - 1, j] + 1, d[i, j - 1] + 1), d[i - 1, j - 1] + cost);
+                if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1]) d[i, j] = Math.Min(d[i, j], d[i - 2, j - 2] + 1);
+            }
+        return d[a.Length, b.Length];
+    }
+
     private static bool IsFlag(string f) => f is "--config" or "--peer" or "--allow" or "--peer-tcp" ||
         (f.StartsWith("--") && Array.IndexOf(Keys, f[2..].Replace('-', '_')) >= 0 && !f.Contains('_'));
 
@@ -1537,6 +1597,7 @@ internal sealed class UpConfig
     {
         UnixFileMode mode;
         string text;
+        if (Directory.Exists(path)) throw new ConfigException($"{flag} '{path}': a directory, not a key file");
         try
         {
             mode = File.GetUnixFileMode(path);
@@ -6586,6 +6647,7 @@ internal sealed unsafe partial class Daemon
         ClearSecrets(next);
         _log.Level = next.LogLevel;
         _log.Json = next.LogJson;
+        _log.NoTimestamps = next.LogNoTimestamps;
         _mgmt?.SetAcl(next.MgmtAcl);
         if (_mgmt != null) _mgmt.HealthzGraceMs = next.HealthzGraceMs;
         _resolver?.SetNames(EndpointNames(next));
@@ -9858,6 +9920,21 @@ internal static class Cli
         return 0;
     }
 
+    /// <summary>As wg does: a secret about to be written to a regular file others may read gets a
+    /// warning (the key is still written: the user may fix the mode before anyone looks).</summary>
+    internal static void WarnIfOthersCanRead(TextWriter stderr, string stdoutPath = "/proc/self/fd/1")
+    {
+        try
+        {
+            var f = new FileInfo(stdoutPath);
+            var target = f.ResolveLinkTarget(returnFinalTarget: true) as FileInfo ?? f;
+            if (!target.Exists || target.FullName.StartsWith("/dev/", StringComparison.Ordinal)) return;     // a pipe or a terminal
+            if ((target.UnixFileMode & (UnixFileMode.GroupRead | UnixFileMode.OtherRead | UnixFileMode.GroupWrite | UnixFileMode.OtherWrite)) != 0)
+                stderr.WriteLine($"veil: warning: {target.FullName} can be read by group or others (mode {Convert.ToString((int)target.UnixFileMode, 8)}); run 'umask 077' first, or 'chmod 600 {target.FullName}'");
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
+    }
+
     internal static int PubKey(TextReader stdin, TextWriter stdout, TextWriter stderr)
     {
         string? line = stdin.ReadLine();
@@ -10021,7 +10098,7 @@ internal static class Cli
                                           and try their endpoints (stale, foreign or bad ones: ignored)
                   --control PATH          control socket (default /var/run/veil.sock)
                   --log-level LEVEL       error|warn|info|debug (default info)
-                  --log-format FORMAT     text|json (default text)
+                  --log-format FORMAT     text|json|plain (default text; plain: text without ts=, for logd/journald)
                   --config FILE           TOML file with the same keys (see veil.toml.example); flags win
                   --mgmt ADDR:PORT|off    management HTTP: /status, /metrics, /healthz (default 127.0.0.1:7777)
                   --mgmt-acl CIDR[,CIDR]  who may use it (default 127.0.0.0/8,::1/128)
@@ -11019,12 +11096,14 @@ internal static unsafe partial class Doctor
         if (cfg != null)
         {
             int? live = ControlClient.TryConnect(cfg.ControlPath);
-            string? usedBy = live != null ? "the running veil" : null;
             if (live is int c) Libc.Close(c);
-            // A live control socket means the port's user is most likely the running veil, not a conflict.
+            // The port's user is the running veil, not a conflict, when its control socket answers or
+            // the process holding the port is a veil (one started with another --control).
             bool free = PortFree(cfg.ListenAddress, cfg.ListenPort);
-            Line(free || usedBy != null, "port", free ? $"udp {cfg.ListenPort} is free" : usedBy != null ? $"udp {cfg.ListenPort} is used by the running veil"
-                : $"udp {cfg.ListenPort} is in use by another program (WireGuard also defaults to 51820): choose --listen");
+            string? owner = free ? null : PortOwner(cfg.ListenPort);
+            bool ours = live != null || owner != null && owner.EndsWith("(veil)", StringComparison.Ordinal);
+            Line(free || ours, "port", free ? $"udp {cfg.ListenPort} is free" : ours ? $"udp {cfg.ListenPort} is used by the running veil{(owner != null ? $", {owner}" : "")}"
+                : $"udp {cfg.ListenPort} is in use by {owner ?? "another program"} (WireGuard also defaults to 51820): choose --listen");
             bool subnets = cfg.Peers.Exists(p => p.Allowed.Exists(a => a.Bits < a.MaxBits));
             string rp = ReadProc("/proc/sys/net/ipv4/conf/all/rp_filter");
             Line(rp != "1" || !subnets, "rp_filter", rp == "1" && subnets
@@ -11052,6 +11131,51 @@ internal static unsafe partial class Doctor
             $"the clock says {year}: not synchronised yet; peers may ignore our handshakes until it is (NTP)");
         o.WriteLine(failed == 0 ? "all checks passed" : $"{failed} check(s) failed");
         return failed == 0 ? 0 : 1;
+    }
+
+    /// <summary>What `doctor` would say about a failure of `veil up` to start, in a few words ("" if
+    /// nothing): the tun module, the privileges, the port's owner.</summary>
+    internal static string HintFor(string failure, UpConfig cfg)
+    {
+        if (failure.Contains("TUN", StringComparison.OrdinalIgnoreCase) || failure.Contains("/dev/net/tun", StringComparison.Ordinal))
+        {
+            if (!File.Exists("/dev/net/tun")) return "/dev/net/tun is missing: load the tun module (modprobe tun; OpenWrt: apk add kmod-tun / opkg install kmod-tun)";
+            if (GetEuid() != 0 && !HasCapNetAdmin()) return "run it as root or with CAP_NET_ADMIN ('veil doctor' checks)";
+        }
+        if (failure.Contains("another process uses the port", StringComparison.Ordinal))
+            return PortOwner(cfg.ListenPort) is string who ? $"udp {cfg.ListenPort} belongs to {who}; choose another with --listen" : "choose another port with --listen";
+        return "";
+    }
+
+    /// <summary>"pid N (COMM)" of a process holding a UDP socket on port (from /proc), or null.</summary>
+    internal static string? PortOwner(int port)
+    {
+        var inodes = new HashSet<string>();
+        foreach (string table in new[] { "/proc/net/udp", "/proc/net/udp6" })
+            foreach (string line in ReadProc(table).Split('\n'))
+            {
+                // "sl local_address rem_address st ... uid timeout inode": local is HEXADDR:HEXPORT.
+                string[] f = line.Split(' ', StringSplitOptions.RemoveEmptyEntries);
+                if (f.Length > 9 && f[1].Split(':') is [_, string hexPort] && int.TryParse(hexPort, System.Globalization.NumberStyles.AllowHexSpecifier, null, out int p) && p == port)
+                    inodes.Add($"socket:[{f[9]}]");
+            }
+        if (inodes.Count == 0) return null;
+        try
+        {
+            foreach (string dir in Directory.EnumerateDirectories("/proc"))
+            {
+                if (!int.TryParse(Path.GetFileName(dir), out int pid)) continue;
+                try
+                {
+                    foreach (string fd in Directory.EnumerateFileSystemEntries(dir + "/fd"))
+                        if (new FileInfo(fd).LinkTarget is string target && inodes.Contains(target))
+                            return $"pid {pid} ({ReadProc(dir + "/comm")})";
+                }
+                catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }   // gone, or not ours to read
+            }
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
+        return null;
     }
 
     private static string ReadProc(string path)

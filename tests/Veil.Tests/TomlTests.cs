@@ -81,6 +81,89 @@ public sealed class TomlTests : IDisposable
         Assert.Contains("\\x0a", e.Message);
     }
 
+    [Theory]
+    [InlineData("--mut", "--mtu")]
+    [InlineData("--keepalvie", "--keepalive")]
+    [InlineData("--listn", "--listen")]
+    [InlineData("--no-rely", "--no-relay")]
+    [InlineData("--frobnicate", null)]
+    public void UnknownFlag_DidYouMean(string typed, string? suggested)
+    {
+        var e = Assert.Throws<ConfigException>(() => UpConfig.Load(["up", "--key", _key, typed, "1"], 1));
+        Assert.Equal($"unknown flag '{typed}'" + (suggested != null ? $", did you mean '{suggested}'?" : "") + " (see 'veil help up')", e.Message);
+    }
+
+    [Fact]
+    public void UnknownKey_DidYouMean_InTheFileAndInAPeer()
+    {
+        var e = Assert.Throws<ConfigException>(() => UpConfig.Load(["up", "--config", Write("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\nkeepalve = 5\n")], 1));
+        Assert.Equal("veil.toml:3: unknown key 'keepalve', did you mean 'keepalive'?", e.Message);
+        e = Assert.Throws<ConfigException>(() => UpConfig.Load(["up", "--config", Write("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n[[peer]]\npublic_key = \"PEERPUB\"\nallowed_ip = [\"100.64.0.2/32\"]\n")], 1));
+        Assert.Equal("veil.toml:5: unknown key 'allowed_ip' in [[peer]], did you mean 'allowed_ips'?", e.Message);
+    }
+
+    [Fact]
+    public void KeyFile_Directory_SaysSo()
+    {
+        var e = Assert.Throws<ConfigException>(() => UpConfig.Load(["up", "--key", _dir, "--address", "100.64.0.1/24"], 1));
+        Assert.Equal($"--key '{_dir}': a directory, not a key file", e.Message);
+    }
+
+    [Fact]
+    public void RelativePathsInTheFile_AreRelativeToTheFile_FlagsToTheWorkingDirectory()
+    {
+        string sub = Directory.CreateDirectory(Path.Combine(_dir, "etc")).FullName;
+        File.Copy(_key, Path.Combine(sub, "private.key"));
+        File.SetUnixFileMode(Path.Combine(sub, "private.key"), UnixFileMode.UserRead | UnixFileMode.UserWrite);
+        File.Copy(_key, Path.Combine(sub, "net.psk"));
+        File.SetUnixFileMode(Path.Combine(sub, "net.psk"), UnixFileMode.UserRead | UnixFileMode.UserWrite);
+        string path = Path.Combine(sub, "veil.toml");
+        File.WriteAllText(path, "key = \"private.key\"\npsk = \"net.psk\"\naddress = [\"100.64.0.1/24\"]\nstate = \"learned\"\nbeacon_load = \"| cat beacons\"\n");
+        UpConfig c = UpConfig.Load(["up", "--config", path], 1);           // the working directory is not sub
+        Assert.Equal(Path.Combine(sub, "private.key"), c.KeyFile);
+        Assert.Equal(Path.Combine(sub, "net.psk"), c.PskFile);
+        Assert.Equal(Path.Combine(sub, "learned"), c.StatePath);
+        Assert.Equal("| cat beacons", c.BeaconLoad);                      // a command, not a path
+        var e = Assert.Throws<ConfigException>(() => UpConfig.Load(["up", "--config", path, "--key", "private.key"], 1));
+        Assert.Contains("--key 'private.key': cannot read: no such file", e.Message);
+    }
+
+    [Fact]
+    public void LogFormatPlain_NoTimestamp()
+    {
+        UpConfig c = UpConfig.Load(["up", "--key", _key, "--address", "100.64.0.1/24", "--log-format", "plain"], 1);
+        var sw = new StringWriter();
+        var log = new Log(sw, LogLevel.Info) { Json = c.LogJson, NoTimestamps = c.LogNoTimestamps };
+        log.Info("started", "peers=0");
+        Assert.Equal("level=info event=started peers=0\n", sw.ToString());
+    }
+
+    [Fact]
+    public void GenKey_WarnsWhenOthersCanReadTheFile()
+    {
+        string f = Path.Combine(_dir, "out.key");
+        File.WriteAllText(f, "");
+        File.SetUnixFileMode(f, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.GroupRead | UnixFileMode.OtherRead);
+        var err = new StringWriter();
+        Cli.WarnIfOthersCanRead(err, f);
+        Assert.StartsWith($"veil: warning: {f} can be read by group or others (mode 644)", err.ToString());
+        File.SetUnixFileMode(f, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+        err = new StringWriter();
+        Cli.WarnIfOthersCanRead(err, f);
+        Assert.Equal("", err.ToString());
+    }
+
+    [Fact]
+    public void PortInUse_HintNamesTheOwner()
+    {
+        using var held = UdpSocket.Bind(System.Net.IPAddress.Loopback, 0);
+        string? owner = Doctor.PortOwner(held.LocalPort);
+        Assert.StartsWith($"pid {Environment.ProcessId} (", owner);
+        UpConfig c = UpConfig.Load(["up", "--key", _key, "--address", "100.64.0.1/24", "--listen", $"127.0.0.1:{held.LocalPort}"], 1);
+        Assert.StartsWith($"udp {held.LocalPort} belongs to pid {Environment.ProcessId} (", Doctor.HintFor("cannot listen on 127.0.0.1: Address in use (another process uses the port)", c));
+        Assert.Equal("", Doctor.HintFor("something else", c));
+    }
+
     [Fact]
     public void ConfigPath_Directory_SaysSo()
     {
@@ -289,7 +372,7 @@ public class ExampleConfigTests
         TomlDoc doc = TomlDoc.Parse(text, "veil.toml.example");
         foreach (string key in new[] { "key", "listen", "address", "tun", "keepalive", "rekey_after", "control", "mgmt", "mgmt_acl",
                                        "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format",
-                                       "claim", "metric", "accept" })
+                                       "claim", "metric", "accept", "healthz_grace" })
             Assert.True(doc.Root.ContainsKey(key), key);
         foreach (string commented in new[] { "# psk = ", "# mtu = ", "# user = ", "# mesh = ", "# name = ", "# trust = ", "# network = ", "# workers = " }) Assert.Contains(commented, text);
         var peer = Assert.Single(doc.TableArrays["peer"]);
