@@ -8850,7 +8850,7 @@ internal sealed unsafe partial class Daemon
 //   ControlServer  a Unix stream socket (mode 0600): one request line — status, peers, routes (each
 //                  optionally followed by "json"), reload, down — answered, then closed. Anything
 //                  else gets "error:" and changes nothing.
-//   MgmtServer     HTTP/1.1 on --mgmt: GET /status (JSON), /metrics (Prometheus text), /healthz,
+//   MgmtServer     HTTP/1.1 on --mgmt: GET / (an HTML page), /status (JSON), /metrics (Prometheus text), /healthz,
 //                  with an 8 KiB header limit; sources outside --mgmt-acl get 403.
 //   StatusView     renders the node as text (like `wg show`), JSON (by hand: no reflection under
 //                  NativeAOT) and Prometheus metrics; the JSON of `veil status --json` and GET /status
@@ -9866,7 +9866,8 @@ internal sealed unsafe class MgmtServer : RequestServer
                 "/status" => Http(200, "application/json", StatusJson(status)),
                 "/metrics" => Http(200, "text/plain; version=0.0.4; charset=utf-8", status.Metrics()),
                 "/healthz" => Healthz(status) is string why ? Http(503, "text/plain", "unhealthy: " + why + "\n") : Http(200, "text/plain", "ok\n"),
-                _ => Http(404, "text/plain", "not found (try /status, /metrics, /healthz)\n"),
+                "/" => Http(200, "text/html; charset=utf-8", StatusPage, StatusPageHeaders),
+                _ => Http(404, "text/plain", "not found (try /, /status, /metrics, /healthz)\n"),
             };
         // HEAD: the same head (its Content-Length included), no body (RFC 9110 §9.3.2).
         if (valid && parts[0] == "HEAD") reply = reply.AsSpan(0, reply.AsSpan().IndexOf("\r\n\r\n"u8) + 4).ToArray();
@@ -9883,7 +9884,186 @@ internal sealed unsafe class MgmtServer : RequestServer
     protected override byte[] TooLong() => Http(431, "text/plain", "request header too large\n");
     protected override byte[] TimedOut() => Http(408, "text/plain", "request timeout\n");
 
-    private static byte[] Http(int code, string type, string body)
+    // GET /: a status page for a browser (tests/netns/statuspage.sh). It polls /status and draws
+    // with its one inline script and style; the CSP admits those two by hash, computed here from
+    // the text served so the two cannot drift, and nothing else (no other origin, no inline handler).
+    private const string StatusPage = """
+    <!DOCTYPE html>
+    <html lang="en">
+    <head>
+    <meta charset="utf-8">
+    <meta name="viewport" content="width=device-width,initial-scale=1">
+    <link rel="icon" href="data:,">
+    <title>veil status</title>
+    <style>
+    :root{--bg:#fff;--fg:#1b1f24;--mute:#667;--line:#dde;--rx:#1a7f37;--tx:#0860c9;--bad:#c62828;color-scheme:light dark}
+    @media (prefers-color-scheme:dark){:root{--bg:#111418;--fg:#e4e6ea;--mute:#99a;--line:#2c3038;--rx:#4ac26b;--tx:#58a6ff;--bad:#ff6b6b}}
+    body{margin:auto;max-width:70em;padding:1em;background:var(--bg);color:var(--fg);font:14px/1.4 system-ui,sans-serif}
+    h1{font-size:1.3em;margin:0 0 .5em}h2{font-size:1.05em;margin:1.2em 0 .4em}
+    #ver,.mute{color:var(--mute);font-weight:normal}
+    #err{color:var(--bad);font-weight:bold}
+    dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em;margin:0}
+    dt{color:var(--mute)}dd{margin:0}
+    code,.mono{font-family:ui-monospace,monospace;word-break:break-all}
+    table{border-collapse:collapse;width:100%}
+    th,td{text-align:left;padding:.3em .6em;border-bottom:1px solid var(--line);white-space:nowrap}
+    th{color:var(--mute)}
+    .up{color:var(--rx);font-weight:600}.down{color:var(--bad)}
+    canvas{width:100%;height:140px;border:1px solid var(--line)}
+    .rx{color:var(--rx)}.tx{color:var(--tx)}
+    </style>
+    </head>
+    <body>
+    <h1>veil <span id="ver"></span></h1>
+    <p id="err" hidden></p>
+    <h2>Node</h2>
+    <dl>
+    <dt>public key</dt><dd><code id="key"></code></dd>
+    <dt>tun</dt><dd id="tun"></dd>
+    <dt>addresses</dt><dd id="addr"></dd>
+    <dt>listen port</dt><dd id="port"></dd>
+    <dt>uptime</dt><dd id="up"></dd>
+    </dl>
+    <h2>Traffic <span class="mute">(last 2 min)</span> <span class="rx" id="rxr"></span> <span class="tx" id="txr"></span></h2>
+    <canvas id="chart"></canvas>
+    <h2>Peers <span class="mute" id="np"></span></h2>
+    <table>
+    <thead><tr><th>name</th><th>state</th><th>path</th><th>endpoint</th><th>RTT</th><th>rx</th><th>tx</th><th>handshake</th></tr></thead>
+    <tbody id="peers"></tbody>
+    </table>
+    <script>
+    "use strict";
+    const $ = id => document.getElementById(id), DASH = "\u2013", N = 60;
+    const rows = new Map(), hist = [];
+    let last = null;
+    function iec(n) {
+    	const u = ["B", "KiB", "MiB", "GiB", "TiB"];
+    	let i = 0;
+    	n = Number(n) || 0;
+    	while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
+    	return (i ? n.toFixed(n < 10 ? 2 : 1) : n) + " " + u[i];
+    }
+    function dur(s) {
+    	s = Math.floor(s);
+    	const d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24, m = Math.floor(s / 60) % 60;
+    	return d ? d + "d " + h + "h" : h ? h + "h " + m + "m" : m ? m + "m " + s % 60 + "s" : s + "s";
+    }
+    const age = s => s == null || s < 0 ? "never" : dur(s) + " ago";
+    const rtt = v => typeof v === "number" ? v.toFixed(v < 10 ? 2 : 1) + " ms" : DASH;
+    function row(key) {
+    	let tr = rows.get(key);
+    	if (!tr) {
+    		tr = document.createElement("tr");
+    		for (const c of ["name", "state", "path", "endpoint mono", "rtt", "rx", "tx", "hs"]) {
+    			const td = document.createElement("td");
+    			td.className = c;
+    			tr.appendChild(td);
+    		}
+    		rows.set(key, tr);
+    	}
+    	return tr;
+    }
+    function peers(list) {
+    	const body = $("peers"), seen = new Set();
+    	for (const p of list) {
+    		const k = p.public_key || p.name, tr = row(k), c = tr.cells;
+    		seen.add(k);
+    		c[0].textContent = p.name;
+    		c[0].title = p.public_key;
+    		c[1].textContent = p.state;
+    		c[1].className = "state " + (p.state === "up" ? "up" : p.state === "down" ? "down" : "mute");
+    		c[2].textContent = p.path;
+    		c[3].textContent = p.endpoint || DASH;
+    		c[4].textContent = rtt(p.rtt_ms);
+    		c[5].textContent = iec(p.rx_bytes);
+    		c[6].textContent = iec(p.tx_bytes);
+    		c[7].textContent = age(p.latest_handshake_s);
+    		body.appendChild(tr);
+    	}
+    	for (const [k, tr] of rows) if (!seen.has(k)) { tr.remove(); rows.delete(k); }
+    	$("np").textContent = "(" + list.length + ")";
+    }
+    function sample(c) {
+    	const t = performance.now(), rx = Number(c.rx_bytes) || 0, tx = Number(c.tx_bytes) || 0;
+    	if (last && rx >= last.rx && tx >= last.tx && t > last.t) {
+    		const dt = (t - last.t) / 1000;
+    		hist.push([(rx - last.rx) / dt, (tx - last.tx) / dt]);
+    		if (hist.length > N) hist.shift();
+    	}
+    	last = { t, rx, tx };
+    	const h = hist[hist.length - 1];
+    	$("rxr").textContent = h ? "rx " + iec(h[0]) + "/s" : "";
+    	$("txr").textContent = h ? "tx " + iec(h[1]) + "/s" : "";
+    }
+    function draw() {
+    	const cv = $("chart"), g = cv.getContext("2d"), r = devicePixelRatio || 1;
+    	const w = cv.width = cv.clientWidth * r || 1, h = cv.height = cv.clientHeight * r || 1;
+    	const css = getComputedStyle(document.documentElement), col = v => css.getPropertyValue(v).trim();
+    	const max = Math.max(1024, ...hist.map(s => Math.max(s[0], s[1])));
+    	g.strokeStyle = col("--line");
+    	g.fillStyle = col("--mute");
+    	g.font = 11 * r + "px sans-serif";
+    	for (let i = 1; i < 4; i++) { const y = Math.round(h * i / 4) + .5; g.beginPath(); g.moveTo(0, y); g.lineTo(w, y); g.stroke(); }
+    	g.fillText(iec(max) + "/s", 4 * r, 12 * r);
+    	[["--rx", 0], ["--tx", 1]].forEach(([v, k]) => {
+    		g.strokeStyle = col(v);
+    		g.lineWidth = 2 * r;
+    		g.beginPath();
+    		hist.forEach((s, i) => {
+    			const x = w - (hist.length - 1 - i) * w / (N - 1), y = h - 2 * r - s[k] / max * (h - 16 * r);
+    			i ? g.lineTo(x, y) : g.moveTo(x, y);
+    		});
+    		g.stroke();
+    	});
+    }
+    function show(s) {
+    	const n = s.node || {};
+    	$("ver").textContent = s.version ? "v" + s.version : "";
+    	$("key").textContent = n.public_key || DASH;
+    	$("tun").textContent = (n.tun || DASH) + (n.mtu ? " (mtu " + n.mtu + ")" : "");
+    	$("addr").textContent = (n.addresses || []).join(", ") || DASH;
+    	$("port").textContent = n.listen_port == null ? DASH : n.listen_port;
+    	$("up").textContent = s.uptime_seconds == null ? DASH : dur(s.uptime_seconds);
+    	sample(s.counters || {});
+    	peers(s.peers || []);
+    	draw();
+    }
+    async function tick() {
+    	try {
+    		const r = await fetch("/status", { cache: "no-store", signal: AbortSignal.timeout(5000) });
+    		if (!r.ok) throw new Error("HTTP " + r.status);
+    		show(await r.json());
+    		$("err").textContent = "";
+    		$("err").hidden = true;
+    	} catch (e) {
+    		$("err").textContent = "cannot reach /status (" + e.message + "); retrying every 2 s";
+    		$("err").hidden = false;
+    	}
+    	setTimeout(tick, 2000);
+    }
+    tick();
+    </script>
+    </body>
+    </html>
+    """;
+
+    private static readonly string StatusPageHeaders =
+        "Content-Security-Policy: " + Csp(StatusPage) + "\r\nX-Content-Type-Options: nosniff\r\n";
+
+    // A CSP hash-source: SHA-256 of an element's exact text between its tags, as UTF-8, in base64.
+    internal static string Csp(string page)
+    {
+        static string Hash(string page, string tag)
+        {
+            int start = page.IndexOf("<" + tag + ">", StringComparison.Ordinal) + tag.Length + 2;
+            int end = page.IndexOf("</" + tag + ">", start, StringComparison.Ordinal);
+            return "'sha256-" + Convert.ToBase64String(SHA256.HashData(Encoding.UTF8.GetBytes(page[start..end]))) + "'";
+        }
+        return $"default-src 'none'; script-src {Hash(page, "script")}; style-src {Hash(page, "style")}; connect-src 'self'; " +
+            "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+    }
+
+    private static byte[] Http(int code, string type, string body, string headers = "")
     {
         string reason = code switch
         {
@@ -9893,7 +10073,7 @@ internal sealed unsafe class MgmtServer : RequestServer
         byte[] b = Encoding.UTF8.GetBytes(body);
         // One request per connection (Connection: close) keeps each client a one-shot state machine; the
         // status is live, so no cache may keep it.
-        byte[] h = Encoding.ASCII.GetBytes($"HTTP/1.1 {code} {reason}\r\nContent-Type: {type}\r\nContent-Length: {b.Length}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n");
+        byte[] h = Encoding.ASCII.GetBytes($"HTTP/1.1 {code} {reason}\r\nContent-Type: {type}\r\nContent-Length: {b.Length}\r\nConnection: close\r\nCache-Control: no-store\r\n{headers}\r\n");
         byte[] all = new byte[h.Length + b.Length];
         h.CopyTo(all, 0);
         b.CopyTo(all, h.Length);
@@ -10100,7 +10280,7 @@ internal static class Cli
                   --log-level LEVEL       error|warn|info|debug (default info)
                   --log-format FORMAT     text|json|plain (default text; plain: text without ts=, for logd/journald)
                   --config FILE           TOML file with the same keys (see veil.toml.example); flags win
-                  --mgmt ADDR:PORT|off    management HTTP: /status, /metrics, /healthz (default 127.0.0.1:7777)
+                  --mgmt ADDR:PORT|off    management HTTP: / (a page), /status, /metrics, /healthz (default 127.0.0.1:7777)
                   --mgmt-acl CIDR[,CIDR]  who may use it (default 127.0.0.0/8,::1/128)
                   --healthz-grace S       /healthz says 503 once no peer was up for S seconds (default 120)
                   --max-sessions N        peers holding session keys at most (default 1024)

@@ -76,6 +76,26 @@ public sealed unsafe class RequestServerTests : IDisposable
     }
 
     [Fact]
+    public void StatusPage_SelfContained_CspHashesItsOwnScriptAndStyle()
+    {
+        using MgmtServer server = Listen();
+        string r = Ask(server, "GET / HTTP/1.1\r\n\r\n");
+        int split = r.IndexOf("\r\n\r\n", StringComparison.Ordinal);
+        string head = r[..split], body = r[(split + 4)..];
+        Assert.StartsWith("HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n", head);
+        Assert.Contains("\r\nX-Content-Type-Options: nosniff", head);
+        Assert.Contains("\r\nContent-Security-Policy: " + MgmtServer.Csp(body), head);
+        Assert.Contains("script-src 'sha256-", head);
+        Assert.True(Encoding.UTF8.GetByteCount(body) <= 8192, $"{body.Length} bytes");
+        Assert.DoesNotContain("http://", body);
+        Assert.DoesNotContain("https://", body);
+        Assert.Single(System.Text.RegularExpressions.Regex.Matches(body, "<script>"));
+        Assert.Single(System.Text.RegularExpressions.Regex.Matches(body, "<style>"));
+        Assert.DoesNotMatch(@"\s(on[a-z]+|style)=", body);                // the CSP would refuse inline handlers and styles
+        Assert.Contains("fetch(\"/status\"", body);
+    }
+
+    [Fact]
     public void Head_SameHeadNoBody()
     {
         using MgmtServer server = Listen();
