@@ -1457,7 +1457,7 @@ public sealed partial class FuzzTests
         throw new FuzzFailure("the server never closed the connection");
     }
 
-    private static readonly int[] HttpCodes = [200, 400, 403, 404, 405, 408, 431];
+    private static readonly int[] HttpCodes = [200, 400, 403, 404, 405, 408, 431, 503];
 
     [Fact]
     public void Fuzz_MgmtHttp()
@@ -1496,8 +1496,8 @@ public sealed partial class FuzzTests
                 Check(Encoding.UTF8.GetByteCount(body) == (head ? 0 : len) || reply.EndsWith("<reset>"), $"Content-Length {len}, body {Encoding.UTF8.GetByteCount(body)} bytes");
                 if (code == 200)
                 {
-                    // 200 only for GET or HEAD of the three paths
-                    Check(valid && parts[0] is "GET" or "HEAD" && parts[1].Split('?')[0] is "/status" or "/metrics" or "/healthz", $"200 for '{line}'");
+                    // 200 only for GET or HEAD of the four paths
+                    Check(valid && parts[0] is "GET" or "HEAD" && parts[1].Split('?')[0] is "/" or "/status" or "/metrics" or "/healthz", $"200 for '{line}'");
                 }
                 return $"http/{code}";
             });
