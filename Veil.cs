@@ -134,6 +134,7 @@ internal static class Program
             case "version" or "--version": stdout.WriteLine($"veil {Cli.Version} {RuntimeInformation.RuntimeIdentifier}"); return 0;
             case "bench": return Bench.Run(args, stdout);
             case "selftest": return SelfTest.Run(stdout);
+            case "completion": return Cli.Completion(args.Length > 1 ? args[1] : "", stdout, stderr);
             case "help" or "--help" or "-h":
                 if (Cli.Help(args.Length > 1 ? args[1] : null, stdout) == 0) return 0;
                 stderr.WriteLine($"veil: no help for '{args[1]}'");
@@ -1474,12 +1475,15 @@ internal sealed class UpConfig
     // spelling on the command line.
     private static readonly string[] Switches = ["--check", "--mesh", "--relay", "--no-relay", "--port-mapping", "--no-port-mapping", "--config", "--peer", "--allow", "--peer-tcp"];
 
-    private static ConfigException UnknownFlag(string flag)
+    /// <summary>Every flag `veil up` takes (for suggestions and shell completion).</summary>
+    internal static List<string> Flags()
     {
         var all = new List<string>(Switches);
-        foreach (string k in Keys) all.Add("--" + k.Replace('_', '-'));
-        return new ConfigException($"unknown flag '{flag}'{DidYouMean(flag, all)} (see 'veil help up')");
+        foreach (string k in Keys) if (!all.Contains("--" + k.Replace('_', '-'))) all.Add("--" + k.Replace('_', '-'));
+        return all;
     }
+
+    private static ConfigException UnknownFlag(string flag) => new($"unknown flag '{flag}'{DidYouMean(flag, Flags())} (see 'veil help up')");
 
     /// <summary>", did you mean 'X'?" for the known word closest to a mistyped one (at most two
     /// edits, a swap of neighbours counting as one), else "".</summary>
@@ -10301,10 +10305,15 @@ internal static class Cli
                   genkey            print a new base64 private key
                   pubkey            read a private key on stdin, print its public key
                   genpsk            print a new base64 network secret
-                  genadmin          print a new network admin key (adminpub prints its public half)
+                  genadmin          print a new network admin key
+                  adminpub          read an admin key on stdin, print its public half
                   revoke PUBKEY     end a member for good: signed with the admin key, passed on by members
                   up [flags]        run the daemon in the foreground ('veil help up')
-                  status [--json]   ask the running daemon (also: peers, routes)
+                  status [--json]   ask the running daemon (also --short, --dump)
+                  peers, routes     its peers, its routing table ([--json])
+                  health            is any peer up? (exit 3 if none)
+                  ping PEER         echo at the Veil layer: path and round trip
+                  netcheck          how members see this node: NAT kind, port mapping, relay, paths
                   reload            re-read the config without dropping sessions
                   down              leave the mesh gracefully
                   init              create a key and a config file for this node
@@ -10316,6 +10325,7 @@ internal static class Cli
                   version           print the version and runtime identifier
                   bench [SECONDS]   micro-benchmarks: AEAD per record size, trie lookups, handshakes
                   selftest          known-answer tests and struct layouts on this device; exit 1 if any fail
+                  completion SHELL  a completion script for bash or zsh
                   help [COMMAND]    this text, or a command's flags
 
                 """);
@@ -10349,7 +10359,53 @@ internal static class Cli
         ["peers"] = "usage: veil peers [--json] [--control PATH]   the configured peers and their state\n",
         ["routes"] = "usage: veil routes [--json] [--control PATH]   the routing table: prefix -> peer\n",
         ["health"] = "usage: veil health [--control PATH]   one line: ok with a peer up, down (and since when) with none\nexit status: 0 a peer is up, 1 no daemon answers, 3 no peer is up\n",
+        ["genkey"] = "usage: veil genkey > FILE   a new private key, base64, on stdout (warns if FILE can be read by others; umask 077 first)\n",
+        ["pubkey"] = "usage: veil pubkey < KEYFILE   the public key of the private key read on stdin\n",
+        ["genpsk"] = "usage: veil genpsk > FILE   a new network secret (--psk), base64, on stdout; every member needs the same\n",
+        ["genadmin"] = "usage: veil genadmin > FILE   a new network admin key (it signs revocations); members name its public half\n",
+        ["adminpub"] = "usage: veil adminpub < ADMINKEY   the public half of an admin key, for members' admin = ...\n",
+        ["version"] = "usage: veil version   the version and runtime identifier of this binary\n",
+        ["bench"] = "usage: veil bench [SECONDS]   micro-benchmarks on this device: AEAD per record size, trie lookups, handshakes\n",
+        ["completion"] = "usage: veil completion bash|zsh   a completion script: source <(veil completion bash), or put it in\n  /etc/bash_completion.d/veil; busybox ash (OpenWrt) has no programmable completion\n",
+        ["help"] = "usage: veil help [COMMAND]   the commands, or one command's usage and flags\n",
     };
+
+    /// <summary>`veil completion bash|zsh`: commands, `veil up`'s flags, the views' flags and help
+    /// topics, from the same tables the parser and `veil help` use.</summary>
+    internal static int Completion(string shell, TextWriter o, TextWriter stderr)
+    {
+        if (shell is not ("bash" or "zsh"))
+        {
+            stderr.WriteLine(shell == "ash"
+                ? "veil: completion: busybox ash (OpenWrt's shell) has no programmable completion; 'veil help' lists the commands"
+                : "veil: completion: which shell? (veil completion bash|zsh)");
+            return 2;
+        }
+        var commands = new List<string>(Topics.Keys) { "up" };
+        commands.Sort(StringComparer.Ordinal);
+        string upFlags = string.Join(' ', UpConfig.Flags());
+        // zsh runs the bash function through bashcompinit.
+        if (shell == "zsh") o.WriteLine("autoload -U +X bashcompinit && bashcompinit");
+        o.Write($$"""
+            _veil() {
+                local cur=${COMP_WORDS[COMP_CWORD]} cmd=${COMP_WORDS[1]}
+                if [ "$COMP_CWORD" -eq 1 ]; then
+                    COMPREPLY=($(compgen -W "{{string.Join(' ', commands)}}" -- "$cur")); return
+                fi
+                case $cmd in
+                    up|doctor) COMPREPLY=($(compgen -W "{{upFlags}}" -- "$cur")) ;;
+                    status) COMPREPLY=($(compgen -W "--json --short --dump --control" -- "$cur")) ;;
+                    peers|routes) COMPREPLY=($(compgen -W "--json --control" -- "$cur")) ;;
+                    help) COMPREPLY=($(compgen -W "{{string.Join(' ', commands)}}" -- "$cur")) ;;
+                    completion) COMPREPLY=($(compgen -W "bash zsh" -- "$cur")) ;;
+                    *) COMPREPLY=($(compgen -f -- "$cur")) ;;
+                esac
+            }
+            complete -F _veil veil
+
+            """);
+        return 0;
+    }
 }
 
 /// <summary>veil selftest: known answers for every primitive and the Noise pattern, and the libc

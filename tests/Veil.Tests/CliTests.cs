@@ -62,6 +62,55 @@ public class CliTests
         Assert.Equal(0, Program.Main(new[] { "version" }));
     }
 
+    // Every verb Main dispatches (Program.Main's switch), each with a help topic and in the overview.
+    private static readonly string[] Verbs = ["genkey", "pubkey", "genpsk", "genadmin", "adminpub", "up", "init", "invite", "join", "add-peer", "doctor",
+        "service", "revoke", "status", "peers", "routes", "reload", "down", "netcheck", "health", "ping", "version", "bench", "selftest", "completion", "help"];
+
+    [Fact]
+    public void Help_EveryCommandHasATopic_AndTheOverviewNamesIt()
+    {
+        var overview = new StringWriter();
+        Cli.Help(null, overview);
+        foreach (string v in Verbs)
+        {
+            var o = new StringWriter();
+            Assert.True(Cli.Help(v, o) == 0, $"no 'veil help {v}'");
+            Assert.StartsWith("usage: veil ", o.ToString());
+            Assert.Matches($@"\n  (\S+, )*{System.Text.RegularExpressions.Regex.Escape(v)}\b", overview.ToString());
+        }
+    }
+
+    [Fact]
+    public void Completion_Bash_CompletesCommandsAndFlags()
+    {
+        var script = new StringWriter();
+        Assert.Equal(0, Cli.Completion("bash", script, new StringWriter()));
+        string path = Path.Combine(Path.GetTempPath(), $"veil-completion-{Environment.ProcessId}.bash");
+        File.WriteAllText(path, script.ToString());
+        try
+        {
+            string Complete(string words, int cword)
+            {
+                var psi = new System.Diagnostics.ProcessStartInfo("bash", ["-c", $"source {path}; COMP_WORDS=({words}); COMP_CWORD={cword}; _veil; echo \"${{COMPREPLY[*]}}\""])
+                    { RedirectStandardOutput = true, RedirectStandardError = true };
+                using var p = System.Diagnostics.Process.Start(psi)!;
+                string output = p.StandardOutput.ReadToEnd().Trim();
+                p.WaitForExit();
+                Assert.True(p.ExitCode == 0, p.StandardError.ReadToEnd());
+                return output;
+            }
+            Assert.Equal("status", Complete("veil stat", 1));
+            Assert.Equal("--mtu", Complete("veil up --mt", 2));
+            Assert.Equal("--healthz-grace", Complete("veil up --key k --healthz", 4));
+            Assert.Equal("--short", Complete("veil status --sh", 2));
+            Assert.Equal("add-peer", Complete("veil help add", 2));
+        }
+        finally { File.Delete(path); }
+        var err = new StringWriter();
+        Assert.Equal(2, Cli.Completion("ash", new StringWriter(), err));
+        Assert.Contains("no programmable completion", err.ToString());
+    }
+
     [Fact]
     public void Help_Up_ListsEveryFlag()
     {
