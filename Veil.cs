@@ -178,6 +178,7 @@ internal static class Program
             // A warning, not an error: a router may start before its uplink or DNS, and the Resolver retries.
             if (p.EndpointText.Length > 0 && !p.Endpoint.IsSet)
                 stderr.WriteLine($"veil: warning: peer {p.Name}: '{p.EndpointText}' does not resolve yet; the daemon keeps trying");
+        foreach (string w in cfg.AllowedWarnings()) stderr.WriteLine("veil: warning: " + w);
         // Before the Daemon exists: --check opens no TUN, socket or file for writing.
         if (cfg.CheckOnly)
         {
@@ -302,6 +303,7 @@ internal static class Tune
     internal const int MaxProvisionalPeers = 64;             // --mesh: members whose first handshake is not confirmed
     internal const int MaxNamePins = 2 * MaxPeers;
     internal const long MeshKeepaliveMs = 10_000;            // --mesh default --keepalive: liveness needs traffic
+    internal const long JoinerKeepaliveMs = 25_000;          // veil join: the NAT mapping of a joiner stays open (wg's usual 25 s)
     internal const int LivenessKeepalives = 3;               // keepalive periods without a record: the peer is down
     internal const long ExchangeIntervalMs = 60_000;
     internal const long ExchangeDebounceMs = 1_000;          // a change is told to peers at most this often
@@ -1474,6 +1476,22 @@ internal sealed class UpConfig
     // Every file key is also a flag with '-' for '_'; "--rekey_after" is refused so each setting has one
     // spelling on the command line.
     private static readonly string[] Switches = ["--check", "--mesh", "--relay", "--no-relay", "--port-mapping", "--no-port-mapping", "--config", "--peer", "--allow", "--peer-tcp"];
+
+    /// <summary>Allowed prefixes that are valid but rarely meant: one given to two peers (only one
+    /// of them gets the traffic) and a default route (every packet without a better route goes in).</summary>
+    internal List<string> AllowedWarnings()
+    {
+        var w = new List<string>();
+        var owner = new Dictionary<IpPrefix, string>();
+        foreach (PeerConfig p in Peers)
+            foreach (IpPrefix a in p.Allowed)
+            {
+                if (a.Bits == 0) w.Add($"peer {p.Name}: {a} sends all {(a.IsV6 ? "IPv6" : "IPv4")} traffic without a more specific route into the tunnel");
+                if (owner.TryGetValue(a, out string? other)) w.Add($"{a} is allowed for both {other} and {p.Name}: only one of them gets its traffic");
+                else owner[a] = p.Name;
+            }
+        return w;
+    }
 
     /// <summary>Every flag `veil up` takes (for suggestions and shell completion).</summary>
     internal static List<string> Flags()
@@ -10937,8 +10955,10 @@ internal sealed class Invites(Key32 privateKey)
         if (!p.JoinerKey.IsZero() && !CryptographicOperations.FixedTimeEquals(p.JoinerKey, joinerKey)) return Refuse(log, from, "already_used");
         if (p.JoinerKey.IsZero())
         {
-            string name = nameLen > 0 ? Encoding.UTF8.GetString(msg.Slice(at + 32 + JoinProofLen + 1, nameLen)) : p.Name;
-            if (!UpConfig.IsName(name)) name = p.Name;     // "": the key's default name
+            // The name the inviter gave the invite wins over the one the joiner asks for (its hostname);
+            // a name the config would refuse falls back to the key's default ("").
+            string asked = nameLen > 0 ? Encoding.UTF8.GetString(msg.Slice(at + 32 + JoinProofLen + 1, nameLen)) : "";
+            string name = p.Name.Length > 0 ? p.Name : UpConfig.IsName(asked) ? asked : "";
             var pc = new PeerConfig { Name = name };
             joinerKey.CopyTo(pc.PublicKey);
             pc.Allowed.Add(new IpPrefix(p.Token.JoinerAddress.Address.GetAddressBytes(), p.Token.JoinerAddress.IsV6 ? 128 : 32));
@@ -11166,8 +11186,11 @@ internal static class OnboardingCli
             else if (Arg(args, "--listen", ref i) is string l) listen = Endpoint.TrySplitHostPort(l, out _, out _) ? l : throw new ConfigException($"--listen '{l}' must be ADDRESS:PORT");
             else throw new ConfigException($"join: unknown argument '{args[i]}' (see 'veil help join')");
         }
-        // The inviter writes the name into its config, where a peer name has at most 32 characters.
-        if (name.Length > 32) name = name[..32];
+        // The inviter writes the name into its config, where a peer name has at most 32 letters, digits,
+        // '-', '_' or '.': a hostname with other characters is mended, not refused.
+        var mended = new StringBuilder();
+        foreach (char ch in name) mended.Append(char.IsAsciiLetterOrDigit(ch) || ch is '-' or '_' or '.' ? ch : '-');
+        name = mended.Length > 32 ? mended.ToString(0, 32) : mended.ToString();
         // Only a courtesy, to fail before any file is written; the inviter's own clock decides.
         if (t.ExpiresUnix <= DateTimeOffset.UtcNow.ToUnixTimeSeconds()) throw new ConfigException("join: this invite has expired; ask for a new one");
         string keyPath = Path.Combine(dir, "private.key"), cfgPath = Path.Combine(dir, "veil.toml"), pskPath = Path.Combine(dir, "network.psk");
@@ -11229,7 +11252,8 @@ internal static class OnboardingCli
         }
         psk.Clear();
         sb.Append($"listen = \"{listen}\"\naddress = [\"{t.JoinerAddress}\"]\n");
-        var inviter = new PeerConfig { Name = t.NetworkName + "-inviter", PublicKey = t.InviterKey, EndpointText = t.Endpoint };
+        // A joiner is often behind NAT: its keepalive keeps the mapping open so the inviter can reach it.
+        var inviter = new PeerConfig { Name = t.NetworkName + "-inviter", PublicKey = t.InviterKey, EndpointText = t.Endpoint, KeepaliveMs = Tune.JoinerKeepaliveMs };
         inviter.Allowed.Add(new IpPrefix(t.InviterAddress.Address.GetAddressBytes(), t.InviterAddress.Bits));
         sb.Append(Onboarding.PeerToml(inviter));
         Onboarding.WriteAtomic(cfgPath, sb.ToString(), (UnixFileMode)0b110_000_000);
@@ -11276,6 +11300,7 @@ internal static class OnboardingCli
         UpConfig parsed = UpConfig.Load([.. peerArgs, "--config", config], 1);   // validates like `up` would
         PeerConfig p = parsed.Peers[^1];
         if (current.Peers.Exists(x => x.PublicKey.EqualsCt(p.PublicKey))) throw new ConfigException($"peer {p.PublicKey.Short()} is already in {config}");
+        if (name != null && !UpConfig.IsName(name)) throw new ConfigException($"add-peer: --name '{name}' must be 1 to 32 letters, digits, '-', '_' or '.'");
         if (name != null) p.Name = name;
         int ka = peerArgs.IndexOf("--keepalive");
         if (ka > 0) p.KeepaliveMs = parsed.PersistentKeepaliveMs;
@@ -11288,6 +11313,7 @@ internal static class OnboardingCli
             Onboarding.WriteAtomic(config, before, File.GetUnixFileMode(config));
             throw;
         }
+        foreach (string w in UpConfig.Load(new[] { "up", "--config", config }, 1).AllowedWarnings()) o.WriteLine("warning: " + w);
         o.WriteLine($"added peer {p.Name} to {config}; apply with: veil reload");
         return 0;
     }
@@ -11739,12 +11765,15 @@ internal sealed unsafe partial class Daemon
         if (f.Length != 5 || !long.TryParse(f[1], out long seconds) || seconds <= 0) return "error: malformed invite request\n";
         if (node.Invites == null) return "error: this daemon runs without --config, so it cannot write a joiner down; start it with --config FILE\n";
         string endpoint = f[3];
-        // A wildcard listen address says nothing about how others reach us: then the user must say.
+        // Without --endpoint: the listen address if it is one address, else the best guess at how
+        // joiners reach us: the gateway's port mapping, where members see us, then our own addresses
+        // (IPv4 first).
         if (endpoint == "-")
         {
-            if (_cfg.ListenAddress.Equals(IPAddress.Any) || _cfg.ListenAddress.Equals(IPAddress.IPv6Any))
-                return "error: give --endpoint HOST:PORT: how joiners reach this node (it listens on every address)\n";
-            endpoint = new Endpoint { Address = Endpoint.FromIp(_cfg.ListenAddress, 0).Address, Port = (ushort)_cfg.ListenPort }.ToString();
+            if (!_cfg.ListenAddress.Equals(IPAddress.Any) && !_cfg.ListenAddress.Equals(IPAddress.IPv6Any))
+                endpoint = new Endpoint { Address = Endpoint.FromIp(_cfg.ListenAddress, 0).Address, Port = (ushort)_cfg.ListenPort }.ToString();
+            else if (GuessEndpoint(node.Mesh) is Endpoint guess) endpoint = guess.ToString();
+            else return "error: give --endpoint HOST:PORT: how joiners reach this node (no address of it is known)\n";
         }
         IfAddress own = _cfg.Addresses.Find(a => !a.IsV6);
         if (own.Address == null) return "error: invites hand out IPv4 overlay addresses; this node has none\n";
@@ -11758,6 +11787,14 @@ internal sealed unsafe partial class Daemon
             return "ok: " + t.Encode() + "\n";
         }
         catch (ConfigException e) { return "error: " + e.Message + "\n"; }
+    }
+
+    internal static Endpoint? GuessEndpoint(Mesh m)
+    {
+        if (m.Mapped.IsSet) return m.Mapped;
+        if (m.Observed.Count > 0) return m.Observed[^1];             // the newest
+        foreach (Endpoint e in m.LocalEndpoints) if (e.IsV4) return e;
+        return m.LocalEndpoints.Count > 0 ? m.LocalEndpoints[0] : null;
     }
 
     // The lowest host address of our IPv4 network that no peer, invite or this node uses.

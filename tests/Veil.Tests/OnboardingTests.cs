@@ -72,6 +72,37 @@ public sealed class OnboardingTests : IDisposable
         return pub;
     }
 
+    [Theory]
+    [InlineData("bee", "laptop", "bee")]          // the inviter's --name wins over the joiner's hostname
+    [InlineData("", "laptop", "laptop")]          // no name in the invite: the joiner's
+    [InlineData("", "my host", "")]               // one the config would refuse: the key's default name
+    public void Join_TheInvitesNameWins(string invited, string asked, string expect)
+    {
+        var inv = new Invites(_inviterPriv) { Psk = TestNode.KeyFromSeed(31) };
+        InviteToken t = inv.Create(_inviterPub, "192.0.2.1:51820", "lab", new IfAddress(IPAddress.Parse("100.64.0.1"), 24),
+            new IfAddress(IPAddress.Parse("100.64.0.5"), 24), invited, DateTimeOffset.UtcNow.ToUnixTimeSeconds() + 60);
+        Assert.NotNull(Join(inv, JoinHello(t, Pub(40), t.Secret, asked), TestNet.Ep(1)));
+        Assert.Equal(expect, Assert.Single(_persisted).Name);
+    }
+
+    [Fact]
+    public void InviteEndpoint_Guessed_MappedThenObservedThenOwnIPv4()
+    {
+        var m = TestNet.FullMesh(1).Nodes[0].Node.Mesh;
+        m.LocalEndpoints.Clear();
+        Assert.Null(Daemon.GuessEndpoint(m));
+        Endpoint own6 = Endpoint.FromIp(IPAddress.Parse("2001:db8::5"), 51820), own4 = Endpoint.FromIp(IPAddress.Parse("192.0.2.5"), 51820);
+        m.LocalEndpoints.Add(own6);
+        Assert.Equal(own6, Daemon.GuessEndpoint(m));
+        m.LocalEndpoints.Add(own4);
+        Assert.Equal(own4, Daemon.GuessEndpoint(m));
+        Endpoint seen = Endpoint.FromIp(IPAddress.Parse("203.0.113.7"), 40001);
+        m.Observed.Add(seen);
+        Assert.Equal(seen, Daemon.GuessEndpoint(m));
+        m.Mapped = Endpoint.FromIp(IPAddress.Parse("203.0.113.7"), 51820);
+        Assert.Equal(m.Mapped, Daemon.GuessEndpoint(m));
+    }
+
     [Fact]
     public void Token_EncodeParse_RoundTrip()
     {
@@ -223,7 +254,25 @@ public sealed class OnboardingTests : IDisposable
         Assert.Throws<ConfigException>(() => OnboardingCli.AddPeer(new[] { "add-peer", "--config", cfg, "--peer", pub }, new StringWriter()));
         Assert.Throws<ConfigException>(() => OnboardingCli.AddPeer(new[] { "add-peer", "--config", cfg, "--peer", "nope" }, new StringWriter()));
         Assert.Throws<ConfigException>(() => OnboardingCli.AddPeer(new[] { "add-peer", "--config", cfg, "--peer", Pub(51).ToBase64(), "--allow", "10.0.0.0/33" }, new StringWriter()));
+        var e = Assert.Throws<ConfigException>(() => OnboardingCli.AddPeer(new[] { "add-peer", "--config", cfg, "--peer", Pub(51).ToBase64(), "--name", "two words" }, new StringWriter()));
+        Assert.Equal("add-peer: --name 'two words' must be 1 to 32 letters, digits, '-', '_' or '.'", e.Message);   // not a line of the appended text
         Assert.Equal(before, File.ReadAllText(cfg));
+    }
+
+    [Fact]
+    public void AddPeer_AndUp_WarnAboutAPrefixTwoPeersHold_AndADefaultRoute()
+    {
+        string dir = Path.Combine(_dir, "w");
+        OnboardingCli.Init(new[] { "init", "--dir", dir }, new StringWriter());
+        string cfg = Path.Combine(dir, "veil.toml");
+        var o = new StringWriter();
+        Assert.Equal(0, OnboardingCli.AddPeer(new[] { "add-peer", "--config", cfg, "--peer", Pub(50).ToBase64(), "--allow", "10.0.0.0/24", "--name", "one" }, o));
+        Assert.DoesNotContain("warning", o.ToString());
+        o = new StringWriter();
+        Assert.Equal(0, OnboardingCli.AddPeer(new[] { "add-peer", "--config", cfg, "--peer", Pub(51).ToBase64(), "--allow", "10.0.0.0/24", "--allow", "0.0.0.0/0", "--name", "two" }, o));
+        Assert.Contains("warning: 10.0.0.0/24 is allowed for both one and two: only one of them gets its traffic\n", o.ToString());
+        Assert.Contains("warning: peer two: 0.0.0.0/0 sends all IPv4 traffic without a more specific route into the tunnel\n", o.ToString());
+        Assert.Equal(2, UpConfig.Load(new[] { "up", "--config", cfg }, 1).AllowedWarnings().Count);
     }
 
     // About one key in five starts with a '+' or '/' among its first 8 base64 characters; its default

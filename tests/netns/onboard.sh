@@ -32,6 +32,7 @@ check "join wrote key (0600), config and the network secret" "files: $(ls -l "$T
 	test "$(stat -c %a "$TMPD/b/private.key" 2>/dev/null)" = 600 -a -s "$TMPD/b/veil.toml" -a -s "$TMPD/b/network.psk"
 check "b got the network secret of a" "psk differs" cmp -s <(tr -d '\n' <"$TMPD/net.psk") <(tr -d '\n' <"$TMPD/b/network.psk")
 check "a wrote the joiner into its config" "$(cat "$TMPD/a/veil.toml")" grep -q 'name = "laptop"' "$TMPD/a/veil.toml"
+check "the joiner keeps its NAT mapping open: keepalive = 25 for the inviter" "$(cat "$TMPD/b/veil.toml")" grep -q '^keepalive = 25$' "$TMPD/b/veil.toml"
 check "the token works only once" "a second join was accepted" \
 	bash -c "! ip netns exec $(ns b) $VEIL join '$token' --dir $TMPD/again --listen $UL4_b:$PORT >/dev/null 2>&1"
 
