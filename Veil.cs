@@ -5357,6 +5357,7 @@ internal sealed partial class Node
         p.ClearStaged();
         _byKey.Remove(KeyId.Of(p.PublicKey));
         Mesh.Forget(p);
+        if (p.Up) p.DownAtMs = Math.Max(p.DownAtMs, p.LastRxMs);     // for /healthz: up until it was last heard
         p.OnRemoved();
         p.PersistentKeepaliveAtMs = p.LivenessAtMs = p.ReconnectAtMs = p.ExchangeAtMs = p.ClaimsExpireAtMs = p.PunchAtMs = 0;
         Relays.Forget(p);
@@ -5782,6 +5783,7 @@ internal sealed partial class Node
         if (v != HandshakeVerdict.Ok || keys == null)
         {
             Counters.Drop(DropReason.HandshakeFailed);
+            // Status text only: whoever saw our hello's index could forge this failure, and nothing else moves.
             p.OnFailure("server_hello_auth", nowMs);
             if (Log.Wants(LogLevel.Warn, "handshake_failed")) Log.Emit(LogLevel.Warn, "handshake_failed", $"peer={p.Name} reason=server_hello_auth from={from} hint=\"the peer answered but its ServerHello did not authenticate: different network secret (--psk) or wrong peer key\"");
             return;
@@ -6238,8 +6240,8 @@ internal sealed unsafe partial class Daemon
     {
         int wanted = _cfg.Workers > 0 ? _cfg.Workers : Tune.AutoWorkers(Environment.ProcessorCount);
         bool offloads = Environment.GetEnvironmentVariable("VEIL_OFFLOADS") != "off";
-        TunDevice tun = OpenDevices(wanted, offloads, _queues, out UdpSocket udp);
-        _udp = udp;
+        TunDevice tun = OpenDevices(wanted, offloads, _queues, out _udp);
+        UdpSocket udp = _udp;
         _handshakes = OpenHandshakeQueue(udp, 1 + _queues.Count, offloads);
         var offloadsLine = new StringBuilder();
         foreach (var (name, on) in Worker.Offloads(tun, udp)) offloadsLine.Append(name).Append(on ? "=on " : "=off ");
@@ -8928,7 +8930,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     }
 
     // What an operator should look at first: no peer up, a prefix two peers are allowed, a wall clock
-    // stepped since the start (hello timestamps come from it: a step back makes peers refuse ours).
+    // stepped back since the start (hello timestamps come from it: peers refuse older ones).
     internal List<string> Warnings(long nowMs)
     {
         var w = new List<string>();
@@ -8941,7 +8943,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
                 if (owner.TryGetValue(a, out string? other)) { if (w.Count < 8) w.Add($"route conflict: {a} is allowed for {other} and {p.Name}"); }
                 else owner[a] = p.Name;
         long jumpS = DateTimeOffset.UtcNow.ToUnixTimeSeconds() - (_startedUnixS + (nowMs - startedMs) / 1000);
-        if (Math.Abs(jumpS) > 60) w.Add($"clock jumped {(jumpS > 0 ? "forward" : "back")} {Age(Math.Abs(jumpS) * 1000)} since start");
+        // Only back: a step forward (NTP setting a router's clock after boot) is harmless.
+        if (jumpS < -60) w.Add($"clock stepped back {Age(-jumpS * 1000)} since start: peers may ignore our hellos until it catches up");
         return w;
     }
 
@@ -8952,9 +8955,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         int up = PeersUp(nowMs), total = 0;
         foreach (Peer p in ActivePeers()) total++;
         if (up > 0) return $"ok: {up} of {total} peers up\n";
-        long since = startedMs;
-        foreach (Peer p in ActivePeers()) since = Math.Max(since, p.DownAtMs);
-        return total == 0 ? "down: no peers\n" : $"down: no peer up (for {Age(nowMs - since)})\n";
+        return total == 0 ? "down: no peers\n" : $"down: no peer up (for {Age(nowMs - NoPeerUpSinceMs())})\n";
     }
 
     /// <summary>For /healthz: null when healthy, else why not. Down
@@ -8963,9 +8964,16 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     {
         long nowMs = Now();
         if (PeersUp(nowMs) > 0) return null;
-        long since = startedMs;
-        foreach (Peer p in ActivePeers()) since = Math.Max(since, p.DownAtMs);
+        long since = NoPeerUpSinceMs();
         return nowMs - since > graceMs ? $"no peer up for {Age(nowMs - since)}" : null;
+    }
+
+    // The start, or when the last peer went down; removed peers count (RemovePeer notes when).
+    private long NoPeerUpSinceMs()
+    {
+        long since = startedMs;
+        foreach (Peer p in node.Peers) since = Math.Max(since, p.DownAtMs);
+        return since;
     }
 
     private static string CipherName(AeadKind k) => k == AeadKind.Aes256Gcm ? "aes-256-gcm" : "chacha20-poly1305";   // as --cipher names it
@@ -9909,7 +9917,7 @@ internal sealed unsafe class MgmtServer : RequestServer
     // GET /: a status page for a browser (tests/netns/statuspage.sh). It polls /status and draws
     // with its one inline script and style; the CSP admits those two by hash, computed here from
     // the text served so the two cannot drift, and nothing else (no other origin, no inline handler).
-    private const string StatusPage = """
+    private static readonly string StatusPage = """
     <!DOCTYPE html>
     <html lang="en">
     <head>
@@ -10067,7 +10075,7 @@ internal sealed unsafe class MgmtServer : RequestServer
     </script>
     </body>
     </html>
-    """;
+    """.ReplaceLineEndings("\n");            // as a browser hashes it, whatever line ends the checkout has
 
     private static readonly string StatusPageHeaders =
         "Content-Security-Policy: " + Csp(StatusPage) + "\r\nX-Content-Type-Options: nosniff\r\n";
@@ -11097,7 +11105,8 @@ internal static class OnboardingCli
             else if (Arg(args, "--listen", ref i) is string l) listen = Endpoint.TrySplitHostPort(l, out _, out _) ? l : throw new ConfigException($"--listen '{l}' must be ADDRESS:PORT");
             else throw new ConfigException($"init: unknown argument '{args[i]}' (see 'veil help init')");
         }
-        string keyPath = Path.Combine(dir, "private.key"), cfgPath = Path.Combine(dir, "veil.toml");
+        // Absolute: a relative path in the file would be read relative to the file (UpConfig.FromFile).
+        string keyPath = Path.GetFullPath(Path.Combine(dir, "private.key")), cfgPath = Path.Combine(dir, "veil.toml");
         if (File.Exists(keyPath)) throw new ConfigException($"'{keyPath}' exists: this node already has an identity (it is never overwritten)");
         if (File.Exists(cfgPath)) throw new ConfigException($"'{cfgPath}' exists; remove it or use another --dir");
         Directory.CreateDirectory(dir);
@@ -11193,7 +11202,7 @@ internal static class OnboardingCli
         name = mended.Length > 32 ? mended.ToString(0, 32) : mended.ToString();
         // Only a courtesy, to fail before any file is written; the inviter's own clock decides.
         if (t.ExpiresUnix <= DateTimeOffset.UtcNow.ToUnixTimeSeconds()) throw new ConfigException("join: this invite has expired; ask for a new one");
-        string keyPath = Path.Combine(dir, "private.key"), cfgPath = Path.Combine(dir, "veil.toml"), pskPath = Path.Combine(dir, "network.psk");
+        string keyPath = Path.GetFullPath(Path.Combine(dir, "private.key")), cfgPath = Path.Combine(dir, "veil.toml"), pskPath = Path.GetFullPath(Path.Combine(dir, "network.psk"));
         if (File.Exists(cfgPath)) throw new ConfigException($"'{cfgPath}' exists; join into an empty --dir");
         Directory.CreateDirectory(dir);
         Key32 priv, pub = default;
@@ -11399,7 +11408,7 @@ internal static unsafe partial class Doctor
     /// nothing): the tun module, the privileges, the port's owner.</summary>
     internal static string HintFor(string failure, UpConfig cfg)
     {
-        if (failure.Contains("TUN", StringComparison.OrdinalIgnoreCase) || failure.Contains("/dev/net/tun", StringComparison.Ordinal))
+        if (failure.Contains("TUN '", StringComparison.Ordinal) || failure.Contains("/dev/net/tun", StringComparison.Ordinal))
         {
             if (!File.Exists("/dev/net/tun")) return "/dev/net/tun is missing: load the tun module (modprobe tun; OpenWrt: apk add kmod-tun / opkg install kmod-tun)";
             if (GetEuid() != 0 && !HasCapNetAdmin()) return "run it as root or with CAP_NET_ADMIN ('veil doctor' checks)";

@@ -939,23 +939,7 @@ public sealed partial class FuzzTests
             HMACSHA256.HashData(((ReadOnlySpan<byte>)Mac1Key).ToArray(), d.AsSpan(0, offset).ToArray()).AsSpan(0, Spec.MacLen).CopyTo(d.AsSpan(offset));
     }
 
-    internal static byte[] JoinHello(InviteToken t, in Key32 joinerPub, ReadOnlySpan<byte> secret, string name)
-    {
-        byte[] body = t.Body(withSecret: false);
-        byte[] nameBytes = Encoding.UTF8.GetBytes(name);
-        byte[] hello = new byte[8 + body.Length + 16 + 32 + 16 + 1 + nameBytes.Length];
-        Wire.WritePreamble(hello, Spec.TlsHandshake, hello.Length);
-        hello[5] = Invites.TypeJoinHello;
-        BinaryPrimitives.WriteUInt16BigEndian(hello.AsSpan(6), (ushort)(body.Length + 16));
-        body.CopyTo(hello, 8);
-        t.Tag.CopyTo(hello, 8 + body.Length);
-        int at = 8 + body.Length + 16;
-        ((ReadOnlySpan<byte>)joinerPub).CopyTo(hello.AsSpan(at));
-        InviteToken.JoinProof(secret, t.Id, joinerPub, hello.AsSpan(at + 32, 16));
-        hello[at + 48] = (byte)nameBytes.Length;
-        nameBytes.CopyTo(hello, at + 49);
-        return hello;
-    }
+    internal static byte[] JoinHello(InviteToken t, in Key32 joinerPub, ReadOnlySpan<byte> secret, string name) => OnboardingTests.JoinHello(t, joinerPub, secret, name);
 
     /// <summary>A well-formed ClientHello to `to` from a key it has never seen.</summary>
     internal static byte[] StrangerHello(TestNode to, in Key32 strangerPriv, long nowMs, in Key32 psk)

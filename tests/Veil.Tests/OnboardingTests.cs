@@ -47,7 +47,7 @@ public sealed class OnboardingTests : IDisposable
         return reply;
     }
 
-    private static byte[] JoinHello(InviteToken t, in Key32 joinerPub, ReadOnlySpan<byte> secret, string name = "bee")
+    internal static byte[] JoinHello(InviteToken t, in Key32 joinerPub, ReadOnlySpan<byte> secret, string name = "bee")
     {
         byte[] body = t.Body(withSecret: false);
         byte[] nameBytes = Encoding.UTF8.GetBytes(name);
@@ -257,6 +257,17 @@ public sealed class OnboardingTests : IDisposable
         var e = Assert.Throws<ConfigException>(() => OnboardingCli.AddPeer(new[] { "add-peer", "--config", cfg, "--peer", Pub(51).ToBase64(), "--name", "two words" }, new StringWriter()));
         Assert.Equal("add-peer: --name 'two words' must be 1 to 32 letters, digits, '-', '_' or '.'", e.Message);   // not a line of the appended text
         Assert.Equal(before, File.ReadAllText(cfg));
+    }
+
+    [Fact]
+    public void Init_WithARelativeDir_WritesAKeyPathTheFileFinds()
+    {
+        // Relative paths in a config file are relative to the file; what init writes must still work
+        // when --dir was relative (the working directory is left alone: tests run in parallel).
+        string rel = Path.GetRelativePath(Directory.GetCurrentDirectory(), Path.Combine(_dir, "rel"));
+        Assert.Equal(0, OnboardingCli.Init(["init", "--dir", rel], new StringWriter()));
+        UpConfig c = UpConfig.Load(["up", "--config", Path.Combine(rel, "veil.toml")], 1);
+        Assert.Equal(Path.Combine(_dir, "rel", "private.key"), c.KeyFile);
     }
 
     [Fact]

@@ -133,6 +133,21 @@ public class StatusTests
     }
 
     [Fact]
+    public void Healthz_GraceCountsFromWhenTheLastUpPeerWasRemoved()
+    {
+        var t = TestNet.FullMesh(2);
+        StatusView v = View(t);
+        t.Start();
+        t.Send(0, 1);
+        t.NowMs += 60_000;                                          // up for a minute
+        t.Send(0, 1);
+        t.Nodes[0].Node.RemovePeer(TestNet.PeerOf(t.Nodes[0], t.Nodes[1]));
+        Assert.Null(v.Unhealthy(graceMs: 10_000));                 // it was up until just now
+        t.NowMs += 10_001;
+        Assert.Equal("no peer up for 10 s", v.Unhealthy(graceMs: 10_000));
+    }
+
+    [Fact]
     public void Short_OneLinePerPeer_Dump_TabSeparatedFixedFields()
     {
         var t = TestNet.FullMesh(3);
