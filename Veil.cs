@@ -9692,6 +9692,8 @@ internal sealed unsafe class ControlServer : RequestServer
         return new ControlServer(fd, epfd, path, daemon);
     }
 
+    private const string NoInvites = "error: this daemon runs without --config, so it has no invites\n";
+
     protected override bool TryAnswer(int fd, Conn c, long nowMs, StatusView status)
     {
         int nl = Array.IndexOf(c.In, (byte)'\n', 0, c.InLen);
@@ -9732,7 +9734,9 @@ internal sealed unsafe class ControlServer : RequestServer
                 "netcheck" => status.Netcheck(),
                 "down" => "ok: leaving\n",
                 _ when line.StartsWith("invite ", StringComparison.Ordinal) => _daemon.Invite(line),
-                _ => "error: unknown request (expected status [json|short|dump], peers, routes [json], health, netcheck, ping PEER, reload, down, invite or revoke)\n",
+                "invites" => _daemon.Invites?.List(DateTimeOffset.UtcNow.ToUnixTimeSeconds()) ?? NoInvites,
+                _ when line.StartsWith("invites revoke ", StringComparison.Ordinal) => _daemon.Invites?.Revoke(line["invites revoke ".Length..]) ?? NoInvites,
+                _ => "error: unknown request (expected status [json|short|dump], peers, routes [json], health, netcheck, ping PEER, reload, down, invite, invites [revoke ID] or revoke)\n",
             };
         Respond(fd, c, Encoding.UTF8.GetBytes(reply), nowMs);
         // Stop after the reply is written, so `veil down` reads "ok" before the loop winds down.
@@ -10375,7 +10379,8 @@ internal static class Cli
         ["reload"] = "usage: veil reload [--control PATH]   re-read flags and --config file (same as SIGHUP)\nexit status: 0 applied, 1 no daemon, 2 the new config is invalid (nothing applied), 3 a changed key needs a restart (nothing applied)\n",
         ["down"] = "usage: veil down [--control PATH]   leave gracefully: close sessions, remove the interface\n",
         ["init"] = "usage: veil init [--dir DIR] [--address CIDR] [--listen ADDR:PORT]   DIR/private.key (0600) and DIR/veil.toml (default DIR /etc/veil); never overwrites a key\n",
-        ["invite"] = "usage: veil invite [--expires 1h] [--name NAME] [--endpoint HOST:PORT] [--network NAME] [--control PATH]\n  asks the running node (started with --config) for a one-time token; it expires and works once\n",
+        ["invite"] = "usage: veil invite [--expires 1h] [--name NAME] [--endpoint HOST:PORT] [--network NAME] [--control PATH]\n  asks the running node (started with --config) for a one-time token; it expires and works once\n" +
+                     "       veil invite --list | --revoke ID   the invites not yet expired (ID, address, name, state); revoke one not yet used\n",
         ["join"] = "usage: veil join TOKEN [--dir DIR] [--name NAME] [--listen ADDR:PORT]   key + config in DIR (default /etc/veil), approved by the inviter\n",
         ["add-peer"] = "usage: veil add-peer --config FILE --peer PUBKEY[@HOST:PORT] [--allow CIDR]... [--name NAME] [--keepalive SECONDS]\n  validates the peer, appends it to FILE; a running daemon applies it on 'veil reload'\n",
         ["selftest"] = "usage: veil selftest   X25519, AEAD (both backends), HKDF and Noise known answers, epoll and UDP batch layouts against this kernel\nexit status: 0 all passed, 1 any failed\n",
@@ -10896,6 +10901,31 @@ internal sealed class Invites(Key32 privateKey)
 
     internal void Clear() { _tokenKey.Clear(); Psk.Clear(); foreach (Pending p in _pending.Values) p.Token.Secret.Clear(); }
 
+    /// <summary>`veil invite --list`: one line per invite not yet expired.</summary>
+    internal string List(long nowUnix)
+    {
+        var sb = new StringBuilder();
+        foreach (var (id, p) in _pending)
+        {
+            if (p.Token.ExpiresUnix <= nowUnix) continue;
+            sb.Append($"{id:x16}  {p.Token.JoinerAddress,-18}  {(p.Name.Length > 0 ? p.Name : "-"),-16}  ")
+              .Append(p.JoinerKey.IsZero() ? "pending" : p.Written ? "joined" : "joining").Append("  expires in ").Append(StatusView.Age((p.Token.ExpiresUnix - nowUnix) * 1000)).Append('\n');
+        }
+        return sb.Length > 0 ? sb.ToString() : "no pending invites\n";
+    }
+
+    /// <summary>`veil invite --revoke ID`: the token stops working and its address is free again.
+    /// One already used is a member now: that is `veil revoke`'s job.</summary>
+    internal string Revoke(string idText)
+    {
+        if (!ulong.TryParse(idText, System.Globalization.NumberStyles.AllowHexSpecifier, null, out ulong id) || !_pending.TryGetValue(id, out Pending? p))
+            return $"error: no invite {idText} (see veil invite --list)\n";
+        if (!p.JoinerKey.IsZero()) return $"error: invite {idText} was used already; remove the peer from the config, or 'veil revoke' its key\n";
+        p.Token.Secret.Clear();
+        _pending.Remove(id);
+        return $"ok: invite {id:x16} revoked\n";
+    }
+
     internal InviteToken Create(in Key32 inviterPublic, string endpoint, string networkName, IfAddress inviterAddress,
         IfAddress joinerAddress, string joinerName, long expiresUnix)
     {
@@ -11162,10 +11192,13 @@ internal static class OnboardingCli
     internal static int Invite(string[] args, TextWriter o, TextWriter e)
     {
         string control = Tune.DefaultControlPath, name = "-", endpoint = "-", network = "veil";
+        string? request = null;
         long expires = 3600;
         for (int i = 1; i < args.Length; i++)
         {
-            if (Arg(args, "--expires", ref i) is string x) expires = ParseDuration(x);
+            if (args[i] == "--list") request = "invites";
+            else if (Arg(args, "--revoke", ref i) is string id) request = "invites revoke " + id;
+            else if (Arg(args, "--expires", ref i) is string x) expires = ParseDuration(x);
             else if (Arg(args, "--name", ref i) is string n) name = n;
             else if (Arg(args, "--endpoint", ref i) is string ep) endpoint = Endpoint.TrySplitHostPort(ep, out _, out _) ? ep : throw new ConfigException($"--endpoint '{ep}' must be HOST:PORT");
             else if (Arg(args, "--network", ref i) is string nw) network = nw;
@@ -11175,10 +11208,11 @@ internal static class OnboardingCli
         // The control request is one space-separated line ("-" for a value not given), so a space would
         // shift the fields; the network name travels in the token.
         if (name.Contains(' ') || network.Contains(' ') || network.Length > 32) throw new ConfigException("invite: --name and --network take one word of at most 32 characters");
-        string? reply = ControlClient.Ask(control, $"invite {expires} {name} {endpoint} {network}");
+        string? reply = ControlClient.Ask(control, request ?? $"invite {expires} {name} {endpoint} {network}");
         if (reply == null) { e.WriteLine($"veil: no daemon answers on {control} (invites are issued by the running node)"); return 1; }
-        if (!reply.StartsWith("ok: ")) { e.Write("veil: " + (reply.StartsWith("error: ") ? reply[7..] : reply)); return 2; }
-        o.Write(reply[4..]);
+        if (reply.StartsWith("error: ")) { e.Write("veil: " + reply[7..]); return 2; }
+        if (request == null && !reply.StartsWith("ok: ")) { e.Write("veil: " + reply); return 2; }
+        o.Write(reply.StartsWith("ok: ") && request == null ? reply[4..] : reply);
         return 0;
     }
 
@@ -11765,6 +11799,8 @@ internal sealed unsafe partial class Daemon
             }
         });
     }
+
+    internal Invites? Invites => _node?.Invites;
 
     /// <summary>Answers `veil invite`: "invite SECONDS NAME|- ENDPOINT|- NETWORK".</summary>
     internal string Invite(string request)

@@ -86,6 +86,23 @@ public sealed class OnboardingTests : IDisposable
     }
 
     [Fact]
+    public void ListAndRevoke_APendingInvite_NotAUsedOne()
+    {
+        var (inv, t, _) = NewInvite();
+        long now = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+        Assert.Matches($"^{t.Id:x16}  100\\.64\\.0\\.5/24 +bee +pending  expires in (1 h 0 min|59 min [0-9]+ s)\n$", inv.List(now));
+        Assert.StartsWith("error: no invite 12", inv.Revoke("12"));
+        Assert.Equal($"ok: invite {t.Id:x16} revoked\n", inv.Revoke($"{t.Id:x16}"));
+        Assert.Equal("no pending invites\n", inv.List(now));
+        Assert.Null(Join(inv, JoinHello(t, Pub(40), t.Secret), TestNet.Ep(1)));      // the token is dead
+        Assert.Empty(inv.ReservedAddresses());                                      // and its address free
+        var (inv2, t2, _) = NewInvite();
+        Assert.NotNull(Join(inv2, JoinHello(t2, Pub(41), t2.Secret), TestNet.Ep(1)));
+        Assert.Contains("  joined  ", inv2.List(now));
+        Assert.StartsWith($"error: invite {t2.Id:x16} was used already", inv2.Revoke($"{t2.Id:x16}"));
+    }
+
+    [Fact]
     public void InviteEndpoint_Guessed_MappedThenObservedThenOwnIPv4()
     {
         var m = TestNet.FullMesh(1).Nodes[0].Node.Mesh;

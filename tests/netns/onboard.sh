@@ -83,6 +83,19 @@ sleep 1.5
 check "an expired token is refused" "join accepted it" \
 	bash -c "! ip netns exec $(ns b) $VEIL join '$expired' --dir $TMPD/late --listen $UL4_b:$PORT >/dev/null 2>&1"
 
+# --list names a pending invite; --revoke ends it, and its token is refused from then on
+spare=$(nsx a "$VEIL" invite --expires 10m --name spare --control "$(sock a)") || die "third invite failed"
+list=$(nsx a "$VEIL" invite --list --control "$(sock a)" 2>&1)
+id=$(awk '$3 == "spare" && $4 == "pending" { print $1 }' <<<"$list")
+check "invite --list shows the spare invite pending, with the joiner's address" "$list" test -n "$id"
+out=$(nsx a "$VEIL" invite --revoke "$id" --control "$(sock a)" 2>&1)
+check "invite --revoke ID: ok" "$out" grep -q "^ok: invite $id revoked" <<<"$out"
+check "a revoked invite's token is refused" "join accepted it" \
+	bash -c "! ip netns exec $(ns b) $VEIL join '$spare' --dir $TMPD/revoked --listen $UL4_b:$PORT >/dev/null 2>&1"
+out=$(nsx a "$VEIL" invite --revoke "$id" --control "$(sock a)" 2>&1)
+rc=$?
+check "revoking it again: exit 2, one line" "exit $rc: $out" test "$rc" = 2 -a "$(grep -c '' <<<"$out")" = 1
+
 # --user: a restarts unprivileged; reloads still add kernel routes
 node_stop a
 chmod 755 "$TMPD" "$TMPD/a"
