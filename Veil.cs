@@ -11409,6 +11409,10 @@ internal static unsafe partial class Doctor
             bool ours = live != null || owner != null && owner.EndsWith("(veil)", StringComparison.Ordinal);
             Line(free || ours, "port", free ? $"udp {cfg.ListenPort} is free" : ours ? $"udp {cfg.ListenPort} is used by the running veil{(owner != null ? $", {owner}" : "")}"
                 : $"udp {cfg.ListenPort} is in use by {owner ?? "another program"} (WireGuard also defaults to 51820): choose --listen");
+            // A running daemon knows what no file says: whether its peers are up.
+            if (live != null && ControlClient.Ask(cfg.ControlPath, "health") is string health)
+                Line(health.StartsWith("ok:", StringComparison.Ordinal), "daemon", "running; " + health.TrimEnd('\n').Replace("ok: ", "").Replace("down: ", "") +
+                    (health.StartsWith("ok:", StringComparison.Ordinal) ? "" : " ('veil status' says why: handshake attempts and the last failure)"));
             bool subnets = cfg.Peers.Exists(p => p.Allowed.Exists(a => a.Bits < a.MaxBits));
             string rp = ReadProc("/proc/sys/net/ipv4/conf/all/rp_filter");
             Line(rp != "1" || !subnets, "rp_filter", rp == "1" && subnets

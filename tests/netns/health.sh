@@ -49,6 +49,9 @@ out=$(vs health 2>&1)
 check "b up: veil health exits 0" "'$out'" test "$out" = "ok: 1 of 1 peers up"
 r=$(http a GET 127.0.0.1 "$MGMT_PORT" /healthz "$B")
 check "b up: /healthz 200" "got '$r'" test "${r%% *}" = 200
+doc=$(nsx a timeout --foreground 10 "$VEIL" doctor --key "$TMPD/a.key" --address "$OL4_a/24" --listen "$UL4_a:$PORT" --control "$(sock a)" 2>&1)
+check "doctor asks the running daemon: its peer is up; the port is the daemon's own" "$doc" \
+	bash -c 'grep -q "^ok   daemon: running; 1 of 1 peers up$" <<<"$1" && grep -q "^ok   port: udp '"$PORT"' is used by the running veil" <<<"$1"' _ "$doc"
 vs status --short >"$TMPD/short.txt" 2>&1
 check "--short: a node line and one line for b, up and direct" "$(cat "$TMPD/short.txt")" \
 	awk -v a="$OL4_b" 'NR == 1 && /^# veil-a .*1 of 1 peers up/ { h = 1 } NR == 2 && $1 == a && $3 == "up" && $4 == "direct" { p = 1 } END { exit !(h && p && NR == 2) }' "$TMPD/short.txt"
