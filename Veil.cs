@@ -129,7 +129,7 @@ internal static class Program
             case "adminpub": return Cli.AdminPub(Console.In, stdout, stderr);
             case "up": return Up(args, stderr);
             case "init" or "invite" or "join" or "add-peer" or "doctor" or "service" or "revoke": return Onboard(verb, args, stdout, stderr);
-            case "status" or "peers" or "routes" or "reload" or "down" or "netcheck" or "health": return Cli.Ask(verb, args, stdout, stderr);
+            case "status" or "peers" or "routes" or "reload" or "down" or "netcheck" or "health" or "confirm": return Cli.Ask(verb, args, stdout, stderr);
             case "ping": return Cli.Ping(args, stdout, stderr);
             case "version" or "--version": stdout.WriteLine($"veil {Cli.Version} {RuntimeInformation.RuntimeIdentifier}"); return 0;
             case "bench": return Bench.Run(args, stdout);
@@ -6291,6 +6291,7 @@ internal sealed unsafe partial class Daemon
         _resolver = new Resolver(Wake);
         _resolver.SetNames(EndpointNames(_cfg));
         _configStamp = ConfigStamp();
+        _appliedText = _confirmedText = ReadConfigText();
         ApplyLocalEndpoints(FindLocalEndpoints(port));
         _chores = new Chores(Wake, _log);
         if (_cfg.PortMapping)
@@ -6370,6 +6371,7 @@ internal sealed unsafe partial class Daemon
                 Math.Min(nextAddressScanMs, _cfg.ConfigPath != null ? nextConfigCheckMs : long.MaxValue));
             if (_tcp != null && _tcp.Count > 0) wake = Math.Min(wake, nowMs + 1000);   // TcpLinks.Expire's deadlines
             if (_cfg.BeaconStore != null || _cfg.BeaconLoad != null) wake = Math.Min(wake, _nextBeaconMs);
+            if (_rollbackAtMs != 0) wake = Math.Min(wake, _rollbackAtMs);
             int n = Libc.EpollWait(epfd, events, 16, (int)Math.Clamp(wake - nowMs, 0, 60_000));
             nowMs = Mono.NowMs();
             // The first worker's own I/O (it locks the node itself), then the control socket and
@@ -6386,6 +6388,7 @@ internal sealed unsafe partial class Daemon
             while (chores.TryTakeResult(out Action? done)) done();
             if (_tcp != null) ExpireTcp(nowMs);
             if (_reloadAsked) { _reloadAsked = false; AskReload("signal", null); }
+            if (_rollbackAtMs != 0 && nowMs >= _rollbackAtMs) RollBack();
             if (_cfg.ConfigPath != null && nowMs >= nextConfigCheckMs)
             {
                 nextConfigCheckMs = nowMs + ConfigCheckIntervalMs;
@@ -6483,6 +6486,12 @@ internal sealed unsafe partial class Daemon
             _log.Info("endpoint_resolved", $"peer={p.Name} name={text} endpoint={at}");
             if (!p.HasReadySession(nowMs, Spec.RejectAfterTimeMs)) _node.StartHandshake(p, nowMs, retransmit: false);
         }
+    }
+
+    private string? ReadConfigText()
+    {
+        try { return _cfg.ConfigPath != null ? File.ReadAllText(_cfg.ConfigPath) : null; }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { return null; }
     }
 
     private (DateTime, long) ConfigStamp()
@@ -6612,7 +6621,55 @@ internal sealed unsafe partial class Daemon
     internal enum ReloadCode { Ok = 0, Rejected = 2, NeedsRestart = 3 }
 
     /// <summary>A reload read and checked, not yet applied (Next is null unless Code is Ok).</summary>
-    private sealed record PreparedReload(string Trigger, ReloadCode Code, string Message, UpConfig? Next);
+    private sealed record PreparedReload(string Trigger, ReloadCode Code, string Message, UpConfig? Next, string? Text = null);
+
+    // Safe remote changes (`veil reload --confirm SECONDS`, like Junos' commit confirmed): the window
+    // opens with the config file's text as it runs now (_confirmedText); what is applied while it is
+    // open (that reload, SIGHUP, file edits) is rolled back to that text unless `veil confirm` comes
+    // before _rollbackAtMs. Outside a window every applied text is confirmed at once. Loop thread.
+    private string? _appliedText, _confirmedText;
+    private long _rollbackAtMs;                         // 0: no window open
+
+    // On the loop thread, from the control socket: "reload confirm SECONDS".
+    internal void AskReloadConfirmed(long windowMs, Action<ReloadCode, string> answer)
+    {
+        if (_cfg.ConfigPath == null) { answer(ReloadCode.Rejected, "reload --confirm needs a daemon started with --config FILE (the file is what rolls back)"); return; }
+        bool opened = _rollbackAtMs == 0;
+        if (opened) _confirmedText = _appliedText;
+        _rollbackAtMs = Mono.NowMs() + windowMs;
+        _log.Info("confirm_window", $"seconds={windowMs / 1000} hint=\"veil confirm keeps the changes; without it they are rolled back\"");
+        AskReload("control", (code, message) =>
+        {
+            if (code != ReloadCode.Ok && opened) _rollbackAtMs = 0;       // nothing was applied: no window
+            answer(code, code == ReloadCode.Ok ? $"{message}; confirm within {windowMs / 1000} s with 'veil confirm', or the config goes back to what ran before" : message);
+        });
+    }
+
+    internal string Confirm()
+    {
+        if (_rollbackAtMs == 0) return "error: nothing to confirm (no 'veil reload --confirm' window is open)\n";
+        _rollbackAtMs = 0;
+        _confirmedText = _appliedText;
+        _log.Info("confirmed", "hint=\"the changes stay\"");
+        return "ok: confirmed; the running config stays\n";
+    }
+
+    // On the loop thread, when the window ran out: the file goes back and is applied again.
+    private void RollBack()
+    {
+        _rollbackAtMs = 0;
+        string? text = _confirmedText;
+        string path = _cfg.ConfigPath!;
+        if (text == null) return;
+        _log.Warn("reload_rolled_back", "reason=not_confirmed hint=\"the config file holds what ran before the window opened\"");
+        _chores!.Post(() =>
+        {
+            try { Onboarding.WriteAtomic(path, text, File.GetUnixFileMode(path)); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { _log.Error("rollback_failed", $"error=\"{e.GetType().Name}\""); return; }
+            PreparedReload r = PrepareReload("rollback");
+            _chores.Return(() => CommitReload(r));
+        });
+    }
 
     /// <summary>Re-reads flags and file on the chores thread (names in it resolve there, which may
     /// take seconds), then applies the reloadable keys on the loop, or nothing at all; answer hears
@@ -6643,6 +6700,7 @@ internal sealed unsafe partial class Daemon
     {
         _configStamp = ConfigStamp();
         UpConfig running = _cfg, next;
+        string? text = ReadConfigText();
         try { next = UpConfig.Load(_args, 1, running); }
         catch (ConfigException e)
         {
@@ -6650,7 +6708,7 @@ internal sealed unsafe partial class Daemon
             return new(trigger, ReloadCode.Rejected, e.Message, null);
         }
         List<string> changed = running.RestartKeysChanged(next);
-        if (changed.Count == 0) return new(trigger, ReloadCode.Ok, "", next);
+        if (changed.Count == 0) return new(trigger, ReloadCode.Ok, "", next, text);
         string keys = string.Join(", ", changed);
         _log.Warn("reload_needs_restart", $"trigger={trigger} keys=\"{keys}\" hint=\"nothing was applied\"");
         return new(trigger, ReloadCode.NeedsRestart, $"changing {keys} needs a restart; nothing was applied", null);
@@ -6676,6 +6734,8 @@ internal sealed unsafe partial class Daemon
         if (_mgmt != null) _mgmt.HealthzGraceMs = next.HealthzGraceMs;
         _resolver?.SetNames(EndpointNames(next));
         _cfg = next;
+        _appliedText = r.Text;
+        if (_rollbackAtMs == 0) _confirmedText = r.Text;
         _log.Info("reloaded", $"trigger={r.Trigger} peers={peers}");
         return (ReloadCode.Ok, $"reloaded: {peers} peers");
     }
@@ -9708,6 +9768,17 @@ internal sealed unsafe class ControlServer : RequestServer
             _daemon.AskReload("control", (code, message) => answer(Encoding.UTF8.GetBytes(ReloadReply(code, message))));
             return true;
         }
+        if (line.StartsWith("reload confirm ", StringComparison.Ordinal))
+        {
+            if (!int.TryParse(line["reload confirm ".Length..], System.Globalization.NumberStyles.None, null, out int seconds) || seconds is < 10 or > 3600)
+            {
+                Respond(fd, c, "error: reload --confirm takes 10 to 3600 seconds\n"u8.ToArray(), nowMs);
+                return true;
+            }
+            Action<byte[]> answer = Later(fd, c, nowMs);
+            _daemon.AskReloadConfirmed(seconds * 1000L, (code, message) => answer(Encoding.UTF8.GetBytes(ReloadReply(code, message))));
+            return true;
+        }
         if (line.StartsWith("ping ", StringComparison.Ordinal))
         {
             _daemon.Ping(line, Later(fd, c, nowMs));
@@ -9733,10 +9804,11 @@ internal sealed unsafe class ControlServer : RequestServer
                 "routes json" => status.RoutesJson(),
                 "netcheck" => status.Netcheck(),
                 "down" => "ok: leaving\n",
+                "confirm" => _daemon.Confirm(),
                 _ when line.StartsWith("invite ", StringComparison.Ordinal) => _daemon.Invite(line),
                 "invites" => _daemon.Invites?.List(DateTimeOffset.UtcNow.ToUnixTimeSeconds()) ?? NoInvites,
                 _ when line.StartsWith("invites revoke ", StringComparison.Ordinal) => _daemon.Invites?.Revoke(line["invites revoke ".Length..]) ?? NoInvites,
-                _ => "error: unknown request (expected status [json|short|dump], peers, routes [json], health, netcheck, ping PEER, reload, down, invite, invites [revoke ID] or revoke)\n",
+                _ => "error: unknown request (expected status [json|short|dump], peers, routes [json], health, netcheck, ping PEER, reload [confirm SECONDS], confirm, down, invite, invites [revoke ID] or revoke)\n",
             };
         Respond(fd, c, Encoding.UTF8.GetBytes(reply), nowMs);
         // Stop after the reply is written, so `veil down` reads "ok" before the loop winds down.
@@ -10198,6 +10270,7 @@ internal static class Cli
             // Only the views have a JSON form; "reload --json" is refused like any other unknown argument.
             if (args[i] == "--json" && verb is "status" or "peers" or "routes" && view.Length == 0) view = " json";
             else if (args[i] is "--short" or "--dump" && verb == "status" && view.Length == 0) view = " " + args[i][2..];
+            else if (args[i] == "--confirm" && verb == "reload" && view.Length == 0 && i + 1 < args.Length) view = " confirm " + args[++i];
             else if (args[i] == "--control" && i + 1 < args.Length) path = args[++i];
             else if (args[i].StartsWith("--control=")) path = args[i]["--control=".Length..];
             else { stderr.WriteLine($"veil: {verb}: unknown argument '{args[i]}' (see 'veil help {verb}')"); return 2; }
@@ -10344,7 +10417,8 @@ internal static class Cli
                   health            is any peer up? (exit 3 if none)
                   ping PEER         echo at the Veil layer: path and round trip
                   netcheck          how members see this node: NAT kind, port mapping, relay, paths
-                  reload            re-read the config without dropping sessions
+                  reload            re-read the config without dropping sessions (--confirm S: roll back unless confirmed)
+                  confirm           keep the changes of a 'reload --confirm' window
                   down              leave the mesh gracefully
                   init              create a key and a config file for this node
                   invite            print a one-time token that lets another node join (asks the running node)
@@ -10376,7 +10450,11 @@ internal static class Cli
                      "exit status: 0 ok (status, health: a peer is up), 1 no daemon answers, 2 bad input, 3 (status, health) no peer is up\n",
         ["ping"] = "usage: veil ping NAME|PUBKEY [-c N] [--control PATH]   N (default 4) echo requests at the Veil layer, one a second;\n  each answer shows the path (direct or relay:NAME), the endpoint and the round trip\nexit status: 0 some answered, 1 none (or no daemon), 2 bad input or no such peer\n",
         ["netcheck"] = "usage: veil netcheck [--control PATH]   where members see this node, whether that depends on the member\n  (symmetric NAT), the gateway's port mapping, the relay, the path to each peer\n",
-        ["reload"] = "usage: veil reload [--control PATH]   re-read flags and --config file (same as SIGHUP)\nexit status: 0 applied, 1 no daemon, 2 the new config is invalid (nothing applied), 3 a changed key needs a restart (nothing applied)\n",
+        ["reload"] = "usage: veil reload [--confirm SECONDS] [--control PATH]   re-read flags and --config file (same as SIGHUP)\n" +
+                     "  --confirm: opens a window (10 to 3600 s): what is applied in it (this reload, file edits) goes back to the\n" +
+                     "  config that ran before unless 'veil confirm' comes in time; open it before editing a remote node's file\n" +
+                     "exit status: 0 applied, 1 no daemon, 2 the new config is invalid (nothing applied), 3 a changed key needs a restart (nothing applied)\n",
+        ["confirm"] = "usage: veil confirm [--control PATH]   keep what was applied since 'veil reload --confirm'\n",
         ["down"] = "usage: veil down [--control PATH]   leave gracefully: close sessions, remove the interface\n",
         ["init"] = "usage: veil init [--dir DIR] [--address CIDR] [--listen ADDR:PORT]   DIR/private.key (0600) and DIR/veil.toml (default DIR /etc/veil); never overwrites a key\n",
         ["invite"] = "usage: veil invite [--expires 1h] [--name NAME] [--endpoint HOST:PORT] [--network NAME] [--control PATH]\n  asks the running node (started with --config) for a one-time token; it expires and works once\n" +
@@ -11795,6 +11873,9 @@ internal sealed unsafe partial class Daemon
         _chores!.Return(() =>
         {
             if (reload != null) CommitReload(reload);
+            // An accepted joiner stays through a rollback of a confirm window: it was answered.
+            if (reload != null && _rollbackAtMs != 0 && _confirmedText != null)
+                _confirmedText += (_confirmedText.EndsWith('\n') ? "" : "\n") + Onboarding.PeerToml(j.Peer);
             Node node = _node!;
             lock (node.Gate)
             {
