@@ -539,8 +539,11 @@ internal sealed class Log
     /// <summary>Writes "ts=… level=… event=NAME fields" unless the level is off or NAME is over budget.</summary>
     internal void Write(LogLevel level, string name, string fields)
     {
+        Hooks?.Offer(name, fields);                    // whatever the level: a hook is not a log line
         if (Wants(level, name)) Emit(level, name, fields);
     }
+
+    internal Hooks? Hooks;
 
     /// <summary>True (and one line of NAME's budget spent) when a line may be written now. Callers on
     /// paths an attacker can drive ask first, so a flood costs no string formatting.</summary>
@@ -738,6 +741,114 @@ internal static class JsonText
 }
 
 /// <summary>Why a packet was dropped. Names are the keys of the status "drops" object.</summary>
+/// <summary>--hook EVENT=PROGRAM: the program runs for each such event (a Log event name), as argv
+/// [PROGRAM, EVENT] without a shell, with the event's fields in the environment (VEIL_EVENT,
+/// VEIL_PEER, VEIL_ENDPOINT, VEIL_PREFIX, ...), on a thread of its own: one hook at a time, at most
+/// HookTimeoutMs each (then killed), its output in the log, at most MaxPending waiting (the rest
+/// counted as dropped). Offer is called by whoever logs, the packet path included: it only queues.</summary>
+internal sealed class Hooks : IDisposable
+{
+    internal static readonly string[] Events = ["peer_up", "peer_down", "endpoint_changed", "route_added", "route_removed", "handshake_gave_up", "reloaded", "reload_rolled_back"];
+    private const int MaxPending = 64, HookTimeoutMs = 10_000, MaxOutputLines = 20;
+    private volatile Dictionary<string, string> _programs;
+    private readonly Queue<(string Event, string Fields)> _pending = new();
+    private readonly AutoResetEvent _kick = new(false);
+    private readonly Log _log;
+    private readonly Thread _thread;
+    private volatile bool _stop;
+    internal long Ran, Failed, Dropped;
+
+    internal Hooks(Dictionary<string, string> programs, Log log)
+    {
+        _programs = programs;
+        _log = log;
+        _thread = new Thread(Run) { IsBackground = true, Name = "veil-hooks" };
+        _thread.Start();
+    }
+
+    internal void SetPrograms(Dictionary<string, string> programs) => _programs = programs;
+
+    internal void Offer(string name, string fields)
+    {
+        if (!_programs.ContainsKey(name)) return;
+        lock (_pending)
+        {
+            if (_pending.Count >= MaxPending) { Dropped++; return; }
+            _pending.Enqueue((name, fields));
+        }
+        _kick.Set();
+    }
+
+    private void Run()
+    {
+        while (!_stop)
+        {
+            (string Event, string Fields) e;
+            bool any;
+            lock (_pending) any = _pending.TryDequeue(out e);
+            if (!any) { _kick.WaitOne(); continue; }
+            if (_programs.TryGetValue(e.Event, out string? program)) RunOne(program, e.Event, e.Fields);
+        }
+    }
+
+    private void RunOne(string program, string name, string fields)
+    {
+        var psi = new ProcessStartInfo(program) { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
+        psi.ArgumentList.Add(name);
+        psi.Environment["VEIL_EVENT"] = name;
+        foreach (var (key, value) in Fields(fields)) psi.Environment["VEIL_" + key.ToUpperInvariant()] = value;
+        try
+        {
+            using Process p = Process.Start(psi)!;
+            p.StandardInput.Close();
+            System.Threading.Tasks.Task<string> output = p.StandardOutput.ReadToEndAsync(), errors = p.StandardError.ReadToEndAsync();
+            if (!p.WaitForExit(HookTimeoutMs))
+            {
+                p.Kill(entireProcessTree: true);
+                p.WaitForExit();
+                Failed++;
+                _log.Warn("hook_timeout", $"event={name} program={program} after_ms={HookTimeoutMs}");
+                return;
+            }
+            Ran++;
+            int lines = 0;
+            foreach (string line in (output.Result + errors.Result).Split('\n', StringSplitOptions.RemoveEmptyEntries))
+                if (lines++ < MaxOutputLines) _log.Info("hook_output", $"event={name} line=\"{line.Replace("\"", "'")}\"");
+            if (p.ExitCode != 0) { Failed++; _log.Warn("hook_failed", $"event={name} program={program} exit={p.ExitCode}"); }
+        }
+        catch (Exception ex) when (ex is System.ComponentModel.Win32Exception or IOException or InvalidOperationException)
+        {
+            Failed++;
+            _log.Warn("hook_failed", $"event={name} program={program} error={ex.GetType().Name}");
+        }
+    }
+
+    /// <summary>The key=value pairs of a log line's fields (a "quoted value" is one value).</summary>
+    internal static List<(string Key, string Value)> Fields(string fields)
+    {
+        var list = new List<(string, string)>();
+        int i = 0;
+        while (i < fields.Length)
+        {
+            while (i < fields.Length && fields[i] == ' ') i++;
+            int eq = fields.IndexOf('=', i);
+            if (eq < 0) break;
+            string key = fields[i..eq];
+            int start = eq + 1, end;
+            if (start < fields.Length && fields[start] == '"') { end = fields.IndexOf('"', start + 1); if (end < 0) end = fields.Length; list.Add((key, fields[(start + 1)..end])); i = end + 1; }
+            else { end = fields.IndexOf(' ', start); if (end < 0) end = fields.Length; list.Add((key, fields[start..end])); i = end; }
+        }
+        return list;
+    }
+
+    public void Dispose()
+    {
+        _stop = true;
+        _kick.Set();
+        _thread.Join(HookTimeoutMs + 1000);
+    }
+}
+
 internal enum DropReason
 {
     Truncated,          // shorter than its header or its own length field
@@ -1118,6 +1229,7 @@ internal sealed class UpConfig
     internal bool Relay = true;            // carry records between members that cannot reach each other (§15)
     internal int RelayRateMbit = Tune.DefaultRelayRateMbit;
     internal long HealthzGraceMs = 120_000;   // /healthz answers 503 once no peer has been up this long
+    internal readonly Dictionary<string, string> HookPrograms = new();   // --hook EVENT=PROGRAM
     internal bool PortMapping = true;      // ask the gateway to forward our port (PortMapper)
     internal IPAddress? TcpListenAddress;  // --listen-tcp: the same records over TCP (TcpLinks)
     internal int TcpListenPort;
@@ -1131,9 +1243,9 @@ internal sealed class UpConfig
         "key", "psk", "listen", "address", "tun", "mtu", "keepalive", "rekey_after", "control", "mgmt", "mgmt_acl",
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
         "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers", "accept_psk", "admin", "revocations",
-        "relay", "relay_rate", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "healthz_grace",
+        "relay", "relay_rate", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "healthz_grace", "hook",
     ];
-    private static readonly string[] ListKeys = ["address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk"];
+    private static readonly string[] ListKeys = ["address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk", "hook"];
     private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive", "tcp"];
 
     /// <summary>Where a value came from, for the one-line error: "--mtu" or "veil.toml:12: key 'mtu'".</summary>
@@ -1348,6 +1460,16 @@ internal sealed class UpConfig
             case "port_mapping": PortMapping = ParseBool(src, value); break;
             case "relay_rate": RelayRateMbit = ParseInt(src, value, 1, 100_000); break;
             case "healthz_grace": HealthzGraceMs = ParseInt(src, value, 0, 86_400) * 1000L; break;
+            case "hook":
+            {
+                int eq = value.IndexOf('=');
+                string ev = eq > 0 ? value[..eq] : "", program = eq > 0 ? value[(eq + 1)..] : "";
+                if (Array.IndexOf(Hooks.Events, ev) < 0) throw src.Bad(value, $"must be EVENT=PROGRAM, EVENT one of {string.Join(", ", Hooks.Events)}");
+                if (!Path.IsPathRooted(program) || !File.Exists(program)) throw src.Bad(value, "needs the absolute path of a program that exists (it runs without a shell)");
+                if (HookPrograms.ContainsKey(ev)) throw src.Bad(value, $"gives a second hook for {ev}");
+                HookPrograms[ev] = program;
+                break;
+            }
             case "trust":
                 PeerConfig t = ParsePeer(src, value);
                 if (t.EndpointText.Length > 0) throw src.Bad(value, "must be a public key alone (use --peer for a key with an endpoint)");
@@ -2524,13 +2646,14 @@ internal sealed class KernelRoutes(int ifIndex, Log log)
             _installed.Remove(pr);
             if (Netlink.RemoveRoute(ifIndex, pr) is int e and < 0 && e != -Libc.ESRCH)
                 log.Warn("route_failed", $"prefix={pr} op=remove error=\"{Libc.ErrorText(-e)}\"");
+            else log.Info("route_removed", $"prefix={pr}");
         }
         foreach (IpPrefix pr in want)
         {
             if (_installed.Contains(pr)) continue;
             if (Netlink.AddRoute(ifIndex, pr) is int e and < 0)
                 log.Warn("route_failed", $"prefix={pr} op=add error=\"{Libc.ErrorText(-e)}\"");
-            else _installed.Add(pr);
+            else { _installed.Add(pr); log.Info("route_added", $"prefix={pr}"); }
         }
     }
 }
@@ -6155,6 +6278,7 @@ internal sealed unsafe partial class Daemon
     private readonly List<PosixSignalRegistration> _signals = new();
     private readonly List<(TunDevice Tun, UdpSocket Udp)> _queues = new();   // the workers' beyond the first
     private readonly List<Thread> _threads = new();
+    private Hooks? _hooks;
 
     // Start to finish, in the order that matters: signal handlers first (SIGHUP's default action
     // would kill us), then everything that needs root (devices, netlink, sockets), then the drop of
@@ -6172,6 +6296,7 @@ internal sealed unsafe partial class Daemon
         ClearSecrets(_cfg);
         LoadRevocations(node);
         _log.StartWriter();
+        _log.Hooks = _hooks = new Hooks(_cfg.HookPrograms, _log);
         try
         {
             foreach (PosixSignal sig in new[] { PosixSignal.SIGTERM, PosixSignal.SIGINT })
@@ -6230,6 +6355,8 @@ internal sealed unsafe partial class Daemon
             if (_wakeFd >= 0) Libc.Close(_wakeFd);
             node.ClearKeys();
             node.Invites?.Clear();
+            _log.Hooks = null;
+            _hooks?.Dispose();
             _log.StopWriter();
         }
     }
@@ -6732,6 +6859,7 @@ internal sealed unsafe partial class Daemon
         _log.NoTimestamps = next.LogNoTimestamps;
         _mgmt?.SetAcl(next.MgmtAcl);
         if (_mgmt != null) _mgmt.HealthzGraceMs = next.HealthzGraceMs;
+        _hooks?.SetPrograms(next.HookPrograms);
         _resolver?.SetNames(EndpointNames(next));
         _cfg = next;
         _appliedText = r.Text;
@@ -8117,7 +8245,7 @@ internal sealed partial class Node
             {
                 p.PreviousEndpoint = p.Endpoint;         // roamed (a NAT rebinding, a new uplink)
                 p.EndpointChanges++;
-                if (Log.Wants(LogLevel.Info, "endpoint_changed")) Log.Emit(LogLevel.Info, "endpoint_changed", $"peer={p.Name} endpoint={from} was={p.Endpoint}");
+                Log.Info("endpoint_changed", $"peer={p.Name} endpoint={from} was={p.Endpoint}");   // authenticated and rare: a hook may want it
             }
             p.Endpoint = from;
             p.LastDirectRxMs = nowMs;
@@ -10390,6 +10518,9 @@ internal static class Cli
                   --mgmt ADDR:PORT|off    management HTTP: / (a page), /status, /metrics, /healthz (default 127.0.0.1:7777)
                   --mgmt-acl CIDR[,CIDR]  who may use it (default 127.0.0.0/8,::1/128)
                   --healthz-grace S       /healthz says 503 once no peer was up for S seconds (default 120)
+                  --hook EVENT=PROGRAM    run PROGRAM (absolute path, no shell) on peer_up, peer_down, endpoint_changed,
+                                          route_added, route_removed, handshake_gave_up, reloaded, reload_rolled_back;
+                                          the event's fields in VEIL_* environment variables (repeatable)
                   --max-sessions N        peers holding session keys at most (default 1024)
                   --handshake-rate N      handshakes per second answered without a cookie (default 100)
                   --handshake-rate-per-source N   per source address; more are dropped (default 10)

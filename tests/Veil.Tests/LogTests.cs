@@ -113,3 +113,58 @@ public sealed class LogTests
         Assert.Equal("\"q\\\"\\u0001\"", sb.ToString());
     }
 }
+
+public sealed class HookTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("veil-hook-").FullName;
+    public void Dispose() => Directory.Delete(_dir, true);
+
+    private string Script(string body)
+    {
+        string path = Path.Combine(_dir, "hook.sh");
+        File.WriteAllText(path, "#!/bin/sh\n" + body + "\n");
+        File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+        return path;
+    }
+
+    [Fact]
+    public void Fields_KeyValuePairs_QuotedValuesWhole()
+    {
+        Assert.Equal([("peer", "b"), ("endpoint", "[2001:db8::1]:51820"), ("hint", "two words"), ("path", "relay:c")],
+            Hooks.Fields("peer=b endpoint=[2001:db8::1]:51820 hint=\"two words\" path=relay:c"));
+        Assert.Empty(Hooks.Fields(""));
+    }
+
+    [Fact]
+    public void Hook_RunsAsArgvWithTheFieldsInTheEnvironment_OutputLogged_OthersIgnored()
+    {
+        string outFile = Path.Combine(_dir, "out.txt");
+        string program = Script($"echo \"$1 $VEIL_EVENT $VEIL_PEER $VEIL_ENDPOINT\" >> {outFile}; echo said-hello");
+        var text = new StringWriter();
+        var log = new Log(TextWriter.Synchronized(text), LogLevel.Warn);   // peer_up is Info: not logged, still hooked
+        using var hooks = new Hooks(new() { ["peer_up"] = program }, log);
+        log.Hooks = hooks;
+        log.Info("peer_down", "peer=x");                                   // no hook for it
+        log.Info("peer_up", "peer=b endpoint=192.0.2.1:51820 path=direct");
+        Assert.True(SpinWait.SpinUntil(() => hooks.Ran == 1, 10_000), "the hook did not run");
+        Assert.Equal("peer_up peer_up b 192.0.2.1:51820\n", File.ReadAllText(outFile));
+        Assert.Equal(0, hooks.Failed);
+        hooks.SetPrograms(new() { ["peer_up"] = Script("exit 3") });
+        log.Info("peer_up", "peer=b");
+        Assert.True(SpinWait.SpinUntil(() => hooks.Failed == 1, 10_000), "the failing hook was not counted");
+        Assert.True(SpinWait.SpinUntil(() => text.ToString().Contains("event=hook_failed event=peer_up"), 5_000), text.ToString());
+    }
+
+    [Theory]
+    [InlineData("peer_sideways=/bin/true", "must be EVENT=PROGRAM")]
+    [InlineData("peer_up=true", "needs the absolute path of a program that exists")]
+    [InlineData("peer_up=/no/such/program", "needs the absolute path of a program that exists")]
+    public void Hook_BadFlag_Refused(string value, string why)
+    {
+        string key = Path.Combine(_dir, "k");
+        File.WriteAllText(key, TestNode.KeyFromSeed(3).ToBase64() + "\n");
+        File.SetUnixFileMode(key, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+        var e = Assert.Throws<ConfigException>(() => UpConfig.Load(["up", "--key", key, "--address", "100.64.0.1/24", "--hook", value], 1));
+        Assert.Contains(why, e.Message);
+    }
+}

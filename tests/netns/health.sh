@@ -4,7 +4,8 @@
 # `veil status` and `veil health` exit 3, /healthz answers 200 within the grace time and 503
 # with the reason after it. b starts: everything turns healthy (exit 0, 200), the text status
 # shows the RTT line, --short one line for b, --dump tab-separated fields awk can read, the
-# JSON rtt_ms a number and never-values null. b is killed: a marks it down after three missed
+# JSON rtt_ms a number and never-values null; --hook programs run for peer_up, route_added and
+# peer_down with the fields in the environment. b is killed: a marks it down after three missed
 # keepalives, status exits 3 again, and /healthz returns to 503 once the grace time passed.
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -13,7 +14,12 @@ command -v python3 >/dev/null || die "missing python3 (make deps)"
 
 net_setup
 keys_make a b
-node_start a --mgmt "127.0.0.1:$MGMT_PORT" --healthz-grace 4 --keepalive 1
+# a hook for three events: argv and environment go to a file (no shell runs it: the program does)
+HOOKED="$TMPD/hooked"
+printf '#!/bin/sh\necho "$1 $VEIL_EVENT ${VEIL_PEER:-} ${VEIL_PREFIX:-}" >>%s\n' "$HOOKED" >"$TMPD/hook.sh"
+chmod 700 "$TMPD/hook.sh"
+node_start a --mgmt "127.0.0.1:$MGMT_PORT" --healthz-grace 4 --keepalive 1 \
+	--hook "peer_up=$TMPD/hook.sh" --hook "peer_down=$TMPD/hook.sh" --hook "route_added=$TMPD/hook.sh"
 wait_ready a
 vs() { nsx a timeout --foreground 5 "$VEIL" "$@" --control "$(sock a)"; }
 B="$TMPD/body"
@@ -38,6 +44,11 @@ note "/healthz turned 503 after ${WAITED_MS} ms (grace 4 s from the start)"
 node_start b --keepalive 1
 wait_ready b
 ping_within a "$OL4_b" 10 || die "no ping a -> b"
+name_b=$(st a '.peers[0].name')
+hooked() { grep -q "^$1" "$HOOKED" 2>/dev/null; }
+wait_until 5 hooked "peer_up peer_up $name_b"
+check "hook: peer_up ran with the peer's name (argv and VEIL_PEER)" "$(cat "$HOOKED" 2>&1)" hooked "peer_up peer_up $name_b "
+check "hook: route_added ran for b's /32 at start" "$(cat "$HOOKED" 2>&1)" hooked "route_added route_added  $OL4_b/32"
 vs status >"$TMPD/st.txt" 2>&1
 rc=$?
 check "b up: veil status exits 0" "exit $rc" test "$rc" = 0
@@ -71,6 +82,8 @@ unset "NODE_PID[b]"
 status_3() { vs status >/dev/null 2>&1; [[ $? == 3 ]]; }
 wait_until 10 status_3
 check "b killed: veil status exits 3 again" "after ${WAITED_MS} ms" status_3
+wait_until 5 hooked "peer_down peer_down $name_b"
+check "hook: peer_down ran once b was marked down" "$(cat "$HOOKED" 2>&1)" hooked "peer_down peer_down $name_b "
 r=$(http a GET 127.0.0.1 "$MGMT_PORT" /healthz "$B")
 check "b just down: /healthz still 200 (within the grace time)" "got '$r' ($(head -c 80 "$B"))" test "${r%% *}" = 200
 wait_until 10 healthz_503
