@@ -666,12 +666,11 @@ internal sealed class Log
         return Json ? JsonLine(ts, level, name, fields) : $"{(NoTimestamps ? "" : $"ts={ts} ")}level={LevelName(level)} event={name}{(fields.Length > 0 ? " " : "")}{fields}";
     }
 
-    // The same pairs as one JSON object; a value written "like this" is one string.
-    internal static string JsonLine(string ts, LogLevel level, string name, string fields)
+    /// <summary>The key=value pairs of a line's fields: a value written "like this" is one value, and
+    /// ends at the next '"' (there is no escape inside quotes in the text format).</summary>
+    internal static List<(string Key, string Value)> Fields(string fields)
     {
-        var sb = new StringBuilder();
-        sb.Append("{\"ts\":\"").Append(ts).Append("\",\"level\":\"").Append(LevelName(level)).Append("\",\"event\":");
-        JsonText.Str(sb, name);
+        var list = new List<(string, string)>();
         int i = 0;
         while (i < fields.Length)
         {
@@ -679,22 +678,21 @@ internal sealed class Log
             int eq = fields.IndexOf('=', i);
             if (eq < 0) break;
             string key = fields[i..eq];
-            string value;
-            // A quoted value ends at the next '"'; there is no escape inside quotes in the text format.
-            if (eq + 1 < fields.Length && fields[eq + 1] == '"')
-            {
-                int close = fields.IndexOf('"', eq + 2);
-                if (close < 0) close = fields.Length;
-                value = fields[(eq + 2)..close];
-                i = close + 1;
-            }
-            else
-            {
-                int sp = fields.IndexOf(' ', eq + 1);
-                if (sp < 0) sp = fields.Length;
-                value = fields[(eq + 1)..sp];
-                i = sp;
-            }
+            int start = eq + 1, end;
+            if (start < fields.Length && fields[start] == '"') { end = fields.IndexOf('"', start + 1); if (end < 0) end = fields.Length; list.Add((key, fields[(start + 1)..end])); i = end + 1; }
+            else { end = fields.IndexOf(' ', start); if (end < 0) end = fields.Length; list.Add((key, fields[start..end])); i = end; }
+        }
+        return list;
+    }
+
+    // The same pairs as one JSON object.
+    internal static string JsonLine(string ts, LogLevel level, string name, string fields)
+    {
+        var sb = new StringBuilder();
+        sb.Append("{\"ts\":\"").Append(ts).Append("\",\"level\":\"").Append(LevelName(level)).Append("\",\"event\":");
+        JsonText.Str(sb, name);
+        foreach (var (key, value) in Fields(fields))
+        {
             sb.Append(',');
             JsonText.Str(sb, key);
             sb.Append(':');
@@ -796,7 +794,7 @@ internal sealed class Hooks : IDisposable
         var psi = new ProcessStartInfo(program) { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
         psi.ArgumentList.Add(name);
         psi.Environment["VEIL_EVENT"] = name;
-        foreach (var (key, value) in Fields(fields)) psi.Environment["VEIL_" + key.ToUpperInvariant()] = value;
+        foreach (var (key, value) in Log.Fields(fields)) psi.Environment["VEIL_" + key.ToUpperInvariant()] = value;
         try
         {
             using Process p = Process.Start(psi)!;
@@ -821,24 +819,6 @@ internal sealed class Hooks : IDisposable
             Failed++;
             _log.Warn("hook_failed", $"event={name} program={program} error={ex.GetType().Name}");
         }
-    }
-
-    /// <summary>The key=value pairs of a log line's fields (a "quoted value" is one value).</summary>
-    internal static List<(string Key, string Value)> Fields(string fields)
-    {
-        var list = new List<(string, string)>();
-        int i = 0;
-        while (i < fields.Length)
-        {
-            while (i < fields.Length && fields[i] == ' ') i++;
-            int eq = fields.IndexOf('=', i);
-            if (eq < 0) break;
-            string key = fields[i..eq];
-            int start = eq + 1, end;
-            if (start < fields.Length && fields[start] == '"') { end = fields.IndexOf('"', start + 1); if (end < 0) end = fields.Length; list.Add((key, fields[(start + 1)..end])); i = end + 1; }
-            else { end = fields.IndexOf(' ', start); if (end < 0) end = fields.Length; list.Add((key, fields[start..end])); i = end; }
-        }
-        return list;
     }
 
     public void Dispose()
@@ -1682,9 +1662,11 @@ internal sealed class UpConfig
     internal static bool IsName(string v)
     {
         if (v.Length is 0 or > 32) return false;
-        foreach (char ch in v) if (!(char.IsAsciiLetterOrDigit(ch) || ch is '-' or '_' or '.')) return false;
+        foreach (char ch in v) if (!IsNameChar(ch)) return false;
         return true;
     }
+
+    internal static bool IsNameChar(char ch) => char.IsAsciiLetterOrDigit(ch) || ch is '-' or '_' or '.';
 
     private static string ParseName(Src src, string v) =>
         IsName(v) ? v : throw src.Bad(v, v.Length is 0 or > 32 ? "must be 1 to 32 characters" : "may hold only letters, digits, '-', '_' and '.'");
@@ -7162,7 +7144,7 @@ internal sealed class ExchangeMessage
             int nameLen = m[pos++];
             if (nameLen is 0 or > MaxNameLen || pos + nameLen > m.Length) return false;
             foreach (byte c in m.Slice(pos, nameLen))
-                if (!(char.IsAsciiLetterOrDigit((char)c) || c is (byte)'-' or (byte)'_' or (byte)'.')) return false;
+                if (!UpConfig.IsNameChar((char)c)) return false;
             Name = Encoding.ASCII.GetString(m.Slice(pos, nameLen));
             pos += nameLen;
             if (!ReadEndpoint(m, ref pos, out Observed, allowUnset: true)) return false;
@@ -9110,6 +9092,13 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         _ => reason,
     };
 
+    private int PeerCount()
+    {
+        int n = 0;
+        foreach (Peer p in ActivePeers()) n++;
+        return n;
+    }
+
     private int PeersUp(long nowMs)
     {
         int n = 0;
@@ -9122,9 +9111,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     internal List<string> Warnings(long nowMs)
     {
         var w = new List<string>();
-        int peers = 0;
-        foreach (Peer p in ActivePeers()) peers++;
-        if (PeersUp(nowMs) == 0) w.Add(peers == 0 ? "no peers" : "no peer up");
+        if (PeersUp(nowMs) == 0) w.Add(PeerCount() == 0 ? "no peers" : "no peer up");
         var owner = new Dictionary<IpPrefix, string>();
         foreach (Peer p in ActivePeers())
             foreach (IpPrefix a in p.Allowed)
@@ -9140,8 +9127,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     internal string Health()
     {
         long nowMs = Now();
-        int up = PeersUp(nowMs), total = 0;
-        foreach (Peer p in ActivePeers()) total++;
+        int up = PeersUp(nowMs), total = PeerCount();
         if (up > 0) return $"ok: {up} of {total} peers up\n";
         return total == 0 ? "down: no peers\n" : $"down: no peer up (for {Age(nowMs - NoPeerUpSinceMs())})\n";
     }
@@ -9191,8 +9177,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append("  listening port: ").Append(listenPort).Append('\n');
         sb.Append("  addresses: ").Append(string.Join(", ", cfg.Addresses)).Append('\n');
         sb.Append("  mtu: ").Append(node.Mtu).Append("  uptime: ").Append(Age(nowMs - startedMs)).Append('\n');
-        int total = 0;
-        foreach (Peer p in ActivePeers()) total++;
+        int total = PeerCount();
         sb.Append("  peers: ").Append(PeersUp(nowMs)).Append(" of ").Append(total).Append(" up\n");
         foreach (string w in Warnings(nowMs)) sb.Append("  warning: ").Append(w).Append('\n');
         sb.Append("  data path:");
@@ -9299,8 +9284,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     {
         long nowMs = Now();
         var sb = new StringBuilder();
-        int total = 0;
-        foreach (Peer p in ActivePeers()) total++;
+        int total = PeerCount();
         sb.Append("# ").Append(cfg.TunName).Append(cfg.Addresses.Count > 0 ? " " + string.Join(",", cfg.Addresses) : "").Append(", ").Append(PeersUp(nowMs)).Append(" of ").Append(total).Append(" peers up");
         foreach (string w in Warnings(nowMs)) sb.Append("; ").Append(w);
         sb.Append('\n');
@@ -9317,8 +9301,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     {
         long nowMs = Now();
         var sb = new StringBuilder();
-        int total = 0;
-        foreach (Peer p in ActivePeers()) total++;
+        int total = PeerCount();
         sb.Append("node\t").Append(cfg.TunName).Append('\t').Append(node.Handshaker.PublicKey.ToBase64()).Append('\t').Append(listenPort)
           .Append('\t').Append(node.Mtu).Append('\t').Append(PeersUp(nowMs)).Append('\t').Append(total).Append('\t').Append((nowMs - startedMs) / 1000).Append('\n');
         foreach (Peer p in ActivePeers())
@@ -11441,7 +11424,7 @@ internal static class OnboardingCli
         // The inviter writes the name into its config, where a peer name has at most 32 letters, digits,
         // '-', '_' or '.': a hostname with other characters is mended, not refused.
         var mended = new StringBuilder();
-        foreach (char ch in name) mended.Append(char.IsAsciiLetterOrDigit(ch) || ch is '-' or '_' or '.' ? ch : '-');
+        foreach (char ch in name) mended.Append(UpConfig.IsNameChar(ch) ? ch : '-');
         name = mended.Length > 32 ? mended.ToString(0, 32) : mended.ToString();
         // Only a courtesy, to fail before any file is written; the inviter's own clock decides.
         if (t.ExpiresUnix <= DateTimeOffset.UtcNow.ToUnixTimeSeconds()) throw new ConfigException("join: this invite has expired; ask for a new one");

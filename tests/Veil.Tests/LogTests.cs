@@ -131,8 +131,8 @@ public sealed class HookTests : IDisposable
     public void Fields_KeyValuePairs_QuotedValuesWhole()
     {
         Assert.Equal([("peer", "b"), ("endpoint", "[2001:db8::1]:51820"), ("hint", "two words"), ("path", "relay:c")],
-            Hooks.Fields("peer=b endpoint=[2001:db8::1]:51820 hint=\"two words\" path=relay:c"));
-        Assert.Empty(Hooks.Fields(""));
+            Log.Fields("peer=b endpoint=[2001:db8::1]:51820 hint=\"two words\" path=relay:c"));
+        Assert.Empty(Log.Fields(""));
     }
 
     [Fact]
