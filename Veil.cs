@@ -746,7 +746,8 @@ internal static class JsonText
 /// counted as dropped). Offer is called by whoever logs, the packet path included: it only queues.</summary>
 internal sealed class Hooks : IDisposable
 {
-    internal static readonly string[] Events = ["peer_up", "peer_down", "endpoint_changed", "route_added", "route_removed", "handshake_gave_up", "reloaded", "reload_rolled_back"];
+    internal static readonly string[] Events = ["peer_up", "peer_down", "peer_joined", "endpoint_changed", "route_added", "route_removed", "handshake_gave_up", "reloaded", "reload_rolled_back"];
+    internal const string AllEvents = "all";        // --hook all=PROGRAM: every event without a hook of its own
     private const int MaxPending = 64, HookTimeoutMs = 10_000, MaxOutputLines = 20;
     private volatile Dictionary<string, string> _programs;
     private readonly Queue<(string Event, string Fields)> _pending = new();
@@ -766,9 +767,16 @@ internal sealed class Hooks : IDisposable
 
     internal void SetPrograms(Dictionary<string, string> programs) => _programs = programs;
 
+    private string? Program(string name)
+    {
+        Dictionary<string, string> programs = _programs;
+        if (Array.IndexOf(Events, name) < 0) return null;      // only events are hooks: not every log line
+        return programs.TryGetValue(name, out string? p) || programs.TryGetValue(AllEvents, out p) ? p : null;
+    }
+
     internal void Offer(string name, string fields)
     {
-        if (!_programs.ContainsKey(name)) return;
+        if (Program(name) == null) return;
         lock (_pending)
         {
             if (_pending.Count >= MaxPending) { Dropped++; return; }
@@ -785,7 +793,7 @@ internal sealed class Hooks : IDisposable
             bool any;
             lock (_pending) any = _pending.TryDequeue(out e);
             if (!any) { _kick.WaitOne(); continue; }
-            if (_programs.TryGetValue(e.Event, out string? program)) RunOne(program, e.Event, e.Fields);
+            if (Program(e.Event) is string program) RunOne(program, e.Event, e.Fields);
         }
     }
 
@@ -1211,12 +1219,13 @@ internal sealed class UpConfig
     internal long HealthzGraceMs = 120_000;   // /healthz answers 503 once no peer has been up this long
     internal readonly Dictionary<string, string> HookPrograms = new();   // --hook EVENT=PROGRAM
     internal bool PortMapping = true;      // ask the gateway to forward our port (PortMapper)
+    internal bool FixRpFilter;             // loosen a strict reverse-path filter while we run (RpFilter)
     internal IPAddress? TcpListenAddress;  // --listen-tcp: the same records over TCP (TcpLinks)
     internal int TcpListenPort;
     private bool _keepaliveGiven;
 
     // Keys a running daemon cannot change; reload refuses (exit 3) when one of them differs.
-    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load"];
+    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "fix_rp_filter"];
 
     private static readonly string[] Keys =
     [
@@ -1224,6 +1233,7 @@ internal sealed class UpConfig
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
         "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers", "accept_psk", "admin", "revocations",
         "relay", "relay_rate", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "healthz_grace", "hook",
+        "fix_rp_filter",
     ];
     private static readonly string[] ListKeys = ["address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk", "hook"];
     private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive", "tcp"];
@@ -1251,6 +1261,7 @@ internal sealed class UpConfig
             if (flag == "--mesh") { flags.Add(("mesh", "true")); continue; }
             if (flag is "--relay" or "--no-relay") { flags.Add(("relay", flag == "--relay" ? "true" : "false")); continue; }
             if (flag is "--port-mapping" or "--no-port-mapping") { flags.Add(("port_mapping", flag == "--port-mapping" ? "true" : "false")); continue; }
+            if (flag == "--fix-rp-filter") { flags.Add(("fix_rp_filter", "true")); continue; }
             int eq = flag.IndexOf('=');
             // Both "--mtu=1400" and "--mtu 1400"; the name is checked again after the split, since the "=" form
             // skips the check in the else branch.
@@ -1438,13 +1449,14 @@ internal sealed class UpConfig
             case "mesh": Mesh = ParseBool(src, value); break;
             case "relay": Relay = ParseBool(src, value); break;
             case "port_mapping": PortMapping = ParseBool(src, value); break;
+            case "fix_rp_filter": FixRpFilter = ParseBool(src, value); break;
             case "relay_rate": RelayRateMbit = ParseInt(src, value, 1, 100_000); break;
             case "healthz_grace": HealthzGraceMs = ParseInt(src, value, 0, 86_400) * 1000L; break;
             case "hook":
             {
                 int eq = value.IndexOf('=');
                 string ev = eq > 0 ? value[..eq] : "", program = eq > 0 ? value[(eq + 1)..] : "";
-                if (Array.IndexOf(Hooks.Events, ev) < 0) throw src.Bad(value, $"must be EVENT=PROGRAM, EVENT one of {string.Join(", ", Hooks.Events)}");
+                if (Array.IndexOf(Hooks.Events, ev) < 0 && ev != Hooks.AllEvents) throw src.Bad(value, $"must be EVENT=PROGRAM, EVENT one of {string.Join(", ", Hooks.Events)} or all");
                 if (!Path.IsPathRooted(program) || !File.Exists(program)) throw src.Bad(value, "needs the absolute path of a program that exists (it runs without a shell)");
                 if (HookPrograms.ContainsKey(ev)) throw src.Bad(value, $"gives a second hook for {ev}");
                 HookPrograms[ev] = program;
@@ -1563,6 +1575,7 @@ internal sealed class UpConfig
         if (BeaconStore != o.BeaconStore) changed.Add("beacon_store");
         if (BeaconLoad != o.BeaconLoad) changed.Add("beacon_load");
         if (PortMapping != o.PortMapping) changed.Add("port_mapping");
+        if (FixRpFilter != o.FixRpFilter) changed.Add("fix_rp_filter");
         if (!Equals(TcpListenAddress, o.TcpListenAddress) || TcpListenPort != o.TcpListenPort) changed.Add("listen_tcp");
         return changed;
     }
@@ -1577,7 +1590,7 @@ internal sealed class UpConfig
 
     // Every file key is also a flag with '-' for '_'; "--rekey_after" is refused so each setting has one
     // spelling on the command line.
-    private static readonly string[] Switches = ["--check", "--mesh", "--relay", "--no-relay", "--port-mapping", "--no-port-mapping", "--config", "--peer", "--allow", "--peer-tcp"];
+    private static readonly string[] Switches = ["--check", "--mesh", "--relay", "--no-relay", "--port-mapping", "--no-port-mapping", "--fix-rp-filter", "--config", "--peer", "--allow", "--peer-tcp"];
 
     /// <summary>Allowed prefixes that are valid but rarely meant: one given to two peers (only one
     /// of them gets the traffic) and a default route (every packet without a better route goes in).</summary>
@@ -1667,6 +1680,14 @@ internal sealed class UpConfig
     }
 
     internal static bool IsNameChar(char ch) => char.IsAsciiLetterOrDigit(ch) || ch is '-' or '_' or '.';
+
+    /// <summary>A hostname made a name: other characters become '-', cut at 32.</summary>
+    internal static string MendName(string v)
+    {
+        var mended = new StringBuilder();
+        foreach (char ch in v) mended.Append(IsNameChar(ch) ? ch : '-');
+        return mended.Length > 32 ? mended.ToString(0, 32) : mended.ToString();
+    }
 
     private static string ParseName(Src src, string v) =>
         IsName(v) ? v : throw src.Bad(v, v.Length is 0 or > 32 ? "must be 1 to 32 characters" : "may hold only letters, digits, '-', '_' and '.'");
@@ -2609,6 +2630,54 @@ internal sealed unsafe class TunDevice : IDataplane
     {
         if (_fd >= 0) Libc.Close(_fd);
         _fd = -1;
+    }
+}
+
+/// <summary>--fix-rp-filter: rp_filter 1 (strict) drops a packet whose source the kernel would not
+/// route back out of the interface it came in on, such as a reply from a subnet a peer routes
+/// while another path is preferred. The kernel applies the larger of "all" and the interface's
+/// value, so both are set to 2 (loose: any route back will do) where they are 1; only "all" outlives
+/// us, and it is put back at exit unless someone changed it since.</summary>
+internal static class RpFilter
+{
+    private static string ConfPath(string conf) => $"/proc/sys/net/ipv4/conf/{conf}/rp_filter";
+
+    internal static List<string> Loosen(string tun, Log log)
+    {
+        var changed = new List<string>();
+        foreach (string conf in new[] { "all", tun })
+        {
+            string path = ConfPath(conf);
+            try
+            {
+                string was = File.ReadAllText(path).Trim();
+                if (was != "1") continue;
+                File.WriteAllText(path, "2\n");
+                changed.Add(conf);
+                log.Info("rp_filter_loosened", $"conf={conf} from=1 to=2 file={path}");
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                log.Warn("rp_filter_not_changed", $"conf={conf} error=\"{e.Message}\"");
+            }
+        }
+        return changed;
+    }
+
+    internal static void Restore(List<string> changed, Log log)
+    {
+        if (!changed.Contains("all")) return;              // the interface's own went with it
+        string path = ConfPath("all");
+        try
+        {
+            if (File.ReadAllText(path).Trim() != "2") return;
+            File.WriteAllText(path, "1\n");
+            log.Info("rp_filter_restored", $"conf=all to=1 file={path}");
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            log.Warn("rp_filter_not_restored", $"conf=all error=\"{e.Message}\" hint=\"it stays 2 (loose); set net.ipv4.conf.all.rp_filter=1 to go back\"");
+        }
     }
 }
 
@@ -6261,6 +6330,7 @@ internal sealed unsafe partial class Daemon
     private readonly List<(TunDevice Tun, UdpSocket Udp)> _queues = new();   // the workers' beyond the first
     private readonly List<Thread> _threads = new();
     private Hooks? _hooks;
+    private List<string>? _rpFilterChanged;          // --fix-rp-filter: what to put back at exit
 
     // Start to finish, in the order that matters: signal handlers first (SIGHUP's default action
     // would kill us), then everything that needs root (devices, netlink, sockets), then the drop of
@@ -6268,7 +6338,7 @@ internal sealed unsafe partial class Daemon
     internal int Run()
     {
         Node node = _node = new(_cfg, _log, new Counters());
-        if (_cfg.ConfigPath != null) node.Invites = new Invites(_cfg.PrivateKey) { Psk = _cfg.Psk };
+        if (_cfg.ConfigPath != null) LoadInvites(node.Invites = new Invites(_cfg.PrivateKey) { Psk = _cfg.Psk });
         if (_cfg.BeaconStore != null || _cfg.BeaconLoad != null)
         {
             _beaconKeys.Add(Beacon.KeyOf(_cfg.Psk));
@@ -6330,6 +6400,7 @@ internal sealed unsafe partial class Daemon
             StopWorkers(_threads);
             foreach (var (t, u) in _queues) { t.Dispose(); u.Dispose(); }
             _tun?.Dispose();                              // closing the last queue removes the interface and its routes
+            if (_rpFilterChanged != null) RpFilter.Restore(_rpFilterChanged, _log);
             _handshakes?.Dispose();
             _udp?.Dispose();
             if (_stopFd >= 0) Libc.Close(_stopFd);
@@ -6357,6 +6428,7 @@ internal sealed unsafe partial class Daemon
         _log.Info("offloads", $"{offloadsLine}aead_backend={Aead.Backend}" + (offloads ? "" : " disabled_by=VEIL_OFFLOADS"));
         Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
         foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
+        if (_cfg.FixRpFilter) _rpFilterChanged = RpFilter.Loosen(tun.Name, _log);
         _kernelRoutes = new KernelRoutes(tun.IfIndex, _log);
         _kernelRoutes.Sync(Prefixes(node.RouteList));
         _routesPostedVersion = node.RoutesVersion;
@@ -9922,6 +9994,7 @@ internal sealed unsafe class ControlServer : RequestServer
                 _ => "error: unknown request (expected status [json|short|dump], peers, routes [json], health, netcheck, ping PEER, reload [confirm SECONDS], confirm, down, invite, invites [revoke ID] or revoke)\n",
             };
         Respond(fd, c, Encoding.UTF8.GetBytes(reply), nowMs);
+        if (line.StartsWith("invite", StringComparison.Ordinal) && _daemon.Invites != null) _daemon.SaveInvites();
         // Stop after the reply is written, so `veil down` reads "ok" before the loop winds down.
         if (line == "down") _daemon.RequestStop();
         return true;
@@ -10484,6 +10557,9 @@ internal static class Cli
                   --relay-rate MBIT       per relayed pair and direction (default 20)
                   --port-mapping, --no-port-mapping   ask the gateway to forward the UDP port (PCP,
                                           NAT-PMP or UPnP IGD) and announce it (default: on)
+                  --fix-rp-filter         a strict reverse-path filter (rp_filter 1, which drops
+                                          replies from routed subnets) is made loose (2) while
+                                          veil runs, and put back at exit
                   --listen-tcp ADDR:PORT  also take the same records over TCP (e.g. 0.0.0.0:443), for
                                           members whose networks block UDP
                   --peer-tcp ADDR:PORT    the --listen-tcp of the --peer given just before: used when
@@ -10898,7 +10974,8 @@ internal static class Bench
 
 internal sealed class InviteToken
 {
-    internal const byte Version = 1;
+    // 2 added the inviter's name; a token lives an hour or so, so no version 1 is kept.
+    internal const byte Version = 2;
     // The version in the text too: a user (and `veil join`) can tell a Veil token from anything pasted.
     internal const string Prefix = "veil1-";
     // HMAC-SHA256 cut to 128 bits: forging a tag still takes 2^128 tries, and the token stays short
@@ -10909,7 +10986,7 @@ internal sealed class InviteToken
     internal Key32 InviterKey, Secret;
     internal IpPrefix Network;
     internal IfAddress JoinerAddress, InviterAddress;
-    internal string Endpoint = "", NetworkName = "";
+    internal string Endpoint = "", NetworkName = "", InviterName = "";
     internal byte[] Tag = new byte[TagLen];
 
     /// <summary>Every field but the tag; the secret zeroed unless withSecret.</summary>
@@ -10930,8 +11007,12 @@ internal sealed class InviteToken
         WritePrefix(ms, InviterAddress.IsV6, InviterAddress.Address.GetAddressBytes(), InviterAddress.Bits);
         WriteText(ms, Endpoint);
         WriteText(ms, NetworkName);
+        WriteText(ms, InviterName);
         return ms.ToArray();
     }
+
+    /// <summary>The joiner's name for the inviter: the one the token carries, else NETWORK-inviter.</summary>
+    internal string InviterPeerName() => UpConfig.IsName(InviterName) ? InviterName : UpConfig.MendName(NetworkName + "-inviter");
 
     private byte[] NetworkAddress()
     {
@@ -10994,6 +11075,7 @@ internal sealed class InviteToken
             t.InviterAddress = new IfAddress(new IPAddress(ia), ib);
             t.Endpoint = ReadText(data, ref i);
             t.NetworkName = ReadText(data, ref i);
+            t.InviterName = ReadText(data, ref i);
             if (tagged)
             {
                 data.Slice(i, TagLen).CopyTo(t.Tag);
@@ -11077,8 +11159,8 @@ internal sealed class Invites(Key32 privateKey)
     internal sealed record Joiner(ulong InviteId, PeerConfig Peer, Endpoint From);
 
     private readonly Dictionary<ulong, Pending> _pending = new();
-    // Only this node can derive the tag key, so only it can mint a token it will accept. Pending invites
-    // live in memory: a restart voids every token not yet used.
+    // Only this node can derive the tag key, so only it can mint a token it will accept. The daemon
+    // keeps pending invites in a file of their own (Snapshot, Load) so that a restart voids none.
     private Key32 _tokenKey = TokenKey(privateKey);
     internal readonly Queue<Joiner> Joiners = new();    // at most one per pending invite
     internal Key32 Psk;
@@ -11092,6 +11174,56 @@ internal sealed class Invites(Key32 privateKey)
     }
 
     internal void Clear() { _tokenKey.Clear(); Psk.Clear(); foreach (Pending p in _pending.Values) p.Token.Secret.Clear(); }
+
+    internal const string FileHeader = "# veil: pending invites, rewritten by the daemon; each token holds its secret: keep this file 0600\n";
+
+    /// <summary>The invites file's text: one line per invite not yet expired, "invite TOKEN NAME|-
+    /// JOINER-KEY|-" (the key of a joiner written into the config; one only joining starts over).</summary>
+    internal string Snapshot(long nowUnix)
+    {
+        var sb = new StringBuilder(FileHeader);
+        foreach (Pending p in _pending.Values)
+            if (p.Token.ExpiresUnix > nowUnix)
+                sb.Append("invite ").Append(p.Token.Encode()).Append(' ').Append(p.Name.Length > 0 ? p.Name : "-").Append(' ')
+                  .Append(p.Written ? p.JoinerKey.ToBase64() : "-").Append('\n');
+        return sb.ToString();
+    }
+
+    /// <summary>Takes Snapshot's text back at start-up: null, or why nothing of it was used. Only
+    /// tokens this node minted count: a file from another node, or from before the key changed, is refused.</summary>
+    internal string? Load(string text, long nowUnix, out int restored)
+    {
+        restored = 0;
+        var found = new List<Pending>();
+        byte[] tag = new byte[InviteToken.TagLen];
+        string[] lines = text.Split('\n');
+        string? error = null;
+        for (int i = 0; i < lines.Length && error == null; i++)
+        {
+            string[] f = lines[i].Trim().Split(' ');
+            if (f[0].Length == 0 || f[0][0] == '#') continue;
+            Key32 joiner = default;
+            InviteToken? t = f.Length == 4 && f[0] == "invite" ? InviteToken.Parse(f[1]) : null;
+            if (t == null || (f[2] != "-" && !UpConfig.IsName(f[2])) || (f[3] != "-" && !Key32.TryParseBase64(f[3], out joiner)))
+                error = $"line {i + 1} is not 'invite TOKEN NAME|- KEY|-'";
+            else
+            {
+                InviteToken.MakeTag(_tokenKey, t.Body(withSecret: true), tag);
+                if (!CryptographicOperations.FixedTimeEquals(tag, t.Tag)) error = $"line {i + 1} holds an invite this node's key did not make";
+                else if (t.ExpiresUnix > nowUnix) found.Add(new Pending { Token = t, Name = f[2] == "-" ? "" : f[2], JoinerKey = joiner, Written = f[3] != "-" });
+                if (error != null || t.ExpiresUnix <= nowUnix) t.Secret.Clear();
+            }
+        }
+        if (error == null && found.Count + _pending.Count > MaxPending) error = $"more than {MaxPending} invites";
+        if (error != null)
+        {
+            foreach (Pending p in found) p.Token.Secret.Clear();
+            return error;
+        }
+        foreach (Pending p in found) _pending[p.Token.Id] = p;
+        restored = found.Count;
+        return null;
+    }
 
     /// <summary>`veil invite --list`: one line per invite not yet expired.</summary>
     internal string List(long nowUnix)
@@ -11119,7 +11251,7 @@ internal sealed class Invites(Key32 privateKey)
     }
 
     internal InviteToken Create(in Key32 inviterPublic, string endpoint, string networkName, IfAddress inviterAddress,
-        IfAddress joinerAddress, string joinerName, long expiresUnix)
+        IfAddress joinerAddress, string joinerName, long expiresUnix, string inviterName = "")
     {
         long now = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
         List<ulong> stale = new();
@@ -11129,13 +11261,14 @@ internal sealed class Invites(Key32 privateKey)
         if (_pending.Count >= MaxPending) throw new ConfigException($"{MaxPending} invites are pending already; let some expire first");
         if (Encoding.UTF8.GetByteCount(endpoint) > 255 || Encoding.UTF8.GetByteCount(networkName) > 255)
             throw new ConfigException("the endpoint and the network name take at most 255 bytes each");
+        if (inviterName.Length > 0 && !UpConfig.IsName(inviterName)) inviterName = "";   // the joiner then says NETWORK-inviter
         if (joinerName.Length > 0 && !UpConfig.IsName(joinerName))
             throw new ConfigException($"the joiner's name '{joinerName}' must be 1 to 32 letters, digits, '-', '_' or '.'");
         var t = new InviteToken
         {
             // Random, not counted: an id says nothing about how many invites exist and cannot be guessed.
             Id = BinaryPrimitives.ReadUInt64LittleEndian(RandomNumberGenerator.GetBytes(8)),
-            ExpiresUnix = expiresUnix, InviterKey = inviterPublic, Endpoint = endpoint, NetworkName = networkName,
+            ExpiresUnix = expiresUnix, InviterKey = inviterPublic, Endpoint = endpoint, NetworkName = networkName, InviterName = inviterName,
             Network = new IpPrefix(inviterAddress.Address.GetAddressBytes(), inviterAddress.Bits),
             // The joiner's config routes only the inviter's host address to it (Join's allowed_ips).
             JoinerAddress = joinerAddress, InviterAddress = new IfAddress(inviterAddress.Address, inviterAddress.IsV6 ? 128 : 32),
@@ -11214,7 +11347,9 @@ internal sealed class Invites(Key32 privateKey)
             return null;
         }
         p.Written = true;
-        log.Info("join_accepted", $"invite={j.InviteId:x16} peer={j.Peer.Name} address={p.Token.JoinerAddress} from={j.From}");
+        // The whole key, unlike other lines: a joiner is an identity the operator audits, and the
+        // peer_joined hook (OpenWrt's writes it into UCI) needs it.
+        log.Info("peer_joined", $"invite={j.InviteId:x16} peer={(j.Peer.Name.Length > 0 ? j.Peer.Name : j.Peer.PublicKey.DefaultName())} public_key={j.Peer.PublicKey.ToBase64()} allowed_ips={j.Peer.Allowed[0]} from={j.From}");
         return Accept(p, j.Peer.PublicKey);
     }
 
@@ -11421,11 +11556,7 @@ internal static class OnboardingCli
             else if (Arg(args, "--listen", ref i) is string l) listen = Endpoint.TrySplitHostPort(l, out _, out _) ? l : throw new ConfigException($"--listen '{l}' must be ADDRESS:PORT");
             else throw new ConfigException($"join: unknown argument '{args[i]}' (see 'veil help join')");
         }
-        // The inviter writes the name into its config, where a peer name has at most 32 letters, digits,
-        // '-', '_' or '.': a hostname with other characters is mended, not refused.
-        var mended = new StringBuilder();
-        foreach (char ch in name) mended.Append(UpConfig.IsNameChar(ch) ? ch : '-');
-        name = mended.Length > 32 ? mended.ToString(0, 32) : mended.ToString();
+        name = UpConfig.MendName(name);
         // Only a courtesy, to fail before any file is written; the inviter's own clock decides.
         if (t.ExpiresUnix <= DateTimeOffset.UtcNow.ToUnixTimeSeconds()) throw new ConfigException("join: this invite has expired; ask for a new one");
         string keyPath = Path.GetFullPath(Path.Combine(dir, "private.key")), cfgPath = Path.Combine(dir, "veil.toml"), pskPath = Path.GetFullPath(Path.Combine(dir, "network.psk"));
@@ -11488,7 +11619,7 @@ internal static class OnboardingCli
         psk.Clear();
         sb.Append($"listen = \"{listen}\"\naddress = [\"{t.JoinerAddress}\"]\n");
         // A joiner is often behind NAT: its keepalive keeps the mapping open so the inviter can reach it.
-        var inviter = new PeerConfig { Name = t.NetworkName + "-inviter", PublicKey = t.InviterKey, EndpointText = t.Endpoint, KeepaliveMs = Tune.JoinerKeepaliveMs };
+        var inviter = new PeerConfig { Name = t.InviterPeerName(), PublicKey = t.InviterKey, EndpointText = t.Endpoint, KeepaliveMs = Tune.JoinerKeepaliveMs };
         inviter.Allowed.Add(new IpPrefix(t.InviterAddress.Address.GetAddressBytes(), t.InviterAddress.Bits));
         sb.Append(Onboarding.PeerToml(inviter));
         Onboarding.WriteAtomic(cfgPath, sb.ToString(), (UnixFileMode)0b110_000_000);
@@ -11607,8 +11738,9 @@ internal static unsafe partial class Doctor
                     (health.StartsWith("ok:", StringComparison.Ordinal) ? "" : " ('veil status' says why: handshake attempts and the last failure)"));
             bool subnets = cfg.Peers.Exists(p => p.Allowed.Exists(a => a.Bits < a.MaxBits));
             string rp = ReadProc("/proc/sys/net/ipv4/conf/all/rp_filter");
-            Line(rp != "1" || !subnets, "rp_filter", rp == "1" && subnets
-                ? "strict (1) while peers route subnets: replies may be dropped; set net.ipv4.conf.all.rp_filter=2"
+            Line(rp != "1" || !subnets || cfg.FixRpFilter, "rp_filter", rp == "1" && subnets
+                ? cfg.FixRpFilter ? "strict (1); --fix-rp-filter makes it loose (2) while veil runs"
+                    : "strict (1) while peers route subnets: replies may be dropped; start with --fix-rp-filter, or set net.ipv4.conf.all.rp_filter=2"
                 : $"{(rp.Length > 0 ? rp : "unknown")} ({(rp == "1" ? "strict, fine for host routes only" : "fine")})");
             string fwd = ReadProc("/proc/sys/net/ipv4/ip_forward");
             Line(true, "ip_forward", fwd == "1" ? "on" : "off (needed only when this node forwards for a subnet behind it)");
@@ -11996,10 +12128,43 @@ internal sealed unsafe partial class Daemon
                 if (node.Invites!.Written(j, error, _log) is byte[] accept) node.SendDatagram(j.From, accept);
                 _worker!.FlushUdp(node.UdpOut);
             }
+            SaveInvites();
         });
     }
 
     internal Invites? Invites => _node?.Invites;
+
+    // Beside the config file, named after it (veil@NAME's /etc/veil/NAME.toml keeps NAME.invites).
+    private string? InvitesPath => _cfg.ConfigPath != null ? Path.ChangeExtension(Path.GetFullPath(_cfg.ConfigPath), ".invites") : null;
+    private string _invitesWritten = "";
+
+    private void LoadInvites(Invites invites)
+    {
+        string path = InvitesPath!;
+        long nowUnix = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+        if (File.Exists(path))
+        {
+            string? error;
+            int restored = 0;
+            try { error = invites.Load(File.ReadAllText(path), nowUnix, out restored); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { error = e.Message; }
+            if (error != null) _log.Warn("invites_ignored", $"file={path} error=\"{error}\" hint=\"its tokens no longer work; issue new ones\"");
+            else _log.Info("invites_loaded", $"file={path} pending={restored}");
+        }
+        _invitesWritten = invites.Snapshot(nowUnix);
+        if (!File.Exists(path)) _invitesWritten = Invites.FileHeader;   // no file and nothing pending: none written
+    }
+
+    /// <summary>After an invite is made, revoked or used: the file follows, written by the chores thread.</summary>
+    internal void SaveInvites()
+    {
+        if (InvitesPath is not string path) return;
+        string text;
+        lock (_node!.Gate) text = _node.Invites!.Snapshot(DateTimeOffset.UtcNow.ToUnixTimeSeconds());
+        if (text == _invitesWritten) return;
+        _invitesWritten = text;
+        _chores!.Post(() => WriteAtomically(path, text, _log, "invites_not_saved"));
+    }
 
     /// <summary>Answers `veil invite`: "invite SECONDS NAME|- ENDPOINT|- NETWORK".</summary>
     internal string Invite(string request)
@@ -12025,8 +12190,9 @@ internal sealed unsafe partial class Daemon
         if (free == null) return $"error: no free address left in {new IpPrefix(own.Address.GetAddressBytes(), own.Bits)}\n";
         try
         {
+            // The joiner names us as we name ourselves: --name, else the host's name.
             InviteToken t = node.Invites.Create(node.Handshaker.PublicKey, endpoint, f[4], own, free.Value, f[2] == "-" ? "" : f[2],
-                DateTimeOffset.UtcNow.ToUnixTimeSeconds() + seconds);
+                DateTimeOffset.UtcNow.ToUnixTimeSeconds() + seconds, _cfg.Name.Length > 0 ? _cfg.Name : UpConfig.MendName(Environment.MachineName));
             _log.Info("invite_created", $"invite={t.Id:x16} address={t.JoinerAddress} expires_in_s={seconds}");
             return "ok: " + t.Encode() + "\n";
         }

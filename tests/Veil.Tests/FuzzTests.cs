@@ -1370,6 +1370,33 @@ public sealed partial class FuzzTests
         Assert.False(JoinBreaksConfig(name), $"a joiner named '{name}' left the inviter's config file unloadable");
 
     [Fact]
+    public void Fuzz_InvitesFile()
+    {
+        var c = new FuzzCampaign("invites-file") { MaxLen = 4096, Dictionary = Tokens("invite ", "veil1-", "\n", "#", " ", "-", "_") };
+        Key32 priv = TestNode.KeyFromSeed(30), pub = TestNet.PublicOf(priv);
+        var maker = new Invites(priv);
+        long now = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+        for (int i = 0; i < 3; i++)
+            maker.Create(pub, "192.0.2.1:51820", "lab", new IfAddress(IPAddress.Parse("100.64.0.1"), 24), new IfAddress(IPAddress.Parse($"100.64.0.{5 + i}"), 24),
+                i == 0 ? "" : "bee" + i, now + 600 + i);
+        c.Seed(maker.Snapshot(now));
+        c.Seed(Invites.FileHeader);
+        c.Run(FuzzCampaign.Count(1500), input =>
+        {
+            var inv = new Invites(priv);
+            string? why = inv.Load(Text(input), now, out int restored);
+            if (why != null)
+            {
+                Check(restored == 0 && inv.List(now) == "no pending invites\n", $"a refused invites file ({why}) left invites behind");
+                return "refused|" + FuzzCampaign.Shape(why);
+            }
+            Check(restored <= 64 && inv.Snapshot(now).Split('\n').Length - 2 == restored, $"{restored} restored, but the snapshot differs");
+            return $"loaded|{Math.Min(restored, 3)}";
+        });
+        Report(c);
+    }
+
+    [Fact]
     public void Fuzz_StateFile()
     {
         var c = new FuzzCampaign("state-file") { MaxLen = 2048, Dictionary = Tokens("veil-state 1", "member ", "\n", "\r\n", "#", " ", ",", ":", "[", "]", "=", "/") };

@@ -155,16 +155,41 @@ public sealed class HookTests : IDisposable
         Assert.True(SpinWait.SpinUntil(() => text.ToString().Contains("event=hook_failed event=peer_up"), 5_000), text.ToString());
     }
 
+    // OpenWrt's init script hands every event to hotplug-call with one `--hook all=...`; an event
+    // with a hook of its own runs that one instead, and log lines that are not events run nothing.
+    [Fact]
+    public void Hook_All_EveryEventWithoutItsOwn_NotOtherLogLines()
+    {
+        string outFile = Path.Combine(_dir, "all.txt");
+        string all = Script($"echo \"all $1 $VEIL_PUBLIC_KEY\" >> {outFile}");
+        string own = Path.Combine(_dir, "own.sh");
+        File.WriteAllText(own, $"#!/bin/sh\necho \"own $1\" >> {outFile}\n");
+        File.SetUnixFileMode(own, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+        var log = new Log(TextWriter.Null, LogLevel.Info);
+        using var hooks = new Hooks(UpConfig.Load(["up", "--key", KeyFile(), "--address", "100.64.0.1/24", "--hook", "all=" + all, "--hook", "peer_up=" + own], 1).HookPrograms, log);
+        log.Hooks = hooks;
+        log.Info("started", "tun=veil0");                                  // a log line, not an event
+        log.Info("peer_joined", "peer=bee public_key=AAAA+/== allowed_ips=100.64.0.5/32");
+        log.Info("peer_up", "peer=bee");
+        Assert.True(SpinWait.SpinUntil(() => hooks.Ran == 2, 10_000), "the hooks did not run");
+        Assert.Equal("all peer_joined AAAA+/==\nown peer_up\n", File.ReadAllText(outFile));
+    }
+
+    private string KeyFile()
+    {
+        string key = Path.Combine(_dir, "k");
+        File.WriteAllText(key, TestNode.KeyFromSeed(3).ToBase64() + "\n");
+        File.SetUnixFileMode(key, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+        return key;
+    }
+
     [Theory]
     [InlineData("peer_sideways=/bin/true", "must be EVENT=PROGRAM")]
     [InlineData("peer_up=true", "needs the absolute path of a program that exists")]
     [InlineData("peer_up=/no/such/program", "needs the absolute path of a program that exists")]
     public void Hook_BadFlag_Refused(string value, string why)
     {
-        string key = Path.Combine(_dir, "k");
-        File.WriteAllText(key, TestNode.KeyFromSeed(3).ToBase64() + "\n");
-        File.SetUnixFileMode(key, UnixFileMode.UserRead | UnixFileMode.UserWrite);
-        var e = Assert.Throws<ConfigException>(() => UpConfig.Load(["up", "--key", key, "--address", "100.64.0.1/24", "--hook", value], 1));
+        var e = Assert.Throws<ConfigException>(() => UpConfig.Load(["up", "--key", KeyFile(), "--address", "100.64.0.1/24", "--hook", value], 1));
         Assert.Contains(why, e.Message);
     }
 }

@@ -102,6 +102,81 @@ public sealed class OnboardingTests : IDisposable
         Assert.StartsWith($"error: invite {t2.Id:x16} was used already", inv2.Revoke($"{t2.Id:x16}"));
     }
 
+    // The invites file: what a restart reads back is what was pending, and a joiner written down
+    // before the restart still gets its JoinAccept (its retransmits arrive after the restart).
+    [Fact]
+    public void Invites_SnapshotLoad_SurviveARestart()
+    {
+        var (inv, pending, _) = NewInvite();
+        InviteToken used = inv.Create(_inviterPub, "192.0.2.1:51820", "lab", new IfAddress(IPAddress.Parse("100.64.0.1"), 24),
+            new IfAddress(IPAddress.Parse("100.64.0.6"), 24), "", DateTimeOffset.UtcNow.ToUnixTimeSeconds() + 600);
+        byte[] accept = Join(inv, JoinHello(used, Pub(40), used.Secret), TestNet.Ep(1))!;
+        long now = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+        string text = inv.Snapshot(now);
+        Assert.StartsWith(Invites.FileHeader, text);
+        Assert.Equal(2, text.Split('\n').Count(l => l.StartsWith("invite veil1-")));
+        Assert.Contains($" - {Pub(40).ToBase64()}\n", text);          // the used one: no name, its joiner's key
+
+        var restarted = new Invites(_inviterPriv) { Psk = TestNode.KeyFromSeed(31) };
+        Assert.Null(restarted.Load(text, now, out int restored));
+        Assert.Equal(2, restored);
+        Assert.Equal(inv.List(now), restarted.List(now));
+        Assert.Equal(text, restarted.Snapshot(now));
+        Assert.Equal(accept, Join(restarted, JoinHello(used, Pub(40), used.Secret), TestNet.Ep(1)));   // a retransmit
+        Assert.Null(Join(restarted, JoinHello(used, Pub(41), used.Secret), TestNet.Ep(2)));           // still used
+        Assert.NotNull(Join(restarted, JoinHello(pending, Pub(42), pending.Secret), TestNet.Ep(3)));  // still pending
+        Assert.Equal(["100.64.0.5/32"], _persisted.Skip(1).Select(p => p.Allowed[0].ToString()));
+        // expired ones are not read back
+        var later = new Invites(_inviterPriv);
+        Assert.Null(later.Load(text, now + 4000, out restored));
+        Assert.Equal(0, restored);
+    }
+
+    [Theory]
+    [InlineData("invite veil1-AAAA - -")]                                  // not a token
+    [InlineData("invite TOKEN")]                                           // fields missing
+    [InlineData("invite TOKEN bad/name -")]
+    [InlineData("invite TOKEN - not-a-key")]
+    [InlineData("pending TOKEN - -")]
+    public void Invites_LoadBadLine_NothingUsed(string line)
+    {
+        var (inv, t, _) = NewInvite();
+        long now = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+        string good = inv.Snapshot(now);
+        var restarted = new Invites(_inviterPriv);
+        Assert.StartsWith("line 3 ", restarted.Load(good + line.Replace("TOKEN", t.Encode()) + "\n", now, out int restored));
+        Assert.Equal(0, restored);
+        Assert.Equal("no pending invites\n", restarted.List(now));
+    }
+
+    [Fact]
+    public void Invites_LoadAnotherKeysTokens_Refused()
+    {
+        var (inv, _, _) = NewInvite();
+        long now = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+        var other = new Invites(TestNode.KeyFromSeed(32));
+        Assert.Equal("line 2 holds an invite this node's key did not make", other.Load(inv.Snapshot(now), now, out _));
+        Assert.Equal("no pending invites\n", other.List(now));
+    }
+
+    [Theory]
+    [InlineData("hq", "lab", "hq")]                         // the inviter's name
+    [InlineData("", "lab", "lab-inviter")]                  // none in the token
+    [InlineData("bad name", "lab", "lab-inviter")]          // one the joiner's config would refuse
+    public void Token_CarriesTheInvitersName(string inviterName, string network, string expect)
+    {
+        var inv = new Invites(_inviterPriv);
+        InviteToken t = inv.Create(_inviterPub, "192.0.2.1:51820", network, new IfAddress(IPAddress.Parse("100.64.0.1"), 24),
+            new IfAddress(IPAddress.Parse("100.64.0.5"), 24), "", DateTimeOffset.UtcNow.ToUnixTimeSeconds() + 60, inviterName);
+        Assert.Equal(expect, InviteToken.Parse(t.Encode())!.InviterPeerName());
+    }
+
+    [Theory]
+    [InlineData("my host.lan", "my-host.lan")]
+    [InlineData("router_1", "router_1")]
+    [InlineData("a-very-long-hostname-of-a-router-in-a-rack", "a-very-long-hostname-of-a-router")]
+    public void MendName_HostnameMadeAName(string host, string expect) => Assert.Equal(expect, UpConfig.MendName(host));
+
     [Fact]
     public void InviteEndpoint_Guessed_MappedThenObservedThenOwnIPv4()
     {

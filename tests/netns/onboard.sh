@@ -2,7 +2,9 @@
 # onboard.sh -- a node joins with `veil invite` / `veil join` alone: a runs from a config made by
 # `veil init` (plus a network secret), issues a token, b joins with it (key, config, network
 # secret all written by `join`), starts, and pings a. The token works once, a changed token is
-# refused, and an expired one too. Then a runs as --user nobody: its routes still follow reloads
+# refused, and an expired one too; the joiner names a as a names itself, and a's peer_joined hook
+# runs. A pending invite survives a's restart (veil.invites), which also tries --fix-rp-filter
+# (rp_filter 1 -> 2 while a runs, back at exit). Then a runs as --user nobody: its routes still follow reloads
 # (CAP_NET_ADMIN kept) and `veil add-peer` + `veil reload` bring a third key in.
 #
 #   veil-t-$$-a  (inviter)                          veil-t-$$-b  (joiner)
@@ -15,6 +17,10 @@ net_setup
 "$VEIL" init --dir "$TMPD/a" --address "$OL4_a/24" --listen "$UL4_a:$PORT" >/dev/null || die "veil init"
 psk_make net
 printf 'psk = "%s"\n' "$TMPD/net.psk" >>"$TMPD/a/veil.toml"
+# a names itself (the joiner's config calls it that) and records joins with a hook
+printf '#!/bin/sh\necho "$1 $VEIL_PEER $VEIL_PUBLIC_KEY $VEIL_ALLOWED_IPS" >> %s/joined.txt\n' "$TMPD" >"$TMPD/hook.sh"
+chmod 755 "$TMPD/hook.sh"
+printf 'name = "hq"\nhook = ["peer_joined=%s"]\n' "$TMPD/hook.sh" >>"$TMPD/a/veil.toml"
 node_run a up --config "$TMPD/a/veil.toml" --tun "$(tun a)" --control "$(sock a)"
 wait_log a 'event=started' 10 || die "a did not start"
 
@@ -33,6 +39,11 @@ check "join wrote key (0600), config and the network secret" "files: $(ls -l "$T
 check "b got the network secret of a" "psk differs" cmp -s <(tr -d '\n' <"$TMPD/net.psk") <(tr -d '\n' <"$TMPD/b/network.psk")
 check "a wrote the joiner into its config" "$(cat "$TMPD/a/veil.toml")" grep -q 'name = "laptop"' "$TMPD/a/veil.toml"
 check "the joiner keeps its NAT mapping open: keepalive = 25 for the inviter" "$(cat "$TMPD/b/veil.toml")" grep -q '^keepalive = 25$' "$TMPD/b/veil.toml"
+check "the joiner names the inviter as it names itself (hq)" "$(cat "$TMPD/b/veil.toml")" grep -q '^name = "hq"$' "$TMPD/b/veil.toml"
+key_b=$(sed -n 's/.*; public key //p' <<<"$out")
+wait_until 5 test -s "$TMPD/joined.txt"
+check "the peer_joined hook ran with the joiner's name, whole key and address" "$(cat "$TMPD/joined.txt" 2>&1)" \
+	grep -qxF "peer_joined laptop $key_b 100.64.0.2/32" "$TMPD/joined.txt"
 check "the token works only once" "a second join was accepted" \
 	bash -c "! ip netns exec $(ns b) $VEIL join '$token' --dir $TMPD/again --listen $UL4_b:$PORT >/dev/null 2>&1"
 
@@ -96,8 +107,29 @@ out=$(nsx a "$VEIL" invite --revoke "$id" --control "$(sock a)" 2>&1)
 rc=$?
 check "revoking it again: exit 2, one line" "exit $rc: $out" test "$rc" = 2 -a "$(grep -c '' <<<"$out")" = 1
 
-# --user: a restarts unprivileged; reloads still add kernel routes
+# A restart keeps pending invites (a's veil.invites, 0600); --fix-rp-filter loosens a strict
+# rp_filter while a runs and puts "all" back at exit.
+later=$(nsx a "$VEIL" invite --expires 10m --name later --control "$(sock a)") || die "fourth invite failed"
+wait_until 5 grep -q ' later -$' "$TMPD/a/veil.invites"
+check "the invites file holds the pending invite (and laptop's, joined), mode 0600" "$(ls -l "$TMPD/a/veil.invites"; cut -c1-20,500- "$TMPD/a/veil.invites")" \
+	test "$(stat -c %a "$TMPD/a/veil.invites" 2>/dev/null)" = 600 -a "$(grep -c '^invite veil1-.* later -$' "$TMPD/a/veil.invites")" = 1 -a \
+	"$(grep -c "^invite veil1-.* laptop $key_b\$" "$TMPD/a/veil.invites")" = 1
 node_stop a
+nsx a sysctl -qw net.ipv4.conf.all.rp_filter=1 net.ipv4.conf.default.rp_filter=1
+node_run a up --config "$TMPD/a/veil.toml" --tun "$(tun a)" --control "$(sock a)" --fix-rp-filter
+wait_log a 'event=started' 10 || die "a did not start again"
+check "--fix-rp-filter: all and the TUN's rp_filter 1 -> 2, each logged" "$(grep rp_filter "${NODE_LOG[a]}")" \
+	test "$(nsx a cat /proc/sys/net/ipv4/conf/all/rp_filter)$(nsx a cat "/proc/sys/net/ipv4/conf/$(tun a)/rp_filter")" = 22 -a \
+	"$(grep -c 'event=rp_filter_loosened .*from=1 to=2' "${NODE_LOG[a]}")" = 2
+list=$(nsx a "$VEIL" invite --list --control "$(sock a)" 2>&1)
+check "after the restart the invite is still pending" "$list" grep -q '  later  *pending  ' <<<"$list"
+out=$(nsx b "$VEIL" join "$later" --dir "$TMPD/b2" --listen "$UL4_b:$PORT" 2>&1)
+check "and its token still works" "$out" grep -q "joined network" <<<"$out"
+node_stop a
+check "at exit rp_filter all is 1 again" "$(nsx a cat /proc/sys/net/ipv4/conf/all/rp_filter)" test "$(nsx a cat /proc/sys/net/ipv4/conf/all/rp_filter)" = 1
+nsx a sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0
+
+# --user: a restarts unprivileged; reloads still add kernel routes
 chmod 755 "$TMPD" "$TMPD/a"
 chmod 644 "$TMPD/a/veil.toml"
 node_run a up --config "$TMPD/a/veil.toml" --tun "$(tun a)" --control "$(sock a)" --user nobody
@@ -107,11 +139,11 @@ check "--user nobody: the daemon runs as uid 65534" "uid $uid" test "$uid" = 655
 check "--user nobody: the tunnel still works" "no reply" ping_ok a "$OL4_b"
 keys_make c
 chmod 666 "$TMPD/a/veil.toml"
-"$VEIL" add-peer --config "$TMPD/a/veil.toml" --peer "$(pub c)@203.0.113.3:$PORT" --allow 100.64.0.3/32 --name third >/dev/null ||
+"$VEIL" add-peer --config "$TMPD/a/veil.toml" --peer "$(pub c)@203.0.113.3:$PORT" --allow 100.64.0.9/32 --name third >/dev/null ||
 	not_ok "add-peer" "failed"
 nsx a "$VEIL" reload --control "$(sock a)" >/dev/null
 rc=$?
 check "reload as nobody applies the new peer" "exit $rc" test "$rc" = 0
 check "its route is in the kernel (CAP_NET_ADMIN kept)" "$(ip -n "$(ns a)" route)" \
-	bash -c "ip -n $(ns a) route show dev $(tun a) | grep -q '^100.64.0.3 '"
+	bash -c "ip -n $(ns a) route show dev $(tun a) | grep -q '^100.64.0.9 '"
 finish

@@ -14,6 +14,7 @@ initscript=/etc/init.d/veil
 PROG=$ROOT/usr/sbin/veil
 TOML=$ROOT/var/etc/veil.toml
 CANDIDATE=$ROOT/var/etc/veil.new/veil.toml
+HOTPLUG=$ROOT/usr/libexec/veil-hotplug
 
 "$VERB" >> "$SHIM_LOG" 2>&1
 echo "exit $?" >> "$SHIM_LOG"

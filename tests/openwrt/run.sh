@@ -85,6 +85,8 @@ run_case() {
 	cp "${v:+$REPO/}${v:-$sample}" "$root/etc/config/veil"
 	cp "$DIR/fake-veil" "$root/usr/sbin/veil"
 	chmod 755 "$root/usr/sbin/veil"
+	mkdir -p "$root/usr/libexec"
+	install -m 755 "$REPO/openwrt/veil.hotplug" "$root/usr/libexec/veil-hotplug"
 	v=$(directive "$sample" existing-toml)
 	if [ -n "$v" ]; then
 		mkdir -p "$root/var/etc"
@@ -133,6 +135,7 @@ real_check() {
 		--key) arg=$r/private.key ;;
 		--psk) arg=$r/network.psk ;;
 		--control) arg=$r/veil.sock ;;
+		--hook) arg=all=$REPO/openwrt/veil.hotplug ;;
 		--config)
 			if [ -f "$croot$a" ]; then
 				arg=$croot$a
@@ -184,6 +187,66 @@ for sample in "$DIR"/samples/*.uci; do
 		if [ "$first" = 1 ] && [ "$real" = 1 ]; then real_check "$name" "$root"; fi
 		first=0
 	done
+done
+
+# The event path on a router: veil --hook all=/usr/libexec/veil-hotplug -> hotplug-call veil ->
+# /etc/hotplug.d/veil/50-uci-join, which writes a joined peer into UCI. Run under each shell with
+# a fake hotplug-call, uci (tests/openwrt/fake-uci) and logger that record their calls.
+# join_case SHELL LABEL EXPECT-GREP|none ENV...: sources 50-uci-join as hotplug-call does, in a subshell.
+join_case() {
+	local sh="$1" label="$2" want="$3"
+	shift 3
+	# shellcheck disable=SC2086 # "$sh" may be "busybox ash"
+	env PATH="$bin:$PATH" SHIM_LOG="$hp/calls" FAKE_UCI_STATE="$hp/state" "$@" \
+		$sh -c ". '$REPO/openwrt/veil.uci-join'" >> "$hp/calls" 2>&1
+	if { [ "$want" = none ] && ! grep -q '^uci' "$hp/calls"; } || { [ "$want" != none ] && grep -q "$want" "$hp/state" "$hp/calls"; }; then ok "hotplug [$sh]: $label"; else
+		not_ok "hotplug [$sh]: $label"
+		echo "# wanted /$want/ in:"; indent < "$hp/calls"; indent < "$hp/state"
+	fi
+}
+
+for sh in "$@"; do
+	hp=$work/hotplug.$(echo "$sh" | tr ' ' _)
+	bin=$hp/bin
+	mkdir -p "$bin"
+	cp "$DIR/fake-uci" "$bin/uci"
+	# shellcheck disable=SC2016 # the fakes expand their variables when they run
+	printf '#!/bin/sh\necho "logger $*" >> "$SHIM_LOG"\n' > "$bin/logger"
+	# shellcheck disable=SC2016
+	printf '#!/bin/sh\necho "hotplug-call $1 ACTION=$ACTION VEIL_PEER=$VEIL_PEER" >> "$SHIM_LOG"\n' > "$bin/hotplug-call"
+	chmod 755 "$bin/logger" "$bin/hotplug-call"
+	: > "$hp/calls"
+	# shellcheck disable=SC2086
+	env SHIM_LOG="$hp/calls" HOTPLUG_CALL="$bin/hotplug-call" VEIL_PEER=laptop $sh "$REPO/openwrt/veil.hotplug" peer_up
+	if grep -qx "hotplug-call veil ACTION=peer_up VEIL_PEER=laptop" "$hp/calls"; then ok "hotplug [$sh]: veil-hotplug EVENT runs hotplug-call veil with ACTION=EVENT"; else
+		not_ok "hotplug [$sh]: veil-hotplug EVENT runs hotplug-call veil with ACTION=EVENT"; indent < "$hp/calls"; fi
+
+	key=q9mVXPJ2Ydo6QfQb8jpb5vLQh8g0pZ1Fh0YOXpfT1mY=
+	: > "$hp/state"; : > "$hp/calls"
+	join_case "$sh" "peer_up is not a join: no uci call" none ACTION=peer_up VEIL_PEER=x
+	join_case "$sh" "peer_joined: a section named after the peer ('-' and '.' as '_')" "^veil.lap_top_1=peer$" \
+		ACTION=peer_joined VEIL_PEER=lap-top.1 VEIL_PUBLIC_KEY=$key VEIL_ALLOWED_IPS=100.64.0.5/32
+	want="veil.lap_top_1.name='lap-top.1'
+veil.lap_top_1.public_key='$key'
+veil.lap_top_1.allowed_ips='100.64.0.5/32'"
+	if [ "$(grep '^veil.lap_top_1\.' "$hp/state")" = "$want" ] && grep -qx 'uci -q commit veil' "$hp/calls" &&
+		grep -q 'logger -t veil -p daemon.notice joined peer lap-top.1 (100.64.0.5/32) recorded' "$hp/calls"; then
+		ok "hotplug [$sh]: name, key and allowed_ips set, committed, logged"
+	else
+		not_ok "hotplug [$sh]: name, key and allowed_ips set, committed, logged"; indent < "$hp/state"; indent < "$hp/calls"
+	fi
+	join_case "$sh" "the same key again adds nothing" "^veil.lap_top_1=peer$" \
+		ACTION=peer_joined VEIL_PEER=lap-top.1 VEIL_PUBLIC_KEY=$key VEIL_ALLOWED_IPS=100.64.0.5/32
+	[ "$(grep -c public_key "$hp/state")" = 1 ] || { not_ok "hotplug [$sh]: a second event added a second peer"; indent < "$hp/state"; }
+	join_case "$sh" "a taken section name: an anonymous section instead" "^veil.cfg000002.public_key='other'$" \
+		ACTION=peer_joined VEIL_PEER=lap_top_1 VEIL_PUBLIC_KEY=other VEIL_ALLOWED_IPS=100.64.0.6/32
+	echo "veil.main.config_file='/etc/veil/mine.toml'" >> "$hp/state"
+	join_case "$sh" "with a config_file of the user's own: nothing added" "uci -q get veil.main.config_file" \
+		ACTION=peer_joined VEIL_PEER=third VEIL_PUBLIC_KEY=third VEIL_ALLOWED_IPS=100.64.0.7/32
+	if grep -q "third" "$hp/state"; then not_ok "hotplug [$sh]: a peer added although config_file is set"; fi
+	: > "$hp/state"
+	join_case "$sh" "a failed commit is logged as an error" "daemon.err could not commit joined peer bee" \
+		ACTION=peer_joined VEIL_PEER=bee VEIL_PUBLIC_KEY=$key VEIL_ALLOWED_IPS=100.64.0.8/32 FAKE_UCI_COMMIT_RC=1
 done
 
 echo "openwrt: $passed passed, $failed failed"
