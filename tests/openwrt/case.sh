@@ -15,6 +15,15 @@ PROG=$ROOT/usr/sbin/veil
 TOML=$ROOT/var/etc/veil.toml
 CANDIDATE=$ROOT/var/etc/veil.new/veil.toml
 HOTPLUG=$ROOT/usr/libexec/veil-hotplug
+UCI_FILE=$UCI_CONFIG_DIR/veil
+ROLLBACK=$ROOT/var/run/veil.rollback
+PATH=$ROOT/usr/bin:$PATH            # uci: tests/openwrt/fake-uci
+FAKE_UCI_STATE=$ROOT/uci.state
+export FAKE_UCI_STATE
+# the rollback timer is recorded, not started; apply's ID is fixed
+veil_timer() { shim_rec veil_timer "$@"; }
+veil_apply_id() { echo 7-1700000000; }
 
-"$VERB" >> "$SHIM_LOG" 2>&1
+# shellcheck disable=SC2086 # VERB may carry arguments ("apply 30")
+$VERB >> "$SHIM_LOG" 2>&1
 echo "exit $?" >> "$SHIM_LOG"

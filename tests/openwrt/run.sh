@@ -15,7 +15,7 @@
 #   uci          a file of the repository to use instead of the sample (openwrt/veil.config)
 #   check-rc, check-msg, reload-rc, reload-msg   fake veil's exit status and stderr
 #   existing-toml  copy expected/VALUE.toml to /var/etc/veil.toml first
-#   file         PATH SAMPLE: copy samples/SAMPLE to PATH (under the test root) first
+#   file         PATH SAMPLE: copy samples/SAMPLE to PATH (under the test root) first (repeatable)
 #   real         skip: no real-veil --check for this sample (it is meant to be rejected)
 #
 # Prints "ok - ..." / "not ok - ..." lines and last "openwrt: N passed, M failed"; exits 1
@@ -85,18 +85,18 @@ run_case() {
 	cp "${v:+$REPO/}${v:-$sample}" "$root/etc/config/veil"
 	cp "$DIR/fake-veil" "$root/usr/sbin/veil"
 	chmod 755 "$root/usr/sbin/veil"
-	mkdir -p "$root/usr/libexec"
+	mkdir -p "$root/usr/libexec" "$root/usr/bin"
+	install -m 755 "$DIR/fake-uci" "$root/usr/bin/uci"
 	install -m 755 "$REPO/openwrt/veil.hotplug" "$root/usr/libexec/veil-hotplug"
 	v=$(directive "$sample" existing-toml)
 	if [ -n "$v" ]; then
 		mkdir -p "$root/var/etc"
 		(umask 077 && cp "$DIR/expected/$v.toml" "$root/var/etc/veil.toml")
 	fi
-	v=$(directive "$sample" file)
-	if [ -n "$v" ]; then
+	sed -n 's/^# test-file: *//p' "$sample" | while IFS= read -r v; do
 		mkdir -p "$root$(dirname "${v% *}")"
 		cp "$DIR/samples/${v#* }" "$root${v% *}"
-	fi
+	done
 	verb=$(directive "$sample" verb)
 	: > "$root/transcript"
 	# shellcheck disable=SC2086 # "$sh" may be "busybox ash"
