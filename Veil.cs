@@ -2683,10 +2683,15 @@ internal static class RpFilter
 
 /// <summary>The TUN's kernel routes, made to follow the node's route table: Sync adds the prefixes
 /// it gained and removes those it lost. Removal names our route protocol, so a route Veil did not add
-/// is never touched. Called from one thread at a time (the daemon's chores).</summary>
+/// is never touched. Called from one thread at a time (the daemon's chores). A prefix the kernel
+/// will not route to us is a conflict, never silent: logged (route_conflict) and kept in Conflicts
+/// for status and doctor until it goes away.</summary>
 internal sealed class KernelRoutes(int ifIndex, Log log)
 {
     private readonly HashSet<IpPrefix> _installed = new();
+    private Dictionary<IpPrefix, string> _conflicts = new();
+    // Replaced whole after each Sync: the status view reads it on the loop thread.
+    internal volatile IReadOnlyDictionary<IpPrefix, string> Conflicts = new Dictionary<IpPrefix, string>();
 
     internal void Sync(List<IpPrefix> prefixes)
     {
@@ -2699,13 +2704,32 @@ internal sealed class KernelRoutes(int ifIndex, Log log)
                 log.Warn("route_failed", $"prefix={pr} op=remove error=\"{Libc.ErrorText(-e)}\"");
             else log.Info("route_removed", $"prefix={pr}");
         }
+        var conflicts = new Dictionary<IpPrefix, string>();
         foreach (IpPrefix pr in want)
         {
-            if (_installed.Contains(pr)) continue;
-            if (Netlink.AddRoute(ifIndex, pr) is int e and < 0)
-                log.Warn("route_failed", $"prefix={pr} op=add error=\"{Libc.ErrorText(-e)}\"");
-            else { _installed.Add(pr); log.Info("route_added", $"prefix={pr}"); }
+            if (!_installed.Contains(pr))
+            {
+                int e = Netlink.AddRoute(ifIndex, pr);
+                // "Exists" is no conflict when the route is the kernel's own on our interface (the
+                // subnet of --address): it carries the traffic to us as well. Another's is left alone.
+                if (e == -Libc.EEXIST && Netlink.RouteOif(pr) == ifIndex) continue;
+                if (e == -Libc.EEXIST) conflicts[pr] = "the main table has another route for it (not Veil's), so it is not installed";
+                else if (e < 0) log.Warn("route_failed", $"prefix={pr} op=add error=\"{Libc.ErrorText(-e)}\"");
+                else { _installed.Add(pr); log.Info("route_added", $"prefix={pr}"); }
+            }
+            // Installed, but does the kernel use it? A more specific route elsewhere, or an equal one
+            // that came first, takes the traffic (`ip route get`). A default route is left out: what
+            // it covers is anything no other route takes.
+            if (_installed.Contains(pr) && pr.Bits > 0 && Netlink.RouteOif(pr) is int oif and > 0 && oif != ifIndex)
+                conflicts[pr] = $"traffic for it leaves by {Netlink.IfName(oif)}: another route shadows ours";
         }
+        foreach (var (pr, why) in conflicts)
+            if (!_conflicts.TryGetValue(pr, out string? was) || was != why)
+                log.Warn("route_conflict", $"prefix={pr} reason=\"{why}\" hint=\"veil doctor explains; remove or narrow the other route, or the peer's allowed_ips\"");
+        foreach (IpPrefix pr in _conflicts.Keys)
+            if (!conflicts.ContainsKey(pr) && want.Contains(pr) && _installed.Contains(pr)) log.Info("route_conflict_resolved", $"prefix={pr}");
+        _conflicts = conflicts;
+        Conflicts = new Dictionary<IpPrefix, string>(conflicts);
     }
 }
 
@@ -2993,7 +3017,7 @@ internal sealed class LoopbackDataplane : IDataplane
 
 internal static unsafe class Netlink
 {
-    private const ushort RTM_NEWLINK = 16, RTM_NEWADDR = 20, RTM_NEWROUTE = 24, RTM_DELROUTE = 25, NLMSG_ERROR = 2;
+    private const ushort RTM_NEWLINK = 16, RTM_NEWADDR = 20, RTM_NEWROUTE = 24, RTM_DELROUTE = 25, RTM_GETROUTE = 26, NLMSG_ERROR = 2;
     private const ushort NLM_F_REQUEST = 1, NLM_F_ACK = 4, NLM_F_EXCL = 0x200, NLM_F_CREATE = 0x400;
     private const ushort IFLA_MTU = 4, IFA_ADDRESS = 1, IFA_LOCAL = 2, IFA_FLAGS = 8, RTA_DST = 1, RTA_OIF = 4;
     private const uint IFF_UP = 1, IFA_F_NODAD = 0x02;
@@ -3035,7 +3059,7 @@ internal static unsafe class Netlink
         if (err != -Libc.EEXIST) Check(err, $"add address {a}");
     }
 
-    /// <summary>Adds a route to prefix via the interface; an identical existing route is fine.</summary>
+    /// <summary>Adds a route to prefix via the interface: 0, or -EEXIST when the main table has one.</summary>
     internal static int AddRoute(int ifIndex, IpPrefix p) => RouteOp(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, ifIndex, p);
     internal static int RemoveRoute(int ifIndex, IpPrefix p) => RouteOp(RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, ifIndex, p);
 
@@ -3048,8 +3072,41 @@ internal static unsafe class Netlink
         m.Byte(RT_TABLE_MAIN); m.Byte(RouteProtocol); m.Byte(RT_SCOPE_LINK); m.Byte(RTN_UNICAST); m.U32(0);
         if (p.Bits > 0) m.Attr(RTA_DST, addr[..(p.IsV6 ? 16 : 4)]);
         m.AttrU32(RTA_OIF, (uint)ifIndex);
-        int err = m.Send();
-        return err == -Libc.EEXIST ? 0 : err;
+        return m.Send();
+    }
+
+    /// <summary>The interface index a packet to the prefix's first address would leave by, as
+    /// `ip route get` says; -1 when the kernel has no answer.</summary>
+    internal static int RouteOif(IpPrefix p)
+    {
+        Span<byte> addr = stackalloc byte[16];
+        p.WriteAddress(addr);
+        var m = new Msg(RTM_GETROUTE, NLM_F_REQUEST);
+        m.Byte(p.IsV6 ? (byte)Libc.AF_INET6 : (byte)Libc.AF_INET); m.Byte(p.IsV6 ? (byte)128 : (byte)32); m.Byte(0); m.Byte(0);   // rtmsg
+        m.Byte(0); m.Byte(0); m.Byte(0); m.Byte(0); m.U32(0);
+        m.Attr(RTA_DST, addr[..(p.IsV6 ? 16 : 4)]);
+        byte[] answer = new byte[1024];
+        int n = m.Send(answer);
+        // nlmsghdr (16) and rtmsg (12), then the attributes; every length checked before it is used.
+        for (int at = 28; n > 0 && at + 4 <= n;)
+        {
+            int len = BinaryPrimitives.ReadUInt16LittleEndian(answer.AsSpan(at)), type = BinaryPrimitives.ReadUInt16LittleEndian(answer.AsSpan(at + 2));
+            if (len < 4 || at + len > n) break;
+            if (type == RTA_OIF && len >= 8) return BinaryPrimitives.ReadInt32LittleEndian(answer.AsSpan(at + 4));
+            at += (len + 3) & ~3;
+        }
+        return -1;
+    }
+
+    internal static string IfName(int ifIndex)
+    {
+        try
+        {
+            foreach (string dir in Directory.GetDirectories("/sys/class/net"))
+                if (File.ReadAllText(Path.Combine(dir, "ifindex")).Trim() == ifIndex.ToString()) return Path.GetFileName(dir);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
+        return "ifindex " + ifIndex;
     }
 
     private static void Check(int err, string what)
@@ -3091,8 +3148,9 @@ internal static unsafe class Netlink
             Attr(type, d);
         }
 
-        /// <summary>Returns 0 or a negative errno from the kernel's NLMSG_ERROR reply.</summary>
-        internal int Send()
+        /// <summary>Returns 0 or a negative errno from the kernel's NLMSG_ERROR reply; with answer,
+        /// a reply of another type is copied there and its length returned.</summary>
+        internal int Send(byte[]? answer = null)
         {
             BinaryPrimitives.WriteUInt32LittleEndian(_b, (uint)_len);
             int fd = Libc.Socket(Libc.AF_NETLINK, Libc.SOCK_RAW | Libc.SOCK_CLOEXEC, Libc.NETLINK_ROUTE);
@@ -3112,6 +3170,12 @@ internal static unsafe class Netlink
                     if (n < 0) return Libc.Errno == Libc.EINTR ? 0 : -Libc.Errno;
                     if (n >= 20 && BinaryPrimitives.ReadUInt16LittleEndian(reply.AsSpan(4)) == NLMSG_ERROR)
                         return BinaryPrimitives.ReadInt32LittleEndian(reply.AsSpan(16));
+                    if (answer != null && n >= 16)
+                    {
+                        int len = (int)Math.Min(n, answer.Length);
+                        reply.AsSpan(0, len).CopyTo(answer);
+                        return len;
+                    }
                 }
                 return -Libc.EAGAIN;
             }
@@ -6358,7 +6422,7 @@ internal sealed unsafe partial class Daemon
             OpenEventLoop(node);
             if (_cfg.User != null) Privileges.Drop(_cfg.User, _cfg.ControlPath);
             StartControlPlane(_udp!.LocalPort);
-            var status = new StatusView(node, _cfg, _udp.LocalPort, StartedMs) { Workers = workers, Mapper = _portMapper };
+            var status = new StatusView(node, _cfg, _udp.LocalPort, StartedMs) { Workers = workers, Mapper = _portMapper, KernelRoutes = _kernelRoutes };
             _log.Info("started", $"public_key={node.Handshaker.PublicKey.Short()} listen={_cfg.ListenAddress}:{_udp.LocalPort} tun={_tun!.Name} mtu={_cfg.Mtu} peers={node.Peers.Count} aead={node.Handshaker.PreferredAead}" +
                 (_tcp?.ListenPort > 0 ? $" listen_tcp={_cfg.TcpListenAddress}:{_tcp.ListenPort}" : "") +
                 (_mgmt != null ? $" mgmt={_cfg.MgmtAddress}:{_mgmt.Port}" : "") + (_cfg.User != null ? $" user={_cfg.User}" : ""));
@@ -9127,6 +9191,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
     private long Now() => clock?.Invoke() ?? Mono.NowMs();
     internal IReadOnlyList<Worker> Workers { get; init; } = [];
     internal PortMapper? Mapper { get; init; }
+    internal KernelRoutes? KernelRoutes { get; init; }
     // The wall clock is read once, here: process_start_time stays put when the clock is stepped later.
     private readonly long _startedUnixS = DateTimeOffset.UtcNow.ToUnixTimeSeconds() - ((clock?.Invoke() ?? Mono.NowMs()) - startedMs) / 1000;
     internal Lock Gate => node.Gate;             // held by whoever asks for a view (Metrics takes it itself)
@@ -9189,6 +9254,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             foreach (IpPrefix a in p.Allowed)
                 if (owner.TryGetValue(a, out string? other)) { if (w.Count < 8) w.Add($"route conflict: {a} is allowed for {other} and {p.Name}"); }
                 else owner[a] = p.Name;
+        if (KernelRoutes != null)
+            foreach (var (pr, why) in KernelRoutes.Conflicts) if (w.Count < 8) w.Add($"route conflict: {pr}: {why}");
         long jumpS = DateTimeOffset.UtcNow.ToUnixTimeSeconds() - (_startedUnixS + (nowMs - startedMs) / 1000);
         // Only back: a step forward (NTP setting a router's clock after boot) is harmless.
         if (jumpS < -60) w.Add($"clock stepped back {Age(-jumpS * 1000)} since start: peers may ignore our hellos until it catches up");
@@ -11736,6 +11803,13 @@ internal static unsafe partial class Doctor
             if (live != null && ControlClient.Ask(cfg.ControlPath, "health") is string health)
                 Line(health.StartsWith("ok:", StringComparison.Ordinal), "daemon", "running; " + health.TrimEnd('\n').Replace("ok: ", "").Replace("down: ", "") +
                     (health.StartsWith("ok:", StringComparison.Ordinal) ? "" : " ('veil status' says why: handshake attempts and the last failure)"));
+            // What the daemon met installing its routes: the kernel's view, not the file's.
+            if (live != null && ControlClient.Ask(cfg.ControlPath, "status") is string status)
+                foreach (string line in status.Split('\n'))
+                    if (line.Trim().StartsWith("warning: route conflict: ", StringComparison.Ordinal))
+                        Line(false, "routes", line.Trim()["warning: route conflict: ".Length..] + (line.Contains("shadows ours", StringComparison.Ordinal)
+                            ? " (see 'ip route get ADDRESS': a more specific or earlier route on that interface wins)"
+                            : line.Contains("not Veil's", StringComparison.Ordinal) ? " (see 'ip route show PREFIX': delete or narrow that route, or give the peer another prefix)" : ""));
             bool subnets = cfg.Peers.Exists(p => p.Allowed.Exists(a => a.Bits < a.MaxBits));
             string rp = ReadProc("/proc/sys/net/ipv4/conf/all/rp_filter");
             Line(rp != "1" || !subnets || cfg.FixRpFilter, "rp_filter", rp == "1" && subnets
