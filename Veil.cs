@@ -1219,13 +1219,15 @@ internal sealed class UpConfig
     internal long HealthzGraceMs = 120_000;   // /healthz answers 503 once no peer has been up this long
     internal readonly Dictionary<string, string> HookPrograms = new();   // --hook EVENT=PROGRAM
     internal bool PortMapping = true;      // ask the gateway to forward our port (PortMapper)
-    internal bool FixRpFilter;             // loosen a strict reverse-path filter while we run (RpFilter)
+    internal bool FixRpFilter;             // loosen a strict reverse-path filter while we run (Sysctls)
+    internal bool Exit;                    // --exit: offer members a way out (Gateway)
+    internal string? ExitNode;             // --exit-node NAME: send what has no other route to that member
     internal IPAddress? TcpListenAddress;  // --listen-tcp: the same records over TCP (TcpLinks)
     internal int TcpListenPort;
     private bool _keepaliveGiven;
 
     // Keys a running daemon cannot change; reload refuses (exit 3) when one of them differs.
-    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "fix_rp_filter"];
+    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "fix_rp_filter", "exit", "exit_node"];
 
     private static readonly string[] Keys =
     [
@@ -1233,7 +1235,7 @@ internal sealed class UpConfig
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
         "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers", "accept_psk", "admin", "revocations",
         "relay", "relay_rate", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "healthz_grace", "hook",
-        "fix_rp_filter",
+        "fix_rp_filter", "exit", "exit_node",
     ];
     private static readonly string[] ListKeys = ["address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk", "hook"];
     private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive", "tcp"];
@@ -1262,6 +1264,7 @@ internal sealed class UpConfig
             if (flag is "--relay" or "--no-relay") { flags.Add(("relay", flag == "--relay" ? "true" : "false")); continue; }
             if (flag is "--port-mapping" or "--no-port-mapping") { flags.Add(("port_mapping", flag == "--port-mapping" ? "true" : "false")); continue; }
             if (flag == "--fix-rp-filter") { flags.Add(("fix_rp_filter", "true")); continue; }
+            if (flag == "--exit") { flags.Add(("exit", "true")); continue; }
             int eq = flag.IndexOf('=');
             // Both "--mtu=1400" and "--mtu 1400"; the name is checked again after the split, since the "=" form
             // skips the check in the else branch.
@@ -1450,6 +1453,8 @@ internal sealed class UpConfig
             case "relay": Relay = ParseBool(src, value); break;
             case "port_mapping": PortMapping = ParseBool(src, value); break;
             case "fix_rp_filter": FixRpFilter = ParseBool(src, value); break;
+            case "exit": Exit = ParseBool(src, value); break;
+            case "exit_node": ExitNode = ParseName(src, value); break;
             case "relay_rate": RelayRateMbit = ParseInt(src, value, 1, 100_000); break;
             case "healthz_grace": HealthzGraceMs = ParseInt(src, value, 0, 86_400) * 1000L; break;
             case "hook":
@@ -1513,6 +1518,7 @@ internal sealed class UpConfig
         if (Mesh && PskFile.Length == 0) throw new ConfigException("--mesh needs --psk FILE: the network secret is what makes a node a member");
         if (Networks.Count == 0)
             foreach (IfAddress a in Addresses) Networks.Add(new IpPrefix(a.Address.GetAddressBytes(), a.Bits));
+        if (Exit && ExitNode != null) throw new ConfigException("--exit and --exit-node exclude each other: a node offers a way out or uses one");
         if (Claims.Count + Addresses.Count > Tune.MaxClaimsPerMember)
             throw new ConfigException($"at most {Tune.MaxClaimsPerMember - Addresses.Count} --claim prefixes (each --address is claimed too)");
         // Mesh liveness counts keepalive periods without a record, so it needs a keepalive; an explicit
@@ -1536,6 +1542,9 @@ internal sealed class UpConfig
             if (!names.Add(p.Name)) throw new ConfigException($"peer name '{p.Name}' is given twice");
         }
         if (Peers.Count > Tune.MaxPeers) throw new ConfigException($"at most {Tune.MaxPeers} peers");
+        // In a mesh the exit may be a member not met yet; without one it must be a configured peer.
+        if (ExitNode != null && !Mesh && !names.Contains(ExitNode))
+            throw new ConfigException($"--exit-node '{ExitNode}' names no peer (peer names: {string.Join(", ", names)})");
         if (Mtu == 0)
         {
             // The kernel's MTU for the route to each peer (no packet is sent); 1500 where it has none.
@@ -1576,6 +1585,8 @@ internal sealed class UpConfig
         if (BeaconLoad != o.BeaconLoad) changed.Add("beacon_load");
         if (PortMapping != o.PortMapping) changed.Add("port_mapping");
         if (FixRpFilter != o.FixRpFilter) changed.Add("fix_rp_filter");
+        if (Exit != o.Exit) changed.Add("exit");
+        if (ExitNode != o.ExitNode) changed.Add("exit_node");
         if (!Equals(TcpListenAddress, o.TcpListenAddress) || TcpListenPort != o.TcpListenPort) changed.Add("listen_tcp");
         return changed;
     }
@@ -1590,7 +1601,7 @@ internal sealed class UpConfig
 
     // Every file key is also a flag with '-' for '_'; "--rekey_after" is refused so each setting has one
     // spelling on the command line.
-    private static readonly string[] Switches = ["--check", "--mesh", "--relay", "--no-relay", "--port-mapping", "--no-port-mapping", "--fix-rp-filter", "--config", "--peer", "--allow", "--peer-tcp"];
+    private static readonly string[] Switches = ["--check", "--mesh", "--relay", "--no-relay", "--port-mapping", "--no-port-mapping", "--fix-rp-filter", "--exit", "--config", "--peer", "--allow", "--peer-tcp"];
 
     /// <summary>Allowed prefixes that are valid but rarely meant: one given to two peers (only one
     /// of them gets the traffic) and a default route (every packet without a better route goes in).</summary>
@@ -1783,12 +1794,12 @@ internal static unsafe partial class Libc
     internal const int O_RDWR = 0x2, O_NONBLOCK = 0x800, O_CLOEXEC = 0x80000;
     internal const int AF_UNIX = 1, AF_INET = 2, AF_INET6 = 10, AF_NETLINK = 16;
     internal const int SOCK_STREAM = 1, SOCK_DGRAM = 2, SOCK_RAW = 3, SOCK_NONBLOCK = 0x800, SOCK_CLOEXEC = 0x80000;
-    internal const int SOL_SOCKET = 1, SO_REUSEADDR = 2, SO_SNDBUF = 7, SO_RCVBUF = 8, SO_REUSEPORT = 15, SO_SNDBUFFORCE = 32, SO_RCVBUFFORCE = 33;
+    internal const int SOL_SOCKET = 1, SO_REUSEADDR = 2, SO_SNDBUF = 7, SO_RCVBUF = 8, SO_REUSEPORT = 15, SO_SNDBUFFORCE = 32, SO_RCVBUFFORCE = 33, SO_MARK = 36;
     internal const int IPPROTO_IPV6 = 41, IPV6_V6ONLY = 26, IPV6_HOPLIMIT = 52, IPPROTO_IP = 0, IP_TTL = 2;
     internal const int NETLINK_ROUTE = 0;
     internal const int EPOLLIN = 0x1, EPOLLOUT = 0x4, EPOLL_CTL_ADD = 1, EPOLL_CTL_DEL = 2, EPOLL_CTL_MOD = 3, EPOLL_CLOEXEC = 0x80000;
     internal const int EFD_NONBLOCK = 0x800, EFD_CLOEXEC = 0x80000;
-    internal const int ESRCH = 3, EINTR = 4, EAGAIN = 11, ENOENT = 2, EEXIST = 17, EADDRINUSE = 98, EPERM = 1, EACCES = 13;
+    internal const int ESRCH = 3, EINTR = 4, EAGAIN = 11, ENOENT = 2, EEXIST = 17, EADDRINUSE = 98, EPERM = 1, EACCES = 13, EOPNOTSUPP = 95, ETIMEDOUT = 110;
     internal const int MSG_DONTWAIT = 0x40;
     internal const uint TUNSETIFF = 0x400454CA;
     internal const short IFF_TUN = 0x1, IFF_NO_PI = 0x1000;
@@ -2633,51 +2644,51 @@ internal sealed unsafe class TunDevice : IDataplane
     }
 }
 
-/// <summary>--fix-rp-filter: rp_filter 1 (strict) drops a packet whose source the kernel would not
-/// route back out of the interface it came in on, such as a reply from a subnet a peer routes
-/// while another path is preferred. The kernel applies the larger of "all" and the interface's
-/// value, so both are set to 2 (loose: any route back will do) where they are 1; only "all" outlives
-/// us, and it is put back at exit unless someone changed it since.</summary>
-internal static class RpFilter
+/// <summary>The kernel settings Veil changes while it runs (sysctl files): --fix-rp-filter's
+/// rp_filter, an exit node's forwarding. Each change is logged; at exit each is put back unless
+/// someone changed it meanwhile, or its file went (an interface's, with the interface).</summary>
+internal sealed class Sysctls(Log log)
 {
-    private static string ConfPath(string conf) => $"/proc/sys/net/ipv4/conf/{conf}/rp_filter";
+    private readonly List<(string Path, string Was, string Set)> _changed = new();
 
-    internal static List<string> Loosen(string tun, Log log)
-    {
-        var changed = new List<string>();
-        foreach (string conf in new[] { "all", tun })
-        {
-            string path = ConfPath(conf);
-            try
-            {
-                string was = File.ReadAllText(path).Trim();
-                if (was != "1") continue;
-                File.WriteAllText(path, "2\n");
-                changed.Add(conf);
-                log.Info("rp_filter_loosened", $"conf={conf} from=1 to=2 file={path}");
-            }
-            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-            {
-                log.Warn("rp_filter_not_changed", $"conf={conf} error=\"{e.Message}\"");
-            }
-        }
-        return changed;
-    }
+    internal static string ConfPath(string family, string conf, string key) => $"/proc/sys/net/{family}/conf/{conf}/{key}";
 
-    internal static void Restore(List<string> changed, Log log)
+    /// <summary>Writes value into path when its current value passes when; false if it did not.</summary>
+    internal bool Set(string path, string value, Func<string, bool> when, string reason)
     {
-        if (!changed.Contains("all")) return;              // the interface's own went with it
-        string path = ConfPath("all");
         try
         {
-            if (File.ReadAllText(path).Trim() != "2") return;
-            File.WriteAllText(path, "1\n");
-            log.Info("rp_filter_restored", $"conf=all to=1 file={path}");
+            string was = File.ReadAllText(path).Trim();
+            if (was == value || !when(was)) return false;
+            File.WriteAllText(path, value + "\n");
+            _changed.Add((path, was, value));
+            log.Info("sysctl_set", $"file={path} from={was} to={value} reason={reason}");
+            return true;
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
-            log.Warn("rp_filter_not_restored", $"conf=all error=\"{e.Message}\" hint=\"it stays 2 (loose); set net.ipv4.conf.all.rp_filter=1 to go back\"");
+            log.Warn("sysctl_not_set", $"file={path} to={value} reason={reason} error=\"{e.Message}\"");
+            return false;
         }
+    }
+
+    internal void Restore()
+    {
+        for (int i = _changed.Count - 1; i >= 0; i--)
+        {
+            var (path, was, set) = _changed[i];
+            try
+            {
+                if (!File.Exists(path) || File.ReadAllText(path).Trim() != set) continue;
+                File.WriteAllText(path, was + "\n");
+                log.Info("sysctl_restored", $"file={path} to={was}");
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                log.Warn("sysctl_not_restored", $"file={path} error=\"{e.Message}\" hint=\"it stays {set}; write {was} to go back\"");
+            }
+        }
+        _changed.Clear();
     }
 }
 
@@ -2689,6 +2700,9 @@ internal static class RpFilter
 internal sealed class KernelRoutes(int ifIndex, Log log)
 {
     private readonly HashSet<IpPrefix> _installed = new();
+    // --exit-node: default routes go into the Gateway's table, which its policy rules consult.
+    internal int DefaultRouteTable = Netlink.RT_TABLE_MAIN;
+    private int TableOf(IpPrefix p) => p.Bits == 0 ? DefaultRouteTable : Netlink.RT_TABLE_MAIN;
     private Dictionary<IpPrefix, string> _conflicts = new();
     // Replaced whole after each Sync: the status view reads it on the loop thread.
     internal volatile IReadOnlyDictionary<IpPrefix, string> Conflicts = new Dictionary<IpPrefix, string>();
@@ -2700,7 +2714,7 @@ internal sealed class KernelRoutes(int ifIndex, Log log)
         {
             if (want.Contains(pr)) continue;
             _installed.Remove(pr);
-            if (Netlink.RemoveRoute(ifIndex, pr) is int e and < 0 && e != -Libc.ESRCH)
+            if (Netlink.RemoveRoute(ifIndex, pr, TableOf(pr)) is int e and < 0 && e != -Libc.ESRCH)
                 log.Warn("route_failed", $"prefix={pr} op=remove error=\"{Libc.ErrorText(-e)}\"");
             else log.Info("route_removed", $"prefix={pr}");
         }
@@ -2709,7 +2723,7 @@ internal sealed class KernelRoutes(int ifIndex, Log log)
         {
             if (!_installed.Contains(pr))
             {
-                int e = Netlink.AddRoute(ifIndex, pr);
+                int e = Netlink.AddRoute(ifIndex, pr, TableOf(pr));
                 // "Exists" is no conflict when the route is the kernel's own on our interface (the
                 // subnet of --address): it carries the traffic to us as well. Another's is left alone.
                 if (e == -Libc.EEXIST && Netlink.RouteOif(pr) == ifIndex) continue;
@@ -2730,6 +2744,274 @@ internal sealed class KernelRoutes(int ifIndex, Log log)
             if (!conflicts.ContainsKey(pr) && want.Contains(pr) && _installed.Contains(pr)) log.Info("route_conflict_resolved", $"prefix={pr}");
         _conflicts = conflicts;
         Conflicts = new Dictionary<IpPrefix, string>(conflicts);
+    }
+}
+
+/// <summary>Exit nodes (--exit, --exit-node). The exit forwards for members and masquerades their
+/// overlay sources out of its other interfaces. A client sends what no more specific route takes
+/// into the tunnel the way wg-quick does: its default routes live in table 51820, consulted by the
+/// rule "not fwmark 0xca6c", while "lookup main suppress_prefixlength 0" lets every route of the
+/// main table but its default win first (the LAN, the underlay, the overlay); the UDP sockets mark
+/// their packets so the tunnel never carries itself. A router client also masquerades what it
+/// forwards for its LAN into the tunnel. Rules carry our protocol and are removed at exit, and at
+/// start when a crashed run left them; the NAT table is owned by our netlink socket, so the kernel
+/// drops it the moment the process ends, however it ends.</summary>
+internal sealed class Gateway : IDisposable
+{
+    internal const int Table = 51820, SuppressPriority = 5208, TablePriority = 5209;
+    internal const uint FwMark = 0xca6c;
+    private readonly NatTable _nat;
+    private readonly bool _rules;
+    private readonly Log _log;
+
+    private Gateway(NatTable nat, bool rules, Log log) { _nat = nat; _rules = rules; _log = log; }
+
+    internal static Gateway Open(UpConfig cfg, TunDevice tun, Sysctls sysctls, Log log)
+    {
+        var nat = NatTable.Open("veil-" + tun.Name, tun.IfIndex, cfg.Networks, exit: cfg.Exit);
+        if (cfg.Exit)
+        {
+            sysctls.Set("/proc/sys/net/ipv4/ip_forward", "1", _ => true, "exit");
+            sysctls.Set(Sysctls.ConfPath("ipv6", "all", "forwarding"), "1", _ => true, "exit");
+            log.Info("exit_offered", $"nat_table=inet:veil-{tun.Name} networks={string.Join(',', cfg.Networks)}");
+            return new Gateway(nat, rules: false, log);
+        }
+        RemoveRules();                                    // what a crashed run left behind
+        foreach (bool v6 in new[] { false, true })
+        {
+            int e = Netlink.Rule(true, v6, SuppressPriority, Netlink.RT_TABLE_MAIN, 0, suppress: true);
+            if (e == 0) e = Netlink.Rule(true, v6, TablePriority, Table, FwMark, suppress: false);
+            if (e < 0)
+            {
+                RemoveRules();
+                nat.Dispose();
+                throw new IOException($"cannot add the policy rules of --exit-node ({(v6 ? "IPv6" : "IPv4")}): {Libc.ErrorText(-e)}");
+            }
+        }
+        log.Info("exit_node_selected", $"exit_node={cfg.ExitNode} table={Table} fwmark=0x{FwMark:x}");
+        return new Gateway(nat, rules: true, log);
+    }
+
+    private static void RemoveRules()
+    {
+        foreach (bool v6 in new[] { false, true })
+            foreach (int priority in new[] { SuppressPriority, TablePriority })
+                for (int i = 0; i < 8 && Netlink.Rule(false, v6, priority, 0, 0, false) == 0; i++) { }
+    }
+
+    public void Dispose()
+    {
+        if (_rules) RemoveRules();
+        _nat.Dispose();
+        _log.Info("gateway_removed", _rules ? "rules=removed nat_table=removed" : "nat_table=removed");
+    }
+}
+
+/// <summary>Masquerading in a table of our own, made over netlink (nf_tables' messages, the way the
+/// nft tool sends them: one batch, every message acknowledged). NFT_TABLE_F_OWNER ties the table to
+/// this socket: closing it (Dispose, or the process dying) deletes the table with its rules.
+/// The exit: source in an overlay network, leaving by another interface: masquerade. A client:
+/// leaving by the TUN, source in none of the overlay networks (a LAN host): masquerade.</summary>
+internal sealed unsafe class NatTable : IDisposable
+{
+    private const int NETLINK_NETFILTER = 12;
+    private const ushort NFNL_SUBSYS_NFTABLES = 10, NFNL_MSG_BATCH_BEGIN = 0x10, NFNL_MSG_BATCH_END = 0x11;
+    private const ushort NFT_MSG_NEWTABLE = 0, NFT_MSG_NEWCHAIN = 3, NFT_MSG_NEWRULE = 6;
+    private const ushort NLM_F_REQUEST = 1, NLM_F_ACK = 4, NLM_F_EXCL = 0x200, NLM_F_CREATE = 0x400, NLM_F_APPEND = 0x800, NLA_F_NESTED = 0x8000;
+    private const byte NFPROTO_INET = 1, NFPROTO_IPV4 = 2, NFPROTO_IPV6 = 10;
+    private const uint NFT_TABLE_F_OWNER = 2, NF_INET_POST_ROUTING = 4, NFT_REG_1 = 1, NFT_META_OIF = 5, NFT_META_NFPROTO = 15;
+    private const uint NFT_CMP_EQ = 0, NFT_CMP_NEQ = 1, NFT_PAYLOAD_NETWORK_HEADER = 1, NatPriority = 100;
+    private int _fd;
+
+    private NatTable(int fd) => _fd = fd;
+
+    internal static NatTable Open(string name, int tunIndex, List<IpPrefix> networks, bool exit)
+    {
+        int fd = Libc.Socket(Libc.AF_NETLINK, Libc.SOCK_RAW | Libc.SOCK_CLOEXEC, NETLINK_NETFILTER);
+        if (fd < 0) throw new IOException($"cannot open nftables' netlink socket: {Libc.ErrorText(Libc.Errno)}");
+        var b = new Batch();
+        int at = b.Begin(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES);
+        b.End(at);
+        at = b.Begin(Nft(NFT_MSG_NEWTABLE), NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, NFPROTO_INET, 0);
+        b.Str(1, name); b.Be32(2, NFT_TABLE_F_OWNER);                           // NFTA_TABLE_NAME, _FLAGS
+        b.End(at);
+        at = b.Begin(Nft(NFT_MSG_NEWCHAIN), NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE, NFPROTO_INET, 0);
+        b.Str(1, name); b.Str(3, "postrouting");                                // NFTA_CHAIN_TABLE, _NAME
+        int hook = b.Nest(4);                                                   // NFTA_CHAIN_HOOK
+        b.Be32(1, NF_INET_POST_ROUTING); b.Be32(2, NatPriority);                // NFTA_HOOK_HOOKNUM, _PRIORITY
+        b.EndNest(hook);
+        b.Str(7, "nat");                                                        // NFTA_CHAIN_TYPE
+        b.End(at);
+        int acks = 2;
+        Span<byte> oif = stackalloc byte[4];
+        BinaryPrimitives.WriteInt32LittleEndian(oif, tunIndex);                  // the meta key holds it in host order
+        foreach (bool v6 in new[] { false, true })
+        {
+            List<IpPrefix> mine = networks.FindAll(n => n.IsV6 == v6);
+            if (mine.Count == 0) continue;
+            // The exit: one rule per network (any of them); a client: one rule, none of them.
+            foreach (List<IpPrefix> group in exit ? mine.ConvertAll(n => new List<IpPrefix> { n }) : [mine])
+            {
+                at = b.Begin(Nft(NFT_MSG_NEWRULE), NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND, NFPROTO_INET, 0);
+                b.Str(1, name); b.Str(2, "postrouting");                        // NFTA_RULE_TABLE, _CHAIN
+                int exprs = b.Nest(4);                                          // NFTA_RULE_EXPRESSIONS
+                Meta(b, NFT_META_NFPROTO);
+                Cmp(b, NFT_CMP_EQ, [v6 ? NFPROTO_IPV6 : NFPROTO_IPV4]);
+                foreach (IpPrefix n in group) SourceIn(b, n, exit ? NFT_CMP_EQ : NFT_CMP_NEQ);
+                Meta(b, NFT_META_OIF);
+                Cmp(b, exit ? NFT_CMP_NEQ : NFT_CMP_EQ, oif);
+                int e = b.Nest(1);                                              // NFTA_LIST_ELEM
+                b.Str(1, "masq");                                               // NFTA_EXPR_NAME, no data
+                b.EndNest(e);
+                b.EndNest(exprs);
+                b.End(at);
+                acks++;
+            }
+        }
+        at = b.Begin(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, NFNL_SUBSYS_NFTABLES);
+        b.End(at);
+        int err = b.Send(fd, acks);
+        if (err < 0)
+        {
+            Libc.Close(fd);
+            throw new IOException($"cannot create the nftables table {name} for masquerading: {Libc.ErrorText(-err)}" +
+                (err == -Libc.ENOENT || err == -Libc.EOPNOTSUPP ? " (the kernel lacks nf_tables NAT: kmod-nft-nat)" : ""));
+        }
+        return new NatTable(fd);
+    }
+
+    private static ushort Nft(ushort msg) => (ushort)(NFNL_SUBSYS_NFTABLES << 8 | msg);
+
+    // Expressions: NFTA_LIST_ELEM { NFTA_EXPR_NAME, NFTA_EXPR_DATA { ... } }, registers and numbers big-endian.
+    private static void Meta(Batch b, uint key)
+    {
+        int e = b.Nest(1); b.Str(1, "meta"); int d = b.Nest(2);
+        b.Be32(1, NFT_REG_1); b.Be32(2, key);                                   // NFTA_META_DREG, _KEY
+        b.EndNest(d); b.EndNest(e);
+    }
+
+    private static void Cmp(Batch b, uint op, ReadOnlySpan<byte> value)
+    {
+        int e = b.Nest(1); b.Str(1, "cmp"); int d = b.Nest(2);
+        b.Be32(1, NFT_REG_1); b.Be32(2, op);                                    // NFTA_CMP_SREG, _OP
+        int v = b.Nest(3); b.Attr(1, value); b.EndNest(v);                      // NFTA_CMP_DATA { NFTA_DATA_VALUE }
+        b.EndNest(d); b.EndNest(e);
+    }
+
+    // The source address (IPv4 at 12, IPv6 at 8 of the network header), masked to the prefix, compared.
+    private static void SourceIn(Batch b, IpPrefix n, uint op)
+    {
+        int len = n.IsV6 ? 16 : 4;
+        int e = b.Nest(1); b.Str(1, "payload"); int d = b.Nest(2);
+        b.Be32(1, NFT_REG_1); b.Be32(2, NFT_PAYLOAD_NETWORK_HEADER); b.Be32(3, n.IsV6 ? 8u : 12u); b.Be32(4, (uint)len);
+        b.EndNest(d); b.EndNest(e);
+        // SkipLocalsInit: stackalloc'd memory is not zeroed.
+        Span<byte> mask = stackalloc byte[len], net = stackalloc byte[16], zeros = stackalloc byte[len];
+        mask.Clear(); net.Clear(); zeros.Clear();
+        for (int i = 0; i < n.Bits; i++) mask[i / 8] |= (byte)(0x80 >> (i % 8));
+        n.WriteAddress(net);
+        e = b.Nest(1); b.Str(1, "bitwise"); d = b.Nest(2);
+        b.Be32(1, NFT_REG_1); b.Be32(2, NFT_REG_1); b.Be32(3, (uint)len);     // NFTA_BITWISE_SREG, _DREG, _LEN
+        int m = b.Nest(4); b.Attr(1, mask); b.EndNest(m);                       // NFTA_BITWISE_MASK
+        int x = b.Nest(5); b.Attr(1, zeros); b.EndNest(x);                      // NFTA_BITWISE_XOR
+        b.EndNest(d); b.EndNest(e);
+        Cmp(b, op, net[..len]);
+    }
+
+    public void Dispose()
+    {
+        if (_fd >= 0) Libc.Close(_fd);                   // the kernel deletes the owned table with it
+        _fd = -1;
+    }
+
+    /// <summary>netlink messages (nlmsghdr, nfgenmsg, attributes) built into one datagram.</summary>
+    private sealed class Batch
+    {
+        private readonly byte[] _b = new byte[4096];
+        private int _len;
+        private uint _seq;
+
+        internal int Begin(ushort type, ushort flags, byte family, ushort resId)
+        {
+            int at = _len;
+            BinaryPrimitives.WriteUInt16LittleEndian(_b.AsSpan(at + 4), type);
+            BinaryPrimitives.WriteUInt16LittleEndian(_b.AsSpan(at + 6), flags);
+            BinaryPrimitives.WriteUInt32LittleEndian(_b.AsSpan(at + 8), ++_seq);
+            _b[at + 16] = family;
+            _b[at + 17] = 0;                                                    // NFNETLINK_V0
+            BinaryPrimitives.WriteUInt16BigEndian(_b.AsSpan(at + 18), resId);
+            _len = at + 20;
+            return at;
+        }
+
+        internal void End(int at) => BinaryPrimitives.WriteUInt32LittleEndian(_b.AsSpan(at), (uint)(_len - at));
+
+        internal void Attr(ushort type, ReadOnlySpan<byte> data)
+        {
+            BinaryPrimitives.WriteUInt16LittleEndian(_b.AsSpan(_len), (ushort)(4 + data.Length));
+            BinaryPrimitives.WriteUInt16LittleEndian(_b.AsSpan(_len + 2), type);
+            data.CopyTo(_b.AsSpan(_len + 4));
+            _b.AsSpan(_len + 4 + data.Length, (4 - data.Length % 4) % 4).Clear();
+            _len += (4 + data.Length + 3) & ~3;
+        }
+
+        internal void Str(ushort type, string s)
+        {
+            Span<byte> z = stackalloc byte[s.Length + 1];
+            Encoding.ASCII.GetBytes(s, z);
+            z[^1] = 0;
+            Attr(type, z);
+        }
+
+        internal void Be32(ushort type, uint v)
+        {
+            Span<byte> d = stackalloc byte[4];
+            BinaryPrimitives.WriteUInt32BigEndian(d, v);
+            Attr(type, d);
+        }
+
+        internal int Nest(ushort type)
+        {
+            int at = _len;
+            BinaryPrimitives.WriteUInt16LittleEndian(_b.AsSpan(at + 2), (ushort)(type | NLA_F_NESTED));
+            _len += 4;
+            return at;
+        }
+
+        internal void EndNest(int at) => BinaryPrimitives.WriteUInt16LittleEndian(_b.AsSpan(at), (ushort)(_len - at));
+
+        /// <summary>Sends the batch and reads an acknowledgement per message: 0, or the first error.</summary>
+        internal int Send(int fd, int acks)
+        {
+            byte* sa = stackalloc byte[12];
+            new Span<byte>(sa, 12).Clear();
+            *(ushort*)sa = (ushort)Libc.AF_NETLINK;
+            fixed (byte* p = _b)
+                if (Libc.SendTo(fd, p, (nuint)_len, 0, sa, 12) < 0) return -Libc.Errno;
+            byte[] reply = new byte[8192];
+            // The kernel answers while it handles the send, so every ack is queued by now; a bounded
+            // number of reads, without waiting, takes them.
+            for (int reads = 0; acks > 0 && reads < 64; reads++)
+            {
+                nint n;
+                fixed (byte* p = reply) n = Libc.RecvFrom(fd, p, (nuint)reply.Length, Libc.MSG_DONTWAIT, null, null);
+                if (n < 0 && Libc.Errno == Libc.EINTR) continue;
+                if (n < 0) return Libc.Errno == Libc.EAGAIN ? -Libc.ETIMEDOUT : -Libc.Errno;
+                for (int at = 0; at + 20 <= n;)
+                {
+                    int len = (int)BinaryPrimitives.ReadUInt32LittleEndian(reply.AsSpan(at));
+                    if (len < 16 || at + len > n) break;
+                    if (BinaryPrimitives.ReadUInt16LittleEndian(reply.AsSpan(at + 4)) == 2)   // NLMSG_ERROR
+                    {
+                        int err = BinaryPrimitives.ReadInt32LittleEndian(reply.AsSpan(at + 16));
+                        if (err < 0) return err;
+                        acks--;
+                    }
+                    at += (len + 3) & ~3;
+                }
+            }
+            return acks == 0 ? 0 : -Libc.ETIMEDOUT;
+        }
     }
 }
 
@@ -3019,9 +3301,13 @@ internal static unsafe class Netlink
 {
     private const ushort RTM_NEWLINK = 16, RTM_NEWADDR = 20, RTM_NEWROUTE = 24, RTM_DELROUTE = 25, RTM_GETROUTE = 26, NLMSG_ERROR = 2;
     private const ushort NLM_F_REQUEST = 1, NLM_F_ACK = 4, NLM_F_EXCL = 0x200, NLM_F_CREATE = 0x400;
-    private const ushort IFLA_MTU = 4, IFA_ADDRESS = 1, IFA_LOCAL = 2, IFA_FLAGS = 8, RTA_DST = 1, RTA_OIF = 4;
+    private const ushort IFLA_MTU = 4, IFA_ADDRESS = 1, IFA_LOCAL = 2, IFA_FLAGS = 8, RTA_DST = 1, RTA_OIF = 4, RTA_TABLE = 15;
+    private const ushort RTM_NEWRULE = 32, RTM_DELRULE = 33, FRA_PRIORITY = 6, FRA_FWMARK = 10, FRA_SUPPRESS_PREFIXLEN = 14, FRA_TABLE = 15, FRA_FWMASK = 16, FRA_PROTOCOL = 21;
+    private const byte FR_ACT_TO_TBL = 1;
+    private const uint FIB_RULE_INVERT = 2;
     private const uint IFF_UP = 1, IFA_F_NODAD = 0x02;
-    private const byte RT_TABLE_MAIN = 254, RT_SCOPE_UNIVERSE = 0, RT_SCOPE_LINK = 253, RTN_UNICAST = 1;
+    internal const byte RT_TABLE_MAIN = 254;
+    private const byte RT_SCOPE_UNIVERSE = 0, RT_SCOPE_LINK = 253, RTN_UNICAST = 1;
     internal const byte RouteProtocol = 86;          // our tag on routes we install (rt_protos has no 86)
     private const uint SIOCGIFINDEX = 0x8933;
 
@@ -3060,18 +3346,40 @@ internal static unsafe class Netlink
     }
 
     /// <summary>Adds a route to prefix via the interface: 0, or -EEXIST when the main table has one.</summary>
-    internal static int AddRoute(int ifIndex, IpPrefix p) => RouteOp(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, ifIndex, p);
-    internal static int RemoveRoute(int ifIndex, IpPrefix p) => RouteOp(RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, ifIndex, p);
+    internal static int AddRoute(int ifIndex, IpPrefix p, int table = RT_TABLE_MAIN) => RouteOp(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, ifIndex, p, table);
+    internal static int RemoveRoute(int ifIndex, IpPrefix p, int table = RT_TABLE_MAIN) => RouteOp(RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, ifIndex, p, table);
 
-    private static int RouteOp(ushort type, ushort flags, int ifIndex, IpPrefix p)
+    private static int RouteOp(ushort type, ushort flags, int ifIndex, IpPrefix p, int table)
     {
         Span<byte> addr = stackalloc byte[16];
         p.WriteAddress(addr);
         var m = new Msg(type, flags);
         m.Byte(p.IsV6 ? (byte)Libc.AF_INET6 : (byte)Libc.AF_INET); m.Byte((byte)p.Bits); m.Byte(0); m.Byte(0);   // rtmsg
-        m.Byte(RT_TABLE_MAIN); m.Byte(RouteProtocol); m.Byte(RT_SCOPE_LINK); m.Byte(RTN_UNICAST); m.U32(0);
+        // A table past 255 goes in RTA_TABLE, with RT_TABLE_UNSPEC in the header (as iproute2 does).
+        m.Byte(table < 256 ? (byte)table : (byte)0); m.Byte(RouteProtocol); m.Byte(RT_SCOPE_LINK); m.Byte(RTN_UNICAST); m.U32(0);
         if (p.Bits > 0) m.Attr(RTA_DST, addr[..(p.IsV6 ? 16 : 4)]);
         m.AttrU32(RTA_OIF, (uint)ifIndex);
+        if (table >= 256) m.AttrU32(RTA_TABLE, (uint)table);
+        return m.Send();
+    }
+
+    /// <summary>Adds (or removes) the policy rule "priority P: lookup TABLE", with "not fwmark MARK"
+    /// when mark is set and "suppress_prefixlength 0" when suppress is; tagged with our protocol, so
+    /// removal by priority and protocol never takes another program's rule.</summary>
+    internal static int Rule(bool add, bool v6, int priority, int table, uint mark, bool suppress)
+    {
+        var m = new Msg(add ? RTM_NEWRULE : RTM_DELRULE, add ? (ushort)(NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL) : (ushort)(NLM_F_REQUEST | NLM_F_ACK));
+        m.Byte(v6 ? (byte)Libc.AF_INET6 : (byte)Libc.AF_INET); m.Byte(0); m.Byte(0); m.Byte(0);   // fib_rule_hdr
+        m.Byte(table < 256 ? (byte)table : (byte)0); m.Byte(0); m.Byte(0); m.Byte(add ? FR_ACT_TO_TBL : (byte)0);
+        m.U32(add && mark != 0 ? FIB_RULE_INVERT : 0);
+        m.AttrU32(FRA_PRIORITY, (uint)priority);
+        m.Attr(FRA_PROTOCOL, [RouteProtocol]);
+        if (add)
+        {
+            m.AttrU32(FRA_TABLE, (uint)table);
+            if (mark != 0) { m.AttrU32(FRA_FWMARK, mark); m.AttrU32(FRA_FWMASK, uint.MaxValue); }
+            if (suppress) m.AttrU32(FRA_SUPPRESS_PREFIXLEN, 0);
+        }
         return m.Send();
     }
 
@@ -5026,6 +5334,8 @@ internal sealed unsafe class UdpSocket : IUdp
 
     /// <summary>reusePort: the first socket of a group that Sibling adds to (one per worker; the
     /// kernel picks a socket per datagram by its addresses and ports, so a peer stays on one).</summary>
+    internal static uint FwMark;                          // set once before the sockets open (--exit-node)
+
     internal static UdpSocket Bind(IPAddress address, int port, bool reusePort = false)
     {
         // A port in use must fail as it does without workers, not quietly join another process's
@@ -5099,6 +5409,12 @@ internal sealed unsafe class UdpSocket : IUdp
         if (fd < 0) throw new IOException($"cannot create UDP socket: {Libc.ErrorText(Libc.Errno)}");
         // Set either way: the default comes from net.ipv6.bindv6only, which a distribution may have changed.
         if (v6) Libc.SetIntOpt(fd, Libc.IPPROTO_IPV6, Libc.IPV6_V6ONLY, dualStack ? 0 : 1);
+        if (FwMark != 0 && Libc.SetIntOpt(fd, Libc.SOL_SOCKET, Libc.SO_MARK, (int)FwMark) < 0)
+        {
+            int e = Libc.Errno;
+            Libc.Close(fd);
+            throw new IOException($"cannot mark the UDP socket for --exit-node (SO_MARK): {Libc.ErrorText(e)}");
+        }
         if (reusePort && Libc.SetIntOpt(fd, Libc.SOL_SOCKET, Libc.SO_REUSEPORT, 1) < 0)
         {
             int e = Libc.Errno;
@@ -6394,7 +6710,8 @@ internal sealed unsafe partial class Daemon
     private readonly List<(TunDevice Tun, UdpSocket Udp)> _queues = new();   // the workers' beyond the first
     private readonly List<Thread> _threads = new();
     private Hooks? _hooks;
-    private List<string>? _rpFilterChanged;          // --fix-rp-filter: what to put back at exit
+    private Sysctls? _sysctls;                       // what --fix-rp-filter and --exit changed, put back at exit
+    private Gateway? _gateway;                       // --exit, --exit-node
 
     // Start to finish, in the order that matters: signal handlers first (SIGHUP's default action
     // would kill us), then everything that needs root (devices, netlink, sockets), then the drop of
@@ -6464,7 +6781,8 @@ internal sealed unsafe partial class Daemon
             StopWorkers(_threads);
             foreach (var (t, u) in _queues) { t.Dispose(); u.Dispose(); }
             _tun?.Dispose();                              // closing the last queue removes the interface and its routes
-            if (_rpFilterChanged != null) RpFilter.Restore(_rpFilterChanged, _log);
+            _gateway?.Dispose();
+            _sysctls?.Restore();
             _handshakes?.Dispose();
             _udp?.Dispose();
             if (_stopFd >= 0) Libc.Close(_stopFd);
@@ -6484,6 +6802,7 @@ internal sealed unsafe partial class Daemon
     {
         int wanted = _cfg.Workers > 0 ? _cfg.Workers : Tune.AutoWorkers(Environment.ProcessorCount);
         bool offloads = Environment.GetEnvironmentVariable("VEIL_OFFLOADS") != "off";
+        if (_cfg.ExitNode != null) UdpSocket.FwMark = Gateway.FwMark;   // the tunnel's own packets bypass table 51820
         TunDevice tun = OpenDevices(wanted, offloads, _queues, out _udp);
         UdpSocket udp = _udp;
         _handshakes = OpenHandshakeQueue(udp, 1 + _queues.Count, offloads);
@@ -6492,8 +6811,11 @@ internal sealed unsafe partial class Daemon
         _log.Info("offloads", $"{offloadsLine}aead_backend={Aead.Backend}" + (offloads ? "" : " disabled_by=VEIL_OFFLOADS"));
         Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
         foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
-        if (_cfg.FixRpFilter) _rpFilterChanged = RpFilter.Loosen(tun.Name, _log);
-        _kernelRoutes = new KernelRoutes(tun.IfIndex, _log);
+        _sysctls = new Sysctls(_log);
+        if (_cfg.FixRpFilter)
+            foreach (string conf in new[] { "all", tun.Name }) _sysctls.Set(Sysctls.ConfPath("ipv4", conf, "rp_filter"), "2", was => was == "1", "fix_rp_filter");
+        if (_cfg.Exit || _cfg.ExitNode != null) _gateway = Gateway.Open(_cfg, tun, _sysctls, _log);
+        _kernelRoutes = new KernelRoutes(tun.IfIndex, _log) { DefaultRouteTable = _cfg.ExitNode != null ? Gateway.Table : Netlink.RT_TABLE_MAIN };
         _kernelRoutes.Sync(Prefixes(node.RouteList));
         _routesPostedVersion = node.RoutesVersion;
         if (_cfg.Cipher == "auto") node.Handshaker.ChooseCipher("auto");
@@ -7445,6 +7767,7 @@ internal sealed class Mesh
     internal bool Open;                                   // --mesh
     internal string Name = "";
     internal List<IpPrefix> Networks = new(), Accept = new();
+    internal string? ExitNode;                             // the one member whose default routes we take
     internal readonly List<Claim> OwnClaims = new();
     internal readonly List<IpPrefix> OwnHosts = new();    // this node's overlay addresses, as host prefixes
     internal readonly List<Endpoint> LocalEndpoints = new();   // interface addresses + port, set by the daemon
@@ -7540,6 +7863,8 @@ internal sealed class Mesh
             claims.Add(new Claim(host, cfg.Metric));
         }
         foreach (IpPrefix c in cfg.Claims) claims.Add(new Claim(c, cfg.Metric));
+        if (cfg.Exit) foreach (string d in new[] { "0.0.0.0/0", "::/0" }) claims.Add(new Claim(IpPrefix.Parse(d), cfg.Metric));
+        ExitNode = cfg.ExitNode;
         string name = cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.DefaultName();
         bool changed = !SameClaims(claims, OwnClaims) || Name != name;
         OwnClaims.Clear();
@@ -7761,6 +8086,7 @@ internal sealed class Mesh
             if (own.Equals(prefix)) return "our_address";
         foreach (IpPrefix a in p.Allowed)
             if (a.Covers(prefix)) return null;
+        if (prefix.Bits == 0 && ExitNode != null) return p.Name == ExitNode ? null : "not_our_exit_node";
         // A host address inside the network belongs to its first claimant even under a broad
         // --accept (an exit node's 0.0.0.0/0 must not let one member take another's address).
         bool inNetwork = false;
@@ -9245,6 +9571,15 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
 
     // What an operator should look at first: no peer up, a prefix two peers are allowed, a wall clock
     // stepped back since the start (hello timestamps come from it: peers refuse older ones).
+    // The exit node's default route is accepted (it is up and runs --exit).
+    private bool ExitInUse()
+    {
+        foreach (Peer p in ActivePeers())
+            if (p.Name == cfg.ExitNode)
+                foreach (Claim c in p.Claims) if (c.Prefix.Bits == 0) return true;
+        return false;
+    }
+
     internal List<string> Warnings(long nowMs)
     {
         var w = new List<string>();
@@ -9254,6 +9589,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             foreach (IpPrefix a in p.Allowed)
                 if (owner.TryGetValue(a, out string? other)) { if (w.Count < 8) w.Add($"route conflict: {a} is allowed for {other} and {p.Name}"); }
                 else owner[a] = p.Name;
+        if (cfg.ExitNode != null && !ExitInUse()) w.Add($"exit node {cfg.ExitNode} offers no default route (not up, or not an --exit): what has no other route is not sent");
         if (KernelRoutes != null)
             foreach (var (pr, why) in KernelRoutes.Conflicts) if (w.Count < 8) w.Add($"route conflict: {pr}: {why}");
         long jumpS = DateTimeOffset.UtcNow.ToUnixTimeSeconds() - (_startedUnixS + (nowMs - startedMs) / 1000);
@@ -9318,6 +9654,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append("  mtu: ").Append(node.Mtu).Append("  uptime: ").Append(Age(nowMs - startedMs)).Append('\n');
         int total = PeerCount();
         sb.Append("  peers: ").Append(PeersUp(nowMs)).Append(" of ").Append(total).Append(" up\n");
+        if (cfg.Exit) sb.Append("  exit: offered (0.0.0.0/0 and ::/0 announced; members masqueraded out of the other interfaces)\n");
+        if (cfg.ExitNode != null) sb.Append("  exit node: ").Append(cfg.ExitNode).Append(ExitInUse() ? " (in use: table 51820)\n" : " (not in use: no default route from it yet)\n");
         foreach (string w in Warnings(nowMs)) sb.Append("  warning: ").Append(w).Append('\n');
         sb.Append("  data path:");
         foreach (var (name, on) in Offloads()) sb.Append(' ').Append(name).Append(on ? " on," : " off,");
@@ -9546,6 +9884,9 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append(",\"relay\":{\"offered\":").Append(r.Offered ? "true" : "false").Append(",\"rate_mbit\":").Append(r.RateBytesPerS / 125_000)
           .Append(",\"flows\":").Append(r.Pairs).Append(",\"bytes\":").Append(r.Bytes).Append(",\"records\":").Append(r.Records)
           .Append(",\"refused\":").Append(r.Refused).Append(",\"rate_limited\":").Append(r.RateLimited).Append('}');
+        sb.Append(",\"exit\":{\"offered\":").Append(cfg.Exit ? "true" : "false").Append(",\"node\":");
+        if (cfg.ExitNode != null) Str(sb, cfg.ExitNode); else sb.Append("null");
+        sb.Append(",\"in_use\":").Append(ExitInUse() ? "true" : "false").Append('}');
         if (node.Tcp is TcpLinks tcp)
             sb.Append(",\"tcp\":{\"listen_port\":").Append(tcp.ListenPort).Append(",\"connections\":").Append(tcp.Count)
               .Append(",\"accepted\":").Append(tcp.Accepted).Append(",\"refused\":").Append(tcp.Refused).Append(",\"closed\":").Append(tcp.Closed)
@@ -10627,6 +10968,11 @@ internal static class Cli
                   --fix-rp-filter         a strict reverse-path filter (rp_filter 1, which drops
                                           replies from routed subnets) is made loose (2) while
                                           veil runs, and put back at exit
+                  --exit                  be an exit node: announce 0.0.0.0/0 and ::/0, forward for
+                                          members and masquerade them out of the other interfaces
+                  --exit-node NAME        send everything without a more specific route through the
+                                          member NAME (its --exit); the tunnel's own packets and
+                                          the routes of the main table stay outside
                   --listen-tcp ADDR:PORT  also take the same records over TCP (e.g. 0.0.0.0:443), for
                                           members whose networks block UDP
                   --peer-tcp ADDR:PORT    the --listen-tcp of the --peer given just before: used when

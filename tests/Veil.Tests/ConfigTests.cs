@@ -134,6 +134,22 @@ public sealed class ConfigTests : IDisposable
     }
 
     [Fact]
+    public void Exit_Flags_ClaimsAndRefusals()
+    {
+        UpConfig exit = Parse("--exit");
+        Assert.True(exit.Exit);
+        Mesh mesh = new Node(exit, new Log(TextWriter.Null, LogLevel.Error), new Counters()).Mesh;
+        Assert.Contains(mesh.OwnClaims, c => c.Prefix.ToString() == "0.0.0.0/0");
+        Assert.Contains(mesh.OwnClaims, c => c.Prefix.ToString() == "::/0");
+        string peer = TestNet.PublicOf(TestNode.KeyFromSeed(9)).ToBase64() + "@192.0.2.9:51820";
+        Assert.Contains("names no peer", Assert.Throws<ConfigException>(() => Parse("--peer", peer, "--allow", "100.64.0.9/32", "--exit-node", "gw")).Message);
+        Assert.Contains("exclude each other", Assert.Throws<ConfigException>(() => Parse("--exit", "--exit-node", "gw")).Message);
+        Assert.Contains("may hold only letters", Assert.Throws<ConfigException>(() => Parse("--exit-node", "g w")).Message);
+        Assert.Equal(TestNet.PublicOf(TestNode.KeyFromSeed(9)).DefaultName(),
+            Parse("--peer", peer, "--allow", "100.64.0.9/32", "--exit-node", TestNet.PublicOf(TestNode.KeyFromSeed(9)).DefaultName()).ExitNode);
+    }
+
+    [Fact]
     public void RequiredAndDuplicates_Refused()
     {
         Assert.Contains("--key FILE is required", Assert.Throws<ConfigException>(() => UpConfig.Load(new[] { "up", "--address", "100.64.0.1/24" }, 1)).Message);

@@ -440,6 +440,28 @@ public class MeshTests(ITestOutputHelper output)
         Assert.Equal(before + 1, m.Tun.Written.Count);
     }
 
+    // --exit-node: the default route of that member only, whatever --accept says of the others'.
+    [Theory]
+    [InlineData("n1", true)]
+    [InlineData("n2", false)]
+    public void ClaimPolicy_ExitNode_DefaultRouteFromItAlone(string exitNode, bool taken)
+    {
+        var t = ClaimScenario(v => { v.ExitNode = exitNode; v.Accept.Add(IpPrefix.Parse("0.0.0.0/0")); });
+        TestNode v = t.Nodes[0], m = t.Nodes[1];
+        Peer vm = PeerOf(v, m);
+        Assert.Equal(taken, vm.Claims.Exists(x => x.Prefix.Bits == 0));
+        Assert.Equal(taken, v.LogText.ToString().Contains("prefix=0.0.0.0/0 reason=not_our_exit_node") == false);
+        int before = m.Tun.Written.Count;
+        v.Tun.Inject(Packets.Udp4("100.64.0.1", "8.8.8.8", 20));
+        t.Pump();
+        Assert.Equal(before + (taken ? 1 : 0), m.Tun.Written.Count);
+        // replies from anywhere come back through the exit only
+        int spoof = t.Drops(0, DropReason.SourceNotAllowed);
+        m.Tun.Inject(Packets.Udp4("8.8.8.8", "100.64.0.1", 20));
+        t.Pump();
+        Assert.Equal(spoof + (taken ? 0 : 1), t.Drops(0, DropReason.SourceNotAllowed));
+    }
+
     [Fact]
     public void ClaimPolicy_NarrowAccept_AcceptsOnlyWhatItCovers()
     {

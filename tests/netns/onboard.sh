@@ -118,9 +118,9 @@ node_stop a
 nsx a sysctl -qw net.ipv4.conf.all.rp_filter=1 net.ipv4.conf.default.rp_filter=1
 node_run a up --config "$TMPD/a/veil.toml" --tun "$(tun a)" --control "$(sock a)" --fix-rp-filter
 wait_log a 'event=started' 10 || die "a did not start again"
-check "--fix-rp-filter: all and the TUN's rp_filter 1 -> 2, each logged" "$(grep rp_filter "${NODE_LOG[a]}")" \
+check "--fix-rp-filter: all and the TUN's rp_filter 1 -> 2, each logged" "$(grep sysctl "${NODE_LOG[a]}")" \
 	test "$(nsx a cat /proc/sys/net/ipv4/conf/all/rp_filter)$(nsx a cat "/proc/sys/net/ipv4/conf/$(tun a)/rp_filter")" = 22 -a \
-	"$(grep -c 'event=rp_filter_loosened .*from=1 to=2' "${NODE_LOG[a]}")" = 2
+	"$(grep -c 'event=sysctl_set file=/proc/sys/net/ipv4/conf/.*/rp_filter from=1 to=2 reason=fix_rp_filter' "${NODE_LOG[a]}")" = 2
 list=$(nsx a "$VEIL" invite --list --control "$(sock a)" 2>&1)
 check "after the restart the invite is still pending" "$list" grep -q '  later  *pending  ' <<<"$list"
 out=$(nsx b "$VEIL" join "$later" --dir "$TMPD/b2" --listen "$UL4_b:$PORT" 2>&1)
