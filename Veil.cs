@@ -1222,12 +1222,13 @@ internal sealed class UpConfig
     internal bool FixRpFilter;             // loosen a strict reverse-path filter while we run (Sysctls)
     internal bool Exit;                    // --exit: offer members a way out (Gateway)
     internal string? ExitNode;             // --exit-node NAME: send what has no other route to that member
+    internal bool ExitAllowLan;            // --exit-allow-lan: the main table's routes (the LAN) stay outside the exit
     internal IPAddress? TcpListenAddress;  // --listen-tcp: the same records over TCP (TcpLinks)
     internal int TcpListenPort;
     private bool _keepaliveGiven;
 
     // Keys a running daemon cannot change; reload refuses (exit 3) when one of them differs.
-    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "fix_rp_filter", "exit", "exit_node"];
+    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "fix_rp_filter", "exit", "exit_node", "exit_allow_lan"];
 
     private static readonly string[] Keys =
     [
@@ -1235,8 +1236,9 @@ internal sealed class UpConfig
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
         "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers", "accept_psk", "admin", "revocations",
         "relay", "relay_rate", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "healthz_grace", "hook",
-        "fix_rp_filter", "exit", "exit_node",
+        "fix_rp_filter", "exit", "exit_node", "exit_allow_lan",
     ];
+    internal static readonly string[] BoolKeys = ["mesh", "relay", "port_mapping", "fix_rp_filter", "exit", "exit_allow_lan"];
     private static readonly string[] ListKeys = ["address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk", "hook"];
     private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive", "tcp"];
 
@@ -1265,6 +1267,7 @@ internal sealed class UpConfig
             if (flag is "--port-mapping" or "--no-port-mapping") { flags.Add(("port_mapping", flag == "--port-mapping" ? "true" : "false")); continue; }
             if (flag == "--fix-rp-filter") { flags.Add(("fix_rp_filter", "true")); continue; }
             if (flag == "--exit") { flags.Add(("exit", "true")); continue; }
+            if (flag == "--exit-allow-lan") { flags.Add(("exit_allow_lan", "true")); continue; }
             int eq = flag.IndexOf('=');
             // Both "--mtu=1400" and "--mtu 1400"; the name is checked again after the split, since the "=" form
             // skips the check in the else branch.
@@ -1328,7 +1331,7 @@ internal sealed class UpConfig
                 foreach (TomlValue item in ListOf(src, v)) Apply(key, src, FromFile(key, item.Str));
                 continue;
             }
-            if (key is "mesh" or "relay" or "port_mapping")
+            if (Array.IndexOf(BoolKeys, key) >= 0)
             {
                 if (v.Type != TomlValue.Kind.Boolean) throw new ConfigException($"{src.Text}: expected true or false");
                 Apply(key, src, v.Bool ? "true" : "false");
@@ -1455,6 +1458,7 @@ internal sealed class UpConfig
             case "fix_rp_filter": FixRpFilter = ParseBool(src, value); break;
             case "exit": Exit = ParseBool(src, value); break;
             case "exit_node": ExitNode = ParseName(src, value); break;
+            case "exit_allow_lan": ExitAllowLan = ParseBool(src, value); break;
             case "relay_rate": RelayRateMbit = ParseInt(src, value, 1, 100_000); break;
             case "healthz_grace": HealthzGraceMs = ParseInt(src, value, 0, 86_400) * 1000L; break;
             case "hook":
@@ -1519,6 +1523,7 @@ internal sealed class UpConfig
         if (Networks.Count == 0)
             foreach (IfAddress a in Addresses) Networks.Add(new IpPrefix(a.Address.GetAddressBytes(), a.Bits));
         if (Exit && ExitNode != null) throw new ConfigException("--exit and --exit-node exclude each other: a node offers a way out or uses one");
+        if (ExitAllowLan && ExitNode == null) throw new ConfigException("--exit-allow-lan goes with --exit-node NAME");
         if (Claims.Count + Addresses.Count > Tune.MaxClaimsPerMember)
             throw new ConfigException($"at most {Tune.MaxClaimsPerMember - Addresses.Count} --claim prefixes (each --address is claimed too)");
         // Mesh liveness counts keepalive periods without a record, so it needs a keepalive; an explicit
@@ -1587,6 +1592,7 @@ internal sealed class UpConfig
         if (FixRpFilter != o.FixRpFilter) changed.Add("fix_rp_filter");
         if (Exit != o.Exit) changed.Add("exit");
         if (ExitNode != o.ExitNode) changed.Add("exit_node");
+        if (ExitAllowLan != o.ExitAllowLan) changed.Add("exit_allow_lan");
         if (!Equals(TcpListenAddress, o.TcpListenAddress) || TcpListenPort != o.TcpListenPort) changed.Add("listen_tcp");
         return changed;
     }
@@ -1601,7 +1607,7 @@ internal sealed class UpConfig
 
     // Every file key is also a flag with '-' for '_'; "--rekey_after" is refused so each setting has one
     // spelling on the command line.
-    private static readonly string[] Switches = ["--check", "--mesh", "--relay", "--no-relay", "--port-mapping", "--no-port-mapping", "--fix-rp-filter", "--exit", "--config", "--peer", "--allow", "--peer-tcp"];
+    private static readonly string[] Switches = ["--check", "--mesh", "--relay", "--no-relay", "--port-mapping", "--no-port-mapping", "--fix-rp-filter", "--exit", "--exit-allow-lan", "--config", "--peer", "--allow", "--peer-tcp"];
 
     /// <summary>Allowed prefixes that are valid but rarely meant: one given to two peers (only one
     /// of them gets the traffic) and a default route (every packet without a better route goes in).</summary>
@@ -2748,11 +2754,12 @@ internal sealed class KernelRoutes(int ifIndex, Log log)
 }
 
 /// <summary>Exit nodes (--exit, --exit-node). The exit forwards for members and masquerades their
-/// overlay sources out of its other interfaces. A client sends what no more specific route takes
-/// into the tunnel the way wg-quick does: its default routes live in table 51820, consulted by the
-/// rule "not fwmark 0xca6c", while "lookup main suppress_prefixlength 0" lets every route of the
-/// main table but its default win first (the LAN, the underlay, the overlay); the UDP sockets mark
-/// their packets so the tunnel never carries itself. A router client also masquerades what it
+/// overlay sources out of its other interfaces. A client sends its traffic into the tunnel the way
+/// wg-quick does: its default routes live in table 51820, consulted by the rule "not fwmark
+/// 0xca6c" (the UDP sockets mark their packets, so the tunnel never carries itself); with
+/// --exit-allow-lan, "lookup main suppress_prefixlength 0" first lets every route of the main
+/// table but its default win (the LAN, the underlay); without it, the LAN goes to the exit too and
+/// only the overlay (our own routing, inside the tunnel) and local addresses stay. A router client also masquerades what it
 /// forwards for its LAN into the tunnel. Rules carry our protocol and are removed at exit, and at
 /// start when a crashed run left them; the NAT table is owned by our netlink socket, so the kernel
 /// drops it the moment the process ends, however it ends.</summary>
@@ -2779,7 +2786,7 @@ internal sealed class Gateway : IDisposable
         RemoveRules();                                    // what a crashed run left behind
         foreach (bool v6 in new[] { false, true })
         {
-            int e = Netlink.Rule(true, v6, SuppressPriority, Netlink.RT_TABLE_MAIN, 0, suppress: true);
+            int e = cfg.ExitAllowLan ? Netlink.Rule(true, v6, SuppressPriority, Netlink.RT_TABLE_MAIN, 0, suppress: true) : 0;
             if (e == 0) e = Netlink.Rule(true, v6, TablePriority, Table, FwMark, suppress: false);
             if (e < 0)
             {
@@ -2788,7 +2795,7 @@ internal sealed class Gateway : IDisposable
                 throw new IOException($"cannot add the policy rules of --exit-node ({(v6 ? "IPv6" : "IPv4")}): {Libc.ErrorText(-e)}");
             }
         }
-        log.Info("exit_node_selected", $"exit_node={cfg.ExitNode} table={Table} fwmark=0x{FwMark:x}");
+        log.Info("exit_node_selected", $"exit_node={cfg.ExitNode} table={Table} fwmark=0x{FwMark:x} lan={(cfg.ExitAllowLan ? "allowed" : "through_exit")}");
         return new Gateway(nat, rules: true, log);
     }
 
@@ -10970,9 +10977,10 @@ internal static class Cli
                                           veil runs, and put back at exit
                   --exit                  be an exit node: announce 0.0.0.0/0 and ::/0, forward for
                                           members and masquerade them out of the other interfaces
-                  --exit-node NAME        send everything without a more specific route through the
-                                          member NAME (its --exit); the tunnel's own packets and
-                                          the routes of the main table stay outside
+                  --exit-node NAME        send everything but the tunnel's own packets through the
+                                          member NAME (its --exit), the LAN included
+                  --exit-allow-lan        with --exit-node: the main table's routes (the LAN, other
+                                          interfaces) still win; a router with LAN clients needs it
                   --listen-tcp ADDR:PORT  also take the same records over TCP (e.g. 0.0.0.0:443), for
                                           members whose networks block UDP
                   --peer-tcp ADDR:PORT    the --listen-tcp of the --peer given just before: used when

@@ -149,6 +149,21 @@ public sealed class ConfigTests : IDisposable
             Parse("--peer", peer, "--allow", "100.64.0.9/32", "--exit-node", TestNet.PublicOf(TestNode.KeyFromSeed(9)).DefaultName()).ExitNode);
     }
 
+    // Every switch is a TOML boolean too (fix_rp_filter once wanted a string).
+    [Fact]
+    public void BoolKeys_TakeTomlBooleans()
+    {
+        foreach (string key in UpConfig.BoolKeys)
+        {
+            string file = Path.Combine(_dir, key + ".toml");
+            string extra = key == "exit_allow_lan" ? "exit_node = \"gw\"\nmesh = true\npsk = \"" + _key + "\"\n" : key == "mesh" ? "psk = \"" + _key + "\"\n" : "";
+            File.WriteAllText(file, $"key = \"{_key}\"\naddress = [\"100.64.0.1/24\"]\n{extra}{key} = true\n");
+            UpConfig.Load(["up", "--config", file], 1);
+            File.WriteAllText(file, $"key = \"{_key}\"\naddress = [\"100.64.0.1/24\"]\n{key} = \"yes\"\n");
+            Assert.Contains("expected true or false", Assert.Throws<ConfigException>(() => UpConfig.Load(["up", "--config", file], 1)).Message);
+        }
+    }
+
     [Fact]
     public void RequiredAndDuplicates_Refused()
     {

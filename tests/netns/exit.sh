@@ -3,7 +3,8 @@
 # members out of its uplink (an nftables table of its own). a runs --exit-node b: its default
 # routes go into table 51820 behind "not fwmark" (its own UDP packets are marked and bypass it),
 # so c, an "internet" host reachable only through b, answers a and sees b's address. a is also a
-# router: l, a LAN host behind it, reaches c through the exit as well. The tunnel itself travels
+# router (--exit-allow-lan: its LAN routes win): l, a LAN host behind it, reaches c through the
+# exit as well. Without --exit-allow-lan the LAN is sent to the exit too: a no longer reaches l. The tunnel itself travels
 # over a's main default route (b's endpoint is b's uplink address), which only the mark keeps out
 # of the tunnel. `veil down` and kill -9 + restart leave rules, routes, nft ruleset and
 # ip_forward exactly as they were.
@@ -49,6 +50,7 @@ key = "$TMPD/a.key"
 listen = "0.0.0.0:$PORT"
 address = ["$OL4_a/24", "$OL6_a/64"]
 exit_node = "b"
+exit_allow_lan = true
 
 [[peer]]
 name = "b"
@@ -102,6 +104,17 @@ check "l, a LAN host behind router a, reaches c through the exit" "no reply" \
 src=$(seen l)
 check "and c sees it from b's uplink address too" "c saw '$src'" test "$src" = "$UL4_VIA_c"
 check "a still reaches b's overlay address (the main table wins over the exit)" "no reply" ping_ok a "$OL4_b"
+check "--exit-allow-lan: a reaches its LAN host l" "no reply" ping_ok a 192.0.2.10
+
+# without --exit-allow-lan: one rule, everything unmarked goes to the exit, the LAN too
+node_stop a
+sed -i '/^exit_allow_lan/d' "$TMPD/a.toml"
+start_a
+wait_until 10 bash -c "ip -n $NS_a route show table 51820 | grep -q '^default dev $(tun a)'"
+check "without --exit-allow-lan: only the fwmark rule" "$(nsx a ip rule)" \
+	bash -c "[[ \$(ip -n $NS_a rule | grep -c '^520[89]:') == 1 ]] && ip -n $NS_a rule | grep -q '^5209:'"
+check "a still reaches c and b's overlay address" "no reply" bash -c "ip netns exec $NS_a ping -c 1 -W 3 -q $UL4_c >/dev/null && ip netns exec $NS_a ping -c 1 -W 3 -q $OL4_b >/dev/null"
+check "but no longer its LAN host l (sent to the exit)" "l answered" bash -c "! ip netns exec $NS_a ping -c 1 -W 2 -q 192.0.2.10 >/dev/null"
 
 node_stop a
 node_stop b
@@ -119,8 +132,8 @@ wait "${NODE_PID[b]}" "${NODE_PID[a]}" 2>/dev/null
 unset "NODE_PID[a]" "NODE_PID[b]"
 check "kill -9: b's nft table is gone with the process" "$(nsx b nft list ruleset)" test -z "$(nsx b nft list ruleset)"
 start_a
-check "the restarted a has each rule once (the stale ones removed first)" "$(nsx a ip rule)" \
-	test "$(nsx a ip rule | grep -c '^520[89]:')" = 2
+check "the restarted a has its rule once (the stale one removed first)" "$(nsx a ip rule)" \
+	test "$(nsx a ip rule | grep -c '^520[89]:')" = 1
 node_stop a
 check "and after it stops, a's state is as before" "$(diff <(echo "$before_a") <(snapshot a | grep -v "$(tun a)"))" \
 	test "$before_a" = "$(snapshot a | grep -v "$(tun a)")"
