@@ -182,7 +182,8 @@ internal static class Program
         // Before the Daemon exists: --check opens no TUN, socket or file for writing.
         if (cfg.CheckOnly)
         {
-            Console.Out.WriteLine($"veil: configuration ok (peers: {cfg.Peers.Count}, tun {cfg.TunName}, mtu {cfg.Mtu})");
+            Console.Out.WriteLine($"veil: configuration ok (peers: {cfg.Peers.Count}, tun {cfg.TunName}, mtu {cfg.Mtu}" +
+                (cfg.AddressAuto ? $", address auto: {string.Join(", ", cfg.Addresses)})" : ")"));
             return 0;
         }
         var log = new Log(Console.Out, stderr, cfg.LogLevel) { Json = cfg.LogJson, NoTimestamps = cfg.LogNoTimestamps };
@@ -1223,6 +1224,7 @@ internal sealed class UpConfig
     internal bool Exit;                    // --exit: offer members a way out (Gateway)
     internal string? ExitNode;             // --exit-node NAME: send what has no other route to that member
     internal bool ExitAllowLan;            // --exit-allow-lan: the main table's routes (the LAN) stay outside the exit
+    internal bool AddressAuto;             // --address auto: one address per --network, from the key (AutoAddress)
     internal IPAddress? TcpListenAddress;  // --listen-tcp: the same records over TCP (TcpLinks)
     internal int TcpListenPort;
     private bool _keepaliveGiven;
@@ -1418,7 +1420,8 @@ internal sealed class UpConfig
             case "listen": (ListenAddress, ListenPort) = ParseAddressPort(src, value); break;
             case "listen_tcp": (TcpListenAddress, TcpListenPort) = ParseAddressPort(src, value); break;
             case "address":
-                if (!IfAddress.TryParse(value, out IfAddress a)) throw src.Bad(value, "is not an address with a prefix length (e.g. 100.64.0.1/24)");
+                if (value == "auto") { AddressAuto = true; break; }
+                if (!IfAddress.TryParse(value, out IfAddress a)) throw src.Bad(value, "is not an address with a prefix length (e.g. 100.64.0.1/24), or auto");
                 Addresses.Add(a);
                 break;
             case "tun": TunName = ParseTunName(src, value); break;
@@ -1518,6 +1521,7 @@ internal sealed class UpConfig
         if (RevocationsPath == null && ConfigPath != null) RevocationsPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(ConfigPath))!, "revoked");
         if ((BeaconStore != null || BeaconLoad != null) && PskFile.Length == 0) throw new ConfigException("--beacon-store and --beacon-load need --psk FILE: beacons are sealed with the network secret");
         if (StatePath == null && ConfigPath != null && Mesh) StatePath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(ConfigPath))!, "state");
+        if (AddressAuto) AutoAddress.Choose(this, running);
         if (Addresses.Count == 0) throw new ConfigException("--address CIDR is required (the overlay address of this node)");
         if (Mesh && PskFile.Length == 0) throw new ConfigException("--mesh needs --psk FILE: the network secret is what makes a node a member");
         if (Networks.Count == 0)
@@ -3306,7 +3310,7 @@ internal sealed class LoopbackDataplane : IDataplane
 
 internal static unsafe class Netlink
 {
-    private const ushort RTM_NEWLINK = 16, RTM_NEWADDR = 20, RTM_NEWROUTE = 24, RTM_DELROUTE = 25, RTM_GETROUTE = 26, NLMSG_ERROR = 2;
+    private const ushort RTM_NEWLINK = 16, RTM_NEWADDR = 20, RTM_DELADDR = 21, RTM_NEWROUTE = 24, RTM_DELROUTE = 25, RTM_GETROUTE = 26, NLMSG_ERROR = 2;
     private const ushort NLM_F_REQUEST = 1, NLM_F_ACK = 4, NLM_F_EXCL = 0x200, NLM_F_CREATE = 0x400;
     private const ushort IFLA_MTU = 4, IFA_ADDRESS = 1, IFA_LOCAL = 2, IFA_FLAGS = 8, RTA_DST = 1, RTA_OIF = 4, RTA_TABLE = 15;
     private const ushort RTM_NEWRULE = 32, RTM_DELRULE = 33, FRA_PRIORITY = 6, FRA_FWMARK = 10, FRA_SUPPRESS_PREFIXLEN = 14, FRA_TABLE = 15, FRA_FWMASK = 16, FRA_PROTOCOL = 21;
@@ -3350,6 +3354,16 @@ internal static unsafe class Netlink
         if (a.IsV6) m.AttrU32(IFA_FLAGS, IFA_F_NODAD);
         int err = m.Send();
         if (err != -Libc.EEXIST) Check(err, $"add address {a}");
+    }
+
+    internal static int RemoveAddress(int ifIndex, IfAddress a)
+    {
+        byte[] addr = a.Address.GetAddressBytes();
+        var m = new Msg(RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK);
+        m.Byte(a.IsV6 ? (byte)Libc.AF_INET6 : (byte)Libc.AF_INET); m.Byte((byte)a.Bits); m.Byte(0); m.Byte(RT_SCOPE_UNIVERSE); m.I32(ifIndex);
+        m.Attr(IFA_LOCAL, addr);
+        m.Attr(IFA_ADDRESS, addr);
+        return m.Send();
     }
 
     /// <summary>Adds a route to prefix via the interface: 0, or -EEXIST when the main table has one.</summary>
@@ -6993,6 +7007,7 @@ internal sealed unsafe partial class Daemon
                 if (node.RoutesVersion != _routesPostedVersion) { _routesPostedVersion = node.RoutesVersion; routes = node.RouteList; }
                 while (node.Invites != null && node.Invites.Joiners.TryDequeue(out Invites.Joiner? j)) (joiners ??= new()).Add(j);
                 if (node.Mesh.Unverified.Count > 0) unverified = node.Mesh.TakeUnverified();
+                if (node.Mesh.MoveAddress is var (by, claim)) { node.Mesh.MoveAddress = null; PostAddressMove(by, claim); }
             }
             if (unverified != null) chores.Post(() => CheckRevocations(unverified));
             // Handed over finished: RouteList is replaced whole, never changed, when routes change.
@@ -7768,6 +7783,82 @@ internal sealed class ExchangeMessage
 
 /// <summary>The mesh policy and the exchange: what this node announces, what it accepts, and the
 /// pins that keep names and addresses bound to keys. It acts on the Node it belongs to.</summary>
+/// <summary>--address auto (mesh only): each --network gets a host address derived from the node's
+/// public key: candidate i is SHA-256("veil address" ‖ key ‖ network ‖ i) reduced to the network's
+/// host part (never its first or last address). Every node computes the same candidates for a
+/// key, so the address is stable without being stored; a collision moves only the node with the
+/// higher key, to its next free candidate (Daemon.MoveAddress), and the address it moved to is
+/// kept in the state file (an "address" line) for the next start.</summary>
+internal static class AutoAddress
+{
+    internal const int MaxCandidates = 64;
+
+    internal static IfAddress Candidate(in Key32 key, IpPrefix network, int index)
+    {
+        Span<byte> input = stackalloc byte[12 + 32 + 17 + 4];
+        input.Clear();                                  // SkipLocalsInit: an IPv4 network fills 4 of its 16 bytes
+        "veil address"u8.CopyTo(input);
+        ((ReadOnlySpan<byte>)key).CopyTo(input[12..]);
+        network.WriteAddress(input.Slice(44, 16));
+        input[60] = (byte)network.Bits;
+        BinaryPrimitives.WriteInt32BigEndian(input[61..], index);
+        Span<byte> hash = stackalloc byte[32];
+        SHA256.HashData(input, hash);
+        int hostBits = network.MaxBits - network.Bits;
+        UInt128 hosts = hostBits >= 128 ? UInt128.MaxValue : (UInt128.One << hostBits);
+        // 1 .. hosts-2: the network's own address and (IPv4) its broadcast address are never ours.
+        UInt128 h = 1 + BinaryPrimitives.ReadUInt128BigEndian(hash[..16]) % (hosts > 3 ? hosts - 2 : 1);
+        Span<byte> addr = stackalloc byte[16];
+        addr.Clear();
+        network.WriteAddress(addr);
+        UInt128 value = BinaryPrimitives.ReadUInt128BigEndian(addr) | (network.IsV6 ? h : h << 96);
+        BinaryPrimitives.WriteUInt128BigEndian(addr, value);
+        return new IfAddress(new IPAddress(addr[..(network.IsV6 ? 16 : 4)]), network.Bits);
+    }
+
+    /// <summary>Fills cfg.Addresses: what the running daemon uses (a reload never moves it), else the
+    /// state file's address inside each network, else candidate 0.</summary>
+    internal static void Choose(UpConfig cfg, UpConfig? running)
+    {
+        if (!cfg.Mesh) throw new ConfigException("--address auto needs --mesh: members settle address collisions among themselves");
+        if (cfg.Networks.Count == 0) throw new ConfigException("--address auto needs --network CIDR: the prefix to take an address from");
+        if (cfg.Addresses.Count > 0) throw new ConfigException("--address auto replaces the addresses: give either auto or addresses");
+        if (running is { AddressAuto: true }) { cfg.Addresses.AddRange(running.Addresses); return; }
+        List<IfAddress> stored = Stored(cfg.StatePath);
+        foreach (IpPrefix net in cfg.Networks)
+        {
+            if (net.MaxBits - net.Bits < 2) throw new ConfigException($"--network {net} is too small for --address auto");
+            int kept = stored.FindIndex(a => a.IsV6 == net.IsV6 && a.Bits == net.Bits && net.Contains(a.Address.GetAddressBytes()));
+            cfg.Addresses.Add(kept >= 0 ? stored[kept] : Candidate(cfg.PublicKey, net, 0));
+        }
+    }
+
+    // The state file's "address" lines (Node.StateText); nothing when it cannot be read.
+    private static List<IfAddress> Stored(string? statePath)
+    {
+        var found = new List<IfAddress>();
+        try
+        {
+            if (statePath == null || !File.Exists(statePath)) return found;
+            foreach (string line in File.ReadLines(statePath))
+                if (line.StartsWith("address ", StringComparison.Ordinal) && IfAddress.TryParse(line[8..].Trim(), out IfAddress a)) found.Add(a);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
+        return found;
+    }
+
+    /// <summary>The next candidate for network that is not in taken: null when all are.</summary>
+    internal static IfAddress? Next(in Key32 key, IpPrefix network, Func<IPAddress, bool> taken)
+    {
+        for (int i = 0; i < MaxCandidates; i++)
+        {
+            IfAddress c = Candidate(key, network, i);
+            if (!taken(c.Address)) return c;
+        }
+        return null;
+    }
+}
+
 internal sealed class Mesh
 {
     private readonly Node _node;
@@ -7775,6 +7866,8 @@ internal sealed class Mesh
     internal string Name = "";
     internal List<IpPrefix> Networks = new(), Accept = new();
     internal string? ExitNode;                             // the one member whose default routes we take
+    internal List<IfAddress> AutoAddresses = new();        // --address auto: ours, kept in the state file
+    internal (Peer By, Claim Claim)? MoveAddress;          // an auto address a lower key claims: the daemon moves off it
     internal readonly List<Claim> OwnClaims = new();
     internal readonly List<IpPrefix> OwnHosts = new();    // this node's overlay addresses, as host prefixes
     internal readonly List<Endpoint> LocalEndpoints = new();   // interface addresses + port, set by the daemon
@@ -7872,6 +7965,7 @@ internal sealed class Mesh
         foreach (IpPrefix c in cfg.Claims) claims.Add(new Claim(c, cfg.Metric));
         if (cfg.Exit) foreach (string d in new[] { "0.0.0.0/0", "::/0" }) claims.Add(new Claim(IpPrefix.Parse(d), cfg.Metric));
         ExitNode = cfg.ExitNode;
+        AutoAddresses = cfg.AddressAuto ? new List<IfAddress>(cfg.Addresses) : new();
         string name = cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.DefaultName();
         bool changed = !SameClaims(claims, OwnClaims) || Name != name;
         OwnClaims.Clear();
@@ -8046,11 +8140,17 @@ internal sealed class Mesh
         {
             string? why = Refusal(p, c.Prefix);
             if (why == null) { accepted.Add(c); continue; }
+            // Two members on one auto address: the lower key keeps it (every member judges alike),
+            // so only we, with the higher key, move.
+            if (why == "our_address" && AutoAddresses.Exists(a => new IpPrefix(a.Address.GetAddressBytes(), a.IsV6 ? 128 : 32).Equals(c.Prefix)) &&
+                ((ReadOnlySpan<byte>)p.PublicKey).SequenceCompareTo(_node.Handshaker.PublicKey) < 0)
+                MoveAddress = (p, c);
             ClaimsRefused++;
             if (_node.Log.Wants(LogLevel.Warn, "claim_refused"))
                 _node.Log.Emit(LogLevel.Warn, "claim_refused", $"peer={p.Name} prefix={c.Prefix} reason={why} hint=\"accept it with --accept {c.Prefix}, or --allow on that peer\"");
         }
         p.ClaimsExpireAtMs = nowMs + Tune.ClaimLifetimeMs;
+        ReleasePins(p);
         if (SameClaims(accepted, p.Claims)) return;
         p.Claims.Clear();
         p.Claims.AddRange(accepted);
@@ -8121,6 +8221,16 @@ internal sealed class Mesh
         int removed = p.Claims.RemoveAll(c => Refusal(p, c.Prefix) != null);
         if (removed > 0) _node.Log.Info("claims_withdrawn", $"peer={p.Name} claims={removed} reason=policy_changed");
         return removed > 0;
+    }
+
+    // An address a member no longer claims is free for another (one that moved off a collision).
+    private void ReleasePins(Peer p)
+    {
+        var id = KeyId.Of(p.PublicKey);
+        List<IpPrefix>? gone = null;
+        foreach (var (prefix, owner) in _addressOwner)
+            if (owner == id && !_in.Claims.Exists(c => c.Prefix.Equals(prefix))) (gone ??= new()).Add(prefix);
+        foreach (IpPrefix prefix in gone ?? []) _addressOwner.Remove(prefix);
     }
 
     /// <summary>Drops the pins of a forgotten member's addresses (its name stays bound to its key).</summary>
@@ -8334,6 +8444,7 @@ internal sealed partial class Node
     {
         var sb = new StringBuilder("# veil: the members this node learned, read at start when its peers are down. Written by veil.\n");
         sb.Append(StateHeader).Append('\n');
+        foreach (IfAddress a in Mesh.AutoAddresses) sb.Append("address ").Append(a).Append('\n');
         var eps = new List<Endpoint>();
         int n = 0;
         foreach (Peer p in Peers)
@@ -8366,6 +8477,8 @@ internal sealed partial class Node
             if (line.Length == 0 || line[0] == '#') continue;
             if (!header) { if (line != StateHeader) return $"line {lineNo}: expected '{StateHeader}'"; header = true; continue; }
             string[] f = line.Split(' ');
+            // Our --address auto choice, read by the config (AutoAddress.Choose), not here.
+            if (f.Length == 2 && f[0] == "address") { if (!IfAddress.TryParse(f[1], out _)) return $"line {lineNo}: bad address"; continue; }
             if (f.Length != 4 || f[0] != "member" || !Key32.TryParseBase64(f[1], out Key32 key)) return $"line {lineNo}: expected 'member KEY NAME ENDPOINTS'";
             if (f[2].Length is 0 or > ExchangeMessage.MaxNameLen || f[2].AsSpan().IndexOfAnyExcept(NameChars) >= 0) return $"line {lineNo}: bad name";
             var eps = new List<Endpoint>();
@@ -8442,13 +8555,66 @@ internal sealed unsafe partial class Daemon
         if (!force && nowMs - _stateWrittenMs < StateWriteIntervalMs) return;
         string text;
         lock (_node!.Gate) text = _node.StateText();
-        if (text == _stateWritten || text.IndexOf("\nmember ", StringComparison.Ordinal) < 0) return;   // unchanged, or nobody to remember
+        if (text == _stateWritten || text.IndexOf("\nmember ", StringComparison.Ordinal) < 0 && text.IndexOf("\naddress ", StringComparison.Ordinal) < 0) return;   // unchanged, or nothing to remember
         _stateWritten = text;
         _stateWrittenMs = nowMs;
         if (force) WriteAtomically(path, text, _log, "state_not_saved");
         else _chores!.Post(() => WriteAtomically(path, text, _log, "state_not_saved"));
     }
 
+
+    // Under the node's lock: a member with a lower key claims our --address auto address. What is
+    // taken is noted here; the next free candidate goes on the TUN on the chores thread (netlink),
+    // then the mesh announces it and the state file keeps it.
+    private void PostAddressMove(Peer by, Claim claim)
+    {
+        Node node = _node!;
+        int at = _cfg.Addresses.FindIndex(a => new IpPrefix(a.Address.GetAddressBytes(), a.IsV6 ? 128 : 32).Equals(claim.Prefix));
+        if (at < 0) return;
+        IfAddress old = _cfg.Addresses[at];
+        var taken = new HashSet<IPAddress> { old.Address };
+        foreach (Peer p in node.Peers)
+            if (p.Active)
+                foreach (Claim c in p.Claims)
+                    if (c.Prefix.Bits == c.Prefix.MaxBits)
+                    {
+                        byte[] a = new byte[c.Prefix.IsV6 ? 16 : 4];
+                        c.Prefix.WriteAddress(a);
+                        taken.Add(new IPAddress(a));
+                    }
+        Key32 pub = node.Handshaker.PublicKey;
+        int ifIndex = _tun!.IfIndex;
+        _chores!.Post(() =>
+        {
+            IfAddress? next = AutoAddress.Next(pub, new IpPrefix(old.Address.GetAddressBytes(), old.Bits), taken.Contains);
+            string? error = next == null ? $"none of the first {AutoAddress.MaxCandidates} candidates is free" : null;
+            if (next != null)
+                try
+                {
+                    // Old first: removing an IPv4 primary address takes its secondaries with it
+                    // (unless promote_secondaries), and the new one would be a secondary.
+                    Netlink.RemoveAddress(ifIndex, old);
+                    Netlink.AddAddress(ifIndex, next.Value);
+                }
+                catch (IOException e) { error = e.Message; }
+            if (error != null) { _log.Warn("address_not_moved", $"address={old} error=\"{error}\""); return; }
+            _chores.Return(() =>
+            {
+                lock (node.Gate)
+                {
+                    int i = _cfg.Addresses.IndexOf(old);
+                    if (i >= 0) _cfg.Addresses[i] = next!.Value;
+                    if (node.Mesh.Configure(_cfg)) node.ScheduleExchange(Mono.NowMs());
+                    // The claim we refused as ours is the other member's now, without waiting a minute
+                    // for its next announcement.
+                    if (by.Active && !by.Claims.Contains(claim) && node.Mesh.Refusal(by, claim.Prefix) == null) { by.Claims.Add(claim); node.RebuildRoutes(); }
+                }
+                _log.Warn("address_moved", $"from={old} to={next} peer={by.Name} reason=collision hint=\"a member with a lower key has {old.Address}; this node's new address is kept in the state file\"");
+                _stateWrittenMs = long.MinValue / 2;      // written now, not in ten minutes
+                SaveState(force: false);
+            });
+        });
+    }
 
     // At start-up: what the file holds, each line checked against the admin key.
     private void LoadRevocations(Node node)
@@ -10944,7 +11110,9 @@ internal static class Cli
                 usage: veil up --key FILE --address CIDR [flags]
                   --key FILE              private key file (base64, mode 0600)
                   --listen ADDR:PORT      UDP listen address (default 0.0.0.0:51820, dual-stack)
-                  --address CIDR          overlay address of this node (repeatable: IPv4 and IPv6)
+                  --address CIDR          overlay address of this node (repeatable: IPv4 and IPv6);
+                                          auto (with --mesh and --network): one per network, from
+                                          the key; a collision moves the higher key's
                   --tun NAME              interface name (default veil0)
                   --peer PUBKEY@HOST:PORT a peer (repeatable); IPv6 hosts in [brackets]; @HOST:PORT may be
                                           left out for a peer that always connects first

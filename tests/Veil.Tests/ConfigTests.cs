@@ -164,6 +164,53 @@ public sealed class ConfigTests : IDisposable
         }
     }
 
+    [Theory]
+    [InlineData("100.64.0.0/24")]
+    [InlineData("100.64.0.0/30")]
+    [InlineData("10.0.0.0/8")]
+    [InlineData("fd00:64::/64")]
+    public void AutoAddress_StableInsideTheNetwork_NeverItsEnds(string network)
+    {
+        IpPrefix net = IpPrefix.Parse(network);
+        var seen = new HashSet<string>();
+        for (byte seed = 1; seed < 60; seed++)
+        {
+            Key32 key = TestNet.PublicOf(TestNode.KeyFromSeed(seed));
+            IfAddress a = AutoAddress.Candidate(key, net, 0);
+            Assert.Equal(a, AutoAddress.Candidate(key, net, 0));                 // the same for the same key
+            Assert.Equal(net.Bits, a.Bits);
+            byte[] b = a.Address.GetAddressBytes();
+            Assert.True(net.Contains(b), $"{a} outside {net}");
+            byte[] first = new byte[b.Length];
+            net.WriteAddress(first);
+            Assert.False(b.AsSpan().SequenceEqual(first), $"{a} is the network's own address");
+            if (!net.IsV6)
+            {
+                uint mask = uint.MaxValue << (32 - net.Bits), v = System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(b);
+                Assert.NotEqual(~mask, v & ~mask);                                  // not the broadcast address
+            }
+            seen.Add(a.ToString());
+            IfAddress? next = AutoAddress.Next(key, net, x => x.Equals(a.Address));
+            Assert.NotNull(next);
+            Assert.NotEqual(a, next!.Value);
+        }
+        // keys spread over the network (a /30 has only two host addresses)
+        Assert.True(seen.Count >= (net.Bits == 30 ? 2 : 40), $"{seen.Count} addresses for 59 keys");
+    }
+
+    [Fact]
+    public void AutoAddress_ReloadKeepsTheRunningAddress_StateFileWins()
+    {
+        string state = Path.Combine(_dir, "state");
+        string[] args = ["up", "--key", _key, "--psk", _key, "--mesh", "--network", "100.64.0.0/24", "--address", "auto", "--state", state];
+        UpConfig first = UpConfig.Load(args, 1);
+        Assert.Equal(AutoAddress.Candidate(first.PublicKey, IpPrefix.Parse("100.64.0.0/24"), 0), Assert.Single(first.Addresses));
+        File.WriteAllText(state, $"{Node.StateHeader}\naddress 100.64.0.77/24\naddress 10.1.2.3/8\n");
+        Assert.Equal("100.64.0.77/24", Assert.Single(UpConfig.Load(args, 1).Addresses).ToString());   // inside the network: taken
+        Assert.Equal(first.Addresses, UpConfig.Load(args, 1, running: first).Addresses);                // a reload never moves it
+        Assert.Contains("either auto or addresses", Assert.Throws<ConfigException>(() => UpConfig.Load([.. args, "--address", "100.64.0.9/24"], 1)).Message);
+    }
+
     [Fact]
     public void RequiredAndDuplicates_Refused()
     {
