@@ -862,6 +862,7 @@ internal enum DropReason
     RelayRefused,       // a Relay record this node would not carry: not offered, no such member up, malformed (§15)
     RelayRate,          // a relayed pair over its byte budget (§15)
     LinkLocal,          // outbound to a link-local or multicast address with no route: the kernel's own chatter
+    Isolated,           // --isolate: inbound from one peer to another, which this node does not carry
     Count,
 }
 
@@ -887,7 +888,7 @@ internal sealed class Counters
         DropReason.HandshakeFailed => "handshake_failed", DropReason.QueueFull => "queue_full", DropReason.Refused => "refused",
         DropReason.TunWrite => "tun_write", DropReason.UdpSend => "udp_send", DropReason.BadExchange => "bad_exchange",
         DropReason.RelayRefused => "relay_refused", DropReason.RelayRate => "relay_rate",
-        DropReason.LinkLocal => "link_local", _ => "other",
+        DropReason.LinkLocal => "link_local", DropReason.Isolated => "isolated", _ => "other",
     };
 }
 
@@ -1225,12 +1226,14 @@ internal sealed class UpConfig
     internal string? ExitNode;             // --exit-node NAME: send what has no other route to that member
     internal bool ExitAllowLan;            // --exit-allow-lan: the main table's routes (the LAN) stay outside the exit
     internal bool AddressAuto;             // --address auto: one address per --network, from the key (AutoAddress)
+    internal bool Isolate;                 // --isolate: peers cannot reach each other through this node
     internal IPAddress? TcpListenAddress;  // --listen-tcp: the same records over TCP (TcpLinks)
     internal int TcpListenPort;
     private bool _keepaliveGiven;
 
     // Keys a running daemon cannot change; reload refuses (exit 3) when one of them differs.
     internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "fix_rp_filter", "exit", "exit_node", "exit_allow_lan"];
+    // (isolate is reloadable: it is a check on the packet path, no device or socket changes.)
 
     private static readonly string[] Keys =
     [
@@ -1238,9 +1241,9 @@ internal sealed class UpConfig
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
         "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers", "accept_psk", "admin", "revocations",
         "relay", "relay_rate", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "healthz_grace", "hook",
-        "fix_rp_filter", "exit", "exit_node", "exit_allow_lan",
+        "fix_rp_filter", "exit", "exit_node", "exit_allow_lan", "isolate",
     ];
-    internal static readonly string[] BoolKeys = ["mesh", "relay", "port_mapping", "fix_rp_filter", "exit", "exit_allow_lan"];
+    internal static readonly string[] BoolKeys = ["mesh", "relay", "port_mapping", "fix_rp_filter", "exit", "exit_allow_lan", "isolate"];
     private static readonly string[] ListKeys = ["address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk", "hook"];
     private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive", "tcp"];
 
@@ -1270,6 +1273,7 @@ internal sealed class UpConfig
             if (flag == "--fix-rp-filter") { flags.Add(("fix_rp_filter", "true")); continue; }
             if (flag == "--exit") { flags.Add(("exit", "true")); continue; }
             if (flag == "--exit-allow-lan") { flags.Add(("exit_allow_lan", "true")); continue; }
+            if (flag == "--isolate") { flags.Add(("isolate", "true")); continue; }
             int eq = flag.IndexOf('=');
             // Both "--mtu=1400" and "--mtu 1400"; the name is checked again after the split, since the "=" form
             // skips the check in the else branch.
@@ -1462,6 +1466,7 @@ internal sealed class UpConfig
             case "exit": Exit = ParseBool(src, value); break;
             case "exit_node": ExitNode = ParseName(src, value); break;
             case "exit_allow_lan": ExitAllowLan = ParseBool(src, value); break;
+            case "isolate": Isolate = ParseBool(src, value); break;
             case "relay_rate": RelayRateMbit = ParseInt(src, value, 1, 100_000); break;
             case "healthz_grace": HealthzGraceMs = ParseInt(src, value, 0, 86_400) * 1000L; break;
             case "hook":
@@ -1611,7 +1616,7 @@ internal sealed class UpConfig
 
     // Every file key is also a flag with '-' for '_'; "--rekey_after" is refused so each setting has one
     // spelling on the command line.
-    private static readonly string[] Switches = ["--check", "--mesh", "--relay", "--no-relay", "--port-mapping", "--no-port-mapping", "--fix-rp-filter", "--exit", "--exit-allow-lan", "--config", "--peer", "--allow", "--peer-tcp"];
+    private static readonly string[] Switches = ["--check", "--mesh", "--relay", "--no-relay", "--port-mapping", "--no-port-mapping", "--fix-rp-filter", "--exit", "--exit-allow-lan", "--isolate", "--config", "--peer", "--allow", "--peer-tcp"];
 
     /// <summary>Allowed prefixes that are valid but rarely meant: one given to two peers (only one
     /// of them gets the traffic) and a default route (every packet without a better route goes in).</summary>
@@ -5856,6 +5861,7 @@ internal sealed partial class Node
         Counters = counters;
         Mtu = cfg.Mtu;
         RekeyAfterMs = cfg.RekeyAfterTimeMs;
+        Isolate = cfg.Isolate;
         Admission = new Admission(cfg.HandshakeRate, cfg.HandshakeRatePerSource, cfg.MaxSessions);
         Handshaker = new Handshaker(cfg.PrivateKey, FindOrAdmitPeer);
         if (cfg.Cipher != "auto") Handshaker.ChooseCipher(cfg.Cipher);
@@ -5869,6 +5875,7 @@ internal sealed partial class Node
         RebuildRoutes();
     }
 
+    internal bool Isolate;                       // --isolate: no peer reaches another through us
     private Key32 _psk;                          // the network secret, for peers added by a reload or learned
     private long _keepaliveMs;                   // --keepalive, for learned members
     private long _admitNowMs;                    // the time of the ClientHello FindOrAdmitPeer is asked about
@@ -5989,6 +5996,7 @@ internal sealed partial class Node
             if (p.Active) Mesh.Recheck(p);
         RebuildRoutes();
         RekeyAfterMs = cfg.RekeyAfterTimeMs;
+        Isolate = cfg.Isolate;
         Admission.Rate = cfg.HandshakeRate;
         Admission.RatePerSource = cfg.HandshakeRatePerSource;
         Admission.MaxSessions = cfg.MaxSessions;
@@ -6207,6 +6215,13 @@ internal sealed partial class Node
         if (RouteOf(packet, destination: false) != p.Id && !PeerServes(p, Ip.Version(packet) == 4 ? packet.Slice(Ip.V4SourceOffset, 4) : packet.Slice(Ip.V6SourceOffset, 16)))
         {
             Counters.Drop(DropReason.SourceNotAllowed);
+            return 0;
+        }
+        // --isolate: what one peer sends to another through us (our kernel would forward it back into
+        // the tunnel) stops here. To us, and to what no peer routes (an exit's uplink), it passes.
+        if (Isolate && RouteOf(packet, destination: true) is int to && to >= 0 && to != p.Id)
+        {
+            Counters.Drop(DropReason.Isolated);
             return 0;
         }
         Counters.TunTxPackets++;
@@ -8734,7 +8749,7 @@ internal sealed class Relays
 
     internal void Configure(UpConfig cfg)
     {
-        Offered = cfg.Relay;
+        Offered = cfg.Relay && !cfg.Isolate;            // an isolating node carries nothing between members
         RateBytesPerS = cfg.RelayRateMbit * 125_000L;
     }
 
@@ -11149,6 +11164,8 @@ internal static class Cli
                                           member NAME (its --exit), the LAN included
                   --exit-allow-lan        with --exit-node: the main table's routes (the LAN, other
                                           interfaces) still win; a router with LAN clients needs it
+                  --isolate               peers reach this node (and its exit) but not each other
+                                          through it; no relaying (reloadable)
                   --listen-tcp ADDR:PORT  also take the same records over TCP (e.g. 0.0.0.0:443), for
                                           members whose networks block UDP
                   --peer-tcp ADDR:PORT    the --listen-tcp of the --peer given just before: used when

@@ -440,6 +440,34 @@ public class MeshTests(ITestOutputHelper output)
         Assert.Equal(before + 1, m.Tun.Written.Count);
     }
 
+    // A hub (.2) between two spokes (.1 and .3) that route each other through it. --isolate stops
+    // what one spoke sends the other at the hub, before its TUN (where the kernel would forward it
+    // back into the tunnel); what a spoke sends the hub itself still arrives.
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Isolate_SpokeToSpokeStopsAtTheHub_SpokeToHubPasses(bool isolate)
+    {
+        var t = TestNet.FullMesh(3, c =>
+        {
+            // (the overlay address is added later: a node is the one address none of its peers has)
+            string self = new[] { "100.64.0.1", "100.64.0.2", "100.64.0.3" }.First(x => !c.Peers.Exists(p => p.Allowed.Exists(a => a.ToString() == x + "/32")));
+            if (self == "100.64.0.2") { c.Isolate = isolate; return; }
+            string other = self == "100.64.0.1" ? "100.64.0.3" : "100.64.0.1";
+            c.Peers.RemoveAll(p => p.Allowed.Exists(a => a.ToString() == other + "/32"));
+            c.Peers.Find(p => p.Allowed.Exists(a => a.ToString() == "100.64.0.2/32"))!.Allowed.Add(IpPrefix.Parse(other + "/32"));
+        });
+        t.Start();
+        TestNode a = t.Nodes[0], hub = t.Nodes[1];
+        int before = hub.Tun.Written.Count, isolated = t.Drops(1, DropReason.Isolated);
+        a.Tun.Inject(Packets.Udp4("100.64.0.1", "100.64.0.3", 20));        // to the other spoke, via the hub
+        t.Pump();
+        Assert.Equal(before + (isolate ? 0 : 1), hub.Tun.Written.Count);
+        Assert.Equal(isolated + (isolate ? 1 : 0), t.Drops(1, DropReason.Isolated));
+        Assert.Equal(1, t.Send(0, 1));                                          // to the hub itself
+        Assert.Equal(!isolate, hub.Node.Relays.Offered);                         // and it relays nothing
+    }
+
     // --exit-node: the default route of that member only, whatever --accept says of the others'.
     [Theory]
     [InlineData("n1", true)]
