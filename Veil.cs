@@ -2668,6 +2668,12 @@ internal sealed class Sysctls(Log log)
 
     internal static string ConfPath(string family, string conf, string key) => $"/proc/sys/net/{family}/conf/{conf}/{key}";
 
+    internal static string Read(string path)
+    {
+        try { return File.ReadAllText(path).Trim(); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { return ""; }
+    }
+
     /// <summary>Writes value into path when its current value passes when; false if it did not.</summary>
     internal bool Set(string path, string value, Func<string, bool> when, string reason)
     {
@@ -6802,6 +6808,7 @@ internal sealed unsafe partial class Daemon
                 _worker.FlushUdp(node.UdpOut);
             }
             SaveState(force: true);
+            SaveInvites(now: true);                       // a queued write may not run once the chores stop
             _log.Info("shutdown", $"reason=signal_or_down uptime_s={(Mono.NowMs() - StartedMs) / 1000}");
             return _workerFailed ? 1 : 0;
         }
@@ -6848,8 +6855,13 @@ internal sealed unsafe partial class Daemon
         Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
         foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
         _sysctls = new Sysctls(_log);
+        // The kernel applies the larger of "all" and the interface's value: 2 on the TUN alone makes
+        // its check loose while every other interface keeps its own (and the setting goes with the TUN).
         if (_cfg.FixRpFilter)
-            foreach (string conf in new[] { "all", tun.Name }) _sysctls.Set(Sysctls.ConfPath("ipv4", conf, "rp_filter"), "2", was => was == "1", "fix_rp_filter");
+        {
+            string all = Sysctls.Read(Sysctls.ConfPath("ipv4", "all", "rp_filter"));
+            _sysctls.Set(Sysctls.ConfPath("ipv4", tun.Name, "rp_filter"), "2", was => was is "0" or "1" && (was == "1" || all == "1"), "fix_rp_filter");
+        }
         if (_cfg.Exit || _cfg.ExitNode != null) _gateway = Gateway.Open(_cfg, tun, _sysctls, _log);
         _kernelRoutes = new KernelRoutes(tun.IfIndex, _log) { DefaultRouteTable = _cfg.ExitNode != null ? Gateway.Table : Netlink.RT_TABLE_MAIN };
         _kernelRoutes.Sync(Prefixes(node.RouteList));
@@ -11155,9 +11167,9 @@ internal static class Cli
                   --relay-rate MBIT       per relayed pair and direction (default 20)
                   --port-mapping, --no-port-mapping   ask the gateway to forward the UDP port (PCP,
                                           NAT-PMP or UPnP IGD) and announce it (default: on)
-                  --fix-rp-filter         a strict reverse-path filter (rp_filter 1, which drops
-                                          replies from routed subnets) is made loose (2) while
-                                          veil runs, and put back at exit
+                  --fix-rp-filter         where the reverse-path filter is strict (rp_filter 1,
+                                          which drops replies from routed subnets), make it
+                                          loose (2) on the TUN alone
                   --exit                  be an exit node: announce 0.0.0.0/0 and ::/0, forward for
                                           members and masquerade them out of the other interfaces
                   --exit-node NAME        send everything but the tunnel's own packets through the
@@ -11695,6 +11707,16 @@ internal sealed class InviteToken
         }
     }
 
+    /// <summary>A token of another layout: the text prefix right, the version byte not ours.</summary>
+    internal static bool OtherVersion(string text)
+    {
+        text = text.Trim();
+        if (!text.StartsWith(Prefix) || text.Length < Prefix.Length + 2) return false;
+        string b64 = text.Substring(Prefix.Length, 4).Replace('-', '+').Replace('_', '/');
+        byte[] head = new byte[3];
+        return Convert.TryFromBase64String(b64, head, out int n) && n > 0 && head[0] != Version;
+    }
+
     internal static InviteToken? Parse(string text)
     {
         text = text.Trim();
@@ -12153,7 +12175,9 @@ internal static class OnboardingCli
     internal static unsafe int Join(string[] args, TextWriter o, TextWriter e)
     {
         if (args.Length < 2) throw new ConfigException("join needs the token printed by 'veil invite'");
-        InviteToken t = InviteToken.Parse(args[1]) ?? throw new ConfigException("join: that is not a Veil invite token (it starts with veil1-)");
+        InviteToken t = InviteToken.Parse(args[1]) ?? throw new ConfigException(InviteToken.OtherVersion(args[1])
+            ? "join: this token was made by another version of veil; ask for a new one with this version's 'veil invite'"
+            : "join: that is not a Veil invite token (it starts with veil1-)");
         string dir = "/etc/veil", name = Environment.MachineName, listen = "0.0.0.0:51820";
         for (int i = 2; i < args.Length; i++)
         {
@@ -12352,7 +12376,7 @@ internal static unsafe partial class Doctor
             bool subnets = cfg.Peers.Exists(p => p.Allowed.Exists(a => a.Bits < a.MaxBits));
             string rp = ReadProc("/proc/sys/net/ipv4/conf/all/rp_filter");
             Line(rp != "1" || !subnets || cfg.FixRpFilter, "rp_filter", rp == "1" && subnets
-                ? cfg.FixRpFilter ? "strict (1); --fix-rp-filter makes it loose (2) while veil runs"
+                ? cfg.FixRpFilter ? "strict (1); --fix-rp-filter makes it loose (2) on the TUN alone"
                     : "strict (1) while peers route subnets: replies may be dropped; start with --fix-rp-filter, or set net.ipv4.conf.all.rp_filter=2"
                 : $"{(rp.Length > 0 ? rp : "unknown")} ({(rp == "1" ? "strict, fine for host routes only" : "fine")})");
             string fwd = ReadProc("/proc/sys/net/ipv4/ip_forward");
@@ -12768,15 +12792,17 @@ internal sealed unsafe partial class Daemon
         if (!File.Exists(path)) _invitesWritten = Invites.FileHeader;   // no file and nothing pending: none written
     }
 
-    /// <summary>After an invite is made, revoked or used: the file follows, written by the chores thread.</summary>
-    internal void SaveInvites()
+    /// <summary>After an invite is made, revoked or used: the file follows, written by the chores
+    /// thread (now: here, at shutdown).</summary>
+    internal void SaveInvites(bool now = false)
     {
         if (InvitesPath is not string path) return;
         string text;
         lock (_node!.Gate) text = _node.Invites!.Snapshot(DateTimeOffset.UtcNow.ToUnixTimeSeconds());
         if (text == _invitesWritten) return;
         _invitesWritten = text;
-        _chores!.Post(() => WriteAtomically(path, text, _log, "invites_not_saved"));
+        if (now) WriteAtomically(path, text, _log, "invites_not_saved");
+        else _chores!.Post(() => WriteAtomically(path, text, _log, "invites_not_saved"));
     }
 
     /// <summary>Answers `veil invite`: "invite SECONDS NAME|- ENDPOINT|- NETWORK".</summary>

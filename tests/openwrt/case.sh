@@ -16,7 +16,7 @@ TOML=$ROOT/var/etc/veil.toml
 CANDIDATE=$ROOT/var/etc/veil.new/veil.toml
 HOTPLUG=$ROOT/usr/libexec/veil-hotplug
 UCI_FILE=$UCI_CONFIG_DIR/veil
-ROLLBACK=$ROOT/var/run/veil.rollback
+ROLLBACK=$ROOT/var/run/veil.rollback.d
 PATH=$ROOT/usr/bin:$PATH            # uci: tests/openwrt/fake-uci
 FAKE_UCI_STATE=$ROOT/uci.state
 export FAKE_UCI_STATE

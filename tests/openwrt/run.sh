@@ -229,9 +229,9 @@ for sh in "$@"; do
 	want="veil.lap_top_1.name='lap-top.1'
 veil.lap_top_1.public_key='$key'
 veil.lap_top_1.allowed_ips='100.64.0.5/32'"
-	if [ "$(grep '^veil.lap_top_1\.' "$hp/state")" = "$want" ] && grep -qx 'uci -q commit veil' "$hp/calls" &&
+	if [ "$(grep '^veil.lap_top_1\.' "$hp/state")" = "$want" ] && grep -q '^uci -q -c /etc/config -t /.* commit veil$' "$hp/calls" &&
 		grep -q 'logger -t veil -p daemon.notice joined peer lap-top.1 (100.64.0.5/32) recorded' "$hp/calls"; then
-		ok "hotplug [$sh]: name, key and allowed_ips set, committed, logged"
+		ok "hotplug [$sh]: name, key and allowed_ips set, committed through a save directory of its own, logged"
 	else
 		not_ok "hotplug [$sh]: name, key and allowed_ips set, committed, logged"; indent < "$hp/state"; indent < "$hp/calls"
 	fi
@@ -245,8 +245,17 @@ veil.lap_top_1.allowed_ips='100.64.0.5/32'"
 		ACTION=peer_joined VEIL_PEER=third VEIL_PUBLIC_KEY=third VEIL_ALLOWED_IPS=100.64.0.7/32
 	if grep -q "third" "$hp/state"; then not_ok "hotplug [$sh]: a peer added although config_file is set"; fi
 	: > "$hp/state"
-	join_case "$sh" "a failed commit is logged as an error" "daemon.err could not commit joined peer bee" \
+	join_case "$sh" "a failed commit is logged as an error" "daemon.err could not record joined peer bee in /etc/config/veil" \
 		ACTION=peer_joined VEIL_PEER=bee VEIL_PUBLIC_KEY=$key VEIL_ALLOWED_IPS=100.64.0.8/32 FAKE_UCI_COMMIT_RC=1
+	# an apply waits for confirm: the file it would roll back to gets the joiner as well
+	: > "$hp/state"
+	mkdir -p "$hp/rollback"
+	: > "$hp/rollback/veil"
+	join_case "$sh" "during an apply the kept file gets the joiner too" "^veil.wasp.public_key='$key'$" \
+		ACTION=peer_joined VEIL_PEER=wasp VEIL_PUBLIC_KEY=$key VEIL_ALLOWED_IPS=100.64.0.9/32 VEIL_ROLLBACK_DIR="$hp/rollback"
+	if ! grep -qx "veil.wasp.public_key='$key'" "$hp/rollback/.fake-state"; then
+		not_ok "hotplug [$sh]: the kept file of the apply did not get the joiner"; indent < "$hp/calls"
+	fi
 done
 
 echo "openwrt: $passed passed, $failed failed"
