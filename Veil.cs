@@ -307,6 +307,7 @@ internal static class Tune
     internal const long JoinerKeepaliveMs = 25_000;          // veil join: the NAT mapping of a joiner stays open (wg's usual 25 s)
     internal const int LivenessKeepalives = 3;               // keepalive periods without a record: the peer is down
     internal const long ExchangeIntervalMs = 60_000;
+    internal const int MaxFilterRules = 256;
     internal const long ExchangeDebounceMs = 1_000;          // a change is told to peers at most this often
     internal const long ClaimLifetimeMs = 3 * ExchangeIntervalMs;
     internal const long ForgetMemberAfterMs = 300_000;       // learned members silent this long are dropped
@@ -863,6 +864,7 @@ internal enum DropReason
     RelayRate,          // a relayed pair over its byte budget (§15)
     LinkLocal,          // outbound to a link-local or multicast address with no route: the kernel's own chatter
     Isolated,           // --isolate: inbound from one peer to another, which this node does not carry
+    Filtered,           // --filter: no rule allows it (or one denies it), in either direction
     Count,
 }
 
@@ -888,7 +890,7 @@ internal sealed class Counters
         DropReason.HandshakeFailed => "handshake_failed", DropReason.QueueFull => "queue_full", DropReason.Refused => "refused",
         DropReason.TunWrite => "tun_write", DropReason.UdpSend => "udp_send", DropReason.BadExchange => "bad_exchange",
         DropReason.RelayRefused => "relay_refused", DropReason.RelayRate => "relay_rate",
-        DropReason.LinkLocal => "link_local", DropReason.Isolated => "isolated", _ => "other",
+        DropReason.LinkLocal => "link_local", DropReason.Isolated => "isolated", DropReason.Filtered => "filtered", _ => "other",
     };
 }
 
@@ -1227,6 +1229,7 @@ internal sealed class UpConfig
     internal bool ExitAllowLan;            // --exit-allow-lan: the main table's routes (the LAN) stay outside the exit
     internal bool AddressAuto;             // --address auto: one address per --network, from the key (AutoAddress)
     internal bool Isolate;                 // --isolate: peers cannot reach each other through this node
+    internal readonly List<string> Filters = new();   // --filter RULE (PacketFilter)
     internal IPAddress? TcpListenAddress;  // --listen-tcp: the same records over TCP (TcpLinks)
     internal int TcpListenPort;
     private bool _keepaliveGiven;
@@ -1241,10 +1244,10 @@ internal sealed class UpConfig
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
         "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers", "accept_psk", "admin", "revocations",
         "relay", "relay_rate", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "healthz_grace", "hook",
-        "fix_rp_filter", "exit", "exit_node", "exit_allow_lan", "isolate",
+        "fix_rp_filter", "exit", "exit_node", "exit_allow_lan", "isolate", "filter",
     ];
     internal static readonly string[] BoolKeys = ["mesh", "relay", "port_mapping", "fix_rp_filter", "exit", "exit_allow_lan", "isolate"];
-    private static readonly string[] ListKeys = ["address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk", "hook"];
+    private static readonly string[] ListKeys = ["filter", "address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk", "hook"];
     private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive", "tcp"];
 
     /// <summary>Where a value came from, for the one-line error: "--mtu" or "veil.toml:12: key 'mtu'".</summary>
@@ -1467,6 +1470,11 @@ internal sealed class UpConfig
             case "exit_node": ExitNode = ParseName(src, value); break;
             case "exit_allow_lan": ExitAllowLan = ParseBool(src, value); break;
             case "isolate": Isolate = ParseBool(src, value); break;
+            case "filter":
+                PacketFilter.Parse(value);                // refused here, with its reason, not at the first packet
+                if (Filters.Count >= Tune.MaxFilterRules) throw src.Bad(value, $"is one rule too many (at most {Tune.MaxFilterRules})");
+                Filters.Add(value);
+                break;
             case "relay_rate": RelayRateMbit = ParseInt(src, value, 1, 100_000); break;
             case "healthz_grace": HealthzGraceMs = ParseInt(src, value, 0, 86_400) * 1000L; break;
             case "hook":
@@ -3630,6 +3638,173 @@ internal sealed class RouteTrie
     }
 
     private static bool IsEmpty(Node n) => n.Value < 0 && n.Zero == null && n.One == null;
+}
+
+/// <summary>--filter: per-peer rules on the packets that cross the TUN, in the spirit of Nebula's
+/// firewall. A rule is "[allow|deny] in|out tcp|udp|icmp|any [PORT[-PORT]] [from|to PATTERN]": in
+/// is what peers send us (PORT is ours, the service), out what we send them (PORT is theirs);
+/// PATTERN matches peer names, '*' for any run of characters. A direction without rules allows
+/// everything; one with rules allows what its first matching rule allows and nothing else. It is
+/// stateful: a packet of a flow allowed in one direction (same protocol, addresses and ports, the
+/// ICMP echo id standing for ports) passes both ways until the flow is idle for its timeout. The
+/// flow table is a fixed array (open addressing, 8 probes, the oldest of them replaced when
+/// full): bounded, and nothing is allocated per packet.</summary>
+internal sealed class PacketFilter
+{
+    internal sealed class Rule
+    {
+        internal string Text = "";
+        internal bool Deny, Out;
+        internal byte Protocol;                  // 0 any, 6, 17, 1 (ICMP and ICMPv6)
+        internal int PortLow, PortHigh = 65535;
+        internal string Pattern = "*";
+        internal long Hits;
+    }
+
+    private record struct Flow(UInt128 Local, UInt128 Remote, int LocalPort, int RemotePort, byte Protocol, int PeerId);
+
+    internal const int FlowSlots = 1 << 14, Probes = 8;
+    private const long TcpIdleMs = 600_000, UdpIdleMs = 120_000, IcmpIdleMs = 30_000;
+    internal readonly Rule[] Rules;
+    private readonly bool _hasIn, _hasOut;
+    private readonly Flow[] _flows = new Flow[FlowSlots];
+    private readonly long[] _expiresMs = new long[FlowSlots];
+    internal long Refused;                       // no rule matched in a direction that has rules
+
+    internal bool Same(List<string> texts)
+    {
+        if (texts.Count != Rules.Length) return false;
+        for (int i = 0; i < Rules.Length; i++) if (Parse(texts[i]).Text != Rules[i].Text) return false;
+        return true;
+    }
+
+    internal PacketFilter(List<Rule> rules)
+    {
+        Rules = rules.ToArray();
+        foreach (Rule r in Rules) { _hasIn |= !r.Out; _hasOut |= r.Out; }
+    }
+
+    internal static Rule Parse(string text)
+    {
+        string[] w = text.Split(' ', StringSplitOptions.RemoveEmptyEntries);
+        var r = new Rule { Text = string.Join(' ', w) };
+        int i = 0;
+        if (i < w.Length && w[i] is "allow" or "deny") r.Deny = w[i++] == "deny";
+        if (i >= w.Length || w[i] is not ("in" or "out")) throw new ConfigException($"filter '{text}': expected in or out (e.g. 'in tcp 22 from admin-*')");
+        r.Out = w[i++] == "out";
+        if (i >= w.Length) throw new ConfigException($"filter '{text}': expected tcp, udp, icmp or any after {(r.Out ? "out" : "in")}");
+        r.Protocol = w[i++] switch { "tcp" => 6, "udp" => 17, "icmp" => 1, "any" => 0, string x => throw new ConfigException($"filter '{text}': '{x}' is not tcp, udp, icmp or any") };
+        if (i < w.Length && char.IsAsciiDigit(w[i][0]))
+        {
+            string[] range = w[i++].Split('-');
+            if (range.Length > 2 || !int.TryParse(range[0], out r.PortLow) || !int.TryParse(range[^1], out r.PortHigh) || r.PortLow < 1 || r.PortHigh > 65535 || r.PortLow > r.PortHigh)
+                throw new ConfigException($"filter '{text}': a port is 1-65535, a range LOW-HIGH");
+            if (r.Protocol is not (6 or 17)) throw new ConfigException($"filter '{text}': ports go with tcp or udp");
+        }
+        if (i + 1 < w.Length && w[i] is "from" or "to" or "peer")
+        {
+            r.Pattern = w[i + 1];
+            if (r.Pattern.Length > 64 || r.Pattern.AsSpan().IndexOfAnyExcept("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.*") >= 0)
+                throw new ConfigException($"filter '{text}': a peer pattern is a name with '*' wildcards");
+            i += 2;
+        }
+        if (i != w.Length) throw new ConfigException($"filter '{text}': unexpected '{w[i]}'");
+        return r;
+    }
+
+    /// <summary>True when the packet may cross; packet is a whole IP packet, peer the one it goes to or came from.</summary>
+    internal bool Allow(ReadOnlySpan<byte> packet, Peer peer, bool outbound, long nowMs)
+    {
+        if (!Read(packet, out UInt128 src, out UInt128 dst, out byte proto, out int sport, out int dport)) return !(outbound ? _hasOut : _hasIn);
+        var flow = outbound ? new Flow(src, dst, sport, dport, proto, peer.Id) : new Flow(dst, src, dport, sport, proto, peer.Id);
+        int home = (int)((uint)flow.GetHashCode() & (FlowSlots - 1));
+        for (int k = 0; k < Probes; k++)
+        {
+            int at = (home + k) & (FlowSlots - 1);
+            if (_expiresMs[at] > nowMs && _flows[at] == flow) { _expiresMs[at] = nowMs + IdleMs(proto); return true; }
+        }
+        if (outbound ? _hasOut : _hasIn)
+        {
+            Rule? match = null;
+            foreach (Rule r in Rules)
+                if (r.Out == outbound && (r.Protocol == 0 || r.Protocol == proto) && (r.PortLow == 0 || dport >= r.PortLow && dport <= r.PortHigh) && Glob(r.Pattern, peer.Name))
+                { match = r; break; }
+            if (match == null) { Refused++; return false; }
+            match.Hits++;
+            if (match.Deny) return false;
+        }
+        Remember(flow, home, nowMs);
+        return true;
+    }
+
+    private void Remember(in Flow flow, int home, long nowMs)
+    {
+        int victim = home;
+        for (int k = 0; k < Probes; k++)
+        {
+            int at = (home + k) & (FlowSlots - 1);
+            if (_expiresMs[at] <= nowMs) { victim = at; break; }
+            if (_expiresMs[at] < _expiresMs[victim]) victim = at;
+        }
+        _flows[victim] = flow;
+        _expiresMs[victim] = nowMs + IdleMs(flow.Protocol);
+    }
+
+    private static long IdleMs(byte proto) => proto == 6 ? TcpIdleMs : proto == 1 ? IcmpIdleMs : UdpIdleMs;
+
+    internal int LiveFlows(long nowMs)
+    {
+        int n = 0;
+        foreach (long e in _expiresMs) if (e > nowMs) n++;
+        return n;
+    }
+
+    // Addresses as 128-bit numbers (IPv4 in the low 32 bits), the protocol (ICMPv6 as ICMP) and ports:
+    // TCP and UDP ports, the id of an ICMP echo for both; 0 where the header is too short.
+    private static bool Read(ReadOnlySpan<byte> p, out UInt128 src, out UInt128 dst, out byte proto, out int sport, out int dport)
+    {
+        src = dst = 0; proto = 0; sport = dport = 0;
+        int l4;
+        if (p.Length >= Ip.V4HeaderLen && Ip.Version(p) == 4)
+        {
+            src = BinaryPrimitives.ReadUInt32BigEndian(p[Ip.V4SourceOffset..]);
+            dst = BinaryPrimitives.ReadUInt32BigEndian(p[Ip.V4DestinationOffset..]);
+            proto = p[Ip.V4ProtocolOffset];
+            l4 = (p[0] & 0xF) * 4;
+            // A later fragment has no L4 header: it is its own "flow" of ports 0.
+            if ((BinaryPrimitives.ReadUInt16BigEndian(p[Ip.V4FragmentOffset..]) & 0x1FFF) != 0) l4 = p.Length;
+        }
+        else if (p.Length >= Ip.V6HeaderLen && Ip.Version(p) == 6)
+        {
+            src = BinaryPrimitives.ReadUInt128BigEndian(p[Ip.V6SourceOffset..]);
+            dst = BinaryPrimitives.ReadUInt128BigEndian(p[Ip.V6DestinationOffset..]);
+            proto = p[Ip.V6NextHeaderOffset] == 58 ? (byte)1 : p[Ip.V6NextHeaderOffset];
+            l4 = Ip.V6HeaderLen;
+        }
+        else return false;
+        if (proto is 6 or 17 && p.Length >= l4 + 4)
+        {
+            sport = BinaryPrimitives.ReadUInt16BigEndian(p[l4..]);
+            dport = BinaryPrimitives.ReadUInt16BigEndian(p[(l4 + 2)..]);
+        }
+        else if (proto == 1 && p.Length >= l4 + 6) sport = dport = BinaryPrimitives.ReadUInt16BigEndian(p[(l4 + 4)..]);
+        return true;
+    }
+
+    /// <summary>'*' matches any run of characters; no allocation, no backtracking blow-up (one star remembered).</summary>
+    internal static bool Glob(string pattern, string name)
+    {
+        int p = 0, n = 0, star = -1, mark = 0;
+        while (n < name.Length)
+        {
+            if (p < pattern.Length && pattern[p] == '*') { star = p++; mark = n; }
+            else if (p < pattern.Length && pattern[p] == name[n]) { p++; n++; }
+            else if (star >= 0) { p = star + 1; n = ++mark; }
+            else return false;
+        }
+        while (p < pattern.Length && pattern[p] == '*') p++;
+        return p == pattern.Length;
+    }
 }
 
 // ==== 9. Peers & timers ==========================================================================
@@ -5868,6 +6043,9 @@ internal sealed partial class Node
         Mtu = cfg.Mtu;
         RekeyAfterMs = cfg.RekeyAfterTimeMs;
         Isolate = cfg.Isolate;
+        // The same rules keep their flows and counters; other rules start a table of their own.
+        if (cfg.Filters.Count == 0) Filter = null;
+        else if (Filter == null || !Filter.Same(cfg.Filters)) Filter = new PacketFilter(cfg.Filters.ConvertAll(PacketFilter.Parse));
         Admission = new Admission(cfg.HandshakeRate, cfg.HandshakeRatePerSource, cfg.MaxSessions);
         Handshaker = new Handshaker(cfg.PrivateKey, FindOrAdmitPeer);
         if (cfg.Cipher != "auto") Handshaker.ChooseCipher(cfg.Cipher);
@@ -5882,6 +6060,7 @@ internal sealed partial class Node
     }
 
     internal bool Isolate;                       // --isolate: no peer reaches another through us
+    internal PacketFilter? Filter;               // --filter: null without rules
     private Key32 _psk;                          // the network secret, for peers added by a reload or learned
     private long _keepaliveMs;                   // --keepalive, for learned members
     private long _admitNowMs;                    // the time of the ClientHello FindOrAdmitPeer is asked about
@@ -6003,6 +6182,9 @@ internal sealed partial class Node
         RebuildRoutes();
         RekeyAfterMs = cfg.RekeyAfterTimeMs;
         Isolate = cfg.Isolate;
+        // The same rules keep their flows and counters; other rules start a table of their own.
+        if (cfg.Filters.Count == 0) Filter = null;
+        else if (Filter == null || !Filter.Same(cfg.Filters)) Filter = new PacketFilter(cfg.Filters.ConvertAll(PacketFilter.Parse));
         Admission.Rate = cfg.HandshakeRate;
         Admission.RatePerSource = cfg.HandshakeRatePerSource;
         Admission.MaxSessions = cfg.MaxSessions;
@@ -6029,6 +6211,7 @@ internal sealed partial class Node
             b.Length[i] = 0;
             if (peerId < 0) { Counters.Drop(peerId == -2 ? DropReason.Malformed : Ip.IsLinkScope(packet) ? DropReason.LinkLocal : DropReason.NoRoute); continue; }
             Peer p = Peers[peerId];
+            if (Filter != null && !Filter.Allow(packet, p, outbound: true, nowMs)) { Counters.Drop(DropReason.Filtered); continue; }
             if (!CanSend(p, nowMs))
             {
                 if (!p.Stage(packet)) Counters.Drop(DropReason.QueueFull);
@@ -6228,6 +6411,11 @@ internal sealed partial class Node
         if (Isolate && RouteOf(packet, destination: true) is int to && to >= 0 && to != p.Id)
         {
             Counters.Drop(DropReason.Isolated);
+            return 0;
+        }
+        if (Filter != null && !Filter.Allow(packet[..ipLen], p, outbound: false, nowMs))
+        {
+            Counters.Drop(DropReason.Filtered);
             return 0;
         }
         Counters.TunTxPackets++;
@@ -9856,6 +10044,11 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append("  peers: ").Append(PeersUp(nowMs)).Append(" of ").Append(total).Append(" up\n");
         if (cfg.Exit) sb.Append("  exit: offered (0.0.0.0/0 and ::/0 announced; members masqueraded out of the other interfaces)\n");
         if (cfg.ExitNode != null) sb.Append("  exit node: ").Append(cfg.ExitNode).Append(ExitInUse() ? " (in use: table 51820)\n" : " (not in use: no default route from it yet)\n");
+        if (node.Filter is PacketFilter f)
+        {
+            sb.Append("  filter: ").Append(f.LiveFlows(nowMs)).Append(" flows, ").Append(f.Refused).Append(" refused by no rule\n");
+            foreach (PacketFilter.Rule r in f.Rules) sb.Append("    ").Append(r.Text).Append("  (").Append(r.Hits).Append(" hits)\n");
+        }
         foreach (string w in Warnings(nowMs)) sb.Append("  warning: ").Append(w).Append('\n');
         sb.Append("  data path:");
         foreach (var (name, on) in Offloads()) sb.Append(' ').Append(name).Append(on ? " on," : " off,");
@@ -10087,6 +10280,17 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append(",\"exit\":{\"offered\":").Append(cfg.Exit ? "true" : "false").Append(",\"node\":");
         if (cfg.ExitNode != null) Str(sb, cfg.ExitNode); else sb.Append("null");
         sb.Append(",\"in_use\":").Append(ExitInUse() ? "true" : "false").Append('}');
+        if (node.Filter is PacketFilter f)
+        {
+            sb.Append(",\"filter\":{\"flows\":").Append(f.LiveFlows(Now())).Append(",\"refused\":").Append(f.Refused).Append(",\"rules\":[");
+            for (int i = 0; i < f.Rules.Length; i++)
+            {
+                sb.Append(i > 0 ? ",{\"rule\":" : "{\"rule\":");
+                Str(sb, f.Rules[i].Text);
+                sb.Append(",\"hits\":").Append(f.Rules[i].Hits).Append('}');
+            }
+            sb.Append("]}");
+        }
         if (node.Tcp is TcpLinks tcp)
             sb.Append(",\"tcp\":{\"listen_port\":").Append(tcp.ListenPort).Append(",\"connections\":").Append(tcp.Count)
               .Append(",\"accepted\":").Append(tcp.Accepted).Append(",\"refused\":").Append(tcp.Refused).Append(",\"closed\":").Append(tcp.Closed)
@@ -11178,6 +11382,10 @@ internal static class Cli
                                           interfaces) still win; a router with LAN clients needs it
                   --isolate               peers reach this node (and its exit) but not each other
                                           through it; no relaying (reloadable)
+                  --filter RULE           '[allow|deny] in|out tcp|udp|icmp|any [PORT[-PORT]]
+                                          [from|to PEER-PATTERN]' (repeatable, reloadable): a
+                                          direction with rules passes only what they allow,
+                                          and the replies of what passed
                   --listen-tcp ADDR:PORT  also take the same records over TCP (e.g. 0.0.0.0:443), for
                                           members whose networks block UDP
                   --peer-tcp ADDR:PORT    the --listen-tcp of the --peer given just before: used when
