@@ -129,7 +129,7 @@ internal static class Program
             case "adminpub": return Cli.AdminPub(Console.In, stdout, stderr);
             case "up": return Up(args, stderr);
             case "init" or "invite" or "join" or "add-peer" or "doctor" or "service" or "revoke": return Onboard(verb, args, stdout, stderr);
-            case "status" or "peers" or "routes" or "reload" or "down" or "netcheck" or "health" or "confirm": return Cli.Ask(verb, args, stdout, stderr);
+            case "status" or "peers" or "routes" or "reload" or "down" or "netcheck" or "health" or "confirm" or "set": return Cli.Ask(verb, args, stdout, stderr);
             case "ping": return Cli.Ping(args, stdout, stderr);
             case "version" or "--version": stdout.WriteLine($"veil {Cli.Version} {RuntimeInformation.RuntimeIdentifier}"); return 0;
             case "bench": return Bench.Run(args, stdout);
@@ -1235,7 +1235,7 @@ internal sealed class UpConfig
     private bool _keepaliveGiven;
 
     // Keys a running daemon cannot change; reload refuses (exit 3) when one of them differs.
-    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "fix_rp_filter", "exit", "exit_node", "exit_allow_lan"];
+    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "fix_rp_filter", "exit"];
     // (isolate is reloadable: it is a check on the packet path, no device or socket changes.)
 
     private static readonly string[] Keys =
@@ -1608,8 +1608,6 @@ internal sealed class UpConfig
         if (PortMapping != o.PortMapping) changed.Add("port_mapping");
         if (FixRpFilter != o.FixRpFilter) changed.Add("fix_rp_filter");
         if (Exit != o.Exit) changed.Add("exit");
-        if (ExitNode != o.ExitNode) changed.Add("exit_node");
-        if (ExitAllowLan != o.ExitAllowLan) changed.Add("exit_allow_lan");
         if (!Equals(TcpListenAddress, o.TcpListenAddress) || TcpListenPort != o.TcpListenPort) changed.Add("listen_tcp");
         return changed;
     }
@@ -2729,8 +2727,10 @@ internal sealed class Sysctls(Log log)
 internal sealed class KernelRoutes(int ifIndex, Log log)
 {
     private readonly HashSet<IpPrefix> _installed = new();
-    // --exit-node: default routes go into the Gateway's table, which its policy rules consult.
-    internal int DefaultRouteTable = Netlink.RT_TABLE_MAIN;
+    private readonly Dictionary<IpPrefix, int> _tableOf = new();   // where each installed prefix went
+    // --exit-node: default routes go into the Gateway's table, which its policy rules consult. It
+    // may change at run time (veil set exit-node); a route is removed from the table it went to.
+    internal volatile int DefaultRouteTable = Netlink.RT_TABLE_MAIN;
     private int TableOf(IpPrefix p) => p.Bits == 0 ? DefaultRouteTable : Netlink.RT_TABLE_MAIN;
     private Dictionary<IpPrefix, string> _conflicts = new();
     // Replaced whole after each Sync: the status view reads it on the loop thread.
@@ -2743,7 +2743,8 @@ internal sealed class KernelRoutes(int ifIndex, Log log)
         {
             if (want.Contains(pr)) continue;
             _installed.Remove(pr);
-            if (Netlink.RemoveRoute(ifIndex, pr, TableOf(pr)) is int e and < 0 && e != -Libc.ESRCH)
+            int table = _tableOf.Remove(pr, out int t) ? t : TableOf(pr);
+            if (Netlink.RemoveRoute(ifIndex, pr, table) is int e and < 0 && e != -Libc.ESRCH)
                 log.Warn("route_failed", $"prefix={pr} op=remove error=\"{Libc.ErrorText(-e)}\"");
             else log.Info("route_removed", $"prefix={pr}");
         }
@@ -2758,7 +2759,7 @@ internal sealed class KernelRoutes(int ifIndex, Log log)
                 if (e == -Libc.EEXIST && Netlink.RouteOif(pr) == ifIndex) continue;
                 if (e == -Libc.EEXIST) conflicts[pr] = "the main table has another route for it (not Veil's), so it is not installed";
                 else if (e < 0) log.Warn("route_failed", $"prefix={pr} op=add error=\"{Libc.ErrorText(-e)}\"");
-                else { _installed.Add(pr); log.Info("route_added", $"prefix={pr}"); }
+                else { _installed.Add(pr); _tableOf[pr] = TableOf(pr); log.Info("route_added", $"prefix={pr}"); }
             }
             // Installed, but does the kernel use it? A more specific route elsewhere, or an equal one
             // that came first, takes the traffic (`ip route get`). A default route is left out: what
@@ -2786,43 +2787,58 @@ internal sealed class KernelRoutes(int ifIndex, Log log)
 /// forwards for its LAN into the tunnel. Rules carry our protocol and are removed at exit, and at
 /// start when a crashed run left them; the NAT table is owned by our netlink socket, so the kernel
 /// drops it the moment the process ends, however it ends.</summary>
-internal sealed class Gateway : IDisposable
+internal sealed class Gateway(string tunName, int tunIndex, List<IpPrefix> networks, Log log) : IDisposable
 {
     internal const int Table = 51820, SuppressPriority = 5208, TablePriority = 5209;
     internal const uint FwMark = 0xca6c;
-    private readonly NatTable _nat;
-    private readonly bool _rules;
-    private readonly Log _log;
+    private NatTable? _nat, _offered;                   // a client's LAN masquerade; an exit's
+    private bool _rules;
+    internal string? ExitNode { get; private set; }     // the client's exit in use (null: none)
 
-    private Gateway(NatTable nat, bool rules, Log log) { _nat = nat; _rules = rules; _log = log; }
-
-    internal static Gateway Open(UpConfig cfg, TunDevice tun, Sysctls sysctls, Log log)
+    /// <summary>--exit: forwarding on (Sysctls puts it back) and the masquerade table.</summary>
+    internal void Offer(Sysctls sysctls)
     {
-        var nat = NatTable.Open("veil-" + tun.Name, tun.IfIndex, cfg.Networks, exit: cfg.Exit);
-        if (cfg.Exit)
-        {
-            sysctls.Set("/proc/sys/net/ipv4/ip_forward", "1", _ => true, "exit");
-            sysctls.Set(Sysctls.ConfPath("ipv6", "all", "forwarding"), "1", _ => true, "exit");
-            log.Info("exit_offered", $"nat_table=inet:veil-{tun.Name} networks={string.Join(',', cfg.Networks)}");
-            return new Gateway(nat, rules: false, log);
-        }
-        RemoveRules();                                    // what a crashed run left behind
+        _offered = NatTable.Open("veil-" + tunName, tunIndex, networks, exit: true);
+        sysctls.Set("/proc/sys/net/ipv4/ip_forward", "1", _ => true, "exit");
+        sysctls.Set(Sysctls.ConfPath("ipv6", "all", "forwarding"), "1", _ => true, "exit");
+        log.Info("exit_offered", $"nat_table=inet:veil-{tunName} networks={string.Join(',', networks)}");
+    }
+
+    /// <summary>--exit-node NAME, or none (null): the rules and the LAN masquerade follow; the
+    /// sockets' mark is the caller's. On failure nothing of the new choice stays (IOException).</summary>
+    internal void Use(string? exitNode, bool allowLan)
+    {
+        Stop();
+        if (exitNode == null) return;
         foreach (bool v6 in new[] { false, true })
         {
-            int e = cfg.ExitAllowLan ? Netlink.Rule(true, v6, SuppressPriority, Netlink.RT_TABLE_MAIN, 0, suppress: true) : 0;
+            int e = allowLan ? Netlink.Rule(true, v6, SuppressPriority, Netlink.RT_TABLE_MAIN, 0, suppress: true) : 0;
             if (e == 0) e = Netlink.Rule(true, v6, TablePriority, Table, FwMark, suppress: false);
+            _rules = true;
             if (e < 0)
             {
-                RemoveRules();
-                nat.Dispose();
+                Stop();
                 throw new IOException($"cannot add the policy rules of --exit-node ({(v6 ? "IPv6" : "IPv4")}): {Libc.ErrorText(-e)}");
             }
         }
-        log.Info("exit_node_selected", $"exit_node={cfg.ExitNode} table={Table} fwmark=0x{FwMark:x} lan={(cfg.ExitAllowLan ? "allowed" : "through_exit")}");
-        return new Gateway(nat, rules: true, log);
+        try { _nat = NatTable.Open("veil-" + tunName, tunIndex, networks, exit: false); }
+        catch (IOException) { Stop(); throw; }
+        ExitNode = exitNode;
+        log.Info("exit_node_selected", $"exit_node={exitNode} table={Table} fwmark=0x{FwMark:x} lan={(allowLan ? "allowed" : "through_exit")}");
     }
 
-    private static void RemoveRules()
+    private void Stop()
+    {
+        if (_rules || ExitNode != null) RemoveRules();
+        _nat?.Dispose();
+        _nat = null;
+        _rules = false;
+        if (ExitNode != null) log.Info("exit_node_released", $"exit_node={ExitNode}");
+        ExitNode = null;
+    }
+
+    /// <summary>Our rules, by priority and protocol: at start (what a crashed run left) and at stop.</summary>
+    internal static void RemoveRules()
     {
         foreach (bool v6 in new[] { false, true })
             foreach (int priority in new[] { SuppressPriority, TablePriority })
@@ -2831,9 +2847,11 @@ internal sealed class Gateway : IDisposable
 
     public void Dispose()
     {
-        if (_rules) RemoveRules();
-        _nat.Dispose();
-        _log.Info("gateway_removed", _rules ? "rules=removed nat_table=removed" : "nat_table=removed");
+        Stop();
+        if (_offered == null) return;
+        _offered.Dispose();
+        _offered = null;
+        log.Info("gateway_removed", "nat_table=removed");
     }
 }
 
@@ -3887,6 +3905,7 @@ internal sealed class Peer
     internal bool Remembered;                    // from the state file, not heard from since this start
     internal Session? SelfSentOn;                // the session our last Self went out on
     internal readonly List<Claim> Claims = new();            // accepted, bounded by MaxClaimsPerMember
+    internal readonly List<Claim> DefaultClaims = new();     // its announced 0.0.0.0/0, ::/0: taken if it becomes our exit node
     internal readonly List<Endpoint> Announced = new();      // its own endpoints, as it told us
     internal Endpoint SeesUsAt;                              // where it says our records come from (its Self)
     internal readonly List<Endpoint> Candidates = new();     // where others saw it; tried in turn
@@ -5541,7 +5560,9 @@ internal sealed unsafe class UdpSocket : IUdp
 
     /// <summary>reusePort: the first socket of a group that Sibling adds to (one per worker; the
     /// kernel picks a socket per datagram by its addresses and ports, so a peer stays on one).</summary>
-    internal static uint FwMark;                          // set once before the sockets open (--exit-node)
+    internal static uint FwMark;                          // --exit-node: set before the sockets open, and on a switch
+
+    internal void SetMark(uint mark) => Libc.SetIntOpt(_fd, Libc.SOL_SOCKET, Libc.SO_MARK, (int)mark);
 
     internal static UdpSocket Bind(IPAddress address, int port, bool reusePort = false)
     {
@@ -6137,6 +6158,20 @@ internal sealed partial class Node
 
     /// <summary>Applies a reloaded config's reloadable keys: peers (added, removed, changed), rates,
     /// rekey time. Sessions of peers whose key stays are kept.</summary>
+    /// <summary>After the policy may have changed (a reload, `veil set exit-node`): claims it no
+    /// longer accepts go, and the exit node's announced default routes come in.</summary>
+    internal void ExitChanged()
+    {
+        foreach (Peer p in Peers)
+            if (p.Active)
+            {
+                Mesh.Recheck(p);
+                foreach (Claim c in p.DefaultClaims)
+                    if (!p.Claims.Contains(c) && p.Claims.Count < Tune.MaxClaimsPerMember && Mesh.Refusal(p, c.Prefix) == null) p.Claims.Add(c);
+            }
+        RebuildRoutes();
+    }
+
     internal void Apply(UpConfig cfg, long nowMs)
     {
         if (cfg.SecretsRead)                                  // a rotation: new handshakes use the new secret
@@ -6177,9 +6212,7 @@ internal sealed partial class Node
         }
         _keepaliveMs = cfg.PersistentKeepaliveMs;
         if (Mesh.Configure(cfg)) ScheduleExchange(nowMs);
-        foreach (Peer p in Peers)
-            if (p.Active) Mesh.Recheck(p);
-        RebuildRoutes();
+        ExitChanged();
         RekeyAfterMs = cfg.RekeyAfterTimeMs;
         Isolate = cfg.Isolate;
         // The same rules keep their flows and counters; other rules start a table of their own.
@@ -7050,7 +7083,10 @@ internal sealed unsafe partial class Daemon
             string all = Sysctls.Read(Sysctls.ConfPath("ipv4", "all", "rp_filter"));
             _sysctls.Set(Sysctls.ConfPath("ipv4", tun.Name, "rp_filter"), "2", was => was is "0" or "1" && (was == "1" || all == "1"), "fix_rp_filter");
         }
-        if (_cfg.Exit || _cfg.ExitNode != null) _gateway = Gateway.Open(_cfg, tun, _sysctls, _log);
+        Gateway.RemoveRules();                        // what a crashed --exit-node run left behind
+        _gateway = new Gateway(tun.Name, tun.IfIndex, _cfg.Networks, _log);
+        if (_cfg.Exit) _gateway.Offer(_sysctls);
+        _gateway.Use(_cfg.ExitNode, _cfg.ExitAllowLan);
         _kernelRoutes = new KernelRoutes(tun.IfIndex, _log) { DefaultRouteTable = _cfg.ExitNode != null ? Gateway.Table : Netlink.RT_TABLE_MAIN };
         _kernelRoutes.Sync(Prefixes(node.RouteList));
         _routesPostedVersion = node.RoutesVersion;
@@ -7405,6 +7441,67 @@ internal sealed unsafe partial class Daemon
     /// <summary>`ping PEER` on the control socket: PEER by name, public key or its first characters.
     /// The Pong is answered on the loop's thread (through the chores' queue): the control socket is
     /// the loop's, and the Pong may arrive on another worker.</summary>
+    /// <summary>`veil set exit-node NAME|off`: the policy rules, the LAN masquerade, the sockets'
+    /// mark and the table of default routes change on the chores thread (netlink); then the mesh
+    /// takes the new exit's default routes (from what it announced) and drops the old one's.</summary>
+    internal void SetExitNode(string arg, Action<string> answer)
+    {
+        string? next = arg == "off" ? null : arg;
+        Node node = _node!;
+        if (_cfg.Exit) { answer("error: this node is an exit (--exit): it uses none\n"); return; }
+        if (next != null && !UpConfig.IsName(next)) { answer($"error: '{arg}' is not a peer name (or off)\n"); return; }
+        lock (node.Gate)
+            if (next != null && !node.Peers.Exists(p => p.Active && p.Name == next))
+            {
+                answer($"error: no peer named {next} (see 'veil peers'); the exit node is unchanged\n");
+                return;
+            }
+        if (next == _cfg.ExitNode) { answer(next == null ? "ok: no exit node (unchanged)\n" : $"ok: exit node {next} (unchanged)\n"); return; }
+        SwitchExit(next, _cfg.ExitAllowLan, error =>
+        {
+            if (error != null) { answer($"error: {error}; the exit node is unchanged\n"); return; }
+            lock (node.Gate)
+            {
+                _cfg.ExitNode = next;
+                node.Mesh.ExitNode = next;
+                node.ExitChanged();
+            }
+            _log.Info("exit_node_changed", $"exit_node={next ?? "off"}");
+            answer(next == null ? "ok: no exit node\n" : $"ok: exit node {next}\n");
+        });
+    }
+
+    // On the chores thread; done runs on the loop (null: switched). A failure leaves the old choice.
+    private void SwitchExit(string? next, bool allowLan, Action<string?> done)
+    {
+        string? old = _gateway!.ExitNode;
+        _chores!.Post(() =>
+        {
+            string? error = null;
+            try { _gateway.Use(next, allowLan); }
+            catch (IOException e)
+            {
+                error = e.Message;
+                try { _gateway.Use(old, allowLan); } catch (IOException) { }
+            }
+            if (error == null)
+            {
+                uint mark = next != null ? Gateway.FwMark : 0;
+                UdpSocket.FwMark = mark;
+                foreach (UdpSocket u in AllUdp()) u.SetMark(mark);
+                _kernelRoutes!.DefaultRouteTable = next != null ? Gateway.Table : Netlink.RT_TABLE_MAIN;
+            }
+            _chores.Return(() => done(error));
+        });
+    }
+
+    private IEnumerable<UdpSocket> AllUdp()
+    {
+        if (_udp != null) yield return _udp;
+        if (_handshakes != null) yield return _handshakes;
+        foreach (var (_, u) in _queues) yield return u;
+    }
+
     internal void Ping(string request, Action<byte[]> later)
     {
         string who = request["ping ".Length..].Trim();
@@ -7524,6 +7621,12 @@ internal sealed unsafe partial class Daemon
         if (r.Next is not UpConfig next) return (r.Code, r.Message);
         Node node = _node!;
         int peers;
+        if (next.ExitNode != _cfg.ExitNode || next.ExitAllowLan != _cfg.ExitAllowLan)
+            SwitchExit(next.ExitNode, next.ExitAllowLan, error =>
+            {
+                if (error != null) _log.Error("exit_node_not_changed", $"exit_node={next.ExitNode ?? "off"} error=\"{error}\"");
+                else _log.Info("exit_node_changed", $"exit_node={next.ExitNode ?? "off"} trigger=reload");
+            });
         lock (node.Gate)
         {
             node.Apply(next, Mono.NowMs());
@@ -8351,6 +8454,8 @@ internal sealed class Mesh
             Observed.Add(_in.Observed);         // told with the next exchange: members' own view of us matters more
         }
         var accepted = new List<Claim>();
+        p.DefaultClaims.Clear();
+        foreach (Claim c in _in.Claims) if (c.Prefix.Bits == 0 && p.DefaultClaims.Count < 2) p.DefaultClaims.Add(c);
         foreach (Claim c in _in.Claims)
         {
             string? why = Refusal(p, c.Prefix);
@@ -10784,6 +10889,12 @@ internal sealed unsafe class ControlServer : RequestServer
             Respond(fd, c, Encoding.UTF8.GetBytes(_daemon.Revoke(line)), nowMs);
             return true;
         }
+        if (line.StartsWith("set exit-node ", StringComparison.Ordinal))
+        {
+            Action<byte[]> answer = Later(fd, c, nowMs);
+            _daemon.SetExitNode(line["set exit-node ".Length..], text => answer(Encoding.UTF8.GetBytes(text)));
+            return true;
+        }
         string reply;
         lock (status.Gate)
             reply = line switch
@@ -11267,12 +11378,14 @@ internal static class Cli
             if (args[i] == "--json" && verb is "status" or "peers" or "routes" && view.Length == 0) view = " json";
             else if (args[i] is "--short" or "--dump" && verb == "status" && view.Length == 0) view = " " + args[i][2..];
             else if (args[i] == "--confirm" && verb == "reload" && view.Length == 0 && i + 1 < args.Length) view = " confirm " + args[++i];
+            else if (args[i] == "exit-node" && verb == "set" && view.Length == 0 && i + 1 < args.Length && !args[i + 1].Contains(' ')) view = " exit-node " + args[++i];
             else if (args[i] == "--control" && i + 1 < args.Length) path = args[++i];
             else if (args[i].StartsWith("--control=")) path = args[i]["--control=".Length..];
             else { stderr.WriteLine($"veil: {verb}: unknown argument '{args[i]}' (see 'veil help {verb}')"); return 2; }
         }
         // Exit codes follow `veil help reload`: 1 nobody answered, 2 refused or bad input, 3 needs a restart.
         // Scripts tell them apart, so they must not change.
+        if (verb == "set" && view.Length == 0) { stderr.WriteLine("veil: set: what? (veil set exit-node NAME|off)"); return 2; }
         string? reply = ControlClient.Ask(path, verb + view);
         if (reply == null)
         {
@@ -11435,6 +11548,7 @@ internal static class Cli
                   netcheck          how members see this node: NAT kind, port mapping, relay, paths
                   reload            re-read the config without dropping sessions (--confirm S: roll back unless confirmed)
                   confirm           keep the changes of a 'reload --confirm' window
+                  set exit-node X   send traffic through member X (its --exit), or off
                   down              leave the mesh gracefully
                   init              create a key and a config file for this node
                   invite            print a one-time token that lets another node join (asks the running node)
@@ -11471,6 +11585,7 @@ internal static class Cli
                      "  config that ran before unless 'veil confirm' comes in time; open it before editing a remote node's file\n" +
                      "exit status: 0 applied, 1 no daemon, 2 the new config is invalid (nothing applied), 3 a changed key needs a restart (nothing applied)\n",
         ["confirm"] = "usage: veil confirm [--control PATH]   keep what was applied since 'veil reload --confirm'\n",
+        ["set"] = "usage: veil set exit-node NAME|off [--control PATH]   use another exit node, or none, without a restart\n",
         ["down"] = "usage: veil down [--control PATH]   leave gracefully: close sessions, remove the interface\n",
         ["init"] = "usage: veil init [--dir DIR] [--address CIDR] [--listen ADDR:PORT]   DIR/private.key (0600) and DIR/veil.toml (default DIR /etc/veil); never overwrites a key\n",
         ["invite"] = "usage: veil invite [--expires 1h] [--name NAME] [--endpoint HOST:PORT] [--network NAME] [--control PATH]\n  asks the running node (started with --config) for a one-time token; it expires and works once\n" +

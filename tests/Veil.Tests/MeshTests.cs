@@ -490,6 +490,25 @@ public class MeshTests(ITestOutputHelper output)
         Assert.Equal(spoof + (taken ? 0 : 1), t.Drops(0, DropReason.SourceNotAllowed));
     }
 
+    // veil set exit-node: the new exit's default route is taken from what it announced (no wait
+    // for its next announcement), the old one's goes.
+    [Fact]
+    public void ExitChanged_TakesTheAnnouncedDefaultRoute_AndDropsIt()
+    {
+        var t = ClaimScenario(v => v.ExitNode = "n2");
+        TestNode v = t.Nodes[0], m = t.Nodes[1];
+        Peer vm = PeerOf(v, m);
+        Assert.DoesNotContain(vm.Claims, c => c.Prefix.Bits == 0);
+        v.Node.Mesh.ExitNode = "n1";
+        v.Node.ExitChanged();
+        Assert.Contains(vm.Claims, c => c.Prefix.ToString() == "0.0.0.0/0");
+        Assert.Equal(vm.Id, RouteFor(v, "0.0.0.0/0")!.Value.PeerId);
+        v.Node.Mesh.ExitNode = null;
+        v.Node.ExitChanged();
+        Assert.DoesNotContain(vm.Claims, c => c.Prefix.Bits == 0);
+        Assert.Null(RouteFor(v, "0.0.0.0/0"));
+    }
+
     [Fact]
     public void ClaimPolicy_NarrowAccept_AcceptsOnlyWhatItCovers()
     {

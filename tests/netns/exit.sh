@@ -106,11 +106,28 @@ check "and c sees it from b's uplink address too" "c saw '$src'" test "$src" = "
 check "a still reaches b's overlay address (the main table wins over the exit)" "no reply" ping_ok a "$OL4_b"
 check "--exit-allow-lan: a reaches its LAN host l" "no reply" ping_ok a 192.0.2.10
 
-# without --exit-allow-lan: one rule, everything unmarked goes to the exit, the LAN too
-node_stop a
+# switching at run time: off puts rules and routes back as they were; b again brings them back
+out=$(nsx a "$VEIL" set exit-node nosuch --control "$(sock a)" 2>&1)
+rc=$?
+check "set exit-node naming no peer: exit 2, one line, nothing changed" "exit $rc: $out" \
+	bash -c "[[ $rc == 2 && \$(grep -c '' <<<\"\$0\") == 1 && \$(ip -n $NS_a rule | grep -c '^520[89]:') == 2 ]]" "$out"
+out=$(nsx a "$VEIL" set exit-node off --control "$(sock a)" 2>&1)
+check "set exit-node off: ok" "$out" grep -q "^ok: no exit node" <<<"$out"
+wait_until 5 bash -c "! ip -n $NS_a route show table 51820 | grep -q default"
+check "off: a's rules, routes and nft ruleset are as before veil started (the TUN's own aside)" "$(diff <(echo "$before_a") <(snapshot a | grep -v "$(tun a)"))" \
+	test "$before_a" = "$(snapshot a | grep -v "$(tun a)")"
+check "off: c is out of reach again (nothing goes to the exit)" "c answered" bash -c "! ip netns exec $NS_a ping -c 1 -W 2 -q $UL4_c >/dev/null"
+out=$(nsx a "$VEIL" set exit-node b --control "$(sock a)" 2>&1)
+check "set exit-node b: ok" "$out" grep -q "^ok: exit node b" <<<"$out"
+wait_until 5 bash -c "ip -n $NS_a route show table 51820 | grep -q '^default dev $(tun a)'"
+check "b again: rules and default route back, c reached through the exit" "no reply" \
+	bash -c "[[ \$(ip -n $NS_a rule | grep -c '^520[89]:') == 2 ]] && ip netns exec $NS_a ping -c 1 -W 3 -q $UL4_c >/dev/null"
+
+# without --exit-allow-lan (a reload): one rule, everything unmarked goes to the exit, the LAN too
 sed -i '/^exit_allow_lan/d' "$TMPD/a.toml"
-start_a
-wait_until 10 bash -c "ip -n $NS_a route show table 51820 | grep -q '^default dev $(tun a)'"
+out=$(nsx a "$VEIL" reload --control "$(sock a)" 2>&1)
+check "exit_allow_lan is reloadable" "$out" grep -q '^ok: reloaded' <<<"$out"
+wait_log a 'event=exit_node_changed exit_node=b trigger=reload' 5
 check "without --exit-allow-lan: only the fwmark rule" "$(nsx a ip rule)" \
 	bash -c "[[ \$(ip -n $NS_a rule | grep -c '^520[89]:') == 1 ]] && ip -n $NS_a rule | grep -q '^5209:'"
 check "a still reaches c and b's overlay address" "no reply" bash -c "ip netns exec $NS_a ping -c 1 -W 3 -q $UL4_c >/dev/null && ip netns exec $NS_a ping -c 1 -W 3 -q $OL4_b >/dev/null"
