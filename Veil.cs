@@ -308,6 +308,7 @@ internal static class Tune
     internal const int LivenessKeepalives = 3;               // keepalive periods without a record: the peer is down
     internal const long ExchangeIntervalMs = 60_000;
     internal const int MaxFilterRules = 256;
+    internal const long AutoAddressGraceMs = 120_000;     // a collision moves an auto address only this soon after it was taken
     internal const long ExchangeDebounceMs = 1_000;          // a change is told to peers at most this often
     internal const long ClaimLifetimeMs = 3 * ExchangeIntervalMs;
     internal const long ForgetMemberAfterMs = 300_000;       // learned members silent this long are dropped
@@ -1887,6 +1888,8 @@ internal static unsafe partial class Libc
     {
         bool v6 = address.AddressFamily == AddressFamily.InterNetworkV6;
         int fd = Socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        // --exit-node: accepted connections inherit the listener's mark, so replies skip the exit's table.
+        if (fd >= 0 && UdpSocket.FwMark != 0) SetIntOpt(fd, SOL_SOCKET, SO_MARK, (int)UdpSocket.FwMark);
         if (fd < 0) throw new IOException($"cannot {what} on {address}:{port}: {ErrorText(Errno)}{hint}");
         // A restarted daemon can listen again while old connections sit in TIME_WAIT.
         SetIntOpt(fd, SOL_SOCKET, SO_REUSEADDR, 1);
@@ -2814,6 +2817,9 @@ internal sealed class Gateway(string tunName, int tunIndex, List<IpPrefix> netwo
         {
             int e = allowLan ? Netlink.Rule(true, v6, SuppressPriority, Netlink.RT_TABLE_MAIN, 0, suppress: true) : 0;
             if (e == 0) e = Netlink.Rule(true, v6, TablePriority, Table, FwMark, suppress: false);
+            // The kill switch: with the exit down (its default route gone), traffic is refused here
+            // instead of leaving unencrypted by the main table's default route.
+            if (e == 0 && Netlink.Unreachable(true, v6, Table) is int u and < 0 && u != -Libc.EEXIST) e = u;
             _rules = true;
             if (e < 0)
             {
@@ -2841,8 +2847,11 @@ internal sealed class Gateway(string tunName, int tunIndex, List<IpPrefix> netwo
     internal static void RemoveRules()
     {
         foreach (bool v6 in new[] { false, true })
+        {
             foreach (int priority in new[] { SuppressPriority, TablePriority })
                 for (int i = 0; i < 8 && Netlink.Rule(false, v6, priority, 0, 0, false) == 0; i++) { }
+            for (int i = 0; i < 8 && Netlink.Unreachable(false, v6, Table) == 0; i++) { }
+        }
     }
 
     public void Dispose()
@@ -2873,8 +2882,11 @@ internal sealed unsafe class NatTable : IDisposable
 
     private NatTable(int fd) => _fd = fd;
 
+    internal const int MaxNetworks = 8;                  // what one batch of rules holds
+
     internal static NatTable Open(string name, int tunIndex, List<IpPrefix> networks, bool exit)
     {
+        if (networks.Count > MaxNetworks) throw new IOException($"at most {MaxNetworks} --network prefixes with --exit or --exit-node");
         int fd = Libc.Socket(Libc.AF_NETLINK, Libc.SOCK_RAW | Libc.SOCK_CLOEXEC, NETLINK_NETFILTER);
         if (fd < 0) throw new IOException($"cannot open nftables' netlink socket: {Libc.ErrorText(Libc.Errno)}");
         var b = new Batch();
@@ -3349,13 +3361,13 @@ internal static unsafe class Netlink
 {
     private const ushort RTM_NEWLINK = 16, RTM_NEWADDR = 20, RTM_DELADDR = 21, RTM_NEWROUTE = 24, RTM_DELROUTE = 25, RTM_GETROUTE = 26, NLMSG_ERROR = 2;
     private const ushort NLM_F_REQUEST = 1, NLM_F_ACK = 4, NLM_F_EXCL = 0x200, NLM_F_CREATE = 0x400;
-    private const ushort IFLA_MTU = 4, IFA_ADDRESS = 1, IFA_LOCAL = 2, IFA_FLAGS = 8, RTA_DST = 1, RTA_OIF = 4, RTA_TABLE = 15;
+    private const ushort IFLA_MTU = 4, IFA_ADDRESS = 1, IFA_LOCAL = 2, IFA_FLAGS = 8, RTA_DST = 1, RTA_OIF = 4, RTA_PRIORITY = 6, RTA_TABLE = 15;
     private const ushort RTM_NEWRULE = 32, RTM_DELRULE = 33, FRA_PRIORITY = 6, FRA_FWMARK = 10, FRA_SUPPRESS_PREFIXLEN = 14, FRA_TABLE = 15, FRA_FWMASK = 16, FRA_PROTOCOL = 21;
     private const byte FR_ACT_TO_TBL = 1;
     private const uint FIB_RULE_INVERT = 2;
     private const uint IFF_UP = 1, IFA_F_NODAD = 0x02;
     internal const byte RT_TABLE_MAIN = 254;
-    private const byte RT_SCOPE_UNIVERSE = 0, RT_SCOPE_LINK = 253, RTN_UNICAST = 1;
+    private const byte RT_SCOPE_UNIVERSE = 0, RT_SCOPE_LINK = 253, RTN_UNICAST = 1, RTN_UNREACHABLE = 7;
     internal const byte RouteProtocol = 86;          // our tag on routes we install (rt_protos has no 86)
     private const uint SIOCGIFINDEX = 0x8933;
 
@@ -3418,6 +3430,18 @@ internal static unsafe class Netlink
         if (p.Bits > 0) m.Attr(RTA_DST, addr[..(p.IsV6 ? 16 : 4)]);
         m.AttrU32(RTA_OIF, (uint)ifIndex);
         if (table >= 256) m.AttrU32(RTA_TABLE, (uint)table);
+        return m.Send();
+    }
+
+    /// <summary>Adds (or removes) an unreachable default route at the lowest preference in table:
+    /// while the exit's own default route is missing, nothing falls through to the main table.</summary>
+    internal static int Unreachable(bool add, bool v6, int table)
+    {
+        var m = new Msg(add ? RTM_NEWROUTE : RTM_DELROUTE, add ? (ushort)(NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL) : (ushort)(NLM_F_REQUEST | NLM_F_ACK));
+        m.Byte(v6 ? (byte)Libc.AF_INET6 : (byte)Libc.AF_INET); m.Byte(0); m.Byte(0); m.Byte(0);
+        m.Byte(0); m.Byte(RouteProtocol); m.Byte(RT_SCOPE_UNIVERSE); m.Byte(RTN_UNREACHABLE); m.U32(0);
+        m.AttrU32(RTA_TABLE, (uint)table);
+        m.AttrU32(RTA_PRIORITY, uint.MaxValue);
         return m.Send();
     }
 
@@ -3751,7 +3775,9 @@ internal sealed class PacketFilter
             match.Hits++;
             if (match.Deny) return false;
         }
-        Remember(flow, home, nowMs);
+        // A flow matters only to a direction with rules: recording the rest would let one peer's
+        // flood push every other peer's flows out of the table.
+        if (outbound ? _hasIn : _hasOut) Remember(flow, home, nowMs);
         return true;
     }
 
@@ -3796,8 +3822,23 @@ internal sealed class PacketFilter
         {
             src = BinaryPrimitives.ReadUInt128BigEndian(p[Ip.V6SourceOffset..]);
             dst = BinaryPrimitives.ReadUInt128BigEndian(p[Ip.V6DestinationOffset..]);
-            proto = p[Ip.V6NextHeaderOffset] == 58 ? (byte)1 : p[Ip.V6NextHeaderOffset];
+            proto = p[Ip.V6NextHeaderOffset];
             l4 = Ip.V6HeaderLen;
+            // Past the extension headers to the protocol that rules name: hop-by-hop, routing and
+            // destination options (8-byte units), AH (4-byte units), fragment (8 bytes; a later
+            // fragment carries no ports). A chain cut short is "no ports" of its last header.
+            for (int hops = 0; hops < 8 && proto is 0 or 43 or 60 or 51 or 44 && p.Length >= l4 + 8; hops++)
+            {
+                byte next = p[l4];
+                if (proto == 44)
+                {
+                    if ((BinaryPrimitives.ReadUInt16BigEndian(p[(l4 + 2)..]) & 0xFFF8) != 0) { proto = next; l4 = p.Length; break; }
+                    l4 += 8;
+                }
+                else l4 += proto == 51 ? (p[l4 + 1] + 2) * 4 : (p[l4 + 1] + 1) * 8;
+                proto = next;
+            }
+            if (proto == 58) proto = 1;
         }
         else return false;
         if (proto is 6 or 17 && p.Length >= l4 + 4)
@@ -5819,6 +5860,7 @@ internal sealed unsafe class TcpLinks : IDisposable
         bool v6 = !remote.IsV4;
         int fd = Libc.Socket(v6 ? Libc.AF_INET6 : Libc.AF_INET, Libc.SOCK_STREAM | Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC, 0);
         if (fd < 0) return default;
+        if (UdpSocket.FwMark != 0) Libc.SetIntOpt(fd, Libc.SOL_SOCKET, Libc.SO_MARK, (int)UdpSocket.FwMark);   // --exit-node: not through itself
         Span<byte> sa = stackalloc byte[Libc.SockaddrIn6Len];
         int len = Libc.WriteSockaddr(remote, v6, sa);
         int rc;
@@ -7011,6 +7053,7 @@ internal sealed unsafe partial class Daemon
             lock (node.Gate)
             {
                 node.Start(nowMs);
+                if (_cfg.AddressAuto) node.Mesh.AutoAddressSinceMs = nowMs;
                 if (state != null) ApplyState(node, state, nowMs);
                 nextTimerMs = _worker!.PumpTimers(nowMs);
             }
@@ -7083,7 +7126,7 @@ internal sealed unsafe partial class Daemon
             string all = Sysctls.Read(Sysctls.ConfPath("ipv4", "all", "rp_filter"));
             _sysctls.Set(Sysctls.ConfPath("ipv4", tun.Name, "rp_filter"), "2", was => was is "0" or "1" && (was == "1" || all == "1"), "fix_rp_filter");
         }
-        Gateway.RemoveRules();                        // what a crashed --exit-node run left behind
+        if (_cfg.ExitNode != null) Gateway.RemoveRules();   // what a crashed --exit-node run left (another instance's stay)
         _gateway = new Gateway(tun.Name, tun.IfIndex, _cfg.Networks, _log);
         if (_cfg.Exit) _gateway.Offer(_sysctls);
         _gateway.Use(_cfg.ExitNode, _cfg.ExitAllowLan);
@@ -7457,7 +7500,8 @@ internal sealed unsafe partial class Daemon
                 return;
             }
         if (next == _cfg.ExitNode) { answer(next == null ? "ok: no exit node (unchanged)\n" : $"ok: exit node {next} (unchanged)\n"); return; }
-        SwitchExit(next, _cfg.ExitAllowLan, error =>
+        bool allowLan = _cfg.ExitAllowLan;
+        SwitchExit(next, allowLan, error =>
         {
             if (error != null) { answer($"error: {error}; the exit node is unchanged\n"); return; }
             lock (node.Gate)
@@ -7468,21 +7512,20 @@ internal sealed unsafe partial class Daemon
             }
             _log.Info("exit_node_changed", $"exit_node={next ?? "off"}");
             answer(next == null ? "ok: no exit node\n" : $"ok: exit node {next}\n");
-        });
+        }, allowLan);
     }
 
     // On the chores thread; done runs on the loop (null: switched). A failure leaves the old choice.
-    private void SwitchExit(string? next, bool allowLan, Action<string?> done)
+    private void SwitchExit(string? next, bool allowLan, Action<string?> done, bool oldAllowLan)
     {
-        string? old = _gateway!.ExitNode;
         _chores!.Post(() =>
         {
-            string? error = null;
+            string? old = _gateway!.ExitNode, error = null;   // read here: an earlier switch has finished
             try { _gateway.Use(next, allowLan); }
             catch (IOException e)
             {
                 error = e.Message;
-                try { _gateway.Use(old, allowLan); } catch (IOException) { }
+                try { _gateway.Use(old, oldAllowLan); } catch (IOException) { }
             }
             if (error == null)
             {
@@ -7621,15 +7664,25 @@ internal sealed unsafe partial class Daemon
         if (r.Next is not UpConfig next) return (r.Code, r.Message);
         Node node = _node!;
         int peers;
-        if (next.ExitNode != _cfg.ExitNode || next.ExitAllowLan != _cfg.ExitAllowLan)
+        string? oldExit = _cfg.ExitNode;
+        bool oldLan = _cfg.ExitAllowLan, switching = next.ExitNode != oldExit || next.ExitAllowLan != oldLan;
+        // The mesh takes the new exit only once its rules are in (SwitchExit's answer).
+        if (switching)
             SwitchExit(next.ExitNode, next.ExitAllowLan, error =>
             {
-                if (error != null) _log.Error("exit_node_not_changed", $"exit_node={next.ExitNode ?? "off"} error=\"{error}\"");
+                lock (node.Gate)
+                {
+                    if (error == null) node.Mesh.ExitNode = next.ExitNode;
+                    else { _cfg.ExitNode = oldExit; _cfg.ExitAllowLan = oldLan; }
+                    node.ExitChanged();
+                }
+                if (error != null) _log.Error("exit_node_not_changed", $"exit_node={next.ExitNode ?? "off"} error=\"{error}\" kept={oldExit ?? "off"}");
                 else _log.Info("exit_node_changed", $"exit_node={next.ExitNode ?? "off"} trigger=reload");
-            });
+            }, oldLan);
         lock (node.Gate)
         {
             node.Apply(next, Mono.NowMs());
+            if (switching) { node.Mesh.ExitNode = oldExit; node.ExitChanged(); }
             _worker!.FlushUdp(node.UdpOut);
             peers = node.Peers.FindAll(p => p.Active).Count;
         }
@@ -8165,6 +8218,13 @@ internal static class AutoAddress
         return found;
     }
 
+    internal static bool IsCandidate(in Key32 key, IpPrefix network, IPAddress address)
+    {
+        for (int i = 0; i < MaxCandidates; i++)
+            if (Candidate(key, network, i).Address.Equals(address)) return true;
+        return false;
+    }
+
     /// <summary>The next candidate for network that is not in taken: null when all are.</summary>
     internal static IfAddress? Next(in Key32 key, IpPrefix network, Func<IPAddress, bool> taken)
     {
@@ -8186,6 +8246,7 @@ internal sealed class Mesh
     internal string? ExitNode;                             // the one member whose default routes we take
     internal List<IfAddress> AutoAddresses = new();        // --address auto: ours, kept in the state file
     internal (Peer By, Claim Claim)? MoveAddress;          // an auto address a lower key claims: the daemon moves off it
+    internal long AutoAddressSinceMs = -1;                 // when we took our auto addresses (start, last move)
     internal readonly List<Claim> OwnClaims = new();
     internal readonly List<IpPrefix> OwnHosts = new();    // this node's overlay addresses, as host prefixes
     internal readonly List<Endpoint> LocalEndpoints = new();   // interface addresses + port, set by the daemon
@@ -8460,10 +8521,13 @@ internal sealed class Mesh
         {
             string? why = Refusal(p, c.Prefix);
             if (why == null) { accepted.Add(c); continue; }
-            // Two members on one auto address: the lower key keeps it (every member judges alike),
-            // so only we, with the higher key, move.
-            if (why == "our_address" && AutoAddresses.Exists(a => new IpPrefix(a.Address.GetAddressBytes(), a.IsV6 ? 128 : 32).Equals(c.Prefix)) &&
-                ((ReadOnlySpan<byte>)p.PublicKey).SequenceCompareTo(_node.Handshaker.PublicKey) < 0)
+            // Two members that took one auto address at about the same time: the lower key keeps it,
+            // so only we, with the higher key, move, and only within the grace after we took it (a
+            // holder stays put) and for an address that is one of the claimant's own candidates.
+            if (why == "our_address" && AutoAddressSinceMs >= 0 && nowMs - AutoAddressSinceMs < Tune.AutoAddressGraceMs &&
+                AutoAddresses.Find(a => new IpPrefix(a.Address.GetAddressBytes(), a.IsV6 ? 128 : 32).Equals(c.Prefix)) is { Address: not null } mine &&
+                ((ReadOnlySpan<byte>)p.PublicKey).SequenceCompareTo(_node.Handshaker.PublicKey) < 0 &&
+                AutoAddress.IsCandidate(p.PublicKey, new IpPrefix(mine.Address.GetAddressBytes(), mine.Bits), mine.Address))
                 MoveAddress = (p, c);
             ClaimsRefused++;
             if (_node.Log.Wants(LogLevel.Warn, "claim_refused"))
@@ -8925,6 +8989,7 @@ internal sealed unsafe partial class Daemon
                     int i = _cfg.Addresses.IndexOf(old);
                     if (i >= 0) _cfg.Addresses[i] = next!.Value;
                     if (node.Mesh.Configure(_cfg)) node.ScheduleExchange(Mono.NowMs());
+                    node.Mesh.AutoAddressSinceMs = Mono.NowMs();
                     // The claim we refused as ours is the other member's now, without waiting a minute
                     // for its next announcement.
                     if (by.Active && !by.Claims.Contains(claim) && node.Mesh.Refusal(by, claim.Prefix) == null) { by.Claims.Add(claim); node.RebuildRoutes(); }
@@ -9355,6 +9420,13 @@ internal sealed partial class Node
 /// and a UPnP description or control URL that names another host is refused.</summary>
 internal sealed class PortMapper : IDisposable
 {
+    // --exit-node: the gateway is asked on the uplink, never through the exit.
+    private static Socket Marked(Socket s)
+    {
+        if (UdpSocket.FwMark != 0) s.SetSocketOption(SocketOptionLevel.Socket, (SocketOptionName)Libc.SO_MARK, (int)UdpSocket.FwMark);
+        return s;
+    }
+
     internal const int PcpPort = 5351, SsdpPort = 1900;    // NAT-PMP and PCP share 5351
     private const uint RequestLifetimeS = 7200;             // RFC 6886 §3.3's recommendation; PCP the same
     private const uint UpnpLeaseS = 3600;
@@ -9470,6 +9542,7 @@ internal sealed class PortMapper : IDisposable
     private static int Ask(IPAddress gw, ReadOnlySpan<byte> req, Span<byte> answer, Func<byte[], int, bool> ok, out IPAddress local)
     {
         using var sock = new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp);
+        Marked(sock);
         sock.Connect(new IPEndPoint(gw, PcpPort));       // connected: only the gateway's port answers
         local = ((IPEndPoint)sock.LocalEndPoint!).Address;
         byte[] buf = new byte[1100];
@@ -9505,7 +9578,7 @@ internal sealed class PortMapper : IDisposable
     {
         Span<byte> req = stackalloc byte[Pcp.MapLen], ans = stackalloc byte[Pcp.MapLen];
         IPAddress local;
-        using (var probe = new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp))
+        using (var probe = Marked(new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp)))
         {
             probe.Connect(new IPEndPoint(gw, PcpPort));
             local = ((IPEndPoint)probe.LocalEndPoint!).Address;
@@ -9537,7 +9610,7 @@ internal sealed class PortMapper : IDisposable
         Uri ctl = new(_upnpControl);
         string svc = _upnpService!;
         IPAddress local;
-        using (var probe = new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp))
+        using (var probe = Marked(new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp)))
         {
             probe.Connect(new IPEndPoint(gw, SsdpPort));
             local = ((IPEndPoint)probe.LocalEndPoint!).Address;
@@ -9565,6 +9638,7 @@ internal sealed class PortMapper : IDisposable
     private static string Discover(IPAddress gw)
     {
         using var sock = new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp);
+        Marked(sock);
         sock.Bind(new IPEndPoint(IPAddress.Any, 0));
         byte[] search = Encoding.ASCII.GetBytes(Upnp.MSearch);
         sock.SendTo(search, new IPEndPoint(gw, SsdpPort));
@@ -9589,6 +9663,7 @@ internal sealed class PortMapper : IDisposable
     private static (int Status, string Body) Http(IPAddress gw, Uri url, string method, string? body, string? soapAction)
     {
         using var sock = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp) { ReceiveTimeout = HttpTimeoutMs, SendTimeout = HttpTimeoutMs };
+        Marked(sock);
         IAsyncResult ar = sock.BeginConnect(new IPEndPoint(gw, url.Port), null, null);
         if (!ar.AsyncWaitHandle.WaitOne(HttpTimeoutMs)) throw new IOException($"connect {gw}:{url.Port} timed out");
         sock.EndConnect(ar);
@@ -10082,7 +10157,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             foreach (IpPrefix a in p.Allowed)
                 if (owner.TryGetValue(a, out string? other)) { if (w.Count < 8) w.Add($"route conflict: {a} is allowed for {other} and {p.Name}"); }
                 else owner[a] = p.Name;
-        if (cfg.ExitNode != null && !ExitInUse()) w.Add($"exit node {cfg.ExitNode} offers no default route (not up, or not an --exit): what has no other route is not sent");
+        if (cfg.ExitNode != null && !ExitInUse()) w.Add($"exit node {cfg.ExitNode} offers no default route (not up, or not an --exit): traffic for the exit is refused until it does");
         if (KernelRoutes != null)
             foreach (var (pr, why) in KernelRoutes.Conflicts) if (w.Count < 8) w.Add($"route conflict: {pr}: {why}");
         long jumpS = DateTimeOffset.UtcNow.ToUnixTimeSeconds() - (_startedUnixS + (nowMs - startedMs) / 1000);

@@ -65,6 +65,26 @@ public sealed class FilterTests
         Assert.True(f.Allow(Udp("100.64.0.2", 1, "100.64.0.1", 2), guest, outbound: false, 0));            // no in rules
     }
 
+    // TCP behind IPv6 extension headers is still TCP to the rules: a deny cannot be walked around.
+    [Theory]
+    [InlineData(60)]      // destination options
+    [InlineData(0)]       // hop-by-hop
+    [InlineData(44)]      // fragment (the first: offset 0, it has the ports)
+    public void Ipv6ExtensionHeaders_ReachTheTransportHeader(byte extension)
+    {
+        var (f, _, guest) = Make("deny in tcp 22 from guest", "allow in any");
+        byte[] p = new byte[40 + 8 + 20];
+        p[0] = 0x60;
+        p[Ip.V6NextHeaderOffset] = extension;
+        p[40] = Ip.ProtocolTcp;                                   // the extension's next header
+        p[41] = 0;                                                // 8 bytes long
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(48), 40000);
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(50), 22);
+        Assert.False(f.Allow(p, guest, outbound: false, 0));
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(50), 23);
+        Assert.True(f.Allow(p, guest, outbound: false, 0));
+    }
+
     [Theory]
     [InlineData("*", "anything", true)]
     [InlineData("admin-*", "admin-bee", true)]

@@ -76,6 +76,8 @@ wait_until 10 bash -c "ip -n $NS_a route show table 51820 | grep -q '^default de
 check "a: the exit's default route is in table 51820, with the two policy rules" "$(nsx a ip rule; ip -n "$NS_a" route show table 51820)" \
 	bash -c "ip -n $NS_a rule | grep -q '^5208:.*lookup main suppress_prefixlength 0' && ip -n $NS_a rule | grep -q '^5209:.*not from all fwmark 0xca6c lookup 51820' &&
 		ip -n $NS_a -6 route show table 51820 | grep -q '^default dev $(tun a)'"
+check "a: the kill switch: an unreachable default behind the exit's, so an exit that goes away leaks nothing" "$(ip -n "$NS_a" route show table 51820; ip -n "$NS_a" -6 route show table 51820)" \
+	bash -c "ip -n $NS_a route show table 51820 | grep -q '^unreachable default' && ip -n $NS_a -6 route show table 51820 | grep -q '^unreachable default'"
 check "a: the main table's default route is untouched" "$(ip -n "$NS_a" route show table main)" \
 	bash -c "ip -n $NS_a route show table main | grep -q '^default via $UL4_b dev $VETH'"
 check "b: forwarding on, its own nft table" "$(nsx b nft list ruleset)" \
