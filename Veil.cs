@@ -448,6 +448,7 @@ internal readonly record struct IfAddress(IPAddress Address, int Bits)
         a = new IfAddress(IPAddress.Parse(s[..slash]), p.Bits);
         return true;
     }
+    internal IpPrefix Host => new(Address.GetAddressBytes(), IsV6 ? 128 : 32);
     public override string ToString() => Address + "/" + Bits;
 }
 
@@ -2677,6 +2678,7 @@ internal sealed class Sysctls(Log log)
 
     internal static string ConfPath(string family, string conf, string key) => $"/proc/sys/net/{family}/conf/{conf}/{key}";
 
+    /// <summary>A /proc or /sys file's value, trimmed; "" when it cannot be read.</summary>
     internal static string Read(string path)
     {
         try { return File.ReadAllText(path).Trim(); }
@@ -2729,8 +2731,7 @@ internal sealed class Sysctls(Log log)
 /// for status and doctor until it goes away.</summary>
 internal sealed class KernelRoutes(int ifIndex, Log log)
 {
-    private readonly HashSet<IpPrefix> _installed = new();
-    private readonly Dictionary<IpPrefix, int> _tableOf = new();   // where each installed prefix went
+    private readonly Dictionary<IpPrefix, int> _installed = new();   // each installed prefix, and the table it went to
     // --exit-node: default routes go into the Gateway's table, which its policy rules consult. It
     // may change at run time (veil set exit-node); a route is removed from the table it went to.
     internal volatile int DefaultRouteTable = Netlink.RT_TABLE_MAIN;
@@ -2742,11 +2743,10 @@ internal sealed class KernelRoutes(int ifIndex, Log log)
     internal void Sync(List<IpPrefix> prefixes)
     {
         var want = new HashSet<IpPrefix>(prefixes);
-        foreach (IpPrefix pr in new List<IpPrefix>(_installed))
+        foreach (IpPrefix pr in new List<IpPrefix>(_installed.Keys))
         {
             if (want.Contains(pr)) continue;
-            _installed.Remove(pr);
-            int table = _tableOf.Remove(pr, out int t) ? t : TableOf(pr);
+            _installed.Remove(pr, out int table);
             if (Netlink.RemoveRoute(ifIndex, pr, table) is int e and < 0 && e != -Libc.ESRCH)
                 log.Warn("route_failed", $"prefix={pr} op=remove error=\"{Libc.ErrorText(-e)}\"");
             else log.Info("route_removed", $"prefix={pr}");
@@ -2754,7 +2754,7 @@ internal sealed class KernelRoutes(int ifIndex, Log log)
         var conflicts = new Dictionary<IpPrefix, string>();
         foreach (IpPrefix pr in want)
         {
-            if (!_installed.Contains(pr))
+            if (!_installed.ContainsKey(pr))
             {
                 int e = Netlink.AddRoute(ifIndex, pr, TableOf(pr));
                 // "Exists" is no conflict when the route is the kernel's own on our interface (the
@@ -2762,19 +2762,19 @@ internal sealed class KernelRoutes(int ifIndex, Log log)
                 if (e == -Libc.EEXIST && Netlink.RouteOif(pr) == ifIndex) continue;
                 if (e == -Libc.EEXIST) conflicts[pr] = "the main table has another route for it (not Veil's), so it is not installed";
                 else if (e < 0) log.Warn("route_failed", $"prefix={pr} op=add error=\"{Libc.ErrorText(-e)}\"");
-                else { _installed.Add(pr); _tableOf[pr] = TableOf(pr); log.Info("route_added", $"prefix={pr}"); }
+                else { _installed[pr] = TableOf(pr); log.Info("route_added", $"prefix={pr}"); }
             }
             // Installed, but does the kernel use it? A more specific route elsewhere, or an equal one
             // that came first, takes the traffic (`ip route get`). A default route is left out: what
             // it covers is anything no other route takes.
-            if (_installed.Contains(pr) && pr.Bits > 0 && Netlink.RouteOif(pr) is int oif and > 0 && oif != ifIndex)
+            if (_installed.ContainsKey(pr) && pr.Bits > 0 && Netlink.RouteOif(pr) is int oif and > 0 && oif != ifIndex)
                 conflicts[pr] = $"traffic for it leaves by {Netlink.IfName(oif)}: another route shadows ours";
         }
         foreach (var (pr, why) in conflicts)
             if (!_conflicts.TryGetValue(pr, out string? was) || was != why)
                 log.Warn("route_conflict", $"prefix={pr} reason=\"{why}\" hint=\"veil doctor explains; remove or narrow the other route, or the peer's allowed_ips\"");
         foreach (IpPrefix pr in _conflicts.Keys)
-            if (!conflicts.ContainsKey(pr) && want.Contains(pr) && _installed.Contains(pr)) log.Info("route_conflict_resolved", $"prefix={pr}");
+            if (!conflicts.ContainsKey(pr) && want.Contains(pr) && _installed.ContainsKey(pr)) log.Info("route_conflict_resolved", $"prefix={pr}");
         _conflicts = conflicts;
         Conflicts = new Dictionary<IpPrefix, string>(conflicts);
     }
@@ -8337,7 +8337,7 @@ internal sealed class Mesh
         OwnHosts.Clear();
         foreach (IfAddress a in cfg.Addresses)
         {
-            var host = new IpPrefix(a.Address.GetAddressBytes(), a.IsV6 ? 128 : 32);
+            IpPrefix host = a.Host;
             OwnHosts.Add(host);
             claims.Add(new Claim(host, cfg.Metric));
         }
@@ -8525,7 +8525,7 @@ internal sealed class Mesh
             // so only we, with the higher key, move, and only within the grace after we took it (a
             // holder stays put) and for an address that is one of the claimant's own candidates.
             if (why == "our_address" && AutoAddressSinceMs >= 0 && nowMs - AutoAddressSinceMs < Tune.AutoAddressGraceMs &&
-                AutoAddresses.Find(a => new IpPrefix(a.Address.GetAddressBytes(), a.IsV6 ? 128 : 32).Equals(c.Prefix)) is { Address: not null } mine &&
+                AutoAddresses.Find(a => a.Host.Equals(c.Prefix)) is { Address: not null } mine &&
                 ((ReadOnlySpan<byte>)p.PublicKey).SequenceCompareTo(_node.Handshaker.PublicKey) < 0 &&
                 AutoAddress.IsCandidate(p.PublicKey, new IpPrefix(mine.Address.GetAddressBytes(), mine.Bits), mine.Address))
                 MoveAddress = (p, c);
@@ -8953,7 +8953,7 @@ internal sealed unsafe partial class Daemon
     private void PostAddressMove(Peer by, Claim claim)
     {
         Node node = _node!;
-        int at = _cfg.Addresses.FindIndex(a => new IpPrefix(a.Address.GetAddressBytes(), a.IsV6 ? 128 : 32).Equals(claim.Prefix));
+        int at = _cfg.Addresses.FindIndex(a => a.Host.Equals(claim.Prefix));
         if (at < 0) return;
         IfAddress old = _cfg.Addresses[at];
         var taken = new HashSet<IPAddress> { old.Address };
@@ -12350,7 +12350,7 @@ internal sealed class Invites(Key32 privateKey)
             string name = p.Name.Length > 0 ? p.Name : UpConfig.IsName(asked) ? asked : "";
             var pc = new PeerConfig { Name = name };
             joinerKey.CopyTo(pc.PublicKey);
-            pc.Allowed.Add(new IpPrefix(p.Token.JoinerAddress.Address.GetAddressBytes(), p.Token.JoinerAddress.IsV6 ? 128 : 32));
+            pc.Allowed.Add(p.Token.JoinerAddress.Host);
             joinerKey.CopyTo(p.JoinerKey);                // the invite is this key's from now on
             Joiners.Enqueue(new Joiner(p.Token.Id, pc, from));
             // Empty: queued, not yet answered. The joiner hears yes only once the config that admits it is
@@ -12772,12 +12772,12 @@ internal static unsafe partial class Doctor
                             ? " (see 'ip route get ADDRESS': a more specific or earlier route on that interface wins)"
                             : line.Contains("not Veil's", StringComparison.Ordinal) ? " (see 'ip route show PREFIX': delete or narrow that route, or give the peer another prefix)" : ""));
             bool subnets = cfg.Peers.Exists(p => p.Allowed.Exists(a => a.Bits < a.MaxBits));
-            string rp = ReadProc("/proc/sys/net/ipv4/conf/all/rp_filter");
+            string rp = Sysctls.Read("/proc/sys/net/ipv4/conf/all/rp_filter");
             Line(rp != "1" || !subnets || cfg.FixRpFilter, "rp_filter", rp == "1" && subnets
                 ? cfg.FixRpFilter ? "strict (1); --fix-rp-filter makes it loose (2) on the TUN alone"
                     : "strict (1) while peers route subnets: replies may be dropped; start with --fix-rp-filter, or set net.ipv4.conf.all.rp_filter=2"
                 : $"{(rp.Length > 0 ? rp : "unknown")} ({(rp == "1" ? "strict, fine for host routes only" : "fine")})");
-            string fwd = ReadProc("/proc/sys/net/ipv4/ip_forward");
+            string fwd = Sysctls.Read("/proc/sys/net/ipv4/ip_forward");
             Line(true, "ip_forward", fwd == "1" ? "on" : "off (needed only when this node forwards for a subnet behind it)");
             foreach (PeerConfig p in cfg.Peers)
             {
@@ -12820,7 +12820,7 @@ internal static unsafe partial class Doctor
     {
         var inodes = new HashSet<string>();
         foreach (string table in new[] { "/proc/net/udp", "/proc/net/udp6" })
-            foreach (string line in ReadProc(table).Split('\n'))
+            foreach (string line in Sysctls.Read(table).Split('\n'))
             {
                 // "sl local_address rem_address st ... uid timeout inode": local is HEXADDR:HEXPORT.
                 string[] f = line.Split(' ', StringSplitOptions.RemoveEmptyEntries);
@@ -12837,7 +12837,7 @@ internal static unsafe partial class Doctor
                 {
                     foreach (string fd in Directory.EnumerateFileSystemEntries(dir + "/fd"))
                         if (new FileInfo(fd).LinkTarget is string target && inodes.Contains(target))
-                            return $"pid {pid} ({ReadProc(dir + "/comm")})";
+                            return $"pid {pid} ({Sysctls.Read(dir + "/comm")})";
                 }
                 catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }   // gone, or not ours to read
             }
@@ -12846,15 +12846,9 @@ internal static unsafe partial class Doctor
         return null;
     }
 
-    private static string ReadProc(string path)
-    {
-        try { return File.ReadAllText(path).Trim(); }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { return ""; }
-    }
-
     private static bool HasCapNetAdmin()
     {
-        foreach (string line in ReadProc("/proc/self/status").Split('\n'))
+        foreach (string line in Sysctls.Read("/proc/self/status").Split('\n'))
             // CAP_NET_ADMIN is bit 12 of the effective set (linux/capability.h).
             if (line.StartsWith("CapEff:") && ulong.TryParse(line[7..].Trim(), System.Globalization.NumberStyles.HexNumber, null, out ulong caps))
                 return (caps & (1UL << 12)) != 0;
@@ -12876,7 +12870,7 @@ internal static unsafe partial class Doctor
     {
         var found = new List<string>();
         // IPv4 only: /proc/net/route has no IPv6 routes. Its first line is the column header.
-        string[] lines = ReadProc("/proc/net/route").Split('\n');
+        string[] lines = Sysctls.Read("/proc/net/route").Split('\n');
         foreach (string line in lines.Length > 1 ? lines[1..] : [])
         {
             string[] f = line.Split('\t', StringSplitOptions.RemoveEmptyEntries);
