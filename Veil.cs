@@ -284,6 +284,8 @@ internal static class Tune
     internal const long ShutdownGraceMs = 2_000;
     internal const int LogQueueLines = 4096;                  // lines waiting for the log writer; beyond: counted as lost
     internal const int MaxRevocations = 1024;                 // revoked keys a node keeps (and checks for)
+    internal const int MaxMarksPerMember = 256;               // isolation marks one member may set (§15)
+    internal const int MaxMarkingMembers = 64;                // members whose marks a node keeps
     internal const string DefaultControlPath = "/var/run/veil.sock";
     // The longest request, `revoke` with a signed revocation, is a few hundred bytes.
     internal const int MaxControlRequestLen = 4096;
@@ -938,6 +940,7 @@ internal sealed class PeerConfig
     internal long KeepaliveMs = -1;        // -1: the node's keepalive
     internal bool Trusted;                 // from --trust: may connect, endpoint learned from the mesh
     internal Endpoint Tcp;                 // --peer-tcp: its --listen-tcp, for when UDP gets no answer
+    internal bool Isolated;                // TOML isolated: reaches this node only; members are told to refuse it (§15)
 }
 
 /// <summary>A parsed TOML value with the line it came from.</summary>
@@ -1250,7 +1253,7 @@ internal sealed class UpConfig
     ];
     internal static readonly string[] BoolKeys = ["mesh", "relay", "port_mapping", "fix_rp_filter", "exit", "exit_allow_lan", "isolate"];
     private static readonly string[] ListKeys = ["filter", "address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk", "hook"];
-    private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive", "tcp"];
+    private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive", "tcp", "isolated"];
 
     /// <summary>Where a value came from, for the one-line error: "--mtu" or "veil.toml:12: key 'mtu'".</summary>
     // A flag error quotes the flag as typed; a file error leads with FILE:LINE so editors can jump to it.
@@ -1352,9 +1355,40 @@ internal sealed class UpConfig
         }
         foreach (var (table, entries) in doc.TableArrays)
         {
-            if (table != "peer") throw new ConfigException($"{doc.File}:{doc.TableLines[table + "#0"]}: table [[{table}]] is not known (use [[peer]])");
-            for (int i = 0; i < entries.Count; i++) Peers.Add(FilePeer(doc, entries[i], doc.TableLines["peer#" + i]));
+            if (table is not ("peer" or "filter")) throw new ConfigException($"{doc.File}:{doc.TableLines[table + "#0"]}: table [[{table}]] is not known (use [[peer]] or [[filter]])");
+            for (int i = 0; i < entries.Count; i++)
+                if (table == "peer") Peers.Add(FilePeer(doc, entries[i], doc.TableLines["peer#" + i]));
+                else
+                {
+                    int line = doc.TableLines["filter#" + i];
+                    string rule = FileFilter(doc, entries[i], line);
+                    try { Apply("filter", new Src($"{doc.File}:{line}: [[filter]]", false), rule); }
+                    catch (ConfigException e) when (!e.Message.StartsWith(doc.File, StringComparison.Ordinal)) { throw new ConfigException($"{doc.File}:{line}: [[filter]]: {e.Message}"); }
+                }
         }
+    }
+
+    private static readonly string[] FilterKeys = ["action", "direction", "proto", "port", "peer"];
+
+    // [[filter]] action = "allow"|"deny", direction = "in"|"out", proto = "tcp"|"udp"|"icmp"|"any",
+    // port = 22 or "1000-2000", peer = "admin-*": the one-line rule the flag takes, built from its parts.
+    private static string FileFilter(TomlDoc doc, Dictionary<string, TomlValue> t, int line)
+    {
+        foreach (var (k, v) in t)
+            if (Array.IndexOf(FilterKeys, k) < 0) throw new ConfigException($"{doc.File}:{v.Line}: unknown key '{k}' in [[filter]]{DidYouMean(k, FilterKeys)}");
+        string Part(string k, bool integerToo)
+        {
+            if (!t.TryGetValue(k, out TomlValue? v)) return "";
+            var src = new Src($"{doc.File}:{v.Line}: key '{k}'", false);
+            string text = integerToo && v.Type == TomlValue.Kind.Integer ? Scalar(src, v, true) : Scalar(src, v, false);
+            if (text.Length == 0 || text.Contains(' ')) throw new ConfigException($"{src.Text}: expected one word");
+            return text;
+        }
+        string direction = Part("direction", false);
+        if (direction.Length == 0) throw new ConfigException($"{doc.File}:{line}: [[filter]] needs a direction (\"in\" or \"out\")");
+        string proto = Part("proto", false), port = Part("port", true), peer = Part("peer", false);
+        string rule = $"{Part("action", false)} {direction} {(proto.Length > 0 ? proto : "any")} {port} {(peer.Length > 0 ? (direction == "out" ? "to " : "from ") + peer : "")}";
+        return string.Join(' ', rule.Split(' ', StringSplitOptions.RemoveEmptyEntries));
     }
 
     // A relative path in the file is relative to the file (as in nginx or a systemd unit): under procd
@@ -1381,6 +1415,8 @@ internal sealed class UpConfig
             foreach (TomlValue item in ListOf(S("allowed_ips"), al)) p.Allowed.Add(ParsePrefix(S("allowed_ips"), item.Str));
         if (t.TryGetValue("keepalive", out TomlValue? ka)) p.KeepaliveMs = ParseInt(S("keepalive"), Scalar(S("keepalive"), ka, true), 0, 3600) * 1000L;
         if (t.TryGetValue("name", out TomlValue? nm)) p.Name = ParseName(S("name"), Scalar(S("name"), nm, false));
+        if (t.TryGetValue("isolated", out TomlValue? iso))
+            p.Isolated = iso.Type == TomlValue.Kind.Boolean ? iso.Bool : throw new ConfigException($"{S("isolated").Text}: expected true or false");
         if (t.TryGetValue("tcp", out TomlValue? tc))
         {
             var (tip, tport) = ParseAddressPort(S("tcp"), Scalar(S("tcp"), tc, false));
@@ -1566,6 +1602,7 @@ internal sealed class UpConfig
             if (!names.Add(p.Name)) throw new ConfigException($"peer name '{p.Name}' is given twice");
         }
         if (Peers.Count > Tune.MaxPeers) throw new ConfigException($"at most {Tune.MaxPeers} peers");
+        if (Peers.FindAll(p => p.Isolated).Count > Tune.MaxMarksPerMember) throw new ConfigException($"at most {Tune.MaxMarksPerMember} peers can be isolated");
         // In a mesh the exit may be a member not met yet; without one it must be a configured peer.
         if (ExitNode != null && !Mesh && !names.Contains(ExitNode))
             throw new ConfigException($"--exit-node '{ExitNode}' names no peer (peer names: {string.Join(", ", names)})");
@@ -3925,6 +3962,7 @@ internal sealed class Peer
     internal string ConfiguredEndpoint;          // as configured; Endpoint roams away from it
     internal Endpoint TcpRemote;                 // --peer-tcp (unset: none); Endpoint is a TcpLinks one while in use
     internal Endpoint EndpointBeforeTcp;         // where Endpoint pointed when a TCP link took over
+    internal bool Isolated;                      // its config says isolated: it reaches us, no other peer through us
     internal PeerState State { get; private set; }
     internal PeerOrigin Origin { get; private set; }
     internal bool Active => State != PeerState.Removed;
@@ -3968,6 +4006,7 @@ internal sealed class Peer
 
     internal Session? Previous, Current, Next;
     internal long RevocationsSentVersion = -1;   // the Mesh.RevocationsVersion this member has heard (§15)
+    internal long MarksSentGeneration = -1;      // the Mesh.MarksGeneration of ours this member has heard
 
     // Initiator side of a handshake in flight.
     internal Handshake? Pending;
@@ -4026,6 +4065,7 @@ internal sealed class Peer
         Endpoint = cfg.Endpoint;
         ConfiguredEndpoint = cfg.EndpointText;
         TcpRemote = cfg.Tcp;
+        Isolated = cfg.Isolated;
         Allowed = new List<IpPrefix>(cfg.Allowed);
         Name = cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.DefaultName();
         PersistentKeepaliveMs = cfg.KeepaliveMs >= 0 ? cfg.KeepaliveMs : persistentKeepaliveMs;
@@ -6068,6 +6108,14 @@ internal readonly record struct KeyId(UInt128 A, UInt128 B)
 {
     internal static KeyId Of(ReadOnlySpan<byte> k) =>
         new(BinaryPrimitives.ReadUInt128LittleEndian(k), BinaryPrimitives.ReadUInt128LittleEndian(k[16..]));
+
+    internal Key32 Key()
+    {
+        Key32 k = default;
+        BinaryPrimitives.WriteUInt128LittleEndian(k, A);
+        BinaryPrimitives.WriteUInt128LittleEndian(((Span<byte>)k)[16..], B);
+        return k;
+    }
 }
 
 internal sealed partial class Node
@@ -6105,10 +6153,7 @@ internal sealed partial class Node
         Counters = counters;
         Mtu = cfg.Mtu;
         RekeyAfterMs = cfg.RekeyAfterTimeMs;
-        Isolate = cfg.Isolate;
-        // The same rules keep their flows and counters; other rules start a table of their own.
-        if (cfg.Filters.Count == 0) Filter = null;
-        else if (Filter == null || !Filter.Same(cfg.Filters)) Filter = new PacketFilter(cfg.Filters.ConvertAll(PacketFilter.Parse));
+        ConfigurePolicy(cfg);
         Admission = new Admission(cfg.HandshakeRate, cfg.HandshakeRatePerSource, cfg.MaxSessions);
         Handshaker = new Handshaker(cfg.PrivateKey, FindOrAdmitPeer);
         if (cfg.Cipher != "auto") Handshaker.ChooseCipher(cfg.Cipher);
@@ -6123,10 +6168,21 @@ internal sealed partial class Node
     }
 
     internal bool Isolate;                       // --isolate: no peer reaches another through us
+    internal bool AnyIsolated;                   // some configured peer is marked isolated
     internal PacketFilter? Filter;               // --filter: null without rules
     private Key32 _psk;                          // the network secret, for peers added by a reload or learned
     private long _keepaliveMs;                   // --keepalive, for learned members
     private long _admitNowMs;                    // the time of the ClientHello FindOrAdmitPeer is asked about
+
+    // What the packet path checks beyond routes: isolation and the filter (reloadable).
+    private void ConfigurePolicy(UpConfig cfg)
+    {
+        Isolate = cfg.Isolate;
+        AnyIsolated = cfg.Peers.Exists(pc => pc.Isolated);
+        // The same rules keep their flows and counters; other rules start a table of their own.
+        if (cfg.Filters.Count == 0) Filter = null;
+        else if (Filter == null || !Filter.Same(cfg.Filters)) Filter = new PacketFilter(cfg.Filters.ConvertAll(PacketFilter.Parse));
+    }
 
     internal void ClearKeys()
     {
@@ -6154,6 +6210,7 @@ internal sealed partial class Node
     private Peer? FindOrAdmitPeer(Key32 key)
     {
         if (Mesh.IsRevoked(key)) { Mesh.RefusedRevoked(key); return null; }
+        if (Mesh.Refuses(key)) { Mesh.RefusedIsolated(key); return null; }
         Peer? p = FindPeer(key);
         if (p != null || !Mesh.Open) return p;
         // A stranger: a stand-in, in no table, until its whole hello has decrypted (ReceiveClientHello
@@ -6198,8 +6255,6 @@ internal sealed partial class Node
         else Log.Info("peer_removed", $"peer={p.Name} reason={reason}");
     }
 
-    /// <summary>Applies a reloaded config's reloadable keys: peers (added, removed, changed), rates,
-    /// rekey time. Sessions of peers whose key stays are kept.</summary>
     /// <summary>After the policy may have changed (a reload, `veil set exit-node`): claims it no
     /// longer accepts go, and the exit node's announced default routes come in.</summary>
     internal void ExitChanged()
@@ -6214,6 +6269,8 @@ internal sealed partial class Node
         RebuildRoutes();
     }
 
+    /// <summary>Applies a reloaded config's reloadable keys: peers (added, removed, changed), rates,
+    /// rekey time. Sessions of peers whose key stays are kept.</summary>
     internal void Apply(UpConfig cfg, long nowMs)
     {
         if (cfg.SecretsRead)                                  // a rotation: new handshakes use the new secret
@@ -6251,15 +6308,13 @@ internal sealed partial class Node
             p.Allowed.Clear();
             p.Allowed.AddRange(pc.Allowed);
             p.TcpRemote = pc.Tcp;
+            p.Isolated = pc.Isolated;
         }
         _keepaliveMs = cfg.PersistentKeepaliveMs;
         if (Mesh.Configure(cfg)) ScheduleExchange(nowMs);
         ExitChanged();
         RekeyAfterMs = cfg.RekeyAfterTimeMs;
-        Isolate = cfg.Isolate;
-        // The same rules keep their flows and counters; other rules start a table of their own.
-        if (cfg.Filters.Count == 0) Filter = null;
-        else if (Filter == null || !Filter.Same(cfg.Filters)) Filter = new PacketFilter(cfg.Filters.ConvertAll(PacketFilter.Parse));
+        ConfigurePolicy(cfg);
         Admission.Rate = cfg.HandshakeRate;
         Admission.RatePerSource = cfg.HandshakeRatePerSource;
         Admission.MaxSessions = cfg.MaxSessions;
@@ -6481,9 +6536,10 @@ internal sealed partial class Node
             Counters.Drop(DropReason.SourceNotAllowed);
             return 0;
         }
-        // --isolate: what one peer sends to another through us (our kernel would forward it back into
-        // the tunnel) stops here. To us, and to what no peer routes (an exit's uplink), it passes.
-        if (Isolate && RouteOf(packet, destination: true) is int to && to >= 0 && to != p.Id)
+        // --isolate, or a peer marked isolated on either end: what one peer sends to another through us
+        // (our kernel would forward it back into the tunnel) stops here. To us, and to what no peer
+        // routes (an exit's uplink), it passes.
+        if ((Isolate || AnyIsolated) && RouteOf(packet, destination: true) is int to && to >= 0 && to != p.Id && (Isolate || p.Isolated || Peers[to].Isolated))
         {
             Counters.Drop(DropReason.Isolated);
             return 0;
@@ -7882,7 +7938,9 @@ internal static unsafe partial class Privileges
 //   Members  2 ‖ n u8 ‖ n × (public key 32 ‖ seen ago, s u32 ‖ k u8 ‖ k × endpoint)
 //   Revoked  3 ‖ n u8 ‖ n × revocation (public key 32 ‖ issued, unix s u64 ‖ admin signature 64)
 //   Punch    4 ‖ n u8 ‖ n × endpoint      (the sender's endpoints, to be answered at; see Node.Punch)
-// Self's flags: 1 = relays for members. (Absent: 0, as older nodes send it.)
+//   Ping 5 / Pong 6 ‖ id u64
+//   Isolated 7 ‖ generation u32 ‖ part u8 ‖ parts u8 ‖ n u8 ‖ n × public key 32
+// Self's flags: 1 = relays for members; 2 = marks members isolated. (Absent: 0, as older nodes send it.)
 //   endpoint family u8 (4|6) ‖ address 4|16 ‖ port u16     claim  family u8 ‖ bits u8 ‖ address 4|16 ‖ metric u16
 // "observed" is where the sender sees the receiver: behind a NAT, the receiver's public endpoint.
 // Self goes to a peer when its session comes up, every ExchangeIntervalMs, and (debounced) when
@@ -7899,6 +7957,15 @@ internal static unsafe partial class Privileges
 // in Members ignored, and the revocation kept (the daemon's `revocations` file) and passed on to
 // every member once per session and whenever the set grows. Signatures are checked off the node's
 // lock (the daemon's chores thread); until then a received revocation waits, unapplied.
+// Isolation: a node marks the peers its config calls `isolated` (a gateway's guests, joined with
+// `veil invite --isolated`). It carries nothing between them and other peers (Node.ReceivedData),
+// and tells every other member, whole, in Isolated messages: one set of `parts` messages per
+// generation, sent when a session comes up and when the set changes; the Self flag 2 says a set
+// exists, and a Self without it withdraws the sender's marks. A receiver refuses sessions with
+// whatever any member marks, unless its own config names that key: it drops the sessions, refuses
+// handshakes, ignores the key in Members, state file and beacons. Marks of a new generation count
+// at once; marks a generation dropped go only once all its parts have arrived, so a lost or late
+// message can only keep a mark, never lift one early. Received marks persist in the state file.
 
 internal readonly record struct Claim(IpPrefix Prefix, int Metric);
 
@@ -7965,8 +8032,10 @@ internal sealed class Revocation
 /// <summary>A parsed exchange message, reused for every message received.</summary>
 internal sealed class ExchangeMessage
 {
-    internal const byte TypeSelf = 1, TypeMembers = 2, TypeRevoked = 3, TypePunch = 4, TypePing = 5, TypePong = 6;
-    internal const byte SelfRelays = 1;
+    internal const byte TypeSelf = 1, TypeMembers = 2, TypeRevoked = 3, TypePunch = 4, TypePing = 5, TypePong = 6, TypeIsolated = 7;
+    internal const byte SelfRelays = 1, SelfMarks = 2;
+    internal const int IsolatedHeaderLen = 8, MaxMarksPerMessage = (Tune.MaxExchangeLen - IsolatedHeaderLen) / Spec.KeyLen;
+    internal const int MaxMarkParts = (Tune.MaxMarksPerMember + MaxMarksPerMessage - 1) / MaxMarksPerMessage;
     internal const int MaxRevocations = (Tune.MaxExchangeLen - 2) / Revocation.Len;   // per message
     internal const int MaxNameLen = 32, MaxMembers = 32;
     internal const int EntryFixedLen = Spec.KeyLen + 4 + 1;
@@ -7980,11 +8049,14 @@ internal sealed class ExchangeMessage
     internal readonly List<(Key32 Key, uint SeenAgoS, int First, int Count)> Members = new();
     internal readonly List<Endpoint> MemberEndpoints = new();
     internal readonly List<Revocation> Revocations = new();
+    internal uint MarkGeneration;
+    internal int MarkPart, MarkParts;
+    internal readonly List<Key32> Marks = new();
 
     /// <summary>True when m is one well-formed message; on false the contents are meaningless.</summary>
     internal bool Parse(ReadOnlySpan<byte> m)
     {
-        Endpoints.Clear(); Claims.Clear(); Members.Clear(); MemberEndpoints.Clear(); Revocations.Clear();
+        Endpoints.Clear(); Claims.Clear(); Members.Clear(); MemberEndpoints.Clear(); Revocations.Clear(); Marks.Clear();
         Name = "";
         SelfFlags = 0;
         if (m.Length is < 2 or > Tune.MaxExchangeLen) return false;
@@ -8058,6 +8130,22 @@ internal sealed class ExchangeMessage
             int n = m[pos++];
             if (n is 0 or > MaxRevocations || pos + n * Revocation.Len != m.Length) return false;
             for (; n > 0; n--, pos += Revocation.Len) Revocations.Add(Revocation.Read(m.Slice(pos, Revocation.Len))!);
+        }
+        else if (Type == TypeIsolated)
+        {
+            if (m.Length < IsolatedHeaderLen) return false;
+            MarkGeneration = BinaryPrimitives.ReadUInt32BigEndian(m[1..]);
+            MarkPart = m[5];
+            MarkParts = m[6];
+            int n = m[7];
+            pos = IsolatedHeaderLen;
+            if (MarkParts is 0 or > MaxMarkParts || MarkPart >= MarkParts || n > MaxMarksPerMessage || pos + n * Spec.KeyLen != m.Length) return false;
+            for (; n > 0; n--, pos += Spec.KeyLen)
+            {
+                Key32 k = default;
+                m.Slice(pos, Spec.KeyLen).CopyTo(k);
+                Marks.Add(k);
+            }
         }
         else return false;
         return pos == m.Length;
@@ -8142,6 +8230,22 @@ internal sealed class ExchangeMessage
         return 9;
     }
 
+    /// <summary>Part `part` of `parts` of the sender's marks: keys[first..first+count).</summary>
+    internal static int WriteIsolated(Span<byte> d, uint generation, int part, int parts, List<Key32> keys, int first, int count)
+    {
+        d[0] = TypeIsolated;
+        BinaryPrimitives.WriteUInt32BigEndian(d[1..], generation);
+        d[5] = (byte)part;
+        d[6] = (byte)parts;
+        d[7] = (byte)count;
+        for (int i = 0; i < count; i++)
+        {
+            Key32 k = keys[first + i];
+            ((ReadOnlySpan<byte>)k).CopyTo(d[(IsolatedHeaderLen + i * Spec.KeyLen)..]);
+        }
+        return IsolatedHeaderLen + count * Spec.KeyLen;
+    }
+
     internal static int WritePunch(Span<byte> d, List<Endpoint> endpoints)
     {
         d[0] = TypePunch;
@@ -8152,8 +8256,6 @@ internal sealed class ExchangeMessage
     }
 }
 
-/// <summary>The mesh policy and the exchange: what this node announces, what it accepts, and the
-/// pins that keep names and addresses bound to keys. It acts on the Node it belongs to.</summary>
 /// <summary>--address auto (mesh only): each --network gets a host address derived from the node's
 /// public key: candidate i is SHA-256("veil address" ‖ key ‖ network ‖ i) reduced to the network's
 /// host part (never its first or last address). Every node computes the same candidates for a
@@ -8237,6 +8339,8 @@ internal static class AutoAddress
     }
 }
 
+/// <summary>The mesh policy and the exchange: what this node announces, what it accepts, and the
+/// pins that keep names and addresses bound to keys. It acts on the Node it belongs to.</summary>
 internal sealed class Mesh
 {
     private readonly Node _node;
@@ -8270,7 +8374,126 @@ internal sealed class Mesh
     internal long RevocationsRejected, RevokedRefused;
     internal int RevocationCount => _revoked.Count;
 
+    // Isolation marks (see the section's prose): ours, from the config, and each member's.
+    private sealed class MarkSet
+    {
+        internal uint Generation;
+        internal int Parts;                               // 0: loaded from the state file
+        internal ulong PartsSeen;
+        internal readonly HashSet<KeyId> Keys = new(), Next = new();
+    }
+    internal readonly List<Key32> OwnMarks = new();
+    internal uint MarksGeneration = BinaryPrimitives.ReadUInt32LittleEndian(RandomNumberGenerator.GetBytes(4));   // a restart starts a new one
+    private readonly Dictionary<KeyId, MarkSet> _marksBy = new();
+    private readonly HashSet<KeyId> _barred = new();     // every member's marks but ours
+    internal long MarksVersion;                          // moves when _barred changes; the state file follows
+    internal long IsolatedRefused, MarksDropped;
+    internal int BarredCount => _barred.Count;
+
     internal Mesh(Node node) { _node = node; }
+
+    /// <summary>A member marks this key isolated, and our own config does not name it: no session.</summary>
+    internal bool Refuses(in Key32 key) => _barred.Count > 0 && _barred.Contains(KeyId.Of(key)) && _node.FindPeer(key) is not { Learned: false };
+
+    internal void RefusedIsolated(in Key32 key)
+    {
+        IsolatedRefused++;
+        if (_node.Log.Wants(LogLevel.Info, "handshake_refused"))
+            _node.Log.Emit(LogLevel.Info, "handshake_refused", $"reason=isolated key={key.Short()}");
+    }
+
+    // One part of a member's marks. A member we isolate ourselves marks nobody for us.
+    private void ApplyMarks(Peer from, long nowMs)
+    {
+        if (from.Isolated) return;
+        var id = KeyId.Of(from.PublicKey);
+        if (!_marksBy.TryGetValue(id, out MarkSet? set))
+        {
+            if (_marksBy.Count >= Tune.MaxMarkingMembers) { MarksDropped += _in.Marks.Count; return; }
+            _marksBy[id] = set = new MarkSet();
+        }
+        if (set.Generation != _in.MarkGeneration || set.Parts != _in.MarkParts)
+        {
+            set.Generation = _in.MarkGeneration;
+            set.Parts = _in.MarkParts;
+            set.PartsSeen = 0;
+            set.Next.Clear();
+        }
+        ulong bit = 1UL << _in.MarkPart;
+        if ((set.PartsSeen & bit) != 0) return;                    // a repeat
+        set.PartsSeen |= bit;
+        foreach (Key32 k in _in.Marks)
+        {
+            if (k.EqualsCt(_node.Handshaker.PublicKey) || k.EqualsCt(from.PublicKey)) continue;
+            if (set.Next.Count >= Tune.MaxMarksPerMember) { MarksDropped++; continue; }
+            set.Next.Add(KeyId.Of(k));
+            set.Keys.Add(KeyId.Of(k));                             // a new mark counts at once
+        }
+        if (set.PartsSeen == (1UL << set.Parts) - 1)                // the whole set: what it dropped goes
+        {
+            set.Keys.Clear();
+            set.Keys.UnionWith(set.Next);
+        }
+        MarksChanged(from.Name, nowMs);
+    }
+
+    /// <summary>A member's Self without the marks flag: it marks nobody (any more).</summary>
+    private void ClearMarks(Peer from, long nowMs)
+    {
+        if (_marksBy.Remove(KeyId.Of(from.PublicKey))) MarksChanged(from.Name, nowMs);
+    }
+
+    // _barred follows the sets; learned members it now names lose their sessions.
+    private void MarksChanged(string by, long nowMs)
+    {
+        var next = new HashSet<KeyId>();
+        foreach (MarkSet set in _marksBy.Values) next.UnionWith(set.Keys);
+        if (next.SetEquals(_barred)) return;
+        _barred.Clear();
+        _barred.UnionWith(next);
+        MarksVersion++;
+        var gone = _node.Peers.FindAll(q => q.Active && q.Learned && _barred.Contains(KeyId.Of(q.PublicKey)));
+        foreach (Peer q in gone)
+        {
+            _node.Log.Warn("peer_isolated", $"peer={q.Name} by={by} sessions_dropped={(q.HoldsKeys ? 1 : 0)} hint=\"a member marks this key isolated: it reaches only that member\"");
+            _node.RemovePeer(q, "isolated");
+        }
+        if (gone.Count > 0) _node.RebuildRoutes();
+    }
+
+    /// <summary>The state file's "isolated MARKER KEY..." lines: what members mark, kept across a restart.</summary>
+    internal void WriteMarks(StringBuilder sb)
+    {
+        foreach (var (by, set) in _marksBy)
+        {
+            if (set.Keys.Count == 0) continue;
+            sb.Append("isolated ").Append(by.Key().ToBase64());
+            foreach (KeyId k in set.Keys) sb.Append(' ').Append(k.Key().ToBase64());
+            sb.Append('\n');
+        }
+    }
+
+    internal void LoadMarks(in Key32 by, List<Key32> keys, long nowMs)
+    {
+        var id = KeyId.Of(by);
+        if (_marksBy.Count >= Tune.MaxMarkingMembers && !_marksBy.ContainsKey(id)) return;
+        if (!_marksBy.TryGetValue(id, out MarkSet? set)) _marksBy[id] = set = new MarkSet();
+        foreach (Key32 k in keys)
+            if (!k.EqualsCt(_node.Handshaker.PublicKey) && set.Keys.Count < Tune.MaxMarksPerMember) set.Keys.Add(KeyId.Of(k));
+        MarksChanged("state", nowMs);
+    }
+
+    // Ours, all parts of the set, to a member we do not isolate.
+    private bool SendMarks(Peer p, long nowMs)
+    {
+        int parts = Math.Max(1, (OwnMarks.Count + ExchangeMessage.MaxMarksPerMessage - 1) / ExchangeMessage.MaxMarksPerMessage);
+        for (int part = 0; part < parts; part++)
+        {
+            int first = part * ExchangeMessage.MaxMarksPerMessage, count = Math.Min(ExchangeMessage.MaxMarksPerMessage, OwnMarks.Count - first);
+            if (!Send(p, ExchangeMessage.WriteIsolated(_out, MarksGeneration, part, parts, OwnMarks, first, count), nowMs)) return false;
+        }
+        return true;
+    }
 
     internal bool IsRevoked(in Key32 key) => _revoked.Count > 0 && _revoked.ContainsKey(KeyId.Of(key));
 
@@ -8344,9 +8567,12 @@ internal sealed class Mesh
         foreach (IpPrefix c in cfg.Claims) claims.Add(new Claim(c, cfg.Metric));
         if (cfg.Exit) foreach (string d in new[] { "0.0.0.0/0", "::/0" }) claims.Add(new Claim(IpPrefix.Parse(d), cfg.Metric));
         ExitNode = cfg.ExitNode;
+        var marks = cfg.Peers.FindAll(pc => pc.Isolated).ConvertAll(pc => pc.PublicKey);
+        bool marksChanged = marks.Count != OwnMarks.Count || !marks.TrueForAll(k => OwnMarks.Exists(o => o.EqualsCt(k)));
+        if (marksChanged) { OwnMarks.Clear(); OwnMarks.AddRange(marks); MarksGeneration++; }
         AutoAddresses = cfg.AddressAuto ? new List<IfAddress>(cfg.Addresses) : new();
         string name = cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.DefaultName();
-        bool changed = !SameClaims(claims, OwnClaims) || Name != name;
+        bool changed = !SameClaims(claims, OwnClaims) || Name != name || marksChanged;
         OwnClaims.Clear();
         OwnClaims.AddRange(claims);
         Open = cfg.Mesh;
@@ -8372,7 +8598,8 @@ internal sealed class Mesh
         OwnEndpoints();
         // Through a relay, or over our TCP link, we do not see where it is.
         Endpoint observed = _node.PathRelay(p, nowMs) == null && !TcpLinks.IsTcp(p.Endpoint) ? p.Endpoint : default;
-        int len = ExchangeMessage.WriteSelf(_out, Name, observed, _scratch, OwnClaims, _node.Relays.Offered ? ExchangeMessage.SelfRelays : (byte)0);
+        byte flags = (byte)((_node.Relays.Offered ? ExchangeMessage.SelfRelays : 0) | (OwnMarks.Count > 0 ? ExchangeMessage.SelfMarks : 0));
+        int len = ExchangeMessage.WriteSelf(_out, Name, observed, _scratch, OwnClaims, flags);
         if (!Send(p, len, nowMs)) return;
         p.SelfSentOn = p.Current;
         Span<byte> d = _out;
@@ -8396,6 +8623,7 @@ internal sealed class Mesh
         }
         if (count > 0 && !SendMembers(p, pos, count, nowMs)) return;
         if (p.RevocationsSentVersion != RevocationsVersion && SendRevocations(p, nowMs)) p.RevocationsSentVersion = RevocationsVersion;
+        if (OwnMarks.Count > 0 && !p.Isolated && p.MarksSentGeneration != MarksGeneration && SendMarks(p, nowMs)) p.MarksSentGeneration = MarksGeneration;
     }
 
     internal long BeaconsLoaded, BeaconsRejected;
@@ -8496,6 +8724,7 @@ internal sealed class Mesh
         else if (_in.Type == ExchangeMessage.TypePunch) AnswerPunch(p, nowMs);
         else if (_in.Type == ExchangeMessage.TypePing) Send(p, ExchangeMessage.WritePing(_out, ExchangeMessage.TypePong, _in.PingId), nowMs);
         else if (_in.Type == ExchangeMessage.TypePong) _node.Ponged(p, _in.PingId);
+        else if (_in.Type == ExchangeMessage.TypeIsolated) ApplyMarks(p, nowMs);
         else QueueRevocations();
     }
 
@@ -8506,6 +8735,7 @@ internal sealed class Mesh
         if (p.SelfSentOn != p.Current && p.ExchangeAtMs > nowMs + Tune.ExchangeDebounceMs) p.ExchangeAtMs = nowMs + Tune.ExchangeDebounceMs;
         AdoptName(p, _in.Name);
         p.OffersRelay = (_in.SelfFlags & ExchangeMessage.SelfRelays) != 0;
+        if ((_in.SelfFlags & ExchangeMessage.SelfMarks) == 0) ClearMarks(p, nowMs);
         p.Announced.Clear();
         foreach (Endpoint e in _in.Endpoints) p.Announced.Add(e);
         p.SeesUsAt = _in.Observed;
@@ -8631,7 +8861,7 @@ internal sealed class Mesh
     {
         foreach (var (key, agoS, first, count) in _in.Members)
         {
-            if (key.EqualsCt(_node.Handshaker.PublicKey) || IsRevoked(key)) continue;
+            if (key.EqualsCt(_node.Handshaker.PublicKey) || IsRevoked(key) || Refuses(key)) continue;
             long seenMs = nowMs - Math.Min(agoS, (uint)(Tune.ForgetMemberAfterMs / 1000)) * 1000L;
             Peer? q = _node.FindPeer(key);
             if (q == from) continue;
@@ -8782,7 +9012,7 @@ internal sealed partial class Node
         p.DownAtMs = nowMs;
         p.ExchangeAtMs = p.PunchAtMs = 0;
         StopRelayingThrough(p);
-        p.RevocationsSentVersion = -1;                              // back up, it hears them all again
+        p.RevocationsSentVersion = p.MarksSentGeneration = -1;      // back up, it hears them all again
         Signal.Poke();                                               // a learned member's forget deadline starts
         Log.Info("peer_down", $"peer={p.Name} reason={reason} claims_withdrawn={p.Claims.Count}");
         if (p.Allowed.Count > 0 || p.Claims.Count > 0) RebuildRoutes();
@@ -8829,6 +9059,7 @@ internal sealed partial class Node
         var sb = new StringBuilder("# veil: the members this node learned, read at start when its peers are down. Written by veil.\n");
         sb.Append(StateHeader).Append('\n');
         foreach (IfAddress a in Mesh.AutoAddresses) sb.Append("address ").Append(a).Append('\n');
+        Mesh.WriteMarks(sb);
         var eps = new List<Endpoint>();
         int n = 0;
         foreach (Peer p in Peers)
@@ -8852,6 +9083,7 @@ internal sealed partial class Node
     {
         restored = 0;
         var members = new List<(Key32 Key, string Name, List<Endpoint> Eps)>();
+        var marks = new List<(Key32 By, List<Key32> Keys)>();
         bool header = false;
         int lineNo = 0;
         foreach (string raw in text.Split('\n'))
@@ -8863,6 +9095,19 @@ internal sealed partial class Node
             string[] f = line.Split(' ');
             // Our --address auto choice, read by the config (AutoAddress.Choose), not here.
             if (f.Length == 2 && f[0] == "address") { if (!IfAddress.TryParse(f[1], out _)) return $"line {lineNo}: bad address"; continue; }
+            if (f[0] == "isolated")
+            {
+                var keys = new List<Key32>();
+                if (f.Length < 3 || f.Length > 2 + Tune.MaxMarksPerMember || !Key32.TryParseBase64(f[1], out Key32 by) || marks.Count == Tune.MaxMarkingMembers)
+                    return $"line {lineNo}: expected 'isolated MARKER KEY...'";
+                for (int i = 2; i < f.Length; i++)
+                {
+                    if (!Key32.TryParseBase64(f[i], out Key32 k)) return $"line {lineNo}: bad key '{f[i]}'";
+                    keys.Add(k);
+                }
+                marks.Add((by, keys));
+                continue;
+            }
             if (f.Length != 4 || f[0] != "member" || !Key32.TryParseBase64(f[1], out Key32 key)) return $"line {lineNo}: expected 'member KEY NAME ENDPOINTS'";
             if (f[2].Length is 0 or > ExchangeMessage.MaxNameLen || f[2].AsSpan().IndexOfAnyExcept(NameChars) >= 0) return $"line {lineNo}: bad name";
             var eps = new List<Endpoint>();
@@ -8876,6 +9121,7 @@ internal sealed partial class Node
             if (members.Count == MaxStateMembers) return $"line {lineNo}: more than {MaxStateMembers} members";
             members.Add((key, f[2], eps));
         }
+        foreach (var (by, keys) in marks) Mesh.LoadMarks(by, keys, nowMs);   // first: Remember refuses what they mark
         foreach (var (key, name, eps) in members)
             if (Remember(key, name, eps, nowMs)) restored++;
         return null;
@@ -8885,7 +9131,7 @@ internal sealed partial class Node
     /// Our own key, a revoked one, and (explicit policy) an unknown one are left out (false).</summary>
     internal bool Remember(in Key32 key, string? name, List<Endpoint> eps, long nowMs)
     {
-        if (eps.Count == 0 || key.EqualsCt(Handshaker.PublicKey) || Mesh.IsRevoked(key)) return false;
+        if (eps.Count == 0 || key.EqualsCt(Handshaker.PublicKey) || Mesh.IsRevoked(key) || Mesh.Refuses(key)) return false;
         Peer? p = FindPeer(key);
         if (p == null)
         {
@@ -8908,6 +9154,7 @@ internal sealed unsafe partial class Daemon
 {
     private string _stateWritten = "";
     private long _stateWrittenMs = long.MinValue / 2;
+    private long _marksWrittenVersion;
     private const long StateWriteIntervalMs = 600_000;     // at most one flash write per 10 minutes, and at exit
 
     private string? ReadState()
@@ -8936,10 +9183,16 @@ internal sealed unsafe partial class Daemon
         string? path = _cfg.StatePath;
         if (path == null) return;
         long nowMs = Mono.NowMs();
-        if (!force && nowMs - _stateWrittenMs < StateWriteIntervalMs) return;
         string text;
-        lock (_node!.Gate) text = _node.StateText();
-        if (text == _stateWritten || text.IndexOf("\nmember ", StringComparison.Ordinal) < 0 && text.IndexOf("\naddress ", StringComparison.Ordinal) < 0) return;   // unchanged, or nothing to remember
+        lock (_node!.Gate)
+        {
+            // Isolation marks are written within a minute, not ten: a restart must not forget them.
+            if (!force && nowMs - _stateWrittenMs < StateWriteIntervalMs && _node.Mesh.MarksVersion == _marksWrittenVersion) return;
+            _marksWrittenVersion = _node.Mesh.MarksVersion;
+            text = _node.StateText();
+        }
+        if (text == _stateWritten || text.IndexOf("\nmember ", StringComparison.Ordinal) < 0 && text.IndexOf("\naddress ", StringComparison.Ordinal) < 0
+            && text.IndexOf("\nisolated ", StringComparison.Ordinal) < 0) return;   // unchanged, or nothing to remember
         _stateWritten = text;
         _stateWrittenMs = nowMs;
         if (force) WriteAtomically(path, text, _log, "state_not_saved");
@@ -10452,6 +10705,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
           .Append(",\"admin_key\":").Append(m.AdminKey != null ? "\"" + Convert.ToBase64String(m.AdminKey) + "\"" : "null")
           .Append(",\"revocations\":").Append(m.RevocationCount).Append(",\"revocations_rejected\":").Append(m.RevocationsRejected)
           .Append(",\"revoked_refused\":").Append(m.RevokedRefused)
+          .Append(",\"isolating\":").Append(m.OwnMarks.Count).Append(",\"isolated_by_members\":").Append(m.BarredCount)
+          .Append(",\"isolated_refused\":").Append(m.IsolatedRefused).Append(",\"isolation_marks_dropped\":").Append(m.MarksDropped)
           .Append(",\"beacons_loaded\":").Append(m.BeaconsLoaded).Append(",\"beacons_rejected\":").Append(m.BeaconsRejected).Append('}');
         Relays r = node.Relays;
         sb.Append(",\"relay\":{\"offered\":").Append(r.Offered ? "true" : "false").Append(",\"rate_mbit\":").Append(r.RateBytesPerS / 125_000)
@@ -10517,7 +10772,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
               .Append("\",\"path\":\"").Append(p.PathName).Append("\",\"relay_offer\":");
             if (p.RelayOffer != null) Str(sb, p.RelayOffer.Name);
             else sb.Append("null");
-            sb.Append(",\"relayed_rx_bytes\":").Append(p.RelayedRxBytes).Append(",\"relayed_tx_bytes\":").Append(p.RelayedTxBytes)
+            sb.Append(",\"isolated\":").Append(p.Isolated ? "true" : "false")
+              .Append(",\"relayed_rx_bytes\":").Append(p.RelayedRxBytes).Append(",\"relayed_tx_bytes\":").Append(p.RelayedTxBytes)
               .Append(",\"punches_sent\":").Append(p.PunchesSent).Append(",\"punches_answered\":").Append(p.PunchesAnswered)
               .Append(",\"last_direct_s\":").Append(p.LastDirectRxMs < 0 ? "null" : ((nowMs - p.LastDirectRxMs) / 1000).ToString())
               .Append(",\"sees_us_at\":").Append(p.SeesUsAt.IsSet ? "\"" + p.SeesUsAt + "\"" : "null")
@@ -10630,6 +10886,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             One("veil_mesh_claims_refused_total", "counter", "Claims refused by the claim policy.", m.ClaimsRefused);
             One("veil_mesh_routes", "gauge", "Prefixes in the route table.", node.RouteList.Count);
             One("veil_mesh_revocations", "gauge", "Revoked member keys this node refuses.", m.RevocationCount);
+            One("veil_mesh_isolated_by_members", "gauge", "Keys other members mark isolated, whose sessions this node refuses.", m.BarredCount);
             Relays r = node.Relays;
             One("veil_relay_bytes_total", "counter", "Bytes of inner datagrams this node carried between other members.", r.Bytes);
             One("veil_relay_records_total", "counter", "Datagrams this node carried between other members.", r.Records);
@@ -11663,7 +11920,9 @@ internal static class Cli
         ["set"] = "usage: veil set exit-node NAME|off [--control PATH]   use another exit node, or none, without a restart\n",
         ["down"] = "usage: veil down [--control PATH]   leave gracefully: close sessions, remove the interface\n",
         ["init"] = "usage: veil init [--dir DIR] [--address CIDR] [--listen ADDR:PORT]   DIR/private.key (0600) and DIR/veil.toml (default DIR /etc/veil); never overwrites a key\n",
-        ["invite"] = "usage: veil invite [--expires 1h] [--name NAME] [--endpoint HOST:PORT] [--network NAME] [--control PATH]\n  asks the running node (started with --config) for a one-time token; it expires and works once\n" +
+        ["invite"] = "usage: veil invite [--expires 1h] [--name NAME] [--endpoint HOST:PORT] [--network NAME] [--isolated] [--control PATH]\n  asks the running node (started with --config) for a one-time token; it expires and works once\n" +
+                     "  --isolated: the joiner is written down as an isolated peer: it reaches this node (and its exit) only,\n" +
+                     "  and members are told to refuse its sessions\n" +
                      "       veil invite --list | --revoke ID   the invites not yet expired (ID, address, name, state); revoke one not yet used\n",
         ["join"] = "usage: veil join TOKEN [--dir DIR] [--name NAME] [--listen ADDR:PORT]   key + config in DIR (default /etc/veil), approved by the inviter\n",
         ["add-peer"] = "usage: veil add-peer --config FILE --peer PUBKEY[@HOST:PORT] [--allow CIDR]... [--name NAME] [--keepalive SECONDS]\n  validates the peer, appends it to FILE; a running daemon applies it on 'veil reload'\n",
@@ -12178,6 +12437,7 @@ internal sealed class Invites(Key32 privateKey)
         internal Key32 JoinerKey;                         // zero until used
         internal bool Written;                            // the joiner is in the config file: answer it
         internal string Name = "";
+        internal bool Isolated;                           // --isolated: written down as an isolated peer
     }
 
     /// <summary>A joiner with a valid JoinHello, for the daemon to write down (off the packet path:
@@ -12204,14 +12464,14 @@ internal sealed class Invites(Key32 privateKey)
     internal const string FileHeader = "# veil: pending invites, rewritten by the daemon; each token holds its secret: keep this file 0600\n";
 
     /// <summary>The invites file's text: one line per invite not yet expired, "invite TOKEN NAME|-
-    /// JOINER-KEY|-" (the key of a joiner written into the config; one only joining starts over).</summary>
+    /// JOINER-KEY|- [isolated]" (the key of a joiner written into the config; one only joining starts over).</summary>
     internal string Snapshot(long nowUnix)
     {
         var sb = new StringBuilder(FileHeader);
         foreach (Pending p in _pending.Values)
             if (p.Token.ExpiresUnix > nowUnix)
                 sb.Append("invite ").Append(p.Token.Encode()).Append(' ').Append(p.Name.Length > 0 ? p.Name : "-").Append(' ')
-                  .Append(p.Written ? p.JoinerKey.ToBase64() : "-").Append('\n');
+                  .Append(p.Written ? p.JoinerKey.ToBase64() : "-").Append(p.Isolated ? " isolated\n" : "\n");
         return sb.ToString();
     }
 
@@ -12229,14 +12489,14 @@ internal sealed class Invites(Key32 privateKey)
             string[] f = lines[i].Trim().Split(' ');
             if (f[0].Length == 0 || f[0][0] == '#') continue;
             Key32 joiner = default;
-            InviteToken? t = f.Length == 4 && f[0] == "invite" ? InviteToken.Parse(f[1]) : null;
+            InviteToken? t = (f.Length == 4 || f.Length == 5 && f[4] == "isolated") && f[0] == "invite" ? InviteToken.Parse(f[1]) : null;
             if (t == null || (f[2] != "-" && !UpConfig.IsName(f[2])) || (f[3] != "-" && !Key32.TryParseBase64(f[3], out joiner)))
-                error = $"line {i + 1} is not 'invite TOKEN NAME|- KEY|-'";
+                error = $"line {i + 1} is not 'invite TOKEN NAME|- KEY|- [isolated]'";
             else
             {
                 InviteToken.MakeTag(_tokenKey, t.Body(withSecret: true), tag);
                 if (!CryptographicOperations.FixedTimeEquals(tag, t.Tag)) error = $"line {i + 1} holds an invite this node's key did not make";
-                else if (t.ExpiresUnix > nowUnix) found.Add(new Pending { Token = t, Name = f[2] == "-" ? "" : f[2], JoinerKey = joiner, Written = f[3] != "-" });
+                else if (t.ExpiresUnix > nowUnix) found.Add(new Pending { Token = t, Name = f[2] == "-" ? "" : f[2], JoinerKey = joiner, Written = f[3] != "-", Isolated = f.Length == 5 });
                 if (error != null || t.ExpiresUnix <= nowUnix) t.Secret.Clear();
             }
         }
@@ -12259,7 +12519,7 @@ internal sealed class Invites(Key32 privateKey)
         {
             if (p.Token.ExpiresUnix <= nowUnix) continue;
             sb.Append($"{id:x16}  {p.Token.JoinerAddress,-18}  {(p.Name.Length > 0 ? p.Name : "-"),-16}  ")
-              .Append(p.JoinerKey.IsZero() ? "pending" : p.Written ? "joined" : "joining").Append("  expires in ").Append(StatusView.Age((p.Token.ExpiresUnix - nowUnix) * 1000)).Append('\n');
+              .Append(p.JoinerKey.IsZero() ? "pending" : p.Written ? "joined" : "joining").Append(p.Isolated ? "  isolated" : "").Append("  expires in ").Append(StatusView.Age((p.Token.ExpiresUnix - nowUnix) * 1000)).Append('\n');
         }
         return sb.Length > 0 ? sb.ToString() : "no pending invites\n";
     }
@@ -12277,7 +12537,7 @@ internal sealed class Invites(Key32 privateKey)
     }
 
     internal InviteToken Create(in Key32 inviterPublic, string endpoint, string networkName, IfAddress inviterAddress,
-        IfAddress joinerAddress, string joinerName, long expiresUnix, string inviterName = "")
+        IfAddress joinerAddress, string joinerName, long expiresUnix, string inviterName = "", bool isolated = false)
     {
         long now = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
         List<ulong> stale = new();
@@ -12301,7 +12561,7 @@ internal sealed class Invites(Key32 privateKey)
         };
         RandomNumberGenerator.Fill(t.Secret);
         InviteToken.MakeTag(_tokenKey, t.Body(withSecret: true), t.Tag);
-        _pending[t.Id] = new Pending { Token = t, Name = joinerName };
+        _pending[t.Id] = new Pending { Token = t, Name = joinerName, Isolated = isolated };
         return t;
     }
 
@@ -12348,7 +12608,7 @@ internal sealed class Invites(Key32 privateKey)
             // a name the config would refuse falls back to the key's default ("").
             string asked = nameLen > 0 ? Encoding.UTF8.GetString(msg.Slice(at + 32 + JoinProofLen + 1, nameLen)) : "";
             string name = p.Name.Length > 0 ? p.Name : UpConfig.IsName(asked) ? asked : "";
-            var pc = new PeerConfig { Name = name };
+            var pc = new PeerConfig { Name = name, Isolated = p.Isolated };
             joinerKey.CopyTo(pc.PublicKey);
             pc.Allowed.Add(p.Token.JoinerAddress.Host);
             joinerKey.CopyTo(p.JoinerKey);                // the invite is this key's from now on
@@ -12375,7 +12635,7 @@ internal sealed class Invites(Key32 privateKey)
         p.Written = true;
         // The whole key, unlike other lines: a joiner is an identity the operator audits, and the
         // peer_joined hook (OpenWrt's writes it into UCI) needs it.
-        log.Info("peer_joined", $"invite={j.InviteId:x16} peer={(j.Peer.Name.Length > 0 ? j.Peer.Name : j.Peer.PublicKey.DefaultName())} public_key={j.Peer.PublicKey.ToBase64()} allowed_ips={j.Peer.Allowed[0]} from={j.From}");
+        log.Info("peer_joined", $"invite={j.InviteId:x16} peer={(j.Peer.Name.Length > 0 ? j.Peer.Name : j.Peer.PublicKey.DefaultName())} public_key={j.Peer.PublicKey.ToBase64()} allowed_ips={j.Peer.Allowed[0]} isolated={(j.Peer.Isolated ? "true" : "false")} from={j.From}");
         return Accept(p, j.Peer.PublicKey);
     }
 
@@ -12445,6 +12705,7 @@ internal static class Onboarding
         if (p.EndpointText.Length > 0) sb.Append("endpoint = ").Append(Q(p.EndpointText)).Append('\n');
         sb.Append("allowed_ips = [").Append(string.Join(", ", p.Allowed.ConvertAll(a => Q(a.ToString())))).Append("]\n");
         if (p.KeepaliveMs >= 0) sb.Append("keepalive = ").Append(p.KeepaliveMs / 1000).Append('\n');
+        if (p.Isolated) sb.Append("isolated = true\n");
         return sb.ToString();
     }
 
@@ -12547,9 +12808,11 @@ internal static class OnboardingCli
         string control = Tune.DefaultControlPath, name = "-", endpoint = "-", network = "veil";
         string? request = null;
         long expires = 3600;
+        bool isolated = false;
         for (int i = 1; i < args.Length; i++)
         {
             if (args[i] == "--list") request = "invites";
+            else if (args[i] == "--isolated") isolated = true;
             else if (Arg(args, "--revoke", ref i) is string id) request = "invites revoke " + id;
             else if (Arg(args, "--expires", ref i) is string x) expires = ParseDuration(x);
             else if (Arg(args, "--name", ref i) is string n) name = n;
@@ -12561,7 +12824,7 @@ internal static class OnboardingCli
         // The control request is one space-separated line ("-" for a value not given), so a space would
         // shift the fields; the network name travels in the token.
         if (name.Contains(' ') || network.Contains(' ') || network.Length > 32) throw new ConfigException("invite: --name and --network take one word of at most 32 characters");
-        string? reply = ControlClient.Ask(control, request ?? $"invite {expires} {name} {endpoint} {network}");
+        string? reply = ControlClient.Ask(control, request ?? $"invite {expires} {name} {endpoint} {network}" + (isolated ? " isolated" : ""));
         if (reply == null) { e.WriteLine($"veil: no daemon answers on {control} (invites are issued by the running node)"); return 1; }
         if (reply.StartsWith("error: ")) { e.Write("veil: " + reply[7..]); return 2; }
         if (request == null && !reply.StartsWith("ok: ")) { e.Write("veil: " + reply); return 2; }
@@ -13197,12 +13460,12 @@ internal sealed unsafe partial class Daemon
         else _chores!.Post(() => WriteAtomically(path, text, _log, "invites_not_saved"));
     }
 
-    /// <summary>Answers `veil invite`: "invite SECONDS NAME|- ENDPOINT|- NETWORK".</summary>
+    /// <summary>Answers `veil invite`: "invite SECONDS NAME|- ENDPOINT|- NETWORK [isolated]".</summary>
     internal string Invite(string request)
     {
         string[] f = request.Split(' ');
         Node node = _node!;
-        if (f.Length != 5 || !long.TryParse(f[1], out long seconds) || seconds <= 0) return "error: malformed invite request\n";
+        if (f.Length is not (5 or 6) || f.Length == 6 && f[5] != "isolated" || !long.TryParse(f[1], out long seconds) || seconds <= 0) return "error: malformed invite request\n";
         if (node.Invites == null) return "error: this daemon runs without --config, so it cannot write a joiner down; start it with --config FILE\n";
         string endpoint = f[3];
         // Without --endpoint: the listen address if it is one address, else the best guess at how
@@ -13223,8 +13486,8 @@ internal sealed unsafe partial class Daemon
         {
             // The joiner names us as we name ourselves: --name, else the host's name.
             InviteToken t = node.Invites.Create(node.Handshaker.PublicKey, endpoint, f[4], own, free.Value, f[2] == "-" ? "" : f[2],
-                DateTimeOffset.UtcNow.ToUnixTimeSeconds() + seconds, _cfg.Name.Length > 0 ? _cfg.Name : UpConfig.MendName(Environment.MachineName));
-            _log.Info("invite_created", $"invite={t.Id:x16} address={t.JoinerAddress} expires_in_s={seconds}");
+                DateTimeOffset.UtcNow.ToUnixTimeSeconds() + seconds, _cfg.Name.Length > 0 ? _cfg.Name : UpConfig.MendName(Environment.MachineName), isolated: f.Length == 6);
+            _log.Info("invite_created", $"invite={t.Id:x16} address={t.JoinerAddress} expires_in_s={seconds}{(f.Length == 6 ? " isolated=true" : "")}");
             return "ok: " + t.Encode() + "\n";
         }
         catch (ConfigException e) { return "error: " + e.Message + "\n"; }

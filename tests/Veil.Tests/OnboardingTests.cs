@@ -102,6 +102,27 @@ public sealed class OnboardingTests : IDisposable
         Assert.StartsWith($"error: invite {t2.Id:x16} was used already", inv2.Revoke($"{t2.Id:x16}"));
     }
 
+    // veil invite --isolated: the joiner is written down isolated, and the mark survives a restart
+    // of the inviter between the invite and the join.
+    [Fact]
+    public void Invite_Isolated_JoinerWrittenDownIsolated_AcrossARestart()
+    {
+        var inv = new Invites(_inviterPriv) { Psk = TestNode.KeyFromSeed(31) };
+        long now = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+        InviteToken t = inv.Create(_inviterPub, "192.0.2.1:51820", "lab", new IfAddress(IPAddress.Parse("100.64.0.1"), 24),
+            new IfAddress(IPAddress.Parse("100.64.0.5"), 24), "guest", now + 60, isolated: true);
+        string text = inv.Snapshot(now);
+        Assert.EndsWith(" guest - isolated\n", text);
+        Assert.Contains("  pending  isolated  expires", inv.List(now));
+        var restarted = new Invites(_inviterPriv) { Psk = TestNode.KeyFromSeed(31) };
+        Assert.Null(restarted.Load(text, now, out int restored));
+        Assert.Equal(1, restored);
+        Assert.NotNull(Join(restarted, JoinHello(t, Pub(40), t.Secret), TestNet.Ep(1)));
+        Assert.True(Assert.Single(_persisted).Isolated);
+        Assert.Contains("isolated = true\n", Onboarding.PeerToml(_persisted[0]));
+        Assert.StartsWith("line 2 ", restarted.Load(Invites.FileHeader + text.Split('\n')[1].Replace(" isolated", " isolatedd") + "\n", now, out _));
+    }
+
     // The invites file: what a restart reads back is what was pending, and a joiner written down
     // before the restart still gets its JoinAccept (its retransmits arrive after the restart).
     [Fact]

@@ -254,11 +254,44 @@ public sealed class TomlTests : IDisposable
     [InlineData("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n[[peer]]\npublic_key = \"PEERPUB\"\nallowed_ips = [\"x\"]", "veil.toml:5: key 'allowed_ips': 'x' is not a CIDR prefix")]
     [InlineData("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n[[peer]]\npublic_key = \"PEERPUB\"\ncolour = 1", "veil.toml:5: unknown key 'colour' in [[peer]]")]
     [InlineData("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n[[node]]\na = 1", "veil.toml:3: table [[node]] is not known")]
+    [InlineData("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n[[peer]]\npublic_key = \"PEERPUB\"\nisolated = \"yes\"", "veil.toml:5: key 'isolated': expected true or false")]
     public void ConfigFile_BadValues_NameFileLineAndKey(string text, string expect)
     {
         string path = Write(text);
         var e = Assert.Throws<ConfigException>(() => UpConfig.Load(new[] { "up", "--config", path }, 1));
         Assert.StartsWith(expect, e.Message);
+    }
+
+    // [[filter]] tables become the rules the flag takes, in file order (TOML refuses them beside a filter = [...] list).
+    [Fact]
+    public void ConfigFile_FilterTables_BecomeRules()
+    {
+        string path = Write("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n" +
+            "[[filter]]\ndirection = \"in\"\nproto = \"tcp\"\nport = 22\npeer = \"admin-*\"\n" +
+            "[[filter]]\naction = \"deny\"\ndirection = \"out\"\nproto = \"udp\"\nport = \"1000-2000\"\npeer = \"lab\"\n" +
+            "[[filter]]\ndirection = \"out\"\n");
+        Assert.Equal(["in tcp 22 from admin-*", "deny out udp 1000-2000 to lab", "out any"], UpConfig.Load(new[] { "up", "--config", path }, 1).Filters);
+    }
+
+    [Theory]
+    [InlineData("[[filter]]\nproto = \"tcp\"", "veil.toml:3: [[filter]] needs a direction (\"in\" or \"out\")")]
+    [InlineData("[[filter]]\ndirection = \"in\"\nprot = \"tcp\"", "veil.toml:5: unknown key 'prot' in [[filter]], did you mean 'proto'?")]
+    [InlineData("[[filter]]\ndirection = \"in\"\nproto = \"sctp\"", "veil.toml:3: [[filter]]: filter 'in sctp': 'sctp' is not tcp, udp, icmp or any")]
+    [InlineData("[[filter]]\ndirection = \"in\"\nproto = \"icmp\"\nport = 22", "veil.toml:3: [[filter]]: filter 'in icmp 22': ports go with tcp or udp")]
+    [InlineData("[[filter]]\ndirection = \"in out\"", "veil.toml:4: key 'direction': expected one word")]
+    [InlineData("[[filter]]\ndirection = 1", "veil.toml:4: key 'direction': expected a string")]
+    [InlineData("filter = [\"in icmp\"]\n[[filter]]\ndirection = \"in\"", "veil.toml:4: 'filter' is already a key")]
+    public void ConfigFile_BadFilterTable_FileLineAndReason(string table, string expect)
+    {
+        string path = Write("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n" + table + "\n");
+        Assert.Equal(expect, Assert.Throws<ConfigException>(() => UpConfig.Load(new[] { "up", "--config", path }, 1)).Message);
+    }
+
+    [Fact]
+    public void ConfigFile_PeerIsolated()
+    {
+        string path = Write("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n[[peer]]\npublic_key = \"PEERPUB\"\nisolated = true\n");
+        Assert.True(Assert.Single(UpConfig.Load(new[] { "up", "--config", path }, 1).Peers).Isolated);
     }
 
     [Fact]

@@ -256,6 +256,9 @@ veil.lap_top_1.allowed_ips='100.64.0.5/32'"
 	if ! grep -qx "veil.wasp.public_key='$key'" "$hp/rollback/.fake-state"; then
 		not_ok "hotplug [$sh]: the kept file of the apply did not get the joiner"; indent < "$hp/calls"
 	fi
+	: > "$hp/state"
+	join_case "$sh" "an isolated joiner is written down isolated" "^veil.guest.isolated='1'$" \
+		ACTION=peer_joined VEIL_PEER=guest VEIL_PUBLIC_KEY=$key VEIL_ALLOWED_IPS=100.64.0.10/32 VEIL_ISOLATED=true VEIL_ROLLBACK_DIR="$hp/none"
 done
 
 echo "openwrt: $passed passed, $failed failed"
