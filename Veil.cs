@@ -744,7 +744,6 @@ internal static class JsonText
     }
 }
 
-/// <summary>Why a packet was dropped. Names are the keys of the status "drops" object.</summary>
 /// <summary>--hook EVENT=PROGRAM: the program runs for each such event (a Log event name), as argv
 /// [PROGRAM, EVENT] without a shell, with the event's fields in the environment (VEIL_EVENT,
 /// VEIL_PEER, VEIL_ENDPOINT, VEIL_PREFIX, ...), on a thread of its own: one hook at a time, at most
@@ -843,6 +842,7 @@ internal sealed class Hooks : IDisposable
     }
 }
 
+/// <summary>Why a packet was dropped. Names are the keys of the status "drops" object.</summary>
 internal enum DropReason
 {
     Truncated,          // shorter than its header or its own length field
@@ -869,6 +869,7 @@ internal enum DropReason
     LinkLocal,          // outbound to a link-local or multicast address with no route: the kernel's own chatter
     Isolated,           // --isolate: inbound from one peer to another, which this node does not carry
     Filtered,           // --filter: no rule allows it (or one denies it), in either direction
+    ExitRefused,        // --exit-for: a member this exit does not serve sent something for the uplink
     Count,
 }
 
@@ -894,7 +895,7 @@ internal sealed class Counters
         DropReason.HandshakeFailed => "handshake_failed", DropReason.QueueFull => "queue_full", DropReason.Refused => "refused",
         DropReason.TunWrite => "tun_write", DropReason.UdpSend => "udp_send", DropReason.BadExchange => "bad_exchange",
         DropReason.RelayRefused => "relay_refused", DropReason.RelayRate => "relay_rate",
-        DropReason.LinkLocal => "link_local", DropReason.Isolated => "isolated", DropReason.Filtered => "filtered", _ => "other",
+        DropReason.LinkLocal => "link_local", DropReason.Isolated => "isolated", DropReason.Filtered => "filtered", DropReason.ExitRefused => "exit_refused", _ => "other",
     };
 }
 
@@ -1230,6 +1231,7 @@ internal sealed class UpConfig
     internal bool PortMapping = true;      // ask the gateway to forward our port (PortMapper)
     internal bool FixRpFilter;             // loosen a strict reverse-path filter while we run (Sysctls)
     internal bool Exit;                    // --exit: offer members a way out (Gateway)
+    internal readonly List<string> ExitFor = new();   // --exit-for PATTERN|KEY: the members the exit serves (none given: all)
     internal string? ExitNode;             // --exit-node NAME: send what has no other route to that member
     internal bool ExitAllowLan;            // --exit-allow-lan: the main table's routes (the LAN) stay outside the exit
     internal bool AddressAuto;             // --address auto: one address per --network, from the key (AutoAddress)
@@ -1249,10 +1251,10 @@ internal sealed class UpConfig
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
         "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers", "accept_psk", "admin", "revocations",
         "relay", "relay_rate", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "healthz_grace", "hook",
-        "fix_rp_filter", "exit", "exit_node", "exit_allow_lan", "isolate", "filter",
+        "fix_rp_filter", "exit", "exit_for", "exit_node", "exit_allow_lan", "isolate", "filter",
     ];
     internal static readonly string[] BoolKeys = ["mesh", "relay", "port_mapping", "fix_rp_filter", "exit", "exit_allow_lan", "isolate"];
-    private static readonly string[] ListKeys = ["filter", "address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk", "hook"];
+    private static readonly string[] ListKeys = ["filter", "exit_for", "address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk", "hook"];
     private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive", "tcp", "isolated"];
 
     /// <summary>Where a value came from, for the one-line error: "--mtu" or "veil.toml:12: key 'mtu'".</summary>
@@ -1505,7 +1507,13 @@ internal sealed class UpConfig
             case "port_mapping": PortMapping = ParseBool(src, value); break;
             case "fix_rp_filter": FixRpFilter = ParseBool(src, value); break;
             case "exit": Exit = ParseBool(src, value); break;
-            case "exit_node": ExitNode = ParseName(src, value); break;
+            case "exit_node": ExitNode = Key32.TryParseBase64(value, out _) ? value : ParseName(src, value); break;
+            case "exit_for":
+                if (!Key32.TryParseBase64(value, out _) && (value.Length is 0 or > 64 || value.AsSpan().IndexOfAnyExcept("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.*") >= 0))
+                    throw src.Bad(value, "must be a peer name, a name pattern with '*', or a public key");
+                if (ExitFor.Count >= Tune.MaxFilterRules) throw src.Bad(value, $"is one too many (at most {Tune.MaxFilterRules})");
+                ExitFor.Add(value);
+                break;
             case "exit_allow_lan": ExitAllowLan = ParseBool(src, value); break;
             case "isolate": Isolate = ParseBool(src, value); break;
             case "filter":
@@ -1579,6 +1587,7 @@ internal sealed class UpConfig
             foreach (IfAddress a in Addresses) Networks.Add(new IpPrefix(a.Address.GetAddressBytes(), a.Bits));
         if (Exit && ExitNode != null) throw new ConfigException("--exit and --exit-node exclude each other: a node offers a way out or uses one");
         if (ExitAllowLan && ExitNode == null) throw new ConfigException("--exit-allow-lan goes with --exit-node NAME");
+        if (ExitFor.Count > 0 && !Exit) throw new ConfigException("--exit-for goes with --exit: it names the members this exit serves");
         if (Claims.Count + Addresses.Count > Tune.MaxClaimsPerMember)
             throw new ConfigException($"at most {Tune.MaxClaimsPerMember - Addresses.Count} --claim prefixes (each --address is claimed too)");
         // Mesh liveness counts keepalive periods without a record, so it needs a keepalive; an explicit
@@ -1604,7 +1613,7 @@ internal sealed class UpConfig
         if (Peers.Count > Tune.MaxPeers) throw new ConfigException($"at most {Tune.MaxPeers} peers");
         if (Peers.FindAll(p => p.Isolated).Count > Tune.MaxMarksPerMember) throw new ConfigException($"at most {Tune.MaxMarksPerMember} peers can be isolated");
         // In a mesh the exit may be a member not met yet; without one it must be a configured peer.
-        if (ExitNode != null && !Mesh && !names.Contains(ExitNode))
+        if (ExitNode != null && !Mesh && !names.Contains(ExitNode) && !Peers.Exists(p => p.PublicKey.ToBase64() == ExitNode))
             throw new ConfigException($"--exit-node '{ExitNode}' names no peer (peer names: {string.Join(", ", names)})");
         if (Mtu == 0)
         {
@@ -2709,9 +2718,52 @@ internal sealed unsafe class TunDevice : IDataplane
 /// <summary>The kernel settings Veil changes while it runs (sysctl files): --fix-rp-filter's
 /// rp_filter, an exit node's forwarding. Each change is logged; at exit each is put back unless
 /// someone changed it meanwhile, or its file went (an interface's, with the interface).</summary>
-internal sealed class Sysctls(Log log)
+internal sealed class Sysctls(Log log, string? journalPath = null)
 {
     private readonly List<(string Path, string Was, string Set)> _changed = new();
+
+    // What we changed is also written to a journal beside the control socket, so the start after a
+    // crash (kill -9, power loss) puts back what the crashed run set (Recover); a clean exit deletes it.
+    internal static string JournalPath(string controlPath) => controlPath + ".sysctl";
+
+    /// <summary>At start: what a run that did not end cleanly changed goes back, where it still holds
+    /// the value that run set. Only /proc/sys/net files and numbers are taken from the journal.</summary>
+    internal static void Recover(string journalPath, Log log)
+    {
+        if (!File.Exists(journalPath)) return;
+        try
+        {
+            foreach (string line in File.ReadAllLines(journalPath))
+            {
+                string[] f = line.Split(' ');
+                if (f.Length != 3 || !f[0].StartsWith("/proc/sys/net/", StringComparison.Ordinal) || f[0].Contains("..") ||
+                    !IsNumber(f[1]) || !IsNumber(f[2]) || !File.Exists(f[0]) || File.ReadAllText(f[0]).Trim() != f[2]) continue;
+                File.WriteAllText(f[0], f[1] + "\n");
+                log.Info("sysctl_restored", $"file={f[0]} to={f[1]} reason=previous_run_did_not_exit_cleanly");
+            }
+            File.Delete(journalPath);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            log.Warn("sysctl_not_restored", $"file={journalPath} error=\"{e.Message}\"");
+        }
+    }
+
+    private static bool IsNumber(string s) => s.Length is > 0 and < 12 && s.AsSpan().IndexOfAnyExceptInRange('0', '9') < 0;
+
+    private void WriteJournal()
+    {
+        if (journalPath == null) return;
+        try
+        {
+            if (_changed.Count == 0) File.Delete(journalPath);
+            else Onboarding.WriteAtomic(journalPath, string.Concat(_changed.ConvertAll(c => $"{c.Path} {c.Was} {c.Set}\n")), UnixFileMode.UserRead | UnixFileMode.UserWrite);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or ConfigException)
+        {
+            log.Warn("sysctl_journal_not_written", $"file={journalPath} error=\"{e.Message}\" hint=\"after a crash, put the sysctls back by hand\"");
+        }
+    }
 
     internal static string ConfPath(string family, string conf, string key) => $"/proc/sys/net/{family}/conf/{conf}/{key}";
 
@@ -2731,6 +2783,7 @@ internal sealed class Sysctls(Log log)
             if (was == value || !when(was)) return false;
             File.WriteAllText(path, value + "\n");
             _changed.Add((path, was, value));
+            WriteJournal();
             log.Info("sysctl_set", $"file={path} from={was} to={value} reason={reason}");
             return true;
         }
@@ -2758,6 +2811,7 @@ internal sealed class Sysctls(Log log)
             }
         }
         _changed.Clear();
+        WriteJournal();
     }
 }
 
@@ -4071,6 +4125,14 @@ internal sealed class Peer
         PersistentKeepaliveMs = cfg.KeepaliveMs >= 0 ? cfg.KeepaliveMs : persistentKeepaliveMs;
         _stagedSlotLen = mtu;
     }
+
+    /// <summary>This peer is the one a name or a base64 public key names (--exit-node).</summary>
+    internal bool Is(string nameOrKey) => Name == nameOrKey || nameOrKey.Length == 44 && PublicKey.ToBase64() == nameOrKey;
+
+    // --exit-for, as last judged (Node.ExitRefused): for which rule set and which name.
+    internal long ExitForVersion = -1;
+    internal string? ExitForName;
+    internal bool ExitRefusedCached;
 
     /// <summary>Any of Previous, Current, Next: what --max-sessions counts.</summary>
     internal bool HoldsKeys => Current != null || Next != null || Previous != null;
@@ -6169,16 +6231,50 @@ internal sealed partial class Node
 
     internal bool Isolate;                       // --isolate: no peer reaches another through us
     internal bool AnyIsolated;                   // some configured peer is marked isolated
+    internal List<string>? ExitFor;              // --exit-for: the members our exit serves (null: all)
+    private long _exitForVersion;
+    private IpPrefix[] _exitLocal = [];          // with --exit-for: what a member not served may still reach
     internal PacketFilter? Filter;               // --filter: null without rules
     private Key32 _psk;                          // the network secret, for peers added by a reload or learned
     private long _keepaliveMs;                   // --keepalive, for learned members
     private long _admitNowMs;                    // the time of the ClientHello FindOrAdmitPeer is asked about
+
+    /// <summary>With --exit-for: p is not among the members our exit serves. Judged again only when
+    /// the rules or p's name change, so the packet path asks without allocating.</summary>
+    internal bool ExitRefused(Peer p)
+    {
+        if (ExitFor == null) return false;
+        if (p.ExitForVersion != _exitForVersion || !ReferenceEquals(p.ExitForName, p.Name))
+        {
+            string key = p.PublicKey.ToBase64();
+            p.ExitRefusedCached = !ExitFor.Exists(x => x == key || PacketFilter.Glob(x, p.Name));
+            p.ExitForVersion = _exitForVersion;
+            p.ExitForName = p.Name;
+        }
+        return p.ExitRefusedCached;
+    }
+
+    // What a member our exit does not serve sends past our own routes: only our addresses, our
+    // claims and the overlay networks are for it; the rest would leave by the uplink.
+    private bool ForTheExit(ReadOnlySpan<byte> packet)
+    {
+        ReadOnlySpan<byte> dst = Ip.Version(packet) == 4 ? packet.Slice(Ip.V4DestinationOffset, 4) : packet.Slice(Ip.V6DestinationOffset, 16);
+        foreach (IpPrefix local in _exitLocal)
+            if (local.IsV6 == (dst.Length == 16) && local.Contains(dst)) return false;
+        return RouteOf(packet, destination: true) < 0;
+    }
 
     // What the packet path checks beyond routes: isolation and the filter (reloadable).
     private void ConfigurePolicy(UpConfig cfg)
     {
         Isolate = cfg.Isolate;
         AnyIsolated = cfg.Peers.Exists(pc => pc.Isolated);
+        if (cfg.ExitFor.Count == 0) ExitFor = null;
+        else if (ExitFor == null || string.Join(' ', ExitFor) != string.Join(' ', cfg.ExitFor)) { ExitFor = new List<string>(cfg.ExitFor); _exitForVersion++; }
+        var local = new List<IpPrefix>(cfg.Networks);
+        foreach (IfAddress a in cfg.Addresses) local.Add(a.Host);
+        local.AddRange(cfg.Claims);
+        _exitLocal = local.ToArray();
         // The same rules keep their flows and counters; other rules start a table of their own.
         if (cfg.Filters.Count == 0) Filter = null;
         else if (Filter == null || !Filter.Same(cfg.Filters)) Filter = new PacketFilter(cfg.Filters.ConvertAll(PacketFilter.Parse));
@@ -6542,6 +6638,11 @@ internal sealed partial class Node
         if ((Isolate || AnyIsolated) && RouteOf(packet, destination: true) is int to && to >= 0 && to != p.Id && (Isolate || p.Isolated || Peers[to].Isolated))
         {
             Counters.Drop(DropReason.Isolated);
+            return 0;
+        }
+        if (ExitFor != null && ExitRefused(p) && ForTheExit(packet))
+        {
+            Counters.Drop(DropReason.ExitRefused);
             return 0;
         }
         if (Filter != null && !Filter.Allow(packet[..ipLen], p, outbound: false, nowMs))
@@ -7174,7 +7275,8 @@ internal sealed unsafe partial class Daemon
         _log.Info("offloads", $"{offloadsLine}aead_backend={Aead.Backend}" + (offloads ? "" : " disabled_by=VEIL_OFFLOADS"));
         Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
         foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
-        _sysctls = new Sysctls(_log);
+        Sysctls.Recover(Sysctls.JournalPath(_cfg.ControlPath), _log);
+        _sysctls = new Sysctls(_log, Sysctls.JournalPath(_cfg.ControlPath));
         // The kernel applies the larger of "all" and the interface's value: 2 on the TUN alone makes
         // its check loose while every other interface keeps its own (and the setting goes with the TUN).
         if (_cfg.FixRpFilter)
@@ -7537,9 +7639,6 @@ internal sealed unsafe partial class Daemon
         for (int i = 0; i < c.AcceptPsks.Length; i++) c.AcceptPsks[i].Clear();
     }
 
-    /// <summary>`ping PEER` on the control socket: PEER by name, public key or its first characters.
-    /// The Pong is answered on the loop's thread (through the chores' queue): the control socket is
-    /// the loop's, and the Pong may arrive on another worker.</summary>
     /// <summary>`veil set exit-node NAME|off`: the policy rules, the LAN masquerade, the sockets'
     /// mark and the table of default routes change on the chores thread (netlink); then the mesh
     /// takes the new exit's default routes (from what it announced) and drops the old one's.</summary>
@@ -7548,9 +7647,9 @@ internal sealed unsafe partial class Daemon
         string? next = arg == "off" ? null : arg;
         Node node = _node!;
         if (_cfg.Exit) { answer("error: this node is an exit (--exit): it uses none\n"); return; }
-        if (next != null && !UpConfig.IsName(next)) { answer($"error: '{arg}' is not a peer name (or off)\n"); return; }
+        if (next != null && !UpConfig.IsName(next) && !Key32.TryParseBase64(next, out _)) { answer($"error: '{arg}' is not a peer name or public key (or off)\n"); return; }
         lock (node.Gate)
-            if (next != null && !node.Peers.Exists(p => p.Active && p.Name == next))
+            if (next != null && !node.Peers.Exists(p => p.Active && p.Is(next)))
             {
                 answer($"error: no peer named {next} (see 'veil peers'); the exit node is unchanged\n");
                 return;
@@ -7601,6 +7700,9 @@ internal sealed unsafe partial class Daemon
         foreach (var (_, u) in _queues) yield return u;
     }
 
+    /// <summary>`ping PEER` on the control socket: PEER by name, public key or its first characters.
+    /// The Pong is answered on the loop's thread (through the chores' queue): the control socket is
+    /// the loop's, and the Pong may arrive on another worker.</summary>
     internal void Ping(string request, Action<byte[]> later)
     {
         string who = request["ping ".Length..].Trim();
@@ -8352,6 +8454,8 @@ internal sealed class Mesh
     internal (Peer By, Claim Claim)? MoveAddress;          // an auto address a lower key claims: the daemon moves off it
     internal long AutoAddressSinceMs = -1;                 // when we took our auto addresses (start, last move)
     internal readonly List<Claim> OwnClaims = new();
+    private readonly List<Claim> _claimsWithoutExit = new();   // what members our --exit-for leaves out are told
+    private List<string> _exitFor = new();
     internal readonly List<IpPrefix> OwnHosts = new();    // this node's overlay addresses, as host prefixes
     internal readonly List<Endpoint> LocalEndpoints = new();   // interface addresses + port, set by the daemon
     internal Endpoint Mapped;                                   // what the gateway forwards to us (PortMapper)
@@ -8572,9 +8676,12 @@ internal sealed class Mesh
         if (marksChanged) { OwnMarks.Clear(); OwnMarks.AddRange(marks); MarksGeneration++; }
         AutoAddresses = cfg.AddressAuto ? new List<IfAddress>(cfg.Addresses) : new();
         string name = cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.DefaultName();
-        bool changed = !SameClaims(claims, OwnClaims) || Name != name || marksChanged;
+        bool changed = !SameClaims(claims, OwnClaims) || Name != name || marksChanged || string.Join(' ', cfg.ExitFor) != string.Join(' ', _exitFor);
         OwnClaims.Clear();
         OwnClaims.AddRange(claims);
+        _claimsWithoutExit.Clear();
+        _claimsWithoutExit.AddRange(claims.FindAll(c => c.Prefix.Bits > 0));
+        _exitFor = new List<string>(cfg.ExitFor);
         Open = cfg.Mesh;
         Name = name;
         AdminKey = cfg.AdminKey;
@@ -8599,7 +8706,7 @@ internal sealed class Mesh
         // Through a relay, or over our TCP link, we do not see where it is.
         Endpoint observed = _node.PathRelay(p, nowMs) == null && !TcpLinks.IsTcp(p.Endpoint) ? p.Endpoint : default;
         byte flags = (byte)((_node.Relays.Offered ? ExchangeMessage.SelfRelays : 0) | (OwnMarks.Count > 0 ? ExchangeMessage.SelfMarks : 0));
-        int len = ExchangeMessage.WriteSelf(_out, Name, observed, _scratch, OwnClaims, flags);
+        int len = ExchangeMessage.WriteSelf(_out, Name, observed, _scratch, _node.ExitRefused(p) ? _claimsWithoutExit : OwnClaims, flags);
         if (!Send(p, len, nowMs)) return;
         p.SelfSentOn = p.Current;
         Span<byte> d = _out;
@@ -8733,7 +8840,10 @@ internal sealed class Mesh
         // A Self on a session we have told nothing on: p restarted (to us its handshake was a
         // rekey), so it knows nothing of us; tell it now rather than at the next interval.
         if (p.SelfSentOn != p.Current && p.ExchangeAtMs > nowMs + Tune.ExchangeDebounceMs) p.ExchangeAtMs = nowMs + Tune.ExchangeDebounceMs;
+        bool exitRefused = _node.ExitRefused(p);
         AdoptName(p, _in.Name);
+        // A name that --exit-for judges otherwise: p hears our default routes given or taken now.
+        if (_node.ExitRefused(p) != exitRefused && p.ExchangeAtMs > nowMs + Tune.ExchangeDebounceMs) p.ExchangeAtMs = nowMs + Tune.ExchangeDebounceMs;
         p.OffersRelay = (_in.SelfFlags & ExchangeMessage.SelfRelays) != 0;
         if ((_in.SelfFlags & ExchangeMessage.SelfMarks) == 0) ClearMarks(p, nowMs);
         p.Announced.Clear();
@@ -8807,7 +8917,7 @@ internal sealed class Mesh
             if (own.Equals(prefix)) return "our_address";
         foreach (IpPrefix a in p.Allowed)
             if (a.Covers(prefix)) return null;
-        if (prefix.Bits == 0 && ExitNode != null) return p.Name == ExitNode ? null : "not_our_exit_node";
+        if (prefix.Bits == 0 && ExitNode != null) return p.Is(ExitNode) ? null : "not_our_exit_node";
         // A host address inside the network belongs to its first claimant even under a broad
         // --accept (an exit node's 0.0.0.0/0 must not let one member take another's address).
         bool inNetwork = false;
@@ -10390,17 +10500,17 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         return n;
     }
 
-    // What an operator should look at first: no peer up, a prefix two peers are allowed, a wall clock
-    // stepped back since the start (hello timestamps come from it: peers refuse older ones).
     // The exit node's default route is accepted (it is up and runs --exit).
     private bool ExitInUse()
     {
         foreach (Peer p in ActivePeers())
-            if (p.Name == cfg.ExitNode)
+            if (cfg.ExitNode != null && p.Is(cfg.ExitNode))
                 foreach (Claim c in p.Claims) if (c.Prefix.Bits == 0) return true;
         return false;
     }
 
+    // What an operator should look at first: no peer up, a prefix two peers are allowed, a wall clock
+    // stepped back since the start (hello timestamps come from it: peers refuse older ones).
     internal List<string> Warnings(long nowMs)
     {
         var w = new List<string>();
@@ -10475,7 +10585,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append("  mtu: ").Append(node.Mtu).Append("  uptime: ").Append(Age(nowMs - startedMs)).Append('\n');
         int total = PeerCount();
         sb.Append("  peers: ").Append(PeersUp(nowMs)).Append(" of ").Append(total).Append(" up\n");
-        if (cfg.Exit) sb.Append("  exit: offered (0.0.0.0/0 and ::/0 announced; members masqueraded out of the other interfaces)\n");
+        if (cfg.Exit) sb.Append("  exit: offered (0.0.0.0/0 and ::/0 announced; members masqueraded out of the other interfaces)")
+                        .Append(cfg.ExitFor.Count > 0 ? " to " + string.Join(", ", cfg.ExitFor) + "\n" : "\n");
         if (cfg.ExitNode != null) sb.Append("  exit node: ").Append(cfg.ExitNode).Append(ExitInUse() ? " (in use: table 51820)\n" : " (not in use: no default route from it yet)\n");
         if (node.Filter is PacketFilter f)
         {
@@ -10714,7 +10825,15 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
           .Append(",\"refused\":").Append(r.Refused).Append(",\"rate_limited\":").Append(r.RateLimited).Append('}');
         sb.Append(",\"exit\":{\"offered\":").Append(cfg.Exit ? "true" : "false").Append(",\"node\":");
         if (cfg.ExitNode != null) Str(sb, cfg.ExitNode); else sb.Append("null");
-        sb.Append(",\"in_use\":").Append(ExitInUse() ? "true" : "false").Append('}');
+        sb.Append(",\"in_use\":").Append(ExitInUse() ? "true" : "false").Append(",\"for\":");
+        if (cfg.ExitFor.Count == 0) sb.Append("null");
+        else
+        {
+            sb.Append('[');
+            for (int i = 0; i < cfg.ExitFor.Count; i++) { if (i > 0) sb.Append(','); Str(sb, cfg.ExitFor[i]); }
+            sb.Append(']');
+        }
+        sb.Append('}');
         if (node.Filter is PacketFilter f)
         {
             sb.Append(",\"filter\":{\"flows\":").Append(f.LiveFlows(Now())).Append(",\"refused\":").Append(f.Refused).Append(",\"rules\":[");
@@ -11821,8 +11940,13 @@ internal static class Cli
                                           loose (2) on the TUN alone
                   --exit                  be an exit node: announce 0.0.0.0/0 and ::/0, forward for
                                           members and masquerade them out of the other interfaces
-                  --exit-node NAME        send everything but the tunnel's own packets through the
-                                          member NAME (its --exit), the LAN included
+                  --exit-for PATTERN      with --exit: serve only members whose name matches
+                                          (with '*') or whose public key it is (repeatable,
+                                          reloadable); others get no default route, and what
+                                          they send for the exit is dropped
+                  --exit-node NAME|KEY    send everything but the tunnel's own packets through the
+                                          member NAME, or the one with public key KEY (its
+                                          --exit), the LAN included
                   --exit-allow-lan        with --exit-node: the main table's routes (the LAN, other
                                           interfaces) still win; a router with LAN clients needs it
                   --isolate               peers reach this node (and its exit) but not each other

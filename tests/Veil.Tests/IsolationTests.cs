@@ -219,3 +219,69 @@ public class IsolationTests
         Assert.Equal(1, t.Send(1, 2));
     }
 }
+
+/// <summary>--exit-for: the exit serves only the members it names, and what the others send for the
+/// uplink is dropped even when they route it to the exit themselves.</summary>
+public class ExitForTests
+{
+    private static bool HasDefault(TestNode at, TestNode from) => at.Node.FindPeer(from.Public)?.Claims.Exists(c => c.Prefix.Bits == 0) == true;
+
+    [Fact]
+    public void ExitFor_OnlyNamedMembersGetTheDefaultRoute_OthersTrafficForTheUplinkDropped()
+    {
+        // 0 is the exit, serving n1 only; 2 routes 0.0.0.0/0 to it by its own config all the same.
+        var t = TestNet.Mesh(3, i => i == 0 ? [] : [0], (i, c) =>
+        {
+            if (i == 0) { c.Exit = true; c.ExitFor.Add("n1"); }
+            else c.ExitNode = "n0";
+            if (i == 2) c.Peers[0].Allowed.Add(IpPrefix.Parse("0.0.0.0/0"));
+        });
+        t.Start();
+        TestNode exit = t.Nodes[0], served = t.Nodes[1], other = t.Nodes[2];
+        Assert.True(t.AdvanceUntil(() => HasDefault(served, exit) && other.Node.FindPeer(exit.Public)?.Up == true, 30_000) >= 0);
+        t.Advance(5_000);
+        Assert.False(HasDefault(other, exit));
+        Assert.True(exit.Node.ExitRefused(PeerOf(exit, other)));
+        Assert.False(exit.Node.ExitRefused(PeerOf(exit, served)));
+
+        int written = exit.Tun.Written.Count;
+        served.Tun.Inject(Packets.Udp4("100.64.0.2", "198.51.100.9", 20));
+        t.Pump();
+        Assert.Equal(written + 1, exit.Tun.Written.Count);                 // served: out it goes
+        other.Tun.Inject(Packets.Udp4("100.64.0.3", "198.51.100.9", 20));
+        t.Pump();
+        Assert.Equal(written + 1, exit.Tun.Written.Count);                 // the other: dropped
+        Assert.Equal(1, t.Drops(0, DropReason.ExitRefused));
+        other.Tun.Inject(Packets.Udp4("100.64.0.3", "100.64.0.1", 20));    // the exit's own address: fine
+        t.Pump();
+        Assert.Equal(written + 2, exit.Tun.Written.Count);
+
+        // A reload that serves everybody: the other member gets the default route too.
+        UpConfig cfg = TestNet.MeshConfig(0, t.Keys, []);
+        cfg.Exit = true;
+        exit.Node.Apply(cfg, t.NowMs);
+        Assert.True(t.AdvanceUntil(() => HasDefault(other, exit), 5_000) >= 0);
+        Assert.False(exit.Node.ExitRefused(PeerOf(exit, other)));
+    }
+
+    [Theory]
+    [InlineData("laptop-*", "laptop-3", false)]
+    [InlineData("laptop-*", "phone", true)]
+    [InlineData("phone", "phone", false)]
+    public void ExitFor_NamePatterns(string pattern, string name, bool refused)
+    {
+        var t = TestNet.FullMesh(2);
+        Node n = t.Nodes[0].Node;
+        UpConfig cfg = TestNet.ConfigOf(t.Nodes[0]);
+        cfg.Exit = true;
+        cfg.ExitFor.Add(pattern);
+        n.Apply(cfg, t.NowMs);
+        Peer p = n.Peers[0];
+        p.Name = name;
+        Assert.Equal(refused, n.ExitRefused(p));
+        cfg.ExitFor[0] = p.PublicKey.ToBase64();                            // a key names it whatever its name
+        n.Apply(cfg, t.NowMs);
+        p.Name = name;
+        Assert.False(n.ExitRefused(p));
+    }
+}

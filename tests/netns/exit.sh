@@ -7,7 +7,7 @@
 # exit as well. Without --exit-allow-lan the LAN is sent to the exit too: a no longer reaches l. The tunnel itself travels
 # over a's main default route (b's endpoint is b's uplink address), which only the mark keeps out
 # of the tunnel. `veil down` and kill -9 + restart leave rules, routes, nft ruleset and
-# ip_forward exactly as they were.
+# ip_forward exactly as they were (the exit's sysctl journal tells the restart what it had set).
 #
 #   l 192.0.2.10 -- 192.0.2.1 a ------------------- b 203.0.113.2 ----------- c 203.0.113.3
 #   (LAN host)      veil-a 100.64.0.1     198.51.100.0/24     veil-b 100.64.0.2   (internet host)
@@ -42,7 +42,7 @@ before_a=$(snapshot a | grep -v "$(tun a)") before_b=$(snapshot b | grep -v "$(t
 
 start_b() {
 	node_run b up --key "$TMPD/b.key" --listen "0.0.0.0:$PORT" --address "$OL4_b/24" --address "$OL6_b/64" --tun "$(tun b)" \
-		--peer "$(pub a)" --allow "$OL4_a/32" --allow "$OL6_a/128" --control "$(sock b)" --exit
+		--peer "$(pub a)" --allow "$OL4_a/32" --allow "$OL6_a/128" --control "$(sock b)" --exit "$@"
 	wait_log b 'event=started' 10 || die "b did not start"
 }
 cat >"$TMPD/a.toml" <<TOML
@@ -108,6 +108,19 @@ check "and c sees it from b's uplink address too" "c saw '$src'" test "$src" = "
 check "a still reaches b's overlay address (the main table wins over the exit)" "no reply" ping_ok a "$OL4_b"
 check "--exit-allow-lan: a reaches its LAN host l" "no reply" ping_ok a 192.0.2.10
 
+# --exit-for: an exit that serves only "nobody" gives a no default route, and a reaches nothing through it
+node_stop b
+start_b --exit-for 'nobody*'
+check "status names whom the exit serves" "$(st b '.exit')" test "$(st b '.exit.for[0]')" = 'nobody*'
+wait_until 15 bash -c "ip netns exec $NS_a $VEIL status --json --control $(sock a) | jq -e '.peers[0].state == \"up\"' >/dev/null && ! ip -n $NS_a route show table 51820 | grep -q '^default dev'"
+check "--exit-for nobody*: a has no default route from b ($WAITED_MS ms)" "$(ip -n "$NS_a" route show table 51820)" \
+	bash -c "! ip -n $NS_a route show table 51820 | grep -q '^default dev'"
+check "and does not reach c (the kill switch holds)" "c answered" bash -c "! ip netns exec $NS_a ping -c 1 -W 2 -q $UL4_c >/dev/null"
+node_stop b
+start_b --exit-for "$(pub a)"
+wait_until 15 bash -c "ip -n $NS_a route show table 51820 | grep -q '^default dev $(tun a)'"
+check "--exit-for naming a's public key: the default route is back ($WAITED_MS ms), c reached" "no reply" ping_within a "$UL4_c" 10
+
 # switching at run time: off puts rules and routes back as they were; b again brings them back
 out=$(nsx a "$VEIL" set exit-node nosuch --control "$(sock a)" 2>&1)
 rc=$?
@@ -156,4 +169,13 @@ check "the restarted a has its rule once (the stale one removed first)" "$(nsx a
 node_stop a
 check "and after it stops, a's state is as before" "$(diff <(echo "$before_a") <(snapshot a | grep -v "$(tun a)"))" \
 	test "$before_a" = "$(snapshot a | grep -v "$(tun a)")"
+# the crashed exit left ip_forward at 1; its journal lets the restart know that was its own doing
+check "kill -9 left b's sysctl journal" "$(ls "$TMPD")" test -s "$(sock b).sysctl"
+start_b
+check "the restarted b put back what the crashed run set" "$(grep -E 'sysctl_(restored|set)' "${NODE_LOG[b]}")" \
+	grep -q 'event=sysctl_restored file=/proc/sys/net/ipv4/ip_forward to=0 reason=previous_run_did_not_exit_cleanly' "${NODE_LOG[b]}"
+node_stop b
+check "and after it stops, b's state is as before (ip_forward 0)" "$(diff <(echo "$before_b") <(snapshot b | grep -v "$(tun b)"))" \
+	test "$before_b" = "$(snapshot b | grep -v "$(tun b)")"
+check "a clean stop removes the journal" "$(ls "$TMPD")" test ! -e "$(sock b).sysctl"
 finish
