@@ -2794,11 +2794,14 @@ internal sealed class Sysctls(Log log, string? journalPath = null)
         }
     }
 
-    internal void Restore()
+    /// <summary>Puts back what Set changed (only: that one file), newest first.</summary>
+    internal void Restore(string? only = null)
     {
         for (int i = _changed.Count - 1; i >= 0; i--)
         {
             var (path, was, set) = _changed[i];
+            if (only != null && path != only) continue;
+            _changed.RemoveAt(i);
             try
             {
                 if (!File.Exists(path) || File.ReadAllText(path).Trim() != set) continue;
@@ -2810,7 +2813,6 @@ internal sealed class Sysctls(Log log, string? journalPath = null)
                 log.Warn("sysctl_not_restored", $"file={path} error=\"{e.Message}\" hint=\"it stays {set}; write {was} to go back\"");
             }
         }
-        _changed.Clear();
         WriteJournal();
     }
 }
@@ -2898,6 +2900,15 @@ internal sealed class Gateway(string tunName, int tunIndex, List<IpPrefix> netwo
         log.Info("exit_offered", $"nat_table=inet:veil-{tunName} networks={string.Join(',', networks)}");
     }
 
+    /// <summary>A strict rp_filter then checks a reply's source with the mark the NAT table gave it
+    /// back (MarkRestore), in the main table, as wg-quick does; put back at exit.</summary>
+    internal static void ValidMarks(Sysctls sysctls, bool on)
+    {
+        string path = Sysctls.ConfPath("ipv4", "all", "src_valid_mark");
+        if (on) sysctls.Set(path, "1", _ => true, "exit_node");
+        else sysctls.Restore(path);
+    }
+
     /// <summary>--exit-node NAME, or none (null): the rules and the LAN masquerade follow; the
     /// sockets' mark is the caller's. On failure nothing of the new choice stays (IOException).</summary>
     internal void Use(string? exitNode, bool allowLan)
@@ -2967,7 +2978,8 @@ internal sealed unsafe class NatTable : IDisposable
     private const ushort NFT_MSG_NEWTABLE = 0, NFT_MSG_NEWCHAIN = 3, NFT_MSG_NEWRULE = 6;
     private const ushort NLM_F_REQUEST = 1, NLM_F_ACK = 4, NLM_F_EXCL = 0x200, NLM_F_CREATE = 0x400, NLM_F_APPEND = 0x800, NLA_F_NESTED = 0x8000;
     private const byte NFPROTO_INET = 1, NFPROTO_IPV4 = 2, NFPROTO_IPV6 = 10;
-    private const uint NFT_TABLE_F_OWNER = 2, NF_INET_POST_ROUTING = 4, NFT_REG_1 = 1, NFT_META_OIF = 5, NFT_META_NFPROTO = 15;
+    private const uint NFT_TABLE_F_OWNER = 2, NF_INET_PRE_ROUTING = 0, NF_INET_POST_ROUTING = 4, NFT_REG_1 = 1, NFT_META_MARK = 3, NFT_META_OIF = 5, NFT_META_NFPROTO = 15;
+    private const uint NFT_CT_MARK = 3, MarkPriority = unchecked((uint)-150);   // mangle's place
     private const uint NFT_CMP_EQ = 0, NFT_CMP_NEQ = 1, NFT_PAYLOAD_NETWORK_HEADER = 1, NatPriority = 100;
     private int _fd;
 
@@ -2994,6 +3006,7 @@ internal sealed unsafe class NatTable : IDisposable
         b.Str(7, "nat");                                                        // NFTA_CHAIN_TYPE
         b.End(at);
         int acks = 2;
+        if (!exit) acks += MarkRestore(b, name);
         Span<byte> oif = stackalloc byte[4];
         BinaryPrimitives.WriteInt32LittleEndian(oif, tunIndex);                  // the meta key holds it in host order
         foreach (bool v6 in new[] { false, true })
@@ -3032,6 +3045,52 @@ internal sealed unsafe class NatTable : IDisposable
     }
 
     private static ushort Nft(ushort msg) => (ushort)(NFNL_SUBSYS_NFTABLES << 8 | msg);
+
+    // A client's tunnel packets carry FwMark; their replies come in unmarked, so a strict rp_filter
+    // (with src_valid_mark) would look their source up in table 51820, find the TUN and drop them.
+    // As wg-quick does: postrouting saves the mark in the connection ("ct mark set mark"), prerouting
+    // gives it back to the replies ("mark set ct mark"), for our mark only (others' marks untouched).
+    private static int MarkRestore(Batch b, string name)
+    {
+        Span<byte> mark = stackalloc byte[4];
+        BinaryPrimitives.WriteUInt32LittleEndian(mark, Gateway.FwMark);         // registers hold it in host order
+        foreach (bool save in new[] { true, false })
+        {
+            string chain = save ? "markout" : "markin";
+            int at = b.Begin(Nft(NFT_MSG_NEWCHAIN), NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE, NFPROTO_INET, 0);
+            b.Str(1, name); b.Str(3, chain);
+            int hook = b.Nest(4);
+            b.Be32(1, save ? NF_INET_POST_ROUTING : NF_INET_PRE_ROUTING); b.Be32(2, MarkPriority);
+            b.EndNest(hook);
+            b.Str(7, "filter");
+            b.End(at);
+            at = b.Begin(Nft(NFT_MSG_NEWRULE), NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND, NFPROTO_INET, 0);
+            b.Str(1, name); b.Str(2, chain);
+            int exprs = b.Nest(4);
+            if (save) Meta(b, NFT_META_MARK); else Ct(b, load: true);
+            Cmp(b, NFT_CMP_EQ, mark);
+            if (save) Ct(b, load: false); else MetaSet(b, NFT_META_MARK);
+            b.EndNest(exprs);
+            b.End(at);
+        }
+        return 4;
+    }
+
+    // ct mark into register 1 (load), or register 1 into the connection's mark.
+    private static void Ct(Batch b, bool load)
+    {
+        int e = b.Nest(1); b.Str(1, "ct"); int d = b.Nest(2);
+        b.Be32(2, NFT_CT_MARK);                                                 // NFTA_CT_KEY
+        b.Be32(load ? (ushort)1 : (ushort)4, NFT_REG_1);                                        // NFTA_CT_DREG / _SREG
+        b.EndNest(d); b.EndNest(e);
+    }
+
+    private static void MetaSet(Batch b, uint key)
+    {
+        int e = b.Nest(1); b.Str(1, "meta"); int d = b.Nest(2);
+        b.Be32(2, key); b.Be32(3, NFT_REG_1);                                   // NFTA_META_KEY, _SREG
+        b.EndNest(d); b.EndNest(e);
+    }
 
     // Expressions: NFTA_LIST_ELEM { NFTA_EXPR_NAME, NFTA_EXPR_DATA { ... } }, registers and numbers big-endian.
     private static void Meta(Batch b, uint key)
@@ -3848,13 +3907,17 @@ internal sealed class PacketFilter
     /// <summary>True when the packet may cross; packet is a whole IP packet, peer the one it goes to or came from.</summary>
     internal bool Allow(ReadOnlySpan<byte> packet, Peer peer, bool outbound, long nowMs)
     {
-        if (!Read(packet, out UInt128 src, out UInt128 dst, out byte proto, out int sport, out int dport)) return !(outbound ? _hasOut : _hasIn);
+        if (!Read(packet, out UInt128 src, out UInt128 dst, out byte proto, out int sport, out int dport, out int inner)) return !(outbound ? _hasOut : _hasIn);
         var flow = outbound ? new Flow(src, dst, sport, dport, proto, peer.Id) : new Flow(dst, src, dport, sport, proto, peer.Id);
         int home = (int)((uint)flow.GetHashCode() & (FlowSlots - 1));
-        for (int k = 0; k < Probes; k++)
+        if (Find(flow, home, nowMs) is int found) { _expiresMs[found] = nowMs + IdleMs(proto); return true; }
+        // An ICMP error (unreachable, packet too big, time exceeded) about a packet of a known flow
+        // belongs to that flow: path MTU discovery and traceroute work without a rule of their own.
+        // The packet it quotes went the other way: one we sent, if the error comes in.
+        if (inner > 0 && Read(packet[inner..], out UInt128 qs, out UInt128 qd, out byte qp, out int qsp, out int qdp, out _) && qp != 0)
         {
-            int at = (home + k) & (FlowSlots - 1);
-            if (_expiresMs[at] > nowMs && _flows[at] == flow) { _expiresMs[at] = nowMs + IdleMs(proto); return true; }
+            var quoted = outbound ? new Flow(qd, qs, qdp, qsp, qp, peer.Id) : new Flow(qs, qd, qsp, qdp, qp, peer.Id);
+            if (Find(quoted, (int)((uint)quoted.GetHashCode() & (FlowSlots - 1)), nowMs) != null) return true;
         }
         if (outbound ? _hasOut : _hasIn)
         {
@@ -3870,6 +3933,16 @@ internal sealed class PacketFilter
         // flood push every other peer's flows out of the table.
         if (outbound ? _hasIn : _hasOut) Remember(flow, home, nowMs);
         return true;
+    }
+
+    private int? Find(in Flow flow, int home, long nowMs)
+    {
+        for (int k = 0; k < Probes; k++)
+        {
+            int at = (home + k) & (FlowSlots - 1);
+            if (_expiresMs[at] > nowMs && _flows[at] == flow) return at;
+        }
+        return null;
     }
 
     private void Remember(in Flow flow, int home, long nowMs)
@@ -3895,10 +3968,12 @@ internal sealed class PacketFilter
     }
 
     // Addresses as 128-bit numbers (IPv4 in the low 32 bits), the protocol (ICMPv6 as ICMP) and ports:
-    // TCP and UDP ports, the id of an ICMP echo for both; 0 where the header is too short.
-    private static bool Read(ReadOnlySpan<byte> p, out UInt128 src, out UInt128 dst, out byte proto, out int sport, out int dport)
+    // TCP and UDP ports, the id of an ICMP echo for both; 0 where the header is too short. For an
+    // ICMP error, inner is where the packet it quotes starts (0: not one).
+    private static bool Read(ReadOnlySpan<byte> p, out UInt128 src, out UInt128 dst, out byte proto, out int sport, out int dport, out int inner)
     {
-        src = dst = 0; proto = 0; sport = dport = 0;
+        src = dst = 0; proto = 0; sport = dport = inner = 0;
+        bool v6 = false;
         int l4;
         if (p.Length >= Ip.V4HeaderLen && Ip.Version(p) == 4)
         {
@@ -3930,6 +4005,7 @@ internal sealed class PacketFilter
                 proto = next;
             }
             if (proto == 58) proto = 1;
+            v6 = true;
         }
         else return false;
         if (proto is 6 or 17 && p.Length >= l4 + 4)
@@ -3937,7 +4013,13 @@ internal sealed class PacketFilter
             sport = BinaryPrimitives.ReadUInt16BigEndian(p[l4..]);
             dport = BinaryPrimitives.ReadUInt16BigEndian(p[(l4 + 2)..]);
         }
-        else if (proto == 1 && p.Length >= l4 + 6) sport = dport = BinaryPrimitives.ReadUInt16BigEndian(p[(l4 + 4)..]);
+        else if (proto == 1 && p.Length >= l4 + 6)
+        {
+            byte type = p[l4];
+            // Errors: v4 unreachable 3, time exceeded 11, parameter problem 12; v6 types 1 to 4.
+            if (v6 ? type is >= 1 and <= 4 : type is 3 or 11 or 12) { if (p.Length >= l4 + 8 + Ip.V4HeaderLen) inner = l4 + 8; }
+            else sport = dport = BinaryPrimitives.ReadUInt16BigEndian(p[(l4 + 4)..]);
+        }
         return true;
     }
 
@@ -7288,6 +7370,7 @@ internal sealed unsafe partial class Daemon
         _gateway = new Gateway(tun.Name, tun.IfIndex, _cfg.Networks, _log);
         if (_cfg.Exit) _gateway.Offer(_sysctls);
         _gateway.Use(_cfg.ExitNode, _cfg.ExitAllowLan);
+        if (_cfg.ExitNode != null) Gateway.ValidMarks(_sysctls, on: true);
         _kernelRoutes = new KernelRoutes(tun.IfIndex, _log) { DefaultRouteTable = _cfg.ExitNode != null ? Gateway.Table : Netlink.RT_TABLE_MAIN };
         _kernelRoutes.Sync(Prefixes(node.RouteList));
         _routesPostedVersion = node.RoutesVersion;
@@ -7676,7 +7759,7 @@ internal sealed unsafe partial class Daemon
         _chores!.Post(() =>
         {
             string? old = _gateway!.ExitNode, error = null;   // read here: an earlier switch has finished
-            try { _gateway.Use(next, allowLan); }
+            try { _gateway.Use(next, allowLan); Gateway.ValidMarks(_sysctls!, on: next != null); }
             catch (IOException e)
             {
                 error = e.Message;
@@ -9341,7 +9424,12 @@ internal sealed unsafe partial class Daemon
                     // Old first: removing an IPv4 primary address takes its secondaries with it
                     // (unless promote_secondaries), and the new one would be a secondary.
                     Netlink.RemoveAddress(ifIndex, old);
-                    Netlink.AddAddress(ifIndex, next.Value);
+                    try { Netlink.AddAddress(ifIndex, next.Value); }
+                    catch (IOException)
+                    {
+                        Netlink.AddAddress(ifIndex, old);                // put back: the node keeps an address
+                        throw;
+                    }
                 }
                 catch (IOException e) { error = e.Message; }
             if (error != null) { _log.Warn("address_not_moved", $"address={old} error=\"{error}\""); return; }

@@ -54,6 +54,42 @@ public sealed class FilterTests
         Assert.False(f.Allow(Udp("100.64.0.3", 53, "100.64.0.1", 5353), guest, outbound: false, now + 200_000));
     }
 
+    // An ICMPv4 error from src to dst quoting the first 28 bytes of packet (its IP header and ports).
+    private static byte[] IcmpError(string src, string dst, byte type, byte[] quoted)
+    {
+        byte[] p = new byte[20 + 8 + 28];
+        p[0] = 0x45;
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt16BigEndian(p.AsSpan(2), (ushort)p.Length);
+        p[8] = 64;
+        p[Ip.V4ProtocolOffset] = 1;
+        System.Net.IPAddress.Parse(src).GetAddressBytes().CopyTo(p, Ip.V4SourceOffset);
+        System.Net.IPAddress.Parse(dst).GetAddressBytes().CopyTo(p, Ip.V4DestinationOffset);
+        p[20] = type;
+        p[21] = type == 3 ? (byte)4 : (byte)0;        // fragmentation needed: what path MTU discovery waits for
+        quoted.AsSpan(0, 28).CopyTo(p.AsSpan(28));
+        return p;
+    }
+
+    [Fact]
+    public void IcmpErrors_AboutAKnownFlow_PassWithIt_OthersNeedARule()
+    {
+        var (f, admin, guest) = Make("in tcp 22", "out tcp 443");
+        long now = 1000;
+        byte[] outTcp = Tcp("100.64.0.1", 40000, "100.64.0.2", 443);
+        Assert.True(f.Allow(outTcp, admin, outbound: true, now));
+        // too big / unreachable / time exceeded for our connection: in, though no rule allows icmp
+        Assert.True(f.Allow(IcmpError("100.64.0.2", "100.64.0.1", 3, outTcp), admin, outbound: false, now));
+        Assert.True(f.Allow(IcmpError("192.168.7.1", "100.64.0.1", 11, outTcp), admin, outbound: false, now));   // from a router on the way
+        Assert.False(f.Allow(IcmpError("100.64.0.2", "100.64.0.1", 3, outTcp), guest, outbound: false, now));   // another peer
+        Assert.False(f.Allow(IcmpError("100.64.0.2", "100.64.0.1", 3, Tcp("100.64.0.1", 40000, "100.64.0.2", 444)), admin, outbound: false, now));
+        Assert.False(f.Allow(IcmpError("100.64.0.2", "100.64.0.1", 8, outTcp), admin, outbound: false, now));   // an echo request is no error
+        // and our errors about what a peer sent us on an allowed flow go out
+        byte[] inTcp = Tcp("100.64.0.2", 5000, "100.64.0.1", 22);
+        Assert.True(f.Allow(inTcp, admin, outbound: false, now));
+        Assert.True(f.Allow(IcmpError("100.64.0.1", "100.64.0.2", 3, inTcp), admin, outbound: true, now));
+        Assert.False(f.Allow(IcmpError("100.64.0.1", "100.64.0.2", 3, Tcp("100.64.0.2", 5001, "100.64.0.1", 23)), admin, outbound: true, now));
+    }
+
     [Fact]
     public void FirstMatchWins_DenyBeforeAllow()
     {

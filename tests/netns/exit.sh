@@ -31,11 +31,15 @@ ip -n "$NS_l" route add default via 192.0.2.1
 nsx a ip addr add 192.0.2.1/24 dev veth-l
 nsx a ip link set veth-l up
 nsx a sysctl -qw net.ipv4.ip_forward=1              # a is a router: it forwards for its LAN already
+# and its uplink checks reverse paths strictly: the tunnel's replies must still get in (src_valid_mark
+# plus the mark given back to them by a's NAT table)
+nsx a sysctl -qw net.ipv4.conf.all.rp_filter=1 "net.ipv4.conf.$VETH.rp_filter=1"
 
 snapshot() { # NODE: what Veil may change and must put back (link-local routes come and go by themselves)
 	{
 		nsx "$1" ip rule; nsx "$1" ip -6 rule; nsx "$1" ip route show table all; nsx "$1" ip -6 route show table all
-		nsx "$1" nft list ruleset; nsx "$1" cat /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv6/conf/all/forwarding
+		nsx "$1" nft list ruleset; nsx "$1" cat /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv6/conf/all/forwarding \
+			/proc/sys/net/ipv4/conf/all/src_valid_mark
 	} | grep -v fe80::
 }
 before_a=$(snapshot a | grep -v "$(tun a)") before_b=$(snapshot b | grep -v "$(tun b)")
