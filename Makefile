@@ -56,7 +56,7 @@ define install_missing
 	fi
 endef
 
-.PHONY: build cross cross-deps deps test test-unit test-netns test-openwrt test-slow test-arm64 fuzz demo bench toc clean
+.PHONY: build cross cross-deps deps test test-unit test-netns test-openwrt test-slow test-arm64 fuzz demo bench toc clean scale
 
 # make build [RID=...] -- $(OUT)/veil for this host, $(OUT)/RID/veil for another RID
 build: $(if $(CROSS_DEPS_$(HOST_RID)_$(RID)),cross-deps)
@@ -136,6 +136,11 @@ bench: deps build
 	tests/bench/bench.sh
 	tests/bench/flood.sh
 	tests/bench/nat.sh
+
+# A real mesh of SCALE_NODES (default 100) veil processes in network namespaces on one bridge:
+# time to a full mesh, steady control bytes/s, CPU and RSS per node (tests/bench/scale.sh).
+scale: deps build
+	tests/bench/scale.sh
 
 # The section markers (`// ==== N. Title ====...`) must equal the TOC in the header
 # (`//   N. Title` lines between `// TOC` and `// END TOC`).
