@@ -286,6 +286,7 @@ internal static class Tune
     internal const int MaxRevocations = 1024;                 // revoked keys a node keeps (and checks for)
     internal const int MaxMarksPerMember = 256;               // isolation marks one member may set (§15)
     internal const int MaxMarkingMembers = 64;                // members whose marks a node keeps
+    internal const long MarkReorderWindowMs = 10_000;         // an older mark generation this soon after a newer: late, ignored
     internal const string DefaultControlPath = "/var/run/veil.sock";
     // The longest request, `revoke` with a signed revocation, is a few hundred bytes.
     internal const int MaxControlRequestLen = 4096;
@@ -942,6 +943,8 @@ internal sealed class PeerConfig
     internal bool Trusted;                 // from --trust: may connect, endpoint learned from the mesh
     internal Endpoint Tcp;                 // --peer-tcp: its --listen-tcp, for when UDP gets no answer
     internal bool Isolated;                // TOML isolated: reaches this node only; members are told to refuse it (§15)
+    internal string PskFile = "";          // TOML psk: a secret of this peer's own instead of the network's
+    internal Key32 Psk;                    // what PskFile holds (when PskFile is set)
 }
 
 /// <summary>A parsed TOML value with the line it came from.</summary>
@@ -1255,7 +1258,7 @@ internal sealed class UpConfig
     ];
     internal static readonly string[] BoolKeys = ["mesh", "relay", "port_mapping", "fix_rp_filter", "exit", "exit_allow_lan", "isolate"];
     private static readonly string[] ListKeys = ["filter", "exit_for", "address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk", "hook"];
-    private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive", "tcp", "isolated"];
+    private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive", "tcp", "isolated", "psk"];
 
     /// <summary>Where a value came from, for the one-line error: "--mtu" or "veil.toml:12: key 'mtu'".</summary>
     // A flag error quotes the flag as typed; a file error leads with FILE:LINE so editors can jump to it.
@@ -1357,10 +1360,13 @@ internal sealed class UpConfig
         }
         foreach (var (table, entries) in doc.TableArrays)
         {
+            if (table == "peer")
+                foreach (var entry in entries)
+                    if (entry.TryGetValue("psk", out TomlValue? pv) && pv.Type == TomlValue.Kind.String) pv.Str = FromFile("psk", pv.Str);
             if (table is not ("peer" or "filter")) throw new ConfigException($"{doc.File}:{doc.TableLines[table + "#0"]}: table [[{table}]] is not known (use [[peer]] or [[filter]])");
             for (int i = 0; i < entries.Count; i++)
                 if (table == "peer") Peers.Add(FilePeer(doc, entries[i], doc.TableLines["peer#" + i]));
-                else
+                else if (!flags.Exists(f => f.Key == "filter"))          // --filter replaces the file's rules, tables too
                 {
                     int line = doc.TableLines["filter#" + i];
                     string rule = FileFilter(doc, entries[i], line);
@@ -1417,6 +1423,11 @@ internal sealed class UpConfig
             foreach (TomlValue item in ListOf(S("allowed_ips"), al)) p.Allowed.Add(ParsePrefix(S("allowed_ips"), item.Str));
         if (t.TryGetValue("keepalive", out TomlValue? ka)) p.KeepaliveMs = ParseInt(S("keepalive"), Scalar(S("keepalive"), ka, true), 0, 3600) * 1000L;
         if (t.TryGetValue("name", out TomlValue? nm)) p.Name = ParseName(S("name"), Scalar(S("name"), nm, false));
+        if (t.TryGetValue("psk", out TomlValue? ps))
+        {
+            p.PskFile = Scalar(S("psk"), ps, false);
+            p.Psk = ReadKeyFile($"{S("psk").Text}:", p.PskFile);   // re-read at every reload: a file per peer is cheap
+        }
         if (t.TryGetValue("isolated", out TomlValue? iso))
             p.Isolated = iso.Type == TomlValue.Kind.Boolean ? iso.Bool : throw new ConfigException($"{S("isolated").Text}: expected true or false");
         if (t.TryGetValue("tcp", out TomlValue? tc))
@@ -2735,6 +2746,7 @@ internal sealed class Sysctls(Log log, string? journalPath = null)
         {
             foreach (string line in File.ReadAllLines(journalPath))
             {
+                if (line.StartsWith("boot ", StringComparison.Ordinal)) { if (line[5..] != BootId()) break; continue; }
                 string[] f = line.Split(' ');
                 if (f.Length != 3 || !f[0].StartsWith("/proc/sys/net/", StringComparison.Ordinal) || f[0].Contains("..") ||
                     !IsNumber(f[1]) || !IsNumber(f[2]) || !File.Exists(f[0]) || File.ReadAllText(f[0]).Trim() != f[2]) continue;
@@ -2749,6 +2761,9 @@ internal sealed class Sysctls(Log log, string? journalPath = null)
         }
     }
 
+    // After a reboot the sysctls are the boot's own, whatever a journal from before says.
+    private static string BootId() => Read("/proc/sys/kernel/random/boot_id");
+
     private static bool IsNumber(string s) => s.Length is > 0 and < 12 && s.AsSpan().IndexOfAnyExceptInRange('0', '9') < 0;
 
     private void WriteJournal()
@@ -2757,7 +2772,7 @@ internal sealed class Sysctls(Log log, string? journalPath = null)
         try
         {
             if (_changed.Count == 0) File.Delete(journalPath);
-            else Onboarding.WriteAtomic(journalPath, string.Concat(_changed.ConvertAll(c => $"{c.Path} {c.Was} {c.Set}\n")), UnixFileMode.UserRead | UnixFileMode.UserWrite);
+            else Onboarding.WriteAtomic(journalPath, $"boot {BootId()}\n" + string.Concat(_changed.ConvertAll(c => $"{c.Path} {c.Was} {c.Set}\n")), UnixFileMode.UserRead | UnixFileMode.UserWrite);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException or ConfigException)
         {
@@ -2832,6 +2847,13 @@ internal sealed class KernelRoutes(int ifIndex, Log log)
     private Dictionary<IpPrefix, string> _conflicts = new();
     // Replaced whole after each Sync: the status view reads it on the loop thread.
     internal volatile IReadOnlyDictionary<IpPrefix, string> Conflicts = new Dictionary<IpPrefix, string>();
+
+    /// <summary>The kernel dropped our IPv4 (or IPv6) routes on the TUN (its last address of that
+    /// family went): the next Sync adds them again.</summary>
+    internal void Flushed(bool v6)
+    {
+        foreach (IpPrefix pr in new List<IpPrefix>(_installed.Keys)) if (pr.IsV6 == v6) _installed.Remove(pr);
+    }
 
     internal void Sync(List<IpPrefix> prefixes)
     {
@@ -3914,7 +3936,8 @@ internal sealed class PacketFilter
         // An ICMP error (unreachable, packet too big, time exceeded) about a packet of a known flow
         // belongs to that flow: path MTU discovery and traceroute work without a rule of their own.
         // The packet it quotes went the other way: one we sent, if the error comes in.
-        if (inner > 0 && Read(packet[inner..], out UInt128 qs, out UInt128 qd, out byte qp, out int qsp, out int qdp, out _) && qp != 0)
+        // Only one addressed to the quoted packet's sender: a peer cannot aim "errors" elsewhere.
+        if (inner > 0 && Read(packet[inner..], out UInt128 qs, out UInt128 qd, out byte qp, out int qsp, out int qdp, out _) && qp != 0 && qs == dst)
         {
             var quoted = outbound ? new Flow(qd, qs, qdp, qsp, qp, peer.Id) : new Flow(qs, qd, qsp, qdp, qp, peer.Id);
             if (Find(quoted, (int)((uint)quoted.GetHashCode() & (FlowSlots - 1)), nowMs) != null) return true;
@@ -4099,6 +4122,8 @@ internal sealed class Peer
     internal Endpoint TcpRemote;                 // --peer-tcp (unset: none); Endpoint is a TcpLinks one while in use
     internal Endpoint EndpointBeforeTcp;         // where Endpoint pointed when a TCP link took over
     internal bool Isolated;                      // its config says isolated: it reaches us, no other peer through us
+    internal bool OwnPsk;                        // its config gives it a secret of its own (a rotation leaves it)
+    internal bool NamedByConfig;                 // its name is our config's, not one it announced
     internal PeerState State { get; private set; }
     internal PeerOrigin Origin { get; private set; }
     internal bool Active => State != PeerState.Removed;
@@ -4142,7 +4167,6 @@ internal sealed class Peer
 
     internal Session? Previous, Current, Next;
     internal long RevocationsSentVersion = -1;   // the Mesh.RevocationsVersion this member has heard (§15)
-    internal long MarksSentGeneration = -1;      // the Mesh.MarksGeneration of ours this member has heard
 
     // Initiator side of a handshake in flight.
     internal Handshake? Pending;
@@ -4202,6 +4226,8 @@ internal sealed class Peer
         ConfiguredEndpoint = cfg.EndpointText;
         TcpRemote = cfg.Tcp;
         Isolated = cfg.Isolated;
+        NamedByConfig = cfg.Name.Length > 0;
+        if (OwnPsk = cfg.PskFile.Length > 0) Psk = cfg.Psk;
         Allowed = new List<IpPrefix>(cfg.Allowed);
         Name = cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.DefaultName();
         PersistentKeepaliveMs = cfg.KeepaliveMs >= 0 ? cfg.KeepaliveMs : persistentKeepaliveMs;
@@ -6329,7 +6355,8 @@ internal sealed partial class Node
         if (p.ExitForVersion != _exitForVersion || !ReferenceEquals(p.ExitForName, p.Name))
         {
             string key = p.PublicKey.ToBase64();
-            p.ExitRefusedCached = !ExitFor.Exists(x => x == key || PacketFilter.Glob(x, p.Name));
+            // A name pattern judges only names our config gives: a member names itself otherwise.
+            p.ExitRefusedCached = !ExitFor.Exists(x => x == key || p.NamedByConfig && PacketFilter.Glob(x, p.Name));
             p.ExitForVersion = _exitForVersion;
             p.ExitForName = p.Name;
         }
@@ -6454,7 +6481,7 @@ internal sealed partial class Node
         if (cfg.SecretsRead)                                  // a rotation: new handshakes use the new secret
         {
             _psk = cfg.Psk;
-            foreach (Peer p in Peers) if (p.Active) p.Psk = _psk;
+            foreach (Peer p in Peers) if (p.Active && !p.OwnPsk) p.Psk = _psk;
             SetAcceptPsks(cfg.AcceptPsks);
             if (Invites != null) Invites.Psk = _psk;
         }
@@ -6487,6 +6514,9 @@ internal sealed partial class Node
             p.Allowed.AddRange(pc.Allowed);
             p.TcpRemote = pc.Tcp;
             p.Isolated = pc.Isolated;
+            p.NamedByConfig = pc.Name.Length > 0;
+            p.OwnPsk = pc.PskFile.Length > 0;
+            p.Psk = p.OwnPsk ? pc.Psk : _psk;
         }
         _keepaliveMs = cfg.PersistentKeepaliveMs;
         if (Mesh.Configure(cfg)) ScheduleExchange(nowMs);
@@ -7357,7 +7387,9 @@ internal sealed unsafe partial class Daemon
         _log.Info("offloads", $"{offloadsLine}aead_backend={Aead.Backend}" + (offloads ? "" : " disabled_by=VEIL_OFFLOADS"));
         Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
         foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
-        Sysctls.Recover(Sysctls.JournalPath(_cfg.ControlPath), _log);
+        // The journal is a crashed run's only while no daemon answers on its control socket.
+        if (ControlClient.TryConnect(_cfg.ControlPath) is int live) Libc.Close(live);
+        else Sysctls.Recover(Sysctls.JournalPath(_cfg.ControlPath), _log);
         _sysctls = new Sysctls(_log, Sysctls.JournalPath(_cfg.ControlPath));
         // The kernel applies the larger of "all" and the interface's value: 2 on the TUN alone makes
         // its check loose while every other interface keeps its own (and the setting goes with the TUN).
@@ -7719,6 +7751,7 @@ internal sealed unsafe partial class Daemon
     private static void ClearSecrets(UpConfig c)
     {
         c.Psk.Clear();
+        foreach (PeerConfig pc in c.Peers) pc.Psk.Clear();
         for (int i = 0; i < c.AcceptPsks.Length; i++) c.AcceptPsks[i].Clear();
     }
 
@@ -8562,12 +8595,15 @@ internal sealed class Mesh
     internal int RevocationCount => _revoked.Count;
 
     // Isolation marks (see the section's prose): ours, from the config, and each member's.
+    // Committed: the last whole set; Next: the generation arriving. Both count (a new mark at once),
+    // each at most MaxMarksPerMember; Next replaces Committed once all its parts are in.
     private sealed class MarkSet
     {
         internal uint Generation;
+        internal long GenerationSinceMs;
         internal int Parts;                               // 0: loaded from the state file
         internal ulong PartsSeen;
-        internal readonly HashSet<KeyId> Keys = new(), Next = new();
+        internal readonly HashSet<KeyId> Committed = new(), Next = new();
     }
     internal readonly List<Key32> OwnMarks = new();
     internal uint MarksGeneration = BinaryPrimitives.ReadUInt32LittleEndian(RandomNumberGenerator.GetBytes(4));   // a restart starts a new one
@@ -8589,10 +8625,11 @@ internal sealed class Mesh
             _node.Log.Emit(LogLevel.Info, "handshake_refused", $"reason=isolated key={key.Short()}");
     }
 
-    // One part of a member's marks. A member we isolate ourselves marks nobody for us.
+    // One part of a member's marks. Only a peer of our own config marks for us (a member learned
+    // from the mesh could otherwise cut any key off everywhere), and never one we isolate ourselves.
     private void ApplyMarks(Peer from, long nowMs)
     {
-        if (from.Isolated) return;
+        if (from.Isolated || from.Learned) { MarksDropped += _in.Marks.Count; return; }
         var id = KeyId.Of(from.PublicKey);
         if (!_marksBy.TryGetValue(id, out MarkSet? set))
         {
@@ -8601,31 +8638,33 @@ internal sealed class Mesh
         }
         if (set.Generation != _in.MarkGeneration || set.Parts != _in.MarkParts)
         {
+            // An older generation within seconds of a newer one is a late datagram, not a restart.
+            if ((int)(_in.MarkGeneration - set.Generation) < 0 && set.Parts > 0 && nowMs - set.GenerationSinceMs < Tune.MarkReorderWindowMs) return;
             set.Generation = _in.MarkGeneration;
+            set.GenerationSinceMs = nowMs;
             set.Parts = _in.MarkParts;
             set.PartsSeen = 0;
             set.Next.Clear();
         }
         ulong bit = 1UL << _in.MarkPart;
-        if ((set.PartsSeen & bit) != 0) return;                    // a repeat
+        if ((set.PartsSeen & bit) != 0) return;                    // a repeat (the set comes again every exchange)
         set.PartsSeen |= bit;
         foreach (Key32 k in _in.Marks)
         {
             if (k.EqualsCt(_node.Handshaker.PublicKey) || k.EqualsCt(from.PublicKey)) continue;
             if (set.Next.Count >= Tune.MaxMarksPerMember) { MarksDropped++; continue; }
             set.Next.Add(KeyId.Of(k));
-            set.Keys.Add(KeyId.Of(k));                             // a new mark counts at once
         }
         if (set.PartsSeen == (1UL << set.Parts) - 1)                // the whole set: what it dropped goes
         {
-            set.Keys.Clear();
-            set.Keys.UnionWith(set.Next);
+            set.Committed.Clear();
+            set.Committed.UnionWith(set.Next);
         }
         MarksChanged(from.Name, nowMs);
     }
 
     /// <summary>A member's Self without the marks flag: it marks nobody (any more).</summary>
-    private void ClearMarks(Peer from, long nowMs)
+    internal void ClearMarks(Peer from, long nowMs)
     {
         if (_marksBy.Remove(KeyId.Of(from.PublicKey))) MarksChanged(from.Name, nowMs);
     }
@@ -8634,7 +8673,7 @@ internal sealed class Mesh
     private void MarksChanged(string by, long nowMs)
     {
         var next = new HashSet<KeyId>();
-        foreach (MarkSet set in _marksBy.Values) next.UnionWith(set.Keys);
+        foreach (MarkSet set in _marksBy.Values) { next.UnionWith(set.Committed); next.UnionWith(set.Next); }
         if (next.SetEquals(_barred)) return;
         _barred.Clear();
         _barred.UnionWith(next);
@@ -8653,20 +8692,24 @@ internal sealed class Mesh
     {
         foreach (var (by, set) in _marksBy)
         {
-            if (set.Keys.Count == 0) continue;
+            var keys = new HashSet<KeyId>(set.Committed);
+            keys.UnionWith(set.Next);
+            if (keys.Count == 0) continue;
             sb.Append("isolated ").Append(by.Key().ToBase64());
-            foreach (KeyId k in set.Keys) sb.Append(' ').Append(k.Key().ToBase64());
+            int n = 0;
+            foreach (KeyId k in keys) if (n++ < Tune.MaxMarksPerMember) sb.Append(' ').Append(k.Key().ToBase64());
             sb.Append('\n');
         }
     }
 
+    /// <summary>A state file's marks of one member: kept only while that member is in our config.</summary>
     internal void LoadMarks(in Key32 by, List<Key32> keys, long nowMs)
     {
         var id = KeyId.Of(by);
-        if (_marksBy.Count >= Tune.MaxMarkingMembers && !_marksBy.ContainsKey(id)) return;
+        if (_node.FindPeer(by) is not { Learned: false } || _marksBy.Count >= Tune.MaxMarkingMembers && !_marksBy.ContainsKey(id)) return;
         if (!_marksBy.TryGetValue(id, out MarkSet? set)) _marksBy[id] = set = new MarkSet();
         foreach (Key32 k in keys)
-            if (!k.EqualsCt(_node.Handshaker.PublicKey) && set.Keys.Count < Tune.MaxMarksPerMember) set.Keys.Add(KeyId.Of(k));
+            if (!k.EqualsCt(_node.Handshaker.PublicKey) && set.Committed.Count < Tune.MaxMarksPerMember) set.Committed.Add(KeyId.Of(k));
         MarksChanged("state", nowMs);
     }
 
@@ -8792,11 +8835,14 @@ internal sealed class Mesh
         int len = ExchangeMessage.WriteSelf(_out, Name, observed, _scratch, _node.ExitRefused(p) ? _claimsWithoutExit : OwnClaims, flags);
         if (!Send(p, len, nowMs)) return;
         p.SelfSentOn = p.Current;
+        if (OwnMarks.Count > 0 && !p.Isolated) SendMarks(p, nowMs);    // before Members, which a mark may concern
         Span<byte> d = _out;
         int pos = 2, count = 0;
         foreach (Peer q in _node.Peers)
         {
-            if (!q.Active || !q.Up || q == p || q.Relay != null) continue;   // a relayed member: its relay tells of it
+            // A relayed member: its relay tells of it. An isolated one is nobody's business but ours,
+            // and an isolated peer hears of nobody.
+            if (!q.Active || !q.Up || q == p || q.Relay != null || q.Isolated || p.Isolated) continue;
             _scratch.Clear();
             if (q.Endpoint.IsSet && !TcpLinks.IsTcp(q.Endpoint)) _scratch.Add(q.Endpoint);
             foreach (Endpoint e in q.Announced) AddBounded(_scratch, e, Tune.MaxEndpointsPerEntry);
@@ -8813,7 +8859,6 @@ internal sealed class Mesh
         }
         if (count > 0 && !SendMembers(p, pos, count, nowMs)) return;
         if (p.RevocationsSentVersion != RevocationsVersion && SendRevocations(p, nowMs)) p.RevocationsSentVersion = RevocationsVersion;
-        if (OwnMarks.Count > 0 && !p.Isolated && p.MarksSentGeneration != MarksGeneration && SendMarks(p, nowMs)) p.MarksSentGeneration = MarksGeneration;
     }
 
     internal long BeaconsLoaded, BeaconsRejected;
@@ -9044,6 +9089,7 @@ internal sealed class Mesh
     internal void Forget(Peer p)
     {
         var id = KeyId.Of(p.PublicKey);
+        if (_marksBy.Remove(id)) MarksChanged(p.Name, 0);        // a peer no longer ours marks nobody for us
         var mine = new List<IpPrefix>();
         foreach (var (prefix, owner) in _addressOwner)
             if (owner == id) mine.Add(prefix);
@@ -9205,7 +9251,7 @@ internal sealed partial class Node
         p.DownAtMs = nowMs;
         p.ExchangeAtMs = p.PunchAtMs = 0;
         StopRelayingThrough(p);
-        p.RevocationsSentVersion = p.MarksSentGeneration = -1;      // back up, it hears them all again
+        p.RevocationsSentVersion = -1;                              // back up, it hears them all again
         Signal.Poke();                                               // a learned member's forget deadline starts
         Log.Info("peer_down", $"peer={p.Name} reason={reason} claims_withdrawn={p.Claims.Count}");
         if (p.Allowed.Count > 0 || p.Claims.Count > 0) RebuildRoutes();
@@ -9385,7 +9431,7 @@ internal sealed unsafe partial class Daemon
             text = _node.StateText();
         }
         if (text == _stateWritten || text.IndexOf("\nmember ", StringComparison.Ordinal) < 0 && text.IndexOf("\naddress ", StringComparison.Ordinal) < 0
-            && text.IndexOf("\nisolated ", StringComparison.Ordinal) < 0) return;   // unchanged, or nothing to remember
+            && text.IndexOf("\nisolated ", StringComparison.Ordinal) < 0 && _stateWritten.IndexOf("\nisolated ", StringComparison.Ordinal) < 0) return;   // unchanged, or nothing to remember (nor to forget)
         _stateWritten = text;
         _stateWrittenMs = nowMs;
         if (force) WriteAtomically(path, text, _log, "state_not_saved");
@@ -9424,6 +9470,8 @@ internal sealed unsafe partial class Daemon
                     // Old first: removing an IPv4 primary address takes its secondaries with it
                     // (unless promote_secondaries), and the new one would be a secondary.
                     Netlink.RemoveAddress(ifIndex, old);
+                    // Removing the TUN's last address of a family takes that family's routes with it.
+                    _kernelRoutes!.Flushed(old.IsV6);
                     try { Netlink.AddAddress(ifIndex, next.Value); }
                     catch (IOException)
                     {
@@ -9432,9 +9480,10 @@ internal sealed unsafe partial class Daemon
                     }
                 }
                 catch (IOException e) { error = e.Message; }
-            if (error != null) { _log.Warn("address_not_moved", $"address={old} error=\"{error}\""); return; }
+            if (error != null) { _log.Warn("address_not_moved", $"address={old} error=\"{error}\""); _chores.Return(() => _routesPostedVersion = -1); return; }
             _chores.Return(() =>
             {
+                _routesPostedVersion = -1;                // the routes go back on the TUN with the next Sync
                 lock (node.Gate)
                 {
                     int i = _cfg.Addresses.IndexOf(old);
@@ -9769,6 +9818,7 @@ internal sealed partial class Node
         Peer? to = FindPeer(key);
         string? why = !Relays.Offered ? "not_offered"
             : to == null || to == from ? "unknown_member"
+            : from.Isolated || to.Isolated ? "isolated"
             : !from.Up || !Direct(to, nowMs) ? "member_not_up"
             : Record.Classify(inner) is not (RecordKind.Transport or RecordKind.ClientHello or RecordKind.ServerHello) ? "malformed"
             : RelayHeadroomLen + inner.Length + Spec.TagLen + Spec.PadBlockLen > UdpOut.SlotLen ? "too_long" : null;
@@ -12650,6 +12700,7 @@ internal sealed class Invites(Key32 privateKey)
         internal bool Written;                            // the joiner is in the config file: answer it
         internal string Name = "";
         internal bool Isolated;                           // --isolated: written down as an isolated peer
+        internal Key32 PeerSecret;                        // --isolated: its own secret, never the network's
     }
 
     /// <summary>A joiner with a valid JoinHello, for the daemon to write down (off the packet path:
@@ -12671,7 +12722,7 @@ internal sealed class Invites(Key32 privateKey)
         return k;
     }
 
-    internal void Clear() { _tokenKey.Clear(); Psk.Clear(); foreach (Pending p in _pending.Values) p.Token.Secret.Clear(); }
+    internal void Clear() { _tokenKey.Clear(); Psk.Clear(); foreach (Pending p in _pending.Values) { p.Token.Secret.Clear(); p.PeerSecret.Clear(); } }
 
     internal const string FileHeader = "# veil: pending invites, rewritten by the daemon; each token holds its secret: keep this file 0600\n";
 
@@ -12744,6 +12795,7 @@ internal sealed class Invites(Key32 privateKey)
             return $"error: no invite {idText} (see veil invite --list)\n";
         if (!p.JoinerKey.IsZero()) return $"error: invite {idText} was used already; remove the peer from the config, or 'veil revoke' its key\n";
         p.Token.Secret.Clear();
+        p.PeerSecret.Clear();
         _pending.Remove(id);
         return $"ok: invite {id:x16} revoked\n";
     }
@@ -12822,6 +12874,14 @@ internal sealed class Invites(Key32 privateKey)
             string name = p.Name.Length > 0 ? p.Name : UpConfig.IsName(asked) ? asked : "";
             var pc = new PeerConfig { Name = name, Isolated = p.Isolated };
             joinerKey.CopyTo(pc.PublicKey);
+            // An isolated joiner gets a secret of its own: with the network's it could come back under
+            // another key as a full member. The daemon writes it to a file its [[peer]] names.
+            if (p.Isolated)
+            {
+                RandomNumberGenerator.Fill(p.PeerSecret);
+                pc.Psk = p.PeerSecret;
+                pc.PskFile = "peer-" + pc.PublicKey.DefaultName() + ".psk";
+            }
             pc.Allowed.Add(p.Token.JoinerAddress.Host);
             joinerKey.CopyTo(p.JoinerKey);                // the invite is this key's from now on
             Joiners.Enqueue(new Joiner(p.Token.Id, pc, from));
@@ -12829,6 +12889,9 @@ internal sealed class Invites(Key32 privateKey)
             // on disk (Written), so an accepted joiner survives the inviter's restart.
             return [];
         }
+        // An isolated joiner's secret lives in memory only until it is answered: after a restart of
+        // ours its retransmit cannot be answered again (it needs a new invite).
+        if (p.Written && p.Isolated && p.PeerSecret.IsZero()) return Refuse(log, from, "answered_before_restart");
         return p.Written ? Accept(p, joinerKey) : [];
     }
 
@@ -12842,12 +12905,13 @@ internal sealed class Invites(Key32 privateKey)
             log.Warn("join_failed", $"invite={j.InviteId:x16} error=\"{error}\"");
             // The invite is free again: the joiner's retransmits, or another try, can still use it.
             p.JoinerKey.Clear();
+            p.PeerSecret.Clear();
             return null;
         }
         p.Written = true;
         // The whole key, unlike other lines: a joiner is an identity the operator audits, and the
         // peer_joined hook (OpenWrt's writes it into UCI) needs it.
-        log.Info("peer_joined", $"invite={j.InviteId:x16} peer={(j.Peer.Name.Length > 0 ? j.Peer.Name : j.Peer.PublicKey.DefaultName())} public_key={j.Peer.PublicKey.ToBase64()} allowed_ips={j.Peer.Allowed[0]} isolated={(j.Peer.Isolated ? "true" : "false")} from={j.From}");
+        log.Info("peer_joined", $"invite={j.InviteId:x16} peer={(j.Peer.Name.Length > 0 ? j.Peer.Name : j.Peer.PublicKey.DefaultName())} public_key={j.Peer.PublicKey.ToBase64()} allowed_ips={j.Peer.Allowed[0]} isolated={(j.Peer.Isolated ? "true" : "false")}{(j.Peer.PskFile.Length > 0 ? " psk_file=" + j.Peer.PskFile : "")} from={j.From}");
         return Accept(p, j.Peer.PublicKey);
     }
 
@@ -12861,7 +12925,8 @@ internal sealed class Invites(Key32 privateKey)
         reply[5] = TypeJoinAccept;
         BinaryPrimitives.WriteUInt64BigEndian(reply.AsSpan(6), p.Token.Id);
         Span<byte> payload = stackalloc byte[JoinAcceptPayloadLen];
-        ((ReadOnlySpan<byte>)Psk).CopyTo(payload);
+        if (p.Isolated) ((ReadOnlySpan<byte>)p.PeerSecret).CopyTo(payload);
+        else ((ReadOnlySpan<byte>)Psk).CopyTo(payload);
         payload[32] = 1;
         Key32 key = default;
         InviteToken.AcceptKey(p.Token.Secret, key);
@@ -12918,6 +12983,7 @@ internal static class Onboarding
         sb.Append("allowed_ips = [").Append(string.Join(", ", p.Allowed.ConvertAll(a => Q(a.ToString())))).Append("]\n");
         if (p.KeepaliveMs >= 0) sb.Append("keepalive = ").Append(p.KeepaliveMs / 1000).Append('\n');
         if (p.Isolated) sb.Append("isolated = true\n");
+        if (p.PskFile.Length > 0) sb.Append("psk = ").Append(Q(p.PskFile)).Append('\n');
         return sb.ToString();
     }
 
@@ -13606,20 +13672,28 @@ internal sealed unsafe partial class Daemon
         PreparedReload? reload = null;
         string error, path = _cfg.ConfigPath!;
         if (_cfg.Peers.Exists(q => q.Name == j.Peer.Name)) j.Peer.Name = "";   // taken: the key's default name
+        string? secretPath = j.Peer.PskFile.Length > 0 ? Path.Combine(Path.GetDirectoryName(Path.GetFullPath(path))!, j.Peer.PskFile) : null;
         try
         {
             string old = File.ReadAllText(path);
+            if (secretPath != null) Onboarding.WriteAtomic(secretPath, j.Peer.Psk.ToBase64() + "\n", UnixFileMode.UserRead | UnixFileMode.UserWrite);
             Onboarding.AppendPeer(path, j.Peer);
             reload = PrepareReload("join");
             error = reload.Code == ReloadCode.Ok ? "" : reload.Message;
             if (error.Length > 0)                                               // the file goes back as it was
             {
+                if (secretPath != null) File.Delete(secretPath);
                 Onboarding.WriteAtomic(path, old, File.GetUnixFileMode(path));
                 _configStamp = ConfigStamp();
                 reload = null;
             }
         }
-        catch (Exception e) when (e is ConfigException or IOException or UnauthorizedAccessException) { error = e.Message; }
+        catch (Exception e) when (e is ConfigException or IOException or UnauthorizedAccessException)
+        {
+            error = e.Message;
+            if (secretPath != null && reload == null) try { File.Delete(secretPath); } catch (IOException) { }
+        }
+        j.Peer.Psk.Clear();                                       // the node holds its own copy now
         _chores!.Return(() =>
         {
             if (reload != null) CommitReload(reload);

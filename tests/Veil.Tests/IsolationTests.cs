@@ -6,26 +6,29 @@ namespace Veil.Tests;
 /// message, how members apply and lift marks, and the state file keeping them.</summary>
 public class IsolationTests
 {
-    // Node 0 is the gateway and knows 1 and 2 (2 marked isolated unless told otherwise); 1 and 2 know only 0.
-    private static TestNet Gateway(bool isolated = true) =>
-        TestNet.Mesh(3, i => i == 0 ? [1, 2] : [0], (i, c) => { if (i == 0) c.Peers[1].Isolated = isolated; });
+    // Node 0 is the gateway and knows 1 and 2 (2 marked isolated unless told otherwise); 1 knows only 0.
+    // 2 knows 0, and 1 as well when xKnowsB (say, from before it was marked): the mark must hold anyway.
+    private static TestNet Gateway(bool isolated = true, bool xKnowsB = false) =>
+        TestNet.Mesh(3, i => i == 0 ? [1, 2] : i == 2 && xKnowsB ? [0, 1] : [0], (i, c) => { if (i == 0) c.Peers[1].Isolated = isolated; });
 
     private static bool Up(TestNode at, TestNode other) => at.Node.FindPeer(other.Public)?.Up == true;
 
     [Fact]
     public void MarkedMember_ReachesTheGatewayOnly_OthersRefuseItsSessions()
     {
-        var t = Gateway();
+        var t = Gateway(xKnowsB: true);
         t.Start();
         TestNode g = t.Nodes[0], b = t.Nodes[1], x = t.Nodes[2];
         Assert.True(t.AdvanceUntil(() => Up(g, b) && Up(g, x) && b.Node.Mesh.BarredCount == 1, 30_000) >= 0);
-        t.Advance(90_000, 1_000);                             // x learns b from the gateway and keeps trying
+        t.Advance(90_000, 1_000);                             // x knows b and keeps trying
         Assert.False(Up(b, x));
         Assert.False(Up(x, b));
         Assert.True(b.Node.Mesh.IsolatedRefused > 0, "b never saw x's handshake");
         Assert.Contains("reason=isolated", b.LogText.ToString());
         Assert.Single(g.Node.Mesh.OwnMarks);
         Assert.Equal(0, x.Node.Mesh.BarredCount);              // the gateway tells x nothing of its marks
+        Assert.Equal(0, x.Node.Mesh.MembersLearned);           // nor of any member (no Members to an isolated peer)
+        Assert.Equal(0, b.Node.Mesh.MembersLearned);           // and nobody of x
         Assert.Equal(1, t.Send(2, 0));                         // x and b still reach the gateway
         Assert.Equal(1, t.Send(1, 0));
         Assert.Equal(0, t.Send(2, 1));
@@ -35,7 +38,7 @@ public class IsolationTests
     [Fact]
     public void Unmarked_OnReload_TheMembersMeet()
     {
-        var t = Gateway();
+        var t = Gateway(xKnowsB: true);
         t.Start();
         TestNode g = t.Nodes[0], b = t.Nodes[1], x = t.Nodes[2];
         Assert.True(t.AdvanceUntil(() => b.Node.Mesh.BarredCount == 1, 30_000) >= 0);
@@ -44,6 +47,7 @@ public class IsolationTests
         Assert.Empty(g.Node.Mesh.OwnMarks);
         Assert.True(t.AdvanceUntil(() => b.Node.Mesh.BarredCount == 0, 30_000) >= 0, "b kept the mark");
         Assert.True(t.AdvanceUntil(() => Up(b, x) && Up(x, b), 180_000) >= 0, "b and x never met");
+        t.Advance(2_000);                                     // their Selfs, with the claims
         Assert.Equal(1, t.Send(2, 1));
     }
 
@@ -163,6 +167,31 @@ public class IsolationTests
         Assert.False(Barred(x));
     }
 
+    // Marks come only from peers of our own config, and a late datagram of an older generation
+    // lifts nothing.
+    [Fact]
+    public void Marks_FromALearnedMember_Ignored_LateGenerationIgnored()
+    {
+        var t = Gateway(isolated: false);
+        t.Start();
+        TestNode g = t.Nodes[0], b = t.Nodes[1], x = t.Nodes[2];
+        Assert.True(t.AdvanceUntil(() => Up(b, g) && Up(b, x), 60_000) >= 0);
+        Mesh m = b.Node.Mesh;
+        Key32 k = Key(72), k2 = Key(73);
+        m.Receive(PeerOf(b, x), Isolated(1, 0, 1, k), t.NowMs);            // x is a member b learned: no say
+        Assert.False(m.Refuses(k));
+        Assert.Equal(1, m.MarksDropped);
+        Peer bg = PeerOf(b, g);
+        m.Receive(bg, Isolated(20, 0, 1, k), t.NowMs);
+        m.Receive(bg, Isolated(19, 0, 1, k2), t.NowMs);                    // older, seconds later: late
+        Assert.True(m.Refuses(k));
+        Assert.False(m.Refuses(k2));
+        t.Advance(Tune.MarkReorderWindowMs + 1_000, 1_000);
+        m.Receive(bg, Isolated(19, 0, 1, k2), t.NowMs);                    // much later: the gateway restarted
+        Assert.True(m.Refuses(k2));
+        Assert.False(m.Refuses(k));
+    }
+
     [Fact]
     public void Marks_BoundedPerMember()
     {
@@ -229,10 +258,11 @@ public class ExitForTests
     [Fact]
     public void ExitFor_OnlyNamedMembersGetTheDefaultRoute_OthersTrafficForTheUplinkDropped()
     {
-        // 0 is the exit, serving n1 only; 2 routes 0.0.0.0/0 to it by its own config all the same.
-        var t = TestNet.Mesh(3, i => i == 0 ? [] : [0], (i, c) =>
+        // 0 is the exit, serving n1 only (a name its config gives); 2 routes 0.0.0.0/0 to it by its
+        // own config all the same.
+        var t = TestNet.Mesh(3, i => i == 0 ? [1, 2] : [0], (i, c) =>
         {
-            if (i == 0) { c.Exit = true; c.ExitFor.Add("n1"); }
+            if (i == 0) { c.Exit = true; c.ExitFor.Add("n1"); c.Peers[0].Name = "n1"; c.Peers[1].Name = "n2"; }
             else c.ExitNode = "n0";
             if (i == 2) c.Peers[0].Allowed.Add(IpPrefix.Parse("0.0.0.0/0"));
         });
@@ -257,7 +287,7 @@ public class ExitForTests
         Assert.Equal(written + 2, exit.Tun.Written.Count);
 
         // A reload that serves everybody: the other member gets the default route too.
-        UpConfig cfg = TestNet.MeshConfig(0, t.Keys, []);
+        UpConfig cfg = TestNet.MeshConfig(0, t.Keys, [1, 2]);
         cfg.Exit = true;
         exit.Node.Apply(cfg, t.NowMs);
         Assert.True(t.AdvanceUntil(() => HasDefault(other, exit), 5_000) >= 0);
@@ -279,9 +309,43 @@ public class ExitForTests
         Peer p = n.Peers[0];
         p.Name = name;
         Assert.Equal(refused, n.ExitRefused(p));
+        p.NamedByConfig = false;                                            // a name the member announced itself
+        p.Name = new string(name);
+        Assert.True(n.ExitRefused(p));
         cfg.ExitFor[0] = p.PublicKey.ToBase64();                            // a key names it whatever its name
         n.Apply(cfg, t.NowMs);
         p.Name = name;
         Assert.False(n.ExitRefused(p));
+    }
+}
+
+/// <summary>A peer's own secret (`psk` in its [[peer]]): the handshake with that peer mixes it in
+/// instead of the network's, and a rotation of the network's leaves it.</summary>
+public class PeerPskTests
+{
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void OwnSecret_OnlyThePeerHoldingItGetsIn(bool peerHoldsIt)
+    {
+        Key32 own = TestNode.KeyFromSeed(90);
+        var t = TestNet.Mesh(2, i => i == 0 ? [1] : [0], (i, c) =>
+        {
+            if (i == 0) { c.Peers[0].PskFile = "own.psk"; c.Peers[0].Psk = own; }
+            else if (peerHoldsIt) c.Psk = own;                // the guest's network.psk is that secret
+        }, mesh: false);
+        t.Start();
+        bool up = t.AdvanceUntil(() => t.Nodes[0].Node.FindPeer(t.Nodes[1].Public)?.Up == true, 20_000) >= 0;
+        Assert.Equal(peerHoldsIt, up);
+        if (!peerHoldsIt) return;
+        Peer p = TestNet.PeerOf(t.Nodes[0], t.Nodes[1]);
+        Assert.True(p.OwnPsk);
+        UpConfig cfg = TestNet.MeshConfig(0, t.Keys, [1], mesh: false);
+        cfg.Peers[0].PskFile = "own.psk";
+        cfg.Peers[0].Psk = own;
+        cfg.Psk = TestNode.KeyFromSeed(91);
+        cfg.SecretsRead = true;                               // a rotation of the network secret
+        t.Nodes[0].Node.Apply(cfg, t.NowMs);
+        Assert.True(p.Psk.EqualsCt(own));
     }
 }

@@ -120,6 +120,10 @@ public sealed class OnboardingTests : IDisposable
         Assert.NotNull(Join(restarted, JoinHello(t, Pub(40), t.Secret), TestNet.Ep(1)));
         Assert.True(Assert.Single(_persisted).Isolated);
         Assert.Contains("isolated = true\n", Onboarding.PeerToml(_persisted[0]));
+        // its own secret, not the network's: with that it could come back under another key
+        Assert.False(_persisted[0].Psk.IsZero());
+        Assert.False(_persisted[0].Psk.EqualsCt(TestNode.KeyFromSeed(31)));
+        Assert.Contains($"psk = \"peer-{_persisted[0].PublicKey.DefaultName()}.psk\"\n", Onboarding.PeerToml(_persisted[0]));
         Assert.StartsWith("line 2 ", restarted.Load(Invites.FileHeader + text.Split('\n')[1].Replace(" isolated", " isolatedd") + "\n", now, out _));
     }
 

@@ -287,6 +287,22 @@ public sealed class TomlTests : IDisposable
         Assert.Equal(expect, Assert.Throws<ConfigException>(() => UpConfig.Load(new[] { "up", "--config", path }, 1)).Message);
     }
 
+    // A peer's own secret: a file beside the config (relative to it), mode 0600 like every secret.
+    [Fact]
+    public void ConfigFile_PeerPsk_RelativeToTheFile_ModeChecked()
+    {
+        string secret = Convert.ToBase64String(Enumerable.Range(1, 32).Select(i => (byte)i).ToArray());
+        string file = Path.Combine(_dir, "peer-guest.psk");
+        File.WriteAllText(file, secret + "\n");
+        File.SetUnixFileMode(file, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+        string path = Write("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n[[peer]]\npublic_key = \"PEERPUB\"\npsk = \"peer-guest.psk\"\n");
+        PeerConfig p = Assert.Single(UpConfig.Load(new[] { "up", "--config", path }, 1).Peers);
+        Assert.Equal(file, p.PskFile);
+        Assert.Equal(secret, p.Psk.ToBase64());
+        File.SetUnixFileMode(file, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.OtherRead);
+        Assert.Contains("veil.toml:5: key 'psk'", Assert.Throws<ConfigException>(() => UpConfig.Load(new[] { "up", "--config", path }, 1)).Message);
+    }
+
     [Fact]
     public void ConfigFile_PeerIsolated()
     {

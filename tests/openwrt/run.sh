@@ -144,6 +144,11 @@ real_check() {
 			fi
 			;;
 		esac
+		# a peer's own secret (psk_file) names a router's path: a test secret stands in for it
+		if [ "$prev" = --config ] && grep -q '^psk = ' "$arg"; then
+			sed "s|^psk = .*|psk = \"$r/network.psk\"|" "$arg" > "$r/veil.toml"
+			arg=$r/veil.toml
+		fi
 		set -- "$@" "$arg"
 		prev=$a
 	done
@@ -257,8 +262,14 @@ veil.lap_top_1.allowed_ips='100.64.0.5/32'"
 		not_ok "hotplug [$sh]: the kept file of the apply did not get the joiner"; indent < "$hp/calls"
 	fi
 	: > "$hp/state"
+	mkdir -p "$hp/var" "$hp/keys"
+	echo SECRET > "$hp/var/peer-guest.psk"
 	join_case "$sh" "an isolated joiner is written down isolated" "^veil.guest.isolated='1'$" \
-		ACTION=peer_joined VEIL_PEER=guest VEIL_PUBLIC_KEY=$key VEIL_ALLOWED_IPS=100.64.0.10/32 VEIL_ISOLATED=true VEIL_ROLLBACK_DIR="$hp/none"
+		ACTION=peer_joined VEIL_PEER=guest VEIL_PUBLIC_KEY=$key VEIL_ALLOWED_IPS=100.64.0.10/32 VEIL_ISOLATED=true VEIL_ROLLBACK_DIR="$hp/none" \
+		VEIL_PSK_FILE=peer-guest.psk VEIL_CONF_DIR="$hp/var" VEIL_KEY_DIR="$hp/keys"
+	if grep -qx "veil.guest.psk_file='$hp/keys/peer-guest.psk'" "$hp/state" && [ "$(cat "$hp/keys/peer-guest.psk")" = SECRET ] &&
+		[ "$(stat -c %a "$hp/keys/peer-guest.psk")" = 600 ]; then ok "hotplug [$sh]: its own secret kept in the key directory (0600) and named"; else
+		not_ok "hotplug [$sh]: its own secret kept and named"; indent < "$hp/state"; fi
 done
 
 echo "openwrt: $passed passed, $failed failed"
