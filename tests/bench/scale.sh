@@ -33,6 +33,7 @@ cleanup() {
 }
 trap cleanup EXIT
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
+mac() { printf '02:00:00:00:%02x:%02x' $(($1 / 256)) $(($1 % 256)); }
 
 ip netns add "$BR" || exit 1
 ip -n "$BR" link add br0 type bridge && ip -n "$BR" link set br0 up && ip -n "$BR" link set lo up || exit 1
@@ -43,9 +44,17 @@ for ((i = 1; i <= N; i++)); do
 	ip -n "$ns" link set lo up
 	ip link add "p$ID-$i" netns "$BR" type veth peer name ul0 netns "$ns" || exit 1
 	ip -n "$BR" link set "p$ID-$i" master br0 up
+	ip -n "$ns" link set ul0 address "$(mac "$i")"
 	ip -n "$ns" addr add "198.51.100.$i/24" dev ul0 && ip -n "$ns" link set ul0 up
 	(umask 077 && "$VEIL" genkey >"$TMPD/$i.key")
 	"$VEIL" pubkey <"$TMPD/$i.key" >"$TMPD/$i.pub"
+done
+# Static neighbours: N nodes each asking ARP for N-1 others at once is N*(N-1) broadcasts that a
+# software bridge on a small machine floods to every port and drops (softnet backlog); measure the
+# mesh, not that storm.
+for ((i = 1; i <= N; i++)); do
+	for ((j = 1; j <= N; j++)); do ((i == j)) || echo "neigh replace 198.51.100.$j lladdr $(mac "$j") dev ul0 nud permanent"; done |
+		ip -n "veil-s-$ID-$i" -batch - || exit 1
 done
 echo "scale: $N namespaces on one bridge" >&2
 pub1=$(cat "$TMPD/1.pub")
@@ -89,10 +98,11 @@ if ((full_ms < 0)); then
 fi
 
 # steady state: no data, only what the mesh itself sends
-sample() { # I -> "tx_bytes cpu_ticks rss_kb": bytes as the wire sees them (IP and UDP headers too)
+sample() { # I -> "tx_bytes cpu_ticks rss_kb exchange_bytes relayed_bytes handshakes": wire bytes include IP and UDP headers
 	local pid=${PIDS[$(($1 - 1))]} tx
 	tx=$(ip netns exec "veil-s-$ID-$1" cat /sys/class/net/ul0/statistics/tx_bytes)
-	echo "$tx $(awk '{print $14 + $15}' "/proc/$pid/stat") $(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")"
+	echo "$tx $(awk '{print $14 + $15}' "/proc/$pid/stat") $(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")" \
+		"$(st "$1" | jq -r '[.mesh.exchange_sent_bytes, .relay.bytes, ([.peers[].handshakes] | add)] | map(tostring) | join(" ")')"
 }
 sleep 5
 declare -a before after
@@ -103,9 +113,9 @@ still=0
 for ((i = 1; i <= N; i++)); do [[ $(ups "$i") == $((N - 1)) ]] && still=$((still + 1)); done
 hz=$(getconf CLK_TCK)
 for ((i = 1; i <= N; i++)); do
-	read -r tx1 c1 _ <<<"${before[i]}"
-	read -r tx2 c2 rss <<<"${after[i]}"
-	echo "$(((tx2 - tx1) / STEADY_S)) $(((c2 - c1) * 1000000 / hz / STEADY_S)) $rss"
+	read -r tx1 c1 _ ex1 rl1 hs1 <<<"${before[i]}"
+	read -r tx2 c2 rss ex2 rl2 hs2 <<<"${after[i]}"
+	echo "$(((tx2 - tx1) / STEADY_S)) $(((c2 - c1) * 1000000 / hz / STEADY_S)) $rss $(((ex2 - ex1) / STEADY_S)) $(((rl2 - rl1) / STEADY_S)) $((hs2 - hs1))"
 done >"$TMPD/steady"
 stats() { # COLUMN -> "mean max"
 	awk -v c="$1" '{ s += $c; if ($c > m) m = $c } END { printf "%d %d", s / NR, m }' "$TMPD/steady"
@@ -113,9 +123,14 @@ stats() { # COLUMN -> "mean max"
 read -r bps_mean bps_max <<<"$(stats 1)"
 read -r cpu_mean cpu_max <<<"$(stats 2)"
 read -r rss_mean rss_max <<<"$(stats 3)"
+read -r ex_mean ex_max <<<"$(stats 4)"
+read -r rl_mean rl_max <<<"$(stats 5)"
+read -r hs_mean hs_max <<<"$(stats 6)"
 peers=$((N - 1))
 printf 'scale: nodes=%d full_mesh_ms=%d (after the last start) still_full_after_%ds=%d/%d\n' "$N" "$full_ms" "$STEADY_S" "$still" "$N"
 printf 'scale: steady control bytes/s per node: mean %d, max %d\n' "$bps_mean" "$bps_max"
+printf 'scale: of which exchange messages %d B/s (max %d), relayed for others %d B/s (max %d); handshakes in %d s: mean %d, max %d\n' \
+	"$ex_mean" "$ex_max" "$rl_mean" "$rl_max" "$STEADY_S" "$hs_mean" "$hs_max"
 printf 'scale: CPU per node: mean %d us/s (%d us/s per idle peer), max %d us/s\n' "$cpu_mean" "$((cpu_mean / peers))" "$cpu_max"
 printf 'scale: RSS per node: mean %d KB, max %d KB (%d peers each)\n' "$rss_mean" "$rss_max" "$peers"
 [[ $still == "$N" ]]
