@@ -943,8 +943,10 @@ internal sealed class PeerConfig
     internal bool Trusted;                 // from --trust: may connect, endpoint learned from the mesh
     internal Endpoint Tcp;                 // --peer-tcp: its --listen-tcp, for when UDP gets no answer
     internal bool Isolated;                // TOML isolated: reaches this node only; members are told to refuse it (§15)
+    internal bool NameGiven;               // the config names it (else the name is the key's, or what it announces)
     internal string PskFile = "";          // TOML psk: a secret of this peer's own instead of the network's
-    internal Key32 Psk;                    // what PskFile holds (when PskFile is set)
+    internal Key32 Psk;                    // what PskFile holds (when PskFile is set and not PskKept)
+    internal bool PskKept;                 // a reload with the same PskFile: the node keeps the secret it holds
 }
 
 /// <summary>A parsed TOML value with the line it came from.</summary>
@@ -1422,12 +1424,8 @@ internal sealed class UpConfig
         if (t.TryGetValue("allowed_ips", out TomlValue? al))
             foreach (TomlValue item in ListOf(S("allowed_ips"), al)) p.Allowed.Add(ParsePrefix(S("allowed_ips"), item.Str));
         if (t.TryGetValue("keepalive", out TomlValue? ka)) p.KeepaliveMs = ParseInt(S("keepalive"), Scalar(S("keepalive"), ka, true), 0, 3600) * 1000L;
-        if (t.TryGetValue("name", out TomlValue? nm)) p.Name = ParseName(S("name"), Scalar(S("name"), nm, false));
-        if (t.TryGetValue("psk", out TomlValue? ps))
-        {
-            p.PskFile = Scalar(S("psk"), ps, false);
-            p.Psk = ReadKeyFile($"{S("psk").Text}:", p.PskFile);   // re-read at every reload: a file per peer is cheap
-        }
+        if (t.TryGetValue("name", out TomlValue? nm)) { p.Name = ParseName(S("name"), Scalar(S("name"), nm, false)); p.NameGiven = true; }
+        if (t.TryGetValue("psk", out TomlValue? ps)) p.PskFile = Scalar(S("psk"), ps, false);   // read by Finish
         if (t.TryGetValue("isolated", out TomlValue? iso))
             p.Isolated = iso.Type == TomlValue.Kind.Boolean ? iso.Bool : throw new ConfigException($"{S("isolated").Text}: expected true or false");
         if (t.TryGetValue("tcp", out TomlValue? tc))
@@ -1585,6 +1583,14 @@ internal sealed class UpConfig
         {
             if (PskFile.Length > 0) Psk = ReadKeyFile("--psk", PskFile);
             AcceptPsks = AcceptPskFiles.ConvertAll(f => ReadKeyFile("--accept-psk", f)).ToArray();
+        }
+        // A peer's own secret, as the network's: read when its file name is new (a reload after
+        // --user could not read it again); the node keeps what it holds otherwise (PskKept).
+        foreach (PeerConfig pc in Peers)
+        {
+            if (pc.PskFile.Length == 0) continue;
+            if (running != null && running.Peers.Exists(r => r.PublicKey.EqualsCt(pc.PublicKey) && r.PskFile == pc.PskFile)) pc.PskKept = true;
+            else pc.Psk = ReadKeyFile($"peer {(pc.Name.Length > 0 ? pc.Name : pc.PublicKey.DefaultName())}: psk", pc.PskFile);
         }
         // The defaults beside --config keep a node's files together; without --config (flags only) there is
         // no place to default to, and revocations and learned members are then not saved across restarts.
@@ -4226,7 +4232,7 @@ internal sealed class Peer
         ConfiguredEndpoint = cfg.EndpointText;
         TcpRemote = cfg.Tcp;
         Isolated = cfg.Isolated;
-        NamedByConfig = cfg.Name.Length > 0;
+        NamedByConfig = cfg.NameGiven;
         if (OwnPsk = cfg.PskFile.Length > 0) Psk = cfg.Psk;
         Allowed = new List<IpPrefix>(cfg.Allowed);
         Name = cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.DefaultName();
@@ -6514,9 +6520,10 @@ internal sealed partial class Node
             p.Allowed.AddRange(pc.Allowed);
             p.TcpRemote = pc.Tcp;
             p.Isolated = pc.Isolated;
-            p.NamedByConfig = pc.Name.Length > 0;
+            p.NamedByConfig = pc.NameGiven;
+            bool keep = p.OwnPsk && pc.PskKept;
             p.OwnPsk = pc.PskFile.Length > 0;
-            p.Psk = p.OwnPsk ? pc.Psk : _psk;
+            if (!keep) p.Psk = p.OwnPsk ? pc.Psk : _psk;
         }
         _keepaliveMs = cfg.PersistentKeepaliveMs;
         if (Mesh.Configure(cfg)) ScheduleExchange(nowMs);
@@ -7293,7 +7300,8 @@ internal sealed unsafe partial class Daemon
     internal int Run()
     {
         Node node = _node = new(_cfg, _log, new Counters());
-        if (_cfg.ConfigPath != null) LoadInvites(node.Invites = new Invites(_cfg.PrivateKey) { Psk = _cfg.Psk });
+        if (_cfg.ConfigPath != null)
+            LoadInvites(node.Invites = new Invites(_cfg.PrivateKey) { Psk = _cfg.Psk, OwnSecretOf = k => node.FindPeer(k) is { OwnPsk: true } q ? q.Psk : null });
         if (_cfg.BeaconStore != null || _cfg.BeaconLoad != null)
         {
             _beaconKeys.Add(Beacon.KeyOf(_cfg.Psk));
@@ -7388,9 +7396,11 @@ internal sealed unsafe partial class Daemon
         Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
         foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
         // The journal is a crashed run's only while no daemon answers on its control socket.
-        if (ControlClient.TryConnect(_cfg.ControlPath) is int live) Libc.Close(live);
-        else Sysctls.Recover(Sysctls.JournalPath(_cfg.ControlPath), _log);
-        _sysctls = new Sysctls(_log, Sysctls.JournalPath(_cfg.ControlPath));
+        // (Another one's: we keep off it; we fail at the control socket soon anyway.)
+        bool live = false;
+        if (ControlClient.TryConnect(_cfg.ControlPath) is int fd) { Libc.Close(fd); live = true; }
+        if (!live) Sysctls.Recover(Sysctls.JournalPath(_cfg.ControlPath), _log);
+        _sysctls = new Sysctls(_log, live ? null : Sysctls.JournalPath(_cfg.ControlPath));
         // The kernel applies the larger of "all" and the interface's value: 2 on the TUN alone makes
         // its check loose while every other interface keeps its own (and the setting goes with the TUN).
         if (_cfg.FixRpFilter)
@@ -7927,6 +7937,7 @@ internal sealed unsafe partial class Daemon
         }
         List<string> changed = running.RestartKeysChanged(next);
         if (changed.Count == 0) return new(trigger, ReloadCode.Ok, "", next, text);
+        ClearSecrets(next);
         string keys = string.Join(", ", changed);
         _log.Warn("reload_needs_restart", $"trigger={trigger} keys=\"{keys}\" hint=\"nothing was applied\"");
         return new(trigger, ReloadCode.NeedsRestart, $"changing {keys} needs a restart; nothing was applied", null);
@@ -9460,6 +9471,7 @@ internal sealed unsafe partial class Daemon
                     }
         Key32 pub = node.Handshaker.PublicKey;
         int ifIndex = _tun!.IfIndex;
+        var addresses = new List<IfAddress>(_cfg.Addresses);
         _chores!.Post(() =>
         {
             IfAddress? next = AutoAddress.Next(pub, new IpPrefix(old.Address.GetAddressBytes(), old.Bits), taken.Contains);
@@ -9471,7 +9483,7 @@ internal sealed unsafe partial class Daemon
                     // (unless promote_secondaries), and the new one would be a secondary.
                     Netlink.RemoveAddress(ifIndex, old);
                     // Removing the TUN's last address of a family takes that family's routes with it.
-                    _kernelRoutes!.Flushed(old.IsV6);
+                    if (!addresses.Exists(a => a.IsV6 == old.IsV6 && !a.Equals(old))) _kernelRoutes!.Flushed(old.IsV6);
                     try { Netlink.AddAddress(ifIndex, next.Value); }
                     catch (IOException)
                     {
@@ -12712,6 +12724,7 @@ internal sealed class Invites(Key32 privateKey)
     // keeps pending invites in a file of their own (Snapshot, Load) so that a restart voids none.
     private Key32 _tokenKey = TokenKey(privateKey);
     internal readonly Queue<Joiner> Joiners = new();    // at most one per pending invite
+    internal Func<Key32, Key32?>? OwnSecretOf;          // a configured peer's own secret (the node's), for a guest answered before a restart
     internal Key32 Psk;
 
     private static Key32 TokenKey(Key32 priv)
@@ -12807,7 +12820,7 @@ internal sealed class Invites(Key32 privateKey)
         List<ulong> stale = new();
         foreach (var (id, p) in _pending) if (p.Token.ExpiresUnix <= now) stale.Add(id);
         // Expired invites are dropped first, so MaxPending counts only invites that can still be used.
-        foreach (ulong id in stale) _pending.Remove(id);
+        foreach (ulong id in stale) { _pending[id].Token.Secret.Clear(); _pending[id].PeerSecret.Clear(); _pending.Remove(id); }
         if (_pending.Count >= MaxPending) throw new ConfigException($"{MaxPending} invites are pending already; let some expire first");
         if (Encoding.UTF8.GetByteCount(endpoint) > 255 || Encoding.UTF8.GetByteCount(networkName) > 255)
             throw new ConfigException("the endpoint and the network name take at most 255 bytes each");
@@ -12871,8 +12884,9 @@ internal sealed class Invites(Key32 privateKey)
             // The name the inviter gave the invite wins over the one the joiner asks for (its hostname);
             // a name the config would refuse falls back to the key's default ("").
             string asked = nameLen > 0 ? Encoding.UTF8.GetString(msg.Slice(at + 32 + JoinProofLen + 1, nameLen)) : "";
-            string name = p.Name.Length > 0 ? p.Name : UpConfig.IsName(asked) ? asked : "";
-            var pc = new PeerConfig { Name = name, Isolated = p.Isolated };
+            // A guest (--isolated) does not name itself: a name is what rules and patterns match.
+            string name = p.Name.Length > 0 ? p.Name : UpConfig.IsName(asked) && !p.Isolated ? asked : "";
+            var pc = new PeerConfig { Name = name, NameGiven = name.Length > 0, Isolated = p.Isolated };
             joinerKey.CopyTo(pc.PublicKey);
             // An isolated joiner gets a secret of its own: with the network's it could come back under
             // another key as a full member. The daemon writes it to a file its [[peer]] names.
@@ -12880,7 +12894,7 @@ internal sealed class Invites(Key32 privateKey)
             {
                 RandomNumberGenerator.Fill(p.PeerSecret);
                 pc.Psk = p.PeerSecret;
-                pc.PskFile = "peer-" + pc.PublicKey.DefaultName() + ".psk";
+                pc.PskFile = $"peer-{p.Token.Id:x16}.psk";              // the invite's: unique, and no key can aim at another's
             }
             pc.Allowed.Add(p.Token.JoinerAddress.Host);
             joinerKey.CopyTo(p.JoinerKey);                // the invite is this key's from now on
@@ -12891,7 +12905,11 @@ internal sealed class Invites(Key32 privateKey)
         }
         // An isolated joiner's secret lives in memory only until it is answered: after a restart of
         // ours its retransmit cannot be answered again (it needs a new invite).
-        if (p.Written && p.Isolated && p.PeerSecret.IsZero()) return Refuse(log, from, "answered_before_restart");
+        if (p.Written && p.Isolated && p.PeerSecret.IsZero())
+        {
+            if (OwnSecretOf?.Invoke(p.JoinerKey) is not Key32 own) return Refuse(log, from, "answered_before_restart");
+            p.PeerSecret = own;
+        }
         return p.Written ? Accept(p, joinerKey) : [];
     }
 
@@ -13673,16 +13691,29 @@ internal sealed unsafe partial class Daemon
         string error, path = _cfg.ConfigPath!;
         if (_cfg.Peers.Exists(q => q.Name == j.Peer.Name)) j.Peer.Name = "";   // taken: the key's default name
         string? secretPath = j.Peer.PskFile.Length > 0 ? Path.Combine(Path.GetDirectoryName(Path.GetFullPath(path))!, j.Peer.PskFile) : null;
+        bool secretWritten = false;
         try
         {
             string old = File.ReadAllText(path);
-            if (secretPath != null) Onboarding.WriteAtomic(secretPath, j.Peer.Psk.ToBase64() + "\n", UnixFileMode.UserRead | UnixFileMode.UserWrite);
+            // A key already in the config is refused before anything is written: its [[peer]] (and
+            // a guest's secret file) stay as they are.
+            if (_cfg.Peers.Exists(q => q.PublicKey.EqualsCt(j.Peer.PublicKey))) throw new ConfigException("this key is a peer already");
+            if (secretPath != null)
+            {
+                using (var fs = new FileStream(secretPath, FileMode.CreateNew, FileAccess.Write, FileShare.None))
+                {
+                    File.SetUnixFileMode(secretPath, UnixFileMode.UserRead | UnixFileMode.UserWrite);
+                    secretWritten = true;
+                    fs.Write(Encoding.ASCII.GetBytes(j.Peer.Psk.ToBase64() + "\n"));
+                    fs.Flush(flushToDisk: true);
+                }
+            }
             Onboarding.AppendPeer(path, j.Peer);
             reload = PrepareReload("join");
             error = reload.Code == ReloadCode.Ok ? "" : reload.Message;
             if (error.Length > 0)                                               // the file goes back as it was
             {
-                if (secretPath != null) File.Delete(secretPath);
+                if (secretWritten) File.Delete(secretPath!);
                 Onboarding.WriteAtomic(path, old, File.GetUnixFileMode(path));
                 _configStamp = ConfigStamp();
                 reload = null;
@@ -13691,7 +13722,7 @@ internal sealed unsafe partial class Daemon
         catch (Exception e) when (e is ConfigException or IOException or UnauthorizedAccessException)
         {
             error = e.Message;
-            if (secretPath != null && reload == null) try { File.Delete(secretPath); } catch (IOException) { }
+            if (secretWritten && reload == null) try { File.Delete(secretPath!); } catch (IOException) { }
         }
         j.Peer.Psk.Clear();                                       // the node holds its own copy now
         _chores!.Return(() =>

@@ -262,7 +262,7 @@ public class ExitForTests
         // own config all the same.
         var t = TestNet.Mesh(3, i => i == 0 ? [1, 2] : [0], (i, c) =>
         {
-            if (i == 0) { c.Exit = true; c.ExitFor.Add("n1"); c.Peers[0].Name = "n1"; c.Peers[1].Name = "n2"; }
+            if (i == 0) { c.Exit = true; c.ExitFor.Add("n1"); c.Peers[0].Name = "n1"; c.Peers[1].Name = "n2"; c.Peers[0].NameGiven = c.Peers[1].NameGiven = true; }
             else c.ExitNode = "n0";
             if (i == 2) c.Peers[0].Allowed.Add(IpPrefix.Parse("0.0.0.0/0"));
         });
@@ -305,6 +305,7 @@ public class ExitForTests
         UpConfig cfg = TestNet.ConfigOf(t.Nodes[0]);
         cfg.Exit = true;
         cfg.ExitFor.Add(pattern);
+        cfg.Peers[0].NameGiven = true;
         n.Apply(cfg, t.NowMs);
         Peer p = n.Peers[0];
         p.Name = name;

@@ -123,7 +123,9 @@ public sealed class OnboardingTests : IDisposable
         // its own secret, not the network's: with that it could come back under another key
         Assert.False(_persisted[0].Psk.IsZero());
         Assert.False(_persisted[0].Psk.EqualsCt(TestNode.KeyFromSeed(31)));
-        Assert.Contains($"psk = \"peer-{_persisted[0].PublicKey.DefaultName()}.psk\"\n", Onboarding.PeerToml(_persisted[0]));
+        Assert.Contains($"psk = \"peer-{t.Id:x16}.psk\"\n", Onboarding.PeerToml(_persisted[0]));
+        Assert.Equal("guest", _persisted[0].Name);                          // the invite's name
+        Assert.True(_persisted[0].NameGiven);
         Assert.StartsWith("line 2 ", restarted.Load(Invites.FileHeader + text.Split('\n')[1].Replace(" isolated", " isolatedd") + "\n", now, out _));
     }
 

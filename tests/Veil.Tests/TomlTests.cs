@@ -299,8 +299,16 @@ public sealed class TomlTests : IDisposable
         PeerConfig p = Assert.Single(UpConfig.Load(new[] { "up", "--config", path }, 1).Peers);
         Assert.Equal(file, p.PskFile);
         Assert.Equal(secret, p.Psk.ToBase64());
+        // A reload naming the same file does not read it again (after --user it may not be able to):
+        // the node keeps the secret it holds.
+        UpConfig running = UpConfig.Load(new[] { "up", "--config", path }, 1);
+        File.Delete(file);
+        PeerConfig again = Assert.Single(UpConfig.Load(new[] { "up", "--config", path }, 1, running).Peers);
+        Assert.True(again.PskKept);
+        Assert.True(again.Psk.IsZero());
+        File.WriteAllText(file, secret + "\n");
         File.SetUnixFileMode(file, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.OtherRead);
-        Assert.Contains("veil.toml:5: key 'psk'", Assert.Throws<ConfigException>(() => UpConfig.Load(new[] { "up", "--config", path }, 1)).Message);
+        Assert.Contains($": psk '{file}'", Assert.Throws<ConfigException>(() => UpConfig.Load(new[] { "up", "--config", path }, 1)).Message);
     }
 
     [Fact]
