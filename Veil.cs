@@ -4150,6 +4150,7 @@ internal sealed class Peer
     internal long CreatedMs, LastSeenMs = -1;    // LastSeenMs: our records or a member's report
     internal bool Remembered;                    // from the state file, not heard from since this start
     internal Session? SelfSentOn;                // the session our last Self went out on
+    internal bool SelfHeard;                     // its Self arrived since it came up (DefaultClaims say what it offers)
     internal readonly List<Claim> Claims = new();            // accepted, bounded by MaxClaimsPerMember
     internal readonly List<Claim> DefaultClaims = new();     // its announced 0.0.0.0/0, ::/0: taken if it becomes our exit node
     internal readonly List<Endpoint> Announced = new();      // its own endpoints, as it told us
@@ -7775,11 +7776,20 @@ internal sealed unsafe partial class Daemon
         if (_cfg.Exit) { answer("error: this node is an exit (--exit): it uses none\n"); return; }
         if (next != null && !UpConfig.IsName(next) && !Key32.TryParseBase64(next, out _)) { answer($"error: '{arg}' is not a peer name or public key (or off)\n"); return; }
         lock (node.Gate)
-            if (next != null && !node.Peers.Exists(p => p.Active && p.Is(next)))
+        {
+            Peer? exit = next != null ? node.Peers.Find(p => p.Active && p.Is(next)) : null;
+            if (next != null && exit == null)
             {
                 answer($"error: no peer named {next} (see 'veil peers'); the exit node is unchanged\n");
                 return;
             }
+            // Up and heard from, yet no default route in what it announces: it is no exit for us.
+            if (exit is { Up: true, SelfHeard: true } && exit.DefaultClaims.Count == 0)
+            {
+                answer($"error: {next} offers no exit to this node (it announces no default route: no --exit, or its --exit-for leaves this node out); the exit node is unchanged\n");
+                return;
+            }
+        }
         if (next == _cfg.ExitNode) { answer(next == null ? "ok: no exit node (unchanged)\n" : $"ok: exit node {next} (unchanged)\n"); return; }
         bool allowLan = _cfg.ExitAllowLan;
         SwitchExit(next, allowLan, error =>
@@ -8984,6 +8994,7 @@ internal sealed class Mesh
         // A name that --exit-for judges otherwise: p hears our default routes given or taken now.
         if (_node.ExitRefused(p) != exitRefused && p.ExchangeAtMs > nowMs + Tune.ExchangeDebounceMs) p.ExchangeAtMs = nowMs + Tune.ExchangeDebounceMs;
         p.OffersRelay = (_in.SelfFlags & ExchangeMessage.SelfRelays) != 0;
+        p.SelfHeard = true;
         if ((_in.SelfFlags & ExchangeMessage.SelfMarks) == 0) ClearMarks(p, nowMs);
         p.Announced.Clear();
         foreach (Endpoint e in _in.Endpoints) p.Announced.Add(e);
@@ -9263,6 +9274,7 @@ internal sealed partial class Node
         p.ExchangeAtMs = p.PunchAtMs = 0;
         StopRelayingThrough(p);
         p.RevocationsSentVersion = -1;                              // back up, it hears them all again
+        p.SelfHeard = false;
         Signal.Poke();                                               // a learned member's forget deadline starts
         Log.Info("peer_down", $"peer={p.Name} reason={reason} claims_withdrawn={p.Claims.Count}");
         if (p.Allowed.Count > 0 || p.Claims.Count > 0) RebuildRoutes();

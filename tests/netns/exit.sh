@@ -120,8 +120,14 @@ wait_until 15 bash -c "ip netns exec $NS_a $VEIL status --json --control $(sock 
 check "--exit-for nobody*: a has no default route from b ($WAITED_MS ms)" "$(ip -n "$NS_a" route show table 51820)" \
 	bash -c "! ip -n $NS_a route show table 51820 | grep -q '^default dev'"
 check "and does not reach c (the kill switch holds)" "c answered" bash -c "! ip netns exec $NS_a ping -c 1 -W 2 -q $UL4_c >/dev/null"
+nsx a "$VEIL" set exit-node off --control "$(sock a)" >/dev/null 2>&1
+out=$(nsx a "$VEIL" set exit-node b --control "$(sock a)" 2>&1)
+rc=$?
+check "set exit-node b while b serves only nobody*: exit 2, one clear line, still none" "exit $rc: $out" \
+	bash -c "[[ $rc == 2 && \$(grep -c '' <<<\"\$0\") == 1 ]] && grep -q 'offers no exit to this node' <<<\"\$0\" && [[ \$(ip -n $NS_a rule | grep -c '^520[89]:') == 0 ]]" "$out"
 node_stop b
 start_b --exit-for "$(pub a)"
+nsx a "$VEIL" set exit-node b --control "$(sock a)" >/dev/null 2>&1 || true
 wait_until 15 bash -c "ip -n $NS_a route show table 51820 | grep -q '^default dev $(tun a)'"
 check "--exit-for naming a's public key: the default route is back ($WAITED_MS ms), c reached" "no reply" ping_within a "$UL4_c" 10
 
