@@ -1362,9 +1362,6 @@ internal sealed class UpConfig
         }
         foreach (var (table, entries) in doc.TableArrays)
         {
-            if (table == "peer")
-                foreach (var entry in entries)
-                    if (entry.TryGetValue("psk", out TomlValue? pv) && pv.Type == TomlValue.Kind.String) pv.Str = FromFile("psk", pv.Str);
             if (table is not ("peer" or "filter")) throw new ConfigException($"{doc.File}:{doc.TableLines[table + "#0"]}: table [[{table}]] is not known (use [[peer]] or [[filter]])");
             for (int i = 0; i < entries.Count; i++)
                 if (table == "peer") Peers.Add(FilePeer(doc, entries[i], doc.TableLines["peer#" + i]));
@@ -1412,7 +1409,7 @@ internal sealed class UpConfig
         return Path.Combine(Path.GetDirectoryName(Path.GetFullPath(ConfigPath))!, value);
     }
 
-    private static PeerConfig FilePeer(TomlDoc doc, Dictionary<string, TomlValue> t, int line)
+    private PeerConfig FilePeer(TomlDoc doc, Dictionary<string, TomlValue> t, int line)
     {
         foreach (var (k, v) in t)
             if (Array.IndexOf(PeerKeys, k) < 0) throw new ConfigException($"{doc.File}:{v.Line}: unknown key '{k}' in [[peer]]{DidYouMean(k, PeerKeys)}");
@@ -1425,7 +1422,7 @@ internal sealed class UpConfig
             foreach (TomlValue item in ListOf(S("allowed_ips"), al)) p.Allowed.Add(ParsePrefix(S("allowed_ips"), item.Str));
         if (t.TryGetValue("keepalive", out TomlValue? ka)) p.KeepaliveMs = ParseInt(S("keepalive"), Scalar(S("keepalive"), ka, true), 0, 3600) * 1000L;
         if (t.TryGetValue("name", out TomlValue? nm)) { p.Name = ParseName(S("name"), Scalar(S("name"), nm, false)); p.NameGiven = true; }
-        if (t.TryGetValue("psk", out TomlValue? ps)) p.PskFile = Scalar(S("psk"), ps, false);   // read by Finish
+        if (t.TryGetValue("psk", out TomlValue? ps)) p.PskFile = FromFile("psk", Scalar(S("psk"), ps, false));   // read by Finish
         if (t.TryGetValue("isolated", out TomlValue? iso))
             p.Isolated = iso.Type == TomlValue.Kind.Boolean ? iso.Bool : throw new ConfigException($"{S("isolated").Text}: expected true or false");
         if (t.TryGetValue("tcp", out TomlValue? tc))
@@ -1518,7 +1515,7 @@ internal sealed class UpConfig
             case "exit": Exit = ParseBool(src, value); break;
             case "exit_node": ExitNode = Key32.TryParseBase64(value, out _) ? value : ParseName(src, value); break;
             case "exit_for":
-                if (!Key32.TryParseBase64(value, out _) && (value.Length is 0 or > 64 || value.AsSpan().IndexOfAnyExcept("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.*") >= 0))
+                if (!Key32.TryParseBase64(value, out _) && !PacketFilter.IsPattern(value))
                     throw src.Bad(value, "must be a peer name, a name pattern with '*', or a public key");
                 if (ExitFor.Count >= Tune.MaxFilterRules) throw src.Bad(value, $"is one too many (at most {Tune.MaxFilterRules})");
                 ExitFor.Add(value);
@@ -3109,7 +3106,7 @@ internal sealed unsafe class NatTable : IDisposable
     {
         int e = b.Nest(1); b.Str(1, "ct"); int d = b.Nest(2);
         b.Be32(2, NFT_CT_MARK);                                                 // NFTA_CT_KEY
-        b.Be32(load ? (ushort)1 : (ushort)4, NFT_REG_1);                                        // NFTA_CT_DREG / _SREG
+        b.Be32(load ? (ushort)1 : (ushort)4, NFT_REG_1);                        // NFTA_CT_DREG / _SREG
         b.EndNest(d); b.EndNest(e);
     }
 
@@ -3924,7 +3921,7 @@ internal sealed class PacketFilter
         if (i + 1 < w.Length && w[i] is "from" or "to" or "peer")
         {
             r.Pattern = w[i + 1];
-            if (r.Pattern.Length > 64 || r.Pattern.AsSpan().IndexOfAnyExcept("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.*") >= 0)
+            if (!IsPattern(r.Pattern))
                 throw new ConfigException($"filter '{text}': a peer pattern is a name with '*' wildcards");
             i += 2;
         }
@@ -4051,6 +4048,10 @@ internal sealed class PacketFilter
         }
         return true;
     }
+
+    /// <summary>A peer name with '*' wildcards (--filter's PATTERN, --exit-for's).</summary>
+    internal static bool IsPattern(string s) =>
+        s.Length is > 0 and <= 64 && s.AsSpan().IndexOfAnyExcept("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.*") < 0;
 
     /// <summary>'*' matches any run of characters; no allocation, no backtracking blow-up (one star remembered).</summary>
     internal static bool Glob(string pattern, string name)
