@@ -304,7 +304,7 @@ internal static class Tune
     internal const int MaxEndpointsPerMember = 8;            // announced by the member itself
     internal const int MaxEndpointsPerEntry = 4;             // passed on about a third member
     internal const int MaxExchangeLen = 1200;                // bytes of one exchange message (fits MinMtu)
-    internal const int MaxProvisionalPeers = 64;             // --mesh: members whose first handshake is not confirmed
+    internal const int MaxProvisionalPeers = 256;            // --mesh: members whose first handshake is not confirmed (a hub many join at once)
     internal const int MaxNamePins = 2 * MaxPeers;
     internal const long MeshKeepaliveMs = 10_000;            // --mesh default --keepalive: liveness needs traffic
     internal const long JoinerKeepaliveMs = 25_000;          // veil join: the NAT mapping of a joiner stays open (wg's usual 25 s)
