@@ -8198,14 +8198,17 @@ internal static unsafe partial class Privileges
 // every member once per session and whenever the set grows. Signatures are checked off the node's
 // lock (the daemon's chores thread); until then a received revocation waits, unapplied.
 // Isolation: a node marks the peers its config calls `isolated` (a gateway's guests, joined with
-// `veil invite --isolated`). It carries nothing between them and other peers (Node.ReceivedData),
-// and tells every other member, whole, in Isolated messages: one set of `parts` messages per
-// generation, sent when a session comes up and when the set changes; the Self flag 2 says a set
-// exists, and a Self without it withdraws the sender's marks. A receiver refuses sessions with
-// whatever any member marks, unless its own config names that key: it drops the sessions, refuses
-// handshakes, ignores the key in Members, state file and beacons. Marks of a new generation count
-// at once; marks a generation dropped go only once all its parts have arrived, so a lost or late
-// message can only keep a mark, never lift one early. Received marks persist in the state file.
+// `veil invite --isolated`, which gives them a secret of their own, never the network's). It
+// carries and relays nothing between them and other peers (Node.ReceivedData, Node.Forward), names
+// them to nobody and tells them of nobody, and tells every other member the whole set in Isolated
+// messages (one generation in `parts` messages, with every exchange); the Self flag 2 says a set
+// exists, and a Self without it withdraws the sender's marks. A receiver takes marks only from
+// peers its own config names, and refuses sessions with what they mark unless its config names
+// that key too: it drops the sessions, refuses handshakes, ignores the key in Members, state file
+// and beacons. Marks of a new generation count at once; marks a generation dropped go only once
+// all its parts have arrived, and an older generation arriving within seconds is ignored, so a
+// lost or late message can only keep a mark, never lift one early. Received marks persist in the
+// state file.
 
 internal readonly record struct Claim(IpPrefix Prefix, int Metric);
 
@@ -12916,8 +12919,8 @@ internal sealed class Invites(Key32 privateKey)
             // on disk (Written), so an accepted joiner survives the inviter's restart.
             return [];
         }
-        // An isolated joiner's secret lives in memory only until it is answered: after a restart of
-        // ours its retransmit cannot be answered again (it needs a new invite).
+        // An isolated joiner's secret is in memory only until our restart; a retransmit after it is
+        // answered with the secret its [[peer]] holds now (none: it needs a new invite).
         if (p.Written && p.Isolated && p.PeerSecret.IsZero())
         {
             if (OwnSecretOf?.Invoke(p.JoinerKey) is not Key32 own) return Refuse(log, from, "answered_before_restart");
