@@ -17,7 +17,7 @@ UNIT_FILTER := Category!=Slow&Category!=NetNs
 RESULTS := TestResults
 
 # command -> Debian package that provides it
-DEPS := ip:iproute2 iperf3:iperf3 ping:iputils-ping tcpdump:tcpdump python3:python3 jq:jq pgrep:procps busybox:busybox curl:curl promtool:prometheus systemd-analyze:systemd unshare:util-linux nsenter:util-linux setpriv:util-linux nft:nftables miniupnpd:miniupnpd-nftables chromium:chromium
+DEPS := ip:iproute2 iperf3:iperf3 cc:gcc ping:iputils-ping tcpdump:tcpdump python3:python3 jq:jq pgrep:procps busybox:busybox curl:curl promtool:prometheus systemd-analyze:systemd unshare:util-linux nsenter:util-linux setpriv:util-linux nft:nftables miniupnpd:miniupnpd-nftables chromium:chromium
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 # Cross recipes, per host: the RIDs `make cross` builds besides the host's own; per RID the

@@ -1220,6 +1220,7 @@ internal sealed class UpConfig
     internal bool LogJson, LogNoTimestamps;
     internal string? User;
     internal string Cipher = "auto";
+    internal bool Fec = true;              // --fec auto|off: parity records while a peer reports loss (§12.1)
     internal bool CheckOnly;
     internal string? ConfigPath;
     // Mesh (§15): membership policy, this node's name and claims, what it accepts from others.
@@ -1256,7 +1257,7 @@ internal sealed class UpConfig
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
         "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers", "accept_psk", "admin", "revocations",
         "relay", "relay_rate", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "healthz_grace", "hook",
-        "fix_rp_filter", "exit", "exit_for", "exit_node", "exit_allow_lan", "isolate", "filter",
+        "fix_rp_filter", "exit", "exit_for", "exit_node", "exit_allow_lan", "isolate", "filter", "fec",
     ];
     internal static readonly string[] BoolKeys = ["mesh", "relay", "port_mapping", "fix_rp_filter", "exit", "exit_allow_lan", "isolate"];
     private static readonly string[] ListKeys = ["filter", "exit_for", "address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk", "hook"];
@@ -1552,6 +1553,10 @@ internal sealed class UpConfig
             // A claim's metric travels as 16 bits in the exchange message (§15).
             case "metric": Metric = ParseInt(src, value, 0, 65535); break;
             case "workers": Workers = ParseInt(src, value, 0, Tune.MaxWorkers); break;
+            case "fec":
+                if (value is not ("auto" or "off")) throw src.Bad(value, "must be auto or off");
+                Fec = value == "auto";
+                break;
             case "cipher":
                 if (value is not ("auto" or "chacha20-poly1305" or "aes-256-gcm")) throw src.Bad(value, "must be auto, chacha20-poly1305 or aes-256-gcm");
                 // Checked at parse time so `veil up --check` reports it, not the first handshake.
@@ -4171,6 +4176,17 @@ internal sealed class Peer
     internal long HellosSent;            // ClientHellos to it, on either path
     internal long PunchesSent, PunchesAnswered, LastPunchAnsweredMs = long.MinValue / 2;
     internal long RelayedRxBytes, RelayedTxBytes;            // its records that came or went through a relay
+    // Parity (§12.1): the loss it reports of our records (parts per 10,000) and when; our measure of
+    // its records (the session measured, its highest counter and records opened when the interval
+    // began; smoothed loss; what we last told it); the parity state, made on first use.
+    internal int FecReportedBp;
+    internal long FecReportedMs = long.MinValue / 2;
+    internal Session? LossSession;
+    internal ulong LossHighest, LossReceived;
+    internal long LossSinceMs;
+    internal int LossBp, LossToldBp;
+    internal FecSender? FecOut;
+    internal FecReceiver? FecIn;
     internal string PathName => Relay != null ? "relay:" + Relay.Name : TcpLinks.IsTcp(Endpoint) ? "tcp" : "direct";
 
     internal Session? Previous, Current, Next;
@@ -4193,7 +4209,7 @@ internal sealed class Peer
     // Timer deadlines (0: disarmed). Arming one tells the loop (Signal), which may be asleep past it.
     internal LoopSignal? Signal;
     private long _retransmitHandshakeAtMs, _sendKeepaliveAtMs, _newHandshakeAtMs, _zeroKeysAtMs, _persistentKeepaliveAtMs;
-    private long _livenessAtMs, _reconnectAtMs, _exchangeAtMs, _claimsExpireAtMs, _punchAtMs;
+    private long _livenessAtMs, _reconnectAtMs, _exchangeAtMs, _claimsExpireAtMs, _punchAtMs, _fecAtMs;
     internal long RetransmitHandshakeAtMs { get => _retransmitHandshakeAtMs; set => Signal?.Armed(_retransmitHandshakeAtMs = value); }
     internal long SendKeepaliveAtMs { get => _sendKeepaliveAtMs; set => Signal?.Armed(_sendKeepaliveAtMs = value); }
     internal long NewHandshakeAtMs { get => _newHandshakeAtMs; set => Signal?.Armed(_newHandshakeAtMs = value); }
@@ -4204,6 +4220,7 @@ internal sealed class Peer
     internal long ExchangeAtMs { get => _exchangeAtMs; set => Signal?.Armed(_exchangeAtMs = value); }
     internal long ClaimsExpireAtMs { get => _claimsExpireAtMs; set => Signal?.Armed(_claimsExpireAtMs = value); }
     internal long PunchAtMs { get => _punchAtMs; set => Signal?.Armed(_punchAtMs = value); }
+    internal long FecAtMs { get => _fecAtMs; set => Signal?.Armed(_fecAtMs = value); }
     internal long PersistentKeepaliveMs;
     internal long LastHandshakeMs = -1, LastRxMs = -1;
     internal long LastHandshakeUnixS;            // wall clock of the latest handshake, for status (0: never)
@@ -4395,6 +4412,7 @@ internal sealed partial class Node
             if (p.ExchangeAtMs != 0 && nowMs >= p.ExchangeAtMs) ExpiredExchange(p, nowMs);
             if (p.ClaimsExpireAtMs != 0 && nowMs >= p.ClaimsExpireAtMs) ExpiredClaims(p);
             if (p.PunchAtMs != 0 && nowMs >= p.PunchAtMs) ExpiredPunch(p, nowMs);
+            if (p.FecAtMs != 0 && nowMs >= p.FecAtMs) ExpiredFec(p, nowMs);
             long forgetAtMs = p.Remembered && !anyUp ? 0 : p.ForgetAtMs;   // alone: the state file is all we know
             if (forgetAtMs != 0 && nowMs >= forgetAtMs)
             {
@@ -4404,7 +4422,7 @@ internal sealed partial class Node
                 continue;
             }
             foreach (long t in (ReadOnlySpan<long>)[p.RetransmitHandshakeAtMs, p.SendKeepaliveAtMs, p.NewHandshakeAtMs, p.ZeroKeysAtMs,
-                                                    p.PersistentKeepaliveAtMs, p.LivenessAtMs, p.ReconnectAtMs, p.ExchangeAtMs, p.ClaimsExpireAtMs, p.PunchAtMs, forgetAtMs])
+                                                    p.PersistentKeepaliveAtMs, p.LivenessAtMs, p.ReconnectAtMs, p.ExchangeAtMs, p.ClaimsExpireAtMs, p.PunchAtMs, p.FecAtMs, forgetAtMs])
                 if (t != 0 && t < next) next = t;
         }
         if (forgot) RebuildRoutes();
@@ -5271,6 +5289,8 @@ internal sealed class ReplayWindow
         return (_ring[(int)((counter / WordBits) % RingWords)] & (1UL << (int)(counter % WordBits))) == 0;
     }
 
+    internal ulong Highest => _highest;
+
     internal bool IsTooOld(ulong counter) =>
         counter >= Spec.RejectAfterMessages || (counter <= _highest && _highest - counter >= WindowSize);
 
@@ -5311,6 +5331,7 @@ internal sealed class Session : IDisposable
     internal readonly ulong SendMaskKey, ReceiveMaskKey;
     internal ulong SendCounter;
     internal readonly ReplayWindow Window = new();
+    internal ulong Received;                    // records opened: with Window.Highest, the loss on the path (§12.1)
     internal bool Confirmed;                    // initiator: always; responder: after the first record (the Bind)
     internal bool Disposed;
 
@@ -5381,7 +5402,7 @@ internal sealed class IndexTable
 // ==== 12. Record layer ===========================================================================
 // Every transport record (all integers big-endian):
 //   0  17 03 03 LL LL     TLS application-data preamble; LL = length of what follows
-//   5  flags   (masked)   Data 1, Keepalive 2, Rekey 4, Bind 8, Close 16, Control 32, Relay 64
+//   5  flags   (masked)   Data 1, Keepalive 2, Rekey 4, Bind 8, Close 16, Control 32, Relay 64, Parity 128
 //   6  padLen  (masked)   zero bytes appended to the payload before sealing
 //   7  receiver index     the session index the receiver chose
 //  11  counter            64-bit, never repeats under one key; also the AEAD nonce
@@ -5393,7 +5414,7 @@ internal sealed class IndexTable
 // the payload already sits at PayloadOffset in the caller's slot. Open never throws.
 
 [Flags]
-internal enum RecordFlags : byte { Data = 1, Keepalive = 2, Rekey = 4, Bind = 8, Close = 16, Control = 32, Relay = 64 }
+internal enum RecordFlags : byte { Data = 1, Keepalive = 2, Rekey = 4, Bind = 8, Close = 16, Control = 32, Relay = 64, Parity = 128 }
 
 internal enum RecordKind { Invalid, ClientHello, ServerHello, CookieReply, Transport, Join }
 
@@ -5409,7 +5430,8 @@ internal static class Record
     /// <summary>What the underlay carries around an inner packet: IP and UDP headers and the record's
     /// own bytes. A record never pads past the MTU (PaddedLen), so an MTU-sized packet needs exactly this.</summary>
     internal static int UnderlayOverheadLen(bool v6Underlay) => (v6Underlay ? 40 : 20) + 8 + OverheadLen;
-    internal const RecordFlags KnownFlags = (RecordFlags)127;
+    /// <summary>Parity stands alone (§12.1); every other combination is the sender's business.</summary>
+    internal static bool FlagsValid(RecordFlags f) => (f & RecordFlags.Parity) == 0 || f == RecordFlags.Parity;
     internal const int MaxJoinLen = 600;
 
     /// <summary>What a datagram claims to be, from its preamble, type and length alone.</summary>
@@ -5476,7 +5498,7 @@ internal static class Record
         ulong mask = Mix(s.ReceiveMaskKey + counter);
         flags = (RecordFlags)(record[FlagsOffset] ^ (byte)mask);
         int padLen = (byte)(record[PadOffset] ^ (byte)(mask >> 8));
-        if ((flags & ~KnownFlags) != 0 || padLen > plainLen) return OpenVerdict.Malformed;
+        if (!FlagsValid(flags) || padLen > plainLen) return OpenVerdict.Malformed;
         payloadLen = plainLen - padLen;
         return OpenVerdict.Ok;
     }
@@ -5487,6 +5509,294 @@ internal static class Record
         x ^= x >> 30; x *= 0xBF58476D1CE4E5B9UL;
         x ^= x >> 27; x *= 0x94D049BB133111EBUL;
         return x ^ (x >> 31);
+    }
+}
+
+// ---- 12.1 Parity records (forward error correction) ----
+// A lossy path costs TCP far more than the lost bytes: each loss halves its window. So the
+// receiver measures what never arrived (gaps in each session's counters, once a second) and tells
+// the sender (an exchange message FecLoss, §15); while the reported loss is above zero and --fec is
+// auto, the sender follows every group of up to K data records it sends directly with R parity
+// records (Fec.Size: one row below 1 % loss, two from 1 %). A parity record is a record with the
+// flag Parity alone, sealed and counted like any other:
+//   0  row    0: P, the XOR of the members' payloads; 1: Q, the sum of g^e·D over GF(2^8)
+//             (x^8+x^4+x^3+x^2+1, g = 2), e the number of members with a higher counter
+//   1  back   its own counter minus the counter of the group's newest member (P 1, Q 2)
+//   2  mask   64 bits: bit i set = the data record with counter (newest - i) is a member
+//  10  body   the row over the members' payloads, each zero-extended to the longest
+// The receiver keeps the payloads of its last RingLen data records. A parity record that finds as
+// many members missing as the group has rows (P alone, or P and Q of one group) rebuilds them;
+// a rebuilt payload is delivered only if its counter passes the replay window, and then takes the
+// path of any data record (IP header, source check, isolation, filter). The parity itself opened
+// under the session's keys and passed the window, so a forged or replayed parity record is dropped
+// before it is used, and nothing the peer did not seal can come out of one.
+
+internal static class Fec
+{
+    internal const int HeaderLen = 10, RowP = 0, RowQ = 1;
+    internal const int MaxMembers = 48;          // per group (two rows at 1 % loss: 40)
+    internal const int RingLen = 64;             // payloads a receiver keeps (by counter mod RingLen)
+    internal const int HoldMs = 3;               // a group waits at most this long for more members
+    internal const int ReportIntervalMs = 1000;  // a receiver measures and reports loss this often
+    internal const int ReportLifetimeMs = 3500;  // a sender that heard no report for this long adds no parity
+    internal const int MinMeasured = 64;         // records an interval needs before its loss counts
+    internal const int IdleMs = 60_000;          // parity state unused this long is freed
+
+    private static readonly byte[] Exp = new byte[510], Log = new byte[256];
+
+    static Fec()
+    {
+        int x = 1;
+        for (int i = 0; i < 255; i++)
+        {
+            Exp[i] = Exp[i + 255] = (byte)x;
+            Log[x] = (byte)i;
+            x <<= 1;
+            if (x > 255) x ^= 0x11D;
+        }
+    }
+
+    internal static byte Mul(byte a, byte b) => a == 0 || b == 0 ? (byte)0 : Exp[Log[a] + Log[b]];
+    internal static byte Inverse(byte a) => Exp[(255 - Log[a]) % 255];    // a != 0
+    internal static byte Pow2(int e) => Exp[e % 255];
+
+    /// <summary>Members per group and rows for a reported loss (parts per 10,000); (0, 0) on a clean path.
+    /// About a fifth of the loss-free chance per row: at 2 % loss groups of 20 with two rows,
+    /// 9 % more records, and a group is lost only when three of its 22 are.</summary>
+    internal static (int Members, int Rows) Size(int lossBp) =>
+        lossBp <= 0 ? (0, 0) : lossBp < 100 ? (Math.Clamp(2000 / lossBp, 4, 32), 1) : (Math.Clamp(4000 / lossBp, 4, MaxMembers), 2);
+
+    /// <summary>acc ^= d (acc at least as long as d).</summary>
+    internal static void Xor(Span<byte> acc, ReadOnlySpan<byte> d)
+    {
+        int i = 0;
+        for (; i + System.Numerics.Vector<byte>.Count <= d.Length; i += System.Numerics.Vector<byte>.Count)
+            (new System.Numerics.Vector<byte>(acc[i..]) ^ new System.Numerics.Vector<byte>(d[i..])).CopyTo(acc[i..]);
+        for (; i < d.Length; i++) acc[i] ^= d[i];
+    }
+
+    /// <summary>acc = 2·acc ^ d over acc's length, d zero-extended: one Horner step of row Q.</summary>
+    internal static void Mul2Xor(Span<byte> acc, ReadOnlySpan<byte> d)
+    {
+        var high = new System.Numerics.Vector<byte>(0x80);
+        var poly = new System.Numerics.Vector<byte>(0x1D);
+        int i = 0;
+        for (; i + System.Numerics.Vector<byte>.Count <= acc.Length; i += System.Numerics.Vector<byte>.Count)
+        {
+            var v = new System.Numerics.Vector<byte>(acc[i..]);
+            ((v + v) ^ (System.Numerics.Vector.GreaterThanOrEqual(v, high) & poly)).CopyTo(acc[i..]);
+        }
+        for (; i < acc.Length; i++) acc[i] = Mul(acc[i], 2);
+        Xor(acc, d);
+    }
+
+    /// <summary>acc ^= c·d (a row of products, then one lookup a byte: only for rebuilding).</summary>
+    internal static void MulXor(Span<byte> acc, ReadOnlySpan<byte> d, byte c, Span<byte> row256)
+    {
+        for (int v = 0; v < 256; v++) row256[v] = Mul((byte)v, c);
+        for (int i = 0; i < d.Length; i++) acc[i] ^= row256[d[i]];
+    }
+}
+
+/// <summary>A sender's open group for one peer: the members so far and their two parity rows.</summary>
+internal sealed class FecSender
+{
+    private readonly byte[] _p, _q;
+    private Session? _session;
+    private ulong _newest, _oldest, _mask;
+    private int _len;
+    internal int Members, Want, Rows;              // members so far; group size and rows for the reported loss
+    internal long OpenedMs, UsedMs;
+    internal long ParityRecords, ParityBytes, Groups;
+
+    internal FecSender(int mtu) { _p = new byte[mtu]; _q = new byte[mtu]; }
+
+    /// <summary>True when the record about to be sealed (counter, session) cannot join the open group.</summary>
+    internal bool MustClose(Session s, ulong counter) => Members > 0 && (s != _session || counter - _oldest >= 64);
+
+    internal void Add(Session s, ulong counter, ReadOnlySpan<byte> payload, long nowMs)
+    {
+        if (Members == 0)
+        {
+            _session = s;
+            _oldest = counter;
+            _mask = 0;
+            _len = 0;
+            OpenedMs = nowMs;
+        }
+        else _mask <<= (int)(counter - _newest);
+        _mask |= 1;
+        _newest = counter;
+        if (payload.Length > _len)
+        {
+            _p.AsSpan(_len, payload.Length - _len).Clear();
+            if (Rows > 1) _q.AsSpan(_len, payload.Length - _len).Clear();
+            _len = payload.Length;
+        }
+        Fec.Xor(_p, payload);
+        if (Rows > 1) Fec.Mul2Xor(_q.AsSpan(0, _len), payload);
+        Members++;
+        UsedMs = nowMs;
+    }
+
+    /// <summary>Writes row's parity payload at slot[Record.PayloadOffset..]; its length.</summary>
+    internal int Write(Span<byte> slot, int row)
+    {
+        Span<byte> m = slot[Record.PayloadOffset..];
+        m[0] = (byte)row;
+        m[1] = (byte)(row + 1);
+        BinaryPrimitives.WriteUInt64BigEndian(m[2..], _mask);
+        (row == Fec.RowP ? _p : _q).AsSpan(0, _len).CopyTo(m[Fec.HeaderLen..]);
+        return Fec.HeaderLen + _len;
+    }
+
+    internal Session? GroupSession => _session;
+    internal int RowsOfGroup => Math.Min(Rows, Members);     // one member: P is a copy, Q would be another
+
+    internal void Close()
+    {
+        Members = 0;
+        _session = null;
+        Groups++;
+    }
+}
+
+/// <summary>A receiver's recent payloads of one peer, and a P that waits for its group's Q.</summary>
+internal sealed class FecReceiver
+{
+    private readonly byte[] _ring;
+    private readonly ulong[] _tag = new ulong[Fec.RingLen];       // counter + 1 of the payload in each slot (0: none)
+    private readonly ushort[] _len = new ushort[Fec.RingLen];
+    private readonly int _slotLen;
+    private readonly byte[] _pending, _spare, _row256 = new byte[256];
+    private Session? _pendingSession;
+    private ulong _pendingNewest, _pendingMask;
+    private int _pendingLen;
+    internal Session? Session;                                   // the ring's payloads are this session's
+    internal long UsedMs;
+    internal const long Unneeded = -1, Malformed = -2, Unrecoverable = -3, Waiting = -4;
+    // The second payload a P-and-Q rebuild gave, for the node to deliver in a free slot of the batch.
+    internal int SpareLen;
+    internal ulong SpareCounter;
+
+    internal FecReceiver(int mtu)
+    {
+        _slotLen = mtu;
+        _ring = new byte[Fec.RingLen * mtu];
+        _pending = new byte[mtu + Fec.HeaderLen];
+        _spare = new byte[mtu + Fec.HeaderLen];
+    }
+
+    internal Span<byte> Spare => _spare.AsSpan(0, SpareLen);
+
+    internal void Keep(Session s, ulong counter, ReadOnlySpan<byte> payload)
+    {
+        if (s != Session) { Array.Clear(_tag); Session = s; _pendingSession = null; }
+        if (payload.Length > _slotLen) return;
+        int i = (int)(counter % Fec.RingLen);
+        payload.CopyTo(_ring.AsSpan(i * _slotLen));
+        _tag[i] = counter + 1;
+        _len[i] = (ushort)payload.Length;
+    }
+
+    private ReadOnlySpan<byte> Held(ulong counter)
+    {
+        int i = (int)(counter % Fec.RingLen);
+        return _tag[i] == counter + 1 ? _ring.AsSpan(i * _slotLen, _len[i]) : default;
+    }
+
+    private bool IsHeld(ulong counter) => _tag[(int)(counter % Fec.RingLen)] == counter + 1;
+
+    /// <summary>Uses the parity payload m (opened, of session s, own counter) in place: on a rebuild
+    /// the first payload is left at m[Fec.HeaderLen..] and its counter returned (a second one in Spare);
+    /// else Unneeded (nothing missing), Malformed, Unrecoverable, or Waiting (a P kept for its Q).</summary>
+    internal long Use(Session s, ulong counter, Span<byte> m, long nowMs)
+    {
+        SpareLen = 0;
+        if (m.Length <= Fec.HeaderLen || m[0] > Fec.RowQ || m[1] != m[0] + 1) return Malformed;
+        ulong mask = BinaryPrimitives.ReadUInt64BigEndian(m[2..]);
+        if ((mask & 1) == 0 || System.Numerics.BitOperations.PopCount(mask) > Fec.MaxMembers ||
+            counter < (ulong)(m[1] + 63 - System.Numerics.BitOperations.LeadingZeroCount(mask))) return Malformed;
+        UsedMs = nowMs;
+        if (s != Session) { Array.Clear(_tag); Session = s; _pendingSession = null; }
+        ulong newest = counter - m[1];
+        Span<byte> body = m[Fec.HeaderLen..];
+        int row = m[0], missing = 0;
+        bool unknown = false;
+        ulong missA = 0, missB = 0;
+        for (ulong bits = mask; bits != 0; bits &= bits - 1)
+        {
+            ulong c = newest - (ulong)System.Numerics.BitOperations.TrailingZeroCount(bits);
+            if (IsHeld(c)) continue;
+            if (!s.Window.CanAccept(c)) { unknown = true; continue; }   // arrived, but no longer in the ring
+            if (missing++ == 0) missA = c; else missB = c;
+        }
+        if (missing == 0) return Unneeded;
+        if (unknown) return Unrecoverable;
+        if (row == Fec.RowP && missing == 1)
+        {
+            FoldOthers(body, mask, newest, Fec.RowP);
+            return (long)missA;
+        }
+        if (row == Fec.RowP)                                      // two gone: keep P for its Q (sealed next)
+        {
+            if (missing == 2 && body.Length <= _pending.Length)
+            {
+                body.CopyTo(_pending);
+                _pendingLen = body.Length;
+                _pendingSession = s;
+                _pendingNewest = newest;
+                _pendingMask = mask;
+                return Waiting;
+            }
+            return Unrecoverable;
+        }
+        bool withP = _pendingSession == s && _pendingNewest == newest && _pendingMask == mask && _pendingLen == body.Length;
+        _pendingSession = null;
+        if (missing == 1)                                         // Q alone: P was lost (or never needed)
+        {
+            FoldOthers(body, mask, newest, Fec.RowQ);
+            Scale(body, Fec.Inverse(Fec.Pow2(Exponent(mask, newest, missA))));
+            return (long)missA;
+        }
+        if (missing > 2 || !withP) return Unrecoverable;
+        // P' = Da ^ Db and Q' = ga·Da ^ gb·Db once the held members are folded out of both:
+        // Da = (Q' ^ gb·P') / (ga ^ gb), Db = P' ^ Da.
+        Span<byte> p = _pending.AsSpan(0, body.Length);
+        FoldOthers(p, mask, newest, Fec.RowP);
+        FoldOthers(body, mask, newest, Fec.RowQ);
+        byte ga = Fec.Pow2(Exponent(mask, newest, missA)), gb = Fec.Pow2(Exponent(mask, newest, missB));
+        Fec.MulXor(body, p, gb, _row256);
+        Scale(body, Fec.Inverse((byte)(ga ^ gb)));
+        p.CopyTo(_spare);
+        Fec.Xor(_spare.AsSpan(0, body.Length), body);
+        SpareLen = body.Length;
+        SpareCounter = missB;
+        return (long)missA;
+    }
+
+    // Folds every held member out of a row: what stays is the missing members' part of it.
+    private void FoldOthers(Span<byte> body, ulong mask, ulong newest, int row)
+    {
+        for (ulong bits = mask; bits != 0; bits &= bits - 1)
+        {
+            int i = System.Numerics.BitOperations.TrailingZeroCount(bits);
+            ReadOnlySpan<byte> d = Held(newest - (ulong)i);
+            if (d.IsEmpty) continue;
+            if (d.Length > body.Length) d = d[..body.Length];        // a member longer than the body: a bad parity, caught by the IP check
+            if (row == Fec.RowP) Fec.Xor(body, d);
+            else Fec.MulXor(body, d, Fec.Pow2(Exponent(mask, newest, newest - (ulong)i)), _row256);
+        }
+    }
+
+    // Q's exponent of the member with counter c: the members newer than it.
+    private static int Exponent(ulong mask, ulong newest, ulong c) =>
+        System.Numerics.BitOperations.PopCount(mask & ((1UL << (int)(newest - c)) - 1));
+
+    private void Scale(Span<byte> body, byte c)
+    {
+        for (int v = 0; v < 256; v++) _row256[v] = Fec.Mul((byte)v, c);
+        for (int i = 0; i < body.Length; i++) body[i] = _row256[body[i]];
     }
 }
 
@@ -6338,6 +6648,7 @@ internal sealed partial class Node
         _psk = cfg.Psk;
         Handshaker.AcceptPsks = (Key32[])cfg.AcceptPsks.Clone();
         _keepaliveMs = cfg.PersistentKeepaliveMs;
+        FecAuto = cfg.Fec;
         Mesh = new Mesh(this);
         Mesh.Configure(cfg);
         Relays.Configure(cfg);
@@ -6535,6 +6846,7 @@ internal sealed partial class Node
         Admission.Rate = cfg.HandshakeRate;
         Admission.RatePerSource = cfg.HandshakeRatePerSource;
         Admission.MaxSessions = cfg.MaxSessions;
+        FecAuto = cfg.Fec;
         if (Relays.Offered != cfg.Relay) ScheduleExchange(nowMs);      // our Self says whether we relay
         Relays.Configure(cfg);
     }
@@ -6566,6 +6878,13 @@ internal sealed partial class Node
                 continue;
             }
             Session s = p.Current!;
+            FecSender? fec = ParityFor(p, nowMs);
+            if (fec != null)
+            {
+                if (fec.MustClose(s, s.SendCounter)) SendParity(p, fec, nowMs);
+                if (fec.Members == 0) OpenGroup(p, fec, nowMs);
+                fec.Add(s, s.SendCounter, packet, nowMs);
+            }
             int len = Record.Seal(s, b.Slot(i), packet.Length, DataFlags(s, nowMs), Mtu);
             AfterSend(p, s, len, nowMs, carriesData: true);
             if (p.Relay != null && PathRelay(p, nowMs) is Peer relay)
@@ -6584,6 +6903,7 @@ internal sealed partial class Node
             b.Offset[i] = 0;
             b.Length[i] = len;
             b.Endpoints[i] = p.Endpoint;
+            if (fec != null && fec.Members >= fec.Want) SendParity(p, fec, nowMs);
         }
     }
 
@@ -6660,6 +6980,7 @@ internal sealed partial class Node
         }
         for (int i = 0; deferred != 0; i++, deferred >>= 1)
             if ((deferred & 1) != 0) ReceiveDatagram(b, i, Record.Classify(b.Packet(i)), nowMs);
+        if (_spareCount > 0) PlaceSpares(b);
     }
 
     private void ReceiveDatagram(PacketBatch b, int i, RecordKind kind, long nowMs)
@@ -6716,6 +7037,8 @@ internal sealed partial class Node
         Counters.RxRecords++;
         Counters.RxBytes += d.Length;
         p.RxBytes += d.Length;
+        s.Received++;
+        if (p.FecAtMs == 0) MeasureLossSoon(p, s, nowMs);
         Heard(p, from, d.Length, nowMs);          // roaming: replies go where the peer is now
         if (!s.Confirmed) ConfirmSession(p, s, nowMs);
         p.OnDataReceived(nowMs, len > 0);
@@ -6744,8 +7067,17 @@ internal sealed partial class Node
             ipOffset = Record.PayloadOffset + 1 + innerOffset;
             return n;
         }
+        if (flags == RecordFlags.Parity) return ReceiveParity(p, s, d, len, nowMs, out ipOffset);
         if (len == 0 || (flags & RecordFlags.Data) == 0) return 0;   // keepalive or bind
-        ReadOnlySpan<byte> packet = d.Slice(Record.PayloadOffset, len);
+        p.FecIn?.Keep(s, BinaryPrimitives.ReadUInt64BigEndian(d[Record.CounterOffset..]), d.Slice(Record.PayloadOffset, len));
+        return AcceptData(p, d.Slice(Record.PayloadOffset, len), nowMs);
+    }
+
+    // A data record's payload (or one rebuilt from parity) on its way to the TUN: its IP length, or 0
+    // when one of the checks refuses it.
+    private int AcceptData(Peer p, ReadOnlySpan<byte> packet, long nowMs)
+    {
+        int len = packet.Length;
         int ipLen = IpPacketLen(packet);
         if (ipLen <= 0 || ipLen > len) { Counters.Drop(DropReason.Malformed); return 0; }
         if (RouteOf(packet, destination: false) != p.Id && !PeerServes(p, Ip.Version(packet) == 4 ? packet.Slice(Ip.V4SourceOffset, 4) : packet.Slice(Ip.V6SourceOffset, 16)))
@@ -6951,7 +7283,163 @@ internal sealed partial class Node
         Log.Debug("cookie_received", $"peer={p.Name}");
     }
 
-    // ---- 14.3 Messages the node makes itself ----
+    // ---- 14.3 Parity: loss reports, groups, rebuilding (§12.1) ----
+
+    internal bool FecAuto = true;                 // --fec auto|off
+    /// <summary>Set by a worker for the TUN batch it works on: parity goes out after the batch's records,
+    /// so it never overtakes its own group's members (UdpOut leaves first).</summary>
+    internal PacketBatch? ParityOut;
+    internal long FecParitySent, FecParityBytes, FecParityReceived, FecRecovered, FecUnrecoverable, FecNoRoom;
+    // Rebuilt payloads beyond the one that takes its parity record's slot, for free slots of the batch.
+    private readonly FecReceiver?[] _spares = new FecReceiver?[4];
+    private int _spareCount;
+
+    // The open group of data records to p, or null: no parity unless p reported loss lately and the
+    // records go to it directly (a relay or a TCP link has its own recovery).
+    private FecSender? ParityFor(Peer p, long nowMs)
+    {
+        if (!FecAuto || p.FecReportedBp == 0 || p.Relay != null || TcpLinks.IsTcp(p.Endpoint)) return null;
+        if (nowMs - p.FecReportedMs >= Fec.ReportLifetimeMs) { p.FecReportedBp = 0; return null; }
+        return p.FecOut ??= new FecSender(Mtu);
+    }
+
+    // The size of a group is fixed when it opens; a group that stays short is closed by the timer.
+    private void OpenGroup(Peer p, FecSender f, long nowMs)
+    {
+        (f.Want, f.Rows) = Fec.Size(p.FecReportedBp);
+        if (p.FecAtMs == 0 || p.FecAtMs > nowMs + Fec.HoldMs) p.FecAtMs = nowMs + Fec.HoldMs;
+    }
+
+    private void SendParity(Peer p, FecSender f, long nowMs)
+    {
+        Session? s = f.GroupSession;
+        if (s != null && !s.Disposed && (s == p.Current || s == p.Previous) && p.Endpoint.IsSet)
+            for (int row = 0; row < f.RowsOfGroup; row++)
+            {
+                PacketBatch b = ParityOut is { IsFull: false } own ? own : UdpOut;
+                if (b == UdpOut) NextOut(p.Endpoint);
+                Span<byte> slot = b.Slot(b.Count);
+                int n = f.Write(slot, row);
+                int len = Record.Seal(s, slot, n, RecordFlags.Parity, Mtu);
+                b.Offset[b.Count] = 0;
+                b.Length[b.Count] = len;
+                b.Endpoints[b.Count] = p.Endpoint;
+                b.Ttl[b.Count] = 0;
+                b.Alone[b.Count] = n > Mtu;            // longer than the members: never one GSO run with them
+                b.Count++;
+                AfterSend(p, s, len, nowMs, carriesData: false);
+                FecParitySent++;
+                FecParityBytes += len;
+                f.ParityRecords++;
+                f.ParityBytes += len;
+            }
+        f.Close();
+    }
+
+    private int ReceiveParity(Peer p, Session s, Span<byte> d, int len, long nowMs, out int ipOffset)
+    {
+        ipOffset = Record.PayloadOffset + Fec.HeaderLen;
+        FecParityReceived++;
+        FecReceiver f = p.FecIn ??= new FecReceiver(Mtu);
+        if (p.FecAtMs == 0) p.FecAtMs = nowMs + Fec.ReportIntervalMs;      // frees it when idle
+        long rebuilt = f.Use(s, BinaryPrimitives.ReadUInt64BigEndian(d[Record.CounterOffset..]), d.Slice(Record.PayloadOffset, len), nowMs);
+        if (rebuilt == FecReceiver.Malformed) { Counters.Drop(DropReason.Malformed); return 0; }
+        if (rebuilt == FecReceiver.Unrecoverable) FecUnrecoverable++;
+        if (f.SpareLen > 0 && s.Window.Accept(f.SpareCounter) && AcceptData(p, f.Spare, nowMs) is int spareLen and > 0)
+        {
+            FecRecovered++;
+            if (_spareCount < _spares.Length) { f.SpareLen = spareLen; _spares[_spareCount++] = f; }
+            else FecNoRoom++;
+        }
+        if (rebuilt < 0 || !s.Window.Accept((ulong)rebuilt)) return 0;
+        FecRecovered++;
+        return AcceptData(p, d.Slice(ipOffset, len - Fec.HeaderLen), nowMs);
+    }
+
+    // The spare payloads go into slots of the batch that nothing else uses, else after its last one.
+    private void PlaceSpares(PacketBatch b)
+    {
+        int slot = 0;
+        for (int k = 0; k < _spareCount; k++)
+        {
+            FecReceiver f = _spares[k]!;
+            _spares[k] = null;
+            while (slot < b.Count && b.Length[slot] != 0) slot++;
+            if (slot == b.Count && b.IsFull) { FecNoRoom++; continue; }
+            if (slot == b.Count) b.Count++;
+            f.Spare.CopyTo(b.Slot(slot));
+            b.Offset[slot] = 0;
+            b.Length[slot] = f.SpareLen;
+            f.SpareLen = 0;
+        }
+        _spareCount = 0;
+    }
+
+    // A record arrived and no measure runs: start one (an interval from now).
+    private static void MeasureLossSoon(Peer p, Session s, long nowMs)
+    {
+        p.LossSession = s;
+        p.LossHighest = s.Window.Highest;
+        p.LossReceived = s.Received;
+        p.LossSinceMs = nowMs;
+        p.FecAtMs = nowMs + Fec.ReportIntervalMs;
+    }
+
+    private void ExpiredFec(Peer p, long nowMs)
+    {
+        p.FecAtMs = 0;
+        FecSender? f = p.FecOut;
+        if (f != null && f.Members > 0 && nowMs - f.OpenedMs >= Fec.HoldMs) SendParity(p, f, nowMs);
+        if (nowMs - p.LossSinceMs >= Fec.ReportIntervalMs) MeasureLoss(p, nowMs);
+        if (f != null && f.Members == 0 && nowMs - f.UsedMs >= Fec.IdleMs) p.FecOut = null;
+        if (p.FecIn != null && nowMs - p.FecIn.UsedMs >= Fec.IdleMs) p.FecIn = null;
+        long next = 0;
+        if (p.FecOut is { Members: > 0 } open) next = open.OpenedMs + Fec.HoldMs;
+        if (p.LossBp > 0 || p.LossToldBp > 0 || p.FecIn != null || p.FecOut != null)
+            next = next == 0 ? p.LossSinceMs + Fec.ReportIntervalMs : Math.Min(next, p.LossSinceMs + Fec.ReportIntervalMs);
+        p.FecAtMs = next;      // else the next record starts a measure (MeasureLossSoon)
+    }
+
+    // What share of p's records never arrived since the interval began: counters it used that we
+    // did not open (lost, or corrupted on the way). Reordered records count where they arrive.
+    private void MeasureLoss(Peer p, long nowMs)
+    {
+        Session? s = p.LossSession;
+        if (s == null || s.Disposed) { p.LossSession = null; p.LossSinceMs = nowMs; DecayLoss(p, nowMs); return; }
+        ulong expected = s.Window.Highest - p.LossHighest, got = s.Received - p.LossReceived;
+        if (expected < Fec.MinMeasured)
+        {
+            if (nowMs - p.LossSinceMs >= 10 * Fec.ReportIntervalMs) { MeasureLossSoon(p, s, nowMs); DecayLoss(p, nowMs); }
+            return;
+        }
+        int bp = got >= expected ? 0 : (int)((expected - got) * 10_000 / expected);
+        p.LossBp = Math.Max(bp, p.LossBp / 4);            // up at once, down within a few seconds
+        p.LossHighest = s.Window.Highest;
+        p.LossReceived = s.Received;
+        p.LossSinceMs = nowMs;
+        TellLoss(p, nowMs);
+    }
+
+    private void DecayLoss(Peer p, long nowMs)
+    {
+        p.LossBp /= 4;
+        TellLoss(p, nowMs);
+    }
+
+    // Told while there is loss, and once more when it is gone.
+    private void TellLoss(Peer p, long nowMs)
+    {
+        if (p.LossBp == 0 && p.LossToldBp == 0) return;
+        if (Mesh.SendLoss(p, p.LossBp, nowMs)) p.LossToldBp = p.LossBp;
+    }
+
+    internal void LossReported(Peer p, int lossBp, long nowMs)
+    {
+        p.FecReportedBp = lossBp;
+        p.FecReportedMs = nowMs;
+    }
+
+    // ---- 14.4 Messages the node makes itself ----
 
     private Span<byte> NextOut(in Endpoint to)
     {
@@ -7058,6 +7546,7 @@ internal sealed class Worker : IPacketSink
     internal readonly IDataplane Tun;
     internal readonly IUdp Udp;
     private readonly PacketBatch _tunIn = new(Tune.BatchSize, Tune.SlotLen);
+    private PacketBatch? _parityOut;                     // the node's parity for a TUN batch, sent after it (§14.3)
     private readonly PacketBatch _udpIn = new(Tune.BatchSize, Tune.SlotLen);
     private long _tunWriteRefused, _udpSendRefused;   // counted outside the lock, moved in by Settle
     internal long TunPackets, UdpDatagrams;          // this worker's share (status)
@@ -7129,6 +7618,11 @@ internal sealed class Worker : IPacketSink
         TunPackets += b.Count;
         Process(b, nowMs, fromTun: true);
         SendBatch(b);
+        if (_parityOut is { Count: > 0 } parity)
+        {
+            SendBatch(parity);
+            parity.Count = 0;
+        }
         return b.IsFull;
     }
 
@@ -7158,7 +7652,12 @@ internal sealed class Worker : IPacketSink
         {
             Node.Sink = this;
             Settle();
-            if (fromTun) Node.ProcessTunBatch(b, nowMs);
+            if (fromTun)
+            {
+                if (Node.FecAuto) Node.ParityOut = _parityOut ??= new PacketBatch(Tune.BatchSize / 2, Node.Mtu + Record.OverheadLen + Fec.HeaderLen + Spec.PadBlockLen);
+                Node.ProcessTunBatch(b, nowMs);
+                Node.ParityOut = null;
+            }
             else Node.ProcessUdpBatch(b, nowMs);
             FlushUdp(Node.UdpOut);
             if (WakeLoop != null && Node.Signal.Pending) { Node.Signal.Pending = false; wake = true; }
@@ -8275,7 +8774,7 @@ internal sealed class Revocation
 /// <summary>A parsed exchange message, reused for every message received.</summary>
 internal sealed class ExchangeMessage
 {
-    internal const byte TypeSelf = 1, TypeMembers = 2, TypeRevoked = 3, TypePunch = 4, TypePing = 5, TypePong = 6, TypeIsolated = 7;
+    internal const byte TypeSelf = 1, TypeMembers = 2, TypeRevoked = 3, TypePunch = 4, TypePing = 5, TypePong = 6, TypeIsolated = 7, TypeFecLoss = 8;
     internal const byte SelfRelays = 1, SelfMarks = 2;
     internal const int IsolatedHeaderLen = 8, MaxMarksPerMessage = (Tune.MaxExchangeLen - IsolatedHeaderLen) / Spec.KeyLen;
     internal const int MaxMarkParts = (Tune.MaxMarksPerMember + MaxMarksPerMessage - 1) / MaxMarksPerMessage;
@@ -8294,6 +8793,7 @@ internal sealed class ExchangeMessage
     internal readonly List<Revocation> Revocations = new();
     internal uint MarkGeneration;
     internal int MarkPart, MarkParts;
+    internal int LossBp;
     internal readonly List<Key32> Marks = new();
 
     /// <summary>True when m is one well-formed message; on false the contents are meaningless.</summary>
@@ -8361,6 +8861,13 @@ internal sealed class ExchangeMessage
                 }
                 Members.Add((key, ago, first, count));
             }
+        }
+        else if (Type == TypeFecLoss)
+        {
+            if (m.Length != 3) return false;
+            LossBp = BinaryPrimitives.ReadUInt16BigEndian(m[1..]);
+            if (LossBp > 10_000) return false;
+            pos = 3;
         }
         else if (Type is TypePing or TypePong)
         {
@@ -8463,6 +8970,15 @@ internal sealed class ExchangeMessage
         }
         d[pos++] = flags;
         return pos;
+    }
+
+    /// <summary>FecLoss (8): type ‖ loss u16, the share of the receiver's records that did not arrive, in
+    /// parts per 10,000 (§12.1).</summary>
+    internal static int WriteLoss(Span<byte> d, int lossBp)
+    {
+        d[0] = TypeFecLoss;
+        BinaryPrimitives.WriteUInt16BigEndian(d[1..], (ushort)Math.Clamp(lossBp, 0, 10_000));
+        return 3;
     }
 
     /// <summary>Ping (5) or Pong (6): type ‖ id u64, the Pong echoing the Ping's id.</summary>
@@ -8908,6 +9424,9 @@ internal sealed class Mesh
     /// <summary>A Veil-layer echo request to p (`veil ping`); the Pong comes to Node.Ponged.</summary>
     internal bool SendPing(Peer p, ulong id, long nowMs) => Send(p, ExchangeMessage.WritePing(_out, ExchangeMessage.TypePing, id), nowMs);
 
+    /// <summary>Tells p what share of its records we lose (§12.1).</summary>
+    internal bool SendLoss(Peer p, int lossBp, long nowMs) => Send(p, ExchangeMessage.WriteLoss(_out, lossBp), nowMs);
+
     /// <summary>Asks relayed member p to answer our punch at our endpoints (Node.Punch).</summary>
     internal void SendPunch(Peer p, long nowMs)
     {
@@ -8985,6 +9504,7 @@ internal sealed class Mesh
         else if (_in.Type == ExchangeMessage.TypePing) Send(p, ExchangeMessage.WritePing(_out, ExchangeMessage.TypePong, _in.PingId), nowMs);
         else if (_in.Type == ExchangeMessage.TypePong) _node.Ponged(p, _in.PingId);
         else if (_in.Type == ExchangeMessage.TypeIsolated) ApplyMarks(p, nowMs);
+        else if (_in.Type == ExchangeMessage.TypeFecLoss) _node.LossReported(p, _in.LossBp, nowMs);
         else QueueRevocations();
     }
 
@@ -10985,6 +11505,10 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
           .Append(",\"isolating\":").Append(m.OwnMarks.Count).Append(",\"isolated_by_members\":").Append(m.BarredCount)
           .Append(",\"isolated_refused\":").Append(m.IsolatedRefused).Append(",\"isolation_marks_dropped\":").Append(m.MarksDropped)
           .Append(",\"beacons_loaded\":").Append(m.BeaconsLoaded).Append(",\"beacons_rejected\":").Append(m.BeaconsRejected).Append('}');
+        sb.Append(",\"fec\":{\"mode\":\"").Append(node.FecAuto ? "auto" : "off").Append("\",\"parity_sent\":").Append(node.FecParitySent)
+          .Append(",\"parity_bytes\":").Append(node.FecParityBytes).Append(",\"parity_received\":").Append(node.FecParityReceived)
+          .Append(",\"recovered\":").Append(node.FecRecovered).Append(",\"unrecoverable\":").Append(node.FecUnrecoverable)
+          .Append(",\"no_room\":").Append(node.FecNoRoom).Append('}');
         Relays r = node.Relays;
         sb.Append(",\"relay\":{\"offered\":").Append(r.Offered ? "true" : "false").Append(",\"rate_mbit\":").Append(r.RateBytesPerS / 125_000)
           .Append(",\"flows\":").Append(r.Pairs).Append(",\"bytes\":").Append(r.Bytes).Append(",\"records\":").Append(r.Records)
@@ -11059,6 +11583,10 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             else sb.Append("null");
             sb.Append(",\"isolated\":").Append(p.Isolated ? "true" : "false")
               .Append(",\"relayed_rx_bytes\":").Append(p.RelayedRxBytes).Append(",\"relayed_tx_bytes\":").Append(p.RelayedTxBytes)
+              .Append(",\"loss_pct\":").Append((p.LossBp / 100.0).ToString("0.##", System.Globalization.CultureInfo.InvariantCulture))
+              .Append(",\"peer_loss_pct\":").Append((p.FecReportedBp / 100.0).ToString("0.##", System.Globalization.CultureInfo.InvariantCulture))
+              .Append(",\"parity_group\":").Append(p.FecOut is { } fo && p.FecReportedBp > 0 ? fo.Want : 0)
+              .Append(",\"parity_bytes\":").Append(p.FecOut?.ParityBytes ?? 0)
               .Append(",\"punches_sent\":").Append(p.PunchesSent).Append(",\"punches_answered\":").Append(p.PunchesAnswered)
               .Append(",\"last_direct_s\":").Append(p.LastDirectRxMs < 0 ? "null" : ((nowMs - p.LastDirectRxMs) / 1000).ToString())
               .Append(",\"sees_us_at\":").Append(p.SeesUsAt.IsSet ? "\"" + p.SeesUsAt + "\"" : "null")
@@ -11172,6 +11700,10 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             One("veil_mesh_routes", "gauge", "Prefixes in the route table.", node.RouteList.Count);
             One("veil_mesh_revocations", "gauge", "Revoked member keys this node refuses.", m.RevocationCount);
             One("veil_mesh_isolated_by_members", "gauge", "Keys other members mark isolated, whose sessions this node refuses.", m.BarredCount);
+            One("veil_fec_parity_sent_total", "counter", "Parity records sent on lossy paths.", node.FecParitySent);
+            One("veil_fec_parity_bytes_total", "counter", "Bytes of parity records sent (on the wire, as records).", node.FecParityBytes);
+            One("veil_fec_recovered_total", "counter", "Data records rebuilt from parity.", node.FecRecovered);
+            One("veil_fec_unrecoverable_total", "counter", "Parity records that came with more members missing than the group has rows.", node.FecUnrecoverable);
             Relays r = node.Relays;
             One("veil_relay_bytes_total", "counter", "Bytes of inner datagrams this node carried between other members.", r.Bytes);
             One("veil_relay_records_total", "counter", "Datagrams this node carried between other members.", r.Records);
@@ -12099,6 +12631,9 @@ internal static class Cli
                   --relay, --no-relay     carry sealed records between members that cannot reach
                                           each other directly (default: --relay)
                   --relay-rate MBIT       per relayed pair and direction (default 20)
+                  --fec auto|off          parity records on paths where the peer reports loss,
+                                          sized to it; nothing on a clean path (default auto,
+                                          reloadable)
                   --port-mapping, --no-port-mapping   ask the gateway to forward the UDP port (PCP,
                                           NAT-PMP or UPnP IGD) and announce it (default: on)
                   --fix-rp-filter         where the reverse-path filter is strict (rp_filter 1,

@@ -335,7 +335,7 @@ public class WireSpecTests
         Dictionary<string, byte> flags = Flags();
         Assert.Equal(Enum.GetNames<RecordFlags>().Order(), flags.Keys.Order());
         foreach ((string name, byte v) in flags) Assert.Equal((byte)Enum.Parse<RecordFlags>(name), v);
-        Assert.Equal((byte)Record.KnownFlags, (byte)flags.Values.Aggregate(0, (a, b) => a | b));
+        Assert.Equal(255, flags.Values.Aggregate(0, (a, b) => a | b));          // every bit has a meaning
         List<string[]> rows = Table("### Transport records");
         Assert.Equal(new[] { "0", "5", "6", "7", "11", "19", "19+n" }, rows.Select(r => r[0]));
         Assert.Equal((Record.FlagsOffset, Record.PadOffset, Record.IndexOffset, Record.CounterOffset, Record.HeaderLen),

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # make bench: this folder's harness (rounds.sh -> measure.sh -> impl/*.sh, see common.sh) for veil
-# and the anchors in one interleaved run, then medians, ratios veil/each, a lossy-link row (veil and
-# wireguard-go through relay.c), and veil's footprint: binary size, RSS idle and under load,
+# and the anchors in one interleaved run, then medians, ratios veil/each, lossy-link rows (veil and
+# wireguard-go through relay.c: delay, loss, reordering, duplicates and corruption), and veil's footprint: binary size, RSS idle and under load,
 # GC collections during the run, and AEAD cost per 1420-byte record against `openssl speed`.
 #   BENCH_IMPLS   implementations (default: veil plain wireguard-go nebula; any of impl/*.sh)
 #   BENCH_RUNS    rounds (default 3)        BENCH_SECONDS  iperf3 seconds per test (default 5)
-#   BENCH_LOSSY   "DELAY_MS LOSS_PCT" each way for the lossy row (default "10 2"; off: no row)
-#   BENCH_LOSSY_SECONDS  iperf3 seconds of the lossy row (default 10)
+#   BENCH_LOSSY   the lossy links, "NAME=RELAY_ARGS;..." (relay.c's options, each way; default below;
+#                 off: none)
+#   BENCH_LOSSY_SECONDS  iperf3 seconds of each lossy row (default 10)
 #   BENCH_RAW     keep the raw rows (run, impl, metric, value, unit; TSV) in this file
 # Numbers are only comparable within one run: the machine is busy (other work) and noisy.
 set -euo pipefail
@@ -16,7 +17,7 @@ HARNESS=$REPO/tests/bench
 IMPLS=${BENCH_IMPLS:-veil plain wireguard-go nebula}
 RUNS=${BENCH_RUNS:-3}
 SECS=${BENCH_SECONDS:-5}
-LOSSY=${BENCH_LOSSY:-10 2}
+LOSSY=${BENCH_LOSSY:-delay=-d 10;loss=-d 10 -l 2;reorder=-d 10 -r 5 -h 10;loss_reorder=-d 10 -l 2 -r 5 -h 10;dup_corrupt=-d 10 -u 1 -c 0.1}
 [[ $LOSSY == off ]] && LOSSY=''
 LOSSY_SECS=${BENCH_LOSSY_SECONDS:-10}
 [[ -x out/veil ]] || { echo "bench: out/veil missing (make build)" >&2; exit 2; }
@@ -93,7 +94,7 @@ fi
 
 python3 - "$work/raw.tsv" "$work/samples" "$IMPLS" "$LOSSY" <<'PY'
 import sys, statistics, collections
-raw, samples, impls, lossy = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4].split()
+raw, samples, impls, lossy = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4]
 vals = collections.defaultdict(list)
 words = {}
 for line in open(raw):
@@ -114,17 +115,23 @@ if "veil" in impls:
                  if i not in ("veil", "plain") and ("veil", m) in med and (i, m) in med and med[(i, m)] > 0]
         if parts: print(f"  {m}: " + ", ".join(parts))
 if lossy:
-    m = "lossy_tcp_ab_1_mbps"
-    got = {i: statistics.median(vals[(i, m)]) for i in ("veil", "wireguard-go") if vals[(i, m)]}
-    drop = [v for i in got for v in vals[(i, "lossy_relay_drop_pct")]]
-    rtt = [v for i in got for v in vals[(i, "lossy_ping_avg_ms")]]
-    print(f"\nlossy link ({lossy[0]} ms each way, {lossy[1]} % loss each way, relay.c; TCP congestion control "
-          f"{words.get('lossy_tcp_cc', '?')}): single-stream TCP a->b, median Mbit/s: "
-          + (", ".join(f"{i} {v:g}" for i, v in got.items()) or "no result"))
-    if "veil" in got and got.get("wireguard-go", 0) > 0:
-        print(f"  {m}: veil / wireguard-go {got['veil'] / got['wireguard-go']:.2f}x")
-    if drop and rtt:
-        print(f"  relay dropped {statistics.median(drop):.2f} % of datagrams (median), idle ping over the tunnel {statistics.median(rtt):.1f} ms")
+    links = [l.split("=", 1) for l in lossy.split(";")]
+    print(f"\nlossy links (relay.c, each way; TCP congestion control {words.get('lossy_delay_tcp_cc', words.get('tcp_cc', '?'))}): "
+          "single-stream TCP a->b, median Mbit/s")
+    print("| link | relay.c | veil | wireguard-go | veil / wireguard-go | veil / veil on the delay link | relay dropped % | idle ping ms |")
+    print("|---" * 8 + "|")
+    def m(i, name, metric):
+        v = vals[(i, f"lossy_{name}_{metric}")]
+        return statistics.median(v) if v else None
+    base = m("veil", "delay", "tcp_ab_1_mbps")
+    for name, args in links:
+        v, w = m("veil", name, "tcp_ab_1_mbps"), m("wireguard-go", name, "tcp_ab_1_mbps")
+        drop = [x for i in ("veil", "wireguard-go") for x in vals[(i, f"lossy_{name}_relay_drop_pct")]]
+        rtt = m("veil", name, "ping_avg_ms")
+        f = lambda x: "–" if x is None else f"{x:g}"
+        print(f"| {name} | `{args}` | {f(v)} | {f(w)} | " + (f"{v / w:.2f}x" if v and w else "–") + " | "
+              + (f"{v / base:.2f}" if v and base else "–") + " | "
+              + (f"{statistics.median(drop):.2f}" if drop else "–") + f" | {f(rtt)} |")
 rss = [(int(l.split()[2]), float(l.split()[3])) for l in open(samples) if l.startswith("rss ")]
 # idle: up and running (at least 1 s old) but before the harness loads it (younger than 4 s: its ping phase)
 idle = [kb for kb, age in rss if 1 <= age < 4] or [kb for kb, _ in rss]

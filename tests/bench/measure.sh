@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # measure.sh IMPL [--seconds N] [--parallel P] [--udp-rate RATE] [--pings N] [--wait S]
-#                 [--relay BINARY --relay-args "ARGS"]
+#                 [--relay BINARY --relay-args "ARGS" [--relay-name NAME]]
 # One measurement of IMPL (impl/IMPL.sh) in fresh namespaces (see common.sh), then everything is
 # torn down again. Prints "IMPL<TAB>METRIC<TAB>VALUE<TAB>UNIT" lines on stdout, progress on stderr.
 #
@@ -16,14 +16,14 @@
 #                        all cores), _mbps_per_vpn_core
 #   udp_ab_*             iperf3 UDP a->b at RATE, 1200-byte datagrams: _mbps, _loss_pct, _jitter_ms
 # Lossy link (--relay): the peers talk through BINARY (relay.c) in a middle namespace, started with
-# ARGS (e.g. "-d 10 -l 2"); every metric is prefixed lossy_: tunnel_up_s, tcp_cc, the idle pings
+# ARGS (e.g. "-d 10 -l 2"); every metric is prefixed lossy_ (lossy_NAME_ with --relay-name): tunnel_up_s, tcp_cc, the idle pings
 # (which show the delay), the single-stream TCP a->b only, and relay_drop_pct (what the relay
 # really dropped). A failed test prints nan.
 set -euo pipefail
 IMPL=${1:-}
 [[ -n $IMPL && $IMPL != -* ]] || { sed -n '2,3p' "$0" >&2; exit 2; }
 shift
-SECS=5 PAR=4 UDP_RATE=200M PINGS=50 WAIT=30 RELAY='' RELAY_ARGS=''
+SECS=5 PAR=4 UDP_RATE=200M PINGS=50 WAIT=30 RELAY='' RELAY_ARGS='' RELAY_NAME=''
 while (($#)); do
 	case $1 in
 	--seconds) SECS=$2 ;;
@@ -33,6 +33,7 @@ while (($#)); do
 	--wait) WAIT=$2 ;;
 	--relay) RELAY=$2 ;;
 	--relay-args) RELAY_ARGS=$2 ;;
+	--relay-name) RELAY_NAME=$2 ;;
 	*) echo "measure.sh: unknown option $1" >&2; exit 2 ;;
 	esac
 	shift 2
@@ -47,7 +48,8 @@ source "$(dirname "$0")/common.sh"
 [[ -f $BENCH_HOME/impl/$IMPL.sh ]] || fail "no implementation $IMPL (impl/$IMPL.sh)"
 for c in ip iperf3 ping jq awk timeout; do command -v "$c" >/dev/null || fail "missing $c"; done
 LINK=direct PREFIX=''
-if [[ -n $RELAY ]]; then LINK=lossy PREFIX=lossy_; fi
+if [[ -n $RELAY ]]; then LINK=lossy PREFIX=lossy_${RELAY_NAME:+${RELAY_NAME}_}; fi
+[[ $RELAY_NAME =~ ^[a-z0-9_]*$ ]] || fail "--relay-name: lower-case letters, digits and _ only"
 
 OWN_ROOT=''
 if [[ -z ${BENCH_STATE_ROOT:-} ]]; then BENCH_STATE_ROOT=$(mktemp -d) OWN_ROOT=$BENCH_STATE_ROOT; fi

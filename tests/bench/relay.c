@@ -1,18 +1,21 @@
 /* relay.c: a two-way UDP relay that makes a link lossy, for the bench's lossy-link row (this
  * kernel has no netem). Compiled by rounds.sh at bench time (cc -O2); never committed as a binary.
  *
- *   relay [-d DELAY_MS] [-j JITTER_MS] [-l LOSS_PCT] [-r REORDER_PCT] [-h HOLD_MS] [-t SECONDS]
- *         [-s STATS_FILE] A_LISTEN A_PEER B_LISTEN B_PEER          (addresses IPv4 ADDR:PORT)
+ *   relay [-d DELAY_MS] [-j JITTER_MS] [-l LOSS_PCT] [-r REORDER_PCT] [-h HOLD_MS] [-u DUP_PCT]
+ *         [-c CORRUPT_PCT] [-t SECONDS] [-s STATS_FILE] A_LISTEN A_PEER B_LISTEN B_PEER
+ *                                                                 (addresses IPv4 ADDR:PORT)
  *
  * A datagram that arrives on socket A_LISTEN (from the a side) leaves from socket B_LISTEN towards
  * B_PEER, and one arriving on B_LISTEN leaves from A_LISTEN towards A_PEER; each peer therefore
  * talks to one fixed relay address and sees its answers come from there. Per direction, every
  * datagram is dropped with probability LOSS_PCT, else scheduled DELAY_MS (+ up to JITTER_MS,
  * uniform) after its arrival; with probability REORDER_PCT it is held HOLD_MS longer (default:
- * half the delay, at least 1 ms), so datagrams sent after it overtake it. A timer heap per
+ * half the delay, at least 1 ms), so datagrams sent after it overtake it. With probability DUP_PCT
+ * a datagram that passes is scheduled twice (the copy on its own delay and reorder draws), and with
+ * probability CORRUPT_PCT one random bit of it is flipped (of the copy too). A timer heap per
  * direction releases the datagrams in order of their due time. The relay ends on SIGTERM/SIGINT or
  * after SECONDS (default 600) and writes one line per direction to STATS_FILE (else stderr):
- *   dir=ab in=N dropped=N held=N out=N overflow=N
+ *   dir=ab in=N dropped=N held=N duplicated=N corrupted=N out=N overflow=N
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -38,7 +41,7 @@ struct lane {                   /* one direction */
 	struct slot *slots;         /* the datagrams waiting */
 	uint32_t *heap, *free_list; /* heap of slot indices by (due, seq); unused slot indices */
 	uint32_t heap_n, free_n;
-	uint64_t seq, n_in, n_dropped, n_held, n_out, n_overflow;
+	uint64_t seq, n_in, n_dropped, n_held, n_duplicated, n_corrupted, n_out, n_overflow;
 	const char *name;
 };
 
@@ -133,7 +136,7 @@ static void lane_init(struct lane *l, const char *name, int in, int out, const s
 	l->free_n = CAPACITY;
 }
 
-struct shape { uint64_t delay, jitter, hold; double loss, reorder; };
+struct shape { uint64_t delay, jitter, hold; double loss, reorder, dup, corrupt; };
 
 /* take in what the socket has (a bounded number per call, so the other lane gets its turn) */
 static void lane_receive(struct lane *l, const struct shape *s)
@@ -144,15 +147,24 @@ static void lane_receive(struct lane *l, const struct shape *s)
 		if (len < 0) return;
 		l->n_in++;
 		if (uniform() < s->loss) { l->n_dropped++; continue; }
-		if (len > MAX_DGRAM || l->free_n == 0) { l->n_overflow++; continue; }
-		uint32_t idx = l->free_list[--l->free_n];
-		struct slot *slot = &l->slots[idx];
-		slot->due = now_ns() + s->delay + (s->jitter ? (uint64_t)(uniform() * (double)s->jitter) : 0);
-		if (s->reorder > 0 && uniform() < s->reorder) { slot->due += s->hold; l->n_held++; }
-		slot->seq = l->seq++;
-		slot->len = (uint16_t)len;
-		memcpy(slot->data, buf, (size_t)len);
-		heap_push(l, idx);
+		if (len > MAX_DGRAM) { l->n_overflow++; continue; }
+		if (len > 0 && uniform() < s->corrupt) {
+			buf[(size_t)(uniform() * (double)len)] ^= (unsigned char)(1u << (int)(uniform() * 8));
+			l->n_corrupted++;
+		}
+		int copies = uniform() < s->dup ? 2 : 1;
+		if (copies == 2) l->n_duplicated++;
+		for (int c = 0; c < copies; c++) {
+			if (l->free_n == 0) { l->n_overflow++; break; }
+			uint32_t idx = l->free_list[--l->free_n];
+			struct slot *slot = &l->slots[idx];
+			slot->due = now_ns() + s->delay + (s->jitter ? (uint64_t)(uniform() * (double)s->jitter) : 0);
+			if (s->reorder > 0 && uniform() < s->reorder) { slot->due += s->hold; l->n_held++; }
+			slot->seq = l->seq++;
+			slot->len = (uint16_t)len;
+			memcpy(slot->data, buf, (size_t)len);
+			heap_push(l, idx);
+		}
 	}
 }
 
@@ -176,16 +188,18 @@ int main(int argc, char **argv)
 	double delay_ms = 0, hold_ms = -1;
 	int seconds = 600, opt;
 	const char *stats = NULL;
-	while ((opt = getopt(argc, argv, "d:j:l:r:h:t:s:")) != -1) {
+	while ((opt = getopt(argc, argv, "d:j:l:r:h:u:c:t:s:")) != -1) {
 		switch (opt) {
 		case 'd': delay_ms = atof(optarg); break;
 		case 'j': s.jitter = (uint64_t)(atof(optarg) * 1e6); break;
 		case 'l': s.loss = atof(optarg) / 100; break;
 		case 'r': s.reorder = atof(optarg) / 100; break;
 		case 'h': hold_ms = atof(optarg); break;
+		case 'u': s.dup = atof(optarg) / 100; break;
+		case 'c': s.corrupt = atof(optarg) / 100; break;
 		case 't': seconds = atoi(optarg); break;
 		case 's': stats = optarg; break;
-		default: fprintf(stderr, "usage: relay [-d ms] [-j ms] [-l %%] [-r %%] [-h ms] [-t s] [-s file] A_LISTEN A_PEER B_LISTEN B_PEER\n"); return 2;
+		default: fprintf(stderr, "usage: relay [-d ms] [-j ms] [-l %%] [-r %%] [-h ms] [-u %%] [-c %%] [-t s] [-s file] A_LISTEN A_PEER B_LISTEN B_PEER\n"); return 2;
 		}
 	}
 	struct sockaddr_in a_listen, a_peer, b_listen, b_peer;
@@ -194,7 +208,8 @@ int main(int argc, char **argv)
 		fprintf(stderr, "relay: want four IPv4 ADDR:PORT arguments\n");
 		return 2;
 	}
-	if (delay_ms < 0 || s.loss < 0 || s.loss > 1 || s.reorder < 0 || s.reorder > 1 || seconds < 1) {
+	if (delay_ms < 0 || s.loss < 0 || s.loss > 1 || s.reorder < 0 || s.reorder > 1 || s.dup < 0 || s.dup > 1 ||
+	    s.corrupt < 0 || s.corrupt > 1 || seconds < 1) {
 		fprintf(stderr, "relay: bad option value\n");
 		return 2;
 	}
@@ -233,8 +248,9 @@ int main(int argc, char **argv)
 	if (!out) out = stderr;
 	for (int i = 0; i < 2; i++) {
 		const struct lane *l = &lanes[i];
-		fprintf(out, "dir=%s in=%llu dropped=%llu held=%llu out=%llu overflow=%llu\n", l->name,
-			(unsigned long long)l->n_in, (unsigned long long)l->n_dropped, (unsigned long long)l->n_held,
+		fprintf(out, "dir=%s in=%llu dropped=%llu held=%llu duplicated=%llu corrupted=%llu out=%llu overflow=%llu\n",
+			l->name, (unsigned long long)l->n_in, (unsigned long long)l->n_dropped, (unsigned long long)l->n_held,
+			(unsigned long long)l->n_duplicated, (unsigned long long)l->n_corrupted,
 			(unsigned long long)l->n_out, (unsigned long long)l->n_overflow);
 	}
 	if (out != stderr) fclose(out);

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# rounds.sh [--runs N] [--seconds S] [--out FILE] [--lossy "DELAY_MS LOSS_PCT" [--lossy-seconds S]
+# rounds.sh [--runs N] [--seconds S] [--out FILE] [--lossy "NAME=RELAY_ARGS;..." [--lossy-seconds S]
 #           [--lossy-impls "IMPL..."]] IMPL...
 # Interleaved rounds: round 1 measures every IMPL once (measure.sh), then round 2, ... so the drift
 # of a busy machine hits all implementations alike. With --lossy, each round then measures the
-# lossy-impls (default: veil wireguard-go, those of them in IMPL...) once more through relay.c:
-# DELAY_MS each way and LOSS_PCT random loss each way (relay.c is compiled with cc -O2 into a
+# lossy-impls (default: veil wireguard-go, those of them in IMPL...) once more per link through
+# relay.c started with that link's RELAY_ARGS (e.g. "loss=-d 10 -l 2": 10 ms each way, 2 % random
+# loss each way); its metrics are named lossy_NAME_... (relay.c is compiled with cc -O2 into a
 # scratch directory first). Appends "run<TAB>impl<TAB>metric<TAB>value<TAB>unit" rows to FILE
 # (default: stdout); a run that fails adds "run impl failed 1 bool" and the last lines of its log
 # go to stderr. Exit status 0 if at least one run succeeded.
@@ -41,13 +42,15 @@ finish() {
 trap finish EXIT
 trap 'exit 130' INT TERM
 
-lossy_args=() lossy_list=()
+lossy_names=() lossy_relay=() lossy_list=()
 if [[ -n $LOSSY ]]; then
-	read -r delay loss <<<"$LOSSY"
-	[[ $delay =~ ^[0-9.]+$ && $loss =~ ^[0-9.]+$ ]] || { echo "rounds.sh: --lossy wants \"DELAY_MS LOSS_PCT\"" >&2; exit 2; }
+	IFS=';' read -r -a links <<<"$LOSSY"
+	for l in "${links[@]}"; do
+		[[ $l =~ ^([a-z0-9_]+)=([-0-9.\ a-z]+)$ ]] || { echo "rounds.sh: --lossy wants \"NAME=RELAY_ARGS;...\", not \"$l\"" >&2; exit 2; }
+		lossy_names+=("${BASH_REMATCH[1]}") lossy_relay+=("${BASH_REMATCH[2]}")
+	done
 	command -v cc >/dev/null || { echo "rounds.sh: no C compiler (cc) for relay.c" >&2; exit 2; }
 	cc -O2 -Wall -o "$scratch/relay" "$HERE/relay.c" || { echo "rounds.sh: relay.c did not compile" >&2; exit 2; }
-	lossy_args=(--seconds "$LOSSY_SECS" --relay "$scratch/relay" --relay-args "-d $delay -l $loss")
 	for i in $LOSSY_IMPLS; do [[ " ${IMPLS[*]} " == *" $i "* ]] && lossy_list+=("$i"); done
 fi
 
@@ -73,6 +76,11 @@ one() {
 
 for ((r = 1; r <= RUNS; r++)); do
 	for impl in "${IMPLS[@]}"; do one "$r" "$impl" --seconds "$SECS"; done
-	for impl in "${lossy_list[@]}"; do one "$r" "$impl" "${lossy_args[@]}"; done
+	for k in "${!lossy_names[@]}"; do
+		for impl in "${lossy_list[@]}"; do
+			one "$r" "$impl" --seconds "$LOSSY_SECS" --relay "$scratch/relay" --relay-args "${lossy_relay[$k]}" \
+				--relay-name "${lossy_names[$k]}"
+		done
+	done
 done
 ((ok > 0))
