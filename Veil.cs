@@ -5513,32 +5513,35 @@ internal static class Record
 }
 
 // ---- 12.1 Parity records (forward error correction) ----
-// A lossy path costs TCP far more than the lost bytes: each loss halves its window. So the
-// receiver measures what never arrived (gaps in each session's counters, once a second) and tells
-// the sender (an exchange message FecLoss, §15); while the reported loss is above zero and --fec is
-// auto, the sender follows every group of up to K data records it sends directly with R parity
-// records (Fec.Size: one row below 1 % loss, two from 1 %). A parity record is a record with the
-// flag Parity alone, sealed and counted like any other:
-//   0  row    0: P, the XOR of the members' payloads; 1: Q, the sum of g^e·D over GF(2^8)
-//             (x^8+x^4+x^3+x^2+1, g = 2), e the number of members with a higher counter
-//   1  back   its own counter minus the counter of the group's newest member (P 1, Q 2)
+// A lossy path costs TCP far more than the lost bytes: each loss stalls the stream for a round
+// trip, and even 0.2 % loss takes a quarter of its rate. So the receiver measures what never
+// arrived (gaps in each session's counters, twice a second) and tells the sender (an exchange
+// message FecLoss, §15); while the reported loss is above zero and --fec is auto, the sender
+// follows every group of up to K data records it sends directly with R parity records (Fec.Size:
+// more rows as the loss grows, about 9 % more records at 2 %). Row r of a group is the sum over
+// GF(2^8) of g^(r·e)·D for its members D, e the number of members newer than D: row 0 is their
+// XOR, and any m missing members are rebuilt from any m rows (a Vandermonde system, solved by
+// Gaussian elimination). A parity record is a record with the flag Parity alone:
+//   0  row    0..3
+//   1  back   its own counter minus the counter of the group's newest member (row + 1)
 //   2  mask   64 bits: bit i set = the data record with counter (newest - i) is a member
 //  10  body   the row over the members' payloads, each zero-extended to the longest
-// The receiver keeps the payloads of its last RingLen data records. A parity record that finds as
-// many members missing as the group has rows (P alone, or P and Q of one group) rebuilds them;
-// a rebuilt payload is delivered only if its counter passes the replay window, and then takes the
-// path of any data record (IP header, source check, isolation, filter). The parity itself opened
-// under the session's keys and passed the window, so a forged or replayed parity record is dropped
-// before it is used, and nothing the peer did not seal can come out of one.
+// The receiver keeps the payloads of its last RingLen data records and the rows of the group in
+// hand. A rebuilt payload is delivered only if its counter passes the replay window, and then
+// takes the path of any data record (IP header, source check, isolation, filter). The parity
+// itself opened under the session's keys and passed the window, so a forged or replayed parity
+// record is dropped before it is used, and nothing the peer did not seal can come out of one.
 
 internal static class Fec
 {
-    internal const int HeaderLen = 10, RowP = 0, RowQ = 1;
-    internal const int MaxMembers = 48;          // per group (two rows at 1 % loss: 40)
-    internal const int RingLen = 64;             // payloads a receiver keeps (by counter mod RingLen)
+    internal const int HeaderLen = 10, MaxRows = 4;
+    internal const int MaxMembers = 48;          // per group, within 64 counters
+    // Payloads a receiver keeps (by counter mod RingLen): a group's 64 counters, and the batch of up
+    // to 64 records its parity leaves behind (a worker sends a TUN batch's parity after the batch).
+    internal const int RingLen = 128;
     internal const int HoldMs = 3;               // a group waits at most this long for more members
-    internal const int ReportIntervalMs = 1000;  // a receiver measures and reports loss this often
-    internal const int ReportLifetimeMs = 3500;  // a sender that heard no report for this long adds no parity
+    internal const int ReportIntervalMs = 500;   // a receiver measures and reports loss this often
+    internal const int ReportLifetimeMs = 2500;  // a sender that heard no report for this long adds no parity
     internal const int MinMeasured = 64;         // records an interval needs before its loss counts
     internal const int IdleMs = 60_000;          // parity state unused this long is freed
 
@@ -5560,11 +5563,17 @@ internal static class Fec
     internal static byte Inverse(byte a) => Exp[(255 - Log[a]) % 255];    // a != 0
     internal static byte Pow2(int e) => Exp[e % 255];
 
-    /// <summary>Members per group and rows for a reported loss (parts per 10,000); (0, 0) on a clean path.
-    /// About a fifth of the loss-free chance per row: at 2 % loss groups of 20 with two rows,
-    /// 9 % more records, and a group is lost only when three of its 22 are.</summary>
-    internal static (int Members, int Rows) Size(int lossBp) =>
-        lossBp <= 0 ? (0, 0) : lossBp < 100 ? (Math.Clamp(2000 / lossBp, 4, 32), 1) : (Math.Clamp(4000 / lossBp, 4, MaxMembers), 2);
+    /// <summary>Members per group and rows for a reported loss (parts per 10,000); (0, 0) on a clean
+    /// path. Sized so that a group is lost (more members missing than rows arrive) for well under
+    /// 0.05 % of the records: TCP over a 20 ms path loses a tenth of its rate to that.</summary>
+    internal static (int Members, int Rows) Size(int lossBp) => lossBp switch
+    {
+        <= 0 => (0, 0),
+        < 20 => (32, 1),
+        < 60 => (40, 2),
+        < 150 => (40, 3),
+        _ => (Math.Clamp(8000 / lossBp, 8, 40), 4),
+    };
 
     /// <summary>acc ^= d (acc at least as long as d).</summary>
     internal static void Xor(Span<byte> acc, ReadOnlySpan<byte> d)
@@ -5575,8 +5584,8 @@ internal static class Fec
         for (; i < d.Length; i++) acc[i] ^= d[i];
     }
 
-    /// <summary>acc = 2·acc ^ d over acc's length, d zero-extended: one Horner step of row Q.</summary>
-    internal static void Mul2Xor(Span<byte> acc, ReadOnlySpan<byte> d)
+    /// <summary>acc = 2^times·acc ^ d, d zero-extended: one Horner step of a row.</summary>
+    internal static void MulPow2Xor(Span<byte> acc, ReadOnlySpan<byte> d, int times)
     {
         var high = new System.Numerics.Vector<byte>(0x80);
         var poly = new System.Numerics.Vector<byte>(0x1D);
@@ -5584,32 +5593,37 @@ internal static class Fec
         for (; i + System.Numerics.Vector<byte>.Count <= acc.Length; i += System.Numerics.Vector<byte>.Count)
         {
             var v = new System.Numerics.Vector<byte>(acc[i..]);
-            ((v + v) ^ (System.Numerics.Vector.GreaterThanOrEqual(v, high) & poly)).CopyTo(acc[i..]);
+            for (int t = 0; t < times; t++) v = (v + v) ^ (System.Numerics.Vector.GreaterThanOrEqual(v, high) & poly);
+            v.CopyTo(acc[i..]);
         }
-        for (; i < acc.Length; i++) acc[i] = Mul(acc[i], 2);
+        for (; i < acc.Length; i++) acc[i] = Mul(acc[i], Pow2(times));
         Xor(acc, d);
     }
 
-    /// <summary>acc ^= c·d (a row of products, then one lookup a byte: only for rebuilding).</summary>
-    internal static void MulXor(Span<byte> acc, ReadOnlySpan<byte> d, byte c, Span<byte> row256)
+    /// <summary>acc ^= c·d, by a table of c's products (rebuilding only).</summary>
+    internal static void MulXor(Span<byte> acc, ReadOnlySpan<byte> d, byte c, Span<byte> products)
     {
-        for (int v = 0; v < 256; v++) row256[v] = Mul((byte)v, c);
-        for (int i = 0; i < d.Length; i++) acc[i] ^= row256[d[i]];
+        if (c == 1) { Xor(acc, d); return; }
+        for (int v = 0; v < 256; v++) products[v] = Mul((byte)v, c);
+        for (int i = 0; i < d.Length; i++) acc[i] ^= products[d[i]];
     }
 }
 
-/// <summary>A sender's open group for one peer: the members so far and their two parity rows.</summary>
+/// <summary>A sender's open group for one peer: its members so far and their rows.</summary>
 internal sealed class FecSender
 {
-    private readonly byte[] _p, _q;
+    private readonly byte[][] _rows = new byte[Fec.MaxRows][];
     private Session? _session;
     private ulong _newest, _oldest, _mask;
     private int _len;
     internal int Members, Want, Rows;              // members so far; group size and rows for the reported loss
     internal long OpenedMs, UsedMs;
-    internal long ParityRecords, ParityBytes, Groups;
+    internal long ParityBytes;
 
-    internal FecSender(int mtu) { _p = new byte[mtu]; _q = new byte[mtu]; }
+    internal FecSender(int mtu) { for (int r = 0; r < Fec.MaxRows; r++) _rows[r] = new byte[mtu]; }
+
+    internal Session? GroupSession => _session;
+    internal int RowsOfGroup => Members == 1 ? 1 : Rows;    // one member: row 0 is a copy, enough
 
     /// <summary>True when the record about to be sealed (counter, session) cannot join the open group.</summary>
     internal bool MustClose(Session s, ulong counter) => Members > 0 && (s != _session || counter - _oldest >= 64);
@@ -5629,12 +5643,11 @@ internal sealed class FecSender
         _newest = counter;
         if (payload.Length > _len)
         {
-            _p.AsSpan(_len, payload.Length - _len).Clear();
-            if (Rows > 1) _q.AsSpan(_len, payload.Length - _len).Clear();
+            for (int r = 0; r < Rows; r++) _rows[r].AsSpan(_len, payload.Length - _len).Clear();
             _len = payload.Length;
         }
-        Fec.Xor(_p, payload);
-        if (Rows > 1) Fec.Mul2Xor(_q.AsSpan(0, _len), payload);
+        Fec.Xor(_rows[0], payload);
+        for (int r = 1; r < Rows; r++) Fec.MulPow2Xor(_rows[r].AsSpan(0, _len), payload, r);
         Members++;
         UsedMs = nowMs;
     }
@@ -5646,57 +5659,65 @@ internal sealed class FecSender
         m[0] = (byte)row;
         m[1] = (byte)(row + 1);
         BinaryPrimitives.WriteUInt64BigEndian(m[2..], _mask);
-        (row == Fec.RowP ? _p : _q).AsSpan(0, _len).CopyTo(m[Fec.HeaderLen..]);
+        _rows[row].AsSpan(0, _len).CopyTo(m[Fec.HeaderLen..]);
         return Fec.HeaderLen + _len;
     }
-
-    internal Session? GroupSession => _session;
-    internal int RowsOfGroup => Math.Min(Rows, Members);     // one member: P is a copy, Q would be another
 
     internal void Close()
     {
         Members = 0;
         _session = null;
-        Groups++;
     }
 }
 
-/// <summary>A receiver's recent payloads of one peer, and a P that waits for its group's Q.</summary>
+/// <summary>A receiver's recent payloads of one peer, and the rows of the group in hand.</summary>
 internal sealed class FecReceiver
 {
+    internal const long Unneeded = -1, Malformed = -2, Unrecoverable = -3, Waiting = -4;
     private readonly byte[] _ring;
     private readonly ulong[] _tag = new ulong[Fec.RingLen];       // counter + 1 of the payload in each slot (0: none)
     private readonly ushort[] _len = new ushort[Fec.RingLen];
     private readonly int _slotLen;
-    private readonly byte[] _pending, _spare, _row256 = new byte[256];
-    private Session? _pendingSession;
-    private ulong _pendingNewest, _pendingMask;
-    private int _pendingLen;
+    private readonly byte[][] _rows = new byte[Fec.MaxRows][];     // the group in hand: its rows as they came
+    private readonly byte[][] _out = new byte[Fec.MaxRows][];      // what a rebuild solves for
+    private readonly int[] _rowOf = new int[Fec.MaxRows];
+    private int _rowCount, _bodyLen;
+    private ulong _groupNewest, _groupMask;
+    private Session? _groupSession;
+    private readonly byte[] _products = new byte[256];
+    private readonly byte[] _matrix = new byte[Fec.MaxRows * Fec.MaxRows * 2];   // [M | I], then [I | M^-1]
+    private readonly ulong[] _missing = new ulong[Fec.MaxRows];
     internal Session? Session;                                   // the ring's payloads are this session's
     internal long UsedMs;
-    internal const long Unneeded = -1, Malformed = -2, Unrecoverable = -3, Waiting = -4;
-    // The second payload a P-and-Q rebuild gave, for the node to deliver in a free slot of the batch.
-    internal int SpareLen;
-    internal ulong SpareCounter;
+    // The rebuilt payloads beyond the first (in the caller's slot): counters and bodies.
+    internal int SpareCount;
+    internal readonly ulong[] SpareCounter = new ulong[Fec.MaxRows - 1];
 
     internal FecReceiver(int mtu)
     {
         _slotLen = mtu;
         _ring = new byte[Fec.RingLen * mtu];
-        _pending = new byte[mtu + Fec.HeaderLen];
-        _spare = new byte[mtu + Fec.HeaderLen];
+        for (int r = 0; r < Fec.MaxRows; r++) { _rows[r] = new byte[mtu]; _out[r] = new byte[mtu]; }
     }
 
-    internal Span<byte> Spare => _spare.AsSpan(0, SpareLen);
+    /// <summary>The k-th rebuilt payload beyond the first (zero-extended to the group's longest).</summary>
+    internal Span<byte> Spare(int k) => _out[k + 1].AsSpan(0, _bodyLen);
 
     internal void Keep(Session s, ulong counter, ReadOnlySpan<byte> payload)
     {
-        if (s != Session) { Array.Clear(_tag); Session = s; _pendingSession = null; }
+        if (s != Session) Reset(s);
         if (payload.Length > _slotLen) return;
         int i = (int)(counter % Fec.RingLen);
         payload.CopyTo(_ring.AsSpan(i * _slotLen));
         _tag[i] = counter + 1;
         _len[i] = (ushort)payload.Length;
+    }
+
+    private void Reset(Session s)
+    {
+        Array.Clear(_tag);
+        Session = s;
+        _groupSession = null;
     }
 
     private ReadOnlySpan<byte> Held(ulong counter)
@@ -5705,99 +5726,135 @@ internal sealed class FecReceiver
         return _tag[i] == counter + 1 ? _ring.AsSpan(i * _slotLen, _len[i]) : default;
     }
 
-    private bool IsHeld(ulong counter) => _tag[(int)(counter % Fec.RingLen)] == counter + 1;
-
-    /// <summary>Uses the parity payload m (opened, of session s, own counter) in place: on a rebuild
-    /// the first payload is left at m[Fec.HeaderLen..] and its counter returned (a second one in Spare);
-    /// else Unneeded (nothing missing), Malformed, Unrecoverable, or Waiting (a P kept for its Q).</summary>
+    /// <summary>Uses the parity payload m (opened, of session s, own counter): when the rows in hand
+    /// now cover the group's missing members, the first rebuilt payload is left at m[Fec.HeaderLen..]
+    /// and its counter returned, the others in Spare; else Unneeded (nothing missing), Malformed,
+    /// Unrecoverable, or Waiting (for more rows).</summary>
     internal long Use(Session s, ulong counter, Span<byte> m, long nowMs)
     {
-        SpareLen = 0;
-        if (m.Length <= Fec.HeaderLen || m[0] > Fec.RowQ || m[1] != m[0] + 1) return Malformed;
+        SpareCount = 0;
+        if (m.Length <= Fec.HeaderLen || m.Length - Fec.HeaderLen > _slotLen || m[0] >= Fec.MaxRows || m[1] != m[0] + 1) return Malformed;
         ulong mask = BinaryPrimitives.ReadUInt64BigEndian(m[2..]);
         if ((mask & 1) == 0 || System.Numerics.BitOperations.PopCount(mask) > Fec.MaxMembers ||
             counter < (ulong)(m[1] + 63 - System.Numerics.BitOperations.LeadingZeroCount(mask))) return Malformed;
         UsedMs = nowMs;
-        if (s != Session) { Array.Clear(_tag); Session = s; _pendingSession = null; }
+        if (s != Session) Reset(s);
         ulong newest = counter - m[1];
         Span<byte> body = m[Fec.HeaderLen..];
-        int row = m[0], missing = 0;
-        bool unknown = false;
-        ulong missA = 0, missB = 0;
+        int missing = 0;
         for (ulong bits = mask; bits != 0; bits &= bits - 1)
         {
             ulong c = newest - (ulong)System.Numerics.BitOperations.TrailingZeroCount(bits);
-            if (IsHeld(c)) continue;
-            if (!s.Window.CanAccept(c)) { unknown = true; continue; }   // arrived, but no longer in the ring
-            if (missing++ == 0) missA = c; else missB = c;
+            if (!Held(c).IsEmpty) continue;
+            if (!s.Window.CanAccept(c)) return Unrecoverable;      // arrived, but no longer in the ring
+            if (missing < Fec.MaxRows) _missing[missing] = c;
+            missing++;
         }
-        if (missing == 0) return Unneeded;
-        if (unknown) return Unrecoverable;
-        if (row == Fec.RowP && missing == 1)
+        if (missing == 0) { _groupSession = null; return Unneeded; }
+        if (_groupSession != s || _groupNewest != newest || _groupMask != mask || _bodyLen != body.Length)
         {
-            FoldOthers(body, mask, newest, Fec.RowP);
-            return (long)missA;
+            _groupSession = s;
+            _groupNewest = newest;
+            _groupMask = mask;
+            _bodyLen = body.Length;
+            _rowCount = 0;
         }
-        if (row == Fec.RowP)                                      // two gone: keep P for its Q (sealed next)
+        if (missing > Fec.MaxRows) return Unrecoverable;
+        if (_rowCount + 1 < missing)                            // keep this row for the group's next ones
         {
-            if (missing == 2 && body.Length <= _pending.Length)
+            if (_rowCount < Fec.MaxRows && Array.IndexOf(_rowOf, m[0], 0, _rowCount) < 0)
             {
-                body.CopyTo(_pending);
-                _pendingLen = body.Length;
-                _pendingSession = s;
-                _pendingNewest = newest;
-                _pendingMask = mask;
-                return Waiting;
+                body.CopyTo(_rows[_rowCount]);
+                _rowOf[_rowCount++] = m[0];
             }
-            return Unrecoverable;
+            return Waiting;
         }
-        bool withP = _pendingSession == s && _pendingNewest == newest && _pendingMask == mask && _pendingLen == body.Length;
-        _pendingSession = null;
-        if (missing == 1)                                         // Q alone: P was lost (or never needed)
+        // As many rows in hand as members missing (this one last, in the caller's slot): fold the
+        // held members out of each, leaving the sum over the missing only, and solve for them.
+        _groupSession = null;
+        Span<byte> used = stackalloc byte[Fec.MaxRows];
+        for (int i = 0; i < missing - 1; i++) used[i] = (byte)_rowOf[i];
+        used[missing - 1] = m[0];
+        for (int i = 0; i < missing; i++) Fold(Row(i, missing, body), used[i], mask, newest);
+        if (missing == 1)
         {
-            FoldOthers(body, mask, newest, Fec.RowQ);
-            Scale(body, Fec.Inverse(Fec.Pow2(Exponent(mask, newest, missA))));
-            return (long)missA;
+            if (used[0] != 0) Scale(body, Fec.Inverse(Coefficient(used[0], Exponent(mask, newest, _missing[0]))));
+            Keep(s, _missing[0], body);
+            return (long)_missing[0];
         }
-        if (missing > 2 || !withP) return Unrecoverable;
-        // P' = Da ^ Db and Q' = ga·Da ^ gb·Db once the held members are folded out of both:
-        // Da = (Q' ^ gb·P') / (ga ^ gb), Db = P' ^ Da.
-        Span<byte> p = _pending.AsSpan(0, body.Length);
-        FoldOthers(p, mask, newest, Fec.RowP);
-        FoldOthers(body, mask, newest, Fec.RowQ);
-        byte ga = Fec.Pow2(Exponent(mask, newest, missA)), gb = Fec.Pow2(Exponent(mask, newest, missB));
-        Fec.MulXor(body, p, gb, _row256);
-        Scale(body, Fec.Inverse((byte)(ga ^ gb)));
-        p.CopyTo(_spare);
-        Fec.Xor(_spare.AsSpan(0, body.Length), body);
-        SpareLen = body.Length;
-        SpareCounter = missB;
-        return (long)missA;
+        if (!Invert(used, missing, mask, newest)) return Unrecoverable;
+        int w = 2 * missing;
+        for (int j = 0; j < missing; j++)
+        {
+            Span<byte> o = _out[j].AsSpan(0, body.Length);
+            o.Clear();
+            for (int i = 0; i < missing; i++) Fec.MulXor(o, Row(i, missing, body), _matrix[j * w + missing + i], _products);
+        }
+        _out[0].AsSpan(0, body.Length).CopyTo(body);
+        for (int j = 0; j < missing; j++) Keep(s, _missing[j], j == 0 ? body : Spare(j - 1));
+        SpareCount = missing - 1;
+        for (int j = 1; j < missing; j++) SpareCounter[j - 1] = _missing[j];
+        return (long)_missing[0];
     }
 
-    // Folds every held member out of a row: what stays is the missing members' part of it.
-    private void FoldOthers(Span<byte> body, ulong mask, ulong newest, int row)
+    private Span<byte> Row(int i, int count, Span<byte> last) => i == count - 1 ? last : _rows[i].AsSpan(0, last.Length);
+
+    // Gauss-Jordan over GF(2^8) on [M | I], M[i][j] = g^(row_i·e_j) for the missing members j; the
+    // inverse is left in the right half. A Vandermonde matrix (distinct g^e) is regular; one of rows
+    // not starting at 0 may not be, and then nothing is rebuilt.
+    private bool Invert(ReadOnlySpan<byte> rows, int n, ulong mask, ulong newest)
+    {
+        int w = 2 * n;
+        Span<byte> a = _matrix.AsSpan(0, n * w);
+        a.Clear();
+        for (int i = 0; i < n; i++)
+        {
+            for (int j = 0; j < n; j++) a[i * w + j] = Coefficient(rows[i], Exponent(mask, newest, _missing[j]));
+            a[i * w + n + i] = 1;
+        }
+        for (int col = 0; col < n; col++)
+        {
+            int pivot = col;
+            while (pivot < n && a[pivot * w + col] == 0) pivot++;
+            if (pivot == n) return false;
+            if (pivot != col)
+                for (int k = 0; k < w; k++) (a[col * w + k], a[pivot * w + k]) = (a[pivot * w + k], a[col * w + k]);
+            byte inverse = Fec.Inverse(a[col * w + col]);
+            for (int k = 0; k < w; k++) a[col * w + k] = Fec.Mul(a[col * w + k], inverse);
+            for (int i = 0; i < n; i++)
+            {
+                byte f = a[i * w + col];
+                if (i == col || f == 0) continue;
+                for (int k = 0; k < w; k++) a[i * w + k] ^= Fec.Mul(f, a[col * w + k]);
+            }
+        }
+        return true;
+    }
+
+    private void Fold(Span<byte> row, int r, ulong mask, ulong newest)
     {
         for (ulong bits = mask; bits != 0; bits &= bits - 1)
         {
             int i = System.Numerics.BitOperations.TrailingZeroCount(bits);
             ReadOnlySpan<byte> d = Held(newest - (ulong)i);
             if (d.IsEmpty) continue;
-            if (d.Length > body.Length) d = d[..body.Length];        // a member longer than the body: a bad parity, caught by the IP check
-            if (row == Fec.RowP) Fec.Xor(body, d);
-            else Fec.MulXor(body, d, Fec.Pow2(Exponent(mask, newest, newest - (ulong)i)), _row256);
+            if (d.Length > row.Length) d = d[..row.Length];        // a member longer than the body: a bad parity, caught by the IP check
+            Fec.MulXor(row, d, Coefficient(r, Exponent(mask, newest, newest - (ulong)i)), _products);
         }
     }
 
-    // Q's exponent of the member with counter c: the members newer than it.
+    private static byte Coefficient(int row, int e) => Fec.Pow2(row * e);
+
+    // The exponent e of the member with counter c: the members newer than it.
     private static int Exponent(ulong mask, ulong newest, ulong c) =>
         System.Numerics.BitOperations.PopCount(mask & ((1UL << (int)(newest - c)) - 1));
 
     private void Scale(Span<byte> body, byte c)
     {
-        for (int v = 0; v < 256; v++) _row256[v] = Fec.Mul((byte)v, c);
-        for (int i = 0; i < body.Length; i++) body[i] = _row256[body[i]];
+        for (int v = 0; v < 256; v++) _products[v] = Fec.Mul((byte)v, c);
+        for (int i = 0; i < body.Length; i++) body[i] = _products[body[i]];
     }
+
 }
 
 // ==== 13. UDP socket =============================================================================
@@ -7291,7 +7348,8 @@ internal sealed partial class Node
     internal PacketBatch? ParityOut;
     internal long FecParitySent, FecParityBytes, FecParityReceived, FecRecovered, FecUnrecoverable, FecNoRoom;
     // Rebuilt payloads beyond the one that takes its parity record's slot, for free slots of the batch.
-    private readonly FecReceiver?[] _spares = new FecReceiver?[4];
+    private byte[]? _spares;
+    private readonly int[] _spareLen = new int[8];
     private int _spareCount;
 
     // The open group of data records to p, or null: no parity unless p reported loss lately and the
@@ -7330,7 +7388,6 @@ internal sealed partial class Node
                 AfterSend(p, s, len, nowMs, carriesData: false);
                 FecParitySent++;
                 FecParityBytes += len;
-                f.ParityRecords++;
                 f.ParityBytes += len;
             }
         f.Close();
@@ -7345,11 +7402,14 @@ internal sealed partial class Node
         long rebuilt = f.Use(s, BinaryPrimitives.ReadUInt64BigEndian(d[Record.CounterOffset..]), d.Slice(Record.PayloadOffset, len), nowMs);
         if (rebuilt == FecReceiver.Malformed) { Counters.Drop(DropReason.Malformed); return 0; }
         if (rebuilt == FecReceiver.Unrecoverable) FecUnrecoverable++;
-        if (f.SpareLen > 0 && s.Window.Accept(f.SpareCounter) && AcceptData(p, f.Spare, nowMs) is int spareLen and > 0)
+        for (int k = 0; k < f.SpareCount; k++)
         {
+            if (!s.Window.Accept(f.SpareCounter[k]) || AcceptData(p, f.Spare(k), nowMs) is not (int spareLen and > 0)) continue;
             FecRecovered++;
-            if (_spareCount < _spares.Length) { f.SpareLen = spareLen; _spares[_spareCount++] = f; }
-            else FecNoRoom++;
+            if (_spareCount == _spareLen.Length) { FecNoRoom++; continue; }
+            _spares ??= new byte[_spareLen.Length * Mtu];
+            f.Spare(k)[..spareLen].CopyTo(_spares.AsSpan(_spareCount * Mtu));
+            _spareLen[_spareCount++] = spareLen;
         }
         if (rebuilt < 0 || !s.Window.Accept((ulong)rebuilt)) return 0;
         FecRecovered++;
@@ -7362,15 +7422,12 @@ internal sealed partial class Node
         int slot = 0;
         for (int k = 0; k < _spareCount; k++)
         {
-            FecReceiver f = _spares[k]!;
-            _spares[k] = null;
             while (slot < b.Count && b.Length[slot] != 0) slot++;
-            if (slot == b.Count && b.IsFull) { FecNoRoom++; continue; }
+            if (slot == b.Count && b.IsFull) { FecNoRoom += _spareCount - k; break; }
             if (slot == b.Count) b.Count++;
-            f.Spare.CopyTo(b.Slot(slot));
+            _spares.AsSpan(k * Mtu, _spareLen[k]).CopyTo(b.Slot(slot));
             b.Offset[slot] = 0;
-            b.Length[slot] = f.SpareLen;
-            f.SpareLen = 0;
+            b.Length[slot] = _spareLen[k];
         }
         _spareCount = 0;
     }

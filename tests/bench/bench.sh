@@ -118,8 +118,8 @@ if lossy:
     links = [l.split("=", 1) for l in lossy.split(";")]
     print(f"\nlossy links (relay.c, each way; TCP congestion control {words.get('lossy_delay_tcp_cc', words.get('tcp_cc', '?'))}): "
           "single-stream TCP a->b, median Mbit/s")
-    print("| link | relay.c | veil | wireguard-go | veil / wireguard-go | veil / veil on the delay link | relay dropped % | idle ping ms |")
-    print("|---" * 8 + "|")
+    print("| link | relay.c | veil | wireguard-go | veil / wireguard-go | veil / veil on the delay link | veil parity % of bytes | relay dropped % | idle ping ms |")
+    print("|---" * 9 + "|")
     def m(i, name, metric):
         v = vals[(i, f"lossy_{name}_{metric}")]
         return statistics.median(v) if v else None
@@ -130,7 +130,7 @@ if lossy:
         rtt = m("veil", name, "ping_avg_ms")
         f = lambda x: "–" if x is None else f"{x:g}"
         print(f"| {name} | `{args}` | {f(v)} | {f(w)} | " + (f"{v / w:.2f}x" if v and w else "–") + " | "
-              + (f"{v / base:.2f}" if v and base else "–") + " | "
+              + (f"{v / base:.2f}" if v and base else "–") + f" | {f(m('veil', name, 'parity_pct'))} | "
               + (f"{statistics.median(drop):.2f}" if drop else "–") + f" | {f(rtt)} |")
 rss = [(int(l.split()[2]), float(l.split()[3])) for l in open(samples) if l.startswith("rss ")]
 # idle: up and running (at least 1 s old) but before the harness loads it (younger than 4 s: its ping phase)

@@ -179,6 +179,8 @@ tcp() {
 }
 
 tcp tcp_ab_1
+# an implementation may add metrics of its own here (impl_metrics, e.g. veil's parity bytes)
+if declare -F impl_metrics >/dev/null; then impl_metrics; fi
 if [[ $LINK == direct ]]; then
 	tcp "tcp_ab_P$PAR" -P "$PAR"
 	tcp tcp_ba_1 -R

@@ -27,3 +27,13 @@ impl_up() {
 	until_ok 100 has_addr "$NS_A" veil-a "$OL4_A" && until_ok 100 has_addr "$NS_B" veil-b "$OL4_B" ||
 		{ show_logs; fail "veil did not bring up veil-a/veil-b within 10 s"; }
 }
+
+# impl_metrics: a's parity records (README "Lossy paths") as a share of the bytes it sent, and the
+# data records b rebuilt from them, all tests so far included; 0 on a clean link.
+impl_metrics() {
+	local a b
+	a=$(ip netns exec "$NS_A" "$VEIL" status --json --control "$STATE/a.sock" 2>/dev/null) || return 0
+	b=$(ip netns exec "$NS_B" "$VEIL" status --json --control "$STATE/b.sock" 2>/dev/null) || return 0
+	emit parity_pct "$(jq -r '(.fec.parity_bytes / ([.counters.tx_bytes, 1] | max) * 10000 | round) / 100' <<<"$a")" pct
+	emit parity_recovered "$(jq -r '.fec.recovered' <<<"$b")" count
+}
