@@ -5676,6 +5676,7 @@ internal sealed class FecReceiver
     internal const long Unneeded = -1, Malformed = -2, Unrecoverable = -3, Waiting = -4;
     private readonly byte[] _ring;
     private readonly ulong[] _tag = new ulong[Fec.RingLen];       // counter + 1 of the payload in each slot (0: none)
+    private readonly ulong[] _rebuilt = new ulong[Fec.RingLen];   // counter + 1 of the payloads rebuilt lately
     private readonly ushort[] _len = new ushort[Fec.RingLen];
     private readonly int _slotLen;
     private readonly byte[][] _rows = new byte[Fec.MaxRows][];     // the group in hand: its rows as they came
@@ -5713,9 +5714,13 @@ internal sealed class FecReceiver
         _len[i] = (ushort)payload.Length;
     }
 
+    /// <summary>Whether parity rebuilt this record of s lately (its own copy then comes late).</summary>
+    internal bool WasRebuilt(Session s, ulong counter) => s == Session && _rebuilt[(int)(counter % Fec.RingLen)] == counter + 1;
+
     private void Reset(Session s)
     {
         Array.Clear(_tag);
+        Array.Clear(_rebuilt);
         Session = s;
         _groupSession = null;
     }
@@ -5780,6 +5785,7 @@ internal sealed class FecReceiver
         {
             if (used[0] != 0) Scale(body, Fec.Inverse(Coefficient(used[0], Exponent(mask, newest, _missing[0]))));
             Keep(s, _missing[0], body);
+            _rebuilt[(int)(_missing[0] % Fec.RingLen)] = _missing[0] + 1;
             return (long)_missing[0];
         }
         if (!Invert(used, missing, mask, newest)) return Unrecoverable;
@@ -5791,7 +5797,11 @@ internal sealed class FecReceiver
             for (int i = 0; i < missing; i++) Fec.MulXor(o, Row(i, missing, body), _matrix[j * w + missing + i], _products);
         }
         _out[0].AsSpan(0, body.Length).CopyTo(body);
-        for (int j = 0; j < missing; j++) Keep(s, _missing[j], j == 0 ? body : Spare(j - 1));
+        for (int j = 0; j < missing; j++)
+        {
+            Keep(s, _missing[j], j == 0 ? body : Spare(j - 1));
+            _rebuilt[(int)(_missing[j] % Fec.RingLen)] = _missing[j] + 1;
+        }
         SpareCount = missing - 1;
         for (int j = 1; j < missing; j++) SpareCounter[j - 1] = _missing[j];
         return (long)_missing[0];
@@ -7069,6 +7079,8 @@ internal sealed partial class Node
         if (p == _via) { Counters.Drop(DropReason.RelayRefused); return 0; }   // a relay's own record, inside its Relay record
         if (nowMs - s.CreatedMs >= Spec.RejectAfterTimeMs) { Counters.Drop(DropReason.Expired); return 0; }
         OpenVerdict v = Record.Open(s, d, out int len, out RecordFlags flags);
+        // A record that parity rebuilt before it came (reordered): late, not a replay.
+        if (v == OpenVerdict.Replayed && p.FecIn != null && p.FecIn.WasRebuilt(s, BinaryPrimitives.ReadUInt64BigEndian(d[Record.CounterOffset..]))) { FecLate++; return 0; }
         if (v != OpenVerdict.Ok)
         {
             Counters.Drop(v switch
@@ -7095,7 +7107,8 @@ internal sealed partial class Node
         Counters.RxBytes += d.Length;
         p.RxBytes += d.Length;
         s.Received++;
-        if (p.FecAtMs == 0) MeasureLossSoon(p, s, nowMs);
+        if (s != p.LossSession && s != p.Previous) MeasureOn(p, s, nowMs);
+        else if (p.FecAtMs == 0) p.FecAtMs = nowMs + Fec.ReportIntervalMs;
         Heard(p, from, d.Length, nowMs);          // roaming: replies go where the peer is now
         if (!s.Confirmed) ConfirmSession(p, s, nowMs);
         p.OnDataReceived(nowMs, len > 0);
@@ -7346,7 +7359,7 @@ internal sealed partial class Node
     /// <summary>Set by a worker for the TUN batch it works on: parity goes out after the batch's records,
     /// so it never overtakes its own group's members (UdpOut leaves first).</summary>
     internal PacketBatch? ParityOut;
-    internal long FecParitySent, FecParityBytes, FecParityReceived, FecRecovered, FecUnrecoverable, FecNoRoom;
+    internal long FecParitySent, FecParityBytes, FecParityReceived, FecRecovered, FecUnrecoverable, FecNoRoom, FecLate;
     // Rebuilt payloads beyond the one that takes its parity record's slot, for free slots of the batch.
     private byte[]? _spares;
     private readonly int[] _spareLen = new int[8];
@@ -7432,14 +7445,15 @@ internal sealed partial class Node
         _spareCount = 0;
     }
 
-    // A record arrived and no measure runs: start one (an interval from now).
-    private static void MeasureLossSoon(Peer p, Session s, long nowMs)
+    // The measure follows the session p's records come on: a new one starts it again (the previous
+    // one's stragglers during a rotation do not count).
+    private static void MeasureOn(Peer p, Session s, long nowMs)
     {
         p.LossSession = s;
         p.LossHighest = s.Window.Highest;
         p.LossReceived = s.Received;
         p.LossSinceMs = nowMs;
-        p.FecAtMs = nowMs + Fec.ReportIntervalMs;
+        if (p.FecAtMs == 0 || p.FecAtMs > nowMs + Fec.ReportIntervalMs) p.FecAtMs = nowMs + Fec.ReportIntervalMs;
     }
 
     private void ExpiredFec(Peer p, long nowMs)
@@ -7450,11 +7464,10 @@ internal sealed partial class Node
         if (nowMs - p.LossSinceMs >= Fec.ReportIntervalMs) MeasureLoss(p, nowMs);
         if (f != null && f.Members == 0 && nowMs - f.UsedMs >= Fec.IdleMs) p.FecOut = null;
         if (p.FecIn != null && nowMs - p.FecIn.UsedMs >= Fec.IdleMs) p.FecIn = null;
-        long next = 0;
+        long next = 0, measureAt = Math.Max(p.LossSinceMs + Fec.ReportIntervalMs, nowMs + Fec.HoldMs);
         if (p.FecOut is { Members: > 0 } open) next = open.OpenedMs + Fec.HoldMs;
-        if (p.LossBp > 0 || p.LossToldBp > 0 || p.FecIn != null || p.FecOut != null)
-            next = next == 0 ? p.LossSinceMs + Fec.ReportIntervalMs : Math.Min(next, p.LossSinceMs + Fec.ReportIntervalMs);
-        p.FecAtMs = next;      // else the next record starts a measure (MeasureLossSoon)
+        if (p.LossBp > 0 || p.LossToldBp > 0 || p.FecIn != null || p.FecOut != null) next = next == 0 ? measureAt : Math.Min(next, measureAt);
+        p.FecAtMs = next;      // else the next record arms it again
     }
 
     // What share of p's records never arrived since the interval began: counters it used that we
@@ -7466,7 +7479,7 @@ internal sealed partial class Node
         ulong expected = s.Window.Highest - p.LossHighest, got = s.Received - p.LossReceived;
         if (expected < Fec.MinMeasured)
         {
-            if (nowMs - p.LossSinceMs >= 10 * Fec.ReportIntervalMs) { MeasureLossSoon(p, s, nowMs); DecayLoss(p, nowMs); }
+            if (nowMs - p.LossSinceMs >= 10 * Fec.ReportIntervalMs) { MeasureOn(p, s, nowMs); DecayLoss(p, nowMs); }
             return;
         }
         int bp = got >= expected ? 0 : (int)((expected - got) * 10_000 / expected);
@@ -7487,6 +7500,7 @@ internal sealed partial class Node
     private void TellLoss(Peer p, long nowMs)
     {
         if (p.LossBp == 0 && p.LossToldBp == 0) return;
+        if (p.LossBp > 0) p.FecIn ??= new FecReceiver(Mtu);        // ready for the first group's members
         if (Mesh.SendLoss(p, p.LossBp, nowMs)) p.LossToldBp = p.LossBp;
     }
 
@@ -11565,7 +11579,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append(",\"fec\":{\"mode\":\"").Append(node.FecAuto ? "auto" : "off").Append("\",\"parity_sent\":").Append(node.FecParitySent)
           .Append(",\"parity_bytes\":").Append(node.FecParityBytes).Append(",\"parity_received\":").Append(node.FecParityReceived)
           .Append(",\"recovered\":").Append(node.FecRecovered).Append(",\"unrecoverable\":").Append(node.FecUnrecoverable)
-          .Append(",\"no_room\":").Append(node.FecNoRoom).Append('}');
+          .Append(",\"no_room\":").Append(node.FecNoRoom).Append(",\"late\":").Append(node.FecLate).Append('}');
         Relays r = node.Relays;
         sb.Append(",\"relay\":{\"offered\":").Append(r.Offered ? "true" : "false").Append(",\"rate_mbit\":").Append(r.RateBytesPerS / 125_000)
           .Append(",\"flows\":").Append(r.Pairs).Append(",\"bytes\":").Append(r.Bytes).Append(",\"records\":").Append(r.Records)

@@ -58,6 +58,8 @@ public sealed class ConfigTests : IDisposable
         Assert.Equal(1420, c.Mtu);
         Assert.Equal("/var/run/veil.sock", c.ControlPath);
         Assert.Equal(1400, Parse("--listen", "[::]:51820", "--peer", _peerPub).Mtu);
+        Assert.True(c.Fec);                                  // parity on lossy paths unless --fec off
+        Assert.False(Parse("--peer", _peerPub, "--fec", "off").Fec);
         // derived from the route to the peer: loopback's 64 KiB is clamped to the largest MTU we take
         Assert.Equal(Tune.MaxMtu, Parse("--peer", _peerPub + "@127.0.0.1:51820").Mtu);
     }
@@ -66,6 +68,7 @@ public sealed class ConfigTests : IDisposable
     [InlineData("unknown flag '--bogus'", "--bogus", "1")]
     [InlineData("--mtu '10' must be a whole number from 1280 to 9000", "--mtu", "10")]
     [InlineData("--log-level 'loud'", "--log-level", "loud")]
+    [InlineData("--fec 'maybe' must be auto or off", "--fec", "maybe")]
     [InlineData("--listen '1.2.3.4:99999'", "--listen", "1.2.3.4:99999")]
     [InlineData("--listen 'nonsense'", "--listen", "nonsense")]
     [InlineData("--address '100.64.0.1/33'", "--address", "100.64.0.1/33")]

@@ -429,7 +429,7 @@ public class ExampleConfigTests
         TomlDoc doc = TomlDoc.Parse(text, "veil.toml.example");
         foreach (string key in new[] { "key", "listen", "address", "tun", "keepalive", "rekey_after", "control", "mgmt", "mgmt_acl",
                                        "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format",
-                                       "claim", "metric", "accept", "healthz_grace" })
+                                       "claim", "metric", "accept", "healthz_grace", "fec" })
             Assert.True(doc.Root.ContainsKey(key), key);
         foreach (string commented in new[] { "# psk = ", "# mtu = ", "# user = ", "# mesh = ", "# name = ", "# trust = ", "# network = ", "# workers = " }) Assert.Contains(commented, text);
         var peer = Assert.Single(doc.TableArrays["peer"]);
