@@ -7359,7 +7359,7 @@ internal sealed partial class Node
     /// <summary>Set by a worker for the TUN batch it works on: parity goes out after the batch's records,
     /// so it never overtakes its own group's members (UdpOut leaves first).</summary>
     internal PacketBatch? ParityOut;
-    internal long FecParitySent, FecParityBytes, FecParityReceived, FecRecovered, FecUnrecoverable, FecNoRoom, FecLate;
+    internal long FecParitySent, FecParityBytes, FecParityReceived, FecRecovered, FecUnrecoverable, FecNoRoom, FecLate, FecRefused;
     // Rebuilt payloads beyond the one that takes its parity record's slot, for free slots of the batch.
     private byte[]? _spares;
     private readonly int[] _spareLen = new int[8];
@@ -7410,7 +7410,7 @@ internal sealed partial class Node
     {
         ipOffset = Record.PayloadOffset + Fec.HeaderLen;
         FecParityReceived++;
-        FecReceiver f = p.FecIn ??= new FecReceiver(Mtu);
+        if (ReceiverFor(p, nowMs) is not FecReceiver f) { FecRefused++; return 0; }
         if (p.FecAtMs == 0) p.FecAtMs = nowMs + Fec.ReportIntervalMs;      // frees it when idle
         long rebuilt = f.Use(s, BinaryPrimitives.ReadUInt64BigEndian(d[Record.CounterOffset..]), d.Slice(Record.PayloadOffset, len), nowMs);
         if (rebuilt == FecReceiver.Malformed) { Counters.Drop(DropReason.Malformed); return 0; }
@@ -7427,6 +7427,26 @@ internal sealed partial class Node
         if (rebuilt < 0 || !s.Window.Accept((ulong)rebuilt)) return 0;
         FecRecovered++;
         return AcceptData(p, d.Slice(ipOffset, len - Fec.HeaderLen), nowMs);
+    }
+
+    // A receiver keeps 128 payloads (190 KB at the default MTU): for MaxReceivers peers at most, so
+    // members that send parity unasked cannot make a router spend its memory on it.
+    private const int MaxFecReceivers = 16;
+    private int _fecReceivers;
+    private long _fecCountedMs = long.MinValue / 2;
+
+    private FecReceiver? ReceiverFor(Peer p, long nowMs)
+    {
+        if (p.FecIn != null) return p.FecIn;
+        if (nowMs - _fecCountedMs >= 1000)                          // freed ones (idle, removed peers) count again
+        {
+            _fecCountedMs = nowMs;
+            _fecReceivers = 0;
+            foreach (Peer q in Peers) if (q.Active && q.FecIn != null) _fecReceivers++;
+        }
+        if (_fecReceivers >= MaxFecReceivers) return null;
+        _fecReceivers++;
+        return p.FecIn = new FecReceiver(Mtu) { UsedMs = nowMs };
     }
 
     // The spare payloads go into slots of the batch that nothing else uses, else after its last one.
@@ -7500,7 +7520,7 @@ internal sealed partial class Node
     private void TellLoss(Peer p, long nowMs)
     {
         if (p.LossBp == 0 && p.LossToldBp == 0) return;
-        if (p.LossBp > 0) p.FecIn ??= new FecReceiver(Mtu);        // ready for the first group's members
+        if (p.LossBp > 0) ReceiverFor(p, nowMs);                     // ready for the first group's members
         if (Mesh.SendLoss(p, p.LossBp, nowMs)) p.LossToldBp = p.LossBp;
     }
 
@@ -11579,7 +11599,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append(",\"fec\":{\"mode\":\"").Append(node.FecAuto ? "auto" : "off").Append("\",\"parity_sent\":").Append(node.FecParitySent)
           .Append(",\"parity_bytes\":").Append(node.FecParityBytes).Append(",\"parity_received\":").Append(node.FecParityReceived)
           .Append(",\"recovered\":").Append(node.FecRecovered).Append(",\"unrecoverable\":").Append(node.FecUnrecoverable)
-          .Append(",\"no_room\":").Append(node.FecNoRoom).Append(",\"late\":").Append(node.FecLate).Append('}');
+          .Append(",\"no_room\":").Append(node.FecNoRoom).Append(",\"late\":").Append(node.FecLate)
+          .Append(",\"refused\":").Append(node.FecRefused).Append('}');
         Relays r = node.Relays;
         sb.Append(",\"relay\":{\"offered\":").Append(r.Offered ? "true" : "false").Append(",\"rate_mbit\":").Append(r.RateBytesPerS / 125_000)
           .Append(",\"flows\":").Append(r.Pairs).Append(",\"bytes\":").Append(r.Bytes).Append(",\"records\":").Append(r.Records)

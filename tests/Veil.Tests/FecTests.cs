@@ -283,6 +283,32 @@ public class FecTests
     }
 
     [Fact]
+    public void ReceiverMemory_IsBounded_ToSixteenPeers()
+    {
+        var t = TestNet.FullMesh(18);
+        t.Start();
+        TestNode hub = t.Nodes[0];
+        for (int i = 1; i < 18; i++)
+        {
+            TestNode n = t.Nodes[i];
+            Assert.Equal(1, t.Send(i, 0));
+            Session s = TestNet.PeerOf(n, hub).Current!;
+            byte[] slot = new byte[Tune.SlotLen];
+            slot[Record.PayloadOffset + 1] = 1;
+            slot[Record.PayloadOffset + 9] = 1;                                   // mask 1: the counter before it
+            byte[] inner = Packets.Udp4(n.Overlay, hub.Overlay, 20);
+            inner.CopyTo(slot, Record.PayloadOffset + Fec.HeaderLen);
+            s.SendCounter++;
+            byte[] record = slot[..Record.Seal(s, slot, Fec.HeaderLen + inner.Length, RecordFlags.Parity, 1420)];
+            hub.Udp.Deliver(record, n.Endpoint);
+            hub.Worker.PumpUdp(t.NowMs);
+        }
+        Assert.Equal(16, hub.Node.Peers.Count(p => p.FecIn != null));
+        Assert.Equal(1, hub.Node.FecRefused);
+        Assert.Equal(16, hub.Node.FecRecovered);
+    }
+
+    [Fact]
     public void Loss_IsMeasured_Reported_AndParityStopsWhenItEnds()
     {
         var t = TwoNodes();
