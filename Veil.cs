@@ -7107,7 +7107,7 @@ internal sealed partial class Node
         Counters.RxBytes += d.Length;
         p.RxBytes += d.Length;
         s.Received++;
-        if (s != p.LossSession && s != p.Previous) MeasureOn(p, s, nowMs);
+        if (s != p.LossSession && (p.LossSession == null || s.CreatedMs >= p.LossSession.CreatedMs)) MeasureOn(p, s, nowMs);
         else if (p.FecAtMs == 0) p.FecAtMs = nowMs + Fec.ReportIntervalMs;
         Heard(p, from, d.Length, nowMs);          // roaming: replies go where the peer is now
         if (!s.Confirmed) ConfirmSession(p, s, nowMs);
@@ -7465,7 +7465,7 @@ internal sealed partial class Node
         _spareCount = 0;
     }
 
-    // The measure follows the session p's records come on: a new one starts it again (the previous
+    // The measure follows the session p's records come on: a newer one starts it again (the older
     // one's stragglers during a rotation do not count).
     private static void MeasureOn(Peer p, Session s, long nowMs)
     {
