@@ -4184,7 +4184,8 @@ internal sealed class Peer
     internal Session? LossSession;
     internal ulong LossHighest, LossReceived;
     internal long LossSinceMs;
-    internal int LossBp, LossToldBp;
+    internal int LossBp, LossRawBp, LossToldBp;       // smoothed; the last interval's; what we told it
+    internal long LossCarry;                          // records an interval got beyond its counters (≤ 0)
     internal FecSender? FecOut;
     internal FecReceiver? FecIn;
     internal string PathName => Relay != null ? "relay:" + Relay.Name : TcpLinks.IsTcp(Endpoint) ? "tcp" : "direct";
@@ -5690,6 +5691,11 @@ internal sealed class FecReceiver
     private readonly ulong[] _missing = new ulong[Fec.MaxRows];
     internal Session? Session;                                   // the ring's payloads are this session's
     internal long UsedMs;
+    // Members of the groups whose parity came, and those of them missing when it came (lost, or
+    // still on their way): what the sender's parity must cover, reordering included.
+    internal long SeenMembers, SeenMissing;
+    private Session? _countedSession;
+    private ulong _countedNewest, _countedMask;
     // The rebuilt payloads beyond the first (in the caller's slot): counters and bodies.
     internal int SpareCount;
     internal readonly ulong[] SpareCounter = new ulong[Fec.MaxRows - 1];
@@ -5754,6 +5760,14 @@ internal sealed class FecReceiver
             if (!s.Window.CanAccept(c)) return Unrecoverable;      // arrived, but no longer in the ring
             if (missing < Fec.MaxRows) _missing[missing] = c;
             missing++;
+        }
+        if (s != _countedSession || newest != _countedNewest || mask != _countedMask)   // a group's first row here
+        {
+            _countedSession = s;
+            _countedNewest = newest;
+            _countedMask = mask;
+            SeenMembers += System.Numerics.BitOperations.PopCount(mask);
+            SeenMissing += missing;
         }
         if (missing == 0) { _groupSession = null; return Unneeded; }
         if (_groupSession != s || _groupNewest != newest || _groupMask != mask || _bodyLen != body.Length)
@@ -7080,7 +7094,12 @@ internal sealed partial class Node
         if (nowMs - s.CreatedMs >= Spec.RejectAfterTimeMs) { Counters.Drop(DropReason.Expired); return 0; }
         OpenVerdict v = Record.Open(s, d, out int len, out RecordFlags flags);
         // A record that parity rebuilt before it came (reordered): late, not a replay.
-        if (v == OpenVerdict.Replayed && p.FecIn != null && p.FecIn.WasRebuilt(s, BinaryPrimitives.ReadUInt64BigEndian(d[Record.CounterOffset..]))) { FecLate++; return 0; }
+        if (v == OpenVerdict.Replayed && p.FecIn != null && p.FecIn.WasRebuilt(s, BinaryPrimitives.ReadUInt64BigEndian(d[Record.CounterOffset..])))
+        {
+            FecLate++;
+            s.Received++;                                  // it did arrive: not a loss to measure
+            return 0;
+        }
         if (v != OpenVerdict.Ok)
         {
             Counters.Drop(v switch
@@ -7470,6 +7489,7 @@ internal sealed partial class Node
     private static void MeasureOn(Peer p, Session s, long nowMs)
     {
         p.LossSession = s;
+        p.LossCarry = 0;
         p.LossHighest = s.Window.Highest;
         p.LossReceived = s.Received;
         p.LossSinceMs = nowMs;
@@ -7502,8 +7522,22 @@ internal sealed partial class Node
             if (nowMs - p.LossSinceMs >= 10 * Fec.ReportIntervalMs) { MeasureOn(p, s, nowMs); DecayLoss(p, nowMs); }
             return;
         }
-        int bp = got >= expected ? 0 : (int)((expected - got) * 10_000 / expected);
-        p.LossBp = Math.Max(bp, p.LossBp / 4);            // up at once, down within a few seconds
+        // Records still on their way at the end of an interval (reordered) count as lost in it and
+        // arrive in the next, which then got more than it expected: that surplus is carried back,
+        // and only loss seen in two intervals running counts (a boundary's stragglers never are).
+        long lost = (long)expected - (long)got + p.LossCarry;
+        p.LossCarry = Math.Min(0, lost);
+        int bp = lost <= 0 ? 0 : (int)(lost * 10_000 / (long)expected);
+        // While records are lost and parity flows, what it has to rebuild: members missing when their
+        // group's parity came. On a path that also reorders that is more than the loss, and the
+        // report asks for it (reordering alone asks for nothing: TCP copes with it).
+        if (p.FecIn is { SeenMembers: >= Fec.MinMeasured } r)
+        {
+            if (bp > 0) bp = Math.Max(bp, (int)Math.Min(10_000, r.SeenMissing * 10_000 / r.SeenMembers));
+            r.SeenMembers = r.SeenMissing = 0;
+        }
+        p.LossBp = Math.Max(Math.Min(bp, p.LossRawBp), p.LossBp / 4);   // up in two intervals, down within a few
+        p.LossRawBp = bp;
         p.LossHighest = s.Window.Highest;
         p.LossReceived = s.Received;
         p.LossSinceMs = nowMs;
