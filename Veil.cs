@@ -5504,6 +5504,17 @@ internal static class Record
         return OpenVerdict.Ok;
     }
 
+    /// <summary>Whether a record the window already took authenticates (in place; the record is
+    /// spent): the late original of a record parity rebuilt, told apart from a forged copy.</summary>
+    internal static bool Authentic(Session s, Span<byte> record)
+    {
+        if (record.Length < OverheadLen) return false;
+        Span<byte> nonce = stackalloc byte[Spec.NonceLen];
+        NoiseState.Nonce(nonce, BinaryPrimitives.ReadUInt64BigEndian(record[CounterOffset..]));
+        Span<byte> body = record[PayloadOffset..];
+        return s.ReceiveAead.Open(nonce, body, record[..HeaderLen], body);
+    }
+
     // SplitMix64's finaliser: cheap, and every counter gives an unrelated mask.
     internal static ulong Mix(ulong x)
     {
@@ -5626,8 +5637,16 @@ internal sealed class FecSender
     internal Session? GroupSession => _session;
     internal int RowsOfGroup => Members == 1 ? 1 : Rows;    // one member: row 0 is a copy, enough
 
-    /// <summary>True when the record about to be sealed (counter, session) cannot join the open group.</summary>
-    internal bool MustClose(Session s, ulong counter) => Members > 0 && (s != _session || counter - _oldest >= 64);
+    internal PacketBatch? Batch;                   // the worker batch the group's members left in (null: none)
+
+    /// <summary>True when the record about to be sealed (counter, session, worker batch) cannot join
+    /// the open group: members span 64 counters at most, and leave in one worker's batch (its parity
+    /// follows that batch out).</summary>
+    internal bool MustClose(Session s, ulong counter, PacketBatch? batch) =>
+        Members > 0 && (s != _session || counter - _oldest >= 64 || batch != Batch);
+
+    /// <summary>The distance from the newest member to a parity record sealed with `counter`.</summary>
+    internal ulong Back(ulong counter) => counter - _newest;
 
     internal void Add(Session s, ulong counter, ReadOnlySpan<byte> payload, long nowMs)
     {
@@ -5653,12 +5672,14 @@ internal sealed class FecSender
         UsedMs = nowMs;
     }
 
-    /// <summary>Writes row's parity payload at slot[Record.PayloadOffset..]; its length.</summary>
-    internal int Write(Span<byte> slot, int row)
+    /// <summary>Writes row's parity payload, to be sealed with counter `counter`, at
+    /// slot[Record.PayloadOffset..]; its length. Other records (keepalives, exchange, relayed) may
+    /// have taken counters since the newest member: back says how many.</summary>
+    internal int Write(Span<byte> slot, int row, ulong counter)
     {
         Span<byte> m = slot[Record.PayloadOffset..];
         m[0] = (byte)row;
-        m[1] = (byte)(row + 1);
+        m[1] = (byte)(counter - _newest);
         BinaryPrimitives.WriteUInt64BigEndian(m[2..], _mask);
         _rows[row].AsSpan(0, _len).CopyTo(m[Fec.HeaderLen..]);
         return Fec.HeaderLen + _len;
@@ -5712,7 +5733,7 @@ internal sealed class FecReceiver
 
     internal void Keep(Session s, ulong counter, ReadOnlySpan<byte> payload)
     {
-        if (s != Session) Reset(s);
+        if (s != Session && !Follow(s)) return;
         if (payload.Length > _slotLen) return;
         int i = (int)(counter % Fec.RingLen);
         payload.CopyTo(_ring.AsSpan(i * _slotLen));
@@ -5723,12 +5744,15 @@ internal sealed class FecReceiver
     /// <summary>Whether parity rebuilt this record of s lately (its own copy then comes late).</summary>
     internal bool WasRebuilt(Session s, ulong counter) => s == Session && _rebuilt[(int)(counter % Fec.RingLen)] == counter + 1;
 
-    private void Reset(Session s)
+    // The ring follows the newest session; an older one's stragglers during a rotation are ignored.
+    private bool Follow(Session s)
     {
+        if (Session != null && !Session.Disposed && s.CreatedMs < Session.CreatedMs) return false;
         Array.Clear(_tag);
         Array.Clear(_rebuilt);
         Session = s;
         _groupSession = null;
+        return true;
     }
 
     private ReadOnlySpan<byte> Held(ulong counter)
@@ -5744,12 +5768,12 @@ internal sealed class FecReceiver
     internal long Use(Session s, ulong counter, Span<byte> m, long nowMs)
     {
         SpareCount = 0;
-        if (m.Length <= Fec.HeaderLen || m.Length - Fec.HeaderLen > _slotLen || m[0] >= Fec.MaxRows || m[1] != m[0] + 1) return Malformed;
+        if (m.Length <= Fec.HeaderLen || m.Length - Fec.HeaderLen > _slotLen || m[0] >= Fec.MaxRows || m[1] <= m[0] || m[1] > 64) return Malformed;
         ulong mask = BinaryPrimitives.ReadUInt64BigEndian(m[2..]);
         if ((mask & 1) == 0 || System.Numerics.BitOperations.PopCount(mask) > Fec.MaxMembers ||
             counter < (ulong)(m[1] + 63 - System.Numerics.BitOperations.LeadingZeroCount(mask))) return Malformed;
         UsedMs = nowMs;
-        if (s != Session) Reset(s);
+        if (s != Session && !Follow(s)) return Unrecoverable;
         ulong newest = counter - m[1];
         Span<byte> body = m[Fec.HeaderLen..];
         int missing = 0;
@@ -6856,6 +6880,8 @@ internal sealed partial class Node
         StopRelayingThrough(p);
         p.Psk.Clear();
         p.StaticShared.Clear();
+        p.FecIn = null;                                               // its parity state (§12.1)
+        p.FecOut = null;
         if (p.Provisional) Log.Debug("peer_removed", $"peer={p.Name} reason=not_confirmed");
         else Log.Info("peer_removed", $"peer={p.Name} reason={reason}");
     }
@@ -6962,7 +6988,7 @@ internal sealed partial class Node
             FecSender? fec = ParityFor(p, nowMs);
             if (fec != null)
             {
-                if (fec.MustClose(s, s.SendCounter)) SendParity(p, fec, nowMs);
+                if (fec.MustClose(s, s.SendCounter, ParityOut)) SendParity(p, fec, nowMs);
                 if (fec.Members == 0) OpenGroup(p, fec, nowMs);
                 fec.Add(s, s.SendCounter, packet, nowMs);
             }
@@ -7094,7 +7120,8 @@ internal sealed partial class Node
         if (nowMs - s.CreatedMs >= Spec.RejectAfterTimeMs) { Counters.Drop(DropReason.Expired); return 0; }
         OpenVerdict v = Record.Open(s, d, out int len, out RecordFlags flags);
         // A record that parity rebuilt before it came (reordered): late, not a replay.
-        if (v == OpenVerdict.Replayed && p.FecIn != null && p.FecIn.WasRebuilt(s, BinaryPrimitives.ReadUInt64BigEndian(d[Record.CounterOffset..])))
+        if (v == OpenVerdict.Replayed && p.FecIn != null && p.FecIn.WasRebuilt(s, BinaryPrimitives.ReadUInt64BigEndian(d[Record.CounterOffset..]))
+            && Record.Authentic(s, d))
         {
             FecLate++;
             s.Received++;                                  // it did arrive: not a loss to measure
@@ -7397,19 +7424,23 @@ internal sealed partial class Node
     private void OpenGroup(Peer p, FecSender f, long nowMs)
     {
         (f.Want, f.Rows) = Fec.Size(p.FecReportedBp);
+        f.Batch = ParityOut;
         if (p.FecAtMs == 0 || p.FecAtMs > nowMs + Fec.HoldMs) p.FecAtMs = nowMs + Fec.HoldMs;
     }
 
     private void SendParity(Peer p, FecSender f, long nowMs)
     {
+        // Not when the path moved to a relay or a TCP link meanwhile, nor when other records took so
+        // many counters since the newest member that back would pass 64 (the receiver's reach).
         Session? s = f.GroupSession;
-        if (s != null && !s.Disposed && (s == p.Current || s == p.Previous) && p.Endpoint.IsSet)
+        if (s != null && !s.Disposed && (s == p.Current || s == p.Previous) && p.Endpoint.IsSet && p.Relay == null &&
+            !TcpLinks.IsTcp(p.Endpoint) && f.Back(s.SendCounter) + (ulong)f.RowsOfGroup <= 65)
             for (int row = 0; row < f.RowsOfGroup; row++)
             {
                 PacketBatch b = ParityOut is { IsFull: false } own ? own : UdpOut;
                 if (b == UdpOut) NextOut(p.Endpoint);
                 Span<byte> slot = b.Slot(b.Count);
-                int n = f.Write(slot, row);
+                int n = f.Write(slot, row, s.SendCounter);
                 int len = Record.Seal(s, slot, n, RecordFlags.Parity, Mtu);
                 b.Offset[b.Count] = 0;
                 b.Length[b.Count] = len;
@@ -7504,7 +7535,8 @@ internal sealed partial class Node
         if (nowMs - p.LossSinceMs >= Fec.ReportIntervalMs) MeasureLoss(p, nowMs);
         if (f != null && f.Members == 0 && nowMs - f.UsedMs >= Fec.IdleMs) p.FecOut = null;
         if (p.FecIn != null && nowMs - p.FecIn.UsedMs >= Fec.IdleMs) p.FecIn = null;
-        long next = 0, measureAt = Math.Max(p.LossSinceMs + Fec.ReportIntervalMs, nowMs + Fec.HoldMs);
+        long next = 0, measureAt = p.LossSinceMs + Fec.ReportIntervalMs;
+        if (measureAt <= nowMs) measureAt = nowMs + Fec.ReportIntervalMs;          // an interval that lacked records runs on
         if (p.FecOut is { Members: > 0 } open) next = open.OpenedMs + Fec.HoldMs;
         if (p.LossBp > 0 || p.LossToldBp > 0 || p.FecIn != null || p.FecOut != null) next = next == 0 ? measureAt : Math.Min(next, measureAt);
         p.FecAtMs = next;      // else the next record arms it again
@@ -7779,9 +7811,9 @@ internal sealed class Worker : IPacketSink
             Settle();
             if (fromTun)
             {
-                if (Node.FecAuto) Node.ParityOut = _parityOut ??= new PacketBatch(Tune.BatchSize / 2, Node.Mtu + Record.OverheadLen + Fec.HeaderLen + Spec.PadBlockLen);
-                Node.ProcessTunBatch(b, nowMs);
-                Node.ParityOut = null;
+                if (Node.FecAuto) Node.ParityOut = _parityOut ??= new PacketBatch(Tune.BatchSize, Node.Mtu + Record.OverheadLen + Fec.HeaderLen + Spec.PadBlockLen);
+                try { Node.ProcessTunBatch(b, nowMs); }
+                finally { Node.ParityOut = null; }        // the timers never write into a batch this worker sends
             }
             else Node.ProcessUdpBatch(b, nowMs);
             FlushUdp(Node.UdpOut);

@@ -80,7 +80,7 @@ public class FecTests
         byte[] slot = new byte[2048];
         for (int r = 0; r < 4; r++)
         {
-            int n = f.Write(slot, r);
+            int n = f.Write(slot, r, 105 + (ulong)r);     // sealed right after the newest member
             byte[] m = slot.AsSpan(Record.PayloadOffset, n).ToArray();
             Assert.Equal(10 + 6, n);
             Assert.Equal(r, m[0]);
@@ -89,12 +89,14 @@ public class FecTests
             Assert.Equal(DocRow(r, [.. members]), m[10..]);
         }
         // pinned (computed apart from the code): row 0 is the XOR, row 1 weights the oldest by g^2, the middle one by g
-        f.Write(slot, 0);
+        f.Write(slot, 0, 105);
         Assert.Equal("00010000000000000019" + "60f70a040605", Convert.ToHexString(slot, Record.PayloadOffset, 16).ToLowerInvariant());
-        f.Write(slot, 1);
+        f.Write(slot, 1, 106);
         Assert.Equal("01020000000000000019" + "e3ee000b0605", Convert.ToHexString(slot, Record.PayloadOffset, 16).ToLowerInvariant());
-        f.Write(slot, 3);
+        f.Write(slot, 3, 108);
         Assert.Equal("03040000000000000019" + "e2e288c70605", Convert.ToHexString(slot, Record.PayloadOffset, 16).ToLowerInvariant());
+        f.Write(slot, 0, 111);                                // six records after the newest: back 7
+        Assert.Equal("0007", Convert.ToHexString(slot, Record.PayloadOffset, 2));
     }
 
     [Fact]
@@ -189,6 +191,28 @@ public class FecTests
         Assert.Equal("", DropNames(b));
     }
 
+    // A group the timer closes after other records took counters (a ping here): back says where
+    // the group ends, and the lost member is rebuilt, not the ping's counter.
+    [Fact]
+    public void ParityAfterOtherRecords_SaysHowFarBack()
+    {
+        var t = TwoNodes();
+        TestNode a = t.Nodes[0], b = t.Nodes[1];
+        int tun0 = b.Tun.Written.Count;
+        List<byte[]> sent = Burst(t, 10, 200);                // 10 of 40: the group stays open
+        Assert.Equal(10, sent.Count);
+        t.Net.Filter = (from, _, d) => { if (from.Equals(a.Endpoint)) { sent.Add(d); return false; } return true; };
+        Assert.True(a.Node.Mesh.SendPing(TestNet.PeerOf(a, b), 7, t.NowMs));
+        a.Worker.FlushUdp(a.Node.UdpOut);
+        t.Advance(10, 5);                                    // the hold ends: four rows
+        t.Net.Filter = null;
+        Assert.Equal(15, sent.Count);
+        Deliver(t, sent.Where((_, i) => i != 9));             // the newest member lost
+        Assert.Equal(Enumerable.Range(0, 10).Select(i => 100 + i).ToList(), Arrived(t, tun0));
+        Assert.Equal(1, b.Node.FecRecovered);
+        Assert.Equal("", DropNames(b.Node));
+    }
+
     [Fact]
     public void ABurstBeyondTheRows_IsLost_AndNothingElseIs()
     {
@@ -271,7 +295,7 @@ public class FecTests
         Deliver(t, [Parity(0, 1, 1, new byte[30])]);                     // not an IP packet
         Assert.Equal(1, t.Drops(1, DropReason.Malformed));
         int malformed = 1;
-        foreach ((byte row, byte back, ulong mask) in new (byte, byte, ulong)[] { (4, 5, 1), (0, 2, 1), (1, 1, 1), (0, 1, 2), (0, 1, ulong.MaxValue) })
+        foreach ((byte row, byte back, ulong mask) in new (byte, byte, ulong)[] { (4, 5, 1), (0, 65, 1), (1, 1, 1), (0, 0, 1), (0, 1, 2), (0, 1, ulong.MaxValue) })
         {
             Deliver(t, [Parity(row, back, mask, Packets.Udp4(a.Overlay, b.Overlay, 20))]);
             Assert.Equal(++malformed, t.Drops(1, DropReason.Malformed));
