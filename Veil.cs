@@ -315,6 +315,7 @@ internal static class Tune
     internal const long ExchangeDebounceMs = 1_000;          // a change is told to peers at most this often
     internal const long ClaimLifetimeMs = 3 * ExchangeIntervalMs;
     internal const long ForgetMemberAfterMs = 300_000;       // learned members silent this long are dropped
+    internal const long MembersRefreshMs = 240_000;          // an unchanged member list is told again this often (< ForgetMemberAfterMs)
     internal const long ProvisionalLifetimeMs = 15_000;
     internal const long FirstReconnectMs = 1_000;
     internal const long MaxReconnectMs = 120_000;
@@ -4192,6 +4193,8 @@ internal sealed class Peer
 
     internal Session? Previous, Current, Next;
     internal long RevocationsSentVersion = -1;   // the Mesh.RevocationsVersion this member has heard (§15)
+    internal long MembersDigest, MembersSentMs;  // the member list we last told it, and when (0: tell it)
+    internal bool MembersHeard;                  // it told us a member list since we started (else our Self asks, SelfFresh)
 
     // Initiator side of a handshake in flight.
     internal Handshake? Pending;
@@ -8932,7 +8935,7 @@ internal sealed class Revocation
 internal sealed class ExchangeMessage
 {
     internal const byte TypeSelf = 1, TypeMembers = 2, TypeRevoked = 3, TypePunch = 4, TypePing = 5, TypePong = 6, TypeIsolated = 7, TypeFecLoss = 8;
-    internal const byte SelfRelays = 1, SelfMarks = 2;
+    internal const byte SelfRelays = 1, SelfMarks = 2, SelfFresh = 4;
     internal const int IsolatedHeaderLen = 8, MaxMarksPerMessage = (Tune.MaxExchangeLen - IsolatedHeaderLen) / Spec.KeyLen;
     internal const int MaxMarkParts = (Tune.MaxMarksPerMember + MaxMarksPerMessage - 1) / MaxMarksPerMessage;
     internal const int MaxRevocations = (Tune.MaxExchangeLen - 2) / Revocation.Len;   // per message
@@ -9529,11 +9532,23 @@ internal sealed class Mesh
         OwnEndpoints();
         // Through a relay, or over our TCP link, we do not see where it is.
         Endpoint observed = _node.PathRelay(p, nowMs) == null && !TcpLinks.IsTcp(p.Endpoint) ? p.Endpoint : default;
-        byte flags = (byte)((_node.Relays.Offered ? ExchangeMessage.SelfRelays : 0) | (OwnMarks.Count > 0 ? ExchangeMessage.SelfMarks : 0));
+        byte flags = (byte)((_node.Relays.Offered ? ExchangeMessage.SelfRelays : 0) | (OwnMarks.Count > 0 ? ExchangeMessage.SelfMarks : 0) |
+                            (p.MembersHeard ? 0 : ExchangeMessage.SelfFresh));
         int len = ExchangeMessage.WriteSelf(_out, Name, observed, _scratch, _node.ExitRefused(p) ? _claimsWithoutExit : OwnClaims, flags);
         if (!Send(p, len, nowMs)) return;
         p.SelfSentOn = p.Current;
         if (OwnMarks.Count > 0 && !p.Isolated) SendMarks(p, nowMs);    // before Members, which a mark may concern
+        if (!SendMemberList(p, nowMs)) return;
+        if (p.RevocationsSentVersion != RevocationsVersion && SendRevocations(p, nowMs)) p.RevocationsSentVersion = RevocationsVersion;
+    }
+
+    // The list goes when it changed, when p asks (it started since: ApplySelf), and every
+    // MembersRefreshMs (what keeps members p cannot reach from being forgotten); unchanged, it was
+    // most of a mesh's steady traffic. False when a message could not be sent.
+    private bool SendMemberList(Peer p, long nowMs)
+    {
+        long digest = MembersDigest(p);
+        if (digest == p.MembersDigest && nowMs - p.MembersSentMs < Tune.MembersRefreshMs) return true;
         Span<byte> d = _out;
         int pos = 2, count = 0;
         foreach (Peer q in _node.Peers)
@@ -9548,15 +9563,32 @@ internal sealed class Mesh
             foreach (Endpoint e in _scratch) entryLen += ExchangeMessage.EndpointLen(e);
             if (pos + entryLen > Tune.MaxExchangeLen || count == ExchangeMessage.MaxMembers)
             {
-                if (!SendMembers(p, pos, count, nowMs)) return;
+                if (!SendMembers(p, pos, count, nowMs)) return false;
                 pos = 2; count = 0;
             }
             long seenS = q.LastRxMs < 0 ? 0 : Math.Max(0, nowMs - q.LastRxMs) / 1000;
             pos += ExchangeMessage.WriteEntry(d[pos..], q.PublicKey, (uint)Math.Min(seenS, uint.MaxValue), _scratch);
             count++;
         }
-        if (count > 0 && !SendMembers(p, pos, count, nowMs)) return;
-        if (p.RevocationsSentVersion != RevocationsVersion && SendRevocations(p, nowMs)) p.RevocationsSentVersion = RevocationsVersion;
+        if (count > 0 && !SendMembers(p, pos, count, nowMs)) return false;
+        p.MembersDigest = digest;
+        p.MembersSentMs = nowMs;
+        return true;
+    }
+
+    // What the member list for p holds (keys and endpoints, not the ages), as one number; never 0.
+    private long MembersDigest(Peer p)
+    {
+        var h = new HashCode();
+        foreach (Peer q in _node.Peers)
+        {
+            if (!q.Active || !q.Up || q == p || q.Relay != null || q.Isolated || p.Isolated) continue;
+            h.Add(KeyId.Of(q.PublicKey));
+            if (q.Endpoint.IsSet && !TcpLinks.IsTcp(q.Endpoint)) h.Add(q.Endpoint);
+            foreach (Endpoint e in q.Announced) h.Add(e);
+        }
+        long v = h.ToHashCode();
+        return v == 0 ? 1 : v;
     }
 
     internal long BeaconsLoaded, BeaconsRejected;
@@ -9623,8 +9655,11 @@ internal sealed class Mesh
         return Send(p, 2 + count * Revocation.Len, nowMs);
     }
 
+    internal long MembersMessagesSent;
+
     private bool SendMembers(Peer p, int len, int count, long nowMs)
     {
+        MembersMessagesSent++;
         _out[0] = ExchangeMessage.TypeMembers;
         _out[1] = (byte)count;
         return Send(p, len, nowMs);
@@ -9677,6 +9712,11 @@ internal sealed class Mesh
         p.OffersRelay = (_in.SelfFlags & ExchangeMessage.SelfRelays) != 0;
         p.SelfHeard = true;
         if ((_in.SelfFlags & ExchangeMessage.SelfMarks) == 0) ClearMarks(p, nowMs);
+        if ((_in.SelfFlags & ExchangeMessage.SelfFresh) != 0 && p.MembersDigest != 0 && p.SelfSentOn != null)   // p started since our last list
+        {
+            p.MembersDigest = 0;
+            SendMemberList(p, nowMs);                                 // the list alone: nothing to list, nothing sent
+        }
         p.Announced.Clear();
         foreach (Endpoint e in _in.Endpoints) p.Announced.Add(e);
         p.SeesUsAt = _in.Observed;
@@ -9801,6 +9841,7 @@ internal sealed class Mesh
 
     private void ApplyMembers(Peer from, long nowMs)
     {
+        from.MembersHeard = true;
         foreach (var (key, agoS, first, count) in _in.Members)
         {
             if (key.EqualsCt(_node.Handshaker.PublicKey) || IsRevoked(key) || Refuses(key)) continue;

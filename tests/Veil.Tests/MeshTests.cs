@@ -617,6 +617,34 @@ public class MeshTests(ITestOutputHelper output)
         Assert.Equal(version, a.Node.RoutesVersion);
     }
 
+    // An unchanged member list is told again only every MembersRefreshMs (it was most of a mesh's
+    // steady traffic, once a minute to every member); a change, or a member that restarted (its
+    // Self asks, SelfFresh), gets it at once.
+    [Fact]
+    public void MemberLists_GoOnChange_OnRestart_AndEveryFourMinutes()
+    {
+        var t = TestNet.Mesh(4, i => i == 0 ? [] : [0]);
+        t.Start();
+        t.AdvanceUntil(() => t.Nodes.TrueForAll(n => UpCount(n) == 3), 60_000);
+        t.Advance(5_000);
+        Mesh hub = t.Nodes[0].Node.Mesh;
+        long lists = hub.MembersMessagesSent, selves = hub.SentMessages - lists;
+        t.Advance(180_000, 1_000);                                        // three exchange intervals, nothing changes
+        Assert.Equal(lists, hub.MembersMessagesSent);
+        Assert.True(hub.SentMessages - hub.MembersMessagesSent - selves >= 3 * 3, "Self still goes every minute");
+        t.Advance(Tune.MembersRefreshMs - 180_000 + 61_000, 1_000);         // past the refresh
+        Assert.Equal(lists + 3, hub.MembersMessagesSent);
+
+        // node 3 restarts: the hub tells it the members within a few seconds, not minutes later
+        TestNode old3 = t.Nodes[3];
+        t.Kill(old3);
+        TestNode n3 = t.AddNode(t.Keys[3], TestNet.MeshConfig(3, t.Keys, [0]), TestNet.Ep(3), "100.64.0.4", 1_800_000_000_000_000_000L);
+        t.StartNode(n3);
+        long ms = t.AdvanceUntil(() => UpCount(n3) == 3, 60_000);
+        Assert.InRange(ms, 0, 10_000);
+        Assert.True(TestNet.PeerOf(n3, t.Nodes[0]).MembersHeard);
+    }
+
     [Fact]
     public void GracefulShutdown_ClaimsWithdrawnAtOnce_AndRestartTakesThemBack()
     {
