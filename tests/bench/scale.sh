@@ -2,7 +2,8 @@
 # scale.sh -- a real mesh of SCALE_NODES (default 100) veil processes, one network namespace each,
 # all on one bridge; every node knows only node 1 and learns the others from it (--mesh, one
 # network secret). Reports: the time from the last node's start until every node has all the
-# others up, then over SCALE_STEADY_S (default 60) seconds of no data: bytes each node sends per
+# others up, then (SCALE_SETTLE_S later, default 5) over SCALE_STEADY_S (default 60; 240 holds one
+# refresh of every member list) seconds of no data: bytes each node sends per
 # second (control traffic: exchange, keepalives, rekeys), CPU per node and per idle peer, and RSS
 # per node. Run by `make scale` (root; a few minutes); not part of make test.
 #
@@ -104,7 +105,7 @@ sample() { # I -> "tx_bytes cpu_ticks rss_kb exchange_bytes relayed_bytes handsh
 	echo "$tx $(awk '{print $14 + $15}' "/proc/$pid/stat") $(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")" \
 		"$(st "$1" | jq -r '[.mesh.exchange_sent_bytes, .relay.bytes, ([.peers[].handshakes] | add)] | map(tostring) | join(" ")')"
 }
-sleep 5
+sleep "${SCALE_SETTLE_S:-5}"
 declare -a before after
 for ((i = 1; i <= N; i++)); do before[i]=$(sample "$i"); done
 sleep "$STEADY_S"
