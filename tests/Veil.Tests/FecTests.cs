@@ -414,15 +414,7 @@ public class FecTests
             round++;
             b.ProcessUdpBatch(inBatch, t.NowMs);
         }
-        for (int i = 0; i < 20; i++) RoundTrip();
-        long[] windows = new long[3];
-        for (int w = 0; w < windows.Length; w++)
-        {
-            long before = GC.GetAllocatedBytesForCurrentThread();
-            for (int i = 0; i < 100; i++) RoundTrip();
-            windows[w] = GC.GetAllocatedBytesForCurrentThread() - before;
-        }
-        Assert.True(windows.Min() == 0 && windows.Max() < 64 * 1024, $"allocated per window: {string.Join(", ", windows)}");
+        Allocations.AssertNone(RoundTrip, 100);
         Assert.True(b.FecRecovered > 500, $"recovered {b.FecRecovered}");
         Assert.True(a.FecParitySent > 1000);
     }

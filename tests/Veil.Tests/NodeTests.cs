@@ -876,19 +876,7 @@ public class NodeTests
             }
             b.ProcessUdpBatch(inBatch, t.NowMs);
         }
-        for (int i = 0; i < 20; i++) RoundTrip();   // warm-up: JIT, tiering, first-use paths
-        // Three windows of 6,400 records each way. Any allocation per packet shows in every window;
-        // the runtime itself (tiering, other tests' threads) may rarely charge a few bytes once.
-        long[] windows = new long[3];
-        for (int w = 0; w < windows.Length; w++)
-        {
-            long before = GC.GetAllocatedBytesForCurrentThread();
-            for (int i = 0; i < 100; i++) RoundTrip();
-            windows[w] = GC.GetAllocatedBytesForCurrentThread() - before;
-        }
-        // A window of zero proves the path allocates nothing per packet (6,400 packets would show);
-        // the bound catches a leak that only some windows hit.
-        Assert.True(windows.Min() == 0 && windows.Max() < 64 * 1024, $"allocated per window: {string.Join(", ", windows)}");
+        Allocations.AssertNone(RoundTrip, 100);     // three windows of 6,400 records each way
         Assert.Equal((300 + 20) * 64, b.Counters.TunTxPackets);
     }
 }

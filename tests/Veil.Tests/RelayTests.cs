@@ -340,15 +340,7 @@ public class RelayTests(ITestOutputHelper output)
         lock (na.Gate) lock (nb.Gate) lock (nc.Gate)
         {
             na.UdpOut.Count = nb.UdpOut.Count = nc.UdpOut.Count = 0;
-            for (int i = 0; i < 20; i++) RoundTrip();
-            long[] windows = new long[3];
-            for (int w = 0; w < windows.Length; w++)
-            {
-                long before = GC.GetAllocatedBytesForCurrentThread();
-                for (int i = 0; i < 50; i++) RoundTrip();
-                windows[w] = GC.GetAllocatedBytesForCurrentThread() - before;
-            }
-            Assert.True(windows.Min() == 0 && windows.Max() < 64 * 1024, $"allocated per window: {string.Join(", ", windows)}");
+            Allocations.AssertNone(RoundTrip, 50);
         }
         Assert.True(delivered >= (20 + 150) * 16, $"c wrote {delivered} packets");
     }

@@ -288,3 +288,23 @@ internal static class Packets
         return p;
     }
 }
+
+internal static class Allocations
+{
+    /// <summary>Asserts that `round` allocates nothing in steady state: after 20 warm-up calls, three
+    /// windows of `rounds` calls each. A window of zero proves nothing is allocated per call (the
+    /// calls would show); the bound catches a leak only some windows hit, while the runtime itself
+    /// (tiering, other tests' threads) may rarely charge a few bytes once.</summary>
+    internal static void AssertNone(Action round, int rounds)
+    {
+        for (int i = 0; i < 20; i++) round();
+        long[] windows = new long[3];
+        for (int w = 0; w < windows.Length; w++)
+        {
+            long before = GC.GetAllocatedBytesForCurrentThread();
+            for (int i = 0; i < rounds; i++) round();
+            windows[w] = GC.GetAllocatedBytesForCurrentThread() - before;
+        }
+        Xunit.Assert.True(windows.Min() == 0 && windows.Max() < 64 * 1024, $"allocated per window: {string.Join(", ", windows)}");
+    }
+}
