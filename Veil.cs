@@ -316,6 +316,7 @@ internal static class Tune
     internal const long ClaimLifetimeMs = 3 * ExchangeIntervalMs;
     internal const long ForgetMemberAfterMs = 300_000;       // learned members silent this long are dropped
     internal const long MembersRefreshMs = 240_000;          // an unchanged member list is told again this often (< ForgetMemberAfterMs)
+    internal const long MembersSettleMs = 5_000;             // a list that only shrank waits this long (a rekey's relayed moment)
     internal const long ProvisionalLifetimeMs = 15_000;
     internal const long FirstReconnectMs = 1_000;
     internal const long MaxReconnectMs = 120_000;
@@ -4194,6 +4195,8 @@ internal sealed class Peer
     internal Session? Previous, Current, Next;
     internal long RevocationsSentVersion = -1;   // the Mesh.RevocationsVersion this member has heard (§15)
     internal long MembersDigest, MembersSentMs;  // the member list we last told it, and when (0: tell it)
+    internal int MembersListed;                  // how many members that list named
+    internal long MembersSettleAtMs;             // a list that only shrank goes then, if still changed (0: none waits)
     internal bool MembersHeard;                  // it told us a member list since we started (else our Self asks, SelfFresh)
 
     // Initiator side of a handshake in flight.
@@ -9547,15 +9550,27 @@ internal sealed class Mesh
     // most of a mesh's steady traffic. False when a message could not be sent.
     private bool SendMemberList(Peer p, long nowMs)
     {
-        long digest = MembersDigest(p);
-        if (digest == p.MembersDigest && nowMs - p.MembersSentMs < Tune.MembersRefreshMs) return true;
+        (long digest, int listed) = MembersDigest(p);
+        bool refresh = nowMs - p.MembersSentMs >= Tune.MembersRefreshMs;
+        if (digest == p.MembersDigest && !refresh) { p.MembersSettleAtMs = 0; return true; }
+        // A list that only lost members or changed an endpoint (a member relayed or silent for a
+        // moment, as around a rekey) waits MembersSettleMs: back as it was by then, nothing goes.
+        // One that gained a member goes at once (that is how members find each other).
+        if (!refresh && p.MembersDigest != 0 && listed <= p.MembersListed)
+        {
+            if (p.MembersSettleAtMs == 0)
+            {
+                p.MembersSettleAtMs = nowMs + Tune.MembersSettleMs;
+                if (p.ExchangeAtMs == 0 || p.ExchangeAtMs > p.MembersSettleAtMs) p.ExchangeAtMs = p.MembersSettleAtMs;
+            }
+            if (nowMs < p.MembersSettleAtMs) return true;
+        }
+        p.MembersSettleAtMs = 0;
         Span<byte> d = _out;
         int pos = 2, count = 0;
         foreach (Peer q in _node.Peers)
         {
-            // A relayed member: its relay tells of it. An isolated one is nobody's business but ours,
-            // and an isolated peer hears of nobody.
-            if (!q.Active || !q.Up || q == p || q.Relay != null || q.Isolated || p.Isolated) continue;
+            if (!Listed(p, q)) continue;
             _scratch.Clear();
             if (q.Endpoint.IsSet && !TcpLinks.IsTcp(q.Endpoint)) _scratch.Add(q.Endpoint);
             foreach (Endpoint e in q.Announced) AddBounded(_scratch, e, Tune.MaxEndpointsPerEntry);
@@ -9572,23 +9587,31 @@ internal sealed class Mesh
         }
         if (count > 0 && !SendMembers(p, pos, count, nowMs)) return false;
         p.MembersDigest = digest;
+        p.MembersListed = listed;
         p.MembersSentMs = nowMs;
         return true;
     }
 
-    // What the member list for p holds (keys and endpoints, not the ages), as one number; never 0.
-    private long MembersDigest(Peer p)
+    // Whether p's member list names q: members we have up directly. A relayed member: its relay
+    // tells of it. An isolated one is nobody's business but ours, and an isolated peer hears of nobody.
+    private static bool Listed(Peer p, Peer q) => q.Active && q.Up && q != p && q.Relay == null && !q.Isolated && !p.Isolated;
+
+    // What the member list for p holds (keys and endpoints, not the ages), as one number (never 0),
+    // and how many members it names.
+    private (long Digest, int Listed) MembersDigest(Peer p)
     {
         var h = new HashCode();
+        int n = 0;
         foreach (Peer q in _node.Peers)
         {
-            if (!q.Active || !q.Up || q == p || q.Relay != null || q.Isolated || p.Isolated) continue;
+            if (!Listed(p, q)) continue;
+            n++;
             h.Add(KeyId.Of(q.PublicKey));
             if (q.Endpoint.IsSet && !TcpLinks.IsTcp(q.Endpoint)) h.Add(q.Endpoint);
             foreach (Endpoint e in q.Announced) h.Add(e);
         }
         long v = h.ToHashCode();
-        return v == 0 ? 1 : v;
+        return (v == 0 ? 1 : v, n);
     }
 
     internal long BeaconsLoaded, BeaconsRejected;

@@ -635,6 +635,28 @@ public class MeshTests(ITestOutputHelper output)
         t.Advance(Tune.MembersRefreshMs - 180_000 + 61_000, 1_000);         // past the refresh
         Assert.Equal(lists + 3, hub.MembersMessagesSent);
 
+        // a member out of the lists for a moment (as one relayed around a rekey; here marked
+        // isolated, which no path logic undoes): nothing is sent; out for longer than
+        // MembersSettleMs: the two others hear of it then
+        Node hubNode = t.Nodes[0].Node;
+        Peer three = TestNet.PeerOf(t.Nodes[0], t.Nodes[3]);
+        lists = hub.MembersMessagesSent;
+        three.Isolated = true;
+        hubNode.ScheduleExchange(t.NowMs);
+        t.Advance(3_000, 1_000);
+        three.Isolated = false;
+        hubNode.ScheduleExchange(t.NowMs);
+        t.Advance(10_000, 1_000);
+        Assert.Equal(lists, hub.MembersMessagesSent);
+        three.Isolated = true;
+        hubNode.ScheduleExchange(t.NowMs);
+        t.Advance(Tune.MembersSettleMs + 3_000, 1_000);
+        Assert.Equal(lists + 2, hub.MembersMessagesSent);
+        three.Isolated = false;
+        hubNode.ScheduleExchange(t.NowMs);
+        t.Advance(2_000, 1_000);                 // a member back: at once, to the two others and to it
+        Assert.Equal(lists + 5, hub.MembersMessagesSent);
+
         // node 3 restarts: the hub tells it the members within a few seconds, not minutes later
         TestNode old3 = t.Nodes[3];
         t.Kill(old3);
