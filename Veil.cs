@@ -5459,6 +5459,7 @@ internal static class Record
     }
 
     internal static uint ReceiverIndex(ReadOnlySpan<byte> d) => BinaryPrimitives.ReadUInt32BigEndian(d[IndexOffset..]);
+    internal static ulong Counter(ReadOnlySpan<byte> d) => BinaryPrimitives.ReadUInt64BigEndian(d[CounterOffset..]);
 
     internal static int PaddedLen(int payloadLen, int mtu)
     {
@@ -5494,7 +5495,7 @@ internal static class Record
         payloadLen = 0;
         flags = 0;
         if (record.Length < OverheadLen) return OpenVerdict.Truncated;
-        ulong counter = BinaryPrimitives.ReadUInt64BigEndian(record[CounterOffset..]);
+        ulong counter = Counter(record);
         if (!s.Window.CanAccept(counter)) return s.Window.IsTooOld(counter) ? OpenVerdict.TooOld : OpenVerdict.Replayed;
         Span<byte> nonce = stackalloc byte[Spec.NonceLen];
         NoiseState.Nonce(nonce, counter);
@@ -5516,7 +5517,7 @@ internal static class Record
     {
         if (record.Length < OverheadLen) return false;
         Span<byte> nonce = stackalloc byte[Spec.NonceLen];
-        NoiseState.Nonce(nonce, BinaryPrimitives.ReadUInt64BigEndian(record[CounterOffset..]));
+        NoiseState.Nonce(nonce, Counter(record));
         Span<byte> body = record[PayloadOffset..];
         return s.ReceiveAead.Open(nonce, body, record[..HeaderLen], body);
     }
@@ -5618,11 +5619,17 @@ internal static class Fec
         Xor(acc, d);
     }
 
+    /// <summary>products[v] = c·v for every byte v.</summary>
+    internal static void Products(byte c, Span<byte> products)
+    {
+        for (int v = 0; v < 256; v++) products[v] = Mul((byte)v, c);
+    }
+
     /// <summary>acc ^= c·d, by a table of c's products (rebuilding only).</summary>
     internal static void MulXor(Span<byte> acc, ReadOnlySpan<byte> d, byte c, Span<byte> products)
     {
         if (c == 1) { Xor(acc, d); return; }
-        for (int v = 0; v < 256; v++) products[v] = Mul((byte)v, c);
+        Products(c, products);
         for (int i = 0; i < d.Length; i++) acc[i] ^= products[d[i]];
     }
 }
@@ -5905,7 +5912,7 @@ internal sealed class FecReceiver
 
     private void Scale(Span<byte> body, byte c)
     {
-        for (int v = 0; v < 256; v++) _products[v] = Fec.Mul((byte)v, c);
+        Fec.Products(c, _products);
         for (int i = 0; i < body.Length; i++) body[i] = _products[body[i]];
     }
 
@@ -7126,7 +7133,7 @@ internal sealed partial class Node
         if (nowMs - s.CreatedMs >= Spec.RejectAfterTimeMs) { Counters.Drop(DropReason.Expired); return 0; }
         OpenVerdict v = Record.Open(s, d, out int len, out RecordFlags flags);
         // A record that parity rebuilt before it came (reordered): late, not a replay.
-        if (v == OpenVerdict.Replayed && p.FecIn != null && p.FecIn.WasRebuilt(s, BinaryPrimitives.ReadUInt64BigEndian(d[Record.CounterOffset..]))
+        if (v == OpenVerdict.Replayed && p.FecIn != null && p.FecIn.WasRebuilt(s, Record.Counter(d))
             && Record.Authentic(s, d))
         {
             FecLate++;
@@ -7191,7 +7198,7 @@ internal sealed partial class Node
         }
         if (flags == RecordFlags.Parity) return ReceiveParity(p, s, d, len, nowMs, out ipOffset);
         if (len == 0 || (flags & RecordFlags.Data) == 0) return 0;   // keepalive or bind
-        p.FecIn?.Keep(s, BinaryPrimitives.ReadUInt64BigEndian(d[Record.CounterOffset..]), d.Slice(Record.PayloadOffset, len));
+        p.FecIn?.Keep(s, Record.Counter(d), d.Slice(Record.PayloadOffset, len));
         return AcceptData(p, d.Slice(Record.PayloadOffset, len), nowMs);
     }
 
@@ -7468,7 +7475,7 @@ internal sealed partial class Node
         FecParityReceived++;
         if (ReceiverFor(p, nowMs) is not FecReceiver f) { FecRefused++; return 0; }
         if (p.FecAtMs == 0) p.FecAtMs = nowMs + Fec.ReportIntervalMs;      // frees it when idle
-        long rebuilt = f.Use(s, BinaryPrimitives.ReadUInt64BigEndian(d[Record.CounterOffset..]), d.Slice(Record.PayloadOffset, len), nowMs);
+        long rebuilt = f.Use(s, Record.Counter(d), d.Slice(Record.PayloadOffset, len), nowMs);
         if (rebuilt == FecReceiver.Malformed) { Counters.Drop(DropReason.Malformed); return 0; }
         if (rebuilt == FecReceiver.Unrecoverable) FecUnrecoverable++;
         for (int k = 0; k < f.SpareCount; k++)

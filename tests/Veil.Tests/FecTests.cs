@@ -167,8 +167,6 @@ public class FecTests
     private static string DropNames(Node n) =>
         string.Join(",", Enumerable.Range(0, (int)DropReason.Count).Where(i => n.Counters.Drops[i] > 0).Select(i => Counters.DropName((DropReason)i) + "=" + n.Counters.Drops[i]));
 
-    private static ulong CounterOf(byte[] record) => BinaryPrimitives.ReadUInt64BigEndian(record.AsSpan(Record.CounterOffset));
-
     [Theory]
     [InlineData(10, new[] { 5 })]                            // one row: one loss per group
     [InlineData(200, new[] { 0, 7, 22, 39 })]                // four rows, four losses
@@ -183,7 +181,7 @@ public class FecTests
         int tun0 = t.Nodes[1].Tun.Written.Count;
         List<byte[]> sent = Burst(t, k, lossBp);
         Assert.Equal(k + rows, sent.Count);
-        Assert.Equal(Enumerable.Range(0, k + rows).Select(i => CounterOf(sent[0]) + (ulong)i), sent.Select(CounterOf));
+        Assert.Equal(Enumerable.Range(0, k + rows).Select(i => Record.Counter(sent[0]) + (ulong)i), sent.Select(d => Record.Counter(d)));
         Deliver(t, sent.Where((_, i) => !lost.Contains(i)));
         Assert.Equal(Enumerable.Range(0, k).Select(i => 100 + i).ToList(), Arrived(t, tun0));   // each exactly once
         Assert.Equal(lost.Count(i => i < k), b.FecRecovered);
