@@ -747,6 +747,149 @@ internal static class JsonText
     }
 }
 
+/// <summary>Programs Veil runs (hooks, beacon commands, systemctl), without a shell: posix_spawnp in
+/// a process group of their own, with default signal handling and an empty signal mask (the runtime
+/// ignores SIGPIPE, and an exec would keep that), input on stdin, output collected up to a bound, and
+/// the whole group killed after a timeout. System.Diagnostics.Process would add about 0.3 MB to the
+/// binary: it brings System.Uri and the terminal database along.</summary>
+internal static unsafe class Spawn
+{
+    internal readonly record struct Exit(int Code, bool TimedOut, string Output);
+
+    // Opaque libc objects, sized for the largest C library we run on (glibc: 80, 336 and 128 bytes).
+    private const int ActionsLen = 256, AttrLen = 512, SigSetLen = 256;
+    private const short SetPGroup = 0x2, SetSigDefault = 0x4, SetSigMask = 0x8;   // POSIX_SPAWN_*, the same in glibc and musl
+    private const int PipeChunk = 4096;         // PIPE_BUF: a write this long into a pipe poll calls writable never blocks
+
+    /// <summary>Runs argv with env (KEY=VALUE strings); stderr joins the output when withStderr, else
+    /// goes to /dev/null. Throws IOException when the program cannot start.</summary>
+    internal static Exit Run(string[] argv, string[] env, string? input, bool withStderr, int maxOutputBytes, int timeoutMs)
+    {
+        int* toChild = stackalloc int[2], fromChild = stackalloc int[2];
+        if (Libc.Pipe2(toChild, Libc.O_CLOEXEC) < 0) throw new IOException("pipe: " + Libc.ErrorText(Libc.Errno));
+        if (Libc.Pipe2(fromChild, Libc.O_CLOEXEC) < 0)
+        {
+            int errno = Libc.Errno;
+            Libc.Close(toChild[0]); Libc.Close(toChild[1]);
+            throw new IOException("pipe: " + Libc.ErrorText(errno));
+        }
+        byte* actions = stackalloc byte[ActionsLen], attr = stackalloc byte[AttrLen], signals = stackalloc byte[SigSetLen];
+        new Span<byte>(signals, SigSetLen).Clear();
+        var strings = new byte[argv.Length + env.Length][];
+        for (int i = 0; i < strings.Length; i++) strings[i] = Encoding.UTF8.GetBytes((i < argv.Length ? argv[i] : env[i - argv.Length]) + "\0");
+        var pins = new System.Runtime.InteropServices.GCHandle[strings.Length];
+        byte[] devNull = "/dev/null\0"u8.ToArray();
+        int pid = 0, err;
+        try
+        {
+            nint* args = stackalloc nint[argv.Length + 1], envp = stackalloc nint[env.Length + 1];
+            for (int i = 0; i < strings.Length; i++)
+            {
+                pins[i] = System.Runtime.InteropServices.GCHandle.Alloc(strings[i], System.Runtime.InteropServices.GCHandleType.Pinned);
+                if (i < argv.Length) args[i] = pins[i].AddrOfPinnedObject(); else envp[i - argv.Length] = pins[i].AddrOfPinnedObject();
+            }
+            args[argv.Length] = envp[env.Length] = 0;
+            Libc.SpawnActionsInit(actions);
+            Libc.SpawnAttrInit(attr);
+            fixed (byte* nullPath = devNull)
+            {
+                // The pipes are close-on-exec; their dup2 copies on 0, 1 and 2 are not.
+                Libc.SpawnActionsDup2(actions, toChild[0], 0);
+                Libc.SpawnActionsDup2(actions, fromChild[1], 1);
+                if (withStderr) Libc.SpawnActionsDup2(actions, fromChild[1], 2);
+                else Libc.SpawnActionsOpen(actions, 2, nullPath, Libc.O_WRONLY, 0);
+                Libc.SigEmptySet(signals);
+                Libc.SpawnAttrSetSigMask(attr, signals);
+                for (int sig = 1; sig < 32; sig++) if (sig is not (Libc.SIGKILL or 19)) Libc.SigAddSet(signals, sig);   // 19: SIGSTOP
+                Libc.SpawnAttrSetSigDefault(attr, signals);
+                Libc.SpawnAttrSetPGroup(attr, 0);
+                Libc.SpawnAttrSetFlags(attr, SetPGroup | SetSigDefault | SetSigMask);
+                err = Libc.PosixSpawnP(&pid, (byte*)args[0], actions, attr, args, envp);
+            }
+        }
+        finally
+        {
+            Libc.SpawnActionsDestroy(actions);
+            Libc.SpawnAttrDestroy(attr);
+            foreach (var pin in pins) if (pin.IsAllocated) pin.Free();
+            Libc.Close(toChild[0]);
+            Libc.Close(fromChild[1]);
+        }
+        if (err != 0)
+        {
+            Libc.Close(toChild[1]); Libc.Close(fromChild[0]);
+            throw new IOException($"cannot run {argv[0]}: {Libc.ErrorText(err)}");
+        }
+        return Collect(pid, toChild[1], fromChild[0], Encoding.UTF8.GetBytes(input ?? ""), maxOutputBytes, timeoutMs);
+    }
+
+    // Feeds the input, reads the output until it ends and the program has exited, or kills the group.
+    private static Exit Collect(int pid, int inFd, int outFd, byte[] input, int maxOutputBytes, int timeoutMs)
+    {
+        var output = new MemoryStream();
+        byte[] buf = new byte[PipeChunk];
+        long deadline = Mono.NowMs() + timeoutMs;
+        int sent = 0, status = 0;
+        bool exited = false;
+        Libc.PollFd* fds = stackalloc Libc.PollFd[2];
+        if (input.Length == 0) { Libc.Close(inFd); inFd = -1; }
+        try
+        {
+            while (outFd >= 0 || !exited)
+            {
+                long leftMs = deadline - Mono.NowMs();
+                if (leftMs <= 0)
+                {
+                    Libc.Kill(-pid, Libc.SIGKILL);
+                    while (Libc.WaitPid(pid, &status, 0) < 0 && Libc.Errno == Libc.EINTR) { }
+                    return new Exit(-1, true, Encoding.UTF8.GetString(output.ToArray()));
+                }
+                if (!exited && Libc.WaitPid(pid, &status, Libc.WNOHANG) == pid) exited = true;
+                int n = 0;
+                if (outFd >= 0) fds[n++] = new Libc.PollFd { Fd = outFd, Events = Libc.POLLIN };
+                if (inFd >= 0) fds[n++] = new Libc.PollFd { Fd = inFd, Events = Libc.POLLOUT };
+                // Output open: wait on it. Output closed, program still running: look again shortly.
+                if (Libc.Poll(fds, (nuint)n, (int)Math.Min(leftMs, n == 0 || outFd < 0 ? 10 : 100)) <= 0) continue;
+                for (int i = 0; i < n; i++)
+                {
+                    if (fds[i].REvents == 0) continue;
+                    if (fds[i].Fd == outFd)
+                    {
+                        nint got;
+                        fixed (byte* b = buf) got = Libc.Read(outFd, b, (nuint)buf.Length);
+                        if (got > 0 && output.Length < maxOutputBytes) output.Write(buf, 0, (int)Math.Min(got, maxOutputBytes - output.Length));
+                        else if (got == 0 || (got < 0 && Libc.Errno != Libc.EINTR)) { Libc.Close(outFd); outFd = -1; }
+                    }
+                    else
+                    {
+                        nint put;
+                        fixed (byte* b = input) put = Libc.Write(inFd, b + sent, (nuint)Math.Min(PipeChunk, input.Length - sent));
+                        if (put > 0) sent += (int)put;
+                        if (sent == input.Length || (put < 0 && Libc.Errno != Libc.EINTR)) { Libc.Close(inFd); inFd = -1; }   // done, or the program closed its stdin
+                    }
+                }
+            }
+            return new Exit((status & 0x7F) == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F), false, Encoding.UTF8.GetString(output.ToArray()));
+        }
+        finally
+        {
+            if (inFd >= 0) Libc.Close(inFd);
+            if (outFd >= 0) Libc.Close(outFd);
+        }
+    }
+
+    /// <summary>Our environment with extra KEY=VALUE pairs over it.</summary>
+    internal static string[] Environment(IEnumerable<(string Key, string Value)> extra)
+    {
+        var env = new Dictionary<string, string>(StringComparer.Ordinal);
+        foreach (System.Collections.DictionaryEntry e in System.Environment.GetEnvironmentVariables()) env[(string)e.Key] = (string?)e.Value ?? "";
+        foreach (var (key, value) in extra) env[key] = value;
+        var list = new List<string>(env.Count);
+        foreach (var (key, value) in env) list.Add(key + "=" + value);
+        return [.. list];
+    }
+}
+
 /// <summary>--hook EVENT=PROGRAM: the program runs for each such event (a Log event name), as argv
 /// [PROGRAM, EVENT] without a shell, with the event's fields in the environment (VEIL_EVENT,
 /// VEIL_PEER, VEIL_ENDPOINT, VEIL_PREFIX, ...), on a thread of its own: one hook at a time, at most
@@ -756,7 +899,7 @@ internal sealed class Hooks : IDisposable
 {
     internal static readonly string[] Events = ["peer_up", "peer_down", "peer_joined", "endpoint_changed", "route_added", "route_removed", "handshake_gave_up", "reloaded", "reload_rolled_back"];
     internal const string AllEvents = "all";        // --hook all=PROGRAM: every event without a hook of its own
-    private const int MaxPending = 64, HookTimeoutMs = 10_000, MaxOutputLines = 20;
+    private const int MaxPending = 64, HookTimeoutMs = 10_000, MaxOutputLines = 20, MaxOutputBytes = 16 * 1024;
     private volatile Dictionary<string, string> _programs;
     private readonly Queue<(string Event, string Fields)> _pending = new();
     private readonly AutoResetEvent _kick = new(false);
@@ -807,33 +950,27 @@ internal sealed class Hooks : IDisposable
 
     private void RunOne(string program, string name, string fields)
     {
-        var psi = new ProcessStartInfo(program) { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true, RedirectStandardInput = true };
-        psi.ArgumentList.Add(name);
-        psi.Environment["VEIL_EVENT"] = name;
-        foreach (var (key, value) in Log.Fields(fields)) psi.Environment["VEIL_" + key.ToUpperInvariant()] = value;
+        var vars = new List<(string, string)> { ("VEIL_EVENT", name) };
+        foreach (var (key, value) in Log.Fields(fields)) vars.Add(("VEIL_" + key.ToUpperInvariant(), value));
         try
         {
-            using Process p = Process.Start(psi)!;
-            p.StandardInput.Close();
-            System.Threading.Tasks.Task<string> output = p.StandardOutput.ReadToEndAsync(), errors = p.StandardError.ReadToEndAsync();
-            if (!p.WaitForExit(HookTimeoutMs))
+            Spawn.Exit p = Spawn.Run([program, name], Spawn.Environment(vars), null, withStderr: true, MaxOutputBytes, HookTimeoutMs);
+            if (p.TimedOut)
             {
-                p.Kill(entireProcessTree: true);
-                p.WaitForExit();
                 Failed++;
                 _log.Warn("hook_timeout", $"event={name} program={program} after_ms={HookTimeoutMs}");
                 return;
             }
             Ran++;
             int lines = 0;
-            foreach (string line in (output.Result + errors.Result).Split('\n', StringSplitOptions.RemoveEmptyEntries))
+            foreach (string line in p.Output.Split('\n', StringSplitOptions.RemoveEmptyEntries))
                 if (lines++ < MaxOutputLines) _log.Info("hook_output", $"event={name} line=\"{line.Replace("\"", "'")}\"");
-            if (p.ExitCode != 0) { Failed++; _log.Warn("hook_failed", $"event={name} program={program} exit={p.ExitCode}"); }
+            if (p.Code != 0) { Failed++; _log.Warn("hook_failed", $"event={name} program={program} exit={p.Code}"); }
         }
-        catch (Exception ex) when (ex is System.ComponentModel.Win32Exception or IOException or InvalidOperationException)
+        catch (IOException ex)
         {
             Failed++;
-            _log.Warn("hook_failed", $"event={name} program={program} error={ex.GetType().Name}");
+            _log.Warn("hook_failed", $"event={name} program={program} error=\"{ex.Message}\"");
         }
     }
 
@@ -873,6 +1010,7 @@ internal enum DropReason
     Isolated,           // --isolate: inbound from one peer to another, which this node does not carry
     Filtered,           // --filter: no rule allows it (or one denies it), in either direction
     ExitRefused,        // --exit-for: a member this exit does not serve sent something for the uplink
+    MacNotAllowed,      // --mode tap|hub: a frame from a source MAC the peer may not use, or over its share (§8.1)
     Count,
 }
 
@@ -898,7 +1036,8 @@ internal sealed class Counters
         DropReason.HandshakeFailed => "handshake_failed", DropReason.QueueFull => "queue_full", DropReason.Refused => "refused",
         DropReason.TunWrite => "tun_write", DropReason.UdpSend => "udp_send", DropReason.BadExchange => "bad_exchange",
         DropReason.RelayRefused => "relay_refused", DropReason.RelayRate => "relay_rate",
-        DropReason.LinkLocal => "link_local", DropReason.Isolated => "isolated", DropReason.Filtered => "filtered", DropReason.ExitRefused => "exit_refused", _ => "other",
+        DropReason.LinkLocal => "link_local", DropReason.Isolated => "isolated", DropReason.Filtered => "filtered", DropReason.ExitRefused => "exit_refused",
+        DropReason.MacNotAllowed => "mac_not_allowed", _ => "other",
     };
 }
 
@@ -941,6 +1080,7 @@ internal sealed class PeerConfig
     internal Endpoint Endpoint;            // unset (port 0) when the peer is only ever a responder
     internal string EndpointText = "";
     internal readonly List<IpPrefix> Allowed = new();
+    internal readonly List<ulong> AllowedMacs = new();   // --allow-mac: with --mode tap|hub, the only source MACs it may use
     internal long KeepaliveMs = -1;        // -1: the node's keepalive
     internal bool Trusted;                 // from --trust: may connect, endpoint learned from the mesh
     internal Endpoint Tcp;                 // --peer-tcp: its --listen-tcp, for when UDP gets no answer
@@ -1223,6 +1363,7 @@ internal sealed class UpConfig
     internal string? User;
     internal string Cipher = "auto";
     internal bool Fec = true;              // --fec auto|off: parity records while a peer reports loss (§12.1)
+    internal L2Mode Mode;                  // --mode tun|tap|hub: IP packets, or Ethernet frames switched or flooded (§8.1)
     internal bool CheckOnly;
     internal string? ConfigPath;
     // Mesh (§15): membership policy, this node's name and claims, what it accepts from others.
@@ -1250,7 +1391,7 @@ internal sealed class UpConfig
     private bool _keepaliveGiven;
 
     // Keys a running daemon cannot change; reload refuses (exit 3) when one of them differs.
-    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "fix_rp_filter", "exit"];
+    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "fix_rp_filter", "exit", "mode"];
     // (isolate is reloadable: it is a check on the packet path, no device or socket changes.)
 
     private static readonly string[] Keys =
@@ -1259,11 +1400,11 @@ internal sealed class UpConfig
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
         "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers", "accept_psk", "admin", "revocations",
         "relay", "relay_rate", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "healthz_grace", "hook",
-        "fix_rp_filter", "exit", "exit_for", "exit_node", "exit_allow_lan", "isolate", "filter", "fec",
+        "fix_rp_filter", "exit", "exit_for", "exit_node", "exit_allow_lan", "isolate", "filter", "fec", "mode",
     ];
     internal static readonly string[] BoolKeys = ["mesh", "relay", "port_mapping", "fix_rp_filter", "exit", "exit_allow_lan", "isolate"];
     private static readonly string[] ListKeys = ["filter", "exit_for", "address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk", "hook"];
-    private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "keepalive", "tcp", "isolated", "psk"];
+    private static readonly string[] PeerKeys = ["name", "public_key", "endpoint", "allowed_ips", "allowed_macs", "keepalive", "tcp", "isolated", "psk"];
 
     /// <summary>Where a value came from, for the one-line error: "--mtu" or "veil.toml:12: key 'mtu'".</summary>
     // A flag error quotes the flag as typed; a file error leads with FILE:LINE so editors can jump to it.
@@ -1318,6 +1459,10 @@ internal sealed class UpConfig
                 case "--allow":
                     if (lastPeer == null) throw new ConfigException("--allow must follow the --peer it belongs to");
                     lastPeer.Allowed.Add(ParsePrefix(src, value));
+                    break;
+                case "--allow-mac":
+                    if (lastPeer == null) throw new ConfigException("--allow-mac must follow the --peer it belongs to");
+                    lastPeer.AllowedMacs.Add(ParseMac(src, value));
                     break;
                 case "--peer-tcp":
                     if (lastPeer == null) throw new ConfigException("--peer-tcp must follow the --peer it belongs to");
@@ -1423,6 +1568,8 @@ internal sealed class UpConfig
         if (t.TryGetValue("endpoint", out TomlValue? ep)) p = WithEndpoint(S("endpoint"), p, Scalar(S("endpoint"), ep, false));
         if (t.TryGetValue("allowed_ips", out TomlValue? al))
             foreach (TomlValue item in ListOf(S("allowed_ips"), al)) p.Allowed.Add(ParsePrefix(S("allowed_ips"), item.Str));
+        if (t.TryGetValue("allowed_macs", out TomlValue? am))
+            foreach (TomlValue item in ListOf(S("allowed_macs"), am)) p.AllowedMacs.Add(ParseMac(S("allowed_macs"), item.Str));
         if (t.TryGetValue("keepalive", out TomlValue? ka)) p.KeepaliveMs = ParseInt(S("keepalive"), Scalar(S("keepalive"), ka, true), 0, 3600) * 1000L;
         if (t.TryGetValue("name", out TomlValue? nm)) { p.Name = ParseName(S("name"), Scalar(S("name"), nm, false)); p.NameGiven = true; }
         if (t.TryGetValue("psk", out TomlValue? ps)) p.PskFile = FromFile("psk", Scalar(S("psk"), ps, false));   // read by Finish
@@ -1559,6 +1706,9 @@ internal sealed class UpConfig
                 if (value is not ("auto" or "off")) throw src.Bad(value, "must be auto or off");
                 Fec = value == "auto";
                 break;
+            case "mode":
+                Mode = value switch { "tun" => L2Mode.Tun, "tap" => L2Mode.Tap, "hub" => L2Mode.Hub, _ => throw src.Bad(value, "must be tun, tap or hub") };
+                break;
             case "cipher":
                 if (value is not ("auto" or "chacha20-poly1305" or "aes-256-gcm")) throw src.Bad(value, "must be auto, chacha20-poly1305 or aes-256-gcm");
                 // Checked at parse time so `veil up --check` reports it, not the first handshake.
@@ -1609,6 +1759,10 @@ internal sealed class UpConfig
         if (Exit && ExitNode != null) throw new ConfigException("--exit and --exit-node exclude each other: a node offers a way out or uses one");
         if (ExitAllowLan && ExitNode == null) throw new ConfigException("--exit-allow-lan goes with --exit-node NAME");
         if (ExitFor.Count > 0 && !Exit) throw new ConfigException("--exit-for goes with --exit: it names the members this exit serves");
+        // A frame is switched by its MAC address, never routed: what routes mean has no place in it.
+        if (Mode != L2Mode.Tun && (Claims.Count > 0 || Exit || ExitNode != null || Filters.Count > 0))
+            throw new ConfigException($"--mode {ModeName(Mode)} switches Ethernet frames: --claim, --exit, --exit-node and --filter route IP packets and go with --mode tun");
+        if (Mode == L2Mode.Tun && Peers.Exists(p => p.AllowedMacs.Count > 0)) throw new ConfigException("--allow-mac goes with --mode tap or hub");
         if (Claims.Count + Addresses.Count > Tune.MaxClaimsPerMember)
             throw new ConfigException($"at most {Tune.MaxClaimsPerMember - Addresses.Count} --claim prefixes (each --address is claimed too)");
         // Mesh liveness counts keepalive periods without a record, so it needs a keepalive; an explicit
@@ -1648,7 +1802,8 @@ internal sealed class UpConfig
                 int m = Libc.PathMtu(p.Endpoint);
                 if (m > 0) underlay = Math.Min(underlay, m);
             }
-            Mtu = Math.Clamp(DefaultMtu(underlay == int.MaxValue ? 1500 : underlay, v6), Tune.MinMtu, Tune.MaxMtu);
+            // A frame carries its Ethernet header (and a VLAN tag) beyond the MTU of the TAP.
+            Mtu = Math.Clamp(DefaultMtu(underlay == int.MaxValue ? 1500 : underlay, v6) - (Mode != L2Mode.Tun ? Ethernet.MaxHeaderLen : 0), Tune.MinMtu, Tune.MaxMtu);
         }
     }
 
@@ -1677,6 +1832,7 @@ internal sealed class UpConfig
         if (PortMapping != o.PortMapping) changed.Add("port_mapping");
         if (FixRpFilter != o.FixRpFilter) changed.Add("fix_rp_filter");
         if (Exit != o.Exit) changed.Add("exit");
+        if (Mode != o.Mode) changed.Add("mode");
         if (!Equals(TcpListenAddress, o.TcpListenAddress) || TcpListenPort != o.TcpListenPort) changed.Add("listen_tcp");
         return changed;
     }
@@ -1691,7 +1847,7 @@ internal sealed class UpConfig
 
     // Every file key is also a flag with '-' for '_'; "--rekey_after" is refused so each setting has one
     // spelling on the command line.
-    private static readonly string[] Switches = ["--check", "--mesh", "--relay", "--no-relay", "--port-mapping", "--no-port-mapping", "--fix-rp-filter", "--exit", "--exit-allow-lan", "--isolate", "--config", "--peer", "--allow", "--peer-tcp"];
+    private static readonly string[] Switches = ["--check", "--mesh", "--relay", "--no-relay", "--port-mapping", "--no-port-mapping", "--fix-rp-filter", "--exit", "--exit-allow-lan", "--isolate", "--config", "--peer", "--allow", "--allow-mac", "--peer-tcp"];
 
     /// <summary>Allowed prefixes that are valid but rarely meant: one given to two peers (only one
     /// of them gets the traffic) and a default route (every packet without a better route goes in).</summary>
@@ -1750,7 +1906,7 @@ internal sealed class UpConfig
         return d[a.Length, b.Length];
     }
 
-    private static bool IsFlag(string f) => f is "--config" or "--peer" or "--allow" or "--peer-tcp" ||
+    private static bool IsFlag(string f) => f is "--config" or "--peer" or "--allow" or "--allow-mac" or "--peer-tcp" ||
         (f.StartsWith("--") && Array.IndexOf(Keys, f[2..].Replace('-', '_')) >= 0 && !f.Contains('_'));
 
     private static (IPAddress, int) ParseAddressPort(Src src, string v) =>
@@ -1799,6 +1955,12 @@ internal sealed class UpConfig
         if (v.Length is 0 or > 15) throw src.Bad(v, "must be 1 to 15 characters");
         return ParseName(src, v);
     }
+
+    internal static string ModeName(L2Mode m) => m switch { L2Mode.Tap => "tap", L2Mode.Hub => "hub", _ => "tun" };
+
+    // A unicast MAC a peer may source: a multicast or all-zero one never is.
+    private static ulong ParseMac(Src src, string v) =>
+        Ethernet.TryParseMac(v, out ulong mac) && (mac >> 40 & 1) == 0 && mac != 0 ? mac : throw src.Bad(v, "is not a unicast MAC address (e.g. 02:00:00:00:00:01)");
 
     /// <summary>PUBKEY[@HOST:PORT] as given to --peer.</summary>
     private static PeerConfig ParsePeer(Src src, string v)
@@ -1892,7 +2054,7 @@ internal static unsafe partial class Libc
     internal const int ESRCH = 3, EINTR = 4, EAGAIN = 11, ENOENT = 2, EEXIST = 17, EADDRINUSE = 98, EPERM = 1, EACCES = 13, EOPNOTSUPP = 95, ETIMEDOUT = 110;
     internal const int MSG_DONTWAIT = 0x40;
     internal const uint TUNSETIFF = 0x400454CA;
-    internal const short IFF_TUN = 0x1, IFF_NO_PI = 0x1000;
+    internal const short IFF_TUN = 0x1, IFF_TAP = 0x2, IFF_NO_PI = 0x1000;
     internal const int IfReqLen = 40, IfNameSize = 16, IfReqFlagsOffset = 16;
     // sockaddr_un: sa_family (2) and sun_path (108).
     internal const int SockaddrIn4Len = 16, SockaddrIn6Len = 28, SockaddrUnLen = 110;
@@ -1920,7 +2082,22 @@ internal static unsafe partial class Libc
     [LibraryImport("libc", EntryPoint = "getsockname", SetLastError = true)] internal static partial int GetSockName(int fd, byte* addr, int* len);
     [LibraryImport("libc", EntryPoint = "sendto", SetLastError = true)] internal static partial nint SendTo(int fd, byte* buf, nuint len, int flags, byte* addr, int addrLen);
     [LibraryImport("libc", EntryPoint = "writev", SetLastError = true)] internal static partial nint Writev(int fd, IoVec* iov, int count);
-    [LibraryImport("libc", EntryPoint = "posix_spawn")] internal static partial int PosixSpawn(int* pid, byte* path, nint fileActions, nint attributes, nint* argv, nint* envp);
+    [LibraryImport("libc", EntryPoint = "posix_spawnp")] internal static partial int PosixSpawnP(int* pid, byte* file, byte* fileActions, byte* attributes, nint* argv, nint* envp);
+    [LibraryImport("libc", EntryPoint = "posix_spawn_file_actions_init")] internal static partial int SpawnActionsInit(byte* actions);
+    [LibraryImport("libc", EntryPoint = "posix_spawn_file_actions_destroy")] internal static partial int SpawnActionsDestroy(byte* actions);
+    [LibraryImport("libc", EntryPoint = "posix_spawn_file_actions_adddup2")] internal static partial int SpawnActionsDup2(byte* actions, int fd, int newFd);
+    [LibraryImport("libc", EntryPoint = "posix_spawn_file_actions_addopen")] internal static partial int SpawnActionsOpen(byte* actions, int fd, byte* path, int flags, int mode);
+    [LibraryImport("libc", EntryPoint = "posix_spawnattr_init")] internal static partial int SpawnAttrInit(byte* attr);
+    [LibraryImport("libc", EntryPoint = "posix_spawnattr_destroy")] internal static partial int SpawnAttrDestroy(byte* attr);
+    [LibraryImport("libc", EntryPoint = "posix_spawnattr_setflags")] internal static partial int SpawnAttrSetFlags(byte* attr, short flags);
+    [LibraryImport("libc", EntryPoint = "posix_spawnattr_setpgroup")] internal static partial int SpawnAttrSetPGroup(byte* attr, int pgroup);
+    [LibraryImport("libc", EntryPoint = "posix_spawnattr_setsigdefault")] internal static partial int SpawnAttrSetSigDefault(byte* attr, byte* signals);
+    [LibraryImport("libc", EntryPoint = "posix_spawnattr_setsigmask")] internal static partial int SpawnAttrSetSigMask(byte* attr, byte* signals);
+    [LibraryImport("libc", EntryPoint = "sigemptyset")] internal static partial int SigEmptySet(byte* set);
+    [LibraryImport("libc", EntryPoint = "sigaddset")] internal static partial int SigAddSet(byte* set, int signal);
+    [LibraryImport("libc", EntryPoint = "pipe2", SetLastError = true)] internal static partial int Pipe2(int* fds, int flags);
+    [LibraryImport("libc", EntryPoint = "poll", SetLastError = true)] internal static partial int Poll(PollFd* fds, nuint count, int timeoutMs);
+    [LibraryImport("libc", EntryPoint = "kill", SetLastError = true)] internal static partial int Kill(int pid, int signal);
     [LibraryImport("libc", EntryPoint = "waitpid", SetLastError = true)] internal static partial int WaitPid(int pid, int* status, int options);
     [LibraryImport("libc", EntryPoint = "sendmmsg", SetLastError = true)] internal static partial int SendMMsg(int fd, MMsgHdr* msgs, uint count, int flags);
     [LibraryImport("libc", EntryPoint = "recvmmsg", SetLastError = true)] internal static partial int RecvMMsg(int fd, MMsgHdr* msgs, uint count, int flags, nint timeout);
@@ -1929,6 +2106,10 @@ internal static unsafe partial class Libc
     [LibraryImport("libc", EntryPoint = "epoll_ctl", SetLastError = true)] internal static partial int EpollCtl(int epfd, int op, int fd, byte* ev);
     [LibraryImport("libc", EntryPoint = "epoll_wait", SetLastError = true)] internal static partial int EpollWait(int epfd, byte* events, int max, int timeoutMs);
     [LibraryImport("libc", EntryPoint = "eventfd", SetLastError = true)] internal static partial int EventFd(uint initval, int flags);
+
+    internal const short POLLIN = 0x1, POLLOUT = 0x4;
+    internal const int WNOHANG = 1, SIGKILL = 9, O_WRONLY = 0x1;
+    internal struct PollFd { public int Fd; public short Events, REvents; }
 
     internal static int Errno => Marshal.GetLastPInvokeError();
     internal static string ErrorText(int errno) => Marshal.GetPInvokeErrorMessage(errno);
@@ -2611,8 +2792,9 @@ internal sealed unsafe class TunDevice : IDataplane
     /// may hand us TCP and UDP super-packets of up to 64 KiB (TSO, USO) with checksums left to us;
     /// Read splits them. multiQueue: one queue of a multi-queue interface (the first call creates
     /// it, each further call with the same name adds a queue; the kernel spreads flows over them).</summary>
-    internal static TunDevice Create(string name, bool offload = true, bool multiQueue = false)
+    internal static TunDevice Create(string name, bool offload = true, bool multiQueue = false, ulong tapMac = 0)
     {
+        offload &= tapMac == 0;              // a TAP's frames are read whole: Segmenter cuts IP packets only
         byte* path = stackalloc byte[16];
         Encoding.ASCII.GetBytes("/dev/net/tun\0", new Span<byte>(path, 16));
         int fd = Libc.Open(path, Libc.O_RDWR | Libc.O_NONBLOCK | Libc.O_CLOEXEC, 0);
@@ -2621,12 +2803,25 @@ internal sealed unsafe class TunDevice : IDataplane
         var req = new Span<byte>(ifr, Libc.IfReqLen);
         req.Clear();
         Encoding.ASCII.GetBytes(name, req[..(Libc.IfNameSize - 1)]);
-        *(short*)(ifr + Libc.IfReqFlagsOffset) = (short)(Libc.IFF_TUN | Libc.IFF_NO_PI | (offload ? IFF_VNET_HDR : 0) | (multiQueue ? IFF_MULTI_QUEUE : 0));
+        *(short*)(ifr + Libc.IfReqFlagsOffset) = (short)((tapMac != 0 ? Libc.IFF_TAP : Libc.IFF_TUN) | Libc.IFF_NO_PI | (offload ? IFF_VNET_HDR : 0) | (multiQueue ? IFF_MULTI_QUEUE : 0));
         if (Libc.Ioctl(fd, Libc.TUNSETIFF, ifr) < 0)
         {
             int e = Libc.Errno;
             Libc.Close(fd);
-            throw new IOException($"cannot create TUN '{name}': {Libc.ErrorText(e)}" + (e == 16 ? " (the name is in use)" : ""));
+            throw new IOException($"cannot create {(tapMac != 0 ? "TAP" : "TUN")} '{name}': {Libc.ErrorText(e)}" + (e == 16 ? " (the name is in use, or is a device of the other kind)" : ""));
+        }
+        // A TAP's MAC follows from the node's key, so neighbours' ARP caches survive a restart.
+        // (The sockaddr after the name: family ARPHRD_ETHER, then the address.)
+        if (tapMac != 0)
+        {
+            *(ushort*)(ifr + Libc.IfNameSize) = 1;
+            for (int i = 0; i < 6; i++) ifr[Libc.IfNameSize + 2 + i] = (byte)(tapMac >> (40 - 8 * i));
+            if (Libc.Ioctl(fd, SIOCSIFHWADDR, ifr) < 0)
+            {
+                int e = Libc.Errno;
+                Libc.Close(fd);
+                throw new IOException($"cannot set the MAC address of TAP '{name}': {Libc.ErrorText(e)}");
+            }
         }
         // Should TUNSETOFFLOAD fail, the kernel sends whole packets; the virtio header stays (all zero).
         // Kernels before 6.2 refuse the USO bits as a whole: then TCP offloads alone.
@@ -2639,8 +2834,15 @@ internal sealed unsafe class TunDevice : IDataplane
             Libc.Close(fd);
             throw new IOException($"TUN '{name}' was created but has no interface index");
         }
-        return new TunDevice(fd, name, index, offload) { OffloadsAccepted = accepted, UdpOffloadAccepted = uso };
+        return new TunDevice(fd, name, index, offload) { OffloadsAccepted = accepted, UdpOffloadAccepted = uso, Mac = tapMac };
     }
+
+    private const uint SIOCSIFHWADDR = 0x8924;
+
+    /// <summary>A locally administered unicast MAC from the node's public key (--mode tap|hub).</summary>
+    internal static ulong MacFor(ReadOnlySpan<byte> publicKey) => Ethernet.Mac(publicKey) & ~(3UL << 40) | 2UL << 40;
+
+    internal ulong Mac { get; private init; }            // a TAP's own address; 0 for a TUN
 
     internal bool OffloadsAccepted { get; private init; }
     internal bool UdpOffloadAccepted { get; private init; }
@@ -4076,6 +4278,135 @@ internal sealed class PacketFilter
     }
 }
 
+// ---- 8.1 Switching: Ethernet frames for --mode tap|hub ----
+// With --mode tap the device is a TAP and what travels is whole Ethernet frames. MacTable is the
+// learning switch: the source MAC of every authenticated frame from a peer is learned for that peer
+// (a MAC seen from another peer moves at once); unicast to a known MAC goes to its peer alone, and
+// broadcast, multicast and unknown unicast go to every peer. --mode hub sends every frame to every
+// peer. Either way a frame from a peer goes to the TAP only, never on to another peer (split
+// horizon): the mesh is full, so nothing needs flooding twice and no loop can form.
+// A peer may source only the MACs --allow-mac lists for it, or, without a list, any unicast MAC up to
+// MaxPerPeer of them: a flood of made-up sources fills its own share, never the others'.
+
+internal enum L2Mode : byte { Tun, Tap, Hub }
+
+internal static class Ethernet
+{
+    internal const int HeaderLen = 14, SourceOffset = 6, TypeOffset = 12;
+    internal const int MaxHeaderLen = HeaderLen + 4;           // with one 802.1Q tag
+    internal const ushort TypeIPv4 = 0x0800, TypeIPv6 = 0x86DD, TypeVlan = 0x8100, TypeQinQ = 0x88A8;
+
+    internal static ulong Mac(ReadOnlySpan<byte> m) => (ulong)BinaryPrimitives.ReadUInt32BigEndian(m) << 16 | BinaryPrimitives.ReadUInt16BigEndian(m[4..]);
+    internal static bool IsGroup(ulong mac) => (mac >> 40 & 1) != 0;     // broadcast or multicast
+
+    internal static string MacText(ulong mac)
+    {
+        Span<char> t = stackalloc char[17];
+        for (int i = 0; i < 6; i++)
+        {
+            byte b = (byte)(mac >> (40 - 8 * i));
+            t[3 * i] = "0123456789abcdef"[b >> 4];
+            t[3 * i + 1] = "0123456789abcdef"[b & 15];
+            if (i < 5) t[3 * i + 2] = ':';
+        }
+        return new string(t);
+    }
+
+    internal static bool TryParseMac(string v, out ulong mac)
+    {
+        mac = 0;
+        if (v.Length != 17) return false;
+        for (int i = 0; i < 6; i++)
+        {
+            if (i < 5 && v[3 * i + 2] is not (':' or '-')) return false;
+            if (!byte.TryParse(v.AsSpan(3 * i, 2), System.Globalization.NumberStyles.AllowHexSpecifier, null, out byte b)) return false;
+            mac = mac << 8 | b;
+        }
+        return true;
+    }
+
+    /// <summary>A rebuilt frame's length (§12.1 zero-extends members): the IP packet's end where the
+    /// frame carries one (behind up to two VLAN tags), else all of it (Ethernet tolerates a padded tail).</summary>
+    internal static int RebuiltLen(ReadOnlySpan<byte> f)
+    {
+        int at = TypeOffset;
+        for (int tags = 0; tags < 2 && at + 6 <= f.Length && BinaryPrimitives.ReadUInt16BigEndian(f[at..]) is TypeVlan or TypeQinQ; tags++) at += 4;
+        if (at + 2 > f.Length || BinaryPrimitives.ReadUInt16BigEndian(f[at..]) is not (TypeIPv4 or TypeIPv6)) return f.Length;
+        int ipLen = Node.IpPacketLen(f[(at + 2)..]);
+        return ipLen > 0 && at + 2 + ipLen <= f.Length ? at + 2 + ipLen : f.Length;
+    }
+}
+
+internal enum Learned { Known, New, Moved, Refused }
+
+/// <summary>MAC address -> the peer it was last seen from. Bounded (MaxEntries, MaxPerPeer); an entry
+/// idle for IdleMs is as good as gone, and is removed by the next sweep. Allocation-free once the
+/// dictionary has its capacity.</summary>
+internal sealed class MacTable
+{
+    internal const int MaxEntries = 4096, MaxPerPeer = 256;
+    internal const long IdleMs = 300_000, SweepIntervalMs = 1_000;
+    internal struct Entry { internal int PeerId; internal long SeenMs; }
+    private readonly Dictionary<ulong, Entry> _entries = new(MaxEntries);
+    private int[] _perPeer = new int[16];
+    private long _sweepAtMs;
+    internal long Moves, Refusals;
+
+    internal int Count => _entries.Count;
+    public Dictionary<ulong, Entry>.Enumerator GetEnumerator() => _entries.GetEnumerator();
+    internal int CountOf(int peerId) => peerId < _perPeer.Length ? _perPeer[peerId] : 0;
+
+    /// <summary>The live peer id for a MAC, or -1.</summary>
+    internal int Lookup(ulong mac, long nowMs)
+    {
+        ref Entry e = ref CollectionsMarshal.GetValueRefOrNullRef(_entries, mac);
+        return Unsafe.IsNullRef(ref e) || nowMs - e.SeenMs >= IdleMs ? -1 : e.PeerId;
+    }
+
+    /// <summary>Notes that peerId sent from mac; Refused when its share or the table is full.</summary>
+    internal Learned Learn(ulong mac, int peerId, long nowMs)
+    {
+        if (peerId >= _perPeer.Length) Array.Resize(ref _perPeer, Math.Max(peerId + 1, _perPeer.Length * 2));
+        ref Entry e = ref CollectionsMarshal.GetValueRefOrNullRef(_entries, mac);
+        if (!Unsafe.IsNullRef(ref e) && e.PeerId == peerId) { e.SeenMs = nowMs; return Learned.Known; }
+        if (!Room(peerId, nowMs)) { Refusals++; return Learned.Refused; }
+        e = ref CollectionsMarshal.GetValueRefOrNullRef(_entries, mac);     // a sweep may have taken it
+        if (Unsafe.IsNullRef(ref e))
+        {
+            _entries[mac] = new Entry { PeerId = peerId, SeenMs = nowMs };
+            _perPeer[peerId]++;
+            return Learned.New;
+        }
+        _perPeer[e.PeerId]--;
+        _perPeer[peerId]++;
+        e.PeerId = peerId;
+        e.SeenMs = nowMs;
+        Moves++;
+        return Learned.Moved;
+    }
+
+    // Room for one more entry of peerId: idle entries are swept (at most once a second) when it is short.
+    private bool Room(int peerId, long nowMs)
+    {
+        bool room = _perPeer[peerId] < MaxPerPeer && _entries.Count < MaxEntries;
+        if (room || nowMs < _sweepAtMs) return room;
+        _sweepAtMs = nowMs + SweepIntervalMs;
+        Remove(-1, nowMs);
+        return _perPeer[peerId] < MaxPerPeer && _entries.Count < MaxEntries;
+    }
+
+    /// <summary>Removes the entries of peerId (-1: the idle ones of every peer).</summary>
+    internal void Remove(int peerId, long nowMs)
+    {
+        foreach (var (mac, e) in _entries)
+            if (peerId < 0 ? nowMs - e.SeenMs >= IdleMs : e.PeerId == peerId)
+            {
+                _entries.Remove(mac);
+                _perPeer[e.PeerId]--;
+            }
+    }
+}
+
 // ==== 9. Peers & timers ==========================================================================
 // A Peer is a remote node we hold keys for: its static key, endpoint, allowed prefixes, its three
 // session slots, the initiator side of a pending handshake, the responder's memory of its last
@@ -4131,6 +4462,7 @@ internal sealed class Peer
     internal Key32 StaticShared;                 // DH(our static, its static), the ss of every handshake
     internal Endpoint Endpoint;
     internal readonly List<IpPrefix> Allowed;
+    internal readonly List<ulong> AllowedMacs;   // --allow-mac (§8.1); empty: any, up to MacTable.MaxPerPeer
     internal string Name;                        // from the config, or the first characters of the key
     internal string ConfiguredEndpoint;          // as configured; Endpoint roams away from it
     internal Endpoint TcpRemote;                 // --peer-tcp (unset: none); Endpoint is a TcpLinks one while in use
@@ -4261,6 +4593,7 @@ internal sealed class Peer
         NamedByConfig = cfg.NameGiven;
         if (OwnPsk = cfg.PskFile.Length > 0) Psk = cfg.Psk;
         Allowed = new List<IpPrefix>(cfg.Allowed);
+        AllowedMacs = new List<ulong>(cfg.AllowedMacs);
         Name = cfg.Name.Length > 0 ? cfg.Name : cfg.PublicKey.DefaultName();
         PersistentKeepaliveMs = cfg.KeepaliveMs >= 0 ? cfg.KeepaliveMs : persistentKeepaliveMs;
         _stagedSlotLen = mtu;
@@ -6748,7 +7081,11 @@ internal sealed partial class Node
         get => _jitter;
         set { _jitter = value; foreach (Peer p in Peers) p.Jitter = value; }
     }
-    internal readonly int Mtu;
+    internal readonly int Mtu;                   // the largest payload: the device's MTU, and a frame's header with --mode tap|hub
+    internal readonly L2Mode Mode;
+    internal readonly MacTable Macs = new();     // --mode tap|hub (§8.1)
+    internal ulong LocalMac;                     // the TAP's own: no peer may source it
+    internal long FramesSwitched, FramesFlooded, FramesUnknown;
     internal Func<long> UnixNs = () => (DateTime.UtcNow - DateTime.UnixEpoch).Ticks * 100;
     private long _lastUnixNs;
     private readonly HelloState _hello = new();
@@ -6757,7 +7094,8 @@ internal sealed partial class Node
     {
         Log = log;
         Counters = counters;
-        Mtu = cfg.Mtu;
+        Mode = cfg.Mode;
+        Mtu = cfg.Mtu + (Mode != L2Mode.Tun ? Ethernet.MaxHeaderLen : 0);
         RekeyAfterMs = cfg.RekeyAfterTimeMs;
         ConfigurePolicy(cfg);
         Admission = new Admission(cfg.HandshakeRate, cfg.HandshakeRatePerSource, cfg.MaxSessions);
@@ -6895,6 +7233,7 @@ internal sealed partial class Node
         p.StaticShared.Clear();
         p.FecIn = null;                                               // its parity state (§12.1)
         p.FecOut = null;
+        Macs.Remove(p.Id, 0);
         if (p.Provisional) Log.Debug("peer_removed", $"peer={p.Name} reason=not_confirmed");
         else Log.Info("peer_removed", $"peer={p.Name} reason={reason}");
     }
@@ -6951,6 +7290,9 @@ internal sealed partial class Node
             else if (p.PersistentKeepaliveAtMs == 0) p.PersistentKeepaliveAtMs = nowMs + p.PersistentKeepaliveMs;
             p.Allowed.Clear();
             p.Allowed.AddRange(pc.Allowed);
+            if (string.Join(',', p.AllowedMacs) != string.Join(',', pc.AllowedMacs)) Macs.Remove(p.Id, 0);   // learned under the old list
+            p.AllowedMacs.Clear();
+            p.AllowedMacs.AddRange(pc.AllowedMacs);
             p.TcpRemote = pc.Tcp;
             p.Isolated = pc.Isolated;
             p.NamedByConfig = pc.NameGiven;
@@ -6986,17 +7328,13 @@ internal sealed partial class Node
         {
             Span<byte> packet = b.Packet(i);
             Counters.TunRxPackets++;
-            int peerId = RouteOf(packet, destination: true);
+            int peerId = Mode == L2Mode.Tun ? RouteOf(packet, destination: true) : SwitchOf(packet, nowMs);
             b.Length[i] = 0;
+            if (peerId == FloodAll) { Flood(packet, nowMs); continue; }
             if (peerId < 0) { Counters.Drop(peerId == -2 ? DropReason.Malformed : Ip.IsLinkScope(packet) ? DropReason.LinkLocal : DropReason.NoRoute); continue; }
             Peer p = Peers[peerId];
             if (Filter != null && !Filter.Allow(packet, p, outbound: true, nowMs)) { Counters.Drop(DropReason.Filtered); continue; }
-            if (!CanSend(p, nowMs))
-            {
-                if (!p.Stage(packet)) Counters.Drop(DropReason.QueueFull);
-                if (p.Next == null || nowMs - p.Next.CreatedMs >= Spec.RekeyTimeoutMs) StartHandshake(p, nowMs, retransmit: false);
-                continue;
-            }
+            if (!CanSend(p, nowMs)) { Stage(p, packet, nowMs); continue; }
             Session s = p.Current!;
             FecSender? fec = ParityFor(p, nowMs);
             if (fec != null)
@@ -7024,6 +7362,44 @@ internal sealed partial class Node
             b.Length[i] = len;
             b.Endpoints[i] = p.Endpoint;
             if (fec != null && fec.Members >= fec.Want) SendParity(p, fec, nowMs);
+        }
+    }
+
+    // No session to send under yet: the packet waits (a few per peer) for the handshake it starts.
+    private void Stage(Peer p, ReadOnlySpan<byte> packet, long nowMs)
+    {
+        if (!p.Stage(packet)) Counters.Drop(DropReason.QueueFull);
+        if (p.Next == null || nowMs - p.Next.CreatedMs >= Spec.RekeyTimeoutMs) StartHandshake(p, nowMs, retransmit: false);
+    }
+
+    private const int FloodAll = -3;
+
+    // --mode tap|hub: the peer that owns the frame's destination MAC, or FloodAll; -2 for a runt.
+    private int SwitchOf(ReadOnlySpan<byte> frame, long nowMs)
+    {
+        if (frame.Length < Ethernet.HeaderLen) return -2;
+        ulong to = Ethernet.Mac(frame);
+        if (Mode == L2Mode.Hub || Ethernet.IsGroup(to)) return FloodAll;
+        int id = Macs.Lookup(to, nowMs);
+        if (id < 0 || !Peers[id].Active) { FramesUnknown++; return FloodAll; }
+        FramesSwitched++;
+        return id;
+    }
+
+    // A sealed copy to every member, through UdpOut: broadcast, multicast, unknown unicast, a hub's all.
+    private void Flood(ReadOnlySpan<byte> frame, long nowMs)
+    {
+        FramesFlooded++;
+        foreach (Peer p in Peers)
+        {
+            if (!p.Active || p.Provisional) continue;
+            if (!CanSend(p, nowMs)) { Stage(p, frame, nowMs); continue; }
+            Session s = p.Current!;
+            Span<byte> slot = NextOut(p, nowMs);
+            frame.CopyTo(slot[Record.PayloadOffset..]);
+            int len = Record.Seal(s, slot, frame.Length, DataFlags(s, nowMs), Mtu);
+            CommitOut(p, len, nowMs);
+            AfterSend(p, s, len, nowMs, carriesData: true);
         }
     }
 
@@ -7199,13 +7575,14 @@ internal sealed partial class Node
         if (flags == RecordFlags.Parity) return ReceiveParity(p, s, d, len, nowMs, out ipOffset);
         if (len == 0 || (flags & RecordFlags.Data) == 0) return 0;   // keepalive or bind
         p.FecIn?.Keep(s, Record.Counter(d), d.Slice(Record.PayloadOffset, len));
-        return AcceptData(p, d.Slice(Record.PayloadOffset, len), nowMs);
+        return AcceptData(p, d.Slice(Record.PayloadOffset, len), nowMs, rebuilt: false);
     }
 
     // A data record's payload (or one rebuilt from parity) on its way to the TUN: its IP length, or 0
     // when one of the checks refuses it.
-    private int AcceptData(Peer p, ReadOnlySpan<byte> packet, long nowMs)
+    private int AcceptData(Peer p, ReadOnlySpan<byte> packet, long nowMs, bool rebuilt)
     {
+        if (Mode != L2Mode.Tun) return AcceptFrame(p, packet, nowMs, rebuilt);
         int len = packet.Length;
         int ipLen = IpPacketLen(packet);
         if (ipLen <= 0 || ipLen > len) { Counters.Drop(DropReason.Malformed); return 0; }
@@ -7234,6 +7611,23 @@ internal sealed partial class Node
         }
         Counters.TunTxPackets++;
         return ipLen;
+    }
+
+    // --mode tap|hub: the frame's length, or 0 when its source MAC is not the peer's to use (§8.1).
+    // A record says exactly how long its frame is; a rebuilt one has the length of the group's longest.
+    private int AcceptFrame(Peer p, ReadOnlySpan<byte> frame, long nowMs, bool rebuilt)
+    {
+        int len = rebuilt ? Ethernet.RebuiltLen(frame) : frame.Length;
+        if (len < Ethernet.HeaderLen) { Counters.Drop(DropReason.Malformed); return 0; }
+        ulong from = Ethernet.Mac(frame[Ethernet.SourceOffset..]);
+        if (Ethernet.IsGroup(from) || from == 0 || from == LocalMac || p.AllowedMacs.Count > 0 && !p.AllowedMacs.Contains(from)
+            || Macs.Learn(from, p.Id, nowMs) == Learned.Refused)
+        {
+            Counters.Drop(DropReason.MacNotAllowed);
+            return 0;
+        }
+        Counters.TunTxPackets++;
+        return len;
     }
 
     /// <summary>Total length from the IP header (padding removed), or 0 when it is not a sane IP header.</summary>
@@ -7480,7 +7874,7 @@ internal sealed partial class Node
         if (rebuilt == FecReceiver.Unrecoverable) FecUnrecoverable++;
         for (int k = 0; k < f.SpareCount; k++)
         {
-            if (!s.Window.Accept(f.SpareCounter[k]) || AcceptData(p, f.Spare(k), nowMs) is not (int spareLen and > 0)) continue;
+            if (!s.Window.Accept(f.SpareCounter[k]) || AcceptData(p, f.Spare(k), nowMs, rebuilt: true) is not (int spareLen and > 0)) continue;
             FecRecovered++;
             if (_spareCount == _spareLen.Length) { FecNoRoom++; continue; }
             _spares ??= new byte[_spareLen.Length * Mtu];
@@ -7489,7 +7883,7 @@ internal sealed partial class Node
         }
         if (rebuilt < 0 || !s.Window.Accept((ulong)rebuilt)) return 0;
         FecRecovered++;
-        return AcceptData(p, d.Slice(ipOffset, len - Fec.HeaderLen), nowMs);
+        return AcceptData(p, d.Slice(ipOffset, len - Fec.HeaderLen), nowMs, rebuilt: true);
     }
 
     // A receiver keeps 128 payloads (190 KB at the default MTU): for MaxReceivers peers at most, so
@@ -8065,6 +8459,7 @@ internal sealed unsafe partial class Daemon
         foreach (var (name, on) in Worker.Offloads(tun, udp)) offloadsLine.Append(name).Append(on ? "=on " : "=off ");
         _log.Info("offloads", $"{offloadsLine}aead_backend={Aead.Backend}" + (offloads ? "" : " disabled_by=VEIL_OFFLOADS"));
         Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
+        node.LocalMac = tun.Mac;
         foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
         // The journal is a crashed run's only while no daemon answers on its control socket.
         // (Another one's: we keep off it; we fail at the control socket soon anyway.)
@@ -8148,13 +8543,14 @@ internal sealed unsafe partial class Daemon
         udp.OnOffloadOff = what => _log.Warn("offload_off", what + " hint=\"sending one datagram per call from now on\"");
         if (!offloads) udp.DropOffloads();
 
-        TunDevice tun = _tun = TunDevice.Create(_cfg.TunName, offloads, multiQueue: wanted > 1);
+        ulong mac = _cfg.Mode != L2Mode.Tun ? TunDevice.MacFor(_cfg.PublicKey) : 0;
+        TunDevice tun = _tun = TunDevice.Create(_cfg.TunName, offloads, multiQueue: wanted > 1, mac);
         for (int i = 1; i < wanted; i++)
         {
             TunDevice? queue = null;
             try
             {
-                queue = TunDevice.Create(_cfg.TunName, offloads, multiQueue: true);
+                queue = TunDevice.Create(_cfg.TunName, offloads, multiQueue: true, mac);
                 UdpSocket socket = udp.Sibling();
                 if (!offloads) socket.DropOffloads();
                 queues.Add((queue, socket));
@@ -8338,7 +8734,8 @@ internal sealed unsafe partial class Daemon
         return fi.Exists ? (fi.LastWriteTimeUtc, fi.Length) : default;
     }
 
-    private static List<IpPrefix> Prefixes(List<RouteEntry> routes) => routes.ConvertAll(r => r.Prefix);
+    // A TAP's overlay is one link: its addresses' own prefixes reach every member, and no route is ours.
+    private List<IpPrefix> Prefixes(List<RouteEntry> routes) => _cfg.Mode != L2Mode.Tun ? [] : routes.ConvertAll(r => r.Prefix);
 
     // Where members may reach us: the --listen address, or every address of this host but
     // loopback, link-local, the overlay and the TUN itself, each with our port.
@@ -10723,7 +11120,7 @@ internal sealed class PortMapper : IDisposable
     private readonly Thread _thread;
     private volatile bool _stop;
     private readonly byte[] _nonce = RandomNumberGenerator.GetBytes(12);   // PCP: ours, for every request of this run
-    private string? _upnpControl, _upnpService;                             // found by the last UPnP try
+    private HttpUrl? _upnpControl; private string? _upnpService;                           // found by the last UPnP try
 
     /// <summary>order: the protocols to try ("pcp", "nat-pmp", "upnp"); VEIL_PORTMAP can narrow it.</summary>
     internal PortMapper(int port, Action<Endpoint> onMapped, Log log, string[] order)
@@ -10877,14 +11274,14 @@ internal sealed class PortMapper : IDisposable
         if (_upnpControl == null)
         {
             string location = Discover(gw);
-            Uri root = Upnp.GatewayUrl(location, gw) ?? throw new IOException($"description at {location} is not on the gateway");
+            HttpUrl root = Upnp.GatewayUrl(location, gw) ?? throw new IOException($"description at {location} is not on the gateway");
             (int status, string xml) = Http(gw, root, "GET", null, null);
             if (status != 200) throw new IOException($"description: HTTP {status}");
             (string service, string control) = Upnp.FindWanService(xml) ?? throw new IOException("no WANIPConnection or WANPPPConnection service");
-            Uri url = Upnp.GatewayUrl(new Uri(root, control).ToString(), gw) ?? throw new IOException($"control URL {control} is not on the gateway");
-            (_upnpService, _upnpControl) = (service, url.ToString());
+            HttpUrl url = Upnp.GatewayUrl(root.Resolve(control), gw) ?? throw new IOException($"control URL {control} is not on the gateway");
+            (_upnpService, _upnpControl) = (service, url);
         }
-        Uri ctl = new(_upnpControl);
+        HttpUrl ctl = _upnpControl.Value;
         string svc = _upnpService!;
         IPAddress local;
         using (var probe = Marked(new Socket(AddressFamily.InterNetwork, SocketType.Dgram, ProtocolType.Udp)))
@@ -10933,11 +11330,11 @@ internal sealed class PortMapper : IDisposable
         throw new IOException("no SSDP answer from the gateway");
     }
 
-    private static (int, string) Soap(IPAddress gw, Uri ctl, string service, string action, List<(string Name, string Value)> args) =>
+    private static (int, string) Soap(IPAddress gw, HttpUrl ctl, string service, string action, List<(string Name, string Value)> args) =>
         Http(gw, ctl, "POST", Upnp.SoapBody(service, action, args), $"\"{service}#{action}\"");
 
     // One HTTP/1.0 exchange with the gateway (no keep-alive, no chunking), bounded in time and size.
-    private static (int Status, string Body) Http(IPAddress gw, Uri url, string method, string? body, string? soapAction)
+    private static (int Status, string Body) Http(IPAddress gw, HttpUrl url, string method, string? body, string? soapAction)
     {
         using var sock = new Socket(AddressFamily.InterNetwork, SocketType.Stream, ProtocolType.Tcp) { ReceiveTimeout = HttpTimeoutMs, SendTimeout = HttpTimeoutMs };
         Marked(sock);
@@ -10945,7 +11342,7 @@ internal sealed class PortMapper : IDisposable
         if (!ar.AsyncWaitHandle.WaitOne(HttpTimeoutMs)) throw new IOException($"connect {gw}:{url.Port} timed out");
         sock.EndConnect(ar);
         byte[] content = Encoding.UTF8.GetBytes(body ?? "");
-        var head = new StringBuilder($"{method} {url.PathAndQuery} HTTP/1.0\r\nHost: {url.Authority}\r\n");
+        var head = new StringBuilder($"{method} {url.Path} HTTP/1.0\r\nHost: {url.Host}:{url.Port}\r\n");
         if (soapAction != null) head.Append($"Content-Type: text/xml; charset=\"utf-8\"\r\nSOAPAction: {soapAction}\r\n");
         if (body != null) head.Append($"Content-Length: {content.Length}\r\n");
         head.Append("Connection: close\r\n\r\n");
@@ -10982,7 +11379,7 @@ internal sealed class PortMapper : IDisposable
                     Ask(s.Gateway, req, ans, (b, n) => n >= 16 && b[1] == 129, out _);
                     break;
                 case "upnp" when _upnpControl != null:
-                    Soap(s.Gateway, new Uri(_upnpControl), _upnpService!, "DeletePortMapping",
+                    Soap(s.Gateway, _upnpControl.Value, _upnpService!, "DeletePortMapping",
                         [("NewRemoteHost", ""), ("NewExternalPort", s.External.Port.ToString()), ("NewProtocol", "UDP")]);
                     break;
             }
@@ -11086,6 +11483,45 @@ internal static class Pcp
 
 /// <summary>The text of UPnP IGD: SSDP search, the description's WAN service, SOAP requests and
 /// answers. Found by plain string search: a description is small, and no XML reader is needed.</summary>
+/// <summary>An http URL on a gateway in the only form UPnP needs: an IPv4 host, a port and a path.
+/// Its own parser rather than System.Uri (about 60 KB of a router's flash), and a strict one: a
+/// path the request line could not carry verbatim (spaces, CR, LF, non-ASCII) is refused.</summary>
+internal readonly record struct HttpUrl(string Host, int Port, string Path)
+{
+    public override string ToString() => $"http://{Host}:{Port}{Path}";
+
+    public static bool TryParse(string text, out HttpUrl url)
+    {
+        url = default;
+        if (!text.StartsWith("http://", StringComparison.OrdinalIgnoreCase)) return false;
+        string rest = text[7..];
+        int cut = rest.IndexOfAny(['/', '?', '#']);
+        string authority = cut < 0 ? rest : rest[..cut], path = cut < 0 ? "/" : rest[cut..];
+        if (path.IndexOf('#') is int hash and >= 0) path = path[..hash];
+        if (!path.StartsWith('/')) path = "/" + path;
+        int port = 80, colon = authority.LastIndexOf(':');
+        if (colon >= 0 && (authority.Length - colon > 6 || !int.TryParse(authority.AsSpan(colon + 1), System.Globalization.NumberStyles.None, null, out port) || port is < 1 or > 65535))
+            return false;
+        string host = colon >= 0 ? authority[..colon] : authority;
+        // The round trip refuses the shorthand forms ("10.1", "0x7f.1") IPAddress.TryParse also takes.
+        if (!IPAddress.TryParse(host, out IPAddress? ip) || ip.AddressFamily != AddressFamily.InterNetwork || ip.ToString() != host) return false;
+        foreach (char c in path) if (c is <= ' ' or > '~') return false;
+        url = new HttpUrl(host, port, path);
+        return true;
+    }
+
+    /// <summary>A reference from a description (an absolute URL, an absolute path, or a path relative
+    /// to this URL's directory) as an absolute URL, still to be checked by TryParse.</summary>
+    public string Resolve(string reference)
+    {
+        reference = reference.Trim();
+        if (reference.Contains("://")) return reference;
+        if (reference.StartsWith('/')) return $"http://{Host}:{Port}{reference}";
+        string path = Path.IndexOf('?') is int q and >= 0 ? Path[..q] : Path;
+        return $"http://{Host}:{Port}{path[..(path.LastIndexOf('/') + 1)]}{reference}";
+    }
+}
+
 internal static class Upnp
 {
     internal const string MSearch = "M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\nMX: 1\r\n" +
@@ -11105,9 +11541,9 @@ internal static class Upnp
         return null;
     }
 
-    /// <summary>url as an http URI on the gateway itself; null for anything else.</summary>
-    internal static Uri? GatewayUrl(string url, IPAddress gw) =>
-        Uri.TryCreate(url, UriKind.Absolute, out Uri? u) && u.Scheme == "http" && IPAddress.TryParse(u.Host, out IPAddress? h) && h.Equals(gw) ? u : null;
+    /// <summary>url as an http URL on the gateway itself; null for anything else.</summary>
+    internal static HttpUrl? GatewayUrl(string url, IPAddress gw) =>
+        HttpUrl.TryParse(url, out HttpUrl u) && IPAddress.TryParse(u.Host, out IPAddress? h) && h.Equals(gw) ? u : null;
 
     /// <summary>The first WAN connection service of a description: its type and control URL.</summary>
     internal static (string Service, string Control)? FindWanService(string xml)
@@ -11235,21 +11671,14 @@ internal static class Beacon
         error = null;
         string[] argv = command.TrimStart('|').Split(' ', StringSplitOptions.RemoveEmptyEntries);
         if (argv.Length == 0) { error = "empty command"; return null; }
-        var psi = new ProcessStartInfo(argv[0]) { RedirectStandardInput = true, RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        for (int i = 1; i < argv.Length; i++) psi.ArgumentList.Add(argv[i]);
         try
         {
-            using Process p = Process.Start(psi)!;
-            var output = p.StandardOutput.ReadToEndAsync();
-            _ = p.StandardError.ReadToEndAsync();
-            p.StandardInput.Write(input ?? "");
-            p.StandardInput.Close();
-            if (!p.WaitForExit(timeoutMs)) { p.Kill(entireProcessTree: true); error = $"timed out after {timeoutMs} ms"; return null; }
-            if (p.ExitCode != 0) { error = $"exit status {p.ExitCode}"; return null; }
-            string text = output.Result;
-            return text.Length <= MaxInputLen ? text : text[..MaxInputLen];
+            Spawn.Exit p = Spawn.Run(argv, Spawn.Environment([]), input, withStderr: false, MaxInputLen, timeoutMs);
+            if (p.TimedOut) { error = $"timed out after {timeoutMs} ms"; return null; }
+            if (p.Code != 0) { error = $"exit status {p.Code}"; return null; }
+            return p.Output;
         }
-        catch (Exception e) when (e is System.ComponentModel.Win32Exception or IOException or InvalidOperationException)
+        catch (IOException e)
         {
             error = e.Message;
             return null;
@@ -11496,7 +11925,10 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append("  public key: ").Append(node.Handshaker.PublicKey.ToBase64()).Append('\n');
         sb.Append("  listening port: ").Append(listenPort).Append('\n');
         sb.Append("  addresses: ").Append(string.Join(", ", cfg.Addresses)).Append('\n');
-        sb.Append("  mtu: ").Append(node.Mtu).Append("  uptime: ").Append(Age(nowMs - startedMs)).Append('\n');
+        sb.Append("  mtu: ").Append(cfg.Mtu).Append("  uptime: ").Append(Age(nowMs - startedMs)).Append('\n');
+        if (node.Mode != L2Mode.Tun)
+            sb.Append("  mode: ").Append(UpConfig.ModeName(node.Mode)).Append(" (").Append(node.Macs.Count).Append(" MACs learned, ")
+              .Append(node.FramesSwitched).Append(" frames switched, ").Append(node.FramesFlooded).Append(" flooded)\n");
         int total = PeerCount();
         sb.Append("  peers: ").Append(PeersUp(nowMs)).Append(" of ").Append(total).Append(" up\n");
         if (cfg.Exit) sb.Append("  exit: offered (0.0.0.0/0 and ::/0 announced; members masqueraded out of the other interfaces)")
@@ -11631,7 +12063,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         var sb = new StringBuilder();
         int total = PeerCount();
         sb.Append("node\t").Append(cfg.TunName).Append('\t').Append(node.Handshaker.PublicKey.ToBase64()).Append('\t').Append(listenPort)
-          .Append('\t').Append(node.Mtu).Append('\t').Append(PeersUp(nowMs)).Append('\t').Append(total).Append('\t').Append((nowMs - startedMs) / 1000).Append('\n');
+          .Append('\t').Append(cfg.Mtu).Append('\t').Append(PeersUp(nowMs)).Append('\t').Append(total).Append('\t').Append((nowMs - startedMs) / 1000).Append('\n');
         foreach (Peer p in ActivePeers())
         {
             sb.Append("peer\t").Append(p.Name).Append('\t').Append(p.PublicKey.ToBase64()).Append('\t').Append(p.Endpoint.IsSet ? EndpointText(p.Endpoint) : "-")
@@ -11641,6 +12073,27 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
               .Append('\t').Append(p.PersistentKeepaliveMs > 0 ? (p.PersistentKeepaliveMs / 1000).ToString() : "-").Append('\t').Append(p.EndpointChanges).Append('\n');
         }
         return sb.ToString();
+    }
+
+    // --mode tap|hub (§8.1): what was switched and flooded, and the MAC table (idle entries left out).
+    private void SwitchJson(StringBuilder sb, long nowMs)
+    {
+        if (node.Mode == L2Mode.Tun) return;
+        MacTable t = node.Macs;
+        sb.Append(",\"switch\":{\"mode\":\"").Append(UpConfig.ModeName(node.Mode)).Append("\",\"switched\":").Append(node.FramesSwitched)
+          .Append(",\"flooded\":").Append(node.FramesFlooded).Append(",\"unknown\":").Append(node.FramesUnknown)
+          .Append(",\"moves\":").Append(t.Moves).Append(",\"refused\":").Append(t.Refusals)
+          .Append(",\"max_macs\":").Append(MacTable.MaxEntries).Append(",\"max_macs_per_peer\":").Append(MacTable.MaxPerPeer).Append(",\"macs\":[");
+        bool first = true;
+        foreach (var (mac, e) in t)
+        {
+            if (nowMs - e.SeenMs >= MacTable.IdleMs || !node.Peers[e.PeerId].Active) continue;
+            sb.Append(first ? "{\"mac\":\"" : ",{\"mac\":\"").Append(Ethernet.MacText(mac)).Append("\",\"peer\":");
+            Str(sb, node.Peers[e.PeerId].Name);
+            sb.Append(",\"age_seconds\":").Append((nowMs - e.SeenMs) / 1000).Append('}');
+            first = false;
+        }
+        sb.Append("]}");
     }
 
     internal string RoutesText()
@@ -11663,7 +12116,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         sb.Append("{\"version\":\"").Append(Cli.Version).Append("\",\"node\":{\"public_key\":\"").Append(node.Handshaker.PublicKey.ToBase64())
           .Append("\",\"listen_port\":").Append(listenPort).Append(",\"tun\":");
         Str(sb, cfg.TunName);
-        sb.Append(",\"mtu\":").Append(node.Mtu).Append(",\"addresses\":[");
+        sb.Append(",\"mtu\":").Append(cfg.Mtu).Append(",\"addresses\":[");
         for (int i = 0; i < cfg.Addresses.Count; i++) sb.Append(i > 0 ? "," : "").Append('"').Append(cfg.Addresses[i]).Append('"');
         sb.Append("],\"datapath\":{");
         foreach (var (name, on) in Offloads()) sb.Append('"').Append(name).Append("\":").Append(on ? "true," : "false,");
@@ -11738,6 +12191,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
           .Append(",\"recovered\":").Append(node.FecRecovered).Append(",\"unrecoverable\":").Append(node.FecUnrecoverable)
           .Append(",\"no_room\":").Append(node.FecNoRoom).Append(",\"late\":").Append(node.FecLate)
           .Append(",\"refused\":").Append(node.FecRefused).Append('}');
+        SwitchJson(sb, nowMs);
         Relays r = node.Relays;
         sb.Append(",\"relay\":{\"offered\":").Append(r.Offered ? "true" : "false").Append(",\"rate_mbit\":").Append(r.RateBytesPerS / 125_000)
           .Append(",\"flows\":").Append(r.Pairs).Append(",\"bytes\":").Append(r.Bytes).Append(",\"records\":").Append(r.Records)
@@ -11933,6 +12387,15 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             One("veil_fec_parity_bytes_total", "counter", "Bytes of parity records sent (on the wire, as records).", node.FecParityBytes);
             One("veil_fec_recovered_total", "counter", "Data records rebuilt from parity.", node.FecRecovered);
             One("veil_fec_unrecoverable_total", "counter", "Parity records that came with more members missing than the group has rows.", node.FecUnrecoverable);
+            if (node.Mode != L2Mode.Tun)
+            {
+                One("veil_mac_table_entries", "gauge", "MAC addresses learned from peers (--mode tap|hub), idle ones included until swept.", node.Macs.Count);
+                One("veil_mac_moves_total", "counter", "MAC addresses that moved from one peer to another.", node.Macs.Moves);
+                Head("veil_frames_total", "counter", "Frames from the TAP, by how they were sent: to one peer, or flooded (unknown: unicast to a MAC not learned).");
+                sb.Append("veil_frames_total{kind=\"switched\"} ").Append(node.FramesSwitched).Append('\n');
+                sb.Append("veil_frames_total{kind=\"flooded\"} ").Append(node.FramesFlooded).Append('\n');
+                sb.Append("veil_frames_total{kind=\"unknown\"} ").Append(node.FramesUnknown).Append('\n');
+            }
             Relays r = node.Relays;
             One("veil_relay_bytes_total", "counter", "Bytes of inner datagrams this node carried between other members.", r.Bytes);
             One("veil_relay_records_total", "counter", "Datagrams this node carried between other members.", r.Records);
@@ -14409,31 +14872,18 @@ internal static class ServiceCli
         return null;
     }
 
-    // posix_spawn and waitpid, sharing our stdout and stderr (System.Diagnostics.Process would add
-    // 0.3 MB to the binary for this one call).
-    private static unsafe (int, string) RunTool(string path, string[] args)
+    private const int SystemctlTimeoutMs = 120_000;
+
+    // Its output (stderr with it) is kept for the error message.
+    private static (int, string) RunTool(string path, string[] args)
     {
-        string[] argv = [path, .. args], envp = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"];
-        var pinned = new List<System.Runtime.InteropServices.GCHandle>();
-        nint Str(string v)
-        {
-            var h = System.Runtime.InteropServices.GCHandle.Alloc(Encoding.UTF8.GetBytes(v + "\0"), System.Runtime.InteropServices.GCHandleType.Pinned);
-            pinned.Add(h);
-            return h.AddrOfPinnedObject();
-        }
         try
         {
-            nint* a = stackalloc nint[argv.Length + 1], e = stackalloc nint[envp.Length + 1];
-            for (int i = 0; i < argv.Length; i++) a[i] = Str(argv[i]);
-            for (int i = 0; i < envp.Length; i++) e[i] = Str(envp[i]);
-            a[argv.Length] = e[envp.Length] = 0;
-            int pid, status;
-            int err = Libc.PosixSpawn(&pid, (byte*)a[0], 0, 0, a, e);
-            if (err != 0) throw new ConfigException($"service: cannot run {path}: {Libc.ErrorText(err)}");
-            while (Libc.WaitPid(pid, &status, 0) < 0 && Libc.Errno == Libc.EINTR) { }
-            return ((status & 0x7F) == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F), "");
+            Spawn.Exit p = Spawn.Run([path, .. args], ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"],
+                                     null, withStderr: true, 64 * 1024, SystemctlTimeoutMs);
+            return (p.TimedOut ? 124 : p.Code, p.TimedOut ? $"timed out after {SystemctlTimeoutMs / 1000} s" : p.Output);
         }
-        finally { foreach (var h in pinned) h.Free(); }
+        catch (IOException e) { throw new ConfigException($"service: {e.Message}"); }
     }
 }
 

@@ -102,6 +102,35 @@ public sealed class ConfigTests : IDisposable
         Assert.Contains("--allow 'foo'", Assert.Throws<ConfigException>(() => Parse("--peer", _peerPub, "--allow", "foo")).Message);
 
     [Fact]
+    public void Mode_TapAndHub_WithMacLists()
+    {
+        Assert.Equal(L2Mode.Tun, Parse().Mode);
+        UpConfig c = Parse("--mode", "tap", "--peer", _peerPub, "--allow-mac", "02:00:00:00:00:0A", "--allow-mac=02-00-00-00-00-0b");
+        Assert.Equal(L2Mode.Tap, c.Mode);
+        Assert.Equal(new[] { 0x02_00_00_00_00_0AUL, 0x02_00_00_00_00_0BUL }, c.Peers[0].AllowedMacs);
+        Assert.Equal(1420 - Ethernet.MaxHeaderLen, c.Mtu);              // a frame's header fits the underlay too
+        Assert.Equal(1380, Parse("--mode", "hub", "--mtu", "1380").Mtu);  // given: the TAP's own
+        Assert.Equal(L2Mode.Hub, Parse("--mode", "hub").Mode);
+        Assert.Contains("mode", Parse("--mode", "tap").RestartKeysChanged(Parse()));
+    }
+
+    [Theory]
+    [InlineData("--mode 'bridge' must be tun, tap or hub", "--mode", "bridge")]
+    [InlineData("--allow-mac must follow the --peer", "--allow-mac", "02:00:00:00:00:01")]
+    [InlineData("--allow-mac goes with --mode tap or hub", "--peer", "PEER", "--allow-mac", "02:00:00:00:00:01")]
+    [InlineData("--allow-mac 'ff:ff:ff:ff:ff:ff' is not a unicast MAC", "--mode", "tap", "--peer", "PEER", "--allow-mac", "ff:ff:ff:ff:ff:ff")]
+    [InlineData("--allow-mac '01:00:5e:00:00:01' is not a unicast MAC", "--mode", "tap", "--peer", "PEER", "--allow-mac", "01:00:5e:00:00:01")]
+    [InlineData("--allow-mac '02:00:00:00:00' is not a unicast MAC", "--mode", "tap", "--peer", "PEER", "--allow-mac", "02:00:00:00:00")]
+    [InlineData("--mode tap switches Ethernet frames: --claim", "--mode", "tap", "--claim", "10.9.0.0/24")]
+    [InlineData("--mode hub switches Ethernet frames", "--mode", "hub", "--exit")]
+    public void Mode_BadCombinations_OneClearError(string expect, params string[] args)
+    {
+        var e = Assert.Throws<ConfigException>(() => Parse(args.Select(a => a == "PEER" ? _peerPub : a).ToArray()));
+        Assert.Contains(expect, e.Message);
+        Assert.DoesNotContain('\n', e.Message);
+    }
+
+    [Fact]
     public void MissingValue_Refused() =>
         Assert.Contains("--tun needs a value", Assert.Throws<ConfigException>(() => Parse("--tun")).Message);
 

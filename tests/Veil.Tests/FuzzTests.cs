@@ -659,9 +659,9 @@ public sealed partial class FuzzTests
                 if (Upnp.Location(answer) is string loc)
                 {
                     sig.Append("+location");
-                    if (Upnp.GatewayUrl(loc, gw) is Uri root)
+                    if (Upnp.GatewayUrl(loc, gw) is HttpUrl root)
                     {
-                        Check(root.Scheme == "http" && IPAddress.Parse(root.Host).Equals(gw), $"a description URL {root} off the gateway");
+                        Check(IPAddress.Parse(root.Host).Equals(gw) && root.Path.StartsWith('/') && !root.Path.Any(c => c is <= ' ' or > '~'), $"a description URL {root} off the gateway");
                         sig.Append("+root");
                     }
                 }
@@ -671,8 +671,12 @@ public sealed partial class FuzzTests
                     if (Upnp.FindWanService(body) is (string service, string control))
                     {
                         sig.Append("+wan");
-                        var root = new Uri("http://192.168.1.1:5000/rootDesc.xml");
-                        if (Upnp.GatewayUrl(new Uri(root, control).ToString(), gw) is Uri url) { _ = new Uri(url.ToString()); sig.Append("+control"); }
+                        var root = new HttpUrl("192.168.1.1", 5000, "/rootDesc.xml");
+                        if (Upnp.GatewayUrl(root.Resolve(control), gw) is HttpUrl url)
+                        {
+                            Check(Upnp.GatewayUrl(url.ToString(), gw) == url, $"control URL {url} does not round-trip");
+                            sig.Append("+control");
+                        }
                         _ = Upnp.SoapBody(service, "AddPortMapping", [("NewExternalPort", "51820")]);
                     }
                     if (Upnp.SoapValue(body, "errorCode") is string code) sig.Append("+fault/").Append(code == "725" ? "725" : "other");

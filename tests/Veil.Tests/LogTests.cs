@@ -175,6 +175,41 @@ public sealed class HookTests : IDisposable
         Assert.Equal("all peer_joined AAAA+/==\nown peer_up\n", File.ReadAllText(outFile));
     }
 
+    // The runner behind hooks, beacon commands and systemctl (posix_spawnp, not System.Diagnostics.Process).
+    [Fact]
+    public void Spawn_InputOutputExitCodeAndEnvironment()
+    {
+        string[] env = Spawn.Environment([("VEIL_X", "one two")]);
+        Assert.Contains("VEIL_X=one two", env);
+        Assert.Contains(env, e => e.StartsWith("PATH="));                   // ours, passed on
+        var p = Spawn.Run(["sh", "-c", "echo \"$VEIL_X\"; tr a-z A-Z; echo oops >&2; exit 7"], env, "piped in\n", withStderr: false, 1024, 10_000);
+        Assert.Equal(new Spawn.Exit(7, false, "one two\nPIPED IN\n"), p);
+        p = Spawn.Run(["sh", "-c", "echo out; echo err >&2"], env, null, withStderr: true, 1024, 10_000);
+        Assert.Equal((0, false), (p.Code, p.TimedOut));
+        Assert.Equal(["err", "out"], p.Output.Split('\n', StringSplitOptions.RemoveEmptyEntries).Order());
+        // 1 MiB in and out through pipes of 64 KiB: nothing deadlocks, the output stops at the bound.
+        string big = new('x', 1 << 20);
+        p = Spawn.Run(["cat"], env, big, withStderr: false, 100_000, 10_000);
+        Assert.Equal((0, 100_000), (p.Code, p.Output.Length));
+        Assert.Equal(128 + 9, Spawn.Run(["sh", "-c", "kill -9 $$"], env, null, false, 1024, 10_000).Code);   // killed: 128 + signal
+        var e = Assert.Throws<IOException>(() => Spawn.Run(["/no/such/program"], env, null, false, 1024, 10_000));
+        Assert.Contains("cannot run /no/such/program", e.Message);
+    }
+
+    [Fact]
+    public void Spawn_DefaultSignals_TimeoutKillsTheWholeGroup()
+    {
+        // The runtime ignores SIGPIPE; a child that kept that would see EPIPE and complain instead of
+        // dying quietly the way a shell pipeline expects.
+        var p = Spawn.Run(["sh", "-c", "yes | head -n 1"], Spawn.Environment([]), null, withStderr: true, 1024, 10_000);
+        Assert.Equal(new Spawn.Exit(0, false, "y\n"), p);
+        string marker = Path.Combine(_dir, "grandchild");
+        p = Spawn.Run(["sh", "-c", $"(sleep 3; touch {marker}) & echo started; sleep 30"], Spawn.Environment([]), null, false, 1024, 500);
+        Assert.Equal((-1, true, "started\n"), (p.Code, p.TimedOut, p.Output));
+        Thread.Sleep(3500);
+        Assert.False(File.Exists(marker), "the background child outlived the timeout");
+    }
+
     private string KeyFile()
     {
         string key = Path.Combine(_dir, "k");

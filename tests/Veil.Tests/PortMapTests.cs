@@ -94,6 +94,18 @@ public class PortMapTests
         Assert.Null(Upnp.GatewayUrl("https://198.51.100.1/rootDesc.xml", gw));
         Assert.Null(Upnp.GatewayUrl("http://router.example/rootDesc.xml", gw));
         Assert.Null(Upnp.GatewayUrl("/rootDesc.xml", gw));
+        Assert.Equal(new HttpUrl("198.51.100.1", 80, "/"), Upnp.GatewayUrl("HTTP://198.51.100.1", gw));
+        Assert.Equal(new HttpUrl("198.51.100.1", 5000, "/d?x=1"), Upnp.GatewayUrl("http://198.51.100.1:5000/d?x=1#frag", gw));
+        foreach (string bad in new[] { "http://198.51.100.1:0/", "http://198.51.100.1:65536/", "http://198.51.100.1:/", "http://198.51.100.1:0005000/",
+                                       "http://3325256705/", "http://198.51.100.1 /", "http://user@198.51.100.1/", "http://198.51.100.1/a b",
+                                       "http://198.51.100.1/a\r\nHost: evil", "http://198.51.100.1/\u00e9", "http://[::1]/" })
+            Assert.Null(Upnp.GatewayUrl(bad, gw));
+        var desc = new HttpUrl("198.51.100.1", 5000, "/dev/rootDesc.xml?v=2");
+        Assert.Equal("http://198.51.100.1:5000/ctl/IPConn", desc.Resolve(" /ctl/IPConn "));
+        Assert.Equal("http://198.51.100.1:5000/dev/ctl", desc.Resolve("ctl"));
+        Assert.Equal("http://198.51.100.9:80/x", desc.Resolve("http://198.51.100.9:80/x"));
+        Assert.Null(Upnp.GatewayUrl(desc.Resolve("http://198.51.100.9:80/x"), gw));          // a control URL off the gateway is refused too
+        Assert.Equal("http://198.51.100.1:5000/dev/rootDesc.xml?v=2", desc.ToString());
 
         const string xml = "<root><device><serviceList><service><serviceType>urn:schemas-upnp-org:service:Layer3Forwarding:1</serviceType>" +
                            "<controlURL>/ctl/L3F</controlURL></service></serviceList><deviceList><device><serviceList><service>" +

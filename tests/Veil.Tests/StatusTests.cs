@@ -252,6 +252,9 @@ public class StatusTests
             t.Nodes[0].Node.Tcp = null;
         }
         Libc.Close(epfd);
+        var l2 = SwitchTests.Three();                                       // --mode tap: the switch and its MAC table
+        SwitchTests.Inject(l2, 1, SwitchTests.Frame(SwitchTests.Broadcast, SwitchTests.A));
+        Take(new StatusView(l2.Nodes[0].Node, new UpConfig { Mode = L2Mode.Tap, Mtu = 1420 }, 51820, 0, () => l2.NowMs).Json());
         foreach (var (path, kinds) in seen)
         {
             Assert.True(documented.TryGetValue(path, out string[]? allowed), $"README's status schema lacks {path}");

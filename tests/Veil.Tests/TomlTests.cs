@@ -225,6 +225,15 @@ public sealed class TomlTests : IDisposable
     }
 
     [Fact]
+    public void ConfigFile_TapModeAndMacLists()
+    {
+        string path = Write("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\nmode = \"tap\"\n[[peer]]\npublic_key = \"PEERPUB\"\nallowed_macs = [\"02:00:00:00:00:0a\"]");
+        UpConfig c = UpConfig.Load(new[] { "up", "--config", path }, 1);
+        Assert.Equal(L2Mode.Tap, c.Mode);
+        Assert.Equal(0x02_00_00_00_00_0AUL, Assert.Single(Assert.Single(c.Peers).AllowedMacs));
+    }
+
+    [Fact]
     public void Flags_OverrideFile_AddressReplaced_PeersMerged()
     {
         Key32 other = default, otherPriv = TestNode.KeyFromSeed(9);
@@ -254,6 +263,8 @@ public sealed class TomlTests : IDisposable
     [InlineData("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n[[peer]]\npublic_key = \"PEERPUB\"\nallowed_ips = [\"x\"]", "veil.toml:5: key 'allowed_ips': 'x' is not a CIDR prefix")]
     [InlineData("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n[[peer]]\npublic_key = \"PEERPUB\"\ncolour = 1", "veil.toml:5: unknown key 'colour' in [[peer]]")]
     [InlineData("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n[[node]]\na = 1", "veil.toml:3: table [[node]] is not known")]
+    [InlineData("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\nmode = \"tup\"", "veil.toml:3: key 'mode': 'tup' must be tun, tap or hub")]
+    [InlineData("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\nmode = \"tap\"\n[[peer]]\npublic_key = \"PEERPUB\"\nallowed_macs = [\"x\"]", "veil.toml:6: key 'allowed_macs': 'x' is not a unicast MAC")]
     [InlineData("key = \"KEYFILE\"\naddress = [\"100.64.0.1/24\"]\n[[peer]]\npublic_key = \"PEERPUB\"\nisolated = \"yes\"", "veil.toml:5: key 'isolated': expected true or false")]
     public void ConfigFile_BadValues_NameFileLineAndKey(string text, string expect)
     {

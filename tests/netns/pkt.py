@@ -18,6 +18,14 @@
   pkt.py udpsink BIND PORT SECONDS EXPECT READYFILE
       receive datagrams on BIND:PORT until EXPECT arrived or SECONDS passed; check each one's
       pattern. Touches READYFILE once bound. Prints "got N bad M bytes B".
+  pkt.py l2send IFACE DST SRC TAG COUNT [VLAN]
+      send COUNT Ethernet frames out of IFACE (AF_PACKET) from MAC SRC to MAC DST, of the
+      local experimental type 88b5, the payload starting with TAG; with VLAN, behind an
+      802.1Q tag with that VLAN id. SRC "random": a fresh random unicast MAC per frame.
+  pkt.py l2sink IFACE SECONDS READYFILE
+      count the frames of type 88b5 (tagged or not) that arrive on IFACE for SECONDS; prints
+      one line per payload TAG seen: "TAG COUNT", sorted, TAG followed by "@vlanN" for a
+      tagged frame. Touches READYFILE once bound.
 """
 import random
 import select
@@ -183,6 +191,64 @@ def udpsink(bind, port, seconds, expect, readyfile):
     print(f"got {got} bad {bad} bytes {nbytes}")
 
 
+ETH_P_L2TEST = 0x88B5
+PACKET_OUTGOING_TYPE = 4
+
+
+def mac_bytes(text):
+    return bytes(int(x, 16) for x in text.split(":"))
+
+
+def l2send(iface, dst, src, tag, count, vlan=0):
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    s.bind((iface, 0))
+    rng = random.Random(tag)
+    tci = struct.pack("!HH", 0x8100, 0x2000 | vlan) if vlan else b""   # priority 1
+    for _ in range(count):
+        mac = bytes([0x02]) + rng.randbytes(5) if src == "random" else mac_bytes(src)
+        payload = tag.encode().ljust(46, b"\0")
+        s.send(mac_bytes(dst) + mac + tci + struct.pack("!H", ETH_P_L2TEST) + payload)
+        if count > 1:
+            time.sleep(0.0005)
+    print(f"sent {count}")
+
+
+SOL_PACKET = 263
+PACKET_AUXDATA = 8
+TP_STATUS_VLAN_VALID = 0x10
+
+
+def l2sink(iface, seconds, readyfile):
+    # Every frame: the kernel may take an 802.1Q tag off into the auxiliary data.
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    s.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+    s.bind((iface, 0))
+    open(readyfile, "w").close()
+    seen = {}
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        r, _, _ = select.select([s], [], [], 0.1)
+        if not r:
+            continue
+        d, anc, _, addr = s.recvmsg(65535, 256)
+        if addr[2] == PACKET_OUTGOING_TYPE or len(d) < 15:
+            continue
+        vlan, at = 0, 12
+        if struct.unpack_from("!H", d, 12)[0] == 0x8100 and len(d) >= 19:
+            vlan, at = struct.unpack_from("!H", d, 14)[0] & 0xFFF, 16
+        for level, kind, data in anc:
+            if level == SOL_PACKET and kind == PACKET_AUXDATA and len(data) >= 20:
+                status, tci = struct.unpack_from("=I", data, 0)[0], struct.unpack_from("=H", data, 16)[0]
+                if status & TP_STATUS_VLAN_VALID:
+                    vlan = tci & 0xFFF
+        if struct.unpack_from("!H", d, at)[0] != ETH_P_L2TEST:
+            continue
+        tag = d[at + 2:].split(b"\0")[0].decode(errors="replace") + (f"@vlan{vlan}" if vlan else "")
+        seen[tag] = seen.get(tag, 0) + 1
+    for tag in sorted(seen):
+        print(f"{tag} {seen[tag]}")
+
+
 def main(argv):
     cmd = argv[1] if len(argv) > 1 else ""
     if cmd == "garbage" and len(argv) == 7:
@@ -193,6 +259,10 @@ def main(argv):
         replay(argv[2], argv[3], int(argv[4]))
     elif cmd == "udpgso" and len(argv) == 8:
         udpgso(argv[2], argv[3], int(argv[4]), int(argv[5]), int(argv[6]), int(argv[7]))
+    elif cmd == "l2send" and len(argv) in (7, 8):
+        l2send(argv[2], argv[3], argv[4], argv[5], int(argv[6]), int(argv[7]) if len(argv) == 8 else 0)
+    elif cmd == "l2sink" and len(argv) == 5:
+        l2sink(argv[2], float(argv[3]), argv[4])
     elif cmd == "udpsink" and len(argv) == 7:
         udpsink(argv[2], int(argv[3]), float(argv[4]), int(argv[5]), argv[6])
     else:
