@@ -1364,6 +1364,7 @@ internal sealed class UpConfig
     internal string Cipher = "auto";
     internal bool Fec = true;              // --fec auto|off: parity records while a peer reports loss (§12.1)
     internal L2Mode Mode;                  // --mode tun|tap|hub: IP packets, or Ethernet frames switched or flooded (§8.1)
+    internal string? Bridge;               // --bridge: the bridge the TAP is kept a port of
     internal bool CheckOnly;
     internal string? ConfigPath;
     // Mesh (§15): membership policy, this node's name and claims, what it accepts from others.
@@ -1391,7 +1392,7 @@ internal sealed class UpConfig
     private bool _keepaliveGiven;
 
     // Keys a running daemon cannot change; reload refuses (exit 3) when one of them differs.
-    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "fix_rp_filter", "exit", "mode"];
+    internal static readonly string[] RestartKeys = ["key", "listen", "address", "tun", "mtu", "control", "mgmt", "user", "cipher", "mesh", "name", "network", "workers", "revocations", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "fix_rp_filter", "exit", "mode", "bridge"];
     // (isolate is reloadable: it is a check on the packet path, no device or socket changes.)
 
     private static readonly string[] Keys =
@@ -1400,7 +1401,7 @@ internal sealed class UpConfig
         "max_sessions", "handshake_rate", "handshake_rate_per_source", "log_level", "log_format", "user", "cipher",
         "mesh", "trust", "name", "network", "claim", "accept", "metric", "workers", "accept_psk", "admin", "revocations",
         "relay", "relay_rate", "port_mapping", "listen_tcp", "state", "beacon_store", "beacon_load", "healthz_grace", "hook",
-        "fix_rp_filter", "exit", "exit_for", "exit_node", "exit_allow_lan", "isolate", "filter", "fec", "mode",
+        "fix_rp_filter", "exit", "exit_for", "exit_node", "exit_allow_lan", "isolate", "filter", "fec", "mode", "bridge",
     ];
     internal static readonly string[] BoolKeys = ["mesh", "relay", "port_mapping", "fix_rp_filter", "exit", "exit_allow_lan", "isolate"];
     private static readonly string[] ListKeys = ["filter", "exit_for", "address", "mgmt_acl", "trust", "network", "claim", "accept", "accept_psk", "hook"];
@@ -1628,6 +1629,7 @@ internal sealed class UpConfig
                 Addresses.Add(a);
                 break;
             case "tun": TunName = ParseTunName(src, value); break;
+            case "bridge": Bridge = ParseTunName(src, value); break;
             case "mtu": Mtu = ParseInt(src, value, Tune.MinMtu, Tune.MaxMtu); break;
             case "keepalive": PersistentKeepaliveMs = ParseInt(src, value, 0, 3600) * 1000L; _keepaliveGiven = true; break;
             // Only shorter than the protocol's 120 s: both ends drop a session at RejectAfterTimeMs (180 s)
@@ -1763,6 +1765,8 @@ internal sealed class UpConfig
         if (Mode != L2Mode.Tun && (Claims.Count > 0 || Exit || ExitNode != null || Filters.Count > 0))
             throw new ConfigException($"--mode {ModeName(Mode)} switches Ethernet frames: --claim, --exit, --exit-node and --filter route IP packets and go with --mode tun");
         if (Mode == L2Mode.Tun && Peers.Exists(p => p.AllowedMacs.Count > 0)) throw new ConfigException("--allow-mac goes with --mode tap or hub");
+        if (Mode == L2Mode.Tun && Bridge != null) throw new ConfigException("--bridge goes with --mode tap or hub: only an Ethernet device can be a bridge port");
+        if (Bridge != null && Bridge == TunName) throw new ConfigException($"--bridge {Bridge} is the TAP itself (--tun)");
         if (Claims.Count + Addresses.Count > Tune.MaxClaimsPerMember)
             throw new ConfigException($"at most {Tune.MaxClaimsPerMember - Addresses.Count} --claim prefixes (each --address is claimed too)");
         // Mesh liveness counts keepalive periods without a record, so it needs a keepalive; an explicit
@@ -1833,6 +1837,7 @@ internal sealed class UpConfig
         if (FixRpFilter != o.FixRpFilter) changed.Add("fix_rp_filter");
         if (Exit != o.Exit) changed.Add("exit");
         if (Mode != o.Mode) changed.Add("mode");
+        if (Bridge != o.Bridge) changed.Add("bridge");
         if (!Equals(TcpListenAddress, o.TcpListenAddress) || TcpListenPort != o.TcpListenPort) changed.Add("listen_tcp");
         return changed;
     }
@@ -3753,7 +3758,29 @@ internal static unsafe class Netlink
     internal const byte RT_TABLE_MAIN = 254;
     private const byte RT_SCOPE_UNIVERSE = 0, RT_SCOPE_LINK = 253, RTN_UNICAST = 1, RTN_UNREACHABLE = 7;
     internal const byte RouteProtocol = 86;          // our tag on routes we install (rt_protos has no 86)
-    private const uint SIOCGIFINDEX = 0x8933;
+    private const uint SIOCGIFINDEX = 0x8933, SIOCBRADDIF = 0x89A2;
+
+    /// <summary>Makes ifIndex a port of bridge: 0, or the errno (ENODEV: no such bridge).</summary>
+    internal static int AddToBridge(string bridge, int ifIndex)
+    {
+        int s = Libc.Socket(Libc.AF_INET, Libc.SOCK_DGRAM | Libc.SOCK_CLOEXEC, 0);
+        if (s < 0) return Libc.Errno;
+        byte* ifr = stackalloc byte[Libc.IfReqLen];
+        var req = new Span<byte>(ifr, Libc.IfReqLen);
+        req.Clear();
+        Encoding.ASCII.GetBytes(bridge, req[..(Libc.IfNameSize - 1)]);
+        *(int*)(ifr + Libc.IfNameSize) = ifIndex;
+        int r = Libc.Ioctl(s, SIOCBRADDIF, ifr), errno = r < 0 ? Libc.Errno : 0;
+        Libc.Close(s);
+        return errno;
+    }
+
+    /// <summary>The device whose port name is (a bridge's, a bond's), or null.</summary>
+    internal static string? MasterOf(string name)
+    {
+        try { return new FileInfo($"/sys/class/net/{name}/master").LinkTarget is string t ? Path.GetFileName(t) : null; }
+        catch (IOException) { return null; }
+    }
 
     internal static int IfIndex(string name)
     {
@@ -8460,6 +8487,7 @@ internal sealed unsafe partial class Daemon
         _log.Info("offloads", $"{offloadsLine}aead_backend={Aead.Backend}" + (offloads ? "" : " disabled_by=VEIL_OFFLOADS"));
         Netlink.SetLinkUp(tun.IfIndex, _cfg.Mtu);
         node.LocalMac = tun.Mac;
+        KeepBridged();
         foreach (IfAddress a in _cfg.Addresses) Netlink.AddAddress(tun.IfIndex, a);
         // The journal is a crashed run's only while no daemon answers on its control socket.
         // (Another one's: we keep off it; we fail at the control socket soon anyway.)
@@ -8630,6 +8658,7 @@ internal sealed unsafe partial class Daemon
             {
                 nextAddressScanMs = nowMs + Tune.ExchangeIntervalMs;
                 if (!_addressScanQueued) { _addressScanQueued = true; chores.Post(() => ScanAddresses(port)); }
+                if (_cfg.Bridge != null) chores.Post(KeepBridged);
                 SaveState(force: false);
             }
             if ((_cfg.BeaconStore != null || _cfg.BeaconLoad != null) && nowMs >= _nextBeaconMs)
@@ -8818,6 +8847,19 @@ internal sealed unsafe partial class Daemon
     }
 
     // On the chores thread: listing the NICs reads /proc and /sys.
+    // --bridge: at start, then with every address scan (on the chores thread), since netifd or
+    // an operator rebuilding the bridge drops its ports; a bridge that is not there yet is waited for.
+    private string? _bridgeError;
+    private void KeepBridged()
+    {
+        if (_cfg.Bridge is not string bridge || _tun == null || Netlink.MasterOf(_tun.Name) == bridge) return;
+        int errno = Netlink.AddToBridge(bridge, _tun.IfIndex);
+        string? error = errno == 0 ? null : errno == 19 ? "no such bridge" : Libc.ErrorText(errno);   // 19: ENODEV
+        if (error == null) _log.Info("bridge_joined", $"bridge={bridge} tun={_tun.Name}");
+        else if (error != _bridgeError) _log.Warn("bridge_failed", $"bridge={bridge} tun={_tun.Name} error=\"{error}\" hint=\"retried every {Tune.ExchangeIntervalMs / 1000} s\"");
+        _bridgeError = error;
+    }
+
     private void ScanAddresses(int port)
     {
         _addressScanQueued = false;
@@ -13299,9 +13341,14 @@ internal static class Cli
                                           auto (with --mesh and --network): one per network, from
                                           the key; a collision moves the higher key's
                   --tun NAME              interface name (default veil0)
+                  --mode tun|tap|hub      tap: an Ethernet TAP switched by learned MAC addresses;
+                                          hub: every frame to every peer (default tun)
+                  --bridge NAME           with tap|hub: keep the TAP a port of bridge NAME
                   --peer PUBKEY@HOST:PORT a peer (repeatable); IPv6 hosts in [brackets]; @HOST:PORT may be
                                           left out for a peer that always connects first
                   --allow CIDR            allowed IPs of the peer given just before (repeatable)
+                  --allow-mac MAC         with tap|hub: a source MAC it may use (repeatable;
+                                          none: any, up to 256)
                   --psk FILE              network secret (base64, mode 0600; 'veil genpsk')
                   --mtu N                 interface MTU (default: from the route to the peers, 1420
                                           for a 1500-byte IPv4 underlay, 1400 over IPv6)

@@ -112,6 +112,8 @@ public sealed class ConfigTests : IDisposable
         Assert.Equal(1380, Parse("--mode", "hub", "--mtu", "1380").Mtu);  // given: the TAP's own
         Assert.Equal(L2Mode.Hub, Parse("--mode", "hub").Mode);
         Assert.Contains("mode", Parse("--mode", "tap").RestartKeysChanged(Parse()));
+        Assert.Equal("br-lan", Parse("--mode", "tap", "--bridge", "br-lan").Bridge);
+        Assert.Contains("bridge", Parse("--mode", "tap", "--bridge", "br-lan").RestartKeysChanged(Parse("--mode", "tap")));
     }
 
     [Theory]
@@ -123,6 +125,9 @@ public sealed class ConfigTests : IDisposable
     [InlineData("--allow-mac '02:00:00:00:00' is not a unicast MAC", "--mode", "tap", "--peer", "PEER", "--allow-mac", "02:00:00:00:00")]
     [InlineData("--mode tap switches Ethernet frames: --claim", "--mode", "tap", "--claim", "10.9.0.0/24")]
     [InlineData("--mode hub switches Ethernet frames", "--mode", "hub", "--exit")]
+    [InlineData("--bridge goes with --mode tap or hub", "--bridge", "br-lan")]
+    [InlineData("--bridge veil0 is the TAP itself", "--mode", "tap", "--bridge", "veil0")]
+    [InlineData("--bridge 'a-bridge-name-too-long' must be 1 to 15 characters", "--mode", "tap", "--bridge", "a-bridge-name-too-long")]
     public void Mode_BadCombinations_OneClearError(string expect, params string[] args)
     {
         var e = Assert.Throws<ConfigException>(() => Parse(args.Select(a => a == "PEER" ? _peerPub : a).ToArray()));

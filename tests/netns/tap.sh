@@ -11,8 +11,8 @@
 #   (iii)  an 802.1Q-tagged frame arrives tagged;
 #   (iv)   a flood of made-up source MACs from b fills b's share of a's table only;
 #   (v)    a restarted with --mode hub: its MAC is the same, and unicast now reaches both;
-#   (vi)   b and c bridge their TAP with a veth to a LAN host that runs no VPN: the hosts ping
-#          each other and a through the overlay.
+#   (vi)   b and c bridge their TAP with a veth to a LAN host that runs no VPN (c with --bridge):
+#          the hosts ping each other and a through the overlay.
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
 
@@ -28,7 +28,7 @@ start() { # NODE MODE PEER@ENDPOINT...
 	local n=$1 mode=$2 args=() p; shift 2
 	for p in "$@"; do args+=(--peer "$(pub "${p%%@*}")@${p#*@}:$PORT"); done
 	node_run "$n" up --mode "$mode" --key "$TMPD/$n.key" --listen "0.0.0.0:$PORT" --address "$(ol4 "$n")/24" \
-		--address "$(ol6 "$n")/64" --tun "$(tun "$n")" --keepalive 5 --control "$(sock "$n")" "${args[@]}"
+		--address "$(ol6 "$n")/64" --tun "$(tun "$n")" --keepalive 5 --control "$(sock "$n")" "${args[@]}" ${EXTRA:-}
 }
 start a tap "b@$UL4_b" "c@$UL4_c"
 start b tap "a@$UL4_a" "c@$UL4_c"
@@ -117,7 +117,7 @@ check "(v) as a hub, a sends unicast for b to b and c" "$(seen v hub1)" test "$(
 check "(v) status says hub" "$(st a '.switch.mode')" test "$(st a '.switch.mode')" = hub
 
 # (vi) bridges with LAN hosts that run no VPN
-lan_host() { # NODE HOST-NS ADDRESS
+lan_host() { # NODE HOST-NS ADDRESS [veil]: veil makes its TAP a port of the bridge itself (--bridge)
 	local n=$1 h=$2
 	NS_ALL+=("$h")
 	ip netns add "$h" || die "netns $h"
@@ -125,11 +125,18 @@ lan_host() { # NODE HOST-NS ADDRESS
 	ip link add lan0 netns "$(ns "$n")" type veth peer name eth0 netns "$h" || die "lan veth on $n"
 	ip -n "$h" addr add "$3/24" dev eth0 && ip -n "$h" link set eth0 up || die "lan host address"
 	nsx "$n" ip link add br0 type bridge || die "bridge on $n"
-	nsx "$n" ip link set lan0 master br0 && nsx "$n" ip link set "$(tun "$n")" master br0 || die "bridge ports on $n"
+	nsx "$n" ip link set lan0 master br0 || die "bridge port on $n"
+	[ "${4:-}" = veil ] || nsx "$n" ip link set "$(tun "$n")" master br0 || die "TAP as a bridge port on $n"
 	nsx "$n" ip link set lan0 up && nsx "$n" ip link set br0 up || die "bridge up on $n"
 }
 lan_host b "$NS_lb" "$LAN_b"
-lan_host c "$NS_lc" "$LAN_c"
+lan_host c "$NS_lc" "$LAN_c" veil
+node_stop c
+EXTRA="--bridge br0" start c tap "a@$UL4_a" "b@$UL4_VIA_c"
+wait_ready c || die "c did not come back with --bridge"
+master=$(ip -n "$NS_c" -j link show dev "$TUN_c" | jq -r '.[0].master // "none"')
+check "(vi) with --bridge br0, c's TAP is a port of br0" "master $master" test "$master" = br0
+check "(vi) c logged bridge_joined" "$(grep -c bridge_joined "${NODE_LOG[c]}") lines" grep -q "event=bridge_joined bridge=br0" "${NODE_LOG[c]}"
 lan_ping() { ip netns exec "$1" timeout --foreground 3 ping -c 1 -W 1 -q "$2" >/dev/null 2>&1; }
 check "(vi) LAN host behind b pings LAN host behind c" "no reply" wait_until 10 lan_ping "$NS_lb" "$LAN_c"
 check "(vi) LAN host behind b pings a" "no reply" wait_until 10 lan_ping "$NS_lb" "$OL4_a"
