@@ -171,23 +171,33 @@ internal static class Program
 
     private static int Up(string[] args, TextWriter stderr)
     {
-        UpConfig cfg;
-        try { cfg = UpConfig.Load(args, 1); }
+        List<UpConfig> all;
+        try { all = UpConfig.LoadAll(args, 1); }
         catch (ConfigException e) { stderr.WriteLine("veil: " + e.Message); return 2; }
-        foreach (PeerConfig p in cfg.Peers)
-            // A warning, not an error: a router may start before its uplink or DNS, and the Resolver retries.
-            if (p.EndpointText.Length > 0 && !p.Endpoint.IsSet)
-                stderr.WriteLine($"veil: warning: peer {p.Name}: '{p.EndpointText}' does not resolve yet; the daemon keeps trying");
-        foreach (string w in cfg.AllowedWarnings()) stderr.WriteLine("veil: warning: " + w);
+        UpConfig cfg = all[0];
+        foreach (UpConfig n in all)
+        {
+            string of = n.NetworkName != null ? $"network {n.NetworkName}: " : "";
+            foreach (PeerConfig p in n.Peers)
+                // A warning, not an error: a router may start before its uplink or DNS, and the Resolver retries.
+                if (p.EndpointText.Length > 0 && !p.Endpoint.IsSet)
+                    stderr.WriteLine($"veil: warning: {of}peer {p.Name}: '{p.EndpointText}' does not resolve yet; the daemon keeps trying");
+            foreach (string w in n.AllowedWarnings()) stderr.WriteLine("veil: warning: " + of + w);
+        }
         // Before the Daemon exists: --check opens no TUN, socket or file for writing.
         if (cfg.CheckOnly)
         {
-            Console.Out.WriteLine($"veil: configuration ok (peers: {cfg.Peers.Count}, tun {cfg.TunName}, mtu {cfg.Mtu}" +
-                (cfg.AddressAuto ? $", address auto: {string.Join(", ", cfg.Addresses)})" : ")"));
+            foreach (UpConfig n in all)
+            {
+                Console.Out.WriteLine($"veil: configuration ok ({(n.NetworkName != null ? $"network {n.NetworkName}, " : "")}peers: {n.Peers.Count}, tun {n.TunName}, mtu {n.Mtu}" +
+                    (n.AddressAuto ? $", address auto: {string.Join(", ", n.Addresses)})" : ")"));
+                n.Wipe();
+            }
             return 0;
         }
-        var log = new Log(Console.Out, stderr, cfg.LogLevel) { Json = cfg.LogJson, NoTimestamps = cfg.LogNoTimestamps };
-        try { return new Daemon(cfg, args, log).Run(); }
+        Log LogOf(string tag) => new(Console.Out, stderr, cfg.LogLevel) { Json = cfg.LogJson, NoTimestamps = cfg.LogNoTimestamps, Tag = tag };
+        var log = LogOf("");
+        try { return cfg.NetworkName == null ? new Daemon(cfg, args, log).Run() : new Host(all, args, log, name => LogOf($"network={name} ")).Run(); }
         // Config problems found only while starting (a peer key that is a low-order point) exit 2 too: the
         // service unit's RestartPreventExitStatus=2 then keeps systemd from restarting into the same mistake.
         catch (ConfigException e) { stderr.WriteLine("veil: " + e.Message); return 2; }
@@ -264,6 +274,7 @@ internal static class Spec
 internal static class Tune
 {
     internal const int MaxPeers = 1024;
+    internal const int MaxNetworks = 16;                // [[network]] tables in one daemon
     internal const int MaxStagedPackets = 128;               // per peer, while no session is ready
     internal const int BatchSize = 64;                       // packets moved per wake-up and stage
     internal const int SlotLen = 9216 + 128;                 // largest record (jumbo MTU) plus headroom
@@ -372,6 +383,8 @@ internal readonly struct IpPrefix : IEquatable<IpPrefix>
     internal int Bits { get; }
     internal bool IsV6 { get; }
     internal int MaxBits => IsV6 ? 128 : 32;
+
+    internal bool Overlaps(IpPrefix other) => Covers(other) || other.Covers(this);
 
     /// <summary>True when every address of inner is inside this prefix.</summary>
     internal bool Covers(IpPrefix inner) =>
@@ -539,6 +552,7 @@ internal sealed class Log
     internal LogLevel Level;
     internal bool Json;
     internal bool NoTimestamps;                    // --log-format plain: logd and journald stamp each line already
+    internal string Tag = "";                      // "network=NAME " for one network of several
 
     internal Log(TextWriter output, LogLevel level) : this(output, output, level) { }
     internal Log(TextWriter output, TextWriter errors, LogLevel level) { _out = output; _err = errors; Level = level; }
@@ -672,6 +686,7 @@ internal sealed class Log
         // UTC with milliseconds: lines of nodes in different time zones sort together, and the only place
         // the wall clock is read for the log.
         string ts = DateTime.UtcNow.ToString("yyyy-MM-ddTHH:mm:ss.fffZ", System.Globalization.CultureInfo.InvariantCulture);
+        if (Tag.Length > 0) fields = fields.Length > 0 ? Tag + fields : Tag.TrimEnd();
         return Json ? JsonLine(ts, level, name, fields) : $"{(NoTimestamps ? "" : $"ts={ts} ")}level={LevelName(level)} event={name}{(fields.Length > 0 ? " " : "")}{fields}";
     }
 
@@ -1112,10 +1127,27 @@ internal sealed class TomlDoc
     // Root holds the keys above the first [[table]] header; as in TOML, every key after a header belongs
     // to that entry until the next header, so node-wide keys must come first in the file.
     internal readonly Dictionary<string, int> TableLines = new();   // first line of each [[table]] entry, keyed "name#i"
+    // [[network]] tables (§17.1): each is a document of its own, with its keys in Root and its
+    // [[network.peer]] and [[network.filter]] entries as "peer" and "filter"; Line is its header's.
+    internal readonly List<TomlDoc> Networks = new();
+    internal int Line;
     // A config is a few KiB; a path to something large (a log, an image) is refused before it is read.
     private const int MaxFileLen = 1 << 20;
 
     private TomlDoc(string file) { File = file; }
+
+    /// <summary>One network's document: the file's keys (the defaults of every network) with the
+    /// network's own over them, and the network's tables. Its "name" is the network's, not the node's.</summary>
+    internal static TomlDoc Merge(TomlDoc top, TomlDoc net)
+    {
+        var d = new TomlDoc(top.File) { Line = net.Line };
+        foreach (var (k, v) in top.Root) d.Root[k] = v;
+        foreach (var (k, v) in net.Root)
+            if (k != "name") d.Root[k] = v;
+        foreach (var (k, v) in net.TableArrays) d.TableArrays[k] = v;
+        foreach (var (k, v) in net.TableLines) d.TableLines[k] = v;
+        return d;
+    }
 
     internal static TomlDoc Load(string path)
     {
@@ -1143,8 +1175,9 @@ internal sealed class TomlDoc
 
     internal static TomlDoc Parse(string text, string name)
     {
-        var doc = new TomlDoc(name);
-        Dictionary<string, TomlValue> table = doc.Root;
+        var top = new TomlDoc(name);
+        TomlDoc doc = top;                               // the document entries go to: the file's, or its last [[network]]'s
+        Dictionary<string, TomlValue> table = top.Root;
         var p = new Parser(text, name);
         while (p.SkipBlankLines())
         {
@@ -1155,10 +1188,26 @@ internal sealed class TomlDoc
                 bool array = p.Match("[[");
                 if (!array) p.Next();
                 string key = p.BareKey();
+                while (p.Match(".")) key += "." + p.BareKey();
                 if (!p.Match(array ? "]]" : "]")) throw p.Error("expected ']' after the table name");
                 p.EndOfLine();
                 if (!array) throw new ConfigException($"{name}:{line}: table [{key}] is not known (tables of Veil are [[peer]])");
-                // A name that is both a key and a table could be read either way; refusing it keeps one meaning.
+                if (key == "network")
+                {
+                    // A name that is both a key and a table could be read either way; refusing it keeps one meaning.
+                    if (top.Root.ContainsKey(key)) throw new ConfigException($"{name}:{line}: '{key}' is already a key");
+                    top.Networks.Add(doc = new TomlDoc(name) { Line = line });
+                    table = doc.Root;
+                    continue;
+                }
+                // As in TOML, what follows a [[network]] header is that network's: a [[peer]] there would
+                // silently belong to no network, so it must say [[network.peer]].
+                if (key.StartsWith("network.", StringComparison.Ordinal))
+                {
+                    if (doc == top) throw new ConfigException($"{name}:{line}: [[{key}]] must follow the [[network]] it belongs to");
+                    key = key["network.".Length..];
+                }
+                else if (doc != top) throw new ConfigException($"{name}:{line}: [[{key}]] after a [[network]]: write [[network.{key}]] for that network's, or move it above the first [[network]]");
                 if (doc.Root.ContainsKey(key)) throw new ConfigException($"{name}:{line}: '{key}' is already a key");
                 if (!doc.TableArrays.TryGetValue(key, out var list)) doc.TableArrays[key] = list = new();
                 table = new Dictionary<string, TomlValue>();
@@ -1178,7 +1227,13 @@ internal sealed class TomlDoc
             v.Line = line;
             table[k] = v;
         }
-        return doc;
+        if (top.Networks.Count > 0 && top.TableArrays.Count > 0)
+        {
+            string t = "";
+            foreach (string k in top.TableArrays.Keys) { t = k; break; }
+            throw new ConfigException($"{name}:{top.TableLines[t + "#0"]}: with [[network]] tables, each [[{t}]] belongs to one: write [[network.{t}]] under it");
+        }
+        return top;
     }
 
     private sealed class Parser(string text, string name)
@@ -1367,6 +1422,8 @@ internal sealed class UpConfig
     internal string? Bridge;               // --bridge: the bridge the TAP is kept a port of
     internal bool CheckOnly;
     internal string? ConfigPath;
+    internal string? NetworkName;          // the [[network]] this is, of several in the file (null: the file has none)
+    internal string? HostControlPath;      // with NetworkName: the node's control socket (ControlPath is the network's)
     // Mesh (§15): membership policy, this node's name and claims, what it accepts from others.
     internal bool Mesh;                    // network policy: anyone who completes the handshake with the psk
     internal string Name = "";             // announced to the mesh; "" = the first characters of the key
@@ -1415,12 +1472,118 @@ internal sealed class UpConfig
             new(IsFlag ? $"{Text} '{value}' {what}" : $"{Text}: '{value}' {what}");
     }
 
-    /// <summary>Parses `veil up` arguments (args[start..]) and the --config file they name.</summary>
+    /// <summary>Parses `veil up` arguments (args[start..]) and the --config file they name: one network's
+    /// config (a network's own reload picks its [[network]] by running's name).</summary>
     internal static UpConfig Load(string[] args, int start, UpConfig? running = null)
+    {
+        List<UpConfig> all = LoadAll(args, start, running);
+        if (all.Count == 1 && all[0].NetworkName == null) return all[0];
+        UpConfig? mine = running?.NetworkName is string name ? all.Find(x => x.NetworkName == name) : null;
+        foreach (UpConfig x in all)
+            if (x != mine) x.Wipe();
+        if (mine != null) return mine;
+        string file = all[0].ConfigPath!;
+        throw new ConfigException(running?.NetworkName is string gone
+            ? $"{file} no longer has [[network]] '{gone}': adding or removing a network needs a restart"
+            : $"{file} holds [[network]] tables: only 'veil up' runs those");
+    }
+
+    // Keys of the process, not of one network: they go above the first [[network]] (or are flags).
+    internal static readonly string[] NodeWideKeys = ["user", "log_level", "log_format", "control", "mgmt", "mgmt_acl", "healthz_grace"];
+
+    /// <summary>Every network the arguments and the file describe: one without [[network]] tables
+    /// (NetworkName null), else one per table, checked to be apart from each other.</summary>
+    internal static List<UpConfig> LoadAll(string[] args, int start, UpConfig? running = null)
+    {
+        var c = new UpConfig();
+        var (flags, flagPeers) = c.ParseFlags(args, start);
+        // ApplyFile skips every key a flag has set, so the file cannot undo a flag applied before it.
+        TomlDoc? doc = c.ConfigPath != null ? TomlDoc.Load(c.ConfigPath) : null;
+        if (doc == null || doc.Networks.Count == 0)
+        {
+            c.Build(doc, flags, flagPeers, running);
+            return [c];
+        }
+        // Flags alone describe one network: with several, a flag could only mean all of them, and most
+        // (tun, listen, address) cannot be the same in two.
+        foreach (var (key, _) in flags)
+            if (Array.IndexOf(NodeWideKeys, key) < 0)
+                throw new ConfigException($"--{key.Replace('_', '-')}: {doc.File} holds [[network]] tables; set {key} in the one it belongs to (flags here: --{string.Join(", --", NodeWideKeys).Replace('_', '-')})");
+        if (flagPeers.Count > 0) throw new ConfigException($"--peer: {doc.File} holds [[network]] tables; add the peer as [[network.peer]] of its network");
+        if (doc.Networks.Count > Tune.MaxNetworks) throw new ConfigException($"{doc.File}: at most {Tune.MaxNetworks} [[network]] tables");
+        var all = new List<UpConfig>();
+        try
+        {
+            foreach (TomlDoc net in doc.Networks)
+            {
+                foreach (var (k, v) in net.Root)
+                    if (Array.IndexOf(NodeWideKeys, k) >= 0) throw new ConfigException($"{doc.File}:{v.Line}: key '{k}' is the node's, not a network's: put it above the first [[network]]");
+                if (!net.Root.TryGetValue("name", out TomlValue? nv)) throw new ConfigException($"{doc.File}:{net.Line}: [[network]] needs a name");
+                var src = new Src($"{doc.File}:{nv.Line}: key 'name'", false);
+                string name = Scalar(src, nv, false);
+                // The name is the default interface, part of the control socket's path and a metric label.
+                if (name.Length is 0 or > 15 || name.AsSpan().IndexOfAnyExcept(NetworkNameChars) >= 0)
+                    throw src.Bad(name, "must be 1 to 15 letters, digits, '-' or '_'");
+                if (all.Exists(x => x.NetworkName == name)) throw src.Bad(name, "names another [[network]] too");
+                var n = new UpConfig { CheckOnly = c.CheckOnly, ConfigPath = c.ConfigPath, NetworkName = name, TunName = name };
+                all.Add(n);
+                n.Build(TomlDoc.Merge(doc, net), flags, [], running?.NetworkName == name ? running : null);
+                n.HostControlPath = n.ControlPath;
+                n.ControlPath = NetworkControlPath(n.ControlPath, name);
+            }
+            CheckApart(all, doc);
+        }
+        catch (ConfigException)
+        {
+            foreach (UpConfig x in all) x.Wipe();
+            throw;
+        }
+        return all;
+    }
+
+    private static readonly System.Buffers.SearchValues<char> NetworkNameChars =
+        System.Buffers.SearchValues.Create("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_");
+
+    /// <summary>A network's own control socket: "/var/run/veil.sock" → "/var/run/veil.NAME.sock".</summary>
+    internal static string NetworkControlPath(string basePath, string name) =>
+        basePath.EndsWith(".sock", StringComparison.Ordinal) ? basePath[..^5] + "." + name + ".sock" : basePath + "." + name;
+
+    // What two networks of one daemon may not share: a packet must never be able to cross between them.
+    private static void CheckApart(List<UpConfig> all, TomlDoc doc)
+    {
+        for (int i = 0; i < all.Count; i++)
+            for (int j = 0; j < i; j++)
+            {
+                UpConfig a = all[i], b = all[j];
+                string both = $"{doc.File}: [[network]] '{a.NetworkName}' and '{b.NetworkName}'";
+                if (a.TunName == b.TunName) throw new ConfigException($"{both} both use interface {a.TunName}");
+                if (a.ListenPort != 0 && a.ListenPort == b.ListenPort) throw new ConfigException($"{both} both listen on port {a.ListenPort}");
+                if (a.TcpListenAddress != null && b.TcpListenAddress != null && a.TcpListenPort != 0 && a.TcpListenPort == b.TcpListenPort)
+                    throw new ConfigException($"{both} both listen on TCP port {a.TcpListenPort}");
+                foreach (IpPrefix pa in (List<IpPrefix>)[.. a.Networks, .. a.Claims])
+                    foreach (IpPrefix pb in (List<IpPrefix>)[.. b.Networks, .. b.Claims])
+                        if (pa.Overlaps(pb)) throw new ConfigException($"{both} overlap: {pa} and {pb}");
+                if (a.StatePath != null && a.StatePath == b.StatePath) throw new ConfigException($"{both} both keep their state in {a.StatePath}");
+                if (a.RevocationsPath != null && a.RevocationsPath == b.RevocationsPath) throw new ConfigException($"{both} both keep revocations in {a.RevocationsPath}");
+                // The exit's policy rules and table are the host's one set.
+                if (a.ExitNode != null && b.ExitNode != null) throw new ConfigException($"{both} both set exit_node: one network may use an exit");
+            }
+    }
+
+    /// <summary>Zeroes what a config read of keys and secrets, for a config that is not used.</summary>
+    internal void Wipe()
+    {
+        PrivateKey.Clear();
+        Psk.Clear();
+        foreach (PeerConfig pc in Peers) pc.Psk.Clear();
+        foreach (Key32 k in AcceptPsks) k.Clear();
+    }
+
+    private (List<(string Key, string Value)>, List<PeerConfig>) ParseFlags(string[] args, int start)
     {
         var flags = new List<(string Key, string Value)>();
         var flagPeers = new List<PeerConfig>();
-        var c = new UpConfig();
+        UpConfig c = this;
         PeerConfig? lastPeer = null;
         for (int i = start; i < args.Length; i++)
         {
@@ -1473,19 +1636,21 @@ internal sealed class UpConfig
                 default: flags.Add((flag[2..].Replace('-', '_'), value)); break;
             }
         }
-        // ApplyFile skips every key a flag has set, so the file cannot undo a flag applied before it.
-        TomlDoc? doc = c.ConfigPath != null ? TomlDoc.Load(c.ConfigPath) : null;
-        foreach (var (key, value) in flags) c.Apply(key, new Src("--" + key.Replace('_', '-'), true), value);
-        if (doc != null) c.ApplyFile(doc, flags);
+        return (flags, flagPeers);
+    }
+
+    private void Build(TomlDoc? doc, List<(string Key, string Value)> flags, List<PeerConfig> flagPeers, UpConfig? running)
+    {
+        foreach (var (key, value) in flags) Apply(key, new Src("--" + key.Replace('_', '-'), true), value);
+        if (doc != null) ApplyFile(doc, flags);
         // A --peer replaces the file's [[peer]] of the same key, so one peer can be overridden from the
         // command line without editing the file.
         foreach (PeerConfig fp in flagPeers)
         {
-            c.Peers.RemoveAll(p => p.PublicKey.EqualsCt(fp.PublicKey));
-            c.Peers.Add(fp);
+            Peers.RemoveAll(p => p.PublicKey.EqualsCt(fp.PublicKey));
+            Peers.Add(fp);
         }
-        c.Finish(running);
-        return c;
+        Finish(running);
     }
 
     // A flag wins over the file's key; for lists (address, claim, …) the flags replace the file's list.
@@ -1750,9 +1915,9 @@ internal sealed class UpConfig
         }
         // The defaults beside --config keep a node's files together; without --config (flags only) there is
         // no place to default to, and revocations and learned members are then not saved across restarts.
-        if (RevocationsPath == null && ConfigPath != null) RevocationsPath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(ConfigPath))!, "revoked");
+        if (RevocationsPath == null && ConfigPath != null) RevocationsPath = BesideConfig("revoked");
         if ((BeaconStore != null || BeaconLoad != null) && PskFile.Length == 0) throw new ConfigException("--beacon-store and --beacon-load need --psk FILE: beacons are sealed with the network secret");
-        if (StatePath == null && ConfigPath != null && Mesh) StatePath = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(ConfigPath))!, "state");
+        if (StatePath == null && ConfigPath != null && Mesh) StatePath = BesideConfig("state");
         if (AddressAuto) AutoAddress.Choose(this, running);
         if (Addresses.Count == 0) throw new ConfigException("--address CIDR is required (the overlay address of this node)");
         if (Mesh && PskFile.Length == 0) throw new ConfigException("--mesh needs --psk FILE: the network secret is what makes a node a member");
@@ -1810,6 +1975,10 @@ internal sealed class UpConfig
             Mtu = Math.Clamp(DefaultMtu(underlay == int.MaxValue ? 1500 : underlay, v6) - (Mode != L2Mode.Tun ? Ethernet.MaxHeaderLen : 0), Tune.MinMtu, Tune.MaxMtu);
         }
     }
+
+    // A node's files sit beside its config; each network of several has its own ("state.home").
+    private string BesideConfig(string file) =>
+        Path.Combine(Path.GetDirectoryName(Path.GetFullPath(ConfigPath!))!, NetworkName != null ? file + "." + NetworkName : file);
 
     /// <summary>The restart-only keys whose values differ between two configs (empty: reloadable).</summary>
     internal List<string> RestartKeysChanged(UpConfig o)
@@ -8391,6 +8560,24 @@ internal sealed unsafe partial class Daemon
     // privileges, then what runs as the user: resolver, chores, port mapping, the loop.
     internal int Run()
     {
+        try
+        {
+            Open();
+            if (_cfg.User != null) Privileges.Drop(_cfg.User, [_cfg.ControlPath]);
+            return Serve();
+        }
+        finally { Close(); }
+    }
+
+    internal bool Hosted => _cfg.NetworkName != null;    // one network of several: the Host owns signals and --mgmt
+    internal string ControlPath => _cfg.ControlPath;
+    internal volatile StatusView? Status;                // set once the loop runs (the Host's /metrics reads it)
+    private List<Worker> _workers = new();
+    private bool _closed;
+
+    /// <summary>The part that needs root: the node, signal handlers, devices, sockets, the event loop.</summary>
+    internal void Open()
+    {
         Node node = _node = new(_cfg, _log, new Counters());
         if (_cfg.ConfigPath != null)
             LoadInvites(node.Invites = new Invites(_cfg.PrivateKey) { Psk = _cfg.Psk, OwnSecretOf = k => node.FindPeer(k) is { OwnPsk: true } q ? q.Psk : null });
@@ -8404,72 +8591,86 @@ internal sealed unsafe partial class Daemon
         LoadRevocations(node);
         _log.StartWriter();
         _log.Hooks = _hooks = new Hooks(_cfg.HookPrograms, _log);
-        try
+        if (!Hosted)
         {
             foreach (PosixSignal sig in new[] { PosixSignal.SIGTERM, PosixSignal.SIGINT })
                 _signals.Add(PosixSignalRegistration.Create(sig, ctx => { ctx.Cancel = true; RequestStop(); }));
             _signals.Add(PosixSignalRegistration.Create(PosixSignal.SIGHUP, ctx => { ctx.Cancel = true; RequestReload(); }));
-            List<Worker> workers = OpenDataPath(node);
-            OpenEventLoop(node);
-            if (_cfg.User != null) Privileges.Drop(_cfg.User, _cfg.ControlPath);
-            StartControlPlane(_udp!.LocalPort);
-            var status = new StatusView(node, _cfg, _udp.LocalPort, StartedMs) { Workers = workers, Mapper = _portMapper, KernelRoutes = _kernelRoutes };
-            _log.Info("started", $"public_key={node.Handshaker.PublicKey.Short()} listen={_cfg.ListenAddress}:{_udp.LocalPort} tun={_tun!.Name} mtu={_cfg.Mtu} peers={node.Peers.Count} aead={node.Handshaker.PreferredAead}" +
-                (_tcp?.ListenPort > 0 ? $" listen_tcp={_cfg.TcpListenAddress}:{_tcp.ListenPort}" : "") +
-                (_mgmt != null ? $" mgmt={_cfg.MgmtAddress}:{_mgmt.Port}" : "") + (_cfg.User != null ? $" user={_cfg.User}" : ""));
-            long nowMs = Mono.NowMs(), nextTimerMs;
-            string? state = ReadState();
-            lock (node.Gate)
-            {
-                node.Start(nowMs);
-                if (_cfg.AddressAuto) node.Mesh.AutoAddressSinceMs = nowMs;
-                if (state != null) ApplyState(node, state, nowMs);
-                nextTimerMs = _worker!.PumpTimers(nowMs);
-            }
-            for (int i = 1; i < workers.Count; i++)
-            {
-                Worker w = workers[i];
-                var thread = new Thread(() => RunWorker(w)) { IsBackground = true, Name = "veil-worker-" + i };
-                thread.Start();
-                _threads.Add(thread);
-            }
-            Loop(_epfd, workers, _control!, status, _udp.LocalPort, nextTimerMs);
-            StopWorkers(_threads);
-            lock (node.Gate)
-            {
-                node.Shutdown(Mono.NowMs());
-                _worker.FlushUdp(node.UdpOut);
-            }
-            SaveState(force: true);
-            SaveInvites(now: true);                       // a queued write may not run once the chores stop
-            _log.Info("shutdown", $"reason=signal_or_down uptime_s={(Mono.NowMs() - StartedMs) / 1000}");
-            return _workerFailed ? 1 : 0;
         }
-        finally
+        _workers = OpenDataPath(node);
+        OpenEventLoop(node);
+    }
+
+    /// <summary>The rest, as the configured user, until a signal or `veil down`; the exit code.</summary>
+    internal int Serve()
+    {
+        Node node = _node!;
+        List<Worker> workers = _workers;
+        StartControlPlane(_udp!.LocalPort);
+        var status = new StatusView(node, _cfg, _udp.LocalPort, StartedMs) { Workers = workers, Mapper = _portMapper, KernelRoutes = _kernelRoutes };
+        Status = status;
+        _log.Info("started", $"public_key={node.Handshaker.PublicKey.Short()} listen={_cfg.ListenAddress}:{_udp.LocalPort} tun={_tun!.Name} mtu={_cfg.Mtu} peers={node.Peers.Count} aead={node.Handshaker.PreferredAead}" +
+            (_tcp?.ListenPort > 0 ? $" listen_tcp={_cfg.TcpListenAddress}:{_tcp.ListenPort}" : "") +
+            (_mgmt != null ? $" mgmt={_cfg.MgmtAddress}:{_mgmt.Port}" : "") + (_cfg.User != null ? $" user={_cfg.User}" : ""));
+        long nowMs = Mono.NowMs(), nextTimerMs;
+        string? state = ReadState();
+        lock (node.Gate)
         {
-            foreach (PosixSignalRegistration r in _signals) r.Dispose();
-            _portMapper?.Dispose();                       // deletes the mapping: the socket is still ours
-            _tcp?.Dispose();
-            _chores?.Dispose();
-            _resolver?.Dispose();
-            _mgmt?.Dispose();
-            _control?.Dispose();
-            StopWorkers(_threads);
-            foreach (var (t, u) in _queues) { t.Dispose(); u.Dispose(); }
-            _tun?.Dispose();                              // closing the last queue removes the interface and its routes
-            _gateway?.Dispose();
-            _sysctls?.Restore();
-            _handshakes?.Dispose();
-            _udp?.Dispose();
-            if (_stopFd >= 0) Libc.Close(_stopFd);
-            if (_epfd >= 0) Libc.Close(_epfd);
-            if (_wakeFd >= 0) Libc.Close(_wakeFd);
-            node.ClearKeys();
-            node.Invites?.Clear();
-            _log.Hooks = null;
-            _hooks?.Dispose();
-            _log.StopWriter();
+            node.Start(nowMs);
+            if (_cfg.AddressAuto) node.Mesh.AutoAddressSinceMs = nowMs;
+            if (state != null) ApplyState(node, state, nowMs);
+            nextTimerMs = _worker!.PumpTimers(nowMs);
         }
+        for (int i = 1; i < workers.Count; i++)
+        {
+            Worker w = workers[i];
+            var thread = new Thread(() => RunWorker(w)) { IsBackground = true, Name = "veil-worker-" + i };
+            thread.Start();
+            _threads.Add(thread);
+        }
+        Loop(_epfd, workers, _control!, status, _udp.LocalPort, nextTimerMs);
+        StopWorkers(_threads);
+        lock (node.Gate)
+        {
+            node.Shutdown(Mono.NowMs());
+            _worker.FlushUdp(node.UdpOut);
+        }
+        SaveState(force: true);
+        SaveInvites(now: true);                       // a queued write may not run once the chores stop
+        _log.Info("shutdown", $"reason=signal_or_down uptime_s={(Mono.NowMs() - StartedMs) / 1000}");
+        return _workerFailed ? 1 : 0;
+    }
+
+    /// <summary>Closes whatever Open and Serve opened, in reverse; safe after a failure anywhere.</summary>
+    internal void Close()
+    {
+        if (_closed) return;
+        _closed = true;
+        foreach (PosixSignalRegistration r in _signals) r.Dispose();
+        _signals.Clear();
+        _portMapper?.Dispose();                       // deletes the mapping: the socket is still ours
+        _tcp?.Dispose();
+        _chores?.Dispose();
+        _resolver?.Dispose();
+        _mgmt?.Dispose();
+        _control?.Dispose();
+        StopWorkers(_threads);
+        foreach (var (t, u) in _queues) { t.Dispose(); u.Dispose(); }
+        _queues.Clear();
+        _tun?.Dispose();                              // closing the last queue removes the interface and its routes
+        _gateway?.Dispose();
+        _sysctls?.Restore();
+        _handshakes?.Dispose();
+        _udp?.Dispose();
+        if (_stopFd >= 0) Libc.Close(_stopFd);
+        if (_epfd >= 0) Libc.Close(_epfd);
+        if (_wakeFd >= 0) Libc.Close(_wakeFd);
+        _stopFd = _epfd = _wakeFd = -1;
+        _node?.ClearKeys();
+        _node?.Invites?.Clear();
+        _log.Hooks = null;
+        _hooks?.Dispose();
+        _log.StopWriter();
     }
 
     // The devices and sockets, the interface up with its addresses and routes, and one worker per
@@ -8526,7 +8727,7 @@ internal sealed unsafe partial class Daemon
         _epfd = Libc.EpollCreate1(Libc.EPOLL_CLOEXEC);
         if (_wakeFd < 0 || _stopFd < 0 || _epfd < 0) throw new IOException($"cannot create the event loop: {Libc.ErrorText(Libc.Errno)}");
         _control = ControlServer.Listen(_cfg.ControlPath, _epfd, this);
-        if (_cfg.MgmtAddress != null)
+        if (_cfg.MgmtAddress != null && !Hosted)
         {
             _mgmt = MgmtServer.Listen(_cfg.MgmtAddress, _cfg.MgmtPort, _epfd, _cfg.MgmtAcl);
             _mgmt.HealthzGraceMs = _cfg.HealthzGraceMs;
@@ -9256,11 +9457,14 @@ internal static unsafe partial class Privileges
         }
     }
 
-    internal static void Drop(string user, string controlPath)
+    internal static void Drop(string user, string[] controlPaths)
     {
         if (!TryLookup(user, out uint uid, out uint gid)) throw new IOException($"--user '{user}': no such user");
-        byte[] path = Encoding.UTF8.GetBytes(controlPath + "\0");
-        fixed (byte* p = path) Chown(p, uid, gid);       // so the unprivileged daemon can still remove it
+        foreach (string controlPath in controlPaths)
+        {
+            byte[] path = Encoding.UTF8.GetBytes(controlPath + "\0");
+            fixed (byte* p = path) Chown(p, uid, gid);   // so the unprivileged daemon can still remove it
+        }
         // The order matters: KEEPCAPS before setresuid, or leaving uid 0 clears every capability; groups and
         // gid before uid, since only root may change them. Real, effective and saved ids all change, so
         // root cannot be taken back.
@@ -12706,6 +12910,14 @@ internal sealed unsafe class ControlServer : RequestServer
 
     internal static ControlServer Listen(string path, int epfd, Daemon daemon)
     {
+        int fd = Bind(path);
+        Libc.EpollAdd(epfd, fd);
+        return new ControlServer(fd, epfd, path, daemon);
+    }
+
+    /// <summary>A listening control socket at path, for its owner alone.</summary>
+    internal static int Bind(string path)
+    {
         int fd = Libc.Socket(Libc.AF_UNIX, Libc.SOCK_STREAM | Libc.SOCK_NONBLOCK | Libc.SOCK_CLOEXEC, 0);
         if (fd < 0) throw new IOException($"cannot create control socket: {Libc.ErrorText(Libc.Errno)}");
         // A socket file left by a crashed daemon is removed; a live daemon on it is not disturbed.
@@ -12731,8 +12943,7 @@ internal sealed unsafe class ControlServer : RequestServer
         // The socket steers the node (reload, down, revoke): only its owner may connect. Privileges.Drop
         // later hands the file to --user so the unprivileged daemon can still remove it at exit.
         File.SetUnixFileMode(path, UnixFileMode.UserRead | UnixFileMode.UserWrite);
-        Libc.EpollAdd(epfd, fd);
-        return new ControlServer(fd, epfd, path, daemon);
+        return fd;
     }
 
     private const string NoInvites = "error: this daemon runs without --config, so it has no invites\n";
@@ -12745,10 +12956,21 @@ internal sealed unsafe class ControlServer : RequestServer
         string line = Encoding.UTF8.GetString(c.In, 0, nl).Trim();
         // Reload and ping answer later: the config is parsed on the chores thread, and a ping waits for the
         // peer. Revoke checks the admin's signature off the node's lock and takes the lock itself.
+        if (line.StartsWith("network ", StringComparison.Ordinal))
+        {
+            Respond(fd, c, "error: this daemon runs one network: --network goes with a config of [[network]] tables\n"u8.ToArray(), nowMs);
+            return true;
+        }
         if (line == "reload")
         {
             Action<byte[]> answer = Later(fd, c, nowMs);
             _daemon.AskReload("control", (code, message) => answer(Encoding.UTF8.GetBytes(ReloadReply(code, message))));
+            return true;
+        }
+        // A rollback writes the whole file back, the other networks' tables too.
+        if (_daemon.Hosted && (line == "confirm" || line.StartsWith("reload confirm ", StringComparison.Ordinal)))
+        {
+            Respond(fd, c, "error: reload --confirm rolls back the whole file, so it runs with one network only\n"u8.ToArray(), nowMs);
             return true;
         }
         if (line.StartsWith("reload confirm ", StringComparison.Ordinal))
@@ -12922,6 +13144,7 @@ internal sealed unsafe class MgmtServer : RequestServer
     internal void SetAcl(List<IpPrefix> acl) => _acl = acl;
 
     internal long HealthzGraceMs = 120_000;       // from --healthz-grace; the loop sets it at start and reload
+    internal Host? Networks;                      // a node of several networks answers for all of them
 
     internal bool Allowed(in Endpoint from)
     {
@@ -12957,6 +13180,7 @@ internal sealed unsafe class MgmtServer : RequestServer
         byte[] reply =
             !valid ? Http(400, "text/plain", "bad request\n")
             : parts[0] != "GET" && parts[0] != "HEAD" ? Http(405, "text/plain", "only GET\n")
+            : Networks != null ? HostAnswer(path)
             : path switch
             {
                 "/status" => Http(200, "application/json", StatusJson(status)),
@@ -12972,6 +13196,34 @@ internal sealed unsafe class MgmtServer : RequestServer
     }
 
     private static string StatusJson(StatusView status) { lock (status.Gate) return status.Json(); }
+
+    // Several networks: /status holds each network's status under its name, /metrics every sample with
+    // its network label, /healthz is unhealthy while any network is. (The status page draws one.)
+    private byte[] HostAnswer(string path)
+    {
+        List<(string Name, StatusView View)> views = Networks!.Views();
+        switch (path)
+        {
+            case "/status":
+                var sb = new StringBuilder("{\"networks\":{");
+                for (int i = 0; i < views.Count; i++)
+                {
+                    if (i > 0) sb.Append(',');
+                    JsonText.Str(sb, views[i].Name);
+                    sb.Append(':').Append(StatusJson(views[i].View).TrimEnd());
+                }
+                return Http(200, "application/json", sb.Append("}}\n").ToString());
+            case "/metrics":
+                return Http(200, "text/plain; version=0.0.4; charset=utf-8", Host.MergeMetrics(views.ConvertAll(v => (v.Name, v.View.Metrics()))));
+            case "/healthz":
+                var why = new List<string>();
+                foreach (var (name, view) in views)
+                    if (Healthz(view) is string w) why.Add(name + ": " + w);
+                return why.Count > 0 ? Http(503, "text/plain", "unhealthy: " + string.Join("; ", why) + "\n") : Http(200, "text/plain", "ok\n");
+            default:
+                return Http(404, "text/plain", "not found (this node runs several networks: /status, /metrics, /healthz)\n");
+        }
+    }
 
     // A watchdog (procd, systemd, Kubernetes) restarts or alerts on 503: only after the grace time,
     // so a node that is starting or riding out a short outage is not flapped.
@@ -13177,6 +13429,318 @@ internal sealed unsafe class MgmtServer : RequestServer
     }
 }
 
+// ---- 17.1 Several networks in one daemon ------------------------------------------------------
+// A file with [[network]] tables runs one Daemon per table, each with its own node, device,
+// sockets, loop, control socket (CONTROL.NAME.sock) and log tag: no packet, key, peer or route of
+// one is ever in reach of another. The host owns the signals, the node's control socket (a request
+// goes to the network it names, or to all of them, each answer kept apart) and the management
+// endpoint (one /metrics for all, each sample labelled with its network).
+
+internal sealed unsafe class Host(List<UpConfig> cfgs, string[] args, Log log, Func<string, Log> logOf)
+{
+    private readonly List<Daemon> _daemons = new();
+    private readonly System.Collections.Concurrent.ConcurrentQueue<Action> _answers = new();
+    private int _wakeFd = -1, _running;
+    private volatile bool _stop;
+
+    internal IReadOnlyList<Daemon> Daemons => _daemons;
+    internal string[] Names => cfgs.ConvertAll(c => c.NetworkName!).ToArray();
+
+    internal void Wake()
+    {
+        ulong one = 1;
+        if (_wakeFd >= 0) Libc.Write(_wakeFd, (byte*)&one, 8);
+    }
+
+    private void StopAll()
+    {
+        _stop = true;
+        foreach (Daemon d in _daemons) d.RequestStop();
+        Wake();
+    }
+
+    /// <summary>Called on any thread: the answer is sent from the host's loop.</summary>
+    internal void Answer(Action send)
+    {
+        _answers.Enqueue(send);
+        Wake();
+    }
+
+    internal int Run()
+    {
+        UpConfig node = cfgs[0];
+        var signals = new List<PosixSignalRegistration>();
+        var threads = new List<Thread>();
+        int[] codes = new int[cfgs.Count];
+        HostControl? control = null;
+        MgmtServer? mgmt = null;
+        int epfd = -1;
+        try
+        {
+            foreach (PosixSignal sig in new[] { PosixSignal.SIGTERM, PosixSignal.SIGINT })
+                signals.Add(PosixSignalRegistration.Create(sig, ctx => { ctx.Cancel = true; StopAll(); }));
+            signals.Add(PosixSignalRegistration.Create(PosixSignal.SIGHUP, ctx => { ctx.Cancel = true; foreach (Daemon d in _daemons) d.RequestReload(); }));
+            // Every network is opened before any runs: one that cannot start (its port taken) stops
+            // them all with its one error, as a single network's would. The exit's mark goes on
+            // every network's sockets, so no tunnel's own packets are routed into the exit.
+            if (cfgs.Exists(c => c.ExitNode != null)) UdpSocket.FwMark = Gateway.FwMark;
+            foreach (UpConfig c in cfgs)
+            {
+                var d = new Daemon(c, args, logOf(c.NetworkName!));
+                _daemons.Add(d);
+                d.Open();
+            }
+            _wakeFd = Libc.EventFd(0, Libc.EFD_NONBLOCK | Libc.EFD_CLOEXEC);
+            epfd = Libc.EpollCreate1(Libc.EPOLL_CLOEXEC);
+            if (_wakeFd < 0 || epfd < 0) throw new IOException($"cannot create the event loop: {Libc.ErrorText(Libc.Errno)}");
+            Libc.EpollAdd(epfd, _wakeFd);
+            control = HostControl.Listen(node.HostControlPath!, epfd, this);
+            if (node.MgmtAddress != null)
+            {
+                mgmt = MgmtServer.Listen(node.MgmtAddress, node.MgmtPort, epfd, node.MgmtAcl);
+                mgmt.HealthzGraceMs = node.HealthzGraceMs;
+                mgmt.Networks = this;
+            }
+            // The drop comes before any network's threads start: capabilities are per thread, and
+            // a thread started later inherits what the dropping one kept.
+            if (node.User != null) Privileges.Drop(node.User, [node.HostControlPath!, .. _daemons.ConvertAll(d => d.ControlPath)]);
+            log.Info("started", $"networks={string.Join(',', Names)} control={node.HostControlPath}" +
+                (mgmt != null ? $" mgmt={node.MgmtAddress}:{mgmt.Port}" : "") + (node.User != null ? $" user={node.User}" : ""));
+            _running = _daemons.Count;
+            for (int i = 0; i < _daemons.Count; i++)
+            {
+                int k = i;
+                var t = new Thread(() => Serve(k, codes)) { IsBackground = true, Name = "veil-net-" + cfgs[k].NetworkName };
+                threads.Add(t);
+                t.Start();
+            }
+            Loop(epfd, control, mgmt);
+            foreach (Thread t in threads) t.Join();
+            int worst = 0;
+            foreach (int code in codes) worst = Math.Max(worst, code);
+            log.Info("shutdown", $"networks={_daemons.Count} exit={worst}");
+            return worst;
+        }
+        finally
+        {
+            foreach (PosixSignalRegistration r in signals) r.Dispose();
+            StopAll();
+            foreach (Thread t in threads) t.Join();
+            mgmt?.Dispose();
+            control?.Dispose();
+            foreach (Daemon d in _daemons) d.Close();
+            if (epfd >= 0) Libc.Close(epfd);
+            if (_wakeFd >= 0) Libc.Close(_wakeFd);
+            _wakeFd = -1;
+        }
+    }
+
+    // A network that ends by `veil down --network NAME` leaves the others running; one that fails
+    // ends them all, so the service manager restarts the node whole.
+    private void Serve(int i, int[] codes)
+    {
+        try { codes[i] = _daemons[i].Serve(); }
+        catch (Exception e) when (e is IOException or ConfigException)
+        {
+            log.Error("network_failed", $"network={cfgs[i].NetworkName} error=\"{e.Message}\"");
+            codes[i] = 1;
+        }
+        finally { _daemons[i].Close(); }                 // its device and sockets go now, not with the last network
+        if (codes[i] != 0) StopAll();
+        if (Interlocked.Decrement(ref _running) == 0) { _stop = true; Wake(); }
+    }
+
+    private void Loop(int epfd, HostControl control, MgmtServer? mgmt)
+    {
+        byte* events = stackalloc byte[16 * 16];
+        while (!_stop || Volatile.Read(ref _running) > 0)
+        {
+            long nowMs = Mono.NowMs();
+            long wake = Math.Min(control.NextDeadlineMs, mgmt?.NextDeadlineMs ?? long.MaxValue);
+            int n = Libc.EpollWait(epfd, events, 16, (int)Math.Clamp(wake - nowMs, 0, 1000));
+            nowMs = Mono.NowMs();
+            for (int i = 0; i < n; i++)
+            {
+                int fd = Libc.EpollEventFd(events, i);
+                if (fd == _wakeFd) { ulong v; Libc.Read(_wakeFd, (byte*)&v, 8); }
+                else if (control.Owns(fd)) control.OnReady(fd, nowMs, null!);
+                else mgmt?.OnReady(fd, nowMs, null!);
+            }
+            while (_answers.TryDequeue(out Action? send)) send();
+            control.Expire(nowMs);
+            mgmt?.Expire(nowMs);
+        }
+    }
+
+    /// <summary>Each network's view, as "name" and view, for those whose loop runs.</summary>
+    internal List<(string Name, StatusView View)> Views()
+    {
+        var list = new List<(string, StatusView)>();
+        for (int i = 0; i < _daemons.Count; i++)
+            if (_daemons[i].Status is StatusView v) list.Add((cfgs[i].NetworkName!, v));
+        return list;
+    }
+
+    /// <summary>One Prometheus text of several: each family once (its HELP and TYPE from the first
+    /// network that has it), then every network's samples of it with network="NAME" added.</summary>
+    internal static string MergeMetrics(List<(string Name, string Text)> parts)
+    {
+        var order = new List<string>();
+        var heads = new Dictionary<string, StringBuilder>();
+        var samples = new Dictionary<string, StringBuilder>();
+        var firstOf = new Dictionary<string, string>();
+        foreach (var (name, text) in parts)
+        {
+            string family = "";
+            foreach (string line in text.Split('\n'))
+            {
+                if (line.Length == 0) continue;
+                if (line.StartsWith("# ", StringComparison.Ordinal))
+                {
+                    string[] w = line.Split(' ', 4);
+                    if (w.Length < 3) continue;
+                    family = w[2];
+                    if (!heads.ContainsKey(family)) { order.Add(family); heads[family] = new(); samples[family] = new(); firstOf[family] = name; }
+                    if (firstOf[family] == name) heads[family].Append(line).Append('\n');
+                    continue;
+                }
+                int brace = line.IndexOf('{'), space = line.IndexOf(' ');
+                if (space < 0) continue;
+                if (!samples.ContainsKey(family)) { order.Add(family); heads[family] = new(); samples[family] = new(); firstOf[family] = name; }
+                string label = $"network=\"{name}\"";
+                samples[family].Append(brace >= 0 && brace < space
+                    ? line[..(brace + 1)] + label + (line[brace + 1] == '}' ? "" : ",") + line[(brace + 1)..]
+                    : line[..space] + "{" + label + "}" + line[space..]).Append('\n');
+            }
+        }
+        var sb = new StringBuilder();
+        foreach (string f in order) sb.Append(heads[f]).Append(samples[f]);
+        return sb.ToString();
+    }
+
+    /// <summary>Every network's answer to one request as one reply: JSON under "networks", a
+    /// health or reload as its worst, the views one after the other under their names.</summary>
+    internal static string Combine(string request, string[] names, string?[] replies)
+    {
+        var sb = new StringBuilder();
+        string Of(int i) => replies[i] is { Length: > 0 } r ? r : "error: no answer (the network stopped?)\n";
+        if (request.EndsWith(" json", StringComparison.Ordinal))
+        {
+            sb.Append("{\"networks\":{");
+            for (int i = 0; i < names.Length; i++)
+            {
+                if (i > 0) sb.Append(',');
+                JsonText.Str(sb, names[i]);
+                string r = Of(i).TrimEnd();
+                sb.Append(':').Append(r.StartsWith('{') ? r : "null");
+            }
+            return sb.Append("}}\n").ToString();
+        }
+        if (request is "health" or "reload" or "down")
+        {
+            // The first word is the verdict ("ok:", "down:", "restart:", "error:"); the worst one leads.
+            string worst = "ok:";
+            for (int i = 0; i < names.Length; i++)
+            {
+                string verdict = Of(i).Split(' ')[0];
+                if (verdict != "ok:" && (worst == "ok:" || verdict == "error:")) worst = verdict;
+                sb.Append(i > 0 ? "; " : " ").Append(names[i]).Append(": ").Append(Of(i).Trim());
+            }
+            return worst + sb.Append('\n').ToString();
+        }
+        for (int i = 0; i < names.Length; i++)
+        {
+            if (i > 0) sb.Append('\n');
+            sb.Append("network ").Append(names[i]).Append('\n').Append(Of(i));
+            if (!Of(i).EndsWith('\n')) sb.Append('\n');
+        }
+        return sb.ToString();
+    }
+}
+
+/// <summary>The node's control socket when it runs several networks: "network NAME REQUEST" goes to
+/// that network's own socket; a view, health, reload or down without a name goes to all of them.</summary>
+internal sealed unsafe class HostControl : RequestServer
+{
+    private const int MaxClients = 8;
+    private const long ControlTimeoutMs = 2_000, NetworkTimeoutMs = 8_500;   // the second within RequestServer's wait
+    private readonly string _path;
+    private readonly Host _host;
+
+    private HostControl(int fd, int epfd, string path, Host host)
+        : base(fd, epfd, MaxClients, Tune.MaxControlRequestLen, ControlTimeoutMs, ControlTimeoutMs) { _path = path; _host = host; }
+
+    internal static HostControl Listen(string path, int epfd, Host host)
+    {
+        int fd = ControlServer.Bind(path);
+        Libc.EpollAdd(epfd, fd);
+        return new HostControl(fd, epfd, path, host);
+    }
+
+    private static readonly string[] ForAll =
+        ["status", "status json", "status short", "status dump", "peers", "peers json", "routes", "routes json", "health", "netcheck", "reload", "down"];
+
+    protected override bool TryAnswer(int fd, Conn c, long nowMs, StatusView status)
+    {
+        int nl = Array.IndexOf(c.In, (byte)'\n', 0, c.InLen);
+        if (nl < 0) return false;
+        string line = Encoding.UTF8.GetString(c.In, 0, nl).Trim();
+        string[] names = _host.Names;
+        if (line == "networks") { Respond(fd, c, Encoding.UTF8.GetBytes(string.Join('\n', names) + "\n"), nowMs); return true; }
+        int only = -1;
+        if (line.StartsWith("network ", StringComparison.Ordinal))
+        {
+            string[] w = line.Split(' ', 3);
+            only = Array.IndexOf(names, w[1]);
+            if (only < 0 || w.Length < 3)
+            {
+                Respond(fd, c, Encoding.UTF8.GetBytes(only < 0 ? $"error: no network '{w[1]}' here (networks: {string.Join(", ", names)})\n" : "error: network NAME REQUEST\n"), nowMs);
+                return true;
+            }
+            line = w[2];
+        }
+        else if (Array.IndexOf(ForAll, line) < 0)
+        {
+            Respond(fd, c, Encoding.UTF8.GetBytes($"error: this node runs several networks ({string.Join(", ", names)}): name one with --network NAME\n"), nowMs);
+            return true;
+        }
+        // Each network answers on its own socket, and a reload or ping takes seconds: asked off the
+        // loop, all at once, and answered from the loop (Host.Answer).
+        Action<byte[]> answer = Later(fd, c, nowMs);
+        string request = line;
+        var targets = new List<int>();
+        for (int i = 0; i < names.Length; i++)
+            if (only < 0 || i == only) targets.Add(i);
+        new Thread(() =>
+        {
+            string?[] replies = new string?[targets.Count];
+            var askers = new List<Thread>();
+            for (int i = 0; i < targets.Count; i++)
+            {
+                int k = i;
+                var t = new Thread(() => replies[k] = ControlClient.Ask(_host.Daemons[targets[k]].ControlPath, request, (int)NetworkTimeoutMs)) { IsBackground = true };
+                askers.Add(t);
+                t.Start();
+            }
+            foreach (Thread t in askers) t.Join();
+            string text = only >= 0 ? replies[0] is { Length: > 0 } r ? r : $"error: network '{names[only]}' does not answer (stopped?)\n" : Host.Combine(request, names, replies);
+            byte[] bytes = Encoding.UTF8.GetBytes(text);
+            _host.Answer(() => answer(bytes));
+        }) { IsBackground = true, Name = "veil-ask" }.Start();
+        return true;
+    }
+
+    protected override byte[] TooLong() => "error: request too long or not a line\n"u8.ToArray();
+    protected override byte[]? Unfinished() => TooLong();
+    protected override byte[] TimedOut() => "error: no complete request line in time\n"u8.ToArray();
+    protected override byte[] TooLate() => "error: no answer in time; the daemon's log tells how the request ended\n"u8.ToArray();
+
+    protected override void Closed()
+    {
+        try { File.Delete(_path); } catch (IOException) { } catch (UnauthorizedAccessException) { }
+    }
+}
+
 // ==== 18. CLI ====================================================================================
 // The verbs other than `up`: key generation, asking the running daemon, version and help. Each bad
 // input is one line on stderr and exit status 2; an unreachable daemon is exit status 1.
@@ -13254,7 +13818,7 @@ internal static class Cli
     /// <summary>status | down: one request to the daemon's control socket.</summary>
     internal static int Ask(string verb, string[] args, TextWriter stdout, TextWriter stderr)
     {
-        string path = Tune.DefaultControlPath, view = "";
+        string path = Tune.DefaultControlPath, view = "", network = "";
         for (int i = 1; i < args.Length; i++)
         {
             // Only the views have a JSON form; "reload --json" is refused like any other unknown argument.
@@ -13264,12 +13828,13 @@ internal static class Cli
             else if (args[i] == "exit-node" && verb == "set" && view.Length == 0 && i + 1 < args.Length && !args[i + 1].Contains(' ')) view = " exit-node " + args[++i];
             else if (args[i] == "--control" && i + 1 < args.Length) path = args[++i];
             else if (args[i].StartsWith("--control=")) path = args[i]["--control=".Length..];
+            else if (args[i] == "--network" && i + 1 < args.Length && network.Length == 0 && IsNetworkName(args[i + 1])) network = "network " + args[++i] + " ";
             else { stderr.WriteLine($"veil: {verb}: unknown argument '{args[i]}' (see 'veil help {verb}')"); return 2; }
         }
         // Exit codes follow `veil help reload`: 1 nobody answered, 2 refused or bad input, 3 needs a restart.
         // Scripts tell them apart, so they must not change.
         if (verb == "set" && view.Length == 0) { stderr.WriteLine("veil: set: what? (veil set exit-node NAME|off)"); return 2; }
-        string? reply = ControlClient.Ask(path, verb + view);
+        string? reply = ControlClient.Ask(path, network + verb + view);
         if (reply == null)
         {
             stderr.WriteLine($"veil: no daemon answers on {path} (is 'veil up' running? use --control PATH)");
@@ -13281,21 +13846,25 @@ internal static class Cli
         stdout.Write(reply);
         // `veil status` and `veil health` tell a watchdog whether any peer is up: 3 when none is.
         if (verb == "health") return reply.StartsWith("ok:") ? 0 : 3;
-        if (verb == "status" && ControlClient.Ask(path, "health") is string health && health.StartsWith("down:")) return 3;
+        if (verb == "status" && ControlClient.Ask(path, network + "health") is string health && health.StartsWith("down:")) return 3;
         return 0;
     }
+
+    // A network's name as [[network]] allows it: a request line is split on spaces.
+    private static bool IsNetworkName(string s) => s.Length is > 0 and <= 15 && !s.Contains(' ');
 
     /// <summary>`veil ping PEER [-c N]`: N Veil-layer echo requests, one a second, each answered
     /// with the path it came back on and the round trip (a lost one shows after 2 s).</summary>
     internal static int Ping(string[] args, TextWriter stdout, TextWriter stderr)
     {
-        string path = Tune.DefaultControlPath;
+        string path = Tune.DefaultControlPath, network = "";
         string? peer = null;
         int count = 4;
         for (int i = 1; i < args.Length; i++)
         {
             if (args[i] == "--control" && i + 1 < args.Length) path = args[++i];
             else if (args[i].StartsWith("--control=")) path = args[i]["--control=".Length..];
+            else if (args[i] == "--network" && i + 1 < args.Length && network.Length == 0 && IsNetworkName(args[i + 1])) network = "network " + args[++i] + " ";
             // About 17 minutes at one a second; a -c out of range is refused, not clamped.
             else if (args[i] == "-c" && i + 1 < args.Length && int.TryParse(args[i + 1], out count) && count is >= 1 and <= 1000) i++;
             else if (!args[i].StartsWith('-') && peer == null) peer = args[i];
@@ -13308,7 +13877,7 @@ internal static class Cli
         {
             // One a second, as ping(8) does; each echo is its own connection to the control socket.
             if (k > 0) Thread.Sleep(1000);
-            string? reply = ControlClient.Ask(path, "ping " + peer, 2000);
+            string? reply = ControlClient.Ask(path, network + "ping " + peer, 2000);
             // No reply while the socket file exists is a lost echo (the 2 s receive timeout ran out), counted
             // below; only a missing socket means there is no daemon.
             if (reply == null && !File.Exists(path)) { stderr.WriteLine($"veil: no daemon answers on {path} (is 'veil up' running? use --control PATH)"); return 1; }
@@ -15021,7 +15590,7 @@ internal sealed unsafe partial class Daemon
     internal Invites? Invites => _node?.Invites;
 
     // Beside the config file, named after it (veil@NAME's /etc/veil/NAME.toml keeps NAME.invites).
-    private string? InvitesPath => _cfg.ConfigPath != null ? Path.ChangeExtension(Path.GetFullPath(_cfg.ConfigPath), ".invites") : null;
+    private string? InvitesPath => _cfg.ConfigPath != null ? Path.ChangeExtension(Path.GetFullPath(_cfg.ConfigPath), _cfg.NetworkName != null ? "." + _cfg.NetworkName + ".invites" : ".invites") : null;
     private string _invitesWritten = "";
 
     private void LoadInvites(Invites invites)

@@ -8,8 +8,8 @@
 set -uo pipefail
 
 DIR=$(cd "$(dirname "$0")" && pwd)
-ALL=(badflags ping iperf fec rekey restart shutdown wrongkey garbage replay metrics health prometheus statuspage reload routes exit autoaddr isolate isolated filter tap confirm stall revoke flood spoof onboard mesh workers service systemd arm64 nat)
-declare -A LIMIT_S=([rekey]=90 [ping]=60 [wrongkey]=60 [metrics]=60 [prometheus]=60 [statuspage]=60 [reload]=90 [confirm]=90 [stall]=60 [revoke]=60 [flood]=60 [spoof]=60 [onboard]=90 [mesh]=120 [workers]=60 [arm64]=120 [nat]=300 [systemd]=60 [exit]=90 [routes]=60 [isolated]=90 [fec]=90 [tap]=60)
+ALL=(badflags ping iperf fec rekey restart shutdown wrongkey garbage replay metrics health prometheus statuspage reload routes exit autoaddr isolate isolated filter tap networks confirm stall revoke flood spoof onboard mesh workers service systemd arm64 nat)
+declare -A LIMIT_S=([rekey]=90 [ping]=60 [wrongkey]=60 [metrics]=60 [prometheus]=60 [statuspage]=60 [reload]=90 [confirm]=90 [stall]=60 [revoke]=60 [flood]=60 [spoof]=60 [onboard]=90 [mesh]=120 [workers]=60 [arm64]=120 [nat]=300 [systemd]=60 [exit]=90 [routes]=60 [isolated]=90 [fec]=90 [tap]=60 [networks]=90)
 DEFAULT_LIMIT_S=45
 
 scenarios=("$@")
