@@ -14042,16 +14042,18 @@ internal static class Cli
                      "       veil peers|routes [--json] [--control PATH]                its peers, its routing table\n" +
                      "       veil health [--control PATH]                               one line: is any peer up?\n" +
                      "--short: one line per peer; --dump: tab-separated (node line, then a peer line each; '-' for unknown)\n" +
+                     "--network NAME (these, reload, down, ping, set, confirm): one network of a node with [[network]] tables;\n" +
+                     "  without it each network answers under its name (JSON: {\"networks\":{NAME:...}})\n" +
                      "exit status: 0 ok (status, health: a peer is up), 1 no daemon answers, 2 bad input, 3 (status, health) no peer is up\n",
-        ["ping"] = "usage: veil ping NAME|PUBKEY [-c N] [--control PATH]   N (default 4) echo requests at the Veil layer, one a second;\n  each answer shows the path (direct or relay:NAME), the endpoint and the round trip\nexit status: 0 some answered, 1 none (or no daemon), 2 bad input or no such peer\n",
+        ["ping"] = "usage: veil ping NAME|PUBKEY [-c N] [--network NAME] [--control PATH]   N (default 4) echo requests at the Veil layer, one a second;\n  each answer shows the path (direct or relay:NAME), the endpoint and the round trip\nexit status: 0 some answered, 1 none (or no daemon), 2 bad input or no such peer\n",
         ["netcheck"] = "usage: veil netcheck [--control PATH]   where members see this node, whether that depends on the member\n  (symmetric NAT), the gateway's port mapping, the relay, the path to each peer\n",
-        ["reload"] = "usage: veil reload [--confirm SECONDS] [--control PATH]   re-read flags and --config file (same as SIGHUP)\n" +
+        ["reload"] = "usage: veil reload [--confirm SECONDS] [--network NAME] [--control PATH]   re-read flags and --config file (same as SIGHUP)\n" +
                      "  --confirm: opens a window (10 to 3600 s): what is applied in it (this reload, file edits) goes back to the\n" +
                      "  config that ran before unless 'veil confirm' comes in time; open it before editing a remote node's file\n" +
                      "exit status: 0 applied, 1 no daemon, 2 the new config is invalid (nothing applied), 3 a changed key needs a restart (nothing applied)\n",
         ["confirm"] = "usage: veil confirm [--control PATH]   keep what was applied since 'veil reload --confirm'\n",
         ["set"] = "usage: veil set exit-node NAME|off [--control PATH]   use another exit node, or none, without a restart\n",
-        ["down"] = "usage: veil down [--control PATH]   leave gracefully: close sessions, remove the interface\n",
+        ["down"] = "usage: veil down [--network NAME] [--control PATH]   leave gracefully: close sessions, remove the interface\n",
         ["init"] = "usage: veil init [--dir DIR] [--address CIDR] [--listen ADDR:PORT]   DIR/private.key (0600) and DIR/veil.toml (default DIR /etc/veil); never overwrites a key\n",
         ["invite"] = "usage: veil invite [--expires 1h] [--name NAME] [--endpoint HOST:PORT] [--network NAME] [--isolated] [--control PATH]\n  asks the running node (started with --config) for a one-time token; it expires and works once\n" +
                      "  --isolated: the joiner is written down as an isolated peer: it reaches this node (and its exit) only,\n" +
