@@ -2960,7 +2960,13 @@ internal sealed unsafe class TunDevice : IDataplane
     // Counted on the I/O side, outside the node's lock; Worker.Settle moves them into Counters.
     internal long SuperPackets, Coalesced, Malformed;
 
-    private TunDevice(int fd, string name, int ifIndex, bool offload) { _fd = fd; Name = name; IfIndex = ifIndex; Offload = offload; }
+    private readonly bool _tap;                     // frames: the IP packet starts behind an Ethernet header
+
+    private TunDevice(int fd, string name, int ifIndex, bool offload, bool tap)
+    {
+        _fd = fd; Name = name; IfIndex = ifIndex; Offload = offload; _tap = tap;
+        _segmenter.Tap = tap;
+    }
 
     /// <summary>Creates the interface or throws with one line saying why. With offload, the kernel
     /// may hand us TCP and UDP super-packets of up to 64 KiB (TSO, USO) with checksums left to us;
@@ -2968,7 +2974,6 @@ internal sealed unsafe class TunDevice : IDataplane
     /// it, each further call with the same name adds a queue; the kernel spreads flows over them).</summary>
     internal static TunDevice Create(string name, bool offload = true, bool multiQueue = false, ulong tapMac = 0)
     {
-        offload &= tapMac == 0;              // a TAP's frames are read whole: Segmenter cuts IP packets only
         byte* path = stackalloc byte[16];
         Encoding.ASCII.GetBytes("/dev/net/tun\0", new Span<byte>(path, 16));
         int fd = Libc.Open(path, Libc.O_RDWR | Libc.O_NONBLOCK | Libc.O_CLOEXEC, 0);
@@ -3008,7 +3013,7 @@ internal sealed unsafe class TunDevice : IDataplane
             Libc.Close(fd);
             throw new IOException($"TUN '{name}' was created but has no interface index");
         }
-        return new TunDevice(fd, name, index, offload) { OffloadsAccepted = accepted, UdpOffloadAccepted = uso, Mac = tapMac };
+        return new TunDevice(fd, name, index, offload, tapMac != 0) { OffloadsAccepted = accepted, UdpOffloadAccepted = uso, Mac = tapMac };
     }
 
     private const uint SIOCSIFHWADDR = 0x8924;
@@ -3069,28 +3074,31 @@ internal sealed unsafe class TunDevice : IDataplane
         for (int i = 0; i < b.Count;)
         {
             if (b.Length[i] == 0) { i++; continue; }
-            int end = Offload ? Coalescer.RunEnd(b, i, UdpOffloadAccepted) : i + 1;
-            if (end - i == 1 ? !Write(b.Packet(i)) : !WriteCoalesced(b, i, end)) refused += end - i;
+            int link = _tap ? Ethernet.IpOffset(b.Packet(i)) : 0;
+            int end = Offload && link >= 0 ? Coalescer.RunEnd(b, i, UdpOffloadAccepted, link) : i + 1;
+            if (end - i == 1 ? !Write(b.Packet(i)) : !WriteCoalesced(b, i, end, link)) refused += end - i;
             i = end;
         }
         return refused;
     }
 
-    private bool WriteCoalesced(PacketBatch b, int from, int to)
+    // link: the Ethernet header's length on a TAP (the run's frames share it), 0 on a TUN; the
+    // virtio header's offsets count from the start of the frame.
+    private bool WriteCoalesced(PacketBatch b, int from, int to, int link)
     {
-        Span<byte> head = b.Packet(from);
+        Span<byte> head = b.Packet(from)[link..];
         int hdrLen = Coalescer.HeaderLen(head), ipLen = Coalescer.IpHeaderLen(head);
         int payload = 0, count = 0;
-        for (int k = from; k < to; k++) if (b.Length[k] > 0) { payload += b.Length[k] - hdrLen; count++; }
+        for (int k = from; k < to; k++) if (b.Length[k] > 0) { payload += b.Length[k] - link - hdrLen; count++; }
         int gsoSize = head.Length - hdrLen;
-        Coalescer.RewriteHead(head, hdrLen, ipLen, payload, b.Packet(to - 1));
+        Coalescer.RewriteHead(head, hdrLen, ipLen, payload, b.Packet(to - 1)[link..]);
         byte* vh = stackalloc byte[Segmenter.VirtioHdrLen];
         bool udp = Coalescer.IsUdp(head);
         vh[0] = Segmenter.NeedsCsum;                            // the kernel finishes the L4 checksums
         vh[1] = udp ? Segmenter.GsoUdpL4 : Ip.Version(head) == 6 ? Segmenter.GsoTcpV6 : Segmenter.GsoTcpV4;
-        *(ushort*)(vh + 2) = (ushort)hdrLen;
+        *(ushort*)(vh + 2) = (ushort)(link + hdrLen);
         *(ushort*)(vh + 4) = (ushort)gsoSize;
-        *(ushort*)(vh + 6) = (ushort)ipLen;
+        *(ushort*)(vh + 6) = (ushort)(link + ipLen);
         *(ushort*)(vh + 8) = (ushort)(udp ? 6 : 16);
         IoVec* iov = stackalloc IoVec[Tune.BatchSize + 2];
         int n = 0;
@@ -3098,11 +3106,11 @@ internal sealed unsafe class TunDevice : IDataplane
         for (int k = from; k < to; k++)
         {
             if (b.Length[k] == 0) continue;
-            int skip = k == from ? 0 : hdrLen;
+            int skip = k == from ? 0 : link + hdrLen;
             fixed (byte* p = b.Packet(k)) iov[n++] = new IoVec { Base = (nint)(p + skip), Len = (nuint)(b.Length[k] - skip) };   // slots are pinned
         }
         Interlocked.Add(ref Coalesced, count);
-        return Libc.Writev(_fd, iov, n) == Segmenter.VirtioHdrLen + hdrLen + payload;
+        return Libc.Writev(_fd, iov, n) == Segmenter.VirtioHdrLen + link + hdrLen + payload;
     }
 
     public void Dispose()
@@ -3673,10 +3681,10 @@ internal static class Coalescer
 
     /// <summary>The end (exclusive) of the run of slots starting at i that can be merged with it
     /// (UDP runs only when the TUN takes UDP super-packets).</summary>
-    internal static int RunEnd(PacketBatch b, int i, bool udp = false)
+    internal static int RunEnd(PacketBatch b, int i, bool udp = false, int link = 0)
     {
-        ReadOnlySpan<byte> head = b.Packet(i);
-        if (udp && MergeableUdp(head)) return UdpRunEnd(b, i);
+        ReadOnlySpan<byte> head = b.Packet(i)[link..];
+        if (udp && MergeableUdp(head)) return UdpRunEnd(b, i, link);
         if (!Mergeable(head) || head[IpHeaderLen(head) + 13] != 0x10) return i + 1;
         int ip = IpHeaderLen(head), hdr = HeaderLen(head), seg = head.Length - hdr, total = head.Length, n = 1;
         uint next = BinaryPrimitives.ReadUInt32BigEndian(head[(ip + 4)..]) + (uint)seg;
@@ -3684,7 +3692,7 @@ internal static class Coalescer
         for (; j < b.Count && n < MaxSegments; j++)
         {
             if (b.Length[j] == 0) continue;
-            ReadOnlySpan<byte> p = b.Packet(j);
+            ReadOnlySpan<byte> p = SameLink(b, i, j, link);
             if (!Mergeable(p) || HeaderLen(p) != hdr || total + p.Length - hdr > MaxBytes) break;
             int len = p.Length - hdr;
             if (len > seg || BinaryPrimitives.ReadUInt32BigEndian(p[(ip + 4)..]) != next) break;
@@ -3707,15 +3715,23 @@ internal static class Coalescer
             ? head[1] == p[1] && head[8] == p[8] && head.Slice(12, 8).SequenceEqual(p.Slice(12, 8))
             : head[..4].SequenceEqual(p[..4]) && head[7] == p[7] && head.Slice(8, 32).SequenceEqual(p.Slice(8, 32));
 
-    private static int UdpRunEnd(PacketBatch b, int i)
+    // Frames of a TAP (link > 0) merge only behind the same Ethernet header (addresses, tag, type):
+    // the IP packet of slot j, or nothing (which merges with nothing).
+    private static ReadOnlySpan<byte> SameLink(PacketBatch b, int i, int j, int link)
     {
-        ReadOnlySpan<byte> head = b.Packet(i);
+        ReadOnlySpan<byte> p = b.Packet(j);
+        return link == 0 ? p : p.Length > link && p[..link].SequenceEqual(b.Packet(i)[..link]) ? p[link..] : default;
+    }
+
+    private static int UdpRunEnd(PacketBatch b, int i, int link)
+    {
+        ReadOnlySpan<byte> head = b.Packet(i)[link..];
         bool v4 = (head[0] >> 4) == 4;
         int ip = IpHeaderLen(head), hdr = ip + 8, seg = head.Length - hdr, total = head.Length, n = 1, last = i;
         for (int j = i + 1; j < b.Count && n < MaxSegments; j++)
         {
             if (b.Length[j] == 0) continue;
-            ReadOnlySpan<byte> p = b.Packet(j);
+            ReadOnlySpan<byte> p = SameLink(b, i, j, link);
             if (!MergeableUdp(p) || (p[0] >> 4) != (head[0] >> 4)) break;
             int len = p.Length - hdr;
             if (len > seg || total + len > MaxBytes) break;
@@ -3761,8 +3777,9 @@ internal sealed class Segmenter
     internal const int VirtioHdrLen = 10;
     internal const byte NeedsCsum = 1, GsoNone = 0, GsoTcpV4 = 1, GsoTcpV6 = 4, GsoUdpL4 = 5;   // virtio_net.h
     private byte[] _pkt = [];
-    private int _len, _l4, _hdrLen, _gsoSize, _payloadLen, _next, _count;
+    private int _len, _link, _l4, _hdrLen, _gsoSize, _payloadLen, _next, _count;
     private bool _v6, _udp, _whole;
+    internal bool Tap;                               // reads are Ethernet frames: segments keep their header
     internal long Malformed;
     internal bool Whole => _whole;                    // the last Start held one plain packet (no GSO)
 
@@ -3795,16 +3812,22 @@ internal sealed class Segmenter
         }
         int type = gso & 0x7F;
         if (type is not (GsoTcpV4 or GsoTcpV6 or GsoUdpL4) || gsoSize == 0) return Bad();
+        // From here on offsets count from the IP header: a frame's Ethernet header is copied in
+        // front of every segment as it is.
+        _link = Tap ? Ethernet.IpOffset(pkt) : 0;
+        if (_link < 0 || csumStart < _link) return Bad();
+        pkt = pkt[_link..];
+        csumStart -= _link;
         _udp = type == GsoUdpL4;
         _v6 = _udp ? (pkt[0] >> 4) == 6 : type == GsoTcpV6;               // UDP_L4 serves both versions
         if ((pkt[0] >> 4) != (_v6 ? 6 : 4)) return Bad();
         _l4 = csumStart;
-        if (_l4 < (_v6 ? 40 : 20) || _l4 + (_udp ? 8 : 20) > _len) return Bad();
+        if (_l4 < (_v6 ? 40 : 20) || _l4 + (_udp ? 8 : 20) > pkt.Length) return Bad();
         if (!_v6 && ((pkt[0] & 0xF) * 4 < 20 || (pkt[0] & 0xF) * 4 > _l4)) return Bad();   // IPv4 header must end where L4 starts
         int l4HdrLen = _udp ? 8 : (pkt[_l4 + 12] >> 4) * 4;
-        if (l4HdrLen < (_udp ? 8 : 20) || _l4 + l4HdrLen > _len) return Bad();
+        if (l4HdrLen < (_udp ? 8 : 20) || _l4 + l4HdrLen > pkt.Length) return Bad();
         _hdrLen = _l4 + l4HdrLen;
-        _payloadLen = _len - _hdrLen;
+        _payloadLen = pkt.Length - _hdrLen;
         _gsoSize = gsoSize;
         _count = Math.Max(1, (_payloadLen + gsoSize - 1) / gsoSize);
         return true;
@@ -3829,10 +3852,10 @@ internal sealed class Segmenter
             return _len;
         }
         int off = i * _gsoSize, seg = Math.Min(_gsoSize, _payloadLen - off), total = _hdrLen + seg;
-        if (total > dst.Length) { Malformed++; _next = _count; return 0; }
-        _pkt.AsSpan(0, _hdrLen).CopyTo(dst);
-        _pkt.AsSpan(_hdrLen + off, seg).CopyTo(dst[_hdrLen..]);
-        Span<byte> o = dst[..total];
+        if (_link + total > dst.Length) { Malformed++; _next = _count; return 0; }
+        _pkt.AsSpan(0, _link + _hdrLen).CopyTo(dst);
+        _pkt.AsSpan(_link + _hdrLen + off, seg).CopyTo(dst[(_link + _hdrLen)..]);
+        Span<byte> o = dst.Slice(_link, total);
         if (_v6) BinaryPrimitives.WriteUInt16BigEndian(o[4..], (ushort)(total - 40));
         else
         {
@@ -3861,7 +3884,7 @@ internal sealed class Segmenter
         ushort csum = (ushort)~Checksum.Fold(sum);
         if (csum == 0 && _udp) csum = 0xFFFF;                        // zero would mean "no checksum"
         BinaryPrimitives.WriteUInt16BigEndian(l4[csumAt..], csum);
-        return total;
+        return _link + total;
     }
 }
 
@@ -4519,6 +4542,13 @@ internal static class Ethernet
             mac = mac << 8 | b;
         }
         return true;
+    }
+
+    /// <summary>Where the IP packet of a frame starts (behind at most one VLAN tag); -1 when it carries none.</summary>
+    internal static int IpOffset(ReadOnlySpan<byte> f)
+    {
+        int at = f.Length >= HeaderLen + 4 && BinaryPrimitives.ReadUInt16BigEndian(f[TypeOffset..]) == TypeVlan ? TypeOffset + 4 : TypeOffset;
+        return at + 2 <= f.Length && BinaryPrimitives.ReadUInt16BigEndian(f[at..]) is TypeIPv4 or TypeIPv6 ? at + 2 : -1;
     }
 
     /// <summary>A rebuilt frame's length (§12.1 zero-extends members): the IP packet's end where the

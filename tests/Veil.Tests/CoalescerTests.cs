@@ -61,6 +61,28 @@ public class CoalescerTests
         Assert.Equal(0, split.Next(buf));
     }
 
+    // TAP frames: a run needs one Ethernet header (addresses, tag, type) over mergeable IP packets;
+    // a frame to another MAC, or with another VLAN, ends it.
+    [Fact]
+    public void TapRun_SameEthernetHeaderOnly()
+    {
+        List<byte[]> frames = Segments(false, 1380 * 6, 1380).ConvertAll(p => SegmenterTests.Frame(p, vlan: true));
+        Assert.Equal(6, Coalescer.RunEnd(BatchOf(frames), 0, link: 18));
+        var other = new List<byte[]>(frames);
+        other[3] = (byte[])frames[3].Clone();
+        other[3][5] ^= 1;                                          // another destination MAC
+        Assert.Equal(3, Coalescer.RunEnd(BatchOf(other), 0, link: 18));
+        other[3] = (byte[])frames[3].Clone();
+        other[3][15] = 43;                                         // another VLAN
+        Assert.Equal(3, Coalescer.RunEnd(BatchOf(other), 0, link: 18));
+        Assert.Equal(18, Ethernet.IpOffset(frames[0]));
+        Assert.Equal(14, Ethernet.IpOffset(SegmenterTests.Frame(frames[0][18..])));
+        byte[] arp = SegmenterTests.Frame(frames[0][18..]);
+        arp[12] = 0x08; arp[13] = 0x06;
+        Assert.Equal(-1, Ethernet.IpOffset(arp));
+        Assert.Equal(-1, Ethernet.IpOffset(arp.AsSpan(0, 13)));
+    }
+
     [Fact]
     public void Run_BrokenByGapOtherFlowPshOrOptions()
     {

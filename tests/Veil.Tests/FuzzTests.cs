@@ -1648,6 +1648,35 @@ public sealed partial class FuzzTests
     }
 
     [Fact]
+    public void Fuzz_Segmenter_TapFrames()
+    {
+        // A TAP read: virtio_net_hdr, then an Ethernet frame (one 802.1Q tag at most for GSO).
+        var c = new FuzzCampaign("segmenter-tap") { MaxLen = 9000 };
+        c.Seed(SegmenterTests.Read(SegmenterTests.Frame(SegmenterTests.Tcp(false, 4000, 0x18)), 1, Segmenter.GsoTcpV4, 1380, 34, 16));
+        c.Seed(SegmenterTests.Read(SegmenterTests.Frame(SegmenterTests.Tcp(true, 3000, 0x19, 12), vlan: true), 1, Segmenter.GsoTcpV6, 1360, 58, 16));
+        c.Seed(SegmenterTests.Read(SegmenterTests.Frame(SegmenterTests.Udp(false, 3600)), 1, Segmenter.GsoUdpL4, 1200, 34, 6));
+        c.Seed(SegmenterTests.Read(SegmenterTests.Frame(Packets.Udp4("100.64.0.1", "100.64.0.2", 100)), 1, Segmenter.GsoNone, 0, 34, 6));
+        var s = new Segmenter { Tap = true };
+        byte[] dst = new byte[1438];
+        c.Run(FuzzCampaign.Count(6000), read =>
+        {
+            if (!s.Start(read)) { Check(s.Next(dst) == 0, "a refused read still gave a segment"); return "refused"; }
+            int count = 0;
+            for (int n; (n = s.Next(dst)) > 0; count++)
+            {
+                Check(n <= dst.Length && count < 65536, "segment past the buffer");
+                if (s.Whole) continue;
+                int link = Ethernet.IpOffset(dst.AsSpan(0, n));
+                Check(link > 0, "a segment without its Ethernet header");
+                int v = dst[link] >> 4, ipLen = v == 6 ? 40 + BinaryPrimitives.ReadUInt16BigEndian(dst.AsSpan(link + 4)) : BinaryPrimitives.ReadUInt16BigEndian(dst.AsSpan(link + 2));
+                Check(link + ipLen == n, $"segment of {n} bytes says {link} + {ipLen}");
+            }
+            return $"{(s.Whole ? "whole" : "gso")}|{Math.Min(count, 4)}";
+        });
+        Report(c);
+    }
+
+    [Fact]
     public void Fuzz_Coalescer()
     {
         // A batch of received packets (from members: authenticated, but their contents are theirs),

@@ -105,6 +105,48 @@ public class SegmenterTests
         Assert.Equal(payload, seen);
     }
 
+    // A TAP frame around an IP packet: destination, source, an optional 802.1Q tag, the type.
+    internal static byte[] Frame(byte[] ip, bool vlan = false)
+    {
+        int link = vlan ? 18 : 14;
+        byte[] f = new byte[link + ip.Length];
+        for (int i = 0; i < 6; i++) { f[i] = (byte)(0x02 + i); f[6 + i] = (byte)(0x12 + i); }
+        if (vlan) { f[12] = 0x81; f[13] = 0x00; f[14] = 0x00; f[15] = 42; }
+        BinaryPrimitives.WriteUInt16BigEndian(f.AsSpan(link - 2), (ushort)((ip[0] >> 4) == 6 ? 0x86DD : 0x0800));
+        ip.CopyTo(f, link);
+        return f;
+    }
+
+    // The same super-packet read from a TAP (offsets in the virtio header count from the frame's
+    // start): every segment is the frame's Ethernet header, tag included, and the TUN's segment.
+    [Theory]
+    [InlineData(false, false)]
+    [InlineData(true, false)]
+    [InlineData(false, true)]
+    public void TapSuperFrame_EachSegmentKeepsTheEthernetHeader(bool v6, bool vlan)
+    {
+        byte[] super = Tcp(v6, 9000, 0x18, 12);
+        int ip = v6 ? 40 : 20, link = vlan ? 18 : 14;
+        var tun = new Segmenter();
+        Assert.True(tun.Start(Read(super, 1, v6 ? (byte)4 : (byte)1, 1400, ip, 16)));
+        List<byte[]> plain = All(tun);
+        byte[] frame = Frame(super, vlan);
+        var tap = new Segmenter { Tap = true };
+        Assert.True(tap.Start(Read(frame, 1, v6 ? (byte)4 : (byte)1, 1400, link + ip, 16)));
+        List<byte[]> frames = All(tap);
+        Assert.Equal(plain.Count, frames.Count);
+        for (int i = 0; i < frames.Count; i++)
+        {
+            Assert.Equal(frame.AsSpan(0, link).ToArray(), frames[i].AsSpan(0, link).ToArray());
+            Assert.Equal(plain[i], frames[i][link..]);
+        }
+        // A GSO frame that carries no IP (or whose L4 start falls inside the Ethernet header) is dropped.
+        byte[] arp = (byte[])frame.Clone();
+        arp[link - 2] = 0x08; arp[link - 1] = 0x06;
+        Assert.False(new Segmenter { Tap = true }.Start(Read(arp, 1, 1, 1400, link + ip, 16)));
+        Assert.False(new Segmenter { Tap = true }.Start(Read(frame, 1, v6 ? (byte)4 : (byte)1, 1400, 4, 16)));
+    }
+
     internal static byte[] Udp(bool v6, int payloadLen)
     {
         int ip = v6 ? 40 : 20;

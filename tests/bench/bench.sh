@@ -3,7 +3,8 @@
 # and the anchors in one interleaved run, then medians, ratios veil/each, lossy-link rows (veil and
 # wireguard-go through relay.c: delay, loss, reordering, duplicates and corruption), and veil's footprint: binary size, RSS idle and under load,
 # GC collections during the run, and AEAD cost per 1420-byte record against `openssl speed`.
-#   BENCH_IMPLS   implementations (default: veil plain wireguard-go nebula; any of impl/*.sh)
+#   BENCH_IMPLS   implementations (default: veil veil-tap plain wireguard-go nebula; any of impl/*.sh;
+#                 veil-tap is veil with --mode tap, reported as a ratio to veil)
 #   BENCH_RUNS    rounds (default 3)        BENCH_SECONDS  iperf3 seconds per test (default 5)
 #   BENCH_LOSSY   the lossy links, "NAME=RELAY_ARGS;..." (relay.c's options, each way; default below;
 #                 off: none)
@@ -14,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
 HARNESS=$REPO/tests/bench
-IMPLS=${BENCH_IMPLS:-veil plain wireguard-go nebula}
+IMPLS=${BENCH_IMPLS:-veil veil-tap plain wireguard-go nebula}
 RUNS=${BENCH_RUNS:-3}
 SECS=${BENCH_SECONDS:-5}
 LOSSY=${BENCH_LOSSY:-delay=-d 10;loss=-d 10 -l 2;reorder=-d 10 -r 5 -h 10;loss_reorder=-d 10 -l 2 -r 5 -h 10;dup_corrupt=-d 10 -u 1 -c 0.1}
@@ -112,8 +113,12 @@ if "veil" in impls:
     print("\nratios veil / other (medians of this run; for ping a ratio below 1 is better):")
     for m in metrics[:5] + ["ping_avg_ms"]:
         parts = [f"{i} {med[('veil', m)] / med[(i, m)]:.2f}x" for i in impls
-                 if i not in ("veil", "plain") and ("veil", m) in med and (i, m) in med and med[(i, m)] > 0]
+                 if i not in ("veil", "veil-tap", "plain") and ("veil", m) in med and (i, m) in med and med[(i, m)] > 0]
         if parts: print(f"  {m}: " + ", ".join(parts))
+if "veil" in impls and "veil-tap" in impls:
+    parts = [f"{m} {med[('veil-tap', m)] / med[('veil', m)]:.2f}x" for m in ("tcp_ab_1_mbps", "tcp_ba_1_mbps", "tcp_ab_P4_mbps")
+             if ("veil", m) in med and ("veil-tap", m) in med and med[("veil", m)] > 0]
+    if parts: print("\ntap row: veil --mode tap / --mode tun (medians of this run; target >= 0.8x): " + ", ".join(parts))
 if lossy:
     links = [l.split("=", 1) for l in lossy.split(";")]
     print(f"\nlossy links (relay.c, each way; TCP congestion control {words.get('lossy_delay_tcp_cc', words.get('tcp_cc', '?'))}): "
