@@ -13518,7 +13518,9 @@ internal sealed unsafe class Host(List<UpConfig> cfgs, string[] args, Log log, F
             {
                 var d = new Daemon(c, args, logOf(c.NetworkName!));
                 _daemons.Add(d);
-                d.Open();
+                try { d.Open(); }
+                catch (IOException e) { throw new IOException($"network {c.NetworkName}: {e.Message}"); }
+                catch (ConfigException e) { throw new ConfigException($"network {c.NetworkName}: {e.Message}"); }
             }
             _wakeFd = Libc.EventFd(0, Libc.EFD_NONBLOCK | Libc.EFD_CLOEXEC);
             epfd = Libc.EpollCreate1(Libc.EPOLL_CLOEXEC);

@@ -109,7 +109,7 @@ print("| metric | " + " | ".join(impls) + " |")
 print("|---" * (len(impls) + 1) + "|")
 for m in metrics:
     print(f"| {m} | " + " | ".join(f"{med[(i, m)]:g}" if (i, m) in med else "–" for i in impls) + " |")
-if "veil" in impls:
+if "veil" in impls and any(i not in ("veil", "veil-tap", "plain") for i in impls):
     print("\nratios veil / other (medians of this run; for ping a ratio below 1 is better):")
     for m in metrics[:5] + ["ping_avg_ms"]:
         parts = [f"{i} {med[('veil', m)] / med[(i, m)]:.2f}x" for i in impls

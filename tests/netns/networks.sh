@@ -172,6 +172,12 @@ bad "an overlapping prefix" "s#$H4_a/24#100.64.0.9/16#" "overlap"
 bad "a node-wide key in a network" 's/^mode = "tap"/mode = "tap"\nuser = "nobody"/' "key .user. is the node"
 bad "a [[peer]] after a [[network]]" 's/^\[\[network.peer\]\]$/[[peer]]/' "write ..network.peer.. for"
 bad "a second network of one name" 's/^name = "home"/name = "work"/' "names another"
+cp "$TMPD/a.toml" "$TMPD/a.good"
+sed -e 's/51821"$/51820"/' "$TMPD/a.good" >"$TMPD/a.toml"
+r=$(ask a reload --network home 2>&1); rc=$?
+check "(v) a reload into a repeated port is refused (exit 2), nothing applied" "rc=$rc $r" \
+	bash -c "[[ $rc == 2 ]] && grep -q 'both listen on port 51820' <<<\"\$1\"" _ "$r"
+cp "$TMPD/a.good" "$TMPD/a.toml"
 out=$(nsx a "$VEIL" up --config "$TMPD/a.toml" --tun x --check 2>&1); rc=$?
 check "(v) --tun with [[network]] tables: exit 2" "rc=$rc $out" bash -c "[[ $rc == 2 ]] && grep -q 'set tun in the one it belongs to' <<<'$out'"
 check "(v) a is still up on both" "no reply" bash -c "ip netns exec $NS_a ping -c 1 -W 2 -q $OL4_b >/dev/null && ip netns exec $NS_a ping -c 1 -W 2 -q $H4_b >/dev/null"
