@@ -3,7 +3,7 @@
 # and the anchors in one interleaved run, then medians, ratios veil/each, lossy-link rows (veil and
 # wireguard-go through relay.c: delay, loss, reordering, duplicates and corruption), and veil's footprint: binary size, RSS idle and under load,
 # GC collections during the run, and AEAD cost per 1420-byte record against `openssl speed`.
-#   BENCH_IMPLS   implementations (default: veil veil-tap plain wireguard-go nebula; any of impl/*.sh;
+#   BENCH_IMPLS   implementations (default: veil veil-tap plain wireguard-go nebula fastd; any of impl/*.sh;
 #                 veil-tap is veil with --mode tap, reported as a ratio to veil)
 #   BENCH_RUNS    rounds (default 3)        BENCH_SECONDS  iperf3 seconds per test (default 5)
 #   BENCH_LOSSY   the lossy links, "NAME=RELAY_ARGS;..." (relay.c's options, each way; default below;
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
 HARNESS=$REPO/tests/bench
-IMPLS=${BENCH_IMPLS:-veil veil-tap plain wireguard-go nebula}
+IMPLS=${BENCH_IMPLS:-veil veil-tap plain wireguard-go nebula fastd}
 RUNS=${BENCH_RUNS:-3}
 SECS=${BENCH_SECONDS:-5}
 LOSSY=${BENCH_LOSSY:-delay=-d 10;loss=-d 10 -l 2;reorder=-d 10 -r 5 -h 10;loss_reorder=-d 10 -l 2 -r 5 -h 10;dup_corrupt=-d 10 -u 1 -c 0.1}
@@ -30,6 +30,7 @@ for i in $IMPLS; do
 	case $i in
 	wireguard-go) command -v wireguard-go >/dev/null && command -v wg >/dev/null || need+=(wireguard-go wireguard-tools) ;;
 	nebula*) command -v nebula >/dev/null || need+=(nebula) ;;
+	fastd) command -v fastd >/dev/null || need+=(fastd) ;;
 	esac
 done
 [[ -n $LOSSY ]] && ! command -v cc >/dev/null && need+=(gcc)
@@ -103,7 +104,8 @@ for line in open(raw):
     if len(f) >= 4:
         try: vals[(f[1], f[2])].append(float(f[3]))
         except ValueError: words[f[2]] = f[3]
-metrics = ["tcp_ab_1_mbps", "tcp_ba_1_mbps", "tcp_ab_P4_mbps", "tcp_ab_1_mbps_per_vpn_core", "tcp_ba_1_mbps_per_vpn_core", "ping_avg_ms", "ping_p99_ms", "udp_ab_loss_pct"]
+metrics = ["tcp_ab_1_mbps", "tcp_ba_1_mbps", "tcp_ab_P4_mbps", "tcp_ab_1_mbps_per_vpn_core", "tcp_ba_1_mbps_per_vpn_core", "ping_avg_ms", "ping_p99_ms",
+           "ping_loaded_p50_ms", "ping_loaded_p99_ms", "udp_ab_loss_pct"]
 med = {(i, m): statistics.median(vals[(i, m)]) for i in impls for m in metrics if vals[(i, m)]}
 print("| metric | " + " | ".join(impls) + " |")
 print("|---" * (len(impls) + 1) + "|")
@@ -111,7 +113,7 @@ for m in metrics:
     print(f"| {m} | " + " | ".join(f"{med[(i, m)]:g}" if (i, m) in med else "–" for i in impls) + " |")
 if "veil" in impls and any(i not in ("veil", "veil-tap", "plain") for i in impls):
     print("\nratios veil / other (medians of this run; for ping a ratio below 1 is better):")
-    for m in metrics[:5] + ["ping_avg_ms"]:
+    for m in metrics[:9]:
         parts = [f"{i} {med[('veil', m)] / med[(i, m)]:.2f}x" for i in impls
                  if i not in ("veil", "veil-tap", "plain") and ("veil", m) in med and (i, m) in med and med[(i, m)] > 0]
         if parts: print(f"  {m}: " + ", ".join(parts))
