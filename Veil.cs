@@ -335,6 +335,7 @@ internal static class Tune
     internal const int MaxRelayPairs = 64;                   // pairs of members one relay carries at once
     internal const int DefaultRelayRateMbit = 20;            // per pair and direction; beyond, dropped
     internal const long RelayPairIdleMs = 10_000;            // a full table gives a direction silent this long to a new one
+    internal const long MemberHelloYieldMs = 1_500;          // --mesh: the higher key of a new pair waits this long for a hello (Mesh.ApplyMembers)
     internal const long DirectQuietMs = 5_000;               // no direct record this long: a relay may carry the peer
     internal const long TcpFallbackMs = 3_000;               // no UDP record from anyone this long: try --peer-tcp
     internal const long FirstPunchMs = 300;                  // after a relayed session is up (its Self comes first)
@@ -5044,6 +5045,11 @@ internal sealed partial class Node
         p.ReconnectAtMs = 0;
         if (p.Up && p.HasReadySession(nowMs, Spec.RejectAfterTimeMs)) return;
         if (p.Pending != null) return;                     // a handshake is already running; its timers decide
+        if (p.Next != null && nowMs - p.Next.CreatedMs < Spec.RekeyTimeoutMs)
+        {
+            p.ReconnectAtMs = p.Next.CreatedMs + Spec.RekeyTimeoutMs;   // we answered p's hello: its Bind is on the way
+            return;
+        }
         NextCandidate(p);
         StartHandshake(p, nowMs, retransmit: false);
         p.Reconnecting = p.Pending != null;
@@ -10565,7 +10571,7 @@ internal sealed class Mesh
                 bool back = q.RelayOfferMs <= q.DownAtMs;         // first told of since q went down (or ever)
                 q.RelayOffer = from;
                 q.RelayOfferMs = nowMs;
-                if (back && !q.Up && q.Pending == null) q.ReconnectAtMs = nowMs;
+                if (back && !q.Up && q.Pending == null) q.ReconnectAtMs = nowMs + FirstHelloWaitMs(q);
             }
             if (q.Up) continue;
             for (int i = 0; i < count; i++)
@@ -10576,9 +10582,16 @@ internal sealed class Mesh
                 q.Candidates.Add(e);
             }
             if (!q.Endpoint.IsSet && q.Candidates.Count > 0) q.Endpoint = q.Candidates[0];
-            if ((q.Endpoint.IsSet || q.RelayOffer != null) && q.Pending == null && q.ReconnectAtMs == 0) q.ReconnectAtMs = nowMs;
+            if ((q.Endpoint.IsSet || q.RelayOffer != null) && q.Pending == null && q.ReconnectAtMs == 0) q.ReconnectAtMs = nowMs + FirstHelloWaitMs(q);
         }
     }
+
+    // Both members of a pair hear of each other from the same lists at the same moment; if both
+    // said hello, every pair would cost two handshakes (four X25519 operations each side), which
+    // is what held a 100-node mesh on two cores at full CPU. The lower key says hello at once; the
+    // higher one only when no hello of the other came within MemberHelloYieldMs.
+    private long FirstHelloWaitMs(Peer q) =>
+        ((ReadOnlySpan<byte>)_node.Handshaker.PublicKey).SequenceCompareTo(q.PublicKey) < 0 ? 0 : Tune.MemberHelloYieldMs;
 }
 
 /// <summary>The node's membership (§15): members learned and forgotten, up and down, and the route election.</summary>

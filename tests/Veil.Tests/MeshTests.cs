@@ -50,6 +50,22 @@ public class MeshTests(ITestOutputHelper output)
         Assert.Equal(1, t.Send(2, 0));
     }
 
+    [Fact]
+    public void NewPair_OnlyTheLowerKeySaysHello_TheHigherAnswers()
+    {
+        // 1 and 2 hear of each other from 0's lists at the same moment: one handshake, not two.
+        var t = TestNet.Mesh(3, i => i == 0 ? [] : [0]);
+        t.Start();
+        TestNode x = t.Nodes[1], y = t.Nodes[2];
+        t.AdvanceUntil(() => x.Node.FindPeer(y.Public)?.Up == true && y.Node.FindPeer(x.Public)?.Up == true, 30_000);
+        t.Advance(3_000);                               // past MemberHelloYieldMs
+        bool xLower = ((ReadOnlySpan<byte>)x.Public).SequenceCompareTo(y.Public) < 0;
+        TestNode lo = xLower ? x : y, hi = xLower ? y : x;
+        Assert.Equal(1, PeerOf(lo, hi).HellosSent);
+        Assert.Equal(0, PeerOf(hi, lo).HellosSent);
+        Assert.True(PeerOf(hi, lo).HasReadySession(t.NowMs, Spec.RejectAfterTimeMs));
+    }
+
     private static int UpCount(TestNode n)
     {
         int up = 0;
