@@ -375,6 +375,8 @@ internal struct Key32
         return acc == 0;
     }
     internal readonly bool EqualsCt(in Key32 other) => CryptographicOperations.FixedTimeEquals(this, other);
+    /// <summary>The order of public keys (not secret) that every node agrees on, for tie-breaks.</summary>
+    internal readonly bool SortsBefore(in Key32 other) => ((ReadOnlySpan<byte>)this).SequenceCompareTo(other) < 0;
 }
 
 /// <summary>A CIDR prefix with the host bits cleared. Address is 16 bytes (IPv4 in the first 4).</summary>
@@ -4840,6 +4842,9 @@ internal sealed class Peer
     internal bool HasReadySession(long nowMs, long rejectAfterMs) =>
         Current != null && nowMs - Current.CreatedMs < rejectAfterMs && Current.SendCounter < Spec.RejectAfterMessages;
 
+    /// <summary>We answered a hello of this peer within RekeyTimeoutMs: its Bind may still come.</summary>
+    internal bool Answering(long nowMs) => Next != null && nowMs - Next.CreatedMs < Spec.RekeyTimeoutMs;
+
     /// <summary>Keeps a copy of packet until a session exists; the oldest packet makes room.</summary>
     internal bool Stage(ReadOnlySpan<byte> packet)
     {
@@ -5045,9 +5050,9 @@ internal sealed partial class Node
         p.ReconnectAtMs = 0;
         if (p.Up && p.HasReadySession(nowMs, Spec.RejectAfterTimeMs)) return;
         if (p.Pending != null) return;                     // a handshake is already running; its timers decide
-        if (p.Next != null && nowMs - p.Next.CreatedMs < Spec.RekeyTimeoutMs)
+        if (p.Answering(nowMs))
         {
-            p.ReconnectAtMs = p.Next.CreatedMs + Spec.RekeyTimeoutMs;   // we answered p's hello: its Bind is on the way
+            p.ReconnectAtMs = p.Next!.CreatedMs + Spec.RekeyTimeoutMs;   // its Bind is on the way
             return;
         }
         NextCandidate(p);
@@ -5606,8 +5611,7 @@ internal sealed class Handshaker
         if (!newer)
         {
             bool alive = p.LastRxMs >= 0 && nowMs - p.LastRxMs < Spec.KeepaliveTimeoutMs + Spec.RekeyTimeoutMs;
-            bool completing = p.Next != null && nowMs - p.Next.CreatedMs < Spec.RekeyTimeoutMs;
-            if (alive || completing || nowMs - p.LastStaleHelloMs < Tune.StaleHelloIntervalMs) return false;
+            if (alive || p.Answering(nowMs) || nowMs - p.LastStaleHelloMs < Tune.StaleHelloIntervalMs) return false;
             p.LastStaleHelloMs = nowMs;                               // a clock that went back: answer, slowly
         }
         else st.Timestamp.CopyTo(p.LastHelloTimestamp, 0);
@@ -10446,7 +10450,7 @@ internal sealed class Mesh
             // holder stays put) and for an address that is one of the claimant's own candidates.
             if (why == "our_address" && AutoAddressSinceMs >= 0 && nowMs - AutoAddressSinceMs < Tune.AutoAddressGraceMs &&
                 AutoAddresses.Find(a => a.Host.Equals(c.Prefix)) is { Address: not null } mine &&
-                ((ReadOnlySpan<byte>)p.PublicKey).SequenceCompareTo(_node.Handshaker.PublicKey) < 0 &&
+                p.PublicKey.SortsBefore(_node.Handshaker.PublicKey) &&
                 AutoAddress.IsCandidate(p.PublicKey, new IpPrefix(mine.Address.GetAddressBytes(), mine.Bits), mine.Address))
                 MoveAddress = (p, c);
             ClaimsRefused++;
@@ -10591,7 +10595,7 @@ internal sealed class Mesh
     // is what held a 100-node mesh on two cores at full CPU. The lower key says hello at once; the
     // higher one only when no hello of the other came within MemberHelloYieldMs.
     private long FirstHelloWaitMs(Peer q) =>
-        ((ReadOnlySpan<byte>)_node.Handshaker.PublicKey).SequenceCompareTo(q.PublicKey) < 0 ? 0 : Tune.MemberHelloYieldMs;
+        _node.Handshaker.PublicKey.SortsBefore(q.PublicKey) ? 0 : Tune.MemberHelloYieldMs;
 }
 
 /// <summary>The node's membership (§15): members learned and forgotten, up and down, and the route election.</summary>
@@ -10675,7 +10679,7 @@ internal sealed partial class Node
     {
         if (a.Rank != b.Rank) return a.Rank < b.Rank;
         if (a.Metric != b.Metric) return a.Metric < b.Metric;
-        return ((ReadOnlySpan<byte>)Peers[a.PeerId].PublicKey).SequenceCompareTo(Peers[b.PeerId].PublicKey) < 0;
+        return Peers[a.PeerId].PublicKey.SortsBefore(Peers[b.PeerId].PublicKey);
     }
 
     // The source check's second chance: the route for a prefix went to another claimant (HA pairs),

@@ -59,8 +59,7 @@ public class MeshTests(ITestOutputHelper output)
         TestNode x = t.Nodes[1], y = t.Nodes[2];
         t.AdvanceUntil(() => x.Node.FindPeer(y.Public)?.Up == true && y.Node.FindPeer(x.Public)?.Up == true, 30_000);
         t.Advance(3_000);                               // past MemberHelloYieldMs
-        bool xLower = ((ReadOnlySpan<byte>)x.Public).SequenceCompareTo(y.Public) < 0;
-        TestNode lo = xLower ? x : y, hi = xLower ? y : x;
+        TestNode lo = x.Public.SortsBefore(y.Public) ? x : y, hi = lo == x ? y : x;
         Assert.Equal(1, PeerOf(lo, hi).HellosSent);
         Assert.Equal(0, PeerOf(hi, lo).HellosSent);
         Assert.True(PeerOf(hi, lo).HasReadySession(t.NowMs, Spec.RejectAfterTimeMs));
