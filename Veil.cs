@@ -285,6 +285,7 @@ internal static class Tune
     // WireGuard's port; `veil doctor` names it when wg already holds the port.
     internal const int DefaultListenPort = 51820;
     internal const long StaleHelloIntervalMs = 1_000;        // see ConsumeClientHello: clocks that went back
+    internal const int MaxAnswerRepeats = 4;                 // a hello's answer is sent at most 1 + this many times
     // Recovery (§14.2): bad records on a live index start a handshake only when they persist this
     // long without one good record, and at most once per interval, so a forger gains no lever.
     internal const int DecryptFailuresBeforeRehandshake = 32;
@@ -1039,6 +1040,7 @@ internal sealed class Counters
     internal long TunRxPackets, TunTxPackets;
     internal long TunSuperPackets, TunCoalesced;      // offloads: super-packets read and split; segments merged on write
     internal long HandshakesInitiated, HandshakesCompleted, CookiesSent;
+    internal long HellosRepeated, AnswersRepeated;    // retransmitted ClientHellos, and ServerHellos sent again to them
 
     // Plain increments: counters are written under node.Gate (§0), and status reads them under it too.
     internal void Drop(DropReason r) => Drops[(int)r]++;
@@ -4773,6 +4775,10 @@ internal sealed class Peer
     internal long LastStaleHelloMs = long.MinValue / 2;
     internal readonly ulong[] RecentHelloIds = new ulong[8];
     internal int RecentHelloNext;
+    // The hello answered last (up to MAC2) and its answer: a repeat of that hello gets the answer again.
+    internal byte[]? AnsweredHello, Answer;
+    internal long AnsweredAtMs;
+    internal int AnswerRepeats;
 
     // Timer deadlines (0: disarmed). Arming one tells the loop (Signal), which may be asleep past it.
     internal LoopSignal? Signal;
@@ -5137,6 +5143,12 @@ internal sealed partial class Node
 // key was seen among the last hellos. So a replay, however old, cannot displace a genuine session,
 // and even when answered it gains nothing: a hello moves no endpoint (only authenticated records
 // do, §14.2), and its Next session needs a Bind that only the real initiator can produce.
+//
+// Retransmits: within RekeyTimeout of its first copy a hello is sent again unchanged (but for MAC2),
+// and the responder sends the ServerHello it made for it again, from a copy, while that session waits
+// for its Bind. A busy responder (a hundred members starting at once) would otherwise answer every
+// copy with new Diffie-Hellman work, each answer replacing the last, while its initiator had already
+// moved on to the next copy's index; now the first answer that arrives completes the handshake.
 
 internal static class Wire
 {
@@ -5341,6 +5353,8 @@ internal sealed class Handshake
     internal readonly NoiseState Noise = new();
     internal Key32 EphemeralPrivate;
     internal uint LocalIndex;
+    internal long CreatedMs;
+    internal readonly byte[] Hello = new byte[Wire.ClientHelloLen];   // retransmits within RekeyTimeoutMs send it again
 
     internal void Clear()
     {
@@ -5534,7 +5548,7 @@ internal sealed class Handshaker
     /// <summary>-> e, es, s, ss, {t}: writes a ClientHello for p and leaves p.Pending set.</summary>
     internal int CreateClientHello(Peer p, uint localIndex, long unixNs, long nowMs, Span<byte> msg, ReadOnlySpan<byte> injectedEphemeral = default)
     {
-        var hs = new Handshake { LocalIndex = localIndex };
+        var hs = new Handshake { LocalIndex = localIndex, CreatedMs = nowMs };
         if (injectedEphemeral.Length == 32) injectedEphemeral.CopyTo(hs.EphemeralPrivate);
         else X25519.GeneratePrivateKey(hs.EphemeralPrivate);
         hs.Noise.Initialize(ProtocolName, PrologueBytes, p.PublicKey);
@@ -5553,8 +5567,17 @@ internal sealed class Handshaker
             return 0;
         }
         WriteMacs(msg, Wire.ClientHelloMac1Offset, p.PublicKey, p, nowMs);
+        msg[..Wire.ClientHelloLen].CopyTo(hs.Hello);
         p.Pending?.Clear();
         p.Pending = hs;
+        return Wire.ClientHelloLen;
+    }
+
+    /// <summary>p's pending hello again, byte for byte but for MAC2 (a cookie may have come since).</summary>
+    internal int RepeatClientHello(Peer p, long nowMs, Span<byte> msg)
+    {
+        p.Pending!.Hello.CopyTo(msg);
+        WriteMacs(msg, Wire.ClientHelloMac1Offset, p.PublicKey, p, nowMs);
         return Wire.ClientHelloLen;
     }
 
@@ -7325,6 +7348,9 @@ internal sealed partial class Node
     internal Func<long> UnixNs = () => (DateTime.UtcNow - DateTime.UnixEpoch).Ticks * 100;
     private long _lastUnixNs;
     private readonly HelloState _hello = new();
+    // Peers by the ephemeral key of the hello we answered last (a slot per key's low bits): a repeat
+    // is found before any Diffie-Hellman. A slot another hello took only costs that one DH.
+    internal readonly Peer?[] AnsweredBy = new Peer?[256];
 
     internal Node(UpConfig cfg, Log log, Counters counters)
     {
@@ -7925,6 +7951,7 @@ internal sealed partial class Node
             else if (!Admission.AllowSource(from, nowMs)) v = HandshakeVerdict.RateLimited;
         }
         _admitNowMs = nowMs;
+        if (v == HandshakeVerdict.Ok && AnswerAgain(AnsweredBy[d[Wire.ClientHelloEphemeralOffset]], d, from, nowMs)) return;
         if (v == HandshakeVerdict.Ok) v = Handshaker.ConsumeClientHello(d, from, nowMs, _hello);
         // --max-sessions counts peers holding keys (each holds up to three key pairs), so the default
         // admits as many peers as a node can have; a peer that holds keys already is never refused.
@@ -7974,6 +8001,7 @@ internal sealed partial class Node
                 if (Log.Wants(LogLevel.Debug, "handshake_refused")) Log.Emit(LogLevel.Debug, "handshake_refused", $"from={from} rule=admission");
                 return;
             case HandshakeVerdict.StaleHello:
+                if (AnswerAgain(_hello.Peer, d, from, nowMs)) return;
                 Counters.Drop(DropReason.StaleHello);
                 if (Log.Wants(LogLevel.Debug, "handshake_dropped")) Log.Emit(LogLevel.Debug, "handshake_dropped", $"reason=stale_hello from={from}");
                 return;
@@ -7984,17 +8012,48 @@ internal sealed partial class Node
         }
         Peer p = _hello.Peer!;
         uint localIndex = Indexes.NewIndex();
-        Span<byte> reply = _via is Peer via ? NextOut(via.Endpoint)[RelayHeadroomLen..] : NextOut(from);
+        Span<byte> reply = AnswerSlot(from);
         int n = Handshaker.CreateServerHello(_hello, localIndex, nowMs, reply, out SessionKeys? keys);
         if (n == 0 || keys == null) { Counters.Drop(DropReason.HandshakeFailed); return; }
-        if (_via != null) WrapForRelay(_via, p, n, nowMs);
-        else CommitOut(n);                       // answered the way it came; the endpoint moves on the Bind
+        p.AnsweredHello ??= new byte[Wire.ClientHelloMac2Offset];
+        p.Answer ??= new byte[Wire.ServerHelloLen];
+        d[..Wire.ClientHelloMac2Offset].CopyTo(p.AnsweredHello);
+        reply[..n].CopyTo(p.Answer);
+        p.AnsweredAtMs = nowMs;
+        p.AnswerRepeats = 0;
+        AnsweredBy[d[Wire.ClientHelloEphemeralOffset]] = p;
+        SendAnswer(p, n, nowMs);
         var s = new Session(p, keys, nowMs);
         Indexes.RemoveSession(p.Next);
         p.Next = s;
         Indexes.AddSession(s);
         p.OnSessionDerived(nowMs, UnixNs());
         Log.Debug("server_hello_sent", $"peer={p.Name} endpoint={from}");
+    }
+
+    private Span<byte> AnswerSlot(in Endpoint from) => _via is Peer via ? NextOut(via.Endpoint)[RelayHeadroomLen..] : NextOut(from);
+
+    private void SendAnswer(Peer p, int len, long nowMs)
+    {
+        if (_via != null) WrapForRelay(_via, p, len, nowMs);
+        else CommitOut(len);                     // answered the way it came; the endpoint moves on the Bind
+    }
+
+    // A hello we answered, sent again (a retransmit repeats it, §10): the same ServerHello goes back,
+    // the way this copy came, while its session waits for the Bind. No Diffie-Hellman, nothing else
+    // changes, and a replay of it earns at most MaxAnswerRepeats copies of what was already sent.
+    private bool AnswerAgain(Peer? p, ReadOnlySpan<byte> hello, in Endpoint from, long nowMs)
+    {
+        if (p?.AnsweredHello == null || p.Answer == null || p.Next == null || nowMs - p.AnsweredAtMs >= Spec.RekeyTimeoutMs ||
+            p.AnswerRepeats >= Tune.MaxAnswerRepeats || !hello[..Wire.ClientHelloMac2Offset].SequenceEqual(p.AnsweredHello) ||
+            p.Next.LocalIndex != BinaryPrimitives.ReadUInt32BigEndian(p.Answer.AsSpan(Wire.ServerHelloSenderOffset)))
+            return false;
+        p.AnswerRepeats++;
+        p.Answer.CopyTo(AnswerSlot(from));
+        SendAnswer(p, p.Answer.Length, nowMs);
+        Counters.AnswersRepeated++;
+        Log.Debug("server_hello_repeated", $"peer={p.Name} endpoint={from}");
+        return true;
     }
 
     private void ReceiveServerHello(ReadOnlySpan<byte> d, in Endpoint from, long nowMs)
@@ -8018,7 +8077,7 @@ internal sealed partial class Node
         }
         Indexes.RemoveHandshake(p.Pending!.LocalIndex);
         p.OnHandshakeComplete();
-        p.RttUs = (long)Stopwatch.GetElapsedTime(p.HelloSentTicks).TotalMicroseconds;   // each retransmit has its own index: this hello's
+        p.RttUs = (long)Stopwatch.GetElapsedTime(p.HelloSentTicks).TotalMicroseconds;   // from the latest copy of the hello
         var s = new Session(p, keys, nowMs);
         Indexes.AddSession(s);
         Indexes.RemoveSession(p.Previous);
@@ -8275,21 +8334,31 @@ internal sealed partial class Node
         if (!retransmit && p.Pending != null) return;            // one in flight; its timer retransmits
         ChoosePath(p, nowMs);
         if (!p.Endpoint.IsSet && PathRelay(p, nowMs) == null) { p.OnFailure("no_endpoint", nowMs); return; }
-        if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
-        else { p.HandshakeAttempts = 0; p.HandshakeStartedMs = nowMs; }
-        uint index = Indexes.NewIndex();
-        long unixNs = Math.Max(UnixNs(), _lastUnixNs + 1);      // strictly increasing within this process
-        _lastUnixNs = unixNs;
-        int len = Handshaker.CreateClientHello(p, index, unixNs, nowMs, NextOut(p, nowMs));
-        if (len == 0) return;
-        CommitOut(p, len, nowMs);
-        Indexes.AddHandshake(index, p);
+        // A retransmit repeats the hello while the responder still holds its answer (§10).
+        bool repeat = retransmit && p.Pending != null && nowMs - p.Pending.CreatedMs < Spec.RekeyTimeoutMs;
+        if (repeat)
+        {
+            CommitOut(p, Handshaker.RepeatClientHello(p, nowMs, NextOut(p, nowMs)), nowMs);
+            Counters.HellosRepeated++;
+        }
+        else
+        {
+            if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
+            else { p.HandshakeAttempts = 0; p.HandshakeStartedMs = nowMs; }
+            uint index = Indexes.NewIndex();
+            long unixNs = Math.Max(UnixNs(), _lastUnixNs + 1);      // strictly increasing within this process
+            _lastUnixNs = unixNs;
+            int len = Handshaker.CreateClientHello(p, index, unixNs, nowMs, NextOut(p, nowMs));
+            if (len == 0) return;
+            CommitOut(p, len, nowMs);
+            Indexes.AddHandshake(index, p);
+            Counters.HandshakesInitiated++;
+        }
         p.HellosSent++;
         p.HelloSentTicks = Stopwatch.GetTimestamp();
         p.RetransmitHandshakeAtMs = nowMs + p.RetransmitDelayMs(p.HandshakeAttempts);
         p.HandshakeAttempts++;
-        Counters.HandshakesInitiated++;
-        Log.Debug("client_hello_sent", $"peer={p.Name} attempt={p.HandshakeAttempts} endpoint={p.Endpoint} path={p.PathName}");
+        Log.Debug("client_hello_sent", $"peer={p.Name} attempt={p.HandshakeAttempts} endpoint={p.Endpoint} path={p.PathName} repeat={(repeat ? 1 : 0)}");
     }
 
     private void SendEmpty(Peer p, long nowMs, RecordFlags flags)
@@ -12427,6 +12496,7 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
           .Append(",\"handshakes_initiated\":").Append(c.HandshakesInitiated)
           .Append(",\"handshakes_completed\":").Append(c.HandshakesCompleted)
           .Append(",\"cookies_sent\":").Append(c.CookiesSent)
+          .Append(",\"hellos_repeated\":").Append(c.HellosRepeated).Append(",\"answers_repeated\":").Append(c.AnswersRepeated)
           .Append(",\"tun_rx_packets\":").Append(c.TunRxPackets).Append(",\"tun_tx_packets\":").Append(c.TunTxPackets)
           .Append(",\"tun_super_packets\":").Append(c.TunSuperPackets).Append(",\"tun_coalesced\":").Append(c.TunCoalesced)
           .Append(",\"gc_collections\":[").Append(GC.CollectionCount(0)).Append(',').Append(GC.CollectionCount(1)).Append(',').Append(GC.CollectionCount(2))
@@ -12660,6 +12730,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             sb.Append("veil_handshakes_total{result=\"initiated\"} ").Append(c.HandshakesInitiated).Append('\n');
             sb.Append("veil_handshakes_total{result=\"completed\"} ").Append(c.HandshakesCompleted).Append('\n');
             One("veil_cookies_sent_total", "counter", "Cookie replies sent while under load.", c.CookiesSent);
+            One("veil_hellos_repeated_total", "counter", "ClientHellos retransmitted unchanged.", c.HellosRepeated);
+            One("veil_answers_repeated_total", "counter", "ServerHellos sent again to a repeated ClientHello.", c.AnswersRepeated);
             Head("veil_packets_dropped_total", "counter", "Packets dropped, by reason.");
             for (int i = 0; i < (int)DropReason.Count; i++)
                 sb.Append("veil_packets_dropped_total{reason=\"").Append(Counters.DropName((DropReason)i)).Append("\"} ").Append(c.Drops[i]).Append('\n');

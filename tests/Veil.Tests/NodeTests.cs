@@ -321,6 +321,88 @@ public class NodeTests
         for (int i = 2; i < after.Count; i++) Assert.True(after[i] - after[i - 1] > after[i - 1] - after[i - 2] - 1000, "reconnect gaps grow");
     }
 
+    /// <summary>§10 retransmits: a copy of the hello b answered gets the same ServerHello again, found
+    /// before any Diffie-Hellman (or after it, when another hello took its slot), at most
+    /// MaxAnswerRepeats times, only while the session waits for its Bind, and nothing else changes.</summary>
+    [Fact]
+    public void RepeatedHello_GetsTheSameAnswer_AndChangesNothing()
+    {
+        var t = TestNet.FullMesh(2);
+        var answers = new List<byte[]>();
+        byte[]? hello = null;
+        Endpoint a = TestNet.Ep(0), b = TestNet.Ep(1);
+        t.Net.Filter = (from, _, d) =>
+        {
+            if (from.Equals(a) && Record.Classify(d) == RecordKind.ClientHello) { hello ??= d; return false; }
+            if (from.Equals(b) && Record.Classify(d) == RecordKind.ServerHello) { answers.Add(d); return false; }
+            return true;
+        };
+        Node nb = t.Nodes[1].Node;
+        Peer ba = TestNet.PeerOf(t.Nodes[1], t.Nodes[0]);
+        t.Nodes[0].Node.StartHandshake(TestNet.PeerOf(t.Nodes[0], t.Nodes[1]), t.NowMs, retransmit: false);
+        t.Nodes[0].Worker.FlushUdp(t.Nodes[0].Node.UdpOut);
+        t.Pump();
+        Assert.NotNull(hello);
+        void Copy(byte[] h) { t.Nodes[1].Udp.Deliver(h, a); t.Pump(); }
+        Copy(hello!);
+        Session next = ba.Next!;
+        Assert.Single(answers);
+        // A byte changed after the ephemeral key: not the hello answered, so not its answer.
+        byte[] forged = (byte[])hello!.Clone();
+        forged[Wire.ClientHelloMac1Offset - 1] ^= 1;
+        Copy(forged);
+        Assert.Single(answers);
+        // The slow path: the slot was taken, so b finds the repeat after its first Diffie-Hellman.
+        Array.Clear(nb.AnsweredBy);
+        Copy(hello);
+        Assert.Equal(2, answers.Count);
+        for (int i = 0; i < Tune.MaxAnswerRepeats + 2; i++) Copy(hello);
+        Assert.Equal(1 + Tune.MaxAnswerRepeats, answers.Count);
+        Assert.All(answers, x => Assert.Equal(answers[0], x));
+        Assert.Equal(Tune.MaxAnswerRepeats, nb.Counters.AnswersRepeated);
+        Assert.Same(next, ba.Next);                    // no new session, and no other
+        Assert.Null(ba.Current);
+        // After the Bind (the late first answer completes a's side) a copy is not answered again.
+        ba.AnswerRepeats = 0;
+        t.Nodes[0].Udp.Deliver(answers[0], b);
+        t.Pump();
+        Assert.NotNull(ba.Current);
+        Assert.Null(ba.Next);
+        int stale = t.Drops(1, DropReason.StaleHello);
+        Copy(hello);
+        Assert.Equal(1 + Tune.MaxAnswerRepeats, answers.Count);
+        Assert.Equal(stale + 1, t.Drops(1, DropReason.StaleHello));
+    }
+
+    /// <summary>The answer is kept for RekeyTimeoutMs: a copy later than that is a replay, dropped.</summary>
+    [Fact]
+    public void RepeatedHello_AfterRekeyTimeout_IsNotAnswered()
+    {
+        var t = TestNet.FullMesh(2);
+        var answers = new List<byte[]>();
+        byte[]? hello = null;
+        Endpoint a = TestNet.Ep(0), b = TestNet.Ep(1);
+        t.Net.Filter = (from, _, d) =>
+        {
+            if (from.Equals(a) && Record.Classify(d) == RecordKind.ClientHello) { hello ??= d; return false; }
+            if (from.Equals(b) && Record.Classify(d) == RecordKind.ServerHello) { answers.Add(d); return false; }
+            return true;
+        };
+        t.Nodes[0].Node.StartHandshake(TestNet.PeerOf(t.Nodes[0], t.Nodes[1]), t.NowMs, retransmit: false);
+        t.Nodes[0].Worker.FlushUdp(t.Nodes[0].Node.UdpOut);
+        t.Pump();
+        t.Nodes[1].Udp.Deliver(hello!, a);
+        t.Pump();
+        Assert.Single(answers);
+        t.Advance(Spec.RekeyTimeoutMs);
+        int stale = t.Drops(1, DropReason.StaleHello);
+        t.Nodes[1].Udp.Deliver(hello!, a);
+        t.Pump();
+        Assert.Single(answers);
+        Assert.Equal(stale + 1, t.Drops(1, DropReason.StaleHello));
+        Assert.Equal(0, t.Nodes[1].Node.Counters.AnswersRepeated);
+    }
+
     [Fact]
     public void UnderLoad_HelloWithoutCookie_GetsCookieReply_ThenCompletes()
     {
@@ -697,12 +779,15 @@ public class NodeTests
     public void WithheldClientHello_DuringAGenuineHandshake_DoesNotDisplaceIt()
     {
         var t = TestNet.FullMesh(2);
-        byte[]? withheld = null, serverHello = null;
+        byte[]? withheld = null, serverHello = null, genuineHello = null;
         Endpoint attacker = TestNet.Ep(7);
+        long start = t.NowMs;
         t.Net.Filter = (from, _, d) =>
         {
             if (d[0] != Spec.TlsHandshake) return true;
-            if (d[5] == Wire.TypeClientHello && withheld == null) { withheld = d; return false; }   // the attacker keeps it
+            // the attacker keeps the first hello, and its copies are lost until a new hello is made
+            if (d[5] == Wire.TypeClientHello && t.NowMs - start < Spec.RekeyTimeoutMs) { withheld ??= d; return false; }
+            if (d[5] == Wire.TypeClientHello) genuineHello ??= d;
             if (d[5] == Wire.TypeServerHello && serverHello == null) { serverHello = d; return false; }   // held in flight
             return true;
         };
@@ -710,7 +795,7 @@ public class NodeTests
         t.Nodes[0].Worker.FlushUdp(t.Nodes[0].Node.UdpOut);
         t.Pump();
         Assert.NotNull(withheld);
-        t.Advance(1500);                                      // the retransmit reaches b; b's answer is in flight
+        t.AdvanceUntil(() => serverHello != null, 10_000);    // the new hello reaches b; b's answer is in flight
         Assert.NotNull(serverHello);
         Peer atB = t.Nodes[1].Node.Peers[0];
         Session genuine = atB.Next!;
@@ -718,6 +803,10 @@ public class NodeTests
         t.Pump();
         Assert.Same(genuine, atB.Next);
         Assert.Equal(1, Drops(t.Nodes[1], DropReason.StaleHello));
+        t.Nodes[1].Udp.Deliver(genuineHello!, attacker);      // a copy of the genuine one: only its answer again
+        t.Pump();
+        Assert.Same(genuine, atB.Next);
+        Assert.Equal(1, t.Nodes[1].Node.Counters.AnswersRepeated);
         t.Nodes[0].Udp.Deliver(serverHello!, t.Nodes[1].Endpoint);
         t.Pump();                                             // a's Bind confirms the genuine session
         Assert.Same(genuine, atB.Current);

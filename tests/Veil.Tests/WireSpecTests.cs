@@ -492,25 +492,32 @@ public class WireSpecTests
     }
 
     [Fact]
-    public void RetransmittedHello_IsANewMessage_AndALateAnswerToTheOldOneIsUnknownIndex()
+    public void RetransmittedHello_RepeatsForFiveSeconds_ThenIsANewMessage()
     {
-        Says("every ClientHello, retransmits included, is a new message (new ephemeral key, new sender index, newer timestamp)");
+        Says("a retransmit within 5 s (RekeyTimeout) of a hello's first copy sends the same message again, byte for byte but for MAC2");
+        Says("A retransmit 5 s or more after the first copy is a new message (new ephemeral key, new sender index, newer timestamp)");
         var t = TestNet.FullMesh(2);
-        var hellos = new List<byte[]>();
+        var hellos = new List<(long AtMs, byte[] Msg)>();
         Endpoint a = TestNet.Ep(0);
         t.Net.Filter = (from, to, d) =>
         {
-            if (from.Equals(a) && Record.Classify(d) == RecordKind.ClientHello) { hellos.Add(d); return false; }
+            if (from.Equals(a) && Record.Classify(d) == RecordKind.ClientHello) { hellos.Add((t.NowMs, d)); return false; }
             return true;
         };
         Peer ab = TestNet.PeerOf(t.Nodes[0], t.Nodes[1]);
+        long start = t.NowMs;
         t.Nodes[0].Node.StartHandshake(ab, t.NowMs, retransmit: false);
         t.Nodes[0].Worker.FlushUdp(t.Nodes[0].Node.UdpOut);
-        t.AdvanceUntil(() => hellos.Count >= 2, 3_000);
-        Assert.Equal(2, hellos.Count);
-        byte[] h1 = hellos[0], h2 = hellos[1];
-        Assert.NotEqual(h1.AsSpan(Wire.ClientHelloSenderOffset, 4).ToArray(), h2.AsSpan(Wire.ClientHelloSenderOffset, 4).ToArray());
-        Assert.NotEqual(h1.AsSpan(Wire.ClientHelloEphemeralOffset, 32).ToArray(), h2.AsSpan(Wire.ClientHelloEphemeralOffset, 32).ToArray());
+        t.AdvanceUntil(() => hellos.Count >= 4, 12_000);
+        Assert.Equal(4, hellos.Count);                 // at 0, 1, 3 s (copies) and 7 s (new)
+        Assert.All(hellos.Take(3), h => Assert.True(h.AtMs - start < Spec.RekeyTimeoutMs));
+        Assert.True(hellos[3].AtMs - start >= Spec.RekeyTimeoutMs);
+        Assert.Equal(hellos[0].Msg, hellos[1].Msg);    // no cookie here: MAC2 is zero in all copies
+        Assert.Equal(hellos[0].Msg, hellos[2].Msg);
+        byte[] h1 = hellos[0].Msg, h4 = hellos[3].Msg;
+        Assert.NotEqual(h1.AsSpan(Wire.ClientHelloSenderOffset, 4).ToArray(), h4.AsSpan(Wire.ClientHelloSenderOffset, 4).ToArray());
+        Assert.NotEqual(h1.AsSpan(Wire.ClientHelloEphemeralOffset, 32).ToArray(), h4.AsSpan(Wire.ClientHelloEphemeralOffset, 32).ToArray());
+        Assert.Equal(2, t.Nodes[0].Node.Counters.HellosRepeated);
         // b answers the first hello late: a forgot its index
         int before = t.Drops(0, DropReason.UnknownIndex);
         t.Nodes[1].Udp.Deliver(h1, a);
@@ -518,9 +525,36 @@ public class WireSpecTests
         Assert.Equal(before + 1, t.Drops(0, DropReason.UnknownIndex));
         Assert.Null(ab.Current);
         // the newer hello is answered and completes (its timestamp is newer than the first's)
-        t.Nodes[1].Udp.Deliver(h2, a);
+        t.Nodes[1].Udp.Deliver(h4, a);
         t.Pump();
         Assert.NotNull(ab.Current);
+    }
+
+    [Fact]
+    public void LateAnswerToTheFirstCopy_CompletesTheHandshake()
+    {
+        var t = TestNet.FullMesh(2);
+        var answers = new List<byte[]>();
+        Endpoint b = TestNet.Ep(1);
+        t.Net.Filter = (from, to, d) =>
+        {
+            if (from.Equals(b) && Record.Classify(d) == RecordKind.ServerHello) { answers.Add(d); return false; }
+            return true;
+        };
+        Peer ab = TestNet.PeerOf(t.Nodes[0], t.Nodes[1]);
+        t.Nodes[0].Node.StartHandshake(ab, t.NowMs, retransmit: false);
+        t.Nodes[0].Worker.FlushUdp(t.Nodes[0].Node.UdpOut);
+        t.AdvanceUntil(() => answers.Count >= 2, 3_000);
+        Assert.Equal(2, answers.Count);
+        Assert.Equal(answers[0], answers[1]);          // b sent its answer again to the copy
+        Assert.Equal(1, t.Nodes[1].Node.Counters.AnswersRepeated);
+        Assert.Equal(1, t.Nodes[0].Node.Counters.HandshakesInitiated);
+        t.Nodes[0].Udp.Deliver(answers[0], b);         // the first answer, late
+        t.Pump();
+        Assert.NotNull(ab.Current);
+        t.Nodes[0].Udp.Deliver(answers[1], b);         // and its copy: nothing pending any more
+        t.Pump();
+        Assert.Equal(1, t.Nodes[0].Node.Counters.HandshakesCompleted);
     }
 
     // ---- limits in the exchange and the replay window ----
