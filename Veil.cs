@@ -4762,8 +4762,9 @@ internal sealed class Peer
     internal long MembersSettleAtMs;             // a list that only shrank goes then, if still changed (0: none waits)
     internal bool MembersHeard;                  // it told us a member list since we started (else our Self asks, SelfFresh)
 
-    // Initiator side of a handshake in flight.
-    internal Handshake? Pending;
+    // Initiator side of a handshake in flight, and the hello of the last reconnect attempt, unanswered:
+    // its index stays until the next attempt, which sends it again while younger than RekeyTimeoutMs.
+    internal Handshake? Pending, Unanswered;
     internal int HandshakeAttempts;
     internal long HandshakeStartedMs;
     internal byte[] LastMac1 = new byte[Spec.MacLen];   // cookie replies are bound to it
@@ -4930,6 +4931,9 @@ internal sealed class Peer
     internal void OnFailure(string reason, long nowMs) { LastFailure = reason; LastFailureMs = nowMs; }
 
     /// <summary>Call after our ClientHello was answered.</summary>
+    internal Handshake? AwaitingAnswer(uint localIndex) =>
+        Pending?.LocalIndex == localIndex ? Pending : Unanswered?.LocalIndex == localIndex ? Unanswered : null;
+
     internal void OnHandshakeComplete()
     {
         Pending?.Clear();
@@ -5012,9 +5016,11 @@ internal sealed partial class Node
         p.HelloUnanswered = true;                        // the next hello takes the other path (ChoosePath)
         p.OnFailure("no_answer", nowMs);
         // A reconnect attempt is one ClientHello: unanswered, the next waits longer (ExpiredReconnect).
+        // The hello stays (Unanswered), so a late answer still completes it.
         if (p.Reconnecting && p.StagedCount == 0)
         {
-            if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
+            ForgetUnanswered(p);
+            (p.Unanswered, p.Pending) = (p.Pending, null);
             p.OnHandshakeComplete();
             p.OnReconnectFailed(nowMs);
             Log.Debug("reconnect_failed", $"peer={p.Name} attempt={p.ReconnectAttempts} next_in_ms={p.ReconnectAtMs - nowMs}");
@@ -5024,8 +5030,7 @@ internal sealed partial class Node
         {
             Log.Warn("handshake_gave_up", $"peer={p.Name} attempts={p.HandshakeAttempts} endpoint={p.Endpoint} rule=max_attempts staged_dropped={p.StagedCount}");
             p.OnFailure("gave_up", nowMs);
-            if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
-            p.OnHandshakeComplete();
+            EndHandshake(p);
             p.ClearStaged();
             MarkDown(p, nowMs, "handshake_gave_up");
             p.OnReconnectFailed(nowMs);                  // keep trying, ever more slowly
@@ -5693,9 +5698,8 @@ internal sealed class Handshaker
     internal HandshakeVerdict ConsumeServerHello(ReadOnlySpan<byte> msg, Peer p, out SessionKeys? keys)
     {
         keys = null;
-        Handshake? hs = p.Pending;
-        if (hs == null || BinaryPrimitives.ReadUInt32BigEndian(msg[Wire.ServerHelloReceiverOffset..]) != hs.LocalIndex)
-            return HandshakeVerdict.UnknownIndex;
+        Handshake? hs = p.AwaitingAnswer(BinaryPrimitives.ReadUInt32BigEndian(msg[Wire.ServerHelloReceiverOffset..]));
+        if (hs == null) return HandshakeVerdict.UnknownIndex;
         Span<byte> payload = stackalloc byte[Wire.ServerHelloPayloadLen];
         // Work on a copy so a forged ServerHello cannot spoil the real one still to come.
         var trial = new NoiseState { Ck = hs.Noise.Ck, H = hs.Noise.H, K = hs.Noise.K, N = hs.Noise.N };
@@ -8075,8 +8079,7 @@ internal sealed partial class Node
             if (Log.Wants(LogLevel.Warn, "handshake_failed")) Log.Emit(LogLevel.Warn, "handshake_failed", $"peer={p.Name} reason=server_hello_auth from={from} hint=\"the peer answered but its ServerHello did not authenticate: different network secret (--psk) or wrong peer key\"");
             return;
         }
-        Indexes.RemoveHandshake(p.Pending!.LocalIndex);
-        p.OnHandshakeComplete();
+        EndHandshake(p);
         p.RttUs = (long)Stopwatch.GetElapsedTime(p.HelloSentTicks).TotalMicroseconds;   // from the latest copy of the hello
         var s = new Session(p, keys, nowMs);
         Indexes.AddSession(s);
@@ -8334,7 +8337,14 @@ internal sealed partial class Node
         if (!retransmit && p.Pending != null) return;            // one in flight; its timer retransmits
         ChoosePath(p, nowMs);
         if (!p.Endpoint.IsSet && PathRelay(p, nowMs) == null) { p.OnFailure("no_endpoint", nowMs); return; }
-        // A retransmit repeats the hello while the responder still holds its answer (§10).
+        // A retransmit repeats the hello while the responder still holds its answer (§10); so does
+        // a reconnect attempt, with the last attempt's hello.
+        if (p.Unanswered != null && p.Pending == null && nowMs - p.Unanswered.CreatedMs < Spec.RekeyTimeoutMs)
+        {
+            (p.Pending, p.Unanswered) = (p.Unanswered, null);
+            retransmit = true;
+        }
+        ForgetUnanswered(p);
         bool repeat = retransmit && p.Pending != null && nowMs - p.Pending.CreatedMs < Spec.RekeyTimeoutMs;
         if (repeat)
         {
@@ -8385,14 +8395,29 @@ internal sealed partial class Node
         }
     }
 
+    private void ForgetUnanswered(Peer p)
+    {
+        if (p.Unanswered == null) return;
+        Indexes.RemoveHandshake(p.Unanswered.LocalIndex);
+        p.Unanswered.Clear();
+        p.Unanswered = null;
+    }
+
+    // Both hellos' indexes go, and their keys (OnHandshakeComplete clears Pending's).
+    internal void EndHandshake(Peer p)
+    {
+        if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
+        ForgetUnanswered(p);
+        p.OnHandshakeComplete();
+    }
+
     internal void DropSessions(Peer p)
     {
         Indexes.RemoveSession(p.Previous);
         Indexes.RemoveSession(p.Current);
         Indexes.RemoveSession(p.Next);
         p.Previous = p.Current = p.Next = null;
-        if (p.Pending != null) Indexes.RemoveHandshake(p.Pending.LocalIndex);
-        p.OnHandshakeComplete();
+        EndHandshake(p);
         p.SendKeepaliveAtMs = p.NewHandshakeAtMs = p.ZeroKeysAtMs = 0;
     }
 

@@ -374,6 +374,38 @@ public class NodeTests
         Assert.Equal(stale + 1, t.Drops(1, DropReason.StaleHello));
     }
 
+    /// <summary>A reconnect attempt is one hello; the next attempt within RekeyTimeoutMs sends that hello
+    /// again, and a late answer to it completes the handshake even between attempts.</summary>
+    [Fact]
+    public void ReconnectAttempt_RepeatsTheUnansweredHello_AndItsLateAnswerCompletes()
+    {
+        var t = TestNet.FullMesh(2);
+        var hellos = new List<byte[]>();
+        var answers = new List<byte[]>();
+        Endpoint a = TestNet.Ep(0), b = TestNet.Ep(1);
+        t.Net.Filter = (from, _, d) =>
+        {
+            if (from.Equals(a) && Record.Classify(d) == RecordKind.ClientHello) hellos.Add(d);
+            if (from.Equals(b) && Record.Classify(d) == RecordKind.ServerHello) { answers.Add(d); return false; }   // late, all
+            return true;
+        };
+        Peer ab = TestNet.PeerOf(t.Nodes[0], t.Nodes[1]);
+        ab.ReconnectAtMs = t.NowMs;
+        t.AdvanceUntil(() => ab.Unanswered != null, 3_000);
+        Assert.True(ab.Unanswered != null && ab.Pending == null && ab.ReconnectAtMs != 0, "the first attempt failed, its hello kept");
+        t.AdvanceUntil(() => hellos.Count >= 2, 3_000);
+        Assert.Equal(2, hellos.Count);
+        Assert.Equal(hellos[0], hellos[1]);            // the second attempt, within 5 s: the same hello
+        Assert.Equal(1, t.Nodes[0].Node.Counters.HandshakesInitiated);
+        Assert.Equal(1, t.Nodes[1].Node.Counters.AnswersRepeated);
+        t.AdvanceUntil(() => ab.Unanswered != null, 3_000);   // it failed again
+        t.Nodes[0].Udp.Deliver(answers[0], b);         // the first answer, late: it completes
+        t.Pump();
+        Assert.NotNull(ab.Current);
+        Assert.Null(ab.Unanswered);
+        Assert.Equal(1, t.Send(0, 1));
+    }
+
     /// <summary>The answer is kept for RekeyTimeoutMs: a copy later than that is a replay, dropped.</summary>
     [Fact]
     public void RepeatedHello_AfterRekeyTimeout_IsNotAnswered()
