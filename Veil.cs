@@ -4761,6 +4761,7 @@ internal sealed class Peer
     internal int MembersListed;                  // how many members that list named
     internal long MembersSettleAtMs;             // a list that only shrank goes then, if still changed (0: none waits)
     internal bool MembersHeard;                  // it told us a member list since we started (else our Self asks, SelfFresh)
+    internal bool ReachesAll;                    // its latest Self: every peer it knows is up (SelfReachesAll)
 
     // Initiator side of a handshake in flight, and the hello of the last reconnect attempt, unanswered:
     // its index stays until the next attempt, which sends it again while younger than RekeyTimeoutMs.
@@ -9722,7 +9723,7 @@ internal sealed class Revocation
 internal sealed class ExchangeMessage
 {
     internal const byte TypeSelf = 1, TypeMembers = 2, TypeRevoked = 3, TypePunch = 4, TypePing = 5, TypePong = 6, TypeIsolated = 7, TypeFecLoss = 8;
-    internal const byte SelfRelays = 1, SelfMarks = 2, SelfFresh = 4;
+    internal const byte SelfRelays = 1, SelfMarks = 2, SelfFresh = 4, SelfReachesAll = 8;
     internal const int IsolatedHeaderLen = 8, MaxMarksPerMessage = (Tune.MaxExchangeLen - IsolatedHeaderLen) / Spec.KeyLen;
     internal const int MaxMarkParts = (Tune.MaxMarksPerMember + MaxMarksPerMessage - 1) / MaxMarksPerMessage;
     internal const int MaxRevocations = (Tune.MaxExchangeLen - 2) / Revocation.Len;   // per message
@@ -10320,7 +10321,7 @@ internal sealed class Mesh
         // Through a relay, or over our TCP link, we do not see where it is.
         Endpoint observed = _node.PathRelay(p, nowMs) == null && !TcpLinks.IsTcp(p.Endpoint) ? p.Endpoint : default;
         byte flags = (byte)((_node.Relays.Offered ? ExchangeMessage.SelfRelays : 0) | (OwnMarks.Count > 0 ? ExchangeMessage.SelfMarks : 0) |
-                            (p.MembersHeard ? 0 : ExchangeMessage.SelfFresh));
+                            (p.MembersHeard ? 0 : ExchangeMessage.SelfFresh) | (AllPeersUp() ? ExchangeMessage.SelfReachesAll : 0));
         int len = ExchangeMessage.WriteSelf(_out, Name, observed, _scratch, _node.ExitRefused(p) ? _claimsWithoutExit : OwnClaims, flags);
         if (!Send(p, len, nowMs)) return;
         p.SelfSentOn = p.Current;
@@ -10330,12 +10331,13 @@ internal sealed class Mesh
     }
 
     // The list goes when it changed, when p asks (it started since: ApplySelf), and every
-    // MembersRefreshMs (what keeps members p cannot reach from being forgotten); unchanged, it was
-    // most of a mesh's steady traffic. False when a message could not be sent.
+    // MembersRefreshMs (what keeps members p cannot reach from being forgotten) unless p said it
+    // has every peer it knows up: then it hears from each itself. Unchanged, the list was most of
+    // a mesh's steady traffic. False when a message could not be sent.
     private bool SendMemberList(Peer p, long nowMs)
     {
         (long digest, int listed) = MembersDigest(p);
-        bool refresh = nowMs - p.MembersSentMs >= Tune.MembersRefreshMs;
+        bool refresh = !p.ReachesAll && nowMs - p.MembersSentMs >= Tune.MembersRefreshMs;
         if (digest == p.MembersDigest && !refresh) { p.MembersSettleAtMs = 0; return true; }
         // A list that only lost members or changed an endpoint (a member relayed or silent for a
         // moment, as around a rekey) waits MembersSettleMs: back as it was by then, nothing goes.
@@ -10373,6 +10375,15 @@ internal sealed class Mesh
         p.MembersDigest = digest;
         p.MembersListed = listed;
         p.MembersSentMs = nowMs;
+        return true;
+    }
+
+    // What our Self says (SelfReachesAll). It is at most ExchangeIntervalMs old when a peer goes
+    // down, and the refresh it stops comes within another interval: both well inside ForgetMemberAfterMs.
+    private bool AllPeersUp()
+    {
+        foreach (Peer q in _node.Peers)
+            if (q.Active && !q.Up) return false;
         return true;
     }
 
@@ -10517,6 +10528,7 @@ internal sealed class Mesh
         // A name that --exit-for judges otherwise: p hears our default routes given or taken now.
         if (_node.ExitRefused(p) != exitRefused && p.ExchangeAtMs > nowMs + Tune.ExchangeDebounceMs) p.ExchangeAtMs = nowMs + Tune.ExchangeDebounceMs;
         p.OffersRelay = (_in.SelfFlags & ExchangeMessage.SelfRelays) != 0;
+        p.ReachesAll = (_in.SelfFlags & ExchangeMessage.SelfReachesAll) != 0;
         p.SelfHeard = true;
         if ((_in.SelfFlags & ExchangeMessage.SelfMarks) == 0) ClearMarks(p, nowMs);
         if ((_in.SelfFlags & ExchangeMessage.SelfFresh) != 0 && p.MembersDigest != 0 && p.SelfSentOn != null)   // p started since our last list

@@ -633,12 +633,17 @@ public class MeshTests(ITestOutputHelper output)
     }
 
     // An unchanged member list is told again only every MembersRefreshMs (it was most of a mesh's
-    // steady traffic, once a minute to every member); a change, or a member that restarted (its
-    // Self asks, SelfFresh), gets it at once.
+    // steady traffic, once a minute to every member), and only to a member that does not have every
+    // peer it knows up (SelfReachesAll); a change, or a member that restarted (its Self asks,
+    // SelfFresh), gets it at once.
     [Fact]
     public void MemberLists_GoOnChange_OnRestart_AndEveryFourMinutes()
     {
-        var t = TestNet.Mesh(4, i => i == 0 ? [] : [0]);
+        // node 1 also has a configured peer that never answers: it alone still needs the refresh
+        var t = TestNet.Mesh(4, i => i == 0 ? [] : [0], (i, c) =>
+        {
+            if (i == 1) c.Peers.Add(new PeerConfig { PublicKey = TestNet.PublicOf(TestNode.KeyFromSeed(90)), Endpoint = TestNet.Ep(9) });
+        });
         t.Start();
         t.AdvanceUntil(() => t.Nodes.TrueForAll(n => UpCount(n) == 3), 60_000);
         t.Advance(5_000);
@@ -647,8 +652,9 @@ public class MeshTests(ITestOutputHelper output)
         t.Advance(180_000, 1_000);                                        // three exchange intervals, nothing changes
         Assert.Equal(lists, hub.MembersMessagesSent);
         Assert.True(hub.SentMessages - hub.MembersMessagesSent - selves >= 3 * 3, "Self still goes every minute");
+        Assert.Equal([false, true, true], new[] { 1, 2, 3 }.Select(i => TestNet.PeerOf(t.Nodes[0], t.Nodes[i]).ReachesAll));
         t.Advance(Tune.MembersRefreshMs - 180_000 + 61_000, 1_000);         // past the refresh
-        Assert.Equal(lists + 3, hub.MembersMessagesSent);
+        Assert.Equal(lists + 1, hub.MembersMessagesSent);                 // to node 1 only
 
         // a member out of the lists for a moment (as one relayed around a rekey; here marked
         // isolated, which no path logic undoes): nothing is sent; out for longer than
