@@ -2417,7 +2417,9 @@ internal static unsafe partial class Libc
 internal static unsafe class X25519
 {
     // A field element is 10 limbs of alternately 26 and 25 bits (radix 2^25.5), so every product
-    // is one 64-bit multiply on any 64-bit CPU (a 64x64->128 one has no portable fast form here).
+    // is one 64-bit multiply on any 64-bit CPU. (Radix 2^51 needs 64x64->128 products: without
+    // BMI2, which the baseline x64 NativeAOT target lacks, Math.BigMul is a call to a four-multiply
+    // software routine, slower than this.) The arithmetic is written out: RyuJIT does not unroll loops.
     private const int L = 10;
     private const ulong Mask26 = (1UL << 26) - 1, Mask25 = (1UL << 25) - 1;
 
@@ -2436,17 +2438,17 @@ internal static unsafe class X25519
             new Span<ulong>(w, 16 * L).Clear();
             Load(x1, u32);
             x2[0] = 1;
-            Copy(x3, x1);
+            new Span<ulong>(x1, L).CopyTo(new Span<ulong>(x3, L));
             z3[0] = 1;
             ulong swap = 0;
             // RFC 7748 §5's ladder from bit 254 (clamping cleared 255). The swap is deferred and XORed with the
-            // next bit, so every step does the same two swaps whatever the key.
+            // next bit, so every step does the same two swaps whatever the key. Add and Sub do not carry:
+            // each of their results only feeds Mul, Sqr or Mul121665 (bounds at Reduce).
             for (int i = 254; i >= 0; i--)
             {
                 ulong bit = (ulong)(k[i >> 3] >> (i & 7)) & 1;   // i is public; the bit is only used as a mask
                 swap ^= bit;
-                CSwap(x2, x3, swap);
-                CSwap(z2, z3, swap);
+                CSwap(x2, x3, swap); CSwap(z2, z3, swap);
                 swap = bit;
                 Add(a, x2, z2); Sqr(aa, a);
                 Sub(b, x2, z2); Sqr(bb, b);
@@ -2459,8 +2461,7 @@ internal static unsafe class X25519
                 // a24 = (486662 - 2) / 4 = 121665, as RFC 7748 writes z_2 = E * (AA + a24 * E).
                 Mul121665(t, e); Add(t, aa, t); Mul(z2, e, t);
             }
-            CSwap(x2, x3, swap);
-            CSwap(z2, z3, swap);
+            CSwap(x2, x3, swap); CSwap(z2, z3, swap);
             Invert(t, z2);
             Mul(x2, x2, t);
             Store(shared32, x2);
@@ -2495,138 +2496,137 @@ internal static unsafe class X25519
         priv32[0] &= 248; priv32[31] &= 127; priv32[31] |= 64;
     }
 
-    private static ReadOnlySpan<byte> LimbOffsets => [0, 26, 51, 77, 102, 128, 153, 179, 204, 230];
-    private static int LimbBits(int i) => 26 - (i & 1);
-    private static ulong LimbMask(int i) => (1UL << LimbBits(i)) - 1;
-
+    // Limb i starts at bit ceil(25.5 i): 0, 26, 51, 77, 102 | 128, 153, 179, 204, 230.
     private static void Load(ulong* f, ReadOnlySpan<byte> s)
     {
-        Span<byte> t = stackalloc byte[40];            // room to read 8 bytes at the last limb
-        t.Clear();
-        s[..32].CopyTo(t);
-        t[31] &= 0x7F;                                 // drops bit 255
-        for (int i = 0; i < L; i++)
-        {
-            int off = LimbOffsets[i];
-            f[i] = (BinaryPrimitives.ReadUInt64LittleEndian(t[(off >> 3)..]) >> (off & 7)) & LimbMask(i);
-        }
-        t.Clear();
+        ulong w0 = BinaryPrimitives.ReadUInt64LittleEndian(s), w1 = BinaryPrimitives.ReadUInt64LittleEndian(s[8..]),
+              w2 = BinaryPrimitives.ReadUInt64LittleEndian(s[16..]), w3 = BinaryPrimitives.ReadUInt64LittleEndian(s[24..32]);
+        f[0] = w0 & Mask26; f[1] = (w0 >> 26) & Mask25; f[2] = (w0 >> 51 | w1 << 13) & Mask26; f[3] = (w1 >> 13) & Mask25;
+        f[4] = w1 >> 38; f[5] = w2 & Mask25; f[6] = (w2 >> 25) & Mask26; f[7] = (w2 >> 51 | w3 << 13) & Mask25;
+        f[8] = (w3 >> 12) & Mask26; f[9] = (w3 >> 38) & Mask25;    // the mask drops bit 255
     }
 
+    // f is a Mul output, limbs as Reduce leaves them, so f < 2^255 + 2^140 < 2p: subtract p once if
+    // f >= p. q is 1 exactly when f + 19 reaches 2^255 (the chain of carries is exact).
     private static void Store(Span<byte> s, ulong* f)
     {
-        Carry(f);
-        Carry(f);
-        // Subtract p once if f >= p: q is 1 exactly when f + 19 overflows 2^255.
-        ulong q = (f[0] + 19) >> 26;
-        for (int i = 1; i < L; i++) q = (f[i] + q) >> LimbBits(i);
-        f[0] += 19 * q;
-        for (int i = 0; i < L - 1; i++)
-        {
-            f[i + 1] += f[i] >> LimbBits(i);
-            f[i] &= LimbMask(i);
-        }
-        f[L - 1] &= Mask25;                            // drops 2^255 (q p subtracted in all)
-        Span<ulong> words = stackalloc ulong[5];
-        words.Clear();
-        for (int i = 0; i < L; i++)
-        {
-            int off = LimbOffsets[i];
-            words[off >> 6] |= f[i] << (off & 63);
-            if ((off & 63) + LimbBits(i) > 64) words[(off >> 6) + 1] |= f[i] >> (64 - (off & 63));
-        }
-        for (int i = 0; i < 4; i++) BinaryPrimitives.WriteUInt64LittleEndian(s[(8 * i)..], words[i]);
-        words.Clear();
-    }
-
-    private static void Copy(ulong* h, ulong* f)
-    {
-        for (int i = 0; i < L; i++) h[i] = f[i];
-    }
-
-    // Brings every limb back to its width (the top carry wraps to limb 0 times 19); limb 1 may keep
-    // a few bits more, which every caller tolerates.
-    private static void Carry(ulong* f)
-    {
-        for (int i = 0; i < L - 1; i += 2)
-        {
-            f[i + 1] += f[i] >> 26; f[i] &= Mask26;
-            if (i + 2 < L) { f[i + 2] += f[i + 1] >> 25; f[i + 1] &= Mask25; }
-        }
-        f[0] += 19 * (f[L - 1] >> 25); f[L - 1] &= Mask25;
-        f[1] += f[0] >> 26; f[0] &= Mask26;
+        ulong f0 = f[0], f1 = f[1], f2 = f[2], f3 = f[3], f4 = f[4], f5 = f[5], f6 = f[6], f7 = f[7], f8 = f[8], f9 = f[9];
+        ulong q = (f0 + 19) >> 26;
+        q = (f1 + q) >> 25; q = (f2 + q) >> 26; q = (f3 + q) >> 25; q = (f4 + q) >> 26;
+        q = (f5 + q) >> 25; q = (f6 + q) >> 26; q = (f7 + q) >> 25; q = (f8 + q) >> 26; q = (f9 + q) >> 25;
+        f0 += 19 * q;                                  // and 2^255 q is dropped from the top below
+        f1 += f0 >> 26; f0 &= Mask26; f2 += f1 >> 25; f1 &= Mask25; f3 += f2 >> 26; f2 &= Mask26; f4 += f3 >> 25; f3 &= Mask25;
+        f5 += f4 >> 26; f4 &= Mask26; f6 += f5 >> 25; f5 &= Mask25; f7 += f6 >> 26; f6 &= Mask26; f8 += f7 >> 25; f7 &= Mask25;
+        f9 += f8 >> 26; f8 &= Mask26; f9 &= Mask25;
+        BinaryPrimitives.WriteUInt64LittleEndian(s, f0 | f1 << 26 | f2 << 51);
+        BinaryPrimitives.WriteUInt64LittleEndian(s[8..], f2 >> 13 | f3 << 13 | f4 << 38);
+        BinaryPrimitives.WriteUInt64LittleEndian(s[16..], f5 | f6 << 25 | f7 << 51);
+        BinaryPrimitives.WriteUInt64LittleEndian(s[24..32], f7 >> 13 | f8 << 12 | f9 << 38);
     }
 
     private static void CSwap(ulong* a, ulong* b, ulong swap)
     {
         ulong m = 0 - swap;
-        for (int i = 0; i < L; i++)
-        {
-            ulong t = m & (a[i] ^ b[i]);
-            a[i] ^= t;
-            b[i] ^= t;
-        }
+        for (int i = 0; i < L; i++) { ulong t = m & (a[i] ^ b[i]); a[i] ^= t; b[i] ^= t; }
     }
 
     private static void Add(ulong* h, ulong* f, ulong* g)
     {
-        for (int i = 0; i < L; i++) h[i] = f[i] + g[i];
-        Carry(h);
+        h[0] = f[0] + g[0]; h[1] = f[1] + g[1]; h[2] = f[2] + g[2]; h[3] = f[3] + g[3]; h[4] = f[4] + g[4];
+        h[5] = f[5] + g[5]; h[6] = f[6] + g[6]; h[7] = f[7] + g[7]; h[8] = f[8] + g[8]; h[9] = f[9] + g[9];
     }
 
-    // f - g computed as f + 4p - g so no limb goes negative (inputs are carried).
+    // f - g computed as f + 2p - g: g is always a Reduce output (or 0, 1, or Load's u), and every such
+    // limb is below 2p's (2^26 - 2 for the odd limbs, 2^27 - 2 for the even, 2^27 - 38 for limb 0).
+    private const ulong P0x2 = 2 * (Mask26 - 18), P26x2 = 2 * Mask26, P25x2 = 2 * Mask25;
+
     private static void Sub(ulong* h, ulong* f, ulong* g)
     {
-        h[0] = f[0] + 4 * (LimbMask(0) - 18) - g[0];           // limb 0 of p is 2^26 - 19
-        for (int i = 1; i < L; i++) h[i] = f[i] + 4 * LimbMask(i) - g[i];
-        Carry(h);
+        h[0] = f[0] + P0x2 - g[0]; h[1] = f[1] + P25x2 - g[1]; h[2] = f[2] + P26x2 - g[2]; h[3] = f[3] + P25x2 - g[3];
+        h[4] = f[4] + P26x2 - g[4]; h[5] = f[5] + P25x2 - g[5]; h[6] = f[6] + P26x2 - g[6]; h[7] = f[7] + P25x2 - g[7];
+        h[8] = f[8] + P26x2 - g[8]; h[9] = f[9] + P25x2 - g[9];
     }
 
     // h = f * g. Limb i holds bits from ceil(25.5 i): a product of two odd limbs lands half a limb
     // high (factor 2), and a column past limb 9 wraps to the bottom times 19 (2^255 = 19 mod p).
+    // Row by row (f_i times all of g), not column by column: RyuJIT then keeps the ten sums in
+    // registers; summing a column in one expression made it spill the running sum at every term.
     private static void Mul(ulong* h, ulong* f, ulong* g)
     {
-        ulong f0 = f[0], f1 = f[1], f2 = f[2], f3 = f[3], f4 = f[4], f5 = f[5], f6 = f[6], f7 = f[7], f8 = f[8], f9 = f[9];
         ulong g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3], g4 = g[4], g5 = g[5], g6 = g[6], g7 = g[7], g8 = g[8], g9 = g[9];
-        ulong f1_2 = 2 * f1, f3_2 = 2 * f3, f5_2 = 2 * f5, f7_2 = 2 * f7, f9_2 = 2 * f9;
-        ulong g1_19 = 19 * g1, g2_19 = 19 * g2, g3_19 = 19 * g3, g4_19 = 19 * g4, g5_19 = 19 * g5, g6_19 = 19 * g6, g7_19 = 19 * g7, g8_19 = 19 * g8, g9_19 = 19 * g9;
-        h[0] = f0 * g0 + f1_2 * g9_19 + f2 * g8_19 + f3_2 * g7_19 + f4 * g6_19 + f5_2 * g5_19 + f6 * g4_19 + f7_2 * g3_19 + f8 * g2_19 + f9_2 * g1_19;
-        h[1] = f0 * g1 + f1 * g0 + f2 * g9_19 + f3 * g8_19 + f4 * g7_19 + f5 * g6_19 + f6 * g5_19 + f7 * g4_19 + f8 * g3_19 + f9 * g2_19;
-        h[2] = f0 * g2 + f1_2 * g1 + f2 * g0 + f3_2 * g9_19 + f4 * g8_19 + f5_2 * g7_19 + f6 * g6_19 + f7_2 * g5_19 + f8 * g4_19 + f9_2 * g3_19;
-        h[3] = f0 * g3 + f1 * g2 + f2 * g1 + f3 * g0 + f4 * g9_19 + f5 * g8_19 + f6 * g7_19 + f7 * g6_19 + f8 * g5_19 + f9 * g4_19;
-        h[4] = f0 * g4 + f1_2 * g3 + f2 * g2 + f3_2 * g1 + f4 * g0 + f5_2 * g9_19 + f6 * g8_19 + f7_2 * g7_19 + f8 * g6_19 + f9_2 * g5_19;
-        h[5] = f0 * g5 + f1 * g4 + f2 * g3 + f3 * g2 + f4 * g1 + f5 * g0 + f6 * g9_19 + f7 * g8_19 + f8 * g7_19 + f9 * g6_19;
-        h[6] = f0 * g6 + f1_2 * g5 + f2 * g4 + f3_2 * g3 + f4 * g2 + f5_2 * g1 + f6 * g0 + f7_2 * g9_19 + f8 * g8_19 + f9_2 * g7_19;
-        h[7] = f0 * g7 + f1 * g6 + f2 * g5 + f3 * g4 + f4 * g3 + f5 * g2 + f6 * g1 + f7 * g0 + f8 * g9_19 + f9 * g8_19;
-        h[8] = f0 * g8 + f1_2 * g7 + f2 * g6 + f3_2 * g5 + f4 * g4 + f5_2 * g3 + f6 * g2 + f7_2 * g1 + f8 * g0 + f9_2 * g9_19;
-        h[9] = f0 * g9 + f1 * g8 + f2 * g7 + f3 * g6 + f4 * g5 + f5 * g4 + f6 * g3 + f7 * g2 + f8 * g1 + f9 * g0;
-        Carry(h);
+        ulong t1 = 19 * g1, t2 = 19 * g2, t3 = 19 * g3, t4 = 19 * g4, t5 = 19 * g5, t6 = 19 * g6, t7 = 19 * g7, t8 = 19 * g8, t9 = 19 * g9;
+        ulong x = f[0], y;
+        ulong h0 = x * g0, h1 = x * g1, h2 = x * g2, h3 = x * g3, h4 = x * g4, h5 = x * g5, h6 = x * g6, h7 = x * g7, h8 = x * g8, h9 = x * g9;
+        x = f[1]; y = 2 * x;
+        h0 += y * t9; h1 += x * g0; h2 += y * g1; h3 += x * g2; h4 += y * g3; h5 += x * g4; h6 += y * g5; h7 += x * g6; h8 += y * g7; h9 += x * g8;
+        x = f[2];
+        h0 += x * t8; h1 += x * t9; h2 += x * g0; h3 += x * g1; h4 += x * g2; h5 += x * g3; h6 += x * g4; h7 += x * g5; h8 += x * g6; h9 += x * g7;
+        x = f[3]; y = 2 * x;
+        h0 += y * t7; h1 += x * t8; h2 += y * t9; h3 += x * g0; h4 += y * g1; h5 += x * g2; h6 += y * g3; h7 += x * g4; h8 += y * g5; h9 += x * g6;
+        x = f[4];
+        h0 += x * t6; h1 += x * t7; h2 += x * t8; h3 += x * t9; h4 += x * g0; h5 += x * g1; h6 += x * g2; h7 += x * g3; h8 += x * g4; h9 += x * g5;
+        x = f[5]; y = 2 * x;
+        h0 += y * t5; h1 += x * t6; h2 += y * t7; h3 += x * t8; h4 += y * t9; h5 += x * g0; h6 += y * g1; h7 += x * g2; h8 += y * g3; h9 += x * g4;
+        x = f[6];
+        h0 += x * t4; h1 += x * t5; h2 += x * t6; h3 += x * t7; h4 += x * t8; h5 += x * t9; h6 += x * g0; h7 += x * g1; h8 += x * g2; h9 += x * g3;
+        x = f[7]; y = 2 * x;
+        h0 += y * t3; h1 += x * t4; h2 += y * t5; h3 += x * t6; h4 += y * t7; h5 += x * t8; h6 += y * t9; h7 += x * g0; h8 += y * g1; h9 += x * g2;
+        x = f[8];
+        h0 += x * t2; h1 += x * t3; h2 += x * t4; h3 += x * t5; h4 += x * t6; h5 += x * t7; h6 += x * t8; h7 += x * t9; h8 += x * g0; h9 += x * g1;
+        x = f[9]; y = 2 * x;
+        h0 += y * t1; h1 += x * t2; h2 += y * t3; h3 += x * t4; h4 += y * t5; h5 += x * t6; h6 += y * t7; h7 += x * t8; h8 += y * t9; h9 += x * g0;
+        Reduce(h, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9);
     }
 
-    // h = f^2: Mul with each cross product counted once, doubled.
+    // h = f^2: Mul's rows with each cross product f_i f_j (i < j) taken once and doubled: d = 2 f_i,
+    // q = 4 f_i where an odd limb meets an odd limb.
     private static void Sqr(ulong* h, ulong* f)
     {
         ulong f0 = f[0], f1 = f[1], f2 = f[2], f3 = f[3], f4 = f[4], f5 = f[5], f6 = f[6], f7 = f[7], f8 = f[8], f9 = f[9];
-        ulong d0 = 2 * f0, d1 = 2 * f1, d2 = 2 * f2, d3 = 2 * f3, d4 = 2 * f4, d5 = 2 * f5, d6 = 2 * f6, d7 = 2 * f7, d8 = 2 * f8, d9 = 2 * f9;
-        ulong f1_19 = 19 * f1, f2_19 = 19 * f2, f3_19 = 19 * f3, f4_19 = 19 * f4, f5_19 = 19 * f5, f6_19 = 19 * f6, f7_19 = 19 * f7, f8_19 = 19 * f8, f9_19 = 19 * f9;
-        ulong f1_38 = 38 * f1, f3_38 = 38 * f3, f5_38 = 38 * f5, f7_38 = 38 * f7, f9_38 = 38 * f9;
-        h[0] = f0 * f0 + d1 * f9_38 + d2 * f8_19 + d3 * f7_38 + d4 * f6_19 + d5 * f5_19;
-        h[1] = d0 * f1 + d2 * f9_19 + d3 * f8_19 + d4 * f7_19 + d5 * f6_19;
-        h[2] = d0 * f2 + d1 * f1 + d3 * f9_38 + d4 * f8_19 + d5 * f7_38 + f6 * f6_19;
-        h[3] = d0 * f3 + d1 * f2 + d4 * f9_19 + d5 * f8_19 + d6 * f7_19;
-        h[4] = d0 * f4 + d1 * d3 + f2 * f2 + d5 * f9_38 + d6 * f8_19 + d7 * f7_19;
-        h[5] = d0 * f5 + d1 * f4 + d2 * f3 + d6 * f9_19 + d7 * f8_19;
-        h[6] = d0 * f6 + d1 * d5 + d2 * f4 + d3 * f3 + d7 * f9_38 + f8 * f8_19;
-        h[7] = d0 * f7 + d1 * f6 + d2 * f5 + d3 * f4 + d8 * f9_19;
-        h[8] = d0 * f8 + d1 * d7 + d2 * f6 + d3 * d5 + f4 * f4 + d9 * f9_19;
-        h[9] = d0 * f9 + d1 * f8 + d2 * f7 + d3 * f6 + d4 * f5;
-        Carry(h);
+        ulong t5 = 19 * f5, t6 = 19 * f6, t7 = 19 * f7, t8 = 19 * f8, t9 = 19 * f9;
+        ulong d = 2 * f0, q;
+        ulong h0 = f0 * f0, h1 = d * f1, h2 = d * f2, h3 = d * f3, h4 = d * f4, h5 = d * f5, h6 = d * f6, h7 = d * f7, h8 = d * f8, h9 = d * f9;
+        d = 2 * f1; q = 4 * f1;
+        h2 += d * f1; h3 += d * f2; h4 += q * f3; h5 += d * f4; h6 += q * f5; h7 += d * f6; h8 += q * f7; h9 += d * f8; h0 += q * t9;
+        d = 2 * f2;
+        h4 += f2 * f2; h5 += d * f3; h6 += d * f4; h7 += d * f5; h8 += d * f6; h9 += d * f7; h0 += d * t8; h1 += d * t9;
+        d = 2 * f3; q = 4 * f3;
+        h6 += d * f3; h7 += d * f4; h8 += q * f5; h9 += d * f6; h0 += q * t7; h1 += d * t8; h2 += q * t9;
+        d = 2 * f4;
+        h8 += f4 * f4; h9 += d * f5; h0 += d * t6; h1 += d * t7; h2 += d * t8; h3 += d * t9;
+        d = 2 * f5; q = 4 * f5;
+        h0 += d * t5; h1 += d * t6; h2 += q * t7; h3 += d * t8; h4 += q * t9;
+        d = 2 * f6;
+        h2 += f6 * t6; h3 += d * t7; h4 += d * t8; h5 += d * t9;
+        d = 2 * f7; q = 4 * f7;
+        h4 += d * t7; h5 += d * t8; h6 += q * t9;
+        h6 += f8 * t8; h7 += 2 * f8 * t9;
+        h8 += 2 * f9 * t9;
+        Reduce(h, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9);
     }
 
-    private static void Mul121665(ulong* h, ulong* f)
+    private static void Mul121665(ulong* h, ulong* f) =>
+        Reduce(h, f[0] * 121665, f[1] * 121665, f[2] * 121665, f[3] * 121665, f[4] * 121665,
+               f[5] * 121665, f[6] * 121665, f[7] * 121665, f[8] * 121665, f[9] * 121665);
+
+    // Carries the columns h0..h9 and stores them: two interleaved chains, 0->1->...->5 and
+    // 4->5->...->9->0 (times 19), then 0->1 again, so each step has two independent carries.
+    // Out (for the columns bounded below): limbs within their widths but h1, h5 < 2^25 + 2^11.
+    // Add and Sub need no carry: on such limbs (or Load's), f + g and f + 2p - g have even limbs
+    // < 3 * 2^26 and odd ones < 1.51 * 2^26. Mul's largest column, h0, is then below
+    // 19 * (4 * (3 * 2^26)^2 + 10 * (1.51 * 2^26)^2) + (3 * 2^26)^2 < 2^62.2 (Sqr's columns are
+    // Mul's with g = f) and Mul121665's below 2^44.5, so no column or carry target reaches 2^64.
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Reduce(ulong* h, ulong h0, ulong h1, ulong h2, ulong h3, ulong h4, ulong h5, ulong h6, ulong h7, ulong h8, ulong h9)
     {
-        for (int i = 0; i < L; i++) h[i] = f[i] * 121665;
-        Carry(h);
+        h1 += h0 >> 26; h0 &= Mask26; h5 += h4 >> 26; h4 &= Mask26;
+        h2 += h1 >> 25; h1 &= Mask25; h6 += h5 >> 25; h5 &= Mask25;
+        h3 += h2 >> 26; h2 &= Mask26; h7 += h6 >> 26; h6 &= Mask26;
+        h4 += h3 >> 25; h3 &= Mask25; h8 += h7 >> 25; h7 &= Mask25;
+        h5 += h4 >> 26; h4 &= Mask26; h9 += h8 >> 26; h8 &= Mask26;
+        h0 += 19 * (h9 >> 25); h9 &= Mask25;
+        h1 += h0 >> 26; h0 &= Mask26;
+        h[0] = h0; h[1] = h1; h[2] = h2; h[3] = h3; h[4] = h4; h[5] = h5; h[6] = h6; h[7] = h7; h[8] = h8; h[9] = h9;
     }
 
     private static void SqrN(ulong* h, ulong* f, int n)
