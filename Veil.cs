@@ -4759,6 +4759,7 @@ internal sealed class Peer
     internal long RevocationsSentVersion = -1;   // the Mesh.RevocationsVersion this member has heard (§15)
     internal long MembersDigest, MembersSentMs;  // the member list we last told it, and when (0: tell it)
     internal int MembersListed;                  // how many members that list named
+    internal long MembersKeysDigest;             // and which (its keys alone)
     internal long MembersSettleAtMs;             // a list that only shrank goes then, if still changed (0: none waits)
     internal bool MembersHeard;                  // it told us a member list since we started (else our Self asks, SelfFresh)
     internal bool ReachesAll;                    // its latest Self: every peer it knows is up (SelfReachesAll)
@@ -10336,9 +10337,12 @@ internal sealed class Mesh
     // a mesh's steady traffic. False when a message could not be sent.
     private bool SendMemberList(Peer p, long nowMs)
     {
-        (long digest, int listed) = MembersDigest(p);
+        (long digest, long keys, int listed) = MembersDigest(p);
         bool refresh = !p.ReachesAll && nowMs - p.MembersSentMs >= Tune.MembersRefreshMs;
         if (digest == p.MembersDigest && !refresh) { p.MembersSettleAtMs = 0; return true; }
+        // Only endpoints changed, and p has every member it knows up: it needs none of them. (Its
+        // Self says so again within ExchangeIntervalMs of losing one; the changed list goes then.)
+        if (!refresh && p.ReachesAll && p.MembersDigest != 0 && keys == p.MembersKeysDigest) { p.MembersSettleAtMs = 0; return true; }
         // A list that only lost members or changed an endpoint (a member relayed or silent for a
         // moment, as around a rekey) waits MembersSettleMs: back as it was by then, nothing goes.
         // One that gained a member goes at once (that is how members find each other).
@@ -10373,6 +10377,7 @@ internal sealed class Mesh
         }
         if (count > 0 && !SendMembers(p, pos, count, nowMs)) return false;
         p.MembersDigest = digest;
+        p.MembersKeysDigest = keys;
         p.MembersListed = listed;
         p.MembersSentMs = nowMs;
         return true;
@@ -10391,22 +10396,24 @@ internal sealed class Mesh
     // tells of it. An isolated one is nobody's business but ours, and an isolated peer hears of nobody.
     private static bool Listed(Peer p, Peer q) => q.Active && q.Up && q != p && q.Relay == null && !q.Isolated && !p.Isolated;
 
-    // What the member list for p holds (keys and endpoints, not the ages), as one number (never 0),
-    // and how many members it names.
-    private (long Digest, int Listed) MembersDigest(Peer p)
+    // What the member list for p holds (keys and endpoints, not the ages) as one number (never 0),
+    // the same of its keys alone, and how many members it names.
+    private (long Digest, long Keys, int Listed) MembersDigest(Peer p)
     {
         var h = new HashCode();
+        var k = new HashCode();
         int n = 0;
         foreach (Peer q in _node.Peers)
         {
             if (!Listed(p, q)) continue;
             n++;
             h.Add(KeyId.Of(q.PublicKey));
+            k.Add(KeyId.Of(q.PublicKey));
             if (q.Endpoint.IsSet && !TcpLinks.IsTcp(q.Endpoint)) h.Add(q.Endpoint);
             foreach (Endpoint e in q.Announced) h.Add(e);
         }
         long v = h.ToHashCode();
-        return (v == 0 ? 1 : v, n);
+        return (v == 0 ? 1 : v, k.ToHashCode(), n);
     }
 
     internal long BeaconsLoaded, BeaconsRejected;

@@ -655,6 +655,12 @@ public class MeshTests(ITestOutputHelper output)
         Assert.Equal([false, true, true], new[] { 1, 2, 3 }.Select(i => TestNet.PeerOf(t.Nodes[0], t.Nodes[i]).ReachesAll));
         t.Advance(Tune.MembersRefreshMs - 180_000 + 61_000, 1_000);         // past the refresh
         Assert.Equal(lists + 1, hub.MembersMessagesSent);                 // to node 1 only
+        // an endpoint of node 3 changes: node 2 has node 3 up and is not told; node 1 is, 5 s later
+        lists = hub.MembersMessagesSent;
+        TestNet.PeerOf(t.Nodes[0], t.Nodes[3]).Announced.Add(TestNet.Ep(42));
+        t.Nodes[0].Node.ScheduleExchange(t.NowMs);
+        t.Advance(Tune.MembersSettleMs + 3_000, 1_000);
+        Assert.Equal(lists + 1, hub.MembersMessagesSent);
 
         // a member out of the lists for a moment (as one relayed around a rekey; here marked
         // isolated, which no path logic undoes): nothing is sent; out for longer than
