@@ -7354,7 +7354,7 @@ internal sealed partial class Node
     internal Func<long> UnixNs = () => (DateTime.UtcNow - DateTime.UnixEpoch).Ticks * 100;
     private long _lastUnixNs;
     private readonly HelloState _hello = new();
-    // Peers by the ephemeral key of the hello we answered last (a slot per key's low bits): a repeat
+    // Peers by the ephemeral key of the hello we answered last (a slot per its first byte): a repeat
     // is found before any Diffie-Hellman. A slot another hello took only costs that one DH.
     internal readonly Peer?[] AnsweredBy = new Peer?[256];
 

@@ -321,11 +321,9 @@ public class NodeTests
         for (int i = 2; i < after.Count; i++) Assert.True(after[i] - after[i - 1] > after[i - 1] - after[i - 2] - 1000, "reconnect gaps grow");
     }
 
-    /// <summary>§10 retransmits: a copy of the hello b answered gets the same ServerHello again, found
-    /// before any Diffie-Hellman (or after it, when another hello took its slot), at most
-    /// MaxAnswerRepeats times, only while the session waits for its Bind, and nothing else changes.</summary>
-    [Fact]
-    public void RepeatedHello_GetsTheSameAnswer_AndChangesNothing()
+    // a says hello to b: the first hello (and its copies) never arrive, b's answers are caught;
+    // the test delivers what it wants.
+    private static (TestNet T, byte[] Hello, List<byte[]> Answers) CaughtHello()
     {
         var t = TestNet.FullMesh(2);
         var answers = new List<byte[]>();
@@ -337,18 +335,29 @@ public class NodeTests
             if (from.Equals(b) && Record.Classify(d) == RecordKind.ServerHello) { answers.Add(d); return false; }
             return true;
         };
-        Node nb = t.Nodes[1].Node;
-        Peer ba = TestNet.PeerOf(t.Nodes[1], t.Nodes[0]);
         t.Nodes[0].Node.StartHandshake(TestNet.PeerOf(t.Nodes[0], t.Nodes[1]), t.NowMs, retransmit: false);
         t.Nodes[0].Worker.FlushUdp(t.Nodes[0].Node.UdpOut);
         t.Pump();
         Assert.NotNull(hello);
+        return (t, hello!, answers);
+    }
+
+    /// <summary>§10 retransmits: a copy of the hello b answered gets the same ServerHello again, found
+    /// before any Diffie-Hellman (or after it, when another hello took its slot), at most
+    /// MaxAnswerRepeats times, only while the session waits for its Bind, and nothing else changes.</summary>
+    [Fact]
+    public void RepeatedHello_GetsTheSameAnswer_AndChangesNothing()
+    {
+        var (t, hello, answers) = CaughtHello();
+        Endpoint a = TestNet.Ep(0), b = TestNet.Ep(1);
+        Node nb = t.Nodes[1].Node;
+        Peer ba = TestNet.PeerOf(t.Nodes[1], t.Nodes[0]);
         void Copy(byte[] h) { t.Nodes[1].Udp.Deliver(h, a); t.Pump(); }
-        Copy(hello!);
+        Copy(hello);
         Session next = ba.Next!;
         Assert.Single(answers);
         // A byte changed after the ephemeral key: not the hello answered, so not its answer.
-        byte[] forged = (byte[])hello!.Clone();
+        byte[] forged = (byte[])hello.Clone();
         forged[Wire.ClientHelloMac1Offset - 1] ^= 1;
         Copy(forged);
         Assert.Single(answers);
@@ -410,25 +419,14 @@ public class NodeTests
     [Fact]
     public void RepeatedHello_AfterRekeyTimeout_IsNotAnswered()
     {
-        var t = TestNet.FullMesh(2);
-        var answers = new List<byte[]>();
-        byte[]? hello = null;
-        Endpoint a = TestNet.Ep(0), b = TestNet.Ep(1);
-        t.Net.Filter = (from, _, d) =>
-        {
-            if (from.Equals(a) && Record.Classify(d) == RecordKind.ClientHello) { hello ??= d; return false; }
-            if (from.Equals(b) && Record.Classify(d) == RecordKind.ServerHello) { answers.Add(d); return false; }
-            return true;
-        };
-        t.Nodes[0].Node.StartHandshake(TestNet.PeerOf(t.Nodes[0], t.Nodes[1]), t.NowMs, retransmit: false);
-        t.Nodes[0].Worker.FlushUdp(t.Nodes[0].Node.UdpOut);
-        t.Pump();
-        t.Nodes[1].Udp.Deliver(hello!, a);
+        var (t, hello, answers) = CaughtHello();
+        Endpoint a = TestNet.Ep(0);
+        t.Nodes[1].Udp.Deliver(hello, a);
         t.Pump();
         Assert.Single(answers);
         t.Advance(Spec.RekeyTimeoutMs);
         int stale = t.Drops(1, DropReason.StaleHello);
-        t.Nodes[1].Udp.Deliver(hello!, a);
+        t.Nodes[1].Udp.Deliver(hello, a);
         t.Pump();
         Assert.Single(answers);
         Assert.Equal(stale + 1, t.Drops(1, DropReason.StaleHello));
