@@ -4763,6 +4763,7 @@ internal sealed class Peer
     internal long MembersSettleAtMs;             // a list that only shrank goes then, if still changed (0: none waits)
     internal bool MembersHeard;                  // it told us a member list since we started (else our Self asks, SelfFresh)
     internal bool ReachesAll;                    // its latest Self: every peer it knows is up (SelfReachesAll)
+    internal bool HearsRefusals;                 // and it reads a relay's Refused notice (SelfHearsRefusals; older nodes do not)
 
     // Initiator side of a handshake in flight, and the hello of the last reconnect attempt, unanswered:
     // its index stays until the next attempt, which sends it again while younger than RekeyTimeoutMs.
@@ -9724,7 +9725,7 @@ internal sealed class Revocation
 internal sealed class ExchangeMessage
 {
     internal const byte TypeSelf = 1, TypeMembers = 2, TypeRevoked = 3, TypePunch = 4, TypePing = 5, TypePong = 6, TypeIsolated = 7, TypeFecLoss = 8;
-    internal const byte SelfRelays = 1, SelfMarks = 2, SelfFresh = 4, SelfReachesAll = 8;
+    internal const byte SelfRelays = 1, SelfMarks = 2, SelfFresh = 4, SelfReachesAll = 8, SelfHearsRefusals = 16;
     internal const int IsolatedHeaderLen = 8, MaxMarksPerMessage = (Tune.MaxExchangeLen - IsolatedHeaderLen) / Spec.KeyLen;
     internal const int MaxMarkParts = (Tune.MaxMarksPerMember + MaxMarksPerMessage - 1) / MaxMarksPerMessage;
     internal const int MaxRevocations = (Tune.MaxExchangeLen - 2) / Revocation.Len;   // per message
@@ -10322,7 +10323,8 @@ internal sealed class Mesh
         // Through a relay, or over our TCP link, we do not see where it is.
         Endpoint observed = _node.PathRelay(p, nowMs) == null && !TcpLinks.IsTcp(p.Endpoint) ? p.Endpoint : default;
         byte flags = (byte)((_node.Relays.Offered ? ExchangeMessage.SelfRelays : 0) | (OwnMarks.Count > 0 ? ExchangeMessage.SelfMarks : 0) |
-                            (p.MembersHeard ? 0 : ExchangeMessage.SelfFresh) | (AllPeersUp() ? ExchangeMessage.SelfReachesAll : 0));
+                            (p.MembersHeard ? 0 : ExchangeMessage.SelfFresh) | (AllPeersUp() ? ExchangeMessage.SelfReachesAll : 0) |
+                            ExchangeMessage.SelfHearsRefusals);
         int len = ExchangeMessage.WriteSelf(_out, Name, observed, _scratch, _node.ExitRefused(p) ? _claimsWithoutExit : OwnClaims, flags);
         if (!Send(p, len, nowMs)) return;
         p.SelfSentOn = p.Current;
@@ -10536,6 +10538,7 @@ internal sealed class Mesh
         if (_node.ExitRefused(p) != exitRefused && p.ExchangeAtMs > nowMs + Tune.ExchangeDebounceMs) p.ExchangeAtMs = nowMs + Tune.ExchangeDebounceMs;
         p.OffersRelay = (_in.SelfFlags & ExchangeMessage.SelfRelays) != 0;
         p.ReachesAll = (_in.SelfFlags & ExchangeMessage.SelfReachesAll) != 0;
+        p.HearsRefusals = (_in.SelfFlags & ExchangeMessage.SelfHearsRefusals) != 0;
         p.SelfHeard = true;
         if ((_in.SelfFlags & ExchangeMessage.SelfMarks) == 0) ClearMarks(p, nowMs);
         if ((_in.SelfFlags & ExchangeMessage.SelfFresh) != 0 && p.MembersDigest != 0 && p.SelfSentOn != null)   // p started since our last list
@@ -11192,7 +11195,7 @@ internal sealed class Relays
     internal long RateBytesPerS = Tune.DefaultRelayRateMbit * 125_000L;
     private sealed class Flow { internal long Tokens, LastMs; }
     private readonly Dictionary<(int From, int To), Flow> _flows = new();
-    internal long Bytes, Records, Refused, RateLimited;
+    internal long Bytes, Records, Refused, RateLimited, RefusalsTold, RefusalsHeard;
 
     internal int Pairs => _flows.Count;
 
@@ -11243,9 +11246,10 @@ internal sealed class Relays
 internal sealed partial class Node
 {
     // A Relay record's payload: Forward (to the relay): 1 ‖ key of the member it is for (32) ‖ inner
-    // datagram; Delivered (from the relay): 2 ‖ inner datagram. The inner datagram is a handshake
+    // datagram; Delivered (from the relay): 2 ‖ inner datagram; Refused (from the relay): 3 ‖ key of
+    // the member a ClientHello was for, which it did not carry. The inner datagram is a handshake
     // message or a transport record between the two members; who sent it, its inner keys say.
-    internal const byte RelayForward = 1, RelayDelivered = 2;
+    internal const byte RelayForward = 1, RelayDelivered = 2, RelayRefused = 3;
     internal const int RelayHeadroomLen = Record.PayloadOffset + 1 + Spec.KeyLen;
     private Peer? _via;                          // the relay of the datagram being handled (null: direct)
     internal TcpLinks? Tcp;                      // --listen-tcp / --peer-tcp (the daemon's)
@@ -11367,6 +11371,7 @@ internal sealed partial class Node
     private int ReceiveRelay(Peer p, Span<byte> payload, long nowMs, out int innerOffset)
     {
         innerOffset = 0;
+        if (_via == null && payload.Length == 1 + Spec.KeyLen && payload[0] == RelayRefused) { HelloRefused(p, payload[1..], nowMs); return 0; }
         if (_via != null || payload.Length < 1 + Spec.PreambleLen + 1) { RefuseRelay(p, "malformed", payload.Length); return 0; }
         if (payload[0] == RelayForward) { Forward(p, payload[1..], nowMs); return 0; }
         if (payload[0] != RelayDelivered) { RefuseRelay(p, "malformed", payload.Length); return 0; }
@@ -11401,11 +11406,12 @@ internal sealed partial class Node
             : !from.Up || !Direct(to, nowMs) ? "member_not_up"
             : Record.Classify(inner) is not (RecordKind.Transport or RecordKind.ClientHello or RecordKind.ServerHello) ? "malformed"
             : RelayHeadroomLen + inner.Length + Spec.TagLen + Spec.PadBlockLen > UdpOut.SlotLen ? "too_long" : null;
-        if (why != null) { RefuseRelay(from, why, m.Length); return; }
-        if (Relays.Admit(from, to!, inner.Length, nowMs) is string full)
+        why ??= Relays.Admit(from, to!, inner.Length, nowMs);
+        if (why == "rate") { Counters.Drop(DropReason.RelayRate); return; }
+        if (why != null)
         {
-            if (full == "rate") Counters.Drop(DropReason.RelayRate);
-            else RefuseRelay(from, full, m.Length);
+            RefuseRelay(from, why, m.Length);
+            if (Record.Classify(inner) == RecordKind.ClientHello) TellRefused(from, key, nowMs);
             return;
         }
         Span<byte> slot = NextOut(to!.Endpoint);
@@ -11416,6 +11422,38 @@ internal sealed partial class Node
         UdpOut.Alone[UdpOut.Count] = true;
         CommitOut(len);
         AfterSend(to, s, len, nowMs, carriesData: false);
+    }
+
+    // A hello we did not carry would cost its sender a retransmit delay (1 s) before it tries the
+    // direct path; a full table at a busy relay (a mesh forming) made that most pairs' first second.
+    // One notice per refused hello, sealed to the member that sent it: nothing for anyone else.
+    private void TellRefused(Peer from, in Key32 key, long nowMs)
+    {
+        if (!from.HearsRefusals || !Direct(from, nowMs)) return;
+        Span<byte> slot = NextOut(from.Endpoint);
+        slot[Record.PayloadOffset] = RelayRefused;
+        ((ReadOnlySpan<byte>)key).CopyTo(slot[(Record.PayloadOffset + 1)..]);
+        Session s = from.Current!;
+        int len = Record.Seal(s, slot, 1 + Spec.KeyLen, RecordFlags.Relay, Mtu);
+        CommitOut(len);
+        AfterSend(from, s, len, nowMs, carriesData: false);
+        Relays.RefusalsTold++;
+    }
+
+    // Our relay did not carry our hello to the member named: it goes straight to its endpoint now
+    // (the same hello, §10). Only a hello in flight through that very relay, to a member not up,
+    // is moved: a notice can make us do sooner only what the retransmit would do anyway.
+    private void HelloRefused(Peer relay, ReadOnlySpan<byte> key, long nowMs)
+    {
+        Key32 k = default;
+        key.CopyTo(k);
+        Peer? q = FindPeer(k);
+        if (q == null || q.Relay != relay || q.Pending == null || q.Up || !q.Endpoint.IsSet) return;
+        Relays.RefusalsHeard++;
+        q.HelloUnanswered = true;                        // ChoosePath takes the direct path
+        (long retransmitAtMs, int attempts) = (q.RetransmitHandshakeAtMs, q.HandshakeAttempts);
+        StartHandshake(q, nowMs, retransmit: true);
+        (q.RetransmitHandshakeAtMs, q.HandshakeAttempts) = (retransmitAtMs, attempts);   // the same attempt, on the other path
     }
 
     // A member that went down, or a full table, is ordinary operation (the sender tries the other
@@ -12602,7 +12640,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
         Relays r = node.Relays;
         sb.Append(",\"relay\":{\"offered\":").Append(r.Offered ? "true" : "false").Append(",\"rate_mbit\":").Append(r.RateBytesPerS / 125_000)
           .Append(",\"flows\":").Append(r.Pairs).Append(",\"bytes\":").Append(r.Bytes).Append(",\"records\":").Append(r.Records)
-          .Append(",\"refused\":").Append(r.Refused).Append(",\"rate_limited\":").Append(r.RateLimited).Append('}');
+          .Append(",\"refused\":").Append(r.Refused).Append(",\"rate_limited\":").Append(r.RateLimited)
+          .Append(",\"refusals_told\":").Append(r.RefusalsTold).Append(",\"refusals_heard\":").Append(r.RefusalsHeard).Append('}');
         sb.Append(",\"exit\":{\"offered\":").Append(cfg.Exit ? "true" : "false").Append(",\"node\":");
         if (cfg.ExitNode != null) Str(sb, cfg.ExitNode); else sb.Append("null");
         sb.Append(",\"in_use\":").Append(ExitInUse() ? "true" : "false").Append(",\"for\":");
@@ -12810,6 +12849,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             One("veil_relay_records_total", "counter", "Datagrams this node carried between other members.", r.Records);
             One("veil_relay_refused_total", "counter", "Relay requests refused (not offered, unknown member, malformed, table full).", r.Refused);
             One("veil_relay_rate_limited_total", "counter", "Relayed datagrams dropped over their pair's byte budget.", r.RateLimited);
+            One("veil_relay_refusals_told_total", "counter", "Hellos this node would not carry whose senders it told so.", r.RefusalsTold);
+            One("veil_relay_refusals_heard_total", "counter", "Hellos a relay would not carry that this node then sent directly.", r.RefusalsHeard);
             One("veil_relay_flows", "gauge", "Pair directions this node relays for.", r.Pairs);
             if (Mapper?.Current is PortMapper.State pm)
             {

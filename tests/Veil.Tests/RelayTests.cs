@@ -165,6 +165,115 @@ public class RelayTests(ITestOutputHelper output)
         output.WriteLine($"refused {relay.Relays.Refused}, carried {relay.Relays.Records} records");
     }
 
+    // a and c met through b; then c's Close reaches a through b, b stops carrying, and the direct
+    // path opens. a's next hello to c goes to b first (nothing came from c directly). told: b tells
+    // a it refused it (false: a's Self as an older node's, without flag 16). lost: nothing of a's
+    // reaches b, so the hello waits in flight.
+    private static (TestNet T, TestNode B, TestNode A, TestNode C, long ReconnectAtMs, long Initiated) RefusedHello(bool told, bool lost = false)
+    {
+        bool cut = true;
+        var (t, b, a, c) = Cut(() => cut);
+        byte[] close = new byte[Tune.SlotLen];
+        int closeLen = Record.Seal(PeerOf(c, a).Current!, close, 0, RecordFlags.Close, 1420);
+        b.Node.Relays.Offered = false;
+        cut = false;
+        t.Net.Filter = (from, to, _) =>
+        {
+            PeerOf(b, a).HearsRefusals &= told;
+            return !(lost && from.Equals(a.Endpoint) && to.Equals(b.Endpoint));
+        };
+        long initiated = a.Node.Counters.HandshakesInitiated;
+        Deliver(t, b, a, RelayRecord(b, a, Cat(B(Node.RelayDelivered), close[..closeLen])));
+        Peer ac = PeerOf(a, c);
+        Assert.False(ac.Up);
+        Assert.Same(PeerOf(a, b), ac.Relay);
+        Assert.True(ac.ReconnectAtMs > t.NowMs);
+        return (t, b, a, c, ac.ReconnectAtMs, initiated);
+    }
+
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void RefusedHello_IsToldToItsSender_WhichSendsItDirectAtOnce(bool told)
+    {
+        var (t, b, a, c, helloAtMs, initiated) = RefusedHello(told);
+        Peer ac = PeerOf(a, c);
+        long repeated = a.Node.Counters.HellosRepeated, refused = b.Node.Relays.Refused;
+        Assert.True(t.AdvanceUntil(() => ac.Up, 10_000) >= 0, "a and c never came up");
+        long ms = t.NowMs - helloAtMs;
+        output.WriteLine($"told={told}: up {ms} ms after the hello was due; told {b.Node.Relays.RefusalsTold}, heard {a.Node.Relays.RefusalsHeard}");
+        Assert.True(b.Node.Relays.Refused > refused);             // the hello went to b first
+        Assert.Null(ac.Relay);
+        Assert.Equal(c.Endpoint, ac.Endpoint);
+        Assert.Equal(initiated + 1, a.Node.Counters.HandshakesInitiated);     // the same hello went again, direct
+        Assert.Equal(repeated + 1, a.Node.Counters.HellosRepeated);
+        Assert.Equal(told ? 1 : 0, b.Node.Relays.RefusalsTold);
+        Assert.Equal(told ? 1 : 0, a.Node.Relays.RefusalsHeard);
+        if (told) Assert.True(ms < Spec.FirstRetransmitMs, $"{ms} ms");
+        else Assert.True(ms >= Spec.FirstRetransmitMs, $"{ms} ms");
+        Assert.Equal(1, t.Send(1, 2));
+    }
+
+    [Fact]
+    public void RefusedNotice_IsExactlyTypeAndKey_AndMovesOnlyAHelloInFlightThroughThatRelay()
+    {
+        var (t, b, a, c, _, initiated) = RefusedHello(told: true, lost: true);
+        Assert.True(t.AdvanceUntil(() => a.Node.Counters.HandshakesInitiated > initiated, 5_000) >= 0, "a never said hello again");
+        Peer ac = PeerOf(a, c), ab = PeerOf(a, b);
+        Handshake pending = ac.Pending!;
+        Assert.Same(ab, ac.Relay);
+
+        // What b sends: 03 ‖ c's key, sealed in b's session with a as a Relay record.
+        byte[] notice = Cat(B(Node.RelayRefused), K(c.Public));
+        Assert.Equal(33, notice.Length);
+        Assert.Equal(3, Node.RelayRefused);
+        long malformed = a.Node.Counters.Drops[(int)DropReason.RelayRefused];
+
+        // Not moved: a notice naming a member whose hello does not go through b (b itself), and
+        // notices one byte longer or shorter (malformed, counted).
+        Deliver(t, b, a, RelayRecord(b, a, Cat(B(Node.RelayRefused), K(b.Public))));
+        Deliver(t, b, a, RelayRecord(b, a, Cat(notice, B(0))));
+        Deliver(t, b, a, RelayRecord(b, a, notice[..32]));
+        Assert.Equal(malformed + 2, a.Node.Counters.Drops[(int)DropReason.RelayRefused]);
+        Assert.Same(ab, ac.Relay);
+        Assert.Same(pending, ac.Pending);
+        Assert.Equal(0, a.Node.Relays.RefusalsHeard);
+
+        // From b, about c: the same hello goes straight to c (lost there this time), once: a second
+        // notice finds it no longer on b's path.
+        bool toC = false;
+        t.Net.Filter = (from, to, _) => toC || !from.Equals(a.Endpoint);
+        long repeated = a.Node.Counters.HellosRepeated;
+        Deliver(t, b, a, RelayRecord(b, a, notice));
+        Assert.Equal(1, a.Node.Relays.RefusalsHeard);
+        Assert.Equal(repeated + 1, a.Node.Counters.HellosRepeated);
+        Assert.Null(ac.Relay);
+        Assert.Same(pending, ac.Pending);
+        Deliver(t, b, a, RelayRecord(b, a, notice));
+        Assert.Equal(1, a.Node.Relays.RefusalsHeard);
+        Assert.Equal(repeated + 1, a.Node.Counters.HellosRepeated);
+        toC = true;
+        Assert.True(t.AdvanceUntil(() => ac.Up, 5_000) >= 0, "a and c never came up");
+        Assert.Null(ac.Relay);
+    }
+
+    [Fact]
+    public void RefusedNotice_DoesNotMoveAPairThatIsUpThroughTheRelay()
+    {
+        var (t, b, a, c) = Cut(() => true);
+        Peer ac = PeerOf(a, c);
+        t.Net.Filter = (from, to, _) => !IsAC(from, to) && !(from.Equals(a.Endpoint) && to.Equals(b.Endpoint));
+        a.Node.StartHandshake(ac, t.NowMs, retransmit: false);   // a rekey, through b
+        a.Worker.FlushUdp(a.Node.UdpOut);
+        Assert.NotNull(ac.Pending);
+        long repeated = a.Node.Counters.HellosRepeated;
+        Deliver(t, b, a, RelayRecord(b, a, Cat(B(Node.RelayRefused), K(c.Public))));
+        Assert.Same(PeerOf(a, b), ac.Relay);                     // direct does not work here: it stays on b
+        Assert.True(ac.Up);
+        Assert.Equal(0, a.Node.Relays.RefusalsHeard);
+        Assert.Equal(repeated, a.Node.Counters.HellosRepeated);
+    }
+
     [Fact]
     public void RelayRate_CapsEachDirection_CountsTheExcess_RefillsWithTime()
     {
@@ -231,6 +340,7 @@ public class RelayTests(ITestOutputHelper output)
         t.Kill(c);
         t.Advance(Spec.RejectAfterTimeMs + 10_000, 1000);   // its session expired too
         Assert.False(PeerOf(a, c).Up);
+        Console.WriteLine($"DBG after close relay={PeerOf(a, c).Relay?.Name} reconnect={PeerOf(a, c).ReconnectAtMs - t.NowMs} hu={PeerOf(a, c).HelloUnanswered} offers={PeerOf(a, b).OffersRelay}");
         a.Node.Ping(PeerOf(a, c), t.NowMs, answers.Add);
         Assert.StartsWith("error: n2 has no session now", Assert.Single(answers));
         a.Node.Ponged(PeerOf(a, b), 12345);
@@ -294,6 +404,7 @@ public class RelayTests(ITestOutputHelper output)
         TestNode b = t.Nodes[0], a = t.Nodes[1], c = t.Nodes[2];
         Assert.True(PeerOf(a, b).Up && PeerOf(c, b).Up);
         Assert.False(PeerOf(a, c).Up);
+        Console.WriteLine($"DBG after close relay={PeerOf(a, c).Relay?.Name} reconnect={PeerOf(a, c).ReconnectAtMs - t.NowMs} hu={PeerOf(a, c).HelloUnanswered} offers={PeerOf(a, b).OffersRelay}");
         Assert.Null(PeerOf(a, c).Relay);
         Assert.Equal(0, b.Node.Relays.Records);
         Assert.Equal(0, b.Node.Relays.Refused);                 // it offers nothing, so nobody asks
