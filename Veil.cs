@@ -4734,6 +4734,7 @@ internal sealed class Peer
     internal Peer? Relay;                        // the member that carries our records to it now (null: direct)
     internal Peer? RelayOffer;                   // a member that reported it up and relays for members
     internal long RelayOfferMs = long.MinValue / 2, DownAtMs = long.MinValue / 2;   // that report; when it last went down
+    internal long UpAtMs;                        // when it last came up
     internal bool OffersRelay;                   // its own Self says it relays for members
     internal long LastDirectRxMs = long.MinValue / 2;
     internal int PunchAttempts;
@@ -10814,7 +10815,7 @@ internal sealed partial class Node
         p.Reconnecting = false;
         p.ReconnectAttempts = 0;
         p.ReconnectAtMs = 0;
-        p.LastSeenMs = nowMs;
+        p.LastSeenMs = p.UpAtMs = nowMs;
         if (p.LivenessMs > 0) p.LivenessAtMs = nowMs + p.LivenessMs;
         Log.Info("peer_up", $"peer={p.Name} endpoint={p.Endpoint} path={p.PathName}{(p.Learned ? " source=learned" : "")}");
         if (p.Relay != null) { p.PunchAttempts = 0; p.PunchAtMs = nowMs + Tune.FirstPunchMs; }
@@ -12707,7 +12708,8 @@ internal sealed class StatusView(Node node, UpConfig cfg, int listenPort, long s
             sb.Append(",\"public_key\":\"").Append(p.PublicKey.ToBase64())
               .Append("\",\"endpoint\":").Append(p.Endpoint.IsSet ? "\"" + EndpointText(p.Endpoint) + "\"" : "null")
               .Append(",\"state\":\"").Append(p.StateName(nowMs, Spec.RejectAfterTimeMs))
-              .Append("\",\"path\":\"").Append(p.PathName).Append("\",\"relay_offer\":");
+              .Append("\",\"up_s\":").Append(p.Up ? ((nowMs - p.UpAtMs) / 1000.0).ToString("0.###", System.Globalization.CultureInfo.InvariantCulture) : "null")
+              .Append(",\"path\":\"").Append(p.PathName).Append("\",\"relay_offer\":");
             if (p.RelayOffer != null) Str(sb, p.RelayOffer.Name);
             else sb.Append("null");
             sb.Append(",\"isolated\":").Append(p.Isolated ? "true" : "false")

@@ -56,13 +56,16 @@ public class StatusTests
     {
         var t = TestNet.FullMesh(2);
         JsonElement p = PeerJson(View(t));
-        foreach (string k in new[] { "latest_handshake", "latest_handshake_s", "last_seen_s", "last_direct_s", "aead", "rtt_ms", "previous_endpoint" })
+        foreach (string k in new[] { "latest_handshake", "latest_handshake_s", "last_seen_s", "last_direct_s", "aead", "rtt_ms", "previous_endpoint", "up_s" })
             Assert.True(p.GetProperty(k).ValueKind == JsonValueKind.Null, k);
         t.Start();
         t.Send(0, 1);
         p = PeerJson(View(t));
         Assert.True(p.GetProperty("latest_handshake").GetInt64() > 1_600_000_000);
         Assert.Equal(0, p.GetProperty("latest_handshake_s").GetInt64());
+        double upS = p.GetProperty("up_s").GetDouble();
+        t.Advance(1_234);
+        Assert.Equal(upS + 1.234, PeerJson(View(t)).GetProperty("up_s").GetDouble(), 3);   // to the millisecond
         Assert.Contains(p.GetProperty("aead").GetString(), new[] { "chacha20-poly1305", "aes-256-gcm" });
     }
 
