@@ -138,9 +138,11 @@ bench: deps build
 	tests/bench/nat.sh
 
 # A real mesh of SCALE_NODES (default 100) veil processes in network namespaces on one bridge:
-# time to a full mesh, steady control bytes/s, CPU and RSS per node (tests/bench/scale.sh).
+# time to a full mesh, steady control bytes/s, CPU and RSS per node (tests/bench/scale.sh); then
+# one hub with HUB_PEERS (default 1,000) real veil spokes: CPU and RSS per peer (tests/bench/hub.sh).
 scale: deps build
 	tests/bench/scale.sh
+	tests/bench/hub.sh
 
 # The section markers (`// ==== N. Title ====...`) must equal the TOC in the header
 # (`//   N. Title` lines between `// TOC` and `// END TOC`).
