@@ -4720,7 +4720,7 @@ internal sealed class Peer
     internal int ReconnectAttempts;
     internal long CreatedMs, LastSeenMs = -1;    // LastSeenMs: our records or a member's report
     internal bool Remembered;                    // from the state file, not heard from since this start
-    internal Session? SelfSentOn;                // the session our last Self went out on
+    internal Session? SelfSentOn, MembersSentOn; // the sessions our last Self and member list went out on
     internal bool SelfHeard;                     // its Self arrived since it came up (DefaultClaims say what it offers)
     internal readonly List<Claim> Claims = new();            // accepted, bounded by MaxClaimsPerMember
     internal readonly List<Claim> DefaultClaims = new();     // its announced 0.0.0.0/0, ::/0: taken if it becomes our exit node
@@ -4761,6 +4761,7 @@ internal sealed class Peer
     internal long MembersDigest, MembersSentMs;  // the member list we last told it, and when (0: tell it)
     internal int MembersListed;                  // how many members that list named
     internal long MembersKeysDigest;             // and which (its keys alone)
+    internal ulong[] MembersTold = [];           // the members (by Id) our lists since the last whole one named
     internal long MembersSettleAtMs;             // a list that only shrank goes then, if still changed (0: none waits)
     internal bool MembersHeard;                  // it told us a member list since we started (else our Self asks, SelfFresh)
     internal bool ReachesAll;                    // its latest Self: every peer it knows is up (SelfReachesAll)
@@ -10340,7 +10341,7 @@ internal sealed class Mesh
     // a mesh's steady traffic. False when a message could not be sent.
     private bool SendMemberList(Peer p, long nowMs)
     {
-        (long digest, long keys, int listed) = MembersDigest(p);
+        (long digest, long keys, long told, int listed) = MembersDigest(p);
         bool refresh = !p.ReachesAll && nowMs - p.MembersSentMs >= Tune.MembersRefreshMs;
         if (digest == p.MembersDigest && !refresh) { p.MembersSettleAtMs = 0; return true; }
         // Only endpoints changed, and p has every member it knows up: it needs none of them. (Its
@@ -10359,11 +10360,17 @@ internal sealed class Mesh
             if (nowMs < p.MembersSettleAtMs) return true;
         }
         p.MembersSettleAtMs = 0;
+        // What p heard last is still as it was, and only members were added: they alone go (while a
+        // mesh forms, each list gains a member at a time, and went again whole each time).
+        bool added = !refresh && p.MembersDigest != 0 && told == p.MembersDigest;
+        if (!added) Array.Clear(p.MembersTold);
         Span<byte> d = _out;
         int pos = 2, count = 0;
         foreach (Peer q in _node.Peers)
         {
-            if (!Listed(p, q)) continue;
+            if (!Listed(p, q) || added && Told(p, q)) continue;
+            if (q.Id >= p.MembersTold.Length * 64) Array.Resize(ref p.MembersTold, q.Id / 64 + 1);
+            p.MembersTold[q.Id / 64] |= 1UL << q.Id;
             _scratch.Clear();
             if (q.Endpoint.IsSet && !TcpLinks.IsTcp(q.Endpoint)) _scratch.Add(q.Endpoint);
             foreach (Endpoint e in q.Announced) AddBounded(_scratch, e, Tune.MaxEndpointsPerEntry);
@@ -10377,12 +10384,14 @@ internal sealed class Mesh
             long seenS = q.LastRxMs < 0 ? 0 : Math.Max(0, nowMs - q.LastRxMs) / 1000;
             pos += ExchangeMessage.WriteEntry(d[pos..], q.PublicKey, (uint)Math.Min(seenS, uint.MaxValue), _scratch);
             count++;
+            MembersEntriesSent++;
         }
         if (count > 0 && !SendMembers(p, pos, count, nowMs)) return false;
         p.MembersDigest = digest;
         p.MembersKeysDigest = keys;
         p.MembersListed = listed;
         p.MembersSentMs = nowMs;
+        p.MembersSentOn = p.Current;
         return true;
     }
 
@@ -10399,24 +10408,32 @@ internal sealed class Mesh
     // tells of it. An isolated one is nobody's business but ours, and an isolated peer hears of nobody.
     private static bool Listed(Peer p, Peer q) => q.Active && q.Up && q != p && q.Relay == null && !q.Isolated && !p.Isolated;
 
+    private static bool Told(Peer p, Peer q) => q.Id < p.MembersTold.Length * 64 && (p.MembersTold[q.Id / 64] & (1UL << q.Id)) != 0;
+
     // What the member list for p holds (keys and endpoints, not the ages) as one number (never 0),
-    // the same of its keys alone, and how many members it names.
-    private (long Digest, long Keys, int Listed) MembersDigest(Peer p)
+    // the same of its keys alone, the same of the members our lists since the last whole one
+    // named (equal to the digest then: nothing of it changed), and how many members it names.
+    private (long Digest, long Keys, long Told, int Listed) MembersDigest(Peer p)
     {
         var h = new HashCode();
         var k = new HashCode();
+        var t = new HashCode();
         int n = 0;
         foreach (Peer q in _node.Peers)
         {
             if (!Listed(p, q)) continue;
             n++;
-            h.Add(KeyId.Of(q.PublicKey));
+            var e = new HashCode();
+            e.Add(KeyId.Of(q.PublicKey));
+            if (q.Endpoint.IsSet && !TcpLinks.IsTcp(q.Endpoint)) e.Add(q.Endpoint);
+            foreach (Endpoint a in q.Announced) e.Add(a);
+            int entry = e.ToHashCode();
+            h.Add(entry);
             k.Add(KeyId.Of(q.PublicKey));
-            if (q.Endpoint.IsSet && !TcpLinks.IsTcp(q.Endpoint)) h.Add(q.Endpoint);
-            foreach (Endpoint e in q.Announced) h.Add(e);
+            if (Told(p, q)) t.Add(entry);
         }
-        long v = h.ToHashCode();
-        return (v == 0 ? 1 : v, k.ToHashCode(), n);
+        long v = h.ToHashCode(), told = t.ToHashCode();
+        return (v == 0 ? 1 : v, k.ToHashCode(), told == 0 ? 1 : told, n);
     }
 
     internal long BeaconsLoaded, BeaconsRejected;
@@ -10483,7 +10500,7 @@ internal sealed class Mesh
         return Send(p, 2 + count * Revocation.Len, nowMs);
     }
 
-    internal long MembersMessagesSent;
+    internal long MembersMessagesSent, MembersEntriesSent;
 
     private bool SendMembers(Peer p, int len, int count, long nowMs)
     {
@@ -10542,7 +10559,11 @@ internal sealed class Mesh
         p.HearsRefusals = (_in.SelfFlags & ExchangeMessage.SelfHearsRefusals) != 0;
         p.SelfHeard = true;
         if ((_in.SelfFlags & ExchangeMessage.SelfMarks) == 0) ClearMarks(p, nowMs);
-        if ((_in.SelfFlags & ExchangeMessage.SelfFresh) != 0 && p.MembersDigest != 0 && p.SelfSentOn != null)   // p started since our last list
+        // p started since our last list; unless that list went on this session moments ago and p's
+        // Self crossed it (both sides send Self and list as a session comes up: a whole list again
+        // for every new pair of a forming mesh).
+        bool crossed = p.MembersSentOn == p.Current && nowMs - p.MembersSentMs < Spec.RekeyTimeoutMs;
+        if ((_in.SelfFlags & ExchangeMessage.SelfFresh) != 0 && p.MembersDigest != 0 && p.SelfSentOn != null && !crossed)
         {
             p.MembersDigest = 0;
             SendMemberList(p, nowMs);                                 // the list alone: nothing to list, nothing sent

@@ -694,6 +694,35 @@ public class MeshTests(ITestOutputHelper output)
         Assert.True(TestNet.PeerOf(n3, t.Nodes[0]).MembersHeard);
     }
 
+    // A list that only gained members since the one a member heard names the new ones alone; one
+    // in which anything else changed too goes whole.
+    [Fact]
+    public void MemberList_ThatOnlyGained_CarriesTheNewMembersAlone()
+    {
+        bool away = true;                                                 // node 4 joins later
+        var t = TestNet.Mesh(5, i => i == 0 ? [] : [0]);
+        t.Net.Filter = (from, to, _) => !away || !from.Equals(TestNet.Ep(4)) && !to.Equals(TestNet.Ep(4));
+        t.Start();
+        Assert.True(t.AdvanceUntil(() => Enumerable.Range(0, 4).All(i => UpCount(t.Nodes[i]) == 3), 60_000) >= 0);
+        t.Advance(10_000, 1_000);
+        Mesh hub = t.Nodes[0].Node.Mesh;
+        long entries = hub.MembersEntriesSent;
+        away = false;
+        Assert.True(t.AdvanceUntil(() => t.Nodes.TrueForAll(n => UpCount(n) == 4), 60_000) >= 0, "node 4 never met everyone");
+        t.Advance(10_000, 1_000);
+        Assert.Equal(3 + 3, hub.MembersEntriesSent - entries);            // node 4 to nodes 1-3; nodes 1-3 to node 4
+
+        // node 5's key joins while node 3 announces a new endpoint: the lists naming node 3 go whole
+        entries = hub.MembersEntriesSent;
+        TestNet.PeerOf(t.Nodes[0], t.Nodes[3]).Announced.Add(TestNet.Ep(42));
+        TestNode five = t.AddNode(TestNode.KeyFromSeed(77), TestNet.MeshConfig(5, [.. t.Keys, TestNode.KeyFromSeed(77)], [0]), TestNet.Ep(5), "100.64.0.6");
+        t.StartNode(five);
+        Assert.True(t.AdvanceUntil(() => UpCount(five) == 5, 60_000) >= 0, "node 5 never met everyone");
+        t.Advance(10_000, 1_000);
+        // to 1, 2, 4: whole (four each); to 3: node 5 alone; to 5: the four others
+        Assert.Equal(3 * 4 + 1 + 4, hub.MembersEntriesSent - entries);
+    }
+
     [Fact]
     public void GracefulShutdown_ClaimsWithdrawnAtOnce_AndRestartTakesThemBack()
     {
