@@ -4761,7 +4761,7 @@ internal sealed class Peer
     internal long MembersDigest, MembersSentMs;  // the member list we last told it, and when (0: tell it)
     internal int MembersListed;                  // how many members that list named
     internal long MembersKeysDigest;             // and which (its keys alone)
-    internal ulong[] MembersTold = [];           // the members (by Id) our lists since the last whole one named
+    internal ulong[] MembersTold = [];           // the members (by Id) our lists named since the last whole one
     internal long MembersSettleAtMs;             // a list that only shrank goes then, if still changed (0: none waits)
     internal bool MembersHeard;                  // it told us a member list since we started (else our Self asks, SelfFresh)
     internal bool ReachesAll;                    // its latest Self: every peer it knows is up (SelfReachesAll)
@@ -10391,7 +10391,7 @@ internal sealed class Mesh
         p.MembersKeysDigest = keys;
         p.MembersListed = listed;
         p.MembersSentMs = nowMs;
-        p.MembersSentOn = p.Current;
+        if (count > 0) p.MembersSentOn = p.Current;      // an empty list sends nothing: p has heard none
         return true;
     }
 
