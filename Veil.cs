@@ -11436,12 +11436,19 @@ internal sealed partial class Node
             if (Record.Classify(inner) == RecordKind.ClientHello) TellRefused(from, key, nowMs);
             return;
         }
-        Span<byte> slot = NextOut(to!.Endpoint);
-        slot[Record.PayloadOffset] = RelayDelivered;
-        inner.CopyTo(slot[(Record.PayloadOffset + 1)..]);
+        SendRelayRecord(to!, RelayDelivered, inner, alone: true, nowMs);
+    }
+
+    // A Relay record of ours, kind ‖ body, to member `to` straight to its endpoint. Alone: a
+    // relayed inner datagram may be longer than the path MTU (no GSO run).
+    private void SendRelayRecord(Peer to, byte kind, ReadOnlySpan<byte> body, bool alone, long nowMs)
+    {
+        Span<byte> slot = NextOut(to.Endpoint);
+        slot[Record.PayloadOffset] = kind;
+        body.CopyTo(slot[(Record.PayloadOffset + 1)..]);
         Session s = to.Current!;
-        int len = Record.Seal(s, slot, 1 + inner.Length, RecordFlags.Relay, Mtu);
-        UdpOut.Alone[UdpOut.Count] = true;
+        int len = Record.Seal(s, slot, 1 + body.Length, RecordFlags.Relay, Mtu);
+        UdpOut.Alone[UdpOut.Count] = alone;
         CommitOut(len);
         AfterSend(to, s, len, nowMs, carriesData: false);
     }
@@ -11452,13 +11459,7 @@ internal sealed partial class Node
     private void TellRefused(Peer from, in Key32 key, long nowMs)
     {
         if (!from.HearsRefusals || !Direct(from, nowMs)) return;
-        Span<byte> slot = NextOut(from.Endpoint);
-        slot[Record.PayloadOffset] = RelayRefused;
-        ((ReadOnlySpan<byte>)key).CopyTo(slot[(Record.PayloadOffset + 1)..]);
-        Session s = from.Current!;
-        int len = Record.Seal(s, slot, 1 + Spec.KeyLen, RecordFlags.Relay, Mtu);
-        CommitOut(len);
-        AfterSend(from, s, len, nowMs, carriesData: false);
+        SendRelayRecord(from, RelayRefused, key, alone: false, nowMs);
         Relays.RefusalsTold++;
     }
 
