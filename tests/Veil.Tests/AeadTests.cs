@@ -129,10 +129,18 @@ public sealed class AeadTests
     public void SealOpen_WycheproofAesGcmCase_MatchesResult(int tcId, string result, string flags, string key, string iv, string aad, string msg, string ct, string tag) =>
         CheckWycheproof(AeadKind.Aes256Gcm, result, key, iv, aad, msg, ct, tag);
 
+    // Each case through every implementation this machine has: AesGcmNi takes the 32-byte AES keys
+    // (Fastest), libcrypto EVP and the base library all of them.
     private static void CheckWycheproof(AeadKind kind, string result, string key, string iv, string aad, string msg, string ct, string tag)
     {
+        foreach (AeadImpl impl in new[] { AeadImpl.Fastest, AeadImpl.Evp, AeadImpl.BaseLibrary })
+            CheckWycheproof(kind, impl, result, key, iv, aad, msg, ct, tag);
+    }
+
+    private static void CheckWycheproof(AeadKind kind, AeadImpl impl, string result, string key, string iv, string aad, string msg, string ct, string tag)
+    {
         Assert.True(result is "valid" or "invalid", $"unexpected result '{result}'");
-        using var aead = new Aead(kind, Vectors.Hex(key));
+        using var aead = new Aead(kind, Vectors.Hex(key), impl);
         byte[] nonce = Vectors.Hex(iv);
         byte[] ad = Vectors.Hex(aad);
         byte[] sealedBytes = Vectors.Hex(ct + tag);
@@ -291,6 +299,55 @@ public sealed class AeadTests
 
 public class AeadBackendTests
 {
+    // A host check: the CPU of this machine has AES-NI and carry-less multiply, so AES-256-GCM
+    // runs on AesGcmNi, and the tests below compare it with EVP (skip elsewhere: Category!=Host).
+    [Fact]
+    [Trait("Category", "Host")]
+    public void AesGcmNi_IsSupportedOnThisMachine()
+    {
+        Assert.True(AesGcmNi.IsSupported, "no AES-NI/PCLMULQDQ here: AES-GCM goes through EVP");
+        Assert.StartsWith("aes-ni,", Aead.Backend);
+    }
+
+    // The managed AES-GCM against libcrypto's: every length 0..300 (the partial blocks, and the
+    // four-block loop with every tail), then large records, each with an aad of 0..40 bytes, in
+    // place and not; then a flipped bit anywhere is refused and leaves zeros.
+    [Fact]
+    public void AesGcmNi_MatchesEvp_OverLengthsAndAads_InPlaceOrNot()
+    {
+        if (!AesGcmNi.IsSupported) return;                   // nothing to compare on this CPU (the host check says so)
+        var rng = new Random(38_0001);
+        byte[] key = new byte[32];
+        rng.NextBytes(key);
+        using var ni = new AesGcmNi(key);
+        using var evp = new Aead(AeadKind.Aes256Gcm, key, AeadImpl.Evp);
+        int[] lengths = [.. Enumerable.Range(0, 301), 511, 512, 513, 1420, 1439, 4095, 9000, 65000];
+        foreach (int len in lengths)
+        {
+            byte[] nonce = new byte[12], aad = new byte[len % 41], pt = new byte[len];
+            rng.NextBytes(nonce);
+            rng.NextBytes(aad);
+            rng.NextBytes(pt);
+            byte[] want = new byte[len + 16], got = new byte[len + 16];
+            evp.Seal(nonce, pt, aad, want);
+            ni.Seal(nonce, pt, aad, got);
+            Assert.True(want.AsSpan().SequenceEqual(got), $"seal differs at length {len}");
+            byte[] buf = new byte[len + 16];
+            pt.CopyTo(buf, 0);
+            ni.Seal(nonce, buf.AsSpan(0, len), aad, buf);
+            Assert.True(want.AsSpan().SequenceEqual(buf), $"in-place seal differs at length {len}");
+            Assert.True(ni.Open(nonce, buf, aad, buf.AsSpan(0, len)), $"open refused length {len}");
+            Assert.True(pt.AsSpan().SequenceEqual(buf.AsSpan(0, len)), $"open differs at length {len}");
+            if (len > 2000) continue;
+            int bit = rng.Next((len + 16) * 8);
+            want[bit / 8] ^= (byte)(1 << (bit % 8));
+            byte[] back = new byte[len];
+            Array.Fill(back, (byte)0xAA);
+            Assert.False(ni.Open(nonce, want, aad, back), $"a flipped bit {bit} at length {len} was accepted");
+            Assert.All(back, x => Assert.Equal(0, x));
+        }
+    }
+
     // A host check: this machine has what the fast path needs (skip elsewhere: Category!=Host).
     [Fact]
     [Trait("Category", "Host")]
@@ -306,7 +363,7 @@ public class AeadBackendTests
         byte[] key = new byte[32];
         new Random(len).NextBytes(key);
         using var evp = new Aead((AeadKind)kind, key);
-        using var bcl = new Aead((AeadKind)kind, key, baseLibraryOnly: true);
+        using var bcl = new Aead((AeadKind)kind, key, AeadImpl.BaseLibrary);
         byte[] nonce = new byte[12], aad = new byte[19], pt = new byte[len];
         new Random(len + 1).NextBytes(pt);
         byte[] a = new byte[len + 16], b = new byte[len + 16], back = new byte[len];
