@@ -2958,7 +2958,8 @@ internal sealed class AesGcmNi : IDisposable
 }
 
 /// <summary>One AEAD key. Seal/Open take a 12-byte nonce; ciphertext is followed by a 16-byte tag.
-/// Uses Evp where it loaded (no per-call overhead, no exception on a bad tag), else the base library.</summary>
+/// AES-256-GCM records up to NiMaxLen go through AesGcmNi where the CPU has it; the rest through
+/// Evp where it loaded (no exception on a bad tag), else the base library.</summary>
 internal sealed class Aead : IDisposable
 {
     internal const int TagLen = Spec.TagLen;
@@ -14615,17 +14616,17 @@ internal static class SelfTest
         bool x4 = X25519.Dh(k, alice, bobPub) && Eq(k, H("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742"));
         Check("x25519 (RFC 7748 5.2, 6.1)", x1 && x2 && x3 && x4);
 
-        // The EVP backend is what normally runs and the BCL one is the fallback (VEIL_AEAD_BCL=1); both are
-        // checked, since a libcrypto on a new board may differ from the build host's.
+        // AesGcmNi seals short AES records, EVP the long ones and ChaCha20-Poly1305, and the BCL is the
+        // fallback (VEIL_AEAD_BCL=1); each is checked, since a libcrypto on a new board may differ from the build host's.
         // AEADs through both backends: RFC 8439 §2.8.2 and Wycheproof aes_gcm tcId 91.
         byte[] plain = Encoding.ASCII.GetBytes("Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, sunscreen would be it.");
         byte[] chachaOut = H("d31a8d34648e60db7b86afbc53ef7ec2a4aded51296e08fea9e2b5a736ee62d63dbea45e8ca9671282fafb69da92728b1a71de0a9e060b2905d6a5b67ecd3b3692ddbd7f2d778b8c9803aee328091b58fab324e4fad675945585808b4831d7bc3ff4def08e4b7a9de576d26586cec64b6116" + "1ae10b594f09e26a7e902ecbd0600691");
-        foreach (bool bcl in new[] { false, true })
+        foreach (AeadImpl impl in new[] { AeadImpl.Fastest, AeadImpl.Evp, AeadImpl.BaseLibrary })
         {
-            string backend = bcl ? "bcl" : Aead.Backend;
-            Check($"chacha20-poly1305 (RFC 8439 2.8.2, {backend})", AeadRoundTrip(AeadKind.ChaCha20Poly1305, bcl,
+            string backend = impl == AeadImpl.BaseLibrary ? "bcl" : impl == AeadImpl.Evp ? (Evp.Loaded ? "openssl-evp" : "bcl") : Aead.Backend;
+            Check($"chacha20-poly1305 (RFC 8439 2.8.2, {backend})", AeadRoundTrip(AeadKind.ChaCha20Poly1305, impl,
                 H("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f"), H("070000004041424344454647"), H("50515253c0c1c2c3c4c5c6c7"), plain, chachaOut));
-            Check($"aes-256-gcm (Wycheproof 91, {backend})", AeadRoundTrip(AeadKind.Aes256Gcm, bcl,
+            Check($"aes-256-gcm (Wycheproof 91, {backend})", AeadRoundTrip(AeadKind.Aes256Gcm, impl,
                 H("92ace3e348cd821092cd921aa3546374299ab46209691bc28b8752d17f123c20"), H("00112233445566778899aabb"), H("00000000ffffffff"),
                 H("00010203040506070809"), H("e27abdd2d2a53d2f136b" + "9a4a2579529301bcfb71c78d4060f52c")));
         }
@@ -14642,9 +14643,9 @@ internal static class SelfTest
         return failed == 0 ? 0 : 1;
     }
 
-    private static bool AeadRoundTrip(AeadKind kind, bool bcl, byte[] key, byte[] nonce, byte[] aad, byte[] plain, byte[] expect)
+    private static bool AeadRoundTrip(AeadKind kind, AeadImpl impl, byte[] key, byte[] nonce, byte[] aad, byte[] plain, byte[] expect)
     {
-        using var aead = new Aead(kind, key, bcl ? AeadImpl.BaseLibrary : AeadImpl.Fastest);
+        using var aead = new Aead(kind, key, impl);
         byte[] sealedOut = new byte[plain.Length + Aead.TagLen], opened = new byte[plain.Length];
         aead.Seal(nonce, plain, aad, sealedOut);
         if (!sealedOut.AsSpan().SequenceEqual(expect) || !aead.Open(nonce, sealedOut, aad, opened) || !opened.AsSpan().SequenceEqual(plain)) return false;
