@@ -147,7 +147,7 @@ public class CliTests
         Assert.Equal(0, SelfTest.Run(o));
         string[] lines = o.ToString().Split('\n', StringSplitOptions.RemoveEmptyEntries);
         Assert.Equal("selftest: all passed", lines[^1]);
-        Assert.Equal(9, lines.Length - 1);                     // x25519, 2 AEADs x 2 backends, hkdf, noise, epoll, udp
+        Assert.Equal(11, lines.Length - 1);                    // x25519, 2 AEADs x 3 implementations, hkdf, noise, epoll, udp
         Assert.All(lines[..^1], l => Assert.StartsWith("ok   ", l));
     }
 }
