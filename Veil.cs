@@ -280,6 +280,8 @@ internal static class Tune
     internal const int MaxPeers = 1024;
     internal const int MaxNetworks = 16;                // [[network]] tables in one daemon
     internal const int MaxStagedPackets = 128;               // per peer, while no session is ready
+    internal const int FirstStagedSlots = 8;                 // a peer's first staging ring; it doubles as needed
+    internal const int MaxStagedBytes = 4 << 20;             // all peers' staging rings together
     internal const int BatchSize = 64;                       // packets moved per wake-up and stage
     internal const int SlotLen = 9216 + 128;                 // largest record (jumbo MTU) plus headroom
     internal const int DefaultMtu = 1420;
@@ -5045,9 +5047,11 @@ internal sealed class Peer
     internal long FirstFailureMs;                // when the first of them arrived
     internal long LastRecoveryMs = long.MinValue / 2;
 
-    // Packets waiting for a session: a ring of MaxStagedPackets slots, allocated on first use.
+    // Packets waiting for a session: a ring of FirstStagedSlots that doubles up to MaxStagedPackets
+    // and is let go once empty. Kept whole, 128 slots of an MTU each held 180 KB for good on every
+    // peer that ever waited for a handshake; the node bounds what all rings hold (MaxStagedBytes).
     private byte[]? _staged;
-    private readonly int[] _stagedLen = new int[Tune.MaxStagedPackets];
+    private int[]? _stagedLen;
     private int _stagedHead, _stagedCount;
     private readonly int _stagedSlotLen;
 
@@ -5086,40 +5090,71 @@ internal sealed class Peer
     /// <summary>We answered a hello of this peer within RekeyTimeoutMs: its Bind may still come.</summary>
     internal bool Answering(long nowMs) => Next != null && nowMs - Next.CreatedMs < Spec.RekeyTimeoutMs;
 
-    /// <summary>Keeps a copy of packet until a session exists; the oldest packet makes room.</summary>
-    internal bool Stage(ReadOnlySpan<byte> packet)
+    /// <summary>Keeps a copy of packet until a session exists; false if a packet was lost for it:
+    /// the oldest made room, or, with the node's rings at their bound (nodeBytes), this one.</summary>
+    internal bool Stage(ReadOnlySpan<byte> packet, ref long nodeBytes)
     {
         if (packet.Length > _stagedSlotLen) return false;
-        _staged ??= new byte[Tune.MaxStagedPackets * _stagedSlotLen];
-        bool displaced = false;
-        if (_stagedCount == Tune.MaxStagedPackets)
+        int slots = _stagedLen?.Length ?? 0;
+        if (_stagedCount == slots && slots < Tune.MaxStagedPackets)
         {
-            _stagedHead = (_stagedHead + 1) % Tune.MaxStagedPackets;
+            int grown = slots == 0 ? Tune.FirstStagedSlots : Math.Min(2 * slots, Tune.MaxStagedPackets);
+            if (nodeBytes + (long)(grown - slots) * _stagedSlotLen <= Tune.MaxStagedBytes)
+            {
+                GrowStaged(grown);
+                nodeBytes += (long)(grown - slots) * _stagedSlotLen;
+                slots = grown;
+            }
+            else if (slots == 0) return false;
+        }
+        bool displaced = false;
+        if (_stagedCount == slots)
+        {
+            _stagedHead = (_stagedHead + 1) % slots;
             _stagedCount--;
             displaced = true;
         }
-        int slot = (_stagedHead + _stagedCount) % Tune.MaxStagedPackets;
+        int slot = (_stagedHead + _stagedCount) % slots;
         packet.CopyTo(_staged.AsSpan(slot * _stagedSlotLen));
-        _stagedLen[slot] = packet.Length;
+        _stagedLen![slot] = packet.Length;
         _stagedCount++;
         return !displaced;
     }
 
-    internal int StagedCount => _stagedCount;
-
-    internal ReadOnlySpan<byte> PeekStaged() =>
-        _staged.AsSpan(_stagedHead * _stagedSlotLen, _stagedLen[_stagedHead]);
-
-    internal void PopStaged()
+    // The ring in its new size, oldest packet first.
+    private void GrowStaged(int slots)
     {
-        _stagedHead = (_stagedHead + 1) % Tune.MaxStagedPackets;
-        _stagedCount--;
+        var staged = new byte[slots * _stagedSlotLen];
+        var lengths = new int[slots];
+        for (int i = 0; i < _stagedCount; i++)
+        {
+            int from = (_stagedHead + i) % _stagedLen!.Length;
+            _staged.AsSpan(from * _stagedSlotLen, _stagedLen[from]).CopyTo(staged.AsSpan(i * _stagedSlotLen));
+            lengths[i] = _stagedLen[from];
+        }
+        (_staged, _stagedLen, _stagedHead) = (staged, lengths, 0);
     }
 
-    internal void ClearStaged()
+    internal int StagedCount => _stagedCount;
+
+    /// <summary>Bytes this peer's staging ring holds (its slots, used or not).</summary>
+    internal int StagedBytes => _staged?.Length ?? 0;
+
+    internal ReadOnlySpan<byte> PeekStaged() =>
+        _staged.AsSpan(_stagedHead * _stagedSlotLen, _stagedLen![_stagedHead]);
+
+    internal void PopStaged(ref long nodeBytes)
     {
-        _stagedCount = 0;
-        _stagedHead = 0;
+        _stagedHead = (_stagedHead + 1) % _stagedLen!.Length;
+        if (--_stagedCount == 0) ClearStaged(ref nodeBytes);
+    }
+
+    internal void ClearStaged(ref long nodeBytes)
+    {
+        nodeBytes -= StagedBytes;
+        _staged = null;
+        _stagedLen = null;
+        _stagedCount = _stagedHead = 0;
     }
 
     internal string StateName(long nowMs, long rejectAfterMs) =>
@@ -5265,7 +5300,7 @@ internal sealed partial class Node
             Log.Warn("handshake_gave_up", $"peer={p.Name} attempts={p.HandshakeAttempts} endpoint={p.Endpoint} rule=max_attempts staged_dropped={p.StagedCount}");
             p.OnFailure("gave_up", nowMs);
             EndHandshake(p);
-            p.ClearStaged();
+            p.ClearStaged(ref StagedBytes);
             MarkDown(p, nowMs, "handshake_gave_up");
             p.OnReconnectFailed(nowMs);                  // keep trying, ever more slowly
             return;
@@ -7560,6 +7595,7 @@ internal sealed partial class Node
     internal readonly Counters Counters;
     internal readonly Handshaker Handshaker;
     internal readonly List<Peer> Peers = new();
+    internal long StagedBytes;                   // what all peers' staging rings hold (Peer.Stage)
     private readonly Dictionary<KeyId, Peer> _byKey = new();
     internal RouteTrie Routes = new();           // rebuilt whole by RebuildRoutes when a route changes
     internal List<RouteEntry> RouteList = new();
@@ -7721,7 +7757,7 @@ internal sealed partial class Node
     internal void RemovePeer(Peer p, string reason = "config")
     {
         DropSessions(p);
-        p.ClearStaged();
+        p.ClearStaged(ref StagedBytes);
         _byKey.Remove(KeyId.Of(p.PublicKey));
         Mesh.Forget(p);
         if (p.Up) p.DownAtMs = Math.Max(p.DownAtMs, p.LastRxMs);     // for /healthz: up until it was last heard
@@ -7868,7 +7904,7 @@ internal sealed partial class Node
     // No session to send under yet: the packet waits (a few per peer) for the handshake it starts.
     private void Stage(Peer p, ReadOnlySpan<byte> packet, long nowMs)
     {
-        if (!p.Stage(packet)) Counters.Drop(DropReason.QueueFull);
+        if (!p.Stage(packet, ref StagedBytes)) Counters.Drop(DropReason.QueueFull);
         if (p.Next == null || nowMs - p.Next.CreatedMs >= Spec.RekeyTimeoutMs) StartHandshake(p, nowMs, retransmit: false);
     }
 
@@ -8624,7 +8660,7 @@ internal sealed partial class Node
             packet.CopyTo(slot[Record.PayloadOffset..]);
             int len = Record.Seal(s, slot, packet.Length, DataFlags(s, nowMs), Mtu);
             CommitOut(p, len, nowMs);
-            p.PopStaged();
+            p.PopStaged(ref StagedBytes);
             AfterSend(p, s, len, nowMs, carriesData: true);
         }
     }

@@ -321,6 +321,65 @@ public class NodeTests
         for (int i = 2; i < after.Count; i++) Assert.True(after[i] - after[i - 1] > after[i - 1] - after[i - 2] - 1000, "reconnect gaps grow");
     }
 
+    [Fact]
+    public void Staging_RingGrowsWithWhatWaits_KeepsOrder_AndIsLetGoOnceSent()
+    {
+        var t = TestNet.FullMesh(2);
+        bool cut = true;
+        t.Net.Filter = (_, _, _) => !cut;
+        var sent = new List<byte[]>();
+        for (byte i = 0; i < 20; i++) sent.Add(Packets.Udp4("100.64.0.1", "100.64.0.2", 40, i));
+        foreach (byte[] packet in sent) t.Nodes[0].Tun.Inject(packet);
+        t.Pump();
+        Node a = t.Nodes[0].Node;
+        Peer toB = a.Peers[0];
+        Assert.Equal(20, toB.StagedCount);
+        Assert.Equal(32 * a.Mtu, toB.StagedBytes);              // 8, 16, then 32 slots
+        Assert.Equal(toB.StagedBytes, a.StagedBytes);
+        cut = false;
+        t.Advance(3_000, 50);                                   // the retransmitted hello gets through
+        Assert.Equal(sent.Select(Convert.ToHexString), t.Nodes[1].Tun.Written.Select(Convert.ToHexString));
+        Assert.Equal(0, toB.StagedCount);
+        Assert.Equal(0, toB.StagedBytes);
+        Assert.Equal(0, a.StagedBytes);
+    }
+
+    [Fact]
+    public void Staging_GrowingAWrappedRing_KeepsTheOrder()
+    {
+        var p = new Peer(0, new PeerConfig { PublicKey = TestNet.PublicOf(TestNode.KeyFromSeed(9)) }, default, 0, 1420);
+        long held = 0;
+        byte next = 0, expected = 0;
+        for (int i = 0; i < Tune.FirstStagedSlots; i++) Assert.True(p.Stage([next++], ref held));
+        for (int i = 0; i < 3; i++) { Assert.Equal(expected++, p.PeekStaged()[0]); p.PopStaged(ref held); }
+        for (int i = 0; i < 4; i++) Assert.True(p.Stage([next++], ref held));   // wraps, then grows
+        Assert.Equal(2 * Tune.FirstStagedSlots * 1420, held);
+        while (p.StagedCount > 0) { Assert.Equal(expected++, p.PeekStaged()[0]); p.PopStaged(ref held); }
+        Assert.Equal(next, expected);
+        Assert.Equal(0, held);
+    }
+
+    [Fact]
+    public void Staging_AtTheNodesBound_NoNewRing_AndAFullRingDisplacesItsOldest()
+    {
+        const int mtu = 1420;
+        var p = new Peer(0, new PeerConfig { PublicKey = TestNet.PublicOf(TestNode.KeyFromSeed(9)) }, default, 0, mtu);
+        long held = Tune.MaxStagedBytes - Tune.FirstStagedSlots * mtu + 1;
+        Assert.False(p.Stage([1, 2, 3], ref held));             // no room for a first ring: refused
+        Assert.Equal(0, p.StagedCount);
+        Assert.Equal(0, p.StagedBytes);
+        held--;
+        for (byte i = 0; i < Tune.FirstStagedSlots; i++) Assert.True(p.Stage([i], ref held));
+        Assert.Equal(Tune.MaxStagedBytes, held);
+        Assert.False(p.Stage([99], ref held));                  // it cannot grow: the oldest made room
+        Assert.Equal(Tune.FirstStagedSlots, p.StagedCount);
+        Assert.Equal(1, p.PeekStaged()[0]);
+        Assert.False(p.Stage(new byte[mtu + 1], ref held));     // longer than a slot
+        p.ClearStaged(ref held);
+        Assert.Equal(Tune.MaxStagedBytes - Tune.FirstStagedSlots * mtu, held);
+        Assert.Equal(0, p.StagedBytes);
+    }
+
     // a says hello to b: the first hello (and its copies) never arrive, b's answers are caught;
     // the test delivers what it wants.
     private static (TestNet T, byte[] Hello, List<byte[]> Answers) CaughtHello()
