@@ -5048,8 +5048,8 @@ internal sealed class Peer
     internal long LastRecoveryMs = long.MinValue / 2;
 
     // Packets waiting for a session: a ring of FirstStagedSlots that doubles up to MaxStagedPackets
-    // and is let go once empty. Kept whole, 128 slots of an MTU each held 180 KB for good on every
-    // peer that ever waited for a handshake; the node bounds what all rings hold (MaxStagedBytes).
+    // and is let go once empty. Allocated whole, the 128 slots were 180 KB of heap held for good by
+    // every peer that ever waited for a handshake; the node bounds what all rings hold (MaxStagedBytes).
     private byte[]? _staged;
     private int[]? _stagedLen;
     private int _stagedHead, _stagedCount;
