@@ -13260,10 +13260,12 @@ internal abstract unsafe class RequestServer : IDisposable
     internal bool Owns(int fd) => fd == _fd || _conns.ContainsKey(fd);
 
     // The loop sleeps no longer than this, so a silent client is timed out on time without a tick.
+    // Asked on every wake-up of the loop, packets' too: with no client it touches nothing else.
     internal long NextDeadlineMs
     {
         get
         {
+            if (_conns.Count == 0) return long.MaxValue;
             long next = long.MaxValue;
             foreach (Conn c in _conns.Values) next = Math.Min(next, c.DeadlineMs);
             return next;
