@@ -5099,10 +5099,11 @@ internal sealed class Peer
         if (_stagedCount == slots && slots < Tune.MaxStagedPackets)
         {
             int grown = slots == 0 ? Tune.FirstStagedSlots : Math.Min(2 * slots, Tune.MaxStagedPackets);
-            if (nodeBytes + (long)(grown - slots) * _stagedSlotLen <= Tune.MaxStagedBytes)
+            long more = (long)(grown - slots) * _stagedSlotLen;
+            if (nodeBytes + more <= Tune.MaxStagedBytes)
             {
                 GrowStaged(grown);
-                nodeBytes += (long)(grown - slots) * _stagedSlotLen;
+                nodeBytes += more;
                 slots = grown;
             }
             else if (slots == 0) return false;
@@ -14663,7 +14664,7 @@ internal static class SelfTest
 
         // AesGcmNi seals short AES records, EVP the long ones and ChaCha20-Poly1305, and the BCL is the
         // fallback (VEIL_AEAD_BCL=1); each is checked, since a libcrypto on a new board may differ from the build host's.
-        // AEADs through both backends: RFC 8439 §2.8.2 and Wycheproof aes_gcm tcId 91.
+        // AEADs through each backend: RFC 8439 §2.8.2 and Wycheproof aes_gcm tcId 91.
         byte[] plain = Encoding.ASCII.GetBytes("Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, sunscreen would be it.");
         byte[] chachaOut = H("d31a8d34648e60db7b86afbc53ef7ec2a4aded51296e08fea9e2b5a736ee62d63dbea45e8ca9671282fafb69da92728b1a71de0a9e060b2905d6a5b67ecd3b3692ddbd7f2d778b8c9803aee328091b58fab324e4fad675945585808b4831d7bc3ff4def08e4b7a9de576d26586cec64b6116" + "1ae10b594f09e26a7e902ecbd0600691");
         foreach (AeadImpl impl in new[] { AeadImpl.Fastest, AeadImpl.Evp, AeadImpl.BaseLibrary })
